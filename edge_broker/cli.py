@@ -1,0 +1,247 @@
+"""The `edge-broker` command.
+
+    edge-broker [--config FILE] [--host H] [--port P] [--data-dir DIR] [--log-level LEVEL]
+    edge-broker run [same flags]
+    edge-broker check-config FILE
+    edge-broker --version
+
+Exit codes: 0 success; 1 check-config found a problem; 2 a usage or configuration error at
+start-up (the systemd unit does not restart on 2: retrying cannot fix a bad file); otherwise
+whatever `edge_broker.server.app.main` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from typing import Final
+
+from edge_broker.config import LOG_LEVELS, Config, ListenerConfig, apply_overrides, load_config
+from edge_broker.errors import ConfigError
+
+PROG: Final = "edge-broker"
+EXIT_CHECK_FAILED: Final = 1
+EXIT_CONFIG_ERROR: Final = 2
+
+# persistence values the configuration accepts but the server cannot run yet.
+_NOT_YET_IMPLEMENTED: Final = frozenset({"sqlite"})
+
+_RUN_FLAGS: Final = ("config", "host", "port", "data_dir", "log_level")
+_LOG_HANDLER_NAME: Final = "edge-broker-stderr"
+
+log = logging.getLogger(__name__)
+
+
+def version() -> str:
+    """The installed distribution's version ("unknown" when run from an uninstalled tree)."""
+    try:
+        return metadata.version("edge-broker")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # On the `run` subparser the defaults are SUPPRESS so that a flag given before `run`
+    # (edge-broker --port 1884 run) is not reset by the subparser's own default.
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", metavar="FILE", default=default,
+                        help="TOML configuration file (default: the built-in defaults)")
+    parser.add_argument("--host", metavar="H", default=default,
+                        help="address of the first listener (replaces the file's)")
+    parser.add_argument("--port", metavar="P", type=int, default=default,
+                        help="port of the first listener (replaces the file's; 0 = any free)")
+    parser.add_argument("--data-dir", metavar="DIR", default=default,
+                        help="replaces [broker] data_dir")
+    parser.add_argument("--log-level", metavar="LEVEL", type=str.lower, choices=LOG_LEVELS,
+                        default=default, help="replaces [log] level: " + ", ".join(LOG_LEVELS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="MQTT 3.1.1 and 5.0 broker for IoT edge gateways. "
+                    "Without a command, runs the broker.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    _add_run_flags(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the broker (the default command)",
+                              description="Run the broker until SIGTERM or SIGINT.")
+    _add_run_flags(run, suppress=True)
+
+    check = commands.add_parser(
+        "check-config", help="validate a configuration file and summarise it",
+        description="Validate FILE; print a summary and exit 0, or print the problem to "
+                    "stderr and exit 1.")
+    check.add_argument("file", metavar="FILE")
+
+    # Later subcommands (passwd, sessions list|show|delete, store stats, replay) go here:
+    # add a subparser above and its handler to _COMMANDS below.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: str = args.command or "run"
+    if command != "run":
+        given = [f"--{name.replace('_', '-')}" for name in _RUN_FLAGS
+                 if getattr(args, name, None) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: for running the broker only, "
+                         f"not for {command}")
+    return _COMMANDS[command](args)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        config = apply_overrides(config, host=args.host, port=args.port,
+                                 data_dir=args.data_dir, log_level=args.log_level)
+    except ConfigError as exc:
+        return _config_error(exc)
+    configure_logging(config.log.logging_level)
+    log.info("%s %s starting; configuration: %s", PROG, version(),
+             config.source if config.source is not None else "built-in defaults")
+    # Imported here so that check-config and --version do not load the server.
+    app = importlib.import_module("edge_broker.server.app")
+    run_app: Callable[[Config], int] = app.main
+    try:
+        return run_app(config)
+    except ConfigError as exc:  # the server refused the configuration at start-up
+        return _config_error(exc)
+
+
+def _config_error(exc: ConfigError) -> int:
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes the syslog priority (<3> for errors...) that journald reads from a stream,
+    so that `journalctl -p warning` works. Used only when stderr is the journal."""
+
+    _PRIORITIES: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                          logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self._PRIORITIES.get(record.levelno, 6 if record.levelno < 30 else 3)
+        return f"<{priority}>{super().format(record)}"
+
+
+def _stderr_is_journal() -> bool:
+    # systemd sets JOURNAL_STREAM=<device>:<inode> of the stream it connected to the journal.
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        status = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{status.st_dev}:{status.st_ino}"
+
+
+def configure_logging(level: int) -> None:
+    """Log records at `level` and above to stderr, as `time LEVEL logger: message`.
+
+    Replaces the handler a previous call installed (main() may run more than once in tests)
+    and leaves other handlers alone.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == _LOG_HANDLER_NAME:
+            root.removeHandler(handler)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_LOG_HANDLER_NAME)
+    handler.setFormatter(_JournalFormatter(fmt) if _stderr_is_journal()
+                         else logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(summary(config))
+    return 0
+
+
+def _address(listener: ListenerConfig) -> str:
+    if listener.host == "":
+        host = "*"
+    elif ":" in listener.host:
+        host = f"[{listener.host}]"
+    else:
+        host = listener.host
+    return f"{host}:{listener.port}"
+
+
+def _limit(value: int, unit: str = "") -> str:
+    return "unlimited" if value == 0 else f"{value}{unit}"
+
+
+def summary(config: Config) -> str:
+    """The short report check-config prints for a valid configuration."""
+    lines = [f"{config.source or 'built-in defaults'}: OK", "listeners:"]
+    for index, listener in enumerate(config.listeners, start=1):
+        notes = ["any free port"] if listener.port == 0 else []
+        notes.append("this machine only" if listener.is_loopback
+                     else "reachable from other hosts")
+        anonymous = "allowed" if listener.anonymous_allowed(config.auth) else "refused"
+        lines.append(f"  #{index} {listener.protocol} {_address(listener)} "
+                     f"({', '.join(notes)}), anonymous clients {anonymous}")
+    data_dir = config.broker.data_dir
+    relative = "" if data_dir.is_absolute() else " (relative to the working directory)"
+    lines.append(f"data_dir: {data_dir}{relative}")
+    storage = config.storage
+    if storage.persistence == "memory":
+        lines.append("storage: memory (sessions and queued messages are lost on restart)")
+    else:
+        lines.append(f"storage: {storage.persistence}, durability {storage.durability}, "
+                     f"max_store_bytes {_limit(storage.max_store_bytes)}")
+    if storage.persistence in _NOT_YET_IMPLEMENTED:
+        lines.append(f'  note: persistence = "{storage.persistence}" is not implemented yet; '
+                     "the broker refuses to start with it")
+    mqtt = config.mqtt
+    lines.append(
+        f"limits: max_packet_size {mqtt.max_packet_size} bytes, max_qos {mqtt.max_qos}, "
+        f"max_keepalive {mqtt.max_keepalive_s} s, receive_maximum {mqtt.receive_maximum}"
+    )
+    lines.append(
+        f"queues per client: max_inflight_messages {mqtt.max_inflight_messages}, "
+        f"max_queued_messages {_limit(mqtt.max_queued_messages)}, "
+        f"max_queued_bytes {_limit(mqtt.max_queued_bytes, ' bytes')}"
+    )
+    expiry = mqtt.persistent_client_expiration_s
+    cap = mqtt.max_session_expiry_interval_s
+    lines.append(
+        f"sessions: persistent_client_expiration {f'{expiry} s' if expiry else 'never'}, "
+        f"max_session_expiry_interval {f'{cap} s' if cap else 'no cap'}"
+    )
+    sys_interval = config.broker.sys_interval_s
+    lines.append(f"$SYS: {f'every {sys_interval} s' if sys_interval else 'disabled'}; "
+                 f"log level: {config.log.level}")
+    return "\n".join(lines)
+
+
+_COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
+    "run": _cmd_run,
+    "check-config": _cmd_check_config,
+}

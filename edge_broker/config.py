@@ -1,0 +1,702 @@
+"""Broker configuration: frozen dataclasses loaded from a TOML file.
+
+`load_config(path)` reads and validates a file; `apply_overrides(config, ...)` applies the
+command-line flags on top of it; `Config()` is the embedded defaults (no file). Validation
+happens in those two functions: a `Config` built by hand in a test is taken as it is.
+
+Every problem raises `edge_broker.errors.ConfigError` whose message names the file, the table
+and the key, e.g. (one line)::
+
+    /etc/edge-broker.toml: [mqtt] max_inflight_messages:
+        expected an integer from 1 to 65535, got "20"
+
+The `table` attribute of the error is the table name (`"mqtt"`), or the shown label for an
+entry of the listener array (`"[[listeners]] #1"`, numbered from 1); `key` is the key, or the
+flag (`"--host"`) when a command-line flag is at fault.
+
+Field names follow the TOML keys, except that durations carry their unit: the TOML key
+`sys_interval` is the field `sys_interval_s` (see `_KEY_TO_FIELD`). Durations accept an integer
+number of seconds or a string with one unit: "30s", "5min", "2h", "14d", "1w", "1y"
+(365 days). A bare "m" is refused: mosquitto's persistent_client_expiration reads it as
+months, and a config copied from mosquitto must not silently expire sessions 43,200 times early.
+
+Anonymous access: `AuthConfig.allow_anonymous` is the effective broker-wide setting (default
+true) and `AuthConfig.allow_anonymous_explicit` says whether the file wrote it.
+`ListenerConfig.allow_anonymous` is None unless the listener sets it; ask
+`listener.anonymous_allowed(config.auth)` for the effective value. Because authentication is
+not implemented yet, the loader enforces: a listener reachable from other hosts must have
+anonymous access explicitly set to true, and no listener may end up refusing anonymous clients
+(with no other way in, nobody could connect).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from edge_broker.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "BrokerConfig",
+    "Config",
+    "ListenerConfig",
+    "LogConfig",
+    "MqttConfig",
+    "StorageConfig",
+    "apply_overrides",
+    "is_loopback_host",
+    "known_keys",
+    "load_config",
+    "parse_duration",
+]
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+Persistence = Literal["memory", "sqlite"]
+Durability = Literal["fsync", "os", "none"]
+ListenerProtocol = Literal["mqtt"]
+
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
+PERSISTENCE_KINDS: Final[tuple[Persistence, ...]] = ("memory", "sqlite")
+DURABILITY_LEVELS: Final[tuple[Durability, ...]] = ("fsync", "os", "none")
+LISTENER_PROTOCOLS: Final[tuple[ListenerProtocol, ...]] = ("mqtt",)
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 1883
+MAX_DURATION_S: Final = 0xFFFF_FFFF  # MQTT intervals are four-byte integers of seconds
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """[broker]"""
+
+    data_dir: Path = Path("./edge-broker-data")
+    """Where persistent state lives; a relative path is relative to the working directory."""
+    sys_interval_s: int = 10
+    """Seconds between $SYS/broker updates; 0 disables $SYS."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """[auth]"""
+
+    allow_anonymous: bool = True
+    """Effective broker-wide default for clients without credentials."""
+    allow_anonymous_explicit: bool = False
+    """True when the file wrote [auth] allow_anonymous (the security rule needs to know)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One [[listeners]] entry."""
+
+    host: str = DEFAULT_HOST
+    """Address to bind; "" binds every interface."""
+    port: int = DEFAULT_PORT
+    """TCP port; 0 picks a free port."""
+    protocol: ListenerProtocol = "mqtt"
+    allow_anonymous: bool | None = None
+    """Per-listener override of [auth] allow_anonymous; None = not set, inherit [auth]."""
+
+    def anonymous_allowed(self, auth: AuthConfig) -> bool:
+        """Whether clients without credentials may connect on this listener."""
+        return auth.allow_anonymous if self.allow_anonymous is None else self.allow_anonymous
+
+    def anonymous_explicitly_allowed(self, auth: AuthConfig) -> bool:
+        """Whether a file or flag said, in so many words, that anonymous access is fine here."""
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        return auth.allow_anonymous_explicit and auth.allow_anonymous
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can reach the listener (127.0.0.0/8, ::1, localhost)."""
+        return is_loopback_host(self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """[mqtt]: protocol limits. Names follow mosquitto's options where one exists."""
+
+    max_packet_size: int = 1_048_576
+    max_keepalive_s: int = 65535
+    max_inflight_messages: int = 20
+    max_queued_messages: int = 1000
+    """0 = unlimited."""
+    max_queued_bytes: int = 0
+    """0 = unlimited."""
+    queue_qos0_messages: bool = False
+    receive_maximum: int = 1024
+    topic_alias_maximum: int = 10
+    max_qos: int = 2
+    retain_available: bool = True
+    allow_zero_length_clientid: bool = True
+    auto_id_prefix: str = "auto-"
+    persistent_client_expiration_s: int = 0
+    """0 = never."""
+    max_session_expiry_interval_s: int = 0
+    """0 = no cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """[storage]"""
+
+    persistence: Persistence = "memory"
+    durability: Durability = "fsync"
+    max_store_bytes: int = 0
+    """0 = unlimited."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """[log]"""
+
+    level: LogLevel = "info"
+
+    @property
+    def logging_level(self) -> int:
+        """The `logging` module's number for `level`."""
+        return _LOGGING_LEVELS[self.level]
+
+
+_LOGGING_LEVELS: Final[dict[str, int]] = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. `Config()` is the embedded defaults."""
+
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = None
+    """The file this was loaded from, as given; None for the embedded defaults."""
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+class _Invalid(Exception):
+    """A value is wrong; the caller adds where it was."""
+
+
+Parser = Callable[[object], Any]
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value as it would be written in TOML, shortened for an error message."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, float):
+        text = repr(value) if math.isfinite(value) else str(value)  # inf, -inf, nan as in TOML
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, dict):
+        return "a table"
+    elif isinstance(value, list):
+        text = "[" + ", ".join(_show(v, limit) for v in value) + "]"
+    elif isinstance(value, (datetime, date, time)):
+        return f"the date/time {value.isoformat()}"
+    else:  # pragma: no cover - tomllib produces nothing else
+        text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _expected(what: str, value: object) -> _Invalid:
+    return _Invalid(f"expected {what}, got {_show(value)}")
+
+
+def _int_range(low: int, high: int) -> Parser:
+    def parse(value: object) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise _expected(f"an integer from {low} to {high}", value)
+        return value
+
+    return parse
+
+
+def _unlimited_int(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise _expected("a non-negative integer (0 = unlimited)", value)
+    return value
+
+
+def _bool(value: object) -> bool:
+    if type(value) is not bool:
+        raise _expected("true or false", value)
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Parser:
+    listed = ", ".join(json.dumps(o) for o in options)
+    what = f"one of {listed}" if len(options) > 1 else listed
+
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value not in options:
+            message = f"expected {what}, got {_show(value)}"
+            if isinstance(value, str):
+                close = _suggest(value, options)
+                if close is not None:
+                    message += f"; did you mean {json.dumps(close)}?"
+            raise _Invalid(message)
+        return value
+
+    return parse
+
+
+_DURATION_UNITS: Final[dict[str, int]] = {
+    "s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400,
+}
+_DURATION_RE: Final = re.compile(r"([0-9]+)(s|min|h|d|w|y)")
+_DURATION_HELP: Final = (
+    'a duration: whole seconds (0 or more) or a string like "30s", "5min", "2h", "14d", "1w", "1y"'
+)
+
+
+def parse_duration(value: object) -> int:
+    """Seconds from an integer or a string such as "30s", "5min", "2h", "14d", "1w", "1y".
+
+    Raises ValueError with a message naming what is accepted.
+    """
+    try:
+        return _duration(value)
+    except _Invalid as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _duration(value: object) -> int:
+    if type(value) is int:
+        seconds = value
+    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value)):
+        seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]+m", value):
+        raise _Invalid(
+            f'{_show(value)} is ambiguous: mosquitto reads "m" as months; write "{value}in" '
+            f'for minutes or a number of days ("30d") for about a month'
+        )
+    else:
+        raise _expected(_DURATION_HELP, value)
+    if not 0 <= seconds <= MAX_DURATION_S:
+        raise _Invalid(
+            f"expected a duration from 0 to {MAX_DURATION_S} seconds (about 136 years), "
+            f"got {_show(value)}"
+        )
+    return seconds
+
+
+def _data_dir(value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _expected("a non-empty string (a directory path)", value)
+    if "\0" in value:
+        raise _Invalid("the path contains a NUL character")
+    return Path(value)
+
+
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _client_id_prefix(value: object) -> str:
+    if not isinstance(value, str):
+        raise _expected("a string", value)
+    if _CONTROL_RE.search(value):
+        raise _Invalid(f"control characters are not allowed in a client id, got {_show(value)}")
+    if len(value.encode()) > 64:
+        raise _Invalid(f"expected at most 64 bytes (UTF-8), got {len(value.encode())} bytes")
+    return value
+
+
+_LABEL_RE: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _host(value: object) -> str:
+    if not isinstance(value, str):
+        raise _expected('an IP address or host name (or "" for every interface)', value)
+    if value == "":
+        return value
+    if value.startswith("[") and value.endswith("]"):
+        raise _Invalid(f"write an IPv6 address without brackets, got {_show(value)}")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return value
+    name = value[:-1] if value.endswith(".") else value
+    labels = name.split(".")
+    if (
+        len(name) > 253
+        or not all(_LABEL_RE.fullmatch(label) for label in labels)
+        or all(label.isdigit() for label in labels)
+    ):
+        raise _expected('an IP address or host name (or "" for every interface)', value)
+    return value
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for "localhost", 127.0.0.0/8 and ::1 (also IPv4-mapped): only this machine.
+
+    "" (every interface), "0.0.0.0", "::" and any other host name count as reachable from
+    other hosts.
+    """
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    field: str
+    parse: Parser
+
+
+_SCHEMA: Final[dict[str, dict[str, _Key]]] = {
+    "broker": {
+        "data_dir": _Key("data_dir", _data_dir),
+        "sys_interval": _Key("sys_interval_s", _duration),
+    },
+    "listeners": {
+        "host": _Key("host", _host),
+        "port": _Key("port", _int_range(0, 65535)),
+        "protocol": _Key("protocol", _choice(LISTENER_PROTOCOLS)),
+        "allow_anonymous": _Key("allow_anonymous", _bool),
+    },
+    "auth": {
+        "allow_anonymous": _Key("allow_anonymous", _bool),
+    },
+    "mqtt": {
+        "max_packet_size": _Key("max_packet_size", _int_range(16, 268_435_460)),
+        "max_keepalive": _Key("max_keepalive_s", _int_range(10, 65535)),
+        "max_inflight_messages": _Key("max_inflight_messages", _int_range(1, 65535)),
+        "max_queued_messages": _Key("max_queued_messages", _unlimited_int),
+        "max_queued_bytes": _Key("max_queued_bytes", _unlimited_int),
+        "queue_qos0_messages": _Key("queue_qos0_messages", _bool),
+        "receive_maximum": _Key("receive_maximum", _int_range(1, 65535)),
+        "topic_alias_maximum": _Key("topic_alias_maximum", _int_range(0, 65535)),
+        "max_qos": _Key("max_qos", _int_range(0, 2)),
+        "retain_available": _Key("retain_available", _bool),
+        "allow_zero_length_clientid": _Key("allow_zero_length_clientid", _bool),
+        "auto_id_prefix": _Key("auto_id_prefix", _client_id_prefix),
+        "persistent_client_expiration": _Key("persistent_client_expiration_s", _duration),
+        "max_session_expiry_interval": _Key("max_session_expiry_interval_s", _duration),
+    },
+    "storage": {
+        "persistence": _Key("persistence", _choice(PERSISTENCE_KINDS)),
+        "durability": _Key("durability", _choice(DURABILITY_LEVELS)),
+        "max_store_bytes": _Key("max_store_bytes", _unlimited_int),
+    },
+    "log": {
+        "level": _Key("level", _choice(LOG_LEVELS)),
+    },
+}
+
+_KEY_TO_FIELD: Final[dict[str, dict[str, str]]] = {
+    table: {key: spec.field for key, spec in keys.items() if key != spec.field}
+    for table, keys in _SCHEMA.items()
+}
+
+
+def known_keys() -> dict[str, tuple[str, ...]]:
+    """Every table and its keys as written in TOML ("listeners" is the [[listeners]] array)."""
+    return {table: tuple(keys) for table, keys in _SCHEMA.items()}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error(message: str, *, file: str | None, table: str | None = None,
+           key: str | None = None) -> ConfigError:
+    """A ConfigError reading `file: [table] key: message`.
+
+    `table` is a plain table name ("mqtt", shown as "[mqtt]") or an already-shown label such
+    as "[[listeners]] #2"; `key` alone is shown as it is (a top-level key or a flag).
+    """
+    where: list[str] = []
+    if table is not None:
+        where.append(table if table.startswith("[") else f"[{table}]")
+    if key is not None:
+        where.append(key)
+    text = f"{' '.join(where)}: {message}" if where else message
+    error = ConfigError(text, file=file)
+    error.table = table
+    error.key = key
+    return error
+
+
+def _suggest(name: str, candidates: tuple[str, ...] | list[str]) -> str | None:
+    normal = name.replace("-", "_").lower()
+    for candidate in candidates:
+        if candidate.lower() == normal:
+            return candidate
+    close = difflib.get_close_matches(normal, list(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _table_label(table: str) -> str:
+    return "[[listeners]]" if table == "listeners" else f"[{table}]"
+
+
+def _tables_with_key(key: str) -> list[str]:
+    return [_table_label(table) for table, keys in _SCHEMA.items() if key in keys]
+
+
+def _unknown_key(key: str, table: str, label: str, file: str | None) -> ConfigError:
+    keys = tuple(_SCHEMA[table])
+    close = _suggest(key, keys)
+    if close is not None:
+        hint = f"did you mean {close}?"
+    elif homes := _tables_with_key(key):
+        hint = f"{key} belongs in {' or '.join(homes)}"
+    else:
+        hint = f"the keys of {_table_label(table)} are: {', '.join(keys)}"
+    return _error(f"unknown key; {hint}", file=file, table=label, key=key)
+
+
+def _unknown_top_level(key: str, value: object, file: str | None) -> ConfigError:
+    tables = tuple(_SCHEMA)
+    every_table = ", ".join(_table_label(t) for t in tables)
+    array_of_tables = (isinstance(value, list) and bool(value)
+                       and all(isinstance(v, dict) for v in value))
+    if isinstance(value, dict) or array_of_tables:
+        close = _suggest(key, tables)
+        hint = (f"did you mean {_table_label(close)}?" if close is not None
+                else f"the tables are: {every_table}")
+        return _error(f"unknown table; {hint}", file=file,
+                      table=f"[[{key}]]" if array_of_tables else key)
+    if homes := _tables_with_key(key):
+        hint = f"{key} belongs in {' or '.join(homes)}; write it below that table's header"
+    else:
+        hint = f"every setting belongs to a table: {every_table}"
+    return _error(f"unknown top-level key; {hint}", file=file, key=key)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_table(values: Mapping[str, object], table: str, label: str,
+                 file: str | None) -> dict[str, Any]:
+    """Parse the keys of one table into dataclass keyword arguments."""
+    keys = _SCHEMA[table]
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        spec = keys.get(key)
+        if spec is None:
+            raise _unknown_key(key, table, label, file)
+        try:
+            out[spec.field] = spec.parse(value)
+        except _Invalid as exc:
+            raise _error(str(exc), file=file, table=label, key=key) from None
+    return out
+
+
+def _listener_label(index: int) -> str:
+    return f"[[listeners]] #{index + 1}"
+
+
+def _parse_listeners(value: object, file: str | None) -> tuple[ListenerConfig, ...]:
+    if isinstance(value, dict):
+        raise _error("expected an array of tables, written [[listeners]] (two brackets), "
+                     "got a table written [listeners]", file=file, table="listeners")
+    if not isinstance(value, list):
+        raise _error(f"expected an array of tables, written [[listeners]], got {_show(value)}",
+                     file=file, key="listeners")
+    if not value:
+        raise _error("expected at least one [[listeners]] table; leave the key out for the "
+                     f"default listener on {DEFAULT_HOST}:{DEFAULT_PORT}",
+                     file=file, key="listeners")
+    listeners: list[ListenerConfig] = []
+    for index, entry in enumerate(value):
+        label = _listener_label(index)
+        if not isinstance(entry, dict):
+            raise _error(f"expected a table, got {_show(entry)}", file=file, table=label)
+        listeners.append(ListenerConfig(**_parse_table(entry, "listeners", label, file)))
+    return tuple(listeners)
+
+
+_LOCATION_RE: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def _read_document(path: Path, file: str) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise _error(f"cannot read the configuration file: {reason}", file=file) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _error(f"line {line}: not valid UTF-8 (TOML files must be UTF-8)",
+                     file=file) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = _LOCATION_RE.search(message)
+        if match is not None:
+            where = f"line {match.group(1)}, column {match.group(2)}"
+            message = f"{where}: invalid TOML: {message[: match.start()]}"
+        else:
+            message = f"invalid TOML: {message}"
+        raise _error(message, file=file) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML configuration file; None gives the embedded defaults.
+
+    Raises ConfigError naming the file, the table and the key of the first problem found.
+    """
+    if path is None:
+        return Config()
+    file = str(path)
+    document = _read_document(Path(path), file)
+
+    sections: dict[str, dict[str, Any]] = {}
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    for name, value in document.items():
+        if name not in _SCHEMA:
+            raise _unknown_top_level(name, value, file)
+        if name == "listeners":
+            listeners = _parse_listeners(value, file)
+            continue
+        if not isinstance(value, dict):
+            raise _error(f"expected a table, written [{name}], got {_show(value)}",
+                         file=file, key=name)
+        sections[name] = _parse_table(value, name, name, file)
+
+    auth_values = sections.get("auth", {})
+    if "allow_anonymous" in auth_values:
+        auth_values["allow_anonymous_explicit"] = True
+
+    config = Config(
+        broker=BrokerConfig(**sections.get("broker", {})),
+        listeners=listeners,
+        auth=AuthConfig(**auth_values),
+        mqtt=MqttConfig(**sections.get("mqtt", {})),
+        storage=StorageConfig(**sections.get("storage", {})),
+        log=LogConfig(**sections.get("log", {})),
+        source=file,
+    )
+    _check_listeners(config, host_flag=None)
+    return config
+
+
+def apply_overrides(
+    config: Config,
+    host: str | None = None,
+    port: int | None = None,
+    data_dir: str | Path | None = None,
+    log_level: str | None = None,
+) -> Config:
+    """Apply command-line flags on top of a loaded configuration.
+
+    --host/--port replace the address of the first listener (one is created from the
+    defaults when there is none); --data-dir replaces [broker] data_dir; --log-level replaces
+    [log] level. The flags are validated like the file's values, and the anonymous-access
+    rule is checked again; errors name the flag.
+    """
+    def flag(name: str, parse: Parser, value: object) -> Any:
+        try:
+            return parse(value)
+        except _Invalid as exc:
+            raise _error(str(exc), file=None, key=name) from None
+
+    if host is not None or port is not None:
+        first = config.listeners[0] if config.listeners else ListenerConfig()
+        if host is not None:
+            first = replace(first, host=flag("--host", _host, host))
+        if port is not None:
+            first = replace(first, port=flag("--port", _int_range(0, 65535), port))
+        config = replace(config, listeners=(first, *config.listeners[1:]))
+    if data_dir is not None:
+        path = flag("--data-dir", _data_dir, str(data_dir))
+        config = replace(config, broker=replace(config.broker, data_dir=path))
+    if log_level is not None:
+        level = flag("--log-level", _choice(LOG_LEVELS), log_level)
+        config = replace(config, log=replace(config.log, level=level))
+    if host is not None or port is not None:
+        _check_listeners(config, host_flag=host, port_flag=port)
+    return config
+
+
+# --------------------------------------------------------------------------- cross-checks
+
+
+def _check_listeners(config: Config, *, host_flag: str | None,
+                     port_flag: int | None = None) -> None:
+    """The listener rules that span keys: no duplicate address; anonymous access (see the
+    module docstring). After flags, the first listener's problems are reported against them.
+    """
+    file = config.source
+    flagged = host_flag is not None or port_flag is not None
+    seen: dict[tuple[str, int], int] = {}
+    for index, listener in enumerate(config.listeners):
+        if listener.port == 0:
+            continue
+        address = (listener.host.lower(), listener.port)
+        if address in seen:
+            first, second = seen[address], index
+            message = (f"{_show(listener.host)} port {listener.port} is used by both "
+                       f"{_listener_label(first)} and {_listener_label(second)}; "
+                       "each listener needs its own address")
+            if first == 0 and flagged:
+                raise _error(message, file=None, key="--host" if host_flag else "--port")
+            raise _error(message, file=file, table=_listener_label(second), key="port")
+        seen[address] = index
+
+    for index, listener in enumerate(config.listeners):
+        label = _listener_label(index)
+        from_flag = index == 0 and host_flag is not None
+        if not listener.anonymous_allowed(config.auth):
+            # Without authentication, refusing anonymous clients refuses everybody.
+            if listener.allow_anonymous is False:
+                raise _error(
+                    "false refuses every client, and authentication is not implemented yet "
+                    "(no password file), so nobody could connect to this listener; "
+                    "set it to true", file=file, table=label, key="allow_anonymous")
+            raise _error(
+                f"false refuses every client on {label} "
+                f"({_show(listener.host)} port {listener.port}), and authentication is not "
+                "implemented yet (no password file), so nobody could connect there; set it "
+                "to true, or set allow_anonymous = true on that listener",
+                file=file, table="auth", key="allow_anonymous")
+        if not listener.is_loopback and not listener.anonymous_explicitly_allowed(config.auth):
+            where = ("in [auth] or on the first [[listeners]] table of "
+                     + (file if file is not None else "a --config file")
+                     if from_flag else "in [auth] or on this listener")
+            message = (
+                f"{_show(listener.host)} accepts connections from other hosts; authentication "
+                "is not configured, so set allow_anonymous = true explicitly "
+                f"({where}) to allow anonymous access"
+            )
+            if from_flag:
+                raise _error(message, file=None, key="--host")
+            raise _error(message, file=file, table=label, key="host")

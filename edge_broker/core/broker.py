@@ -1,0 +1,798 @@
+"""BrokerCore: MQTT broker semantics, synchronous and in memory.
+
+Theory of operation. The server calls one method per packet a client sent (`connect`,
+`publish`, `puback`, `subscribe`, ...), always with `now` (wall-clock seconds) as an argument;
+the core never awaits, never reads a clock and never does I/O. Each call updates sessions, the
+subscription trie and the retained store, and appends change records (core/changes.py) to the
+current batch. The server then:
+
+1. takes the batch with `drain()` and hands its changes to the store;
+2. once the store has committed them, calls `committed(batch.number)`, which returns the
+   client ids that now have deliveries they may be sent;
+3. sends the acknowledgements it collected (so a PUBACK never leaves before the message it
+   acknowledges is durable), then pumps each woken connection with `pull()`.
+
+Deliveries queued by batch N are only handed out by `pull()` once batch N committed (the
+commit watermark), whatever wakes the connection. `tick(now)` fires will-delay and session-
+expiry timers and prunes expired messages; it returns when it next needs to run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from ..mqtt.errors import RemoteProtocolError
+from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Unsubscribe, Will
+from ..mqtt.properties import NO_PROPERTIES, Properties
+from ..mqtt.topics import is_valid_topic_filter, parse_shared
+from ..mqtt.types import ProtocolLevel, ReasonCode
+from .changes import (
+    AWAIT_ACK,
+    AWAIT_COMP,
+    EXPIRY_NEVER,
+    QUEUED,
+    Change,
+    DeliveryDeleted,
+    DeliveryRecord,
+    DeliverySaved,
+    Message,
+    MessageSaved,
+    Qos2Received,
+    Qos2Released,
+    RetainedDeleted,
+    RetainedSaved,
+    SessionDeleted,
+    SessionRecord,
+    SessionSaved,
+    Snapshot,
+    SubscriptionDeleted,
+    SubscriptionRecord,
+    SubscriptionSaved,
+)
+from .retain import RetainStore
+from .router import Router
+from .session import Delivery, Session
+
+_WILL_TIMER = 0
+_EXPIRY_TIMER = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    max_inflight_messages: int = 20
+    max_queued_messages: int = 1000  # 0 = unlimited
+    max_queued_bytes: int = 0  # 0 = unlimited
+    queue_qos0_messages: bool = False
+    max_qos: int = 2
+    retain_available: bool = True
+    persistent_client_expiration: int = 0  # seconds, 0 = never (3.1.1 persistent sessions)
+    max_session_expiry_interval: int = 0  # seconds, 0 = no cap
+    sweep_interval_s: float = 60.0  # how often expired queued/retained messages are pruned
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectResult:
+    session_present: bool
+    epoch: int  # identifies this connection of the session; pass it to disconnect()
+    taken_over: bool  # the session was connected: the server must close the old connection
+    session_expiry_interval: int  # as granted (may be lower than requested)
+
+
+@dataclass(slots=True)
+class Batch:
+    number: int
+    changes: list[Change]
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    publish_received: int = 0  # PUBLISH packets accepted from clients
+    publish_sent: int = 0  # PUBLISH packets handed to connections (resends included)
+    publish_dropped: int = 0  # deliveries dropped because a queue was full
+    messages_expired: int = 0  # deliveries dropped because their message expired
+    clients_expired: int = 0  # sessions ended by session expiry
+    clients_connected: int = 0
+    clients_maximum: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class BrokerCore:
+    def __init__(self, settings: CoreSettings | None = None) -> None:
+        self.settings = settings or CoreSettings()
+        self.sessions: dict[str, Session] = {}
+        self.router = Router()
+        self.retained = RetainStore()
+        self.stats = BrokerStats()
+        self._changes: list[Change] = []
+        self._batch = 1  # number of the batch being filled
+        self._committed = 0  # highest batch number the store has committed
+        self._wake: dict[str, int] = {}  # online client id -> batch that queued for it
+        self._next_message_id = 1
+        self._next_delivery_id = 1
+        self._last_saved_message = 0
+        self._timers: list[tuple[float, int, str, int]] = []  # (when, kind, client, epoch)
+        self._next_sweep: float | None = None
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def restore(self, snapshot: Snapshot, *, now: float) -> None:
+        """Rebuild state from a store. Sessions that were connected when the broker stopped
+        are treated as disconnected now (their wills are scheduled as for a lost connection).
+        """
+        for srec in snapshot.sessions:
+            session = Session(srec.client_id, srec.protocol_level, srec.expiry_interval)
+            session.stored = True
+            session.will = srec.will
+            self.sessions[srec.client_id] = session
+            self._schedule_offline(session, srec.disconnected_at or now)
+        for sub in snapshot.subscriptions:
+            owner = self.sessions.get(sub.client_id)
+            if owner is None:
+                continue
+            owner.subscriptions[sub.topic_filter] = sub
+            self._route_subscription(sub)
+        for message_id in snapshot.retained.values():
+            message = snapshot.messages.get(message_id)
+            if message is not None:
+                self.retained.set(message)
+        for drec in snapshot.deliveries:
+            owner = self.sessions.get(drec.client_id)
+            message = snapshot.messages.get(drec.message_id)
+            if owner is None or message is None:
+                continue
+            delivery = Delivery(drec.delivery_id, message, drec.qos, drec.retain,
+                                drec.subscription_ids, 0)
+            delivery.persisted = True
+            delivery.dup = drec.dup
+            if drec.state != QUEUED and drec.packet_id is not None:
+                delivery.packet_id = drec.packet_id
+                delivery.state = drec.state
+                owner.inflight[drec.packet_id] = delivery
+            else:
+                owner.append(delivery)
+            self._next_delivery_id = max(self._next_delivery_id, drec.delivery_id + 1)
+        for client_id, packet_id in snapshot.incoming_qos2:
+            owner = self.sessions.get(client_id)
+            if owner is not None:
+                owner.incoming_qos2.add(packet_id)
+        if snapshot.messages:
+            self._next_message_id = max(self._next_message_id, max(snapshot.messages) + 1)
+
+    # -- connections --------------------------------------------------------------------
+
+    def connect(self, packet: Connect, *, client_id: str, now: float,
+                receive_maximum: int = 65535) -> ConnectResult:
+        """A CONNECT was accepted (authenticated, valid): attach it to its session.
+
+        `client_id` is the identifier in use (the server assigns one for an empty id).
+        `receive_maximum` is the client's Receive Maximum (65535 when absent or on 3.1.1).
+        """
+        expiry = self._granted_expiry(packet)
+        session = self.sessions.get(client_id)
+        taken_over = False
+        if session is not None:
+            if session.online:
+                # The old network connection ends now without a DISCONNECT: its will goes
+                # unless a delay is set, since this new connection arrives within it
+                # [MQTT-3.1.4-3], 3.1.2.5 (5.0).
+                taken_over = True
+                self._set_offline(session)
+                if session.will is not None and _will_delay(session.will) == 0:
+                    self._publish_will(session, now)
+                session.will = None
+            elif session.expires_at is not None and session.expires_at <= now:
+                self._end_session(session, now, expired=True)
+                session = None
+            else:
+                if session.will_due_at is not None and session.will_due_at <= now:
+                    self._publish_will(session, now)
+                session.will = None  # a new connection within the will delay cancels it
+                session.will_due_at = None
+        if session is not None and packet.clean_start:
+            self._end_session(session, now)
+            session = None
+        present = session is not None
+        if session is None:
+            session = Session(client_id, packet.protocol_level, expiry)
+            self.sessions[client_id] = session
+        else:
+            session.protocol_level = packet.protocol_level
+            session.expiry_interval = expiry
+            session.start_resend()
+        session.epoch += 1
+        session.online = True
+        self.stats.clients_connected += 1
+        self.stats.clients_maximum = max(self.stats.clients_maximum, self.stats.clients_connected)
+        session.disconnected_at = None
+        session.expires_at = None
+        session.will = packet.will
+        session.will_due_at = None
+        session.inflight_max = max(1, min(self.settings.max_inflight_messages, receive_maximum))
+        if session.persistent:
+            if session.stored:
+                self._changes.append(SessionSaved(self._session_record(session)))
+            else:
+                self._store_session(session)
+        elif session.stored:
+            self._changes.append(SessionDeleted(client_id))
+            self._forget_stored(session)
+        return ConnectResult(present, session.epoch, taken_over, expiry)
+
+    def disconnect(self, client_id: str, epoch: int, *, now: float,
+                   reason_code: int | None = None,
+                   session_expiry_interval: int | None = None) -> None:
+        """The connection `epoch` of `client_id` ended.
+
+        `reason_code` is what the client's DISCONNECT said, or None when the connection
+        closed without one (network error, keep-alive timeout, protocol error, takeover,
+        server shutdown): then the will is published. 0x00 deletes the will; 0x04 (and
+        every other code) publishes it, 3.14.2.1 (5.0). `session_expiry_interval` is the
+        value from a v5 DISCONNECT, if it carried one.
+        """
+        session = self.sessions.get(client_id)
+        if session is None or session.epoch != epoch or not session.online:
+            return
+        self._set_offline(session)
+        if reason_code == ReasonCode.NORMAL_DISCONNECTION:
+            session.will = None  # [MQTT-3.14.4-3] (5.0), [MQTT-3.14.4-3] (3.1.1)
+        if session_expiry_interval is not None:
+            session.expiry_interval = self._cap_expiry(session_expiry_interval)
+        if not session.persistent:
+            self._end_session(session, now)
+            return
+        if not self.settings.queue_qos0_messages:
+            self._drop_queued_qos0(session)
+        session.resend.clear()
+        self._schedule_offline(session, now)
+        self._changes.append(SessionSaved(self._session_record(session)))
+
+    # -- publish, from a client or from the broker ---------------------------------------
+
+    def publish(self, client_id: str, packet: Publish, *, now: float) -> int:
+        """A client's PUBLISH. Returns the reason code for its PUBACK/PUBREC.
+
+        Raises RemoteProtocolError when the client uses a QoS or retain the server said it
+        does not support (the connection then closes).
+        """
+        session = self.sessions[client_id]
+        qos = packet.qos
+        if qos > self.settings.max_qos:
+            raise RemoteProtocolError(ReasonCode.QOS_NOT_SUPPORTED,
+                                      f"QoS {qos} above the maximum {self.settings.max_qos}")
+        if packet.retain and not self.settings.retain_available:
+            raise RemoteProtocolError(ReasonCode.RETAIN_NOT_SUPPORTED, "retain is not available")
+        self.stats.publish_received += 1
+        if packet.topic.startswith("$SYS"):
+            # Only the broker writes $SYS (as mosquitto: clients may not publish there).
+            return ReasonCode.NOT_AUTHORIZED
+        if qos == 2:
+            packet_id = packet.packet_id
+            assert packet_id is not None
+            if packet_id in session.incoming_qos2:
+                # A resend of a QoS 2 message already accepted: acknowledge, do not forward
+                # again (exactly once, 4.3.3 (5.0)).
+                return ReasonCode.SUCCESS
+            session.incoming_qos2.add(packet_id)
+            if session.stored:
+                self._changes.append(Qos2Received(client_id, packet_id))
+        message = self._new_message(packet.topic, packet.payload, qos, packet.retain,
+                                    packet.properties, client_id, now)
+        if packet.retain:
+            self._retain(message, persist=True)
+        if self._route(message):
+            return ReasonCode.SUCCESS
+        return ReasonCode.NO_MATCHING_SUBSCRIBERS
+
+    def publish_internal(self, topic: str, payload: bytes, *, now: float, retain: bool = False,
+                         qos: int = 0, persist: bool = False) -> None:
+        """A message from the broker itself ($SYS). `persist` keeps a retained copy in the
+        store; $SYS updates do not, to spare the flash."""
+        message = self._new_message(topic, payload, qos, retain, NO_PROPERTIES, "", now)
+        if retain:
+            self._retain(message, persist=persist)
+        self._route(message)
+
+    # -- acknowledgements -----------------------------------------------------------------
+
+    def puback(self, client_id: str, packet_id: int, *, now: float) -> None:
+        session = self.sessions[client_id]
+        delivery = session.inflight.get(packet_id)
+        if delivery is None or delivery.qos != 1:
+            return  # unknown id: nothing to do
+        self._finish_inflight(session, delivery)
+
+    def pubrec(self, client_id: str, packet_id: int, reason_code: int, *,
+               now: float) -> PubRel | None:
+        """Returns the PUBREL to send (after the batch commits), or None."""
+        session = self.sessions[client_id]
+        delivery = session.inflight.get(packet_id)
+        if delivery is None or delivery.qos != 2:
+            return PubRel(packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND)
+        if reason_code >= 0x80:
+            self._finish_inflight(session, delivery)  # the flow ends here, 4.3.3 (5.0)
+            return None
+        if delivery.state == AWAIT_ACK:
+            delivery.state = AWAIT_COMP
+            delivery.dup = False
+            if session.stored:
+                self._save_delivery(session, delivery)
+        return PubRel(packet_id)
+
+    def pubrel(self, client_id: str, packet_id: int, *, now: float) -> int:
+        """Returns the reason code for the PUBCOMP."""
+        session = self.sessions[client_id]
+        if packet_id not in session.incoming_qos2:
+            return ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
+        session.incoming_qos2.discard(packet_id)
+        if session.stored:
+            self._changes.append(Qos2Released(client_id, packet_id))
+        return ReasonCode.SUCCESS
+
+    def pubcomp(self, client_id: str, packet_id: int, *, now: float) -> None:
+        session = self.sessions[client_id]
+        delivery = session.inflight.get(packet_id)
+        if delivery is not None and delivery.state == AWAIT_COMP:
+            self._finish_inflight(session, delivery)
+
+    def discard(self, client_id: str, packet_id: int) -> None:
+        """A pulled PUBLISH could not be sent (larger than the client's Maximum Packet Size):
+        it counts as delivered [MQTT-3.1.2-25] (5.0)."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return
+        delivery = session.inflight.get(packet_id)
+        if delivery is not None:
+            self._finish_inflight(session, delivery)
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    def subscribe(self, client_id: str, packet: Subscribe, *, now: float) -> tuple[int, ...]:
+        """Returns the SUBACK reason codes. Retained messages are queued behind the SUBACK."""
+        session = self.sessions[client_id]
+        ids = packet.properties.subscription_identifiers
+        subscription_id = ids[0] if ids else None
+        codes: list[int] = []
+        for sub in packet.subscriptions:
+            topic_filter = sub.topic_filter
+            if not is_valid_topic_filter(topic_filter):
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID
+                             if session.protocol_level == ProtocolLevel.MQTT_5
+                             else ReasonCode.UNSPECIFIED_ERROR)
+                continue
+            qos = min(sub.qos, self.settings.max_qos)
+            record = SubscriptionRecord(client_id, topic_filter, qos, sub.no_local,
+                                        sub.retain_as_published, sub.retain_handling,
+                                        subscription_id)
+            existed = topic_filter in session.subscriptions
+            session.subscriptions[topic_filter] = record
+            shared = self._route_subscription(record)
+            if session.stored:
+                self._changes.append(SubscriptionSaved(record))
+            codes.append(qos)
+            # Retained messages on subscribe, 3.3.1.3 (5.0); never for a shared
+            # subscription, 4.8.2 (5.0).
+            if shared or sub.retain_handling == 2 or (sub.retain_handling == 1 and existed):
+                continue
+            for message in list(self.retained.matching(topic_filter)):
+                if message.expires_at is not None and message.expires_at <= now:
+                    self._clear_retained(message.topic)
+                    continue
+                self._deliver(session, message, min(message.qos, qos), True,
+                              (subscription_id,) if subscription_id else ())
+        return tuple(codes)
+
+    def unsubscribe(self, client_id: str, packet: Unsubscribe, *,
+                    now: float) -> tuple[int, ...]:
+        session = self.sessions[client_id]
+        codes: list[int] = []
+        for topic_filter in packet.topic_filters:
+            if not is_valid_topic_filter(topic_filter):
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                continue
+            record = session.subscriptions.pop(topic_filter, None)
+            if record is None:
+                codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+                continue
+            self._unroute_subscription(record)
+            if session.stored:
+                self._changes.append(SubscriptionDeleted(client_id, topic_filter))
+            codes.append(ReasonCode.SUCCESS)
+        return tuple(codes)
+
+    # -- outbound -------------------------------------------------------------------------
+
+    def pull(self, client_id: str, *, now: float, limit: int = 256) -> list[Publish | PubRel]:
+        """What this client's connection may send now: resends first, then queued deliveries
+        whose batch committed, within the inflight window. At most `limit` packets."""
+        session = self.sessions.get(client_id)
+        if session is None or not session.online:
+            return []
+        out: list[Publish | PubRel] = []
+        inflight = session.inflight
+        resend = session.resend
+        # Resends count against the client's Receive Maximum like new sends: inflight
+        # deliveries already sent on this connection are len(inflight) - len(resend).
+        while resend and len(out) < limit and (
+                len(inflight) - len(resend) < session.inflight_max):
+            delivery = resend.popleft()
+            if delivery.packet_id is None or inflight.get(delivery.packet_id) is not delivery:
+                continue  # acknowledged meanwhile
+            if delivery.state == AWAIT_ACK:
+                out.append(self._publish_packet(session, delivery, now))
+            else:
+                out.append(PubRel(delivery.packet_id))
+        queue = session.queue
+        committed = self._committed
+        stored = session.stored
+        while queue and len(out) < limit:
+            delivery = queue[0]
+            if delivery.batch > committed:
+                break
+            expires_at = delivery.message.expires_at
+            if expires_at is not None and expires_at <= now:
+                session.popleft()
+                self.stats.messages_expired += 1
+                if delivery.persisted:
+                    self._changes.append(DeliveryDeleted(client_id, delivery.id))
+                continue
+            if delivery.qos == 0:
+                session.popleft()
+                if delivery.persisted:
+                    self._changes.append(DeliveryDeleted(client_id, delivery.id))
+                out.append(self._publish_packet(session, delivery, now))
+                continue
+            if len(inflight) >= session.inflight_max:
+                break
+            session.popleft()
+            packet_id = session.allocate_packet_id()
+            delivery.packet_id = packet_id
+            delivery.state = AWAIT_ACK
+            inflight[packet_id] = delivery
+            if stored:
+                self._save_delivery(session, delivery)
+            out.append(self._publish_packet(session, delivery, now))
+            delivery.dup = True  # any later send of it is a resend
+        return out
+
+    # -- time -----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> float | None:
+        """Fire due will and expiry timers and prune expired messages.
+
+        Returns the wall-clock time of the next timer, or None when nothing is pending.
+        """
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, kind, client_id, epoch = heapq.heappop(timers)
+            session = self.sessions.get(client_id)
+            if session is None or session.online or session.epoch != epoch:
+                continue
+            if kind == _WILL_TIMER:
+                if session.will_due_at is not None and session.will_due_at <= now:
+                    self._publish_will(session, now)
+                    self._changes.append(SessionSaved(self._session_record(session)))
+            elif session.expires_at is not None and session.expires_at <= now:
+                self._end_session(session, now, expired=True)
+        if self._next_sweep is None or now >= self._next_sweep:
+            self._sweep(now)
+            self._next_sweep = now + self.settings.sweep_interval_s
+        return self.next_deadline()
+
+    def next_deadline(self) -> float | None:
+        """When `tick` next needs to run (wall clock), or None."""
+        if self._timers:
+            first = self._timers[0][0]
+            return first if self._next_sweep is None else min(first, self._next_sweep)
+        return self._next_sweep
+
+    # -- batches --------------------------------------------------------------------------
+
+    def drain(self) -> Batch:
+        """Take the changes made since the last drain as one batch for the store."""
+        batch = Batch(self._batch, self._changes)
+        self._changes = []
+        self._batch += 1
+        return batch
+
+    def committed(self, number: int) -> list[str]:
+        """The store committed every batch up to `number`. Returns the online clients that
+        have deliveries they may now be sent."""
+        if number > self._committed:
+            self._committed = number
+        if not self._wake:
+            return []
+        ready = [cid for cid, batch in self._wake.items() if batch <= number]
+        for cid in ready:
+            del self._wake[cid]
+        return ready
+
+    @property
+    def has_pending_changes(self) -> bool:
+        return bool(self._changes)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _granted_expiry(self, packet: Connect) -> int:
+        if packet.protocol_level == ProtocolLevel.MQTT_5:
+            requested = packet.properties.session_expiry_interval or 0
+        elif packet.clean_start:
+            requested = 0
+        else:
+            requested = self.settings.persistent_client_expiration or EXPIRY_NEVER
+        return self._cap_expiry(requested)
+
+    def _cap_expiry(self, requested: int) -> int:
+        cap = self.settings.max_session_expiry_interval
+        return min(requested, cap) if cap else requested
+
+    def _set_offline(self, session: Session) -> None:
+        session.online = False
+        self.stats.clients_connected -= 1
+        self._wake.pop(session.client_id, None)
+
+    def _schedule_offline(self, session: Session, disconnected_at: float) -> None:
+        session.disconnected_at = disconnected_at
+        if session.expiry_interval != EXPIRY_NEVER:
+            session.expires_at = disconnected_at + session.expiry_interval
+            heapq.heappush(self._timers, (session.expires_at, _EXPIRY_TIMER,
+                                          session.client_id, session.epoch))
+        if session.will is not None:
+            delay = _will_delay(session.will)
+            session.will_due_at = disconnected_at + delay
+            heapq.heappush(self._timers, (session.will_due_at, _WILL_TIMER,
+                                          session.client_id, session.epoch))
+
+    def _end_session(self, session: Session, now: float, *, expired: bool = False) -> None:
+        """The session ends: a pending will goes now, everything else is forgotten."""
+        if session.online:
+            self._set_offline(session)
+        if session.will is not None:
+            self._publish_will(session, now)
+        for record in session.subscriptions.values():
+            self._unroute_subscription(record)
+        session.subscriptions.clear()
+        session.clear_deliveries()
+        del self.sessions[session.client_id]
+        if session.stored:
+            self._changes.append(SessionDeleted(session.client_id))
+            session.stored = False
+        if expired:
+            self.stats.clients_expired += 1
+
+    def _publish_will(self, session: Session, now: float) -> None:
+        will = session.will
+        session.will = None
+        session.will_due_at = None
+        if will is None:
+            return
+        message = self._new_message(will.topic, will.payload, will.qos, will.retain,
+                                    will.properties, session.client_id, now)
+        if will.retain and self.settings.retain_available:
+            self._retain(message, persist=True)
+        self._route(message)
+
+    def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
+                     properties: Properties, origin: str, now: float) -> Message:
+        expires_at = None
+        if properties is not NO_PROPERTIES:
+            if properties.message_expiry_interval is not None:
+                expires_at = now + properties.message_expiry_interval
+            properties = _pass_through(properties)
+        message_id = self._next_message_id
+        self._next_message_id = message_id + 1
+        return Message(message_id, topic, payload, qos, retain, properties, now, expires_at,
+                       origin)
+
+    def _retain(self, message: Message, *, persist: bool) -> None:
+        if not message.payload:
+            self._clear_retained(message.topic)  # [MQTT-3.3.1-6] (5.0)
+            return
+        self.retained.set(message)
+        if persist:
+            self._save_message(message)
+            self._changes.append(RetainedSaved(message.topic, message.id))
+
+    def _clear_retained(self, topic: str) -> None:
+        if self.retained.clear(topic):
+            self._changes.append(RetainedDeleted(topic))
+
+    def _route(self, message: Message) -> int:
+        """Queue the message for every matching session. Returns how many got it."""
+        normal, groups = self.router.match(message.topic)
+        if not normal and not groups:
+            return 0
+        delivered = 0
+        sessions = self.sessions
+        if len(normal) == 1:
+            record = normal[0]
+            if not (record.no_local and record.client_id == message.origin):
+                delivered += self._deliver(
+                    sessions[record.client_id], message, min(record.qos, message.qos),
+                    message.retain and record.retain_as_published,
+                    (record.subscription_id,) if record.subscription_id else ())
+        elif normal:
+            # One copy per client, at the highest QoS of its matching subscriptions, with
+            # every matching subscription identifier [MQTT-3.3.5-1] (3.1.1), 3.3.4 (5.0).
+            merged: dict[str, tuple[int, bool, tuple[int, ...]]] = {}
+            for record in normal:
+                client_id = record.client_id
+                if record.no_local and client_id == message.origin:
+                    continue  # [MQTT-3.8.3-3] (5.0)
+                ids: tuple[int, ...] = ((record.subscription_id,) if record.subscription_id
+                                        else ())
+                seen = merged.get(client_id)
+                if seen is None:
+                    merged[client_id] = (record.qos, record.retain_as_published, ids)
+                else:
+                    merged[client_id] = (max(seen[0], record.qos),
+                                         seen[1] or record.retain_as_published, seen[2] + ids)
+            for client_id, (qos, as_published, ids) in merged.items():
+                delivered += self._deliver(sessions[client_id], message,
+                                           min(qos, message.qos),
+                                           message.retain and as_published, ids)
+        for group in groups:
+            member = group.pick(self._is_online)
+            if member is None:
+                continue
+            delivered += self._deliver(
+                sessions[member.client_id], message, min(member.qos, message.qos),
+                message.retain and member.retain_as_published,
+                (member.subscription_id,) if member.subscription_id else ())
+        return delivered
+
+    def _is_online(self, client_id: str) -> bool:
+        session = self.sessions.get(client_id)
+        return session is not None and session.online
+
+    def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
+                 subscription_ids: tuple[int, ...]) -> bool:
+        online = session.online
+        if not online and qos == 0 and not self.settings.queue_qos0_messages:
+            return False
+        settings = self.settings
+        if not session.has_room(settings.max_queued_messages, settings.max_queued_bytes,
+                                len(message.payload)):
+            session.dropped += 1
+            self.stats.publish_dropped += 1
+            return False
+        delivery_id = self._next_delivery_id
+        self._next_delivery_id = delivery_id + 1
+        delivery = Delivery(delivery_id, message, qos, retain, subscription_ids, self._batch)
+        session.append(delivery)
+        if session.stored and (qos or not online):
+            self._save_message(message)
+            self._save_delivery(session, delivery)
+        if online:
+            self._wake[session.client_id] = self._batch
+        return True
+
+    def _save_message(self, message: Message) -> None:
+        if message.id != self._last_saved_message:
+            self._last_saved_message = message.id
+            self._changes.append(MessageSaved(message))
+
+    def _save_delivery(self, session: Session, delivery: Delivery) -> None:
+        delivery.persisted = True
+        self._changes.append(DeliverySaved(DeliveryRecord(
+            session.client_id, delivery.id, delivery.message.id, delivery.qos, delivery.retain,
+            delivery.subscription_ids, delivery.packet_id, delivery.state, delivery.dup)))
+
+    def _finish_inflight(self, session: Session, delivery: Delivery) -> None:
+        assert delivery.packet_id is not None
+        del session.inflight[delivery.packet_id]
+        if delivery.persisted:
+            self._changes.append(DeliveryDeleted(session.client_id, delivery.id))
+
+    def _drop_queued_qos0(self, session: Session) -> None:
+        if not any(d.qos == 0 for d in session.queue):
+            return
+        kept = [d for d in session.queue if d.qos > 0]
+        session.queue.clear()
+        session.queued_bytes = 0
+        for delivery in kept:
+            session.append(delivery)
+
+    def _publish_packet(self, session: Session, delivery: Delivery, now: float) -> Publish:
+        message = delivery.message
+        self.stats.publish_sent += 1
+        properties = message.properties
+        if session.protocol_level == ProtocolLevel.MQTT_5 and (
+                delivery.subscription_ids or message.expires_at is not None):
+            remaining = None
+            if message.expires_at is not None:
+                # [MQTT-3.3.2-6] (5.0): the interval minus the time spent waiting here.
+                remaining = max(1, math.ceil(message.expires_at - now))
+            properties = replace(properties, subscription_identifiers=delivery.subscription_ids,
+                                 message_expiry_interval=remaining)
+        return Publish(message.topic, message.payload, delivery.qos, delivery.retain,
+                       delivery.dup if delivery.qos else False, delivery.packet_id, properties)
+
+    def _route_subscription(self, record: SubscriptionRecord) -> bool:
+        """Put a subscription in the trie. Returns whether it is a shared subscription."""
+        shared = parse_shared(record.topic_filter)
+        if shared is None:
+            self.router.subscribe(record, record.topic_filter)
+            return False
+        group, topic_filter = shared
+        self.router.subscribe(record, topic_filter, group)
+        return True
+
+    def _unroute_subscription(self, record: SubscriptionRecord) -> None:
+        shared = parse_shared(record.topic_filter)
+        if shared is None:
+            self.router.unsubscribe(record.client_id, record.topic_filter)
+        else:
+            self.router.unsubscribe(record.client_id, shared[1], shared[0])
+
+    def _session_record(self, session: Session) -> SessionRecord:
+        return SessionRecord(session.client_id, session.protocol_level,
+                             session.expiry_interval, session.will, session.disconnected_at)
+
+    def _store_session(self, session: Session) -> None:
+        """First time a session becomes persistent: write all of it."""
+        session.stored = True
+        changes = self._changes
+        changes.append(SessionSaved(self._session_record(session)))
+        for record in session.subscriptions.values():
+            changes.append(SubscriptionSaved(record))
+        for delivery in _all_deliveries(session):
+            self._save_message(delivery.message)
+            self._save_delivery(session, delivery)
+        for packet_id in session.incoming_qos2:
+            changes.append(Qos2Received(session.client_id, packet_id))
+
+    def _forget_stored(self, session: Session) -> None:
+        session.stored = False
+        for delivery in _all_deliveries(session):
+            delivery.persisted = False
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired messages from offline queues and the retained store."""
+        for topic in self.retained.expired(now):
+            self._clear_retained(topic)
+        for session in self.sessions.values():
+            if session.online or not session.queue:
+                continue
+            if not any(d.message.expires_at is not None and d.message.expires_at <= now
+                       for d in session.queue):
+                continue
+            kept = []
+            for delivery in session.queue:
+                expires_at = delivery.message.expires_at
+                if expires_at is not None and expires_at <= now:
+                    self.stats.messages_expired += 1
+                    if delivery.persisted:
+                        self._changes.append(DeliveryDeleted(session.client_id, delivery.id))
+                else:
+                    kept.append(delivery)
+            session.queue.clear()
+            session.queued_bytes = 0
+            for delivery in kept:
+                session.append(delivery)
+
+
+def _will_delay(will: Will) -> int:
+    return will.properties.will_delay_interval or 0
+
+
+def _all_deliveries(session: Session) -> Iterable[Delivery]:
+    yield from session.inflight.values()
+    yield from session.queue
+
+
+def _pass_through(properties: Properties) -> Properties:
+    """The properties a message carries from its publisher to its subscribers."""
+    if (properties.payload_format_indicator is None and properties.content_type is None
+            and properties.response_topic is None and properties.correlation_data is None
+            and not properties.user_properties):
+        return NO_PROPERTIES
+    return Properties(
+        payload_format_indicator=properties.payload_format_indicator,
+        content_type=properties.content_type,
+        response_topic=properties.response_topic,
+        correlation_data=properties.correlation_data,
+        user_properties=properties.user_properties,
+    )

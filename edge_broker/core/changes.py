@@ -1,0 +1,172 @@
+"""The change records the core emits for persistence: the contract between core/ and store/.
+
+The core is the only source of truth while the broker runs; a store only has to be able to
+rebuild the same state at start-up (`store.base.Snapshot`). Records are appended to a batch in
+the order the core makes them; a store applies a batch atomically and in order. Later records
+win over earlier ones for the same key, so a store may coalesce within a batch (a delivery
+saved and deleted in one batch need not touch the disk).
+
+Keys:
+- session: client_id. `SessionDeleted` removes the session's subscriptions, deliveries and
+  incoming QoS 2 state too.
+- subscription: (client_id, topic_filter)
+- message: message id (bodies are shared; a store may drop a body once no delivery and no
+  retained entry refers to it)
+- delivery: (client_id, delivery id); delivery ids grow monotonically, so they also give the
+  queue order of a session
+- incoming QoS 2 packet id: (client_id, packet_id)
+- retained: topic
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..mqtt.packets import Will
+from ..mqtt.properties import NO_PROPERTIES, Properties
+
+# Session Expiry Interval meaning "never expires", 3.1.2.11.2 (5.0).
+EXPIRY_NEVER = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An application message as it entered the broker; shared by every delivery of it."""
+
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    # Pass-through properties only: payload format, content type, response topic,
+    # correlation data, user properties. Expiry is `expires_at`; aliases and subscription
+    # identifiers belong to a connection or a subscriber.
+    properties: Properties = NO_PROPERTIES
+    received_at: float = 0.0
+    expires_at: float | None = None  # wall clock, from the Message Expiry Interval
+    origin: str = ""  # publishing client id ("" for the broker itself), for No Local
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    client_id: str
+    protocol_level: int
+    expiry_interval: int  # seconds; EXPIRY_NEVER for a 3.1.1 persistent session without cap
+    will: Will | None = None
+    # None while connected; the wall-clock time of the disconnect otherwise.
+    disconnected_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRecord:
+    client_id: str
+    topic_filter: str  # as the client sent it, "$share/group/..." included
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_id: int | None = None
+
+
+# Delivery states.
+QUEUED = 0  # waiting to be sent
+AWAIT_ACK = 1  # PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
+AWAIT_COMP = 2  # PUBREL sent, waiting for PUBCOMP
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    client_id: str
+    delivery_id: int
+    message_id: int
+    qos: int
+    retain: bool
+    subscription_ids: tuple[int, ...] = ()
+    packet_id: int | None = None
+    state: int = QUEUED
+    dup: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSaved:
+    record: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDeleted:
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionSaved:
+    record: SubscriptionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionDeleted:
+    client_id: str
+    topic_filter: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSaved:
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySaved:
+    record: DeliveryRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryDeleted:
+    client_id: str
+    delivery_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Qos2Received:
+    """An incoming QoS 2 PUBLISH was accepted; its packet id blocks duplicates until PUBREL."""
+
+    client_id: str
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Qos2Released:
+    client_id: str
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetainedSaved:
+    topic: str
+    message_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetainedDeleted:
+    topic: str
+
+
+Change = (
+    SessionSaved | SessionDeleted | SubscriptionSaved | SubscriptionDeleted | MessageSaved
+    | DeliverySaved | DeliveryDeleted | Qos2Received | Qos2Released | RetainedSaved
+    | RetainedDeleted
+)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything a store holds, as the core needs it to rebuild its state at start-up."""
+
+    sessions: list[SessionRecord]
+    subscriptions: list[SubscriptionRecord]
+    messages: dict[int, Message]
+    deliveries: list[DeliveryRecord]  # in delivery id order
+    retained: dict[str, int]  # topic -> message id
+    incoming_qos2: list[tuple[str, int]]  # (client id, packet id)
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls([], [], {}, [], {}, [])

@@ -1,0 +1,328 @@
+"""The composition root: builds the broker from a Config, runs it, stops it.
+
+`BrokerApp` owns the core, the store, the listeners and the registry of connected clients,
+and runs the commit pipeline every connection shares (`finish_batch`): drain the core's
+changes, let the store commit them, then send the acknowledgements and wake the clients that
+have deliveries. `main(config)` is what the `edge-broker` command runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
+
+from ..config import Config
+from ..core.broker import BrokerCore, ConnectResult, CoreSettings
+from ..errors import ConfigError, EdgeBrokerError
+from ..mqtt.packets import Connect, Packet
+from ..mqtt.types import ReasonCode
+from ..store.base import DONE, SessionStore
+from ..store.memory import NullStore
+from . import systemd
+from .client import ClientHandler
+from .metrics import Metrics, sys_topics
+
+log = logging.getLogger("edge_broker")
+
+SHUTDOWN_GRACE_S = 1.0  # how long stop() waits for clients to take their DISCONNECT
+
+
+def broker_version() -> str:
+    try:
+        return version("edge-broker")
+    except PackageNotFoundError:  # running from a checkout that was not installed
+        return "0+unknown"
+
+
+def core_settings(config: Config) -> CoreSettings:
+    mqtt = config.mqtt
+    return CoreSettings(
+        max_inflight_messages=mqtt.max_inflight_messages,
+        max_queued_messages=mqtt.max_queued_messages,
+        max_queued_bytes=mqtt.max_queued_bytes,
+        queue_qos0_messages=mqtt.queue_qos0_messages,
+        max_qos=mqtt.max_qos,
+        retain_available=mqtt.retain_available,
+        persistent_client_expiration=mqtt.persistent_client_expiration_s,
+        max_session_expiry_interval=mqtt.max_session_expiry_interval_s,
+    )
+
+
+def build_store(config: Config) -> SessionStore:
+    if config.storage.persistence == "memory":
+        return NullStore()
+    raise ConfigError("persistence = \"sqlite\" is not available in this version; "
+                      "use \"memory\"", file=config.source, table="storage", key="persistence")
+
+
+class BrokerApp:
+    def __init__(self, config: Config, store: SessionStore | None = None) -> None:
+        self.config = config
+        self.core = BrokerCore(core_settings(config))
+        self.store = store if store is not None else build_store(config)
+        self.metrics = Metrics()
+        self.clients: dict[str, ClientHandler] = {}  # connected client id -> its connection
+        self.connections: set[ClientHandler] = set()  # every open connection
+        self.servers: list[asyncio.Server] = []
+        self.addresses: list[tuple[str, int]] = []  # bound (host, port) per listener
+        self.started_at = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_at: float | None = None  # wall-clock time the tick handle fires
+        self._sys_handle: asyncio.TimerHandle | None = None
+        self._sys_last: dict[str, str] = {}
+        self._version = broker_version()
+        self._stopped = False
+        self._all_closed: asyncio.Event | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "BrokerApp.start() first"
+        return self._loop
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        data_dir = self.config.broker.data_dir
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create the data directory {str(data_dir)!r}: {error}",
+                              file=self.config.source, table="broker", key="data_dir") from None
+        snapshot = await self.store.open()
+        self.core.restore(snapshot, now=time.time())
+        for listener in self.config.listeners:
+            try:
+                server = await self.loop.create_server(
+                    partial(ClientHandler, self), listener.host or None, listener.port,
+                    backlog=4096, reuse_address=True)
+            except OSError as error:
+                await self._close_servers()
+                raise EdgeBrokerError(
+                    f"cannot listen on {listener.host}:{listener.port}: {error.strerror}"
+                ) from None
+            self.servers.append(server)
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self.addresses.append((host, port))
+                log.info("listening on %s:%d (MQTT 3.1, 3.1.1, 5.0)", host, port)
+        self._run_tick()
+        if self.config.broker.sys_interval_s:
+            self._publish_sys()
+        log.info("edge-broker %s started (persistence=%s, %d stored sessions)", self._version,
+                 self.config.storage.persistence, len(self.core.sessions))
+
+    async def stop(self) -> None:
+        """Stop accepting, tell every client (v5: DISCONNECT 0x8B), commit, close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for handle in (self._tick_handle, self._sys_handle):
+            if handle is not None:
+                handle.cancel()
+        for server in self.servers:
+            server.close()
+        handlers = list(self.connections)
+        for handler in handlers:
+            handler.kick(ReasonCode.SERVER_SHUTTING_DOWN)
+        self.finish_batch(None, [])
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), SHUTDOWN_GRACE_S)
+        for handler in list(self.connections):
+            if handler.transport is not None:
+                handler.transport.abort()
+        await self._close_servers()
+        await self.store.close()
+        log.info("edge-broker stopped")
+
+    async def _close_servers(self) -> None:
+        for server in self.servers:
+            server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 0.5)
+
+    def connection_closed(self, handler: ClientHandler) -> None:
+        self.connections.discard(handler)
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def new_client_id(self) -> str:
+        return f"{self.config.mqtt.auto_id_prefix}{uuid.uuid4()}"
+
+    def attach(self, handler: ClientHandler, packet: Connect, client_id: str,
+               receive_maximum: int, now: float) -> ConnectResult:
+        result = self.core.connect(packet, client_id=client_id, now=now,
+                                   receive_maximum=receive_maximum)
+        old = self.clients.get(client_id)
+        if old is not None and old is not handler:
+            log.info("client %s: session taken over by a new connection from %s", client_id,
+                     handler.peer)
+            old.kick(ReasonCode.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-3] (5.0)
+        self.clients[client_id] = handler
+        return result
+
+    def detach(self, handler: ClientHandler, *, reason_code: int | None,
+               session_expiry_interval: int | None) -> None:
+        client_id = handler.client_id
+        if client_id is None:
+            return
+        if self.clients.get(client_id) is handler:
+            del self.clients[client_id]
+            log.info("client %s disconnected", client_id)
+        self.core.disconnect(client_id, handler.epoch, now=time.time(), reason_code=reason_code,
+                             session_expiry_interval=session_expiry_interval)
+        self._reschedule_tick()
+
+    # -- the commit pipeline ----------------------------------------------------------------
+
+    def finish_batch(self, handler: ClientHandler | None, replies: list[Packet]) -> None:
+        """Commit what the core changed; then send `replies` to `handler` and wake clients."""
+        core = self.core
+        batch = core.drain()
+        waiter = self.store.apply(batch.changes)
+        if waiter is DONE:
+            self._committed(batch.number, handler, replies)
+            return
+        if handler is not None:
+            handler.set_reading(False)
+        future = asyncio.ensure_future(waiter)
+        future.add_done_callback(partial(self._after_commit, batch.number, handler, replies))
+
+    def commit_now_or_later(self, then: Callable[[], None]) -> bool:
+        """Commit pending changes. True when they are durable already; otherwise `then` runs
+        once they are, and False is returned."""
+        batch = self.core.drain()
+        waiter = self.store.apply(batch.changes)
+        if waiter is DONE:
+            self._committed(batch.number, None, [])
+            return True
+        future = asyncio.ensure_future(waiter)
+        future.add_done_callback(partial(self._after_commit_then, batch.number, then))
+        return False
+
+    def _after_commit(self, number: int, handler: ClientHandler | None, replies: list[Packet],
+                      future: asyncio.Future[None]) -> None:
+        if self._commit_failed(future, handler):
+            return
+        self._committed(number, handler, replies)
+        if handler is not None:
+            handler.set_reading(True)
+
+    def _after_commit_then(self, number: int, then: Callable[[], None],
+                           future: asyncio.Future[None]) -> None:
+        if self._commit_failed(future, None):
+            return
+        self._committed(number, None, [])
+        then()
+
+    def _commit_failed(self, future: asyncio.Future[None], handler: ClientHandler | None) -> bool:
+        error = future.exception()
+        if error is None:
+            return False
+        log.error("store commit failed: %s", error)
+        if handler is not None:
+            handler.kick(ReasonCode.UNSPECIFIED_ERROR)  # no acknowledgement without durability
+        return True
+
+    def _committed(self, number: int, handler: ClientHandler | None,
+                   replies: list[Packet]) -> None:
+        woken = self.core.committed(number)
+        if handler is not None:
+            if replies:
+                handler.write_replies(replies)
+            handler.pump()
+        clients = self.clients
+        for client_id in woken:
+            other = clients.get(client_id)
+            if other is not None and other is not handler:
+                other.pump()
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _run_tick(self) -> None:
+        self._tick_handle = None
+        self._tick_at = None
+        deadline = self.core.tick(time.time())
+        self.finish_batch(None, [])
+        if deadline is not None and not self._stopped:
+            self._tick_handle = self.loop.call_later(max(0.0, deadline - time.time()),
+                                                     self._run_tick)
+            self._tick_at = deadline
+
+    def _reschedule_tick(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline is None or self._stopped or self._loop is None:
+            return
+        if self._tick_at is not None and self._tick_at <= deadline:
+            return
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._tick_handle = self.loop.call_later(max(0.0, deadline - time.time()),
+                                                 self._run_tick)
+        self._tick_at = deadline
+
+    def _publish_sys(self) -> None:
+        """Publish the $SYS/broker values that changed since last time (retained, QoS 0)."""
+        self._sys_handle = None
+        now = time.time()
+        values = sys_topics(self.core, self.metrics, version=self._version,
+                            uptime_s=now - self.started_at)
+        for topic, value in values.items():
+            if self._sys_last.get(topic) != value:
+                self.core.publish_internal(topic, value.encode(), now=now, retain=True)
+        self._sys_last = values
+        self.finish_batch(None, [])
+        if not self._stopped:
+            self._sys_handle = self.loop.call_later(self.config.broker.sys_interval_s,
+                                                    self._publish_sys)
+
+
+async def serve(config: Config, *, ready: Callable[[BrokerApp], Awaitable[None] | None]
+                | None = None) -> int:
+    """Run until SIGTERM or SIGINT. Returns the process exit code."""
+    app = BrokerApp(config)
+    try:
+        await app.start()
+    except EdgeBrokerError as error:
+        log.error("%s", error)
+        return 2 if isinstance(error, ConfigError) else 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    systemd.ready()
+    if ready is not None:
+        result = ready(app)
+        if result is not None:
+            await result
+    await stop.wait()
+    log.info("shutting down")
+    systemd.stopping()
+    await app.stop()
+    return 0
+
+
+def main(config: Config) -> int:
+    """Run the broker with uvloop when it is installed, else the standard event loop."""
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(config))

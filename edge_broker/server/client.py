@@ -1,0 +1,405 @@
+"""One network connection: transport <-> mqtt.Connection <-> core <-> store.
+
+Theory of operation. `ClientHandler` is an asyncio Protocol, so no task or coroutine runs per
+connection or per message. `data_received` feeds the bytes to the sans-IO `Connection`, hands
+each complete packet to the broker core, and collects the replies (CONNACK, PUBACK, SUBACK...)
+it owes the client. The app then commits the core's change batch to the store and, only once
+that batch is durable, writes the replies and pumps deliveries (`BrokerApp.finish_batch`).
+While a commit is pending, reading from this client is paused, so its packets are handled in
+order and a fast publisher is throttled by the store.
+
+Deliveries leave through `pump()`: it pulls what the session may send now (inflight window,
+commit watermark) while the socket's write buffer is below its high-water mark, and resumes
+from `resume_writing()` when the kernel has drained it. A slow subscriber therefore holds at
+most one socket buffer plus its bounded session queue.
+
+Errors reach the wire here and only here: a `RemoteProtocolError` becomes the CONNACK or
+DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_bytes`; any other
+exception is a bug, logged with its traceback, and closes this connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING, cast
+
+from ..mqtt.connection import Connection
+from ..mqtt.errors import LocalProtocolError, RemoteProtocolError
+from ..mqtt.packets import (
+    Auth,
+    ConnAck,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    PingResp,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+)
+from ..mqtt.properties import NO_PROPERTIES, Properties
+from ..mqtt.types import ProtocolLevel, ReasonCode, Role
+
+if TYPE_CHECKING:
+    from .app import BrokerApp
+
+log = logging.getLogger("edge_broker.client")
+
+CONNECT_TIMEOUT_S = 10.0  # a connection that sends no CONNECT within this is closed
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+PULL_LIMIT = 256
+
+
+class ClientHandler(asyncio.Protocol):
+    __slots__ = ("_close_after_write", "_closed", "_conn", "_connect_timer", "_deferred",
+                 "_disconnect_reason", "_keepalive_handle", "_keepalive_s", "_last_rx",
+                 "_paused_reading", "_session_expiry_on_disconnect",
+                 "_writing_paused", "app", "client_id", "epoch", "peer", "transport")
+
+    def __init__(self, app: BrokerApp) -> None:
+        self.app = app
+        settings = app.config.mqtt
+        self._conn = Connection(Role.SERVER, max_packet_size=settings.max_packet_size,
+                                receive_maximum=settings.receive_maximum,
+                                topic_alias_maximum=settings.topic_alias_maximum)
+        self.transport: asyncio.Transport | None = None
+        self.client_id: str | None = None  # set once the session is attached
+        self.epoch = 0
+        self.peer = "?"
+        self._closed = False
+        self._writing_paused = False
+        self._paused_reading = False
+        self._deferred = 0  # commits in progress whose bytes are not written yet
+        self._close_after_write = False
+        self._disconnect_reason: int | None = None
+        self._session_expiry_on_disconnect: int | None = None
+        self._keepalive_s = 0.0
+        self._last_rx = 0.0
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._connect_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but implement it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        self._connect_timer = loop.call_later(CONNECT_TIMEOUT_S, self._connect_timeout)
+        self.app.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        app = self.app
+        app.metrics.bytes_received += len(data)
+        self._last_rx = app.loop.time()
+        replies: list[Packet] = []
+        now = time.time()
+        try:
+            conn = self._conn
+            conn.receive_data(data)
+            while True:
+                packet = conn.next_event()
+                if packet is None:
+                    break
+                app.metrics.packets_received += 1
+                self._handle(packet, replies, now)
+                if self._close_after_write:
+                    break
+        except RemoteProtocolError as error:
+            self._protocol_error(error, replies)
+        except Exception:
+            log.exception("internal error handling a packet from %s (%s); closing it",
+                          self.client_id or "?", self.peer)
+            self._abort(replies)
+        app.finish_batch(self, replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._cancel_timers()
+        app = self.app
+        app.connection_closed(self)
+        if self.client_id is not None:
+            app.detach(self, reason_code=self._disconnect_reason,
+                       session_expiry_interval=self._session_expiry_on_disconnect)
+            app.finish_batch(None, [])
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self.pump()
+
+    # -- packets ------------------------------------------------------------------------
+
+    def _handle(self, packet: Packet, replies: list[Packet], now: float) -> None:
+        app = self.app
+        core = app.core
+        client_id = self.client_id
+        if isinstance(packet, Publish):
+            assert client_id is not None
+            reason = core.publish(client_id, packet, now=now)
+            if packet.qos == 1:
+                replies.append(PubAck(packet.packet_id or 0, self._v5_reason(reason)))
+            elif packet.qos == 2:
+                replies.append(PubRec(packet.packet_id or 0, self._v5_reason(reason)))
+        elif isinstance(packet, PubAck):
+            assert client_id is not None
+            core.puback(client_id, packet.packet_id, now=now)
+        elif isinstance(packet, PubRec):
+            assert client_id is not None
+            pubrel = core.pubrec(client_id, packet.packet_id, packet.reason_code, now=now)
+            if pubrel is not None:
+                replies.append(pubrel)
+        elif isinstance(packet, PubRel):
+            assert client_id is not None
+            reason = core.pubrel(client_id, packet.packet_id, now=now)
+            replies.append(PubComp(packet.packet_id, reason))
+        elif isinstance(packet, PubComp):
+            assert client_id is not None
+            core.pubcomp(client_id, packet.packet_id, now=now)
+        elif isinstance(packet, Subscribe):
+            assert client_id is not None
+            codes = core.subscribe(client_id, packet, now=now)
+            replies.append(SubAck(packet.packet_id, codes))
+        elif isinstance(packet, Unsubscribe):
+            assert client_id is not None
+            codes = core.unsubscribe(client_id, packet, now=now)
+            replies.append(UnsubAck(packet.packet_id, codes))
+        elif isinstance(packet, PingReq):
+            replies.append(PingResp())
+        elif isinstance(packet, Connect):
+            self._handle_connect(packet, replies, now)
+        elif isinstance(packet, Disconnect):
+            self._disconnect_reason = packet.reason_code
+            self._session_expiry_on_disconnect = packet.properties.session_expiry_interval
+            self._close_after_write = True
+        elif isinstance(packet, Auth):
+            # Enhanced authentication is not offered, so the connection never lets an AUTH
+            # through; should one arrive, it is a protocol error.
+            raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR, "AUTH is not expected")
+        else:  # pragma: no cover - the Connection only lets server-bound packets through
+            raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR,
+                                      f"unexpected {type(packet).__name__}")
+
+    def _v5_reason(self, reason: int) -> int:
+        return reason if self._conn.protocol_level == ProtocolLevel.MQTT_5 else 0
+
+    def _handle_connect(self, packet: Connect, replies: list[Packet], now: float) -> None:
+        app = self.app
+        settings = app.config.mqtt
+        v5 = packet.protocol_level == ProtocolLevel.MQTT_5
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        if packet.properties.authentication_method is not None:
+            raise RemoteProtocolError(ReasonCode.BAD_AUTHENTICATION_METHOD,
+                                      "enhanced authentication is not supported")
+        client_id = packet.client_id
+        assigned = None
+        if not client_id:
+            if not settings.allow_zero_length_clientid:
+                raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                                          "zero-length client ids are not allowed")
+            client_id = assigned = app.new_client_id()
+        keepalive = packet.keep_alive
+        server_keepalive = None
+        if v5 and (keepalive > settings.max_keepalive_s or keepalive == 0):
+            server_keepalive = keepalive = settings.max_keepalive_s
+        elif keepalive > settings.max_keepalive_s:
+            # 3.1.1 cannot be told another value: refuse, as mosquitto does.
+            raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                                      f"keep alive {keepalive} s above max_keepalive")
+        receive_maximum = (packet.properties.receive_maximum or 65535) if v5 else 65535
+        result = app.attach(self, packet, client_id, receive_maximum, now)
+        self.client_id = client_id
+        self.epoch = result.epoch
+        properties = NO_PROPERTIES
+        if v5:
+            requested = packet.properties.session_expiry_interval or 0
+            properties = Properties(
+                session_expiry_interval=(result.session_expiry_interval
+                                         if result.session_expiry_interval != requested
+                                         else None),
+                receive_maximum=settings.receive_maximum,
+                maximum_qos=settings.max_qos if settings.max_qos < 2 else None,
+                retain_available=None if settings.retain_available else 0,
+                maximum_packet_size=settings.max_packet_size,
+                assigned_client_identifier=assigned,
+                topic_alias_maximum=settings.topic_alias_maximum or None,
+                server_keep_alive=server_keepalive,
+            )
+        replies.append(ConnAck(result.session_present, ReasonCode.SUCCESS, properties))
+        self._keepalive_s = keepalive * 1.5  # [MQTT-3.1.2-22] (5.0), [MQTT-3.1.2-24] (3.1.1)
+        if keepalive:
+            self._keepalive_handle = app.loop.call_at(self._last_rx + self._keepalive_s,
+                                                      self._keepalive_check)
+        log.info("client %s connected from %s (v%d, clean=%d, keepalive=%d%s)", client_id,
+                 self.peer, packet.protocol_level, packet.clean_start, keepalive,
+                 ", session resumed" if result.session_present else "")
+
+    # -- errors and closing ---------------------------------------------------------------
+
+    def _protocol_error(self, error: RemoteProtocolError, replies: list[Packet]) -> None:
+        log.info("closing %s (%s): %s [%s]", self.client_id or "client", self.peer,
+                 error.message, error.reason_code.name)
+        self.app.metrics.protocol_errors += 1
+        # Whatever was already answered goes first, then the error, then the close.
+        data = self._encode_all(replies)
+        replies.clear()
+        data += self._conn.error_bytes(error)
+        self._write(data)
+        self._shut()
+
+    def _abort(self, replies: list[Packet]) -> None:
+        replies.clear()
+        self._shut()
+
+    def kick(self, reason: ReasonCode) -> None:
+        """The server ends this connection (takeover, shutdown, keep-alive timeout)."""
+        if self._closed:
+            return
+        if self._conn.protocol_level == ProtocolLevel.MQTT_5 and self.client_id is not None:
+            try:
+                self._write(self._conn.send(Disconnect(reason)))
+            except Exception:  # the connection may be in a state that cannot send it
+                log.debug("could not send DISCONNECT to %s", self.client_id, exc_info=True)
+        self._shut()
+
+    def _shut(self) -> None:
+        """Close the transport after what is buffered; detach from the session now."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.close()
+        if self.client_id is not None:
+            self.app.detach(self, reason_code=self._disconnect_reason,
+                            session_expiry_interval=self._session_expiry_on_disconnect)
+
+    def _connect_timeout(self) -> None:
+        self._connect_timer = None
+        if self.client_id is None and not self._closed:
+            log.info("closing %s: no CONNECT within %.0f s", self.peer, CONNECT_TIMEOUT_S)
+            self._shut()
+
+    def _keepalive_check(self) -> None:
+        self._keepalive_handle = None
+        if self._closed:
+            return
+        deadline = self._last_rx + self._keepalive_s
+        loop = self.app.loop
+        if loop.time() < deadline:
+            self._keepalive_handle = loop.call_at(deadline, self._keepalive_check)
+            return
+        log.info("client %s (%s): keep alive timeout", self.client_id, self.peer)
+        self.kick(ReasonCode.KEEP_ALIVE_TIMEOUT)
+        self.app.finish_batch(None, [])
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._keepalive_handle, self._connect_timer):
+            if handle is not None:
+                handle.cancel()
+        self._keepalive_handle = self._connect_timer = None
+
+    # -- output ---------------------------------------------------------------------------
+
+    def _encode_all(self, packets: list[Packet]) -> bytes:
+        send = self._conn.send
+        return b"".join([send(packet) for packet in packets])
+
+    def _cannot_send(self, error: LocalProtocolError) -> None:
+        # E.g. a client whose Maximum Packet Size is too small for our CONNACK.
+        log.info("closing %s (%s): cannot send to it: %s", self.client_id or "client",
+                 self.peer, error)
+        self._shut()
+
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.app.metrics.bytes_sent += len(data)
+            self.transport.write(data)
+
+    def write_replies(self, replies: list[Packet]) -> None:
+        """Called by the app once the batch these replies acknowledge is durable."""
+        if self._closed:
+            return
+        self.app.metrics.packets_sent += len(replies)
+        try:
+            self._write(self._encode_all(replies))
+        except LocalProtocolError as error:
+            self._cannot_send(error)
+            return
+        if self._close_after_write:
+            self._shut()
+
+    def set_reading(self, enabled: bool) -> None:
+        if self.transport is None or self._closed or enabled != self._paused_reading:
+            return
+        if enabled:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        else:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def pump(self) -> None:
+        """Send what the session may send now, until the socket buffer is full."""
+        if self._closed or self.client_id is None or self._writing_paused:
+            return
+        if self._deferred:
+            return  # keep order: the write in progress pumps again when it is done
+        app = self.app
+        core = app.core
+        client_id = self.client_id
+        send = self._conn.send
+        while not self._writing_paused:
+            packets = core.pull(client_id, now=time.time(), limit=PULL_LIMIT)
+            if not packets:
+                return
+            chunks = []
+            for packet in packets:
+                try:
+                    data = send(packet)
+                except LocalProtocolError as error:
+                    self._cannot_send(error)
+                    return
+                if not data and isinstance(packet, Publish) and packet.packet_id is not None:
+                    core.discard(client_id, packet.packet_id)
+                chunks.append(data)
+            app.metrics.packets_sent += len(packets)
+            payload = b"".join(chunks)
+            if core.has_pending_changes and not app.commit_now_or_later(
+                    partial(self._write_deferred, payload)):
+                # The store records the packet ids before they go out (a QoS 2 delivery must
+                # not be sent twice under two ids after a crash); the write follows the commit.
+                self._deferred += 1
+                return
+            self._write(payload)
+            if len(packets) < PULL_LIMIT:
+                return
+
+    def _write_deferred(self, payload: bytes) -> None:
+        self._deferred -= 1
+        self._write(payload)
+        self.pump()
+
+    def __repr__(self) -> str:
+        return f"<ClientHandler {self.client_id or '?'} {self.peer}>"
+

@@ -1,0 +1,44 @@
+"""Counters kept by the server, and the $SYS/broker topics built from them and the core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.broker import BrokerCore
+
+
+@dataclass(slots=True)
+class Metrics:
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    packets_received: int = 0
+    packets_sent: int = 0
+    protocol_errors: int = 0
+
+
+def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
+               uptime_s: float) -> dict[str, str]:
+    """The $SYS/broker values, named as mosquitto names them."""
+    stats = core.stats
+    sessions = len(core.sessions)
+    connected = stats.clients_connected
+    return {
+        "$SYS/broker/version": f"edge-broker version {version}",
+        "$SYS/broker/uptime": f"{int(uptime_s)} seconds",
+        "$SYS/broker/clients/connected": str(connected),
+        "$SYS/broker/clients/active": str(connected),
+        "$SYS/broker/clients/disconnected": str(sessions - connected),
+        "$SYS/broker/clients/inactive": str(sessions - connected),
+        "$SYS/broker/clients/total": str(sessions),
+        "$SYS/broker/clients/maximum": str(stats.clients_maximum),
+        "$SYS/broker/clients/expired": str(stats.clients_expired),
+        "$SYS/broker/messages/received": str(metrics.packets_received),
+        "$SYS/broker/messages/sent": str(metrics.packets_sent),
+        "$SYS/broker/publish/messages/received": str(stats.publish_received),
+        "$SYS/broker/publish/messages/sent": str(stats.publish_sent),
+        "$SYS/broker/publish/messages/dropped": str(stats.publish_dropped),
+        "$SYS/broker/bytes/received": str(metrics.bytes_received),
+        "$SYS/broker/bytes/sent": str(metrics.bytes_sent),
+        "$SYS/broker/retained messages/count": str(len(core.retained)),
+        "$SYS/broker/subscriptions/count": str(core.router.count),
+    }

@@ -1,0 +1,254 @@
+"""The edge-broker command: check-config output and exit codes, run with flags and a
+configuration file, start-up errors, logging set-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_broker import cli
+from edge_broker.config import Config, ListenerConfig
+from edge_broker.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "deploy" / "edge-broker.toml"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """Replace edge_broker.server.app with a fake whose main() records its Config."""
+    calls: list[Config] = []
+
+    def main(config: Config) -> int:
+        calls.append(config)
+        logging.getLogger("edge_broker.server.app").info("fake broker running")
+        return 0
+
+    module = types.ModuleType("edge_broker.server.app")
+    module.main = main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
+    return calls
+
+
+def set_app_main(monkeypatch: pytest.MonkeyPatch, main: Callable[[Config], int]) -> None:
+    module = types.ModuleType("edge_broker.server.app")
+    module.main = main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "edge-broker.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def test_check_config_accepts_a_good_file_and_summarises_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[auth]\nallow_anonymous = true\n'
+                           '[[listeners]]\nhost = "0.0.0.0"\nport = 1884\n'
+                           '[mqtt]\nmax_inflight_messages = 5\nmax_queued_messages = 0\n'
+                           '[storage]\npersistence = "memory"\n')
+    assert cli.main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines()[0] == f"{path}: OK"
+    assert "0.0.0.0:1884 (reachable from other hosts), anonymous clients allowed" in out
+    assert "storage: memory" in out
+    assert "max_inflight_messages 5" in out
+    assert "max_queued_messages unlimited" in out
+
+
+def test_check_config_reports_a_bad_file_on_stderr_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[mqtt]\nmax_inflight_messages = "20"\n')
+    assert cli.main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (f'{path}: [mqtt] max_inflight_messages: expected an integer from 1 to '
+                   '65535, got "20"\n')
+
+
+def test_check_config_of_a_missing_file_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["check-config", str(tmp_path / "nope.toml")]) == 1
+    assert "nope.toml: cannot read the configuration file" in capsys.readouterr().err
+
+
+def test_check_config_warns_that_sqlite_is_not_implemented_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[storage]\npersistence = "sqlite"\ndurability = "os"\n')
+    assert cli.main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "storage: sqlite, durability os" in out
+    assert "not implemented yet" in out
+
+
+def test_the_shipped_example_config_passes_check_config(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["check-config", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert "127.0.0.1:1883 (this machine only)" in out
+    assert "data_dir: /var/lib/edge-broker" in out
+
+
+def test_check_config_rejects_run_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--port", "1884", "check-config", str(EXAMPLE)])
+    assert info.value.code == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("edge-broker ")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def test_no_command_runs_the_broker_with_the_defaults(app: list[Config]) -> None:
+    assert cli.main([]) == 0
+    assert app == [Config()]
+
+
+def test_run_loads_the_file_and_applies_the_flags(tmp_path: Path, app: list[Config]) -> None:
+    path = write(tmp_path, '[broker]\ndata_dir = "/srv/a"\n[log]\nlevel = "warning"\n'
+                           '[[listeners]]\nport = 1883\n[[listeners]]\nport = 1884\n')
+    argv = ["run", "--config", str(path), "--host", "::1", "--port", "0",
+            "--data-dir", "/srv/b", "--log-level", "DEBUG"]
+    assert cli.main(argv) == 0
+    (config,) = app
+    assert config.source == str(path)
+    assert config.listeners == (ListenerConfig(host="::1", port=0),
+                                ListenerConfig(host="127.0.0.1", port=1884))
+    assert config.broker.data_dir == Path("/srv/b")
+    assert config.log.level == "debug"
+
+
+def test_flags_work_before_and_after_run(tmp_path: Path, app: list[Config]) -> None:
+    assert cli.main(["--port", "1999", "run", "--log-level", "error"]) == 0
+    assert app[0].listeners[0].port == 1999
+    assert app[0].log.level == "error"
+    assert cli.main(["--port", "1999", "run", "--port", "2000"]) == 0
+    assert app[1].listeners[0].port == 2000
+
+
+def test_the_exit_code_is_the_apps(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_app_main(monkeypatch, lambda config: 3)
+    assert cli.main(["run"]) == 3
+
+
+def test_a_bad_config_file_at_startup_exits_2_without_starting(
+    tmp_path: Path, app: list[Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "[mqtt]\nmax_qos = 3\n")
+    assert cli.main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"edge-broker: error: {path}: [mqtt] max_qos: expected an integer from 0 to 2, got 3\n"
+    )
+    assert app == []
+
+
+def test_an_unsafe_host_flag_exits_2_naming_the_flag(
+    app: list[Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err.startswith(
+        'edge-broker: error: --host: "0.0.0.0" accepts connections from other hosts; '
+    )
+    assert app == []
+
+
+def test_a_config_error_raised_by_the_app_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse(config: Config) -> int:
+        raise ConfigError("not implemented yet", file="x.toml", table="storage",
+                          key="persistence")
+
+    set_app_main(monkeypatch, refuse)
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.endswith(
+        "\nedge-broker: error: x.toml: [storage] persistence: not implemented yet\n"
+    )
+
+
+def test_a_missing_config_file_exits_2(
+    tmp_path: Path, app: list[Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--config", str(tmp_path / "absent.toml")]) == 2
+    assert "absent.toml: cannot read the configuration file" in capsys.readouterr().err
+
+
+def test_an_unknown_log_level_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--log-level", "trace"])
+    assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def test_run_logs_to_stderr_with_time_level_and_logger(
+    tmp_path: Path, app: list[Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--log-level", "info"]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "fake broker running" in x)
+    # e.g. "2024-05-01 12:00:00,123 INFO edge_broker.server.app: fake broker running"
+    date, clock, level, logger, *_ = line.split(" ")
+    assert len(date) == 10 and ":" in clock
+    assert (level, logger) == ("INFO", "edge_broker.server.app:")
+
+
+def test_the_log_level_filters(app: list[Config], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--log-level", "warning"]) == 0
+    assert "fake broker running" not in capsys.readouterr().err
+
+
+def test_running_twice_does_not_duplicate_log_lines(
+    app: list[Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli.main([])
+    cli.main([])
+    capsys.readouterr()
+    logging.getLogger("edge_broker.test").warning("once")
+    assert capsys.readouterr().err.count("once") == 1
+
+
+def test_under_systemd_log_lines_carry_the_journal_priority(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    status = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+    cli.configure_logging(logging.INFO)
+    logging.getLogger("edge_broker.test").warning("careful")
+    logging.getLogger("edge_broker.test").info("fine")
+    err = capfd.readouterr().err
+    assert any(x.startswith("<4>") and x.endswith("careful") for x in err.splitlines())
+    assert any(x.startswith("<6>") and x.endswith("fine") for x in err.splitlines())
