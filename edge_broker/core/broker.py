@@ -57,6 +57,7 @@ from .router import Router
 from .session import Delivery, Session
 
 _WILL_TIMER = 0
+QOS0_PACKET_CACHE_SIZE = 1024
 _EXPIRY_TIMER = 1
 
 
@@ -115,6 +116,10 @@ class BrokerCore:
         self._last_saved_message = 0
         self._timers: list[tuple[float, int, str, int]] = []  # (when, kind, client, epoch)
         self._next_sweep: float | None = None
+        self._qos0_packets: dict[int, Publish] = {}  # message id * 2 + retain -> packet
+        # Connection epochs are unique across sessions: a session replaced by a clean start
+        # must not share an epoch with the old connection (whose detach would end it).
+        self._last_epoch = 0
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -202,7 +207,8 @@ class BrokerCore:
             session.protocol_level = packet.protocol_level
             session.expiry_interval = expiry
             session.start_resend()
-        session.epoch += 1
+        self._last_epoch += 1
+        session.epoch = self._last_epoch
         session.online = True
         self.stats.clients_connected += 1
         self.stats.clients_maximum = max(self.stats.clients_maximum, self.stats.clients_connected)
@@ -699,8 +705,20 @@ class BrokerCore:
         message = delivery.message
         self.stats.publish_sent += 1
         properties = message.properties
-        if session.protocol_level == ProtocolLevel.MQTT_5 and (
-                delivery.subscription_ids or message.expires_at is not None):
+        v5_extras = session.protocol_level == ProtocolLevel.MQTT_5 and (
+            delivery.subscription_ids or message.expires_at is not None)
+        if not delivery.qos and not v5_extras:
+            # Identical for every subscriber that gets it at QoS 0: one shared instance, so
+            # the server can encode it once for all of them.
+            key = message.id * 2 + delivery.retain
+            packet = self._qos0_packets.get(key)
+            if packet is None:
+                if len(self._qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
+                    self._qos0_packets.clear()
+                packet = self._qos0_packets[key] = Publish(
+                    message.topic, message.payload, 0, delivery.retain, False, None, properties)
+            return packet
+        if v5_extras:
             remaining = None
             if message.expires_at is not None:
                 # [MQTT-3.3.2-6] (5.0): the interval minus the time spent waiting here.

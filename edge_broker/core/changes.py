@@ -29,9 +29,12 @@ from ..mqtt.properties import NO_PROPERTIES, Properties
 EXPIRY_NEVER = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """An application message as it entered the broker; shared by every delivery of it."""
+    """An application message as it entered the broker; shared by every delivery of it.
+
+    Not frozen, for construction speed (one per PUBLISH; see `mqtt.packets.Publish`), but
+    never modified after it is made."""
 
     id: int
     topic: str

@@ -8,6 +8,10 @@ child and its "+" child to the next frontier, and its "#" child matches at once.
 starting with "$" are not matched by a "+" or "#" in the first level [MQTT-4.7.2-1]. A "#"
 also matches the parent level ("sport/#" matches "sport") [MQTT-4.7.1-2] (3.1.1 numbering).
 
+Publishing is far more frequent than subscribing, and gateways see the same topics again and
+again, so `match` results are cached per topic; any subscribe or unsubscribe clears the cache.
+Callers must treat the returned lists as read-only.
+
 The router knows nothing of sessions: choosing a member of a shared group is the core's job,
 which passes in who is online.
 """
@@ -59,10 +63,16 @@ class _Node:
         return not (self.children or self.subscribers or self.shared)
 
 
+MATCH_CACHE_SIZE = 4096  # topics whose match results are kept between subscription changes
+
+Matches = tuple[list[SubscriptionRecord], list[SharedGroup]]
+
+
 class Router:
     def __init__(self) -> None:
         self._root = _Node()
         self.count = 0  # subscriptions held, shared members included
+        self._cache: dict[str, Matches] = {}
 
     def subscribe(self, record: SubscriptionRecord, topic_filter: str,
                   group: str | None = None) -> bool:
@@ -70,6 +80,7 @@ class Router:
 
         Returns True when the client already had this subscription (it is replaced).
         """
+        self._cache.clear()
         node = self._root
         for level in topic_filter.split("/"):
             child = node.children.get(level)
@@ -91,6 +102,7 @@ class Router:
 
     def unsubscribe(self, client_id: str, topic_filter: str, group: str | None = None) -> bool:
         """Remove a subscription; returns whether it existed. Empty nodes are pruned."""
+        self._cache.clear()
         path: list[tuple[_Node, str]] = []
         node = self._root
         for level in topic_filter.split("/"):
@@ -116,8 +128,20 @@ class Router:
             node = parent
         return True
 
-    def match(self, topic: str) -> tuple[list[SubscriptionRecord], list[SharedGroup]]:
-        """Every non-shared subscription and every shared group whose filter matches `topic`."""
+    def match(self, topic: str) -> Matches:
+        """Every non-shared subscription and every shared group whose filter matches `topic`.
+
+        The lists are shared with the cache: do not modify them."""
+        cached = self._cache.get(topic)
+        if cached is not None:
+            return cached
+        result = self._match(topic)
+        if len(self._cache) >= MATCH_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[topic] = result
+        return result
+
+    def _match(self, topic: str) -> Matches:
         found: list[SubscriptionRecord] = []
         groups: list[SharedGroup] = []
         levels = topic.split("/")

@@ -354,6 +354,8 @@ class Connection:
             if self.role is Role.SERVER and properties.subscription_identifiers:
                 # [MQTT-3.3.4-6] (5.0)
                 raise protocol_error("PUBLISH from a client with a subscription identifier")
+            if properties.response_topic is not None:
+                _check_response_topic(properties)  # [MQTT-3.3.2-14] (5.0)
         elif not topic:
             raise malformed("empty topic name")  # [MQTT-4.7.3-1] (3.1.1)
         elif not is_valid_topic_name(topic):
@@ -394,6 +396,9 @@ class Connection:
         if will is not None and not is_valid_topic_name(will.topic):
             # [MQTT-3.1.3-11] (5.0): the Will Topic is a topic name.
             raise _topic_name_invalid(will.topic)
+        if will is not None and level == _V5:
+            # 3.1.3.2.5 (5.0): the will's Response Topic becomes a PUBLISH's [MQTT-3.3.2-14].
+            _check_response_topic(will.properties)
         if level == _V5:
             props = packet.properties
             if props.authentication_data is not None and props.authentication_method is None:
@@ -532,6 +537,24 @@ class Connection:
         if new_state is ConnectionState.CLOSED:
             self._close_by_us()
         return data
+
+    def shares_publish_encoding(self) -> bool:
+        """Whether a QoS 0 PUBLISH goes out on this connection exactly as `encode_publish`
+        makes it for `protocol_level` (connected, and no outbound topic aliases in use).
+
+        A broker fanning one message out to many such connections encodes it once and passes
+        the bytes to `send_encoded_qos0_publish`.
+        """
+        return self.state is ConnectionState.CONNECTED and not (
+            self.protocol_level == _V5 and self.peer_topic_alias_maximum)
+
+    def send_encoded_qos0_publish(self, data: bytes) -> bytes:
+        """Send a QoS 0 PUBLISH already encoded by `encode_publish` for this protocol level;
+        only valid while `shares_publish_encoding()`. b"" means: too large for the peer,
+        discarded as if sent [MQTT-3.1.2-25] (5.0)."""
+        if self.state is not ConnectionState.CONNECTED:
+            raise LocalProtocolError(f"cannot send PUBLISH in state {self.state.value}")
+        return data if len(data) <= self.peer_maximum_packet_size else b""
 
     def _level(self) -> int:
         level = self.protocol_level
@@ -755,6 +778,13 @@ class Connection:
 def _topic_name_invalid(topic: str) -> RemoteProtocolError:
     # [MQTT-3.3.2-2] (5.0): no wildcards in a topic name.
     return RemoteProtocolError(ReasonCode.TOPIC_NAME_INVALID, f"invalid topic name {topic!r}")
+
+
+def _check_response_topic(properties: Properties) -> None:
+    # [MQTT-3.3.2-14] (5.0): a Response Topic is a topic name (no wildcards, not empty).
+    topic = properties.response_topic
+    if topic is not None and not is_valid_topic_name(topic):
+        raise protocol_error(f"invalid response topic {topic!r}")
 
 
 def _strip_problem_information(packet: Packet) -> Packet:

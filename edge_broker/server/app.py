@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ..config import Config
 from ..core.broker import BrokerCore, ConnectResult, CoreSettings
 from ..errors import ConfigError, EdgeBrokerError
-from ..mqtt.packets import Connect, Packet
+from ..mqtt.packets import Connect, Packet, Publish
 from ..mqtt.types import ReasonCode
 from ..store.base import DONE, SessionStore
 from ..store.memory import NullStore
@@ -71,6 +71,8 @@ class BrokerApp:
         self.metrics = Metrics()
         self.clients: dict[str, ClientHandler] = {}  # connected client id -> its connection
         self.connections: set[ClientHandler] = set()  # every open connection
+        # id(packet) -> (packet, bytes) per protocol level, for QoS 0 fan-out (client.pump)
+        self.qos0_encodings: dict[int, dict[int, tuple[Publish, bytes]]] = {3: {}, 4: {}, 5: {}}
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # bound (host, port) per listener
         self.started_at = time.time()
@@ -241,8 +243,8 @@ class BrokerApp:
                    replies: list[Packet]) -> None:
         woken = self.core.committed(number)
         if handler is not None:
-            if replies:
-                handler.write_replies(replies)
+            # Also with no replies: after a DISCONNECT it closes the connection.
+            handler.write_replies(replies)
             handler.pump()
         clients = self.clients
         for client_id in woken:

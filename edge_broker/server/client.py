@@ -26,6 +26,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
+from ..mqtt.codec import encode_publish
 from ..mqtt.connection import Connection
 from ..mqtt.errors import LocalProtocolError, RemoteProtocolError
 from ..mqtt.packets import (
@@ -58,6 +59,8 @@ CONNECT_TIMEOUT_S = 10.0  # a connection that sends no CONNECT within this is cl
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 PULL_LIMIT = 256
+ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
+BATCH_PACKETS = 64  # packets handled per commit before deliveries are pumped
 
 
 class ClientHandler(asyncio.Protocol):
@@ -108,26 +111,42 @@ class ClientHandler(asyncio.Protocol):
         app = self.app
         app.metrics.bytes_received += len(data)
         self._last_rx = app.loop.time()
-        replies: list[Packet] = []
-        now = time.time()
-        try:
-            conn = self._conn
-            conn.receive_data(data)
-            while True:
-                packet = conn.next_event()
-                if packet is None:
-                    break
-                app.metrics.packets_received += 1
-                self._handle(packet, replies, now)
-                if self._close_after_write:
-                    break
-        except RemoteProtocolError as error:
-            self._protocol_error(error, replies)
-        except Exception:
-            log.exception("internal error handling a packet from %s (%s); closing it",
-                          self.client_id or "?", self.peer)
-            self._abort(replies)
-        app.finish_batch(self, replies)
+        self._conn.receive_data(data)
+        self.process_buffered()
+
+    def process_buffered(self) -> None:
+        """Handle the packets buffered in the connection, BATCH_PACKETS at a time.
+
+        Each batch is committed and acknowledged, and its deliveries pumped, before the next
+        one starts: a large read does not pile thousands of messages into a subscriber's
+        bounded queue before any is sent. When a commit has to wait for the store, reading
+        stops and the app calls this again once the commit is done.
+        """
+        app = self.app
+        conn = self._conn
+        while not self._closed and not self._paused_reading:
+            replies: list[Packet] = []
+            now = time.time()
+            handled = 0
+            try:
+                while handled < BATCH_PACKETS:
+                    packet = conn.next_event()
+                    if packet is None:
+                        break
+                    handled += 1
+                    self._handle(packet, replies, now)
+                    if self._close_after_write:
+                        break
+            except RemoteProtocolError as error:
+                self._protocol_error(error, replies)
+            except Exception:
+                log.exception("internal error handling a packet from %s (%s); closing it",
+                              self.client_id or "?", self.peer)
+                self._abort(replies)
+            app.metrics.packets_received += handled
+            app.finish_batch(self, replies)
+            if handled < BATCH_PACKETS or self._close_after_write:
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -260,8 +279,12 @@ class ClientHandler(asyncio.Protocol):
         log.info("closing %s (%s): %s [%s]", self.client_id or "client", self.peer,
                  error.message, error.reason_code.name)
         self.app.metrics.protocol_errors += 1
-        # Whatever was already answered goes first, then the error, then the close.
-        data = self._encode_all(replies)
+        # Whatever was already answered goes first, then the error, then the close. The
+        # answers acknowledge this batch's changes: they go only if the batch is durable
+        # now, else they are dropped (no ack before its commit; the client resends).
+        data = b""
+        if replies and self.app.commit_now_or_later(_no_op):
+            data = self._encode_all(replies)
         replies.clear()
         data += self._conn.error_bytes(error)
         self._write(data)
@@ -350,11 +373,14 @@ class ClientHandler(asyncio.Protocol):
             self._shut()
 
     def set_reading(self, enabled: bool) -> None:
+        """Stop reading while a commit is pending; resuming first handles what is buffered."""
         if self.transport is None or self._closed or enabled != self._paused_reading:
             return
         if enabled:
             self._paused_reading = False
-            self.transport.resume_reading()
+            self.process_buffered()
+            if not self._paused_reading and not self._closed:
+                self.transport.resume_reading()
         else:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -368,7 +394,11 @@ class ClientHandler(asyncio.Protocol):
         app = self.app
         core = app.core
         client_id = self.client_id
-        send = self._conn.send
+        conn = self._conn
+        send = conn.send
+        level = conn.protocol_level or ProtocolLevel.MQTT_5
+        # QoS 0 packets the core shares between subscribers are encoded once per level.
+        shared = app.qos0_encodings[level] if conn.shares_publish_encoding() else None
         while not self._writing_paused:
             packets = core.pull(client_id, now=time.time(), limit=PULL_LIMIT)
             if not packets:
@@ -376,7 +406,15 @@ class ClientHandler(asyncio.Protocol):
             chunks = []
             for packet in packets:
                 try:
-                    data = send(packet)
+                    if shared is not None and isinstance(packet, Publish) and not packet.qos:
+                        cached = shared.get(id(packet))
+                        if cached is None or cached[0] is not packet:
+                            if len(shared) >= ENCODING_CACHE_SIZE:
+                                shared.clear()
+                            cached = shared[id(packet)] = (packet, encode_publish(packet, level))
+                        data = conn.send_encoded_qos0_publish(cached[1])
+                    else:
+                        data = send(packet)
                 except LocalProtocolError as error:
                     self._cannot_send(error)
                     return
@@ -403,3 +441,7 @@ class ClientHandler(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<ClientHandler {self.client_id or '?'} {self.peer}>"
 
+
+
+def _no_op() -> None:
+    return None

@@ -367,3 +367,26 @@ async def test_restart_from_a_store_resends_inflight_with_dup_in_order() -> None
     assert [(p.packet_id, p.payload, p.dup) for p in again] == [  # type: ignore[union-attr]
         (1, b"0", True), (3, b"2", True), (2, b"3", False)]
     assert [type(c) for c in restarted.drain().changes].count(DeliveryDeleted) == 0
+
+
+def test_a_clean_start_takeover_is_not_ended_by_the_old_connections_close() -> None:
+    core = BrokerCore()
+    old = connect(core, "x")
+    result = core.connect(Connect("x", V5, True, 60), client_id="x", now=1)
+    assert result.taken_over and not result.session_present
+    core.disconnect("x", old, now=2)  # the replaced connection's close arrives late
+    assert core.sessions["x"].online
+    assert sub(core, "x", "t") == (1,)
+
+
+def test_qos0_fan_out_shares_one_packet_between_subscribers() -> None:
+    core = BrokerCore()
+    for name in ("a", "b"):
+        connect(core, name)
+        sub(core, name, "t", qos=0)
+    connect(core, "p")
+    pub(core, "p", "t")
+    commit(core)
+    (first,) = pulled(core, "a")
+    (second,) = pulled(core, "b")
+    assert first is second  # encoded once by the server for both
