@@ -107,6 +107,9 @@ _T = PacketType
 _ACKS: Final = (_T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP)
 _FROM_CLIENT: Final = (_T.PUBLISH, *_ACKS, _T.SUBSCRIBE, _T.UNSUBSCRIBE, _T.PINGREQ, _T.AUTH)
 _FROM_SERVER: Final = (_T.PUBLISH, *_ACKS, _T.SUBACK, _T.UNSUBACK, _T.PINGRESP, _T.AUTH)
+# What a server may still send after the client's DISCONNECT: answers to earlier packets.
+_ANSWERS_AFTER_DISCONNECT: Final = frozenset({_T.CONNACK, _T.PUBACK, _T.PUBREC, _T.PUBCOMP,
+                                              _T.SUBACK, _T.UNSUBACK, _T.PINGRESP})
 
 Transition = tuple[Role, ConnectionState, Direction, PacketType]
 
@@ -512,7 +515,15 @@ class Connection:
         ptype = packet.packet_type
         state = self.state
         if state is ConnectionState.CLOSED:
-            raise LocalProtocolError(f"cannot send {ptype.name}: the connection is closed")
+            if (self._closed_by_us or self.role is not Role.SERVER
+                    or ptype not in _ANSWERS_AFTER_DISCONNECT):
+                raise LocalProtocolError(f"cannot send {ptype.name}: the connection is closed")
+            # The client's DISCONNECT came behind packets whose answers wait for a commit
+            # (a device sending CONNECT, PUBLISH, DISCONNECT in one write): they are still
+            # owed ([MQTT-3.2.0-1] (3.1.1), [MQTT-3.1.4-5] (5.0): the CONNACK), nothing else.
+            if ptype is _T.CONNACK:
+                self._connack_sent = True
+            return self._encode_within_limit(packet)
         level = self.protocol_level
         if ptype is _T.AUTH and level is not None and level < _V5:
             raise LocalProtocolError("AUTH exists only in MQTT 5")

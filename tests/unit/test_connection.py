@@ -31,6 +31,7 @@ from edge_broker.mqtt.packets import (
     Subscription,
     UnsubAck,
     Unsubscribe,
+    Will,
 )
 from edge_broker.mqtt.properties import NO_PROPERTIES, Properties
 from edge_broker.mqtt.types import PacketType, ReasonCode, Role
@@ -651,3 +652,35 @@ def test_large_packet_in_small_reads_and_compaction() -> None:
         received += server.receive_packets(data[i:i + 1000])
     assert received == [Publish("big", payload)] * 3
     assert server.next_event() is None
+
+
+# ------------------------------------------------------------------ answers after DISCONNECT
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_server_answers_what_came_before_the_clients_disconnect(level: int) -> None:
+    # A device writes CONNECT, PUBLISH QoS 1, DISCONNECT at once; the server answers only after
+    # its store commits, so the CONNACK ([MQTT-3.1.4-5] (5.0)) and PUBACK follow the DISCONNECT.
+    client = Connection(Role.CLIENT, protocol_level=level)
+    server = Connection(Role.SERVER)
+    data = (client.send(Connect("dev", protocol_level=level))
+            + client.send(Publish("t", b"x", qos=1, packet_id=3)) + client.send(Disconnect()))
+    assert [type(p) for p in server.receive_packets(data)] == [Connect, Publish, Disconnect]
+    assert server.state is S.CLOSED
+    assert decode_one(server.send(ConnAck()), level) == ConnAck()
+    assert decode_one(server.send(PubAck(3)), level) == PubAck(3)
+    with pytest.raises(LocalProtocolError):
+        server.send(Publish("t", b"x"))  # nothing new after it
+    with pytest.raises(LocalProtocolError):
+        client.send(PingReq())
+
+
+def test_response_topic_must_be_a_topic_name() -> None:
+    _, server = connected()
+    # PUBLISH "t" with Response Topic "r/#" ([MQTT-3.3.2-14] (5.0)).
+    assert raises(server, bytes.fromhex("30 0a 0001 74 06 08 0003 722f23")) == (
+        ReasonCode.PROTOCOL_ERROR)
+    server = Connection(Role.SERVER)
+    will = Connect("c", will=Will("w", b"", properties=Properties(response_topic="r/+")))
+    data = Connection(Role.CLIENT, protocol_level=5).send(will)
+    assert raises(server, data) == ReasonCode.PROTOCOL_ERROR
