@@ -1,0 +1,2 @@
+"""edge-broker benchmarks: raw-socket load generator and a runner comparing edge-broker with
+mosquitto and amqtt. Run `python -m benchmarks --help`."""

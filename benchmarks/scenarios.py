@@ -1,0 +1,340 @@
+"""The scenarios S1-S7. Each takes a `Case` (which broker, which options) and returns a
+`Result`: figures (metric id -> number), checks (delivery counts) and details.
+
+Every scenario starts its own broker(s) through `case.launch()`, so one scenario's leftovers
+(queues, memory) never colour the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import brokers, loadgen
+
+
+@dataclass(frozen=True)
+class Metric:
+    id: str
+    label: str
+    unit: str
+    better: str  # "higher" | "lower"
+
+
+METRICS = [
+    Metric("S1.msgs_per_s", "S1 QoS 0, 1->1, max no-loss rate", "msgs/s", "higher"),
+    Metric("S2.deliveries_per_s", "S2 QoS 0, 1->50 fan-out", "deliveries/s", "higher"),
+    Metric("S3.msgs_per_s", "S3 QoS 1, 1->1, window 100", "msgs/s", "higher"),
+    Metric("S4.ingest_msgs_per_s", "S4 QoS 1 into 10 offline sessions: ingest", "msgs/s",
+           "higher"),
+    Metric("S4.drain_msgs_per_s", "S4 QoS 1 offline sessions: drain", "msgs/s", "higher"),
+    Metric("S5.rss_kb_per_conn", "S5 idle connections: RSS per connection", "KB", "lower"),
+    Metric("S5.idle_cpu_pct", "S5 idle connections: broker CPU", "%", "lower"),
+    Metric("S6.qos0_p50_ms", "S6 paced, QoS 0 latency p50", "ms", "lower"),
+    Metric("S6.qos0_p99_ms", "S6 paced, QoS 0 latency p99", "ms", "lower"),
+    Metric("S6.qos1_p50_ms", "S6 paced, QoS 1 latency p50", "ms", "lower"),
+    Metric("S6.qos1_p99_ms", "S6 paced, QoS 1 latency p99", "ms", "lower"),
+    Metric("S7.S1.msgs_per_s", "S7 pinned to 1 core: S1", "msgs/s", "higher"),
+    Metric("S7.S2.deliveries_per_s", "S7 pinned to 1 core: S2", "deliveries/s", "higher"),
+    Metric("S7.S3.msgs_per_s", "S7 pinned to 1 core: S3", "msgs/s", "higher"),
+]
+METRIC_BY_ID = {m.id: m for m in METRICS}
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    duration_s: float = 5.0
+    sub_procs: int = 2                 # subscriber processes for S2
+    idle_connections: int = 10_000     # S5
+    idle_procs: int = 4                # S5 connection-holding processes
+    idle_window_s: float = 30.0        # S5
+    s6_rate: float = 10_000.0
+    s4_max_messages: int = 100_000     # per run; each of the 10 sessions queues them all
+    edge_cmd: str | None = None
+    edge_durability: str | None = None
+    edge_persistence: str | None = None
+    loadgen_cpus: list[int] | None = None   # pinning of the load generator (S7 sets it)
+
+
+@dataclass
+class Result:
+    figures: dict[str, float | None] = field(default_factory=dict)
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append((name, bool(ok), detail))
+
+
+@dataclass
+class Case:
+    broker: str
+    opts: Options
+    pin_cpu: int | None = None
+    settings: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def launch(self, latency: bool = False) -> Iterator[brokers.RunningBroker]:
+        rb = brokers.start(self.broker, pin_cpu=self.pin_cpu, edge_cmd=self.opts.edge_cmd,
+                           latency=latency,
+                           edge_durability=self.opts.edge_durability,
+                           edge_persistence=self.opts.edge_persistence)
+        self.settings = rb.settings
+        try:
+            yield rb
+        finally:
+            alive = rb.proc.poll() is None
+            tail = rb.log_tail() if not alive else ""
+            rb.stop()
+            if not alive:
+                raise RuntimeError(f"{self.broker} died during the scenario "
+                                   f"(exit {rb.proc.returncode}):\n{tail}")
+
+
+def _hard(opts: Options, extra_s: float = 30.0) -> float:
+    return opts.duration_s * 3 + extra_s
+
+
+def _slim(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "hist"}
+
+
+def _flow(rb: brokers.RunningBroker, case: Case, pub: loadgen.PubSpec, sub: loadgen.SubSpec,
+          sub_procs: int = 1) -> dict[str, Any]:
+    settle_s = brokers.wait_quiet(rb.pid)
+    meter = brokers.CpuMeter(rb.pid)
+    r = loadgen.run_flow(rb.host, rb.port, pub, sub, sub_procs=sub_procs,
+                         cpus=case.opts.loadgen_cpus,
+                         hard_timeout_s=_hard(case.opts, sub.drain_s + 30))
+    r["broker_cpu_pct"] = round(meter.percent(), 1)
+    r["settle_s"] = round(settle_s, 2)
+    return r
+
+
+# --------------------------------------------------------------------------- S1, S2: QoS 0
+
+
+def _max_lossless(rb: brokers.RunningBroker, case: Case, topic: str, n_subs: int,
+                  sub_procs: int, res: Result, metric: str) -> None:
+    """Full speed first; if anything was lost, step the paced rate down from 0.9x the delivered
+    rate (x0.8 per step, 4 steps) until a run loses nothing. Quick mode: one paced run."""
+    o = case.opts
+    ids = [f"{topic.replace('/', '-')}-sub{k}" for k in range(n_subs)]
+    # Whatever has not arrived `drain_s` after the publisher stopped counts as lost (dropped or
+    # still queued: either way not sustainable at that rate).
+    drain_s = max(5.0, o.duration_s)
+    sub = loadgen.SubSpec(topic=topic, qos=0, client_ids=ids, idle_s=3.0, drain_s=drain_s)
+    runs: list[tuple[str, float | None, dict[str, Any]]] = []
+    if o.quick:
+        rate = 5000.0 if n_subs == 1 else 500.0
+        r = _flow(rb, case, loadgen.PubSpec(topic=topic, duration_s=o.duration_s, rate=rate),
+                  sub, sub_procs)
+        runs.append(("paced", rate, r))
+        res.figures[metric] = r["delivered_rate"] if r["lost"] == 0 else None
+    else:
+        r = _flow(rb, case, loadgen.PubSpec(topic=topic, duration_s=o.duration_s), sub,
+                  sub_procs)
+        runs.append(("full speed", None, r))
+        rate = r["delivered_rate"] / n_subs * 0.9
+        figure = r["delivered_rate"] if r["lost"] == 0 else None
+        steps = 0
+        while figure is None and steps < 4 and rate > 0:
+            r = _flow(rb, case, loadgen.PubSpec(topic=topic, duration_s=o.duration_s,
+                                                rate=rate), sub, sub_procs)
+            runs.append(("paced", round(rate), r))
+            if r["lost"] == 0:
+                figure = r["delivered_rate"]
+            rate *= 0.8
+            steps += 1
+        res.figures[metric] = figure
+    res.details["runs"] = [{"mode": m, "target_rate": t, **_slim(r)} for m, t, r in runs]
+    last = runs[-1][2]
+    res.check(f"{metric} delivered", last["lost"] == 0 and last["protocol_errors"] == 0,
+              f"{last['delivered']}/{last['expected']} delivered"
+              f" ({n_subs} subscriber(s)), {last['protocol_errors']} protocol errors")
+
+
+def s1(case: Case) -> Result:
+    res = Result()
+    with case.launch() as rb:
+        _max_lossless(rb, case, "bench/s1", 1, 1, res, _mid(case, "S1.msgs_per_s"))
+    return res
+
+
+def s2(case: Case) -> Result:
+    res = Result()
+    with case.launch() as rb:
+        _max_lossless(rb, case, "bench/s2", 50, case.opts.sub_procs, res,
+                      _mid(case, "S2.deliveries_per_s"))
+    return res
+
+
+# --------------------------------------------------------------------------- S3: QoS 1
+
+
+def s3(case: Case) -> Result:
+    res = Result()
+    o = case.opts
+    metric = _mid(case, "S3.msgs_per_s")
+    with case.launch() as rb:
+        pub = loadgen.PubSpec(topic="bench/s3", qos=1, duration_s=o.duration_s, window=100)
+        sub = loadgen.SubSpec(topic="bench/s3", qos=1, client_ids=["bench-s3-sub"],
+                              drain_s=max(10.0, 2 * o.duration_s))
+        r = _flow(rb, case, pub, sub)
+    res.figures[metric] = r["delivered_rate"] if r["lost"] == 0 else None
+    res.details["run"] = _slim(r)
+    res.check(f"{metric} acked", r["acked"] == r["published"],
+              f"{r['acked']}/{r['published']} PUBACKs to the publisher")
+    res.check(f"{metric} delivered", r["lost"] == 0,
+              f"{r['delivered']}/{r['expected']} delivered ({r['extra']} duplicates)")
+    return res
+
+
+def _mid(case: Case, metric: str) -> str:
+    return f"S7.{metric}" if case.pin_cpu is not None else metric
+
+
+# --------------------------------------------------------------------------- S4: offline queues
+
+
+def s4(case: Case) -> Result:
+    res = Result()
+    o = case.opts
+    n_sessions = 10
+    ids = [f"bench-s4-sub{k}" for k in range(n_sessions)]
+    topic = "bench/s4"
+    cap = 500 if o.quick else o.s4_max_messages
+    with case.launch() as rb:
+        loadgen.setup_offline_sessions(rb.host, rb.port, topic, ids)
+        time.sleep(0.2)   # let the broker register the disconnects
+        rss0 = brokers.rss_kb(rb.pid)
+        meter = brokers.CpuMeter(rb.pid)
+        p = loadgen.publish_only(rb.host, rb.port,
+                                 loadgen.PubSpec(topic=topic, qos=1, duration_s=o.duration_s,
+                                                 window=100, max_messages=cap,
+                                                 ack_wait_s=30.0),
+                                 cpus=o.loadgen_cpus, hard_timeout_s=_hard(o, 60))
+        ingest_cpu = meter.percent()
+        rss1 = brokers.rss_kb(rb.pid)
+        ingest_s = (p["t_done_ns"] - p["t_first_ns"]) / 1e9
+        drain_cap_s = 20.0 if o.quick else max(60.0, 6 * o.duration_s)
+        sub = loadgen.SubSpec(topic=topic, qos=1, client_ids=ids, clean=False, subscribe=False,
+                              idle_s=15.0, drain_s=drain_cap_s,
+                              connect_timeout_s=drain_cap_s)
+        settle_s = brokers.wait_quiet(rb.pid)
+        meter = brokers.CpuMeter(rb.pid)
+        d = loadgen.drain(rb.host, rb.port, sub, p["acked"], sub_procs=2, cpus=o.loadgen_cpus,
+                          hard_timeout_s=drain_cap_s + 60)
+        drain_cpu = meter.percent()
+    res.figures["S4.ingest_msgs_per_s"] = p["acked"] / ingest_s if ingest_s else None
+    # A short drain still reports its rate; the failed check flags it in the table.
+    res.figures["S4.drain_msgs_per_s"] = d["rate"] or None
+    res.details = {"published": p["sent"], "acked": p["acked"], "ingest_s": round(ingest_s, 3),
+                   "sessions": n_sessions, "queued_total": p["acked"] * n_sessions,
+                   "drain": d, "rss_kb_before": rss0, "rss_kb_after_ingest": rss1,
+                   "broker_cpu_pct_ingest": round(ingest_cpu, 1),
+                   "broker_cpu_pct_drain": round(drain_cpu, 1),
+                   "settle_before_drain_s": round(settle_s, 2),
+                   "edge_persistence": o.edge_persistence if case.broker == "edge" else None,
+                   "edge_durability": o.edge_durability if case.broker == "edge" else None}
+    res.check("S4 acked", p["acked"] == p["sent"], f"{p['acked']}/{p['sent']} PUBACKs")
+    short = [c for c in d["per_client"] if c < p["acked"]]
+    res.check("S4 drained", not short and len(d["per_client"]) == n_sessions,
+              f"{d['delivered']}/{d['expected']} drained from {n_sessions} sessions"
+              + (f"; short sessions got {short}" if short else ""))
+    return res
+
+
+# --------------------------------------------------------------------------- S5: idle connections
+
+
+def s5(case: Case) -> Result:
+    res = Result()
+    o = case.opts
+    n = 1000 if o.quick else o.idle_connections
+    window_s = 2.0 if o.quick else o.idle_window_s
+    with case.launch() as rb:
+        time.sleep(1.0)
+        rss0 = brokers.rss_kb(rb.pid)
+        t0 = time.monotonic()
+        crew, release, counts = loadgen.hold_idle(
+            rb.host, rb.port, n, procs=o.idle_procs, keepalive_s=300, cpus=o.loadgen_cpus,
+            hard_timeout_s=window_s + 240)
+        connect_s = time.monotonic() - t0
+        try:
+            time.sleep(2.0)   # let the broker finish its per-connection work
+            rss1 = brokers.rss_kb(rb.pid)
+            meter = brokers.CpuMeter(rb.pid)
+            time.sleep(window_s)
+            cpu = meter.percent()
+            rss2 = brokers.rss_kb(rb.pid)
+        finally:
+            release.set()
+            crew.close()
+    est = counts["established"]
+    res.figures["S5.rss_kb_per_conn"] = (rss1 - rss0) / est if est else None
+    res.figures["S5.idle_cpu_pct"] = cpu
+    res.details = {"connections": n, **counts, "connect_s": round(connect_s, 2),
+                   "rss_kb_before": rss0, "rss_kb_after": rss1, "rss_kb_end": rss2,
+                   "idle_window_s": window_s, "keepalive_s": 300}
+    res.check("S5 connected", est == n, f"{est}/{n} connections got CONNACK "
+              f"({counts['failures']} failed, {counts['timed_out']} timed out)")
+    return res
+
+
+# --------------------------------------------------------------------------- S6: paced latency
+
+
+def s6(case: Case) -> Result:
+    res = Result()
+    o = case.opts
+    rate = 1000.0 if o.quick else o.s6_rate
+    with case.launch(latency=True) as rb:
+        for qos in (0, 1):
+            pub = loadgen.PubSpec(topic=f"bench/s6/{qos}", qos=qos, duration_s=o.duration_s,
+                                  rate=rate)
+            sub = loadgen.SubSpec(topic=f"bench/s6/{qos}", qos=qos,
+                                  client_ids=[f"bench-s6-sub{qos}"],
+                                  drain_s=max(10.0, 2 * o.duration_s))
+            r = _flow(rb, case, pub, sub)
+            lat = r["latency"]
+            res.figures[f"S6.qos{qos}_p50_ms"] = lat["p50_ms"]
+            res.figures[f"S6.qos{qos}_p99_ms"] = lat["p99_ms"]
+            res.details[f"qos{qos}"] = _slim(r)
+            res.check(f"S6 QoS {qos} delivered", r["lost"] == 0,
+                      f"{r['delivered']}/{r['expected']} at {rate:.0f} msgs/s")
+            ach = r["publish_rate"]
+            res.check(f"S6 QoS {qos} rate held", ach >= 0.95 * rate,
+                      f"publisher achieved {ach:.0f}/{rate:.0f} msgs/s")
+    return res
+
+
+# --------------------------------------------------------------------------- S7: pinned
+
+
+def s7(case: Case) -> Result:
+    res = Result()
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        res.details["skipped"] = "needs at least 2 cores"
+        return res
+    pinned = Case(case.broker, Options(**{**case.opts.__dict__, "loadgen_cpus": cores[1:]}),
+                  pin_cpu=cores[0])
+    for fn in (s1, s2, s3):
+        sub = fn(pinned)
+        res.figures.update(sub.figures)
+        res.checks.extend(sub.checks)
+        res.details[fn.__name__.upper()] = sub.details
+    case.settings = pinned.settings
+    res.details["broker_cpu"] = cores[0]
+    res.details["loadgen_cpus"] = cores[1:]
+    return res
+
+
+SCENARIOS: dict[str, Callable[[Case], Result]] = {
+    "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7}
