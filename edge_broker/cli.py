@@ -3,6 +3,8 @@
     edge-broker [--config FILE] [--host H] [--port P] [--data-dir DIR] [--log-level LEVEL]
     edge-broker run [same flags]
     edge-broker check-config FILE
+    edge-broker sessions [--config FILE | --data-dir DIR] [--json] list|show|delete [CLIENT]
+    edge-broker store [--config FILE | --data-dir DIR] [--json] stats
     edge-broker --version
 
 Exit codes: 0 success; 1 check-config found a problem; 2 a usage or configuration error at
@@ -28,8 +30,6 @@ PROG: Final = "edge-broker"
 EXIT_CHECK_FAILED: Final = 1
 EXIT_CONFIG_ERROR: Final = 2
 
-# persistence values the configuration accepts but the server cannot run yet.
-_NOT_YET_IMPLEMENTED: Final = frozenset({"sqlite"})
 
 _RUN_FLAGS: Final = ("config", "host", "port", "data_dir", "log_level")
 _LOG_HANDLER_NAME: Final = "edge-broker-stderr"
@@ -59,6 +59,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
                         help="replaces [broker] data_dir")
     parser.add_argument("--log-level", metavar="LEVEL", type=str.lower, choices=LOG_LEVELS,
                         default=default, help="replaces [log] level: " + ", ".join(LOG_LEVELS))
+    parser.add_argument("--recover", action="store_true",
+                        default=argparse.SUPPRESS if suppress else False,
+                        help="if the store file is damaged, move it aside (to "
+                             "<file>.corrupt-<time>) and start with an empty store")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,9 +85,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "stderr and exit 1.")
     check.add_argument("file", metavar="FILE")
 
-    # Later subcommands (passwd, sessions list|show|delete, store stats, replay) go here:
-    # add a subparser above and its handler to _COMMANDS below.
+    sessions = commands.add_parser(
+        "sessions", help="list, show or delete sessions (safe while the broker runs)",
+        description="Through the running broker when one holds the data directory, else "
+                    "from the store file.")
+    _add_admin_flags(sessions)
+    actions = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="every session, one line each")
+    show = actions.add_parser("show", help="one session: subscriptions and queue")
+    show.add_argument("client_id", metavar="CLIENT")
+    delete = actions.add_parser("delete", help="end a session and drop its queue "
+                                "(a connected client is disconnected with 0x98)")
+    delete.add_argument("client_id", metavar="CLIENT")
+
+    store = commands.add_parser("store", help="store statistics (safe while the broker runs)")
+    _add_admin_flags(store)
+    store_actions = store.add_subparsers(dest="action", metavar="ACTION", required=True)
+    store_actions.add_parser("stats", help="sessions, queued messages and bytes, oldest "
+                             "message, file size")
+
+    # Later subcommands (passwd, replay) go here: add a subparser above and its handler to
+    # _COMMANDS below.
     return parser
+
+
+def _add_admin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="admin_config", metavar="FILE",
+                        help="the broker's configuration file (to find its data directory)")
+    parser.add_argument("--data-dir", dest="admin_data_dir", metavar="DIR",
+                        help="the broker's data directory (replaces the file's)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,9 +146,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
              config.source if config.source is not None else "built-in defaults")
     # Imported here so that check-config and --version do not load the server.
     app = importlib.import_module("edge_broker.server.app")
-    run_app: Callable[[Config], int] = app.main
+    run_app: Callable[..., int] = app.main
     try:
-        return run_app(config)
+        return run_app(config, recover=args.recover)
     except ConfigError as exc:  # the server refused the configuration at start-up
         return _config_error(exc)
 
@@ -216,9 +247,6 @@ def summary(config: Config) -> str:
     else:
         lines.append(f"storage: {storage.persistence}, durability {storage.durability}, "
                      f"max_store_bytes {_limit(storage.max_store_bytes)}")
-    if storage.persistence in _NOT_YET_IMPLEMENTED:
-        lines.append(f'  note: persistence = "{storage.persistence}" is not implemented yet; '
-                     "the broker refuses to start with it")
     mqtt = config.mqtt
     lines.append(
         f"limits: max_packet_size {mqtt.max_packet_size} bytes, max_qos {mqtt.max_qos}, "
@@ -241,7 +269,22 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- sessions, store
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    try:
+        config = apply_overrides(load_config(args.admin_config), data_dir=args.admin_data_dir)
+    except ConfigError as exc:
+        return _config_error(exc)
+    admin = importlib.import_module("edge_broker.cli_admin")
+    command: Callable[[Config, argparse.Namespace], int] = admin.run_command
+    return command(config, args)
+
+
 _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "run": _cmd_run,
     "check-config": _cmd_check_config,
+    "sessions": _cmd_admin,
+    "store": _cmd_admin,
 }

@@ -154,7 +154,7 @@ class MqttConfig:
 class StorageConfig:
     """[storage]"""
 
-    persistence: Persistence = "memory"
+    persistence: Persistence = "sqlite"
     durability: Durability = "fsync"
     max_store_bytes: int = 0
     """0 = unlimited."""

@@ -255,6 +255,15 @@ class BrokerCore:
         self._schedule_offline(session, now)
         self._changes.append(SessionSaved(self._session_record(session)))
 
+    def end_session(self, client_id: str, *, now: float) -> bool:
+        """Delete a session (an administrator's request). A pending will is published, as at
+        any session end. The server closes a live connection first. False if unknown."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return False
+        self._end_session(session, now)
+        return True
+
     # -- publish, from a client or from the broker ---------------------------------------
 
     def publish(self, client_id: str, packet: Publish, *, now: float) -> int:
@@ -291,6 +300,12 @@ class BrokerCore:
         if self._route(message):
             return ReasonCode.SUCCESS
         return ReasonCode.NO_MATCHING_SUBSCRIBERS
+
+    def is_qos2_resend(self, client_id: str, packet: Publish) -> bool:
+        """Whether this is a QoS 2 PUBLISH already accepted (its PUBREL not yet received)."""
+        session = self.sessions.get(client_id)
+        return (packet.qos == 2 and session is not None
+                and packet.packet_id in session.incoming_qos2)
 
     def publish_internal(self, topic: str, payload: bytes, *, now: float, retain: bool = False,
                          qos: int = 0, persist: bool = False) -> None:
@@ -501,6 +516,9 @@ class BrokerCore:
         batch = Batch(self._batch, self._changes)
         self._changes = []
         self._batch += 1
+        # A store may prune a body once nothing refers to it at the end of a batch, so a
+        # delivery in a later batch must save its message again.
+        self._last_saved_message = 0
         return batch
 
     def committed(self, number: int) -> list[str]:

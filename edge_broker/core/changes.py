@@ -6,6 +6,10 @@ the order the core makes them; a store applies a batch atomically and in order. 
 win over earlier ones for the same key, so a store may coalesce within a batch (a delivery
 saved and deleted in one batch need not touch the disk).
 
+The records are slotted dataclasses that are hashable but not frozen: the core makes one or two
+per message, and construction of a frozen dataclass costs about four times as much. Never
+modify one after it is made.
+
 Keys:
 - session: client_id. `SessionDeleted` removes the session's subscriptions, deliveries and
   incoming QoS 2 state too.
@@ -50,7 +54,7 @@ class Message:
     origin: str = ""  # publishing client id ("" for the broker itself), for No Local
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SessionRecord:
     client_id: str
     protocol_level: int
@@ -60,7 +64,7 @@ class SessionRecord:
     disconnected_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SubscriptionRecord:
     client_id: str
     topic_filter: str  # as the client sent it, "$share/group/..." included
@@ -77,7 +81,7 @@ AWAIT_ACK = 1  # PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
 AWAIT_COMP = 2  # PUBREL sent, waiting for PUBCOMP
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DeliveryRecord:
     client_id: str
     delivery_id: int
@@ -90,44 +94,44 @@ class DeliveryRecord:
     dup: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SessionSaved:
     record: SessionRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SessionDeleted:
     client_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SubscriptionSaved:
     record: SubscriptionRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SubscriptionDeleted:
     client_id: str
     topic_filter: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MessageSaved:
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DeliverySaved:
     record: DeliveryRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DeliveryDeleted:
     client_id: str
     delivery_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Qos2Received:
     """An incoming QoS 2 PUBLISH was accepted; its packet id blocks duplicates until PUBREL."""
 
@@ -135,19 +139,19 @@ class Qos2Received:
     packet_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Qos2Released:
     client_id: str
     packet_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RetainedSaved:
     topic: str
     message_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RetainedDeleted:
     topic: str
 

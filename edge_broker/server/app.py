@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -18,15 +19,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from ..config import Config
 from ..core.broker import BrokerCore, ConnectResult, CoreSettings
-from ..errors import ConfigError, EdgeBrokerError
+from ..errors import ConfigError, EdgeBrokerError, StoreError
 from ..mqtt.packets import Connect, Packet, Publish
 from ..mqtt.types import ReasonCode
 from ..store.base import DONE, SessionStore
 from ..store.memory import NullStore
 from . import systemd
+from .admin import AdminServer, DataDirLock
 from .client import ClientHandler
 from .metrics import Metrics, sys_topics
 
@@ -56,16 +59,28 @@ def core_settings(config: Config) -> CoreSettings:
     )
 
 
+STORE_FILE = "edge-broker.db"
+
+
+def store_path(config: Config) -> Path:
+    return Path(config.broker.data_dir) / STORE_FILE
+
+
 def build_store(config: Config) -> SessionStore:
-    if config.storage.persistence == "memory":
+    storage = config.storage
+    if storage.persistence == "memory":
         return NullStore()
-    raise ConfigError("persistence = \"sqlite\" is not available in this version; "
-                      "use \"memory\"", file=config.source, table="storage", key="persistence")
+    from ..store.sqlite import SqliteStore  # the only importer of aiosqlite
+
+    return SqliteStore(store_path(config), durability=storage.durability,
+                       max_store_bytes=storage.max_store_bytes)
 
 
 class BrokerApp:
-    def __init__(self, config: Config, store: SessionStore | None = None) -> None:
+    def __init__(self, config: Config, store: SessionStore | None = None, *,
+                 recover: bool = False) -> None:
         self.config = config
+        self.recover = recover  # move a damaged store aside instead of refusing to start
         self.core = BrokerCore(core_settings(config))
         self.store = store if store is not None else build_store(config)
         self.metrics = Metrics()
@@ -84,6 +99,9 @@ class BrokerApp:
         self._version = broker_version()
         self._stopped = False
         self._all_closed: asyncio.Event | None = None
+        self._full_logged = False  # a "store full" warning was logged for this episode
+        self._lock = DataDirLock(config.broker.data_dir)
+        self._admin = AdminServer(self, config.broker.data_dir)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -100,15 +118,30 @@ class BrokerApp:
         except OSError as error:
             raise ConfigError(f"cannot create the data directory {str(data_dir)!r}: {error}",
                               file=self.config.source, table="broker", key="data_dir") from None
-        snapshot = await self.store.open()
-        self.core.restore(snapshot, now=time.time())
+        self._lock.acquire()
+        try:
+            await self._open_store()
+            await self._admin.start()
+            await self._listen()
+        except BaseException:
+            await self._close_servers()
+            await self._admin.close()
+            await self.store.close()
+            self._lock.release()
+            raise
+        self._run_tick()
+        if self.config.broker.sys_interval_s:
+            self._publish_sys()
+        log.info("edge-broker %s started (persistence=%s, %d stored sessions)", self._version,
+                 self.config.storage.persistence, len(self.core.sessions))
+
+    async def _listen(self) -> None:
         for listener in self.config.listeners:
             try:
                 server = await self.loop.create_server(
                     partial(ClientHandler, self), listener.host or None, listener.port,
                     backlog=4096, reuse_address=True)
             except OSError as error:
-                await self._close_servers()
                 raise EdgeBrokerError(
                     f"cannot listen on {listener.host}:{listener.port}: {error.strerror}"
                 ) from None
@@ -117,11 +150,63 @@ class BrokerApp:
                 host, port = sock.getsockname()[:2]
                 self.addresses.append((host, port))
                 log.info("listening on %s:%d (MQTT 3.1, 3.1.1, 5.0)", host, port)
-        self._run_tick()
-        if self.config.broker.sys_interval_s:
-            self._publish_sys()
-        log.info("edge-broker %s started (persistence=%s, %d stored sessions)", self._version,
-                 self.config.storage.persistence, len(self.core.sessions))
+
+    async def _open_store(self) -> None:
+        started = time.monotonic()
+        try:
+            snapshot = await self.store.open()
+        except StoreError as error:
+            path = getattr(self.store, "path", None)
+            if not self.recover or path is None:
+                raise
+            from ..store.sqlite import SqliteStore
+
+            moved = SqliteStore.move_aside(path)
+            log.warning("%s; moved it aside to %s and starting with an empty store (--recover)",
+                        error, moved)
+            snapshot = await self.store.open()
+        self.core.restore(snapshot, now=time.time())
+        if snapshot.sessions or snapshot.retained:
+            queued = len(snapshot.deliveries)
+            log.info("restored %d sessions, %d queued messages, %d retained messages in %.2f s",
+                     len(snapshot.sessions), queued, len(snapshot.retained),
+                     time.monotonic() - started)
+
+    def note_refused_for_full_store(self, client_id: str) -> None:
+        """Count a QoS 1/2 PUBLISH refused because the store is full; log once per episode."""
+        self.metrics.refused_store_full += 1
+        if not self._full_logged:
+            self._full_logged = True
+            log.warning("the store is full (max_store_bytes or the disk): refusing new QoS 1/2 "
+                        "messages (first from %s; MQTT 5 clients get 0x97, 3.1.1 clients get "
+                        "no acknowledgement) until space returns", client_id)
+
+    async def commit(self) -> None:
+        """Commit what the core changed and wait until it is durable (admin requests)."""
+        batch = self.core.drain()
+        await self.store.apply(batch.changes)
+        self._committed(batch.number, None, [])
+
+    async def store_stats(self) -> dict[str, object]:
+        """Sessions and queues as the core sees them, plus the store's own figures."""
+        core = self.core
+        sessions = core.sessions.values()
+        stats: dict[str, object] = {
+            "persistence": self.config.storage.persistence,
+            "sessions": len(core.sessions),
+            "connected": core.stats.clients_connected,
+            "queued_messages": sum(len(s.queue) + len(s.inflight) for s in sessions),
+            "queued_bytes": sum(s.queued_bytes for s in sessions),
+            "retained_messages": len(core.retained),
+            "oldest_message_at": min(
+                (d.message.received_at for s in sessions
+                 for d in (*s.inflight.values(), *s.queue)), default=None),
+        }
+        store_stats = getattr(self.store, "stats", None)
+        if store_stats is not None:
+            stats["store"] = dataclasses.asdict(await store_stats())
+            stats["path"] = str(getattr(self.store, "path", ""))
+        return stats
 
     async def stop(self) -> None:
         """Stop accepting, tell every client (v5: DISCONNECT 0x8B), commit, close the store."""
@@ -145,7 +230,9 @@ class BrokerApp:
             if handler.transport is not None:
                 handler.transport.abort()
         await self._close_servers()
+        await self._admin.close()
         await self.store.close()
+        self._lock.release()
         log.info("edge-broker stopped")
 
     async def _close_servers(self) -> None:
@@ -242,6 +329,9 @@ class BrokerApp:
     def _committed(self, number: int, handler: ClientHandler | None,
                    replies: list[Packet]) -> None:
         woken = self.core.committed(number)
+        if self._full_logged and not self.store.full:
+            self._full_logged = False
+            log.warning("the store has room again: accepting QoS 1/2 messages")
         if handler is not None:
             # Also with no replies: after a DISCONNECT it closes the connection.
             handler.write_replies(replies)
@@ -292,10 +382,10 @@ class BrokerApp:
                                                     self._publish_sys)
 
 
-async def serve(config: Config, *, ready: Callable[[BrokerApp], Awaitable[None] | None]
-                | None = None) -> int:
+async def serve(config: Config, *, recover: bool = False,
+                ready: Callable[[BrokerApp], Awaitable[None] | None] | None = None) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
-    app = BrokerApp(config)
+    app = BrokerApp(config, recover=recover)
     try:
         await app.start()
     except EdgeBrokerError as error:
@@ -317,7 +407,7 @@ async def serve(config: Config, *, ready: Callable[[BrokerApp], Awaitable[None] 
     return 0
 
 
-def main(config: Config) -> int:
+def main(config: Config, *, recover: bool = False) -> int:
     """Run the broker with uvloop when it is installed, else the standard event loop."""
     loop_factory = None
     try:
@@ -327,4 +417,4 @@ def main(config: Config) -> int:
     except ImportError:
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config))
+        return runner.run(serve(config, recover=recover))

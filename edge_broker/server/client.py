@@ -173,6 +173,9 @@ class ClientHandler(asyncio.Protocol):
         client_id = self.client_id
         if isinstance(packet, Publish):
             assert client_id is not None
+            if packet.qos and app.store.full and not core.is_qos2_resend(client_id, packet):
+                self._refuse_for_full_store(packet, replies)
+                return
             reason = core.publish(client_id, packet, now=now)
             if packet.qos == 1:
                 replies.append(PubAck(packet.packet_id or 0, self._v5_reason(reason)))
@@ -216,6 +219,16 @@ class ClientHandler(asyncio.Protocol):
         else:  # pragma: no cover - the Connection only lets server-bound packets through
             raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR,
                                       f"unexpected {type(packet).__name__}")
+
+    def _refuse_for_full_store(self, packet: Publish, replies: list[Packet]) -> None:
+        """The store is full: new QoS 1/2 work is refused, not lost. MQTT 5 gets 0x97 Quota
+        exceeded; 3.1.1 has no way to say it, so the message is not acknowledged (the client
+        sends it again later, with DUP)."""
+        self.app.note_refused_for_full_store(self.client_id or "?")
+        if self._conn.protocol_level != ProtocolLevel.MQTT_5:
+            return
+        ack = PubAck if packet.qos == 1 else PubRec
+        replies.append(ack(packet.packet_id or 0, ReasonCode.QUOTA_EXCEEDED))
 
     def _v5_reason(self, reason: int) -> int:
         return reason if self._conn.protocol_level == ProtocolLevel.MQTT_5 else 0

@@ -14,6 +14,7 @@ class Metrics:
     packets_received: int = 0
     packets_sent: int = 0
     protocol_errors: int = 0
+    refused_store_full: int = 0  # QoS 1/2 PUBLISH refused while the store was full
 
 
 def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,

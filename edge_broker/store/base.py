@@ -17,6 +17,12 @@ __all__ = ["DONE", "SessionStore", "Snapshot"]
 
 
 class SessionStore(Protocol):
+    @property
+    def full(self) -> bool:
+        """True while the store cannot take new work (size cap or disk full); the server
+        refuses new QoS 1/2 messages meanwhile. Clears by itself when space returns."""
+        ...
+
     async def open(self) -> Snapshot:
         """Open (creating or migrating as needed) and return everything stored."""
         ...

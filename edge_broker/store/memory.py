@@ -32,6 +32,8 @@ from .base import DONE
 
 
 class MemoryStore:
+    full = False
+
     def __init__(self) -> None:
         self.sessions: dict[str, SessionRecord] = {}
         self.subscriptions: dict[tuple[str, str], SubscriptionRecord] = {}
@@ -101,6 +103,8 @@ class MemoryStore:
 
 class NullStore:
     """persistence = "memory": the core's own state is all there is; nothing is recorded."""
+
+    full = False
 
     async def open(self) -> Snapshot:
         return Snapshot.empty()

@@ -34,7 +34,7 @@ def app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     """Replace edge_broker.server.app with a fake whose main() records its Config."""
     calls: list[Config] = []
 
-    def main(config: Config) -> int:
+    def main(config: Config, *, recover: bool = False) -> int:
         calls.append(config)
         logging.getLogger("edge_broker.server.app").info("fake broker running")
         return 0
@@ -47,7 +47,7 @@ def app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
 
 def set_app_main(monkeypatch: pytest.MonkeyPatch, main: Callable[[Config], int]) -> None:
     module = types.ModuleType("edge_broker.server.app")
-    module.main = main  # type: ignore[attr-defined]
+    module.main = lambda config, recover=False: main(config)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
 
 
@@ -95,14 +95,12 @@ def test_check_config_of_a_missing_file_exits_1(
     assert "nope.toml: cannot read the configuration file" in capsys.readouterr().err
 
 
-def test_check_config_warns_that_sqlite_is_not_implemented_yet(
+def test_check_config_summarises_the_storage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write(tmp_path, '[storage]\npersistence = "sqlite"\ndurability = "os"\n')
     assert cli.main(["check-config", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "storage: sqlite, durability os" in out
-    assert "not implemented yet" in out
+    assert "storage: sqlite, durability os" in capsys.readouterr().out
 
 
 def test_the_shipped_example_config_passes_check_config(
@@ -252,3 +250,20 @@ def test_under_systemd_log_lines_carry_the_journal_priority(
     err = capfd.readouterr().err
     assert any(x.startswith("<4>") and x.endswith("careful") for x in err.splitlines())
     assert any(x.startswith("<6>") and x.endswith("fine") for x in err.splitlines())
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], False), (["--recover"], True), (["run", "--recover"], True)])
+def test_recover_reaches_the_app(monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                 expected: bool) -> None:
+    seen: list[bool] = []
+
+    def main(config: Config, *, recover: bool = False) -> int:
+        seen.append(recover)
+        return 0
+
+    module = types.ModuleType("edge_broker.server.app")
+    module.main = main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
+    assert cli.main(argv) == 0
+    assert seen == [expected]

@@ -62,7 +62,7 @@ def test_no_file_gives_the_documented_defaults() -> None:
         allow_zero_length_clientid=True, auto_id_prefix="auto-",
         persistent_client_expiration_s=0, max_session_expiry_interval_s=0,
     )
-    assert config.storage == StorageConfig(persistence="memory", durability="fsync",
+    assert config.storage == StorageConfig(persistence="sqlite", durability="fsync",
                                            max_store_bytes=0)
     assert config.log == LogConfig(level="info")
     assert config.listeners[0].anonymous_allowed(config.auth) is True
@@ -110,7 +110,7 @@ def test_every_key_is_read(write) -> None:
         max_session_expiry_interval = 3600
 
         [storage]
-        persistence = "sqlite"
+        persistence = "memory"
         durability = "os"
         max_store_bytes = 100000000
 
@@ -132,7 +132,7 @@ def test_every_key_is_read(write) -> None:
             allow_zero_length_clientid=False, auto_id_prefix="gw1-",
             persistent_client_expiration_s=14 * 86400, max_session_expiry_interval_s=3600,
         ),
-        storage=StorageConfig(persistence="sqlite", durability="os", max_store_bytes=100_000_000),
+        storage=StorageConfig(persistence="memory", durability="os", max_store_bytes=100_000_000),
         log=LogConfig(level="debug"),
         source=str(path),
     )

@@ -390,3 +390,24 @@ def test_qos0_fan_out_shares_one_packet_between_subscribers() -> None:
     (first,) = pulled(core, "a")
     (second,) = pulled(core, "b")
     assert first is second  # encoded once by the server for both
+
+
+def test_a_body_is_saved_again_in_any_later_batch_that_refers_to_it() -> None:
+    # A store may drop a body at the end of a batch once nothing refers to it; a later batch
+    # that refers to it again (here: a session becoming persistent with it queued) must carry it.
+    core = BrokerCore()
+    connect(core, "d", clean=False, expiry=60)
+    connect(core, "x", expiry=0)  # not stored yet
+    sub(core, "d", "t")
+    sub(core, "x", "t")
+    connect(core, "p")
+    pub(core, "p", "t", qos=1)
+    first = core.drain().changes
+    assert sum(isinstance(c, MessageSaved) for c in first) == 1
+    core.connect(Connect("x", V5, False, 60, properties=Properties(session_expiry_interval=60)),
+                 client_id="x", now=1)  # takeover into a persistent session
+    later = core.drain().changes
+    saved = [c for c in later if isinstance(c, MessageSaved)]
+    deliveries = [c for c in later if isinstance(c, DeliverySaved)]
+    assert len(saved) == 1 and [d.record.client_id for d in deliveries] == ["x"]
+    assert later.index(saved[0]) < later.index(deliveries[0])

@@ -1,0 +1,194 @@
+"""The data directory's lock and the running broker's admin socket.
+
+A running broker holds an exclusive lock on `<data_dir>/edge-broker.lock` (with its pid in
+it), so two brokers never share one store, and listens on `<data_dir>/admin.sock` (mode 0600)
+for the `edge-broker sessions ...` and `edge-broker store stats` commands: one JSON object per
+line in, one per line out. Going through the broker keeps its in-memory state and the store in
+agreement; the commands fall back to the files only when no broker holds the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core.session import Session
+from ..errors import EdgeBrokerError
+from ..mqtt.types import ReasonCode
+
+if TYPE_CHECKING:
+    from .app import BrokerApp
+
+log = logging.getLogger("edge_broker.admin")
+
+LOCK_NAME = "edge-broker.lock"
+SOCKET_NAME = "admin.sock"
+QUEUE_PREVIEW = 20  # queued messages listed by `sessions show`
+
+
+class DataDirLock:
+    """An exclusive advisory lock (flock) on the data directory, released at exit."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = read_lock_pid(self.path)
+            raise EdgeBrokerError(
+                f"another edge-broker (pid {pid or '?'}) is running with the data directory "
+                f"{str(self.path.parent)!r}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+def read_lock_pid(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text().strip() or 0) or None
+    return None
+
+
+def broker_running(data_dir: Path) -> bool:
+    """Whether a broker holds the lock of this data directory right now."""
+    path = Path(data_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def session_summary(session: Session) -> dict[str, Any]:
+    return {
+        "client_id": session.client_id,
+        "connected": session.online,
+        "protocol_level": session.protocol_level,
+        "expiry_interval": session.expiry_interval,
+        "disconnected_at": session.disconnected_at,
+        "subscriptions": len(session.subscriptions),
+        "queued_messages": len(session.queue),
+        "queued_bytes": session.queued_bytes,
+        "inflight": len(session.inflight),
+        "dropped": session.dropped,
+        "will_topic": session.will.topic if session.will else None,
+    }
+
+
+def session_detail(session: Session) -> dict[str, Any]:
+    detail = session_summary(session)
+    detail["subscription_list"] = [
+        {"topic_filter": s.topic_filter, "qos": s.qos, "no_local": s.no_local,
+         "retain_as_published": s.retain_as_published, "retain_handling": s.retain_handling,
+         "subscription_id": s.subscription_id}
+        for s in session.subscriptions.values()]
+    queued = list(session.inflight.values()) + list(session.queue)[:QUEUE_PREVIEW]
+    detail["queue_preview"] = [
+        {"topic": d.message.topic, "qos": d.qos, "bytes": len(d.message.payload),
+         "packet_id": d.packet_id, "received_at": d.message.received_at}
+        for d in queued[:QUEUE_PREVIEW]]
+    return detail
+
+
+class AdminServer:
+    def __init__(self, app: BrokerApp, data_dir: Path) -> None:
+        self.app = app
+        self.path = Path(data_dir) / SOCKET_NAME
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # left by a broker that was killed (we hold the lock)
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 0.5)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    request = json.loads(line)
+                    reply = await self.handle(request)
+                except Exception as error:  # a bad request must not hurt the broker
+                    reply = {"error": f"{type(error).__name__}: {error}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        app = self.app
+        core = app.core
+        command = request.get("command")
+        if command == "sessions.list":
+            return {"sessions": [session_summary(s) for s in core.sessions.values()]}
+        if command == "sessions.show":
+            session = core.sessions.get(str(request.get("client_id")))
+            if session is None:
+                return {"error": f"no session {request.get('client_id')!r}"}
+            return {"session": session_detail(session)}
+        if command == "sessions.delete":
+            client_id = str(request.get("client_id"))
+            handler = app.clients.get(client_id)
+            if handler is not None:
+                handler.kick(ReasonCode.ADMINISTRATIVE_ACTION)
+            deleted = core.end_session(client_id, now=time.time())
+            await app.commit()
+            if deleted:
+                log.info("session %s deleted by an administrator", client_id)
+            return {"deleted": deleted}
+        if command == "store.stats":
+            return {"stats": await app.store_stats()}
+        return {"error": f"unknown command {command!r}"}
+
+
+async def admin_request(data_dir: Path, request: dict[str, Any],
+                        timeout_s: float = 10.0) -> dict[str, Any]:
+    """Send one request to the broker running on `data_dir` and return its reply."""
+    path = Path(data_dir) / SOCKET_NAME
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout_s)
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+    finally:
+        writer.close()
+    if not line:
+        raise EdgeBrokerError(f"the broker closed {path} without answering")
+    reply: dict[str, Any] = json.loads(line)
+    return reply
