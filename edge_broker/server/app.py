@@ -100,6 +100,7 @@ class BrokerApp:
         self._stopped = False
         self._all_closed: asyncio.Event | None = None
         self._full_logged = False  # a "store full" warning was logged for this episode
+        self._tail: asyncio.Future[None] | None = None  # the latest commit still pending
         self._lock = DataDirLock(config.broker.data_dir)
         self._admin = AdminServer(self, config.broker.data_dir)
 
@@ -183,9 +184,10 @@ class BrokerApp:
 
     async def commit(self) -> None:
         """Commit what the core changed and wait until it is durable (admin requests)."""
-        batch = self.core.drain()
-        await self.store.apply(batch.changes)
-        self._committed(batch.number, None, [])
+        number, future = self._submit()
+        if future is not None:
+            await future
+        self._committed(number, None, [], False)
 
     async def store_stats(self) -> dict[str, object]:
         """Sessions and queues as the core sees them, plus the store's own figures."""
@@ -277,44 +279,57 @@ class BrokerApp:
 
     # -- the commit pipeline ----------------------------------------------------------------
 
-    def finish_batch(self, handler: ClientHandler | None, replies: list[Packet]) -> None:
-        """Commit what the core changed; then send `replies` to `handler` and wake clients."""
-        core = self.core
-        batch = core.drain()
+    def _submit(self) -> tuple[int, asyncio.Future[None] | None]:
+        """Drain the core's changes into the store. Returns the batch number and the future
+        to wait for, or None when this batch and every one before it are durable already."""
+        batch = self.core.drain()
         waiter = self.store.apply(batch.changes)
+        tail = self._tail
         if waiter is DONE:
-            self._committed(batch.number, handler, replies)
+            if tail is None or tail.done():
+                return batch.number, None
+            return batch.number, tail  # stay behind the commit still pending: order holds
+        future = asyncio.ensure_future(waiter)
+        self._tail = future
+        return batch.number, future
+
+    def finish_batch(self, handler: ClientHandler | None, replies: list[Packet], *,
+                     close: bool = False) -> None:
+        """Commit what the core changed; once durable, send `replies` to `handler` (then close
+        it if `close`) and wake the clients that have deliveries. Batches complete in order."""
+        number, future = self._submit()
+        if future is None:
+            self._committed(number, handler, replies, close)
             return
         if handler is not None:
-            handler.set_reading(False)
-        future = asyncio.ensure_future(waiter)
-        future.add_done_callback(partial(self._after_commit, batch.number, handler, replies))
+            handler.commit_started()
+        future.add_done_callback(partial(self._after_commit, number, handler, replies, close))
 
     def commit_now_or_later(self, then: Callable[[], None]) -> bool:
         """Commit pending changes. True when they are durable already; otherwise `then` runs
         once they are, and False is returned."""
-        batch = self.core.drain()
-        waiter = self.store.apply(batch.changes)
-        if waiter is DONE:
-            self._committed(batch.number, None, [])
+        number, future = self._submit()
+        if future is None:
+            self._committed(number, None, [], False)
             return True
-        future = asyncio.ensure_future(waiter)
-        future.add_done_callback(partial(self._after_commit_then, batch.number, then))
+        future.add_done_callback(partial(self._after_commit_then, number, then))
         return False
 
     def _after_commit(self, number: int, handler: ClientHandler | None, replies: list[Packet],
-                      future: asyncio.Future[None]) -> None:
+                      close: bool, future: asyncio.Future[None]) -> None:
+        if handler is not None:
+            handler.commit_finished()
         if self._commit_failed(future, handler):
             return
-        self._committed(number, handler, replies)
+        self._committed(number, handler, replies, close)
         if handler is not None:
-            handler.set_reading(True)
+            handler.resume_after_commit()
 
     def _after_commit_then(self, number: int, then: Callable[[], None],
                            future: asyncio.Future[None]) -> None:
         if self._commit_failed(future, None):
             return
-        self._committed(number, None, [])
+        self._committed(number, None, [], False)
         then()
 
     def _commit_failed(self, future: asyncio.Future[None], handler: ClientHandler | None) -> bool:
@@ -326,15 +341,14 @@ class BrokerApp:
             handler.kick(ReasonCode.UNSPECIFIED_ERROR)  # no acknowledgement without durability
         return True
 
-    def _committed(self, number: int, handler: ClientHandler | None,
-                   replies: list[Packet]) -> None:
+    def _committed(self, number: int, handler: ClientHandler | None, replies: list[Packet],
+                   close: bool) -> None:
         woken = self.core.committed(number)
         if self._full_logged and not self.store.full:
             self._full_logged = False
             log.warning("the store has room again: accepting QoS 1/2 messages")
         if handler is not None:
-            # Also with no replies: after a DISCONNECT it closes the connection.
-            handler.write_replies(replies)
+            handler.write_replies(replies, close=close)
             handler.pump()
         clients = self.clients
         for client_id in woken:

@@ -5,8 +5,9 @@ connection or per message. `data_received` feeds the bytes to the sans-IO `Conne
 each complete packet to the broker core, and collects the replies (CONNACK, PUBACK, SUBACK...)
 it owes the client. The app then commits the core's change batch to the store and, only once
 that batch is durable, writes the replies and pumps deliveries (`BrokerApp.finish_batch`).
-While a commit is pending, reading from this client is paused, so its packets are handled in
-order and a fast publisher is throttled by the store.
+Packets are handled in order and batches complete in order. A client's batches that wait for
+the store are pipelined, so the store can commit them in one transaction, up to
+MAX_PENDING_COMMITS; beyond that reading pauses, and a fast publisher is paced by the store.
 
 Deliveries leave through `pump()`: it pulls what the session may send now (inflight window,
 commit watermark) while the socket's write buffer is below its high-water mark, and resumes
@@ -61,12 +62,13 @@ WRITE_LOW_WATER = 64 * 1024
 PULL_LIMIT = 256
 ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
 BATCH_PACKETS = 64  # packets handled per commit before deliveries are pumped
+MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
 
 
 class ClientHandler(asyncio.Protocol):
     __slots__ = ("_close_after_write", "_closed", "_conn", "_connect_timer", "_deferred",
                  "_disconnect_reason", "_keepalive_handle", "_keepalive_s", "_last_rx",
-                 "_paused_reading", "_session_expiry_on_disconnect",
+                 "_paused_reading", "_pending_commits", "_session_expiry_on_disconnect",
                  "_writing_paused", "app", "client_id", "epoch", "peer", "transport")
 
     def __init__(self, app: BrokerApp) -> None:
@@ -82,6 +84,7 @@ class ClientHandler(asyncio.Protocol):
         self._closed = False
         self._writing_paused = False
         self._paused_reading = False
+        self._pending_commits = 0
         self._deferred = 0  # commits in progress whose bytes are not written yet
         self._close_after_write = False
         self._disconnect_reason: int | None = None
@@ -106,7 +109,7 @@ class ClientHandler(asyncio.Protocol):
         self.app.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._close_after_write:
             return
         app = self.app
         app.metrics.bytes_received += len(data)
@@ -117,14 +120,16 @@ class ClientHandler(asyncio.Protocol):
     def process_buffered(self) -> None:
         """Handle the packets buffered in the connection, BATCH_PACKETS at a time.
 
-        Each batch is committed and acknowledged, and its deliveries pumped, before the next
-        one starts: a large read does not pile thousands of messages into a subscriber's
-        bounded queue before any is sent. When a commit has to wait for the store, reading
-        stops and the app calls this again once the commit is done.
+        Each batch goes to the store on its own, and its deliveries are pumped as soon as it
+        is durable: a large read does not pile thousands of messages into a subscriber's
+        bounded queue before any is sent. Batches waiting for the store are pipelined (the
+        store commits them together) up to MAX_PENDING_COMMITS; then this stops, and the app
+        calls it again when a commit completes. Nothing is read after a DISCONNECT.
         """
         app = self.app
         conn = self._conn
-        while not self._closed and not self._paused_reading:
+        while (not self._closed and not self._close_after_write
+               and self._pending_commits < MAX_PENDING_COMMITS):
             replies: list[Packet] = []
             now = time.time()
             handled = 0
@@ -144,7 +149,7 @@ class ClientHandler(asyncio.Protocol):
                               self.client_id or "?", self.peer)
                 self._abort(replies)
             app.metrics.packets_received += handled
-            app.finish_batch(self, replies)
+            app.finish_batch(self, replies, close=self._close_after_write)
             if handled < BATCH_PACKETS or self._close_after_write:
                 return
 
@@ -372,8 +377,9 @@ class ClientHandler(asyncio.Protocol):
             self.app.metrics.bytes_sent += len(data)
             self.transport.write(data)
 
-    def write_replies(self, replies: list[Packet]) -> None:
-        """Called by the app once the batch these replies acknowledge is durable."""
+    def write_replies(self, replies: list[Packet], *, close: bool = False) -> None:
+        """Called by the app once the batch these replies acknowledge is durable; `close`
+        when that batch ended with the client's DISCONNECT."""
         if self._closed:
             return
         self.app.metrics.packets_sent += len(replies)
@@ -382,21 +388,33 @@ class ClientHandler(asyncio.Protocol):
         except LocalProtocolError as error:
             self._cannot_send(error)
             return
-        if self._close_after_write:
+        if close:
             self._shut()
 
-    def set_reading(self, enabled: bool) -> None:
-        """Stop reading while a commit is pending; resuming first handles what is buffered."""
-        if self.transport is None or self._closed or enabled != self._paused_reading:
+    # Commits in flight: a client's batches are pipelined (the store groups them into one
+    # transaction), up to MAX_PENDING_COMMITS, then reading pauses until one completes.
+
+    def commit_started(self) -> None:
+        self._pending_commits += 1
+        self._update_reading()
+
+    def commit_finished(self) -> None:
+        self._pending_commits -= 1
+
+    def resume_after_commit(self) -> None:
+        self.process_buffered()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self._closed:
             return
-        if enabled:
-            self._paused_reading = False
-            self.process_buffered()
-            if not self._paused_reading and not self._closed:
+        pause = self._pending_commits >= MAX_PENDING_COMMITS
+        if pause != self._paused_reading:
+            self._paused_reading = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
                 self.transport.resume_reading()
-        else:
-            self._paused_reading = True
-            self.transport.pause_reading()
 
     def pump(self) -> None:
         """Send what the session may send now, until the socket buffer is full."""
