@@ -251,6 +251,13 @@ class BrokerCore:
             return
         if not self.settings.queue_qos0_messages:
             self._drop_queued_qos0(session)
+        if session.stored:
+            # QoS 1 packet ids are not written as they are sent (at-least-once allows
+            # sending one again under a new id after a crash); on a disconnect (and so at a
+            # graceful shutdown) they are, so the resend carries DUP and the original id.
+            for delivery in session.inflight.values():
+                if delivery.qos == 1 and delivery.state == AWAIT_ACK:
+                    self._save_delivery(session, delivery)
         session.resend.clear()
         self._schedule_offline(session, now)
         self._changes.append(SessionSaved(self._session_record(session)))
@@ -472,7 +479,10 @@ class BrokerCore:
             delivery.packet_id = packet_id
             delivery.state = AWAIT_ACK
             inflight[packet_id] = delivery
-            if stored:
+            if stored and delivery.qos == 2:
+                # A QoS 2 delivery's packet id is durable before it is sent: after a crash
+                # it goes out again under the same id, so the client can tell the duplicate
+                # [MQTT-4.3.3] (5.0). A QoS 1 delivery's is written at disconnect only (below).
                 self._save_delivery(session, delivery)
             out.append(self._publish_packet(session, delivery, now))
             delivery.dup = True  # any later send of it is a resend
