@@ -3,8 +3,9 @@
     edge-broker [--config FILE] [--host H] [--port P] [--data-dir DIR] [--log-level LEVEL]
     edge-broker run [same flags]
     edge-broker check-config FILE
-    edge-broker sessions [--config FILE | --data-dir DIR] [--json] list|show|delete [CLIENT]
-    edge-broker store [--config FILE | --data-dir DIR] [--json] stats
+    edge-broker sessions list|show|delete [CLIENT] [--config FILE | --data-dir DIR] [--json]
+    edge-broker store stats [--config FILE | --data-dir DIR] [--json]
+    (the flags of sessions and store may also come before the action)
     edge-broker --version
 
 Exit codes: 0 success; 1 check-config found a problem; 2 a usage or configuration error at
@@ -91,30 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "from the store file.")
     _add_admin_flags(sessions)
     actions = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("list", help="every session, one line each")
+    listing = actions.add_parser("list", help="every session, one line each")
+    _add_admin_flags(listing, suppress=True)
     show = actions.add_parser("show", help="one session: subscriptions and queue")
     show.add_argument("client_id", metavar="CLIENT")
+    _add_admin_flags(show, suppress=True)
     delete = actions.add_parser("delete", help="end a session and drop its queue "
                                 "(a connected client is disconnected with 0x98)")
     delete.add_argument("client_id", metavar="CLIENT")
+    _add_admin_flags(delete, suppress=True)
 
     store = commands.add_parser("store", help="store statistics (safe while the broker runs)")
     _add_admin_flags(store)
     store_actions = store.add_subparsers(dest="action", metavar="ACTION", required=True)
-    store_actions.add_parser("stats", help="sessions, queued messages and bytes, oldest "
-                             "message, file size")
+    stats = store_actions.add_parser("stats", help="sessions, queued messages and bytes, "
+                                     "oldest message, file size")
+    _add_admin_flags(stats, suppress=True)
 
     # Later subcommands (passwd, replay) go here: add a subparser above and its handler to
     # _COMMANDS below.
     return parser
 
 
-def _add_admin_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", dest="admin_config", metavar="FILE",
+def _add_admin_flags(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    # Accepted before and after the action (`store --json stats`, `store stats --json`); on
+    # the action's parser the defaults are SUPPRESS so a flag given before it is kept.
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", dest="admin_config", metavar="FILE", default=default,
                         help="the broker's configuration file (to find its data directory)")
-    parser.add_argument("--data-dir", dest="admin_data_dir", metavar="DIR",
+    parser.add_argument("--data-dir", dest="admin_data_dir", metavar="DIR", default=default,
                         help="the broker's data directory (replaces the file's)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--json", action="store_true",
+                        default=argparse.SUPPRESS if suppress else False, help="print JSON")
 
 
 def main(argv: list[str] | None = None) -> int:

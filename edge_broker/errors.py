@@ -29,6 +29,11 @@ class StoreError(EdgeBrokerError):
     """The session store failed. Raised only by store implementations."""
 
 
+class StoreDamagedError(StoreError):
+    """The store file is not a database or is damaged: only this is moved aside by --recover
+    (not a store that cannot be opened for another reason: disk full, I/O, permissions)."""
+
+
 class StoreFullError(StoreError):
     """The store reached `max_store_bytes` or the disk is full; new QoS>0 work is refused."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..core.broker import BrokerCore, ConnectResult, CoreSettings
-from ..errors import ConfigError, EdgeBrokerError, StoreError
+from ..errors import ConfigError, EdgeBrokerError, StoreDamagedError, StoreError
 from ..mqtt.packets import Connect, Packet, Publish
 from ..mqtt.types import ReasonCode
 from ..store.base import DONE, SessionStore
@@ -158,7 +158,9 @@ class BrokerApp:
             snapshot = await self.store.open()
         except StoreError as error:
             path = getattr(self.store, "path", None)
-            if not self.recover or path is None:
+            # Only a damaged file is moved aside: one that cannot be opened for another
+            # reason (disk full, I/O error, permissions, a newer schema) is kept as it is.
+            if not self.recover or path is None or not isinstance(error, StoreDamagedError):
                 raise
             from ..store.sqlite import SqliteStore
 
@@ -404,7 +406,9 @@ async def serve(config: Config, *, recover: bool = False,
         await app.start()
     except EdgeBrokerError as error:
         log.error("%s", error)
-        return 2 if isinstance(error, ConfigError) else 1
+        # 2: retrying cannot help (the unit's RestartPreventExitStatus): a bad configuration,
+        # or a damaged store that needs --recover.
+        return 2 if isinstance(error, ConfigError | StoreDamagedError) else 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -86,7 +86,9 @@ group commit, after its statements ran and before COMMIT (for the power-loss tes
    This clears once a commit succeeded and the ballast could be recreated (twice its size
    free). A group that cannot fit even then waits, retried, until space is freed on the
    disk; it is never dropped. A store closed while commits keep failing fails its pending
-   batches with `StoreFullError` (none of them was acknowledged).
+   batches with `StoreFullError` (none of them was acknowledged). `open()` on a disk too
+   full to open the file at all (WAL mode needs room for the -shm file even to read) deletes
+   the ballast and tries once more; the store then starts `full`.
 `full` is updated after each commit, before that commit's futures resolve, and every second
 while idle and full. Any other SQLite error fails the group's futures and every later
 `apply` with `StoreError`.
@@ -139,7 +141,7 @@ from ..core.changes import (
     SubscriptionRecord,
     SubscriptionSaved,
 )
-from ..errors import StoreError, StoreFullError
+from ..errors import StoreDamagedError, StoreError, StoreFullError
 from ..mqtt.packets import Will
 from ..mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
 from .base import DONE
@@ -588,7 +590,7 @@ def _is_damage(error: sqlite3.Error) -> bool:
 
 
 def _damaged(path: Path, detail: str) -> StoreError:
-    return StoreError(
+    return StoreDamagedError(
         f"{path}: the store is damaged ({detail}); start with --recover to move it aside "
         f"(to {path.name}.corrupt-<time>) and start with an empty store")
 
@@ -694,7 +696,22 @@ class SqliteStore:
             raise StoreError(f"{self.path}: is a directory, not a database file")
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="edge-broker-store")
         try:
-            snapshot = await self._call(self._open_sync)
+            try:
+                snapshot = await self._call(self._open_sync)
+            except StoreError as error:
+                # A disk too full to open the store at all (in WAL mode even reading needs
+                # room for the -shm/-wal files): give the ballast back and try once more; the
+                # store then reports `full` until space returns, as after SQLITE_FULL.
+                free = _free_disk_bytes(self.path.parent)
+                if (isinstance(error, StoreDamagedError) or free is None
+                        or free >= self.disk_reserve_bytes):
+                    raise
+                if not self._drop_ballast():
+                    raise StoreFullError(f"{error} (the disk is full: {free} bytes free in "
+                                         f"{self.path.parent})") from None
+                await self._call(self._close_connection)
+                self._disk_full = True
+                snapshot = await self._call(self._open_sync)
         except BaseException:
             await self._call(self._close_connection)
             self._executor.shutdown(wait=False)
@@ -1356,6 +1373,14 @@ def _make_ballast(path: Path, size: int) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def _free_disk_bytes(directory: Path) -> int | None:
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def _file_bytes(path: Path) -> int:
