@@ -7,6 +7,7 @@ file and the broker's log, and is stopped (SIGTERM, then SIGKILL) by the runner.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -87,6 +88,7 @@ class RunningBroker:
     config_path: Path | None
     settings: dict = field(default_factory=dict)
     host: str = HOST
+    data_dir: Path | None = None   # edge-broker's (its admin socket lives there)
 
     @property
     def pid(self) -> int:
@@ -348,7 +350,8 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
                             cwd=cwd, env=env, start_new_session=True,
                             preexec_fn=die_with_parent)  # the runner has no threads
     log.close()
-    rb = RunningBroker(name, proc, port, workdir, cmd, config_path, settings)
+    rb = RunningBroker(name, proc, port, workdir, cmd, config_path, settings,
+                       data_dir=workdir / "data" if name == "edge" else None)
     try:
         _wait_ready(rb, ready_timeout_s)
     except BrokerStartError:
@@ -373,6 +376,21 @@ def _start_edge_flags(pin_cpu: int | None, durability: str | None, ready_timeout
                                f"{first_error}\nflag form:\n{exc}") from None
     rb.settings["durability"] = "(not passed: flag form)"
     return rb
+
+
+def edge_store_stats(data_dir: Path, timeout_s: float = 60.0) -> dict:
+    """`edge-broker store --data-dir DIR --json stats`: the running broker answers over its
+    admin socket (`DIR/admin.sock`); `["store"]` holds the store's counters since it started
+    (commits, fsyncs, batches, changes_written, rows_written, file_bytes, ...)."""
+    cmd = [sys.executable, "-m", "edge_broker", "store", "--data-dir", str(data_dir), "--json",
+           "stats"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                       cwd=data_dir.parent, env=_edge_env(), stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd[1:])}` exited with {r.returncode}: "
+                           f"{(r.stderr or r.stdout).strip()[-500:]}")
+    stats: dict = json.loads(r.stdout)["stats"]
+    return stats
 
 
 # --------------------------------------------------------------------------- /proc readings

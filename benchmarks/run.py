@@ -37,6 +37,10 @@ TARGETS = [
     ("S5 idle CPU < 1 %", "below", "S5.idle_cpu_pct", None, 1.0),
     ("S6 QoS 0 p99 <= 5 ms", "max", "S6.qos0_p99_ms", None, 5.0),
     ("S6 QoS 1 p99 <= 5 ms", "max", "S6.qos1_p99_ms", None, 5.0),
+    ("S4 ingest with durability fsync >= 20,000 msgs/s on this machine", "min",
+     "S4.fsync.ingest_msgs_per_s", None, 20_000.0),
+    ("S8 start-up <= 3 s with 100,000 queued messages in 1,000 sessions", "max",
+     "S8.startup_s", None, 3.0),
 ]
 
 
@@ -45,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--brokers", help="comma list of edge,mosquitto,amqtt "
                     "(default: all three; --quick: edge)")
-    ap.add_argument("--scenarios", help="comma list of S1..S7 (default: all; --quick: S1-S6)")
+    ap.add_argument("--scenarios", help="comma list of S1..S8 (default: all; --quick: S1-S6, "
+                    "S8)")
     ap.add_argument("--quick", action="store_true",
                     help="a few seconds per scenario; checks delivery counts, not speed; "
                     "exits 1 on a delivery-count failure")
@@ -64,6 +69,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--s6-rate", type=float, default=10_000.0, help="S6 paced rate, msgs/s")
     ap.add_argument("--s4-messages", type=int, default=100_000,
                     help="S4 cap on messages published into the offline sessions")
+    ap.add_argument("--s4-durability",
+                    help="comma list of edge-broker durabilities, one S4 run each (default: "
+                    "fsync,os; with --edge-durability: that one)")
+    ap.add_argument("--startup-messages", type=int, default=100_000,
+                    help="S8 queued messages in the store (--quick: 10,000)")
+    ap.add_argument("--startup-sessions", type=int, default=1_000,
+                    help="S8 offline sessions holding them (--quick: 100)")
+    ap.add_argument("--startup-runs", type=int, default=5,
+                    help="S8 starts on the backlog, and on an empty store (--quick: 1)")
+    ap.add_argument("--startup-cold-runs", type=int, default=2,
+                    help="S8 extra starts with the store evicted from the page cache "
+                    "(--quick: 0)")
+    ap.add_argument("--profile-edge", type=Path, metavar="DIR",
+                    help="record edge-broker with py-spy during each S4 ingest (raw stacks "
+                    "in DIR, summary in the JSON); the profiler costs the broker some speed")
     ap.add_argument("--json", type=Path, help="results JSON (default results/latest.json, "
                     "--quick: results/quick.json)")
     ap.add_argument("--markdown", type=Path, help="markdown report (default RESULTS.md; "
@@ -109,8 +129,12 @@ def machine_info() -> dict:
 def fmt(v: float | None, unit: str) -> str:
     if v is None:
         return "-"
-    if unit in ("ms", "%", "KB"):
+    if unit in ("ms", "%", "KB", "s"):
         return f"{v:,.2f}"
+    if unit == "MB":
+        return f"{v:,.1f}"
+    if unit == "per msg":
+        return f"{v:.4f}"
     return f"{v:,.0f}"
 
 
@@ -133,16 +157,38 @@ def build_table(results: dict, broker_names: list[str], metric_ids: list[str],
     rows = [head]
     for mid in metric_ids:
         m = METRIC_BY_ID[mid]
-        row = [m.label + (" (lower is better)" if m.better == "lower" else ""), m.unit]
-        mosq = results.get("mosquitto", {}).get(mid)
+        lower = m.better == "lower" and m.compare
+        row = [m.label + (" (lower is better)" if lower else ""), m.unit]
+        mosq = figure(results, "mosquitto", mid)
         for b in broker_names:
-            v = results.get(b, {}).get(mid)
-            row.append(fmt(v, m.unit) + (" !" if mid in flagged.get(b, ()) else ""))
+            v = figure(results, b, mid)
+            key = mid if mid in results.get(b, {}) else m.fallback
+            row.append(fmt(v, m.unit) + (" !" if key in flagged.get(b, ()) else ""))
             if b != "mosquitto" and "mosquitto" in broker_names:
                 r = ratio(v, mosq)
                 row.append("-" if r is None else f"{r:.2f}x")
         rows.append(row)
     return rows
+
+
+def figure(results: dict, broker: str, mid: str) -> float | None:
+    """The broker's figure for a row: its own, else (a broker without edge-broker's
+    durability variants) the row's fallback metric."""
+    mine = results.get(broker, {})
+    if mid in mine:
+        v: float | None = mine[mid]
+        return v
+    fb = METRIC_BY_ID[mid].fallback
+    return mine.get(fb) if fb and broker != "edge" else None
+
+
+def table_metrics(figs: dict[str, dict], brokers_: list[str]) -> list[str]:
+    """Rows to show: every metric some broker has; a plain S4 row is left out when the
+    per-durability rows already carry the other brokers' figure."""
+    ids = [m.id for m in METRICS if any(m.id in figs.get(b, {}) for b in brokers_)]
+    covered = {METRIC_BY_ID[i].fallback for i in ids if METRIC_BY_ID[i].fallback}
+    edge = figs.get("edge", {})
+    return [i for i in ids if i not in covered or i in edge]
 
 
 def render_text(rows: list[list[str]]) -> str:
@@ -173,7 +219,7 @@ def judge_targets(figs: dict[str, dict[str, float | None]]) -> list[tuple[str, s
             continue
         v = edge[mid]
         if kind == "ratio":
-            r = ratio(v, figs.get(ref or "", {}).get(mid))
+            r = ratio(v, figure(figs, ref or "", mid))
             if r is None:
                 out.append((name, "n/a", f"no {ref} figure"))
             else:
@@ -181,15 +227,14 @@ def judge_targets(figs: dict[str, dict[str, float | None]]) -> list[tuple[str, s
         elif v is None:
             out.append((name, "not met", "no figure (delivery failed)"))
         else:
-            ok = v <= bound if kind == "max" else v < bound
-            out.append((name, "met" if ok else "not met", f"{v:.2f}"))
+            ok = {"max": v <= bound, "min": v >= bound}.get(kind, v < bound)
+            out.append((name, "met" if ok else "not met", f"{v:,.2f}"))
     # Every figure >= 10x amqtt (for lower-is-better figures: <= amqtt / 10).
     if "amqtt" in figs:
-        am = figs["amqtt"]
         for m in METRICS:
-            if m.id not in edge:
+            if m.id not in edge or not m.compare:
                 continue
-            v, a = edge[m.id], am.get(m.id)
+            v, a = edge[m.id], figure(figs, "amqtt", m.id)
             name = f"{m.id} >= 10x amqtt"
             if v is None or a is None:
                 out.append((name, "n/a", "figure missing"))
@@ -237,11 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown broker(s) {bad}; choose from {ALL_BROKERS}", file=sys.stderr)
         return 2
-    default_sc = "S1,S2,S3,S4,S5,S6" if quick else ",".join(scenarios.SCENARIOS)
+    default_sc = "S1,S2,S3,S4,S5,S6,S8" if quick else ",".join(scenarios.SCENARIOS)
     sc_ids = [s.strip().upper() for s in (args.scenarios or default_sc).split(",") if s.strip()]
     bad = [s for s in sc_ids if s not in scenarios.SCENARIOS]
     if bad:
         print(f"unknown scenario(s) {bad}; choose from {list(scenarios.SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    s4_dur = [d.strip() for d in (args.s4_durability or args.edge_durability or "fsync,os")
+              .split(",") if d.strip()]
+    bad = [d for d in s4_dur if d not in scenarios.DURABILITIES]
+    if bad:
+        print(f"unknown durability {bad}; choose from {list(scenarios.DURABILITIES)}",
               file=sys.stderr)
         return 2
     opts = Options(quick=quick, duration_s=args.duration or (1.0 if quick else 5.0),
@@ -249,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                    idle_window_s=args.idle_seconds, s6_rate=args.s6_rate,
                    s4_max_messages=args.s4_messages, edge_cmd=args.edge_cmd,
                    edge_durability=args.edge_durability,
-                   edge_persistence=args.edge_persistence)
+                   edge_persistence=args.edge_persistence,
+                   s4_durabilities=tuple(s4_dur), startup_messages=args.startup_messages,
+                   startup_sessions=args.startup_sessions, startup_runs=args.startup_runs,
+                   startup_cold_runs=args.startup_cold_runs,
+                   profile_dir=str(args.profile_edge) if args.profile_edge else None)
     limit = raise_fd_limit(opts.idle_connections + 1024)
     if "S5" in sc_ids and limit[0] < opts.idle_connections + 256:
         print(f"warning: RLIMIT_NOFILE is {limit[0]}; S5 needs {opts.idle_connections + 256}",
@@ -318,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(f"{sc} {b}: {exc}")
                     continue
                 seconds[b] += time.monotonic() - t0
-                record["settings"].setdefault(b, case.settings)
+                # First seen wins; S7's pinning is described by the scenario, not a setting.
+                kept = record["settings"].setdefault(b, {})
+                for k, val in case.settings.items():
+                    if k != "pinned_cpu":
+                        kept.setdefault(k, val)
                 attempts[b].append(res)
                 shown = ", ".join(f"{k}={fmt(v, METRIC_BY_ID[k].unit)}"
                                   for k, v in res.figures.items())
@@ -343,12 +403,19 @@ def main(argv: list[str] | None = None) -> int:
             if b in errors:
                 record["scenarios"][sc][b]["error"] = errors[b]
 
-    metric_ids = [m.id for m in METRICS if any(m.id in figs[b] for b in usable)]
+    metric_ids = table_metrics(figs, usable)
     rows = build_table(figs, usable, metric_ids, flagged)
     print()
     print(render_text(rows))
     if any("!" in cell for row in rows[1:] for cell in row):
         print("  ! = a delivery check failed in that scenario (see FAILED below)")
+    if any(scenarios.S4_NOTE in row[0] for row in rows[1:]):
+        print(f"  {scenarios.S4_NOTE} mosquitto/amqtt: their one S4 figure (offline messages "
+              "in memory), repeated per edge-broker durability")
+    s4_rows = s4_store_rows({"scenarios": record["scenarios"]})
+    if s4_rows:
+        print("\nS4 edge-broker store counters during the ingest:")
+        print(render_text(s4_rows))
     # Targets judge speed: not in quick mode, and only for figures edge-broker produced.
     targets = [] if quick or "edge" not in usable else judge_targets(figs)
     if targets:
@@ -382,6 +449,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+S4_FOOTNOTE = (
+    f"{scenarios.S4_NOTE} edge-broker runs S4 once per durability, each on a fresh broker and "
+    "store (`[storage] durability`: `fsync` = the WAL is fsynced before any PUBACK, survives a "
+    "power cut; `os` = written to the OS before any PUBACK, survives a crash of the broker). "
+    "mosquitto and amqtt have no such setting: their columns repeat their one S4 figure, with "
+    "the offline messages held in memory only (mosquitto `persistence false`; even with "
+    "`persistence true` mosquitto writes its database only at `autosave_interval` and at "
+    "shutdown, never per message).")
+
+
+def first_details(doc: dict, sc: str, broker: str = "edge") -> dict | None:
+    """The details of one scenario's run (the first one when --repeat merged several)."""
+    entry = doc.get("scenarios", {}).get(sc, {}).get(broker)
+    if not entry or "details" not in entry:
+        return None
+    d: dict = entry["details"]
+    return d["repeats"][0] if "repeats" in d else d
+
+
+def s4_store_rows(doc: dict) -> list[list[str]] | None:
+    entry = doc.get("scenarios", {}).get("S4", {}).get("edge")
+    if not entry or "details" not in entry:
+        return None
+    d = entry["details"]
+    runs = d.get("repeats", [d])
+    head = ["Durability", "Run", "Acked msgs", "Ingest msgs/s", "Drain msgs/s", "Commits",
+            "Commits/msg", "Fsyncs", "Fsyncs/msg", "Batches/commit", "Changes/msg",
+            "Broker CPU ingest %", "Store MB after ingest"]
+    rows = [head]
+    for k, run in enumerate(runs):
+        for dur, v in run.get("variants", {}).items():
+            st = (v.get("store") or {})
+            ing = st.get("ingest") or {}
+            per = ing.get("per_msg", {})
+            fb = st.get("file_bytes_after_ingest")
+            ingest_rate = v.get("ingest_msgs_per_s")
+            rows.append([dur, f"#{k + 1}", f"{v['acked']:,}", fmt(ingest_rate, "msgs/s"),
+                         fmt(v["drain"].get("rate") or None, "msgs/s"),
+                         f"{ing['commits']:,}" if "commits" in ing else "-",
+                         fmt(per.get("commits"), "per msg"),
+                         f"{ing['fsyncs']:,}" if "fsyncs" in ing else "-",
+                         fmt(per.get("fsyncs"), "per msg"),
+                         str(ing.get("batches_per_commit", "-")),
+                         f"{per['changes_written']:.1f}" if "changes_written" in per else "-",
+                         f"{v.get('broker_cpu_pct_ingest', 0):.0f}",
+                         "-" if fb is None else f"{fb / 1e6:,.1f}"])
+    return rows if len(rows) > 1 else None
+
+
 def rerender(json_path: Path, md_path: Path) -> int:
     doc = json.loads(json_path.read_text())
     usable = list(doc["figures"])
@@ -390,7 +506,7 @@ def rerender(json_path: Path, md_path: Path) -> int:
         for b, entry in per_broker.items():
             if any(not c["ok"] for c in entry.get("checks", [])):
                 flagged[b].update(entry.get("figures", {}))
-    metric_ids = [m.id for m in METRICS if any(m.id in doc["figures"][b] for b in usable)]
+    metric_ids = table_metrics(doc["figures"], usable)
     rows = build_table(doc["figures"], usable, metric_ids, flagged)
     targets = [(t["target"], t["verdict"], t["evidence"]) for t in doc["targets"]]
     md_path.write_text(render_report(doc, rows, targets, list(doc["scenarios"])))
@@ -420,7 +536,12 @@ def render_report(doc: dict, rows: list[list[str]], targets: list, sc_ids: list[
         f"S5 {o['idle_connections']:,} connections, {o['idle_window_s']:g} s idle; "
         f"S6 {o['s6_rate']:,.0f} msgs/s; {doc.get('repeat', 1)} run(s) per figure (median); "
         "edge persistence/durability: "
-        f"{o['edge_persistence'] or 'default'}/{o['edge_durability'] or 'default'}",
+        f"{o['edge_persistence'] or 'default'}/{o['edge_durability'] or 'default'}"
+        + (f"; S4 edge durability: {', '.join(o['s4_durabilities'])}"
+           if "S4" in sc_ids and o.get("s4_durabilities") else "")
+        + (f"; S8 {o['startup_messages']:,} queued msgs in {o['startup_sessions']:,} sessions, "
+           f"{o['startup_runs']} starts (+{o['startup_cold_runs']} cold)"
+           if "S8" in sc_ids and not doc["quick"] else ""),
     ]
     c = doc.get("loadgen_ceiling")
     if c:
@@ -431,11 +552,33 @@ def render_report(doc: dict, rows: list[list[str]], targets: list, sc_ids: list[
     if any("!" in cell for row in rows[1:] for cell in row):
         lines += ["`!` = that scenario failed a delivery check for that broker (see Failures "
                   "below): the figure is what was delivered, not a clean result.", ""]
+    if any(scenarios.S4_NOTE in row[0] for row in rows[1:]):
+        lines += [S4_FOOTNOTE, ""]
     if targets:
         lines += ["## Targets (edge-broker)", "", "| Target | Verdict | Measured |",
                   "|---|---|---|"]
         lines += [f"| {n} | {verdict} | {ev} |" for n, verdict, ev in targets]
         lines.append("")
+    s4 = s4_store_rows(doc)
+    if s4:
+        lines += ["## S4: edge-broker's store during the ingest", "",
+                  "Counters of the running broker's store (`edge-broker store --json stats`, "
+                  "over its admin socket), sampled before and after the ingest phase: every "
+                  "PUBACK is sent after its commit, so the ingest's commits are all counted. "
+                  "Each message is one `MessageSaved` and ten `DeliverySaved` changes (one per "
+                  "offline session). One commit per group of batches shows group commit "
+                  "working: with a window of 100 unacknowledged PUBLISHes, the best case is "
+                  "about 1/100 commit per message. `fsync` issues one fsync of the WAL per "
+                  "commit (checkpoints fsync the database file too and are not counted); `os` "
+                  "issues none.", "", render_md(s4), ""]
+    s8 = first_details(doc, "S8")
+    if s8 and "connack_s" in s8:
+        from . import startup
+        lines += ["## S8: start-up with a queued backlog (edge-broker)", ""]
+        if doc.get("repeat", 1) > 1:
+            lines += [f"The details below are run #1 of {doc['repeat']}; the table above has "
+                      "the median over the runs.", ""]
+        lines += startup.render_md(s8)
     lines += ["## Broker settings", ""]
     for b, s in doc["settings"].items():
         lines.append(f"- {LABEL[b]}: " + ", ".join(f"`{k}` = {val}" for k, val in s.items()))

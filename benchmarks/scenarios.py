@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import brokers, loadgen
@@ -23,15 +26,43 @@ class Metric:
     label: str
     unit: str
     better: str  # "higher" | "lower"
+    # Brokers without this figure show `fallback`'s in its row (S4 per durability: mosquitto
+    # and amqtt have no durability setting, their one S4 figure is repeated).
+    fallback: str | None = None
+    compare: bool = True  # judged against amqtt (">= 10x amqtt")
+
+
+# edge-broker's S4 runs once per `[storage] durability` (Options.s4_durabilities).
+DURABILITIES = ("fsync", "os", "none")
+S4_NOTE = "(*)"
+
+
+def _s4_metrics() -> list[Metric]:
+    out = [Metric("S4.ingest_msgs_per_s", "S4 QoS 1 into 10 offline sessions: ingest", "msgs/s",
+                  "higher"),
+           Metric("S4.drain_msgs_per_s", "S4 QoS 1 offline sessions: drain", "msgs/s",
+                  "higher")]
+    for d in DURABILITIES:
+        out.append(Metric(f"S4.{d}.ingest_msgs_per_s",
+                          f"S4 ingest into 10 offline sessions, edge durability {d} {S4_NOTE}",
+                          "msgs/s", "higher", fallback="S4.ingest_msgs_per_s"))
+    for d in DURABILITIES:
+        out.append(Metric(f"S4.{d}.drain_msgs_per_s",
+                          f"S4 drain of the 10 sessions, edge durability {d} {S4_NOTE}",
+                          "msgs/s", "higher", fallback="S4.drain_msgs_per_s"))
+    for what in ("commits", "fsyncs"):
+        for d in DURABILITIES:
+            out.append(Metric(f"S4.{d}.{what}_per_msg",
+                              f"S4 ingest: store {what} per message, durability {d}",
+                              "per msg", "lower", compare=False))
+    return out
 
 
 METRICS = [
     Metric("S1.msgs_per_s", "S1 QoS 0, 1->1, max no-loss rate", "msgs/s", "higher"),
     Metric("S2.deliveries_per_s", "S2 QoS 0, 1->50 fan-out", "deliveries/s", "higher"),
     Metric("S3.msgs_per_s", "S3 QoS 1, 1->1, window 100", "msgs/s", "higher"),
-    Metric("S4.ingest_msgs_per_s", "S4 QoS 1 into 10 offline sessions: ingest", "msgs/s",
-           "higher"),
-    Metric("S4.drain_msgs_per_s", "S4 QoS 1 offline sessions: drain", "msgs/s", "higher"),
+    *_s4_metrics(),
     Metric("S5.rss_kb_per_conn", "S5 idle connections: RSS per connection", "KB", "lower"),
     Metric("S5.idle_cpu_pct", "S5 idle connections: broker CPU", "%", "lower"),
     Metric("S6.qos0_p50_ms", "S6 paced, QoS 0 latency p50", "ms", "lower"),
@@ -41,6 +72,14 @@ METRICS = [
     Metric("S7.S1.msgs_per_s", "S7 pinned to 1 core: S1", "msgs/s", "higher"),
     Metric("S7.S2.deliveries_per_s", "S7 pinned to 1 core: S2", "deliveries/s", "higher"),
     Metric("S7.S3.msgs_per_s", "S7 pinned to 1 core: S3", "msgs/s", "higher"),
+    Metric("S8.startup_s", "S8 start-up with a queued backlog: process start to CONNACK", "s",
+           "lower", compare=False),
+    Metric("S8.empty_startup_s", "S8 start-up, empty store: process start to CONNACK", "s",
+           "lower", compare=False),
+    Metric("S8.rss_mb_after_start", "S8 start-up with the backlog: RSS after start-up", "MB",
+           "lower", compare=False),
+    Metric("S8.rss_mb_after_connect", "S8 start-up with the backlog: RSS after a resume",
+           "MB", "lower", compare=False),
 ]
 METRIC_BY_ID = {m.id: m for m in METRICS}
 
@@ -55,10 +94,16 @@ class Options:
     idle_window_s: float = 30.0        # S5
     s6_rate: float = 10_000.0
     s4_max_messages: int = 100_000     # per run; each of the 10 sessions queues them all
+    s4_durabilities: tuple[str, ...] = ("fsync", "os")   # edge-broker's S4 runs, one each
+    startup_messages: int = 100_000    # S8 backlog
+    startup_sessions: int = 1_000
+    startup_runs: int = 5              # S8 starts on the backlog (and on an empty store)
+    startup_cold_runs: int = 2         # S8 starts with the store evicted from the page cache
     edge_cmd: str | None = None
     edge_durability: str | None = None
     edge_persistence: str | None = None
     loadgen_cpus: list[int] | None = None   # pinning of the load generator (S7 sets it)
+    profile_dir: str | None = None     # py-spy profiles of edge-broker's S4 ingest go here
 
 
 @dataclass
@@ -79,12 +124,19 @@ class Case:
     settings: dict = field(default_factory=dict)
 
     @contextlib.contextmanager
-    def launch(self, latency: bool = False) -> Iterator[brokers.RunningBroker]:
+    def launch(self, latency: bool = False,
+               durability: str | None = None) -> Iterator[brokers.RunningBroker]:
+        """Start the broker; `durability` replaces --edge-durability for this start."""
         rb = brokers.start(self.broker, pin_cpu=self.pin_cpu, edge_cmd=self.opts.edge_cmd,
                            latency=latency,
-                           edge_durability=self.opts.edge_durability,
+                           edge_durability=durability or self.opts.edge_durability,
                            edge_persistence=self.opts.edge_persistence)
-        self.settings = rb.settings
+        self.settings = dict(rb.settings)
+        if durability is not None and not str(rb.settings.get("durability")).startswith(
+                "(not passed"):
+            self.settings["durability"] = (self.opts.edge_durability
+                                           or "(edge-broker default)")
+            self.settings["S4 durability"] = ", ".join(self.opts.s4_durabilities)
         try:
             yield rb
         finally:
@@ -202,25 +254,105 @@ def _mid(case: Case, metric: str) -> str:
 # --------------------------------------------------------------------------- S4: offline queues
 
 
+def s4_variants(case: Case) -> list[str | None]:
+    """edge-broker with its SQLite store: one S4 run per durability. Others: one run (None)."""
+    if case.broker != "edge" or case.opts.edge_persistence == "memory":
+        return [None]
+    return list(case.opts.s4_durabilities) or [None]
+
+
 def s4(case: Case) -> Result:
     res = Result()
+    res.details["variants"] = {}
+    for durability in s4_variants(case):
+        _s4_once(case, durability, res)
+    return res
+
+
+STORE_COUNTERS = ("commits", "fsyncs", "batches", "changes_written", "rows_written")
+
+
+def _store_sample(rb: brokers.RunningBroker, errors: list[str]) -> dict[str, Any] | None:
+    """The running edge-broker's store counters (`edge-broker store stats` over its admin
+    socket); None (and the reason in `errors`) when they cannot be had."""
+    if rb.name != "edge" or rb.data_dir is None:
+        return None
+    try:
+        return brokers.edge_store_stats(rb.data_dir)
+    except Exception as exc:  # a missing counter must not lose the scenario's figures
+        errors.append(f"{exc.__class__.__name__}: {exc}")
+        return None
+
+
+def _store_delta(before: dict | None, after: dict | None, per: int) -> dict[str, Any] | None:
+    if not before or not after or "store" not in before or "store" not in after:
+        return None
+    b, a = before["store"], after["store"]
+    out: dict[str, Any] = {k: a[k] - b[k] for k in STORE_COUNTERS if k in a and k in b}
+    if per:
+        out["per_msg"] = {k: round(v / per, 5) for k, v in out.items()}
+    if out.get("commits"):
+        out["batches_per_commit"] = round(out.get("batches", 0) / out["commits"], 1)
+        out["changes_per_commit"] = round(out.get("changes_written", 0) / out["commits"], 1)
+    return out
+
+
+def _profiler(case: Case, rb: brokers.RunningBroker, name: str) -> tuple | None:
+    """With --profile-edge DIR: py-spy records edge-broker during a phase (raw stacks)."""
+    if not case.opts.profile_dir or rb.name != "edge":
+        return None
+    out = Path(case.opts.profile_dir) / f"{name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["py-spy", "record", "--pid", str(rb.pid), "--format", "raw",
+                             "--rate", "200", "--nonblocking", "-o", str(out)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    time.sleep(0.5)   # attached before the phase starts
+    return proc, out
+
+
+def _stop_profiler(spy: tuple | None) -> dict[str, Any] | None:
+    if spy is None:
+        return None
+    proc, out = spy
+    proc.send_signal(signal.SIGINT)
+    try:
+        _o, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _o, err = proc.communicate()
+    if not out.exists():
+        return {"error": (err or b"").decode(errors="replace")[-500:]}
+    from .startup import summarise_stacks
+    return {"file": str(out), **summarise_stacks(out, 200)}
+
+
+def _s4_once(case: Case, durability: str | None, res: Result) -> None:
     o = case.opts
     n_sessions = 10
     ids = [f"bench-s4-sub{k}" for k in range(n_sessions)]
     topic = "bench/s4"
     cap = 500 if o.quick else o.s4_max_messages
-    with case.launch() as rb:
+    pre = "S4." if durability is None else f"S4.{durability}."
+    tag = "S4" if durability is None else f"S4 {durability}"
+    stat_errors: list[str] = []
+    with case.launch(durability=durability) as rb:
         loadgen.setup_offline_sessions(rb.host, rb.port, topic, ids)
         time.sleep(0.2)   # let the broker register the disconnects
+        st0 = _store_sample(rb, stat_errors)
         rss0 = brokers.rss_kb(rb.pid)
         meter = brokers.CpuMeter(rb.pid)
+        spy = _profiler(case, rb, f"s4-{durability or 'default'}-ingest")
         p = loadgen.publish_only(rb.host, rb.port,
                                  loadgen.PubSpec(topic=topic, qos=1, duration_s=o.duration_s,
                                                  window=100, max_messages=cap,
                                                  ack_wait_s=30.0),
                                  cpus=o.loadgen_cpus, hard_timeout_s=_hard(o, 60))
         ingest_cpu = meter.percent()
+        profile = _stop_profiler(spy)
         rss1 = brokers.rss_kb(rb.pid)
+        # Every PUBACK came after its commit, so the ingest's commits are all counted.
+        st1 = _store_sample(rb, stat_errors)
         ingest_s = (p["t_done_ns"] - p["t_first_ns"]) / 1e9
         drain_cap_s = 20.0 if o.quick else max(60.0, 6 * o.duration_s)
         sub = loadgen.SubSpec(topic=topic, qos=1, client_ids=ids, clean=False, subscribe=False,
@@ -231,23 +363,48 @@ def s4(case: Case) -> Result:
         d = loadgen.drain(rb.host, rb.port, sub, p["acked"], sub_procs=2, cpus=o.loadgen_cpus,
                           hard_timeout_s=drain_cap_s + 60)
         drain_cpu = meter.percent()
-    res.figures["S4.ingest_msgs_per_s"] = p["acked"] / ingest_s if ingest_s else None
+        if st1 is not None:
+            brokers.wait_quiet(rb.pid, timeout_s=10.0)   # the last acks' commits
+        st2 = _store_sample(rb, stat_errors)
+    res.figures[pre + "ingest_msgs_per_s"] = p["acked"] / ingest_s if ingest_s else None
     # A short drain still reports its rate; the failed check flags it in the table.
-    res.figures["S4.drain_msgs_per_s"] = d["rate"] or None
-    res.details = {"published": p["sent"], "acked": p["acked"], "ingest_s": round(ingest_s, 3),
-                   "sessions": n_sessions, "queued_total": p["acked"] * n_sessions,
-                   "drain": d, "rss_kb_before": rss0, "rss_kb_after_ingest": rss1,
-                   "broker_cpu_pct_ingest": round(ingest_cpu, 1),
-                   "broker_cpu_pct_drain": round(drain_cpu, 1),
-                   "settle_before_drain_s": round(settle_s, 2),
-                   "edge_persistence": o.edge_persistence if case.broker == "edge" else None,
-                   "edge_durability": o.edge_durability if case.broker == "edge" else None}
-    res.check("S4 acked", p["acked"] == p["sent"], f"{p['acked']}/{p['sent']} PUBACKs")
+    res.figures[pre + "drain_msgs_per_s"] = d["rate"] or None
+    ingest = _store_delta(st0, st1, p["acked"])
+    if durability is not None and ingest and "per_msg" in ingest:
+        res.figures[pre + "commits_per_msg"] = ingest["per_msg"].get("commits")
+        res.figures[pre + "fsyncs_per_msg"] = ingest["per_msg"].get("fsyncs")
+    details = {"durability": durability, "published": p["sent"], "acked": p["acked"],
+               "ingest_s": round(ingest_s, 3),
+               "ingest_msgs_per_s": res.figures[pre + "ingest_msgs_per_s"],
+               "sessions": n_sessions,
+               "queued_total": p["acked"] * n_sessions,
+               "drain": d, "rss_kb_before": rss0, "rss_kb_after_ingest": rss1,
+               "broker_cpu_pct_ingest": round(ingest_cpu, 1),
+               "broker_cpu_pct_drain": round(drain_cpu, 1),
+               "settle_before_drain_s": round(settle_s, 2),
+               "edge_persistence": o.edge_persistence if case.broker == "edge" else None,
+               "edge_durability": (durability or o.edge_durability)
+               if case.broker == "edge" else None}
+    if profile:
+        details["profile"] = profile
+    if case.broker == "edge":
+        details["store"] = {
+            "ingest": ingest, "drain": _store_delta(st1, st2, d["delivered"]),
+            "file_bytes_after_ingest": (st1 or {}).get("store", {}).get("file_bytes"),
+            "queued_after_ingest": (st1 or {}).get("queued_messages"),
+            "before_ingest": st0, "after_ingest": st1, "after_drain": st2,
+            "errors": stat_errors}
+    memory = case.broker != "edge" or o.edge_persistence == "memory"
+    res.details["variants"][durability or ("memory" if memory else "default")] = details
+    res.check(f"{tag} acked", p["acked"] == p["sent"], f"{p['acked']}/{p['sent']} PUBACKs")
     short = [c for c in d["per_client"] if c < p["acked"]]
-    res.check("S4 drained", not short and len(d["per_client"]) == n_sessions,
+    res.check(f"{tag} drained", not short and len(d["per_client"]) == n_sessions,
               f"{d['delivered']}/{d['expected']} drained from {n_sessions} sessions"
               + (f"; short sessions got {short}" if short else ""))
-    return res
+    if case.broker == "edge" and case.opts.edge_persistence != "memory":
+        res.check(f"{tag} store counters", ingest is not None,
+                  "commits/fsyncs sampled with `edge-broker store stats`" if ingest is not None
+                  else "no store counters: " + "; ".join(stat_errors or ["no store section"]))
 
 
 # --------------------------------------------------------------------------- S5: idle connections
@@ -336,5 +493,33 @@ def s7(case: Case) -> Result:
     return res
 
 
+# --------------------------------------------------------------------------- S8: start-up
+
+
+def s8(case: Case) -> Result:
+    """Restart with a persisted backlog (benchmarks/startup.py): edge-broker only."""
+    res = Result()
+    if case.broker != "edge":
+        res.details["skipped"] = "edge-broker only (start-up from its SQLite store)"
+        return res
+    from . import startup
+
+    o = case.opts
+    s = startup.measure(messages=10_000 if o.quick else o.startup_messages,
+                        sessions=100 if o.quick else o.startup_sessions,
+                        runs=1 if o.quick else o.startup_runs,
+                        cold_runs=0 if o.quick else o.startup_cold_runs,
+                        edge_cmd=o.edge_cmd)
+    res.figures["S8.startup_s"] = s["connack_s"]
+    res.figures["S8.empty_startup_s"] = s["empty_connack_s"]
+    for key in ("rss_kb_after_start", "rss_kb_after_connect"):
+        v = s[key]
+        res.figures["S8." + key.replace("_kb_", "_mb_")] = None if v is None else v / 1024
+    for c in s["checks"]:
+        res.check(c["name"], c["ok"], c["detail"])
+    res.details = s
+    return res
+
+
 SCENARIOS: dict[str, Callable[[Case], Result]] = {
-    "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7}
+    "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7, "S8": s8}

@@ -36,24 +36,31 @@ from edge_broker.store.sqlite import SqliteStore
 
 
 def build_batches(publisher: int, publishers: int, batches: int, size: int, payload: bytes,
-                  acks: bool) -> list[list[Change]]:
+                  acks: bool, subscribers: int = 1) -> list[list[Change]]:
     """One publisher's batches. Message and delivery ids come from one counter in the core,
-    handed out in the order batches arrive; round robin over the publishers mimics that."""
+    handed out in the order batches arrive; round robin over the publishers mimics that.
+    Each message gets one delivery per subscriber (`subscribers` offline sessions of that
+    publisher; S4 of the runner is 1 publisher x 10 subscribers)."""
     out: list[list[Change]] = []
-    previous: list[int] = []
-    subscriber = f"sub-{publisher}"
+    previous: list[tuple[str, int]] = []
+    names = [f"sub-{publisher}" if subscribers == 1 else f"sub-{publisher}-{k}"
+             for k in range(subscribers)]
     topic = f"site/gw1/sensor/{publisher}/temperature"
     for k in range(batches):
         changes: list[Change] = []
         first = 1 + (k * publishers + publisher) * size
         ids = list(range(first, first + size))
+        current: list[tuple[str, int]] = []
         for mid in ids:
             changes.append(MessageSaved(Message(mid, topic, payload, 1, False,
                                                 received_at=1_700_000_000.0 + mid)))
-            changes.append(DeliverySaved(DeliveryRecord(subscriber, mid, mid, 1, False)))
+            for j, name in enumerate(names):
+                did = (mid - 1) * subscribers + j + 1
+                changes.append(DeliverySaved(DeliveryRecord(name, did, mid, 1, False)))
+                current.append((name, did))
         if acks:
-            changes.extend(DeliveryDeleted(subscriber, mid) for mid in previous)
-            previous = ids
+            changes.extend(DeliveryDeleted(name, did) for name, did in previous)
+            previous = current
         out.append(changes)
     return out
 
@@ -66,7 +73,8 @@ async def run_one(durability: str, args: argparse.Namespace, directory: Path) ->
     await store.open()
     per_publisher = args.messages // (args.publishers * args.batch)
     payload = bytes(args.payload)
-    work = [build_batches(p, args.publishers, per_publisher, args.batch, payload, args.acks)
+    work = [build_batches(p, args.publishers, per_publisher, args.batch, payload, args.acks,
+                          args.subscribers)
             for p in range(args.publishers)]
     changes = sum(len(b) for batches in work for b in batches)
     messages = per_publisher * args.batch * args.publishers
@@ -108,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="messages per batch")
     parser.add_argument("--messages", type=int, default=200_000, help="total messages")
     parser.add_argument("--payload", type=int, default=64, help="payload bytes")
+    parser.add_argument("--subscribers", type=int, default=1,
+                        help="offline subscribers per publisher: deliveries per message "
+                        "(S4: --publishers 1 --subscribers 10)")
     parser.add_argument("--acks", action="store_true",
                         help="each batch also deletes the publisher's previous batch")
     parser.add_argument("--dir", type=Path, default=None,
@@ -116,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
         directory = args.dir or Path(tmp)
         print(f"{args.publishers} publishers x batches of {args.batch} QoS 1 messages "
-              f"({args.payload} B payload{', with acks' if args.acks else ''}), "
+              f"({args.payload} B payload{', with acks' if args.acks else ''}, "
+              f"{args.subscribers} deliveries each), "
               f"{args.messages} messages, in {directory}")
         print(f"{'durability':<10} {'msgs/s':>9} {'changes/s':>10} {'commits/s':>9} "
               f"{'fsyncs/msg':>10} {'chg/commit':>10} {'p50 ms':>7} {'p99 ms':>7} "

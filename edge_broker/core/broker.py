@@ -158,7 +158,9 @@ class BrokerCore:
                 owner.inflight[drec.packet_id] = delivery
             else:
                 owner.append(delivery)
-            self._next_delivery_id = max(self._next_delivery_id, drec.delivery_id + 1)
+        if snapshot.deliveries:
+            last = max(d.delivery_id for d in snapshot.deliveries)
+            self._next_delivery_id = max(self._next_delivery_id, last + 1)
         for client_id, packet_id in snapshot.incoming_qos2:
             owner = self.sessions.get(client_id)
             if owner is not None:
