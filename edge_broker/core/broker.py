@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -260,7 +261,7 @@ class BrokerCore:
             for delivery in session.inflight.values():
                 if delivery.qos == 1 and delivery.state == AWAIT_ACK:
                     self._save_delivery(session, delivery)
-        session.resend.clear()
+        session.resend = ()
         self._schedule_offline(session, now)
         self._changes.append(SessionSaved(self._session_record(session)))
 
@@ -447,6 +448,7 @@ class BrokerCore:
         # deliveries already sent on this connection are len(inflight) - len(resend).
         while resend and len(out) < limit and (
                 len(inflight) - len(resend) < session.inflight_max):
+            assert isinstance(resend, deque)
             delivery = resend.popleft()
             if delivery.packet_id is None or inflight.get(delivery.packet_id) is not delivery:
                 continue  # acknowledged meanwhile
@@ -725,11 +727,7 @@ class BrokerCore:
     def _drop_queued_qos0(self, session: Session) -> None:
         if not any(d.qos == 0 for d in session.queue):
             return
-        kept = [d for d in session.queue if d.qos > 0]
-        session.queue.clear()
-        session.queued_bytes = 0
-        for delivery in kept:
-            session.append(delivery)
+        session.replace_queue([d for d in session.queue if d.qos > 0])
 
     def _publish_packet(self, session: Session, delivery: Delivery, now: float) -> Publish:
         message = delivery.message
@@ -816,10 +814,7 @@ class BrokerCore:
                         self._changes.append(DeliveryDeleted(session.client_id, delivery.id))
                 else:
                     kept.append(delivery)
-            session.queue.clear()
-            session.queued_bytes = 0
-            for delivery in kept:
-                session.append(delivery)
+            session.replace_queue(kept)
 
 
 def _will_delay(will: Will) -> int:

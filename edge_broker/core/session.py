@@ -67,10 +67,13 @@ class Session:
         self.disconnected_at: float | None = None
         self.expires_at: float | None = None
         self.subscriptions: dict[str, SubscriptionRecord] = {}
-        self.queue: deque[Delivery] = deque()
+        # Created on the first delivery: an empty deque is 760 bytes per idle connection.
+        self.queue: deque[Delivery] | tuple[()] = ()
         self.queued_bytes = 0
         self.inflight: dict[int, Delivery] = {}  # packet id -> delivery, in send order
-        self.resend: deque[Delivery] = deque()  # inflight deliveries to send again
+        # Inflight deliveries to send again after a reconnect; a deque only while there are
+        # some (an empty deque is 760 bytes, per idle connection).
+        self.resend: deque[Delivery] | tuple[()] = ()
         self.inflight_max = 20
         self.incoming_qos2: set[int] = set()
         self.next_packet_id = 1
@@ -97,16 +100,31 @@ class Session:
         return not (max_bytes and self.queued_bytes + payload_size > max_bytes)
 
     def append(self, delivery: Delivery) -> None:
-        self.queue.append(delivery)
+        queue = self.queue
+        if not isinstance(queue, deque):
+            queue = self.queue = deque()
+        queue.append(delivery)
         self.queued_bytes += len(delivery.message.payload)
 
     def popleft(self) -> Delivery:
-        delivery = self.queue.popleft()
+        queue = self.queue
+        assert isinstance(queue, deque)
+        delivery = queue.popleft()
         self.queued_bytes -= len(delivery.message.payload)
         return delivery
 
+    def replace_queue(self, kept: list[Delivery]) -> None:
+        """Keep only `kept` (in order) in the queue."""
+        self.queue = ()
+        self.queued_bytes = 0
+        for delivery in kept:
+            self.append(delivery)
+
     def start_resend(self) -> None:
         """After a reconnect: everything inflight goes out again first, in order."""
+        if not self.inflight:
+            self.resend = ()
+            return
         self.resend = deque(self.inflight.values())
         for delivery in self.resend:
             if delivery.state == AWAIT_ACK:
@@ -116,7 +134,7 @@ class Session:
         """Drop every queued and inflight delivery; returns them (for change records)."""
         dropped = list(self.inflight.values()) + list(self.queue)
         self.inflight.clear()
-        self.queue.clear()
-        self.resend.clear()
+        self.queue = ()
+        self.resend = ()
         self.queued_bytes = 0
         return dropped
