@@ -579,6 +579,11 @@ def render_report(doc: dict, rows: list[list[str]], targets: list, sc_ids: list[
             lines += [f"The details below are run #1 of {doc['repeat']}; the table above has "
                       "the median over the runs.", ""]
         lines += startup.render_md(s8)
+    analysis = HERE / "ANALYSIS.md"
+    if analysis.exists() and not doc["quick"]:
+        # Hand-written: the profile of where the time goes and the log of changes that
+        # mattered, kept with every regenerated report.
+        lines += [analysis.read_text().strip(), ""]
     lines += ["## Broker settings", ""]
     for b, s in doc["settings"].items():
         lines.append(f"- {LABEL[b]}: " + ", ".join(f"`{k}` = {val}" for k, val in s.items()))
