@@ -23,7 +23,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..mqtt.errors import RemoteProtocolError
 from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Unsubscribe, Will
@@ -98,7 +98,6 @@ class BrokerStats:
     clients_expired: int = 0  # sessions ended by session expiry
     clients_connected: int = 0
     clients_maximum: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class BrokerCore:

@@ -167,7 +167,6 @@ NO_PROPERTIES: Final = Properties()
 
 # Attribute names in declaration order, for codecs that walk every property.
 PROPERTY_ATTRIBUTES: Final = tuple(f.name for f in fields(Properties))
-ATTRIBUTE_TO_SPEC: Final = {s.attribute: s for s in PROPERTY_TABLE.values()}
 
 
 # --------------------------------------------------------------------------- codec

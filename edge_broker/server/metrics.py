@@ -38,6 +38,8 @@ def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
         "$SYS/broker/publish/messages/received": str(stats.publish_received),
         "$SYS/broker/publish/messages/sent": str(stats.publish_sent),
         "$SYS/broker/publish/messages/dropped": str(stats.publish_dropped),
+        # Not in mosquitto: deliveries dropped because their message expiry interval ran out.
+        "$SYS/broker/publish/messages/expired": str(stats.messages_expired),
         "$SYS/broker/bytes/received": str(metrics.bytes_received),
         "$SYS/broker/bytes/sent": str(metrics.bytes_sent),
         "$SYS/broker/retained messages/count": str(len(core.retained)),
