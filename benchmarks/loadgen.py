@@ -529,6 +529,18 @@ def split(items: list[str], parts: int) -> list[list[str]]:
     return [items[k::parts] for k in range(parts)]
 
 
+def _start_subscribers(crew: Crew, host: str, port: int, sub: SubSpec, sub_procs: int,
+                       cpus: list[int] | None, expected: Any) -> set[str]:
+    """Spread `sub`'s clients over `sub_procs` subscriber processes; returns their names."""
+    names = set()
+    for k, ids in enumerate(split(sub.client_ids, sub_procs)):
+        name = f"sub{k}"
+        names.add(name)
+        part = SubSpec(**{**sub.__dict__, "client_ids": ids})
+        crew.start(_subscriber, host, port, part, cpus, crew.out, expected, crew.deadline, name)
+    return names
+
+
 def run_flow(host: str, port: int, pub: PubSpec, sub: SubSpec, *, sub_procs: int = 1,
              cpus: list[int] | None = None, hard_timeout_s: float = 60.0) -> dict:
     """Subscribers first, then one publisher; returns the merged figures."""
@@ -537,13 +549,7 @@ def run_flow(host: str, port: int, pub: PubSpec, sub: SubSpec, *, sub_procs: int
     expected = CTX.Value("q", -1, lock=False)
     go = CTX.Event()
     try:
-        names = set()
-        for k, ids in enumerate(split(sub.client_ids, sub_procs)):
-            name = f"sub{k}"
-            names.add(name)
-            part = SubSpec(**{**sub.__dict__, "client_ids": ids})
-            crew.start(_subscriber, host, port, part, cpus, crew.out, expected, crew.deadline,
-                       name)
+        names = _start_subscribers(crew, host, port, sub, sub_procs, cpus, expected)
         crew.wait_for(names, "ready")
         crew.start(_publisher, host, port, pub, cpus, crew.out, go, crew.deadline)
         crew.wait_for({"pub"}, "ready")
@@ -623,13 +629,7 @@ def drain(host: str, port: int, sub: SubSpec, expected_each: int, *, sub_procs: 
     expected = CTX.Value("q", expected_each, lock=False)
     t0 = time.perf_counter_ns()
     try:
-        names = set()
-        for k, ids in enumerate(split(sub.client_ids, sub_procs)):
-            name = f"sub{k}"
-            names.add(name)
-            part = SubSpec(**{**sub.__dict__, "client_ids": ids})
-            crew.start(_subscriber, host, port, part, cpus, crew.out, expected, crew.deadline,
-                       name)
+        names = _start_subscribers(crew, host, port, sub, sub_procs, cpus, expected)
         crew.wait_for(names, "done")
     finally:
         crew.close()
