@@ -130,11 +130,10 @@ class Session:
             if delivery.state == AWAIT_ACK:
                 delivery.dup = True
 
-    def clear_deliveries(self) -> list[Delivery]:
-        """Drop every queued and inflight delivery; returns them (for change records)."""
-        dropped = list(self.inflight.values()) + list(self.queue)
+    def clear_deliveries(self) -> None:
+        """Drop every queued and inflight delivery (the session ends; the store's cascading
+        SessionDeleted removes their rows)."""
         self.inflight.clear()
         self.queue = ()
         self.resend = ()
         self.queued_bytes = 0
-        return dropped

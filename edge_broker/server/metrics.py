@@ -40,6 +40,10 @@ def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
         "$SYS/broker/publish/messages/dropped": str(stats.publish_dropped),
         # Not in mosquitto: deliveries dropped because their message expiry interval ran out.
         "$SYS/broker/publish/messages/expired": str(stats.messages_expired),
+        # Not in mosquitto either: QoS 1/2 PUBLISH refused while the store was full, and
+        # connections closed for breaking the protocol.
+        "$SYS/broker/publish/messages/refused": str(metrics.refused_store_full),
+        "$SYS/broker/clients/protocol_errors": str(metrics.protocol_errors),
         "$SYS/broker/bytes/received": str(metrics.bytes_received),
         "$SYS/broker/bytes/sent": str(metrics.bytes_sent),
         "$SYS/broker/retained messages/count": str(len(core.retained)),

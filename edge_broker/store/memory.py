@@ -41,7 +41,6 @@ class MemoryStore:
         self.deliveries: dict[tuple[str, int], DeliveryRecord] = {}
         self.retained: dict[str, int] = {}
         self.incoming_qos2: set[tuple[str, int]] = set()
-        self.batches_applied = 0
 
     async def open(self) -> Snapshot:
         self._prune_messages()
@@ -55,10 +54,8 @@ class MemoryStore:
         )
 
     def apply(self, changes: Sequence[Change]) -> Awaitable[None]:
-        if changes:
-            for change in changes:
-                self._apply_one(change)
-            self.batches_applied += 1
+        for change in changes:
+            self._apply_one(change)
         return DONE
 
     async def close(self) -> None:

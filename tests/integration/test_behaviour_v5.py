@@ -258,7 +258,8 @@ def sys_broker(make_broker: Callable[..., BrokerThread], tmp_path: Path) -> Brok
 def test_sys_topics(sys_broker: BrokerThread) -> None:
     sub = subscriber(sys_broker.port, unique_id(), "$SYS/broker/#")
     wanted = {"version", "uptime", "clients/connected", "messages/received", "messages/sent",
-              "bytes/received", "bytes/sent"}
+              "bytes/received", "bytes/sent", "publish/messages/expired",
+              "publish/messages/refused", "clients/protocol_errors"}
     values: dict[str, str] = {}
     deadline = time.monotonic() + 3.0
     # The retained values come at once; clients/connected is published again (now counting
@@ -268,7 +269,8 @@ def test_sys_topics(sys_broker: BrokerThread) -> None:
         values[message.topic.removeprefix("$SYS/broker/")] = message.payload.decode()
     assert values["version"].startswith("edge-broker")
     assert re.fullmatch(r"\d+ seconds", values["uptime"])
-    for key in ("messages/received", "messages/sent", "bytes/received", "bytes/sent"):
+    for key in ("messages/received", "messages/sent", "bytes/received", "bytes/sent",
+                "publish/messages/refused", "clients/protocol_errors"):
         assert int(values[key]) >= 0, key
 
 
