@@ -58,7 +58,7 @@ async def _from_store(config: Config, request: dict[str, Any]) -> dict[str, Any]
     path = store_path(config)
     command = request["command"]
     if config.storage.persistence != "sqlite" or not path.exists():
-        empty: dict[str, Any] = {
+        empty: dict[str, dict[str, Any]] = {
             "sessions.list": {"sessions": []},
             "sessions.show": {"error": f"no session {request.get('client_id')!r}"},
             "sessions.delete": {"deleted": False},
@@ -105,10 +105,7 @@ def _stored_summary(info: Any) -> dict[str, Any]:
 def _stored_detail(detail: Any) -> dict[str, Any]:
     summary = _stored_summary(detail.info)
     summary["will_topic"] = detail.record.will.topic if detail.record.will else None
-    summary["subscription_list"] = [
-        {"topic_filter": s.topic_filter, "qos": s.qos, "no_local": s.no_local,
-         "retain_as_published": s.retain_as_published, "retain_handling": s.retain_handling,
-         "subscription_id": s.subscription_id} for s in detail.subscriptions]
+    summary["subscription_list"] = [admin.subscription_info(s) for s in detail.subscriptions]
     summary["queue_preview"] = [
         {"topic": q.topic, "qos": q.delivery.qos, "bytes": q.payload_bytes,
          "packet_id": q.delivery.packet_id, "received_at": q.received_at}

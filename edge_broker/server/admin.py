@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.changes import SubscriptionRecord
 from ..core.session import Session
 from ..errors import EdgeBrokerError
 from ..mqtt.types import ReasonCode
@@ -98,13 +99,17 @@ def session_summary(session: Session) -> dict[str, Any]:
     }
 
 
+def subscription_info(record: SubscriptionRecord) -> dict[str, Any]:
+    """A subscription as `sessions show` reports it (live or from the store file)."""
+    return {"topic_filter": record.topic_filter, "qos": record.qos, "no_local": record.no_local,
+            "retain_as_published": record.retain_as_published,
+            "retain_handling": record.retain_handling,
+            "subscription_id": record.subscription_id}
+
+
 def session_detail(session: Session) -> dict[str, Any]:
     detail = session_summary(session)
-    detail["subscription_list"] = [
-        {"topic_filter": s.topic_filter, "qos": s.qos, "no_local": s.no_local,
-         "retain_as_published": s.retain_as_published, "retain_handling": s.retain_handling,
-         "subscription_id": s.subscription_id}
-        for s in session.subscriptions.values()]
+    detail["subscription_list"] = [subscription_info(s) for s in session.subscriptions.values()]
     queued = list(session.inflight.values()) + list(session.queue)[:QUEUE_PREVIEW]
     detail["queue_preview"] = [
         {"topic": d.message.topic, "qos": d.qos, "bytes": len(d.message.payload),
