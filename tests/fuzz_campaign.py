@@ -14,7 +14,8 @@ port, its stderr in a file. Worker threads take case numbers in turn; each case 
 `random.Random(f"{seed}:{case}")` (tests/fuzz_mutations.py) in one of three modes:
 
 * session (60%): a mutated packet on an established connection of the case's protocol level,
-  reused from case to case while the broker keeps it open;
+  reused from case to case while the broker keeps it open (in a third of them behind one to
+  three valid packets in the same write);
 * pipelined (25%): a valid CONNECT and a mutated packet in one write, on a new connection; on
   5.0 a third of these CONNECTs announce a tiny Maximum Packet Size (1 to 8 bytes);
 * connect (15%): a mutated CONNECT as the first bytes of a new connection.
@@ -67,8 +68,12 @@ def make_case(seed: int, index: int) -> Case:
     level = rng.choice(LEVELS)
     roll = rng.random()
     if roll < 0.60:
-        non_connect = [s for s in SEEDS[level] if s[0] >> 4 != 1]
-        return Case(index, "session", level, mutate(rng, rng.choice(non_connect), level))
+        # Client packets but CONNECT / DISCONNECT; a third of the cases first send one to
+        # three of them unchanged, so the error meets state (answers owed, QoS 2 in flight).
+        packets = [s for s in SEEDS[level] if s[0] >> 4 not in (1, 2, 9, 11, 13, 14)]
+        prefix = b"".join(rng.choice(packets) for _ in range(rng.randint(1, 3))) if (
+            rng.random() < 1 / 3) else b""
+        return Case(index, "session", level, prefix + mutate(rng, rng.choice(packets), level))
     if roll < 0.85:
         tiny = level == 5 and rng.random() < 1 / 3
         connect = encode(connect_packet(level, f"fz-p{index}",

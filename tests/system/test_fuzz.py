@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.fuzz_campaign import run_campaign
 from tests.integration.brokerprocess import needs_console_script
 
-CI_CASES = 60_000
+CI_CASES = 50_000
 CI_SEED = 20261206
 
 
