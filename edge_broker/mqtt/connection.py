@@ -504,7 +504,9 @@ class Connection:
                     del unacked[packet_id]  # 4.9 (5.0): a failing PUBREC ends the exchange
                 else:
                     unacked[packet_id] = _AWAIT_PUBREL_SENT
-            # A repeated PUBREC after ours went out is answered with PUBREL again (4.3.3).
+            elif packet.reason_code >= 0x80:
+                raise _wrong_ack(packet, "already received (a failing PUBREC after a PUBREC)")
+            # A repeated PUBREC is answered with PUBREL again (4.3.3 (5.0)).
         elif waiting == _AWAIT_PUBCOMP:  # PUBCOMP
             del unacked[packet_id]  # 4.3.3 (5.0): the QoS 2 exchange ends
         else:

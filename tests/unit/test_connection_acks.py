@@ -83,6 +83,14 @@ def test_pubcomp_after_pubrec_but_before_our_pubrel(level: int) -> None:
     assert raises(server, ack(PubComp(1))) == ReasonCode.PROTOCOL_ERROR
 
 
+def test_failing_pubrec_after_a_pubrec_is_a_protocol_error() -> None:
+    # It would end the exchange in the session while our PUBREL is on its way.
+    client, server = connected(5)
+    deliver(server, client, 2, 1)
+    server.receive_packets(ack(PubRec(1)))
+    assert raises(server, b"\x50\x03\x00\x01\x80") == ReasonCode.PROTOCOL_ERROR
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_right_acks_pass(level: int) -> None:
     client, server = connected(level)
