@@ -7,7 +7,8 @@ Run the full campaign (about 100,000 cases) from the repository root:
 `tests/system/test_fuzz.py` runs a smaller count in the normal suite. Options: `--workers`
 (parallel fuzzing connections), `--deadline` (seconds a control round trip may take),
 `--workdir` (keeps the broker's data, its stderr log and `cases.jsonl`, one line per case with
-its bytes, to reproduce a finding), `--broker-arg` (extra `edge-broker` arguments).
+its bytes, to reproduce a finding), `--broker-arg` (extra `edge-broker` arguments; e.g. a
+strict configuration, with small limits, as `--broker-arg=--config --broker-arg=strict.toml`).
 
 What it does. The broker (the installed `edge-broker` script) runs as a subprocess on a free
 port, its stderr in a file. Worker threads take case numbers in turn; each case is built from
