@@ -197,7 +197,10 @@ def decode(first_byte: int, body: Buffer, protocol_level: int) -> Packet:
         raise malformed("packet type 15 is reserved before MQTT 5")
     # [MQTT-2.1.3-1] (5.0), [MQTT-2.2.2-1] (3.1.1): reserved flags have fixed values.
     expected = 2 if ptype in (6, 8, 10) else 0
-    if flags != expected:
+    if flags != expected and not (flags == 0x0A and expected == 2
+                                  and protocol_level == ProtocolLevel.MQTT_3_1):
+        # MQTT 3.1 (2.1 Fixed header, DUP): PUBREL, SUBSCRIBE and UNSUBSCRIBE use QoS 1 and
+        # carry DUP when they are sent again; the fixed flags are a 3.1.1 rule.
         raise malformed(
             f"{PacketType(ptype).name} fixed header flags are 0x{flags:X}, not 0x{expected:X}")
     return _DECODERS[ptype](body, protocol_level)

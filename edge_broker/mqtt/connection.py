@@ -38,8 +38,17 @@ one; which packet types each role may receive in each state; topic aliases in bo
 (inbound aliases are resolved, so a returned PUBLISH always has its full topic and no
 `topic_alias` property: the broker core never sees aliases); Receive Maximum in both directions
 (5.0); Maximum QoS / Retain Available that our CONNACK declared; topic name and filter syntax;
-the AUTH and session expiry rules of DISCONNECT. Invalid topic filters are left in a 5.0
-SUBSCRIBE / UNSUBSCRIBE for the broker to answer with 0x8F; on 3.1.1 they close the connection.
+the AUTH and session expiry rules of DISCONNECT; the type of each acknowledgement of a QoS 1/2
+PUBLISH we sent (PUBACK for QoS 1, PUBREC then PUBCOMP for QoS 2, on every protocol level: a
+wrong one is a protocol violation, [MQTT-4.8.0-1] (3.1.1), 4.13 (5.0); an acknowledgement for a
+packet identifier this connection has not sent is passed on, the session may know it). An
+ill-formed topic filter in SUBSCRIBE / UNSUBSCRIBE closes the connection on every level (0x81 on
+5.0; a `$share/` filter that breaks 4.8.2 (5.0) is 0x82): 0x8F in a SUBACK is the broker's
+answer for a well-formed filter it does not allow.
+
+Errors never make a reply unsendable: `error_bytes` and sending a DISCONNECT drop the reason
+string and properties that do not fit the peer's Maximum Packet Size and send nothing when even
+the bare packet does not fit ([MQTT-3.1.2-24], 3.1.2.11.4 (5.0)).
 
 The state table is `TRANSITIONS`, keyed by (role, state, direction, packet type); a missing key
 is the error. `format_transitions()` prints it.
@@ -80,7 +89,12 @@ from .packets import (
     Unsubscribe,
 )
 from .properties import NO_PROPERTIES, Properties
-from .topics import SHARE_PREFIX, is_valid_topic_filter, is_valid_topic_name
+from .topics import (
+    SHARE_PREFIX,
+    is_valid_topic_filter,
+    is_valid_topic_name,
+    is_well_formed_filter,
+)
 from .types import MAX_REMAINING_LENGTH, PacketType, ProtocolLevel, ReasonCode, Role
 from .wire import malformed, protocol_error
 
@@ -88,6 +102,12 @@ from .wire import malformed, protocol_error
 NO_PACKET_SIZE_LIMIT: Final = MAX_REMAINING_LENGTH + 5
 _V5: Final = ProtocolLevel.MQTT_5
 _REASON_STRING_LIMIT: Final = 200
+
+# What an outbound QoS 1/2 PUBLISH waits for, by packet identifier (4.3.2, 4.3.3 (5.0)).
+_AWAIT_PUBACK: Final = 1  # QoS 1 sent
+_AWAIT_PUBREC: Final = 2  # QoS 2 sent
+_AWAIT_PUBREL_SENT: Final = 3  # QoS 2: PUBREC received, our PUBREL not sent yet
+_AWAIT_PUBCOMP: Final = 4  # QoS 2: PUBREL sent
 
 
 class ConnectionState(Enum):
@@ -222,7 +242,8 @@ class Connection:
         self._problem_information = True  # server role: the client's Request Problem Info.
 
         self._inbound_unacked: set[int] = set()  # QoS 1/2 ids received, not finally acked
-        self._outbound_unacked: set[int] = set()  # QoS 1/2 ids sent, not finally acked
+        # QoS 1/2 ids sent, not finally acked -> what they wait for (_AWAIT_*).
+        self._outbound_unacked: dict[int, int] = {}
         self._inbound_aliases: dict[int, str] = {}
         self._outbound_aliases: dict[str, int] = {}
         self._outbound_alias_topics: dict[int, str] = {}
@@ -402,9 +423,14 @@ class Connection:
         level = packet.protocol_level
         self.protocol_level = level
         self._tentative_level = level
+        if level == ProtocolLevel.MQTT_3_1 and not packet.client_id:
+            # MQTT 3.1 (3.1 CONNECT, Payload): the Client Identifier is 1 to 23 characters;
+            # an empty one gets CONNACK return code 2, as from mosquitto. Longer ones are
+            # accepted, as by mosquitto and as 3.1.1 allows.
+            raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                                      "empty client identifier on MQTT 3.1")
         if level < _V5 and not packet.clean_start and not packet.client_id:
-            # [MQTT-3.1.3-8] (3.1.1): CONNACK return code 2. MQTT 3.1 demands 1..23 characters;
-            # like mosquitto we are lenient there and treat 3.1 as 3.1.1.
+            # [MQTT-3.1.3-8] (3.1.1): CONNACK return code 2.
             raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
                                       "empty client identifier with clean session 0")
         will = packet.will
@@ -458,30 +484,51 @@ class Connection:
             # PUBCOMP, also one whose PUBLISH came on an earlier connection.
             if self.protocol_level == _V5:
                 self._inbound_unacked.add(packet.packet_id)
-        elif ptype is not _T.PUBREC or packet.reason_code >= 0x80:
-            # 4.9 (5.0): PUBACK, PUBCOMP and a failing PUBREC end a QoS 1/2 exchange.
-            self._outbound_unacked.discard(packet.packet_id)
+            return new_state
+        packet_id = packet.packet_id
+        unacked = self._outbound_unacked
+        waiting = unacked.get(packet_id)
+        if waiting is None:
+            # Not sent on this connection: the session may know it from an earlier one (a
+            # PUBREC for an unknown id gets PUBREL 0x92, 4.3.3 (5.0)); nothing to check here.
+            return new_state
+        if ptype is _T.PUBACK:
+            if waiting != _AWAIT_PUBACK:
+                raise _wrong_ack(packet, "a QoS 2 PUBLISH")
+            del unacked[packet_id]  # 4.3.2 (5.0): the QoS 1 exchange ends
+        elif ptype is _T.PUBREC:
+            if waiting == _AWAIT_PUBACK:
+                raise _wrong_ack(packet, "a QoS 1 PUBLISH")
+            if waiting == _AWAIT_PUBREC:
+                if packet.reason_code >= 0x80:
+                    del unacked[packet_id]  # 4.9 (5.0): a failing PUBREC ends the exchange
+                else:
+                    unacked[packet_id] = _AWAIT_PUBREL_SENT
+            elif packet.reason_code >= 0x80:
+                raise _wrong_ack(packet, "already received (a failing PUBREC after a PUBREC)")
+            # A repeated PUBREC is answered with PUBREL again (4.3.3 (5.0)).
+        elif waiting == _AWAIT_PUBCOMP:  # PUBCOMP
+            del unacked[packet_id]  # 4.3.3 (5.0): the QoS 2 exchange ends
+        else:
+            raise _wrong_ack(packet, "a QoS 1 PUBLISH" if waiting == _AWAIT_PUBACK
+                             else "a QoS 2 PUBLISH whose PUBREL was not sent")
         return new_state
 
     def _received_subscribe(self, packet: Subscribe,
                             new_state: ConnectionState) -> ConnectionState:
         v5 = self.protocol_level == _V5
         for sub in packet.subscriptions:
-            if v5:
-                if sub.no_local and sub.topic_filter.startswith(SHARE_PREFIX):
-                    # [MQTT-3.8.3-4] (5.0)
-                    raise protocol_error("no local on a shared subscription")
-            elif not is_valid_topic_filter(sub.topic_filter):
-                # 4.7.1 / 4.8 (3.1.1): a protocol violation closes the connection.
-                raise malformed(f"invalid topic filter {sub.topic_filter!r}")
+            _check_topic_filter(sub.topic_filter, v5)
+            if v5 and sub.no_local and sub.topic_filter.startswith(SHARE_PREFIX):
+                # [MQTT-3.8.3-4] (5.0)
+                raise protocol_error("no local on a shared subscription")
         return new_state
 
     def _received_unsubscribe(self, packet: Unsubscribe,
                               new_state: ConnectionState) -> ConnectionState:
-        if self.protocol_level != _V5:
-            for topic_filter in packet.topic_filters:
-                if not is_valid_topic_filter(topic_filter):
-                    raise malformed(f"invalid topic filter {topic_filter!r}")  # 4.8 (3.1.1)
+        v5 = self.protocol_level == _V5
+        for topic_filter in packet.topic_filters:
+            _check_topic_filter(topic_filter, v5)
         return new_state
 
     def _received_suback(self, packet: SubAck, new_state: ConnectionState) -> ConnectionState:
@@ -555,7 +602,14 @@ class Connection:
         hook = _SEND_HOOKS.get(ptype)
         if hook is not None:
             packet, new_state = hook(self, packet, new_state)
-        data = self._encode_within_limit(packet)
+        try:
+            data = self._encode_within_limit(packet)
+        except LocalProtocolError:
+            if ptype is _T.CONNACK:
+                # Nothing may go before the CONNACK ([MQTT-3.2.0-1] (5.0)): if it cannot be
+                # sent (larger than the client's Maximum Packet Size), the connection is over.
+                self._close_by_us()
+            raise
         self.state = new_state
         if new_state is ConnectionState.CLOSED:
             self._close_by_us()
@@ -604,6 +658,12 @@ class Connection:
             properties = dataclasses.replace(properties, user_properties=())
             packet = dataclasses.replace(packet, properties=properties)  # type: ignore[arg-type]
             data = encode(packet, level)
+        if len(data) > limit and packet.packet_type is _T.DISCONNECT:
+            # [MQTT-3.1.2-24] (5.0): the bare DISCONNECT if it fits, else nothing (the caller
+            # closes the connection anyway); a DISCONNECT never fails to be "sent".
+            data = encode(dataclasses.replace(packet, properties=NO_PROPERTIES),  # type: ignore[arg-type]
+                          level)
+            return data if len(data) <= limit else b""
         if len(data) > limit:
             raise LocalProtocolError(f"{packet.packet_type.name} of {len(data)} bytes exceeds "
                                      f"the peer's maximum packet size {limit}")
@@ -664,8 +724,9 @@ class Connection:
                 del self._outbound_aliases[old]
             self._outbound_aliases[topic] = caller_alias
             self._outbound_alias_topics[caller_alias] = topic
-        if qos and level == _V5:
-            self._outbound_unacked.add(packet_id)  # type: ignore[arg-type]
+        if qos:
+            self._outbound_unacked[packet_id] = (  # type: ignore[index]
+                _AWAIT_PUBACK if qos == 1 else _AWAIT_PUBREC)
         return data
 
     def _sending_connect(self, packet: Connect,
@@ -708,8 +769,7 @@ class Connection:
                      new_state: ConnectionState) -> tuple[Packet, ConnectionState]:
         ptype = packet.packet_type
         if ptype is _T.PUBREL:
-            if self.protocol_level == _V5:
-                self._outbound_unacked.add(packet.packet_id)
+            self._outbound_unacked[packet.packet_id] = _AWAIT_PUBCOMP
         elif ptype is not _T.PUBREC or packet.reason_code >= 0x80:
             # We finally acknowledge: PUBACK, PUBCOMP, or a failing PUBREC (4.9 (5.0)).
             self._inbound_unacked.discard(packet.packet_id)
@@ -758,7 +818,9 @@ class Connection:
         also when the level is unknown, 2 for a rejected client identifier), else nothing:
         [MQTT-3.1.4-1] (3.1.1) closes without CONNACK for a CONNECT that does not conform.
         Later, or in the client role: a DISCONNECT with the reason code on 5.0, nothing on
-        3.1/3.1.1.
+        3.1/3.1.1. Never raises: what does not fit the peer's Maximum Packet Size loses its
+        properties, and if even the bare packet does not fit, nothing is sent
+        ([MQTT-3.1.2-24], 3.1.2.11.4 (5.0)); nothing either once a CONNACK could not be sent.
         """
         already_closed = self._closed_by_us
         sent_connect = self.role is Role.SERVER or self.state is not ConnectionState.AWAIT_CONNECT
@@ -780,7 +842,7 @@ class Connection:
             return_code = CONNACK_V5_TO_V3.get(code)
             if level is None or return_code is None:
                 return b""
-            return encode(ConnAck(False, code), level)
+            return self._error_packet_bytes(ConnAck(False, code), level)
         if self.protocol_level != _V5:
             return b""
         if code not in REASON_CODES[_T.DISCONNECT]:
@@ -789,18 +851,40 @@ class Connection:
                                         self.protocol_level)
 
     def _error_packet_bytes(self, packet: ConnAck | Disconnect, level: int) -> bytes:
-        try:
-            data = encode(packet, level)
-        except LocalProtocolError:
-            data = b""
-        if not data or len(data) > self.peer_maximum_packet_size:
-            data = encode(dataclasses.replace(packet, properties=NO_PROPERTIES), level)
-        return data
+        limit = self.peer_maximum_packet_size
+        for candidate in (packet, dataclasses.replace(packet, properties=NO_PROPERTIES)):
+            try:
+                data = encode(candidate, level)
+            except (LocalProtocolError, ValueError):
+                continue
+            if len(data) <= limit:
+                return data
+        return b""  # [MQTT-3.1.2-24] (5.0): not even the bare packet fits
 
 
 def _topic_name_invalid(topic: str) -> RemoteProtocolError:
     # [MQTT-3.3.2-2] (5.0): no wildcards in a topic name.
     return RemoteProtocolError(ReasonCode.TOPIC_NAME_INVALID, f"invalid topic name {topic!r}")
+
+
+def _check_topic_filter(topic_filter: str, v5: bool) -> None:
+    if is_valid_topic_filter(topic_filter):
+        return
+    if v5 and is_well_formed_filter(topic_filter):
+        # [MQTT-4.8.2-1], [MQTT-4.8.2-2] (5.0): a `$share/` filter needs a non-empty ShareName
+        # without '+', '#', followed by '/' and a filter. The packet parses, a rule is broken:
+        # a Protocol Error (1.2 (5.0)).
+        raise protocol_error(f"invalid shared subscription filter {topic_filter!r}")
+    # [MQTT-4.7.1-1], [MQTT-4.7.1-2], [MQTT-4.7.3-1] (5.0): an ill-formed filter makes the
+    # packet malformed (0x81); 4.8 (3.1.1): a protocol violation closes the connection.
+    raise malformed(f"invalid topic filter {topic_filter!r}")
+
+
+def _wrong_ack(packet: PubAck | PubRec | PubRel | PubComp, what: str) -> RemoteProtocolError:
+    # [MQTT-4.8.0-1] (3.1.1): close on a protocol violation; 4.13.1 (5.0): a Protocol Error
+    # (4.3.2 / 4.3.3 (5.0): PUBACK answers QoS 1, PUBREC then PUBCOMP answer QoS 2).
+    return protocol_error(f"{packet.packet_type.name} for packet identifier "
+                          f"{packet.packet_id}, which is {what}")
 
 
 def _check_response_topic(properties: Properties) -> None:

@@ -19,6 +19,12 @@ def is_valid_topic_name(topic: str) -> bool:
     return bool(topic) and "+" not in topic and "#" not in topic and "\x00" not in topic
 
 
+def is_well_formed_filter(topic_filter: str) -> bool:
+    """The wildcard syntax of 4.7.1 (5.0) alone, reading a `$share/` filter as a plain one:
+    what a filter must meet to be parsed at all (a `$share/` filter must also meet 4.8.2)."""
+    return _is_valid_plain_filter(topic_filter)
+
+
 def _is_valid_plain_filter(topic_filter: str) -> bool:
     if not topic_filter or "\x00" in topic_filter:
         return False

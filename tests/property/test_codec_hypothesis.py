@@ -3,7 +3,8 @@
 1. Round trip: every valid packet of every type, for 3.1, 3.1.1 and 5.0, decodes to what was
    encoded (for 3.1/3.1.1, after dropping what those versions cannot carry).
 2. Garbage: bytes fed to a SERVER or a CLIENT connection give packets or a RemoteProtocolError,
-   nothing else, and the same result whether fed whole or one byte at a time.
+   nothing else, and the same result whether fed whole or one byte at a time; the error's
+   answer (`error_bytes`) never raises and fits the peer's Maximum Packet Size.
 """
 
 from __future__ import annotations
@@ -296,7 +297,8 @@ def _feed(conn: Connection, chunks: list[bytes]) -> tuple[list[Packet], int | No
                         # The client's Maximum Packet Size leaves no room for a CONNACK.
                         return received, -1
     except RemoteProtocolError as exc:
-        assert isinstance(conn.error_bytes(exc), bytes)
+        answer = conn.error_bytes(exc)  # never raises [MQTT-3.1.2-24] (5.0)
+        assert isinstance(answer, bytes) and len(answer) <= conn.peer_maximum_packet_size
         return received, exc.reason_code
     return received, None
 
@@ -351,3 +353,24 @@ def test_random_bytes(data: bytes, role: Role, level: int) -> None:
 @given(st.data(), st.sampled_from([Role.SERVER, Role.CLIENT]), levels)
 def test_mutated_traffic(data: st.DataObject, role: Role, level: int) -> None:
     _check_same_either_way(role, level, data.draw(streams(role, level)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 40), st.booleans(), st.binary(max_size=40))
+def test_error_answer_fits_a_tiny_maximum_packet_size(maximum: int, connack: bool,
+                                                       garbage: bytes) -> None:
+    # A v5 CONNECT announcing a tiny Maximum Packet Size, then anything (issue 7, item 7).
+    conn = Connection(Role.SERVER)
+    conn.receive_data(encode(Connect("c", properties=Properties(maximum_packet_size=maximum)),
+                             5))
+    try:
+        assert conn.next_event() is not None
+        if connack:
+            try:
+                conn.send(ConnAck())
+            except LocalProtocolError:
+                assert maximum < 5  # no CONNACK fits: the connection is over
+        conn.receive_packets(garbage)
+    except RemoteProtocolError as exc:
+        answer = conn.error_bytes(exc)
+        assert len(answer) <= maximum

@@ -262,12 +262,38 @@ def test_invalid_filter_v311_closes() -> None:
     assert raises(server, bytes.fromhex("a2 06 0001 0002 2361")) == ReasonCode.MALFORMED_PACKET
 
 
-def test_invalid_filter_v5_reaches_the_broker() -> None:
+@pytest.mark.parametrize("topic_filter", ["#/a", "a/b#", "a+/b", "", "$share/g+/t",
+                                          "$share/g/a#"])
+@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe"])
+def test_ill_formed_filter_v5_is_malformed(topic_filter: str, kind: str) -> None:
+    # [MQTT-4.7.1-1], [MQTT-4.7.1-2], [MQTT-4.7.3-1] (5.0): not a SUBACK 0x8F but 0x81.
+    _, server = connected()
+    data = _v5_filters_packet(kind, ["ok/t", topic_filter])
+    assert raises(server, data) == ReasonCode.MALFORMED_PACKET
+
+
+@pytest.mark.parametrize("topic_filter", ["$share//t", "$share/g", "$share/g/"])
+def test_bad_shared_filter_v5_is_a_protocol_error(topic_filter: str) -> None:
+    # [MQTT-4.8.2-1], [MQTT-4.8.2-2] (5.0): well-formed as a filter, not as a shared one.
+    _, server = connected()
+    data = _v5_filters_packet("subscribe", [topic_filter])
+    assert raises(server, data) == ReasonCode.PROTOCOL_ERROR
+
+
+def test_well_formed_filters_reach_the_broker() -> None:
     client, server = connected()
-    sub = Subscribe(1, (Subscription("a+"), Subscription("#/a")))
+    sub = Subscribe(1, (Subscription("a/+/b"), Subscription("#"), Subscription("$share/g/a/#")))
     assert transfer(client, server, sub) == [sub]
-    unsub = Unsubscribe(2, ("a#",))
-    assert transfer(client, server, unsub) == [unsub]
+
+
+def _v5_filters_packet(kind: str, filters: list[str]) -> bytes:
+    """A 5.0 SUBSCRIBE (options 0) or UNSUBSCRIBE, packet id 1, built by hand (the encoder
+    refuses an empty filter)."""
+    body = b"\x00\x01\x00"
+    for topic_filter in filters:
+        raw = topic_filter.encode()
+        body += len(raw).to_bytes(2, "big") + raw + (b"\x00" if kind == "subscribe" else b"")
+    return bytes((0x82 if kind == "subscribe" else 0xA2, len(body))) + body
 
 
 def test_shared_subscription_with_no_local() -> None:
@@ -684,3 +710,57 @@ def test_response_topic_must_be_a_topic_name() -> None:
     will = Connect("c", will=Will("w", b"", properties=Properties(response_topic="r/+")))
     data = Connection(Role.CLIENT, protocol_level=5).send(will)
     assert raises(server, data) == ReasonCode.PROTOCOL_ERROR
+
+
+# ------------------------------------------------------------------ errors within the peer's limit
+
+
+@pytest.mark.parametrize("maximum", [1, 2, 3, 4, 5, 6, 20])
+def test_error_bytes_fit_the_peers_maximum_packet_size(maximum: int) -> None:
+    # [MQTT-3.1.2-24], 3.1.2.11.4 (5.0): the reason string goes first, then the properties,
+    # then, if even the bare packet is too large, nothing is sent. It never raises.
+    error = RemoteProtocolError(ReasonCode.MALFORMED_PACKET, "a long reason " * 5)
+    invalid_publish = bytes.fromhex("30 03 0001 2b")  # wildcard topic name
+    connect = Connect("c", properties=Properties(maximum_packet_size=maximum))
+    server = Connection(Role.SERVER)
+    server.receive_packets(Connection(Role.CLIENT, protocol_level=5).send(connect))
+    with pytest.raises(RemoteProtocolError):
+        server.receive_packets(invalid_publish)
+    data = server.error_bytes(error)  # before the CONNACK: a CONNACK
+    assert len(data) <= maximum
+    assert data == b"" or data[0] == 0x20
+
+    if maximum < 5:
+        return  # no CONNACK fits: nothing can follow (test below)
+    _, server = connected(connect=connect)
+    with pytest.raises(RemoteProtocolError):
+        server.receive_packets(invalid_publish)
+    data = server.error_bytes(error)  # after it: a DISCONNECT
+    assert len(data) <= maximum
+    assert data == b"" or data[0] == 0xE0
+
+
+@pytest.mark.parametrize("maximum", [1, 2, 3, 4, 30])
+def test_disconnect_fits_the_peers_maximum_packet_size(maximum: int) -> None:
+    connect = Connect("c", properties=Properties(maximum_packet_size=maximum))
+    server = Connection(Role.SERVER)
+    server.receive_packets(Connection(Role.CLIENT, protocol_level=5).send(connect))
+    if maximum < 5:
+        with pytest.raises(LocalProtocolError):
+            server.send(ConnAck())  # cannot be sent: the connection is over
+        assert server.state is S.CLOSED
+        error = RemoteProtocolError(ReasonCode.PROTOCOL_ERROR, "x")
+        assert server.error_bytes(error) == b""  # nothing may precede the CONNACK
+        return
+    server.send(ConnAck())
+    data = server.send(Disconnect(ReasonCode.ADMINISTRATIVE_ACTION,
+                                  Properties(reason_string="shutting down " * 4)))
+    assert 0 < len(data) <= maximum
+    assert server.state is S.CLOSED
+
+
+def test_disconnect_too_large_even_bare_is_not_sent() -> None:
+    _, server = connected()
+    server.peer_maximum_packet_size = 2  # as if the CONNECT had said 2
+    assert server.send(Disconnect(ReasonCode.SERVER_SHUTTING_DOWN)) == b""
+    assert server.state is S.CLOSED
