@@ -65,6 +65,21 @@ raises `StoreError` naming the file and pointing at `--recover`, which calls `mo
 commit torn by a crash is simply absent after restart (WAL frames without a commit record are
 ignored). `EDGE_BROKER_FAULT_KILL_IN_COMMIT=N` kills the process with SIGKILL in the N-th
 group commit, after its statements ran and before COMMIT (for the power-loss test).
+A sound file with invalid rows (bit rot, a buggy version) does not stop the start: every row
+is checked as it is read (sqlite_validate.py); invalid ones, and the rows that cannot stand
+without them, are moved to the `quarantine` table (schema version 2) in the open's
+transaction, logged, and counted in `stats().quarantined`.
+
+*Interference* (sqlite_guard.py): the store holds an exclusive flock on the file itself, so a
+second broker cannot open it even after the data directory's lock file was removed
+(`StoreInUseError`). After every commit (before its futures resolve) and every second while
+idle, it checks that the path still names the file (and -wal) it opened. Once it does not,
+`full` is set (the server refuses new QoS 1/2 PUBLISH), one error is logged, and the futures
+of that commit and of every batch queued are failed (no acknowledgement after detection: the
+server closes those connections, and their publishers send again and are refused). Later
+batches, which can no longer accept a QoS 1/2 message, are committed into the unlinked file
+and resolved as usual, so acknowledgements from subscribers and deliveries of what the broker
+holds in memory go on until the operator restores the file and restarts.
 
 *Full storage*. `full` (the server refuses new QoS>0 work while it is set) is True when
 1. the data in the file (pages in use, `used_bytes`) is at or over `max_store_bytes`. The
@@ -89,6 +104,7 @@ group commit, after its statements ran and before COMMIT (for the power-loss tes
    batches with `StoreFullError` (none of them was acknowledged). `open()` on a disk too
    full to open the file at all (WAL mode needs room for the -shm file even to read) deletes
    the ballast and tries once more; the store then starts `full`.
+4. the file was deleted or replaced under the running store (see *Interference*).
 `full` is updated after each commit, before that commit's futures resolve, and every second
 while idle and full. Any other SQLite error fails the group's futures and every later
 `apply` with `StoreError`.
@@ -96,9 +112,10 @@ while idle and full. Any other SQLite error fails the group's futures and every 
 `stats()` counts the queue with a scan of `deliveries`: call it seconds apart, not per batch.
 
 `sqlite3.Error` becomes `StoreError` here and nowhere else; this is the only module that
-imports sqlite3. The read-only helpers (`read_sessions`, `read_session`,
-`read_stats`) open the file with `mode=ro` from another process (the admin CLI) while the
-broker runs; WAL makes those reads consistent and non-blocking.
+imports sqlite3 (sqlite_validate.py is handed rows; sqlite_guard.py uses os and fcntl). The
+read-only helpers (`read_sessions`, `read_session`, `read_stats`) open the file with
+`mode=ro` from another process (the admin CLI) while the broker runs; WAL makes those reads
+consistent and non-blocking (the flock does not stop them).
 """
 
 from __future__ import annotations
