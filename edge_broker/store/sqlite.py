@@ -1474,8 +1474,9 @@ def _load_checked(conn: sqlite3.Connection, path: Path) -> tuple[Snapshot, int]:
         if number < validate.LOG_DETAIL_LIMIT:
             log.warning("%s: quarantined %s row (%s%s): %s", path,
                         entry.table + (" will" if entry.will_only else ""),
-                        f"client {entry.client_id}, " if entry.client_id is not None else "",
-                        entry.describe_key(), entry.reason)
+                        f"client {entry.client_id}" if entry.client_id is not None else "",
+                        (", " if entry.client_id is not None and len(entry.key) > 1 else "")
+                        + entry.describe_key(client=False), entry.reason)
     dependent = sum(1 for e in quarantined if e.dependent)
     log.warning("%s: %d invalid stored row(s) moved to the table 'quarantine' (%s; %d of them "
                 "because a row they need was quarantined or missing)%s; everything else is "

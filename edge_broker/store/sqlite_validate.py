@@ -354,8 +354,9 @@ class Quarantined:
             return None
         return _printable(self.row[0])
 
-    def describe_key(self) -> str:
-        return ", ".join(f"{k}={_printable(v)}" for k, v in self.key.items())
+    def describe_key(self, *, client: bool = True) -> str:
+        return ", ".join(f"{k}={_printable(v)}" for k, v in self.key.items()
+                         if client or k != "client_id")
 
 
 def _printable(value: object) -> str:
