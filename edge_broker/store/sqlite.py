@@ -761,7 +761,7 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise _store_error(self.path, "stats", error) from None
         self._check_disk()
-        self._guard.check()
+        self._check_file()
         return StoreStats(
             sessions=counts[0], queued_messages=counts[1], queued_bytes=counts[2],
             oldest_message_at=counts[3], file_bytes=_file_bytes(self.path),
