@@ -73,7 +73,7 @@ class FileGuard:
         worker thread. Raises StoreInUseError while another process holds it."""
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # as SQLite
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
