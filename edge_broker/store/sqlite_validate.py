@@ -40,7 +40,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -392,8 +392,8 @@ class _Checked:
         self.quarantined.append(Quarantined(table, tuple(row), reason, dependent))
 
 
-def check_rows(rows: dict[str, Iterable[Sequence[Any]]]) -> tuple[Snapshot,
-                                                                   list[Quarantined]]:
+def check_rows(rows: Mapping[str, Iterable[Sequence[Any]]]) -> tuple[Snapshot,
+                                                                      list[Quarantined]]:
     """Check every table's rows (`COLUMNS` order; deliveries in delivery id order). Returns
     the snapshot of the sound rows, and what to quarantine (see the module docstring)."""
     out = _Checked()
@@ -441,23 +441,23 @@ def check_rows(rows: dict[str, Iterable[Sequence[Any]]]) -> tuple[Snapshot,
             out.bad("deliveries", row, session_gone, dependent=True)
             continue
         try:
-            record = delivery_record(row)
+            drec = delivery_record(row)
         except BadRow as error:
             out.bad("deliveries", row, str(error))
             continue
-        if record.message_id not in snap.messages:
-            out.bad("deliveries", row, body_missing(record.message_id),
-                    dependent=record.message_id in bad_messages)
+        if drec.message_id not in snap.messages:
+            out.bad("deliveries", row, body_missing(drec.message_id),
+                    dependent=drec.message_id in bad_messages)
             continue
-        if record.state != QUEUED and record.packet_id is not None:
-            used = inflight.setdefault(record.client_id, {})
-            other = used.get(record.packet_id)
+        if drec.state != QUEUED and drec.packet_id is not None:
+            used = inflight.setdefault(drec.client_id, {})
+            other = used.get(drec.packet_id)
             if other is not None:
-                out.bad("deliveries", row, f"packet_id {record.packet_id} is already used by "
+                out.bad("deliveries", row, f"packet_id {drec.packet_id} is already used by "
                                            f"inflight delivery {other}")
                 continue
-            used[record.packet_id] = record.delivery_id
-        snap.deliveries.append(record)
+            used[drec.packet_id] = drec.delivery_id
+        snap.deliveries.append(drec)
 
     for row in rows["retained"]:
         try:
