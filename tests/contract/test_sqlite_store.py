@@ -674,12 +674,24 @@ async def test_a_second_store_on_the_same_file_is_refused(path: Path) -> None:
     await second.close()
 
 
+def _interfere(path: Path, how: str) -> None:
+    if how == "all_deleted":
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    elif how == "wal_deleted":
+        Path(f"{path}-wal").unlink()
+    else:  # replaced by a copy (an operator restoring a backup over it)
+        copy = path.with_name("copy.db")
+        copy.write_bytes(path.read_bytes())
+        copy.replace(path)
+
+
+@pytest.mark.parametrize("how", ["all_deleted", "wal_deleted", "replaced"])
 async def test_a_deleted_file_fails_unacknowledged_batches_and_reports_full(
-        store: SqliteStore, caplog: pytest.LogCaptureFixture) -> None:
+        store: SqliteStore, caplog: pytest.LogCaptureFixture, how: str) -> None:
     await apply_all(store, [[sess("c")]])
     assert not store.full
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+    _interfere(store.path, how)
     with pytest.raises(StoreError, match="deleted or replaced"):
         await store.apply([sess("d")])  # committed after the unlink: no acknowledgement
     assert store.full and (await store.stats()).file_lost
