@@ -138,6 +138,8 @@ def test_a_damaged_row_is_quarantined_and_everything_else_served(tmp_path: Path,
 
     again = BrokerProcess(data_dir).wait_listening()  # nothing left to quarantine
     try:
+        # A CONNACK means the broker is serving, with its SIGTERM handler installed.
+        connect(again.port, VICTIM, version=5, **persistent(5)).disconnect()
         assert "quarantined" not in again.stderr, again.stderr
     finally:
         assert again.stop() == 0, again.stderr
