@@ -38,8 +38,9 @@ busy loop and small groups, so it is not used here.)
 *Rule for the core* (what makes pruning safe): a body is kept only while something refers to
 it, checked at the end of each transaction. A `DeliverySaved`/`RetainedSaved` must therefore
 refer to a message saved in the same batch, or to one that was referenced at the end of the
-previous batch. Should a core break it anyway, `open()` drops the deliveries and retained
-entries whose body is missing (with a warning): those messages are lost, the restart is not.
+previous batch. Should a core break it anyway, `open()` moves the deliveries and retained
+entries whose body is missing to the quarantine table (with a warning): those messages are
+lost, the restart is not.
 
 *Durability* (`durability=`), all in WAL mode, which never corrupts the file on a crash:
 - "fsync" (`synchronous=FULL`, the default): the WAL is fsynced at every commit, so a batch
