@@ -32,8 +32,8 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
     if getattr(args, "client_id", None) is not None:
         request["client_id"] = args.client_id
     try:
-        if admin.broker_running(data_dir):
-            reply = asyncio.run(admin.admin_request(data_dir, request))
+        if admin.broker_running(data_dir) or _store_held(config):
+            reply = asyncio.run(_ask_broker(config, request))
             source = f"the broker running on {data_dir}"
         else:
             reply = asyncio.run(_from_store(config, request))
@@ -51,6 +51,27 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
     if request["command"] == "sessions.delete" and not reply.get("deleted"):
         return EXIT_NOT_FOUND
     return 0
+
+
+def _store_held(config: Config) -> bool:
+    """A broker holds the store file although the lock file says nobody runs (it was
+    removed): the file is not ours to read as if no broker ran."""
+    if config.storage.persistence != "sqlite":
+        return False
+    from .store.sqlite_guard import store_in_use
+
+    return store_in_use(store_path(config))
+
+
+async def _ask_broker(config: Config, request: dict[str, Any]) -> dict[str, Any]:
+    data_dir = Path(config.broker.data_dir)
+    try:
+        return await admin.admin_request(data_dir, request)
+    except (OSError, TimeoutError) as error:
+        raise EdgeBrokerError(
+            f"a broker holds {store_path(config)} but its admin socket "
+            f"{data_dir / admin.SOCKET_NAME} does not answer ({error}); it may be another "
+            f"broker's, or its lock file or socket was removed: restart that broker") from None
 
 
 async def _from_store(config: Config, request: dict[str, Any]) -> dict[str, Any]:
@@ -169,4 +190,10 @@ def _render(command: str, reply: dict[str, Any], source: str, client_id: str | N
     if store:
         lines.append(f"  file: {st.get('path', '')}: {store['file_bytes']} bytes on disk, "
                      f"{store['used_bytes']} in use{', FULL' if store['full'] else ''}")
+        if store.get("file_lost"):
+            lines.append("  the file was DELETED OR REPLACED while the broker runs: new QoS 1/2 "
+                         "messages are refused (see the broker's log)")
+        lines.append(f"  quarantined rows: {store.get('quarantined', 0)}"
+                     + (" (invalid rows found at start-up, kept in the table 'quarantine')"
+                        if store.get("quarantined") else ""))
     return "\n".join(lines)

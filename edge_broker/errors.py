@@ -38,5 +38,9 @@ class StoreFullError(StoreError):
     """The store reached `max_store_bytes` or the disk is full; new QoS>0 work is refused."""
 
 
+class StoreInUseError(StoreError):
+    """Another process (another broker) holds the store file: restarting cannot help."""
+
+
 class BridgeError(EdgeBrokerError):
     """A bridge could not be configured or started."""

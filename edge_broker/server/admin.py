@@ -134,10 +134,11 @@ class AdminServer:
             os.umask(old_umask)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 0.5)
+        if self._server is None:  # never started: the socket there is not ours
+            return
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 0.5)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

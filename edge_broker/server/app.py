@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..core.broker import BrokerCore, ConnectResult, CoreSettings
-from ..errors import ConfigError, EdgeBrokerError, StoreDamagedError, StoreError
+from ..errors import ConfigError, EdgeBrokerError, StoreDamagedError, StoreError, StoreInUseError
 from ..mqtt.packets import Connect, Packet, Publish
 from ..mqtt.types import ReasonCode
 from ..store.base import DONE, SessionStore
@@ -407,8 +407,8 @@ async def serve(config: Config, *, recover: bool = False,
     except EdgeBrokerError as error:
         log.error("%s", error)
         # 2: retrying cannot help (the unit's RestartPreventExitStatus): a bad configuration,
-        # or a damaged store that needs --recover.
-        return 2 if isinstance(error, ConfigError | StoreDamagedError) else 1
+        # a damaged store that needs --recover, or a store file another broker holds.
+        return 2 if isinstance(error, ConfigError | StoreDamagedError | StoreInUseError) else 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

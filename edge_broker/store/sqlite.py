@@ -38,8 +38,9 @@ busy loop and small groups, so it is not used here.)
 *Rule for the core* (what makes pruning safe): a body is kept only while something refers to
 it, checked at the end of each transaction. A `DeliverySaved`/`RetainedSaved` must therefore
 refer to a message saved in the same batch, or to one that was referenced at the end of the
-previous batch. Should a core break it anyway, `open()` drops the deliveries and retained
-entries whose body is missing (with a warning): those messages are lost, the restart is not.
+previous batch. Should a core break it anyway, `open()` moves the deliveries and retained
+entries whose body is missing to the quarantine table (with a warning): those messages are
+lost, the restart is not.
 
 *Durability* (`durability=`), all in WAL mode, which never corrupts the file on a crash:
 - "fsync" (`synchronous=FULL`, the default): the WAL is fsynced at every commit, so a batch
@@ -65,6 +66,21 @@ raises `StoreError` naming the file and pointing at `--recover`, which calls `mo
 commit torn by a crash is simply absent after restart (WAL frames without a commit record are
 ignored). `EDGE_BROKER_FAULT_KILL_IN_COMMIT=N` kills the process with SIGKILL in the N-th
 group commit, after its statements ran and before COMMIT (for the power-loss test).
+A sound file with invalid rows (bit rot, a buggy version) does not stop the start: every row
+is checked as it is read (sqlite_validate.py); invalid ones, and the rows that cannot stand
+without them, are moved to the `quarantine` table (schema version 2) in the open's
+transaction, logged, and counted in `stats().quarantined`.
+
+*Interference* (sqlite_guard.py): the store holds an exclusive flock on the file itself, so a
+second broker cannot open it even after the data directory's lock file was removed
+(`StoreInUseError`). After every commit (before its futures resolve) and every second while
+idle, it checks that the path still names the file (and -wal) it opened. Once it does not,
+`full` is set (the server refuses new QoS 1/2 PUBLISH), one error is logged, and the futures
+of that commit and of every batch queued are failed (no acknowledgement after detection: the
+server closes those connections, and their publishers send again and are refused). Later
+batches, which can no longer accept a QoS 1/2 message, are committed into the unlinked file
+and resolved as usual, so acknowledgements from subscribers and deliveries of what the broker
+holds in memory go on until the operator restores the file and restarts.
 
 *Full storage*. `full` (the server refuses new QoS>0 work while it is set) is True when
 1. the data in the file (pages in use, `used_bytes`) is at or over `max_store_bytes`. The
@@ -89,6 +105,7 @@ group commit, after its statements ran and before COMMIT (for the power-loss tes
    batches with `StoreFullError` (none of them was acknowledged). `open()` on a disk too
    full to open the file at all (WAL mode needs room for the -shm file even to read) deletes
    the ballast and tries once more; the store then starts `full`.
+4. the file was deleted or replaced under the running store (see *Interference*).
 `full` is updated after each commit, before that commit's futures resolve, and every second
 while idle and full. Any other SQLite error fails the group's futures and every later
 `apply` with `StoreError`.
@@ -96,9 +113,10 @@ while idle and full. Any other SQLite error fails the group's futures and every 
 `stats()` counts the queue with a scan of `deliveries`: call it seconds apart, not per batch.
 
 `sqlite3.Error` becomes `StoreError` here and nowhere else; this is the only module that
-imports sqlite3. The read-only helpers (`read_sessions`, `read_session`,
-`read_stats`) open the file with `mode=ro` from another process (the admin CLI) while the
-broker runs; WAL makes those reads consistent and non-blocking.
+imports sqlite3 (sqlite_validate.py is handed rows; sqlite_guard.py uses os and fcntl). The
+read-only helpers (`read_sessions`, `read_session`, `read_stats`) open the file with
+`mode=ro` from another process (the admin CLI) while the broker runs; WAL makes those reads
+consistent and non-blocking (the flock does not stop them).
 """
 
 from __future__ import annotations
@@ -142,9 +160,10 @@ from ..core.changes import (
     SubscriptionSaved,
 )
 from ..errors import StoreDamagedError, StoreError, StoreFullError
-from ..mqtt.packets import Will
 from ..mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
+from . import sqlite_validate as validate
 from .base import DONE
+from .sqlite_guard import FileGuard
 
 __all__ = [
     "MIGRATIONS",
@@ -171,6 +190,7 @@ BALLAST_BYTES: Final = 2 * 1024 * 1024
 DISK_RESERVE_BYTES: Final = 8 * 1024 * 1024  # `full` when less is free on the disk
 RETRY_MAX_S: Final = 1.0  # longest backoff between retries of a group on a full disk
 FULL_RECHECK_S: Final = 1.0  # while full and idle, re-check sizes and the ballast this often
+FILE_CHECK_S: Final = 1.0  # while idle, check this often that the file is still there
 SIZE_CHECK_S: Final = 5.0  # otherwise, check the free-page count this often (for vacuum)
 VACUUM_MIN_FREE_BYTES: Final = 8 * 1024 * 1024  # vacuum when free pages exceed this ...
 VACUUM_MIN_FREE_RATIO: Final = 0.25  # ... and this share of the file
@@ -268,6 +288,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (client_id, packet_id)
         ) WITHOUT ROWID""",
     ),
+    # version 1 -> 2: rows found invalid at open are moved here (sqlite_validate.py).
+    (
+        """CREATE TABLE quarantine (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,          -- when it was quarantined (wall clock)
+            table_name TEXT NOT NULL,  -- where it was
+            row_key TEXT NOT NULL,     -- its primary key there, "client_id=a, delivery_id=7"
+            client_id TEXT,
+            reason TEXT NOT NULL,
+            row_json TEXT NOT NULL     -- the whole row; BLOBs as {"blob_base64": ...}
+        )""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -300,12 +332,6 @@ _PRUNE_CANDIDATES: Final = (
 _CLEAR_CANDIDATES: Final = "DELETE FROM temp.prune_candidates"
 _UNCANDIDATE: Final = "DELETE FROM temp.prune_candidates WHERE id = ?"
 _PRUNE_ALL: Final = f"DELETE FROM messages WHERE {_UNREFERENCED}"
-_DANGLING_DELIVERIES: Final = (
-    "DELETE FROM deliveries WHERE NOT EXISTS"
-    " (SELECT 1 FROM messages m WHERE m.id = deliveries.message_id)")
-_DANGLING_RETAINED: Final = (
-    "DELETE FROM retained WHERE NOT EXISTS"
-    " (SELECT 1 FROM messages m WHERE m.id = retained.message_id)")
 
 _CASCADE: Final = (
     "DELETE FROM deliveries WHERE client_id = ?",
@@ -406,6 +432,7 @@ _SELECT_DELIVERIES: Final = (
     "SELECT client_id, delivery_id, message_id, qos, retain, subscription_ids, packet_id,"
     " state, dup FROM deliveries"
 )
+_SELECT_QUARANTINED: Final = "SELECT count(*) FROM quarantine"
 _SELECT_SIZE: Final = (
     "SELECT * FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
 )
@@ -425,7 +452,6 @@ _SELECT_COUNTS: Final = (
 # "38":[["k","v"]],"11":[1,2]}. Binary data is {"b": base64}; absent properties are left out;
 # NO_PROPERTIES is NULL.
 
-_ID_TO_SPEC: Final = {int(pid): spec for pid, spec in PROPERTY_TABLE.items()}
 _ATTRIBUTE_ID: Final = tuple((spec.attribute, int(pid), spec.type)
                              for pid, spec in PROPERTY_TABLE.items())
 
@@ -446,30 +472,8 @@ def _encode_properties(properties: Properties) -> str | None:
     return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
-def _decode_properties(text: str | None) -> Properties:
-    if not text:
-        return NO_PROPERTIES
-    values: dict[str, Any] = {}
-    for key, value in json.loads(text).items():
-        spec = _ID_TO_SPEC.get(int(key))
-        if spec is None:  # an identifier this version does not know: nothing to put it in
-            continue
-        if spec.type is PropertyType.BINARY_DATA:
-            value = base64.b64decode(value["b"])
-        elif spec.type is PropertyType.UTF8_STRING_PAIR:
-            value = tuple((str(k), str(v)) for k, v in value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        values[spec.attribute] = value
-    return Properties(**values) if values else NO_PROPERTIES
-
-
 def _encode_ids(ids: tuple[int, ...]) -> str | None:
     return ",".join(map(str, ids)) if ids else None
-
-
-def _decode_ids(text: str | None) -> tuple[int, ...]:
-    return tuple(int(i) for i in text.split(",")) if text else ()
 
 
 def _session_row(r: SessionRecord) -> tuple[Any, ...]:
@@ -482,21 +486,9 @@ def _session_row(r: SessionRecord) -> tuple[Any, ...]:
             _encode_properties(will.properties))
 
 
-def _session_record(row: Sequence[Any]) -> SessionRecord:
-    will = None
-    if row[4] is not None:
-        will = Will(row[4], bytes(row[5]), row[6], bool(row[7]), _decode_properties(row[8]))
-    return SessionRecord(row[0], row[1], row[2], will, row[3])
-
-
 def _subscription_row(r: SubscriptionRecord) -> tuple[Any, ...]:
     return (r.client_id, r.topic_filter, r.qos, r.no_local, r.retain_as_published,
             r.retain_handling, r.subscription_id)
-
-
-def _subscription_record(row: Sequence[Any]) -> SubscriptionRecord:
-    return SubscriptionRecord(row[0], row[1], row[2], bool(row[3]), bool(row[4]), row[5],
-                              row[6])
 
 
 def _message_row(m: Message) -> tuple[Any, ...]:
@@ -509,20 +501,10 @@ def _message_update_row(m: Message) -> tuple[Any, ...]:
             m.received_at, m.expires_at, m.origin, m.id)
 
 
-def _message(row: Sequence[Any]) -> Message:
-    return Message(row[0], row[1], bytes(row[2]), row[3], bool(row[4]),
-                   _decode_properties(row[5]), row[6], row[7], row[8])
-
-
 def _delivery_row(r: DeliveryRecord) -> tuple[Any, ...]:
     return (r.client_id, r.delivery_id, r.message_id, r.qos, r.retain,
             _encode_ids(r.subscription_ids) if r.subscription_ids else None,
             r.packet_id, r.state, r.dup)
-
-
-def _delivery_record(row: Sequence[Any]) -> DeliveryRecord:
-    return DeliveryRecord(row[0], row[1], row[2], row[3], bool(row[4]), _decode_ids(row[5]),
-                          row[6], row[7], bool(row[8]))
 
 
 # --------------------------------------------------------------------------- stats / admin
@@ -545,6 +527,8 @@ class StoreStats:
     rows_written: int = 0  # row operations issued (after coalescing)
     vacuum_steps: int = 0
     full: bool = False
+    quarantined: int = 0  # rows in the quarantine table (invalid rows found at open)
+    file_lost: bool = False  # the file was deleted or replaced under the running store
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,6 +656,8 @@ class SqliteStore:
         self.rows_written = 0
         self.vacuum_steps = 0
         self._commit_attempts = 0
+        self._guard = FileGuard(self.path)  # the file's lock, and whether it is still there
+        self.quarantined_at_open = 0  # rows moved to the quarantine table by open()
         fault = os.environ.get(FAULT_ENV, "")
         self._fault_kill_at = int(fault) if fault.strip().isdigit() else 0
 
@@ -680,8 +666,9 @@ class SqliteStore:
     @property
     def full(self) -> bool:
         """New QoS>0 work should be refused: over `max_store_bytes`, the disk nearly full
-        (under `disk_reserve_bytes` free), or full (SQLITE_FULL)."""
-        return self._disk_full or self._disk_tight or (
+        (under `disk_reserve_bytes` free), full (SQLITE_FULL), or the file deleted or
+        replaced under the running store (sqlite_guard.py)."""
+        return self._disk_full or self._disk_tight or self._guard.lost or (
             self.max_store_bytes > 0 and self._used_bytes >= self.max_store_bytes)
 
     @property
@@ -696,6 +683,10 @@ class SqliteStore:
             raise StoreError(f"{self.path}: is a directory, not a database file")
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="edge-broker-store")
         try:
+            try:
+                await self._call(self._guard.lock)
+            except OSError as error:
+                raise StoreError(f"{self.path}: cannot open: {error.strerror}") from None
             try:
                 snapshot = await self._call(self._open_sync)
             except StoreError as error:
@@ -714,9 +705,11 @@ class SqliteStore:
                 snapshot = await self._call(self._open_sync)
         except BaseException:
             await self._call(self._close_connection)
+            self._guard.close()
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
+        self._guard.watch()
         if self.ballast_bytes and not self.ballast_path.exists():
             await asyncio.to_thread(_make_ballast, self.ballast_path, self.ballast_bytes)
         self._check_disk()
@@ -756,6 +749,7 @@ class SqliteStore:
         try:
             await self._call(self._close_sync)
         finally:
+            self._guard.close()  # after SQLite closed the file
             self._executor.shutdown(wait=False)
             self._executor = None
             self._writer = None
@@ -768,12 +762,14 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise _store_error(self.path, "stats", error) from None
         self._check_disk()
+        self._check_file()
         return StoreStats(
             sessions=counts[0], queued_messages=counts[1], queued_bytes=counts[2],
             oldest_message_at=counts[3], file_bytes=_file_bytes(self.path),
             used_bytes=self._used_bytes, free_bytes=self._free_bytes, commits=self.commits,
             batches=self.batches, fsyncs=self.fsyncs, changes_written=self.changes_written,
-            rows_written=self.rows_written, vacuum_steps=self.vacuum_steps, full=self.full)
+            rows_written=self.rows_written, vacuum_steps=self.vacuum_steps, full=self.full,
+            quarantined=counts[4], file_lost=self._guard.lost)
 
     @staticmethod
     def move_aside(path: str | Path) -> Path:
@@ -860,17 +856,13 @@ class SqliteStore:
             self._auto_vacuum = _scalar(conn, "PRAGMA auto_vacuum") == 2
             for statement in _TEMP_SCHEMA:
                 conn.execute(statement)
-            # The invariants hold after every commit; this only repairs files written by a
-            # buggy version or a core that broke the rule for bodies (see the docstring).
+            # Every row is checked as it is read; invalid ones (bit rot, a buggy version, a
+            # core that broke the rule for bodies) go to the quarantine table, in the same
+            # transaction that deletes them and prunes the bodies they freed.
             with _transaction(conn):
-                for what, sql in (("deliveries", _DANGLING_DELIVERIES),
-                                  ("retained messages", _DANGLING_RETAINED)):
-                    dropped = conn.execute(sql).rowcount
-                    if dropped > 0:
-                        log.warning("%s: dropped %d %s whose message body is missing", path,
-                                    dropped, what)
+                snapshot, quarantined = _load_checked(conn, path)
                 conn.execute(_PRUNE_ALL)
-            snapshot = _load_snapshot(conn)
+            self.quarantined_at_open = quarantined
             self._check_size_sync()
         except sqlite3.Error as error:
             raise _store_error(path, "open", error) from None
@@ -947,10 +939,11 @@ class SqliteStore:
         self._free_bytes = free * page_size
         self._size_checked_at = time.monotonic()
 
-    def _stats_sync(self) -> tuple[int, int, int, float | None]:
+    def _stats_sync(self) -> tuple[int, int, int, float | None, int]:
         counts = _query_counts(self._db())
+        quarantined = int(_scalar(self._db(), _SELECT_QUARANTINED))
         self._check_size_sync()
-        return counts
+        return (*counts, quarantined)
 
     def _vacuum_sync(self) -> None:
         conn = self._db()
@@ -1006,25 +999,41 @@ class SqliteStore:
         self._wakeup.clear()
         if self._queue or self._closing:
             return
+        self._check_file()
         now = time.monotonic()
-        timeout: float | None = None
+        timeout = FILE_CHECK_S
         if self.full:
             if now - self._size_checked_at >= FULL_RECHECK_S:
                 await self._maintain(self._check_size_sync)
-            timeout = FULL_RECHECK_S
+            timeout = min(timeout, FULL_RECHECK_S)
         elif now - self._size_checked_at >= SIZE_CHECK_S:
             await self._maintain(self._check_size_sync)
         if self._vacuum_wanted():
             if now - self._vacuumed_at >= VACUUM_INTERVAL_S:
                 await self._maintain(self._vacuum_sync)
-            timeout = VACUUM_INTERVAL_S if timeout is None else min(timeout, VACUUM_INTERVAL_S)
+            timeout = min(timeout, VACUUM_INTERVAL_S)
         if self._queue or self._closing:
             return
-        if timeout is None:
-            await self._wakeup.wait()
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _check_file(self, group: list[_Pending] | None = None) -> None:
+        """Is the file still under its name (sqlite_guard.py)? When it stops being, fail
+        `group` (just committed) and every batch queued: they may accept QoS 1/2 messages,
+        and no acknowledgement may follow once the file is known to be gone. Batches handed
+        in later are committed and resolved as usual: the server refuses new QoS 1/2
+        messages meanwhile (`full`), and the acks and deliveries of what is queued in memory
+        go on."""
+        was_lost = self._guard.lost
+        if not self._guard.check() or was_lost:
+            return
+        failure = StoreError(f"{self.path}: the store file was deleted or replaced; "
+                             f"not acknowledged")
+        if group is not None:
+            _fail(group, failure)
+        for _, future in self._queue:
+            if future is not None and not future.done():
+                future.set_exception(failure)
 
     def _vacuum_wanted(self) -> bool:
         if not self._auto_vacuum:
@@ -1139,6 +1148,7 @@ class SqliteStore:
         self.rows_written += plan.rows
         self._delivery_hwm = max(self._delivery_hwm, plan.max_delivery_id)
         self._message_hwm = max(self._message_hwm, plan.max_message_id)
+        self._check_file(group)  # two stat calls
         # Before the acks go out, so `full` already reflects this commit then.
         if self.max_store_bytes or self._disk_full or self._disk_tight:
             await self._maintain(self._check_size_sync)
@@ -1414,19 +1424,68 @@ def _query_counts(conn: sqlite3.Connection) -> tuple[int, int, int, float | None
     return int(sessions), int(queued), int(queued_bytes), oldest
 
 
-def _load_snapshot(conn: sqlite3.Connection) -> Snapshot:
-    sessions = [_session_record(r) for r in
-                conn.execute(_SELECT_SESSIONS + " ORDER BY client_id")]
-    subscriptions = [_subscription_record(r) for r in conn.execute(
-        _SELECT_SUBSCRIPTIONS + " ORDER BY client_id, topic_filter")]
-    messages = {r[0]: _message(r) for r in conn.execute(_SELECT_MESSAGES)}
-    deliveries = [_delivery_record(r) for r in conn.execute(
-        _SELECT_DELIVERIES + " ORDER BY delivery_id, client_id")]
-    retained = {str(r[0]): int(r[1]) for r in
-                conn.execute("SELECT topic, message_id FROM retained")}
-    incoming = [(str(r[0]), int(r[1])) for r in conn.execute(
-        "SELECT client_id, packet_id FROM incoming_qos2 ORDER BY client_id, packet_id")]
-    return Snapshot(sessions, subscriptions, messages, deliveries, retained, incoming)
+def _read_rows(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
+    """All rows of a query; text that is not UTF-8 (bit rot) comes back as
+    `validate.Undecodable` instead of failing the whole query."""
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError as error:
+        if "decode" not in str(error):
+            raise
+    conn.text_factory = validate.tolerant_text
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.text_factory = str
+
+
+_ORDER: Final = {"sessions": "client_id", "subscriptions": "client_id, topic_filter",
+                 "messages": "id", "deliveries": "delivery_id, client_id",
+                 "retained": "topic", "incoming_qos2": "client_id, packet_id"}
+
+
+def _load_checked(conn: sqlite3.Connection, path: Path) -> tuple[Snapshot, int]:
+    """Read and check every row (sqlite_validate.py); move the invalid ones to the
+    quarantine table and delete them. Runs inside the open's transaction."""
+    rows = {table: _read_rows(conn, f"SELECT {', '.join(columns)} FROM {table}"
+                                    f" ORDER BY {_ORDER[table]}")
+            for table, columns in validate.COLUMNS.items()}
+    snapshot, quarantined = validate.check_rows(rows)
+    if not quarantined:
+        return snapshot, 0
+    now = time.time()
+    per_table: dict[str, int] = {}
+    for number, entry in enumerate(quarantined):
+        key = entry.key
+        where = " AND ".join(
+            f"CAST({name} AS BLOB) = ?" if isinstance(value, validate.Undecodable)
+            else f"{name} = ?" for name, value in key.items())
+        params = [bytes(v) if isinstance(v, validate.Undecodable) else v for v in key.values()]
+        conn.execute("INSERT INTO quarantine (at, table_name, row_key, client_id, reason,"
+                     " row_json) VALUES (?, ?, ?, ?, ?, ?)",
+                     (now, entry.table, entry.describe_key(), entry.client_id, entry.reason,
+                      validate.row_json(entry)))
+        if entry.will_only:
+            conn.execute("UPDATE sessions SET will_topic = NULL, will_payload = NULL,"
+                         " will_qos = NULL, will_retain = NULL, will_properties = NULL"
+                         f" WHERE {where}", params)
+        else:
+            conn.execute(f"DELETE FROM {entry.table} WHERE {where}", params)
+        per_table[entry.table] = per_table.get(entry.table, 0) + 1
+        if number < validate.LOG_DETAIL_LIMIT:
+            log.warning("%s: quarantined %s row (%s%s): %s", path,
+                        entry.table + (" will" if entry.will_only else ""),
+                        f"client {entry.client_id}" if entry.client_id is not None else "",
+                        (", " if entry.client_id is not None and len(entry.key) > 1 else "")
+                        + entry.describe_key(client=False), entry.reason)
+    dependent = sum(1 for e in quarantined if e.dependent)
+    log.warning("%s: %d invalid stored row(s) moved to the table 'quarantine' (%s; %d of them "
+                "because a row they need was quarantined or missing)%s; everything else is "
+                "served", path, len(quarantined),
+                ", ".join(f"{t}: {n}" for t, n in sorted(per_table.items())), dependent,
+                f"; only the first {validate.LOG_DETAIL_LIMIT} are logged one by one"
+                if len(quarantined) > validate.LOG_DETAIL_LIMIT else "")
+    return snapshot, len(quarantined)
 
 
 # --------------------------------------------------------------------------- read-only helpers
@@ -1467,6 +1526,9 @@ def _read_only(path: Path, read: Callable[[sqlite3.Connection, int], _T], doing:
         return read(conn, version)
     except sqlite3.Error as error:
         raise _store_error(path, doing, error) from None
+    except validate.BadRow as error:  # quarantined at the broker's next start
+        raise StoreError(f"{path}: {doing}: a stored row is invalid ({error}); the broker "
+                         f"moves it to the quarantine table when it starts") from None
     finally:
         conn.close()
 
@@ -1484,12 +1546,12 @@ def _read_session(client_id: str, conn: sqlite3.Connection,
     info = conn.execute(_SESSION_INFO + " WHERE s.client_id = ?", (client_id,)).fetchone()
     if info is None:
         return None
-    record = _session_record(conn.execute(_SELECT_SESSIONS + " WHERE client_id = ?",
-                                          (client_id,)).fetchone())
-    subscriptions = [_subscription_record(r) for r in conn.execute(
+    record, _ = validate.session_record(conn.execute(
+        _SELECT_SESSIONS + " WHERE client_id = ?", (client_id,)).fetchone())
+    subscriptions = [validate.subscription_record(r) for r in conn.execute(
         _SELECT_SUBSCRIPTIONS + " WHERE client_id = ? ORDER BY topic_filter", (client_id,))]
     deliveries = [
-        QueuedDelivery(_delivery_record(r[:9]), r[9], r[10], r[11])
+        QueuedDelivery(validate.delivery_record(r[:9]), r[9], r[10], r[11])
         for r in conn.execute(
             "SELECT d.client_id, d.delivery_id, d.message_id, d.qos, d.retain,"
             " d.subscription_ids, d.packet_id, d.state, d.dup, m.topic,"
@@ -1505,9 +1567,11 @@ def _read_session(client_id: str, conn: sqlite3.Connection,
 def _read_stats(path: Path, conn: sqlite3.Connection, version: int) -> StoreStats:
     pages, free, page_size = conn.execute(_SELECT_SIZE).fetchone()
     counts = (0, 0, 0, None) if version == 0 else _query_counts(conn)
+    quarantined = _scalar(conn, _SELECT_QUARANTINED) if version >= 2 else 0
     return StoreStats(sessions=counts[0], queued_messages=counts[1], queued_bytes=counts[2],
                       oldest_message_at=counts[3], file_bytes=_file_bytes(path),
-                      used_bytes=(pages - free) * page_size, free_bytes=free * page_size)
+                      used_bytes=(pages - free) * page_size, free_bytes=free * page_size,
+                      quarantined=int(quarantined))
 
 
 async def read_sessions(path: str | Path) -> list[SessionInfo]:

@@ -38,7 +38,7 @@ from edge_broker.core.changes import (
     SubscriptionRecord,
     SubscriptionSaved,
 )
-from edge_broker.errors import StoreError, StoreFullError
+from edge_broker.errors import StoreError, StoreFullError, StoreInUseError
 from edge_broker.mqtt.packets import Will
 from edge_broker.store import sqlite as sqlite_module
 from edge_broker.store.base import DONE
@@ -151,7 +151,7 @@ async def test_creates_the_schema(path: Path, existing: bool) -> None:
     await s.close()
     tables = {r[0] for r in peek(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"sessions", "subscriptions", "messages", "deliveries", "retained",
-            "incoming_qos2"} <= tables
+            "incoming_qos2", "quarantine"} <= tables
     # Closing checkpointed and truncated the WAL.
     assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
 
@@ -536,7 +536,8 @@ async def test_durability_none_waits_only_when_far_behind(
 
 
 async def test_open_drops_references_to_missing_bodies(path: Path) -> None:
-    """A core that refers to a body it let go (against the rule) must not stop a restart."""
+    """A core that refers to a body it let go (against the rule) must not stop a restart;
+    the rows are kept in the quarantine table."""
     s = SqliteStore(path)
     await s.open()
     await apply_all(s, [[sess("c"), msg(1), dlv("c", 1), msg(2), RetainedSaved("r", 2)]])
@@ -547,6 +548,8 @@ async def test_open_drops_references_to_missing_bodies(path: Path) -> None:
     snapshot = await s.open()
     assert snapshot.deliveries == [] and snapshot.retained == {} and snapshot.messages == {}
     assert [r.client_id for r in snapshot.sessions] == ["c"]
+    assert sorted(peek(path, "SELECT table_name, reason FROM quarantine")) == [
+        ("deliveries", "its message 1 is missing"), ("retained", "its message 2 is missing")]
 
 
 @pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 17, 64, 255, 256, 257, 1000, 1234])
@@ -575,3 +578,123 @@ async def test_full_while_the_disk_is_nearly_full(path: Path) -> None:
     await s.apply([DeliveryDeleted("c", i) for i in range(1, 11)])
     assert not s.full
     await s.close()
+
+
+# --------------------------------------------------------------------------- damaged rows
+#
+# A file SQLite finds sound (quick_check ok) whose rows are not what this code writes: open()
+# quarantines them (sqlite_validate.py) and returns everything else. The system test
+# tests/system/test_store_damage.py does the same with a real broker.
+
+
+def damage(path: Path, sql: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute(sql).rowcount >= 1
+        db.commit()
+
+
+async def write_two_sessions(path: Path) -> None:
+    s = SqliteStore(path)
+    await s.open()
+    await apply_all(s, [[sess("good"), sess("bad", will=Will("w/t", b"x", 1, False)),
+                         SubscriptionSaved(SubscriptionRecord("good", "a/#", 1)),
+                         SubscriptionSaved(SubscriptionRecord("bad", "a/#", 1)),
+                         *queue("good", range(1, 4)), *queue("bad", range(4, 7)),
+                         Qos2Received("bad", 9), msg(7), RetainedSaved("r", 7)]])
+    await s.close()
+
+
+@pytest.mark.parametrize(("sql", "table", "lost"), [
+    ("UPDATE deliveries SET qos = 7 WHERE delivery_id = 4", "deliveries", {4}),
+    ("UPDATE deliveries SET subscription_ids = ',,' WHERE delivery_id = 4", "deliveries", {4}),
+    ("UPDATE deliveries SET packet_id = 0 WHERE delivery_id = 4", "deliveries", {4}),
+    ("UPDATE messages SET properties = '{\"3\": 5}' WHERE id = 5", "messages", {5}),
+    ("UPDATE messages SET payload = 'text' WHERE id = 5", "messages", {5}),
+    ("UPDATE messages SET topic = 'a/+' WHERE id = 5", "messages", {5}),
+    ("UPDATE sessions SET expiry_interval = -1 WHERE client_id = 'bad'", "sessions",
+     {4, 5, 6}),
+], ids=["qos", "subscription_ids", "packet_id", "properties", "payload", "topic", "session"])
+async def test_open_quarantines_invalid_rows_and_serves_the_rest(
+        path: Path, sql: str, table: str, lost: set[int]) -> None:
+    await write_two_sessions(path)
+    damage(path, sql)
+    s = SqliteStore(path)
+    snapshot = await s.open()
+    assert {d.delivery_id for d in snapshot.deliveries} == {1, 2, 3, 4, 5, 6} - lost
+    assert sorted(snapshot.messages) == sorted({1, 2, 3, 4, 5, 6, 7} - lost)
+    assert snapshot.retained == {"r": 7}
+    assert "good" in {r.client_id for r in snapshot.sessions}
+    quarantined = peek(path, "SELECT table_name, client_id, row_key, reason, row_json"
+                             " FROM quarantine")
+    assert table in {q[0] for q in quarantined}
+    assert (await s.stats()).quarantined == len(quarantined) == s.quarantined_at_open
+    await s.close()
+    assert (await read_stats(path)).quarantined == len(quarantined)
+    s = SqliteStore(path)  # gone from the live tables: nothing more to quarantine
+    again = await s.open()
+    assert s.quarantined_at_open == 0 and again == snapshot
+    await s.close()
+
+
+async def test_a_bad_will_drops_only_the_will(path: Path) -> None:
+    await write_two_sessions(path)
+    damage(path, "UPDATE sessions SET will_qos = 3 WHERE client_id = 'bad'")
+    s = SqliteStore(path)
+    snapshot = await s.open()
+    assert {r.client_id: r.will for r in snapshot.sessions} == {"good": None, "bad": None}
+    assert len(snapshot.deliveries) == 6 and ("bad", 9) in snapshot.incoming_qos2
+    (row,) = peek(path, "SELECT table_name, client_id, reason, row_json FROM quarantine")
+    assert row[:2] == ("sessions", "bad") and "will_qos" in row[2] and '"w/t"' in row[3]
+    await s.close()
+
+
+async def test_text_that_is_not_utf8_is_quarantined(path: Path) -> None:
+    await write_two_sessions(path)
+    damage(path, "UPDATE messages SET topic = CAST(X'61ff' AS TEXT) WHERE id = 5")
+    s = SqliteStore(path)
+    snapshot = await s.open()
+    assert 5 not in snapshot.messages and len(snapshot.deliveries) == 5
+    (row,) = peek(path, "SELECT row_json FROM quarantine WHERE table_name = 'messages'")
+    assert "text_not_utf8_base64" in row[0]
+    await s.close()
+
+
+# --------------------------------------------------------------------------- interference
+
+
+async def test_a_second_store_on_the_same_file_is_refused(path: Path) -> None:
+    first = SqliteStore(path)
+    await first.open()
+    with pytest.raises(StoreInUseError, match=str(path)):
+        await SqliteStore(path).open()
+    await apply_all(first, [[sess("c")]])  # the first one goes on
+    await first.close()
+    second = SqliteStore(path)  # free again once the first closed
+    assert [r.client_id for r in (await second.open()).sessions] == ["c"]
+    await second.close()
+
+
+def _interfere(path: Path, how: str) -> None:
+    if how == "all_deleted":
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    elif how == "wal_deleted":
+        Path(f"{path}-wal").unlink()
+    else:  # replaced by a copy (an operator restoring a backup over it)
+        copy = path.with_name("copy.db")
+        copy.write_bytes(path.read_bytes())
+        copy.replace(path)
+
+
+@pytest.mark.parametrize("how", ["all_deleted", "wal_deleted", "replaced"])
+async def test_a_deleted_file_fails_unacknowledged_batches_and_reports_full(
+        store: SqliteStore, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    await apply_all(store, [[sess("c")]])
+    assert not store.full
+    _interfere(store.path, how)
+    with pytest.raises(StoreError, match="deleted or replaced"):
+        await store.apply([sess("d")])  # committed after the unlink: no acknowledgement
+    assert store.full and (await store.stats()).file_lost
+    await store.apply([DeliveryDeleted("c", 1)])  # later batches (acks) go on
+    errors = [r for r in caplog.records if "deleted or replaced while" in r.getMessage()]
+    assert len(errors) == 1 and str(store.path) in errors[0].getMessage()

@@ -11,8 +11,8 @@ import asyncio
 import functools
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,14 @@ from edge_broker.core.changes import (
     SubscriptionSaved,
 )
 from edge_broker.mqtt.packets import Will
-from edge_broker.mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
+from edge_broker.mqtt.properties import (
+    NO_PROPERTIES,
+    PROPERTY_TABLE,
+    WILL,
+    Properties,
+    PropertyType,
+)
+from edge_broker.store import sqlite_validate as validate
 from edge_broker.store.base import SessionStore
 from edge_broker.store.memory import MemoryStore
 from edge_broker.store.sqlite import SqliteStore
@@ -127,41 +134,28 @@ def session(client_id: str, **kw: Any) -> SessionRecord:
                          kw.pop("expiry_interval", 3600), **kw)
 
 
-EVERY_PROPERTY = Properties(
+# What a store keeps: a message's pass-through properties (core.broker._pass_through) and
+# every property a will may have (3.1.3.2 (5.0)): together every value type stored. Other
+# properties do not belong in a stored row; sqlite_validate quarantines a row that has them.
+MESSAGE_PROPERTIES = Properties(
     payload_format_indicator=1,
-    message_expiry_interval=0xFFFFFFFF,
     content_type="application/json; charset=utf-8 \u00e9\u4e2d\U0001f600",
     response_topic="reply/\u00fc",
     correlation_data=b"\x00\x01\xff\xfe binary \x00",
-    subscription_identifiers=(1, 268_435_455, 42),
-    session_expiry_interval=0,
-    assigned_client_identifier="",
-    server_keep_alive=65535,
-    authentication_method="SCRAM-SHA-256",
-    authentication_data=b"",
-    request_problem_information=0,
-    will_delay_interval=30,
-    request_response_information=1,
-    response_information="resp",
-    server_reference="other:1883",
-    reason_string="why \n not",
-    receive_maximum=1,
-    topic_alias_maximum=10,
-    topic_alias=7,
-    maximum_qos=1,
-    retain_available=0,
     user_properties=(("k", "v"), ("k", "v"), ("", ""), ("\u00e4", "\U0001f600"), ("k", "w")),
-    maximum_packet_size=268_435_460,
-    wildcard_subscription_available=1,
-    subscription_identifier_available=0,
-    shared_subscription_available=1,
 )
+WILL_PROPERTIES = replace(MESSAGE_PROPERTIES, message_expiry_interval=0xFFFFFFFF,
+                          will_delay_interval=30)
 
 
-def test_every_property_is_set() -> None:
-    """EVERY_PROPERTY really has every attribute present (so the round trip covers them)."""
+def test_every_will_property_is_set() -> None:
+    """WILL_PROPERTIES has every property a will may carry (so the round trip covers them),
+    and MESSAGE_PROPERTIES every pass-through one."""
     for spec in PROPERTY_TABLE.values():
-        assert getattr(EVERY_PROPERTY, spec.attribute) not in (None, ()), spec.attribute
+        if WILL in spec.allowed_in:
+            assert getattr(WILL_PROPERTIES, spec.attribute) not in (None, ()), spec.attribute
+    for attribute in validate.MESSAGE_PROPERTIES:
+        assert getattr(MESSAGE_PROPERTIES, attribute) not in (None, ()), attribute
 
 
 # --------------------------------------------------------------------------- contract tests
@@ -257,8 +251,8 @@ async def test_later_records_win_within_a_batch(backend: Backend) -> None:
         MessageSaved(message(1, payload=b"second")),
         MessageSaved(message(2)),
         DeliverySaved(delivery("c", 1, 1)),
-        DeliverySaved(delivery("c", 1, 1, packet_id=3, state=AWAIT_ACK)),
-        DeliverySaved(delivery("c", 1, 1, packet_id=3, state=AWAIT_COMP, dup=True)),
+        DeliverySaved(delivery("c", 1, 1, qos=2, packet_id=3, state=AWAIT_ACK)),
+        DeliverySaved(delivery("c", 1, 1, qos=2, packet_id=3, state=AWAIT_COMP, dup=True)),
         DeliverySaved(delivery("c", 2, 2)),
         DeliveryDeleted("c", 2),  # saved and deleted: never there
         Qos2Received("c", 1), Qos2Released("c", 1), Qos2Received("c", 2),
@@ -268,7 +262,8 @@ async def test_later_records_win_within_a_batch(backend: Backend) -> None:
     snapshot = await backend.reopen()
     assert snapshot.sessions == [session("c", expiry_interval=2, disconnected_at=5.5)]
     assert snapshot.subscriptions == [SubscriptionRecord("c", "f", 2, no_local=True)]
-    assert snapshot.deliveries == [delivery("c", 1, 1, packet_id=3, state=AWAIT_COMP, dup=True)]
+    assert snapshot.deliveries == [
+        delivery("c", 1, 1, qos=2, packet_id=3, state=AWAIT_COMP, dup=True)]
     assert snapshot.messages == {1: message(1, payload=b"second")}
     assert snapshot.incoming_qos2 == [("c", 2)]
     assert snapshot.retained == {"s": 1}
@@ -374,15 +369,15 @@ async def test_incoming_qos2(backend: Backend) -> None:
 
 async def test_properties_and_wills_round_trip_exactly(backend: Backend) -> None:
     wills = {
-        "full": Will("will/\u00e9", b"\x00bye\xff", 2, True, EVERY_PROPERTY),
+        "full": Will("will/\u00e9", b"\x00bye\xff", 2, True, WILL_PROPERTIES),
         "bare": Will("w", b"", 0, False),
         "user": Will("w2", b"x", 1, False, Properties(user_properties=(("a", "b"),))),
     }
     messages = [
         message(1, "m/\U0001f600", b"\x00\x01\x02", qos=2, retain=True,
-                properties=EVERY_PROPERTY, received_at=1_700_000_000.123456,
+                properties=MESSAGE_PROPERTIES, received_at=1_700_000_000.123456,
                 expires_at=1_700_003_600.5, origin="publisher-\u00e9"),
-        message(2, "", b"", qos=0, properties=Properties(correlation_data=b""),
+        message(2, "m/empty", b"", qos=0, properties=Properties(correlation_data=b""),
                 received_at=0.0, expires_at=None, origin=""),
         message(3, "m", b"p", properties=Properties(content_type="")),
     ]
@@ -405,7 +400,7 @@ async def test_properties_and_wills_round_trip_exactly(backend: Backend) -> None
     assert {s.client_id: s.will for s in snapshot.sessions} == wills
     assert all(s.disconnected_at == 12.25 for s in snapshot.sessions)
     assert snapshot.messages == {m.id: m for m in messages}
-    assert snapshot.messages[1].properties == EVERY_PROPERTY
+    assert snapshot.messages[1].properties == MESSAGE_PROPERTIES
     assert snapshot.messages[2].properties.correlation_data == b""
     assert snapshot.messages[3].properties.content_type == ""
     assert snapshot.messages[2].properties.content_type is None
@@ -470,9 +465,13 @@ async def _awaited(waiter: Awaitable[None]) -> None:
 # same snapshot. "Valid" is the contract's one rule about bodies: a delivery or retained entry
 # refers to a body saved in the same batch or referenced at the end of the previous batch.
 
-_text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=6)
+# MQTT strings: no surrogates, no U+0000 [MQTT-1.5.4-1], [MQTT-1.5.4-2] (5.0).
+_text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
+                max_size=6)
+_topic = st.sampled_from(["t", "t/1", "a/b/\u00e9", "$SYS/x", "/"])
 _INT_RANGES = {
-    PropertyType.BYTE: (0, 255), PropertyType.TWO_BYTE_INTEGER: (0, 65535),
+    PropertyType.BYTE: (0, 1),  # every byte property is 0 or 1, e.g. 3.3.2.3.2 (5.0)
+    PropertyType.TWO_BYTE_INTEGER: (0, 65535),
     PropertyType.FOUR_BYTE_INTEGER: (0, 0xFFFFFFFF),
     PropertyType.VARIABLE_BYTE_INTEGER: (1, 268_435_455),
 }
@@ -491,12 +490,16 @@ def _property_value(ptype: PropertyType, attribute: str) -> st.SearchStrategy[An
     return st.none() | st.integers(low, high)
 
 
-properties_strategy = st.just(NO_PROPERTIES) | st.builds(
-    Properties, **{spec.attribute: _property_value(spec.type, spec.attribute)
-                   for spec in PROPERTY_TABLE.values()})
+def _properties(allowed: Iterable[str]) -> st.SearchStrategy[Properties]:
+    return st.just(NO_PROPERTIES) | st.builds(
+        Properties, **{spec.attribute: _property_value(spec.type, spec.attribute)
+                       for spec in PROPERTY_TABLE.values() if spec.attribute in allowed})
+
+
+properties_strategy = _properties(validate.MESSAGE_PROPERTIES)
 _time = st.floats(min_value=0, max_value=4e9, allow_nan=False)
-will_strategy = st.none() | st.builds(Will, _text, st.binary(max_size=8), st.integers(0, 2),
-                                      st.booleans(), properties_strategy)
+will_strategy = st.none() | st.builds(Will, _topic, st.binary(max_size=8), st.integers(0, 2),
+                                      st.booleans(), _properties(validate.WILL_PROPERTIES))
 
 CLIENTS = ["a", "b", "c"]
 TOPICS = ["t/1", "t/2"]
@@ -533,7 +536,7 @@ def change_batches(draw: st.DrawFn) -> list[list[Change]]:
                 else:
                     mid = draw(st.sampled_from(sorted(usable)))
                 batch.append(MessageSaved(Message(
-                    mid, draw(_text), draw(st.binary(max_size=16)), draw(st.integers(0, 2)),
+                    mid, draw(_topic), draw(st.binary(max_size=16)), draw(st.integers(0, 2)),
                     draw(st.booleans()), draw(properties_strategy), draw(_time),
                     draw(st.none() | _time), draw(_text))))
                 usable.add(mid)
@@ -546,11 +549,15 @@ def change_batches(draw: st.DrawFn) -> list[list[Change]]:
                 else:  # any id: the key is (client, id), ids need not grow
                     did = draw(st.integers(1, model.next_delivery))
                 mid = draw(st.sampled_from(sorted(usable)))
+                # As the core writes them: a sent state only at QoS 1/2 (PUBREL sent only at
+                # QoS 2), one packet id per inflight delivery of a client.
+                qos = draw(st.integers(0, 2))
+                state = draw(st.integers(0, qos)) if qos else QUEUED
+                packet_id = did % 65535 + 1 if state != QUEUED or draw(st.booleans()) else None
                 batch.append(DeliverySaved(DeliveryRecord(
-                    cid, did, mid, draw(st.integers(0, 2)), draw(st.booleans()),
+                    cid, did, mid, qos, draw(st.booleans()),
                     draw(st.lists(st.integers(1, 268_435_455), max_size=2).map(tuple)),
-                    draw(st.none() | st.integers(1, 65535)), draw(st.integers(0, 2)),
-                    draw(st.booleans()))))
+                    packet_id if qos else None, state, draw(st.booleans()))))
                 model.deliveries[(cid, did)] = mid
             elif kind == "delete":
                 existing = draw(st.booleans())
