@@ -19,10 +19,12 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from importlib import metadata
-from typing import Final
+from typing import Any, Final
 
 from edge_broker.config import LOG_LEVELS, Config, ListenerConfig, apply_overrides, load_config
 from edge_broker.errors import ConfigError
@@ -143,7 +145,43 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- run
 
 
+class _EarlyStop:
+    """Signals that arrive before the broker's event loop handles them: a stop request is
+    remembered (the broker stops as soon as it has started), the others are ignored. So no
+    signal systemd or an operator sends during start-up has its default, fatal action."""
+
+    _SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
+                       signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _EarlyStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self._SIGNALS:
+                stops = signum in (signal.SIGINT, signal.SIGTERM)
+                self._previous[signum] = signal.signal(
+                    signum, self._request if stops else signal.SIG_IGN)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    with _EarlyStop() as early_stop:
+        return _run(args, early_stop)
+
+
+def _run(args: argparse.Namespace, early_stop: _EarlyStop) -> int:
     try:
         config = load_config(args.config)
         config = apply_overrides(config, host=args.host, port=args.port,
@@ -156,8 +194,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Imported here so that check-config and --version do not load the server.
     app = importlib.import_module("edge_broker.server.app")
     run_app: Callable[..., int] = app.main
+
+    def reload_config() -> Config:  # SIGHUP: the same file and flags, read again
+        return apply_overrides(load_config(args.config), host=args.host, port=args.port,
+                               data_dir=args.data_dir, log_level=args.log_level)
+
     try:
-        return run_app(config, recover=args.recover)
+        return run_app(config, recover=args.recover, stop_requested=early_stop,
+                       reload_config=reload_config if args.config is not None else None)
     except ConfigError as exc:  # the server refused the configuration at start-up
         return _config_error(exc)
 

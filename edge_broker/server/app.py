@@ -32,6 +32,7 @@ from . import systemd
 from .admin import AdminServer, DataDirLock
 from .client import ClientHandler
 from .metrics import Metrics, sys_topics
+from .reload import reload
 
 log = logging.getLogger("edge_broker")
 
@@ -183,6 +184,15 @@ class BrokerApp:
             log.warning("the store is full (max_store_bytes or the disk): refusing new QoS 1/2 "
                         "messages (first from %s; MQTT 5 clients get 0x97, 3.1.1 clients get "
                         "no acknowledgement) until space returns", client_id)
+
+    def log_status(self) -> None:
+        """SIGUSR1: one line with what the broker holds, for an operator on the box."""
+        core = self.core
+        sessions = core.sessions.values()
+        queued = sum(len(s.queue) + len(s.inflight) for s in sessions)
+        log.info("status: %d clients connected, %d sessions, %d queued messages, "
+                 "%d retained, store %s", core.stats.clients_connected, len(core.sessions),
+                 queued, len(core.retained), "FULL" if self.store.full else "ok")
 
     async def commit(self) -> None:
         """Commit what the core changed and wait until it is durable (admin requests)."""
@@ -399,9 +409,27 @@ class BrokerApp:
 
 
 async def serve(config: Config, *, recover: bool = False,
-                ready: Callable[[BrokerApp], Awaitable[None] | None] | None = None) -> int:
-    """Run until SIGTERM or SIGINT. Returns the process exit code."""
+                ready: Callable[[BrokerApp], Awaitable[None] | None] | None = None,
+                reload_config: Callable[[], Config] | None = None,
+                stop_requested: Callable[[], bool] | None = None) -> int:
+    """Run until SIGTERM or SIGINT. Returns the process exit code.
+
+    Signals (docs/configuration.md, "Signals"): SIGTERM and SIGINT stop the broker in order;
+    SIGHUP reads the configuration again through `reload_config` (server/reload.py);
+    SIGUSR1 logs one status line; SIGUSR2 is ignored. The handlers are installed before the
+    listeners open, so a signal that arrives during start-up is never fatal: a stop request
+    then stops the broker as soon as it has started.
+    """
     app = BrokerApp(config, recover=recover)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, app, reload_config)
+    loop.add_signal_handler(signal.SIGUSR1, app.log_status)
+    loop.add_signal_handler(signal.SIGUSR2, _ignore_signal)
+    if stop_requested is not None and stop_requested():
+        stop.set()  # asked to stop before these handlers existed (cli's _EarlyStop)
     try:
         await app.start()
     except EdgeBrokerError as error:
@@ -409,12 +437,8 @@ async def serve(config: Config, *, recover: bool = False,
         # 2: retrying cannot help (the unit's RestartPreventExitStatus): a bad configuration,
         # a damaged store that needs --recover, or a store file another broker holds.
         return 2 if isinstance(error, ConfigError | StoreDamagedError | StoreInUseError) else 1
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     systemd.ready()
-    if ready is not None:
+    if ready is not None and not stop.is_set():
         result = ready(app)
         if result is not None:
             await result
@@ -425,7 +449,20 @@ async def serve(config: Config, *, recover: bool = False,
     return 0
 
 
-def main(config: Config, *, recover: bool = False) -> int:
+def _on_sighup(app: BrokerApp, reload_config: Callable[[], Config] | None) -> None:
+    if reload_config is None:
+        log.info("SIGHUP: no configuration file to read again (built-in defaults)")
+        return
+    reload(app, reload_config)
+
+
+def _ignore_signal() -> None:
+    return None
+
+
+def main(config: Config, *, recover: bool = False,
+         reload_config: Callable[[], Config] | None = None,
+         stop_requested: Callable[[], bool] | None = None) -> int:
     """Run the broker with uvloop when it is installed, else the standard event loop."""
     loop_factory = None
     try:
@@ -435,4 +472,5 @@ def main(config: Config, *, recover: bool = False) -> int:
     except ImportError:
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config, recover=recover))
+        return runner.run(serve(config, recover=recover, reload_config=reload_config,
+                                stop_requested=stop_requested))

@@ -34,7 +34,8 @@ def app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     """Replace edge_broker.server.app with a fake whose main() records its Config."""
     calls: list[Config] = []
 
-    def main(config: Config, *, recover: bool = False) -> int:
+    def main(config: Config, *, recover: bool = False, reload_config: object = None,
+             stop_requested: object = None) -> int:
         calls.append(config)
         logging.getLogger("edge_broker.server.app").info("fake broker running")
         return 0
@@ -47,7 +48,7 @@ def app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
 
 def set_app_main(monkeypatch: pytest.MonkeyPatch, main: Callable[[Config], int]) -> None:
     module = types.ModuleType("edge_broker.server.app")
-    module.main = lambda config, recover=False: main(config)  # type: ignore[attr-defined]
+    module.main = lambda config, **_: main(config)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
 
 
@@ -258,7 +259,8 @@ def test_recover_reaches_the_app(monkeypatch: pytest.MonkeyPatch, argv: list[str
                                  expected: bool) -> None:
     seen: list[bool] = []
 
-    def main(config: Config, *, recover: bool = False) -> int:
+    def main(config: Config, *, recover: bool = False, reload_config: object = None,
+             stop_requested: object = None) -> int:
         seen.append(recover)
         return 0
 

@@ -1,0 +1,99 @@
+"""What SIGHUP changes: the configuration file read again, and which keys take effect now.
+
+`plan_reload(old, new)` compares two loaded configurations key by key and returns the
+configuration to run with: the new values of the keys in `RELOADABLE`, the old values of
+every other key (those are listed in `needs_restart`, and the broker logs each one). The
+table in docs/configuration.md ("Reloading") is this set, in prose; a test keeps them equal.
+
+Keys are named as in the TOML file (`mqtt.max_queued_messages`); a change anywhere in the
+`[[listeners]]` array other than their reloadable keys needs a restart, since the sockets
+are bound at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from ..config import Config
+from ..errors import ConfigError
+from . import systemd
+
+if TYPE_CHECKING:
+    from .app import BrokerApp
+
+log = logging.getLogger("edge_broker")
+
+# (table, field) pairs whose new value the running broker adopts on SIGHUP. Field names are
+# the dataclasses' (durations carry their unit, e.g. sys_interval_s).
+RELOADABLE: Final[frozenset[tuple[str, str]]] = frozenset({
+    ("log", "level"),
+})
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    config: Config  # what the broker runs with from now on
+    applied: tuple[str, ...]  # "table.field" keys whose new value was taken
+    needs_restart: tuple[str, ...]  # changed keys that keep their old value until a restart
+
+
+def _tables(config: Config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name != "source"}
+
+
+def plan_reload(old: Config, new: Config) -> ReloadPlan:
+    applied: list[str] = []
+    needs_restart: list[str] = []
+    merged: dict[str, Any] = {}
+    for table, old_value in _tables(old).items():
+        new_value = getattr(new, table)
+        if not dataclasses.is_dataclass(old_value):
+            # The [[listeners]] array (and any other non-table value): restart-only as a whole.
+            if new_value != old_value:
+                needs_restart.append(table)
+            merged[table] = old_value
+            continue
+        changes: dict[str, Any] = {}
+        for field in dataclasses.fields(old_value):
+            before = getattr(old_value, field.name)
+            after = getattr(new_value, field.name)
+            if before == after:
+                continue
+            key = f"{table}.{field.name}"
+            if (table, field.name) in RELOADABLE:
+                changes[field.name] = after
+                applied.append(key)
+            else:
+                needs_restart.append(key)
+        merged[table] = (dataclasses.replace(cast(Any, old_value), **changes) if changes
+                         else old_value)
+    config = dataclasses.replace(old, **merged)
+    return ReloadPlan(config, tuple(applied), tuple(needs_restart))
+
+
+def reload(app: BrokerApp, load: Callable[[], Config]) -> bool:
+    """SIGHUP: read the configuration again and adopt its reloadable keys. A file that does
+    not load keeps everything as it was (logged as an error). Returns whether it loaded."""
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        try:
+            new = load()
+        except ConfigError as error:
+            log.error("reload (SIGHUP): %s; keeping the running configuration", error)
+            return False
+        plan = plan_reload(app.config, new)
+        app.config = plan.config
+        logging.getLogger().setLevel(plan.config.log.logging_level)
+        for key in plan.needs_restart:
+            log.warning("reload (SIGHUP): %s changed; it takes effect after a restart", key)
+        log.info("reload (SIGHUP): configuration read again; %s",
+                 "applied " + ", ".join(plan.applied) if plan.applied else "nothing to apply")
+        return True
+    finally:
+        systemd.ready()
