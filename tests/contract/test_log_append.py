@@ -11,8 +11,14 @@ import pytest
 
 from edge_broker.mqtt.properties import Properties
 from edge_broker.mqtt.topics import topic_matches
-from edge_broker.store.log import Log, LogMessage, StreamConfig, retention_step, transaction
-from edge_broker.store.log import cursors
+from edge_broker.store.log import (
+    Log,
+    LogMessage,
+    StreamConfig,
+    cursors,
+    retention_step,
+    transaction,
+)
 
 
 def connect(path: Path) -> sqlite3.Connection:
