@@ -33,8 +33,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_broker.store.log import Log, LogMessage, StreamConfig, retention_step, transaction
-from edge_broker.store.log import cursors
+from edge_broker.store.log import (
+    Log,
+    LogMessage,
+    StreamConfig,
+    cursors,
+    retention_step,
+    transaction,
+)
 
 PAYLOAD = bytes(range(100))
 PRAGMAS = ("PRAGMA journal_mode = WAL", "PRAGMA synchronous = FULL",
