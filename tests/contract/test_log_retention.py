@@ -301,3 +301,21 @@ def test_parse_position() -> None:
     assert parse_position("2026-12-01T08:00:00Z") == 1796112000.0
     with pytest.raises(ValueError, match="ISO-8601"):
         parse_position("yesterday")
+
+
+def test_a_row_in_flight_stays_after_its_reader_unsubscribed(db: sqlite3.Connection) -> None:
+    """[MQTT-3.10.4-3] (5.0): what is in flight is completed after an UNSUBSCRIBE."""
+    log = open_log(db)
+    reader(log, db, "r", "a")
+    put(log, db, "a", 2)
+    with transaction(db):
+        page = cursors.read(log, db, "r", 1)
+        cursors.advance(log, db, "r", page.rows)
+        cursors.set_inflight(log, db, "r", 9, page.rows[0].offset, 2)
+        cursors.unsubscribe(log, db, "r", "a")
+    retain(log, db, now=1000.0)
+    assert offsets(db) == [1, 2]  # deletion of the topic stops at the row in flight
+    with transaction(db):
+        cursors.clear_inflight(log, db, "r", 9)
+    retain(log, db, now=1000.0)
+    assert offsets(db) == []

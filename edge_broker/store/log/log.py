@@ -310,37 +310,49 @@ class Log:
         at = now if now > self.last_at else self.last_at
         offset = self.last_offset
         rows: list[tuple[Any, ...]] = []
-        touched: dict[int, TopicStats] = {}
-        streams: dict[str, StreamState] = {}
-        readers: dict[str, Reader] = {}
+        # Per topic touched: [rows, bytes] of this group; streams and readers are credited
+        # once per topic after the loop, not once per message.
+        group: dict[int, list[int]] = {}
         topics = self.topics
         for message in messages:
             stats = topics.get(message.topic)
             if stats is None:
                 stats = self._intern(conn, message.topic)
             offset += 1
+            payload = message.payload
             props = encode_props(message.properties)
-            size = stats.name_size + len(message.payload) + (len(props) if props else 0)
-            rows.append((offset, at, stats.id, message.qos, message.retain, message.payload,
-                         props, message.origin, message.expires_at))
-            stats.count += 1
-            stats.bytes += size
+            size = stats.name_size + len(payload) + (len(props) if props else 0)
+            rows.append((offset, at, stats.id, message.qos, message.retain, payload, props,
+                         message.origin, message.expires_at))
             if stats.first_offset is None:
                 stats.first_offset = offset
             stats.last_offset = offset
-            touched[stats.id] = stats
-            for state in self.topic_streams.get(stats.id, ()):
+            counts = group.get(stats.id)
+            if counts is None:
+                group[stats.id] = [1, size]
+            else:
+                counts[0] += 1
+                counts[1] += size
+        streams: dict[str, StreamState] = {}
+        readers: dict[str, Reader] = {}
+        touched: list[TopicStats] = []
+        for tid, (count, size) in group.items():
+            stats = self.by_id[tid]
+            stats.count += count
+            stats.bytes += size
+            touched.append(stats)
+            self.total_count += count
+            self.total_bytes += size
+            for state in self.topic_streams.get(tid, ()):
                 if state.count == 0:
                     state.first_at = at
-                state.count += 1
+                state.count += count
                 state.bytes += size
                 streams[state.config.name] = state
-            for reader in self.topic_readers.get(stats.id, ()):
-                reader.backlog_count += 1
+            for reader in self.topic_readers.get(tid, ()):
+                reader.backlog_count += count
                 reader.backlog_bytes += size
                 readers[reader.name] = reader
-            self.total_count += 1
-            self.total_bytes += size
         start = 0
         for chunk in _CHUNKS:
             while len(rows) - start >= chunk:
@@ -350,7 +362,7 @@ class Log:
         conn.executemany(
             "UPDATE log_topics SET count = ?, bytes = ?, first_offset = ?, last_offset = ?"
             " WHERE id = ?",
-            [(s.count, s.bytes, s.first_offset, s.last_offset, s.id) for s in touched.values()])
+            [(s.count, s.bytes, s.first_offset, s.last_offset, s.id) for s in touched])
         conn.execute("UPDATE log_state SET last_offset = ?, last_at = ? WHERE id = 0",
                      (offset, at))
         for state in streams.values():

@@ -13,7 +13,9 @@ transaction the writer can run between groups (it never stalls publishing):
    and only if at or above its floor), a matching reader its rows above
    `max(done, since)`. A topic nobody holds any more has its floor above its last row. Rows
    below the floor are deleted oldest first, a budget at a time, with one index range
-   (`topic_id = ? AND offset <= ?`); the counters in `log_topics` follow.
+   (`topic_id = ? AND offset <= ?`); the counters in `log_topics` follow. A row some reader
+   has in flight is never deleted (even if that reader unsubscribed meanwhile): deletion of
+   its topic stops below it until the entry is cleared.
 
 So retention never deletes what a reader still needs: a reader over its own bound is moved
 forward first by `cursors.drop_to_bound` (counted as dropped), and only then do its rows go.
@@ -91,6 +93,10 @@ def retention_step(log: Log, conn: sqlite3.Connection, now: float, *,
             report.done = False
             break
     left = budget
+    # In-flight rows stay whatever the filters say now (a reader that unsubscribed still
+    # completes what it has in flight, [MQTT-3.10.4-3] (5.0)).
+    pinned = {offset for reader in log.readers.values()
+              for offset, _ in reader.inflight.values()}
     for tid, floor in _floors(log).items():
         stats = log.by_id[tid]
         if stats.first_offset is None or stats.first_offset >= floor:
@@ -98,7 +104,7 @@ def retention_step(log: Log, conn: sqlite3.Connection, now: float, *,
         if left <= 0:
             report.done = False
             break
-        count, size = _delete_below(log, conn, tid, floor, left)
+        count, size = _delete_below(log, conn, tid, floor, left, pinned)
         left -= count
         report.rows_deleted += count
         report.bytes_deleted += size
@@ -166,13 +172,18 @@ def _floors(log: Log) -> dict[int, int]:
     return floors
 
 
-def _delete_below(log: Log, conn: sqlite3.Connection, tid: int, floor: int,
-                  left: int) -> tuple[int, int]:
+def _delete_below(log: Log, conn: sqlite3.Connection, tid: int, floor: int, left: int,
+                  pinned: set[int]) -> tuple[int, int]:
     stats = log.by_id[tid]
     rows = conn.execute(
         "SELECT offset, length(payload) + coalesce(length(properties), 0) FROM log"
         " WHERE topic_id = ? AND offset < ? ORDER BY offset LIMIT ?",
         (tid, floor, left)).fetchall()
+    if pinned:
+        for index, row in enumerate(rows):
+            if row[0] in pinned:  # deleted oldest first: stop at the first row in flight
+                rows = rows[:index]
+                break
     count = len(rows)
     size = sum(r[1] for r in rows) + count * stats.name_size
     if rows:
