@@ -319,3 +319,32 @@ def test_a_row_in_flight_stays_after_its_reader_unsubscribed(db: sqlite3.Connect
         cursors.clear_inflight(log, db, "r", 9)
     retain(log, db, now=1000.0)
     assert offsets(db) == []
+
+
+def test_stream_stats_ignore_rows_other_holders_keep_below_its_floor(
+        db: sqlite3.Connection) -> None:
+    log = open_log(db, [StreamConfig("s", "#", max_age_s=None, max_bytes=100)])
+    reader(log, db, "r", "old")
+    put(log, db, "old", 1)
+    put(log, db, "new", 1, size=96)  # "new" + 96 = 99 bytes; "old" (100) no longer fits
+    retain(log, db, now=1000.0)
+    assert offsets(db) == [1, 2]  # the reader keeps 1
+    stats = stream_stats(log, db, "s")
+    assert (stats.first_offset, stats.last_offset, stats.count, stats.bytes) == (2, 2, 1, 99)
+    put(log, db, "old", 1, size=0)
+    stats = stream_stats(log, db, "s")
+    assert (stats.first_offset, stats.last_offset, stats.count) == (2, 3, 2)
+
+
+def test_load_after_a_rolled_back_group_matches_the_file(db: sqlite3.Connection) -> None:
+    log = open_log(db, [StreamConfig("s", "#")])
+    reader(log, db, "r", "#")
+    put(log, db, "a", 2)
+    db.execute("BEGIN IMMEDIATE")
+    log.append(db, [LogMessage("new/topic", b"x")], 1000.0)
+    db.rollback()  # e.g. SQLITE_FULL at commit: the caller reloads
+    with transaction(db):
+        log.load(db)
+    assert (log.last_offset, set(log.topics), log.streams["s"].count,
+            cursors.backlog(log, "r")) == (2, {"a"}, 2, cursors.Backlog(2, 196))
+    assert put(log, db, "b", 1) == [3]
