@@ -239,3 +239,25 @@ def test_an_empty_log_reads_nothing(db: sqlite3.Connection) -> None:
     assert log.read_page(db, 0, log.selection({"#": 0}), 10).rows == []
     assert log.first_offset_at(db, 5.0) == 1
     assert append(log, db, []) == []
+
+
+def test_a_narrow_reader_reads_index_ranges_and_a_broad_one_scans(
+        db: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan that keeps a reader with narrow filters off everyone else's traffic."""
+    log = open_log(db)
+    append(log, db, [msg(f"t/{i % 50}", i) for i in range(1000)])
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("wrong read plan")
+
+    monkeypatch.setattr(Log, "_scan", forbidden)
+    page = log.read_page(db, 0, log.selection({"t/3": 0, "t/4": 0}), 100)
+    assert [r.offset for r in page.rows] == [o for o in range(1, 1001) if (o - 1) % 50 in (3, 4)]
+    monkeypatch.undo()
+    monkeypatch.setattr(Log, "_ranges", forbidden)
+    assert len(log.read_page(db, 0, log.selection({"#": 0}), 2000).rows) == 1000
+    assert len(log.read_page(db, 0, log.selection({"t/+": 0}), 5).rows) == 5
+    plan = " ".join(str(r) for r in db.execute(
+        "EXPLAIN QUERY PLAN SELECT offset, payload FROM log WHERE topic_id IN (1, 2)"
+        " AND offset > 5 AND offset <= 500 ORDER BY offset"))
+    assert "log_by_topic" in plan
