@@ -47,13 +47,10 @@ def add_reader(log: Log, conn: sqlite3.Connection, name: str) -> Reader:
 
 def remove_reader(log: Log, conn: sqlite3.Connection, name: str) -> bool:
     """Forget a reader, its filters and in-flight entries (its rows may then be deleted)."""
-    reader = log.readers.pop(name, None)
+    reader = log.readers.get(name)
     if reader is None:
         return False
-    for tid in reader.topics:
-        holders = log.topic_readers.get(tid)
-        if holders is not None and reader in holders:
-            holders.remove(reader)
+    log.forget_reader(reader)
     for table in ("log_readers WHERE name", "log_reader_filters WHERE reader",
                   "log_inflight WHERE reader"):
         conn.execute(f"DELETE FROM {table} = ?", (name,))
@@ -72,23 +69,20 @@ def subscribe(log: Log, conn: sqlite3.Connection, name: str, topic_filter: str,
             return reader.filters[topic_filter]
         since = log.last_offset
     old_topics = dict(reader.topics)
-    reader.filters[topic_filter] = since
+    log.set_filter(reader, topic_filter, since)
     conn.execute("INSERT OR REPLACE INTO log_reader_filters (reader, filter, since)"
                  " VALUES (?, ?, ?)", (name, topic_filter, since))
-    log.index_reader(reader)
     _rebase_backlog(log, conn, reader, old_topics)
     return since
 
 
 def unsubscribe(log: Log, conn: sqlite3.Connection, name: str, topic_filter: str) -> bool:
     reader = log.readers[name]
-    if topic_filter not in reader.filters:
-        return False
     old_topics = dict(reader.topics)
-    del reader.filters[topic_filter]
+    if not log.remove_filter(reader, topic_filter):
+        return False
     conn.execute("DELETE FROM log_reader_filters WHERE reader = ? AND filter = ?",
                  (name, topic_filter))
-    log.index_reader(reader)
     _rebase_backlog(log, conn, reader, old_topics)
     return True
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final, Protocol
 
+from ...core.changes import SubscriptionRecord
+from ...core.router import Router
 from ...mqtt.properties import NO_PROPERTIES, Properties
 from ...mqtt.topics import topic_matches
 from .schema import decode_props, encode_props, ensure_schema
@@ -172,6 +174,9 @@ class Log:
         self.readers: dict[str, Reader] = {}
         self.topic_streams: dict[int, list[StreamState]] = {}
         self.topic_readers: dict[int, list[Reader]] = {}
+        # Every reader filter, as the core's subscription trie (client id = reader name): a
+        # topic is matched against all readers in one walk (start-up, a new topic).
+        self._router = Router()
 
     # -- loading --------------------------------------------------------------------------
 
@@ -201,7 +206,11 @@ class Log:
                 "SELECT reader, packet_id, offset, state FROM log_inflight"):
             self.readers[name].inflight[packet_id] = (offset, state)
         for reader in self.readers.values():
-            self.index_reader(reader)
+            for topic_filter in reader.filters:
+                self._router.subscribe(SubscriptionRecord(reader.name, topic_filter, 0),
+                                       topic_filter)
+        for stats in self.by_id.values():
+            self._match_readers(stats)
         stored = {row[0]: row[1:] for row in conn.execute(
             "SELECT name, filter, first_offset, first_at, count, bytes FROM log_streams")}
         for config in self.stream_configs:
@@ -243,8 +252,41 @@ class Log:
                 state.topics.add(stats.id)
                 self.topic_streams.setdefault(stats.id, []).append(state)
 
+    def set_filter(self, reader: Reader, topic_filter: str, since: int) -> None:
+        reader.filters[topic_filter] = since
+        self._router.subscribe(SubscriptionRecord(reader.name, topic_filter, 0), topic_filter)
+        self.index_reader(reader)
+
+    def remove_filter(self, reader: Reader, topic_filter: str) -> bool:
+        if reader.filters.pop(topic_filter, None) is None:
+            return False
+        self._router.unsubscribe(reader.name, topic_filter)
+        self.index_reader(reader)
+        return True
+
+    def forget_reader(self, reader: Reader) -> None:
+        for topic_filter in reader.filters:
+            self._router.unsubscribe(reader.name, topic_filter)
+        reader.filters = {}
+        self.index_reader(reader)
+        self.readers.pop(reader.name, None)
+
+    def _match_readers(self, stats: TopicStats) -> None:
+        """Add a topic to every reader one of whose filters matches it (one trie walk)."""
+        records, _ = self._router.match(stats.name)
+        for record in records:
+            reader = self.readers[record.client_id]
+            since = reader.filters[record.topic_filter]
+            seen = reader.topics.get(stats.id)
+            if seen is None:
+                self.topic_readers.setdefault(stats.id, []).append(reader)
+                reader.topics[stats.id] = since
+            elif since < seen:
+                reader.topics[stats.id] = since
+
     def index_reader(self, reader: Reader) -> None:
-        """(Re)compute which topics a reader selects, with their since."""
+        """(Re)compute which topics a reader selects, with their since (after its filters
+        changed: one match per topic and filter of this reader)."""
         for tid in reader.topics:
             holders = self.topic_readers.get(tid)
             if holders is not None and reader in holders:
@@ -273,8 +315,7 @@ class Log:
             if topic_matches(state.config.filter, topic):
                 state.topics.add(tid)
                 self.topic_streams.setdefault(tid, []).append(state)
-        for reader in self.readers.values():
-            self._match_reader(reader, stats)
+        self._match_readers(stats)
         return stats
 
     def streams_of(self, topic: str) -> list[str]:
