@@ -15,7 +15,8 @@ shared machine the rate is noisy, the CPU cost much less so.
 
 Read: replay of the whole log by one reader, in pages of 256 rows decoded to LogRow, with a
 narrow filter (one topic of `--topics`) and with `#`. Retention: a stream bound that releases
-half the log, deleted in steps of 2,000 rows, one transaction each.
+half the log, deleted in steps of 2,000 rows, one transaction each. Start-up: `Log.load`
+on a file with 1,000 readers of 2 filters each over 1,000 topics.
 
 `--layouts` also compares table layouts with plain SQL (multi-row inserts of the same rows):
 the log's (rowid + index on (topic_id, offset)), rowid without the index, and WITHOUT ROWID
@@ -121,6 +122,29 @@ def retention(log: Log, conn: sqlite3.Connection) -> tuple[int, float]:
     return deleted, deleted / (time.perf_counter() - started)
 
 
+def startup(path: Path, readers: int, topics: int) -> float:
+    """Seconds for Log.load on a file with `readers` readers of 2 filters each and `topics`
+    topics (what start-up reads instead of the queued messages)."""
+    conn = connect(path)
+    log = Log([StreamConfig("telemetry", "site/#")])
+    with transaction(conn):
+        log.load(conn)
+        log.append(conn, [LogMessage(f"site/gw/{i}/temp", PAYLOAD) for i in range(topics)],
+                   time.time())
+        for k in range(readers):
+            cursors.add_reader(log, conn, f"session-{k}")
+            cursors.subscribe(log, conn, f"session-{k}", f"site/gw/{k}/+")
+            cursors.subscribe(log, conn, f"session-{k}", f"cmd/{k}/#")
+    conn.close()
+    conn = connect(path)
+    started = time.perf_counter()
+    with transaction(conn):
+        Log(log.stream_configs).load(conn)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return elapsed
+
+
 LAYOUTS = {
     "rowid + index (topic_id, offset) [the log's]": (
         "CREATE TABLE log (offset INTEGER PRIMARY KEY, at REAL NOT NULL, topic_id INTEGER "
@@ -210,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         deleted, rate = retention(log, conn)
         print(f"retention: {deleted:,} rows deleted in steps of 2,000: {rate:9,.0f} rows/s")
         conn.close()
+        seconds = startup(Path(tmp) / "startup.db", 1000, 1000)
+        print(f"start-up: Log.load, 1,000 readers x 2 filters, 1,000 topics: "
+              f"{seconds * 1000:7.1f} ms")
         if args.layouts:
             for name, ddl in LAYOUTS.items():
                 rate, per_message, narrow = layout(Path(tmp) / f"layout-{len(name)}.db", ddl,
