@@ -37,6 +37,8 @@ _INSERT_HEAD: Final = f"INSERT INTO log ({_COLUMNS}) VALUES "
 _ROW_GROUP: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_SQL: Final = {n: _INSERT_HEAD + ", ".join([_ROW_GROUP] * n) for n in _CHUNKS}
 _SCAN: Final = f"SELECT {_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
+_ONE_TOPIC: Final = (f"SELECT {_COLUMNS} FROM log WHERE topic_id = ? AND offset > ?"
+                    " ORDER BY offset LIMIT ?")
 _PROBE: Final = "SELECT offset, at FROM log WHERE offset >= ? ORDER BY offset LIMIT 1"
 
 
@@ -458,6 +460,11 @@ class Log:
         fraction = matched / max(1, self.total_count)
         if fraction >= SCAN_FRACTION or len(selection) > MAX_IN_LIST:
             return self._scan(conn, after, selection, limit, fraction)
+        if len(selection) == 1:  # one topic: its index range, no window needed
+            ((tid, since),) = selection.items()
+            raws = conn.execute(_ONE_TOPIC, (tid, max(after, since), limit)).fetchall()
+            rows = [self._row(raw) for raw in raws]
+            return Page(rows, rows[-1].offset if len(rows) == limit else last)
         return self._ranges(conn, after, selection, limit, fraction)
 
     def _scan(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
