@@ -14,6 +14,7 @@ from edge_broker.mqtt.topics import topic_matches
 from edge_broker.store.log import (
     Log,
     LogMessage,
+    Page,
     StreamConfig,
     cursors,
     retention_step,
@@ -261,3 +262,11 @@ def test_a_narrow_reader_reads_index_ranges_and_a_broad_one_scans(
         "EXPLAIN QUERY PLAN SELECT offset, payload FROM log WHERE topic_id IN (1, 2)"
         " AND offset > 5 AND offset <= 500 ORDER BY offset"))
     assert "log_by_topic" in plan
+
+
+def test_a_page_of_nothing_does_not_move_the_reader(db: sqlite3.Connection) -> None:
+    log = open_log(db)
+    append(log, db, [msg("a"), msg("b")])
+    assert log.read_page(db, 0, log.selection({"a": 0}), 0) == Page([], 0)
+    assert log.read_page(db, 0, log.selection({"zzz": 0}), 5) == Page([], 2)  # none selected
+    assert log.read_page(db, 5, log.selection({"a": 0}), 5) == Page([], 5)

@@ -449,7 +449,9 @@ class Log:
         """Up to `limit` rows with offset > `after` whose topic id is in `selection` (topic id
         -> since) and whose offset is above that topic's since, in offset order."""
         last = self.last_offset
-        if not selection or after >= last or limit <= 0:
+        if limit <= 0:
+            return Page([], after)
+        if not selection or after >= last:
             return Page([], max(after, last))
         by_id = self.by_id
         if len(selection) >= len(by_id):  # every topic (`#` without `$` topics is close)
