@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_broker.errors import StoreError
 from edge_broker.store.log import (
     Log,
     LogMessage,
@@ -19,7 +20,15 @@ from edge_broker.store.log import (
     retention_step,
     transaction,
 )
-from edge_broker.store.log.replay import parse_position, stream_start, stream_stats
+from edge_broker.store.log.replay import (
+    StreamStats,
+    open_read_only,
+    parse_position,
+    read_streams,
+    replay,
+    stream_start,
+    stream_stats,
+)
 
 
 @pytest.fixture
@@ -348,3 +357,39 @@ def test_load_after_a_rolled_back_group_matches_the_file(db: sqlite3.Connection)
     assert (log.last_offset, set(log.topics), log.streams["s"].count,
             cursors.backlog(log, "r")) == (2, {"a"}, 2, cursors.Backlog(2, 196))
     assert put(log, db, "b", 1) == [3]
+
+
+def test_replay_a_stream_with_a_topic_filter_and_a_limit(db: sqlite3.Connection) -> None:
+    log = open_log(db, [StreamConfig("s", "a/#")])
+    for _ in range(3):
+        put(log, db, "a/1")
+        put(log, db, "a/2")
+        put(log, db, "b")
+    assert [r.offset for r in replay(log, db, "s", 1)] == [1, 2, 4, 5, 7, 8]
+    assert [r.offset for r in replay(log, db, "s", 3, "a/2")] == [5, 8]
+    assert [r.offset for r in replay(log, db, "s", 2, limit=3, page_size=2)] == [2, 4, 5]
+    assert list(replay(log, db, "s", stream_start(log, db, "s", "latest"))) == []
+
+
+def test_streams_read_only_from_the_file_while_a_writer_holds_it(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    writer = sqlite3.connect(str(path), isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    log = open_log(writer, [StreamConfig("b", "b/#"), StreamConfig("a", "a/#")])
+    put(log, writer, "a/x", 2, now=1000.0)
+    writer.execute("BEGIN IMMEDIATE")  # the broker in the middle of a group
+    log.append(writer, [LogMessage("a/x", b"uncommitted")], 1001.0)
+    assert read_streams(path) == [StreamStats("a", 1, 2, 2, 2 * 100, 1000.0),
+                                  StreamStats("b", None, None, 0, 0, None)]
+    opened = open_read_only(path)
+    assert opened is not None
+    ro_log, ro = opened
+    assert [r.payload for r in replay(ro_log, ro, "a", 1)] == [b"x" * 97] * 2
+    ro.close()
+    writer.rollback()
+    writer.close()
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(str(empty)).close()
+    assert read_streams(empty) == []
+    with pytest.raises(StoreError, match="no such store file"):
+        read_streams(tmp_path / "missing.db")

@@ -186,7 +186,8 @@ class Log:
         """(Re)read the state from the file: counters and cursors, never the rows. A stream
         that is new in the configuration starts at the next offset; one whose filter changed
         has its count and bytes recomputed (a scan of its topics, only then); one no longer
-        configured is forgotten (its rows then go unless another holder keeps them)."""
+        configured is forgotten (its rows then go unless another holder keeps them). Those
+        stream changes are the only writes: run it in a transaction (or autocommit)."""
         ensure_schema(conn)
         self._reset()
         self.last_offset, self.last_at = conn.execute(
