@@ -152,8 +152,20 @@ class LogMachine(RuleBasedStateMachine):
 
     @rule(later=st.floats(0, 100), budget=st.integers(1, 10))
     def retention(self, later: float, budget: int) -> None:
+        now = self.now + later
         with transaction(self.conn):
-            retention_step(self.log, self.conn, self.now + later, budget=budget)
+            report = retention_step(self.log, self.conn, now, budget=budget)
+        if report.done:  # every stream is within its bounds
+            for state in self.log.streams.values():
+                config = state.config
+                assert config.max_bytes is None or state.bytes <= config.max_bytes
+                if config.max_age_s is not None and state.count:
+                    marks = ", ".join("?" * len(state.topics))
+                    first = self.conn.execute(
+                        "SELECT at FROM log WHERE offset = (SELECT min(offset) FROM log"
+                        f" WHERE offset >= ? AND topic_id IN ({marks}))",
+                        (state.first_offset, *state.topics)).fetchone()
+                    assert first[0] >= now - config.max_age_s
         # In-flight rows are still there (a resend needs them).
         for reader in self.readers.values():
             for offset in reader.inflight.values():
@@ -180,6 +192,18 @@ class LogMachine(RuleBasedStateMachine):
                 len(due), sum(m[2] for m in due))
             assert self.log.readers[name].inflight == {
                 p: (o, 1) for p, o in self.readers[name].inflight.items()}
+
+    @invariant()
+    def stream_counters_match_the_rows(self) -> None:
+        for state in self.log.streams.values():
+            count, size = 0, 0
+            for tid in state.topics:
+                n, payload = self.conn.execute(
+                    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM log"
+                    " WHERE topic_id = ? AND offset >= ?", (tid, state.first_offset)).fetchone()
+                count += n
+                size += payload + n * self.log.by_id[tid].name_size
+            assert (state.count, state.bytes) == (count, size), state.config.name
 
     @invariant()
     def topic_counters_match_the_rows(self) -> None:
