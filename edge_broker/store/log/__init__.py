@@ -1,7 +1,7 @@
 """The append-only log: messages stored once, readers as cursors, named streams (issue 8).
 
-Theory of operation (docs/log.md has the same text with the measurements)
--------------------------------------------------------------------------
+Theory of operation (docs/log.md is the long form, with the measurements)
+-----------------------------------------------------------------------
 *One log.* Every message something durable needs (a persistent session, a stream, later a
 bridge) is one row of the `log` table, appended once however many readers want it. Its
 offset is the rowid: one sequence for the whole broker, starting at 1, assigned by `Log`
