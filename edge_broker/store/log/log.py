@@ -1,0 +1,539 @@
+"""`Log`: append, read in pages, and look up by time, over the `log` table.
+
+The object holds what must be known without touching the rows: the last offset and `at`,
+the interned topics with their counters, and which streams and readers each topic feeds.
+Every method that writes takes the store's connection and runs inside the caller's
+transaction; none begins or commits one. After a transaction the caller rolled back, call
+`load()` again: the in-memory state is then ahead of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Final, Protocol
+
+from ...core.changes import SubscriptionRecord
+from ...core.router import Router
+from ...mqtt.properties import NO_PROPERTIES, Properties
+from ...mqtt.topics import topic_matches
+from .schema import decode_props, encode_props, ensure_schema
+from .streams import StreamConfig
+
+__all__ = ["Log", "LogMessage", "LogRow", "Page", "Reader", "StreamState", "TopicStats",
+           "transaction"]
+
+# Read strategy: when the selected topics hold at least this share of the log's rows, scan
+# the log in offset order and filter in Python; otherwise read index ranges per topic.
+SCAN_FRACTION: Final = 0.3
+MAX_IN_LIST: Final = 500  # more selected topics than this: scan
+MAX_SCAN_BATCH: Final = 8192
+_CHUNKS: Final = (256, 64, 16, 4, 1)
+_COLUMNS: Final = "offset, at, topic_id, qos, retain, payload, properties, origin, expires_at"
+_INSERT_HEAD: Final = f"INSERT INTO log ({_COLUMNS}) VALUES "
+_ROW_GROUP: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SQL: Final = {n: _INSERT_HEAD + ", ".join([_ROW_GROUP] * n) for n in _CHUNKS}
+_SCAN: Final = f"SELECT {_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
+_ONE_TOPIC: Final = (f"SELECT {_COLUMNS} FROM log WHERE topic_id = ? AND offset > ?"
+                    " ORDER BY offset LIMIT ?")
+_PROBE: Final = "SELECT offset, at FROM log WHERE offset >= ? ORDER BY offset LIMIT 1"
+
+
+class Appendable(Protocol):
+    """What `Log.append` reads from a message (core.changes.Message has all of it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def qos(self) -> int: ...
+    @property
+    def retain(self) -> bool: ...
+    @property
+    def properties(self) -> Properties: ...
+    @property
+    def expires_at(self) -> float | None: ...
+    @property
+    def origin(self) -> str: ...
+
+
+@dataclass(slots=True)
+class LogMessage:
+    """A message to append (tests, benchmarks, tools); the core appends its own Message."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    properties: Properties = NO_PROPERTIES
+    expires_at: float | None = None
+    origin: str = ""
+
+
+@dataclass(slots=True)
+class LogRow:
+    """A message read back from the log. `size` counts topic + payload + properties bytes."""
+
+    offset: int
+    at: float
+    topic: str
+    qos: int
+    retain: bool
+    payload: bytes
+    properties: Properties
+    origin: str
+    expires_at: float | None
+    size: int
+
+
+@dataclass(slots=True)
+class Page:
+    """Rows in offset order; every selected row with `after < offset <= end` is in `rows`,
+    so a reader that consumed them all may move its cursor to `end`."""
+
+    rows: list[LogRow]
+    end: int
+
+
+@dataclass(slots=True)
+class TopicStats:
+    id: int
+    name: str
+    name_size: int  # UTF-8 bytes of the name
+    count: int = 0
+    bytes: int = 0
+    first_offset: int | None = None
+    last_offset: int | None = None
+
+
+@dataclass(slots=True)
+class StreamState:
+    """A configured stream and what it holds: the rows of its topics at or above `first_offset`
+    (`count`, `bytes`). `first_at` is the `at` of its oldest row, or an earlier time."""
+
+    config: StreamConfig
+    first_offset: int
+    first_at: float | None = None
+    count: int = 0
+    bytes: int = 0
+    topics: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Reader:
+    """A cursor (see cursors.py): `offset` is the last offset handed out; the rows at or below
+    it are done except those in `inflight` (packet id -> (offset, state))."""
+
+    name: str
+    offset: int
+    filters: dict[str, int] = field(default_factory=dict)  # topic filter -> since
+    inflight: dict[int, tuple[int, int]] = field(default_factory=dict)
+    backlog_count: int = 0  # selected rows after `offset`
+    backlog_bytes: int = 0
+    dropped: int = 0  # rows skipped by drop_to_bound since the reader was made
+    topics: dict[int, int] = field(default_factory=dict)  # topic id -> since (min over filters)
+
+    @property
+    def done(self) -> int:
+        """Every selected row at or below this offset is finished."""
+        if not self.inflight:
+            return self.offset
+        return min(self.offset, min(o for o, _ in self.inflight.values()) - 1)
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT (standalone use; the store wraps its own groups)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    conn.commit()
+
+
+class Log:
+    """The in-memory side of the log; see the package docstring."""
+
+    def __init__(self, streams: Sequence[StreamConfig] = ()) -> None:
+        self.stream_configs = tuple(streams)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.last_offset = 0
+        self.last_at = 0.0
+        self.total_count = 0
+        self.total_bytes = 0
+        self.topics: dict[str, TopicStats] = {}
+        self.by_id: dict[int, TopicStats] = {}
+        self.streams: dict[str, StreamState] = {}
+        self.readers: dict[str, Reader] = {}
+        self.topic_streams: dict[int, list[StreamState]] = {}
+        self.topic_readers: dict[int, list[Reader]] = {}
+        # Every reader filter, as the core's subscription trie (client id = reader name): a
+        # topic is matched against all readers in one walk (start-up, a new topic).
+        self._router = Router()
+
+    # -- loading --------------------------------------------------------------------------
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        """(Re)read the state from the file: counters and cursors, never the rows. A stream
+        that is new in the configuration starts at the next offset; one whose filter changed
+        has its count and bytes recomputed (a scan of its topics, only then); one no longer
+        configured is forgotten (its rows then go unless another holder keeps them). Those
+        stream changes are the only writes: run it in a transaction (or autocommit)."""
+        ensure_schema(conn)
+        self._reset()
+        self.last_offset, self.last_at = conn.execute(
+            "SELECT last_offset, last_at FROM log_state WHERE id = 0").fetchone()
+        for tid, name, count, size, first, last in conn.execute(
+                "SELECT id, name, count, bytes, first_offset, last_offset FROM log_topics"):
+            stats = TopicStats(tid, name, len(name.encode()), count, size, first, last)
+            self.topics[name] = self.by_id[tid] = stats
+            self.total_count += count
+            self.total_bytes += size
+        for name, offset, count, size, dropped in conn.execute(
+                "SELECT name, offset, backlog_count, backlog_bytes, dropped FROM log_readers"):
+            self.readers[name] = Reader(name, offset, backlog_count=count,
+                                        backlog_bytes=size, dropped=dropped)
+        for name, topic_filter, since in conn.execute(
+                "SELECT reader, filter, since FROM log_reader_filters"):
+            self.readers[name].filters[topic_filter] = since
+        for name, packet_id, offset, state in conn.execute(
+                "SELECT reader, packet_id, offset, state FROM log_inflight"):
+            self.readers[name].inflight[packet_id] = (offset, state)
+        for reader in self.readers.values():
+            for topic_filter in reader.filters:
+                self._router.subscribe(SubscriptionRecord(reader.name, topic_filter, 0),
+                                       topic_filter)
+        for stats in self.by_id.values():
+            self._match_readers(stats)
+        stored = {row[0]: row[1:] for row in conn.execute(
+            "SELECT name, filter, first_offset, first_at, count, bytes FROM log_streams")}
+        for config in self.stream_configs:
+            row = stored.pop(config.name, None)
+            state = StreamState(config, self.last_offset + 1)
+            self.streams[config.name] = state
+            self._index_stream(state)
+            if row is None:
+                conn.execute("INSERT INTO log_streams (name, filter, first_offset) "
+                             "VALUES (?, ?, ?)", (config.name, config.filter,
+                                                  state.first_offset))
+                continue
+            state.first_offset, state.first_at, state.count, state.bytes = row[1:]
+            if row[0] != config.filter:
+                self._recount_stream(conn, state)
+        for name in stored:
+            conn.execute("DELETE FROM log_streams WHERE name = ?", (name,))
+
+    def _recount_stream(self, conn: sqlite3.Connection, state: StreamState) -> None:
+        state.count = state.bytes = 0
+        state.first_at = None
+        for tid in state.topics:
+            stats = self.by_id[tid]
+            count, size = conn.execute(
+                "SELECT count(*), coalesce(sum(length(payload) + coalesce(length(properties),"
+                " 0)), 0) FROM log WHERE topic_id = ? AND offset >= ?",
+                (tid, state.first_offset)).fetchone()
+            state.count += count
+            state.bytes += size + count * stats.name_size
+        first = self.read_page(conn, state.first_offset - 1, self.stream_selection(state), 1)
+        state.first_at = first.rows[0].at if first.rows else None
+        self.save_stream(conn, state)
+
+    # -- topic matching -------------------------------------------------------------------
+
+    def _index_stream(self, state: StreamState) -> None:
+        for stats in self.by_id.values():
+            if topic_matches(state.config.filter, stats.name):
+                state.topics.add(stats.id)
+                self.topic_streams.setdefault(stats.id, []).append(state)
+
+    def set_filter(self, reader: Reader, topic_filter: str, since: int) -> None:
+        reader.filters[topic_filter] = since
+        self._router.subscribe(SubscriptionRecord(reader.name, topic_filter, 0), topic_filter)
+        self.index_reader(reader)
+
+    def remove_filter(self, reader: Reader, topic_filter: str) -> bool:
+        if reader.filters.pop(topic_filter, None) is None:
+            return False
+        self._router.unsubscribe(reader.name, topic_filter)
+        self.index_reader(reader)
+        return True
+
+    def forget_reader(self, reader: Reader) -> None:
+        for topic_filter in reader.filters:
+            self._router.unsubscribe(reader.name, topic_filter)
+        reader.filters = {}
+        self.index_reader(reader)
+        self.readers.pop(reader.name, None)
+
+    def _match_readers(self, stats: TopicStats) -> None:
+        """Add a topic to every reader one of whose filters matches it (one trie walk)."""
+        records, _ = self._router.match(stats.name)
+        for record in records:
+            reader = self.readers[record.client_id]
+            since = reader.filters[record.topic_filter]
+            seen = reader.topics.get(stats.id)
+            if seen is None:
+                self.topic_readers.setdefault(stats.id, []).append(reader)
+                reader.topics[stats.id] = since
+            elif since < seen:
+                reader.topics[stats.id] = since
+
+    def index_reader(self, reader: Reader) -> None:
+        """(Re)compute which topics a reader selects, with their since (after its filters
+        changed: one match per topic and filter of this reader)."""
+        for tid in reader.topics:
+            holders = self.topic_readers.get(tid)
+            if holders is not None and reader in holders:
+                holders.remove(reader)
+        reader.topics = {}
+        for stats in self.by_id.values():
+            self._match_reader(reader, stats)
+
+    def _match_reader(self, reader: Reader, stats: TopicStats) -> None:
+        since = None
+        for topic_filter, filter_since in reader.filters.items():
+            if topic_matches(topic_filter, stats.name) and (since is None or filter_since < since):
+                since = filter_since
+        if since is not None:
+            if stats.id not in reader.topics:
+                self.topic_readers.setdefault(stats.id, []).append(reader)
+            reader.topics[stats.id] = since
+
+    def _intern(self, conn: sqlite3.Connection, topic: str) -> TopicStats:
+        cursor = conn.execute("INSERT INTO log_topics (name) VALUES (?)", (topic,))
+        tid = cursor.lastrowid
+        assert tid is not None
+        stats = TopicStats(tid, topic, len(topic.encode()))
+        self.topics[topic] = self.by_id[tid] = stats
+        for state in self.streams.values():
+            if topic_matches(state.config.filter, topic):
+                state.topics.add(tid)
+                self.topic_streams.setdefault(tid, []).append(state)
+        self._match_readers(stats)
+        return stats
+
+    def streams_of(self, topic: str) -> list[str]:
+        """Names of the streams that record `topic` (whether or not it was seen before)."""
+        stats = self.topics.get(topic)
+        if stats is not None:
+            return [s.config.name for s in self.topic_streams.get(stats.id, ())]
+        return [s.config.name for s in self.streams.values()
+                if topic_matches(s.config.filter, topic)]
+
+    def selection(self, filters: Mapping[str, int]) -> dict[int, int]:
+        """Topic id -> since for a set of filters (filter -> since); for `read_page`."""
+        out: dict[int, int] = {}
+        for stats in self.by_id.values():
+            for topic_filter, since in filters.items():
+                if topic_matches(topic_filter, stats.name):
+                    seen = out.get(stats.id)
+                    if seen is None or since < seen:
+                        out[stats.id] = since
+        return out
+
+    def stream_selection(self, state: StreamState) -> dict[int, int]:
+        return dict.fromkeys(state.topics, 0)
+
+    # -- append ---------------------------------------------------------------------------
+
+    def append(self, conn: sqlite3.Connection, messages: Sequence[Appendable],
+               now: float) -> list[int]:
+        """Append messages (in order) stamped `max(now, last at)`; returns their offsets,
+        which are `last_offset + 1 ...` (never reused: `log_state` keeps the last one)."""
+        if not messages:
+            return []
+        at = now if now > self.last_at else self.last_at
+        offset = self.last_offset
+        rows: list[tuple[Any, ...]] = []
+        # Per topic touched: [rows, bytes] of this group; streams and readers are credited
+        # once per topic after the loop, not once per message.
+        group: dict[int, list[int]] = {}
+        topics = self.topics
+        for message in messages:
+            stats = topics.get(message.topic)
+            if stats is None:
+                stats = self._intern(conn, message.topic)
+            offset += 1
+            payload = message.payload
+            props = encode_props(message.properties)
+            size = stats.name_size + len(payload) + (len(props) if props else 0)
+            rows.append((offset, at, stats.id, message.qos, message.retain, payload, props,
+                         message.origin, message.expires_at))
+            if stats.first_offset is None:
+                stats.first_offset = offset
+            stats.last_offset = offset
+            counts = group.get(stats.id)
+            if counts is None:
+                group[stats.id] = [1, size]
+            else:
+                counts[0] += 1
+                counts[1] += size
+        streams: dict[str, StreamState] = {}
+        readers: dict[str, Reader] = {}
+        touched: list[TopicStats] = []
+        for tid, (count, size) in group.items():
+            stats = self.by_id[tid]
+            stats.count += count
+            stats.bytes += size
+            touched.append(stats)
+            self.total_count += count
+            self.total_bytes += size
+            for state in self.topic_streams.get(tid, ()):
+                if state.count == 0:
+                    state.first_at = at
+                state.count += count
+                state.bytes += size
+                streams[state.config.name] = state
+            for reader in self.topic_readers.get(tid, ()):
+                reader.backlog_count += count
+                reader.backlog_bytes += size
+                readers[reader.name] = reader
+        start = 0
+        for chunk in _CHUNKS:
+            while len(rows) - start >= chunk:
+                conn.execute(_INSERT_SQL[chunk],
+                             tuple(chain.from_iterable(rows[start:start + chunk])))
+                start += chunk
+        conn.executemany(
+            "UPDATE log_topics SET count = ?, bytes = ?, first_offset = ?, last_offset = ?"
+            " WHERE id = ?",
+            [(s.count, s.bytes, s.first_offset, s.last_offset, s.id) for s in touched])
+        conn.execute("UPDATE log_state SET last_offset = ?, last_at = ? WHERE id = 0",
+                     (offset, at))
+        for state in streams.values():
+            self.save_stream(conn, state)
+        for reader in readers.values():
+            self.save_reader(conn, reader)
+        first = self.last_offset + 1
+        self.last_offset = offset
+        self.last_at = at
+        return list(range(first, offset + 1))
+
+    def save_stream(self, conn: sqlite3.Connection, state: StreamState) -> None:
+        conn.execute("UPDATE log_streams SET first_offset = ?, first_at = ?, count = ?,"
+                     " bytes = ? WHERE name = ?", (state.first_offset, state.first_at,
+                                                   state.count, state.bytes, state.config.name))
+
+    def save_reader(self, conn: sqlite3.Connection, reader: Reader) -> None:
+        conn.execute("UPDATE log_readers SET offset = ?, backlog_count = ?, backlog_bytes = ?,"
+                     " dropped = ? WHERE name = ?", (reader.offset, reader.backlog_count,
+                                                     reader.backlog_bytes, reader.dropped,
+                                                     reader.name))
+
+    def save_topic(self, conn: sqlite3.Connection, stats: TopicStats) -> None:
+        conn.execute("UPDATE log_topics SET count = ?, bytes = ?, first_offset = ?,"
+                     " last_offset = ? WHERE id = ?", (stats.count, stats.bytes,
+                                                       stats.first_offset, stats.last_offset,
+                                                       stats.id))
+
+    # -- read -----------------------------------------------------------------------------
+
+    def _row(self, raw: Sequence[Any]) -> LogRow:
+        stats = self.by_id[raw[2]]
+        payload = raw[5]
+        props = raw[6]
+        return LogRow(raw[0], raw[1], stats.name, raw[3], bool(raw[4]), payload,
+                      decode_props(props) if props is not None else NO_PROPERTIES, raw[7],
+                      raw[8], stats.name_size + len(payload) + (len(props) if props else 0))
+
+    def read_page(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
+                  limit: int) -> Page:
+        """Up to `limit` rows with offset > `after` whose topic id is in `selection` (topic id
+        -> since) and whose offset is above that topic's since, in offset order."""
+        last = self.last_offset
+        if limit <= 0:
+            return Page([], after)
+        if not selection or after >= last:
+            return Page([], max(after, last))
+        by_id = self.by_id
+        if len(selection) >= len(by_id):  # every topic (`#` without `$` topics is close)
+            return self._scan(conn, after, selection, limit, 1.0)
+        matched = sum(by_id[t].count for t in selection if t in by_id)
+        if matched == 0:
+            return Page([], last)
+        fraction = matched / max(1, self.total_count)
+        if fraction >= SCAN_FRACTION or len(selection) > MAX_IN_LIST:
+            return self._scan(conn, after, selection, limit, fraction)
+        if len(selection) == 1:  # one topic: its index range, no window needed
+            ((tid, since),) = selection.items()
+            raws = conn.execute(_ONE_TOPIC, (tid, max(after, since), limit)).fetchall()
+            rows = [self._row(raw) for raw in raws]
+            return Page(rows, rows[-1].offset if len(rows) == limit else last)
+        return self._ranges(conn, after, selection, limit, fraction)
+
+    def _scan(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
+              limit: int, fraction: float) -> Page:
+        batch = min(MAX_SCAN_BATCH, int(limit / fraction) + 16)
+        out: list[LogRow] = []
+        lo = after
+        last = self.last_offset
+        while lo < last:
+            raws = conn.execute(_SCAN, (lo, batch)).fetchall()
+            if not raws:
+                return Page(out, last)
+            for raw in raws:
+                since = selection.get(raw[2])
+                if since is not None and raw[0] > since:
+                    out.append(self._row(raw))
+                    if len(out) == limit:
+                        return Page(out, raw[0])
+            lo = raws[-1][0]
+        return Page(out, last)
+
+    def _ranges(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
+                limit: int, fraction: float) -> Page:
+        groups: dict[int, list[int]] = {}
+        for tid, since in selection.items():
+            groups.setdefault(since, []).append(tid)
+        window = int(limit / fraction * 1.5) + 64
+        out: list[LogRow] = []
+        lo = after
+        last = self.last_offset
+        while lo < last:
+            hi = min(lo + window, last)
+            raws: list[Any] = []
+            for since, tids in groups.items():
+                lower = max(lo, since)
+                if lower >= hi:
+                    continue
+                marks = ", ".join("?" * len(tids))
+                raws.extend(conn.execute(
+                    f"SELECT {_COLUMNS} FROM log WHERE topic_id IN ({marks})"
+                    " AND offset > ? AND offset <= ? ORDER BY offset", (*tids, lower, hi)))
+            if len(groups) > 1:
+                raws.sort(key=lambda r: r[0])
+            need = limit - len(out)
+            if len(raws) >= need:
+                out.extend(self._row(raw) for raw in raws[:need])
+                return Page(out, out[-1].offset)
+            out.extend(self._row(raw) for raw in raws)
+            lo = hi
+            window *= 2
+        return Page(out, last)
+
+    # -- time -----------------------------------------------------------------------------
+
+    def first_offset_at(self, conn: sqlite3.Connection, at: float) -> int:
+        """The offset of the first row published at or after `at` (`last_offset + 1` if none).
+
+        `at` never decreases along the offsets, so this is a binary search over the primary
+        key: about log2(rows) probes, no index on time."""
+        lo, hi = 1, self.last_offset + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            row = conn.execute(_PROBE, (mid,)).fetchone()
+            if row is None or row[1] >= at:
+                hi = mid
+            else:
+                lo = mid + 1
+        row = conn.execute(_PROBE, (lo,)).fetchone()
+        return int(row[0]) if row is not None else self.last_offset + 1
