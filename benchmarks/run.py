@@ -3,6 +3,10 @@
     python -m benchmarks                       # all scenarios, edge + mosquitto + amqtt
     python -m benchmarks --quick               # smoke: edge alone, delivery counts, exit 1 on loss
     python -m benchmarks --brokers mosquitto,amqtt --scenarios S1,S3 --duration 10
+    python -m benchmarks --brokers edge,mosquitto --scenarios S10   # fairness under load
+
+A run of some scenarios only writes results/partial-<ids>.json and .md (not latest.json and
+RESULTS.md, which hold the last full run), unless --json / --markdown say otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ TARGETS = [
      "S4.fsync.ingest_msgs_per_s", None, 20_000.0),
     ("S8 start-up <= 3 s with 100,000 queued messages in 1,000 sessions", "max",
      "S8.startup_s", None, 3.0),
+    *[(f"S10 {label}: control round trip p99 <= 10 ms", "max", f"S10.{part}.rtt_p99_ms",
+       None, 10.0) for part, (label, _load) in scenarios.S10_PARTS.items() if part != "idle"],
 ]
 
 
@@ -49,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--brokers", help="comma list of edge,mosquitto,amqtt "
                     "(default: all three; --quick: edge)")
-    ap.add_argument("--scenarios", help="comma list of S1..S8 (default: all; --quick: S1-S6, "
-                    "S8)")
+    ap.add_argument("--scenarios", help="comma list of S1..S8, S10 (default: all; --quick: "
+                    "S1-S6, S8, S10)")
     ap.add_argument("--quick", action="store_true",
                     help="a few seconds per scenario; checks delivery counts, not speed; "
                     "exits 1 on a delivery-count failure")
@@ -81,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--startup-cold-runs", type=int, default=2,
                     help="S8 extra starts with the store evicted from the page cache "
                     "(--quick: 0)")
+    ap.add_argument("--s10-duration", type=float,
+                    help="S10 seconds of control round trips per part (default 10, --quick 1)")
+    ap.add_argument("--s10-rate", type=float, default=100.0,
+                    help="S10 control round trips started per second (0 = back to back)")
+    ap.add_argument("--s10-parts", default=",".join(scenarios.S10_PARTS),
+                    help="S10 parts to run (default: all: %(default)s)")
     ap.add_argument("--profile-edge", type=Path, metavar="DIR",
                     help="record edge-broker with py-spy during each S4 ingest (raw stacks "
                     "in DIR, summary in the JSON); the profiler costs the broker some speed")
@@ -132,6 +144,8 @@ def fmt(v: float | None, unit: str) -> str:
     if unit in ("ms", "%", "KB", "s"):
         return f"{v:,.2f}"
     if unit == "MB":
+        return f"{v:,.1f}"
+    if unit == "per s":
         return f"{v:,.1f}"
     if unit == "per msg":
         return f"{v:.4f}"
@@ -282,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown broker(s) {bad}; choose from {ALL_BROKERS}", file=sys.stderr)
         return 2
-    default_sc = "S1,S2,S3,S4,S5,S6,S8" if quick else ",".join(scenarios.SCENARIOS)
+    default_sc = "S1,S2,S3,S4,S5,S6,S8,S10" if quick else ",".join(scenarios.SCENARIOS)
     sc_ids = [s.strip().upper() for s in (args.scenarios or default_sc).split(",") if s.strip()]
     bad = [s for s in sc_ids if s not in scenarios.SCENARIOS]
     if bad:
@@ -296,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown durability {bad}; choose from {list(scenarios.DURABILITIES)}",
               file=sys.stderr)
         return 2
+    parts = tuple(p.strip() for p in args.s10_parts.split(",") if p.strip())
+    bad = [p for p in parts if p not in scenarios.S10_PARTS]
+    if bad or not parts:
+        print(f"unknown S10 part(s) {bad}; choose from {list(scenarios.S10_PARTS)}",
+              file=sys.stderr)
+        return 2
     opts = Options(quick=quick, duration_s=args.duration or (1.0 if quick else 5.0),
                    sub_procs=args.sub_procs, idle_connections=args.idle_connections,
                    idle_window_s=args.idle_seconds, s6_rate=args.s6_rate,
@@ -305,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                    s4_durabilities=tuple(s4_dur), startup_messages=args.startup_messages,
                    startup_sessions=args.startup_sessions, startup_runs=args.startup_runs,
                    startup_cold_runs=args.startup_cold_runs,
-                   profile_dir=str(args.profile_edge) if args.profile_edge else None)
+                   profile_dir=str(args.profile_edge) if args.profile_edge else None,
+                   s10_duration_s=args.s10_duration or (1.0 if quick else 10.0),
+                   s10_rate=args.s10_rate, s10_parts=parts)
     limit = raise_fd_limit(opts.idle_connections + 1024)
     if "S5" in sc_ids and limit[0] < opts.idle_connections + 256:
         print(f"warning: RLIMIT_NOFILE is {limit[0]}; S5 needs {opts.idle_connections + 256}",
@@ -433,13 +455,20 @@ def main(argv: list[str] | None = None) -> int:
            "loadgen_ceiling": ceil, "skipped": skipped, "figures": figs,
            "targets": [{"target": n, "verdict": v, "evidence": e} for n, v, e in targets],
            "failures": failures, **record}
-    json_path = args.json or (HERE / "results" / ("quick.json" if quick else "latest.json"))
+    # latest.json and RESULTS.md hold the last full run: a run of some scenarios only goes to
+    # results/partial-<ids>.json and .md instead, so it never replaces them.
+    partial = None if quick or set(sc_ids) >= set(scenarios.SCENARIOS) else \
+        HERE / "results" / f"partial-{'-'.join(sc_ids)}"
+    json_path = args.json or (HERE / "results" / "quick.json" if quick else
+                              partial.with_suffix(".json") if partial else
+                              HERE / "results" / "latest.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     tmp.replace(json_path)
     print(f"\nwrote {json_path}")
-    md_path = args.markdown or (None if quick else HERE / "RESULTS.md")
+    md_path = args.markdown or (None if quick else partial.with_suffix(".md") if partial
+                                else HERE / "RESULTS.md")
     if md_path:
         md_path.write_text(render_report(doc, rows, targets, sc_ids))
         print(f"wrote {md_path}")
@@ -533,8 +562,11 @@ def render_report(doc: dict, rows: list[list[str]], targets: list, sc_ids: list[
         f"- Versions: python {m['python']}, "
         + ", ".join(f"{LABEL[b]} {ver}" for b, ver in v.items()),
         f"- Scenarios: {', '.join(sc_ids)}; {o['duration_s']:g} s per measured run; "
-        f"S5 {o['idle_connections']:,} connections, {o['idle_window_s']:g} s idle; "
-        f"S6 {o['s6_rate']:,.0f} msgs/s; {doc.get('repeat', 1)} run(s) per figure (median); "
+        + (f"S5 {o['idle_connections']:,} connections, {o['idle_window_s']:g} s idle; "
+           if "S5" in sc_ids else "")
+        + (f"S6 {o['s6_rate']:,.0f} msgs/s; " if "S6" in sc_ids else "")
+        + (f"S10 {o.get('s10_duration_s', 10):g} s per part; " if "S10" in sc_ids else "")
+        + f"{doc.get('repeat', 1)} run(s) per figure (median); "
         "edge persistence/durability: "
         f"{o['edge_persistence'] or 'default'}/{o['edge_durability'] or 'default'}"
         + (f"; S4 edge durability: {', '.join(o['s4_durabilities'])}"
@@ -579,6 +611,22 @@ def render_report(doc: dict, rows: list[list[str]], targets: list, sc_ids: list[
             lines += [f"The details below are run #1 of {doc['repeat']}; the table above has "
                       "the median over the runs.", ""]
         lines += startup.render_md(s8)
+    s10 = {b: e["details"] for b, e in doc.get("scenarios", {}).get("S10", {}).items()
+           if "details" in e}
+    if s10:
+        from . import fairness
+        lines += ["## S10: fairness, a control client under load", "",
+                  "One control client (its own process) publishes QoS 1 to a topic it subscribes "
+                  f"to, {o.get('s10_rate', 100):g} round trips a second, for "
+                  f"{o.get('s10_duration_s', 10):g} s per part, each part on a fresh broker, "
+                  "while the load runs in processes at nice +10. A round trip ends when both "
+                  "the PUBACK and the delivery have arrived. Target: round trip p99 <= 10 ms. "
+                  "Method: `benchmarks/README.md`, S10.", ""]
+        if doc.get("repeat", 1) > 1:
+            lines += [f"The details below are run #1 of {doc['repeat']}.", ""]
+        lines += fairness.render_md({b: d["repeats"][0] if "repeats" in d else d
+                                     for b, d in s10.items()}, LABEL)
+        lines.append("")
     analysis = HERE / "ANALYSIS.md"
     if analysis.exists() and not doc["quick"]:
         # Hand-written: the profile of where the time goes and the log of changes that
