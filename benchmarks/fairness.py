@@ -117,6 +117,7 @@ def _control_loop(sock: socket.socket, buf: bytearray, rate: float, duration_s: 
     cpu0 = loadgen._cpu_s()
     started = completed = unexpected = 0
     unfinished = False
+    closed: str | None = None
     pid = 1
     t_start = mono()
     t_start_ns = perf()
@@ -131,46 +132,18 @@ def _control_loop(sock: socket.socket, buf: bytearray, rate: float, duration_s: 
             time.sleep(next_at - now)    # pacing, not synchronisation
         seq = started
         t0 = perf()
-        sock.sendall(wire.publish(CONTROL_TOPIC, struct.pack(">QQ", t0, seq) + pad, qos=1,
-                                  packet_id=pid))
         started += 1
         ack_ns = del_ns = 0
         # A round trip started in the window may finish up to grace_s after it: a stall of
         # the broker is measured, not cut off.
         limit = min(deadline, max(end, mono()) + grace_s)
-        while not (ack_ns and del_ns):
-            left = limit - mono()
-            if left <= 0:
-                break
-            if not sel.select(min(left, 0.5)):
-                continue
-            chunk = sock.recv(65536)
-            now_ns = perf()
-            if not chunk:
-                raise ConnectionError("broker closed the control connection")
-            buf += chunk
-            frames, used = wire.split_frames(buf)
-            acks = []
-            for b0, s, e in frames:
-                kind = b0 >> 4
-                if kind == wire.PUBACK and e - s == 2:
-                    if (buf[s] << 8 | buf[s + 1]) == pid:
-                        ack_ns = now_ns
-                    else:
-                        unexpected += 1
-                elif kind == wire.PUBLISH:
-                    qos, payload, in_pid = _parse_publish(b0, bytes(buf[s:e]))
-                    if qos:
-                        acks.append(wire.puback(in_pid))
-                    if len(payload) >= 16 and struct.unpack_from(">Q", payload, 8)[0] == seq:
-                        del_ns = now_ns
-                    else:
-                        unexpected += 1
-                else:
-                    unexpected += 1
-            del buf[:used]
-            if acks:
-                sock.sendall(b"".join(acks))
+        try:
+            sock.sendall(wire.publish(CONTROL_TOPIC, struct.pack(">QQ", t0, seq) + pad, qos=1,
+                                      packet_id=pid))
+            ack_ns, del_ns, unexpected = _await_round_trip(sock, buf, sel, pid, seq, limit,
+                                                           unexpected)
+        except OSError as exc:     # closed or reset by the broker: the figures so far stand
+            closed = repr(exc)
         if not (ack_ns and del_ns):
             # Given up on: its time so far is a lower bound of its round trip, and counts.
             h_rt.record(perf() - t0)
@@ -190,13 +163,55 @@ def _control_loop(sock: socket.socket, buf: bytearray, rate: float, duration_s: 
     return {"rate": rate, "duration_s": duration_s, "scheduled": round(duration_s * rate)
             if rate > 0 else None,
             "started": started, "completed": completed, "unfinished": unfinished,
-            "unexpected_packets": unexpected,
+            "closed": closed, "unexpected_packets": unexpected,
             "round_trips_per_s": completed / window_s if window_s > 0 else 0.0,
             "rtt": h_rt.summary_ms(), "puback": h_ack.summary_ms(),
             "delivery": h_del.summary_ms(),
             "cpu_s": round(loadgen._cpu_s() - cpu0, 3),
             "cpu_ms_on_core": round((run1 - run0) / 1e6, 1),
             "runq_wait_ms": round((wait1 - wait0) / 1e6, 1)}
+
+
+def _await_round_trip(sock: socket.socket, buf: bytearray, sel: selectors.BaseSelector,
+                      pid: int, seq: int, limit: float, unexpected: int) -> tuple[int, int, int]:
+    """Read until the PUBACK of `pid` and the delivery of `seq` are in, or `limit` (monotonic).
+    Returns (PUBACK time, delivery time; 0 = not arrived, unexpected packets so far)."""
+    perf = time.perf_counter_ns
+    ack_ns = del_ns = 0
+    while not (ack_ns and del_ns):
+        left = limit - time.monotonic()
+        if left <= 0:
+            break
+        if not sel.select(min(left, 0.5)):
+            continue
+        chunk = sock.recv(65536)
+        now_ns = perf()
+        if not chunk:
+            raise ConnectionError("broker closed the control connection")
+        buf += chunk
+        frames, used = wire.split_frames(buf)
+        acks = []
+        for b0, s, e in frames:
+            kind = b0 >> 4
+            if kind == wire.PUBACK and e - s == 2:
+                if (buf[s] << 8 | buf[s + 1]) == pid:
+                    ack_ns = now_ns
+                else:
+                    unexpected += 1
+            elif kind == wire.PUBLISH:
+                qos, payload, in_pid = _parse_publish(b0, bytes(buf[s:e]))
+                if qos:
+                    acks.append(wire.puback(in_pid))
+                if len(payload) >= 16 and struct.unpack_from(">Q", payload, 8)[0] == seq:
+                    del_ns = now_ns
+                else:
+                    unexpected += 1
+            else:
+                unexpected += 1
+        del buf[:used]
+        if acks:
+            sock.sendall(b"".join(acks))
+    return ack_ns, del_ns, unexpected
 
 
 # --------------------------------------------------------------------------- one part
@@ -297,8 +312,15 @@ def run(case: Case) -> Result:
     res.details["parts"] = {}
     o = case.opts
     for part in o.s10_parts:
-        with case.launch(latency=True) as rb:
-            r = run_part(rb, case, part)
+        try:
+            with case.launch(latency=True) as rb:
+                r = run_part(rb, case, part)
+        except (loadgen.LoadgenError, brokers.BrokerStartError, RuntimeError, OSError) as exc:
+            # One part gone wrong (a worker failed, the broker died) keeps the other parts.
+            res.details["parts"][part] = {"part": part, "error": f"{exc.__class__.__name__}: "
+                                                                 f"{exc}"[:2000]}
+            res.check(f"S10 {part} ran", False, str(exc)[:500])
+            continue
         res.details["parts"][part] = r
         ctl = r["control"]
         res.figures[f"S10.{part}.rtt_p99_ms"] = ctl["rtt"]["p99_ms"]
@@ -309,7 +331,8 @@ def run(case: Case) -> Result:
         res.check(f"S10 {part} control round trips",
                   ctl["completed"] > 0 and not ctl["unfinished"],
                   f"{ctl['completed']}/{ctl['started']} round trips completed (PUBACK and "
-                  f"delivery) under {label}, {ctl['unexpected_packets']} unexpected packets")
+                  f"delivery) under {label}, {ctl['unexpected_packets']} unexpected packets"
+                  + (f"; control connection lost: {ctl['closed']}" if ctl["closed"] else ""))
         load = r.get("load", {})
         if part in ("flood", "flood_sub"):
             res.check(f"S10 {part} flood drained", load.get("closed") is None,
@@ -343,6 +366,11 @@ def render_md(per_broker: dict[str, dict[str, Any]], labels: dict[str, str]) -> 
         for broker, d in per_broker.items():
             r = d.get("parts", {}).get(part)
             if r is None:
+                continue
+            if "error" in r:
+                why = (r["error"].splitlines() or [""])[0][:200].replace("|", "/")
+                lines.append(f"| {S10_PARTS[part][0]} | {labels.get(broker, broker)} | "
+                             f"error: {why} |" + " |" * (len(head) - 3))
                 continue
             c = r["control"]
             trip = " / ".join(_ms(c[k][f]) for k in ("rtt",) for f in ("p50_ms", "p99_ms",
