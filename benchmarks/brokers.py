@@ -32,11 +32,11 @@ MOSQUITTO_SETTINGS = {
     "max_queued_messages": 1_000_000,    # >= S4's per-session backlog
     "max_queued_bytes": 0,               # unlimited
     "max_connections": -1,
-    "set_tcp_nodelay": "false",          # mosquitto's default; S6 uses true (see below)
+    "set_tcp_nodelay": "false",          # mosquitto's default; S6, S10 use true (below)
 }
 # Nagle (set_tcp_nodelay false) batches mosquitto's per-packet writes: ~1.5x the QoS 0
 # throughput of nodelay true here, but ~40 ms on the QoS 0 p99 at 10k msgs/s. Each scenario gets
-# mosquitto's better setting: false for throughput (S1-S5, S7), true for latency (S6).
+# mosquitto's better setting: false for throughput (S1-S5, S7), true for latency (S6, S10).
 MOSQUITTO_LATENCY_SETTINGS = {"set_tcp_nodelay": "true"}
 
 # The edge-broker command; placeholders are filled by `edge_command`.
@@ -320,7 +320,7 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
         config_path.write_text(mosquitto_config(port, workdir, latency=latency))
         cmd = [mosquitto_path() or "mosquitto", "-c", str(config_path)]
         settings = dict(MOSQUITTO_SETTINGS)
-        settings["set_tcp_nodelay"] = "false (S6: true)"
+        settings["set_tcp_nodelay"] = "false (S6, S10: true)"
     elif name == "amqtt":
         config_path = workdir / "amqtt.yaml"
         config_path.write_text(amqtt_config(port))

@@ -3,6 +3,10 @@
     python -m benchmarks                       # all scenarios, edge + mosquitto + amqtt
     python -m benchmarks --quick               # smoke: edge alone, delivery counts, exit 1 on loss
     python -m benchmarks --brokers mosquitto,amqtt --scenarios S1,S3 --duration 10
+    python -m benchmarks --brokers edge,mosquitto --scenarios S10   # fairness under load
+
+A run of some scenarios only writes results/partial-<ids>.json and .md (not latest.json and
+RESULTS.md, which hold the last full run), unless --json / --markdown say otherwise.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import traceback
 from pathlib import Path
 
 from . import brokers, ceiling, scenarios
+from .report import LABEL, fmt, render_report, s4_store_rows
 from .scenarios import METRIC_BY_ID, METRICS, Case, Options
 
 HERE = Path(__file__).resolve().parent
 ALL_BROKERS = ["edge", "mosquitto", "amqtt"]
-LABEL = {"edge": "edge-broker", "mosquitto": "mosquitto", "amqtt": "amqtt"}
 
 # Targets for edge-broker, judged on ratios measured in the same run.
 TARGETS = [
@@ -41,6 +45,8 @@ TARGETS = [
      "S4.fsync.ingest_msgs_per_s", None, 20_000.0),
     ("S8 start-up <= 3 s with 100,000 queued messages in 1,000 sessions", "max",
      "S8.startup_s", None, 3.0),
+    *[(f"S10 {label}: control round trip p99 <= 10 ms", "max", f"S10.{part}.rtt_p99_ms",
+       None, 10.0) for part, (label, _load) in scenarios.S10_PARTS.items() if part != "idle"],
 ]
 
 
@@ -49,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--brokers", help="comma list of edge,mosquitto,amqtt "
                     "(default: all three; --quick: edge)")
-    ap.add_argument("--scenarios", help="comma list of S1..S8 (default: all; --quick: S1-S6, "
-                    "S8)")
+    ap.add_argument("--scenarios", help="comma list of S1..S8, S10 (default: all; --quick: "
+                    "S1-S6, S8, S10)")
     ap.add_argument("--quick", action="store_true",
                     help="a few seconds per scenario; checks delivery counts, not speed; "
                     "exits 1 on a delivery-count failure")
@@ -81,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--startup-cold-runs", type=int, default=2,
                     help="S8 extra starts with the store evicted from the page cache "
                     "(--quick: 0)")
+    ap.add_argument("--s10-duration", type=float,
+                    help="S10 seconds of control round trips per part (default 10, --quick 1)")
+    ap.add_argument("--s10-rate", type=float, default=100.0,
+                    help="S10 control round trips started per second (0 = back to back)")
+    ap.add_argument("--s10-parts", default=",".join(scenarios.S10_PARTS),
+                    help="S10 parts to run (default: all: %(default)s)")
     ap.add_argument("--profile-edge", type=Path, metavar="DIR",
                     help="record edge-broker with py-spy during each S4 ingest (raw stacks "
                     "in DIR, summary in the JSON); the profiler costs the broker some speed")
@@ -124,18 +136,6 @@ def machine_info() -> dict:
             "cpu_model": cpu, "cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version()}
-
-
-def fmt(v: float | None, unit: str) -> str:
-    if v is None:
-        return "-"
-    if unit in ("ms", "%", "KB", "s"):
-        return f"{v:,.2f}"
-    if unit == "MB":
-        return f"{v:,.1f}"
-    if unit == "per msg":
-        return f"{v:.4f}"
-    return f"{v:,.0f}"
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -201,13 +201,6 @@ def render_text(rows: list[list[str]]) -> str:
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
-
-
-def render_md(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |",
-             "|" + "|".join(["---", "---"] + ["---:"] * (len(rows[0]) - 2)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    return "\n".join(lines)
 
 
 def judge_targets(figs: dict[str, dict[str, float | None]]) -> list[tuple[str, str, str]]:
@@ -282,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown broker(s) {bad}; choose from {ALL_BROKERS}", file=sys.stderr)
         return 2
-    default_sc = "S1,S2,S3,S4,S5,S6,S8" if quick else ",".join(scenarios.SCENARIOS)
+    default_sc = "S1,S2,S3,S4,S5,S6,S8,S10" if quick else ",".join(scenarios.SCENARIOS)
     sc_ids = [s.strip().upper() for s in (args.scenarios or default_sc).split(",") if s.strip()]
     bad = [s for s in sc_ids if s not in scenarios.SCENARIOS]
     if bad:
@@ -296,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown durability {bad}; choose from {list(scenarios.DURABILITIES)}",
               file=sys.stderr)
         return 2
+    parts = tuple(p.strip() for p in args.s10_parts.split(",") if p.strip())
+    bad = [p for p in parts if p not in scenarios.S10_PARTS]
+    if bad or not parts:
+        print(f"unknown S10 part(s) {bad}; choose from {list(scenarios.S10_PARTS)}",
+              file=sys.stderr)
+        return 2
     opts = Options(quick=quick, duration_s=args.duration or (1.0 if quick else 5.0),
                    sub_procs=args.sub_procs, idle_connections=args.idle_connections,
                    idle_window_s=args.idle_seconds, s6_rate=args.s6_rate,
@@ -305,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                    s4_durabilities=tuple(s4_dur), startup_messages=args.startup_messages,
                    startup_sessions=args.startup_sessions, startup_runs=args.startup_runs,
                    startup_cold_runs=args.startup_cold_runs,
-                   profile_dir=str(args.profile_edge) if args.profile_edge else None)
+                   profile_dir=str(args.profile_edge) if args.profile_edge else None,
+                   s10_duration_s=args.s10_duration or (1.0 if quick else 10.0),
+                   s10_rate=args.s10_rate, s10_parts=parts)
     limit = raise_fd_limit(opts.idle_connections + 1024)
     if "S5" in sc_ids and limit[0] < opts.idle_connections + 256:
         print(f"warning: RLIMIT_NOFILE is {limit[0]}; S5 needs {opts.idle_connections + 256}",
@@ -433,13 +434,20 @@ def main(argv: list[str] | None = None) -> int:
            "loadgen_ceiling": ceil, "skipped": skipped, "figures": figs,
            "targets": [{"target": n, "verdict": v, "evidence": e} for n, v, e in targets],
            "failures": failures, **record}
-    json_path = args.json or (HERE / "results" / ("quick.json" if quick else "latest.json"))
+    # latest.json and RESULTS.md hold the last full run: a run of some scenarios only goes to
+    # results/partial-<ids>.json and .md instead, so it never replaces them.
+    partial = None if quick or set(sc_ids) >= set(scenarios.SCENARIOS) else \
+        HERE / "results" / f"partial-{'-'.join(sc_ids)}"
+    json_path = args.json or (HERE / "results" / "quick.json" if quick else
+                              partial.with_suffix(".json") if partial else
+                              HERE / "results" / "latest.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     tmp.replace(json_path)
     print(f"\nwrote {json_path}")
-    md_path = args.markdown or (None if quick else HERE / "RESULTS.md")
+    md_path = args.markdown or (None if quick else partial.with_suffix(".md") if partial
+                                else HERE / "RESULTS.md")
     if md_path:
         md_path.write_text(render_report(doc, rows, targets, sc_ids))
         print(f"wrote {md_path}")
@@ -447,55 +455,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1 if quick else 0
     return 0
-
-
-S4_FOOTNOTE = (
-    f"{scenarios.S4_NOTE} edge-broker runs S4 once per durability, each on a fresh broker and "
-    "store (`[storage] durability`: `fsync` = the WAL is fsynced before any PUBACK, survives a "
-    "power cut; `os` = written to the OS before any PUBACK, survives a crash of the broker). "
-    "mosquitto and amqtt have no such setting: their columns repeat their one S4 figure, with "
-    "the offline messages held in memory only (mosquitto `persistence false`; even with "
-    "`persistence true` mosquitto writes its database only at `autosave_interval` and at "
-    "shutdown, never per message).")
-
-
-def first_details(doc: dict, sc: str, broker: str = "edge") -> dict | None:
-    """The details of one scenario's run (the first one when --repeat merged several)."""
-    entry = doc.get("scenarios", {}).get(sc, {}).get(broker)
-    if not entry or "details" not in entry:
-        return None
-    d: dict = entry["details"]
-    return d["repeats"][0] if "repeats" in d else d
-
-
-def s4_store_rows(doc: dict) -> list[list[str]] | None:
-    entry = doc.get("scenarios", {}).get("S4", {}).get("edge")
-    if not entry or "details" not in entry:
-        return None
-    d = entry["details"]
-    runs = d.get("repeats", [d])
-    head = ["Durability", "Run", "Acked msgs", "Ingest msgs/s", "Drain msgs/s", "Commits",
-            "Commits/msg", "Fsyncs", "Fsyncs/msg", "Batches/commit", "Changes/msg",
-            "Broker CPU ingest %", "Store MB after ingest"]
-    rows = [head]
-    for k, run in enumerate(runs):
-        for dur, v in run.get("variants", {}).items():
-            st = (v.get("store") or {})
-            ing = st.get("ingest") or {}
-            per = ing.get("per_msg", {})
-            fb = st.get("file_bytes_after_ingest")
-            ingest_rate = v.get("ingest_msgs_per_s")
-            rows.append([dur, f"#{k + 1}", f"{v['acked']:,}", fmt(ingest_rate, "msgs/s"),
-                         fmt(v["drain"].get("rate") or None, "msgs/s"),
-                         f"{ing['commits']:,}" if "commits" in ing else "-",
-                         fmt(per.get("commits"), "per msg"),
-                         f"{ing['fsyncs']:,}" if "fsyncs" in ing else "-",
-                         fmt(per.get("fsyncs"), "per msg"),
-                         str(ing.get("batches_per_commit", "-")),
-                         f"{per['changes_written']:.1f}" if "changes_written" in per else "-",
-                         f"{v.get('broker_cpu_pct_ingest', 0):.0f}",
-                         "-" if fb is None else f"{fb / 1e6:,.1f}"])
-    return rows if len(rows) > 1 else None
 
 
 def rerender(json_path: Path, md_path: Path) -> int:
@@ -512,104 +471,6 @@ def rerender(json_path: Path, md_path: Path) -> int:
     md_path.write_text(render_report(doc, rows, targets, list(doc["scenarios"])))
     print(f"wrote {md_path}")
     return 0
-
-
-def render_report(doc: dict, rows: list[list[str]], targets: list, sc_ids: list[str]) -> str:
-    m = doc["machine"]
-    v = doc["versions"]
-    o = doc["options"]
-    lines = [
-        "# edge-broker benchmark results",
-        "",
-        "Written by `python -m benchmarks` (see `benchmarks/README.md` for the method). "
-        "Ratios are measured in the same run, brokers interleaved scenario by scenario.",
-        "",
-        f"- Date: {doc['date']}"
-        + (" (quick mode: figures are not meaningful)" if doc["quick"] else ""),
-        f"- Machine: {m['hostname']} ({m['uname']})",
-        f"- CPU: {m['cpu_model']}, {m['cores']} cores ({m['usable_cores']} usable); "
-        f"1-min load average at start {m.get('loadavg_1min_at_start', '?')} "
-        "(anything well above 0 means another workload shared the machine)",
-        f"- Versions: python {m['python']}, "
-        + ", ".join(f"{LABEL[b]} {ver}" for b, ver in v.items()),
-        f"- Scenarios: {', '.join(sc_ids)}; {o['duration_s']:g} s per measured run; "
-        f"S5 {o['idle_connections']:,} connections, {o['idle_window_s']:g} s idle; "
-        f"S6 {o['s6_rate']:,.0f} msgs/s; {doc.get('repeat', 1)} run(s) per figure (median); "
-        "edge persistence/durability: "
-        f"{o['edge_persistence'] or 'default'}/{o['edge_durability'] or 'default'}"
-        + (f"; S4 edge durability: {', '.join(o['s4_durabilities'])}"
-           if "S4" in sc_ids and o.get("s4_durabilities") else "")
-        + (f"; S8 {o['startup_messages']:,} queued msgs in {o['startup_sessions']:,} sessions, "
-           f"{o['startup_runs']} starts (+{o['startup_cold_runs']} cold)"
-           if "S8" in sc_ids and not doc["quick"] else ""),
-    ]
-    c = doc.get("loadgen_ceiling")
-    if c:
-        lines.append(f"- Load generator ceiling (no broker, one process each): publisher "
-                     f"{c['publisher_qos0']['msgs_per_s']:,} msgs/s, subscriber "
-                     f"{c['subscriber_qos0']['msgs_per_s']:,} msgs/s (QoS 0, 100-byte payload)")
-    lines += ["", "## Figures", "", render_md(rows), ""]
-    if any("!" in cell for row in rows[1:] for cell in row):
-        lines += ["`!` = that scenario failed a delivery check for that broker (see Failures "
-                  "below): the figure is what was delivered, not a clean result.", ""]
-    if any(scenarios.S4_NOTE in row[0] for row in rows[1:]):
-        lines += [S4_FOOTNOTE, ""]
-    if targets:
-        lines += ["## Targets (edge-broker)", "", "| Target | Verdict | Measured |",
-                  "|---|---|---|"]
-        lines += [f"| {n} | {verdict} | {ev} |" for n, verdict, ev in targets]
-        lines.append("")
-    s4 = s4_store_rows(doc)
-    if s4:
-        lines += ["## S4: edge-broker's store during the ingest", "",
-                  "Counters of the running broker's store (`edge-broker store --json stats`, "
-                  "over its admin socket), sampled before and after the ingest phase: every "
-                  "PUBACK is sent after its commit, so the ingest's commits are all counted. "
-                  "Each message is one `MessageSaved` and ten `DeliverySaved` changes (one per "
-                  "offline session). One commit per group of batches shows group commit "
-                  "working: with a window of 100 unacknowledged PUBLISHes, the best case is "
-                  "about 1/100 commit per message. `fsync` issues one fsync of the WAL per "
-                  "commit (checkpoints fsync the database file too and are not counted); `os` "
-                  "issues none.", "", render_md(s4), ""]
-    s8 = first_details(doc, "S8")
-    if s8 and "connack_s" in s8:
-        from . import startup
-        lines += ["## S8: start-up with a queued backlog (edge-broker)", ""]
-        if doc.get("repeat", 1) > 1:
-            lines += [f"The details below are run #1 of {doc['repeat']}; the table above has "
-                      "the median over the runs.", ""]
-        lines += startup.render_md(s8)
-    analysis = HERE / "ANALYSIS.md"
-    if analysis.exists() and not doc["quick"]:
-        # Hand-written: the profile of where the time goes and the log of changes that
-        # mattered, kept with every regenerated report.
-        lines += [analysis.read_text().strip(), ""]
-    lines += ["## Broker settings", ""]
-    for b, s in doc["settings"].items():
-        lines.append(f"- {LABEL[b]}: " + ", ".join(f"`{k}` = {val}" for k, val in s.items()))
-    for b, why in doc["skipped"].items():
-        lines.append(f"- {LABEL[b]}: skipped ({why})")
-    if doc["failures"]:
-        lines += ["", "## Failures and failed checks", ""]
-        lines += [f"- {f}" for f in doc["failures"]]
-    lines += ["", "## Notes", "",
-              "- The figures come from one shared machine. Compare ratios from the same run "
-              "rather than absolute figures across runs. A load average above 0 at the start "
-              "means other work shared the cores, which shows up mostly in S3 and in the S6 "
-              "tails.",
-              "- mosquitto runs with `set_tcp_nodelay false` (its default, faster) except in S6 "
-              "(`true`: Nagle adds tens of ms to its QoS 0 p99). edge-broker has the same "
-              "`[mqtt]` inflight and queue limits as mosquitto.",
-              "- amqtt queues offline messages only for non-anonymous sessions, so the load "
-              "generator always sends a username. After several sessions reconnect at once "
-              "with a large backlog, amqtt 0.12.1 sometimes delivers nothing to one of them "
-              "(its log shows PUBACK timeouts). That is the S4 `!`.",
-              "- S1/S2 figure = highest delivered rate with nothing lost. Full speed first, then "
-              "paced steps down when the full-speed run left messages undelivered. Every step "
-              "is in the JSON (`details.runs`)."]
-    lines += ["", "Raw numbers, per-run details and latency histograms: "
-              "`benchmarks/results/latest.json`.", ""]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The scenarios S1-S7. Each takes a `Case` (which broker, which options) and returns a
+"""The scenarios S1-S8 and S10. Each takes a `Case` (which broker, which options) and returns a
 `Result`: figures (metric id -> number), checks (delivery counts) and details.
 
 Every scenario starts its own broker(s) through `case.launch()`, so one scenario's leftovers
@@ -58,6 +58,32 @@ def _s4_metrics() -> list[Metric]:
     return out
 
 
+# S10 fairness (benchmarks/fairness.py): part -> (label, what the load figure counts).
+S10_PARTS = {
+    "idle": ("no load (reference)", ""),
+    "flood": ("(a) 1 client floods QoS 0, no subscriber", "flood msgs/s accepted"),
+    "flood_sub": ("(a) 1 client floods QoS 0 to 1 subscriber", "flood msgs/s accepted"),
+    "churn": ("(b) 20 clients churn persistent sessions",
+              "churn cycles/s (CONNECT, SUBSCRIBE, DISCONNECT)"),
+    "takeover": ("(c) 200 connections take over 1 client id", "takeover CONNACKs/s"),
+}
+
+
+def _s10_metrics() -> list[Metric]:
+    out = []
+    for part, (label, load) in S10_PARTS.items():
+        out.append(Metric(f"S10.{part}.rtt_p99_ms",
+                          f"S10 {label}: control QoS 1 round trip p99", "ms", "lower",
+                          compare=False))
+        out.append(Metric(f"S10.{part}.round_trips_per_s",
+                          f"S10 {label}: control round trips/s", "per s", "higher",
+                          compare=False))
+        if load:
+            out.append(Metric(f"S10.{part}.load_per_s", f"S10 {label}: {load}", "per s",
+                              "higher", compare=False))
+    return out
+
+
 METRICS = [
     Metric("S1.msgs_per_s", "S1 QoS 0, 1->1, max no-loss rate", "msgs/s", "higher"),
     Metric("S2.deliveries_per_s", "S2 QoS 0, 1->50 fan-out", "deliveries/s", "higher"),
@@ -80,6 +106,7 @@ METRICS = [
            "lower", compare=False),
     Metric("S8.rss_mb_after_connect", "S8 start-up with the backlog: RSS after a resume",
            "MB", "lower", compare=False),
+    *_s10_metrics(),
 ]
 METRIC_BY_ID = {m.id: m for m in METRICS}
 
@@ -104,6 +131,12 @@ class Options:
     edge_persistence: str | None = None
     loadgen_cpus: list[int] | None = None   # pinning of the load generator (S7 sets it)
     profile_dir: str | None = None     # py-spy profiles of edge-broker's S4 ingest go here
+    s10_duration_s: float = 10.0       # S10: the control client's window, per part
+    s10_rate: float = 100.0            # S10: control round trips started per second (0: no pause)
+    s10_parts: tuple[str, ...] = tuple(S10_PARTS)
+    s10_churn_clients: int = 20
+    s10_takeover_conns: int = 200
+    s10_load_procs: int = 2            # S10: processes sharing the churn/takeover clients
 
 
 @dataclass
@@ -521,5 +554,16 @@ def s8(case: Case) -> Result:
     return res
 
 
+# --------------------------------------------------------------------------- S10: fairness
+
+
+def s10(case: Case) -> Result:
+    """A control client's QoS 1 round trips under a flood, churn, a takeover storm
+    (benchmarks/fairness.py). S9 is left to the replay scenario of issue 8."""
+    from . import fairness
+    return fairness.run(case)
+
+
 SCENARIOS: dict[str, Callable[[Case], Result]] = {
-    "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7, "S8": s8}
+    "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7, "S8": s8,
+    "S10": s10}

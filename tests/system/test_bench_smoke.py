@@ -33,13 +33,14 @@ def _edge_runnable() -> str | None:
     return None
 
 
-def _run_quick(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+def _run_quick(tmp_path: Path, *args: str,
+               timeout_s: float = TIMEOUT_S) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "quick.json"
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out), *args]
     popen = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, stdin=subprocess.DEVNULL)
     try:
-        stdout, stderr = popen.communicate(timeout=TIMEOUT_S)
+        stdout, stderr = popen.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         # SIGTERM first: the runner then stops the broker it started.
         popen.terminate()
@@ -48,7 +49,7 @@ def _run_quick(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess,
         except subprocess.TimeoutExpired:
             popen.kill()
             stdout, stderr = popen.communicate()
-        pytest.fail(f"quick benchmark exceeded {TIMEOUT_S} s\nstdout:\n{stdout}\n"
+        pytest.fail(f"quick benchmark exceeded {timeout_s} s\nstdout:\n{stdout}\n"
                     f"stderr:\n{stderr[-3000:]}")
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     data = json.loads(out.read_text()) if out.exists() else {}
@@ -99,16 +100,51 @@ def test_quick_edge_broker_delivers_everything(tmp_path: Path) -> None:
                     reason="mosquitto not installed (sudo apt-get install mosquitto)")
 def test_quick_harness_against_mosquitto(tmp_path: Path) -> None:
     """The harness end to end against a reference broker, so it is checked before edge-broker
-    runs. A subset of scenarios keeps it to a few seconds."""
-    scenarios = ["S1", "S3", "S4", "S6"]
+    runs. A subset of scenarios keeps it to about 25 s."""
+    scenarios = ["S1", "S3", "S4", "S6", "S10"]
     proc, data = _run_quick(tmp_path, "--brokers", "mosquitto", "--scenarios",
-                            ",".join(scenarios))
+                            ",".join(scenarios), timeout_s=TIMEOUT_S + 30)
     _assert_delivered(proc, data, "mosquitto", scenarios)
     s4 = data["scenarios"]["S4"]["mosquitto"]["details"]["variants"]["memory"]
     assert s4["drain"]["delivered"] == s4["acked"] * s4["sessions"] > 0
     figures = data["figures"]["mosquitto"]
     assert figures["S3.msgs_per_s"] > 0
     assert figures["S6.qos1_p99_ms"] is not None
+    # S10: the control client did its round trips next to each kind of load, and the load ran.
+    parts = data["scenarios"]["S10"]["mosquitto"]["details"]["parts"]
+    _assert_fairness_ran(parts)
+    for part in ("flood", "flood_sub"):
+        assert parts[part]["load_rate"] > 0, parts[part]
+    assert parts["flood_sub"]["load"]["not_delivered"] == 0, parts["flood_sub"]["load"]
+    assert parts["churn"]["load"]["cycles"] > 0, parts["churn"]["load"]
+    assert parts["takeover"]["load"]["taken_over"] > 0, parts["takeover"]["load"]
+
+
+def _assert_fairness_ran(parts: dict) -> None:
+    assert set(parts) == {"idle", "flood", "flood_sub", "churn", "takeover"}
+    for part, r in parts.items():
+        control = r["control"]
+        assert control["started"] > 0 and control["rtt"]["p99_ms"] is not None, (part, control)
+        if part in ("flood", "flood_sub"):
+            assert r["load"]["sent"] > 0, (part, r["load"])
+        elif part in ("churn", "takeover"):
+            assert r["load"]["connects"] > 0, (part, r["load"])
+            assert r["load"]["unexpected_packets"] == 0, (part, r["load"])
+
+
+@pytest.mark.skipif(_edge_runnable() is not None, reason="edge-broker is not runnable yet")
+def test_quick_fairness_scenario_runs_against_edge_broker(tmp_path: Path) -> None:
+    """S10 against edge-broker runs every part to its end and reports figures. Whether the
+    control client was served fast enough is the benchmark's verdict, not this test's (no
+    timed assertions in tests), so the scenario's own checks (round trips done within a grace
+    period, CONNACKs received) are not asserted here; mosquitto's run above asserts them."""
+    proc, data = _run_quick(tmp_path, "--brokers", "edge", "--scenarios", "S10",
+                            timeout_s=TIMEOUT_S + 40)
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    entry = data.get("scenarios", {}).get("S10", {}).get("edge", {})
+    assert "error" not in entry and "details" in entry, report
+    _assert_fairness_ran(entry["details"]["parts"])
+    assert data["machine"]["cpu_model"], data["machine"]
 
 
 def test_loadgen_refuses_non_loopback() -> None:
