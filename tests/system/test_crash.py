@@ -24,10 +24,9 @@ Both tests share one harness (`Storm`), all in one asyncio loop in the test proc
   the whole storm, which connect only at the end to drain, subscribed to one publisher each
   (so what they accumulate stays bounded too). The MQTT 5 subscribers announce a Receive
   Maximum of 50, the 3.1.1 ones get the broker's default max_inflight_messages. The QoS 2
-  receiver side is
-  method B (4.3.3 (5.0)): the packet id is recorded at PUBLISH and acknowledged with PUBREC;
-  a PUBLISH with the same packet id before the PUBREL is the same message again, not a new
-  delivery; PUBREL releases the id;
+  receiver side is method B (4.3.3 (5.0)): the packet id is recorded at PUBLISH and
+  acknowledged with PUBREC; a PUBLISH with the same packet id before the PUBREL is the same
+  message again, not a new delivery; PUBREL releases the id;
 - 1 online MQTT 5 subscriber at QoS 0 (at most once), sending a PINGREQ after every read so
   that its connection is also pumped after its own commits: a QoS 2 message must never reach
   it twice. That checks the commit watermark (`BrokerCore.pull` hands out nothing whose batch
