@@ -308,7 +308,9 @@ def summary(config: Config) -> str:
     lines.append(
         f"queues per client: max_inflight_messages {mqtt.max_inflight_messages}, "
         f"max_queued_messages {_limit(mqtt.max_queued_messages)}, "
-        f"max_queued_bytes {_limit(mqtt.max_queued_bytes, ' bytes')}"
+        f"max_queued_bytes {_limit(mqtt.max_queued_bytes, ' bytes')}, "
+        f"queue_full_policy {mqtt.queue_full_policy}; all queues: max_queued_memory_bytes "
+        f"{_limit(mqtt.max_queued_memory_bytes, ' bytes')}"
     )
     expiry = mqtt.persistent_client_expiration_s
     cap = mqtt.max_session_expiry_interval_s

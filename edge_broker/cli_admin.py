@@ -146,12 +146,13 @@ def _expiry(seconds: int) -> str:
 
 def _render(command: str, reply: dict[str, Any], source: str, client_id: str | None) -> str:
     if command == "sessions.list":
-        rows = [("CLIENT", "STATE", "MQTT", "EXPIRY", "SUBS", "QUEUED", "BYTES")]
+        rows = [("CLIENT", "STATE", "MQTT", "EXPIRY", "SUBS", "QUEUED", "BYTES", "DROPPED")]
         for s in sorted(reply["sessions"], key=lambda s: s["client_id"]):
             rows.append((s["client_id"], "connected" if s["connected"] else "offline",
                          {3: "3.1", 4: "3.1.1", 5: "5.0"}.get(s["protocol_level"], "?"),
                          _expiry(s["expiry_interval"]), str(s["subscriptions"]),
-                         str(s["queued_messages"]), str(s["queued_bytes"])))
+                         str(s["queued_messages"]), str(s["queued_bytes"]),
+                         "-" if s.get("dropped") is None else str(s["dropped"])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                  for r in rows]
@@ -167,6 +168,9 @@ def _render(command: str, reply: dict[str, Any], source: str, client_id: str | N
                  f"  will: {s['will_topic'] or '-'}",
                  f"  queued: {s['queued_messages']} messages, {s['queued_bytes']} bytes"
                  + (f", inflight {s['inflight']}" if s.get("inflight") is not None else ""),
+                 # Counted since the session began in this broker process (not stored).
+                 f"  dropped by queue_full_policy: "
+                 f"{'-' if s.get('dropped') is None else s['dropped']}",
                  "  subscriptions:"]
         for sub in s["subscription_list"]:
             lines.append(f"    {sub['topic_filter']}  qos {sub['qos']}"

@@ -64,11 +64,13 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 Persistence = Literal["memory", "sqlite"]
 Durability = Literal["fsync", "os", "none"]
 ListenerProtocol = Literal["mqtt"]
+QueueFullPolicy = Literal["drop-oldest", "drop-newest", "refuse"]
 
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 PERSISTENCE_KINDS: Final[tuple[Persistence, ...]] = ("memory", "sqlite")
 DURABILITY_LEVELS: Final[tuple[Durability, ...]] = ("fsync", "os", "none")
 LISTENER_PROTOCOLS: Final[tuple[ListenerProtocol, ...]] = ("mqtt",)
+QUEUE_FULL_POLICIES: Final[tuple[QueueFullPolicy, ...]] = ("drop-oldest", "drop-newest", "refuse")
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 1883
@@ -133,10 +135,13 @@ class MqttConfig:
     max_packet_size: int = 1_048_576
     max_keepalive_s: int = 65535
     max_inflight_messages: int = 20
-    max_queued_messages: int = 1000
-    """0 = unlimited."""
+    max_queued_messages: int = 100_000
+    """Per session; 0 = unlimited."""
     max_queued_bytes: int = 0
-    """0 = unlimited."""
+    """Per session; 0 = unlimited."""
+    max_queued_memory_bytes: int = 256 * 1024 * 1024
+    """All queues together (estimated); 0 = unlimited."""
+    queue_full_policy: QueueFullPolicy = "drop-oldest"
     queue_qos0_messages: bool = False
     receive_maximum: int = 1024
     topic_alias_maximum: int = 10
@@ -398,6 +403,8 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
         "max_inflight_messages": _Key("max_inflight_messages", _int_range(1, 65535)),
         "max_queued_messages": _Key("max_queued_messages", _unlimited_int),
         "max_queued_bytes": _Key("max_queued_bytes", _unlimited_int),
+        "max_queued_memory_bytes": _Key("max_queued_memory_bytes", _unlimited_int),
+        "queue_full_policy": _Key("queue_full_policy", _choice(QUEUE_FULL_POLICIES)),
         "queue_qos0_messages": _Key("queue_qos0_messages", _bool),
         "receive_maximum": _Key("receive_maximum", _int_range(1, 65535)),
         "topic_alias_maximum": _Key("topic_alias_maximum", _int_range(0, 65535)),

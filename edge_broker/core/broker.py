@@ -53,9 +53,10 @@ from .changes import (
     SubscriptionRecord,
     SubscriptionSaved,
 )
+from .queues import DROP_OLDEST, REFUSE, QueueBounds, Target, forget_retained_pending
 from .retain import RetainStore
 from .router import Router
-from .session import Delivery, Session
+from .session import Delivery, QueueMemory, RetainedPending, Session
 
 _WILL_TIMER = 0
 QOS0_PACKET_CACHE_SIZE = 1024
@@ -65,8 +66,10 @@ _EXPIRY_TIMER = 1
 @dataclass(frozen=True, slots=True)
 class CoreSettings:
     max_inflight_messages: int = 20
-    max_queued_messages: int = 1000  # 0 = unlimited
-    max_queued_bytes: int = 0  # 0 = unlimited
+    max_queued_messages: int = 100_000  # per session, 0 = unlimited
+    max_queued_bytes: int = 0  # per session, 0 = unlimited
+    max_queued_memory_bytes: int = 256 * 1024 * 1024  # all queues together, 0 = unlimited
+    queue_full_policy: str = DROP_OLDEST  # or DROP_NEWEST, REFUSE (core/queues.py)
     queue_qos0_messages: bool = False
     max_qos: int = 2
     retain_available: bool = True
@@ -93,20 +96,25 @@ class Batch:
 class BrokerStats:
     publish_received: int = 0  # PUBLISH packets accepted from clients
     publish_sent: int = 0  # PUBLISH packets handed to connections (resends included)
-    publish_dropped: int = 0  # deliveries dropped because a queue was full
+    publish_dropped: int = 0  # deliveries dropped by the queue policy (all reasons)
+    dropped_queue_full: int = 0  # ... because a session's queue bound was reached
+    dropped_memory_full: int = 0  # ... because max_queued_memory_bytes was reached
+    refused_queue_full: int = 0  # QoS 1/2 PUBLISH refused by the "refuse" policy
     messages_expired: int = 0  # deliveries dropped because their message expired
     clients_expired: int = 0  # sessions ended by session expiry
     clients_connected: int = 0
     clients_maximum: int = 0
 
 
-class BrokerCore:
+class BrokerCore(QueueBounds):
     def __init__(self, settings: CoreSettings | None = None) -> None:
         self.settings = settings or CoreSettings()
         self.sessions: dict[str, Session] = {}
         self.router = Router()
         self.retained = RetainStore()
         self.stats = BrokerStats()
+        self.memory = QueueMemory()  # estimated bytes held by all queues
+        self._drops_unlogged: set[str] = set()  # sessions with drops not yet reported
         self._changes: list[Change] = []
         self._batch = 1  # number of the batch being filled
         self._committed = 0  # highest batch number the store has committed
@@ -128,7 +136,8 @@ class BrokerCore:
         are treated as disconnected now (their wills are scheduled as for a lost connection).
         """
         for srec in snapshot.sessions:
-            session = Session(srec.client_id, srec.protocol_level, srec.expiry_interval)
+            session = Session(srec.client_id, srec.protocol_level, srec.expiry_interval,
+                              self.memory)
             session.stored = True
             session.will = srec.will
             self.sessions[srec.client_id] = session
@@ -182,14 +191,19 @@ class BrokerCore:
         taken_over = False
         if session is not None:
             if session.online:
-                # The old network connection ends now without a DISCONNECT: its will goes
-                # unless a delay is set, since this new connection arrives within it
-                # [MQTT-3.1.4-3], 3.1.2.5 (5.0).
+                # The old network connection ends now without a DISCONNECT [MQTT-3.1.4-3]
+                # (3.1.1), [MQTT-3.1.4-3] (5.0). A session that was not persistent ended with
+                # it [MQTT-3.1.2-6] (3.1.1), 3.1.2.11.2 (5.0): the new connection gets a fresh
+                # one. The old connection's will is published only if its session ends here
+                # (not persistent, or this CONNECT has Clean Start), as mosquitto does.
                 taken_over = True
                 self._set_offline(session)
-                if session.will is not None and _will_delay(session.will) == 0:
-                    self._publish_will(session, now)
-                session.will = None
+                if not session.persistent:
+                    self._end_session(session, now)
+                    session = None
+                elif not packet.clean_start:
+                    session.will = None
+                    session.will_due_at = None
             elif session.expires_at is not None and session.expires_at <= now:
                 self._end_session(session, now, expired=True)
                 session = None
@@ -203,7 +217,7 @@ class BrokerCore:
             session = None
         present = session is not None
         if session is None:
-            session = Session(client_id, packet.protocol_level, expiry)
+            session = Session(client_id, packet.protocol_level, expiry, self.memory)
             self.sessions[client_id] = session
         else:
             session.protocol_level = packet.protocol_level
@@ -253,12 +267,16 @@ class BrokerCore:
             return
         if not self.settings.queue_qos0_messages:
             self._drop_queued_qos0(session)
+        if session.retained_pending:
+            self._queue_retained_pending(session, now)
         if session.stored:
             # QoS 1 packet ids are not written as they are sent (at-least-once allows
             # sending one again under a new id after a crash); on a disconnect (and so at a
             # graceful shutdown) they are, so the resend carries DUP and the original id.
             for delivery in session.inflight.values():
                 if delivery.qos == 1 and delivery.state == AWAIT_ACK:
+                    if not delivery.persisted:  # a retained message sent on SUBSCRIBE
+                        self._save_message(delivery.message)
                     self._save_delivery(session, delivery)
         session.resend = ()
         self._schedule_offline(session, now)
@@ -292,23 +310,54 @@ class BrokerCore:
         if packet.topic.startswith("$SYS"):
             # Only the broker writes $SYS (as mosquitto: clients may not publish there).
             return ReasonCode.NOT_AUTHORIZED
+        if qos == 2 and packet.packet_id in session.incoming_qos2:
+            # A resend of a QoS 2 message already accepted: acknowledge, do not forward
+            # again (exactly once, 4.3.3 (5.0)).
+            return ReasonCode.SUCCESS
+        message = self._new_message(packet.topic, packet.payload, qos, packet.retain,
+                                    packet.properties, client_id, now)
+        targets = self._targets(message)
+        if qos and self.settings.queue_full_policy == REFUSE and not self._fits(targets,
+                                                                                 message):
+            # The whole message is refused (no subscriber gets it, it is not retained):
+            # the publisher keeps it and sends it again later.
+            self.stats.refused_queue_full += 1
+            return ReasonCode.QUOTA_EXCEEDED
         if qos == 2:
             packet_id = packet.packet_id
             assert packet_id is not None
-            if packet_id in session.incoming_qos2:
-                # A resend of a QoS 2 message already accepted: acknowledge, do not forward
-                # again (exactly once, 4.3.3 (5.0)).
-                return ReasonCode.SUCCESS
             session.incoming_qos2.add(packet_id)
             if session.stored:
                 self._changes.append(Qos2Received(client_id, packet_id))
-        message = self._new_message(packet.topic, packet.payload, qos, packet.retain,
-                                    packet.properties, client_id, now)
         if packet.retain:
             self._retain(message, persist=True)
-        if self._route(message):
-            return ReasonCode.SUCCESS
-        return ReasonCode.NO_MATCHING_SUBSCRIBERS
+        for target in targets:
+            self._deliver(*target)
+        # A subscriber whose queue dropped the message still matched it.
+        return ReasonCode.SUCCESS if targets else ReasonCode.NO_MATCHING_SUBSCRIBERS
+
+    def would_store(self, client_id: str, packet: Publish) -> bool:
+        """Whether accepting this PUBLISH would write to the store: its QoS 2 packet id (a
+        stored publisher session), a retained message, or a delivery to a stored session.
+        Used to refuse only such PUBLISHes while the store is full."""
+        session = self.sessions.get(client_id)
+        if packet.qos == 2 and session is not None and session.stored:
+            return True
+        if packet.retain and packet.payload and self.settings.retain_available:
+            return True
+        normal, groups = self.router.match(packet.topic)
+        sessions = self.sessions
+        queue_qos0 = self.settings.queue_qos0_messages
+        for record in normal:
+            target = sessions.get(record.client_id)
+            if target is not None and target.stored and (
+                    min(record.qos, packet.qos) or (queue_qos0 and not target.online)):
+                return True
+        for group in groups:
+            if any(sessions[m.client_id].stored for m in group.members.values()
+                   if m.client_id in sessions):
+                return True
+        return False
 
     def is_qos2_resend(self, client_id: str, packet: Publish) -> bool:
         """Whether this is a QoS 2 PUBLISH already accepted (its PUBREL not yet received)."""
@@ -404,14 +453,24 @@ class BrokerCore:
             codes.append(qos)
             # Retained messages on subscribe, 3.3.1.3 (5.0); never for a shared
             # subscription, 4.8.2 (5.0).
+            if existed:
+                forget_retained_pending(session, topic_filter)
             if shared or sub.retain_handling == 2 or (sub.retain_handling == 1 and existed):
                 continue
-            for message in list(self.retained.matching(topic_filter)):
-                if message.expires_at is not None and message.expires_at <= now:
-                    self._clear_retained(message.topic)
-                    continue
-                self._deliver(session, message, min(message.qos, qos), True,
-                              (subscription_id,) if subscription_id else ())
+            # Every matching retained message is sent, however many: not queued as
+            # deliveries (nor bounded or dropped as they are) but listed by topic and sent
+            # by pull() under flow control, after what was queued before this SUBSCRIBE.
+            topics = [message.topic for message in self.retained.matching(topic_filter)]
+            if not topics:
+                continue
+            pending = RetainedPending(topic_filter, topics, qos,
+                                      (subscription_id,) if subscription_id else (),
+                                      self._batch, self._next_delivery_id)
+            if not isinstance(session.retained_pending, deque):
+                session.retained_pending = deque()
+            session.retained_pending.append(pending)
+            if session.online:
+                self._wake[client_id] = self._batch
         return tuple(codes)
 
     def unsubscribe(self, client_id: str, packet: Unsubscribe, *,
@@ -427,6 +486,7 @@ class BrokerCore:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
             self._unroute_subscription(record)
+            forget_retained_pending(session, topic_filter)
             if session.stored:
                 self._changes.append(SubscriptionDeleted(client_id, topic_filter))
             codes.append(ReasonCode.SUCCESS)
@@ -448,44 +508,60 @@ class BrokerCore:
         while resend and len(out) < limit and (
                 len(inflight) - len(resend) < session.inflight_max):
             assert isinstance(resend, deque)
-            delivery = resend.popleft()
-            if delivery.packet_id is None or inflight.get(delivery.packet_id) is not delivery:
+            again = resend.popleft()
+            if again.packet_id is None or inflight.get(again.packet_id) is not again:
                 continue  # acknowledged meanwhile
-            if delivery.state == AWAIT_ACK:
-                out.append(self._publish_packet(session, delivery, now))
+            if again.state == AWAIT_ACK:
+                out.append(self._publish_packet(session, again, now))
             else:
-                out.append(PubRel(delivery.packet_id))
+                out.append(PubRel(again.packet_id))
         queue = session.queue
+        pending = session.retained_pending
         committed = self._committed
-        stored = session.stored
-        while queue and len(out) < limit:
-            delivery = queue[0]
-            if delivery.batch > committed:
+        while len(out) < limit:
+            delivery: Delivery | None
+            if pending and pending[0].batch <= committed and (
+                    not queue or queue[0].id >= pending[0].after):
+                entry = pending[0]
+                delivery = self._next_retained(session, entry, now)
+                if delivery is None:
+                    if not entry.topics:
+                        assert isinstance(pending, deque)
+                        pending.popleft()
+                    continue
+                if delivery.qos and len(inflight) >= session.inflight_max:
+                    break
+                entry.topics.popleft()
+                self._next_delivery_id += 1
+            elif queue and queue[0].batch <= committed:
+                delivery = queue[0]
+                expires_at = delivery.message.expires_at
+                if expires_at is not None and expires_at <= now:
+                    session.popleft()
+                    self.stats.messages_expired += 1
+                    if delivery.persisted:
+                        self._changes.append(DeliveryDeleted(client_id, delivery.id))
+                    continue
+                if delivery.qos and len(inflight) >= session.inflight_max:
+                    break
+                session.popleft()
+            else:
                 break
-            expires_at = delivery.message.expires_at
-            if expires_at is not None and expires_at <= now:
-                session.popleft()
-                self.stats.messages_expired += 1
-                if delivery.persisted:
-                    self._changes.append(DeliveryDeleted(client_id, delivery.id))
-                continue
             if delivery.qos == 0:
-                session.popleft()
                 if delivery.persisted:
                     self._changes.append(DeliveryDeleted(client_id, delivery.id))
                 out.append(self._publish_packet(session, delivery, now))
                 continue
-            if len(inflight) >= session.inflight_max:
-                break
-            session.popleft()
             packet_id = session.allocate_packet_id()
             delivery.packet_id = packet_id
             delivery.state = AWAIT_ACK
             inflight[packet_id] = delivery
-            if stored and delivery.qos == 2:
+            if session.stored and delivery.qos == 2:
                 # A QoS 2 delivery's packet id is durable before it is sent: after a crash
                 # it goes out again under the same id, so the client can tell the duplicate
                 # [MQTT-4.3.3] (5.0). A QoS 1 delivery's is written at disconnect only (below).
+                if not delivery.persisted:  # a retained message sent on SUBSCRIBE
+                    self._save_message(delivery.message)
                 self._save_delivery(session, delivery)
             out.append(self._publish_packet(session, delivery, now))
             delivery.dup = True  # any later send of it is a resend
@@ -637,19 +713,26 @@ class BrokerCore:
             self._changes.append(RetainedDeleted(topic))
 
     def _route(self, message: Message) -> int:
-        """Queue the message for every matching session. Returns how many got it."""
+        """Queue the message for every matching session. Returns how many matched."""
+        targets = self._targets(message)
+        for target in targets:
+            self._deliver(*target)
+        return len(targets)
+
+    def _targets(self, message: Message) -> list[Target]:
+        """The sessions the message goes to, with QoS, retain flag and subscription ids."""
         normal, groups = self.router.match(message.topic)
         if not normal and not groups:
-            return 0
-        delivered = 0
+            return []
+        targets: list[Target] = []
         sessions = self.sessions
         if len(normal) == 1:
             record = normal[0]
             if not (record.no_local and record.client_id == message.origin):
-                delivered += self._deliver(
+                targets.append((
                     sessions[record.client_id], message, min(record.qos, message.qos),
                     message.retain and record.retain_as_published,
-                    (record.subscription_id,) if record.subscription_id else ())
+                    (record.subscription_id,) if record.subscription_id else ()))
         elif normal:
             # One copy per client, at the highest QoS of its matching subscriptions, with
             # every matching subscription identifier [MQTT-3.3.5-1] (3.1.1), 3.3.4 (5.0).
@@ -667,18 +750,17 @@ class BrokerCore:
                     merged[client_id] = (max(seen[0], record.qos),
                                          seen[1] or record.retain_as_published, seen[2] + ids)
             for client_id, (qos, as_published, ids) in merged.items():
-                delivered += self._deliver(sessions[client_id], message,
-                                           min(qos, message.qos),
-                                           message.retain and as_published, ids)
+                targets.append((sessions[client_id], message, min(qos, message.qos),
+                                message.retain and as_published, ids))
         for group in groups:
             member = group.pick(self._is_online)
             if member is None:
                 continue
-            delivered += self._deliver(
+            targets.append((
                 sessions[member.client_id], message, min(member.qos, message.qos),
                 message.retain and member.retain_as_published,
-                (member.subscription_id,) if member.subscription_id else ())
-        return delivered
+                (member.subscription_id,) if member.subscription_id else ()))
+        return targets
 
     def _is_online(self, client_id: str) -> bool:
         session = self.sessions.get(client_id)
@@ -689,11 +771,7 @@ class BrokerCore:
         online = session.online
         if not online and qos == 0 and not self.settings.queue_qos0_messages:
             return False
-        settings = self.settings
-        if not session.has_room(settings.max_queued_messages, settings.max_queued_bytes,
-                                len(message.payload)):
-            session.dropped += 1
-            self.stats.publish_dropped += 1
+        if not self._make_room(session, message):
             return False
         delivery_id = self._next_delivery_id
         self._next_delivery_id = delivery_id + 1

@@ -10,9 +10,14 @@ committed the batch that queued it (`Delivery.batch` against the core's commit w
 crash can never leave a client holding a message the broker forgot it sent.
 
 The queue is bounded (`max_queued_messages`, `max_queued_bytes`, inflight excluded, payload
-bytes counted). A message that would exceed either bound is dropped on arrival: the oldest
-messages, which the subscriber is about to receive, are kept, as mosquitto does. `dropped`
-counts them.
+bytes counted), and all queues together by `max_queued_memory_bytes` (estimated by
+`QueueMemory`: a message body counts once however many queues hold it, plus an overhead per
+delivery). What happens at a bound is `queue_full_policy` (BrokerCore._make_room); `dropped`
+counts this session's drops.
+
+Retained messages sent on SUBSCRIBE are not queued as deliveries: `retained_pending` holds, per
+subscription, the list of matching retained topics still to send; `BrokerCore.pull` turns them
+into deliveries one by one, under flow control, looking up the current retained message.
 
 On reconnect with a present session, every inflight delivery is sent again first, in order,
 with its original packet id: PUBLISH with DUP set, or PUBREL [MQTT-4.4.0-1] (5.0).
@@ -24,6 +29,59 @@ from collections import deque
 
 from ..mqtt.packets import Will
 from .changes import AWAIT_ACK, QUEUED, Message, SubscriptionRecord
+
+# Estimated memory of one queued delivery (Delivery object, deque slot) and of one message
+# body besides its payload and topic (Message object, properties); measured with
+# sys.getsizeof on CPython 3.11, rounded up.
+DELIVERY_OVERHEAD = 160
+MESSAGE_OVERHEAD = 200
+
+
+class QueueMemory:
+    """The broker-wide estimate of memory held by queued deliveries (shared by all sessions)."""
+
+    __slots__ = ("refs", "used")
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.refs: dict[int, int] = {}  # message id -> queued deliveries of it
+
+    def add(self, message: Message) -> None:
+        refs = self.refs
+        count = refs.get(message.id, 0)
+        refs[message.id] = count + 1
+        self.used += DELIVERY_OVERHEAD if count else (
+            DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + len(message.payload) + len(message.topic))
+
+    def remove(self, message: Message) -> None:
+        refs = self.refs
+        count = refs.pop(message.id, 1) - 1
+        if count:
+            refs[message.id] = count
+            self.used -= DELIVERY_OVERHEAD
+        else:
+            self.used -= (DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + len(message.payload)
+                          + len(message.topic))
+
+
+def cost(message: Message) -> int:
+    """The most one more queued delivery of `message` can add to `QueueMemory.used`."""
+    return DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + len(message.payload) + len(message.topic)
+
+
+class RetainedPending:
+    """Retained topics still to send for one subscription (made by SUBSCRIBE)."""
+
+    __slots__ = ("after", "batch", "qos", "subscription_ids", "topic_filter", "topics")
+
+    def __init__(self, topic_filter: str, topics: list[str], qos: int,
+                 subscription_ids: tuple[int, ...], batch: int, after: int) -> None:
+        self.topic_filter = topic_filter
+        self.topics = deque(topics)
+        self.qos = qos
+        self.subscription_ids = subscription_ids
+        self.batch = batch  # sent only once this batch (the SUBACK's) committed
+        self.after = after  # queued deliveries with a lower id go first
 
 
 class Delivery:
@@ -51,12 +109,14 @@ class Delivery:
 
 
 class Session:
-    __slots__ = ("client_id", "disconnected_at", "dropped", "epoch", "expires_at",
-                 "expiry_interval", "incoming_qos2", "inflight", "inflight_max",
-                 "next_packet_id", "online", "protocol_level", "queue", "queued_bytes",
-                 "resend", "stored", "subscriptions", "will", "will_due_at")
+    __slots__ = ("client_id", "disconnected_at", "drop_logged_at", "dropped", "drops_unlogged",
+                 "epoch", "expires_at", "expiry_interval", "incoming_qos2", "inflight",
+                 "inflight_max", "memory", "next_packet_id", "online", "protocol_level",
+                 "queue", "queued_bytes", "resend", "retained_pending", "stored",
+                 "subscriptions", "will", "will_due_at")
 
-    def __init__(self, client_id: str, protocol_level: int, expiry_interval: int) -> None:
+    def __init__(self, client_id: str, protocol_level: int, expiry_interval: int,
+                 memory: QueueMemory | None = None) -> None:
         self.client_id = client_id
         self.protocol_level = protocol_level
         self.expiry_interval = expiry_interval
@@ -77,7 +137,11 @@ class Session:
         self.inflight_max = 20
         self.incoming_qos2: set[int] = set()
         self.next_packet_id = 1
-        self.dropped = 0
+        self.dropped = 0  # deliveries dropped by the queue policy, since the session began
+        self.drops_unlogged = 0  # of which not yet logged
+        self.drop_logged_at = -1e18
+        self.memory = memory if memory is not None else QueueMemory()
+        self.retained_pending: deque[RetainedPending] | tuple[()] = ()
         self.stored = False  # whether the store holds this session (see BrokerCore._store_session)
 
     @property
@@ -105,16 +169,29 @@ class Session:
             queue = self.queue = deque()
         queue.append(delivery)
         self.queued_bytes += len(delivery.message.payload)
+        self.memory.add(delivery.message)
 
     def popleft(self) -> Delivery:
         queue = self.queue
         assert isinstance(queue, deque)
         delivery = queue.popleft()
         self.queued_bytes -= len(delivery.message.payload)
+        self.memory.remove(delivery.message)
+        return delivery
+
+    def pop(self) -> Delivery:
+        """Remove the newest queued delivery."""
+        queue = self.queue
+        assert isinstance(queue, deque)
+        delivery = queue.pop()
+        self.queued_bytes -= len(delivery.message.payload)
+        self.memory.remove(delivery.message)
         return delivery
 
     def replace_queue(self, kept: list[Delivery]) -> None:
         """Keep only `kept` (in order) in the queue."""
+        for delivery in self.queue:
+            self.memory.remove(delivery.message)
         self.queue = ()
         self.queued_bytes = 0
         for delivery in kept:
@@ -134,6 +211,9 @@ class Session:
         """Drop every queued and inflight delivery (the session ends; the store's cascading
         SessionDeleted removes their rows)."""
         self.inflight.clear()
+        for delivery in self.queue:
+            self.memory.remove(delivery.message)
         self.queue = ()
         self.resend = ()
+        self.retained_pending = ()
         self.queued_bytes = 0

@@ -52,6 +52,8 @@ def core_settings(config: Config) -> CoreSettings:
         max_inflight_messages=mqtt.max_inflight_messages,
         max_queued_messages=mqtt.max_queued_messages,
         max_queued_bytes=mqtt.max_queued_bytes,
+        max_queued_memory_bytes=mqtt.max_queued_memory_bytes,
+        queue_full_policy=mqtt.queue_full_policy,
         queue_qos0_messages=mqtt.queue_qos0_messages,
         max_qos=mqtt.max_qos,
         retain_available=mqtt.retain_available,

@@ -178,10 +178,18 @@ class ClientHandler(asyncio.Protocol):
         client_id = self.client_id
         if isinstance(packet, Publish):
             assert client_id is not None
-            if packet.qos and app.store.full and not core.is_qos2_resend(client_id, packet):
+            # A full store refuses only what would have to be written to it.
+            if (packet.qos and app.store.full and not core.is_qos2_resend(client_id, packet)
+                    and core.would_store(client_id, packet)):
                 self._refuse_for_full_store(packet, replies)
                 return
             reason = core.publish(client_id, packet, now=now)
+            for dropped_for, count in core.take_drop_reports(now):
+                log.warning("queue of client %r full: %d message(s) dropped (queue_full_policy "
+                            "%s)", dropped_for, count, core.settings.queue_full_policy)
+            if reason == ReasonCode.QUOTA_EXCEEDED:  # queue_full_policy "refuse"
+                self._refuse_for_full_store(packet, replies, store=False)
+                return
             if packet.qos == 1:
                 replies.append(PubAck(packet.packet_id or 0, self._v5_reason(reason)))
             elif packet.qos == 2:
@@ -225,11 +233,14 @@ class ClientHandler(asyncio.Protocol):
             raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR,
                                       f"unexpected {type(packet).__name__}")
 
-    def _refuse_for_full_store(self, packet: Publish, replies: list[Packet]) -> None:
-        """The store is full: new QoS 1/2 work is refused, not lost. MQTT 5 gets 0x97 Quota
-        exceeded; 3.1.1 has no way to say it, so the message is not acknowledged (the client
-        sends it again later, with DUP)."""
-        self.app.note_refused_for_full_store(self.client_id or "?")
+    def _refuse_for_full_store(self, packet: Publish, replies: list[Packet], *,
+                               store: bool = True) -> None:
+        """The store (or, with `store` False, a subscriber's queue under the "refuse" policy)
+        is full: new QoS 1/2 work is refused, not lost. MQTT 5 gets 0x97 Quota exceeded;
+        3.1.1 has no way to say it, so the message is not acknowledged (the client sends it
+        again later, with DUP)."""
+        if store:
+            self.app.note_refused_for_full_store(self.client_id or "?")
         if self._conn.protocol_level != ProtocolLevel.MQTT_5:
             return
         ack = PubAck if packet.qos == 1 else PubRec

@@ -38,11 +38,20 @@ def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
         "$SYS/broker/publish/messages/received": str(stats.publish_received),
         "$SYS/broker/publish/messages/sent": str(stats.publish_sent),
         "$SYS/broker/publish/messages/dropped": str(stats.publish_dropped),
+        # Not in mosquitto: the drops by reason (docs/configuration.md, queue_full_policy):
+        # a session's queue bound, or the memory bound of all queues.
+        "$SYS/broker/publish/messages/dropped/queue_full": str(stats.dropped_queue_full),
+        "$SYS/broker/publish/messages/dropped/memory_full": str(stats.dropped_memory_full),
         # Not in mosquitto: deliveries dropped because their message expiry interval ran out.
         "$SYS/broker/publish/messages/expired": str(stats.messages_expired),
         # Not in mosquitto either: QoS 1/2 PUBLISH refused while the store was full, and
         # connections closed for breaking the protocol.
-        "$SYS/broker/publish/messages/refused": str(metrics.refused_store_full),
+        "$SYS/broker/publish/messages/refused": str(metrics.refused_store_full
+                                                    + stats.refused_queue_full),
+        "$SYS/broker/publish/messages/refused/store_full": str(metrics.refused_store_full),
+        "$SYS/broker/publish/messages/refused/queue_full": str(stats.refused_queue_full),
+        # Estimated memory held by all queues (max_queued_memory_bytes bounds it).
+        "$SYS/broker/publish/messages/queued_memory": f"{core.memory.used} bytes",
         "$SYS/broker/clients/protocol_errors": str(metrics.protocol_errors),
         "$SYS/broker/bytes/received": str(metrics.bytes_received),
         "$SYS/broker/bytes/sent": str(metrics.bytes_sent),

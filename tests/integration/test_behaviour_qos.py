@@ -300,7 +300,8 @@ def test_pubrel_is_resent_for_a_qos2_delivery_after_pubrec(broker: BrokerThread,
 @both_versions
 def test_inflight_window_and_queue_limit(make_broker: Callable[..., BrokerThread],
                                          version: int) -> None:
-    broker = make_broker(max_inflight_messages=2, max_queued_messages=5)
+    broker = make_broker(max_inflight_messages=2, max_queued_messages=5,
+                         queue_full_policy="drop-newest")
     sub = subscriber(broker.port, unique_id(), ("win/t", 1), version=version)
     publisher = connect(broker.port, unique_id(), version=version)
     for i in range(20):
@@ -317,12 +318,13 @@ def test_inflight_window_and_queue_limit(make_broker: Callable[..., BrokerThread
             assert message.packet_type == PUBLISH
             got.append(message.payload)
             pending.append(message.packet_id)
-    # The oldest 2 + 5 are kept, the newer ones dropped (docs/architecture.md).
+    # The oldest 2 + 5 are kept, the newer ones dropped (drop-newest, docs/configuration.md).
     assert got == [b"%d" % i for i in range(7)]
 
 
 def test_queue_byte_limit(make_broker: Callable[..., BrokerThread]) -> None:
-    broker = make_broker(max_inflight_messages=1, max_queued_messages=0, max_queued_bytes=10)
+    broker = make_broker(max_inflight_messages=1, max_queued_messages=0, max_queued_bytes=10,
+                         queue_full_policy="drop-newest")
     sub = subscriber(broker.port, unique_id(), ("bytes/t", 1))
     publisher = connect(broker.port, unique_id())
     for i in range(10):

@@ -132,9 +132,9 @@ def test_list_show_and_stats_show_the_running_brokers_live_state(data_dir: Path)
 
         listing = admin_text(data_dir, "sessions", "list", process=True)
         assert table_row(listing, offline_id) == [offline_id, "offline", "3.1.1", "never",
-                                                  "1", "3", "60"], listing
+                                                  "1", "3", "60", "0"], listing
         assert table_row(listing, online_id) == [online_id, "connected", "5.0", "600 s",
-                                                 "1", "0", "0"], listing
+                                                 "1", "0", "0", "0"], listing
         assert f"from the broker running on {data_dir}" in listing
 
         sessions = {s["client_id"]: s for s in admin_json(data_dir, "sessions", "list")[
@@ -152,6 +152,7 @@ def test_list_show_and_stats_show_the_running_brokers_live_state(data_dir: Path)
         shown = admin_text(data_dir, "sessions", "show", offline_id)
         assert "state: offline since" in shown
         assert "queued: 3 messages, 60 bytes" in shown
+        assert "dropped by queue_full_policy: 0" in shown
         assert re.search(r"a/#\s+qos 1", shown)
         assert [m.group(1) for m in re.finditer(r"(a/\d)\s+qos 1\s+\d+ bytes", shown)] == [
             "a/1", "a/2", "a/3"], shown
@@ -276,8 +277,10 @@ def test_commands_read_and_change_the_store_file_of_a_stopped_broker(data_dir: P
 
     listing = admin_text(data_dir, "sessions", "list")
     assert f"from {db} (no broker is running)" in listing
-    assert table_row(listing, keeper) == [keeper, "offline", "3.1.1", "never", "1", "2", "300"]
-    assert table_row(listing, doomed) == [doomed, "offline", "5.0", "3600 s", "1", "2", "16"]
+    assert table_row(listing, keeper) == [keeper, "offline", "3.1.1", "never", "1", "2", "300",
+                                            "-"]
+    assert table_row(listing, doomed) == [doomed, "offline", "5.0", "3600 s", "1", "2", "16",
+                                            "-"]
 
     detail = admin_json(data_dir, "sessions", "show", doomed)["session"]
     assert detail["connected"] is False and detail["expiry_interval"] == 3600

@@ -8,7 +8,8 @@ offline.
 Both tests share one harness (`Storm`), all in one asyncio loop in the test process:
 
 - the broker: `python -m edge_broker --config ... --port P --data-dir D` (SQLite store,
-  durability fsync: the defaults; unlimited queues, max_inflight_messages 1000), restarted
+  durability fsync, and every queue setting at its default: the promise must hold as
+  shipped, so the default bounds must hold what the offline subscribers pile up), restarted
   on the same data directory and port each cycle; it is ready when its log says it started
   (read from its stderr pipe, no polling);
 - 5 publishers (3 MQTT 5, 2 MQTT 3.1.1, persistent sessions) sending QoS 1 and QoS 2 messages
@@ -22,10 +23,10 @@ Both tests share one harness (`Storm`), all in one asyncio loop in the test proc
   restart and ack everything at once; 2 persistent subscribers (3.1.1 and 5) offline during
   the whole storm, which connect only at the end to drain, subscribed to one publisher each
   (so what they accumulate stays bounded too). The MQTT 5 subscribers announce a Receive
-  Maximum of 50, the 3.1.1 ones get the broker's 1000 in flight. The QoS 2 receiver side is
-  method B (4.3.3 (5.0)): the packet id is recorded at PUBLISH and acknowledged with PUBREC;
-  a PUBLISH with the same packet id before the PUBREL is the same message again, not a new
-  delivery; PUBREL releases the id;
+  Maximum of 50, the 3.1.1 ones get the broker's default max_inflight_messages. The QoS 2
+  receiver side is method B (4.3.3 (5.0)): the packet id is recorded at PUBLISH and
+  acknowledged with PUBREC; a PUBLISH with the same packet id before the PUBREL is the same
+  message again, not a new delivery; PUBREL releases the id;
 - 1 online MQTT 5 subscriber at QoS 0 (at most once), sending a PINGREQ after every read so
   that its connection is also pumped after its own commits: a QoS 2 message must never reach
   it twice. That checks the commit watermark (`BrokerCore.pull` hands out nothing whose batch
@@ -106,9 +107,6 @@ CONFIG = """\
 [broker]
 sys_interval = 0
 
-[mqtt]
-max_queued_messages = 0
-max_inflight_messages = 1000
 """
 
 # --------------------------------------------------------------------------- wire, by hand

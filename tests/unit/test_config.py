@@ -57,7 +57,8 @@ def test_no_file_gives_the_documented_defaults() -> None:
     assert config.auth.allow_anonymous is True
     assert config.mqtt == MqttConfig(
         max_packet_size=1_048_576, max_keepalive_s=65535, max_inflight_messages=20,
-        max_queued_messages=1000, max_queued_bytes=0, queue_qos0_messages=False,
+        max_queued_messages=100_000, max_queued_bytes=0, max_queued_memory_bytes=268_435_456,
+        queue_full_policy="drop-oldest", queue_qos0_messages=False,
         receive_maximum=1024, topic_alias_maximum=10, max_qos=2, retain_available=True,
         allow_zero_length_clientid=True, auto_id_prefix="auto-",
         persistent_client_expiration_s=0, max_session_expiry_interval_s=0,
@@ -99,6 +100,8 @@ def test_every_key_is_read(write) -> None:
         max_inflight_messages = 5
         max_queued_messages = 0
         max_queued_bytes = 1000000
+        max_queued_memory_bytes = 0
+        queue_full_policy = "refuse"
         queue_qos0_messages = true
         receive_maximum = 64
         topic_alias_maximum = 0
@@ -127,7 +130,8 @@ def test_every_key_is_read(write) -> None:
         auth=AuthConfig(allow_anonymous=True, allow_anonymous_explicit=True),
         mqtt=MqttConfig(
             max_packet_size=65536, max_keepalive_s=600, max_inflight_messages=5,
-            max_queued_messages=0, max_queued_bytes=1_000_000, queue_qos0_messages=True,
+            max_queued_messages=0, max_queued_bytes=1_000_000, max_queued_memory_bytes=0,
+            queue_full_policy="refuse", queue_qos0_messages=True,
             receive_maximum=64, topic_alias_maximum=0, max_qos=1, retain_available=False,
             allow_zero_length_clientid=False, auto_id_prefix="gw1-",
             persistent_client_expiration_s=14 * 86400, max_session_expiry_interval_s=3600,
@@ -198,6 +202,10 @@ def test_the_error_message_names_file_table_and_key(write) -> None:
     ("mqtt", "max_qos", "3", "expected an integer from 0 to 2, got 3"),
     ("mqtt", "max_queued_messages", "-1", "expected a non-negative integer (0 = unlimited)"),
     ("mqtt", "max_queued_bytes", '"1MB"', 'expected a non-negative integer (0 = unlimited)'),
+    ("mqtt", "max_queued_memory_bytes", "-1", "expected a non-negative integer (0 = unlimited)"),
+    ("mqtt", "queue_full_policy", '"drop_oldest"', 'expected one of "drop-oldest", '
+                                  '"drop-newest", "refuse", got "drop_oldest"; did you mean '
+                                  '"drop-oldest"?'),
     ("mqtt", "queue_qos0_messages", "1", "expected true or false, got 1"),
     ("mqtt", "retain_available", '"yes"', 'expected true or false, got "yes"'),
     ("mqtt", "allow_zero_length_clientid", "0", "expected true or false, got 0"),

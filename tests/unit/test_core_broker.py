@@ -121,19 +121,29 @@ def test_inflight_window_is_the_smaller_of_server_limit_and_receive_maximum() ->
     assert [p.packet_id for p in pulled(core, "s")] == [3]
 
 
-def test_full_queue_drops_the_newest_and_counts_it() -> None:
-    core = BrokerCore(CoreSettings(max_inflight_messages=1, max_queued_messages=2))
+@pytest.mark.parametrize(("policy", "kept", "dropped", "refused"), [
+    ("drop-oldest", [b"0", b"4", b"5"], 3, 0),
+    ("drop-newest", [b"0", b"1", b"2"], 3, 0),
+    ("refuse", [b"0", b"1", b"2"], 0, 3),
+])
+def test_full_queue_applies_the_policy_and_counts_it(policy: str, kept: list[bytes],
+                                                     dropped: int, refused: int) -> None:
+    core = BrokerCore(CoreSettings(max_inflight_messages=1, max_queued_messages=2,
+                                   queue_full_policy=policy))
     connect(core, "s")
     sub(core, "s", "t")
     connect(core, "p")
     pub(core, "p", "t", b"0", qos=1, packet_id=1)
     commit(core)
-    (first,) = pulled(core, "s")  # inflight now; the queue is empty
-    for i in range(1, 6):
-        pub(core, "p", "t", str(i).encode(), qos=1, packet_id=i + 1)
+    (first,) = pulled(core, "s")  # inflight now (never dropped); the queue is empty
+    codes = [pub(core, "p", "t", str(i).encode(), qos=1, packet_id=i + 1) for i in range(1, 6)]
     commit(core)
-    assert core.stats.publish_dropped == 3  # 2 queued behind the inflight one
-    assert core.sessions["s"].dropped == 3
+    # A subscriber whose queue dropped the message still matched it: never 0x10.
+    assert codes == [0, 0] + [ReasonCode.QUOTA_EXCEEDED if refused else 0] * 3
+    assert core.stats.publish_dropped == core.stats.dropped_queue_full == dropped
+    assert core.sessions["s"].dropped == dropped
+    assert core.stats.refused_queue_full == refused
+    assert core.take_drop_reports(0.0) == ([("s", dropped)] if dropped else [])
     core.puback("s", first.packet_id or 0, now=0)
     received = [b"0"]
     while packets := pulled(core, "s"):
@@ -141,7 +151,7 @@ def test_full_queue_drops_the_newest_and_counts_it() -> None:
             assert isinstance(packet, Publish)
             received.append(packet.payload)
             core.puback("s", packet.packet_id or 0, now=0)
-    assert received == [b"0", b"1", b"2"]
+    assert received == kept
 
 
 def test_queued_bytes_bound_counts_payload_bytes() -> None:
@@ -394,20 +404,19 @@ def test_qos0_fan_out_shares_one_packet_between_subscribers() -> None:
 
 def test_a_body_is_saved_again_in_any_later_batch_that_refers_to_it() -> None:
     # A store may drop a body at the end of a batch once nothing refers to it; a later batch
-    # that refers to it again (here: a session becoming persistent with it queued) must carry it.
+    # that refers to it again (here: a retained message still to be sent on SUBSCRIBE when
+    # its persistent session disconnects, so it is queued then) must carry it.
     core = BrokerCore()
-    connect(core, "d", clean=False, expiry=60)
-    connect(core, "x", expiry=0)  # not stored yet
-    sub(core, "d", "t")
-    sub(core, "x", "t")
     connect(core, "p")
-    pub(core, "p", "t", qos=1)
+    pub(core, "p", "t", qos=1, retain=True)
     first = core.drain().changes
     assert sum(isinstance(c, MessageSaved) for c in first) == 1
-    core.connect(Connect("x", V5, False, 60, properties=Properties(session_expiry_interval=60)),
-                 client_id="x", now=1)  # takeover into a persistent session
+    epoch = connect(core, "d", clean=False, expiry=60)
+    sub(core, "d", "t")
+    commit(core)
+    core.disconnect("d", epoch, now=1)
     later = core.drain().changes
     saved = [c for c in later if isinstance(c, MessageSaved)]
     deliveries = [c for c in later if isinstance(c, DeliverySaved)]
-    assert len(saved) == 1 and [d.record.client_id for d in deliveries] == ["x"]
+    assert len(saved) == 1 and [d.record.client_id for d in deliveries] == ["d"]
     assert later.index(saved[0]) < later.index(deliveries[0])

@@ -1,0 +1,199 @@
+"""Queue bounds and their policy, and retained messages sent on SUBSCRIBE: the part of
+`BrokerCore` (a mixin of it) that decides what a full queue drops or refuses, counts the
+drops, and turns a subscription's pending retained topics into deliveries.
+
+Theory of operation: docs/architecture.md, "Queue bounds and policies"; the user's view:
+docs/configuration.md, "Queue bounds".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .changes import Change, DeliveryDeleted, Message
+from .retain import RetainStore
+from .session import DELIVERY_OVERHEAD, Delivery, QueueMemory, RetainedPending, Session, cost
+
+if TYPE_CHECKING:
+    from .broker import BrokerStats, CoreSettings
+
+# Queue policies (docs/configuration.md, queue_full_policy).
+DROP_OLDEST = "drop-oldest"
+DROP_NEWEST = "drop-newest"
+REFUSE = "refuse"
+QUEUE_FULL_POLICIES = (DROP_OLDEST, DROP_NEWEST, REFUSE)
+# Drop reasons, as named in $SYS/broker/publish/messages/dropped/<reason>.
+QUEUE_FULL = "queue_full"
+MEMORY_FULL = "memory_full"
+DROP_LOG_INTERVAL_S = 10.0
+
+# A session, the message, the QoS and retain flag it gets it with, its subscription ids.
+Target = tuple[Session, Message, int, bool, tuple[int, ...]]
+
+
+class QueueBounds:
+    """Mixin of BrokerCore (which provides the state declared here)."""
+
+    settings: CoreSettings
+    sessions: dict[str, Session]
+    stats: BrokerStats
+    memory: QueueMemory
+    retained: RetainStore
+    _changes: list[Change]
+    _drops_unlogged: set[str]
+    _batch: int
+    _next_delivery_id: int
+
+    if TYPE_CHECKING:
+        def _clear_retained(self, topic: str) -> None: ...
+        def _save_message(self, message: Message) -> None: ...
+        def _save_delivery(self, session: Session, delivery: Delivery) -> None: ...
+
+    def _fits(self, targets: list[Target], message: Message) -> bool:
+        """Whether every target can queue the message without reaching a bound."""
+        settings = self.settings
+        queue_qos0 = settings.queue_qos0_messages
+        size = len(message.payload)
+        queued = 0
+        for session, _, qos, _, _ in targets:
+            if not session.online and qos == 0 and not queue_qos0:
+                continue
+            if not session.has_room(settings.max_queued_messages, settings.max_queued_bytes,
+                                    size):
+                return False
+            queued += 1
+        limit = settings.max_queued_memory_bytes
+        return not (limit and queued and self.memory.used + cost(message)
+                    + (queued - 1) * DELIVERY_OVERHEAD > limit)
+
+    def _make_room(self, session: Session, message: Message) -> bool:
+        """Apply `queue_full_policy` at the bounds. False: this delivery is dropped (counted).
+
+        The session's own bounds drop its oldest queued deliveries (drop-oldest) or the new
+        one (drop-newest, and refuse when the PUBLISH could not be refused: QoS 0, wills,
+        $SYS). The broker-wide memory bound drops from the largest backlogs, not from
+        whichever session happens to receive this message. Inflight deliveries are never
+        dropped."""
+        settings = self.settings
+        policy = settings.queue_full_policy
+        max_messages = settings.max_queued_messages
+        max_bytes = settings.max_queued_bytes
+        size = len(message.payload)
+        if not session.has_room(max_messages, max_bytes, size):
+            if policy == DROP_OLDEST:
+                while session.queue and not session.has_room(max_messages, max_bytes, size):
+                    self._drop(session, session.popleft(), QUEUE_FULL)
+            if not session.has_room(max_messages, max_bytes, size):
+                self._count_drop(session, QUEUE_FULL)
+                return False
+        limit = settings.max_queued_memory_bytes
+        if limit and self.memory.used + cost(message) > limit and (
+                policy == REFUSE or not self._shed_memory(session, cost(message), limit)):
+            self._count_drop(session, MEMORY_FULL)
+            return False
+        return True
+
+    def _shed_memory(self, receiver: Session, needed: int, limit: int) -> bool:
+        """Drop from the largest backlogs until `needed` more bytes fit, with 1% of the limit
+        to spare (so the search for the largest is not repeated for every message). Returns
+        False when the new delivery to `receiver` is what goes (drop-newest, and `receiver`
+        has the largest backlog) or nothing queued is left to drop."""
+        memory = self.memory
+        target = max(0, limit - needed - limit // 100)
+        oldest = self.settings.queue_full_policy == DROP_OLDEST
+        while memory.used > target:
+            victim = max((s for s in self.sessions.values() if s.queue),
+                         key=lambda s: s.queued_bytes + len(s.queue) * DELIVERY_OVERHEAD,
+                         default=None)
+            if victim is None:
+                return memory.used + needed <= limit
+            if victim is receiver and not oldest:
+                return False
+            while victim.queue and memory.used > target:
+                self._drop(victim, victim.popleft() if oldest else victim.pop(), MEMORY_FULL)
+        return True
+
+    def _drop(self, session: Session, delivery: Delivery, reason: str) -> None:
+        if delivery.persisted:
+            self._changes.append(DeliveryDeleted(session.client_id, delivery.id))
+        self._count_drop(session, reason)
+
+    def _count_drop(self, session: Session, reason: str) -> None:
+        stats = self.stats
+        stats.publish_dropped += 1
+        if reason == QUEUE_FULL:
+            stats.dropped_queue_full += 1
+        else:
+            stats.dropped_memory_full += 1
+        session.dropped += 1
+        session.drops_unlogged += 1
+        self._drops_unlogged.add(session.client_id)
+
+    def take_drop_reports(self, now: float) -> list[tuple[str, int]]:
+        """(client id, deliveries dropped since its last report) for each session with drops
+        not reported in the last DROP_LOG_INTERVAL_S seconds: the server logs them, so the
+        log gets at most one line per session per interval."""
+        if not self._drops_unlogged:
+            return []
+        reports = []
+        for client_id in list(self._drops_unlogged):
+            session = self.sessions.get(client_id)
+            if session is None:
+                self._drops_unlogged.discard(client_id)
+            elif now - session.drop_logged_at >= DROP_LOG_INTERVAL_S:
+                reports.append((client_id, session.drops_unlogged))
+                session.drops_unlogged = 0
+                session.drop_logged_at = now
+                self._drops_unlogged.discard(client_id)
+        return reports
+
+    def _next_retained(self, session: Session, entry: RetainedPending,
+                       now: float) -> Delivery | None:
+        """The next retained message of `entry` as a delivery (not yet taken from the list:
+        the caller pops its topic once it has room to send it), or None after skipping a
+        topic cleared meanwhile or an expired message (or when the list is done)."""
+        topics = entry.topics
+        if entry.topic_filter not in session.subscriptions:
+            topics.clear()
+            return None
+        while topics:
+            message = self.retained.get(topics[0])  # the current one, if replaced meanwhile
+            if message is None:
+                topics.popleft()
+                continue
+            if message.expires_at is not None and message.expires_at <= now:
+                topics.popleft()
+                self._clear_retained(message.topic)
+                continue
+            return Delivery(self._next_delivery_id, message, min(message.qos, entry.qos),
+                            True, entry.subscription_ids, 0)
+        return None
+
+    def _queue_retained_pending(self, session: Session, now: float) -> None:
+        """A persistent session goes offline with retained messages still to send: the QoS
+        1/2 ones (QoS 0 too with queue_qos0_messages) become queued deliveries, as they would
+        have been had they been queued on SUBSCRIBE; they are not subject to the bounds."""
+        pending = session.retained_pending
+        session.retained_pending = ()
+        queue_qos0 = self.settings.queue_qos0_messages
+        for entry in pending:
+            while True:
+                delivery = self._next_retained(session, entry, now)
+                if delivery is None:
+                    break
+                entry.topics.popleft()
+                self._next_delivery_id += 1
+                if delivery.qos == 0 and not queue_qos0:
+                    continue
+                delivery.batch = self._batch
+                session.append(delivery)
+                if session.stored:
+                    self._save_message(delivery.message)
+                    self._save_delivery(session, delivery)
+
+
+def forget_retained_pending(session: Session, topic_filter: str) -> None:
+    """Stop sending the retained messages a subscription still had to get."""
+    for entry in session.retained_pending:
+        if entry.topic_filter == topic_filter:
+            entry.topics.clear()
