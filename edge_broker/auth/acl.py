@@ -152,8 +152,7 @@ class Acl:
             line = raw_line.strip()
             if not line or line.startswith("#"):
                 continue
-            keyword, _, rest = line.partition(" ")
-            rest = rest.strip()
+            keyword, rest = _split_word(line)
             if keyword == "user":
                 if not rest:
                     raise ConfigError(f"line {number}: 'user' needs a username", file=source)
@@ -162,9 +161,9 @@ class Acl:
             if keyword not in ("topic", "pattern"):
                 raise ConfigError(f"line {number}: unknown keyword {keyword!r} (expected "
                                   f"user, topic or pattern)", file=source)
-            word, _, after = rest.partition(" ")
+            word, after = _split_word(rest)
             if word in _ACCESS:
-                access, topic_filter = _ACCESS[word], after.strip()
+                access, topic_filter = _ACCESS[word], after
             else:
                 access, topic_filter = READ | WRITE, rest
             if not topic_filter:
@@ -287,6 +286,14 @@ class Acl:
         if len(self._decisions) > _CACHE_SIZE:
             self._decisions.popitem(last=False)
         return result
+
+
+def _split_word(text: str) -> tuple[str, str]:
+    """The first word (up to a space or tab) and the rest, stripped."""
+    parts = text.split(None, 1)
+    if not parts:
+        return "", ""
+    return parts[0], parts[1].strip() if len(parts) > 1 else ""
 
 
 def _witnesses(topic_filter: str, compiled: _Compiled) -> Iterator[str]:
