@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from edge_broker.auth.files import write_atomic
 from edge_broker.errors import ConfigError
 
 Scheme = Literal["7", "6", "scrypt"]
@@ -287,31 +285,4 @@ class PasswordFile:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, fsync, rename), mode 0600."""
-        write_private(Path(path), self.dumps().encode("utf-8"))
-
-
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` atomically; the new file has `mode` from its creation on
-    (never readable by others, not even briefly)."""
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        write_atomic(Path(path), self.dumps().encode("utf-8"), mode=0o600)
