@@ -61,9 +61,10 @@ def add_subcommands(commands: argparse._SubParsersAction) -> None:  # type: igno
                       help="replace an existing CA (everything it issued stops working)")
     server = actions.add_parser("server", help="the broker's certificate (server.crt/.key)")
     server.add_argument("dir", metavar="DIR")
-    server.add_argument("--host", action="append", default=[], metavar="NAME",
+    # dest not "host": that name is the run flag's, which main() refuses for other commands
+    server.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME",
                         help="a DNS name clients connect to (repeatable)")
-    server.add_argument("--ip", action="append", default=[], metavar="ADDR",
+    server.add_argument("--ip", dest="ips", action="append", default=[], metavar="ADDR",
                         help="an IP address clients connect to (repeatable)")
     _add_key_flags(server, days=825)
     device = actions.add_parser("device", help="a device certificate, CN = ID, and its bundle")
@@ -165,7 +166,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
             print(f"wrote {issued.cert}, {issued.key} (keep it safe: it signs every "
                   f"certificate) and {Path(args.dir) / 'ca.crl'}")
         elif args.action == "server":
-            issued = certs.issue_server(args.dir, hosts=args.host, ips=args.ip, days=args.days,
+            issued = certs.issue_server(args.dir, hosts=args.hosts, ips=args.ips, days=args.days,
                                         key_type=args.key_type)
             print(f"wrote {issued.cert} and {issued.key}")
         elif args.action == "device":
