@@ -143,8 +143,8 @@ def test_no_client_certificate_is_refused(pki: Path) -> None:
     assert not accepted
 
 
-def test_a_stale_crl_refuses_everybody_until_refreshed(pki: Path, tmp_path: Path) -> None:
-    # Documented operational hazard: ca.crl has a next-update date; `certs crl` re-signs it.
+def test_crl_refresh_keeps_revocations_and_sets_next_update(pki: Path, tmp_path: Path) -> None:
+    # ca.crl has a next-update date (a stale CRL refuses everybody); `certs crl` re-signs it.
     folder = tmp_path / "certs"
     shutil.copytree(pki, folder)
     assert cli.main(["certs", "crl", str(folder), "--crl-days", "1"]) == 0
