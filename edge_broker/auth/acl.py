@@ -29,8 +29,9 @@ pattern rules grant nothing to that client (its `topic` rules still apply).
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -44,6 +45,7 @@ DENY: Final = 0
 _ACCESS: Final = {"read": READ, "write": WRITE, "readwrite": READ | WRITE, "deny": DENY}
 _UNSAFE: Final = ("+", "#", "/")
 _CACHE_SIZE: Final = 4096
+_VARIABLE: Final = re.compile("%[cu]")
 _END: Final = "\x00"
 _FRESH: Final = "\ufffe"  # a level no rule and no valid topic names: see _witnesses
 
@@ -96,22 +98,40 @@ class FilterSet:
 
 
 @dataclass(frozen=True, slots=True)
-class _Compiled:
-    """The rules that apply to one client, split by decision step."""
+class _RuleSet:
+    """Some rules compiled: which filters deny, grant read, grant write."""
 
-    topic_deny: FilterSet
-    topic_read: FilterSet
-    topic_write: FilterSet
-    pattern_deny: FilterSet
-    pattern_read: FilterSet
-    pattern_write: FilterSet
+    deny: FilterSet
+    read: FilterSet
+    write: FilterSet
     read_filters: tuple[str, ...]  # every filter granting read, for can_subscribe
-    longest: int
+    longest: int  # levels of the longest filter
+
+    @classmethod
+    def build(cls, rules: Iterable[tuple[int, str]]) -> _RuleSet:
+        deny, read, write = FilterSet(), FilterSet(), FilterSet()
+        reads: list[str] = []
+        longest = 1
+        for access, text in rules:
+            longest = max(longest, text.count("/") + 1)
+            if access == DENY:
+                deny.add(text)
+                continue
+            if access & READ:
+                read.add(text)
+                reads.append(text)
+            if access & WRITE:
+                write.add(text)
+        return cls(deny, read, write, tuple(reads), longest)
+
+
+_NONE: Final = _RuleSet.build([])
 
 
 def _substitute(topic_filter: str, client_id: str, username: str | None) -> str:
-    out = topic_filter.replace("%c", client_id)
-    return out.replace("%u", username) if username is not None else out
+    # One pass: a client id "%u" must not become the username (nor a username "%c" the id).
+    return _VARIABLE.sub(lambda m: client_id if m.group() == "%c" else (username or ""),
+                         topic_filter)
 
 
 class Acl:
@@ -123,7 +143,13 @@ class Acl:
         self._patterns = patterns
         self._patterns_use_c = any("%c" in rule.filter for rule in patterns)
         self._patterns_use_u = any("%u" in rule.filter for rule in patterns)
-        self._compiled: OrderedDict[tuple[str | None, str], _Compiled] = OrderedDict()
+        self._anonymous_set = _RuleSet.build((rule.access, rule.filter) for rule in anonymous)
+        self._own = {name: _RuleSet.build((rule.access, rule.filter) for rule in rules)
+                     for name, rules in users.items()}
+        self._static = _RuleSet.build((rule.access, rule.filter) for rule in patterns
+                                      if "%c" not in rule.filter and "%u" not in rule.filter)
+        self._dynamic = [rule for rule in patterns if "%c" in rule.filter or "%u" in rule.filter]
+        self._substituted: OrderedDict[tuple[str | None, str], _RuleSet] = OrderedDict()
         self._decisions: OrderedDict[tuple[str | None, str, str, int], bool] = OrderedDict()
 
     # ------------------------------------------------------------------ parsing
@@ -193,58 +219,40 @@ class Acl:
             return False
         return not (self._patterns_use_u and username is not None and unsafe(username))
 
-    def _compile(self, username: str | None, client_id: str) -> _Compiled:
+    def _layers(self, username: str | None, client_id: str) -> tuple[_RuleSet, ...]:
+        """The client's own section, then the patterns without and with substitutions."""
+        own = self._own.get(username, _NONE) if username is not None else self._anonymous_set
+        if not self._patterns_apply(username, client_id):
+            return (own,)
+        if not self._dynamic:
+            return own, self._static
         key = (username, client_id)
-        found = self._compiled.get(key)
-        if found is not None:
-            self._compiled.move_to_end(key)
-            return found
-        own = self._anonymous if username is None else self._users.get(username, [])
-        patterns: list[str | None] = []
-        if self._patterns_apply(username, client_id):
-            for rule in self._patterns:
-                if "%u" in rule.filter and username is None:
-                    patterns.append(None)  # mosquitto: %u patterns skip anonymous clients
-                else:
-                    patterns.append(_substitute(rule.filter, client_id, username))
+        dynamic = self._substituted.get(key)
+        if dynamic is None:
+            dynamic = _RuleSet.build(
+                (rule.access, _substitute(rule.filter, client_id, username))
+                for rule in self._dynamic
+                if not ("%u" in rule.filter and username is None))  # mosquitto skips these
+            self._substituted[key] = dynamic
+            if len(self._substituted) > _CACHE_SIZE:
+                self._substituted.popitem(last=False)
         else:
-            patterns = [None] * len(self._patterns)
-        sets = [FilterSet() for _ in range(6)]
-        reads: list[str] = []
-        longest = 1
-        entries = [(0, rule, rule.filter) for rule in own]
-        entries += [(2, rule, text) for rule, text in zip(self._patterns, patterns, strict=True)
-                    if text is not None]
-        for step, rule, text in entries:
-            longest = max(longest, text.count("/") + 1)
-            base = 0 if step == 0 else 3  # the deny, read and write sets of the step
-            if rule.access == DENY:
-                sets[base].add(text)
-                continue
-            if rule.access & READ:
-                sets[base + 1].add(text)
-                reads.append(text)
-            if rule.access & WRITE:
-                sets[base + 2].add(text)
-        compiled = _Compiled(sets[0], sets[1], sets[2], sets[3], sets[4], sets[5],
-                             read_filters=tuple(reads), longest=longest)
-        self._compiled[key] = compiled
-        if len(self._compiled) > _CACHE_SIZE:
-            self._compiled.popitem(last=False)
-        return compiled
+            self._substituted.move_to_end(key)
+        return own, self._static, dynamic
 
     # ------------------------------------------------------------------ decisions
 
-    def _allowed(self, compiled: _Compiled, topic: str, access: int) -> bool:
-        if compiled.topic_deny.matches(topic):
+    @staticmethod
+    def _allowed(layers: tuple[_RuleSet, ...], topic: str, access: int) -> bool:
+        own, patterns = layers[0], layers[1:]
+        if own.deny.matches(topic):
             return False
-        own = compiled.topic_read if access == READ else compiled.topic_write
-        if own.matches(topic):
+        if (own.read if access == READ else own.write).matches(topic):
             return True
-        if compiled.pattern_deny.matches(topic):
+        if any(layer.deny.matches(topic) for layer in patterns):
             return False
-        shared = compiled.pattern_read if access == READ else compiled.pattern_write
-        return shared.matches(topic)
+        return any((layer.read if access == READ else layer.write).matches(topic)
+                   for layer in patterns)
 
     def _decide(self, topic: str, username: str | None, client_id: str, access: int) -> bool:
         key = (username, client_id, topic, access)
@@ -252,7 +260,7 @@ class Acl:
         if found is not None:
             self._decisions.move_to_end(key)
             return found
-        result = self._allowed(self._compile(username, client_id), topic, access)
+        result = self._allowed(self._layers(username, client_id), topic, access)
         self._decisions[key] = result
         if len(self._decisions) > _CACHE_SIZE:
             self._decisions.popitem(last=False)
@@ -279,9 +287,9 @@ class Acl:
         if found is not None:
             self._decisions.move_to_end(key)
             return found
-        compiled = self._compile(username, client_id)
-        result = any(topic_matches(plain, topic) and self._allowed(compiled, topic, READ)
-                     for topic in _witnesses(plain, compiled))
+        layers = self._layers(username, client_id)
+        result = any(topic_matches(plain, topic) and self._allowed(layers, topic, READ)
+                     for topic in _witnesses(plain, layers))
         self._decisions[key] = result
         if len(self._decisions) > _CACHE_SIZE:
             self._decisions.popitem(last=False)
@@ -296,7 +304,7 @@ def _split_word(text: str) -> tuple[str, str]:
     return parts[0], parts[1].strip() if len(parts) > 1 else ""
 
 
-def _witnesses(topic_filter: str, compiled: _Compiled) -> Iterator[str]:
+def _witnesses(topic_filter: str, layers: tuple[_RuleSet, ...]) -> Iterator[str]:
     """Topics that decide whether some topic matched by `topic_filter` is readable.
 
     For each read grant G, and each topic length n up to one more than the longest rule or
@@ -307,8 +315,8 @@ def _witnesses(topic_filter: str, compiled: _Compiled) -> Iterator[str]:
     matched by the filter is readable, one of these is (and each is checked for real).
     """
     wanted = topic_filter.split("/")
-    most = max(compiled.longest, len(wanted)) + 1
-    for grant in compiled.read_filters:
+    most = max(len(wanted), *(layer.longest for layer in layers)) + 1
+    for grant in (text for layer in layers for text in layer.read_filters):
         granted = grant.split("/")
         if not _may_overlap(wanted, granted):
             continue

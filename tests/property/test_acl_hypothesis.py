@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from edge_broker.auth.acl import Acl
 
 RULE_LEVELS = ["a", "b", "$s"]
-UNIVERSE_LEVELS = ["a", "b", "$s", "c1", "u1", "zz"]
+UNIVERSE_LEVELS = ["a", "b", "$s", "c1", "u1", "%u", "%c", "zz"]
 MAX_LEVELS = 3
 USERS = [None, "u1", "a"]
-CLIENT_IDS = ["a", "c1", "a/b", "+", ""]
-USERNAMES = [None, "u1", "a", "u/x", "#"]
+CLIENT_IDS = ["a", "c1", "a/b", "+", "", "%u"]
+USERNAMES = [None, "u1", "a", "u/x", "#", "%c"]
 ACCESS = {"read": {"r"}, "write": {"w"}, "readwrite": {"r", "w"}, "deny": set(), "": {"r", "w"}}
 
 
@@ -65,10 +65,9 @@ def ref_decide(rules: list[Rule], topic: str, need: str, username: str | None,
         for r in patterns:
             if "%u" in r.filter and username is None:
                 continue
-            text = r.filter.replace("%c", client_id)
-            if username is not None:
-                text = text.replace("%u", username)
-            shared.append((r.access, text))
+            levels = [client_id if level == "%c" else username if level == "%u" else level
+                      for level in r.filter.split("/")]
+            shared.append((r.access, "/".join(str(level) for level in levels)))
     for group in (own, shared):
         for access, topic_filter in group:
             if access == "deny" and ref_match(topic_filter, topic):

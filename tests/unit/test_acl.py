@@ -161,6 +161,14 @@ def test_substitution_inside_a_level() -> None:
     assert not pub(acl, "site/dev-8/ann-data", username="ann", client_id="7")
 
 
+def test_a_client_id_that_looks_like_a_variable_is_not_substituted_again() -> None:
+    acl = Acl.parse("pattern readwrite devices/%c/#\npattern readwrite users/%u/%c\n")
+    assert not pub(acl, "devices/alice/x", username="alice", client_id="%u")
+    assert pub(acl, "devices/%u/x", username="alice", client_id="%u")
+    assert pub(acl, "users/%c/b", username="%c", client_id="b")
+    assert not pub(acl, "users/b/b", username="%c", client_id="b")
+
+
 @pytest.mark.parametrize("client_id", ["+", "#", "a/b", "a+", "x#", ""])
 def test_client_ids_that_would_widen_a_pattern_get_no_pattern_access(client_id: str) -> None:
     acl = Acl.parse("pattern readwrite devices/%c/#\npattern read public/#\n"
