@@ -174,7 +174,7 @@ class Acl:
         users: dict[str, list[Rule]] = {}
         patterns: list[Rule] = []
         current = anonymous
-        for number, raw_line in enumerate(text.splitlines(), start=1):
+        for number, raw_line in enumerate(text.split("\n"), start=1):
             line = raw_line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -323,8 +323,10 @@ def _witnesses(topic_filter: str, layers: tuple[_RuleSet, ...]) -> Iterator[str]
         for length in range(1, most + 1):
             levels = []
             for index in range(length):
-                levels.append(_literal_at(wanted, index) or _literal_at(granted, index)
-                              or _FRESH)
+                level = _literal_at(wanted, index)
+                if level is None:
+                    level = _literal_at(granted, index)
+                levels.append(_FRESH if level is None else level)  # "" is a literal level
             yield "/".join(levels)
 
 

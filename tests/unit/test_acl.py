@@ -232,6 +232,13 @@ def test_subscribe_covered_by_denies_is_refused() -> None:
     assert not sub(acl, "x/y", username="a")
 
 
+def test_subscribe_through_an_empty_level() -> None:
+    acl = Acl.parse("topic read a/\ntopic read /b\n")
+    assert sub(acl, "a/+", username=None) and sub(acl, "a/#", username=None)
+    assert sub(acl, "+/b", username=None) and sub(acl, "#", username=None)
+    assert not sub(acl, "a/x", username=None)
+
+
 def test_subscribe_shared_and_invalid_filters() -> None:
     acl = Acl.parse("topic read a/#\n")
     assert sub(acl, "$share/g/a/b", username=None)
