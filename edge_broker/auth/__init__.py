@@ -8,7 +8,8 @@ bounded thread pool).
 from __future__ import annotations
 
 from edge_broker.auth.acl import Acl
+from edge_broker.auth.identity import common_name
 from edge_broker.auth.passwd import PasswordFile
 from edge_broker.auth.verifier import PasswordVerifier, VerifierBusy
 
-__all__ = ["Acl", "PasswordFile", "PasswordVerifier", "VerifierBusy"]
+__all__ = ["Acl", "PasswordFile", "PasswordVerifier", "VerifierBusy", "common_name"]

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_broker import certs, cli
+from edge_broker.auth.identity import common_name
 
 TIMEOUT_S = 20
 
@@ -64,8 +65,8 @@ def client_context(folder: Path, cert: Path | None, key: Path | None) -> ssl.SSL
 
 def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
               server_hostname: str = "localhost") -> tuple[bool, object]:
-    """(True, the client certificate's subject) when the server accepted the client, else
-    (False, the server's error)."""
+    """(True, the client certificate's getpeercert() dict) when the server accepted the
+    client, else (False, the server's error)."""
     outcome: queue.Queue[tuple[bool, object]] = queue.Queue()
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
@@ -77,7 +78,7 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
                 with server.wrap_socket(conn, server_side=True) as tls:
                     peer = tls.getpeercert()
                     tls.sendall(b"ok")
-                    outcome.put((True, peer["subject"] if peer else None))
+                    outcome.put((True, peer))
             except (ssl.SSLError, OSError) as exc:
                 outcome.put((False, exc))
 
@@ -100,9 +101,38 @@ def device(pki: Path, name: str) -> ssl.SSLContext:
 
 
 def test_device_certificate_is_accepted_with_its_id_as_cn(pki: Path) -> None:
-    accepted, subject = handshake(server_context(pki), device(pki, "dev1"))
-    assert accepted, subject
-    assert subject == ((("commonName", "dev1"),),)
+    accepted, peer = handshake(server_context(pki), device(pki, "dev1"))
+    assert accepted, peer
+    assert peer["subject"] == ((("commonName", "dev1"),),)  # type: ignore[index]
+    assert common_name(peer) == "dev1"  # type: ignore[arg-type]
+
+
+def test_a_certificate_without_cn_gives_no_identity(pki: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID as Oid
+
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(Oid.ORGANIZATION_NAME, "plant")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    (tmp_path / "nocn.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "nocn.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    accepted, peer = handshake(server_context(pki),
+                               client_context(pki, tmp_path / "nocn.crt", tmp_path / "nocn.key"))
+    assert accepted, peer  # TLS accepts it; the broker must then refuse it for lack of a name
+    assert common_name(peer) is None  # type: ignore[arg-type]
+    assert common_name(None) is None and common_name({}) is None
+    two = {"subject": ((("commonName", "a"),), (("commonName", "b"),))}
+    assert common_name(two) is None
 
 
 def test_the_server_name_and_address_are_in_the_certificate(pki: Path) -> None:

@@ -203,6 +203,22 @@ async def test_successes_are_cached_failures_are_not() -> None:
         verifier.close()
 
 
+async def test_a_thousand_devices_at_once() -> None:
+    users = PasswordFile()
+    for index in range(1000):
+        users.set(f"dev{index}", f"pw{index}")
+    verifier = PasswordVerifier(users, max_workers=2, max_pending=1000)
+    try:
+        for _ in range(2):  # a reconnect storm, then the same devices again
+            results = await asyncio.gather(*(verifier.verify(f"dev{i}", f"pw{i}".encode())
+                                             for i in range(1000)))
+            assert all(results)
+        assert verifier.hashes_computed == 1000
+        assert verifier.cache_hits == 1000
+    finally:
+        verifier.close()
+
+
 async def test_reload_forgets_cached_successes() -> None:
     verifier = PasswordVerifier(mosquitto_file())
     try:
