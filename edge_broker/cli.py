@@ -5,6 +5,8 @@
     edge-broker check-config FILE
     edge-broker sessions list|show|delete [CLIENT] [--config FILE | --data-dir DIR] [--json]
     edge-broker store stats [--config FILE | --data-dir DIR] [--json]
+    edge-broker passwd [-c | -D] [--password-stdin] [--scrypt] FILE USER
+    edge-broker certs init-ca|server|device|revoke|crl DIR ...   (see cli_security)
     (the flags of sessions and store may also come before the action)
     edge-broker --version
 
@@ -111,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "oldest message, file size")
     _add_admin_flags(stats, suppress=True)
 
-    # Later subcommands (passwd, replay) go here: add a subparser above and its handler to
+    # passwd and certs: their parsers and handlers live in cli_security.
+    importlib.import_module("edge_broker.cli_security").add_subcommands(commands)
+
+    # Later subcommands (replay) go here: add a subparser above and its handler to
     # _COMMANDS below.
     return parser
 
@@ -337,9 +342,17 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     return command(config, args)
 
 
+def _cmd_security(args: argparse.Namespace) -> int:
+    security = importlib.import_module("edge_broker.cli_security")
+    command: Callable[[argparse.Namespace], int] = security.run_command
+    return command(args)
+
+
 _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "run": _cmd_run,
     "check-config": _cmd_check_config,
     "sessions": _cmd_admin,
     "store": _cmd_admin,
+    "passwd": _cmd_security,
+    "certs": _cmd_security,
 }
