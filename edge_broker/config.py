@@ -49,6 +49,7 @@ __all__ = [
     "AuthConfig",
     "BrokerConfig",
     "Config",
+    "HttpConfig",
     "ListenerConfig",
     "LogConfig",
     "MqttConfig",
@@ -166,6 +167,16 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """[http]: the optional listener for /metrics, /healthz and the status page."""
+
+    host: str = DEFAULT_HOST
+    """Address to bind; loopback unless authentication protects it."""
+    port: int | None = None
+    """TCP port; None (the key absent) = no HTTP listener; 0 picks a free port."""
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """[log]"""
 
@@ -189,6 +200,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None
     """The file this was loaded from, as given; None for the embedded defaults."""
@@ -420,6 +432,10 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
         "durability": _Key("durability", _choice(DURABILITY_LEVELS)),
         "max_store_bytes": _Key("max_store_bytes", _unlimited_int),
     },
+    "http": {
+        "host": _Key("host", _host),
+        "port": _Key("port", _int_range(0, 65535)),
+    },
     "log": {
         "level": _Key("level", _choice(LOG_LEVELS)),
     },
@@ -609,10 +625,12 @@ def load_config(path: str | Path | None) -> Config:
         auth=AuthConfig(**auth_values),
         mqtt=MqttConfig(**sections.get("mqtt", {})),
         storage=StorageConfig(**sections.get("storage", {})),
+        http=HttpConfig(**sections.get("http", {})),
         log=LogConfig(**sections.get("log", {})),
         source=file,
     )
     _check_listeners(config, host_flag=None)
+    _check_http(config)
     return config
 
 
@@ -655,6 +673,18 @@ def apply_overrides(
 
 
 # --------------------------------------------------------------------------- cross-checks
+
+
+def _check_http(config: Config) -> None:
+    http = config.http
+    if http.port is not None and not is_loopback_host(http.host):
+        # The status page and /metrics show client ids and traffic: until the HTTP listener
+        # can check the broker's password file, it serves this machine only.
+        raise _error(
+            f"{_show(http.host)} is reachable from other hosts; the HTTP listener serves "
+            "loopback only until authentication is configured (no password file support "
+            "yet): use 127.0.0.1 and a reverse proxy or an SSH tunnel",
+            file=config.source, table="http", key="host")
 
 
 def _check_listeners(config: Config, *, host_flag: str | None,

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import time
 import uuid
@@ -31,7 +30,9 @@ from ..store.memory import NullStore
 from . import systemd
 from .admin import AdminServer, DataDirLock
 from .client import ClientHandler
+from .http import HttpServer
 from .metrics import Metrics, sys_topics
+from .observe import Observer, build_http_server, prepare_data_dir, watchdog
 from .reload import reload
 
 log = logging.getLogger("edge_broker")
@@ -106,6 +107,9 @@ class BrokerApp:
         self._tail: asyncio.Future[None] | None = None  # the latest commit still pending
         self._lock = DataDirLock(config.broker.data_dir)
         self._admin = AdminServer(self, config.broker.data_dir)
+        self.observer = Observer(self)
+        self.http: HttpServer | None = None
+        self.http_address: tuple[str, int] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -116,28 +120,41 @@ class BrokerApp:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        data_dir = self.config.broker.data_dir
-        try:
-            os.makedirs(data_dir, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(f"cannot create the data directory {str(data_dir)!r}: {error}",
-                              file=self.config.source, table="broker", key="data_dir") from None
+        prepare_data_dir(self.config)
         self._lock.acquire()
         try:
             await self._open_store()
             await self._admin.start()
             await self._listen()
+            await self._start_http()
         except BaseException:
             await self._close_servers()
+            if self.http is not None:
+                await self.http.close()
             await self._admin.close()
             await self.store.close()
             self._lock.release()
             raise
+        self.observer.start()
         self._run_tick()
         if self.config.broker.sys_interval_s:
             self._publish_sys()
         log.info("edge-broker %s started (persistence=%s, %d stored sessions)", self._version,
                  self.config.storage.persistence, len(self.core.sessions))
+
+    async def _start_http(self) -> None:
+        http = self.config.http
+        if http.port is None:
+            return
+        self.http = build_http_server(self.observer)
+        try:
+            host, port = await self.http.start(http.host, http.port)
+        except OSError as error:
+            raise EdgeBrokerError(
+                f"cannot listen for HTTP on {http.host}:{http.port}: {error.strerror}"
+            ) from None
+        self.http_address = (host, port)
+        log.info("HTTP on %s:%d (/metrics, /healthz, status page at /)", host, port)
 
     async def _listen(self) -> None:
         for listener in self.config.listeners:
@@ -246,6 +263,9 @@ class BrokerApp:
             if handler.transport is not None:
                 handler.transport.abort()
         await self._close_servers()
+        await self.observer.close()
+        if self.http is not None:
+            await self.http.close()
         await self._admin.close()
         await self.store.close()
         self._lock.release()
@@ -440,11 +460,13 @@ async def serve(config: Config, *, recover: bool = False,
         # a damaged store that needs --recover, or a store file another broker holds.
         return 2 if isinstance(error, ConfigError | StoreDamagedError | StoreInUseError) else 1
     systemd.ready()
+    pinger = asyncio.ensure_future(watchdog(app.observer))
     if ready is not None and not stop.is_set():
         result = ready(app)
         if result is not None:
             await result
     await stop.wait()
+    pinger.cancel()
     log.info("shutting down")
     systemd.stopping()
     await app.stop()

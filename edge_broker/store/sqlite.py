@@ -754,6 +754,13 @@ class SqliteStore:
             self._executor = None
             self._writer = None
 
+    async def ping(self) -> None:
+        """Returns once the writer thread is free to answer: health checks and the systemd
+        watchdog use it to tell a store that is slow from one that is stuck."""
+        if self._executor is None:
+            return
+        await self._call(_same, None)
+
     async def stats(self) -> StoreStats:
         if self._executor is None or self._conn is None:
             raise StoreError(f"{self.path}: the store is not open")

@@ -41,7 +41,8 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[st
 class BrokerProcess:
     """`edge-broker --host 127.0.0.1 --port 0 --data-dir DIR ARGS`; stderr goes to a file."""
 
-    def __init__(self, data_dir: Path, *args: str, log_dir: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, *args: str, log_dir: Path | None = None,
+                 env_extra: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         log_dir = log_dir or data_dir.parent
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ class BrokerProcess:
             self.process = subprocess.Popen(
                 [str(EDGE_BROKER), "--host", "127.0.0.1", "--port", "0",
                  "--data-dir", str(data_dir), *args],
-                env=clean_env(), stdout=subprocess.DEVNULL, stderr=err,
+                env={**clean_env(), **(env_extra or {})}, stdout=subprocess.DEVNULL, stderr=err,
                 stdin=subprocess.DEVNULL)
         self.port = 0
 
