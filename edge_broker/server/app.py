@@ -288,7 +288,7 @@ class BrokerApp:
         if old is not None and old is not handler:
             log.info("client %s: session taken over by a new connection from %s", client_id,
                      handler.peer)
-            old.kick(ReasonCode.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-3] (5.0)
+            old.taken_over()  # [MQTT-3.1.4-3] (5.0)
         self.clients[client_id] = handler
         return result
 

@@ -69,7 +69,7 @@ LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long,
 class ClientHandler(asyncio.Protocol):
     __slots__ = ("_buffered", "_close_after_write", "_closed", "_conn", "_connack_pending",
                  "_connect_timer", "_deferred", "_disconnect_reason", "_keepalive_handle",
-                 "_keepalive_s", "_last_commit", "_last_rx", "_linger_handle",
+                 "_keepalive_s", "_kick_after", "_last_commit", "_last_rx", "_linger_handle",
                  "_paused_reading", "_pending_commits", "_session_expiry_on_disconnect",
                  "_turn_handle", "_writing_paused", "app", "client_id", "epoch", "peer",
                  "transport")
@@ -91,6 +91,7 @@ class ClientHandler(asyncio.Protocol):
         self._last_commit: asyncio.Future[None] | None = None  # the latest of them
         self._turn_handle: asyncio.Handle | None = None  # the next turn, when work remains
         self._linger_handle: asyncio.TimerHandle | None = None
+        self._kick_after: ReasonCode | None = None  # taken over: close once answers are out
         self._connack_pending = False  # our CONNACK waits for its commit: no PUBLISH first
         self._buffered = 0  # bytes of unhandled input counted in app.incomplete_bytes
         self._deferred = 0  # commits in progress whose bytes are not written yet
@@ -374,6 +375,22 @@ class ClientHandler(asyncio.Protocol):
         self._write(data)
         self._shut(linger=bool(data))
 
+    def taken_over(self) -> None:
+        """Another connection took this one's session over [MQTT-3.1.4-3] (5.0). Answers
+        still waiting for the store (this connection's CONNACK, say) are sent first, so a
+        storm of takeovers keeps completing handshakes; nothing more is read or delivered
+        here, and the connection closes (v5: DISCONNECT 0x8E) once they are out."""
+        if self._closed:
+            return
+        if not self._pending_commits:
+            self.kick(ReasonCode.SESSION_TAKEN_OVER)
+            return
+        self._kick_after = ReasonCode.SESSION_TAKEN_OVER
+        self._close_after_write = True  # read nothing more
+        if self._turn_handle is not None:
+            self._turn_handle.cancel()
+            self._turn_handle = None
+
     def _shut(self, *, linger: bool = False) -> None:
         """Close the transport after what is buffered; detach from the session now.
 
@@ -496,6 +513,10 @@ class ClientHandler(asyncio.Protocol):
             self._last_commit = None
 
     def resume_after_commit(self) -> None:
+        if self._kick_after is not None:
+            if not self._pending_commits:
+                self.kick(self._kick_after)
+            return
         self.process_buffered()
         self._update_reading()
         self._account_buffered()
@@ -515,7 +536,7 @@ class ClientHandler(asyncio.Protocol):
     def pump(self) -> None:
         """Send what the session may send now, until the socket buffer is full."""
         if (self._closed or self.client_id is None or self._writing_paused
-                or self._connack_pending):
+                or self._connack_pending or self._kick_after is not None):
             return
         if self._deferred:
             return  # keep order: the write in progress pumps again when it is done
