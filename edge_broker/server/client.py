@@ -5,9 +5,12 @@ connection or per message. `data_received` feeds the bytes to the sans-IO `Conne
 each complete packet to the broker core, and collects the replies (CONNACK, PUBACK, SUBACK...)
 it owes the client. The app then commits the core's change batch to the store and, only once
 that batch is durable, writes the replies and pumps deliveries (`BrokerApp.finish_batch`).
-Packets are handled in order and batches complete in order. A client's batches that wait for
-the store are pipelined, so the store can commit them in one transaction, up to
-MAX_PENDING_COMMITS; beyond that reading pauses, and a fast publisher is paced by the store.
+Packets are handled in order and a client's batches complete in order; a batch that needs no
+storage is answered at once unless this client's own earlier batch still waits (it never waits
+for other clients' commits). A client's batches that wait for the store are pipelined, so the
+store can commit them in one transaction, up to MAX_PENDING_COMMITS; beyond that reading
+pauses, and a fast publisher is paced by the store. One turn of a connection handles at most
+BATCH_PACKETS packets; the next turn is scheduled behind everyone else's (`process_buffered`).
 
 Deliveries leave through `pump()`: it pulls what the session may send now (inflight window,
 commit watermark) while the socket's write buffer is below its high-water mark, and resumes
@@ -16,7 +19,9 @@ most one socket buffer plus its bounded session queue.
 
 Errors reach the wire here and only here: a `RemoteProtocolError` becomes the CONNACK or
 DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_bytes`; any other
-exception is a bug, logged with its traceback, and closes this connection only.
+exception is a bug, logged with its traceback, and closes this connection only. A reply that
+cannot be encoded closes the connection quietly. After sending a DISCONNECT or a refusing
+CONNACK the connection lingers (`_shut`), so a client still writing reads it.
 """
 
 from __future__ import annotations
