@@ -249,7 +249,7 @@ class BrokerApp:
             server.close()
         handlers = list(self.connections)
         for handler in handlers:
-            handler.kick(ReasonCode.SERVER_SHUTTING_DOWN)
+            handler.kick(ReasonCode.SERVER_SHUTTING_DOWN, linger=False)
         self.finish_batch(None, [])
         if self.connections:
             self._all_closed = asyncio.Event()

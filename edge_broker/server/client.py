@@ -366,8 +366,9 @@ class ClientHandler(asyncio.Protocol):
         replies.clear()
         self._shut()
 
-    def kick(self, reason: ReasonCode) -> None:
-        """The server ends this connection (takeover, shutdown, keep-alive timeout, memory)."""
+    def kick(self, reason: ReasonCode, *, linger: bool = True) -> None:
+        """The server ends this connection (takeover, shutdown, keep-alive timeout, memory).
+        `linger=False` closes right after the DISCONNECT (the broker stopping)."""
         if self._closed:
             return
         data = b""
@@ -378,7 +379,7 @@ class ClientHandler(asyncio.Protocol):
                 log.info("closing %s (%s) without DISCONNECT: cannot encode it: %s",
                          self.client_id, self.peer, error)
         self._write(data)
-        self._shut(linger=bool(data))
+        self._shut(linger=linger and bool(data))
 
     def taken_over(self) -> None:
         """Another connection took this one's session over [MQTT-3.1.4-3] (5.0). Answers
