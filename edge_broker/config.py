@@ -154,6 +154,8 @@ class MqttConfig:
     """0 = never."""
     max_session_expiry_interval_s: int = 0
     """0 = no cap."""
+    max_incomplete_bytes: int = 64 * 1024 * 1024
+    """Bytes buffered for unfinished packets, all connections together; 0 = unlimited."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +428,7 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
         "auto_id_prefix": _Key("auto_id_prefix", _client_id_prefix),
         "persistent_client_expiration": _Key("persistent_client_expiration_s", _duration),
         "max_session_expiry_interval": _Key("max_session_expiry_interval_s", _duration),
+        "max_incomplete_bytes": _Key("max_incomplete_bytes", _unlimited_int),
     },
     "storage": {
         "persistence": _Key("persistence", _choice(PERSISTENCE_KINDS)),

@@ -259,6 +259,11 @@ class Connection:
         """How many more QoS 1/2 PUBLISH packets the peer's Receive Maximum lets us send now."""
         return self.peer_receive_maximum - len(self._outbound_unacked)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Received bytes not yet returned as packets (an incomplete packet, or more)."""
+        return len(self._buf) - self._pos
+
     # ------------------------------------------------------------------ receiving
 
     def receive_data(self, data: bytes) -> None:

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -104,7 +105,11 @@ class BrokerApp:
         self._stopped = False
         self._all_closed: asyncio.Event | None = None
         self._full_logged = False  # a "store full" warning was logged for this episode
-        self._tail: asyncio.Future[None] | None = None  # the latest commit still pending
+        # Batches with changes the store has not committed yet, oldest first (the store
+        # resolves them in order), and the number of the last batch drained from the core.
+        self._pending: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._drained = 0
+        self.incomplete_bytes = 0  # bytes buffered in all connections for unhandled packets
         self._lock = DataDirLock(config.broker.data_dir)
         self._admin = AdminServer(self, config.broker.data_dir)
         self.observer = Observer(self)
@@ -213,12 +218,32 @@ class BrokerApp:
                  "%d retained, store %s", core.stats.clients_connected, len(core.sessions),
                  queued, len(core.retained), "FULL" if self.store.full else "ok")
 
+    def note_buffered(self, delta: int) -> None:
+        """A connection's unhandled input grew or shrank by `delta` bytes. Beyond
+        `[mqtt] max_incomplete_bytes` for all connections together, the connections holding
+        the most are closed (MQTT 5: DISCONNECT 0x97 Quota exceeded, 3.1.1: a bare close)
+        until the total is within the bound again."""
+        self.incomplete_bytes += delta
+        limit = self.config.mqtt.max_incomplete_bytes
+        if delta <= 0 or not limit:
+            return
+        while self.incomplete_bytes > limit:
+            victim = max(self.connections, key=_buffered_bytes, default=None)
+            if victim is None or not victim.buffered_bytes:
+                return
+            log.warning("closing %s (%s): %d bytes of unfinished packets, %d for all clients "
+                        "above max_incomplete_bytes (%d)", victim.client_id or "client",
+                        victim.peer, victim.buffered_bytes, self.incomplete_bytes, limit)
+            victim.kick(ReasonCode.QUOTA_EXCEEDED)  # 0x97, 3.14.2.1 (5.0)
+
     async def commit(self) -> None:
         """Commit what the core changed and wait until it is durable (admin requests)."""
-        number, future = self._submit()
+        future = self._submit()
+        if future is None and self._pending:
+            future = self._pending[-1][1]
         if future is not None:
             await future
-        self._committed(number, None, [], False)
+        self._committed(None, [], False)
 
     async def store_stats(self) -> dict[str, object]:
         """Sessions and queues as the core sees them, plus the store's own figures."""
@@ -253,7 +278,7 @@ class BrokerApp:
             server.close()
         handlers = list(self.connections)
         for handler in handlers:
-            handler.kick(ReasonCode.SERVER_SHUTTING_DOWN)
+            handler.kick(ReasonCode.SERVER_SHUTTING_DOWN, linger=False)
         self.finish_batch(None, [])
         if self.connections:
             self._all_closed = asyncio.Event()
@@ -295,7 +320,7 @@ class BrokerApp:
         if old is not None and old is not handler:
             log.info("client %s: session taken over by a new connection from %s", client_id,
                      handler.peer)
-            old.kick(ReasonCode.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-3] (5.0)
+            old.taken_over()  # [MQTT-3.1.4-3] (5.0)
         self.clients[client_id] = handler
         return result
 
@@ -313,57 +338,86 @@ class BrokerApp:
 
     # -- the commit pipeline ----------------------------------------------------------------
 
-    def _submit(self) -> tuple[int, asyncio.Future[None] | None]:
-        """Drain the core's changes into the store. Returns the batch number and the future
-        to wait for, or None when this batch and every one before it are durable already."""
+    def _submit(self) -> asyncio.Future[None] | None:
+        """Drain the core's changes into the store. Returns the future to wait for, or None
+        when this batch needs nothing from the store (no changes, or a store that promises
+        no durability answered DONE).
+
+        An empty batch does not wait for other clients' pending commits: its replies
+        acknowledge nothing that is stored, and its deliveries are still held by the commit
+        watermark (`_watermark`) until every batch before them is durable.
+        """
         batch = self.core.drain()
+        self._drained = batch.number
+        if not batch.changes:
+            return None
         waiter = self.store.apply(batch.changes)
-        tail = self._tail
         if waiter is DONE:
-            if tail is None or tail.done():
-                return batch.number, None
-            return batch.number, tail  # stay behind the commit still pending: order holds
+            return None
         future = asyncio.ensure_future(waiter)
-        self._tail = future
-        return batch.number, future
+        self._pending.append((batch.number, future))
+        # Registered first, so it runs before the callbacks waiting for this batch.
+        future.add_done_callback(partial(self._store_done, self.loop.time()))
+        return future
+
+    def _store_done(self, submitted_at: float, _future: asyncio.Future[None]) -> None:
+        self.observer.commit_observed(self.loop.time() - submitted_at)
+        pending = self._pending
+        while pending and pending[0][1].done():
+            future = pending[0][1]
+            if not future.cancelled() and future.exception() is not None:
+                return  # a failed batch holds the watermark: what follows it is not durable
+            pending.popleft()
+
+    def _watermark(self) -> int:
+        """The highest batch number such that it and every batch before it are durable."""
+        if self._pending:
+            return self._pending[0][0] - 1
+        return self._drained
 
     def finish_batch(self, handler: ClientHandler | None, replies: list[Packet], *,
                      close: bool = False) -> None:
         """Commit what the core changed; once durable, send `replies` to `handler` (then close
-        it if `close`) and wake the clients that have deliveries. Batches complete in order."""
-        number, future = self._submit()
+        it if `close`) and wake the clients that have deliveries.
+
+        A handler's own batches complete in order: a batch that needs no storage is answered
+        at once unless the same handler still waits for a commit, then it goes behind that one
+        (its replies keep their order). It never waits for other clients' commits.
+        """
+        future = self._submit()
+        if handler is not None and future is None and handler.commits_pending:
+            future = handler.last_commit
         if future is None:
-            self._committed(number, handler, replies, close)
+            self._committed(handler, replies, close)
             return
         if handler is not None:
-            handler.commit_started()
-        future.add_done_callback(partial(self._after_commit, number, handler, replies, close))
+            handler.commit_started(future)
+        future.add_done_callback(partial(self._after_commit, handler, replies, close))
 
     def commit_now_or_later(self, then: Callable[[], None]) -> bool:
-        """Commit pending changes. True when they are durable already; otherwise `then` runs
-        once they are, and False is returned."""
-        number, future = self._submit()
+        """Commit pending changes. True when they need no waiting; otherwise `then` runs
+        once they are durable, and False is returned."""
+        future = self._submit()
         if future is None:
-            self._committed(number, None, [], False)
+            self._committed(None, [], False)
             return True
-        future.add_done_callback(partial(self._after_commit_then, number, then))
+        future.add_done_callback(partial(self._after_commit_then, then))
         return False
 
-    def _after_commit(self, number: int, handler: ClientHandler | None, replies: list[Packet],
+    def _after_commit(self, handler: ClientHandler | None, replies: list[Packet],
                       close: bool, future: asyncio.Future[None]) -> None:
         if handler is not None:
             handler.commit_finished()
         if self._commit_failed(future, handler):
             return
-        self._committed(number, handler, replies, close)
+        self._committed(handler, replies, close)
         if handler is not None:
             handler.resume_after_commit()
 
-    def _after_commit_then(self, number: int, then: Callable[[], None],
-                           future: asyncio.Future[None]) -> None:
+    def _after_commit_then(self, then: Callable[[], None], future: asyncio.Future[None]) -> None:
         if self._commit_failed(future, None):
             return
-        self._committed(number, None, [], False)
+        self._committed(None, [], False)
         then()
 
     def _commit_failed(self, future: asyncio.Future[None], handler: ClientHandler | None) -> bool:
@@ -375,9 +429,9 @@ class BrokerApp:
             handler.kick(ReasonCode.UNSPECIFIED_ERROR)  # no acknowledgement without durability
         return True
 
-    def _committed(self, number: int, handler: ClientHandler | None, replies: list[Packet],
+    def _committed(self, handler: ClientHandler | None, replies: list[Packet],
                    close: bool) -> None:
-        woken = self.core.committed(number)
+        woken = self.core.committed(self._watermark())
         if self._full_logged and not self.store.full:
             self._full_logged = False
             log.warning("the store has room again: accepting QoS 1/2 messages")
@@ -498,3 +552,7 @@ def main(config: Config, *, recover: bool = False,
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(serve(config, recover=recover, reload_config=reload_config,
                                 stop_requested=stop_requested))
+
+
+def _buffered_bytes(handler: ClientHandler) -> int:
+    return handler.buffered_bytes

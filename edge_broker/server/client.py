@@ -5,9 +5,12 @@ connection or per message. `data_received` feeds the bytes to the sans-IO `Conne
 each complete packet to the broker core, and collects the replies (CONNACK, PUBACK, SUBACK...)
 it owes the client. The app then commits the core's change batch to the store and, only once
 that batch is durable, writes the replies and pumps deliveries (`BrokerApp.finish_batch`).
-Packets are handled in order and batches complete in order. A client's batches that wait for
-the store are pipelined, so the store can commit them in one transaction, up to
-MAX_PENDING_COMMITS; beyond that reading pauses, and a fast publisher is paced by the store.
+Packets are handled in order and a client's batches complete in order; a batch that needs no
+storage is answered at once unless this client's own earlier batch still waits (it never waits
+for other clients' commits). A client's batches that wait for the store are pipelined, so the
+store can commit them in one transaction, up to MAX_PENDING_COMMITS; beyond that reading
+pauses, and a fast publisher is paced by the store. One turn of a connection handles at most
+BATCH_PACKETS packets; the next turn is scheduled behind everyone else's (`process_buffered`).
 
 Deliveries leave through `pump()`: it pulls what the session may send now (inflight window,
 commit watermark) while the socket's write buffer is below its high-water mark, and resumes
@@ -16,7 +19,9 @@ most one socket buffer plus its bounded session queue.
 
 Errors reach the wire here and only here: a `RemoteProtocolError` becomes the CONNACK or
 DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_bytes`; any other
-exception is a bug, logged with its traceback, and closes this connection only.
+exception is a bug, logged with its traceback, and closes this connection only. A reply that
+cannot be encoded closes the connection quietly. After sending a DISCONNECT or a refusing
+CONNACK the connection lingers (`_shut`), so a client still writing reads it.
 """
 
 from __future__ import annotations
@@ -61,15 +66,18 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 PULL_LIMIT = 256
 ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
-BATCH_PACKETS = 64  # packets handled per commit before deliveries are pumped
+BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
 MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
+LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long, then close
 
 
 class ClientHandler(asyncio.Protocol):
-    __slots__ = ("_close_after_write", "_closed", "_conn", "_connect_timer", "_deferred",
-                 "_disconnect_reason", "_keepalive_handle", "_keepalive_s", "_last_rx",
+    __slots__ = ("_buffered", "_close_after_write", "_closed", "_conn", "_connack_pending",
+                 "_connect_timer", "_deferred", "_disconnect_reason", "_keepalive_handle",
+                 "_keepalive_s", "_kick_after", "_last_commit", "_last_rx", "_linger_handle",
                  "_paused_reading", "_pending_commits", "_session_expiry_on_disconnect",
-                 "_writing_paused", "app", "client_id", "epoch", "peer", "transport")
+                 "_turn_handle", "_writing_paused", "app", "client_id", "epoch", "peer",
+                 "transport")
 
     def __init__(self, app: BrokerApp) -> None:
         self.app = app
@@ -84,7 +92,13 @@ class ClientHandler(asyncio.Protocol):
         self._closed = False
         self._writing_paused = False
         self._paused_reading = False
-        self._pending_commits = 0
+        self._pending_commits = 0  # this connection's batches waiting for the store
+        self._last_commit: asyncio.Future[None] | None = None  # the latest of them
+        self._turn_handle: asyncio.Handle | None = None  # the next turn, when work remains
+        self._linger_handle: asyncio.TimerHandle | None = None
+        self._kick_after: ReasonCode | None = None  # taken over: close once answers are out
+        self._connack_pending = False  # our CONNACK waits for its commit: no PUBLISH first
+        self._buffered = 0  # bytes of unhandled input counted in app.incomplete_bytes
         self._deferred = 0  # commits in progress whose bytes are not written yet
         self._close_after_write = False
         self._disconnect_reason: int | None = None
@@ -110,52 +124,82 @@ class ClientHandler(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._close_after_write:
-            return
+            return  # closing or lingering after our DISCONNECT: input is discarded
         app = self.app
         app.metrics.bytes_received += len(data)
         self._last_rx = app.loop.time()
         self._conn.receive_data(data)
         self.process_buffered()
+        self._account_buffered()
 
     def process_buffered(self) -> None:
-        """Handle the packets buffered in the connection, BATCH_PACKETS at a time.
+        """Handle one turn of this connection: at most BATCH_PACKETS buffered packets.
 
-        Each batch goes to the store on its own, and its deliveries are pumped as soon as it
-        is durable: a large read does not pile thousands of messages into a subscriber's
-        bounded queue before any is sent. Batches waiting for the store are pipelined (the
-        store commits them together) up to MAX_PENDING_COMMITS; then this stops, and the app
-        calls it again when a commit completes. Nothing is read after a DISCONNECT.
+        No connection may hold the event loop: when packets remain after a turn, reading
+        pauses and the next turn is scheduled with `call_soon`, behind the reads and turns
+        of every other connection (round robin); reading resumes once the buffer is worked
+        off, so a publisher that outruns the broker is paced by TCP. Each batch goes to the
+        store on its own and its deliveries are pumped as soon as it is durable. A client's
+        batches waiting for the store are pipelined up to MAX_PENDING_COMMITS; then this
+        stops, and the app calls it again when one of them completes. A turn that handled
+        nothing submits nothing. Nothing is read after a DISCONNECT.
         """
+        if (self._closed or self._close_after_write or self._turn_handle is not None
+                or self._pending_commits >= MAX_PENDING_COMMITS):
+            return
         app = self.app
         conn = self._conn
-        while (not self._closed and not self._close_after_write
-               and self._pending_commits < MAX_PENDING_COMMITS):
-            replies: list[Packet] = []
-            now = time.time()
-            handled = 0
-            try:
-                while handled < BATCH_PACKETS:
-                    packet = conn.next_event()
-                    if packet is None:
-                        break
-                    handled += 1
-                    self._handle(packet, replies, now)
-                    if self._close_after_write:
-                        break
-            except RemoteProtocolError as error:
-                self._protocol_error(error, replies)
-            except Exception:
-                log.exception("internal error handling a packet from %s (%s); closing it",
-                              self.client_id or "?", self.peer)
-                self._abort(replies)
-            app.metrics.packets_received += handled
+        replies: list[Packet] = []
+        now = time.time()
+        handled = 0
+        try:
+            while handled < BATCH_PACKETS:
+                packet = conn.next_event()
+                if packet is None:
+                    break
+                handled += 1
+                self._handle(packet, replies, now)
+                if self._close_after_write:
+                    break
+        except RemoteProtocolError as error:
+            self._protocol_error(error, replies)
+        except Exception:
+            log.exception("internal error handling a packet from %s (%s); closing it",
+                          self.client_id or "?", self.peer)
+            self._abort(replies)
+        app.metrics.packets_received += handled
+        if handled or replies or self._closed or self._close_after_write:
+            # An idle turn submits nothing: an empty batch would wait for the store and call
+            # this again when done, a chain that never ends while the store is busy.
             app.finish_batch(self, replies, close=self._close_after_write)
-            if handled < BATCH_PACKETS or self._close_after_write:
-                return
+        if handled == BATCH_PACKETS and not self._closed and not self._close_after_write:
+            self._turn_handle = app.loop.call_soon(self._next_turn)
+        self._update_reading()
+
+    def _next_turn(self) -> None:
+        self._turn_handle = None
+        self.process_buffered()
+        self._account_buffered()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Received bytes not handled yet (mostly an incomplete packet)."""
+        return self._buffered
+
+    def _account_buffered(self) -> None:
+        size = 0 if self._closed else self._conn.buffered_bytes
+        delta = size - self._buffered
+        if delta:
+            self._buffered = size
+            self.app.note_buffered(delta)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_timers()
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
+        self._account_buffered()
         app = self.app
         app.connection_closed(self)
         if self.client_id is not None:
@@ -294,6 +338,7 @@ class ClientHandler(asyncio.Protocol):
                 server_keep_alive=server_keepalive,
             )
         replies.append(ConnAck(result.session_present, ReasonCode.SUCCESS, properties))
+        self._connack_pending = True  # [MQTT-3.2.0-1] (3.1.1, 5.0): CONNACK goes first
         self._keepalive_s = keepalive * 1.5  # [MQTT-3.1.2-22] (5.0), [MQTT-3.1.2-24] (3.1.1)
         if keepalive:
             self._keepalive_handle = app.loop.call_at(self._last_rx + self._keepalive_s,
@@ -310,41 +355,94 @@ class ClientHandler(asyncio.Protocol):
         self.app.metrics.protocol_errors += 1
         # Whatever was already answered goes first, then the error, then the close. The
         # answers acknowledge this batch's changes: they go only if the batch is durable
-        # now, else they are dropped (no ack before its commit; the client resends).
+        # now and nothing earlier of this client waits, else they are dropped (no ack
+        # before its commit; the client resends).
         data = b""
-        if replies and self.app.commit_now_or_later(_no_op):
-            data = self._encode_all(replies)
-        replies.clear()
-        data += self._conn.error_bytes(error)
+        try:
+            if (replies and not self._pending_commits
+                    and self.app.commit_now_or_later(_no_op)):
+                data = self._encode_all(replies)
+            replies.clear()
+            data += self._conn.error_bytes(error)
+        except Exception as encode_error:  # e.g. a Maximum Packet Size below our CONNACK
+            replies.clear()
+            log.info("closing %s (%s) without a reply: cannot encode it: %s",
+                     self.client_id or "client", self.peer, encode_error)
+            self._shut()
+            return
         self._write(data)
-        self._shut()
+        self._shut(linger=bool(data))
 
     def _abort(self, replies: list[Packet]) -> None:
         replies.clear()
         self._shut()
 
-    def kick(self, reason: ReasonCode) -> None:
-        """The server ends this connection (takeover, shutdown, keep-alive timeout)."""
+    def kick(self, reason: ReasonCode, *, linger: bool = True) -> None:
+        """The server ends this connection (takeover, shutdown, keep-alive timeout, memory).
+        `linger=False` closes right after the DISCONNECT (the broker stopping)."""
         if self._closed:
             return
+        data = b""
         if self._conn.protocol_level == ProtocolLevel.MQTT_5 and self.client_id is not None:
             try:
-                self._write(self._conn.send(Disconnect(reason)))
-            except Exception:  # the connection may be in a state that cannot send it
-                log.debug("could not send DISCONNECT to %s", self.client_id, exc_info=True)
-        self._shut()
+                data = self._conn.send(Disconnect(reason))
+            except Exception as error:  # the connection may be in a state that cannot send it
+                log.info("closing %s (%s) without DISCONNECT: cannot encode it: %s",
+                         self.client_id, self.peer, error)
+        self._write(data)
+        self._shut(linger=linger and bool(data))
 
-    def _shut(self) -> None:
-        """Close the transport after what is buffered; detach from the session now."""
+    def taken_over(self) -> None:
+        """Another connection took this one's session over [MQTT-3.1.4-3] (5.0). Answers
+        still waiting for the store (this connection's CONNACK, say) are sent first, so a
+        storm of takeovers keeps completing handshakes; nothing more is read or delivered
+        here, and the connection closes (v5: DISCONNECT 0x8E) once they are out."""
+        if self._closed:
+            return
+        if not self._pending_commits:
+            self.kick(ReasonCode.SESSION_TAKEN_OVER)
+            return
+        self._kick_after = ReasonCode.SESSION_TAKEN_OVER
+        self._close_after_write = True  # read nothing more
+        if self._turn_handle is not None:
+            self._turn_handle.cancel()
+            self._turn_handle = None
+
+    def _shut(self, *, linger: bool = False) -> None:
+        """Close the transport after what is buffered; detach from the session now.
+
+        With `linger` (we just sent a DISCONNECT or a refusing CONNACK), the write side is
+        half-closed and input is read and discarded for up to LINGER_S before the close: a
+        client still writing would otherwise get a TCP reset and might never read the
+        reason code (the kernel resets a socket closed with unread input).
+        """
         if self._closed:
             return
         self._closed = True
         self._cancel_timers()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if linger and not transport.is_closing() and transport.can_write_eof():
+                try:
+                    transport.write_eof()
+                except (OSError, RuntimeError):
+                    transport.close()
+                else:
+                    if self._paused_reading:
+                        self._paused_reading = False
+                        transport.resume_reading()
+                    self._linger_handle = self.app.loop.call_later(LINGER_S, self._end_linger)
+            else:
+                transport.close()
+        self._account_buffered()
         if self.client_id is not None:
             self.app.detach(self, reason_code=self._disconnect_reason,
                             session_expiry_interval=self._session_expiry_on_disconnect)
+
+    def _end_linger(self) -> None:
+        self._linger_handle = None
+        if self.transport is not None:
+            self.transport.close()
 
     def _connect_timeout(self) -> None:
         self._connect_timer = None
@@ -366,10 +464,10 @@ class ClientHandler(asyncio.Protocol):
         self.app.finish_batch(None, [])
 
     def _cancel_timers(self) -> None:
-        for handle in (self._keepalive_handle, self._connect_timer):
+        for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle):
             if handle is not None:
                 handle.cancel()
-        self._keepalive_handle = self._connect_timer = None
+        self._keepalive_handle = self._connect_timer = self._turn_handle = None
 
     # -- output ---------------------------------------------------------------------------
 
@@ -394,32 +492,57 @@ class ClientHandler(asyncio.Protocol):
         if self._closed:
             return
         self.app.metrics.packets_sent += len(replies)
+        self._connack_pending = False
         try:
-            self._write(self._encode_all(replies))
+            data = self._encode_all(replies)
         except LocalProtocolError as error:
             self._cannot_send(error)
             return
+        except Exception:
+            log.exception("internal error encoding a reply to %s (%s); closing it",
+                          self.client_id or "?", self.peer)
+            self._shut()
+            return
+        self._write(data)
         if close:
             self._shut()
 
     # Commits in flight: a client's batches are pipelined (the store groups them into one
     # transaction), up to MAX_PENDING_COMMITS, then reading pauses until one completes.
 
-    def commit_started(self) -> None:
+    @property
+    def commits_pending(self) -> bool:
+        return self._pending_commits > 0
+
+    @property
+    def last_commit(self) -> asyncio.Future[None] | None:
+        """The latest of this connection's batches still waiting for the store."""
+        return self._last_commit
+
+    def commit_started(self, future: asyncio.Future[None]) -> None:
         self._pending_commits += 1
+        self._last_commit = future
         self._update_reading()
 
     def commit_finished(self) -> None:
         self._pending_commits -= 1
+        if not self._pending_commits:
+            self._last_commit = None
 
     def resume_after_commit(self) -> None:
+        if self._kick_after is not None:
+            if not self._pending_commits:
+                self.kick(self._kick_after)
+            return
         self.process_buffered()
         self._update_reading()
+        self._account_buffered()
 
     def _update_reading(self) -> None:
         if self.transport is None or self._closed:
             return
-        pause = self._pending_commits >= MAX_PENDING_COMMITS
+        pause = (self._pending_commits >= MAX_PENDING_COMMITS
+                 or self._turn_handle is not None)
         if pause != self._paused_reading:
             self._paused_reading = pause
             if pause:
@@ -429,7 +552,8 @@ class ClientHandler(asyncio.Protocol):
 
     def pump(self) -> None:
         """Send what the session may send now, until the socket buffer is full."""
-        if self._closed or self.client_id is None or self._writing_paused:
+        if (self._closed or self.client_id is None or self._writing_paused
+                or self._connack_pending or self._kick_after is not None):
             return
         if self._deferred:
             return  # keep order: the write in progress pumps again when it is done
@@ -459,6 +583,11 @@ class ClientHandler(asyncio.Protocol):
                         data = send(packet)
                 except LocalProtocolError as error:
                     self._cannot_send(error)
+                    return
+                except Exception:
+                    log.exception("internal error encoding a message for %s (%s); closing it",
+                                  client_id, self.peer)
+                    self._shut()
                     return
                 if not data and isinstance(packet, Publish) and packet.packet_id is not None:
                     core.discard(client_id, packet.packet_id)
