@@ -139,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command: str = args.command or "run"
     if command != "run":
+        if hasattr(args, "admin_config"):
+            # `edge-broker --config FILE sessions list` means what `sessions list --config
+            # FILE` does: the flags that locate a broker apply to the commands that ask it.
+            for run_flag, admin_flag in (("config", "admin_config"),
+                                         ("data_dir", "admin_data_dir")):
+                value = getattr(args, run_flag, None)
+                if value is not None:
+                    if getattr(args, admin_flag, None) is None:
+                        setattr(args, admin_flag, value)
+                    setattr(args, run_flag, None)
         given = [f"--{name.replace('_', '-')}" for name in _RUN_FLAGS
                  if getattr(args, name, None) is not None]
         if given:
@@ -212,7 +222,10 @@ def _run(args: argparse.Namespace, early_stop: _EarlyStop) -> int:
 
 
 def _config_error(exc: ConfigError) -> int:
-    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    # Under systemd, stderr is the journal: "<3>" gives the line priority "err", so that
+    # `journalctl -p warning` shows it (a bare line would be filed as info).
+    priority = "<3>" if _stderr_is_journal() else ""
+    print(f"{priority}{PROG}: error: {exc}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
 
 

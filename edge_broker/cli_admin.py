@@ -78,16 +78,15 @@ async def _from_store(config: Config, request: dict[str, Any]) -> dict[str, Any]
     """Answer a request from the store file, the broker being stopped."""
     path = store_path(config)
     command = request["command"]
-    if config.storage.persistence != "sqlite" or not path.exists():
-        empty: dict[str, dict[str, Any]] = {
-            "sessions.list": {"sessions": []},
-            "sessions.show": {"error": f"no session {request.get('client_id')!r}"},
-            "sessions.delete": {"deleted": False},
-            "store.stats": {"stats": {"persistence": config.storage.persistence,
-                                      "sessions": 0, "queued_messages": 0,
-                                      "queued_bytes": 0, "oldest_message_at": None}},
-        }
-        return empty[command]
+    if config.storage.persistence != "sqlite":
+        return {"error": "no broker runs with this data directory and its configuration keeps "
+                         "sessions in memory (persistence = \"memory\"): there is nothing "
+                         "stored to read"}
+    if not path.exists():
+        # Not "0 sessions": that would read as "every session is lost" when the path is
+        # simply not where a broker ever kept its store.
+        return {"error": f"no store at {path}: no broker has run with this data directory "
+                         "(check --data-dir or --config)"}
     from .store import sqlite
 
     if command == "sessions.list":

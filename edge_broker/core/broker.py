@@ -13,7 +13,9 @@ current batch. The server then:
    acknowledges is durable), then pumps each woken connection with `pull()`.
 
 Deliveries queued by batch N are only handed out by `pull()` once batch N committed (the
-commit watermark), whatever wakes the connection. `tick(now)` fires will-delay and session-
+commit watermark), or at once when batch N had nothing to store (then it has nothing to lose
+in a crash; a session's queue is still sent in order, so such a delivery never overtakes one
+queued before it), whatever wakes the connection. `tick(now)` fires will-delay and session-
 expiry timers and prunes expired messages; it returns when it next needs to run.
 """
 
@@ -118,6 +120,7 @@ class BrokerCore(QueueBounds):
         self._changes: list[Change] = []
         self._batch = 1  # number of the batch being filled
         self._committed = 0  # highest batch number the store has committed
+        self._free: set[int] = set()  # drained batches above it with no changes to commit
         self._wake: dict[str, int] = {}  # online client id -> batch that queued for it
         self._next_message_id = 1
         self._next_delivery_id = 1
@@ -518,9 +521,10 @@ class BrokerCore(QueueBounds):
         queue = session.queue
         pending = session.retained_pending
         committed = self._committed
+        free = self._free
         while len(out) < limit:
             delivery: Delivery | None
-            if pending and pending[0].batch <= committed and (
+            if pending and (pending[0].batch <= committed or pending[0].batch in free) and (
                     not queue or queue[0].id >= pending[0].after):
                 entry = pending[0]
                 delivery = self._next_retained(session, entry, now)
@@ -533,7 +537,7 @@ class BrokerCore(QueueBounds):
                     break
                 entry.topics.popleft()
                 self._next_delivery_id += 1
-            elif queue and queue[0].batch <= committed:
+            elif queue and (queue[0].batch <= committed or queue[0].batch in free):
                 delivery = queue[0]
                 expires_at = delivery.message.expires_at
                 if expires_at is not None and expires_at <= now:
@@ -603,6 +607,11 @@ class BrokerCore(QueueBounds):
     def drain(self) -> Batch:
         """Take the changes made since the last drain as one batch for the store."""
         batch = Batch(self._batch, self._changes)
+        if not batch.changes:
+            # Nothing of it is stored: what it queued may go out before earlier batches are
+            # durable (each session's queue is still sent in order, so a message never
+            # overtakes one queued before it by a pending batch).
+            self._free.add(batch.number)
         self._changes = []
         self._batch += 1
         # A store may prune a body once nothing refers to it at the end of a batch, so a
@@ -615,9 +624,12 @@ class BrokerCore(QueueBounds):
         have deliveries they may now be sent."""
         if number > self._committed:
             self._committed = number
+        free = self._free
+        if free:
+            free.difference_update([b for b in free if b <= number])
         if not self._wake:
             return []
-        ready = [cid for cid, batch in self._wake.items() if batch <= number]
+        ready = [cid for cid, batch in self._wake.items() if batch <= number or batch in free]
         for cid in ready:
             del self._wake[cid]
         return ready

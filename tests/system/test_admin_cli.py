@@ -329,12 +329,34 @@ def test_commands_read_and_change_the_store_file_of_a_stopped_broker(data_dir: P
         assert broker.stop() == 0, broker.stderr
 
 
-def test_without_a_store_file_there_is_nothing_to_show(tmp_path: Path) -> None:
+def test_without_a_store_file_the_commands_say_so_and_fail(tmp_path: Path) -> None:
+    """A data directory with no store is not "0 sessions" (which reads as "every session is
+    lost"): the commands name the path they looked at and exit non-zero."""
     empty = tmp_path / "never-used"
-    assert_not_found(empty, "sessions", "show", "nobody")
-    assert_not_found(empty, "sessions", "delete", "nobody")
-    assert admin_json(empty, "sessions", "list") == {"sessions": []}
-    stats = admin_json(empty, "store", "stats")["stats"]
-    assert (stats["sessions"], stats["queued_messages"], stats["oldest_message_at"]) == (
-        0, 0, None)
+    for args in (("sessions", "show", "nobody"), ("sessions", "delete", "nobody"),
+                 ("sessions", "list"), ("store", "stats")):
+        result = admin(empty, *args)
+        assert result.returncode == EXIT_NOT_FOUND, (args, result)
+        assert f"no store at {empty / 'edge-broker.db'}" in result.stderr, result.stderr
+        assert result.stdout == ""
     assert not empty.exists()  # reading did not create the data directory
+
+
+def test_the_flags_that_find_the_broker_may_come_before_the_command(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    broker = BrokerProcess(data_dir).wait_listening()
+    try:
+        connect(broker.port, "early-flags", clean=False).close()
+        for argv in (["--data-dir", str(data_dir), "sessions", "list"],
+                     ["sessions", "--data-dir", str(data_dir), "list"],
+                     ["sessions", "list", "--data-dir", str(data_dir)]):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                assert cli.main(argv) == 0, err.getvalue()
+            assert "early-flags" in out.getvalue(), argv
+    finally:
+        assert broker.stop() == 0, broker.stderr
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        cli.main(["--port", "1884", "sessions", "list"])
+    assert "--port: for running the broker only" in err.getvalue()

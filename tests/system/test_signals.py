@@ -8,13 +8,20 @@ cleanly (exit 0), never with the signal's default action.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.brokerprocess import BrokerProcess, needs_console_script
+from tests.integration.brokerprocess import (
+    EDGE_BROKER,
+    BrokerProcess,
+    clean_env,
+    needs_console_script,
+)
 from tests.integration.rawclient import connect
 
 pytestmark = needs_console_script
@@ -72,3 +79,22 @@ def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, delay_polls: in
     code = broker.wait_exit()
     assert code == 0, broker.stderr
     assert "Traceback" not in broker.stderr
+
+
+@needs_console_script
+def test_a_config_error_reaches_the_journal_as_an_error(tmp_path: Path) -> None:
+    """Under systemd stderr is the journal (JOURNAL_STREAM names it): the line carries the
+    priority prefix <3>, so `journalctl -p warning` shows it."""
+    config = tmp_path / "bad.toml"
+    config.write_text("[mqtt]\nmax_qos = 7\n")
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as err:
+        status = os.fstat(err.fileno())
+        result = subprocess.run(
+            [str(EDGE_BROKER), "--config", str(config)], stderr=err, stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, timeout=60,
+            env={**clean_env(), "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"})
+    assert result.returncode == 2
+    lines = stderr_path.read_text().splitlines()
+    assert lines and lines[-1].startswith("<3>edge-broker: error: "), lines
+    assert "[mqtt] max_qos" in lines[-1]

@@ -420,3 +420,28 @@ def test_a_body_is_saved_again_in_any_later_batch_that_refers_to_it() -> None:
     deliveries = [c for c in later if isinstance(c, DeliverySaved)]
     assert len(saved) == 1 and [d.record.client_id for d in deliveries] == ["d"]
     assert later.index(saved[0]) < later.index(deliveries[0])
+
+
+def test_a_batch_with_nothing_to_store_goes_out_before_earlier_commits_but_in_order() -> None:
+    """Under load other clients' commits are pending; a delivery that nothing stores need not
+    wait for them, but it never overtakes a delivery queued before it in the same session."""
+    core = BrokerCore()
+    connect(core, "durable", level=V5, clean=False, expiry=600)
+    sub(core, "durable", "t/#", qos=1)
+    connect(core, "fast")
+    sub(core, "fast", "t/fast", qos=0)
+    commit(core)
+    connect(core, "p")
+    pub(core, "p", "t/slow", b"stored", qos=1)  # queued for the persistent session: stored
+    stored = core.drain()
+    assert stored.changes
+    pub(core, "p", "t/fast", b"free", qos=0)  # stored for nobody: a batch with no changes
+    free = core.drain()
+    assert not free.changes
+    woken = core.committed(stored.number - 1)  # the stored batch is still pending
+    assert "fast" in woken
+    assert [p.payload for p in pulled(core, "fast")] == [b"free"]
+    # The persistent session got both, in order: the free one waits behind the stored one.
+    assert pulled(core, "durable") == []
+    core.committed(free.number)
+    assert [p.payload for p in pulled(core, "durable")] == [b"stored", b"free"]
