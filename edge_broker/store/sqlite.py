@@ -64,8 +64,9 @@ knows is refused with a `StoreError`.
 raises `StoreError` naming the file and pointing at `--recover`, which calls `move_aside()`
 (rename the file and its -wal/-shm to `<name>.corrupt-<UTC timestamp>`) and starts empty. A
 commit torn by a crash is simply absent after restart (WAL frames without a commit record are
-ignored). `EDGE_BROKER_FAULT_KILL_IN_COMMIT=N` kills the process with SIGKILL in the N-th
-group commit, after its statements ran and before COMMIT (for the power-loss test).
+ignored). For the power-loss tests, `SqliteStore.before_commit` (None in production; only
+tests install it, see tests/faults.py) is called with the group commit's number after its
+statements ran and before COMMIT, where a test kills the process to tear that transaction.
 A sound file with invalid rows (bit rot, a buggy version) does not stop the start: every row
 is checked as it is read (sqlite_validate.py); invalid ones, and the rows that cannot stand
 without them, are moved to the `quarantine` table (schema version 2) in the open's
@@ -128,7 +129,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import sqlite3
 import time
 from collections import deque
@@ -137,7 +137,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar
 from urllib.parse import quote
 
 from ..core.changes import (
@@ -183,7 +183,6 @@ _T = TypeVar("_T")
 Durability = Literal["fsync", "os", "none"]
 _SYNCHRONOUS: Final[dict[str, str]] = {"fsync": "FULL", "os": "NORMAL", "none": "OFF"}
 
-FAULT_ENV: Final = "EDGE_BROKER_FAULT_KILL_IN_COMMIT"
 MAX_GROUP_CHANGES: Final = 50_000  # one transaction takes at most about this many changes
 NONE_MAX_BACKLOG: Final = 200_000  # durability "none": changes queued before apply() waits
 BALLAST_BYTES: Final = 2 * 1024 * 1024
@@ -614,6 +613,9 @@ _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
 
 
 class SqliteStore:
+    # Called on the writer thread with each group commit's number, after its statements ran
+    # and before COMMIT. Only tests set it (tests/faults.py kills the process there).
+    before_commit: ClassVar[Callable[[int], None] | None] = None
     """The SQLite session store; see the module docstring."""
 
     def __init__(self, path: str | Path, *, durability: str = "fsync",
@@ -658,8 +660,6 @@ class SqliteStore:
         self._commit_attempts = 0
         self._guard = FileGuard(self.path)  # the file's lock, and whether it is still there
         self.quarantined_at_open = 0  # rows moved to the quarantine table by open()
-        fault = os.environ.get(FAULT_ENV, "")
-        self._fault_kill_at = int(fault) if fault.strip().isdigit() else 0
 
     # -- public API ---------------------------------------------------------------------
 
@@ -916,11 +916,9 @@ class SqliteStore:
             if plan.prune_after_puts:
                 conn.execute(_PRUNE_CANDIDATES)
                 conn.execute(_CLEAR_CANDIDATES)
-            # ---- FAULT INJECTION (power-loss test): die inside the N-th group commit, after
-            # its statements ran and before COMMIT, so that transaction is torn.
-            if self._fault_kill_at and self._commit_attempts == self._fault_kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            # ---- end of fault injection
+            hook = SqliteStore.before_commit  # a test's fault injection; None in production
+            if hook is not None:
+                hook(self._commit_attempts)
             conn.commit()
         except BaseException:
             if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)

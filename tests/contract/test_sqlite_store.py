@@ -489,8 +489,10 @@ import asyncio, sys
 from edge_broker.core.changes import DeliverySaved, DeliveryRecord, Message, MessageSaved
 from edge_broker.core.changes import SessionRecord, SessionSaved
 from edge_broker.store.sqlite import SqliteStore
+from tests.faults import kill_in_commit
 
 async def main():
+    SqliteStore.before_commit = kill_in_commit(2)
     store = SqliteStore(sys.argv[1])
     await store.open()
     await store.apply([SessionSaved(SessionRecord("first", 5, 60))])
@@ -507,7 +509,7 @@ asyncio.run(main())
 
 
 async def test_killed_in_the_middle_of_a_commit(path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_BROKER_FAULT_KILL_IN_COMMIT="2")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGKILL, result.stderr

@@ -39,7 +39,7 @@ Packets are built by hand (struct/bytes), independent of edge_broker.mqtt.codec.
 `test_crash_sigkill_under_load`: SIGKILL from outside, 20 times, after a random 0.3-1.0 s of
 load (0.02-0.3 s in one cycle of four: while clients reconnect and resend).
 `test_power_loss_mid_commit`: 20 times, the broker kills itself inside its N-th group commit
-(`EDGE_BROKER_FAULT_KILL_IN_COMMIT=N`, N random in 5..200), after the statements ran and
+(`python -m tests.faults --kill-in-commit N`, N random in 5..200), after the statements ran and
 before COMMIT; each restart must succeed (the store is never left unusable). Neither can
 tell a missing fsync from a present one: the kernel keeps what a killed process wrote.
 
@@ -84,7 +84,6 @@ import pytest
 
 from tests.conftest import free_port
 
-FAULT_ENV = "EDGE_BROKER_FAULT_KILL_IN_COMMIT"
 WINDOW = 50  # unacknowledged messages per publisher
 # Publishers send no new message while the slower online subscriber is this many acknowledged
 # messages behind, until it is half as many behind: queues (all re-read at every restart) stay
@@ -93,6 +92,7 @@ WINDOW = 50  # unacknowledged messages per publisher
 BACKLOG_HIGH = 3000
 PUBLISHERS = 5
 PAD = b"." * 48  # payload padding after the id
+REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 20.0  # a restart (opening a growing store) must be ready within this
 DRAIN_TIMEOUT_S = 60.0
 SELF_KILL_TIMEOUT_S = 10.0  # power-loss cycles: the fault must fire within this
@@ -310,13 +310,16 @@ class BrokerProcess:
 
     async def start(self, cycle: int, fault_at: int | None = None) -> float:
         env = {key: value for key, value in os.environ.items()
-               if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", FAULT_ENV)}
-        if fault_at is not None:
-            env[FAULT_ENV] = str(fault_at)
+               if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env["PYTHONPATH"] = str(REPO)
+        # The fault hook is installed by the test's launcher (tests/faults.py), never by an
+        # environment variable the broker would read.
+        launcher = (["-m", "tests.faults", "--kill-in-commit", str(fault_at), "--"]
+                    if fault_at is not None else ["-m", "edge_broker"])
         self.log.write(f"[{cycle}] ---- start (fault at commit {fault_at})\n")
         started = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edge_broker", "--config", str(self.config),
+            sys.executable, *launcher, "--config", str(self.config),
             "--port", str(self.port), "--data-dir", str(self.data_dir),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, env=env)
