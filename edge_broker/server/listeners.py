@@ -99,7 +99,8 @@ class Listeners:
         return wildcard
 
     def listener_of(self, transport: Any) -> ListenerConfig | None:
-        """The settings of the listener this connection came through (None if unknown)."""
+        """The settings of the listener this connection came through; None if unknown, e.g.
+        once the transport is closed (uvloop then no longer knows the local address)."""
         found = self._find(transport)
         return None if found is None else found.config
 
