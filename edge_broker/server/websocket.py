@@ -30,7 +30,7 @@ from typing import Any
 from websockets.exceptions import NegotiationError
 from websockets.frames import OP_BINARY, OP_CONT, OP_TEXT, CloseCode, Frame
 from websockets.http11 import Request
-from websockets.protocol import CLOSED, OPEN
+from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -59,13 +59,15 @@ class WebSocketTransport(asyncio.Transport):
 
     def __init__(self, server: WebSocketServer, request: Request,
                  subprotocol: str | None) -> None:
-        super().__init__({"websocket_path": request.path, "subprotocol": subprotocol})
+        super().__init__()
+        self._own_extra: dict[str, Any] = {"websocket_path": request.path,
+                                           "subprotocol": subprotocol}
         self._server = server
         self._closing = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in self._extra:
-            return self._extra[name]
+        if name in self._own_extra:
+            return self._own_extra[name]
         raw = self._server.raw
         return default if raw is None else raw.get_extra_info(name, default)
 
@@ -155,6 +157,7 @@ class WebSocketServer(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._writing_paused = False
         self._text_seen = False
+        self._error_logged = False
 
     # -- the connection underneath --------------------------------------------------------
 
@@ -175,9 +178,10 @@ class WebSocketServer(asyncio.Protocol):
             elif isinstance(event, Frame):
                 self._frame(event)
         self.flush()
-        if ws.parser_exc is not None and self.inner is not None and not self._text_seen:
-            log.info("closing the WebSocket connection from %s: %s", self.peer, ws.parser_exc)
-            self.ws.parser_exc = None  # log it once
+        error = ws.parser_exc if self.inner is not None else ws.handshake_exc
+        if error is not None and not self._error_logged:
+            self._error_logged = True
+            log.info("closing the WebSocket connection from %s: %s", self.peer, error)
         if ws.close_expected() and self.raw is not None and not self.raw.is_closing():
             self.raw.close()
 
@@ -226,6 +230,7 @@ class WebSocketServer(asyncio.Protocol):
         self.ws.send_response(response)
         self.flush()
         if response.status_code != 101:
+            self._error_logged = True
             log.info("refused a WebSocket upgrade from %s (HTTP %d): %s", self.peer,
                      response.status_code, self.ws.handshake_exc)
             return
@@ -259,8 +264,6 @@ class WebSocketServer(asyncio.Protocol):
         raw = self.raw
         if raw is not None and not raw.is_closing():
             raw.close()  # after the buffered data, including the close frame
-        if ws.state is CLOSED:
-            return
 
     def _handshake_timeout(self) -> None:
         self._timer = None
