@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -29,6 +30,7 @@ from edge_broker.server import listeners as listeners_module
 from edge_broker.server.listeners import identity_of
 from tests.conftest import BrokerThread
 from tests.integration import wirebytes as wb
+from tests.integration.brokerprocess import BrokerProcess, needs_console_script
 from tests.integration.secure import (
     TIMEOUT,
     PahoClient,
@@ -466,3 +468,38 @@ def test_certificate_authentication_lets_a_listener_face_the_network(tmp_path: P
     text = _listener_toml(pki, host="0.0.0.0", require_certificate=True)
     with pytest.raises(ConfigError, match="allow_anonymous = true"):
         load_config(_write(tmp_path, text))
+
+
+# --------------------------------------------------------------------------- SIGHUP
+
+
+@needs_console_script
+def test_sighup_rereads_the_crl_for_new_connections(pki: Pki, tmp_path: Path) -> None:
+    crl = tmp_path / "ca.crl"
+    shutil.copy(pki.ca.crl_path, crl)
+    config = tmp_path / "edge-broker.toml"
+    config.write_text(_listener_toml(pki, require_certificate=True,
+                                     use_identity_as_username=True, crlfile=str(crl)))
+    broker = BrokerProcess(tmp_path / "data", "--config", str(config)).wait_listening()
+    try:
+        stays = PahoClient("stays", protocol=mqtt.MQTTv5).tls(pki, "device-2")
+        stays.connect(broker.port)
+        assert mqtt_over_tls(broker.port, client_context(pki, "device-2"), "before")
+        authority = pki.ca
+        saved = list(authority.revoked)
+        authority.revoked.append(pki.serials["device-2"])
+        authority.write_crl()
+        shutil.copy(authority.crl_path, crl)
+        authority.revoked[:] = saved
+        authority.write_crl()
+        broker.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "[[listeners]] #1: certificates and CRL read again" in broker.stderr,
+                 "the TLS reload")
+        assert not mqtt_over_tls(broker.port, client_context(pki, "device-2"), "after")
+        assert mqtt_over_tls(broker.port, client_context(pki, "device-1"), "other")
+        stays.subscribe("still/connected")  # the open connection was kept
+        stays.stop()
+    finally:
+        code = broker.stop()
+    assert code == 0, broker.stderr
+    assert "Traceback" not in broker.stderr
