@@ -503,3 +503,17 @@ def test_sighup_rereads_the_crl_for_new_connections(pki: Pki, tmp_path: Path) ->
         code = broker.stop()
     assert code == 0, broker.stderr
     assert "Traceback" not in broker.stderr
+
+
+def test_the_tls_example_config_is_valid(pki: Pki, tmp_path: Path) -> None:
+    text = (Path(__file__).parents[2] / "deploy" / "edge-broker-tls.toml").read_text()
+    files = {"server.crt": pki.server[0], "server.key": pki.server[1],
+             "ca.crt": pki.ca.ca_path, "ca.crl": pki.ca.crl_path}
+    for name, path in files.items():
+        text = text.replace(f"/etc/edge-broker/certs/{name}", str(path))
+    config = load_config(_write(tmp_path, text))
+    tls = [listener for listener in config.listeners if listener.tls]
+    assert [listener.protocol for listener in tls] == ["mqtt", "websockets"]
+    # Reachable from other hosts without allow_anonymous: the certificates authenticate.
+    assert all(not x.is_loopback and x.certificate_authentication for x in tls)
+    assert not any(x.anonymous_allowed(config.auth) for x in tls)
