@@ -26,7 +26,9 @@ true) and `AuthConfig.allow_anonymous_explicit` says whether the file wrote it.
 `listener.anonymous_allowed(config.auth)` for the effective value. Because authentication is
 not implemented yet, the loader enforces: a listener reachable from other hosts must have
 anonymous access explicitly set to true, and no listener may end up refusing anonymous clients
-(with no other way in, nobody could connect).
+(with no other way in, nobody could connect). A TLS listener with `require_certificate` and
+`use_identity_as_username` has an authentication source (the client certificate) and is exempt
+from both rules; there, `allow_anonymous` defaults to false.
 """
 
 from __future__ import annotations
@@ -64,13 +66,13 @@ __all__ = [
 LogLevel = Literal["debug", "info", "warning", "error"]
 Persistence = Literal["memory", "sqlite"]
 Durability = Literal["fsync", "os", "none"]
-ListenerProtocol = Literal["mqtt"]
+ListenerProtocol = Literal["mqtt", "websockets"]
 QueueFullPolicy = Literal["drop-oldest", "drop-newest", "refuse"]
 
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 PERSISTENCE_KINDS: Final[tuple[Persistence, ...]] = ("memory", "sqlite")
 DURABILITY_LEVELS: Final[tuple[Durability, ...]] = ("fsync", "os", "none")
-LISTENER_PROTOCOLS: Final[tuple[ListenerProtocol, ...]] = ("mqtt",)
+LISTENER_PROTOCOLS: Final[tuple[ListenerProtocol, ...]] = ("mqtt", "websockets")
 QUEUE_FULL_POLICIES: Final[tuple[QueueFullPolicy, ...]] = ("drop-oldest", "drop-newest", "refuse")
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -110,12 +112,41 @@ class ListenerConfig:
     port: int = DEFAULT_PORT
     """TCP port; 0 picks a free port."""
     protocol: ListenerProtocol = "mqtt"
+    """"mqtt": MQTT over TCP; "websockets": MQTT over WebSocket (needs `websockets`)."""
     allow_anonymous: bool | None = None
     """Per-listener override of [auth] allow_anonymous; None = not set, inherit [auth]."""
+    cafile: Path | None = None
+    """PEM file of the CA(s) that client certificates must chain to."""
+    certfile: Path | None = None
+    """PEM server certificate (chain); with keyfile, makes this a TLS listener."""
+    keyfile: Path | None = None
+    """PEM private key of certfile."""
+    require_certificate: bool = False
+    """Clients must present a certificate that chains to cafile (mTLS)."""
+    use_identity_as_username: bool = False
+    """The client certificate's subject CN is the client's username (needs
+    require_certificate); the certificate is then this listener's authentication."""
+    crlfile: Path | None = None
+    """PEM certificate revocation list checked against client certificates (leaf only)."""
+
+    @property
+    def tls(self) -> bool:
+        """True when this listener speaks TLS (certfile and keyfile are set)."""
+        return self.certfile is not None
+
+    @property
+    def certificate_authentication(self) -> bool:
+        """True when a verified client certificate names the client (an auth source)."""
+        return self.tls and self.require_certificate and self.use_identity_as_username
 
     def anonymous_allowed(self, auth: AuthConfig) -> bool:
-        """Whether clients without credentials may connect on this listener."""
-        return auth.allow_anonymous if self.allow_anonymous is None else self.allow_anonymous
+        """Whether clients without credentials may connect on this listener. Where
+        certificate authentication is configured, the default is false."""
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        if self.certificate_authentication:
+            return False
+        return auth.allow_anonymous
 
     def anonymous_explicitly_allowed(self, auth: AuthConfig) -> bool:
         """Whether a file or flag said, in so many words, that anonymous access is fine here."""
@@ -331,6 +362,23 @@ def _data_dir(value: object) -> Path:
     return Path(value)
 
 
+def _readable_file(value: object) -> Path:
+    """A path to a file that exists and can be read now (TLS certificates, keys, CRLs)."""
+    if not isinstance(value, str) or not value:
+        raise _expected("a non-empty string (a file path)", value)
+    if "\0" in value:
+        raise _Invalid("the path contains a NUL character")
+    path = Path(value)
+    try:
+        with path.open("rb"):
+            pass
+    except IsADirectoryError:
+        raise _Invalid(f"{_show(value)} is a directory, expected a file") from None
+    except OSError as exc:
+        raise _Invalid(f"cannot read {_show(value)}: {exc.strerror or exc}") from None
+    return path
+
+
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -407,6 +455,12 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
         "port": _Key("port", _int_range(0, 65535)),
         "protocol": _Key("protocol", _choice(LISTENER_PROTOCOLS)),
         "allow_anonymous": _Key("allow_anonymous", _bool),
+        "cafile": _Key("cafile", _readable_file),
+        "certfile": _Key("certfile", _readable_file),
+        "keyfile": _Key("keyfile", _readable_file),
+        "require_certificate": _Key("require_certificate", _bool),
+        "use_identity_as_username": _Key("use_identity_as_username", _bool),
+        "crlfile": _Key("crlfile", _readable_file),
     },
     "auth": {
         "allow_anonymous": _Key("allow_anonymous", _bool),
@@ -563,8 +617,35 @@ def _parse_listeners(value: object, file: str | None) -> tuple[ListenerConfig, .
         label = _listener_label(index)
         if not isinstance(entry, dict):
             raise _error(f"expected a table, got {_show(entry)}", file=file, table=label)
-        listeners.append(ListenerConfig(**_parse_table(entry, "listeners", label, file)))
+        listener = ListenerConfig(**_parse_table(entry, "listeners", label, file))
+        _check_tls_keys(listener, label, file)
+        listeners.append(listener)
     return tuple(listeners)
+
+
+def _check_tls_keys(listener: ListenerConfig, label: str, file: str | None) -> None:
+    """The TLS keys of one listener that only make sense together."""
+    def fail(key: str, message: str) -> ConfigError:
+        return _error(message, file=file, table=label, key=key)
+
+    if listener.certfile is not None and listener.keyfile is None:
+        raise fail("certfile", "needs keyfile (the server certificate's private key)")
+    if listener.keyfile is not None and listener.certfile is None:
+        raise fail("keyfile", "needs certfile (the server certificate)")
+    if listener.certfile is None:
+        for key in ("cafile", "crlfile", "require_certificate", "use_identity_as_username"):
+            if getattr(listener, key) not in (None, False):
+                raise fail(key, "is a TLS setting: set certfile and keyfile too to make "
+                                "this a TLS listener")
+    if listener.require_certificate and listener.cafile is None:
+        raise fail("require_certificate",
+                   "needs cafile (the CA that client certificates must chain to)")
+    if listener.crlfile is not None and listener.cafile is None:
+        raise fail("crlfile", "needs cafile (the CA whose revocations the CRL lists)")
+    if listener.use_identity_as_username and not listener.require_certificate:
+        raise fail("use_identity_as_username",
+                   "needs require_certificate = true (every client must then present a "
+                   "certificate whose CN becomes its username)")
 
 
 _LOCATION_RE: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
@@ -715,6 +796,8 @@ def _check_listeners(config: Config, *, host_flag: str | None,
     for index, listener in enumerate(config.listeners):
         label = _listener_label(index)
         from_flag = index == 0 and host_flag is not None
+        if listener.certificate_authentication:
+            continue  # the client certificate is this listener's authentication source
         if not listener.anonymous_allowed(config.auth):
             # Without authentication, refusing anonymous clients refuses everybody.
             if listener.allow_anonymous is False:

@@ -162,20 +162,12 @@ class BrokerApp:
         log.info("HTTP on %s:%d (/metrics, /healthz, status page at /)", host, port)
 
     async def _listen(self) -> None:
-        for listener in self.config.listeners:
-            try:
-                server = await self.loop.create_server(
-                    partial(ClientHandler, self), listener.host or None, listener.port,
-                    backlog=4096, reuse_address=True)
-            except OSError as error:
-                raise EdgeBrokerError(
-                    f"cannot listen on {listener.host}:{listener.port}: {error.strerror}"
-                ) from None
-            self.servers.append(server)
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                self.addresses.append((host, port))
-                log.info("listening on %s:%d (MQTT 3.1, 3.1.1, 5.0)", host, port)
+        """Open every [[listeners]] entry (server/listeners.py): self.servers gets one server
+        per listener, self.addresses every bound (host, port); self.listeners answers which
+        listener a connection came through and reloads TLS files."""
+        from .listeners import open_listeners
+
+        self.listeners = await open_listeners(self)
 
     async def _open_store(self) -> None:
         started = time.monotonic()

@@ -94,6 +94,9 @@ def reload(app: BrokerApp, load: Callable[[], Config]) -> bool:
             log.warning("reload (SIGHUP): %s changed; it takes effect after a restart", key)
         log.info("reload (SIGHUP): configuration read again; %s",
                  "applied " + ", ".join(plan.applied) if plan.applied else "nothing to apply")
+        listeners = getattr(app, "listeners", None)  # TLS files, for new connections
+        if listeners is not None:
+            listeners.reload_tls()
         return True
     finally:
         systemd.ready()
