@@ -1,0 +1,223 @@
+"""What every bridge shares: the message handed to a sink, message ids, header names, the
+Sink / DownlinkSource protocols, backoff with jitter, and the registry of kinds.
+
+Message ids
+-----------
+Every message forwarded to a central log carries a stable id, `message_id(gateway_id,
+store_id, offset)` = `<gateway_id>-<store_id>-<offset>`: the gateway's name, the id of its
+store file (random, created with the file, so a store rebuilt from scratch, whose offsets
+start again at 1, never reuses an id), and the message's offset in the log. A resend of the
+same log entry (after an outage or a crash before the cursor moved) has the same id:
+JetStream drops it inside the stream's duplicate window (`Nats-Msg-Id`); Kafka consumers drop
+it by the `edge-message-id` header. The gateway id may contain "-" (host names do), so read
+an id from the right: offset is after the last "-", the store id before it.
+
+Headers
+-------
+JetStream (NATS headers) and Kafka (record headers) carry the same names:
+
+    ======================  ==============================================================
+    edge-message-id         the message id above (JetStream also: Nats-Msg-Id)
+    mqtt-topic              the original MQTT topic (UTF-8)
+    mqtt-qos                "0", "1" or "2": the QoS it was published with
+    mqtt-retain             "1" when the PUBLISH had the retain flag, else absent
+    mqtt-client-id          the publishing client's id
+    mqtt-publish-time       publish time as recorded in the log: ISO-8601 UTC with
+                            milliseconds, e.g. 2026-12-06T01:02:03.456Z
+    mqtt-content-type       MQTT 5 Content Type, when set
+    mqtt-payload-format     "1" when MQTT 5 Payload Format Indicator says UTF-8
+    mqtt-user-property      MQTT 5 user properties, one header per pair, value
+                            "<name>=<value>" with "%" and "=" in the name percent-encoded
+                            (order and repeats kept: NATS and Kafka headers both allow
+                            repeated names)
+    ======================  ==============================================================
+
+The message data (NATS) or record value (Kafka) is the raw payload.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, Protocol
+
+H_MESSAGE_ID: Final = "edge-message-id"
+H_TOPIC: Final = "mqtt-topic"
+H_QOS: Final = "mqtt-qos"
+H_RETAIN: Final = "mqtt-retain"
+H_CLIENT_ID: Final = "mqtt-client-id"
+H_PUBLISH_TIME: Final = "mqtt-publish-time"
+H_CONTENT_TYPE: Final = "mqtt-content-type"
+H_PAYLOAD_FORMAT: Final = "mqtt-payload-format"
+H_USER_PROPERTY: Final = "mqtt-user-property"
+NATS_MSG_ID: Final = "Nats-Msg-Id"
+
+
+def message_id(gateway_id: str, store_id: str, offset: int) -> str:
+    """`<gateway_id>-<store_id>-<offset>`: stable across resends, unique across stores."""
+    if offset < 1:
+        raise ValueError(f"log offsets start at 1, got {offset}")
+    if not store_id or "-" in store_id:
+        raise ValueError(f"a store id is non-empty and has no '-', got {store_id!r}")
+    return f"{gateway_id}-{store_id}-{offset}"
+
+
+def parse_message_id(mid: str) -> tuple[str, str, int]:
+    """(gateway_id, store_id, offset) of a message id; ValueError if it is not one."""
+    rest, _, offset = mid.rpartition("-")
+    gateway, _, store = rest.rpartition("-")
+    if not gateway or not store or not offset.isdigit():
+        raise ValueError(f"not a message id: {mid!r}")
+    return gateway, store, int(offset)
+
+
+def new_store_id() -> str:
+    """A fresh store id: 16 hex digits from the OS's random source (create with the file)."""
+    return f"{random.SystemRandom().getrandbits(64):016x}"
+
+
+def format_time(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds, as in `mqtt-publish-time`."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _encode_property_name(name: str) -> str:
+    return name.replace("%", "%25").replace("=", "%3D")
+
+
+def decode_user_property(value: str) -> tuple[str, str]:
+    """The (name, value) pair of one `mqtt-user-property` header value."""
+    name, sep, rest = value.partition("=")
+    if not sep:
+        raise ValueError(f"not a user property header: {value!r}")
+    return name.replace("%3D", "=").replace("%25", "%"), rest
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeMessage:
+    """One log entry handed to a sink: what the bridge's cursor reads from the log."""
+
+    offset: int
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    publish_time: float = 0.0
+    client_id: str = ""
+    content_type: str | None = None
+    payload_utf8: bool = False
+    user_properties: tuple[tuple[str, str], ...] = ()
+    size: int = field(default=0, compare=False)
+
+    def headers(self, mid: str) -> list[tuple[str, str]]:
+        """The documented headers, in order (repeated names for user properties)."""
+        out = [(H_MESSAGE_ID, mid), (H_TOPIC, self.topic), (H_QOS, str(self.qos))]
+        if self.retain:
+            out.append((H_RETAIN, "1"))
+        if self.client_id:
+            out.append((H_CLIENT_ID, self.client_id))
+        out.append((H_PUBLISH_TIME, format_time(self.publish_time)))
+        if self.content_type is not None:
+            out.append((H_CONTENT_TYPE, self.content_type))
+        if self.payload_utf8:
+            out.append((H_PAYLOAD_FORMAT, "1"))
+        for name, value in self.user_properties:
+            out.append((H_USER_PROPERTY, f"{_encode_property_name(name)}={value}"))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkMessage:
+    """A message read from the remote side, to publish locally, with its remote position."""
+
+    topic: str
+    payload: bytes
+    position: object
+    """Opaque to the caller: store it with the local commit, then pass it to `ack`."""
+    qos: int = 1
+    retain: bool = False
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+class Sink(Protocol):
+    """The uplink side of a bridge: a window of log entries out, acknowledgements back."""
+
+    async def start(self) -> None:
+        """Connect (and create or check the remote stream). Raises on failure."""
+
+    async def send(self, batch: Sequence[BridgeMessage]) -> int:
+        """Send the batch, in order, all at once; return how many from the start of the batch
+        the remote side acknowledged (the cursor may move past exactly that many). Raises when
+        the connection is lost before any was acknowledged."""
+
+    async def close(self) -> None: ...
+
+
+class DownlinkSource(Protocol):
+    """The downlink side: remote messages in, remote acknowledgement after the local commit."""
+
+    def messages(self) -> AsyncIterator[DownlinkMessage]: ...
+
+    async def ack(self, position: object) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+class Backoff:
+    """Exponential backoff with full jitter: the n-th delay (n from 0) is uniform in
+    [0, min(cap, initial * 2**n)] ("full jitter", so hundreds of gateways reconnecting after
+    a central outage do not arrive in lockstep). `reset()` after a success.
+
+    `rand` returns a float in [0, 1); inject one in tests.
+    """
+
+    def __init__(self, initial: float = 1.0, cap: float = 60.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        if initial <= 0 or cap < initial:
+            raise ValueError(f"need 0 < initial <= cap, got {initial}, {cap}")
+        self.initial = initial
+        self.cap = cap
+        self._rand = rand
+        self.attempt = 0
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        if self.attempt >= 64:
+            return self.cap
+        return min(self.cap, self.initial * (1 << self.attempt))
+
+    def next_delay(self) -> float:
+        delay = self._rand() * self.ceiling()
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+async def retry_forever(step: Callable[[], Awaitable[None]], backoff: Backoff,
+                        sleep: Callable[[float], Awaitable[None]],
+                        on_error: Callable[[BaseException], None]) -> None:
+    """Run `step` until it returns; after each failure report it and sleep a backoff delay."""
+    while True:
+        try:
+            await step()
+            backoff.reset()
+            return
+        except Exception as exc:
+            on_error(exc)
+            await sleep(backoff.next_delay())
+
+
+# kind -> "module:Class" of the sink; imported only when a bridge of that kind is built.
+SINKS: Final[dict[str, str]] = {
+    "jetstream": "edge_broker.bridge.jetstream:JetStreamSink",
+    "kafka": "edge_broker.bridge.kafka:KafkaSink",
+    "mqtt": "edge_broker.bridge.mqtt_upstream:MqttUpstream",
+}

@@ -1,0 +1,64 @@
+"""Message ids, headers and backoff."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from edge_broker.bridge.base import (
+    Backoff,
+    BridgeMessage,
+    decode_user_property,
+    message_id,
+    new_store_id,
+    parse_message_id,
+)
+
+
+def test_message_id_round_trips_with_dashes_in_the_gateway_id() -> None:
+    store = new_store_id()
+    mid = message_id("gw-7.site", store, 42)
+    assert mid == f"gw-7.site-{store}-42"
+    assert parse_message_id(mid) == ("gw-7.site", store, 42)
+
+
+def test_rebuilt_store_gets_a_new_id_so_offsets_never_collide() -> None:
+    first, second = new_store_id(), new_store_id()
+    assert first != second
+    assert message_id("gw", first, 1) != message_id("gw", second, 1)
+    with pytest.raises(ValueError):
+        message_id("gw", "a-b", 1)
+    with pytest.raises(ValueError):
+        message_id("gw", first, 0)
+
+
+def test_headers_carry_the_documented_names() -> None:
+    msg = BridgeMessage(offset=5, topic="s/t", payload=b"x", qos=1, retain=True,
+                        publish_time=1_765_000_000.25, client_id="dev1",
+                        content_type="application/json", payload_utf8=True,
+                        user_properties=(("a=b", "1"), ("a=b", "2=3"), ("%", "")))
+    headers = msg.headers("gw-s-5")
+    assert headers[:6] == [("edge-message-id", "gw-s-5"), ("mqtt-topic", "s/t"),
+                           ("mqtt-qos", "1"), ("mqtt-retain", "1"),
+                           ("mqtt-client-id", "dev1"),
+                           ("mqtt-publish-time", "2025-12-06T05:46:40.250Z")]
+    assert ("mqtt-content-type", "application/json") in headers
+    props = [decode_user_property(v) for k, v in headers if k == "mqtt-user-property"]
+    assert props == [("a=b", "1"), ("a=b", "2=3"), ("%", "")]
+
+
+def test_backoff_is_capped_exponential_with_full_jitter() -> None:
+    backoff = Backoff(initial=1.0, cap=10.0, rand=lambda: 0.999999)
+    ceilings = [round(backoff.next_delay(), 3) for _ in range(7)]
+    assert ceilings == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    values = itertools.cycle([0.0, 0.5])
+    jittered = Backoff(initial=2.0, cap=100.0, rand=lambda: next(values))
+    assert [jittered.next_delay() for _ in range(4)] == [0.0, 2.0, 0.0, 8.0]
+    jittered.reset()
+    assert jittered.ceiling() == 2.0
+    for _ in range(200):  # no overflow after many failures
+        jittered.next_delay()
+    assert jittered.ceiling() == 100.0
+    with pytest.raises(ValueError):
+        Backoff(initial=5, cap=1)
