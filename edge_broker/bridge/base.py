@@ -14,34 +14,42 @@ an id from the right: offset is after the last "-", the store id before it.
 
 Headers
 -------
-JetStream (NATS headers) and Kafka (record headers) carry the same names:
+JetStream (NATS headers) and Kafka (record headers) carry the same names and values:
 
     ======================  ==============================================================
     edge-message-id         the message id above (JetStream also: Nats-Msg-Id)
-    mqtt-topic              the original MQTT topic (UTF-8)
+    mqtt-topic              the original MQTT topic, percent-encoded (*)
     mqtt-qos                "0", "1" or "2": the QoS it was published with
     mqtt-retain             "1" when the PUBLISH had the retain flag, else absent
-    mqtt-client-id          the publishing client's id
+    mqtt-client-id          the publishing client's id, percent-encoded (*)
     mqtt-publish-time       publish time as recorded in the log: ISO-8601 UTC with
                             milliseconds, e.g. 2026-12-06T01:02:03.456Z
-    mqtt-content-type       MQTT 5 Content Type, when set
-    mqtt-payload-format     "1" when MQTT 5 Payload Format Indicator says UTF-8
-    mqtt-user-property      MQTT 5 user properties, one header per pair, value
-                            "<name>=<value>" with "%" and "=" in the name percent-encoded
-                            (order and repeats kept: NATS and Kafka headers both allow
-                            repeated names)
+    mqtt-content-type       MQTT 5 Content Type, when set, percent-encoded (*)
+    mqtt-payload-format     "1" when the MQTT 5 Payload Format Indicator says UTF-8
+    mqtt-user-properties    MQTT 5 user properties, when there are any: a JSON array of
+                            [name, value] pairs in their order, repeats kept, ASCII-only
+                            JSON (non-ASCII as \\uXXXX escapes)
     ======================  ==============================================================
+
+(*) RFC 3986 percent-encoding of the UTF-8 bytes, leaving letters, digits and
+``-._~/:@!$&'()*+,;=`` as they are (`urllib.parse.unquote` reverses it): "sensors/t1" stays
+"sensors/t1", "room 1/température" becomes "room%201/temp%C3%A9rature". Why: NATS header
+values are one line with no leading or trailing whitespace (nats-py strips them), and NATS
+headers cannot repeat a name through nats-py; the same encoding is used for Kafka so one
+consumer reads both.
 
 The message data (NATS) or record value (Kafka) is the raw payload.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
+from urllib.parse import quote, unquote
 
 H_MESSAGE_ID: Final = "edge-message-id"
 H_TOPIC: Final = "mqtt-topic"
@@ -51,7 +59,7 @@ H_CLIENT_ID: Final = "mqtt-client-id"
 H_PUBLISH_TIME: Final = "mqtt-publish-time"
 H_CONTENT_TYPE: Final = "mqtt-content-type"
 H_PAYLOAD_FORMAT: Final = "mqtt-payload-format"
-H_USER_PROPERTY: Final = "mqtt-user-property"
+H_USER_PROPERTIES: Final = "mqtt-user-properties"
 NATS_MSG_ID: Final = "Nats-Msg-Id"
 
 
@@ -84,16 +92,30 @@ def format_time(timestamp: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def _encode_property_name(name: str) -> str:
-    return name.replace("%", "%25").replace("=", "%3D")
+_SAFE: Final = "-._~/:@!$&'()*+,;="
 
 
-def decode_user_property(value: str) -> tuple[str, str]:
-    """The (name, value) pair of one `mqtt-user-property` header value."""
-    name, sep, rest = value.partition("=")
-    if not sep:
-        raise ValueError(f"not a user property header: {value!r}")
-    return name.replace("%3D", "=").replace("%25", "%"), rest
+def encode_text(value: str) -> str:
+    """A header value for arbitrary text (see (*) in the module docstring)."""
+    return quote(value, safe=_SAFE)
+
+
+def decode_text(value: str) -> str:
+    return unquote(value)
+
+
+def encode_user_properties(pairs: Sequence[tuple[str, str]]) -> str:
+    return json.dumps([list(pair) for pair in pairs], ensure_ascii=True, separators=(",", ":"))
+
+
+def decode_user_properties(value: str) -> tuple[tuple[str, str], ...]:
+    """The pairs of an `mqtt-user-properties` header value."""
+    pairs = json.loads(value)
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+            for p in pairs):
+        raise ValueError(f"not a user properties header: {value!r}")
+    return tuple((name, val) for name, val in pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,34 +134,44 @@ class BridgeMessage:
     user_properties: tuple[tuple[str, str], ...] = ()
     size: int = field(default=0, compare=False)
 
-    def headers(self, mid: str) -> list[tuple[str, str]]:
-        """The documented headers, in order (repeated names for user properties)."""
-        out = [(H_MESSAGE_ID, mid), (H_TOPIC, self.topic), (H_QOS, str(self.qos))]
+    def headers(self, mid: str) -> dict[str, str]:
+        """The documented headers, in the documented order."""
+        out = {H_MESSAGE_ID: mid, H_TOPIC: encode_text(self.topic), H_QOS: str(self.qos)}
         if self.retain:
-            out.append((H_RETAIN, "1"))
+            out[H_RETAIN] = "1"
         if self.client_id:
-            out.append((H_CLIENT_ID, self.client_id))
-        out.append((H_PUBLISH_TIME, format_time(self.publish_time)))
+            out[H_CLIENT_ID] = encode_text(self.client_id)
+        out[H_PUBLISH_TIME] = format_time(self.publish_time)
         if self.content_type is not None:
-            out.append((H_CONTENT_TYPE, self.content_type))
+            out[H_CONTENT_TYPE] = encode_text(self.content_type)
         if self.payload_utf8:
-            out.append((H_PAYLOAD_FORMAT, "1"))
-        for name, value in self.user_properties:
-            out.append((H_USER_PROPERTY, f"{_encode_property_name(name)}={value}"))
+            out[H_PAYLOAD_FORMAT] = "1"
+        if self.user_properties:
+            out[H_USER_PROPERTIES] = encode_user_properties(self.user_properties)
         return out
 
 
 @dataclass(frozen=True, slots=True)
 class DownlinkMessage:
-    """A message read from the remote side, to publish locally, with its remote position."""
+    """A message read from the remote side, to publish locally, with its remote position.
+
+    The caller stores (`source`, `position`) in the same local transaction as the message,
+    then calls `DownlinkSource.ack(message)`. After a crash between the two the remote side
+    redelivers it: a position not above the stored one for its source is a duplicate, to be
+    acknowledged and not published again. Positions only grow within one source.
+    """
 
     topic: str
     payload: bytes
-    position: object
-    """Opaque to the caller: store it with the local commit, then pass it to `ack`."""
+    source: str
+    """Where positions are counted: the JetStream stream, or "<kafka topic>:<partition>"."""
+    position: int
+    """JetStream stream sequence, Kafka offset, MQTT: a local counter."""
     qos: int = 1
     retain: bool = False
     user_properties: tuple[tuple[str, str], ...] = ()
+    handle: object = field(default=None, compare=False, repr=False)
+    """The client library's message, for `ack`."""
 
 
 class Sink(Protocol):
@@ -161,7 +193,7 @@ class DownlinkSource(Protocol):
 
     def messages(self) -> AsyncIterator[DownlinkMessage]: ...
 
-    async def ack(self, position: object) -> None: ...
+    async def ack(self, message: DownlinkMessage) -> None: ...
 
     async def close(self) -> None: ...
 

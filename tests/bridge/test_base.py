@@ -9,7 +9,9 @@ import pytest
 from edge_broker.bridge.base import (
     Backoff,
     BridgeMessage,
-    decode_user_property,
+    decode_text,
+    decode_user_properties,
+    encode_text,
     message_id,
     new_store_id,
     parse_message_id,
@@ -33,19 +35,24 @@ def test_rebuilt_store_gets_a_new_id_so_offsets_never_collide() -> None:
         message_id("gw", first, 0)
 
 
-def test_headers_carry_the_documented_names() -> None:
-    msg = BridgeMessage(offset=5, topic="s/t", payload=b"x", qos=1, retain=True,
-                        publish_time=1_765_000_000.25, client_id="dev1",
+def test_headers_carry_the_documented_names_and_survive_any_text() -> None:
+    msg = BridgeMessage(offset=5, topic=" room 1/temp\u00e9rature\n", payload=b"x", qos=1,
+                        retain=True, publish_time=1_765_000_000.25, client_id="dev 1",
                         content_type="application/json", payload_utf8=True,
-                        user_properties=(("a=b", "1"), ("a=b", "2=3"), ("%", "")))
+                        user_properties=(("a", "1"), ("a", " 2\r\n"), ("\u00e9", "")))
     headers = msg.headers("gw-s-5")
-    assert headers[:6] == [("edge-message-id", "gw-s-5"), ("mqtt-topic", "s/t"),
-                           ("mqtt-qos", "1"), ("mqtt-retain", "1"),
-                           ("mqtt-client-id", "dev1"),
-                           ("mqtt-publish-time", "2025-12-06T05:46:40.250Z")]
-    assert ("mqtt-content-type", "application/json") in headers
-    props = [decode_user_property(v) for k, v in headers if k == "mqtt-user-property"]
-    assert props == [("a=b", "1"), ("a=b", "2=3"), ("%", "")]
+    assert list(headers.items())[:6] == [
+        ("edge-message-id", "gw-s-5"), ("mqtt-topic", "%20room%201/temp%C3%A9rature%0A"),
+        ("mqtt-qos", "1"), ("mqtt-retain", "1"), ("mqtt-client-id", "dev%201"),
+        ("mqtt-publish-time", "2025-12-06T05:46:40.250Z")]
+    assert headers["mqtt-content-type"] == "application/json"
+    assert headers["mqtt-payload-format"] == "1"
+    # One line, no surrounding whitespace: what NATS headers can carry.
+    for value in headers.values():
+        assert value == value.strip() and value.isprintable() and value.isascii()
+    assert decode_text(headers["mqtt-topic"]) == msg.topic
+    assert decode_user_properties(headers["mqtt-user-properties"]) == msg.user_properties
+    assert encode_text("sensors/t1") == "sensors/t1"
 
 
 def test_backoff_is_capped_exponential_with_full_jitter() -> None:
