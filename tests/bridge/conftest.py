@@ -17,7 +17,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     try:
         yield server
     finally:
-        server.kill()
+        server.stop()
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def tansu(tmp_path: Path) -> Iterator[Tansu]:
     try:
         yield server
     finally:
-        server.kill()
+        server.stop()
 
 
 @pytest.fixture
@@ -37,4 +37,4 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     try:
         yield server
     finally:
-        server.kill()
+        server.stop()

@@ -190,9 +190,9 @@ class Mosquitto(_Process):
 
     def _argv(self) -> list[str]:
         conf = self.workdir / "mosquitto.conf"
+        # In memory: sessions live as long as the process (the tests do not restart it).
         conf.write_text(f"listener {self.port} {HOST}\nallow_anonymous true\n"
-                        f"persistence true\npersistence_location {self.workdir}/\n"
-                        f"autosave_interval 1\nlog_dest stdout\n{self.extra_config}")
+                        f"persistence false\nlog_dest stdout\nlog_type all\n{self.extra_config}")
         return [self.binary, "-c", str(conf)]
 
     def _ports(self) -> list[int]:
