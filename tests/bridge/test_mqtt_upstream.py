@@ -9,8 +9,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.properties import Properties
-from paho.mqtt.packettypes import PacketTypes
 
 from edge_broker.bridge.base import BridgeMessage, DownlinkMessage
 from edge_broker.bridge.config import BridgeConfig, parse_bridges
