@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -44,6 +45,8 @@ from .base import (
 )
 from .config import BridgeConfig, JetStreamOptions, TlsOptions
 from .topic_map import subject_to_topic, topic_to_subject
+
+log = logging.getLogger(__name__)
 
 _RETENTION = {"limits": api.RetentionPolicy.LIMITS, "interest": api.RetentionPolicy.INTEREST,
               "workqueue": api.RetentionPolicy.WORK_QUEUE}
@@ -73,8 +76,11 @@ def connect_options(config: BridgeConfig) -> dict[str, Any]:
     """Keyword arguments for `nats.connect` from the bridge's credentials and TLS."""
     js = _js(config)
     options: dict[str, Any] = {
+        # nats-py reconnects by itself (and follows a cluster's other servers) a few times;
+        # past that, or when the first connection fails, the bridge's own loop takes over
+        # with its backoff. (-1, "forever", would also make the first connect hang.)
         "servers": list(config.servers), "allow_reconnect": True,
-        "max_reconnect_attempts": -1, "reconnect_time_wait": config.backoff_initial_s,
+        "max_reconnect_attempts": 3, "reconnect_time_wait": config.backoff_initial_s,
         "connect_timeout": 5, "name": f"edge-broker bridge {config.name}",
     }
     if js.creds_file is not None:
@@ -92,6 +98,25 @@ def connect_options(config: BridgeConfig) -> dict[str, Any]:
         if config.tls.server_name is not None:
             options["tls_hostname"] = config.tls.server_name
     return options
+
+
+async def connect(config: BridgeConfig) -> Any:
+    """A nats-py connection; BridgeError naming the server's last complaint on failure
+    (e.g. "Authorization Violation"), not only nats-py's "no servers available"."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if text not in errors:
+            errors.append(text)
+            log.warning("bridge %s: NATS: %s", config.name, text)
+
+    try:
+        return await nats.connect(**connect_options(config), error_cb=on_error)
+    except Exception as exc:
+        detail = f" (errors seen: {'; '.join(errors)})" if errors else ""
+        raise BridgeError(f"bridge {config.name!r}: cannot connect to "
+                          f"{list(config.servers)}: {exc}{detail}") from exc
 
 
 def _js(config: BridgeConfig) -> JetStreamOptions:
@@ -117,7 +142,7 @@ class JetStreamSink:
         self._js: Any = None
 
     async def start(self) -> None:
-        self._nc = await nats.connect(**connect_options(self.config))
+        self._nc = await connect(self.config)
         self._js = self._nc.jetstream(timeout=self.ack_timeout,
                                       publish_async_max_pending=max(self.config.window, 1))
         await self.ensure_stream()
@@ -214,7 +239,7 @@ class JetStreamDownlink:
 
     async def start(self) -> None:
         opts = self.options
-        self._nc = await nats.connect(**connect_options(self.config))
+        self._nc = await connect(self.config)
         js = self._nc.jetstream()
         subjects = list(self.config.downlink)
         consumer = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT,

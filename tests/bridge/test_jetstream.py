@@ -148,7 +148,9 @@ async def test_server_restart_loses_nothing_and_stores_no_duplicate(
         with pytest.raises(BridgeError):
             await sink.send(messages(cursor, 100))  # nothing acknowledged while down
         nats_server.start()
+        deadline = asyncio.get_running_loop().time() + 60
         while cursor <= 1000:  # the bridge loop: resend from the cursor until acknowledged
+            assert asyncio.get_running_loop().time() < deadline, f"stuck at {cursor}"
             try:
                 cursor += await sink.send(messages(cursor, min(100, 1001 - cursor)))
             except BridgeError:
