@@ -43,13 +43,17 @@ The message data (NATS) or record value (Kafka) is the raw payload.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
 from urllib.parse import quote, unquote
+
+from .config import TlsOptions
 
 H_MESSAGE_ID: Final = "edge-message-id"
 H_TOPIC: Final = "mqtt-topic"
@@ -198,6 +202,16 @@ class DownlinkSource(Protocol):
     async def close(self) -> None: ...
 
 
+def ssl_context(tls: TlsOptions) -> ssl.SSLContext | None:
+    """The client TLS context of a bridge (CA, client certificate), or None for plain TCP."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
 # --------------------------------------------------------------------------- backoff
 
 
@@ -247,9 +261,20 @@ async def retry_forever(step: Callable[[], Awaitable[None]], backoff: Backoff,
             await sleep(backoff.next_delay())
 
 
-# kind -> "module:Class" of the sink; imported only when a bridge of that kind is built.
-SINKS: Final[dict[str, str]] = {
-    "jetstream": "edge_broker.bridge.jetstream:JetStreamSink",
-    "kafka": "edge_broker.bridge.kafka:KafkaSink",
-    "mqtt": "edge_broker.bridge.mqtt_upstream:MqttUpstream",
+# kind -> ("module:Sink class", "module:downlink class"); imported only when a bridge of
+# that kind is built (call `config.require_extras` first for a clear error).
+REGISTRY: Final[dict[str, tuple[str, str]]] = {
+    "jetstream": ("edge_broker.bridge.jetstream:JetStreamSink",
+                  "edge_broker.bridge.jetstream:JetStreamDownlink"),
+    "kafka": ("edge_broker.bridge.kafka:KafkaSink", "edge_broker.bridge.kafka:KafkaDownlink"),
+    # One MQTT connection carries both directions.
+    "mqtt": ("edge_broker.bridge.mqtt_upstream:MqttUpstream",
+             "edge_broker.bridge.mqtt_upstream:MqttUpstream"),
 }
+
+
+def load_class(kind: str, *, downlink: bool = False) -> type:
+    """The sink (or downlink) class of a bridge kind, imported now."""
+    module_name, _, class_name = REGISTRY[kind][1 if downlink else 0].partition(":")
+    cls: type = getattr(importlib.import_module(module_name), class_name)
+    return cls

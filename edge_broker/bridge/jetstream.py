@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -42,8 +41,9 @@ from .base import (
     DownlinkMessage,
     decode_user_properties,
     message_id,
+    ssl_context,
 )
-from .config import BridgeConfig, JetStreamOptions, TlsOptions
+from .config import BridgeConfig, JetStreamOptions
 from .topic_map import subject_to_topic, topic_to_subject
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,6 @@ log = logging.getLogger(__name__)
 _RETENTION = {"limits": api.RetentionPolicy.LIMITS, "interest": api.RetentionPolicy.INTEREST,
               "workqueue": api.RetentionPolicy.WORK_QUEUE}
 _STORAGE = {"file": api.StorageType.FILE, "memory": api.StorageType.MEMORY}
-
-
-def ssl_context(tls: TlsOptions) -> ssl.SSLContext | None:
-    """The client TLS context of a bridge, or None for plain TCP."""
-    if not tls.enabled:
-        return None
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file is not None:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
 
 
 def filter_covers(stream_filter: str, prefix: str) -> bool:

@@ -45,9 +45,9 @@ from .base import (
     decode_text,
     decode_user_properties,
     message_id,
+    ssl_context,
 )
 from .config import BridgeConfig, KafkaOptions
-from .jetstream import ssl_context
 from .topic_map import route_kafka
 
 

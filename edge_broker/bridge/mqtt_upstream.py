@@ -70,9 +70,8 @@ from edge_broker.mqtt.packets import (
 from edge_broker.mqtt.properties import Properties
 from edge_broker.mqtt.types import ProtocolLevel, Role
 
-from .base import BridgeMessage, DownlinkMessage
+from .base import BridgeMessage, DownlinkMessage, ssl_context
 from .config import BridgeConfig, MqttOptions
-from .jetstream import ssl_context
 from .topic_map import map_topic_in, map_topic_out
 
 log = logging.getLogger(__name__)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 
@@ -12,6 +14,7 @@ from edge_broker.bridge.base import (
     decode_text,
     decode_user_properties,
     encode_text,
+    load_class,
     message_id,
     new_store_id,
     parse_message_id,
@@ -69,3 +72,21 @@ def test_backoff_is_capped_exponential_with_full_jitter() -> None:
     assert jittered.ceiling() == 100.0
     with pytest.raises(ValueError):
         Backoff(initial=5, cap=1)
+
+
+
+def test_base_install_imports_neither_nats_nor_aiokafka() -> None:
+    """Everything but jetstream.py / kafka.py loads without the extras."""
+    code = ("import sys; import edge_broker.bridge.config, edge_broker.bridge.base, "
+            "edge_broker.bridge.forward, edge_broker.bridge.topic_map, "
+            "edge_broker.bridge.mqtt_upstream; "
+            "print(sorted(m for m in ('nats', 'aiokafka') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert result.stdout.strip() == "[]"
+
+
+def test_registry_loads_each_kind_on_demand() -> None:
+    assert load_class("mqtt").__name__ == "MqttUpstream"
+    assert load_class("jetstream", downlink=True).__name__ == "JetStreamDownlink"
+    assert load_class("kafka").__name__ == "KafkaSink"

@@ -211,3 +211,27 @@ async def test_blackholed_link_resumes_the_session_and_loses_nothing(
         remote.close()
     # QoS 2 end to end: every message exactly once, in order.
     assert [m.payload for m in got][:300] == [f"m{o}".encode() for o in range(1, 301)]
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_a_second_edge_broker_as_upstream(broker: Any, version: str) -> None:
+    """Our own broker upstream. On 3.1.1 it refuses mosquitto's bridge marker
+    (try_private), and the bridge connects again without it."""
+    config = bridge_config(f"mqtt://127.0.0.1:{broker.port}", mqtt_version=version,
+                           topics=['sensors/# out 1 "" site1/gw7/',
+                                   'cmd/# in 2 "" site1/gw7/'])
+    upstream = MqttUpstream(config)
+    await upstream.start()
+    remote = Remote(broker.port)
+    try:
+        remote.subscribe("site1/gw7/sensors/#", qos=1)
+        await send_all(upstream, messages(1, 200))
+        got = await remote.until(200)
+        assert [m.payload for m in got] == [f"m{o}".encode() for o in range(1, 201)]
+        remote.publish("site1/gw7/cmd/reboot", b"now", qos=2)
+        message = await asyncio.wait_for(upstream.messages().__anext__(), 10)
+        assert (message.topic, message.payload, message.qos) == ("cmd/reboot", b"now", 2)
+        await upstream.ack(message)
+    finally:
+        await upstream.close()
+        remote.close()
