@@ -102,8 +102,12 @@ class KafkaSink:
         except (KafkaError, OSError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
+            hint = ""
+            if self.options.idempotence and isinstance(exc, KafkaError):
+                hint = ("; if this broker does not support idempotent producers "
+                        "(InitProducerId; tansu 0.6 does not), set idempotence = false")
             raise BridgeError(f"cannot connect to Kafka {list(self.config.servers)}: "
-                              f"{exc!r}") from exc
+                              f"{exc!r}{hint}") from exc
         self._producer = producer
 
     def record_key(self, message: BridgeMessage) -> bytes:

@@ -177,3 +177,13 @@ async def test_downlink_consumer_group_commits_after_local_commit(tansu: Tansu) 
         (b"close", got[1].source, got[1].position), (b"third", got[1].source,
                                                      got[1].position + 1)]
     await again.close()
+
+
+async def test_idempotence_on_a_broker_without_it_fails_fast_with_the_fix(tansu: Tansu) -> None:
+    """tansu 0.6 answers InitProducerId with an error (why the other tests turn idempotence
+    off): the sink says so at start instead of hanging on its first send."""
+    sink = KafkaSink(bridge_config(tansu.bootstrap, idempotence=True), gateway_id="gw7",
+                     store_id=STORE_ID, ack_timeout=5.0)
+    with pytest.raises(BridgeError, match="set idempotence = false"):
+        await sink.start()
+    await sink.close()
