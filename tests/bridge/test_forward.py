@@ -136,3 +136,40 @@ async def test_jetstream_outage_drains_when_the_uplink_returns(tmp_path: Path,
     finally:
         server.stop()
     assert offsets(msgs) == list(range(1, 3001))  # all, in log order, no stored duplicate
+
+
+async def test_uplink_down_since_boot_drains_once_the_server_appears(tmp_path: Path) -> None:
+    pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
+    from edge_broker.bridge.jetstream import JetStreamSink
+    from tests.bridge.servers import NatsServer
+    from tests.bridge.test_jetstream import bridge_config, offsets, stored
+
+    server = NatsServer(tmp_path / "nats")  # its port is chosen, nothing listens yet
+    config = bridge_config(server.url)
+    log = MemoryLog()
+    for i in range(500):
+        log.append(f"sensors/t{i % 4}", b"%d" % i)
+    forwarder = Forwarder(
+        lambda: JetStreamSink(config, gateway_id="gw7", store_id="5eed", ack_timeout=1.0),
+        log, cursor=0, backoff=Backoff(0.05, 0.5), name="central")
+    task = asyncio.ensure_future(forwarder.run())
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = loop.time() + 30
+        while forwarder.status.failures < 1:  # it failed, and keeps trying with backoff
+            assert loop.time() < deadline
+            await asyncio.sleep(0.02)
+        assert log.committed == 0 and not forwarder.status.connected
+        assert "cannot connect" in (forwarder.status.last_error or "")
+        server.start()
+        while log.committed < 500:
+            assert loop.time() < deadline + 30, forwarder.status
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    try:
+        assert offsets(await stored(server.url)) == list(range(1, 501))
+    finally:
+        server.stop()
