@@ -121,6 +121,9 @@ class MqttUpstream:
                       else ProtocolLevel.MQTT_3_1_1)
         self.try_private = self.options.try_private and self.level == ProtocolLevel.MQTT_3_1_1
         self.unmapped = 0
+        """Messages no "out"/"both" topic line sends (skipped, the cursor moves on)."""
+        self.oversize = 0
+        """Messages larger than the remote's Maximum Packet Size (not sent, counted)."""
         self.last_error: str | None = None
         self.session_present = False
         self._link: _Link | None = None
@@ -293,7 +296,10 @@ class MqttUpstream:
                 waits.append(None)
                 continue
             remote_topic, line_qos = mapped
-            qos = min(message.qos, line_qos)
+            # [MQTT-3.2.2-11] (5.0): not above the server's Maximum QoS.
+            qos = min(message.qos, line_qos, link.conn.peer_maximum_qos)
+            # [MQTT-3.2.2-14] (5.0): no retain flag when the server has no retain.
+            retain = message.retain and link.conn.peer_retain_available
             if qos and budget <= len([w for w in waits if w is not None]):
                 break
             props = Properties()
@@ -302,16 +308,25 @@ class MqttUpstream:
                                    content_type=message.content_type,
                                    payload_format_indicator=1 if message.payload_utf8
                                    else None)
-            publish = Publish(remote_topic, message.payload, qos, message.retain,
+            publish = Publish(remote_topic, message.payload, qos, retain,
                               packet_id=self._allocate_id() if qos else None,
                               properties=props)
             try:
                 data = link.conn.send(publish)
             except LocalProtocolError as exc:
                 raise BridgeError(f"cannot publish {remote_topic!r}: {exc}") from exc
+            if not data:
+                # Larger than the remote's Maximum Packet Size: it would refuse it, so it is
+                # not sent, counted and logged ([MQTT-3.1.2-25] (5.0)).
+                self.oversize += 1
+                log.warning("bridge %s: %r (%d bytes) is larger than %s accepts; not sent",
+                            self.config.name, message.topic, len(message.payload),
+                            link.server)
+                waits.append(None)
+                continue
             link.writer.write(data)
-            if not qos or not data:
-                waits.append(None)  # QoS 0, or larger than the remote accepts: done
+            if not qos:
+                waits.append(None)  # QoS 0: done when written
                 continue
             assert publish.packet_id is not None
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -235,3 +235,27 @@ async def test_a_second_edge_broker_as_upstream(broker: Any, version: str) -> No
     finally:
         await upstream.close()
         remote.close()
+
+
+async def test_remote_limits_are_respected(tmp_path: Any) -> None:
+    """Maximum QoS 1 and Maximum Packet Size 300 from the remote's CONNACK (5.0): a QoS 2
+    message goes at QoS 1, one too large is counted and skipped, not an endless retry."""
+    server = Mosquitto(tmp_path / "mosquitto", extra_config="max_qos 1\nmax_packet_size 300\n")
+    server.start()
+    remote = Remote(server.port)
+    try:
+        remote.subscribe("site1/#", qos=2)
+        upstream = MqttUpstream(bridge_config(f"mqtt://127.0.0.1:{server.port}",
+                                              topics=['sensors/# out 2 "" site1/gw7/']))
+        await upstream.start()
+        batch = [BridgeMessage(offset=1, topic="sensors/a", payload=b"small", qos=2),
+                 BridgeMessage(offset=2, topic="sensors/a", payload=b"x" * 1000, qos=2),
+                 BridgeMessage(offset=3, topic="sensors/a", payload=b"after", qos=1)]
+        assert await upstream.send(batch) == 3
+        assert upstream.oversize == 1
+        got = await remote.until(2)
+        await upstream.close()
+    finally:
+        remote.close()
+        server.stop()
+    assert [(m.payload, m.qos) for m in got] == [(b"small", 1), (b"after", 1)]
