@@ -229,3 +229,30 @@ async def test_downlink_durable_consumer_acks_after_local_commit(
     info = await js.consumer_info("EDGE", config.jetstream.downlink_durable)  # type: ignore
     assert info.num_ack_pending == 0 and info.num_pending == 0
     await nc.close()
+
+
+async def test_downlink_with_several_subjects(nats_server: NatsServer) -> None:
+    config = bridge_config(nats_server.url, downlink=["site1.gw7.cmd.>", "site1.gw7.cfg.*"])
+    sink = JetStreamSink(config, gateway_id="gw7", store_id=STORE_ID)
+    await sink.start()
+    await sink.close()
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    for subject in ("site1.gw7.cmd.a.b", "site1.gw7.sensors.x", "site1.gw7.cfg.rate",
+                    "site1.gw7.cfg.x.y"):
+        await js.publish(subject, b"p")
+    await nc.close()
+    source = JetStreamDownlink(config, fetch_timeout=0.5)
+    await source.start()
+    got = []
+    try:
+        async def take() -> None:
+            async for message in source.messages():
+                got.append(message.topic)
+                await source.ack(message)
+                if len(got) == 2:
+                    return
+        await asyncio.wait_for(take(), 10)
+    finally:
+        await source.close()
+    assert got == ["cmd/a/b", "cfg/rate"]

@@ -259,3 +259,22 @@ async def test_remote_limits_are_respected(tmp_path: Any) -> None:
         remote.close()
         server.stop()
     assert [(m.payload, m.qos) for m in got] == [(b"small", 1), (b"after", 1)]
+
+
+async def test_keep_alive_drops_a_silent_link(mosquitto: Mosquitto) -> None:
+    """Nothing to send and the link blackholed: PINGREQ gets no answer, and after 1.5 x the
+    keep alive the bridge drops the connection, so its owner reconnects."""
+    proxy = await TcpProxy("127.0.0.1", mosquitto.port).start()
+    upstream = MqttUpstream(bridge_config(f"mqtt://{proxy.address}", keepalive=1))
+    try:
+        await upstream.start()
+        proxy.blackhole()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while upstream.connected:
+            assert loop.time() < deadline, "still connected"
+            await asyncio.sleep(0.05)
+        assert "no packet from the upstream" in (upstream.last_error or "")
+    finally:
+        upstream.abort()
+        await proxy.close()
