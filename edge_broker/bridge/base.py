@@ -1,0 +1,280 @@
+"""What every bridge shares: the message handed to a sink, message ids, header names, the
+Sink / DownlinkSource protocols, backoff with jitter, and the registry of kinds.
+
+Message ids
+-----------
+Every message forwarded to a central log carries a stable id, `message_id(gateway_id,
+store_id, offset)` = `<gateway_id>-<store_id>-<offset>`: the gateway's name, the id of its
+store file (random, created with the file, so a store rebuilt from scratch, whose offsets
+start again at 1, never reuses an id), and the message's offset in the log. A resend of the
+same log entry (after an outage or a crash before the cursor moved) has the same id:
+JetStream drops it inside the stream's duplicate window (`Nats-Msg-Id`); Kafka consumers drop
+it by the `edge-message-id` header. The gateway id may contain "-" (host names do), so read
+an id from the right: offset is after the last "-", the store id before it.
+
+Headers
+-------
+JetStream (NATS headers) and Kafka (record headers) carry the same names and values:
+
+    ======================  ==============================================================
+    edge-message-id         the message id above (JetStream also: Nats-Msg-Id)
+    mqtt-topic              the original MQTT topic, percent-encoded (*)
+    mqtt-qos                "0", "1" or "2": the QoS it was published with
+    mqtt-retain             "1" when the PUBLISH had the retain flag, else absent
+    mqtt-client-id          the publishing client's id, percent-encoded (*)
+    mqtt-publish-time       publish time as recorded in the log: ISO-8601 UTC with
+                            milliseconds, e.g. 2026-12-06T01:02:03.456Z
+    mqtt-content-type       MQTT 5 Content Type, when set, percent-encoded (*)
+    mqtt-payload-format     "1" when the MQTT 5 Payload Format Indicator says UTF-8
+    mqtt-user-properties    MQTT 5 user properties, when there are any: a JSON array of
+                            [name, value] pairs in their order, repeats kept, ASCII-only
+                            JSON (non-ASCII as \\uXXXX escapes)
+    ======================  ==============================================================
+
+(*) RFC 3986 percent-encoding of the UTF-8 bytes, leaving letters, digits and
+``-._~/:@!$&'()*+,;=`` as they are (`urllib.parse.unquote` reverses it): "sensors/t1" stays
+"sensors/t1", "room 1/température" becomes "room%201/temp%C3%A9rature". Why: NATS header
+values are one line with no leading or trailing whitespace (nats-py strips them), and NATS
+headers cannot repeat a name through nats-py; the same encoding is used for Kafka so one
+consumer reads both.
+
+The message data (NATS) or record value (Kafka) is the raw payload.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, Protocol
+from urllib.parse import quote, unquote
+
+from .config import TlsOptions
+
+H_MESSAGE_ID: Final = "edge-message-id"
+H_TOPIC: Final = "mqtt-topic"
+H_QOS: Final = "mqtt-qos"
+H_RETAIN: Final = "mqtt-retain"
+H_CLIENT_ID: Final = "mqtt-client-id"
+H_PUBLISH_TIME: Final = "mqtt-publish-time"
+H_CONTENT_TYPE: Final = "mqtt-content-type"
+H_PAYLOAD_FORMAT: Final = "mqtt-payload-format"
+H_USER_PROPERTIES: Final = "mqtt-user-properties"
+NATS_MSG_ID: Final = "Nats-Msg-Id"
+
+
+def message_id(gateway_id: str, store_id: str, offset: int) -> str:
+    """`<gateway_id>-<store_id>-<offset>`: stable across resends, unique across stores."""
+    if offset < 1:
+        raise ValueError(f"log offsets start at 1, got {offset}")
+    if not store_id or "-" in store_id:
+        raise ValueError(f"a store id is non-empty and has no '-', got {store_id!r}")
+    return f"{gateway_id}-{store_id}-{offset}"
+
+
+def parse_message_id(mid: str) -> tuple[str, str, int]:
+    """(gateway_id, store_id, offset) of a message id; ValueError if it is not one."""
+    rest, _, offset = mid.rpartition("-")
+    gateway, _, store = rest.rpartition("-")
+    if not gateway or not store or not offset.isdigit():
+        raise ValueError(f"not a message id: {mid!r}")
+    return gateway, store, int(offset)
+
+
+def new_store_id() -> str:
+    """A fresh store id: 16 hex digits from the OS's random source (create with the file)."""
+    return f"{random.SystemRandom().getrandbits(64):016x}"
+
+
+def format_time(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds, as in `mqtt-publish-time`."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+_SAFE: Final = "-._~/:@!$&'()*+,;="
+
+
+def encode_text(value: str) -> str:
+    """A header value for arbitrary text (see (*) in the module docstring)."""
+    return quote(value, safe=_SAFE)
+
+
+def decode_text(value: str) -> str:
+    return unquote(value)
+
+
+def encode_user_properties(pairs: Sequence[tuple[str, str]]) -> str:
+    return json.dumps([list(pair) for pair in pairs], ensure_ascii=True, separators=(",", ":"))
+
+
+def decode_user_properties(value: str) -> tuple[tuple[str, str], ...]:
+    """The pairs of an `mqtt-user-properties` header value."""
+    pairs = json.loads(value)
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+            for p in pairs):
+        raise ValueError(f"not a user properties header: {value!r}")
+    return tuple((name, val) for name, val in pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeMessage:
+    """One log entry handed to a sink: what the bridge's cursor reads from the log."""
+
+    offset: int
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    publish_time: float = 0.0
+    client_id: str = ""
+    content_type: str | None = None
+    payload_utf8: bool = False
+    user_properties: tuple[tuple[str, str], ...] = ()
+    size: int = field(default=0, compare=False)
+
+    def headers(self, mid: str) -> dict[str, str]:
+        """The documented headers, in the documented order."""
+        out = {H_MESSAGE_ID: mid, H_TOPIC: encode_text(self.topic), H_QOS: str(self.qos)}
+        if self.retain:
+            out[H_RETAIN] = "1"
+        if self.client_id:
+            out[H_CLIENT_ID] = encode_text(self.client_id)
+        out[H_PUBLISH_TIME] = format_time(self.publish_time)
+        if self.content_type is not None:
+            out[H_CONTENT_TYPE] = encode_text(self.content_type)
+        if self.payload_utf8:
+            out[H_PAYLOAD_FORMAT] = "1"
+        if self.user_properties:
+            out[H_USER_PROPERTIES] = encode_user_properties(self.user_properties)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkMessage:
+    """A message read from the remote side, to publish locally, with its remote position.
+
+    The caller stores (`source`, `position`) in the same local transaction as the message,
+    then calls `DownlinkSource.ack(message)`. After a crash between the two the remote side
+    redelivers it: a position not above the stored one for its source is a duplicate, to be
+    acknowledged and not published again. Positions only grow within one source.
+    """
+
+    topic: str
+    payload: bytes
+    source: str
+    """Where positions are counted: the JetStream stream, or "<kafka topic>:<partition>"."""
+    position: int
+    """JetStream stream sequence, Kafka offset, MQTT: a local counter."""
+    qos: int = 1
+    retain: bool = False
+    user_properties: tuple[tuple[str, str], ...] = ()
+    handle: object = field(default=None, compare=False, repr=False)
+    """The client library's message, for `ack`."""
+
+
+class Sink(Protocol):
+    """The uplink side of a bridge: a window of log entries out, acknowledgements back."""
+
+    async def start(self) -> None:
+        """Connect (and create or check the remote stream). Raises on failure."""
+
+    async def send(self, batch: Sequence[BridgeMessage]) -> int:
+        """Send the batch, in order, all at once; return how many from the start of the batch
+        the remote side acknowledged (the cursor may move past exactly that many). Raises when
+        the connection is lost before any was acknowledged."""
+
+    async def close(self) -> None: ...
+
+
+class DownlinkSource(Protocol):
+    """The downlink side: remote messages in, remote acknowledgement after the local commit."""
+
+    def messages(self) -> AsyncIterator[DownlinkMessage]: ...
+
+    async def ack(self, message: DownlinkMessage) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def ssl_context(tls: TlsOptions) -> ssl.SSLContext | None:
+    """The client TLS context of a bridge (CA, client certificate), or None for plain TCP."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+class Backoff:
+    """Exponential backoff with full jitter: the n-th delay (n from 0) is uniform in
+    [0, min(cap, initial * 2**n)] ("full jitter", so hundreds of gateways reconnecting after
+    a central outage do not arrive in lockstep). `reset()` after a success.
+
+    `rand` returns a float in [0, 1); inject one in tests.
+    """
+
+    def __init__(self, initial: float = 1.0, cap: float = 60.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        if initial <= 0 or cap < initial:
+            raise ValueError(f"need 0 < initial <= cap, got {initial}, {cap}")
+        self.initial = initial
+        self.cap = cap
+        self._rand = rand
+        self.attempt = 0
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        if self.attempt >= 64:
+            return self.cap
+        return min(self.cap, self.initial * (1 << self.attempt))
+
+    def next_delay(self) -> float:
+        delay = self._rand() * self.ceiling()
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+async def retry_forever(step: Callable[[], Awaitable[None]], backoff: Backoff,
+                        sleep: Callable[[float], Awaitable[None]],
+                        on_error: Callable[[BaseException], None]) -> None:
+    """Run `step` until it returns; after each failure report it and sleep a backoff delay."""
+    while True:
+        try:
+            await step()
+            backoff.reset()
+            return
+        except Exception as exc:
+            on_error(exc)
+            await sleep(backoff.next_delay())
+
+
+# kind -> ("module:Sink class", "module:downlink class"); imported only when a bridge of
+# that kind is built (call `config.require_extras` first for a clear error).
+REGISTRY: Final[dict[str, tuple[str, str]]] = {
+    "jetstream": ("edge_broker.bridge.jetstream:JetStreamSink",
+                  "edge_broker.bridge.jetstream:JetStreamDownlink"),
+    "kafka": ("edge_broker.bridge.kafka:KafkaSink", "edge_broker.bridge.kafka:KafkaDownlink"),
+    # One MQTT connection carries both directions.
+    "mqtt": ("edge_broker.bridge.mqtt_upstream:MqttUpstream",
+             "edge_broker.bridge.mqtt_upstream:MqttUpstream"),
+}
+
+
+def load_class(kind: str, *, downlink: bool = False) -> type:
+    """The sink (or downlink) class of a bridge kind, imported now."""
+    module_name, _, class_name = REGISTRY[kind][1 if downlink else 0].partition(":")
+    cls: type = getattr(importlib.import_module(module_name), class_name)
+    return cls

@@ -1,0 +1,133 @@
+"""The uplink loop of a bridge: a cursor over the log, moved only by remote acknowledgements.
+
+`Forwarder.run()` repeats: read up to `window` log entries after the cursor, hand them to the
+sink, move the cursor past the number the sink says were acknowledged, and commit it. When
+the log has nothing after the cursor it waits for the next append (`LogReader.wait_after`),
+so nothing is polled. When the sink fails (cannot connect, connection lost, no ack within
+its timeout) the sink is closed, the failure recorded in `status`, and after a backoff delay
+(exponential with full jitter, `Backoff`) a new sink is started and the same entries are
+sent again: the backlog drains as soon as the uplink is back, without waiting for a new
+message.
+
+The log side is the `LogReader` protocol; the log of issue 8 implements it (a bridge is one
+more cursor over it). Its `read_after` returns entries in offset order; entries the store
+dropped for the bridge's `max_backlog_bytes` are simply absent (the store counts them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .base import Backoff, BridgeMessage, Sink
+
+log = logging.getLogger(__name__)
+
+
+class LogReader(Protocol):
+    """What a bridge needs from the log."""
+
+    async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
+        """Up to `limit` entries with offset > cursor that this bridge takes, in order."""
+        ...
+
+    async def wait_after(self, cursor: int) -> None:
+        """Return once an entry with offset > cursor may exist (soon after an append)."""
+        ...
+
+    async def commit_cursor(self, cursor: int) -> None:
+        """Store the bridge's cursor durably: everything up to it is acknowledged remotely."""
+        ...
+
+
+@dataclass(slots=True)
+class ForwarderStatus:
+    """What `edge-broker bridges status` and $SYS show for the uplink."""
+
+    connected: bool = False
+    cursor: int = 0
+    forwarded: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class Forwarder:
+    """Moves a bridge's cursor over the log by sending windows to a sink. See module doc."""
+
+    def __init__(self, make_sink: Callable[[], Sink], reader: LogReader, *, cursor: int,
+                 window: int = 256, backoff: Backoff | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 name: str = "bridge") -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.make_sink = make_sink
+        self.reader = reader
+        self.window = window
+        self.backoff = backoff or Backoff()
+        self.sleep = sleep
+        self.name = name
+        self.status = ForwarderStatus(cursor=cursor)
+        self._sink: Sink | None = None
+
+    async def run(self) -> None:
+        """Forward until cancelled. Never raises for remote failures."""
+        try:
+            while True:
+                await self.step()
+        finally:
+            await self._close_sink()
+
+    async def step(self) -> None:
+        """One round: connect if needed, send one window (or wait for the log)."""
+        status = self.status
+        if self._sink is None:
+            sink = self.make_sink()
+            try:
+                await sink.start()
+            except Exception as exc:
+                await self._failed(sink, exc)
+                return
+            self._sink = sink
+            status.connected = True
+        batch = await self.reader.read_after(status.cursor, self.window)
+        if not batch:
+            await self.reader.wait_after(status.cursor)
+            return
+        try:
+            acknowledged = await self._sink.send(batch)
+        except Exception as exc:
+            await self._failed(self._sink, exc)
+            return
+        if acknowledged <= 0:
+            await self._failed(self._sink, RuntimeError("nothing acknowledged"))
+            return
+        status.cursor = batch[acknowledged - 1].offset
+        await self.reader.commit_cursor(status.cursor)
+        status.forwarded += acknowledged
+        self.backoff.reset()
+
+    async def _failed(self, sink: Sink, exc: BaseException) -> None:
+        status = self.status
+        status.connected = False
+        status.failures += 1
+        status.last_error = f"{type(exc).__name__}: {exc}"
+        status.last_error_at = time.time()
+        log.warning("bridge %s: %s (cursor %d); retrying", self.name, status.last_error,
+                    status.cursor)
+        self._sink = None
+        try:
+            await sink.close()
+        except Exception:  # closing a broken sink may fail too; it is dropped either way
+            log.debug("bridge %s: error closing the sink", self.name, exc_info=True)
+        await self.sleep(self.backoff.next_delay())
+
+    async def _close_sink(self) -> None:
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            self.status.connected = False
+            await sink.close()

@@ -1,0 +1,279 @@
+"""The JetStream sink and downlink source (nats-py). Imported only for a "jetstream" bridge.
+
+Uplink: `JetStreamSink.send(batch)` publishes the whole window at once with
+`publish_async` (no round trip per message), each message to `<prefix>.<escaped topic>`
+with the documented headers and `Nats-Msg-Id` = the message id, then waits for the acks in
+order. It returns how many from the start of the window were stored (a PubAck, duplicate or
+not): the cursor moves past exactly those. A message whose ack does not come within
+`ack_timeout` ends the count there; the rest are resent next time with the same ids, and the
+server drops the ones it already has (within the stream's duplicate window).
+
+Stream: `start()` looks the stream up. Missing: it is created with the configured subjects,
+retention, storage, replicas, limits and duplicate window. Present (typically shared by many
+gateways): it must capture `<prefix>.>`, else a BridgeError says so; it is never modified.
+
+Downlink: `JetStreamDownlink` binds a durable pull consumer (created when missing, with
+explicit acks and the configured filter subjects) and yields each message with its stream
+sequence as position; `ack(message)` acknowledges it after the local commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from edge_broker.errors import BridgeError
+
+from .base import (
+    H_QOS,
+    H_RETAIN,
+    H_USER_PROPERTIES,
+    NATS_MSG_ID,
+    BridgeMessage,
+    DownlinkMessage,
+    decode_user_properties,
+    message_id,
+    ssl_context,
+)
+from .config import BridgeConfig, JetStreamOptions
+from .topic_map import subject_to_topic, topic_to_subject
+
+log = logging.getLogger(__name__)
+
+_RETENTION = {"limits": api.RetentionPolicy.LIMITS, "interest": api.RetentionPolicy.INTEREST,
+              "workqueue": api.RetentionPolicy.WORK_QUEUE}
+_STORAGE = {"file": api.StorageType.FILE, "memory": api.StorageType.MEMORY}
+
+
+def filter_covers(stream_filter: str, prefix: str) -> bool:
+    """Does the subject filter `stream_filter` capture every subject `<prefix>.>` can be?"""
+    tokens = stream_filter.split(".")
+    wanted = prefix.split(".")
+    if tokens[-1] != ">" or len(tokens) - 1 > len(wanted):
+        return False
+    return all(t in ("*", w) for t, w in zip(tokens[:-1], wanted, strict=False))
+
+
+def connect_options(config: BridgeConfig) -> dict[str, Any]:
+    """Keyword arguments for `nats.connect` from the bridge's credentials and TLS."""
+    js = _js(config)
+    options: dict[str, Any] = {
+        # nats-py reconnects by itself (and follows a cluster's other servers) a few times;
+        # past that, or when the first connection fails, the bridge's own loop takes over
+        # with its backoff. (-1, "forever", would also make the first connect hang.)
+        "servers": list(config.servers), "allow_reconnect": True,
+        "max_reconnect_attempts": 3, "reconnect_time_wait": config.backoff_initial_s,
+        "connect_timeout": 5, "name": f"edge-broker bridge {config.name}",
+    }
+    if js.creds_file is not None:
+        options["user_credentials"] = js.creds_file
+    if js.nkey_seed_file is not None:
+        options["nkeys_seed"] = js.nkey_seed_file
+    if js.token is not None:
+        options["token"] = js.token
+    if config.username is not None:
+        options["user"] = config.username
+        options["password"] = config.password
+    context = ssl_context(config.tls)
+    if context is not None:
+        options["tls"] = context
+        if config.tls.server_name is not None:
+            options["tls_hostname"] = config.tls.server_name
+    return options
+
+
+async def connect(config: BridgeConfig) -> Any:
+    """A nats-py connection; BridgeError naming the server's last complaint on failure
+    (e.g. "Authorization Violation"), not only nats-py's "no servers available"."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if text not in errors:
+            errors.append(text)
+            log.warning("bridge %s: NATS: %s", config.name, text)
+
+    try:
+        return await nats.connect(**connect_options(config), error_cb=on_error)
+    except Exception as exc:
+        detail = f" (errors seen: {'; '.join(errors)})" if errors else ""
+        raise BridgeError(f"bridge {config.name!r}: cannot connect to "
+                          f"{list(config.servers)}: {exc}{detail}") from exc
+
+
+def _js(config: BridgeConfig) -> JetStreamOptions:
+    if config.jetstream is None:
+        raise BridgeError(f"bridge {config.name!r} is not a jetstream bridge")
+    return config.jetstream
+
+
+class JetStreamSink:
+    """Uplink to a JetStream stream. See the module docstring."""
+
+    def __init__(self, config: BridgeConfig, *, gateway_id: str, store_id: str,
+                 ack_timeout: float = 10.0) -> None:
+        self.config = config
+        self.options = _js(config)
+        self.gateway_id = gateway_id
+        self.store_id = store_id
+        self.ack_timeout = ack_timeout
+        self.duplicates = 0
+        """Acks the server marked duplicate (resends it had stored already)."""
+        self.created_stream = False
+        self._nc: Any = None
+        self._js: Any = None
+
+    async def start(self) -> None:
+        self._nc = await connect(self.config)
+        self._js = self._nc.jetstream(timeout=self.ack_timeout,
+                                      publish_async_max_pending=max(self.config.window, 1))
+        await self.ensure_stream()
+
+    async def ensure_stream(self) -> None:
+        opts = self.options
+        try:
+            info = await self._js.stream_info(opts.stream)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(api.StreamConfig(
+                name=opts.stream, subjects=list(opts.stream_subjects),
+                retention=_RETENTION[opts.stream_retention],
+                storage=_STORAGE[opts.stream_storage], num_replicas=opts.stream_replicas,
+                max_age=float(opts.stream_max_age_s) if opts.stream_max_age_s else None,
+                max_bytes=opts.stream_max_bytes or -1,
+                duplicate_window=float(opts.duplicate_window_s)))
+            self.created_stream = True
+            return
+        subjects = info.config.subjects or []
+        if not any(filter_covers(s, opts.subject_prefix) for s in subjects):
+            raise BridgeError(
+                f"bridge {self.config.name!r}: the existing stream {opts.stream!r} captures "
+                f"{subjects}, not {opts.subject_prefix}.>; the bridge never modifies an "
+                "existing stream: add the subject to it, or change subject_prefix")
+
+    def subject(self, message: BridgeMessage) -> str:
+        return topic_to_subject(self.options.subject_prefix, message.topic)
+
+    async def send(self, batch: Sequence[BridgeMessage]) -> int:
+        """Publish the window; the number acknowledged from its start (see module doc)."""
+        if not batch:
+            return 0
+        if self._js is None:
+            raise BridgeError("send before start")
+        futures = []
+        try:
+            for message in batch:
+                mid = message_id(self.gateway_id, self.store_id, message.offset)
+                headers = message.headers(mid)
+                headers[NATS_MSG_ID] = mid
+                futures.append(await self._js.publish_async(
+                    self.subject(message), message.payload, headers=headers,
+                    wait_stall=self.ack_timeout))
+        except Exception:
+            if not futures:
+                raise
+        await asyncio.wait(futures, timeout=self.ack_timeout)
+        acknowledged = 0
+        first_error: BaseException | None = None
+        for future in futures:
+            if not future.done() or future.cancelled():
+                first_error = TimeoutError(f"no ack within {self.ack_timeout} s")
+                break
+            if (error := future.exception()) is not None:
+                first_error = error
+                break
+            if future.result().duplicate:
+                self.duplicates += 1
+            acknowledged += 1
+        for future in futures[acknowledged:]:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved, so asyncio does not log it
+        if acknowledged == 0 and first_error is not None:
+            raise BridgeError(f"JetStream publish failed: {first_error!r}") from first_error
+        return acknowledged
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            nc, self._nc, self._js = self._nc, None, None
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await asyncio.wait_for(nc.close(), 5)
+
+
+class JetStreamDownlink:
+    """Durable pull consumer on the downlink subjects. See the module docstring."""
+
+    def __init__(self, config: BridgeConfig, *, batch: int = 64, fetch_timeout: float = 1.0,
+                 ack_wait: float = 30.0) -> None:
+        self.config = config
+        self.ack_wait = ack_wait
+        """Seconds before the server redelivers a message not acknowledged (set when the
+        durable consumer is created; an existing one keeps its own)."""
+        self.options = _js(config)
+        self.batch = batch
+        self.fetch_timeout = fetch_timeout
+        self._nc: Any = None
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        opts = self.options
+        self._nc = await connect(self.config)
+        js = self._nc.jetstream()
+        subjects = list(self.config.downlink)
+        consumer = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT,
+                                      deliver_policy=api.DeliverPolicy.ALL,
+                                      ack_wait=self.ack_wait,
+                                      filter_subjects=subjects if len(subjects) > 1 else None)
+        self._sub = await js.pull_subscribe(subjects[0], durable=opts.downlink_durable,
+                                            stream=opts.downlink_stream, config=consumer)
+
+    async def messages(self) -> AsyncIterator[DownlinkMessage]:
+        if self._sub is None:
+            raise BridgeError("messages before start")
+        prefix = self.options.subject_prefix
+        while True:
+            try:
+                batch = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in batch:
+                headers = msg.headers or {}
+                try:
+                    topic = subject_to_topic(prefix, msg.subject)
+                except ValueError:
+                    await msg.term()  # cannot be a local topic: never redeliver it
+                    continue
+                props: tuple[tuple[str, str], ...] = ()
+                if H_USER_PROPERTIES in headers:
+                    try:
+                        props = decode_user_properties(headers[H_USER_PROPERTIES])
+                    except ValueError:
+                        props = ()
+                qos = headers.get(H_QOS, "1")
+                yield DownlinkMessage(
+                    topic=topic, payload=msg.data, source=self.options.downlink_stream,
+                    position=msg.metadata.sequence.stream,
+                    qos=int(qos) if qos in ("0", "1", "2") else 1,
+                    retain=headers.get(H_RETAIN) == "1", user_properties=props, handle=msg)
+
+    async def ack(self, message: DownlinkMessage) -> None:
+        msg: Any = message.handle
+        await msg.ack_sync()
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            nc, self._nc, self._sub = self._nc, None, None
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await asyncio.wait_for(nc.close(), 5)

@@ -1,0 +1,244 @@
+"""The Kafka sink and downlink source (aiokafka). Imported only for a "kafka" bridge.
+
+Uplink: `KafkaSink.send(batch)` hands the whole window to the producer at once (it batches
+per partition), each record to the Kafka topic of the first matching `topic_map` route, with
+key = the MQTT topic (default) or the publishing client id, value = the raw payload and the
+documented headers (`edge-message-id` among them), then waits for the acks in order
+(`acks=all`). It returns how many from the start of the window are stored; a message that
+matches no route is not sent, counted in `unrouted`, and counts as done so the cursor moves.
+
+Idempotence: the idempotent producer is on by default (`idempotence = true`), so producer
+retries never duplicate. A resend after an outage or a crash (a new producer) can still
+store a record twice: consumers drop it by `edge-message-id`. tansu 0.6 answers
+InitProducerId with an error, so with tansu set `idempotence = false` (the tests do).
+
+Downlink: `KafkaDownlink` is a consumer group member on the downlink topics, auto commit
+off; each record is yielded with source `<topic>:<partition>` and its offset as position,
+and `ack(message)` commits offset + 1 for its partition after the local commit. The local
+topic is the record's `mqtt-topic` header, else `<downlink_local_prefix><kafka topic>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from aiokafka import (  # type: ignore[import-untyped]
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    TopicPartition,
+)
+from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+
+from edge_broker.errors import BridgeError
+from edge_broker.mqtt.topics import is_valid_topic_name
+
+from .base import (
+    H_QOS,
+    H_RETAIN,
+    H_TOPIC,
+    H_USER_PROPERTIES,
+    BridgeMessage,
+    DownlinkMessage,
+    decode_text,
+    decode_user_properties,
+    message_id,
+    ssl_context,
+)
+from .config import BridgeConfig, KafkaOptions
+from .topic_map import route_kafka
+
+
+def _kafka(config: BridgeConfig) -> KafkaOptions:
+    if config.kafka is None:
+        raise BridgeError(f"bridge {config.name!r} is not a kafka bridge")
+    return config.kafka
+
+
+def client_options(config: BridgeConfig) -> dict[str, Any]:
+    """Keyword arguments shared by the producer and the consumer: servers, SASL, TLS."""
+    kafka = _kafka(config)
+    context = ssl_context(config.tls)
+    sasl = kafka.sasl_mechanism is not None
+    protocol = {(False, False): "PLAINTEXT", (True, False): "SSL",
+                (False, True): "SASL_PLAINTEXT", (True, True): "SASL_SSL"}[
+        (context is not None, sasl)]
+    options: dict[str, Any] = {"bootstrap_servers": list(config.servers),
+                               "security_protocol": protocol,
+                               "client_id": f"edge-broker-{config.name}"}
+    if context is not None:
+        options["ssl_context"] = context
+    if sasl:
+        options.update(sasl_mechanism=kafka.sasl_mechanism,
+                       sasl_plain_username=config.username,
+                       sasl_plain_password=config.password)
+    return options
+
+
+class KafkaSink:
+    """Uplink to Kafka topics. See the module docstring."""
+
+    def __init__(self, config: BridgeConfig, *, gateway_id: str, store_id: str,
+                 ack_timeout: float = 10.0) -> None:
+        self.config = config
+        self.options = _kafka(config)
+        self.gateway_id = gateway_id
+        self.store_id = store_id
+        self.ack_timeout = ack_timeout
+        self.unrouted = 0
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        producer = AIOKafkaProducer(
+            **client_options(self.config), acks="all",
+            enable_idempotence=self.options.idempotence,
+            compression_type=None if self.options.compression == "none"
+            else self.options.compression,
+            request_timeout_ms=int(self.ack_timeout * 1000), linger_ms=5)
+        try:
+            await asyncio.wait_for(producer.start(), self.ack_timeout)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            hint = ""
+            if self.options.idempotence and isinstance(exc, KafkaError):
+                hint = ("; if this broker does not support idempotent producers "
+                        "(InitProducerId; tansu 0.6 does not), set idempotence = false")
+            raise BridgeError(f"cannot connect to Kafka {list(self.config.servers)}: "
+                              f"{exc!r}{hint}") from exc
+        self._producer = producer
+
+    def record_key(self, message: BridgeMessage) -> bytes:
+        value = message.client_id if self.options.key == "client_id" else message.topic
+        return value.encode()
+
+    async def send(self, batch: Sequence[BridgeMessage]) -> int:
+        """Send the window; the number acknowledged from its start (see module doc)."""
+        if not batch:
+            return 0
+        if self._producer is None:
+            raise BridgeError("send before start")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout
+        futures: list[asyncio.Future[Any] | None] = []
+        try:
+            for message in batch:
+                topic = route_kafka(self.options.topic_map, message.topic)
+                if topic is None:
+                    futures.append(None)
+                    continue
+                mid = message_id(self.gateway_id, self.store_id, message.offset)
+                headers = [(k, v.encode()) for k, v in message.headers(mid).items()]
+                futures.append(await asyncio.wait_for(
+                    self._producer.send(topic, message.payload, key=self.record_key(message),
+                                        headers=headers),
+                    max(0.001, deadline - loop.time())))
+        except (KafkaError, TimeoutError) as exc:
+            if not any(f is not None for f in futures):
+                raise BridgeError(f"Kafka send failed: {exc!r}") from exc
+        pending = [f for f in futures if f is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+        acknowledged = 0
+        first_error: BaseException | None = None
+        for future in futures:
+            if future is None:
+                self.unrouted += 1
+                acknowledged += 1
+                continue
+            if not future.done() or future.cancelled():
+                first_error = TimeoutError(f"no ack within {self.ack_timeout} s")
+                break
+            if (error := future.exception()) is not None:
+                first_error = error
+                break
+            acknowledged += 1
+        for future in futures[acknowledged:]:
+            if future is not None and future.done() and not future.cancelled():
+                future.exception()  # retrieved, so asyncio does not log it
+        if acknowledged == 0 and first_error is not None:
+            raise BridgeError(f"Kafka send failed: {first_error!r}") from first_error
+        return acknowledged
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 5)
+
+
+class KafkaDownlink:
+    """A consumer group member on the downlink topics. See the module docstring."""
+
+    def __init__(self, config: BridgeConfig, *, fetch_timeout: float = 1.0,
+                 session_timeout: float = 30.0) -> None:
+        self.config = config
+        self.options = _kafka(config)
+        self.fetch_timeout = fetch_timeout
+        self.session_timeout = session_timeout
+        """Seconds after which the group gives a silent member's partitions to another
+        (a gateway that crashed holds its partitions this long)."""
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(
+            *self.config.downlink, **client_options(self.config),
+            group_id=self.options.downlink_group, enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(self.session_timeout * 1000),
+            rebalance_timeout_ms=int(self.session_timeout * 1000),
+            heartbeat_interval_ms=max(100, int(self.session_timeout * 1000) // 10))
+        try:
+            await consumer.start()
+        except (KafkaError, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise BridgeError(f"cannot connect to Kafka: {exc!r}") from exc
+        self._consumer = consumer
+
+    def local_topic(self, kafka_topic: str, headers: dict[str, str]) -> str | None:
+        if H_TOPIC in headers:
+            topic = decode_text(headers[H_TOPIC])
+        else:
+            topic = self.options.downlink_local_prefix + kafka_topic
+        return topic if is_valid_topic_name(topic) else None
+
+    async def messages(self) -> AsyncIterator[DownlinkMessage]:
+        if self._consumer is None:
+            raise BridgeError("messages before start")
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=int(self.fetch_timeout * 1000))
+            for partition, records in batches.items():
+                for record in records:
+                    headers = {k: v.decode(errors="replace") for k, v in record.headers}
+                    topic = self.local_topic(record.topic, headers)
+                    props: tuple[tuple[str, str], ...] = ()
+                    if H_USER_PROPERTIES in headers:
+                        with contextlib.suppress(ValueError):
+                            props = decode_user_properties(headers[H_USER_PROPERTIES])
+                    qos = headers.get(H_QOS, "1")
+                    message = DownlinkMessage(
+                        topic=topic or "", payload=record.value or b"",
+                        source=f"{partition.topic}:{partition.partition}",
+                        position=record.offset, qos=int(qos) if qos in ("0", "1", "2") else 1,
+                        retain=headers.get(H_RETAIN) == "1", user_properties=props,
+                        handle=partition)
+                    if topic is None:
+                        await self.ack(message)  # cannot be a local topic: skip it for good
+                        continue
+                    yield message
+
+    async def ack(self, message: DownlinkMessage) -> None:
+        if self._consumer is None:
+            raise BridgeError("ack after close")
+        partition = message.handle
+        assert isinstance(partition, TopicPartition)
+        await self._consumer.commit({partition: message.position + 1})
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), 5)

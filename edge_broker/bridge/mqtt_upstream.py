@@ -1,0 +1,507 @@
+"""The MQTT upstream bridge: an asyncio client on our sans-IO `Connection` (CLIENT role).
+
+Theory of operation
+-------------------
+`MqttUpstream.start()` tries the configured servers in turn (`mqtt://host:port`,
+`mqtts://host:port`) until one answers CONNECT with success. The CONNECT asks to resume the
+session (clean start false; on MQTT 5 with the configured Session Expiry Interval), so the
+remote broker keeps our subscriptions and queues downlink messages while the gateway is
+away. It carries a will: the notification topic with payload "0", retained, so the remote
+side learns that the link is down; after the CONNACK the bridge publishes "1" there,
+retained. On MQTT 3.1.1 with `try_private`, the protocol level byte is sent with bit 0x80
+set (mosquitto's bridge marker: a mosquitto remote then does not send our own messages
+back); if the remote refuses that, the next attempt goes without it. On MQTT 5 every
+downlink subscription sets No Local instead, for the same loop prevention.
+
+Uplink: `send(batch)` maps each message's local topic through the topic lines ("out" and
+"both") to a remote topic and publishes it at the lower of its own QoS and the line's. QoS 1/2
+publishes of a window go out at once, as many as the remote's Receive Maximum and the
+bridge's `window` allow, then their acks are awaited in order; the return value is how many
+from the start of the batch are done (QoS 0 ones are done when written; a message no line
+sends is done and counted in `unmapped`). Unacknowledged publishes are kept, by packet
+identifier, across reconnects: when the remote resumes the session they are resent with DUP
+set (a QoS 2 one that got its PUBREC gets its PUBREL again) [MQTT-4.4.0-1] (3.1.1/5.0), so a
+QoS 2 message is not duplicated by a reconnect. A `send` repeating a message already in
+flight waits for that exchange instead of publishing it again.
+
+Downlink: the remote filters of the "in" and "both" lines are subscribed at the lines' QoS
+(2 in the examples). Each PUBLISH received is mapped to its local topic and yielded by
+`messages()`; `ack(message)` after the local commit sends PUBACK (QoS 1) or PUBREC (QoS 2).
+For QoS 2 the local side must keep the packet identifier (`position`, source
+"mqtt:<client id>") with the message until PUBREL releases it: a PUBLISH with an identifier
+it still holds is a resend and is acknowledged without publishing it again. `on_release`
+is called with the identifier when the PUBREL arrives (PUBCOMP is then sent).
+
+Keep alive: a PINGREQ every keep-alive / 2 while idle; a connection silent for 1.5 x the
+keep alive is closed [MQTT-3.1.2-24] (3.1.1). A lost connection fails the waiting sends;
+`start()` again reconnects (the caller's loop, with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from edge_broker.errors import BridgeError
+from edge_broker.mqtt.connection import Connection
+from edge_broker.mqtt.errors import LocalProtocolError, RemoteProtocolError
+from edge_broker.mqtt.packets import (
+    ConnAck,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    Subscription,
+    Will,
+)
+from edge_broker.mqtt.properties import Properties
+from edge_broker.mqtt.types import ProtocolLevel, Role
+
+from .base import BridgeMessage, DownlinkMessage, ssl_context
+from .config import BridgeConfig, MqttOptions
+from .topic_map import map_topic_in, map_topic_out
+
+log = logging.getLogger(__name__)
+
+BRIDGE_LEVEL_BIT: Final = 0x80  # mosquitto's try_private marker on the protocol level byte
+
+
+@dataclass(slots=True)
+class _InFlight:
+    offset: int
+    publish: Publish
+    future: asyncio.Future[None]
+    pubrec_received: bool = False
+
+
+@dataclass(slots=True)
+class _Link:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: Connection
+    server: str
+    session_present: bool
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def _address(server: str, tls_forced: bool) -> tuple[str, int, bool]:
+    parts = urlsplit(server)
+    secure = parts.scheme == "mqtts" or tls_forced
+    host = parts.hostname or "127.0.0.1"
+    return host, parts.port or (8883 if secure else 1883), secure
+
+
+class MqttUpstream:
+    """One bridge connection to an upstream MQTT broker. See the module docstring."""
+
+    def __init__(self, config: BridgeConfig, *, ack_timeout: float = 10.0,
+                 connect_timeout: float = 5.0,
+                 on_release: Callable[[int], None] | None = None) -> None:
+        if config.mqtt is None:
+            raise BridgeError(f"bridge {config.name!r} is not an mqtt bridge")
+        self.config = config
+        self.options: MqttOptions = config.mqtt
+        self.ack_timeout = ack_timeout
+        self.connect_timeout = connect_timeout
+        self.on_release = on_release
+        self.level = (ProtocolLevel.MQTT_5 if self.options.mqtt_version == "5"
+                      else ProtocolLevel.MQTT_3_1_1)
+        self.try_private = self.options.try_private and self.level == ProtocolLevel.MQTT_3_1_1
+        self.unmapped = 0
+        """Messages no "out"/"both" topic line sends (skipped, the cursor moves on)."""
+        self.oversize = 0
+        """Messages larger than the remote's Maximum Packet Size (not sent, counted)."""
+        self.last_error: str | None = None
+        self.session_present = False
+        self._link: _Link | None = None
+        self._inflight: dict[int, _InFlight] = {}
+        self._by_offset: dict[int, int] = {}
+        self._next_id = 1
+        self._downlink: asyncio.Queue[DownlinkMessage] = asyncio.Queue()
+        self._suback: asyncio.Future[SubAck] | None = None
+        self._lost: asyncio.Event = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    @property
+    def source(self) -> str:
+        return f"mqtt:{self.options.client_id}"
+
+    # ------------------------------------------------------------------ connecting
+
+    async def start(self) -> None:
+        """Connect to the first server that accepts; BridgeError when none does."""
+        errors: list[str] = []
+        for server in self.config.servers:
+            try:
+                await self._connect(server)
+                return
+            except (OSError, TimeoutError, BridgeError, RemoteProtocolError) as exc:
+                errors.append(f"{server}: {exc}")
+        self.last_error = "; ".join(errors)
+        raise BridgeError(f"no upstream accepted the connection: {self.last_error}")
+
+    def _connect_packet(self) -> Connect:
+        opts = self.options
+        v5 = self.level == ProtocolLevel.MQTT_5
+        will = None
+        if opts.notification_topic:
+            will = Will(opts.notification_topic, b"0", qos=1, retain=True)
+        props = Properties(session_expiry_interval=opts.session_expiry_s,
+                           receive_maximum=65535) if v5 else Properties()
+        return Connect(client_id=opts.client_id, protocol_level=self.level, clean_start=False,
+                       keep_alive=opts.keepalive_s, username=self.config.username,
+                       password=None if self.config.password is None
+                       else self.config.password.encode(), will=will, properties=props)
+
+    async def _connect(self, server: str) -> None:
+        host, port, secure = _address(server, self.config.tls.enabled)
+        context: ssl.SSLContext | None = None
+        if secure:
+            context = ssl_context(self.config.tls) or ssl.create_default_context()
+        server_hostname = self.config.tls.server_name or host if context else None
+        attempts = [True, False] if self.try_private else [False]
+        last: Exception | None = None
+        for private in attempts:
+            try:
+                await asyncio.wait_for(
+                    self._handshake(server, host, port, context, server_hostname, private),
+                    self.connect_timeout)
+                return
+            except BridgeError as exc:
+                last = exc
+                if not private:
+                    raise
+                log.info("bridge %s: %s refused the bridge marker (try_private), retrying "
+                         "without it", self.config.name, server)
+        assert last is not None
+        raise last
+
+    async def _handshake(self, server: str, host: str, port: int,
+                         context: ssl.SSLContext | None, server_hostname: str | None,
+                         private: bool) -> None:
+        reader, writer = await asyncio.open_connection(host, port, ssl=context,
+                                                       server_hostname=server_hostname)
+        conn = Connection(Role.CLIENT, protocol_level=self.level)
+        try:
+            data = bytearray(conn.send(self._connect_packet()))
+            if private:
+                _mark_bridge(data)
+            writer.write(data)
+            await writer.drain()
+            connack: ConnAck | None = None
+            early: list[Packet] = []  # what the remote sent right behind the CONNACK
+            while connack is None:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    raise BridgeError(f"{server} closed the connection after CONNECT")
+                for packet in conn.receive_packets(chunk):
+                    if isinstance(packet, ConnAck):
+                        connack = packet
+                    elif connack is not None:
+                        early.append(packet)
+            if connack.reason_code >= 0x80:
+                raise BridgeError(f"{server} refused the connection: reason code "
+                                  f"0x{connack.reason_code:02X}")
+        except BaseException:
+            writer.transport.abort()
+            raise
+        link = _Link(reader, writer, conn, server, connack.session_present)
+        self._link = link
+        self._lost = asyncio.Event()
+        self.session_present = connack.session_present
+        self.last_error = None
+        for packet in early:  # e.g. downlink messages queued in the session
+            self._handle(link, packet)
+        link.tasks.append(asyncio.ensure_future(self._read_loop(link)))
+        if self.options.keepalive_s:
+            link.tasks.append(asyncio.ensure_future(self._keepalive_loop(link)))
+        self._resume_inflight(link)
+        await self._subscribe(link)
+        if self.options.notification_topic:
+            self._write(link, Publish(self.options.notification_topic, b"1", qos=0,
+                                      retain=True))
+
+    def _resume_inflight(self, link: _Link) -> None:
+        """Resend what the previous connection left unacknowledged, in order."""
+        for packet_id, entry in sorted(self._inflight.items(),
+                                       key=lambda item: item[1].offset):
+            if entry.pubrec_received and link.session_present:
+                self._write(link, PubRel(packet_id))
+            else:
+                entry.pubrec_received = False
+                publish = entry.publish
+                resend = Publish(publish.topic, publish.payload, publish.qos, publish.retain,
+                                 dup=link.session_present, packet_id=packet_id,
+                                 properties=publish.properties)
+                self._write(link, resend)
+
+    async def _subscribe(self, link: _Link) -> None:
+        v5 = self.level == ProtocolLevel.MQTT_5
+        subs = tuple(Subscription(line.remote_filter, qos=line.qos, no_local=v5,
+                                  retain_as_published=v5)
+                     for line in self.options.topics if line.downlink)
+        if not subs:
+            return
+        self._suback = asyncio.get_running_loop().create_future()
+        self._write(link, Subscribe(self._allocate_id(), subs))
+        suback = await asyncio.wait_for(self._suback, self.ack_timeout)
+        refused = [s.topic_filter for s, code in zip(subs, suback.reason_codes, strict=False)
+                   if code >= 0x80]
+        if refused:
+            log.warning("bridge %s: %s refused the subscriptions %s", self.config.name,
+                        link.server, refused)
+
+    # ------------------------------------------------------------------ uplink
+
+    def _allocate_id(self) -> int:
+        for _ in range(65535):
+            packet_id = self._next_id
+            self._next_id = packet_id % 65535 + 1
+            if packet_id not in self._inflight:
+                return packet_id
+        raise BridgeError("no free packet identifier")
+
+    async def send(self, batch: Sequence[BridgeMessage]) -> int:
+        """Publish the window; the number done from its start (see module doc)."""
+        link = self._link
+        if link is None:
+            raise BridgeError("not connected")
+        lines = self.options.topics
+        waits: list[asyncio.Future[None] | None] = []
+        budget = min(self.config.window, link.conn.send_quota)
+        for message in batch:
+            packet_id = self._by_offset.get(message.offset)
+            if packet_id is not None and packet_id in self._inflight:
+                waits.append(self._inflight[packet_id].future)
+                continue
+            mapped = map_topic_out(lines, message.topic)
+            if mapped is None:
+                self.unmapped += 1
+                waits.append(None)
+                continue
+            remote_topic, line_qos = mapped
+            # [MQTT-3.2.2-11] (5.0): not above the server's Maximum QoS.
+            qos = min(message.qos, line_qos, link.conn.peer_maximum_qos)
+            # [MQTT-3.2.2-14] (5.0): no retain flag when the server has no retain.
+            retain = message.retain and link.conn.peer_retain_available
+            if qos and budget <= len([w for w in waits if w is not None]):
+                break
+            props = Properties()
+            if self.level == ProtocolLevel.MQTT_5:
+                props = Properties(user_properties=message.user_properties,
+                                   content_type=message.content_type,
+                                   payload_format_indicator=1 if message.payload_utf8
+                                   else None)
+            publish = Publish(remote_topic, message.payload, qos, retain,
+                              packet_id=self._allocate_id() if qos else None,
+                              properties=props)
+            try:
+                data = link.conn.send(publish)
+            except LocalProtocolError as exc:
+                raise BridgeError(f"cannot publish {remote_topic!r}: {exc}") from exc
+            if not data:
+                # Larger than the remote's Maximum Packet Size: it would refuse it, so it is
+                # not sent, counted and logged ([MQTT-3.1.2-25] (5.0)).
+                self.oversize += 1
+                log.warning("bridge %s: %r (%d bytes) is larger than %s accepts; not sent",
+                            self.config.name, message.topic, len(message.payload),
+                            link.server)
+                waits.append(None)
+                continue
+            link.writer.write(data)
+            if not qos:
+                waits.append(None)  # QoS 0: done when written
+                continue
+            assert publish.packet_id is not None
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._inflight[publish.packet_id] = _InFlight(message.offset, publish, future)
+            self._by_offset[message.offset] = publish.packet_id
+            waits.append(future)
+        with contextlib.suppress(ConnectionError):
+            await link.writer.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout
+        pending: list[asyncio.Future[None]] = [w for w in waits if w is not None and not w.done()]
+        lost_event = self._lost
+        while pending and not lost_event.is_set() and loop.time() < deadline:
+            lost: asyncio.Future[Any] = asyncio.ensure_future(lost_event.wait())
+            waiting: set[asyncio.Future[Any]] = {*pending, lost}
+            await asyncio.wait(waiting, timeout=deadline - loop.time(),
+                               return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            pending = [w for w in pending if not w.done()]
+        done = 0
+        for wait in waits:
+            if wait is not None and not wait.done():
+                break
+            done += 1
+        if done == 0 and waits:
+            raise BridgeError("no acknowledgement from upstream"
+                              + (": connection lost" if self._link is None else
+                                 f" within {self.ack_timeout} s"))
+        return done
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read_loop(self, link: _Link) -> None:
+        try:
+            while True:
+                chunk = await link.reader.read(65536)
+                if not chunk:
+                    raise ConnectionError("closed by the upstream")
+                self._seen = asyncio.get_running_loop().time()
+                for packet in link.conn.receive_packets(chunk):
+                    self._handle(link, packet)
+        except (OSError, ConnectionError, RemoteProtocolError, LocalProtocolError) as exc:
+            self._drop(link, str(exc) or type(exc).__name__)
+        except asyncio.CancelledError:
+            pass
+
+    def _handle(self, link: _Link, packet: Packet) -> None:
+        if isinstance(packet, PubAck | PubComp):
+            entry = self._inflight.pop(packet.packet_id, None)
+            if entry is not None:
+                self._by_offset.pop(entry.offset, None)
+                if not entry.future.done():
+                    entry.future.set_result(None)
+        elif isinstance(packet, PubRec):
+            entry = self._inflight.get(packet.packet_id)
+            if packet.reason_code >= 0x80:
+                # 4.9 (5.0): a failing PUBREC ends the exchange; the remote refused it.
+                if entry is not None:
+                    log.warning("bridge %s: upstream refused %r with 0x%02X",
+                                self.config.name, entry.publish.topic, packet.reason_code)
+                    self._inflight.pop(packet.packet_id)
+                    self._by_offset.pop(entry.offset, None)
+                    entry.future.set_result(None)
+                return
+            if entry is not None:
+                entry.pubrec_received = True
+            self._write(link, PubRel(packet.packet_id))
+        elif isinstance(packet, Publish):
+            self._received_publish(packet)
+        elif isinstance(packet, PubRel):
+            self._write(link, PubComp(packet.packet_id))
+            if self.on_release is not None:
+                self.on_release(packet.packet_id)
+        elif isinstance(packet, SubAck):
+            if self._suback is not None and not self._suback.done():
+                self._suback.set_result(packet)
+        elif isinstance(packet, Disconnect):
+            raise ConnectionError(f"DISCONNECT 0x{packet.reason_code:02X} from the upstream")
+
+    def _received_publish(self, packet: Publish) -> None:
+        local = map_topic_in(self.options.topics, packet.topic)
+        message = DownlinkMessage(
+            topic=local or "", payload=packet.payload, source=self.source,
+            position=packet.packet_id or 0, qos=packet.qos, retain=packet.retain,
+            user_properties=packet.properties.user_properties, handle=packet)
+        if local is None:
+            log.warning("bridge %s: no topic line takes %r from upstream", self.config.name,
+                        packet.topic)
+            self._ack_remote(message)  # not ours to publish; do not get it again
+            return
+        self._downlink.put_nowait(message)
+
+    async def messages(self) -> AsyncIterator[DownlinkMessage]:
+        while True:
+            yield await self._downlink.get()
+
+    async def ack(self, message: DownlinkMessage) -> None:
+        """After the local commit: PUBACK (QoS 1) or PUBREC (QoS 2)."""
+        self._ack_remote(message)
+
+    def _ack_remote(self, message: DownlinkMessage) -> None:
+        link = self._link
+        if link is None or not message.qos:
+            return
+        ack = PubAck(message.position) if message.qos == 1 else PubRec(message.position)
+        self._write(link, ack)
+
+    # ------------------------------------------------------------------ plumbing
+
+    _seen: float = 0.0
+
+    async def _keepalive_loop(self, link: _Link) -> None:
+        keepalive = self.options.keepalive_s
+        loop = asyncio.get_running_loop()
+        self._seen = loop.time()
+        try:
+            while self._link is link:
+                await asyncio.sleep(keepalive / 2)
+                if loop.time() - self._seen > keepalive * 1.5:
+                    self._drop(link, f"no packet from the upstream for {keepalive * 1.5} s")
+                    return
+                self._write(link, PingReq())
+        except asyncio.CancelledError:
+            pass
+
+    def _write(self, link: _Link, packet: Packet) -> None:
+        try:
+            data = link.conn.send(packet)
+        except LocalProtocolError as exc:
+            self._drop(link, f"cannot send {type(packet).__name__}: {exc}")
+            return
+        if data and not link.writer.is_closing():
+            link.writer.write(data)
+
+    def _drop(self, link: _Link, reason: str) -> None:
+        if self._link is not link:
+            return
+        self._link = None
+        self.last_error = f"{link.server}: {reason}"
+        log.warning("bridge %s: connection lost: %s", self.config.name, self.last_error)
+        link.writer.transport.abort()
+        for task in link.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._lost.set()
+        if self._suback is not None and not self._suback.done():
+            self._suback.set_exception(BridgeError("connection lost"))
+
+    async def close(self) -> None:
+        """Disconnect normally (the will is not published; the state topic is set to "0")."""
+        link = self._link
+        if link is None:
+            return
+        if self.options.notification_topic:
+            self._write(link, Publish(self.options.notification_topic, b"0", qos=0,
+                                      retain=True))
+        self._write(link, Disconnect())
+        with contextlib.suppress(ConnectionError, OSError):
+            await asyncio.wait_for(link.writer.drain(), 2)
+        self._link = None
+        link.writer.close()
+        for task in link.tasks:
+            task.cancel()
+        self._lost.set()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT (as a crash or a cut link would)."""
+        if self._link is not None:
+            self._drop(self._link, "aborted")
+
+
+def _mark_bridge(data: bytearray) -> None:
+    """Set mosquitto's bridge bit on the protocol level byte of an encoded CONNECT."""
+    index = 1
+    while data[index] & 0x80:  # the remaining length varint
+        index += 1
+    index += 1 + 2 + 4  # after the varint: protocol name length (2) and "MQTT" (4)
+    data[index] |= BRIDGE_LEVEL_BIT

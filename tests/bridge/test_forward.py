@@ -1,0 +1,175 @@
+"""The uplink loop: cursor moves only by acknowledgements; outages drain when the link is back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from edge_broker.bridge.base import Backoff, BridgeMessage
+from edge_broker.bridge.forward import Forwarder
+from tests.bridge.memlog import MemoryLog
+
+
+class ScriptedSink:
+    """A sink whose answers are scripted: connect failures, then partial acks."""
+
+    def __init__(self, script: list[object], received: list[int]) -> None:
+        self.script = script
+        self.received = received
+
+    async def start(self) -> None:
+        if self.script and self.script[0] == "refuse":
+            self.script.pop(0)
+            raise ConnectionRefusedError("refused")
+
+    async def send(self, batch: Sequence[BridgeMessage]) -> int:
+        answer = self.script.pop(0) if self.script else len(batch)
+        if answer == "lost":
+            raise ConnectionResetError("lost")
+        assert isinstance(answer, int)
+        count = min(answer, len(batch))
+        self.received.extend(m.offset for m in batch[:count])
+        return count
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_cursor_moves_by_acks_and_failures_back_off_with_jitter() -> None:
+    log = MemoryLog()
+    for i in range(10):
+        log.append("s/t", b"%d" % i)
+    script: list[object] = ["refuse", "refuse", 3, "lost", 0, 4]
+    received: list[int] = []
+    delays: list[float] = []
+
+    async def record(delay: float) -> None:
+        delays.append(delay)
+
+    forwarder = Forwarder(lambda: ScriptedSink(script, received), log, cursor=0, window=4,
+                          backoff=Backoff(1.0, 8.0, rand=lambda: 0.5), sleep=record)
+    for _ in range(8):
+        await forwarder.step()
+        if log.committed == 10:
+            break
+    # refuse, refuse (1/2, 2/2 of the ceiling), 3 acked (reset), lost, 0 acked, then the rest.
+    assert delays == [0.5, 1.0, 0.5, 1.0]
+    assert received == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert log.committed == 10 and forwarder.status.forwarded == 10
+    assert forwarder.status.failures == 4
+    assert forwarder.status.last_error == "RuntimeError: nothing acknowledged"
+
+
+async def test_idle_forwarder_waits_for_the_log_without_polling() -> None:
+    log = MemoryLog()
+    received: list[int] = []
+    forwarder = Forwarder(lambda: ScriptedSink([], received), log, cursor=0)
+    task = asyncio.ensure_future(forwarder.run())
+    try:
+        await asyncio.sleep(0)  # let it connect and wait on the empty log
+        log.append("s/t", b"x")
+        while log.committed < 1:
+            await asyncio.sleep(0)
+        assert received == [1] and forwarder.status.connected
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("outage", ["stopped", "blackholed"])
+async def test_jetstream_outage_drains_when_the_uplink_returns(tmp_path: Path,
+                                                               outage: str) -> None:
+    pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
+    from edge_broker.bridge.jetstream import JetStreamSink
+    from tests.bridge.proxy import TcpProxy
+    from tests.bridge.servers import NatsServer
+    from tests.bridge.test_jetstream import bridge_config, offsets, stored
+
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    proxy = await TcpProxy("127.0.0.1", server.port).start()
+    config = bridge_config(f"nats://{proxy.address}")
+    log = MemoryLog()
+    forwarder = Forwarder(
+        lambda: JetStreamSink(config, gateway_id="gw7", store_id="5eed", ack_timeout=1.0),
+        log, cursor=0, window=256, backoff=Backoff(0.05, 0.5), name="central")
+    task = asyncio.ensure_future(forwarder.run())
+
+    async def until(predicate: object, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():  # type: ignore[operator]
+            assert loop.time() < deadline, forwarder.status
+            await asyncio.sleep(0.02)
+
+    try:
+        for i in range(1000):
+            log.append(f"sensors/t{i % 4}", b"%d" % i)
+        await until(lambda: log.committed == 1000)
+        if outage == "stopped":
+            server.stop()
+        else:
+            proxy.blackhole()
+        for i in range(1000, 3000):  # devices keep publishing during the outage
+            log.append(f"sensors/t{i % 4}", b"%d" % i)
+        await until(lambda: forwarder.status.failures > 0)
+        assert log.committed < 3000
+        if outage == "stopped":
+            server.start()
+        else:
+            proxy.cut()
+            proxy.forward()
+        # No new message is appended: the backlog drains because the link is back.
+        await until(lambda: log.committed == 3000)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await proxy.close()
+    try:
+        msgs = await stored(server.url)
+    finally:
+        server.stop()
+    assert offsets(msgs) == list(range(1, 3001))  # all, in log order, no stored duplicate
+
+
+async def test_uplink_down_since_boot_drains_once_the_server_appears(tmp_path: Path) -> None:
+    pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
+    from edge_broker.bridge.jetstream import JetStreamSink
+    from tests.bridge.servers import NatsServer
+    from tests.bridge.test_jetstream import bridge_config, offsets, stored
+
+    server = NatsServer(tmp_path / "nats")  # its port is chosen, nothing listens yet
+    config = bridge_config(server.url)
+    log = MemoryLog()
+    for i in range(500):
+        log.append(f"sensors/t{i % 4}", b"%d" % i)
+    forwarder = Forwarder(
+        lambda: JetStreamSink(config, gateway_id="gw7", store_id="5eed", ack_timeout=1.0),
+        log, cursor=0, backoff=Backoff(0.05, 0.5), name="central")
+    task = asyncio.ensure_future(forwarder.run())
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = loop.time() + 30
+        while forwarder.status.failures < 1:  # it failed, and keeps trying with backoff
+            assert loop.time() < deadline
+            await asyncio.sleep(0.02)
+        assert log.committed == 0 and not forwarder.status.connected
+        assert "cannot connect" in (forwarder.status.last_error or "")
+        server.start()
+        while log.committed < 500:
+            assert loop.time() < deadline + 30, forwarder.status
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    try:
+        assert offsets(await stored(server.url)) == list(range(1, 501))
+    finally:
+        server.stop()
