@@ -10,6 +10,10 @@ unacknowledged messages - is lost; its sequence number survives, as if kept in f
 
 A reading counts as acknowledged when paho reports its PUBACK; the central subscriber must then
 receive it. Readings lost to the buffer bound or to a reboot were never acknowledged.
+
+edge-broker-manifest: client_id={id} username={id} clean_session=false keepalive=60 qos=1
+edge-broker-manifest: publish=devices/{id}/telemetry
+edge-broker-manifest: will=devices/{id}/status retain=true birth=online will_payload=offline
 """
 
 from __future__ import annotations
