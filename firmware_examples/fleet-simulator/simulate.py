@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     total_received = sum(len(seqs) for seqs in received.values())
     unique = sum(len(set(seqs)) for seqs in received.values())
     # gaps: sequence numbers a device produced that never arrived (acknowledged or not)
-    gaps = sum(r["produced"] - len(set(received.get(r["id"], ()))) for r in reports)
+    per_device_gaps = {r["id"]: sorted(set(range(r["produced"]))
+                                       - set(received.get(r["id"], ()))) for r in reports}
+    per_device_gaps = {dev: seqs for dev, seqs in per_device_gaps.items() if seqs}
+    gaps = sum(len(seqs) for seqs in per_device_gaps.values())
     report = {
         "devices": args.devices, "duration_s": args.duration,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "received": total_received, "duplicates": total_received - unique,
         "missing_acknowledged": sum(len(s) for s in missing.values()),
         "missing_examples": dict(list(missing.items())[:10]),
-        "gaps": gaps,
+        "gaps": gaps, "devices_with_gaps": len(per_device_gaps),
+        "gap_examples": {dev: seqs[:20] for dev, seqs in list(per_device_gaps.items())[:5]},
         "dropped_buffer_full": sum(r["dropped"] for r in reports),
         "lost_on_reboot": sum(r["lost_on_reboot"] for r in reports),
         "unacked_at_end": sum(r["unacked"] for r in reports),

@@ -72,3 +72,23 @@ def test_c_device_publishes_every_reading_and_obeys_commands(
             process.kill()
             process.wait()
         central.stop()
+
+
+def test_c_device_will_reports_it_offline_when_it_dies(device_binary: Path,
+                                                      broker: BrokerThread) -> None:
+    central = Central("central-will").connect(broker.port)
+    process = subprocess.Popen(
+        [str(device_binary), "--id", "c-will", "--port", str(broker.port), "--interval-ms", "50"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        central.wait(lambda: len(central.telemetry["c-will"]) >= 1, 20, "a first reading")
+        process.kill()  # power loss: no DISCONNECT, so the broker publishes the will
+        process.wait()
+        central.wait(lambda: [p for t, p, _r in central.messages
+                              if t == "devices/c-will/status"][-1:] == [b"offline"], 20,
+                     "the will")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        central.stop()
