@@ -23,6 +23,7 @@ import random
 import selectors
 import socket
 import time
+import traceback
 from collections import deque
 from typing import Any
 
@@ -168,6 +169,10 @@ class Fleet:
 
     def register(self, device: Device, sock: Any) -> None:
         self.forget(device)
+        # paho may have closed a socket without telling us; its number can come back now
+        stale = self.selector.get_map().get(sock.fileno())
+        if stale is not None:
+            self.selector.unregister(stale.fd)
         self.selector.register(sock, selectors.EVENT_READ, device)
 
     def forget(self, device: Device) -> None:
@@ -217,7 +222,16 @@ class Fleet:
 
 
 def run_worker(ids: list[str], opts: dict[str, Any], results: Any) -> None:
-    """One process: run the devices for `duration`, then drain, then report on `results`."""
+    """One process: run the devices for `duration`, then drain, then report on `results`
+    (a list of per-device dicts, or {"error": traceback})."""
+    try:
+        _run_worker(ids, opts, results)
+    except BaseException:
+        results.put({"error": traceback.format_exc()})
+        raise
+
+
+def _run_worker(ids: list[str], opts: dict[str, Any], results: Any) -> None:
     socket.setdefaulttimeout(10)
     fleet = Fleet(ids, opts)
     tick = 0.05

@@ -14,6 +14,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import sys
 import threading
 import time
@@ -131,8 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     for worker in workers:
         worker.start()
     reports: list[dict[str, Any]] = []
+    deadline = time.monotonic() + args.duration + args.drain + 120
     for _ in workers:
-        reports.extend(results.get(timeout=args.duration + args.drain + 120))
+        while True:
+            try:
+                got = results.get(timeout=1)
+                break
+            except queue.Empty:
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise SystemExit(f"a worker died (exit codes {dead}) or timed out") from None
+        if isinstance(got, dict):
+            raise SystemExit(f"a worker failed:\n{got['error']}")
+        reports.extend(got)
     for worker in workers:
         worker.join(30)
     acked = {r["id"]: r["acked"] for r in reports}
