@@ -18,6 +18,7 @@ edge-broker-manifest: will=devices/{id}/status retain=true birth=online will_pay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import selectors
@@ -112,7 +113,8 @@ class Device:
                 self.client.loop_write()
             else:
                 # abrupt (power loss): no DISCONNECT, so the broker publishes the will
-                self.client.socket().shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):  # the peer may have closed it already
+                    self.client.socket().shutdown(socket.SHUT_RDWR)
                 self.client.loop_read()     # paho sees the closed connection and cleans up
         self.fleet.forget(self)
         self.online = False
