@@ -111,3 +111,43 @@ def test_client_resends_unacknowledged_publish_with_dup_and_acks_incoming(tmp_pa
     assert device.returncode == 0, out
     assert "LOST" in out and "SESSION True" in out
     assert f"ACKED {int.from_bytes(pid, 'big')} GOT devices/mp-t/cmd stop" in out
+
+
+KEEPALIVE_SCRIPT = """
+import sys
+from mqtt_client import MQTTClient
+c = MQTTClient("mp-k", "127.0.0.1", int(sys.argv[1]), keepalive=1)
+c.connect()
+try:
+    while True:
+        c.poll(50)
+except OSError as e:
+    print("LOST", e.args[0])
+"""
+
+
+def test_client_pings_within_keepalive_and_drops_a_silent_broker(tmp_path: Path) -> None:
+    (tmp_path / "device.py").write_text(KEEPALIVE_SCRIPT)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(20)
+        device = subprocess.Popen([MICROPYTHON, "device.py", str(server.getsockname()[1])],
+                                  cwd=tmp_path, env={"MICROPYPATH": f"{tmp_path}:{EXAMPLE}"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(20)
+                assert read_packet(conn)[0] == 0x10
+                conn.sendall(b"\x20\x02\x00\x00")
+                # [MQTT-3.1.2-23] (3.1.1) a control packet within the keepalive: PINGREQ
+                assert read_packet(conn) == (0xC0, b"")
+                conn.sendall(b"\xd0\x00")  # PINGRESP
+                assert read_packet(conn) == (0xC0, b"")
+                # no PINGRESP now: the client gives up on the silent broker and closes
+                assert conn.recv(1) == b""
+            out, _ = device.communicate(timeout=20)
+        finally:
+            if device.poll() is None:
+                device.kill()
+                device.wait()
+    assert "LOST 110" in out, out
