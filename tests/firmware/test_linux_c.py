@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import BrokerThread
 from tests.firmware.central import Central
+from tests.integration.brokerprocess import BrokerProcess, needs_console_script
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "firmware_examples" / "linux-c"
 APT = "sudo apt install build-essential libpaho-mqtt-dev"
@@ -92,3 +93,59 @@ def test_c_device_will_reports_it_offline_when_it_dies(device_binary: Path,
             process.kill()
             process.wait()
         central.stop()
+
+
+@needs_console_script
+def test_c_device_reconnects_after_broker_restart_without_losing_a_reading(
+        device_binary: Path, tmp_path: Path) -> None:
+    # the device is given one address, so the new broker takes the old one's port: a tiny race
+    # with other processes on the machine (a port another process grabbed fails the start)
+    data = tmp_path / "data"
+    broker = BrokerProcess(data).wait_listening()
+    port = broker.port
+    central = Central("central-restart").connect(port)
+    process = subprocess.Popen(
+        [str(device_binary), "--id", "c-restart", "--port", str(port), "--interval-ms", "30",
+         "--backoff-min-ms", "50", "--backoff-max-ms", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    cond = threading.Condition()
+
+    def read() -> None:
+        for line in process.stdout or ():
+            with cond:
+                lines.append(line.rstrip("\n"))
+                cond.notify_all()
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def offline_readings() -> int:
+        starts = [i for i, line in enumerate(lines) if line.startswith("OFFLINE")]
+        return sum(x.startswith("READING") for x in lines[starts[0]:]) if starts else 0
+
+    try:
+        central.wait(lambda: len(central.telemetry["c-restart"]) >= 5, 20, "first readings")
+        central.stop()
+        assert broker.stop() == 0
+        with cond:
+            assert cond.wait_for(lambda: offline_readings() >= 5, 20), lines[-20:]
+        broker = BrokerProcess(data, "--port", str(port)).wait_listening()
+        central.connect(port)
+        with cond:
+            assert cond.wait_for(lambda: sum(x == "CONNECTED" for x in lines) >= 2, 20)
+        central.publish("devices/c-restart/cmd", json.dumps({"cmd": "stop"}))
+        assert process.wait(30) == 0
+        with cond:
+            sent = [x.split(" ", 1)[1] for x in lines if x.startswith("READING ")]
+            resent = {x.split(" ", 1)[1] for x in lines if x.startswith("RESEND ")}
+        central.wait(lambda: set(sent) <= set(central.telemetry["c-restart"]), 20,
+                     "every reading at the central subscriber")
+        received = Counter(central.telemetry["c-restart"])
+        assert set(received) == set(sent)
+        assert {p for p, n in received.items() if n > 1} <= resent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        central.stop()
+        broker.stop()
