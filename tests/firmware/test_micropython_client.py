@@ -151,3 +151,15 @@ def test_client_pings_within_keepalive_and_drops_a_silent_broker(tmp_path: Path)
                 device.kill()
                 device.wait()
     assert "LOST 110" in out, out
+
+
+def test_ring_buffer_drops_the_oldest_and_counts_it(tmp_path: Path) -> None:
+    (tmp_path / "ring.py").write_text(
+        "from ringbuf import RingBuffer\n"
+        "r = RingBuffer(3)\n"
+        "for n in range(5):\n"
+        "    r.push(n)\n"
+        "print(len(r), r.dropped, [r.pop() for _ in range(len(r))], len(r))\n")
+    result = subprocess.run([MICROPYTHON, "ring.py"], cwd=tmp_path, capture_output=True,
+                            text=True, env={"MICROPYPATH": f"{tmp_path}:{EXAMPLE}"}, timeout=20)
+    assert result.stdout.split("\n")[0] == "3 2 [2, 3, 4] 0", result.stdout + result.stderr
