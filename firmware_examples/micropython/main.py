@@ -71,6 +71,7 @@ class Device:
         self.seq = 0
         self.acked = 0
         self.stopping = False
+        self.reboot_requested = False
         self.attempt = 0
         self.next_attempt = time.ticks_ms()
         self.next_reading = time.ticks_ms()
@@ -130,9 +131,10 @@ class Device:
             self.stopping = True
             self.reply({"ack": "stop"})
         elif name == "reboot":
+            # not from inside this callback: the command's PUBACK goes out when it returns, and
+            # a reboot before that would have the broker deliver "reboot" again after the boot
+            self.reboot_requested = True
             self.reply({"ack": "reboot"})
-            self.finish()
-            board.reboot()
         else:
             self.reply({"error": "unknown command", "cmd": name})
 
@@ -183,6 +185,10 @@ class Device:
         except (OSError, MQTTException) as e:
             self.client.close()
             self.backoff("connection lost: %r" % (e,))
+            return
+        if self.reboot_requested:
+            self.finish()
+            board.reboot()
 
     def finish(self):
         """Clean stop: retained "offline" (a clean DISCONNECT does not fire the will)."""

@@ -139,3 +139,30 @@ def test_device_survives_broker_restart_without_losing_a_reading(tmp_path: Path)
         device.kill()
         central.stop()
         broker.stop()
+
+
+def test_reboot_command_is_obeyed_once(tmp_path: Path) -> None:
+    """The device acknowledges "reboot" before rebooting: the broker must not deliver it again
+    to the rebooted device (its persistent session would, had the PUBACK not gone out)."""
+    broker = BrokerProcess(tmp_path / "data").wait_listening()
+    workdir = tmp_path / "device"
+    workdir.mkdir()
+    write_address(workdir / "broker.addr", broker.port)
+    config = {"device_id": "mp-2", "interval_ms": 50, "backoff_min_ms": 50,
+              "backoff_max_ms": 400}
+    central = Central("central-reboot").connect(broker.port)
+    device = Device(workdir, config)
+    try:
+        device.wait_for(lambda lines: "CONNECTED session_present=0" in lines, 20, "connection")
+        central.publish("devices/mp-2/cmd", json.dumps({"cmd": "reboot"}))
+        assert device.process.wait(20) == 3  # the fake board's reboot
+        assert "REBOOT" in device.lines
+        device = Device(workdir, config)      # the board boots again
+        device.wait_for(lambda lines: "CONNECTED session_present=1" in lines, 20, "reconnection")
+        central.publish("devices/mp-2/cmd", json.dumps({"cmd": "stop"}))
+        assert device.process.wait(20) == 0, device.lines
+        assert "CMD reboot" not in device.lines and "CMD stop" in device.lines
+    finally:
+        device.kill()
+        central.stop()
+        broker.stop()

@@ -33,7 +33,7 @@ static char device_id[24], topic_telemetry[64], topic_status[64], topic_event[64
 static esp_mqtt_client_handle_t client;
 static esp_timer_handle_t reconnect_timer;
 static SemaphoreHandle_t lock;
-static volatile bool connected;
+static volatile bool connected, reboot_requested;
 static volatile uint32_t interval_ms = CONFIG_EDGE_READING_INTERVAL_MS;
 static uint32_t attempt, seq, dropped;
 
@@ -89,10 +89,10 @@ static void on_command(const char *data, int len) {
                  (unsigned long)interval_ms);
         reply(answer);
     } else if (strstr(text, "\"reboot\"")) {
+        /* not from this handler: the command's PUBACK must go out first, or the broker
+         * delivers "reboot" again after the boot */
+        reboot_requested = true;
         reply("{\"ack\":\"reboot\"}");
-        esp_mqtt_client_publish(client, topic_status, "offline", 0, 1, 1);
-        vTaskDelay(pdMS_TO_TICKS(500));
-        esp_restart();
     } else {
         reply("{\"error\":\"unknown command\"}");
     }
@@ -135,6 +135,11 @@ static void on_mqtt(void *arg, esp_event_base_t base, int32_t id, void *data) {
 
 static void sensor_task(void *arg) {
     for (;;) {
+        if (reboot_requested) {
+            esp_mqtt_client_publish(client, topic_status, "offline", 0, 1, 1);
+            vTaskDelay(pdMS_TO_TICKS(1000)); /* the PUBACK and "offline" go out meanwhile */
+            esp_restart();
+        }
         char reading[96];
         float value = 20.0f + (esp_random() % 100) / 10.0f; /* replace with the real sensor */
         snprintf(reading, sizeof reading, "{\"seq\":%lu,\"value\":%.2f,\"dropped\":%lu}",

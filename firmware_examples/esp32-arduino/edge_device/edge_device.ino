@@ -28,6 +28,7 @@ char topicTelemetry[64], topicStatus[64], topicEvent[64], topicCmd[64];
 
 uint32_t intervalMs = 10000, nextReading = 0, nextAttempt = 0;
 uint32_t attempt = 0, seq = 0, dropped = 0;
+bool rebootRequested = false;
 char ring[BUFFER_SIZE][96];
 int ringHead = 0, ringLen = 0;
 
@@ -55,10 +56,10 @@ void onCommand(String &topic, String &payload) {
       reply(answer);
     }
   } else if (payload.indexOf("\"reboot\"") >= 0) {
+    // not from inside this callback: the command's PUBACK goes out when it returns, and a
+    // restart before that would have the broker deliver "reboot" again after the boot
+    rebootRequested = true;
     reply("{\"ack\":\"reboot\"}");
-    mqtt.publish(topicStatus, "offline", true, 1);  // a clean disconnect does not fire the will
-    mqtt.disconnect();
-    ESP.restart();
   } else {
     reply("{\"error\":\"unknown command\"}");
   }
@@ -124,6 +125,11 @@ void loop() {
     return;
   }
   mqtt.loop();
+  if (rebootRequested) {
+    mqtt.publish(topicStatus, "offline", true, 1);  // a clean disconnect does not fire the will
+    mqtt.disconnect();
+    ESP.restart();
+  }
   // publish() with QoS 1 returns once the PUBACK arrived: only then leaves the reading the ring
   if (ringLen && mqtt.publish(topicTelemetry, ring[ringHead], false, 1)) {
     ringHead = (ringHead + 1) % BUFFER_SIZE;
