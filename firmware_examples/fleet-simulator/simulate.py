@@ -27,18 +27,22 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import run_worker  # this directory is not a package
 
+DROPPED_SYS = "$SYS/broker/publish/messages/dropped"  # edge-broker's count of queue-full drops
+
 
 class Central:
-    """Persistent session (clean session 0), QoS 1, on devices/<prefix>+/telemetry."""
+    """Persistent session (clean session 0), QoS 1, on devices/+/telemetry; also follows the
+    broker's count of deliveries dropped on full queues (to explain a loss)."""
 
     def __init__(self, host: str, port: int, client_id: str, topic: str) -> None:
+        self.broker_dropped: list[int] = []  # the values seen, first and last matter
         self.received: dict[str, list[int]] = defaultdict(list)
         self.lock = threading.Lock()
         self.count = 0
         self.subscribed = threading.Event()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                              clean_session=False)
-        client.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
+        client.on_connect = lambda c, *_a: c.subscribe([(topic, 1), (DROPPED_SYS, 0)])
         client.on_subscribe = lambda *_a: self.subscribed.set()
         client.on_message = self._on_message
         client.reconnect_delay_set(0.1, 2)
@@ -49,6 +53,9 @@ class Central:
             raise SystemExit(f"central subscriber: no SUBACK from {host}:{port}")
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == DROPPED_SYS:
+            self.broker_dropped.append(int(msg.payload))
+            return
         device = msg.topic.split("/")[1]
         seq = json.loads(msg.payload)["seq"]
         with self.lock:
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         "dropped_buffer_full": sum(r["dropped"] for r in reports),
         "lost_on_reboot": sum(r["lost_on_reboot"] for r in reports),
         "unacked_at_end": sum(r["unacked"] for r in reports),
+        "broker_dropped_deliveries": (central.broker_dropped[-1] - central.broker_dropped[0]
+                                      if central.broker_dropped else None),
         "offline_events": sum(r["offline_events"] for r in reports),
         "reboots": sum(r["reboots"] for r in reports),
         "rss_kib_start": rss[0][1] if rss else None,
