@@ -89,7 +89,12 @@ def test_example_topics_are_allowed_by_the_example_acl(acl, example: str) -> Non
         assert acl.can_read(topic, **who), topic
         assert not acl.can_subscribe(template.replace("{id}", OTHER), **who), template
         assert not acl.can_publish(topic, **who), f"a device must not command itself: {topic}"
-    assert not acl.can_subscribe("devices/#", **who)
+    # A wide filter is granted when part of it is readable (its own commands), but every
+    # delivery is checked: nothing of another device's reaches it.
+    assert acl.can_subscribe("devices/#", **who)
+    assert not acl.can_read(f"devices/{OTHER}/telemetry", **who)
+    assert not acl.can_read(f"devices/{OTHER}/cmd", **who)
+    assert not acl.can_subscribe(f"devices/{OTHER}/#", **who)
 
 
 def test_central_reads_everything_and_only_commands(acl) -> None:  # type: ignore[no-untyped-def]
