@@ -22,6 +22,17 @@ DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_by
 exception is a bug, logged with its traceback, and closes this connection only. A reply that
 cannot be encoded closes the connection quietly. After sending a DISCONNECT or a refusing
 CONNACK the connection lingers (`_shut`), so a client still writing reads it.
+
+Security (server/gate.py). A connection over a connection limit is closed at once. At CONNECT
+the gate decides who the client is; a password check runs off the loop, and meanwhile this
+connection is suspended: the CONNECT is held, reading pauses, no buffered packet is handled;
+when the decision arrives the turn goes on in order (CONNACK or refusal first). Other
+connections never wait for it. With an ACL, PUBLISH is checked for write, SUBSCRIBE filters
+for read, and each delivery for read in `pump()` (a denied QoS 1/2 delivery is discarded in
+the core, never sent); decisions are cached per connection and topic until a reload. A
+publish quota (`Throttle`) is charged per PUBLISH; when it is in debt the turn ends and the
+next one is scheduled when the debt is paid (reading paused meanwhile, keep-alive suspended):
+the client is slowed, never disconnected, and nothing it sent is lost.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
@@ -54,7 +66,9 @@ from ..mqtt.packets import (
     Unsubscribe,
 )
 from ..mqtt.properties import NO_PROPERTIES, Properties
+from ..mqtt.topics import is_valid_topic_filter
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
+from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
     from .app import BrokerApp
@@ -69,15 +83,19 @@ ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
 BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
 MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
 LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long, then close
+MAX_THROTTLE_S = 30.0  # longest single quota pause (and at most half the keep alive)
 
 
 class ClientHandler(asyncio.Protocol):
-    __slots__ = ("_buffered", "_close_after_write", "_closed", "_conn", "_connack_pending",
-                 "_connect_timer", "_deferred", "_disconnect_reason", "_keepalive_handle",
-                 "_keepalive_s", "_kick_after", "_last_commit", "_last_rx", "_linger_handle",
-                 "_paused_reading", "_pending_commits", "_session_expiry_on_disconnect",
-                 "_turn_handle", "_writing_paused", "app", "client_id", "epoch", "peer",
-                 "transport")
+    __slots__ = ("_acl_cache", "_buffered", "_close_after_write", "_closed", "_conn",
+                 "_connack_pending", "_connect_timer", "_decision", "_deferred",
+                 "_disconnect_reason", "_held", "_keepalive_handle", "_keepalive_s",
+                 "_kick_after", "_last_commit", "_last_rx", "_linger_handle",
+                 "_paused_reading", "_pending_commits", "_rules_generation",
+                 "_session_expiry_on_disconnect", "_throttle", "_throttle_handle",
+                 "_throttled_since", "_turn_handle", "_waiting", "_writing_paused",
+                 "admitted", "app", "auth_how", "client_id", "epoch", "peer", "throttled_s",
+                 "transport", "username")
 
     def __init__(self, app: BrokerApp) -> None:
         self.app = app
@@ -107,6 +125,19 @@ class ClientHandler(asyncio.Protocol):
         self._last_rx = 0.0
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
+        # Security (server/gate.py)
+        self.admitted: tuple[str, int] | None = None  # counted by the connection limits
+        self.username: str | None = None  # who the client is, once connected
+        self.auth_how = "anonymous"
+        self._held: Connect | None = None  # the CONNECT waiting for its decision
+        self._waiting: asyncio.Future[Decision] | None = None
+        self._decision: Decision | None = None
+        self._rules_generation = -1  # the gate's generation the caches below belong to
+        self._acl_cache: dict[tuple[str, int], bool] = {}
+        self._throttle: Throttle | None = None
+        self._throttle_handle: asyncio.TimerHandle | None = None
+        self._throttled_since = 0.0
+        self.throttled_s = 0.0  # time this connection spent throttled by its quota
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -121,6 +152,8 @@ class ClientHandler(asyncio.Protocol):
         self._last_rx = loop.time()
         self._connect_timer = loop.call_later(CONNECT_TIMEOUT_S, self._connect_timeout)
         self.app.connections.add(self)
+        if not self.app.gate.admit(self):  # a connection limit ([quotas]): closed at once
+            self._shut()
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._close_after_write:
@@ -145,22 +178,39 @@ class ClientHandler(asyncio.Protocol):
         nothing submits nothing. Nothing is read after a DISCONNECT.
         """
         if (self._closed or self._close_after_write or self._turn_handle is not None
-                or self._pending_commits >= MAX_PENDING_COMMITS):
+                or self._pending_commits >= MAX_PENDING_COMMITS or self._waiting is not None
+                or self._throttle_handle is not None):
             return
         app = self.app
         conn = self._conn
         replies: list[Packet] = []
         now = time.time()
         handled = 0
+        throttle = self._throttle
+        in_debt = False
+        if self._rules_generation != app.gate.generation:
+            self._rules_changed()
+            throttle = self._throttle
         try:
             while handled < BATCH_PACKETS:
-                packet = conn.next_event()
-                if packet is None:
-                    break
+                packet: Packet | None = self._held
+                if packet is not None:
+                    self._held = None
+                else:
+                    packet = conn.next_event()
+                    if packet is None:
+                        break
+                    if isinstance(packet, Connect) and not self._authenticate(packet):
+                        break  # suspended until the gate decides (_authenticated)
                 handled += 1
                 self._handle(packet, replies, now)
-                if self._close_after_write:
+                if self._closed or self._close_after_write:
                     break
+                if throttle is not None and isinstance(packet, Publish):
+                    throttle.charge(len(packet.payload) + len(packet.topic), app.loop.time())
+                    if throttle.delay(app.loop.time()) > 0:
+                        in_debt = True  # over its quota: the rest waits (_throttle_for)
+                        break
         except RemoteProtocolError as error:
             self._protocol_error(error, replies)
         except Exception:
@@ -172,9 +222,107 @@ class ClientHandler(asyncio.Protocol):
             # An idle turn submits nothing: an empty batch would wait for the store and call
             # this again when done, a chain that never ends while the store is busy.
             app.finish_batch(self, replies, close=self._close_after_write)
-        if handled == BATCH_PACKETS and not self._closed and not self._close_after_write:
+        if self._closed or self._close_after_write:
+            pass
+        elif in_debt and throttle is not None:
+            self._throttle_for(throttle.delay(app.loop.time()))
+        elif handled == BATCH_PACKETS:
             self._turn_handle = app.loop.call_soon(self._next_turn)
         self._update_reading()
+
+    # -- authentication and quotas ------------------------------------------------------
+
+    def _authenticate(self, packet: Connect) -> bool:
+        """Ask the gate about this CONNECT. True: decided now, handle it. False: the
+        CONNECT is held and this connection suspended until the decision."""
+        result = self.app.gate.start_authentication(self, packet)
+        if isinstance(result, Decision):
+            self._decision = result
+            return True
+        self._held = packet
+        self._waiting = result
+        if self._connect_timer is not None:  # the verifier's bound limits the wait
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        result.add_done_callback(self._authenticated)
+        return False
+
+    def _authenticated(self, future: asyncio.Future[Decision]) -> None:
+        self._waiting = None
+        if self._closed or future.cancelled():
+            return
+        self._decision = future.result()
+        self.process_buffered()
+        self._update_reading()
+        self._account_buffered()
+
+    def _refuse_connect(self, reason: ReasonCode) -> None:
+        """CONNACK with `reason` (3.1.1: its return code), then close [MQTT-3.2.2-5] (5.0),
+        [MQTT-3.2.2-4] (3.1.1): no session is touched."""
+        data = self._conn.error_bytes(RemoteProtocolError(reason, "not authorized"))
+        self._write(data)
+        self._shut(linger=bool(data))
+
+    def _rules_changed(self) -> None:
+        """The gate's rules are new (start, reload): forget cached ACL decisions and take
+        this user's current quota."""
+        app = self.app
+        self._rules_generation = app.gate.generation
+        self._acl_cache.clear()
+        if self.client_id is None:
+            return
+        msgs, size = app.config.quotas.rates_for(self.username)
+        throttle = self._throttle
+        if not msgs and not size:
+            self._throttle = None
+        elif throttle is None:
+            self._throttle = Throttle(msgs, size, app.loop.time())
+        else:
+            throttle.msgs_rate, throttle.bytes_rate = msgs, size
+
+    def _throttle_for(self, delay: float) -> None:
+        """Over its publish quota: read and handle nothing for `delay` seconds, capped below
+        the keep alive (whose timer is suspended meanwhile)."""
+        cap = MAX_THROTTLE_S
+        if self._keepalive_s:
+            cap = min(cap, self._keepalive_s / 1.5 / 2)
+        self._throttled_since = self.app.loop.time()
+        self._throttle_handle = self.app.loop.call_later(min(delay, cap), self._end_throttle)
+
+    def _end_throttle(self) -> None:
+        self._throttle_handle = None
+        self._count_throttled()
+        self._last_rx = max(self._last_rx, self.app.loop.time())
+        self.process_buffered()
+        self._account_buffered()
+
+    def _count_throttled(self) -> None:
+        elapsed = max(0.0, self.app.loop.time() - self._throttled_since)
+        self.throttled_s += elapsed
+        self.app.metrics.throttled_s += elapsed
+
+    def allowed(self, topic: str, access: int) -> bool:
+        """The ACL's verdict for this client (cached per topic until the rules change)."""
+        gate = self.app.gate
+        acl = gate.acl
+        if acl is None:
+            return True
+        if self._rules_generation != gate.generation:
+            self._rules_changed()
+        key = (topic, access)
+        cache = self._acl_cache
+        found = cache.get(key)
+        if found is not None:
+            return found
+        client_id = self.client_id or ""
+        if access == WRITE:
+            found = acl.can_publish(topic, username=self.username, client_id=client_id)
+        else:
+            found = acl.can_read(topic, username=self.username, client_id=client_id)
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[key] = found
+        return found
 
     def _next_turn(self) -> None:
         self._turn_handle = None
@@ -196,6 +344,10 @@ class ClientHandler(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_timers()
+        self.app.gate.release(self)
+        if self.throttled_s >= 1.0:
+            log.info("client %s (%s) was throttled by its publish quota for %.1f s in all",
+                     self.client_id, self.peer, self.throttled_s)
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
@@ -222,6 +374,9 @@ class ClientHandler(asyncio.Protocol):
         client_id = self.client_id
         if isinstance(packet, Publish):
             assert client_id is not None
+            if app.gate.acl is not None and not self.allowed(packet.topic, WRITE):
+                self._deny_publish(packet, replies)
+                return
             # A full store refuses only what would have to be written to it.
             if (packet.qos and app.store.full and not core.is_qos2_resend(client_id, packet)
                     and core.would_store(client_id, packet)):
@@ -255,7 +410,10 @@ class ClientHandler(asyncio.Protocol):
             core.pubcomp(client_id, packet.packet_id, now=now)
         elif isinstance(packet, Subscribe):
             assert client_id is not None
-            codes = core.subscribe(client_id, packet, now=now)
+            if app.gate.acl is not None:
+                codes = self._subscribe_checked(packet, now)
+            else:
+                codes = core.subscribe(client_id, packet, now=now)
             replies.append(SubAck(packet.packet_id, codes))
         elif isinstance(packet, Unsubscribe):
             assert client_id is not None
@@ -276,6 +434,41 @@ class ClientHandler(asyncio.Protocol):
         else:  # pragma: no cover - the Connection only lets server-bound packets through
             raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR,
                                       f"unexpected {type(packet).__name__}")
+
+    def _deny_publish(self, packet: Publish, replies: list[Packet]) -> None:
+        """The ACL does not let this client write to the topic: the message goes nowhere.
+        MQTT 5 says so for QoS 1/2 (0x87 Not authorized, 3.3.4 (5.0)); 3.1.1 cannot, and
+        still acknowledges it as the protocol requires [MQTT-3.3.5-2] (3.1.1)."""
+        self.app.metrics.acl_denied["publish"] += 1
+        log.debug("client %s may not publish to %r: dropped", self.client_id, packet.topic)
+        if not packet.qos:
+            return
+        v5 = self._conn.protocol_level == ProtocolLevel.MQTT_5
+        reason = ReasonCode.NOT_AUTHORIZED if v5 else ReasonCode.SUCCESS
+        ack = PubAck if packet.qos == 1 else PubRec
+        replies.append(ack(packet.packet_id or 0, reason))
+
+    def _subscribe_checked(self, packet: Subscribe, now: float) -> tuple[int, ...]:
+        """SUBSCRIBE under an ACL: a filter no rule lets this client read any part of is
+        refused (5.0: 0x87 Not authorized; 3.1.1: 0x80 Failure, [MQTT-3.9.3-1] (3.1.1));
+        the others go to the core, and each delivery is checked in pump()."""
+        gate = self.app.gate
+        client_id = self.client_id
+        assert client_id is not None
+        refused = (ReasonCode.NOT_AUTHORIZED if self._conn.protocol_level == ProtocolLevel.MQTT_5
+                   else ReasonCode.UNSPECIFIED_ERROR)
+        granted = [not is_valid_topic_filter(sub.topic_filter.split("/", 2)[-1]
+                                             if sub.topic_filter.startswith("$share/")
+                                             else sub.topic_filter)
+                   or gate.can_subscribe(self, sub.topic_filter)
+                   for sub in packet.subscriptions]
+        if all(granted):
+            return self.app.core.subscribe(client_id, packet, now=now)
+        allowed = tuple(sub for sub, ok in zip(packet.subscriptions, granted, strict=True)
+                        if ok)
+        codes = iter(self.app.core.subscribe(client_id, replace(packet, subscriptions=allowed),
+                                             now=now) if allowed else ())
+        return tuple(next(codes) if ok else refused for ok in granted)
 
     def _refuse_for_full_store(self, packet: Publish, replies: list[Packet], *,
                                store: bool = True) -> None:
@@ -303,6 +496,12 @@ class ClientHandler(asyncio.Protocol):
         if packet.properties.authentication_method is not None:
             raise RemoteProtocolError(ReasonCode.BAD_AUTHENTICATION_METHOD,
                                       "enhanced authentication is not supported")
+        decision = self._decision
+        if decision is None:  # pragma: no cover - process_buffered asks the gate first
+            decision = Decision(None, ReasonCode.NOT_AUTHORIZED)
+        if decision.reason is not None:
+            self._refuse_connect(decision.reason)
+            return
         client_id = packet.client_id
         assigned = None
         if not client_id:
@@ -322,6 +521,10 @@ class ClientHandler(asyncio.Protocol):
         result = app.attach(self, packet, client_id, receive_maximum, now)
         self.client_id = client_id
         self.epoch = result.epoch
+        self.username = decision.username
+        self.auth_how = decision.how
+        app.gate.connected(client_id, decision.username)
+        self._rules_changed()  # the ACL cache and the quota of this user
         properties = NO_PROPERTIES
         if v5:
             requested = packet.properties.session_expiry_interval or 0
@@ -343,9 +546,11 @@ class ClientHandler(asyncio.Protocol):
         if keepalive:
             self._keepalive_handle = app.loop.call_at(self._last_rx + self._keepalive_s,
                                                       self._keepalive_check)
-        log.info("client %s connected from %s (v%d, clean=%d, keepalive=%d%s)", client_id,
+        log.info("client %s connected from %s (v%d, clean=%d, keepalive=%d%s%s)", client_id,
                  self.peer, packet.protocol_level, packet.clean_start, keepalive,
-                 ", session resumed" if result.session_present else "")
+                 ", session resumed" if result.session_present else "",
+                 f", user {decision.username!r} ({decision.how})"
+                 if decision.username is not None else "")
 
     # -- errors and closing ---------------------------------------------------------------
 
@@ -454,8 +659,10 @@ class ClientHandler(asyncio.Protocol):
         self._keepalive_handle = None
         if self._closed:
             return
-        deadline = self._last_rx + self._keepalive_s
         loop = self.app.loop
+        if self._throttle_handle is not None:  # suspended while we hold the client back
+            self._last_rx = max(self._last_rx, loop.time())
+        deadline = self._last_rx + self._keepalive_s
         if loop.time() < deadline:
             self._keepalive_handle = loop.call_at(deadline, self._keepalive_check)
             return
@@ -464,10 +671,17 @@ class ClientHandler(asyncio.Protocol):
         self.app.finish_batch(None, [])
 
     def _cancel_timers(self) -> None:
-        for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle):
+        if self._throttle_handle is not None:
+            self._count_throttled()
+        for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle,
+                       self._throttle_handle):
             if handle is not None:
                 handle.cancel()
         self._keepalive_handle = self._connect_timer = self._turn_handle = None
+        self._throttle_handle = None
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
 
     # -- output ---------------------------------------------------------------------------
 
@@ -542,7 +756,8 @@ class ClientHandler(asyncio.Protocol):
         if self.transport is None or self._closed:
             return
         pause = (self._pending_commits >= MAX_PENDING_COMMITS
-                 or self._turn_handle is not None)
+                 or self._turn_handle is not None or self._waiting is not None
+                 or self._throttle_handle is not None)
         if pause != self._paused_reading:
             self._paused_reading = pause
             if pause:
@@ -565,12 +780,21 @@ class ClientHandler(asyncio.Protocol):
         level = conn.protocol_level or ProtocolLevel.MQTT_5
         # QoS 0 packets the core shares between subscribers are encoded once per level.
         shared = app.qos0_encodings[level] if conn.shares_publish_encoding() else None
+        checked = app.gate.acl is not None
         while not self._writing_paused:
             packets = core.pull(client_id, now=time.time(), limit=PULL_LIMIT)
             if not packets:
                 return
             chunks = []
             for packet in packets:
+                if checked and isinstance(packet, Publish) and not self.allowed(packet.topic,
+                                                                                 READ):
+                    # The ACL does not let this client read it: not sent; a QoS 1/2
+                    # delivery counts as done (as mosquitto drops it).
+                    app.metrics.acl_denied["delivery"] += 1
+                    if packet.packet_id is not None:
+                        core.discard(client_id, packet.packet_id)
+                    continue
                 try:
                     if shared is not None and isinstance(packet, Publish) and not packet.qos:
                         cached = shared.get(id(packet))
