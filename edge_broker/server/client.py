@@ -330,6 +330,11 @@ class ClientHandler(asyncio.Protocol):
         self._account_buffered()
 
     @property
+    def closed(self) -> bool:
+        """Closed or closing (lingering after our DISCONNECT): nothing more is done here."""
+        return self._closed
+
+    @property
     def buffered_bytes(self) -> int:
         """Received bytes not handled yet (mostly an incomplete packet)."""
         return self._buffered

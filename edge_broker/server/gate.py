@@ -166,7 +166,7 @@ class Gate:
 
     def _drop_deleted_users(self, passwords: PasswordFile | None) -> None:
         for handler in list(self.app.connections):
-            if handler.client_id is None or handler.auth_how != "password":
+            if handler.closed or handler.client_id is None or handler.auth_how != "password":
                 continue
             if passwords is not None and handler.username in passwords:
                 continue
