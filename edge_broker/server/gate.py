@@ -254,9 +254,15 @@ class Gate:
                 return Decision(packet.username, how="username")
             return self._refusal(handler, ReasonCode.NOT_AUTHORIZED,
                                  "no password file to check the username against")
+        password = packet.password
+        if password is not None and b"\0" in password:
+            # No password file line can hold a NUL, and PBKDF2 pads a short password with
+            # NULs (HMAC keys), so "pw" + NUL would match "pw": such a password is wrong
+            # (checked against None: it still costs one hash).
+            password = None
         # VerifierBusy, when too many checks wait, is raised by the task (see _verified).
         future: asyncio.Future[Decision] = self.app.loop.create_future()
-        task = asyncio.ensure_future(verifier.verify(packet.username, packet.password))
+        task = asyncio.ensure_future(verifier.verify(packet.username, password))
         task.add_done_callback(
             lambda done: self._verified(handler, packet.username, done, future))
         return future

@@ -143,7 +143,8 @@ def test_right_password_connects_and_is_served(make_auth_broker: Callable[..., B
     (b"alice", b""),
     (b"mallory", b"alice-pw"),
     (b"alice", None),
-], ids=["wrong-password", "empty-password", "unknown-user", "no-password"])
+    (b"alice", b"alice-pw\x00"),  # PBKDF2 pads short keys with NULs: must not match
+], ids=["wrong-password", "empty-password", "unknown-user", "no-password", "nul-padded"])
 def test_bad_credentials_are_refused_with_the_version_s_code(
         make_auth_broker: Callable[..., BrokerThread], no_backoff: None, version: int,
         username: bytes, password: bytes | None) -> None:
