@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
@@ -49,7 +48,6 @@ from ..mqtt.connection import Connection
 from ..mqtt.errors import LocalProtocolError, RemoteProtocolError
 from ..mqtt.packets import (
     Auth,
-    ConnAck,
     Connect,
     Disconnect,
     Packet,
@@ -65,9 +63,8 @@ from ..mqtt.packets import (
     UnsubAck,
     Unsubscribe,
 )
-from ..mqtt.properties import NO_PROPERTIES, Properties
-from ..mqtt.topics import is_valid_topic_filter
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
+from . import client_guard as guard
 from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
@@ -83,7 +80,6 @@ ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
 BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
 MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
 LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long, then close
-MAX_THROTTLE_S = 30.0  # longest single quota pause (and at most half the keep alive)
 
 
 class ClientHandler(asyncio.Protocol):
@@ -189,7 +185,7 @@ class ClientHandler(asyncio.Protocol):
         throttle = self._throttle
         in_debt = False
         if self._rules_generation != app.gate.generation:
-            self._rules_changed()
+            guard.rules_changed(self)
             throttle = self._throttle
         try:
             while handled < BATCH_PACKETS:
@@ -200,7 +196,7 @@ class ClientHandler(asyncio.Protocol):
                     packet = conn.next_event()
                     if packet is None:
                         break
-                    if isinstance(packet, Connect) and not self._authenticate(packet):
+                    if isinstance(packet, Connect) and not guard.authenticate(self, packet):
                         break  # suspended until the gate decides (_authenticated)
                 handled += 1
                 self._handle(packet, replies, now)
@@ -225,104 +221,10 @@ class ClientHandler(asyncio.Protocol):
         if self._closed or self._close_after_write:
             pass
         elif in_debt and throttle is not None:
-            self._throttle_for(throttle.delay(app.loop.time()))
+            guard.throttle_for(self, throttle.delay(app.loop.time()))
         elif handled == BATCH_PACKETS:
             self._turn_handle = app.loop.call_soon(self._next_turn)
         self._update_reading()
-
-    # -- authentication and quotas ------------------------------------------------------
-
-    def _authenticate(self, packet: Connect) -> bool:
-        """Ask the gate about this CONNECT. True: decided now, handle it. False: the
-        CONNECT is held and this connection suspended until the decision."""
-        result = self.app.gate.start_authentication(self, packet)
-        if isinstance(result, Decision):
-            self._decision = result
-            return True
-        self._held = packet
-        self._waiting = result
-        if self._connect_timer is not None:  # the verifier's bound limits the wait
-            self._connect_timer.cancel()
-            self._connect_timer = None
-        result.add_done_callback(self._authenticated)
-        return False
-
-    def _authenticated(self, future: asyncio.Future[Decision]) -> None:
-        self._waiting = None
-        if self._closed or future.cancelled():
-            return
-        self._decision = future.result()
-        self.process_buffered()
-        self._update_reading()
-        self._account_buffered()
-
-    def _refuse_connect(self, reason: ReasonCode) -> None:
-        """CONNACK with `reason` (3.1.1: its return code), then close [MQTT-3.2.2-5] (5.0),
-        [MQTT-3.2.2-4] (3.1.1): no session is touched."""
-        data = self._conn.error_bytes(RemoteProtocolError(reason, "not authorized"))
-        self._write(data)
-        self._shut(linger=bool(data))
-
-    def _rules_changed(self) -> None:
-        """The gate's rules are new (start, reload): forget cached ACL decisions and take
-        this user's current quota."""
-        app = self.app
-        self._rules_generation = app.gate.generation
-        self._acl_cache.clear()
-        if self.client_id is None:
-            return
-        msgs, size = app.config.quotas.rates_for(self.username)
-        throttle = self._throttle
-        if not msgs and not size:
-            self._throttle = None
-        elif throttle is None:
-            self._throttle = Throttle(msgs, size, app.loop.time())
-        else:
-            throttle.msgs_rate, throttle.bytes_rate = msgs, size
-
-    def _throttle_for(self, delay: float) -> None:
-        """Over its publish quota: read and handle nothing for `delay` seconds, capped below
-        the keep alive (whose timer is suspended meanwhile)."""
-        cap = MAX_THROTTLE_S
-        if self._keepalive_s:
-            cap = min(cap, self._keepalive_s / 1.5 / 2)
-        self._throttled_since = self.app.loop.time()
-        self._throttle_handle = self.app.loop.call_later(min(delay, cap), self._end_throttle)
-
-    def _end_throttle(self) -> None:
-        self._throttle_handle = None
-        self._count_throttled()
-        self._last_rx = max(self._last_rx, self.app.loop.time())
-        self.process_buffered()
-        self._account_buffered()
-
-    def _count_throttled(self) -> None:
-        elapsed = max(0.0, self.app.loop.time() - self._throttled_since)
-        self.throttled_s += elapsed
-        self.app.metrics.throttled_s += elapsed
-
-    def allowed(self, topic: str, access: int) -> bool:
-        """The ACL's verdict for this client (cached per topic until the rules change)."""
-        gate = self.app.gate
-        acl = gate.acl
-        if acl is None:
-            return True
-        if self._rules_generation != gate.generation:
-            self._rules_changed()
-        key = (topic, access)
-        cache = self._acl_cache
-        found = cache.get(key)
-        if found is not None:
-            return found
-        client_id = self.client_id or ""
-        if access == WRITE:
-            found = acl.can_publish(topic, username=self.username, client_id=client_id)
-        else:
-            found = acl.can_read(topic, username=self.username, client_id=client_id)
-        if len(cache) >= 1024:
-            cache.clear()
-        cache[key] = found
-        return found
 
     def _next_turn(self) -> None:
         self._turn_handle = None
@@ -379,8 +281,8 @@ class ClientHandler(asyncio.Protocol):
         client_id = self.client_id
         if isinstance(packet, Publish):
             assert client_id is not None
-            if app.gate.acl is not None and not self.allowed(packet.topic, WRITE):
-                self._deny_publish(packet, replies)
+            if app.gate.acl is not None and not guard.allowed(self, packet.topic, WRITE):
+                guard.deny_publish(self, packet, replies)
                 return
             # A full store refuses only what would have to be written to it.
             if (packet.qos and app.store.full and not core.is_qos2_resend(client_id, packet)
@@ -416,7 +318,7 @@ class ClientHandler(asyncio.Protocol):
         elif isinstance(packet, Subscribe):
             assert client_id is not None
             if app.gate.acl is not None:
-                codes = self._subscribe_checked(packet, now)
+                codes = guard.subscribe_checked(self, packet, now)
             else:
                 codes = core.subscribe(client_id, packet, now=now)
             replies.append(SubAck(packet.packet_id, codes))
@@ -427,7 +329,7 @@ class ClientHandler(asyncio.Protocol):
         elif isinstance(packet, PingReq):
             replies.append(PingResp())
         elif isinstance(packet, Connect):
-            self._handle_connect(packet, replies, now)
+            guard.handle_connect(self, packet, replies, now)
         elif isinstance(packet, Disconnect):
             self._disconnect_reason = packet.reason_code
             self._session_expiry_on_disconnect = packet.properties.session_expiry_interval
@@ -439,41 +341,6 @@ class ClientHandler(asyncio.Protocol):
         else:  # pragma: no cover - the Connection only lets server-bound packets through
             raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR,
                                       f"unexpected {type(packet).__name__}")
-
-    def _deny_publish(self, packet: Publish, replies: list[Packet]) -> None:
-        """The ACL does not let this client write to the topic: the message goes nowhere.
-        MQTT 5 says so for QoS 1/2 (0x87 Not authorized, 3.3.4 (5.0)); 3.1.1 cannot, and
-        still acknowledges it as the protocol requires [MQTT-3.3.5-2] (3.1.1)."""
-        self.app.metrics.acl_denied["publish"] += 1
-        log.debug("client %s may not publish to %r: dropped", self.client_id, packet.topic)
-        if not packet.qos:
-            return
-        v5 = self._conn.protocol_level == ProtocolLevel.MQTT_5
-        reason = ReasonCode.NOT_AUTHORIZED if v5 else ReasonCode.SUCCESS
-        ack = PubAck if packet.qos == 1 else PubRec
-        replies.append(ack(packet.packet_id or 0, reason))
-
-    def _subscribe_checked(self, packet: Subscribe, now: float) -> tuple[int, ...]:
-        """SUBSCRIBE under an ACL: a filter no rule lets this client read any part of is
-        refused (5.0: 0x87 Not authorized; 3.1.1: 0x80 Failure, [MQTT-3.9.3-1] (3.1.1));
-        the others go to the core, and each delivery is checked in pump()."""
-        gate = self.app.gate
-        client_id = self.client_id
-        assert client_id is not None
-        refused = (ReasonCode.NOT_AUTHORIZED if self._conn.protocol_level == ProtocolLevel.MQTT_5
-                   else ReasonCode.UNSPECIFIED_ERROR)
-        granted = [not is_valid_topic_filter(sub.topic_filter.split("/", 2)[-1]
-                                             if sub.topic_filter.startswith("$share/")
-                                             else sub.topic_filter)
-                   or gate.can_subscribe(self, sub.topic_filter)
-                   for sub in packet.subscriptions]
-        if all(granted):
-            return self.app.core.subscribe(client_id, packet, now=now)
-        allowed = tuple(sub for sub, ok in zip(packet.subscriptions, granted, strict=True)
-                        if ok)
-        codes = iter(self.app.core.subscribe(client_id, replace(packet, subscriptions=allowed),
-                                             now=now) if allowed else ())
-        return tuple(next(codes) if ok else refused for ok in granted)
 
     def _refuse_for_full_store(self, packet: Publish, replies: list[Packet], *,
                                store: bool = True) -> None:
@@ -490,72 +357,6 @@ class ClientHandler(asyncio.Protocol):
 
     def _v5_reason(self, reason: int) -> int:
         return reason if self._conn.protocol_level == ProtocolLevel.MQTT_5 else 0
-
-    def _handle_connect(self, packet: Connect, replies: list[Packet], now: float) -> None:
-        app = self.app
-        settings = app.config.mqtt
-        v5 = packet.protocol_level == ProtocolLevel.MQTT_5
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
-        if packet.properties.authentication_method is not None:
-            raise RemoteProtocolError(ReasonCode.BAD_AUTHENTICATION_METHOD,
-                                      "enhanced authentication is not supported")
-        decision = self._decision
-        if decision is None:  # pragma: no cover - process_buffered asks the gate first
-            decision = Decision(None, ReasonCode.NOT_AUTHORIZED)
-        if decision.reason is not None:
-            self._refuse_connect(decision.reason)
-            return
-        client_id = packet.client_id
-        assigned = None
-        if not client_id:
-            if not settings.allow_zero_length_clientid:
-                raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
-                                          "zero-length client ids are not allowed")
-            client_id = assigned = app.new_client_id()
-        keepalive = packet.keep_alive
-        server_keepalive = None
-        if v5 and (keepalive > settings.max_keepalive_s or keepalive == 0):
-            server_keepalive = keepalive = settings.max_keepalive_s
-        elif keepalive > settings.max_keepalive_s:
-            # 3.1.1 cannot be told another value: refuse, as mosquitto does.
-            raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
-                                      f"keep alive {keepalive} s above max_keepalive")
-        receive_maximum = (packet.properties.receive_maximum or 65535) if v5 else 65535
-        result = app.attach(self, packet, client_id, receive_maximum, now)
-        self.client_id = client_id
-        self.epoch = result.epoch
-        self.username = decision.username
-        self.auth_how = decision.how
-        app.gate.connected(client_id, decision.username)
-        self._rules_changed()  # the ACL cache and the quota of this user
-        properties = NO_PROPERTIES
-        if v5:
-            requested = packet.properties.session_expiry_interval or 0
-            properties = Properties(
-                session_expiry_interval=(result.session_expiry_interval
-                                         if result.session_expiry_interval != requested
-                                         else None),
-                receive_maximum=settings.receive_maximum,
-                maximum_qos=settings.max_qos if settings.max_qos < 2 else None,
-                retain_available=None if settings.retain_available else 0,
-                maximum_packet_size=settings.max_packet_size,
-                assigned_client_identifier=assigned,
-                topic_alias_maximum=settings.topic_alias_maximum or None,
-                server_keep_alive=server_keepalive,
-            )
-        replies.append(ConnAck(result.session_present, ReasonCode.SUCCESS, properties))
-        self._connack_pending = True  # [MQTT-3.2.0-1] (3.1.1, 5.0): CONNACK goes first
-        self._keepalive_s = keepalive * 1.5  # [MQTT-3.1.2-22] (5.0), [MQTT-3.1.2-24] (3.1.1)
-        if keepalive:
-            self._keepalive_handle = app.loop.call_at(self._last_rx + self._keepalive_s,
-                                                      self._keepalive_check)
-        log.info("client %s connected from %s (v%d, clean=%d, keepalive=%d%s%s)", client_id,
-                 self.peer, packet.protocol_level, packet.clean_start, keepalive,
-                 ", session resumed" if result.session_present else "",
-                 f", user {decision.username!r} ({decision.how})"
-                 if decision.username is not None else "")
 
     # -- errors and closing ---------------------------------------------------------------
 
@@ -677,7 +478,7 @@ class ClientHandler(asyncio.Protocol):
 
     def _cancel_timers(self) -> None:
         if self._throttle_handle is not None:
-            self._count_throttled()
+            guard.count_throttled(self)
         for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle,
                        self._throttle_handle):
             if handle is not None:
@@ -792,7 +593,7 @@ class ClientHandler(asyncio.Protocol):
                 return
             chunks = []
             for packet in packets:
-                if checked and isinstance(packet, Publish) and not self.allowed(packet.topic,
+                if checked and isinstance(packet, Publish) and not guard.allowed(self, packet.topic,
                                                                                  READ):
                     # The ACL does not let this client read it: not sent; a QoS 1/2
                     # delivery counts as done (as mosquitto drops it).
