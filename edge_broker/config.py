@@ -21,15 +21,14 @@ number of seconds or a string with one unit: "30s", "5min", "2h", "14d", "1w", "
 months, and a config copied from mosquitto must not silently expire sessions 43,200 times early.
 
 Anonymous access: `AuthConfig.allow_anonymous` is the effective broker-wide setting (default
-true, false once a password file or certificate authentication is configured) and
-`AuthConfig.allow_anonymous_explicit` says whether the file wrote it.
-`ListenerConfig.allow_anonymous` is None unless the listener sets it; ask
-`listener.anonymous_allowed(config.auth)` for the effective value. A listener has an
-authentication source when `[auth] password_file` is set or it takes the certificate as the
-credential (`use_identity_as_username`, `require_certificate`: the listener keys of the TLS
-work). The loader enforces: a listener reachable from other hosts needs an authentication
-source or anonymous access explicitly set to true, and no listener without an authentication
-source may refuse anonymous clients (nobody could connect).
+true, false once a password file is configured) and `AuthConfig.allow_anonymous_explicit`
+says whether the file wrote it. `ListenerConfig.allow_anonymous` is None unless the listener
+sets it; ask `listener.anonymous_allowed(config.auth)` for the effective value. A listener has
+an authentication source when `[auth] password_file` is set or it takes the certificate as
+the credential (`certificate_authentication`, from the TLS listener keys). The loader
+enforces: a listener reachable from other hosts needs an authentication source or anonymous
+access explicitly set to true, and no listener without an authentication source may refuse
+anonymous clients (nobody could connect).
 """
 
 from __future__ import annotations
@@ -139,16 +138,12 @@ class ListenerConfig:
         """True when only this machine can reach the listener (127.0.0.0/8, ::1, localhost)."""
         return is_loopback_host(self.host)
 
-    @property
-    def certificate_authentication(self) -> bool:
-        """Whether the client certificate authenticates on this listener. The TLS keys are
-        added by the listeners work; read them defensively until they exist."""
-        return bool(getattr(self, "use_identity_as_username", False)
-                    or getattr(self, "require_certificate", False))
-
     def has_authentication(self, auth: AuthConfig) -> bool:
-        """A password file or the client certificate can let a client in here."""
-        return auth.password_file is not None or self.certificate_authentication
+        """A password file or the client certificate can let a client in here. (The
+        `certificate_authentication` property comes with the TLS listener keys; read
+        defensively so that this works with or without them.)"""
+        return auth.password_file is not None or bool(
+            getattr(self, "certificate_authentication", False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -736,9 +731,9 @@ def load_config(path: str | Path | None) -> Config:
     auth_values = sections.get("auth", {})
     if "allow_anonymous" in auth_values:
         auth_values["allow_anonymous_explicit"] = True
-    elif auth_values.get("password_file") is not None or any(
-            listener.certificate_authentication for listener in listeners):
+    elif auth_values.get("password_file") is not None:
         # mosquitto 2's rule: once clients can authenticate, anonymous access is opt-in.
+        # (A listener authenticating by certificate makes that default its own.)
         auth_values["allow_anonymous"] = False
     quota_values = sections.get("quotas", {})
     if "users" in quota_values:

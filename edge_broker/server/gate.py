@@ -249,8 +249,9 @@ class Gate:
         verifier = self.verifier
         if verifier is None:
             # No password file: the username is only a name for the ACL (mosquitto).
-            if listener.anonymous_allowed(auth) or (listener.certificate_authentication
-                                                    and peer_certificate(handler)):
+            if listener.anonymous_allowed(auth) or (
+                    getattr(listener, "certificate_authentication", False)
+                    and peer_certificate(handler)):
                 return Decision(packet.username, how="username")
             return self._refusal(handler, ReasonCode.NOT_AUTHORIZED,
                                  "no password file to check the username against")
