@@ -31,7 +31,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..auth.acl import Acl
 from ..auth.identity import common_name
@@ -64,8 +64,14 @@ DECISION_CACHE = 1024  # per-connection ACL decisions kept before the cache is e
 
 
 def listener_of(handler: ClientHandler) -> ListenerConfig:
-    """The listener a connection came in on. One listener for now: the lead points this at
-    the listeners' mapping (TLS/WebSocket) when they are merged."""
+    """The listener a connection came in on: the app's listener registry when it has one
+    (`app.listeners.listener_of(transport)`, server/listeners.py of the TLS/WebSocket work),
+    else - and for a transport it no longer knows - the first listener."""
+    registry = getattr(handler.app, "listeners", None)
+    if registry is not None and handler.transport is not None:
+        found = registry.listener_of(handler.transport)
+        if found is not None:
+            return cast(ListenerConfig, found)
     return handler.app.config.listeners[0]
 
 
