@@ -21,14 +21,14 @@ number of seconds or a string with one unit: "30s", "5min", "2h", "14d", "1w", "
 months, and a config copied from mosquitto must not silently expire sessions 43,200 times early.
 
 Anonymous access: `AuthConfig.allow_anonymous` is the effective broker-wide setting (default
-true) and `AuthConfig.allow_anonymous_explicit` says whether the file wrote it.
-`ListenerConfig.allow_anonymous` is None unless the listener sets it; ask
-`listener.anonymous_allowed(config.auth)` for the effective value. Because authentication is
-not implemented yet, the loader enforces: a listener reachable from other hosts must have
-anonymous access explicitly set to true, and no listener may end up refusing anonymous clients
-(with no other way in, nobody could connect). A TLS listener with `require_certificate` and
-`use_identity_as_username` has an authentication source (the client certificate) and is exempt
-from both rules; there, `allow_anonymous` defaults to false.
+true, false once a password file is configured) and `AuthConfig.allow_anonymous_explicit`
+says whether the file wrote it. `ListenerConfig.allow_anonymous` is None unless the listener
+sets it; ask `listener.anonymous_allowed(config.auth)` for the effective value. A listener has
+an authentication source when `[auth] password_file` is set or it takes the certificate as
+the credential (`certificate_authentication`, from the TLS listener keys). The loader
+enforces: a listener reachable from other hosts needs an authentication source or anonymous
+access explicitly set to true, and no listener without an authentication source may refuse
+anonymous clients (nobody could connect).
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ __all__ = [
     "ListenerConfig",
     "LogConfig",
     "MqttConfig",
+    "QuotasConfig",
     "StorageConfig",
+    "UserQuota",
     "apply_overrides",
     "is_loopback_host",
     "known_keys",
@@ -98,9 +100,15 @@ class AuthConfig:
     """[auth]"""
 
     allow_anonymous: bool = True
-    """Effective broker-wide default for clients without credentials."""
+    """Effective broker-wide default for clients without credentials (the loader makes it
+    false when a password file or certificate authentication is configured and the file
+    does not write it)."""
     allow_anonymous_explicit: bool = False
     """True when the file wrote [auth] allow_anonymous (the security rule needs to know)."""
+    password_file: Path | None = None
+    """mosquitto-format password file; None = no password authentication."""
+    acl_file: Path | None = None
+    """mosquitto-format ACL file; None = every client may publish and subscribe anywhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +166,51 @@ class ListenerConfig:
     def is_loopback(self) -> bool:
         """True when only this machine can reach the listener (127.0.0.0/8, ::1, localhost)."""
         return is_loopback_host(self.host)
+
+    def has_authentication(self, auth: AuthConfig) -> bool:
+        """A password file or the client certificate can let a client in here. (The
+        `certificate_authentication` property comes with the TLS listener keys; read
+        defensively so that this works with or without them.)"""
+        return auth.password_file is not None or bool(
+            getattr(self, "certificate_authentication", False))
+
+
+@dataclass(frozen=True, slots=True)
+class UserQuota:
+    """One [[quotas.users]] entry: a user's own publish rates (None = the [quotas] value)."""
+
+    username: str
+    publish_msgs_per_s: float | None = None
+    publish_bytes_per_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotasConfig:
+    """[quotas]: per-client publish rates (Kafka-style throttling) and connection limits."""
+
+    publish_msgs_per_s: float = 0
+    """PUBLISH packets per second per client; 0 = unlimited."""
+    publish_bytes_per_s: int = 0
+    """PUBLISH payload + topic bytes per second per client; 0 = unlimited."""
+    users: tuple[UserQuota, ...] = ()
+    """Per-username overrides ([[quotas.users]])."""
+    max_connections: int = 0
+    """Open connections per listener; 0 = unlimited."""
+    max_connections_per_address: int = 0
+    """Open connections per client IP address; 0 = unlimited."""
+
+    def rates_for(self, username: str | None) -> tuple[float, int]:
+        """(messages/s, bytes/s) that apply to a client with this username (0 = unlimited)."""
+        msgs, size = self.publish_msgs_per_s, self.publish_bytes_per_s
+        if username is not None:
+            for entry in self.users:
+                if entry.username == username:
+                    if entry.publish_msgs_per_s is not None:
+                        msgs = entry.publish_msgs_per_s
+                    if entry.publish_bytes_per_s is not None:
+                        size = entry.publish_bytes_per_s
+                    break
+        return msgs, size
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +284,7 @@ class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -354,6 +408,21 @@ def _duration(value: object) -> int:
     return seconds
 
 
+def _rate(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not (
+            0 <= value < math.inf):
+        raise _expected("a non-negative number (0 = unlimited)", value)
+    return float(value)
+
+
+def _file_path(value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _expected("a non-empty string (a file path)", value)
+    if "\0" in value:
+        raise _Invalid("the path contains a NUL character")
+    return Path(value)
+
+
 def _data_dir(value: object) -> Path:
     if not isinstance(value, str) or not value:
         raise _expected("a non-empty string (a directory path)", value)
@@ -464,6 +533,20 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
     },
     "auth": {
         "allow_anonymous": _Key("allow_anonymous", _bool),
+        "password_file": _Key("password_file", _file_path),
+        "acl_file": _Key("acl_file", _file_path),
+    },
+    "quotas": {
+        "publish_msgs_per_s": _Key("publish_msgs_per_s", _rate),
+        "publish_bytes_per_s": _Key("publish_bytes_per_s", _unlimited_int),
+        "max_connections": _Key("max_connections", _unlimited_int),
+        "max_connections_per_address": _Key("max_connections_per_address", _unlimited_int),
+        "users": _Key("users", lambda value: value),  # parsed by _parse_user_quotas
+    },
+    "quotas.users": {
+        "username": _Key("username", lambda value: value),  # checked by _parse_user_quotas
+        "publish_msgs_per_s": _Key("publish_msgs_per_s", _rate),
+        "publish_bytes_per_s": _Key("publish_bytes_per_s", _unlimited_int),
     },
     "mqtt": {
         "max_packet_size": _Key("max_packet_size", _int_range(16, 268_435_460)),
@@ -505,8 +588,9 @@ _KEY_TO_FIELD: Final[dict[str, dict[str, str]]] = {
 
 
 def known_keys() -> dict[str, tuple[str, ...]]:
-    """Every table and its keys as written in TOML ("listeners" is the [[listeners]] array)."""
-    return {table: tuple(keys) for table, keys in _SCHEMA.items()}
+    """Every table and its keys as written in TOML ("listeners" is the [[listeners]] array;
+    the keys of the [[quotas.users]] entries are under "quotas" as "users")."""
+    return {table: tuple(keys) for table, keys in _SCHEMA.items() if "." not in table}
 
 
 # --------------------------------------------------------------------------- errors
@@ -561,7 +645,7 @@ def _unknown_key(key: str, table: str, label: str, file: str | None) -> ConfigEr
 
 
 def _unknown_top_level(key: str, value: object, file: str | None) -> ConfigError:
-    tables = tuple(_SCHEMA)
+    tables = tuple(table for table in _SCHEMA if "." not in table)
     every_table = ", ".join(_table_label(t) for t in tables)
     array_of_tables = (isinstance(value, list) and bool(value)
                        and all(isinstance(v, dict) for v in value))
@@ -595,6 +679,30 @@ def _parse_table(values: Mapping[str, object], table: str, label: str,
         except _Invalid as exc:
             raise _error(str(exc), file=file, table=label, key=key) from None
     return out
+
+
+def _parse_user_quotas(value: object, file: str | None) -> tuple[UserQuota, ...]:
+    if not isinstance(value, list):
+        raise _error(f"expected an array of tables, written [[quotas.users]], got {_show(value)}",
+                     file=file, table="quotas", key="users")
+    entries: list[UserQuota] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(value):
+        label = f"[[quotas.users]] #{index + 1}"
+        if not isinstance(entry, dict):
+            raise _error(f"expected a table, got {_show(entry)}", file=file, table=label)
+        values = _parse_table(entry, "quotas.users", label, file)
+        username = values.get("username")
+        if not isinstance(username, str) or not username:
+            raise _error("expected a non-empty string (the username this entry is for), got "
+                         + ("nothing" if username is None else _show(username)),
+                         file=file, table=label, key="username")
+        if username in seen:
+            raise _error(f"user {_show(username)} has two entries", file=file, table=label,
+                         key="username")
+        seen.add(username)
+        entries.append(UserQuota(**values))
+    return tuple(entries)
 
 
 def _listener_label(index: int) -> str:
@@ -689,7 +797,7 @@ def load_config(path: str | Path | None) -> Config:
     sections: dict[str, dict[str, Any]] = {}
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     for name, value in document.items():
-        if name not in _SCHEMA:
+        if name not in _SCHEMA or "." in name:
             raise _unknown_top_level(name, value, file)
         if name == "listeners":
             listeners = _parse_listeners(value, file)
@@ -702,11 +810,19 @@ def load_config(path: str | Path | None) -> Config:
     auth_values = sections.get("auth", {})
     if "allow_anonymous" in auth_values:
         auth_values["allow_anonymous_explicit"] = True
+    elif auth_values.get("password_file") is not None:
+        # mosquitto 2's rule: once clients can authenticate, anonymous access is opt-in.
+        # (A listener authenticating by certificate makes that default its own.)
+        auth_values["allow_anonymous"] = False
+    quota_values = sections.get("quotas", {})
+    if "users" in quota_values:
+        quota_values["users"] = _parse_user_quotas(quota_values["users"], file)
 
     config = Config(
         broker=BrokerConfig(**sections.get("broker", {})),
         listeners=listeners,
         auth=AuthConfig(**auth_values),
+        quotas=QuotasConfig(**quota_values),
         mqtt=MqttConfig(**sections.get("mqtt", {})),
         storage=StorageConfig(**sections.get("storage", {})),
         http=HttpConfig(**sections.get("http", {})),
@@ -796,29 +912,31 @@ def _check_listeners(config: Config, *, host_flag: str | None,
     for index, listener in enumerate(config.listeners):
         label = _listener_label(index)
         from_flag = index == 0 and host_flag is not None
-        if listener.certificate_authentication:
-            continue  # the client certificate is this listener's authentication source
-        if not listener.anonymous_allowed(config.auth):
-            # Without authentication, refusing anonymous clients refuses everybody.
+        authenticated = listener.has_authentication(config.auth)
+        if not listener.anonymous_allowed(config.auth) and not authenticated:
+            # Without a way to authenticate, refusing anonymous clients refuses everybody.
             if listener.allow_anonymous is False:
                 raise _error(
-                    "false refuses every client, and authentication is not implemented yet "
-                    "(no password file), so nobody could connect to this listener; "
-                    "set it to true", file=file, table=label, key="allow_anonymous")
+                    "false refuses every client, and no authentication is configured for "
+                    "this listener (no [auth] password_file, no client certificates), so "
+                    "nobody could connect to it; set it to true or configure a password "
+                    "file", file=file, table=label, key="allow_anonymous")
             raise _error(
                 f"false refuses every client on {label} "
-                f"({_show(listener.host)} port {listener.port}), and authentication is not "
-                "implemented yet (no password file), so nobody could connect there; set it "
-                "to true, or set allow_anonymous = true on that listener",
-                file=file, table="auth", key="allow_anonymous")
-        if not listener.is_loopback and not listener.anonymous_explicitly_allowed(config.auth):
+                f"({_show(listener.host)} port {listener.port}), and no authentication is "
+                "configured there (no password_file, no client certificates), so nobody "
+                "could connect; set password_file, or set allow_anonymous = true on that "
+                "listener", file=file, table="auth", key="allow_anonymous")
+        if (not listener.is_loopback and not authenticated
+                and not listener.anonymous_explicitly_allowed(config.auth)):
             where = ("in [auth] or on the first [[listeners]] table of "
                      + (file if file is not None else "a --config file")
                      if from_flag else "in [auth] or on this listener")
             message = (
-                f"{_show(listener.host)} accepts connections from other hosts; authentication "
-                "is not configured, so set allow_anonymous = true explicitly "
-                f"({where}) to allow anonymous access"
+                f"{_show(listener.host)} accepts connections from other hosts; no "
+                "authentication is configured (no [auth] password_file, no client "
+                "certificates), so set password_file, or set allow_anonymous = true "
+                f"explicitly ({where}) to allow anonymous access"
             )
             if from_flag:
                 raise _error(message, file=None, key="--host")

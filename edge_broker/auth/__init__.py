@@ -1,8 +1,8 @@
 """Authentication and authorisation: mosquitto-format password and ACL files.
 
-Not wired into the listeners yet (see docs/security.md). `passwd` and `acl` do no I/O on the
-event loop; `PasswordVerifier.verify` is the one coroutine here (it hands the hashing to a
-bounded thread pool).
+The server uses them through server/gate.py (see docs/security.md). `passwd` and `acl` do no
+I/O on the event loop; `PasswordVerifier.verify` is the one coroutine here (it hands the
+hashing to a bounded thread pool).
 """
 
 from __future__ import annotations

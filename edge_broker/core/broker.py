@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from ..mqtt.errors import RemoteProtocolError
@@ -131,6 +131,9 @@ class BrokerCore(QueueBounds):
         # Connection epochs are unique across sessions: a session replaced by a clean start
         # must not share an epoch with the old connection (whose detach would end it).
         self._last_epoch = 0
+        # Asked (client id, will topic) before a will is published; False drops the will
+        # (the server's ACL: a will must be writable by its client, checked when it goes out).
+        self.will_check: Callable[[str, str], bool] | None = None
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -692,6 +695,8 @@ class BrokerCore(QueueBounds):
         session.will = None
         session.will_due_at = None
         if will is None:
+            return
+        if self.will_check is not None and not self.will_check(session.client_id, will.topic):
             return
         message = self._new_message(will.topic, will.payload, will.qos, will.retain,
                                     will.properties, session.client_id, now)

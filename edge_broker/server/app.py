@@ -31,6 +31,7 @@ from ..store.memory import NullStore
 from . import systemd
 from .admin import AdminServer, DataDirLock
 from .client import ClientHandler
+from .gate import Gate
 from .http import HttpServer
 from .metrics import Metrics, sys_topics
 from .observe import Observer, build_http_server, prepare_data_dir, watchdog
@@ -89,6 +90,8 @@ class BrokerApp:
         self.core = BrokerCore(core_settings(config))
         self.store = store if store is not None else build_store(config)
         self.metrics = Metrics()
+        self.gate = Gate(self)  # authentication, ACL, quotas (files read in start())
+        self.core.will_check = self.gate.will_allowed
         self.clients: dict[str, ClientHandler] = {}  # connected client id -> its connection
         self.connections: set[ClientHandler] = set()  # every open connection
         # id(packet) -> (packet, bytes) per protocol level, for QoS 0 fan-out (client.pump)
@@ -128,6 +131,7 @@ class BrokerApp:
         prepare_data_dir(self.config)
         self._lock.acquire()
         try:
+            self.gate.load()
             await self._open_store()
             await self._admin.start()
             await self._listen()
@@ -138,6 +142,7 @@ class BrokerApp:
                 await self.http.close()
             await self._admin.close()
             await self.store.close()
+            self.gate.close()
             self._lock.release()
             raise
         self.observer.start()
@@ -285,6 +290,7 @@ class BrokerApp:
             await self.http.close()
         await self._admin.close()
         await self.store.close()
+        self.gate.close()
         self._lock.release()
         log.info("edge-broker stopped")
 

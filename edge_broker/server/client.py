@@ -22,6 +22,17 @@ DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_by
 exception is a bug, logged with its traceback, and closes this connection only. A reply that
 cannot be encoded closes the connection quietly. After sending a DISCONNECT or a refusing
 CONNACK the connection lingers (`_shut`), so a client still writing reads it.
+
+Security (server/gate.py). A connection over a connection limit is closed at once. At CONNECT
+the gate decides who the client is; a password check runs off the loop, and meanwhile this
+connection is suspended: the CONNECT is held, reading pauses, no buffered packet is handled;
+when the decision arrives the turn goes on in order (CONNACK or refusal first). Other
+connections never wait for it. With an ACL, PUBLISH is checked for write, SUBSCRIBE filters
+for read, and each delivery for read in `pump()` (a denied QoS 1/2 delivery is discarded in
+the core, never sent); decisions are cached per connection and topic until a reload. A
+publish quota (`Throttle`) is charged per PUBLISH; when it is in debt the turn ends and the
+next one is scheduled when the debt is paid (reading paused meanwhile, keep-alive suspended):
+the client is slowed, never disconnected, and nothing it sent is lost.
 """
 
 from __future__ import annotations
@@ -37,7 +48,6 @@ from ..mqtt.connection import Connection
 from ..mqtt.errors import LocalProtocolError, RemoteProtocolError
 from ..mqtt.packets import (
     Auth,
-    ConnAck,
     Connect,
     Disconnect,
     Packet,
@@ -53,8 +63,9 @@ from ..mqtt.packets import (
     UnsubAck,
     Unsubscribe,
 )
-from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
+from . import client_guard as guard
+from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
     from .app import BrokerApp
@@ -72,12 +83,15 @@ LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long,
 
 
 class ClientHandler(asyncio.Protocol):
-    __slots__ = ("_buffered", "_close_after_write", "_closed", "_conn", "_connack_pending",
-                 "_connect_timer", "_deferred", "_disconnect_reason", "_keepalive_handle",
-                 "_keepalive_s", "_kick_after", "_last_commit", "_last_rx", "_linger_handle",
-                 "_paused_reading", "_pending_commits", "_session_expiry_on_disconnect",
-                 "_turn_handle", "_writing_paused", "app", "client_id", "epoch", "peer",
-                 "transport")
+    __slots__ = ("_acl_cache", "_buffered", "_close_after_write", "_closed", "_conn",
+                 "_connack_pending", "_connect_timer", "_decision", "_deferred",
+                 "_disconnect_reason", "_held", "_keepalive_handle", "_keepalive_s",
+                 "_kick_after", "_last_commit", "_last_rx", "_linger_handle",
+                 "_paused_reading", "_pending_commits", "_rules_generation",
+                 "_session_expiry_on_disconnect", "_throttle", "_throttle_handle",
+                 "_throttled_since", "_turn_handle", "_waiting", "_writing_paused",
+                 "admitted", "app", "auth_how", "client_id", "epoch", "peer", "throttled_s",
+                 "transport", "username")
 
     def __init__(self, app: BrokerApp) -> None:
         self.app = app
@@ -107,6 +121,19 @@ class ClientHandler(asyncio.Protocol):
         self._last_rx = 0.0
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
+        # Security (server/gate.py)
+        self.admitted: tuple[str, int] | None = None  # counted by the connection limits
+        self.username: str | None = None  # who the client is, once connected
+        self.auth_how = "anonymous"
+        self._held: Connect | None = None  # the CONNECT waiting for its decision
+        self._waiting: asyncio.Future[Decision] | None = None
+        self._decision: Decision | None = None
+        self._rules_generation = -1  # the gate's generation the caches below belong to
+        self._acl_cache: dict[tuple[str, int], bool] = {}
+        self._throttle: Throttle | None = None
+        self._throttle_handle: asyncio.TimerHandle | None = None
+        self._throttled_since = 0.0
+        self.throttled_s = 0.0  # time this connection spent throttled by its quota
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -121,6 +148,8 @@ class ClientHandler(asyncio.Protocol):
         self._last_rx = loop.time()
         self._connect_timer = loop.call_later(CONNECT_TIMEOUT_S, self._connect_timeout)
         self.app.connections.add(self)
+        if not self.app.gate.admit(self):  # a connection limit ([quotas]): closed at once
+            self._shut()
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._close_after_write:
@@ -145,22 +174,39 @@ class ClientHandler(asyncio.Protocol):
         nothing submits nothing. Nothing is read after a DISCONNECT.
         """
         if (self._closed or self._close_after_write or self._turn_handle is not None
-                or self._pending_commits >= MAX_PENDING_COMMITS):
+                or self._pending_commits >= MAX_PENDING_COMMITS or self._waiting is not None
+                or self._throttle_handle is not None):
             return
         app = self.app
         conn = self._conn
         replies: list[Packet] = []
         now = time.time()
         handled = 0
+        throttle = self._throttle
+        in_debt = False
+        if self._rules_generation != app.gate.generation:
+            guard.rules_changed(self)
+            throttle = self._throttle
         try:
             while handled < BATCH_PACKETS:
-                packet = conn.next_event()
-                if packet is None:
-                    break
+                packet: Packet | None = self._held
+                if packet is not None:
+                    self._held = None
+                else:
+                    packet = conn.next_event()
+                    if packet is None:
+                        break
+                    if isinstance(packet, Connect) and not guard.authenticate(self, packet):
+                        break  # suspended until the gate decides (_authenticated)
                 handled += 1
                 self._handle(packet, replies, now)
-                if self._close_after_write:
+                if self._closed or self._close_after_write:
                     break
+                if throttle is not None and isinstance(packet, Publish):
+                    throttle.charge(len(packet.payload) + len(packet.topic), app.loop.time())
+                    if throttle.delay(app.loop.time()) > 0:
+                        in_debt = True  # over its quota: the rest waits (_throttle_for)
+                        break
         except RemoteProtocolError as error:
             self._protocol_error(error, replies)
         except Exception:
@@ -172,7 +218,11 @@ class ClientHandler(asyncio.Protocol):
             # An idle turn submits nothing: an empty batch would wait for the store and call
             # this again when done, a chain that never ends while the store is busy.
             app.finish_batch(self, replies, close=self._close_after_write)
-        if handled == BATCH_PACKETS and not self._closed and not self._close_after_write:
+        if self._closed or self._close_after_write:
+            pass
+        elif in_debt and throttle is not None:
+            guard.throttle_for(self, throttle.delay(app.loop.time()))
+        elif handled == BATCH_PACKETS:
             self._turn_handle = app.loop.call_soon(self._next_turn)
         self._update_reading()
 
@@ -180,6 +230,11 @@ class ClientHandler(asyncio.Protocol):
         self._turn_handle = None
         self.process_buffered()
         self._account_buffered()
+
+    @property
+    def closed(self) -> bool:
+        """Closed or closing (lingering after our DISCONNECT): nothing more is done here."""
+        return self._closed
 
     @property
     def buffered_bytes(self) -> int:
@@ -196,6 +251,10 @@ class ClientHandler(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_timers()
+        self.app.gate.release(self)
+        if self.throttled_s >= 1.0:
+            log.info("client %s (%s) was throttled by its publish quota for %.1f s in all",
+                     self.client_id, self.peer, self.throttled_s)
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
@@ -222,6 +281,9 @@ class ClientHandler(asyncio.Protocol):
         client_id = self.client_id
         if isinstance(packet, Publish):
             assert client_id is not None
+            if app.gate.acl is not None and not guard.allowed(self, packet.topic, WRITE):
+                guard.deny_publish(self, packet, replies)
+                return
             # A full store refuses only what would have to be written to it.
             if (packet.qos and app.store.full and not core.is_qos2_resend(client_id, packet)
                     and core.would_store(client_id, packet)):
@@ -255,7 +317,10 @@ class ClientHandler(asyncio.Protocol):
             core.pubcomp(client_id, packet.packet_id, now=now)
         elif isinstance(packet, Subscribe):
             assert client_id is not None
-            codes = core.subscribe(client_id, packet, now=now)
+            if app.gate.acl is not None:
+                codes = guard.subscribe_checked(self, packet, now)
+            else:
+                codes = core.subscribe(client_id, packet, now=now)
             replies.append(SubAck(packet.packet_id, codes))
         elif isinstance(packet, Unsubscribe):
             assert client_id is not None
@@ -264,7 +329,7 @@ class ClientHandler(asyncio.Protocol):
         elif isinstance(packet, PingReq):
             replies.append(PingResp())
         elif isinstance(packet, Connect):
-            self._handle_connect(packet, replies, now)
+            guard.handle_connect(self, packet, replies, now)
         elif isinstance(packet, Disconnect):
             self._disconnect_reason = packet.reason_code
             self._session_expiry_on_disconnect = packet.properties.session_expiry_interval
@@ -292,60 +357,6 @@ class ClientHandler(asyncio.Protocol):
 
     def _v5_reason(self, reason: int) -> int:
         return reason if self._conn.protocol_level == ProtocolLevel.MQTT_5 else 0
-
-    def _handle_connect(self, packet: Connect, replies: list[Packet], now: float) -> None:
-        app = self.app
-        settings = app.config.mqtt
-        v5 = packet.protocol_level == ProtocolLevel.MQTT_5
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
-        if packet.properties.authentication_method is not None:
-            raise RemoteProtocolError(ReasonCode.BAD_AUTHENTICATION_METHOD,
-                                      "enhanced authentication is not supported")
-        client_id = packet.client_id
-        assigned = None
-        if not client_id:
-            if not settings.allow_zero_length_clientid:
-                raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
-                                          "zero-length client ids are not allowed")
-            client_id = assigned = app.new_client_id()
-        keepalive = packet.keep_alive
-        server_keepalive = None
-        if v5 and (keepalive > settings.max_keepalive_s or keepalive == 0):
-            server_keepalive = keepalive = settings.max_keepalive_s
-        elif keepalive > settings.max_keepalive_s:
-            # 3.1.1 cannot be told another value: refuse, as mosquitto does.
-            raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
-                                      f"keep alive {keepalive} s above max_keepalive")
-        receive_maximum = (packet.properties.receive_maximum or 65535) if v5 else 65535
-        result = app.attach(self, packet, client_id, receive_maximum, now)
-        self.client_id = client_id
-        self.epoch = result.epoch
-        properties = NO_PROPERTIES
-        if v5:
-            requested = packet.properties.session_expiry_interval or 0
-            properties = Properties(
-                session_expiry_interval=(result.session_expiry_interval
-                                         if result.session_expiry_interval != requested
-                                         else None),
-                receive_maximum=settings.receive_maximum,
-                maximum_qos=settings.max_qos if settings.max_qos < 2 else None,
-                retain_available=None if settings.retain_available else 0,
-                maximum_packet_size=settings.max_packet_size,
-                assigned_client_identifier=assigned,
-                topic_alias_maximum=settings.topic_alias_maximum or None,
-                server_keep_alive=server_keepalive,
-            )
-        replies.append(ConnAck(result.session_present, ReasonCode.SUCCESS, properties))
-        self._connack_pending = True  # [MQTT-3.2.0-1] (3.1.1, 5.0): CONNACK goes first
-        self._keepalive_s = keepalive * 1.5  # [MQTT-3.1.2-22] (5.0), [MQTT-3.1.2-24] (3.1.1)
-        if keepalive:
-            self._keepalive_handle = app.loop.call_at(self._last_rx + self._keepalive_s,
-                                                      self._keepalive_check)
-        log.info("client %s connected from %s (v%d, clean=%d, keepalive=%d%s)", client_id,
-                 self.peer, packet.protocol_level, packet.clean_start, keepalive,
-                 ", session resumed" if result.session_present else "")
 
     # -- errors and closing ---------------------------------------------------------------
 
@@ -454,8 +465,10 @@ class ClientHandler(asyncio.Protocol):
         self._keepalive_handle = None
         if self._closed:
             return
-        deadline = self._last_rx + self._keepalive_s
         loop = self.app.loop
+        if self._throttle_handle is not None:  # suspended while we hold the client back
+            self._last_rx = max(self._last_rx, loop.time())
+        deadline = self._last_rx + self._keepalive_s
         if loop.time() < deadline:
             self._keepalive_handle = loop.call_at(deadline, self._keepalive_check)
             return
@@ -464,10 +477,17 @@ class ClientHandler(asyncio.Protocol):
         self.app.finish_batch(None, [])
 
     def _cancel_timers(self) -> None:
-        for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle):
+        if self._throttle_handle is not None:
+            guard.count_throttled(self)
+        for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle,
+                       self._throttle_handle):
             if handle is not None:
                 handle.cancel()
         self._keepalive_handle = self._connect_timer = self._turn_handle = None
+        self._throttle_handle = None
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
 
     # -- output ---------------------------------------------------------------------------
 
@@ -542,7 +562,8 @@ class ClientHandler(asyncio.Protocol):
         if self.transport is None or self._closed:
             return
         pause = (self._pending_commits >= MAX_PENDING_COMMITS
-                 or self._turn_handle is not None)
+                 or self._turn_handle is not None or self._waiting is not None
+                 or self._throttle_handle is not None)
         if pause != self._paused_reading:
             self._paused_reading = pause
             if pause:
@@ -565,12 +586,21 @@ class ClientHandler(asyncio.Protocol):
         level = conn.protocol_level or ProtocolLevel.MQTT_5
         # QoS 0 packets the core shares between subscribers are encoded once per level.
         shared = app.qos0_encodings[level] if conn.shares_publish_encoding() else None
+        checked = app.gate.acl is not None
         while not self._writing_paused:
             packets = core.pull(client_id, now=time.time(), limit=PULL_LIMIT)
             if not packets:
                 return
             chunks = []
             for packet in packets:
+                if checked and isinstance(packet, Publish) and not guard.allowed(self, packet.topic,
+                                                                                 READ):
+                    # The ACL does not let this client read it: not sent; a QoS 1/2
+                    # delivery counts as done (as mosquitto drops it).
+                    app.metrics.acl_denied["delivery"] += 1
+                    if packet.packet_id is not None:
+                        core.discard(client_id, packet.packet_id)
+                    continue
                 try:
                     if shared is not None and isinstance(packet, Publish) and not packet.qos:
                         cached = shared.get(id(packet))

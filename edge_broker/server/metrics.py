@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from ..core.broker import BrokerCore
 
@@ -15,6 +16,14 @@ class Metrics:
     packets_sent: int = 0
     protocol_errors: int = 0
     refused_store_full: int = 0  # QoS 1/2 PUBLISH refused while the store was full
+    # Security (server/gate.py): CONNECT refusals by reason ("bad_credentials",
+    # "not_authorized", "server_busy"), ACL denials by operation ("publish", "subscribe",
+    # "delivery", "will"), connections closed at a connection limit, and the seconds
+    # clients spent throttled by their publish quota (episodes that ended).
+    auth_refused: Counter[str] = field(default_factory=Counter)
+    acl_denied: Counter[str] = field(default_factory=Counter)
+    connections_refused: int = 0
+    throttled_s: float = 0.0
 
 
 def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
@@ -53,6 +62,12 @@ def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
         # Estimated memory held by all queues (max_queued_memory_bytes bounds it).
         "$SYS/broker/publish/messages/queued_memory": f"{core.memory.used} bytes",
         "$SYS/broker/clients/protocol_errors": str(metrics.protocol_errors),
+        # Not in mosquitto: security (docs/security.md).
+        "$SYS/broker/clients/refused": str(sum(metrics.auth_refused.values())),
+        "$SYS/broker/clients/refused_connections": str(metrics.connections_refused),
+        "$SYS/broker/clients/throttled_seconds": f"{metrics.throttled_s:.1f}",
+        "$SYS/broker/publish/messages/denied": str(metrics.acl_denied["publish"]),
+        "$SYS/broker/publish/messages/denied_deliveries": str(metrics.acl_denied["delivery"]),
         "$SYS/broker/bytes/received": str(metrics.bytes_received),
         "$SYS/broker/bytes/sent": str(metrics.bytes_sent),
         "$SYS/broker/retained messages/count": str(len(core.retained)),

@@ -200,6 +200,10 @@ class Observer:
             Family("edge_broker_protocol_errors_total", "counter",
                    "Connections closed for breaking the protocol.").add(
                        metrics.protocol_errors),
+            Family("edge_broker_throttled_seconds_total", "counter",
+                   "Seconds clients spent throttled by their publish quota ([quotas]).").add(
+                       metrics.throttled_s),
+            self._security(),
             Family("edge_broker_queued_messages", "gauge",
                    "Messages queued or in flight for sessions.").add(queued),
             Family("edge_broker_queued_bytes", "gauge",
@@ -232,6 +236,18 @@ class Observer:
         families.append(Family("process_resident_memory_bytes", "gauge",
                                "Resident set size.").add(_rss_bytes()))
         return families
+
+    def _security(self) -> Family:
+        metrics = self.app.metrics
+        family = Family("edge_broker_refused_total", "counter",
+                        "Refused by the security checks: CONNECT by reason, operations "
+                        "denied by the ACL, connections over a connection limit.")
+        for reason in ("bad_credentials", "not_authorized", "server_busy"):
+            family.add(metrics.auth_refused[reason], kind="connect", reason=reason)
+        for operation in ("publish", "subscribe", "delivery", "will"):
+            family.add(metrics.acl_denied[operation], kind="acl", reason=operation)
+        family.add(metrics.connections_refused, kind="connection", reason="limit")
+        return family
 
     def _drops(self) -> Family:
         stats = self.app.core.stats

@@ -8,6 +8,11 @@ table in docs/configuration.md ("Reloading") is this set, in prose; a test keeps
 Keys are named as in the TOML file (`mqtt.max_queued_messages`); a change anywhere in the
 `[[listeners]]` array other than their reloadable keys needs a restart, since the sockets
 are bound at start-up.
+
+Besides the keys, every SIGHUP reads the password file and the ACL file again (`Gate.reload`,
+server/gate.py), whether or not their paths changed: a file that does not load keeps the old
+rules; a connected client is checked against the new rules at its next operation, and one
+whose user left the password file is disconnected.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ log = logging.getLogger("edge_broker")
 # the dataclasses' (durations carry their unit, e.g. sys_interval_s).
 RELOADABLE: Final[frozenset[tuple[str, str]]] = frozenset({
     ("log", "level"),
+    ("auth", "password_file"),
+    ("auth", "acl_file"),
+    ("quotas", "publish_msgs_per_s"),
+    ("quotas", "publish_bytes_per_s"),
+    ("quotas", "users"),
+    ("quotas", "max_connections"),
+    ("quotas", "max_connections_per_address"),
 })
 
 
@@ -92,6 +104,7 @@ def reload(app: BrokerApp, load: Callable[[], Config]) -> bool:
         logging.getLogger().setLevel(plan.config.log.logging_level)
         for key in plan.needs_restart:
             log.warning("reload (SIGHUP): %s changed; it takes effect after a restart", key)
+        app.gate.reload(plan.config.auth)
         log.info("reload (SIGHUP): configuration read again; %s",
                  "applied " + ", ".join(plan.applied) if plan.applied else "nothing to apply")
         listeners = getattr(app, "listeners", None)  # TLS files, for new connections

@@ -360,7 +360,8 @@ def test_reachable_listener_without_explicit_anonymous_access_is_refused(
     error = load_error(path)
     assert str(error) == (
         f'{path}: [[listeners]] #2 host: "{host}" accepts connections from other hosts; '
-        "authentication is not configured, so set allow_anonymous = true explicitly "
+        "no authentication is configured (no [auth] password_file, no client certificates), "
+        "so set password_file, or set allow_anonymous = true explicitly "
         "(in [auth] or on this listener) to allow anonymous access"
     )
     assert (error.table, error.key) == ("[[listeners]] #2", "host")
@@ -446,8 +447,9 @@ def test_host_flag_to_a_reachable_address_follows_the_security_rule(write) -> No
     with pytest.raises(ConfigError) as info:
         apply_overrides(load_config(path), host="0.0.0.0")
     assert str(info.value) == (
-        '--host: "0.0.0.0" accepts connections from other hosts; authentication is not '
-        "configured, so set allow_anonymous = true explicitly (in [auth] or on the first "
+        '--host: "0.0.0.0" accepts connections from other hosts; no authentication is '
+        "configured (no [auth] password_file, no client certificates), so set password_file, "
+        "or set allow_anonymous = true explicitly (in [auth] or on the first "
         f"[[listeners]] table of {path}) to allow anonymous access"
     )
     assert info.value.key == "--host"

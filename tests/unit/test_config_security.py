@@ -1,0 +1,93 @@
+"""[auth] password_file / acl_file and [quotas]: how they load, their defaults, their errors,
+and the listener-reachability rule once a password file is an authentication source."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edge_broker.config import UserQuota, load_config
+from edge_broker.errors import ConfigError
+from edge_broker.server.reload import plan_reload
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Callable[[str], Path]:
+    def write(text: str) -> Path:
+        path = tmp_path / "edge-broker.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def test_a_password_file_makes_anonymous_access_opt_in(write: Callable[[str], Path]) -> None:
+    config = load_config(write('[auth]\npassword_file = "/etc/eb/passwd"\n'
+                               'acl_file = "/etc/eb/acl"\n'))
+    assert config.auth.password_file == Path("/etc/eb/passwd")
+    assert config.auth.acl_file == Path("/etc/eb/acl")
+    assert not config.listeners[0].anonymous_allowed(config.auth)
+    explicit = load_config(write('[auth]\npassword_file = "/p"\nallow_anonymous = true\n'))
+    assert explicit.listeners[0].anonymous_allowed(explicit.auth)
+
+
+def test_a_password_file_lets_a_network_listener_start(write: Callable[[str], Path]) -> None:
+    config = load_config(write('[auth]\npassword_file = "/p"\n'
+                               '[[listeners]]\nhost = "0.0.0.0"\n'))
+    assert not config.listeners[0].is_loopback
+    # ...and allow_anonymous = false is no longer "nobody could connect".
+    load_config(write('[auth]\npassword_file = "/p"\nallow_anonymous = false\n'))
+
+
+def test_without_a_password_file_the_rules_still_hold(write: Callable[[str], Path]) -> None:
+    with pytest.raises(ConfigError, match="no authentication is configured"):
+        load_config(write('[[listeners]]\nhost = "0.0.0.0"\n'))
+    with pytest.raises(ConfigError, match="refuses every client"):
+        load_config(write("[auth]\nallow_anonymous = false\n"))
+
+
+def test_quotas_and_per_user_overrides(write: Callable[[str], Path]) -> None:
+    config = load_config(write(
+        "[quotas]\npublish_msgs_per_s = 12.5\npublish_bytes_per_s = 4000\n"
+        "max_connections = 100\nmax_connections_per_address = 5\n"
+        '[[quotas.users]]\nusername = "bulk"\npublish_msgs_per_s = 0\n'
+        '[[quotas.users]]\nusername = "slow"\npublish_bytes_per_s = 10\n'))
+    quotas = config.quotas
+    assert (quotas.max_connections, quotas.max_connections_per_address) == (100, 5)
+    assert quotas.users == (UserQuota("bulk", publish_msgs_per_s=0.0),
+                            UserQuota("slow", publish_bytes_per_s=10))
+    assert quotas.rates_for(None) == (12.5, 4000)
+    assert quotas.rates_for("bulk") == (0.0, 4000)  # 0 = unlimited for that user
+    assert quotas.rates_for("slow") == (12.5, 10)
+    assert quotas.rates_for("other") == (12.5, 4000)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[quotas]\npublish_msgs_per_s = -1\n", "[quotas] publish_msgs_per_s: expected a non-neg"),
+    ("[quotas]\npublish_msgs_per_s = true\n", "[quotas] publish_msgs_per_s: expected a non-neg"),
+    ("[quotas]\npublish_bytes_per_s = 1.5\n", "[quotas] publish_bytes_per_s: expected a non-ne"),
+    ('[[quotas.users]]\npublish_msgs_per_s = 1\n', "[[quotas.users]] #1 username: expected"),
+    ('[[quotas.users]]\nusername = "a"\n[[quotas.users]]\nusername = "a"\n',
+     '[[quotas.users]] #2 username: user "a" has two entries'),
+    ('[[quotas.users]]\nusername = "a"\nrate = 1\n', "[[quotas.users]] #1 rate: unknown key"),
+    ('[auth]\npassword_file = ""\n', "[auth] password_file: expected a non-empty string"),
+    ('[auth]\nacl_file = 3\n', "[auth] acl_file: expected a non-empty string"),
+])
+def test_bad_values_name_the_table_and_key(write: Callable[[str], Path], text: str,
+                                           message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(text))
+    assert message in str(info.value)
+
+
+def test_auth_files_and_quotas_are_reloadable(write: Callable[[str], Path]) -> None:
+    old = load_config(write('[auth]\npassword_file = "/a"\n[quotas]\npublish_msgs_per_s = 1\n'))
+    new = load_config(write('[auth]\npassword_file = "/b"\nacl_file = "/acl"\n'
+                            '[quotas]\npublish_msgs_per_s = 2\nmax_connections = 3\n'))
+    plan = plan_reload(old, new)
+    assert set(plan.applied) == {"auth.password_file", "auth.acl_file",
+                                 "quotas.publish_msgs_per_s", "quotas.max_connections"}
+    assert plan.config.auth.password_file == Path("/b")
+    assert plan.config.quotas.publish_msgs_per_s == 2
