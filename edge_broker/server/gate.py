@@ -20,7 +20,7 @@ and the counters shown in $SYS and /metrics. `ClientHandler` asks it:
 
 Per-listener settings (`allow_anonymous`, `use_identity_as_username`) come from
 `listener_of(handler)`, the listeners' own registry (server/listeners.py), and the
-certificate's common name from `listeners.identity_of(transport)`, which works for plain,
+certificate's common name from `tls.peer_common_name(transport)`, which works for plain,
 uvloop and WebSocket transports alike.
 """
 
@@ -40,7 +40,7 @@ from ..config import AuthConfig, ListenerConfig
 from ..errors import ConfigError
 from ..mqtt.packets import Connect
 from ..mqtt.types import ReasonCode
-from .listeners import identity_of
+from .tls import peer_common_name
 
 if TYPE_CHECKING:
     from .app import BrokerApp
@@ -243,7 +243,7 @@ class Gate:
         auth = self.app.config.auth
         if getattr(listener, "use_identity_as_username", False):
             # The certificate is the credential; the password file is not consulted.
-            name = (identity_of(handler.transport) if handler.transport is not None
+            name = (peer_common_name(handler.transport) if handler.transport is not None
                     else None)
             if name is None:
                 return self._refusal(handler, ReasonCode.NOT_AUTHORIZED,
