@@ -5,6 +5,7 @@
     edge-broker check-config FILE
     edge-broker sessions list|show|delete [CLIENT] [--config FILE | --data-dir DIR] [--json]
     edge-broker store stats [--config FILE | --data-dir DIR] [--json]
+    edge-broker status [--config FILE | --data-dir DIR] [--json]
     edge-broker passwd [-c | -D] [--password-stdin] [--scrypt] FILE USER
     edge-broker certs init-ca|server|device|revoke|crl DIR ...   (see cli_security)
     (the flags of sessions and store may also come before the action)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import signal
@@ -109,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     store = commands.add_parser("store", help="store statistics (safe while the broker runs)")
     _add_admin_flags(store)
     store_actions = store.add_subparsers(dest="action", metavar="ACTION", required=True)
+    status = commands.add_parser(
+        "status", help="one screen with what /metrics says (asks the running broker)",
+        description="Clients, sessions, traffic, drops, queues, the store and the process, "
+                    "from the broker running on the data directory; exit 3 if none runs.")
+    _add_admin_flags(status)
+
     stats = store_actions.add_parser("stats", help="sessions, queued messages and bytes, "
                                      "oldest message, file size")
     _add_admin_flags(stats, suppress=True)
@@ -203,7 +211,7 @@ def _run(args: argparse.Namespace, early_stop: _EarlyStop) -> int:
                                  data_dir=args.data_dir, log_level=args.log_level)
     except ConfigError as exc:
         return _config_error(exc)
-    configure_logging(config.log.logging_level)
+    configure_logging(config.log.logging_level, config.log.format)
     log.info("%s %s starting; configuration: %s", PROG, version(),
              config.source if config.source is not None else "built-in defaults")
     # Imported here so that check-config and --version do not load the server.
@@ -229,16 +237,42 @@ def _config_error(exc: ConfigError) -> int:
     return EXIT_CONFIG_ERROR
 
 
-class _JournalFormatter(logging.Formatter):
-    """Prefixes the syslog priority (<3> for errors...) that journald reads from a stream,
-    so that `journalctl -p warning` works. Used only when stderr is the journal."""
+_PRIORITIES: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                      logging.CRITICAL: 2}
 
-    _PRIORITIES: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
-                          logging.ERROR: 3, logging.CRITICAL: 2}
+
+class _LogFormatter(logging.Formatter):
+    """`[log] format`: "text" is `time LEVEL logger: message`, "json" one object per line
+    (`time`, `level`, `logger`, `message`, `exception`). Under journald (stderr is the journal)
+    the time is left out, the journal stamps every line itself, and each line starts with its
+    syslog priority (<3> for errors...), so `journalctl -p warning` works."""
+
+    def __init__(self, fmt: str, *, journal: bool) -> None:
+        super().__init__()
+        self.json = fmt == "json"
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        priority = self._PRIORITIES.get(record.levelno, 6 if record.levelno < 30 else 3)
-        return f"<{priority}>{super().format(record)}"
+        message = record.getMessage()
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        if self.json:
+            entry: dict[str, object] = {}
+            if not self.journal:
+                entry["time"] = self.formatTime(record)
+            entry.update(level=record.levelname.lower(), logger=record.name, message=message)
+            if exception:
+                entry["exception"] = exception
+            line = json.dumps(entry, ensure_ascii=False)
+        else:
+            line = f"{record.levelname} {record.name}: {message}"
+            if not self.journal:
+                line = f"{self.formatTime(record)} {line}"
+            if exception:
+                line = f"{line}\n{exception}"
+        if self.journal:
+            priority = _PRIORITIES.get(record.levelno, 6 if record.levelno < 30 else 3)
+            line = f"<{priority}>{line}"
+        return line
 
 
 def _stderr_is_journal() -> bool:
@@ -253,8 +287,9 @@ def _stderr_is_journal() -> bool:
     return expected == f"{status.st_dev}:{status.st_ino}"
 
 
-def configure_logging(level: int) -> None:
-    """Log records at `level` and above to stderr, as `time LEVEL logger: message`.
+def configure_logging(level: int, fmt: str = "text") -> None:
+    """Log records at `level` and above to stderr in `fmt` ("text" or "json"; see
+    `_LogFormatter`).
 
     Replaces the handler a previous call installed (main() may run more than once in tests)
     and leaves other handlers alone.
@@ -263,11 +298,9 @@ def configure_logging(level: int) -> None:
     for handler in list(root.handlers):
         if handler.get_name() == _LOG_HANDLER_NAME:
             root.removeHandler(handler)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_LOG_HANDLER_NAME)
-    handler.setFormatter(_JournalFormatter(fmt) if _stderr_is_journal()
-                         else logging.Formatter(fmt))
+    handler.setFormatter(_LogFormatter(fmt, journal=_stderr_is_journal()))
     root.addHandler(handler)
     root.setLevel(level)
 
@@ -361,11 +394,22 @@ def _cmd_security(args: argparse.Namespace) -> int:
     return command(args)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        config = apply_overrides(load_config(args.admin_config), data_dir=args.admin_data_dir)
+    except ConfigError as exc:
+        return _config_error(exc)
+    module = importlib.import_module("edge_broker.cli_status")
+    command: Callable[[Config, argparse.Namespace], int] = module.run_status
+    return command(config, args)
+
+
 _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "run": _cmd_run,
     "check-config": _cmd_check_config,
     "sessions": _cmd_admin,
     "store": _cmd_admin,
+    "status": _cmd_status,
     "passwd": _cmd_security,
     "certs": _cmd_security,
 }

@@ -66,12 +66,14 @@ __all__ = [
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 Persistence = Literal["memory", "sqlite"]
 Durability = Literal["fsync", "os", "none"]
 ListenerProtocol = Literal["mqtt", "websockets"]
 QueueFullPolicy = Literal["drop-oldest", "drop-newest", "refuse"]
 
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
 PERSISTENCE_KINDS: Final[tuple[Persistence, ...]] = ("memory", "sqlite")
 DURABILITY_LEVELS: Final[tuple[Durability, ...]] = ("fsync", "os", "none")
 LISTENER_PROTOCOLS: Final[tuple[ListenerProtocol, ...]] = ("mqtt", "websockets")
@@ -267,6 +269,8 @@ class LogConfig:
     """[log]"""
 
     level: LogLevel = "info"
+    format: LogFormat = "text"
+    """"text" (`time LEVEL logger: message`) or "json" (one object per line)."""
 
     @property
     def logging_level(self) -> int:
@@ -578,6 +582,7 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
     },
     "log": {
         "level": _Key("level", _choice(LOG_LEVELS)),
+        "format": _Key("format", _choice(LOG_FORMATS)),
     },
 }
 

@@ -180,6 +180,9 @@ class AdminServer:
             return {"deleted": deleted}
         if command == "store.stats":
             return {"stats": await app.store_stats()}
+        if command == "status.show":
+            observer = app.observer
+            return {"status": observer.status(), "metrics": observer.flat_metrics()}
         return {"error": f"unknown command {command!r}"}
 
 

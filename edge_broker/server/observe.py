@@ -294,6 +294,23 @@ class Observer:
             "history": list(self.history),
         }
 
+    def flat_metrics(self) -> dict[str, float]:
+        """/metrics as `name{label=value,...}` -> value (histogram buckets left out)."""
+        flat: dict[str, float] = {}
+        for family in self.families():
+            if family.type == "histogram":
+                for labels, value in family.samples:
+                    suffix = dict(labels).get("__suffix__")
+                    if suffix is not None:
+                        flat[family.name + suffix] = value
+                continue
+            for labels, value in family.samples:
+                key = family.name
+                if labels:
+                    key += "{" + ",".join(f"{k}={v}" for k, v in labels) + "}"
+                flat[key] = value
+        return flat
+
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
 

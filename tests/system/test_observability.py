@@ -7,7 +7,9 @@ watchdog that stops pinging while the store's writer is stuck.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -292,3 +294,38 @@ def test_a_mistyped_data_dir_does_not_grow_a_tree(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         observe.prepare_data_dir(config)
     assert not (tmp_path / "no-such-parent").exists()
+
+
+def test_status_command_shows_the_live_figures_on_one_screen(tmp_path: Path) -> None:
+    from edge_broker import cli
+
+    config = broker_config(tmp_path)
+    broker = BrokerThread(config).start()
+    try:
+        backlog = subscriber(broker.port, "meter-7", ("m/#", 1), version=4, clean=False)
+        backlog.close()
+        pub = connect(broker.port, "meter-pub", version=5)
+        for index in range(4):
+            pub.publish("m/kwh", b"%d" % index, qos=1, packet_id=index + 1)
+            pub.expect(4)
+        data_dir = str(config.broker.data_dir)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert cli.main(["status", "--data-dir", data_dir]) == 0, err.getvalue()
+        screen = out.getvalue()
+        assert "healthy" in screen
+        assert "clients connected 1" in screen
+        assert "messages received 4" in screen
+        assert "meter-7 (offline): 4 queued" in screen
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli.main(["--data-dir", data_dir, "status", "--json"]) == 0
+        reply = json.loads(out.getvalue())
+        assert reply["metrics"]["edge_broker_publish_received_total"] == 4
+        pub.close()
+    finally:
+        broker.stop()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(["status", "--data-dir", str(config.broker.data_dir)]) == 3
+    assert "no broker is running" in err.getvalue()

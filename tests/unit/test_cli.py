@@ -3,6 +3,7 @@ configuration file, start-up errors, logging set-up."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -249,8 +250,31 @@ def test_under_systemd_log_lines_carry_the_journal_priority(
     logging.getLogger("edge_broker.test").warning("careful")
     logging.getLogger("edge_broker.test").info("fine")
     err = capfd.readouterr().err
-    assert any(x.startswith("<4>") and x.endswith("careful") for x in err.splitlines())
-    assert any(x.startswith("<6>") and x.endswith("fine") for x in err.splitlines())
+    assert "<4>WARNING edge_broker.test: careful" in err.splitlines()
+    assert "<6>INFO edge_broker.test: fine" in err.splitlines()  # no time: journald adds it
+
+
+def test_json_logs_one_object_per_line(monkeypatch: pytest.MonkeyPatch,
+                                       capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    cli.configure_logging(logging.INFO, "json")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("edge_broker.test").exception("it broke: %s", "why")
+    (line,) = capfd.readouterr().err.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "error" and entry["logger"] == "edge_broker.test"
+    assert entry["message"] == "it broke: why" and "ValueError: boom" in entry["exception"]
+    assert entry["time"]
+    status = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+    cli.configure_logging(logging.INFO, "json")
+    logging.getLogger("edge_broker.test").warning("careful")
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith("<4>{")
+    assert "time" not in json.loads(line[3:])
+    cli.configure_logging(logging.INFO)
 
 
 @pytest.mark.parametrize(("argv", "expected"), [

@@ -253,7 +253,7 @@ def test_unknown_key_in_the_wrong_table_says_where_it_belongs(write) -> None:
 def test_unknown_key_without_a_close_match_lists_the_keys(write) -> None:
     path = write("[log]\nfile = \"/var/log/x\"\n")
     assert str(load_error(path)) == (
-        f"{path}: [log] file: unknown key; the keys of [log] are: level"
+        f"{path}: [log] file: unknown key; the keys of [log] are: level, format"
     )
 
 
