@@ -430,9 +430,13 @@ def _decode_unsuback(body: Buffer, level: int) -> UnsubAck:
 
 
 def _decode_empty(cls: type[PingReq] | type[PingResp]) -> Callable[[Buffer, int], Packet]:
+    # From an instance: compiled by mypyc, packet_type is an instance attribute (see
+    # docs/compiled.md), and ClassVar in a dataclass is not supported there (mypyc/mypyc#1122).
+    name = cls().packet_type.name
+
     def decode_empty(body: Buffer, _level: int) -> Packet:
         if len(body):
-            raise malformed(f"{cls.packet_type.name} with a remaining length of {len(body)}")
+            raise malformed(f"{name} with a remaining length of {len(body)}")
         return cls()
 
     return decode_empty
