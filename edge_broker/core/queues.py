@@ -44,10 +44,16 @@ class QueueBounds:
     _batch: int
     _next_delivery_id: int
 
-    if TYPE_CHECKING:
-        def _clear_retained(self, topic: str) -> None: ...
-        def _save_message(self, message: Message) -> None: ...
-        def _save_delivery(self, session: Session, delivery: Delivery) -> None: ...
+    # Provided by BrokerCore. Plain methods, not stubs under TYPE_CHECKING: mypyc compiles
+    # this class and does not accept conditional definitions in a class body.
+    def _clear_retained(self, topic: str) -> None:
+        raise NotImplementedError
+
+    def _save_message(self, message: Message) -> None:
+        raise NotImplementedError
+
+    def _save_delivery(self, session: Session, delivery: Delivery) -> None:
+        raise NotImplementedError
 
     def _fits(self, targets: list[Target], message: Message) -> bool:
         """Whether every target can queue the message without reaching a bound."""
