@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from ..mqtt.errors import RemoteProtocolError
-from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Unsubscribe, Will
+from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Subscription, Unsubscribe, Will
 from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_filter, parse_shared
 from ..mqtt.types import ProtocolLevel, ReasonCode
@@ -57,6 +57,13 @@ from .queues import DROP_OLDEST, REFUSE, QueueBounds, Target, forget_retained_pe
 from .retain import RetainStore
 from .router import Router
 from .session import Delivery, QueueMemory, RetainedPending, Session
+from .streams import (
+    STREAM_PREFIX,
+    StreamRouting,
+    parse_position,
+    parse_stream_filter,
+    stream_offset_property,
+)
 
 _WILL_TIMER = 0
 QOS0_PACKET_CACHE_SIZE = 1024
@@ -100,13 +107,14 @@ class BrokerStats:
     dropped_queue_full: int = 0  # ... because a session's queue bound was reached
     dropped_memory_full: int = 0  # ... because max_queued_memory_bytes was reached
     refused_queue_full: int = 0  # QoS 1/2 PUBLISH refused by the "refuse" policy
+    stream_dropped: int = 0  # QoS 0 messages a stream did not record: the store was full
     messages_expired: int = 0  # deliveries dropped because their message expired
     clients_expired: int = 0  # sessions ended by session expiry
     clients_connected: int = 0
     clients_maximum: int = 0
 
 
-class BrokerCore(QueueBounds):
+class BrokerCore(QueueBounds, StreamRouting):
     def __init__(self, settings: CoreSettings | None = None) -> None:
         self.settings = settings or CoreSettings()
         self.sessions: dict[str, Session] = {}
@@ -128,6 +136,7 @@ class BrokerCore(QueueBounds):
         # Connection epochs are unique across sessions: a session replaced by a clean start
         # must not share an epoch with the old connection (whose detach would end it).
         self._last_epoch = 0
+        self._init_streams()
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -142,11 +151,18 @@ class BrokerCore(QueueBounds):
             session.will = srec.will
             self.sessions[srec.client_id] = session
             self._schedule_offline(session, srec.disconnected_at or now)
+        self._next_offset = max(self._next_offset, snapshot.log_last_offset + 1)
         for sub in snapshot.subscriptions:
             owner = self.sessions.get(sub.client_id)
             if owner is None:
                 continue
             owner.subscriptions[sub.topic_filter] = sub
+            if sub.topic_filter.startswith(STREAM_PREFIX):
+                # Restored live from the next offset (the cursor is not stored yet).
+                parsed = parse_stream_filter(sub.topic_filter)
+                if parsed is not None:
+                    self._stream_subscribe(owner, sub, parsed, "latest", restoring=True)
+                continue
             self._route_subscription(sub)
         for message_id in snapshot.retained.values():
             message = snapshot.messages.get(message_id)
@@ -317,6 +333,7 @@ class BrokerCore(QueueBounds):
         message = self._new_message(packet.topic, packet.payload, qos, packet.retain,
                                     packet.properties, client_id, now)
         targets = self._targets(message)
+        in_stream = False
         if qos and self.settings.queue_full_policy == REFUSE and not self._fits(targets,
                                                                                  message):
             # The whole message is refused (no subscriber gets it, it is not retained):
@@ -333,8 +350,11 @@ class BrokerCore(QueueBounds):
             self._retain(message, persist=True)
         for target in targets:
             self._deliver(*target)
-        # A subscriber whose queue dropped the message still matched it.
-        return ReasonCode.SUCCESS if targets else ReasonCode.NO_MATCHING_SUBSCRIBERS
+        in_stream = self._stream_append(message)
+        # A subscriber whose queue dropped the message still matched it; a message a stream
+        # records is taken (acknowledged after its commit, like one queued for a session).
+        return (ReasonCode.SUCCESS if targets or in_stream
+                else ReasonCode.NO_MATCHING_SUBSCRIBERS)
 
     def would_store(self, client_id: str, packet: Publish) -> bool:
         """Whether accepting this PUBLISH would write to the store: its QoS 2 packet id (a
@@ -345,6 +365,8 @@ class BrokerCore(QueueBounds):
             return True
         if packet.retain and packet.payload and self.settings.retain_available:
             return True
+        if packet.qos and self.streams and self.streams_of(packet.topic):
+            return True  # a stream records it
         normal, groups = self.router.match(packet.topic)
         sessions = self.sessions
         queue_qos0 = self.settings.queue_qos0_messages
@@ -434,8 +456,15 @@ class BrokerCore(QueueBounds):
         ids = packet.properties.subscription_identifiers
         subscription_id = ids[0] if ids else None
         codes: list[int] = []
+        v5 = session.protocol_level == ProtocolLevel.MQTT_5
+        offset_text = stream_offset_property(packet.properties) if v5 else None
         for sub in packet.subscriptions:
             topic_filter = sub.topic_filter
+            if topic_filter.startswith(STREAM_PREFIX) or (
+                    topic_filter.startswith("$share/") and STREAM_PREFIX[:-1] in topic_filter):
+                codes.append(self._subscribe_stream(session, sub, topic_filter, offset_text,
+                                                    subscription_id, v5))
+                continue
             if not is_valid_topic_filter(topic_filter):
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID
                              if session.protocol_level == ProtocolLevel.MQTT_5
@@ -473,11 +502,52 @@ class BrokerCore(QueueBounds):
                 self._wake[client_id] = self._batch
         return tuple(codes)
 
+    def _subscribe_stream(self, session: Session, sub: Subscription, topic_filter: str,
+                          offset_text: str | None, subscription_id: int | None,
+                          v5: bool) -> int:
+        """A `$stream/` filter in a SUBSCRIBE (core/streams.py). Returns its reason code."""
+        if topic_filter.startswith("$share/"):
+            shared = parse_shared(topic_filter)
+            if shared is not None and shared[1].startswith(STREAM_PREFIX):
+                # Shared subscriptions to a stream are not offered: 0x9E (5.0).
+                return (ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5
+                        else ReasonCode.UNSPECIFIED_ERROR)
+            if shared is None:
+                return ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR
+            topic_filter = shared[1]
+        parsed = parse_stream_filter(topic_filter)
+        position = parse_position(offset_text) if offset_text is not None else None
+        if parsed is None or (offset_text is not None and position is None):
+            return ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR
+        qos = min(sub.qos, self.settings.max_qos)
+        record = SubscriptionRecord(session.client_id, topic_filter, qos, sub.no_local,
+                                    sub.retain_as_published, sub.retain_handling,
+                                    subscription_id)
+        code = self._stream_subscribe(session, record, parsed, position)
+        if code >= 0x80:
+            # [MQTT-3.9.3-1] (3.1.1) has only 0x80 for a failure; 0x8F names it (5.0).
+            return code if v5 else ReasonCode.UNSPECIFIED_ERROR
+        session.subscriptions[topic_filter] = record
+        if session.stored:
+            self._changes.append(SubscriptionSaved(record))
+        if session.online:
+            self._wake[session.client_id] = self._batch
+        return code
+
     def unsubscribe(self, client_id: str, packet: Unsubscribe, *,
                     now: float) -> tuple[int, ...]:
         session = self.sessions[client_id]
         codes: list[int] = []
         for topic_filter in packet.topic_filters:
+            if topic_filter.startswith(STREAM_PREFIX):
+                if session.subscriptions.pop(topic_filter, None) is None:
+                    codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+                    continue
+                self._stream_unsubscribe(session, topic_filter)
+                if session.stored:
+                    self._changes.append(SubscriptionDeleted(client_id, topic_filter))
+                codes.append(ReasonCode.SUCCESS)
+                continue
             if not is_valid_topic_filter(topic_filter):
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID)
                 continue
@@ -520,7 +590,22 @@ class BrokerCore(QueueBounds):
         committed = self._committed
         while len(out) < limit:
             delivery: Delivery | None
-            if pending and pending[0].batch <= committed and (
+            if session.stream_history:
+                # A $stream/ subscription's history goes before the queue, which holds its
+                # live messages (core/streams.py): nothing of the queue until it is done.
+                delivery, go_on = self._stream_history_next(session)
+                if delivery is not None:
+                    if delivery.qos and len(inflight) >= session.inflight_max:
+                        break
+                    self._stream_history_pop(session)
+                    delivery.id = self._next_delivery_id
+                    delivery.batch = committed
+                    self._next_delivery_id += 1
+                elif not go_on:
+                    break
+                else:
+                    continue
+            elif pending and pending[0].batch <= committed and (
                     not queue or queue[0].id >= pending[0].after):
                 entry = pending[0]
                 delivery = self._next_retained(session, entry, now)
@@ -665,9 +750,13 @@ class BrokerCore(QueueBounds):
         if session.will is not None:
             self._publish_will(session, now)
         for record in session.subscriptions.values():
+            if record.topic_filter.startswith(STREAM_PREFIX):
+                self._stream_unsubscribe(session, record.topic_filter)
+                continue
             self._unroute_subscription(record)
         session.subscriptions.clear()
         session.clear_deliveries()
+        session.stream_history = ()
         del self.sessions[session.client_id]
         if session.stored:
             self._changes.append(SessionDeleted(session.client_id))
@@ -686,6 +775,7 @@ class BrokerCore(QueueBounds):
         if will.retain and self.settings.retain_available:
             self._retain(message, persist=True)
         self._route(message)
+        self._stream_append(message)
 
     def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
                      properties: Properties, origin: str, now: float) -> Message:
@@ -811,7 +901,7 @@ class BrokerCore(QueueBounds):
         self.stats.publish_sent += 1
         properties = message.properties
         v5_extras = session.protocol_level == ProtocolLevel.MQTT_5 and (
-            delivery.subscription_ids or message.expires_at is not None)
+            delivery.subscription_ids or message.expires_at is not None or delivery.stream)
         if not delivery.qos and not v5_extras:
             # Identical for every subscriber that gets it at QoS 0: one shared instance, so
             # the server can encode it once for all of them.
@@ -830,6 +920,11 @@ class BrokerCore(QueueBounds):
                 remaining = max(1, math.ceil(message.expires_at - now))
             properties = replace(properties, subscription_identifiers=delivery.subscription_ids,
                                  message_expiry_interval=remaining)
+            if delivery.stream and message.offset is not None:
+                # Each replayed or live stream message names its offset, so a device can
+                # resume from the last one it processed, plus one (docs/streams).
+                properties = replace(properties, user_properties=(
+                    *properties.user_properties, ("stream-offset", str(message.offset))))
         return Publish(message.topic, message.payload, delivery.qos, delivery.retain,
                        delivery.dup if delivery.qos else False, delivery.packet_id, properties)
 

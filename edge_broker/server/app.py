@@ -35,6 +35,7 @@ from .http import HttpServer
 from .metrics import Metrics, sys_topics
 from .observe import Observer, build_http_server, prepare_data_dir, watchdog
 from .reload import reload
+from .streams import StreamReplay
 
 log = logging.getLogger("edge_broker")
 
@@ -78,7 +79,7 @@ def build_store(config: Config) -> SessionStore:
     from ..store.sqlite import SqliteStore  # the only importer of aiosqlite
 
     return SqliteStore(store_path(config), durability=storage.durability,
-                       max_store_bytes=storage.max_store_bytes)
+                       max_store_bytes=storage.max_store_bytes, streams=config.streams)
 
 
 class BrokerApp:
@@ -115,6 +116,8 @@ class BrokerApp:
         self.observer = Observer(self)
         self.http: HttpServer | None = None
         self.http_address: tuple[str, int] | None = None
+        self.streams = StreamReplay(self)  # named streams: history pages for $stream/ subs
+        self.streams.setup()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -292,6 +295,7 @@ class BrokerApp:
         if self.http is not None:
             await self.http.close()
         await self._admin.close()
+        await self.streams.close()
         await self.store.close()
         self._lock.release()
         log.info("edge-broker stopped")
@@ -443,6 +447,7 @@ class BrokerApp:
             other = clients.get(client_id)
             if other is not None and other is not handler:
                 other.pump()
+        self.streams.fetch()
 
     # -- timers -----------------------------------------------------------------------------
 

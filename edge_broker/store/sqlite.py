@@ -145,6 +145,7 @@ from ..core.changes import (
     DeliveryDeleted,
     DeliveryRecord,
     DeliverySaved,
+    LogAppended,
     Message,
     MessageSaved,
     Qos2Received,
@@ -163,6 +164,11 @@ from ..errors import StoreDamagedError, StoreError, StoreFullError
 from ..mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
 from . import sqlite_validate as validate
 from .base import DONE
+from .log.keeper import LogKeeper
+from .log.log import LogRow
+from .log.replay import Position, StreamStats
+from .log.schema import MIGRATION as LOG_MIGRATION
+from .log.streams import StreamConfig
 from .sqlite_guard import FileGuard
 
 __all__ = [
@@ -300,6 +306,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             row_json TEXT NOT NULL     -- the whole row; BLOBs as {"blob_base64": ...}
         )""",
     ),
+    # version 2 -> 3: the append-only log of named streams (store/log/schema.py).
+    LOG_MIGRATION,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -604,10 +612,11 @@ class _Plan:
     changes: int
     batches: int
     rows: int
+    log: list[Message]  # LogAppended messages, in order
 
     @property
     def empty(self) -> bool:
-        return not self.deletes and not self.puts
+        return not self.deletes and not self.puts and not self.log
 
 
 _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
@@ -618,7 +627,8 @@ class SqliteStore:
 
     def __init__(self, path: str | Path, *, durability: str = "fsync",
                  max_store_bytes: int = 0, ballast_bytes: int = BALLAST_BYTES,
-                 disk_reserve_bytes: int = DISK_RESERVE_BYTES) -> None:
+                 disk_reserve_bytes: int = DISK_RESERVE_BYTES,
+                 streams: Sequence[StreamConfig] = ()) -> None:
         if durability not in _SYNCHRONOUS:
             raise ValueError(f"durability must be one of {sorted(_SYNCHRONOUS)}, "
                              f"not {durability!r}")
@@ -657,6 +667,7 @@ class SqliteStore:
         self.vacuum_steps = 0
         self._commit_attempts = 0
         self._guard = FileGuard(self.path)  # the file's lock, and whether it is still there
+        self._log = LogKeeper(streams)  # the append-only log of named streams (store/log/)
         self.quarantined_at_open = 0  # rows moved to the quarantine table by open()
         fault = os.environ.get(FAULT_ENV, "")
         self._fault_kill_at = int(fault) if fault.strip().isdigit() else 0
@@ -778,6 +789,45 @@ class SqliteStore:
             rows_written=self.rows_written, vacuum_steps=self.vacuum_steps, full=self.full,
             quarantined=counts[4], file_lost=self._guard.lost)
 
+    # -- streams (store/log/keeper.py) ---------------------------------------------------
+
+    @property
+    def stream_names(self) -> list[str]:
+        return sorted(c.name for c in self._log.log.stream_configs)
+
+    async def read_stream(self, name: str, topic_filter: str | None,
+                          position: Position | None, after: int, until: int,
+                          limit: int) -> tuple[list[LogRow], int]:
+        """A page of a stream's history for replay (see LogKeeper.page)."""
+        try:
+            return await self._call(self._read_sync, self._log.page, name, topic_filter,
+                                    position, after, until, limit)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "read a stream", error) from None
+
+    async def stream_stats(self) -> list[StreamStats]:
+        try:
+            return await self._call(self._read_sync, self._log.stats)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "stream statistics", error) from None
+
+    async def delete_stream(self, name: str) -> bool:
+        try:
+            return await self._call(self._read_sync, self._log.delete, name)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "delete a stream", error) from None
+
+    async def replay_stream(self, name: str, position: Position, topic_filter: str | None,
+                            limit: int | None) -> list[LogRow]:
+        try:
+            return await self._call(self._read_sync, self._log.replay_rows, name, position,
+                                    topic_filter, limit)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "replay a stream", error) from None
+
+    def _read_sync(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return fn(self._db(), *args)
+
     @staticmethod
     def move_aside(path: str | Path) -> Path:
         """Rename a damaged store (and its -wal/-shm) to `<name>.corrupt-<UTC time>`.
@@ -854,6 +904,8 @@ class SqliteStore:
                            "PRAGMA foreign_keys = OFF",
                            f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"):
                 conn.execute(pragma)
+            if 0 < version < SCHEMA_VERSION:
+                self._keep_copy_sync(conn, version)
             for number in range(version, SCHEMA_VERSION):
                 with _transaction(conn):
                     for statement in MIGRATIONS[number]:
@@ -869,6 +921,9 @@ class SqliteStore:
             with _transaction(conn):
                 snapshot, quarantined = _load_checked(conn, path)
                 conn.execute(_PRUNE_ALL)
+            with _transaction(conn):
+                self._log.load(conn)  # counters and cursors, never the rows
+            snapshot.log_last_offset = self._log.last_offset
             self.quarantined_at_open = quarantined
             self._check_size_sync()
         except sqlite3.Error as error:
@@ -876,6 +931,23 @@ class SqliteStore:
         self._delivery_hwm = max((d.delivery_id for d in snapshot.deliveries), default=0)
         self._message_hwm = max(snapshot.messages, default=0)
         return snapshot
+
+    def _keep_copy_sync(self, conn: sqlite3.Connection, version: int) -> None:
+        """Before upgrading a file written by an earlier release: a consistent copy of it
+        beside it, `<name>.pre-v<version>`, so a failed upgrade can be rolled back (stop the
+        broker, put the copy back under the store's name, run the earlier release)."""
+        target = self.path.with_name(f"{self.path.name}.pre-v{version}")
+        if target.exists():
+            return  # an earlier attempt made it: keep the first copy
+        partial = target.with_name(target.name + ".partial")
+        copy = sqlite3.connect(str(partial))
+        try:
+            conn.backup(copy)
+        finally:
+            copy.close()
+        os.replace(partial, target)
+        log.info("%s: kept a copy of the schema version %d store as %s before upgrading",
+                 self.path, version, target)
 
     def _close_connection(self) -> None:
         if self._conn is not None:
@@ -913,6 +985,8 @@ class SqliteStore:
                 conn.execute(_CLEAR_CANDIDATES)
             for sql, rows in plan.puts:
                 conn.executemany(sql, rows)
+            if plan.log:
+                self._log.append(conn, plan.log, [m.offset for m in plan.log])
             if plan.prune_after_puts:
                 conn.execute(_PRUNE_CANDIDATES)
                 conn.execute(_CLEAR_CANDIDATES)
@@ -926,6 +1000,9 @@ class SqliteStore:
             if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
+            if plan.log:  # the log's memory is ahead of the file: read it again
+                with contextlib.suppress(sqlite3.Error):
+                    self._log.load(conn)
             raise
 
     def _checkpoint_sync(self) -> bool:
@@ -951,6 +1028,9 @@ class SqliteStore:
         quarantined = int(_scalar(self._db(), _SELECT_QUARANTINED))
         self._check_size_sync()
         return (*counts, quarantined)
+
+    def _retention_sync(self) -> None:
+        self._log.retention(self._db())
 
     def _vacuum_sync(self) -> None:
         conn = self._db()
@@ -1019,6 +1099,11 @@ class SqliteStore:
             if now - self._vacuumed_at >= VACUUM_INTERVAL_S:
                 await self._maintain(self._vacuum_sync)
             timeout = min(timeout, VACUUM_INTERVAL_S)
+        if self._log.retention_wanted(now):
+            # Streams' retention and compaction, one bounded step between groups.
+            await self._maintain(self._retention_sync)
+            if self._log.retention_more:
+                timeout = 0.0
         if self._queue or self._closing:
             return
         with contextlib.suppress(TimeoutError):
@@ -1215,6 +1300,7 @@ class SqliteStore:
         messages: dict[int, Message] = {}
         retained: dict[str, int | None] = {}
         cascade: dict[str, None] = {}
+        appended: list[Message] = []
         changes = batches = 0
         for batch, _ in group:
             if not batch:
@@ -1240,6 +1326,8 @@ class SqliteStore:
                     if packets is None:
                         packets = qos2[change.client_id] = {}
                     packets[change.packet_id] = isinstance(change, Qos2Received)
+                elif isinstance(change, LogAppended):
+                    appended.append(change.message)
                 elif isinstance(change, RetainedSaved):
                     retained[change.topic] = change.message_id
                 elif isinstance(change, RetainedDeleted):
@@ -1352,7 +1440,8 @@ class SqliteStore:
         return _Plan(deletes, protect, puts, prune_after_deletes,
                      prune_after_puts=repointable or bool(ret_put),
                      max_delivery_id=max_delivery_id, max_message_id=max_message_id,
-                     changes=changes, batches=batches, rows=row_count)
+                     changes=changes, batches=batches, rows=row_count + len(appended),
+                     log=appended)
 
 
 def _resolve(group: list[_Pending]) -> None:

@@ -1,0 +1,356 @@
+"""Named streams in the core: which messages the log records, and `$stream/` subscriptions
+(replay of a stream's history, then its live messages). A mixin of `BrokerCore`.
+
+Theory of operation.
+
+*Appending.* The core holds the configured streams' filters in a trie of its own
+(`set_streams`). A message whose topic one of them matches (QoS 0 included, whether or not
+anyone subscribes) gets the log's next offset and a `LogAppended` record in the current batch;
+the store appends it in the same group transaction as the rest of the batch. The core assigns
+the offsets itself: the log assigns `last_offset + 1, ...` in append order, batches are
+committed in order and every `LogAppended` is appended exactly once, so both agree (the store
+checks it). Start-up takes the log's last offset from the snapshot. A QoS 1/2 message a stream
+takes is acknowledged 0x00 after the commit, like one queued for a session; a QoS 0 message
+that cannot be stored (`stream_full()`, i.e. the store is full) is dropped from the streams
+and counted in `stats.stream_dropped`, never refused.
+
+*Replay.* A `$stream/<name>[@<position>][/<filter>]` subscription is a `StreamSub`, not an
+entry of the subscription trie. At SUBSCRIBE the core notes `live_from`, the next offset it
+will assign: messages from there on are live and reach the subscription as they are
+published (queued in the session's queue, bounded and dropped as any delivery). The history
+is `[start, live_from - 1]`, `start` from the position (resolved by the store). The core never
+awaits: `take_stream_fetches()` lists the pages the server must read from the store (only once
+the SUBSCRIBE's batch committed, so every offset below `live_from` is in the file), and
+`stream_page()` hands the rows back; `pull()` sends a subscription's history before anything
+of the session's queue, under the same flow control. A page ending at `live_from - 1` ends the
+history, and the queue (which holds the live messages from `live_from` on) follows: no gap
+and no duplicate at the seam. Each message goes out under its original topic, at
+min(granted QoS, its QoS), with the user property `stream-offset` (MQTT 5 only).
+
+Not done yet: a persistent session's stream subscription is restored at `latest` after a
+restart (its cursor is not stored), and a SUBSCRIBE repeated on reconnect without a position
+keeps the running subscription as it is.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from ..mqtt.properties import Properties
+from ..mqtt.topics import is_valid_topic_filter, topic_matches
+from ..mqtt.types import ReasonCode
+from .changes import Change, LogAppended, Message, SubscriptionRecord
+from .router import Router
+from .session import Delivery, Session
+
+if TYPE_CHECKING:
+    from .broker import BrokerStats
+
+STREAM_PREFIX = "$stream/"
+STREAM_OFFSET = "stream-offset"  # the user property: a SUBSCRIBE's position, a message's offset
+PAGE_SIZE = 256  # rows per history page read from the store
+REFILL_BELOW = 128  # ask for the next page when fewer are buffered
+
+Position = str | int | float  # "earliest" | "latest" | an offset | a time (seconds, UTC)
+
+
+def parse_position(text: str) -> Position | None:
+    """`earliest`, `latest`, an integer offset, or an ISO-8601 UTC time; None if invalid."""
+    value = text.strip()
+    if value in ("earliest", "latest"):
+        return value
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFilter:
+    """A parsed `$stream/` topic filter."""
+
+    name: str
+    position: Position | None  # from `@<position>`, None when absent
+    topic_filter: str | None  # None: every topic of the stream
+
+
+def parse_stream_filter(text: str) -> StreamFilter | None:
+    """`$stream/<name>[@<position>][/<topic filter>]`; None when malformed."""
+    head, slash, rest = text[len(STREAM_PREFIX):].partition("/")
+    name, at, position_text = head.partition("@")
+    position = None
+    if at:
+        position = parse_position(position_text)
+        if position is None:
+            return None
+    if not name or (slash and not is_valid_topic_filter(rest)):
+        return None
+    return StreamFilter(name, position, rest if slash else None)
+
+
+@dataclass(eq=False, slots=True)
+class StreamSub:
+    """One `$stream/` subscription of one session."""
+
+    record: SubscriptionRecord  # as the client sent it (topic_filter is the $stream/ filter)
+    stream: str
+    topic_filter: str | None
+    position: Position
+    live_from: int  # live messages from this offset on reach it through the session queue
+    batch: int  # the SUBSCRIBE's batch: no history page is read before it committed
+    after: int = -1  # history delivered up to here (-1: start not resolved yet)
+    done: bool = False  # the history is complete (the buffer may still hold some)
+    fetching: bool = False
+    buffer: deque[Delivery] = field(default_factory=deque)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFetch:
+    """A history page the server must read from the store and hand to `stream_page`."""
+
+    client_id: str
+    sub: StreamSub
+    stream: str
+    topic_filter: str | None
+    position: Position | None  # the first page: resolve the start from it
+    after: int  # later pages: rows with offset > after ...
+    until: int  # ... and <= until
+    limit: int
+
+
+class StreamRouting:
+    """Mixin of BrokerCore (which provides the state declared here)."""
+
+    sessions: dict[str, Session]
+    stats: BrokerStats
+    _changes: list[Change]
+    _batch: int
+    _committed: int
+    _next_message_id: int
+
+    if TYPE_CHECKING:
+        def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
+                     subscription_ids: tuple[int, ...]) -> bool: ...
+
+    def _init_streams(self) -> None:
+        self.streams: dict[str, str] = {}  # name -> filter
+        self._stream_router = Router()
+        self._next_offset = 1
+        self._stream_subs: dict[str, dict[tuple[str, str], StreamSub]] = {}
+        self._replaying: set[str] = set()  # sessions with a history to replay
+        self.stream_full: Callable[[], bool] = _never
+
+    def set_streams(self, streams: Iterable[tuple[str, str]]) -> None:
+        """The configured streams, (name, topic filter); before `restore`."""
+        self.streams = dict(streams)
+        self._stream_router = Router()
+        for name, topic_filter in self.streams.items():
+            self._stream_router.subscribe(SubscriptionRecord(name, topic_filter, 0),
+                                          topic_filter)
+
+    def streams_of(self, topic: str) -> list[str]:
+        if not self.streams:
+            return []
+        records, _ = self._stream_router.match(topic)
+        return [r.client_id for r in records]
+
+    # -- appending ------------------------------------------------------------------------
+
+    def _stream_append(self, message: Message) -> bool:
+        """Record the message in the log if a stream takes it. True if one does (even when
+        a QoS 0 message was dropped because the store is full)."""
+        if not self.streams:
+            return False
+        records, _ = self._stream_router.match(message.topic)
+        if not records:
+            return False
+        if message.qos == 0 and self.stream_full():
+            self.stats.stream_dropped += 1
+            return True
+        message.offset = self._next_offset
+        self._next_offset += 1
+        self._changes.append(LogAppended(message))
+        for record in records:
+            subs = self._stream_subs.get(record.client_id)
+            if subs:
+                self._stream_live(message, subs)
+        return True
+
+    def _stream_live(self, message: Message, subs: dict[tuple[str, str], StreamSub]) -> None:
+        offset = message.offset
+        assert offset is not None
+        for (client_id, _), sub in subs.items():
+            if offset < sub.live_from:
+                continue
+            if sub.topic_filter is not None and not topic_matches(sub.topic_filter,
+                                                                   message.topic):
+                continue
+            record = sub.record
+            if record.no_local and client_id == message.origin:
+                continue  # [MQTT-3.8.3-3] (5.0)
+            session = self.sessions.get(client_id)
+            if session is None:
+                continue
+            self._deliver_stream(session, message, record)
+
+    def _deliver_stream(self, session: Session, message: Message,
+                        record: SubscriptionRecord) -> None:
+        queue = session.queue
+        before = queue[-1] if queue else None
+        ids = (record.subscription_id,) if record.subscription_id else ()
+        if self._deliver(session, message, min(record.qos, message.qos),
+                         message.retain and record.retain_as_published, ids):
+            queue = session.queue
+            if queue and queue[-1] is not before:
+                queue[-1].stream = True
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    def _stream_subscribe(self, session: Session, record: SubscriptionRecord,
+                          parsed: StreamFilter, position: Position | None,
+                          *, restoring: bool = False) -> int:
+        """Add (or keep) a `$stream/` subscription. Returns the SUBACK reason code."""
+        if parsed.name not in self.streams:
+            return ReasonCode.TOPIC_FILTER_INVALID  # 0x8F: no such stream
+        key = (session.client_id, record.topic_filter)
+        subs = self._stream_subs.setdefault(parsed.name, {})
+        old = subs.get(key)
+        if position is None:
+            position = parsed.position
+        if old is not None and position is None:
+            old.record = record  # a repeated SUBSCRIBE without a position keeps the cursor
+            return record.qos
+        if old is not None:
+            self._stream_forget(session, old)
+        sub = StreamSub(record, parsed.name, parsed.topic_filter,
+                        position if position is not None else "latest",
+                        self._next_offset, self._batch)
+        if isinstance(sub.position, int) and sub.position > sub.live_from:
+            sub.live_from = sub.position  # past the last: wait for it
+        if sub.position == "latest" or restoring:
+            sub.done = True
+        else:
+            if not isinstance(session.stream_history, list):
+                session.stream_history = []
+            session.stream_history.append(sub)
+            self._replaying.add(session.client_id)
+        subs[key] = sub
+        return record.qos
+
+    def _stream_unsubscribe(self, session: Session, topic_filter: str) -> None:
+        parsed = parse_stream_filter(topic_filter)
+        if parsed is None:
+            return
+        sub = self._stream_subs.get(parsed.name, {}).get((session.client_id, topic_filter))
+        if sub is not None:
+            self._stream_forget(session, sub)
+
+    def _stream_forget(self, session: Session, sub: StreamSub) -> None:
+        subs = self._stream_subs.get(sub.stream)
+        if subs is not None:
+            subs.pop((session.client_id, sub.record.topic_filter), None)
+        history = session.stream_history
+        if isinstance(history, list) and sub in history:
+            history.remove(sub)
+        sub.buffer.clear()
+        sub.done = True
+
+    # -- history: pages from the store ----------------------------------------------------
+
+    def take_stream_fetches(self) -> list[StreamFetch]:
+        """The history pages to read now (each sub at most one at a time)."""
+        out: list[StreamFetch] = []
+        if not self._replaying:
+            return out
+        committed = self._committed
+        for client_id in list(self._replaying):
+            session = self.sessions.get(client_id)
+            if session is None or not session.stream_history:
+                self._replaying.discard(client_id)
+                continue
+            history = session.stream_history
+            if not session.online:
+                continue
+            for sub in history:
+                assert isinstance(sub, StreamSub)
+                if (sub.done or sub.fetching or sub.batch > committed
+                        or len(sub.buffer) >= REFILL_BELOW):
+                    continue
+                sub.fetching = True
+                out.append(StreamFetch(
+                    session.client_id, sub, sub.stream, sub.topic_filter,
+                    sub.position if sub.after < 0 else None, max(sub.after, 0),
+                    sub.live_from - 1, PAGE_SIZE))
+        return out
+
+    def stream_page(self, fetch: StreamFetch, messages: list[Message], end: int,
+                    *, now: float) -> None:
+        """The store's answer to `fetch`: `messages` (with their offsets, in order) and
+        `end`, the offset up to which every row of the page's range was looked at."""
+        sub = fetch.sub
+        sub.fetching = False
+        session = self.sessions.get(fetch.client_id)
+        if sub.done or session is None or not isinstance(session.stream_history, list) or (
+                sub not in session.stream_history):
+            return  # unsubscribed or replaced meanwhile
+        record = sub.record
+        for message in messages:
+            expires_at = message.expires_at
+            if expires_at is not None and expires_at <= now:
+                continue
+            message.id = self._next_message_id
+            self._next_message_id += 1
+            delivery = Delivery(0, message, min(record.qos, message.qos),
+                                message.retain and record.retain_as_published,
+                                (record.subscription_id,) if record.subscription_id else (),
+                                0)
+            delivery.stream = True
+            sub.buffer.append(delivery)
+        sub.after = max(end, sub.after, 0)
+        if sub.after >= sub.live_from - 1:
+            sub.done = True
+
+    def _stream_history_next(self, session: Session) -> tuple[Delivery | None, bool]:
+        """The next history delivery for `pull`, and whether the queue may follow (every
+        history is complete)."""
+        history = session.stream_history
+        while history:
+            assert isinstance(history, list)
+            sub = history[0]
+            assert isinstance(sub, StreamSub)
+            if sub.buffer:
+                return sub.buffer[0], False
+            if not sub.done:
+                return None, False
+            history.pop(0)
+        session.stream_history = ()
+        return None, True
+
+    def _stream_history_pop(self, session: Session) -> None:
+        history = session.stream_history
+        assert isinstance(history, list)
+        sub = history[0]
+        assert isinstance(sub, StreamSub)
+        sub.buffer.popleft()
+
+
+def stream_offset_property(properties: Properties) -> str | None:
+    """The `stream-offset` user property of a SUBSCRIBE (the last one given), or None."""
+    value = None
+    for key, text in properties.user_properties:
+        if key == STREAM_OFFSET:
+            value = text
+    return value
+
+
+def _never() -> bool:
+    return False
