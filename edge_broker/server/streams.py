@@ -12,14 +12,20 @@ every commit (the commit pipeline's last step) and after every page.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from ..core.changes import Message
 from ..core.streams import StreamFetch
 from ..errors import StoreError
+from ..mqtt.properties import Properties
 from ..mqtt.types import ReasonCode
+from ..store.log.log import LogRow
+from ..store.log.replay import StreamStats
 
 if TYPE_CHECKING:
     from .app import BrokerApp
@@ -77,3 +83,67 @@ class StreamReplay:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+# -- the admin socket: `edge-broker streams ...` and `edge-broker replay` -----------------
+
+REPLAY_PAGE_MAX = 1000  # rows per `streams.replay` answer (the CLI asks page after page)
+
+
+def stats_json(stats: StreamStats) -> dict[str, Any]:
+    return {"name": stats.name, "first_offset": stats.first_offset,
+            "last_offset": stats.last_offset, "messages": stats.count, "bytes": stats.bytes,
+            "oldest_at": stats.oldest_at}
+
+
+def row_json(row: LogRow) -> dict[str, Any]:
+    """One stored message as `edge-broker replay` prints it (NDJSON)."""
+    try:
+        payload, encoding = row.payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(row.payload).decode("ascii"), "base64"
+    moment = datetime.fromtimestamp(row.at, UTC)
+    return {"offset": row.offset,
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "topic": row.topic, "qos": row.qos, "retain": row.retain, "payload": payload,
+            "payload_encoding": encoding, "properties": properties_json(row.properties)}
+
+
+def properties_json(properties: Properties) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in dataclasses.asdict(properties).items():
+        if value is None or value == () or value == []:
+            continue
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode("ascii")  # correlation data
+        elif name == "user_properties":
+            value = [list(pair) for pair in value]
+        out[name] = value
+    return out
+
+
+async def stream_request(app: BrokerApp, command: str, request: dict[str, Any]) -> dict[str, Any]:
+    store = app.store
+    if not hasattr(store, "read_stream"):
+        return {"error": "streams need [storage] persistence = \"sqlite\""}
+    sqlite_store: Any = store
+    if command == "streams.list":
+        return {"streams": [stats_json(s) for s in await sqlite_store.stream_stats()]}
+    name = str(request.get("stream"))
+    if name not in {s.name for s in app.config.streams}:
+        return {"error": f"no stream {name!r}"}
+    if command == "streams.show":
+        found = [s for s in await sqlite_store.stream_stats() if s.name == name]
+        return {"stream": stats_json(found[0])} if found else {"error": f"no stream {name!r}"}
+    if command == "streams.delete":
+        return {"deleted": await sqlite_store.delete_stream(name)}
+    if command == "streams.replay":
+        position = request.get("position")
+        if not isinstance(position, str | int | float) or isinstance(position, bool):
+            return {"error": f"not a replay position: {position!r}"}
+        limit = min(int(request.get("limit") or REPLAY_PAGE_MAX), REPLAY_PAGE_MAX)
+        topic = request.get("topic")
+        rows = await sqlite_store.replay_stream(name, position, topic if topic else None,
+                                                limit)
+        return {"rows": [row_json(r) for r in rows]}
+    return {"error": f"unknown command {command!r}"}

@@ -1069,6 +1069,13 @@ class SqliteStore:
                 _fail(group, StoreError(f"{self.path}: store writer failed: {error!r}"))
             finally:
                 self._busy = False
+            if self._log.retention_wanted(time.monotonic()) and not self._closing:
+                # Under steady load the writer is never idle: retention steps (bounded,
+                # short) then run between groups, so streams never lag their bounds.
+                try:
+                    await self._maintain(self._retention_sync)
+                except Exception:
+                    log.exception("%s: stream retention failed", self.path)
 
     def _take(self) -> list[_Pending]:
         group: list[_Pending] = []
