@@ -21,12 +21,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
 
 from edge_broker.config import Config, StreamConfig
 from edge_broker.store.log.replay import StreamStats
 from tests.conftest import BrokerThread, broker_config
-from tests.integration.test_paho import V5, V311, Paho, props
+from tests.integration.test_paho import V5, V311, Paho
 
 MakeBroker = Callable[..., BrokerThread]
 DEADLINE_S = 20.0
