@@ -218,17 +218,20 @@ class StreamRouting:
     def _stream_subscribe(self, session: Session, record: SubscriptionRecord,
                           parsed: StreamFilter, position: Position | None,
                           *, restoring: bool = False) -> int:
-        """Add (or keep) a `$stream/` subscription. Returns the SUBACK reason code."""
+        """Add (or keep) a `$stream/` subscription. `position` is the SUBSCRIBE's
+        `stream-offset` property (None: absent). Returns the SUBACK reason code."""
         if parsed.name not in self.streams:
             return ReasonCode.TOPIC_FILTER_INVALID  # 0x8F: no such stream
         key = (session.client_id, record.topic_filter)
         subs = self._stream_subs.setdefault(parsed.name, {})
         old = subs.get(key)
+        if old is not None and position is None:
+            # A SUBSCRIBE repeated (as client libraries do on reconnect) without the
+            # property keeps the running subscription's cursor, `@<position>` or not.
+            old.record = record
+            return record.qos
         if position is None:
             position = parsed.position
-        if old is not None and position is None:
-            old.record = record  # a repeated SUBSCRIBE without a position keeps the cursor
-            return record.qos
         if old is not None:
             self._stream_forget(session, old)
         sub = StreamSub(record, parsed.name, parsed.topic_filter,
@@ -307,6 +310,8 @@ class StreamRouting:
             expires_at = message.expires_at
             if expires_at is not None and expires_at <= now:
                 continue
+            if record.no_local and message.origin == fetch.client_id:
+                continue  # [MQTT-3.8.3-3] (5.0)
             message.id = self._next_message_id
             self._next_message_id += 1
             delivery = Delivery(0, message, min(record.qos, message.qos),

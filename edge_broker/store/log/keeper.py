@@ -97,10 +97,14 @@ class LogKeeper:
         configuration) gives ([], until)."""
         if name not in self.log.streams:
             return [], until
+        # Never past what the log holds: with durability "none" a batch counts as done
+        # before the writer appended it; the caller asks again from `end`.
+        asked = until
+        until = min(until, self.log.last_offset)
         if position is not None:
             after = stream_start(self.log, conn, name, position) - 1
         if after >= until:
-            return [], until
+            return [], min(max(after, until), asked)
         rows: list[LogRow] = []
         for row in replay(self.log, conn, name, after + 1, topic_filter, None,
                           page_size=limit):
