@@ -158,10 +158,12 @@ class BrokerCore(QueueBounds, StreamRouting):
                 continue
             owner.subscriptions[sub.topic_filter] = sub
             if sub.topic_filter.startswith(STREAM_PREFIX):
-                # Restored live from the next offset (the cursor is not stored yet).
+                # Resumes from its stored cursor (core/streams.py), else from the next offset.
                 parsed = parse_stream_filter(sub.topic_filter)
+                cursor = snapshot.stream_cursors.get((sub.client_id, sub.topic_filter))
+                position = parse_position(cursor) if cursor is not None else None
                 if parsed is not None:
-                    self._stream_subscribe(owner, sub, parsed, "latest", restoring=True)
+                    self._stream_subscribe(owner, sub, parsed, position or "latest")
                 continue
             self._route_subscription(sub)
         for message_id in snapshot.retained.values():
@@ -297,6 +299,10 @@ class BrokerCore(QueueBounds, StreamRouting):
         session.resend = ()
         self._schedule_offline(session, now)
         self._changes.append(SessionSaved(self._session_record(session)))
+        if session.stored:
+            for topic_filter in session.subscriptions:
+                if topic_filter.startswith(STREAM_PREFIX):
+                    self._stream_save_cursor(session, topic_filter)
 
     def end_session(self, client_id: str, *, now: float) -> bool:
         """Delete a session (an administrator's request). A pending will is published, as at
@@ -530,6 +536,7 @@ class BrokerCore(QueueBounds, StreamRouting):
         session.subscriptions[topic_filter] = record
         if session.stored:
             self._changes.append(SubscriptionSaved(record))
+            self._stream_save_cursor(session, topic_filter)
         if session.online:
             self._wake[session.client_id] = self._batch
         return code
@@ -632,6 +639,8 @@ class BrokerCore(QueueBounds, StreamRouting):
                 session.popleft()
             else:
                 break
+            if delivery.stream is not None:
+                delivery.stream.sent = delivery.message.offset or 0
             if delivery.qos == 0:
                 if delivery.persisted:
                     self._changes.append(DeliveryDeleted(client_id, delivery.id))
@@ -866,6 +875,7 @@ class BrokerCore(QueueBounds, StreamRouting):
         delivery_id = self._next_delivery_id
         self._next_delivery_id = delivery_id + 1
         delivery = Delivery(delivery_id, message, qos, retain, subscription_ids, self._batch)
+        delivery.stream = self._stream_marking  # a $stream/ subscription's (core/streams.py)
         session.append(delivery)
         if session.stored and (qos or not online):
             self._save_message(message)
@@ -880,6 +890,8 @@ class BrokerCore(QueueBounds, StreamRouting):
             self._changes.append(MessageSaved(message))
 
     def _save_delivery(self, session: Session, delivery: Delivery) -> None:
+        if delivery.stream is not None:
+            return  # the log holds it, and the subscription's cursor says how far it went
         delivery.persisted = True
         self._changes.append(DeliverySaved(DeliveryRecord(
             session.client_id, delivery.id, delivery.message.id, delivery.qos, delivery.retain,
@@ -901,7 +913,8 @@ class BrokerCore(QueueBounds, StreamRouting):
         self.stats.publish_sent += 1
         properties = message.properties
         v5_extras = session.protocol_level == ProtocolLevel.MQTT_5 and (
-            delivery.subscription_ids or message.expires_at is not None or delivery.stream)
+            delivery.subscription_ids or message.expires_at is not None
+            or delivery.stream is not None)
         if not delivery.qos and not v5_extras:
             # Identical for every subscriber that gets it at QoS 0: one shared instance, so
             # the server can encode it once for all of them.
@@ -920,7 +933,7 @@ class BrokerCore(QueueBounds, StreamRouting):
                 remaining = max(1, math.ceil(message.expires_at - now))
             properties = replace(properties, subscription_identifiers=delivery.subscription_ids,
                                  message_expiry_interval=remaining)
-            if delivery.stream and message.offset is not None:
+            if delivery.stream is not None and message.offset is not None:
                 # Each replayed or live stream message names its offset, so a device can
                 # resume from the last one it processed, plus one (docs/streams).
                 properties = replace(properties, user_properties=(
@@ -956,6 +969,8 @@ class BrokerCore(QueueBounds, StreamRouting):
         changes.append(SessionSaved(self._session_record(session)))
         for record in session.subscriptions.values():
             changes.append(SubscriptionSaved(record))
+            if record.topic_filter.startswith(STREAM_PREFIX):
+                self._stream_save_cursor(session, record.topic_filter)
         for delivery in _all_deliveries(session):
             self._save_message(delivery.message)
             self._save_delivery(session, delivery)

@@ -25,7 +25,7 @@ Keys:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..mqtt.packets import Will
 from ..mqtt.properties import NO_PROPERTIES, Properties
@@ -168,10 +168,21 @@ class LogAppended:
     message: Message
 
 
+@dataclass(slots=True, unsafe_hash=True)
+class StreamCursorSaved:
+    """Where a stored session's `$stream/` subscription resumes after a restart: a position
+    as in `stream-offset` ("earliest", an offset to start at, an ISO time). Deleted with the
+    subscription (SubscriptionDeleted) or the session."""
+
+    client_id: str
+    topic_filter: str
+    position: str
+
+
 Change = (
     SessionSaved | SessionDeleted | SubscriptionSaved | SubscriptionDeleted | MessageSaved
     | DeliverySaved | DeliveryDeleted | Qos2Received | Qos2Released | RetainedSaved
-    | RetainedDeleted | LogAppended
+    | RetainedDeleted | LogAppended | StreamCursorSaved
 )
 
 
@@ -186,6 +197,8 @@ class Snapshot:
     retained: dict[str, int]  # topic -> message id
     incoming_qos2: list[tuple[str, int]]  # (client id, packet id)
     log_last_offset: int = 0  # the last offset the store's log assigned (0: none yet)
+    # (client id, $stream/ filter) -> position to resume from (StreamCursorSaved)
+    stream_cursors: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Snapshot:

@@ -26,9 +26,13 @@ with its original packet id: PUBLISH with DUP set, or PUBREL [MQTT-4.4.0-1] (5.0
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ..mqtt.packets import Will
 from .changes import AWAIT_ACK, QUEUED, Message, SubscriptionRecord
+
+if TYPE_CHECKING:
+    from .streams import StreamSub
 
 # Estimated memory of one queued delivery (Delivery object, deque slot) and of one message
 # body besides its payload and topic (Message object, properties); measured with
@@ -102,8 +106,9 @@ class Delivery:
         self.dup = False
         self.batch = batch  # the change batch that queued it; sent only once that committed
         self.persisted = False  # whether the store holds a row for it
-        # Sent for a $stream/ subscription: carries the user property stream-offset (v5).
-        self.stream = False
+        # Sent for this $stream/ subscription: carries the user property stream-offset
+        # (v5), is never written as a delivery row (the log and the cursor cover it).
+        self.stream: StreamSub | None = None
 
     def __repr__(self) -> str:
         return (f"Delivery(id={self.id}, topic={self.message.topic!r}, qos={self.qos}, "
@@ -147,7 +152,7 @@ class Session:
         self.stored = False  # whether the store holds this session (see BrokerCore._store_session)
         # $stream/ subscriptions still replaying their history, in SUBSCRIBE order (a list
         # only while there are some; core/streams.py): they go before the queue.
-        self.stream_history: list[object] | tuple[()] = ()
+        self.stream_history: list[StreamSub] | tuple[()] = ()
 
     @property
     def persistent(self) -> bool:

@@ -27,9 +27,14 @@ history, and the queue (which holds the live messages from `live_from` on) follo
 and no duplicate at the seam. Each message goes out under its original topic, at
 min(granted QoS, its QoS), with the user property `stream-offset` (MQTT 5 only).
 
-Not done yet: a persistent session's stream subscription is restored at `latest` after a
-restart (its cursor is not stored), and a SUBSCRIBE repeated on reconnect without a position
-keeps the running subscription as it is.
+*Persistent sessions.* A stored session's stream subscription has a cursor in the store
+(`StreamCursorSaved`: the position it resumes from), written at SUBSCRIBE and at disconnect
+(so at a graceful stop): the oldest offset it has in flight, else the one after the last it
+was sent. Its deliveries are never written as delivery rows: the log holds the messages.
+After a restart it replays from the cursor, then goes live; after a crash from the cursor
+last written (at least once: what was sent after it comes again, QoS 2 included). A
+SUBSCRIBE repeated on reconnect without the `stream-offset` property keeps the running
+subscription and its cursor (an `@<position>` in the filter does not reset it).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import TYPE_CHECKING
 from ..mqtt.properties import Properties
 from ..mqtt.topics import is_valid_topic_filter, topic_matches
 from ..mqtt.types import ReasonCode
-from .changes import Change, LogAppended, Message, SubscriptionRecord
+from .changes import Change, LogAppended, Message, StreamCursorSaved, SubscriptionRecord
 from .router import Router
 from .session import Delivery, Session
 
@@ -111,6 +116,7 @@ class StreamSub:
     done: bool = False  # the history is complete (the buffer may still hold some)
     fetching: bool = False
     buffer: deque[Delivery] = field(default_factory=deque)
+    sent: int = -1  # the highest offset handed to the connection (-1: none yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,7 @@ class StreamRouting:
         self._next_offset = 1
         self._stream_subs: dict[str, dict[tuple[str, str], StreamSub]] = {}
         self._replaying: set[str] = set()  # sessions with a history to replay
+        self._stream_marking: StreamSub | None = None  # set while _deliver_stream runs
         self.stream_full: Callable[[], bool] = _never
 
     def set_streams(self, streams: Iterable[tuple[str, str]]) -> None:
@@ -200,24 +207,24 @@ class StreamRouting:
             session = self.sessions.get(client_id)
             if session is None:
                 continue
-            self._deliver_stream(session, message, record)
+            self._deliver_stream(session, message, sub)
 
-    def _deliver_stream(self, session: Session, message: Message,
-                        record: SubscriptionRecord) -> None:
-        queue = session.queue
-        before = queue[-1] if queue else None
+    def _deliver_stream(self, session: Session, message: Message, sub: StreamSub) -> None:
+        record = sub.record
         ids = (record.subscription_id,) if record.subscription_id else ()
-        if self._deliver(session, message, min(record.qos, message.qos),
-                         message.retain and record.retain_as_published, ids):
-            queue = session.queue
-            if queue and queue[-1] is not before:
-                queue[-1].stream = True
+        # _deliver marks the delivery as this subscription's before it could persist it:
+        # the mark keeps it out of the deliveries table (BrokerCore._save_delivery).
+        self._stream_marking = sub
+        try:
+            self._deliver(session, message, min(record.qos, message.qos),
+                          message.retain and record.retain_as_published, ids)
+        finally:
+            self._stream_marking = None
 
     # -- subscriptions --------------------------------------------------------------------
 
     def _stream_subscribe(self, session: Session, record: SubscriptionRecord,
-                          parsed: StreamFilter, position: Position | None,
-                          *, restoring: bool = False) -> int:
+                          parsed: StreamFilter, position: Position | None) -> int:
         """Add (or keep) a `$stream/` subscription. `position` is the SUBSCRIBE's
         `stream-offset` property (None: absent). Returns the SUBACK reason code."""
         if parsed.name not in self.streams:
@@ -239,7 +246,7 @@ class StreamRouting:
                         self._next_offset, self._batch)
         if isinstance(sub.position, int) and sub.position > sub.live_from:
             sub.live_from = sub.position  # past the last: wait for it
-        if sub.position == "latest" or restoring:
+        if sub.position == "latest":
             sub.done = True
         else:
             if not isinstance(session.stream_history, list):
@@ -318,11 +325,34 @@ class StreamRouting:
                                 message.retain and record.retain_as_published,
                                 (record.subscription_id,) if record.subscription_id else (),
                                 0)
-            delivery.stream = True
+            delivery.stream = sub
             sub.buffer.append(delivery)
         sub.after = max(end, sub.after, 0)
         if sub.after >= sub.live_from - 1:
             sub.done = True
+
+    def _stream_save_cursor(self, session: Session, topic_filter: str) -> None:
+        """Store where a stored session's stream subscription resumes after a restart: the
+        oldest offset it has in flight, else the one after the last it was sent, else its
+        starting position. Written at SUBSCRIBE and at disconnect (so at a graceful stop):
+        after a crash it resumes from the last of those (at least once)."""
+        parsed = parse_stream_filter(topic_filter)
+        if parsed is None:
+            return
+        sub = self._stream_subs.get(parsed.name, {}).get((session.client_id, topic_filter))
+        if sub is None:
+            return
+        inflight = [d.message.offset for d in session.inflight.values()
+                    if d.stream is sub and d.message.offset is not None]
+        if inflight:
+            position = str(min(inflight))
+        elif sub.sent >= 0:
+            position = str(sub.sent + 1)
+        elif sub.done and not sub.buffer:
+            position = str(sub.live_from)
+        else:
+            position = position_text(sub.position)
+        self._changes.append(StreamCursorSaved(session.client_id, topic_filter, position))
 
     def _stream_history_next(self, session: Session) -> tuple[Delivery | None, bool]:
         """The next history delivery for `pull`, and whether the queue may follow (every
@@ -346,6 +376,12 @@ class StreamRouting:
         sub = history[0]
         assert isinstance(sub, StreamSub)
         sub.buffer.popleft()
+
+
+def position_text(position: Position) -> str:
+    if isinstance(position, float):
+        return datetime.fromtimestamp(position, UTC).isoformat().replace("+00:00", "Z")
+    return str(position)
 
 
 def stream_offset_property(properties: Properties) -> str | None:

@@ -156,6 +156,7 @@ from ..core.changes import (
     SessionRecord,
     SessionSaved,
     Snapshot,
+    StreamCursorSaved,
     SubscriptionDeleted,
     SubscriptionRecord,
     SubscriptionSaved,
@@ -306,8 +307,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             row_json TEXT NOT NULL     -- the whole row; BLOBs as {"blob_base64": ...}
         )""",
     ),
-    # version 2 -> 3: the append-only log of named streams (store/log/schema.py).
-    LOG_MIGRATION,
+    # version 2 -> 3: the append-only log of named streams (store/log/schema.py), and where
+    # stored sessions' $stream/ subscriptions resume (core/streams.py).
+    (
+        *LOG_MIGRATION,
+        """CREATE TABLE stream_cursors (
+            client_id TEXT NOT NULL,
+            topic_filter TEXT NOT NULL,
+            position TEXT NOT NULL,    -- "earliest", an offset to start at, an ISO time
+            PRIMARY KEY (client_id, topic_filter)
+        ) WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -345,8 +355,12 @@ _CASCADE: Final = (
     "DELETE FROM deliveries WHERE client_id = ?",
     "DELETE FROM subscriptions WHERE client_id = ?",
     "DELETE FROM incoming_qos2 WHERE client_id = ?",
+    "DELETE FROM stream_cursors WHERE client_id = ?",
     "DELETE FROM sessions WHERE client_id = ?",
 )
+_CURSOR_PUT: Final = ("INSERT OR REPLACE INTO stream_cursors (client_id, topic_filter, position)"
+                      " VALUES (?, ?, ?)")
+_CURSOR_DELETE: Final = "DELETE FROM stream_cursors WHERE client_id = ? AND topic_filter = ?"
 _SUBSCRIPTION_DELETE: Final = "DELETE FROM subscriptions WHERE client_id = ? AND topic_filter = ?"
 _QOS2_DELETE: Final = "DELETE FROM incoming_qos2 WHERE client_id = ? AND packet_id = ?"
 _RETAINED_DELETE: Final = "DELETE FROM retained WHERE topic = ?"
@@ -924,6 +938,9 @@ class SqliteStore:
             with _transaction(conn):
                 self._log.load(conn)  # counters and cursors, never the rows
             snapshot.log_last_offset = self._log.last_offset
+            snapshot.stream_cursors = {
+                (client_id, topic_filter): position for client_id, topic_filter, position
+                in conn.execute("SELECT client_id, topic_filter, position FROM stream_cursors")}
             self.quarantined_at_open = quarantined
             self._check_size_sync()
         except sqlite3.Error as error:
@@ -1308,6 +1325,7 @@ class SqliteStore:
         retained: dict[str, int | None] = {}
         cascade: dict[str, None] = {}
         appended: list[Message] = []
+        cursors: dict[tuple[str, str], str | None] = {}
         changes = batches = 0
         for batch, _ in group:
             if not batch:
@@ -1335,6 +1353,8 @@ class SqliteStore:
                     packets[change.packet_id] = isinstance(change, Qos2Received)
                 elif isinstance(change, LogAppended):
                     appended.append(change.message)
+                elif isinstance(change, StreamCursorSaved):
+                    cursors[change.client_id, change.topic_filter] = change.position
                 elif isinstance(change, RetainedSaved):
                     retained[change.topic] = change.message_id
                 elif isinstance(change, RetainedDeleted):
@@ -1348,6 +1368,8 @@ class SqliteStore:
                     deliveries.pop(cid, None)
                     qos2.pop(cid, None)
                     cascade[cid] = None
+                    for key in [k for k in cursors if k[0] == cid]:
+                        del cursors[key]
                 elif isinstance(change, SubscriptionSaved):
                     sub = change.record
                     filters = subscriptions.get(sub.client_id)
@@ -1359,6 +1381,8 @@ class SqliteStore:
                     if filters is None:
                         filters = subscriptions[change.client_id] = {}
                     filters[change.topic_filter] = None
+                    if change.topic_filter.startswith("$stream/"):
+                        cursors[change.client_id, change.topic_filter] = None
                 else:
                     raise TypeError(f"not a change record: {change!r}")
 
@@ -1429,7 +1453,13 @@ class SqliteStore:
         protect = ([(mid,) for mid in referenced if mid <= message_hwm]
                    if prune_after_deletes else [])
         session_put = [_session_row(s) for s in sessions.values() if s is not None]
-        for sql, rows in ((_SESSION_PUT, session_put), (_SUBSCRIPTION_PUT, sub_put)):
+        cursor_del = [key for key, position in cursors.items() if position is None]
+        cursor_put = [(*key, position) for key, position in cursors.items()
+                      if position is not None]
+        if cursor_del:
+            deletes.append((_CURSOR_DELETE, cursor_del))
+        for sql, rows in ((_SESSION_PUT, session_put), (_SUBSCRIPTION_PUT, sub_put),
+                          (_CURSOR_PUT, cursor_put)):
             if rows:
                 puts.append((sql, rows))
         if msg_put:
@@ -1447,7 +1477,8 @@ class SqliteStore:
         return _Plan(deletes, protect, puts, prune_after_deletes,
                      prune_after_puts=repointable or bool(ret_put),
                      max_delivery_id=max_delivery_id, max_message_id=max_message_id,
-                     changes=changes, batches=batches, rows=row_count + len(appended),
+                     changes=changes, batches=batches,
+                     rows=row_count + len(appended) + len(cursors),
                      log=appended)
 
 

@@ -346,3 +346,43 @@ def test_last_value_compaction(make_broker: MakeBroker, tmp_path: Path,
     got = receive(device, 2)
     assert [(m.topic, m.payload, offset_of(m)) for m in got] == [
         ("dev/a/state", b"3", 4), ("dev/b/state", b"2", 5)]
+
+
+# --------------------------------------------------------------------------- persistent
+
+
+@pytest.mark.parametrize("protocol", [V311, V5], ids=["v311", "v5"])
+def test_a_persistent_session_resumes_from_its_cursor_after_a_restart(
+        make_broker: MakeBroker, tmp_path: Path, clients: Callable[..., Paho],
+        protocol: int) -> None:
+    broker = make_broker(config=stream_config(tmp_path))
+    publisher = clients(broker, V5, "pub")
+    publisher.connect()
+    publish_all(publisher, 3)
+    options: dict[str, Any] = ({"clean": False, "session_expiry": 3600} if protocol == V5
+                               else {"clean": False})
+    device = clients(broker, protocol, "dev", **options)
+    device.connect()
+    topic = "$stream/telemetry@earliest"
+    assert device.subscribe(topic, 1) == [1]
+    assert [m.payload for m in receive(device, 3)] == [b"m0", b"m1", b"m2"]
+    device.disconnect()
+    publish_all(publisher, 2, topic="sensors/offline{i}")  # offsets 4, 5 while it is away
+    publisher.disconnect()
+    broker.stop()
+    broker = make_broker(config=broker.config)
+    device = clients(broker, protocol, "dev", **options)
+    assert device.connect()[0] is True  # session present
+    # As client libraries do on reconnect: the same SUBSCRIBE again, which keeps the cursor.
+    assert device.subscribe(topic, 1) == [1]
+    got = receive(device, 2)
+    assert [(m.topic, m.payload) for m in got] == [("sensors/offline0", b"m0"),
+                                                   ("sensors/offline1", b"m1")]
+    if protocol == V5:
+        assert [offset_of(m) for m in got] == [4, 5]
+    publisher = clients(broker, V5, "pub2")
+    publisher.connect()
+    publisher.publish("sensors/live", b"live", qos=1)
+    assert device.expect().payload == b"live"  # once, after the history
+    publisher.publish("marker", b"x", qos=1)
+    assert device.drain_until_marker(publisher) == []
