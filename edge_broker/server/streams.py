@@ -33,10 +33,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_broker")
 
 
+DROP_LOG_INTERVAL_S = 10.0
+
+
 class StreamReplay:
     def __init__(self, app: BrokerApp) -> None:
         self.app = app
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dropped_logged = 0  # core.stats.stream_dropped when last logged
+        self._dropped_logged_at = -1e18
 
     def setup(self) -> None:
         """Tell the core the configured streams, when the store keeps a log."""
@@ -53,7 +58,17 @@ class StreamReplay:
         app.core.stream_full = lambda: store.full
 
     def fetch(self) -> None:
-        fetches = self.app.core.take_stream_fetches()
+        core = self.app.core
+        dropped = core.stats.stream_dropped
+        if dropped != self._dropped_logged:
+            now = time.monotonic()
+            if now - self._dropped_logged_at >= DROP_LOG_INTERVAL_S:
+                log.warning("the store is full: %d QoS 0 message(s) not recorded in streams "
+                            "(delivered to subscribers; %d since start)",
+                            dropped - self._dropped_logged, dropped)
+                self._dropped_logged = dropped
+                self._dropped_logged_at = now
+        fetches = core.take_stream_fetches()
         for fetch in fetches:
             task = asyncio.get_running_loop().create_task(self._page(fetch))
             self._tasks.add(task)
