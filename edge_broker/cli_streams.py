@@ -62,6 +62,10 @@ def add_subcommands(commands: Any, add_admin_flags: Any) -> None:
                             "2026-12-01T08:00:00Z)")
     replay.add_argument("--topic", metavar="FILTER", help="only topics this filter matches")
     replay.add_argument("--limit", metavar="N", type=int, help="at most N messages")
+    replay.add_argument("--republish", metavar="PREFIX",
+                        help="publish the messages again into the running broker under "
+                             "PREFIX/<original topic> (through its admin socket) instead of "
+                             "printing them")
 
 
 def _position(args: argparse.Namespace) -> str | int | float:
@@ -107,6 +111,13 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
         return EXIT_NOT_FOUND
     running = admin.broker_running(data_dir)
     try:
+        if command == "streams.replay" and args.republish is not None:
+            if not running:
+                print("edge-broker: --republish needs the broker running on "
+                      f"{data_dir}", file=sys.stderr)
+                return EXIT_USAGE
+            return _republish(config, dict(request, command="streams.republish",
+                                           prefix=args.republish), args.limit)
         if command == "streams.replay":
             return _replay(config, request, args.limit, running)
         reply = asyncio.run(_ask(config, request) if running else _from_file(config, request))
@@ -195,6 +206,30 @@ def _replay(config: Config, request: dict[str, Any], limit: int | None,
 
 class _Refused(Exception):
     pass
+
+
+def _republish(config: Config, request: dict[str, Any], limit: int | None) -> int:
+    """Page by page through the broker: each page is published and committed before the
+    next is asked for."""
+    total = 0
+    left = limit
+    while left is None or left > 0:
+        page = dict(request, limit=REPLAY_PAGE_MAX if left is None
+                    else min(left, REPLAY_PAGE_MAX))
+        reply = asyncio.run(_ask(config, page))
+        if "error" in reply:
+            print(f"edge-broker: {reply['error']}", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        count = int(reply["republished"])
+        total += count
+        if count < page["limit"]:
+            break
+        if left is not None:
+            left -= count
+        request = dict(request, position=int(reply["last_offset"]) + 1)
+    prefix = str(request["prefix"]).rstrip("/")
+    print(f"republished {total} message(s) of stream {request['stream']} under {prefix}/")
+    return 0
 
 
 def _rows_from_broker(config: Config, request: dict[str, Any],

@@ -146,6 +146,9 @@ class StreamRouting:
     if TYPE_CHECKING:
         def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
                      subscription_ids: tuple[int, ...]) -> bool: ...
+        def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
+                         properties: Properties, origin: str, now: float) -> Message: ...
+        def _route(self, message: Message) -> int: ...
 
     def _init_streams(self) -> None:
         self.streams: dict[str, str] = {}  # name -> filter
@@ -220,6 +223,14 @@ class StreamRouting:
                           message.retain and record.retain_as_published, ids)
         finally:
             self._stream_marking = None
+
+    def republish(self, topic: str, payload: bytes, qos: int, properties: Properties, *,
+                  now: float) -> None:
+        """A stored message published again (`edge-broker replay --republish`): routed to
+        subscribers and recorded by the streams whose filter matches its new topic."""
+        message = self._new_message(topic, payload, qos, False, properties, "", now)
+        self._route(message)
+        self._stream_append(message)
 
     # -- subscriptions --------------------------------------------------------------------
 

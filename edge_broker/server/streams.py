@@ -152,7 +152,7 @@ async def stream_request(app: BrokerApp, command: str, request: dict[str, Any]) 
         return {"stream": stats_json(found[0])} if found else {"error": f"no stream {name!r}"}
     if command == "streams.delete":
         return {"deleted": await sqlite_store.delete_stream(name)}
-    if command == "streams.replay":
+    if command in ("streams.replay", "streams.republish"):
         position = request.get("position")
         if not isinstance(position, str | int | float) or isinstance(position, bool):
             return {"error": f"not a replay position: {position!r}"}
@@ -160,5 +160,16 @@ async def stream_request(app: BrokerApp, command: str, request: dict[str, Any]) 
         topic = request.get("topic")
         rows = await sqlite_store.replay_stream(name, position, topic if topic else None,
                                                 limit)
-        return {"rows": [row_json(r) for r in rows]}
+        if command == "streams.replay":
+            return {"rows": [row_json(r) for r in rows]}
+        prefix = str(request.get("prefix") or "")
+        if not prefix or "+" in prefix or "#" in prefix or prefix.startswith("$"):
+            return {"error": f"--republish: not a topic prefix: {prefix!r}"}
+        now = time.time()
+        for row in rows:
+            app.core.republish(f"{prefix.rstrip('/')}/{row.topic}", row.payload, row.qos,
+                               row.properties, now=now)
+        await app.commit()  # durable (and delivered) before the answer
+        return {"republished": len(rows),
+                "last_offset": rows[-1].offset if rows else None}
     return {"error": f"unknown command {command!r}"}

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import io
 import json
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,44 @@ def test_delete_asks_unless_yes(setup: tuple[Path, Path]) -> None:
         assert code == 0 and out == ""
     finally:
         assert broker.stop() == 0
+
+
+def test_republish_under_a_prefix_through_the_running_broker(setup: tuple[Path, Path]) -> None:
+    config, data_dir = setup
+    broker = BrokerProcess(data_dir, "--config", str(config)).wait_listening()
+    try:
+        publish(broker.port)
+        received: list[tuple[str, bytes, Any]] = []
+        got_all = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watch",
+                             protocol=mqtt.MQTTv5)
+
+        def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+            received.append((message.topic, message.payload,
+                             getattr(message.properties, "ContentType", None)))
+            if len(received) == 2:
+                got_all.set()
+
+        subscribed = threading.Event()
+        client.on_message = on_message
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        try:
+            client.subscribe("again/#", 1)
+            assert subscribed.wait(5)
+            code, out, err = run(config, "replay", "--stream", "telemetry", "--from", "1",
+                                 "--topic", "sensors/a", "--republish", "again")
+            assert code == 0, err
+            assert "republished 2 message(s)" in out
+            assert got_all.wait(5)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        assert received == [("again/sensors/a", b"hello", "text/plain"),
+                            ("again/sensors/a", b"later", None)]
+    finally:
+        assert broker.stop() == 0
+    code, _, err = run(config, "replay", "--stream", "telemetry", "--from", "1",
+                       "--republish", "again")
+    assert code == 2 and "running" in err
