@@ -80,11 +80,16 @@ class StreamReplay:
         try:
             rows, end = await read(fetch.stream, fetch.topic_filter, fetch.position,
                                    fetch.after, fetch.until, fetch.limit)
-        except StoreError as error:
-            log.error("client %s: cannot read stream %r: %s", fetch.client_id, fetch.stream,
-                      error)
+        except Exception as error:  # StoreError, or a bug: the replay cannot go on
+            if isinstance(error, StoreError):
+                log.error("client %s: cannot read stream %r: %s", fetch.client_id,
+                          fetch.stream, error)
+            else:
+                log.exception("client %s: reading stream %r failed", fetch.client_id,
+                              fetch.stream)
+            fetch.sub.fetching = False
             handler = app.clients.get(fetch.client_id)
-            if handler is not None:
+            if handler is not None:  # no gap: the client reconnects and replays again
                 handler.kick(ReasonCode.UNSPECIFIED_ERROR)
             return
         messages = [Message(0, r.topic, r.payload, r.qos, r.retain, r.properties, r.at,
