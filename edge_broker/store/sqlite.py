@@ -57,8 +57,19 @@ lost, the restart is not.
   writer, `apply` returns a future again (back-pressure instead of unbounded growth).
 
 *Migrations*: `MIGRATIONS[i]` takes the schema from version i to i+1 (`PRAGMA user_version`),
-each in its own transaction with the version bump. A file with a higher version than the code
-knows is refused with a `StoreError`.
+each in its own transaction with the version bump. Before a file written by an earlier
+release is upgraded, a consistent copy of it is kept beside it as `<name>.pre-v<N>` (SQLite's
+backup API), so a failed upgrade can be rolled back. A file with a higher version than the
+code knows is refused with a `StoreError`.
+
+*The log of named streams* (version 3; store/log/, docs/log.md): `LogAppended` records are
+appended, in order, by `LogKeeper` inside the group transaction, after the other puts, at the
+offsets the core assigned; a rolled-back group reloads the log's in-memory state. Retention
+and last-value compaction run as bounded steps (their own short transactions) between groups,
+when idle and under steady load alike. `read_stream` (history pages for `$stream/`
+subscriptions), `stream_stats`, `delete_stream` and `replay_stream` are one hop each to the
+writer thread. `stream_cursors` holds where stored sessions' `$stream/` subscriptions resume
+(`StreamCursorSaved`), deleted with the subscription or the session.
 
 *Recovery*: `open()` runs `PRAGMA quick_check`; a file that is not a database or is damaged
 raises `StoreError` naming the file and pointing at `--recover`, which calls `move_aside()`
