@@ -58,7 +58,9 @@ if TYPE_CHECKING:
 STREAM_PREFIX = "$stream/"
 STREAM_OFFSET = "stream-offset"  # the user property: a SUBSCRIBE's position, a message's offset
 PAGE_SIZE = 256  # rows per history page read from the store
-REFILL_BELOW = 128  # ask for the next page when fewer are buffered
+# Ask for the next page while at most this many are buffered: the read of the next page
+# overlaps the sending of this one, and a subscription buffers two pages at most.
+REFILL_AT = PAGE_SIZE
 
 Position = str | int | float  # "earliest" | "latest" | an offset | a time (seconds, UTC)
 
@@ -304,7 +306,7 @@ class StreamRouting:
             for sub in history:
                 assert isinstance(sub, StreamSub)
                 if (sub.done or sub.fetching or sub.batch > committed
-                        or len(sub.buffer) >= REFILL_BELOW):
+                        or len(sub.buffer) > REFILL_AT):
                     continue
                 sub.fetching = True
                 out.append(StreamFetch(

@@ -4,8 +4,9 @@ The core never awaits (core/streams.py): it lists the history pages its `$stream
 subscriptions need (`take_stream_fetches`), and this reads each from the store on the store's
 thread, hands the rows back (`stream_page`) and pumps the client's connection, which sends
 them under its normal flow control. A subscription has at most one page in flight, and a next
-page is asked for only when fewer than `REFILL_BELOW` are buffered, so memory per replaying
-subscription is bounded by a page or two, however long its history. `fetch()` runs after
+page is asked for while at most `REFILL_AT` (a page) are buffered, so the next read overlaps
+the sending and memory per replaying subscription is two pages at most, however long its
+history. `fetch()` runs after
 every commit (the commit pipeline's last step) and after every page.
 """
 
@@ -95,10 +96,10 @@ class StreamReplay:
         messages = [Message(0, r.topic, r.payload, r.qos, r.retain, r.properties, r.at,
                             r.expires_at, r.origin, r.offset) for r in rows]
         app.core.stream_page(fetch, messages, end, now=time.time())
+        self.fetch()  # the next page is read while this one is sent
         handler = app.clients.get(fetch.client_id)
         if handler is not None:
             handler.pump()
-        self.fetch()
 
     async def close(self) -> None:
         for task in list(self._tasks):
