@@ -5,6 +5,7 @@ counted, and never blocks the publisher or its subscribers."""
 from __future__ import annotations
 
 import dataclasses
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def test_a_full_store_refuses_stream_qos1_and_counts_dropped_qos0(
     base = broker_config(tmp_path)
     config = dataclasses.replace(
         base, storage=dataclasses.replace(base.storage, max_store_bytes=256 * 1024),
+        http=dataclasses.replace(base.http, port=0),
         streams=(StreamConfig("fill", "fill/#"),))
     broker = make_broker(config=config)
     listener = subscriber(broker.port, unique_id("listener"), ("fill/#", 0), version=5)
@@ -50,3 +52,10 @@ def test_a_full_store_refuses_stream_qos1_and_counts_dropped_qos0(
     assert broker.call(dropped) - before == 20
     publisher.ping()
     listener.ping()
+    assert broker.app is not None and broker.app.http_address is not None
+    host, port = broker.app.http_address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    line = next(x for x in text.splitlines()
+                if x.startswith('edge_broker_dropped_messages_total{reason="stream_store_full"}'))
+    assert float(line.split()[-1]) == broker.call(dropped) >= 20
