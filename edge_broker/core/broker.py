@@ -596,23 +596,16 @@ class BrokerCore(QueueBounds, StreamRouting):
         pending = session.retained_pending
         committed = self._committed
         while len(out) < limit:
-            delivery: Delivery | None
             if session.stream_history:
                 # A $stream/ subscription's history goes before the queue, which holds its
                 # live messages (core/streams.py): nothing of the queue until it is done.
-                delivery, go_on = self._stream_history_next(session)
-                if delivery is not None:
-                    if delivery.qos and len(inflight) >= session.inflight_max:
-                        break
-                    self._stream_history_pop(session)
-                    delivery.id = self._next_delivery_id
-                    delivery.batch = committed
-                    self._next_delivery_id += 1
-                elif not go_on:
+                sent = self._stream_history_send(session, out, now)
+                if sent is not None:
+                    if sent:
+                        continue
                     break
-                else:
-                    continue
-            elif pending and pending[0].batch <= committed and (
+            delivery: Delivery | None
+            if pending and pending[0].batch <= committed and (
                     not queue or queue[0].id >= pending[0].after):
                 entry = pending[0]
                 delivery = self._next_retained(session, entry, now)

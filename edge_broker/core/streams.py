@@ -45,10 +45,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from ..mqtt.packets import Publish, PubRel
 from ..mqtt.properties import Properties
 from ..mqtt.topics import is_valid_topic_filter, topic_matches
 from ..mqtt.types import ReasonCode
-from .changes import Change, LogAppended, Message, StreamCursorSaved, SubscriptionRecord
+from .changes import (
+    AWAIT_ACK,
+    Change,
+    LogAppended,
+    Message,
+    StreamCursorSaved,
+    SubscriptionRecord,
+)
 from .router import Router
 from .session import Delivery, Session
 
@@ -144,6 +152,7 @@ class StreamRouting:
     _batch: int
     _committed: int
     _next_message_id: int
+    _next_delivery_id: int
 
     if TYPE_CHECKING:
         def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
@@ -151,6 +160,8 @@ class StreamRouting:
         def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
                          properties: Properties, origin: str, now: float) -> Message: ...
         def _route(self, message: Message) -> int: ...
+        def _publish_packet(self, session: Session, delivery: Delivery,
+                            now: float) -> Publish: ...
 
     def _init_streams(self) -> None:
         self.streams: dict[str, str] = {}  # name -> filter
@@ -366,6 +377,33 @@ class StreamRouting:
         else:
             position = position_text(sub.position)
         self._changes.append(StreamCursorSaved(session.client_id, topic_filter, position))
+
+    def _stream_history_send(self, session: Session, out: list[Publish | PubRel],
+                             now: float) -> bool | None:
+        """For `pull`: send the next history message. True: one was added to `out`; False:
+        none may go now (waiting for a page, or the inflight window is full); None: every
+        history is complete, the queue may follow."""
+        delivery, go_on = self._stream_history_next(session)
+        if delivery is None:
+            return None if go_on else False
+        if delivery.qos and len(session.inflight) >= session.inflight_max:
+            return False
+        self._stream_history_pop(session)
+        delivery.id = self._next_delivery_id
+        self._next_delivery_id += 1
+        delivery.batch = self._committed
+        if delivery.stream is not None:
+            delivery.stream.sent = delivery.message.offset or 0
+        if delivery.qos:
+            # Never written as a delivery row (the cursor covers it), QoS 2 included.
+            packet_id = session.allocate_packet_id()
+            delivery.packet_id = packet_id
+            delivery.state = AWAIT_ACK
+            session.inflight[packet_id] = delivery
+        out.append(self._publish_packet(session, delivery, now))
+        if delivery.qos:
+            delivery.dup = True  # any later send of it is a resend
+        return True
 
     def _stream_history_next(self, session: Session) -> tuple[Delivery | None, bool]:
         """The next history delivery for `pull`, and whether the queue may follow (every
