@@ -6,6 +6,9 @@
     edge-broker sessions list|show|delete [CLIENT] [--config FILE | --data-dir DIR] [--json]
     edge-broker store stats [--config FILE | --data-dir DIR] [--json]
     edge-broker status [--config FILE | --data-dir DIR] [--json]
+    edge-broker streams list|show NAME|delete NAME [--yes] [--config FILE | --data-dir DIR]
+    edge-broker replay --stream NAME (--from OFFSET | --since 2h | --at TIME) [--topic F]
+                       [--limit N]   (see cli_streams)
     edge-broker passwd [-c | -D] [--password-stdin] [--scrypt] FILE USER
     edge-broker certs init-ca|server|device|revoke|crl DIR ...   (see cli_security)
     (the flags of sessions and store may also come before the action)
@@ -124,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     # passwd and certs: their parsers and handlers live in cli_security.
     importlib.import_module("edge_broker.cli_security").add_subcommands(commands)
 
-    # Later subcommands (replay) go here: add a subparser above and its handler to
-    # _COMMANDS below.
+    # streams and replay: their parsers and handlers live in cli_streams.
+    importlib.import_module("edge_broker.cli_streams").add_subcommands(commands,
+                                                                       _add_admin_flags)
+
+    # Later subcommands go here: add a subparser above and its handler to _COMMANDS below.
     return parser
 
 
@@ -388,6 +394,16 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     return command(config, args)
 
 
+def _cmd_streams(args: argparse.Namespace) -> int:
+    try:
+        config = apply_overrides(load_config(args.admin_config), data_dir=args.admin_data_dir)
+    except ConfigError as exc:
+        return _config_error(exc)
+    streams = importlib.import_module("edge_broker.cli_streams")
+    command: Callable[[Config, argparse.Namespace], int] = streams.run_command
+    return command(config, args)
+
+
 def _cmd_security(args: argparse.Namespace) -> int:
     security = importlib.import_module("edge_broker.cli_security")
     command: Callable[[argparse.Namespace], int] = security.run_command
@@ -410,6 +426,8 @@ _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "sessions": _cmd_admin,
     "store": _cmd_admin,
     "status": _cmd_status,
+    "streams": _cmd_streams,
+    "replay": _cmd_streams,
     "passwd": _cmd_security,
     "certs": _cmd_security,
 }

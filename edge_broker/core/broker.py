@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from ..mqtt.errors import RemoteProtocolError
-from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Unsubscribe, Will
+from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Subscription, Unsubscribe, Will
 from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_filter, parse_shared
 from ..mqtt.types import ProtocolLevel, ReasonCode
@@ -59,6 +59,13 @@ from .queues import DROP_OLDEST, REFUSE, QueueBounds, Target, forget_retained_pe
 from .retain import RetainStore
 from .router import Router
 from .session import Delivery, QueueMemory, RetainedPending, Session
+from .streams import (
+    STREAM_PREFIX,
+    StreamRouting,
+    parse_position,
+    parse_stream_filter,
+    stream_offset_property,
+)
 
 _WILL_TIMER = 0
 QOS0_PACKET_CACHE_SIZE = 1024
@@ -102,13 +109,14 @@ class BrokerStats:
     dropped_queue_full: int = 0  # ... because a session's queue bound was reached
     dropped_memory_full: int = 0  # ... because max_queued_memory_bytes was reached
     refused_queue_full: int = 0  # QoS 1/2 PUBLISH refused by the "refuse" policy
+    stream_dropped: int = 0  # QoS 0 messages a stream did not record: the store was full
     messages_expired: int = 0  # deliveries dropped because their message expired
     clients_expired: int = 0  # sessions ended by session expiry
     clients_connected: int = 0
     clients_maximum: int = 0
 
 
-class BrokerCore(QueueBounds):
+class BrokerCore(QueueBounds, StreamRouting):
     def __init__(self, settings: CoreSettings | None = None) -> None:
         self.settings = settings or CoreSettings()
         self.sessions: dict[str, Session] = {}
@@ -134,6 +142,7 @@ class BrokerCore(QueueBounds):
         # Asked (client id, will topic) before a will is published; False drops the will
         # (the server's ACL: a will must be writable by its client, checked when it goes out).
         self.will_check: Callable[[str, str], bool] | None = None
+        self._init_streams()
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -148,11 +157,20 @@ class BrokerCore(QueueBounds):
             session.will = srec.will
             self.sessions[srec.client_id] = session
             self._schedule_offline(session, srec.disconnected_at or now)
+        self._next_offset = max(self._next_offset, snapshot.log_last_offset + 1)
         for sub in snapshot.subscriptions:
             owner = self.sessions.get(sub.client_id)
             if owner is None:
                 continue
             owner.subscriptions[sub.topic_filter] = sub
+            if sub.topic_filter.startswith(STREAM_PREFIX):
+                # Resumes from its stored cursor (core/streams.py), else from the next offset.
+                parsed = parse_stream_filter(sub.topic_filter)
+                cursor = snapshot.stream_cursors.get((sub.client_id, sub.topic_filter))
+                position = parse_position(cursor) if cursor is not None else None
+                if parsed is not None:
+                    self._stream_subscribe(owner, sub, parsed, position or "latest")
+                continue
             self._route_subscription(sub)
         for message_id in snapshot.retained.values():
             message = snapshot.messages.get(message_id)
@@ -287,6 +305,10 @@ class BrokerCore(QueueBounds):
         session.resend = ()
         self._schedule_offline(session, now)
         self._changes.append(SessionSaved(self._session_record(session)))
+        if session.stored:
+            for topic_filter in session.subscriptions:
+                if topic_filter.startswith(STREAM_PREFIX):
+                    self._stream_save_cursor(session, topic_filter)
 
     def end_session(self, client_id: str, *, now: float) -> bool:
         """Delete a session (an administrator's request). A pending will is published, as at
@@ -323,6 +345,7 @@ class BrokerCore(QueueBounds):
         message = self._new_message(packet.topic, packet.payload, qos, packet.retain,
                                     packet.properties, client_id, now)
         targets = self._targets(message)
+        in_stream = False
         if qos and self.settings.queue_full_policy == REFUSE and not self._fits(targets,
                                                                                  message):
             # The whole message is refused (no subscriber gets it, it is not retained):
@@ -339,8 +362,11 @@ class BrokerCore(QueueBounds):
             self._retain(message, persist=True)
         for target in targets:
             self._deliver(*target)
-        # A subscriber whose queue dropped the message still matched it.
-        return ReasonCode.SUCCESS if targets else ReasonCode.NO_MATCHING_SUBSCRIBERS
+        in_stream = self._stream_append(message)
+        # A subscriber whose queue dropped the message still matched it; a message a stream
+        # records is taken (acknowledged after its commit, like one queued for a session).
+        return (ReasonCode.SUCCESS if targets or in_stream
+                else ReasonCode.NO_MATCHING_SUBSCRIBERS)
 
     def would_store(self, client_id: str, packet: Publish) -> bool:
         """Whether accepting this PUBLISH would write to the store: its QoS 2 packet id (a
@@ -351,6 +377,8 @@ class BrokerCore(QueueBounds):
             return True
         if packet.retain and packet.payload and self.settings.retain_available:
             return True
+        if packet.qos and self.streams and self.streams_of(packet.topic):
+            return True  # a stream records it
         normal, groups = self.router.match(packet.topic)
         sessions = self.sessions
         queue_qos0 = self.settings.queue_qos0_messages
@@ -440,8 +468,15 @@ class BrokerCore(QueueBounds):
         ids = packet.properties.subscription_identifiers
         subscription_id = ids[0] if ids else None
         codes: list[int] = []
+        v5 = session.protocol_level == ProtocolLevel.MQTT_5
+        offset_text = stream_offset_property(packet.properties) if v5 else None
         for sub in packet.subscriptions:
             topic_filter = sub.topic_filter
+            if topic_filter.startswith(STREAM_PREFIX) or (
+                    topic_filter.startswith("$share/") and STREAM_PREFIX[:-1] in topic_filter):
+                codes.append(self._subscribe_stream(session, sub, topic_filter, offset_text,
+                                                    subscription_id, v5))
+                continue
             if not is_valid_topic_filter(topic_filter):
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID
                              if session.protocol_level == ProtocolLevel.MQTT_5
@@ -479,11 +514,53 @@ class BrokerCore(QueueBounds):
                 self._wake[client_id] = self._batch
         return tuple(codes)
 
+    def _subscribe_stream(self, session: Session, sub: Subscription, topic_filter: str,
+                          offset_text: str | None, subscription_id: int | None,
+                          v5: bool) -> int:
+        """A `$stream/` filter in a SUBSCRIBE (core/streams.py). Returns its reason code."""
+        if topic_filter.startswith("$share/"):
+            shared = parse_shared(topic_filter)
+            if shared is not None and shared[1].startswith(STREAM_PREFIX):
+                # Shared subscriptions to a stream are not offered: 0x9E (5.0).
+                return (ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5
+                        else ReasonCode.UNSPECIFIED_ERROR)
+            if shared is None:
+                return ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR
+            topic_filter = shared[1]
+        parsed = parse_stream_filter(topic_filter)
+        position = parse_position(offset_text) if offset_text is not None else None
+        if parsed is None or (offset_text is not None and position is None):
+            return ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR
+        qos = min(sub.qos, self.settings.max_qos)
+        record = SubscriptionRecord(session.client_id, topic_filter, qos, sub.no_local,
+                                    sub.retain_as_published, sub.retain_handling,
+                                    subscription_id)
+        code = self._stream_subscribe(session, record, parsed, position)
+        if code >= 0x80:
+            # [MQTT-3.9.3-1] (3.1.1) has only 0x80 for a failure; 0x8F names it (5.0).
+            return code if v5 else ReasonCode.UNSPECIFIED_ERROR
+        session.subscriptions[topic_filter] = record
+        if session.stored:
+            self._changes.append(SubscriptionSaved(record))
+            self._stream_save_cursor(session, topic_filter)
+        if session.online:
+            self._wake[session.client_id] = self._batch
+        return code
+
     def unsubscribe(self, client_id: str, packet: Unsubscribe, *,
                     now: float) -> tuple[int, ...]:
         session = self.sessions[client_id]
         codes: list[int] = []
         for topic_filter in packet.topic_filters:
+            if topic_filter.startswith(STREAM_PREFIX):
+                if session.subscriptions.pop(topic_filter, None) is None:
+                    codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+                    continue
+                self._stream_unsubscribe(session, topic_filter)
+                if session.stored:
+                    self._changes.append(SubscriptionDeleted(client_id, topic_filter))
+                codes.append(ReasonCode.SUCCESS)
+                continue
             if not is_valid_topic_filter(topic_filter):
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID)
                 continue
@@ -526,6 +603,14 @@ class BrokerCore(QueueBounds):
         committed = self._committed
         free = self._free
         while len(out) < limit:
+            if session.stream_history:
+                # A $stream/ subscription's history goes before the queue, which holds its
+                # live messages (core/streams.py): nothing of the queue until it is done.
+                sent = self._stream_history_send(session, out, now)
+                if sent is not None:
+                    if sent:
+                        continue
+                    break
             delivery: Delivery | None
             if pending and (pending[0].batch <= committed or pending[0].batch in free) and (
                     not queue or queue[0].id >= pending[0].after):
@@ -554,6 +639,8 @@ class BrokerCore(QueueBounds):
                 session.popleft()
             else:
                 break
+            if delivery.stream is not None:
+                delivery.stream.sent = delivery.message.offset or 0
             if delivery.qos == 0:
                 if delivery.persisted:
                     self._changes.append(DeliveryDeleted(client_id, delivery.id))
@@ -680,9 +767,13 @@ class BrokerCore(QueueBounds):
         if session.will is not None:
             self._publish_will(session, now)
         for record in session.subscriptions.values():
+            if record.topic_filter.startswith(STREAM_PREFIX):
+                self._stream_unsubscribe(session, record.topic_filter)
+                continue
             self._unroute_subscription(record)
         session.subscriptions.clear()
         session.clear_deliveries()
+        session.stream_history = ()
         del self.sessions[session.client_id]
         if session.stored:
             self._changes.append(SessionDeleted(session.client_id))
@@ -703,6 +794,7 @@ class BrokerCore(QueueBounds):
         if will.retain and self.settings.retain_available:
             self._retain(message, persist=True)
         self._route(message)
+        self._stream_append(message)
 
     def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
                      properties: Properties, origin: str, now: float) -> Message:
@@ -793,6 +885,7 @@ class BrokerCore(QueueBounds):
         delivery_id = self._next_delivery_id
         self._next_delivery_id = delivery_id + 1
         delivery = Delivery(delivery_id, message, qos, retain, subscription_ids, self._batch)
+        delivery.stream = self._stream_marking  # a $stream/ subscription's (core/streams.py)
         session.append(delivery)
         if session.stored and (qos or not online):
             self._save_message(message)
@@ -807,6 +900,8 @@ class BrokerCore(QueueBounds):
             self._changes.append(MessageSaved(message))
 
     def _save_delivery(self, session: Session, delivery: Delivery) -> None:
+        if delivery.stream is not None:
+            return  # the log holds it, and the subscription's cursor says how far it went
         delivery.persisted = True
         self._changes.append(DeliverySaved(DeliveryRecord(
             session.client_id, delivery.id, delivery.message.id, delivery.qos, delivery.retain,
@@ -828,7 +923,8 @@ class BrokerCore(QueueBounds):
         self.stats.publish_sent += 1
         properties = message.properties
         v5_extras = session.protocol_level == ProtocolLevel.MQTT_5 and (
-            delivery.subscription_ids or message.expires_at is not None)
+            delivery.subscription_ids or message.expires_at is not None
+            or delivery.stream is not None)
         if not delivery.qos and not v5_extras:
             # Identical for every subscriber that gets it at QoS 0: one shared instance, so
             # the server can encode it once for all of them.
@@ -845,8 +941,22 @@ class BrokerCore(QueueBounds):
             if message.expires_at is not None:
                 # [MQTT-3.3.2-6] (5.0): the interval minus the time spent waiting here.
                 remaining = max(1, math.ceil(message.expires_at - now))
-            properties = replace(properties, subscription_identifiers=delivery.subscription_ids,
-                                 message_expiry_interval=remaining)
+            if delivery.stream is not None and message.offset is not None:
+                # Each replayed or live stream message names its offset, so a device can
+                # resume from the last one it processed, plus one. Built in one call: a
+                # message carries only pass-through properties (_pass_through), and
+                # dataclasses.replace cost most of a replayed message's time (measured).
+                p = properties
+                properties = Properties(
+                    payload_format_indicator=p.payload_format_indicator,
+                    message_expiry_interval=remaining, content_type=p.content_type,
+                    response_topic=p.response_topic, correlation_data=p.correlation_data,
+                    subscription_identifiers=delivery.subscription_ids,
+                    user_properties=(*p.user_properties, ("stream-offset", str(message.offset))))
+            else:
+                properties = replace(properties,
+                                     subscription_identifiers=delivery.subscription_ids,
+                                     message_expiry_interval=remaining)
         return Publish(message.topic, message.payload, delivery.qos, delivery.retain,
                        delivery.dup if delivery.qos else False, delivery.packet_id, properties)
 
@@ -878,6 +988,8 @@ class BrokerCore(QueueBounds):
         changes.append(SessionSaved(self._session_record(session)))
         for record in session.subscriptions.values():
             changes.append(SubscriptionSaved(record))
+            if record.topic_filter.startswith(STREAM_PREFIX):
+                self._stream_save_cursor(session, record.topic_filter)
         for delivery in _all_deliveries(session):
             self._save_message(delivery.message)
             self._save_delivery(session, delivery)

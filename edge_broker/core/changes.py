@@ -20,11 +20,12 @@ Keys:
   queue order of a session
 - incoming QoS 2 packet id: (client_id, packet_id)
 - retained: topic
+- log entry: `LogAppended` is never coalesced: each one is appended once, in order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..mqtt.packets import Will
 from ..mqtt.properties import NO_PROPERTIES, Properties
@@ -52,6 +53,9 @@ class Message:
     received_at: float = 0.0
     expires_at: float | None = None  # wall clock, from the Message Expiry Interval
     origin: str = ""  # publishing client id ("" for the broker itself), for No Local
+    # Its offset in the store's append-only log when a named stream records it (the core
+    # assigns offsets in append order, as the log does: see core/streams.py); else None.
+    offset: int | None = None
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -156,10 +160,29 @@ class RetainedDeleted:
     topic: str
 
 
+@dataclass(slots=True, unsafe_hash=True)
+class LogAppended:
+    """A message some named stream records: the store appends it to its log, in batch order,
+    at `message.offset` (which the core assigned: the log's next offset)."""
+
+    message: Message
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class StreamCursorSaved:
+    """Where a stored session's `$stream/` subscription resumes after a restart: a position
+    as in `stream-offset` ("earliest", an offset to start at, an ISO time). Deleted with the
+    subscription (SubscriptionDeleted) or the session."""
+
+    client_id: str
+    topic_filter: str
+    position: str
+
+
 Change = (
     SessionSaved | SessionDeleted | SubscriptionSaved | SubscriptionDeleted | MessageSaved
     | DeliverySaved | DeliveryDeleted | Qos2Received | Qos2Released | RetainedSaved
-    | RetainedDeleted
+    | RetainedDeleted | LogAppended | StreamCursorSaved
 )
 
 
@@ -173,6 +196,9 @@ class Snapshot:
     deliveries: list[DeliveryRecord]  # in delivery id order
     retained: dict[str, int]  # topic -> message id
     incoming_qos2: list[tuple[str, int]]  # (client id, packet id)
+    log_last_offset: int = 0  # the last offset the store's log assigned (0: none yet)
+    # (client id, $stream/ filter) -> position to resume from (StreamCursorSaved)
+    stream_cursors: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Snapshot:

@@ -26,9 +26,13 @@ with its original packet id: PUBLISH with DUP set, or PUBREL [MQTT-4.4.0-1] (5.0
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ..mqtt.packets import Will
 from .changes import AWAIT_ACK, QUEUED, Message, SubscriptionRecord
+
+if TYPE_CHECKING:
+    from .streams import StreamSub
 
 # Estimated memory of one queued delivery (Delivery object, deque slot) and of one message
 # body besides its payload and topic (Message object, properties); measured with
@@ -88,7 +92,7 @@ class Delivery:
     """One message on its way to one session."""
 
     __slots__ = ("batch", "dup", "id", "message", "packet_id", "persisted", "qos", "retain",
-                 "state", "subscription_ids")
+                 "state", "stream", "subscription_ids")
 
     def __init__(self, delivery_id: int, message: Message, qos: int, retain: bool,
                  subscription_ids: tuple[int, ...], batch: int) -> None:
@@ -102,6 +106,9 @@ class Delivery:
         self.dup = False
         self.batch = batch  # the change batch that queued it; sent only once that committed
         self.persisted = False  # whether the store holds a row for it
+        # Sent for this $stream/ subscription: carries the user property stream-offset
+        # (v5), is never written as a delivery row (the log and the cursor cover it).
+        self.stream: StreamSub | None = None
 
     def __repr__(self) -> str:
         return (f"Delivery(id={self.id}, topic={self.message.topic!r}, qos={self.qos}, "
@@ -113,7 +120,7 @@ class Session:
                  "epoch", "expires_at", "expiry_interval", "incoming_qos2", "inflight",
                  "inflight_max", "memory", "next_packet_id", "online", "protocol_level",
                  "queue", "queued_bytes", "resend", "retained_pending", "stored",
-                 "subscriptions", "will", "will_due_at")
+                 "stream_history", "subscriptions", "will", "will_due_at")
 
     def __init__(self, client_id: str, protocol_level: int, expiry_interval: int,
                  memory: QueueMemory | None = None) -> None:
@@ -143,6 +150,9 @@ class Session:
         self.memory = memory if memory is not None else QueueMemory()
         self.retained_pending: deque[RetainedPending] | tuple[()] = ()
         self.stored = False  # whether the store holds this session (see BrokerCore._store_session)
+        # $stream/ subscriptions still replaying their history, in SUBSCRIBE order (a list
+        # only while there are some; core/streams.py): they go before the queue.
+        self.stream_history: list[StreamSub] | tuple[()] = ()
 
     @property
     def persistent(self) -> bool:

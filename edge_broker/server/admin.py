@@ -2,7 +2,8 @@
 
 A running broker holds an exclusive lock on `<data_dir>/edge-broker.lock` (with its pid in
 it), so two brokers never share one store, and listens on `<data_dir>/admin.sock` (mode 0600)
-for the `edge-broker sessions ...` and `edge-broker store stats` commands: one JSON object per
+for the `edge-broker sessions ...`, `store stats`, `streams ...` and `replay` commands (the
+last two answered in server/streams.py): one JSON object per
 line in, one per line out. Going through the broker keeps its in-memory state and the store in
 agreement; the commands fall back to the files only when no broker holds the lock.
 """
@@ -23,6 +24,7 @@ from ..core.changes import SubscriptionRecord
 from ..core.session import Session
 from ..errors import EdgeBrokerError
 from ..mqtt.types import ReasonCode
+from .streams import stream_request
 
 if TYPE_CHECKING:
     from .app import BrokerApp
@@ -183,6 +185,8 @@ class AdminServer:
         if command == "status.show":
             observer = app.observer
             return {"status": observer.status(), "metrics": observer.flat_metrics()}
+        if isinstance(command, str) and command.startswith("streams."):
+            return await stream_request(app, command, request)
         return {"error": f"unknown command {command!r}"}
 
 

@@ -36,6 +36,7 @@ from .http import HttpServer
 from .metrics import Metrics, sys_topics
 from .observe import Observer, build_http_server, prepare_data_dir, watchdog
 from .reload import reload
+from .streams import StreamReplay
 
 log = logging.getLogger("edge_broker")
 
@@ -79,7 +80,7 @@ def build_store(config: Config) -> SessionStore:
     from ..store.sqlite import SqliteStore  # the only importer of aiosqlite
 
     return SqliteStore(store_path(config), durability=storage.durability,
-                       max_store_bytes=storage.max_store_bytes)
+                       max_store_bytes=storage.max_store_bytes, streams=config.streams)
 
 
 class BrokerApp:
@@ -118,6 +119,8 @@ class BrokerApp:
         self.observer = Observer(self)
         self.http: HttpServer | None = None
         self.http_address: tuple[str, int] | None = None
+        self.streams = StreamReplay(self)  # named streams: history pages for $stream/ subs
+        self.streams.setup()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -289,6 +292,7 @@ class BrokerApp:
         if self.http is not None:
             await self.http.close()
         await self._admin.close()
+        await self.streams.close()
         await self.store.close()
         self.gate.close()
         self._lock.release()
@@ -441,6 +445,7 @@ class BrokerApp:
             other = clients.get(client_id)
             if other is not None and other is not handler:
                 other.pump()
+        self.streams.fetch()
 
     # -- timers -----------------------------------------------------------------------------
 

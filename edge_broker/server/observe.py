@@ -252,10 +252,12 @@ class Observer:
     def _drops(self) -> Family:
         stats = self.app.core.stats
         return (Family("edge_broker_dropped_messages_total", "counter",
-                       "Queued messages dropped, by reason (queue_full_policy and expiry).")
+                       "Queued messages dropped, by reason (queue_full_policy and expiry), "
+                       "and QoS 0 messages not recorded in streams (the store was full).")
                 .add(stats.dropped_queue_full, reason="queue_full")
                 .add(stats.dropped_memory_full, reason="memory_full")
-                .add(stats.messages_expired, reason="expired"))
+                .add(stats.messages_expired, reason="expired")
+                .add(stats.stream_dropped, reason="stream_store_full"))
 
     def status(self) -> dict[str, Any]:
         app = self.app

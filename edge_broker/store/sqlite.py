@@ -57,8 +57,19 @@ lost, the restart is not.
   writer, `apply` returns a future again (back-pressure instead of unbounded growth).
 
 *Migrations*: `MIGRATIONS[i]` takes the schema from version i to i+1 (`PRAGMA user_version`),
-each in its own transaction with the version bump. A file with a higher version than the code
-knows is refused with a `StoreError`.
+each in its own transaction with the version bump. Before a file written by an earlier
+release is upgraded, a consistent copy of it is kept beside it as `<name>.pre-v<N>` (SQLite's
+backup API), so a failed upgrade can be rolled back. A file with a higher version than the
+code knows is refused with a `StoreError`.
+
+*The log of named streams* (version 3; store/log/, docs/log.md): `LogAppended` records are
+appended, in order, by `LogKeeper` inside the group transaction, after the other puts, at the
+offsets the core assigned; a rolled-back group reloads the log's in-memory state. Retention
+and last-value compaction run as bounded steps (their own short transactions) between groups,
+when idle and under steady load alike. `read_stream` (history pages for `$stream/`
+subscriptions), `stream_stats`, `delete_stream` and `replay_stream` are one hop each to the
+writer thread. `stream_cursors` holds where stored sessions' `$stream/` subscriptions resume
+(`StreamCursorSaved`), deleted with the subscription or the session.
 
 *Recovery*: `open()` runs `PRAGMA quick_check`; a file that is not a database or is damaged
 raises `StoreError` naming the file and pointing at `--recover`, which calls `move_aside()`
@@ -145,6 +156,7 @@ from ..core.changes import (
     DeliveryDeleted,
     DeliveryRecord,
     DeliverySaved,
+    LogAppended,
     Message,
     MessageSaved,
     Qos2Received,
@@ -155,6 +167,7 @@ from ..core.changes import (
     SessionRecord,
     SessionSaved,
     Snapshot,
+    StreamCursorSaved,
     SubscriptionDeleted,
     SubscriptionRecord,
     SubscriptionSaved,
@@ -163,6 +176,11 @@ from ..errors import StoreDamagedError, StoreError, StoreFullError
 from ..mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
 from . import sqlite_validate as validate
 from .base import DONE
+from .log.keeper import LogKeeper
+from .log.log import LogRow
+from .log.replay import Position, StreamStats
+from .log.schema import MIGRATION as LOG_MIGRATION
+from .log.streams import StreamConfig
 from .sqlite_guard import FileGuard
 
 __all__ = [
@@ -299,6 +317,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             row_json TEXT NOT NULL     -- the whole row; BLOBs as {"blob_base64": ...}
         )""",
     ),
+    # version 2 -> 3: the append-only log of named streams (store/log/schema.py), and where
+    # stored sessions' $stream/ subscriptions resume (core/streams.py).
+    (
+        *LOG_MIGRATION,
+        """CREATE TABLE stream_cursors (
+            client_id TEXT NOT NULL,
+            topic_filter TEXT NOT NULL,
+            position TEXT NOT NULL,    -- "earliest", an offset to start at, an ISO time
+            PRIMARY KEY (client_id, topic_filter)
+        ) WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -336,8 +365,12 @@ _CASCADE: Final = (
     "DELETE FROM deliveries WHERE client_id = ?",
     "DELETE FROM subscriptions WHERE client_id = ?",
     "DELETE FROM incoming_qos2 WHERE client_id = ?",
+    "DELETE FROM stream_cursors WHERE client_id = ?",
     "DELETE FROM sessions WHERE client_id = ?",
 )
+_CURSOR_PUT: Final = ("INSERT OR REPLACE INTO stream_cursors (client_id, topic_filter, position)"
+                      " VALUES (?, ?, ?)")
+_CURSOR_DELETE: Final = "DELETE FROM stream_cursors WHERE client_id = ? AND topic_filter = ?"
 _SUBSCRIPTION_DELETE: Final = "DELETE FROM subscriptions WHERE client_id = ? AND topic_filter = ?"
 _QOS2_DELETE: Final = "DELETE FROM incoming_qos2 WHERE client_id = ? AND packet_id = ?"
 _RETAINED_DELETE: Final = "DELETE FROM retained WHERE topic = ?"
@@ -603,10 +636,11 @@ class _Plan:
     changes: int
     batches: int
     rows: int
+    log: list[Message]  # LogAppended messages, in order
 
     @property
     def empty(self) -> bool:
-        return not self.deletes and not self.puts
+        return not self.deletes and not self.puts and not self.log
 
 
 _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
@@ -620,7 +654,8 @@ class SqliteStore:
 
     def __init__(self, path: str | Path, *, durability: str = "fsync",
                  max_store_bytes: int = 0, ballast_bytes: int = BALLAST_BYTES,
-                 disk_reserve_bytes: int = DISK_RESERVE_BYTES) -> None:
+                 disk_reserve_bytes: int = DISK_RESERVE_BYTES,
+                 streams: Sequence[StreamConfig] = ()) -> None:
         if durability not in _SYNCHRONOUS:
             raise ValueError(f"durability must be one of {sorted(_SYNCHRONOUS)}, "
                              f"not {durability!r}")
@@ -659,6 +694,7 @@ class SqliteStore:
         self.vacuum_steps = 0
         self._commit_attempts = 0
         self._guard = FileGuard(self.path)  # the file's lock, and whether it is still there
+        self._log = LogKeeper(streams)  # the append-only log of named streams (store/log/)
         self.quarantined_at_open = 0  # rows moved to the quarantine table by open()
 
     # -- public API ---------------------------------------------------------------------
@@ -778,6 +814,45 @@ class SqliteStore:
             rows_written=self.rows_written, vacuum_steps=self.vacuum_steps, full=self.full,
             quarantined=counts[4], file_lost=self._guard.lost)
 
+    # -- streams (store/log/keeper.py) ---------------------------------------------------
+
+    @property
+    def stream_names(self) -> list[str]:
+        return sorted(c.name for c in self._log.log.stream_configs)
+
+    async def read_stream(self, name: str, topic_filter: str | None,
+                          position: Position | None, after: int, until: int,
+                          limit: int) -> tuple[list[LogRow], int]:
+        """A page of a stream's history for replay (see LogKeeper.page)."""
+        try:
+            return await self._call(self._read_sync, self._log.page, name, topic_filter,
+                                    position, after, until, limit)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "read a stream", error) from None
+
+    async def stream_stats(self) -> list[StreamStats]:
+        try:
+            return await self._call(self._read_sync, self._log.stats)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "stream statistics", error) from None
+
+    async def delete_stream(self, name: str) -> bool:
+        try:
+            return await self._call(self._read_sync, self._log.delete, name)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "delete a stream", error) from None
+
+    async def replay_stream(self, name: str, position: Position, topic_filter: str | None,
+                            limit: int | None) -> list[LogRow]:
+        try:
+            return await self._call(self._read_sync, self._log.replay_rows, name, position,
+                                    topic_filter, limit)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "replay a stream", error) from None
+
+    def _read_sync(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return fn(self._db(), *args)
+
     @staticmethod
     def move_aside(path: str | Path) -> Path:
         """Rename a damaged store (and its -wal/-shm) to `<name>.corrupt-<UTC time>`.
@@ -854,6 +929,8 @@ class SqliteStore:
                            "PRAGMA foreign_keys = OFF",
                            f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"):
                 conn.execute(pragma)
+            if 0 < version < SCHEMA_VERSION:
+                self._keep_copy_sync(conn, version)
             for number in range(version, SCHEMA_VERSION):
                 with _transaction(conn):
                     for statement in MIGRATIONS[number]:
@@ -869,6 +946,12 @@ class SqliteStore:
             with _transaction(conn):
                 snapshot, quarantined = _load_checked(conn, path)
                 conn.execute(_PRUNE_ALL)
+            with _transaction(conn):
+                self._log.load(conn)  # counters and cursors, never the rows
+            snapshot.log_last_offset = self._log.last_offset
+            snapshot.stream_cursors = {
+                (client_id, topic_filter): position for client_id, topic_filter, position
+                in conn.execute("SELECT client_id, topic_filter, position FROM stream_cursors")}
             self.quarantined_at_open = quarantined
             self._check_size_sync()
         except sqlite3.Error as error:
@@ -876,6 +959,23 @@ class SqliteStore:
         self._delivery_hwm = max((d.delivery_id for d in snapshot.deliveries), default=0)
         self._message_hwm = max(snapshot.messages, default=0)
         return snapshot
+
+    def _keep_copy_sync(self, conn: sqlite3.Connection, version: int) -> None:
+        """Before upgrading a file written by an earlier release: a consistent copy of it
+        beside it, `<name>.pre-v<version>`, so a failed upgrade can be rolled back (stop the
+        broker, put the copy back under the store's name, run the earlier release)."""
+        target = self.path.with_name(f"{self.path.name}.pre-v{version}")
+        if target.exists():
+            return  # an earlier attempt made it: keep the first copy
+        partial = target.with_name(target.name + ".partial")
+        copy = sqlite3.connect(str(partial))
+        try:
+            conn.backup(copy)
+        finally:
+            copy.close()
+        os.replace(partial, target)
+        log.info("%s: kept a copy of the schema version %d store as %s before upgrading",
+                 self.path, version, target)
 
     def _close_connection(self) -> None:
         if self._conn is not None:
@@ -913,6 +1013,8 @@ class SqliteStore:
                 conn.execute(_CLEAR_CANDIDATES)
             for sql, rows in plan.puts:
                 conn.executemany(sql, rows)
+            if plan.log:
+                self._log.append(conn, plan.log, [m.offset for m in plan.log])
             if plan.prune_after_puts:
                 conn.execute(_PRUNE_CANDIDATES)
                 conn.execute(_CLEAR_CANDIDATES)
@@ -924,6 +1026,9 @@ class SqliteStore:
             if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
+            if plan.log:  # the log's memory is ahead of the file: read it again
+                with contextlib.suppress(sqlite3.Error):
+                    self._log.load(conn)
             raise
 
     def _checkpoint_sync(self) -> bool:
@@ -949,6 +1054,9 @@ class SqliteStore:
         quarantined = int(_scalar(self._db(), _SELECT_QUARANTINED))
         self._check_size_sync()
         return (*counts, quarantined)
+
+    def _retention_sync(self) -> None:
+        self._log.retention(self._db())
 
     def _vacuum_sync(self) -> None:
         conn = self._db()
@@ -987,6 +1095,13 @@ class SqliteStore:
                 _fail(group, StoreError(f"{self.path}: store writer failed: {error!r}"))
             finally:
                 self._busy = False
+            if self._log.retention_wanted(time.monotonic()) and not self._closing:
+                # Under steady load the writer is never idle: retention steps (bounded,
+                # short) then run between groups, so streams never lag their bounds.
+                try:
+                    await self._maintain(self._retention_sync)
+                except Exception:
+                    log.exception("%s: stream retention failed", self.path)
 
     def _take(self) -> list[_Pending]:
         group: list[_Pending] = []
@@ -1017,6 +1132,11 @@ class SqliteStore:
             if now - self._vacuumed_at >= VACUUM_INTERVAL_S:
                 await self._maintain(self._vacuum_sync)
             timeout = min(timeout, VACUUM_INTERVAL_S)
+        if self._log.retention_wanted(now):
+            # Streams' retention and compaction, one bounded step between groups.
+            await self._maintain(self._retention_sync)
+            if self._log.retention_more:
+                timeout = 0.0
         if self._queue or self._closing:
             return
         with contextlib.suppress(TimeoutError):
@@ -1213,6 +1333,8 @@ class SqliteStore:
         messages: dict[int, Message] = {}
         retained: dict[str, int | None] = {}
         cascade: dict[str, None] = {}
+        appended: list[Message] = []
+        cursors: dict[tuple[str, str], str | None] = {}
         changes = batches = 0
         for batch, _ in group:
             if not batch:
@@ -1238,6 +1360,10 @@ class SqliteStore:
                     if packets is None:
                         packets = qos2[change.client_id] = {}
                     packets[change.packet_id] = isinstance(change, Qos2Received)
+                elif isinstance(change, LogAppended):
+                    appended.append(change.message)
+                elif isinstance(change, StreamCursorSaved):
+                    cursors[change.client_id, change.topic_filter] = change.position
                 elif isinstance(change, RetainedSaved):
                     retained[change.topic] = change.message_id
                 elif isinstance(change, RetainedDeleted):
@@ -1251,6 +1377,8 @@ class SqliteStore:
                     deliveries.pop(cid, None)
                     qos2.pop(cid, None)
                     cascade[cid] = None
+                    for key in [k for k in cursors if k[0] == cid]:
+                        del cursors[key]
                 elif isinstance(change, SubscriptionSaved):
                     sub = change.record
                     filters = subscriptions.get(sub.client_id)
@@ -1262,6 +1390,8 @@ class SqliteStore:
                     if filters is None:
                         filters = subscriptions[change.client_id] = {}
                     filters[change.topic_filter] = None
+                    if change.topic_filter.startswith("$stream/"):
+                        cursors[change.client_id, change.topic_filter] = None
                 else:
                     raise TypeError(f"not a change record: {change!r}")
 
@@ -1332,7 +1462,13 @@ class SqliteStore:
         protect = ([(mid,) for mid in referenced if mid <= message_hwm]
                    if prune_after_deletes else [])
         session_put = [_session_row(s) for s in sessions.values() if s is not None]
-        for sql, rows in ((_SESSION_PUT, session_put), (_SUBSCRIPTION_PUT, sub_put)):
+        cursor_del = [key for key, position in cursors.items() if position is None]
+        cursor_put = [(*key, position) for key, position in cursors.items()
+                      if position is not None]
+        if cursor_del:
+            deletes.append((_CURSOR_DELETE, cursor_del))
+        for sql, rows in ((_SESSION_PUT, session_put), (_SUBSCRIPTION_PUT, sub_put),
+                          (_CURSOR_PUT, cursor_put)):
             if rows:
                 puts.append((sql, rows))
         if msg_put:
@@ -1350,7 +1486,9 @@ class SqliteStore:
         return _Plan(deletes, protect, puts, prune_after_deletes,
                      prune_after_puts=repointable or bool(ret_put),
                      max_delivery_id=max_delivery_id, max_message_id=max_message_id,
-                     changes=changes, batches=batches, rows=row_count)
+                     changes=changes, batches=batches,
+                     rows=row_count + len(appended) + len(cursors),
+                     log=appended)
 
 
 def _resolve(group: list[_Pending]) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "edge_broker"
 RANK = {"mqtt": 0, "core": 1, "auth": 2, "store": 3, "bridge": 4, "server": 5, "cli": 6,
-        "cli_admin": 6, "cli_security": 6, "cli_status": 6, "certs": 3,
+        "cli_admin": 6, "cli_security": 6, "cli_status": 6, "cli_streams": 6, "certs": 3,
         "__main__": 7}
 LEAVES = {"config", "errors", "__init__"}
 NO_IO = {"asyncio", "socket", "ssl", "sqlite3", "aiosqlite", "time", "threading", "selectors",

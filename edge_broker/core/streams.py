@@ -1,0 +1,448 @@
+"""Named streams in the core: which messages the log records, and `$stream/` subscriptions
+(replay of a stream's history, then its live messages). A mixin of `BrokerCore`.
+
+Theory of operation.
+
+*Appending.* The core holds the configured streams' filters in a trie of its own
+(`set_streams`). A message whose topic one of them matches (QoS 0 included, whether or not
+anyone subscribes) gets the log's next offset and a `LogAppended` record in the current batch;
+the store appends it in the same group transaction as the rest of the batch. The core assigns
+the offsets itself: the log assigns `last_offset + 1, ...` in append order, batches are
+committed in order and every `LogAppended` is appended exactly once, so both agree (the store
+checks it). Start-up takes the log's last offset from the snapshot. A QoS 1/2 message a stream
+takes is acknowledged 0x00 after the commit, like one queued for a session; a QoS 0 message
+that cannot be stored (`stream_full()`, i.e. the store is full) is dropped from the streams
+and counted in `stats.stream_dropped`, never refused.
+
+*Replay.* A `$stream/<name>[@<position>][/<filter>]` subscription is a `StreamSub`, not an
+entry of the subscription trie. At SUBSCRIBE the core notes `live_from`, the next offset it
+will assign: messages from there on are live and reach the subscription as they are
+published (queued in the session's queue, bounded and dropped as any delivery). The history
+is `[start, live_from - 1]`, `start` from the position (resolved by the store). The core never
+awaits: `take_stream_fetches()` lists the pages the server must read from the store (only once
+the SUBSCRIBE's batch committed, so every offset below `live_from` is in the file), and
+`stream_page()` hands the rows back; `pull()` sends a subscription's history before anything
+of the session's queue, under the same flow control. A page ending at `live_from - 1` ends the
+history, and the queue (which holds the live messages from `live_from` on) follows: no gap
+and no duplicate at the seam. Each message goes out under its original topic, at
+min(granted QoS, its QoS), with the user property `stream-offset` (MQTT 5 only).
+
+*Persistent sessions.* A stored session's stream subscription has a cursor in the store
+(`StreamCursorSaved`: the position it resumes from), written at SUBSCRIBE and at disconnect
+(so at a graceful stop): the oldest offset it has in flight, else the one after the last it
+was sent. Its deliveries are never written as delivery rows: the log holds the messages.
+After a restart it replays from the cursor, then goes live; after a crash from the cursor
+last written (at least once: what was sent after it comes again, QoS 2 included). A
+SUBSCRIBE repeated on reconnect without the `stream-offset` property keeps the running
+subscription and its cursor (an `@<position>` in the filter does not reset it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from ..mqtt.packets import Publish, PubRel
+from ..mqtt.properties import Properties
+from ..mqtt.topics import is_valid_topic_filter, topic_matches
+from ..mqtt.types import ReasonCode
+from .changes import (
+    AWAIT_ACK,
+    Change,
+    LogAppended,
+    Message,
+    StreamCursorSaved,
+    SubscriptionRecord,
+)
+from .router import Router
+from .session import Delivery, Session
+
+if TYPE_CHECKING:
+    from .broker import BrokerStats
+
+STREAM_PREFIX = "$stream/"
+STREAM_OFFSET = "stream-offset"  # the user property: a SUBSCRIBE's position, a message's offset
+PAGE_SIZE = 256  # rows per history page read from the store
+# Ask for the next page while at most this many are buffered: the read of the next page
+# overlaps the sending of this one, and a subscription buffers two pages at most.
+REFILL_AT = PAGE_SIZE
+
+Position = str | int | float  # "earliest" | "latest" | an offset | a time (seconds, UTC)
+
+
+def parse_position(text: str) -> Position | None:
+    """`earliest`, `latest`, an integer offset, or an ISO-8601 UTC time; None if invalid."""
+    value = text.strip()
+    if value in ("earliest", "latest"):
+        return value
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFilter:
+    """A parsed `$stream/` topic filter."""
+
+    name: str
+    position: Position | None  # from `@<position>`, None when absent
+    topic_filter: str | None  # None: every topic of the stream
+
+
+def parse_stream_filter(text: str) -> StreamFilter | None:
+    """`$stream/<name>[@<position>][/<topic filter>]`; None when malformed."""
+    head, slash, rest = text[len(STREAM_PREFIX):].partition("/")
+    name, at, position_text = head.partition("@")
+    position = None
+    if at:
+        position = parse_position(position_text)
+        if position is None:
+            return None
+    if not name or (slash and not is_valid_topic_filter(rest)):
+        return None
+    return StreamFilter(name, position, rest if slash else None)
+
+
+@dataclass(eq=False, slots=True)
+class StreamSub:
+    """One `$stream/` subscription of one session."""
+
+    record: SubscriptionRecord  # as the client sent it (topic_filter is the $stream/ filter)
+    stream: str
+    topic_filter: str | None
+    position: Position
+    live_from: int  # live messages from this offset on reach it through the session queue
+    batch: int  # the SUBSCRIBE's batch: no history page is read before it committed
+    after: int = -1  # history delivered up to here (-1: start not resolved yet)
+    done: bool = False  # the history is complete (the buffer may still hold some)
+    fetching: bool = False
+    buffer: deque[Delivery] = field(default_factory=deque)
+    sent: int = -1  # the highest offset handed to the connection (-1: none yet)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFetch:
+    """A history page the server must read from the store and hand to `stream_page`."""
+
+    client_id: str
+    sub: StreamSub
+    stream: str
+    topic_filter: str | None
+    position: Position | None  # the first page: resolve the start from it
+    after: int  # later pages: rows with offset > after ...
+    until: int  # ... and <= until
+    limit: int
+
+
+class StreamRouting:
+    """Mixin of BrokerCore (which provides the state declared here)."""
+
+    sessions: dict[str, Session]
+    stats: BrokerStats
+    _changes: list[Change]
+    _batch: int
+    _committed: int
+    _next_message_id: int
+    _next_delivery_id: int
+
+    if TYPE_CHECKING:
+        def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
+                     subscription_ids: tuple[int, ...]) -> bool: ...
+        def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
+                         properties: Properties, origin: str, now: float) -> Message: ...
+        def _route(self, message: Message) -> int: ...
+        def _publish_packet(self, session: Session, delivery: Delivery,
+                            now: float) -> Publish: ...
+
+    def _init_streams(self) -> None:
+        self.streams: dict[str, str] = {}  # name -> filter
+        self._stream_router = Router()
+        self._next_offset = 1
+        self._stream_subs: dict[str, dict[tuple[str, str], StreamSub]] = {}
+        self._replaying: set[str] = set()  # sessions with a history to replay
+        self._stream_marking: StreamSub | None = None  # set while _deliver_stream runs
+        self.stream_full: Callable[[], bool] = _never
+
+    def set_streams(self, streams: Iterable[tuple[str, str]]) -> None:
+        """The configured streams, (name, topic filter); before `restore`."""
+        self.streams = dict(streams)
+        self._stream_router = Router()
+        for name, topic_filter in self.streams.items():
+            self._stream_router.subscribe(SubscriptionRecord(name, topic_filter, 0),
+                                          topic_filter)
+
+    def streams_of(self, topic: str) -> list[str]:
+        if not self.streams:
+            return []
+        records, _ = self._stream_router.match(topic)
+        return [r.client_id for r in records]
+
+    # -- appending ------------------------------------------------------------------------
+
+    def _stream_append(self, message: Message) -> bool:
+        """Record the message in the log if a stream takes it. True if one does (even when
+        a QoS 0 message was dropped because the store is full)."""
+        if not self.streams:
+            return False
+        records, _ = self._stream_router.match(message.topic)
+        if not records:
+            return False
+        if message.qos == 0 and self.stream_full():
+            self.stats.stream_dropped += 1
+            return True
+        message.offset = self._next_offset
+        self._next_offset += 1
+        self._changes.append(LogAppended(message))
+        for record in records:
+            subs = self._stream_subs.get(record.client_id)
+            if subs:
+                self._stream_live(message, subs)
+        return True
+
+    def _stream_live(self, message: Message, subs: dict[tuple[str, str], StreamSub]) -> None:
+        offset = message.offset
+        assert offset is not None
+        for (client_id, _), sub in subs.items():
+            if offset < sub.live_from:
+                continue
+            if sub.topic_filter is not None and not topic_matches(sub.topic_filter,
+                                                                   message.topic):
+                continue
+            record = sub.record
+            if record.no_local and client_id == message.origin:
+                continue  # [MQTT-3.8.3-3] (5.0)
+            session = self.sessions.get(client_id)
+            if session is None:
+                continue
+            self._deliver_stream(session, message, sub)
+
+    def _deliver_stream(self, session: Session, message: Message, sub: StreamSub) -> None:
+        record = sub.record
+        ids = (record.subscription_id,) if record.subscription_id else ()
+        # _deliver marks the delivery as this subscription's before it could persist it:
+        # the mark keeps it out of the deliveries table (BrokerCore._save_delivery).
+        self._stream_marking = sub
+        try:
+            self._deliver(session, message, min(record.qos, message.qos),
+                          message.retain and record.retain_as_published, ids)
+        finally:
+            self._stream_marking = None
+
+    def republish(self, topic: str, payload: bytes, qos: int, properties: Properties, *,
+                  now: float) -> None:
+        """A stored message published again (`edge-broker replay --republish`): routed to
+        subscribers and recorded by the streams whose filter matches its new topic."""
+        message = self._new_message(topic, payload, qos, False, properties, "", now)
+        self._route(message)
+        self._stream_append(message)
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    def _stream_subscribe(self, session: Session, record: SubscriptionRecord,
+                          parsed: StreamFilter, position: Position | None) -> int:
+        """Add (or keep) a `$stream/` subscription. `position` is the SUBSCRIBE's
+        `stream-offset` property (None: absent). Returns the SUBACK reason code."""
+        if parsed.name not in self.streams:
+            return ReasonCode.TOPIC_FILTER_INVALID  # 0x8F: no such stream
+        key = (session.client_id, record.topic_filter)
+        subs = self._stream_subs.setdefault(parsed.name, {})
+        old = subs.get(key)
+        if old is not None and position is None:
+            # A SUBSCRIBE repeated (as client libraries do on reconnect) without the
+            # property keeps the running subscription's cursor, `@<position>` or not.
+            old.record = record
+            return record.qos
+        if position is None:
+            position = parsed.position
+        if old is not None:
+            self._stream_forget(session, old)
+        sub = StreamSub(record, parsed.name, parsed.topic_filter,
+                        position if position is not None else "latest",
+                        self._next_offset, self._batch)
+        if isinstance(sub.position, int) and sub.position > sub.live_from:
+            sub.live_from = sub.position  # past the last: wait for it
+        if sub.position == "latest":
+            sub.done = True
+        else:
+            if not isinstance(session.stream_history, list):
+                session.stream_history = []
+            session.stream_history.append(sub)
+            self._replaying.add(session.client_id)
+        subs[key] = sub
+        return record.qos
+
+    def _stream_unsubscribe(self, session: Session, topic_filter: str) -> None:
+        parsed = parse_stream_filter(topic_filter)
+        if parsed is None:
+            return
+        sub = self._stream_subs.get(parsed.name, {}).get((session.client_id, topic_filter))
+        if sub is not None:
+            self._stream_forget(session, sub)
+
+    def _stream_forget(self, session: Session, sub: StreamSub) -> None:
+        subs = self._stream_subs.get(sub.stream)
+        if subs is not None:
+            subs.pop((session.client_id, sub.record.topic_filter), None)
+        history = session.stream_history
+        if isinstance(history, list) and sub in history:
+            history.remove(sub)
+        sub.buffer.clear()
+        sub.done = True
+
+    # -- history: pages from the store ----------------------------------------------------
+
+    def take_stream_fetches(self) -> list[StreamFetch]:
+        """The history pages to read now (each sub at most one at a time)."""
+        out: list[StreamFetch] = []
+        if not self._replaying:
+            return out
+        committed = self._committed
+        for client_id in list(self._replaying):
+            session = self.sessions.get(client_id)
+            if session is None or not session.stream_history:
+                self._replaying.discard(client_id)
+                continue
+            history = session.stream_history
+            if not session.online:
+                continue
+            for sub in history:
+                assert isinstance(sub, StreamSub)
+                if (sub.done or sub.fetching or sub.batch > committed
+                        or len(sub.buffer) > REFILL_AT):
+                    continue
+                sub.fetching = True
+                out.append(StreamFetch(
+                    session.client_id, sub, sub.stream, sub.topic_filter,
+                    sub.position if sub.after < 0 else None, max(sub.after, 0),
+                    sub.live_from - 1, PAGE_SIZE))
+        return out
+
+    def stream_page(self, fetch: StreamFetch, messages: list[Message], end: int,
+                    *, now: float) -> None:
+        """The store's answer to `fetch`: `messages` (with their offsets, in order) and
+        `end`, the offset up to which every row of the page's range was looked at."""
+        sub = fetch.sub
+        sub.fetching = False
+        session = self.sessions.get(fetch.client_id)
+        if sub.done or session is None or not isinstance(session.stream_history, list) or (
+                sub not in session.stream_history):
+            return  # unsubscribed or replaced meanwhile
+        record = sub.record
+        for message in messages:
+            expires_at = message.expires_at
+            if expires_at is not None and expires_at <= now:
+                continue
+            if record.no_local and message.origin == fetch.client_id:
+                continue  # [MQTT-3.8.3-3] (5.0)
+            message.id = self._next_message_id
+            self._next_message_id += 1
+            delivery = Delivery(0, message, min(record.qos, message.qos),
+                                message.retain and record.retain_as_published,
+                                (record.subscription_id,) if record.subscription_id else (),
+                                0)
+            delivery.stream = sub
+            sub.buffer.append(delivery)
+        sub.after = max(end, sub.after, 0)
+        if sub.after >= sub.live_from - 1:
+            sub.done = True
+
+    def _stream_save_cursor(self, session: Session, topic_filter: str) -> None:
+        """Store where a stored session's stream subscription resumes after a restart: the
+        oldest offset it has in flight, else the one after the last it was sent, else its
+        starting position. Written at SUBSCRIBE and at disconnect (so at a graceful stop):
+        after a crash it resumes from the last of those (at least once)."""
+        parsed = parse_stream_filter(topic_filter)
+        if parsed is None:
+            return
+        sub = self._stream_subs.get(parsed.name, {}).get((session.client_id, topic_filter))
+        if sub is None:
+            return
+        inflight = [d.message.offset for d in session.inflight.values()
+                    if d.stream is sub and d.message.offset is not None]
+        if inflight:
+            position = str(min(inflight))
+        elif sub.sent >= 0:
+            position = str(sub.sent + 1)
+        elif sub.done and not sub.buffer:
+            position = str(sub.live_from)
+        else:
+            position = position_text(sub.position)
+        self._changes.append(StreamCursorSaved(session.client_id, topic_filter, position))
+
+    def _stream_history_send(self, session: Session, out: list[Publish | PubRel],
+                             now: float) -> bool | None:
+        """For `pull`: send the next history message. True: one was added to `out`; False:
+        none may go now (waiting for a page, or the inflight window is full); None: every
+        history is complete, the queue may follow."""
+        delivery, go_on = self._stream_history_next(session)
+        if delivery is None:
+            return None if go_on else False
+        if delivery.qos and len(session.inflight) >= session.inflight_max:
+            return False
+        self._stream_history_pop(session)
+        delivery.id = self._next_delivery_id
+        self._next_delivery_id += 1
+        delivery.batch = self._committed
+        if delivery.stream is not None:
+            delivery.stream.sent = delivery.message.offset or 0
+        if delivery.qos:
+            # Never written as a delivery row (the cursor covers it), QoS 2 included.
+            packet_id = session.allocate_packet_id()
+            delivery.packet_id = packet_id
+            delivery.state = AWAIT_ACK
+            session.inflight[packet_id] = delivery
+        out.append(self._publish_packet(session, delivery, now))
+        if delivery.qos:
+            delivery.dup = True  # any later send of it is a resend
+        return True
+
+    def _stream_history_next(self, session: Session) -> tuple[Delivery | None, bool]:
+        """The next history delivery for `pull`, and whether the queue may follow (every
+        history is complete)."""
+        history = session.stream_history
+        while history:
+            assert isinstance(history, list)
+            sub = history[0]
+            assert isinstance(sub, StreamSub)
+            if sub.buffer:
+                return sub.buffer[0], False
+            if not sub.done:
+                return None, False
+            history.pop(0)
+        session.stream_history = ()
+        return None, True
+
+    def _stream_history_pop(self, session: Session) -> None:
+        history = session.stream_history
+        assert isinstance(history, list)
+        sub = history[0]
+        assert isinstance(sub, StreamSub)
+        sub.buffer.popleft()
+
+
+def position_text(position: Position) -> str:
+    if isinstance(position, float):
+        return datetime.fromtimestamp(position, UTC).isoformat().replace("+00:00", "Z")
+    return str(position)
+
+
+def stream_offset_property(properties: Properties) -> str | None:
+    """The `stream-offset` user property of a SUBSCRIBE (the last one given), or None."""
+    value = None
+    for key, text in properties.user_properties:
+        if key == STREAM_OFFSET:
+            value = text
+    return value
+
+
+def _never() -> bool:
+    return False

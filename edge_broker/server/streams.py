@@ -1,0 +1,181 @@
+"""Replay of named streams for `$stream/` subscriptions: the server's half.
+
+The core never awaits (core/streams.py): it lists the history pages its `$stream/`
+subscriptions need (`take_stream_fetches`), and this reads each from the store on the store's
+thread, hands the rows back (`stream_page`) and pumps the client's connection, which sends
+them under its normal flow control. A subscription has at most one page in flight, and a next
+page is asked for while at most `REFILL_AT` (a page) are buffered, so the next read overlaps
+the sending and memory per replaying subscription is two pages at most, however long its
+history. `fetch()` runs after
+every commit (the commit pipeline's last step) and after every page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ..core.changes import Message
+from ..core.streams import StreamFetch
+from ..errors import StoreError
+from ..mqtt.properties import Properties
+from ..mqtt.types import ReasonCode
+from ..store.log.log import LogRow
+from ..store.log.replay import StreamStats
+
+if TYPE_CHECKING:
+    from .app import BrokerApp
+
+log = logging.getLogger("edge_broker")
+
+
+DROP_LOG_INTERVAL_S = 10.0
+
+
+class StreamReplay:
+    def __init__(self, app: BrokerApp) -> None:
+        self.app = app
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dropped_logged = 0  # core.stats.stream_dropped when last logged
+        self._dropped_logged_at = -1e18
+
+    def setup(self) -> None:
+        """Tell the core the configured streams, when the store keeps a log."""
+        app = self.app
+        streams = app.config.streams
+        if not streams:
+            return
+        if not hasattr(app.store, "read_stream"):
+            log.warning("[[streams]] need [storage] persistence = \"sqlite\": %d stream(s) "
+                        "ignored", len(streams))
+            return
+        app.core.set_streams((s.name, s.filter) for s in streams)
+        store = app.store
+        app.core.stream_full = lambda: store.full
+
+    def fetch(self) -> None:
+        core = self.app.core
+        dropped = core.stats.stream_dropped
+        if dropped != self._dropped_logged:
+            now = time.monotonic()
+            if now - self._dropped_logged_at >= DROP_LOG_INTERVAL_S:
+                log.warning("the store is full: %d QoS 0 message(s) not recorded in streams "
+                            "(delivered to subscribers; %d since start)",
+                            dropped - self._dropped_logged, dropped)
+                self._dropped_logged = dropped
+                self._dropped_logged_at = now
+        fetches = core.take_stream_fetches()
+        for fetch in fetches:
+            task = asyncio.get_running_loop().create_task(self._page(fetch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _page(self, fetch: StreamFetch) -> None:
+        app = self.app
+        read = getattr(app.store, "read_stream")  # noqa: B009 - SqliteStore only
+        try:
+            rows, end = await read(fetch.stream, fetch.topic_filter, fetch.position,
+                                   fetch.after, fetch.until, fetch.limit)
+        except Exception as error:  # StoreError, or a bug: the replay cannot go on
+            if isinstance(error, StoreError):
+                log.error("client %s: cannot read stream %r: %s", fetch.client_id,
+                          fetch.stream, error)
+            else:
+                log.exception("client %s: reading stream %r failed", fetch.client_id,
+                              fetch.stream)
+            fetch.sub.fetching = False
+            handler = app.clients.get(fetch.client_id)
+            if handler is not None:  # no gap: the client reconnects and replays again
+                handler.kick(ReasonCode.UNSPECIFIED_ERROR)
+            return
+        messages = [Message(0, r.topic, r.payload, r.qos, r.retain, r.properties, r.at,
+                            r.expires_at, r.origin, r.offset) for r in rows]
+        app.core.stream_page(fetch, messages, end, now=time.time())
+        self.fetch()  # the next page is read while this one is sent
+        handler = app.clients.get(fetch.client_id)
+        if handler is not None:
+            handler.pump()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+# -- the admin socket: `edge-broker streams ...` and `edge-broker replay` -----------------
+
+REPLAY_PAGE_MAX = 1000  # rows per `streams.replay` answer (the CLI asks page after page)
+
+
+def stats_json(stats: StreamStats) -> dict[str, Any]:
+    return {"name": stats.name, "first_offset": stats.first_offset,
+            "last_offset": stats.last_offset, "messages": stats.count, "bytes": stats.bytes,
+            "oldest_at": stats.oldest_at}
+
+
+def row_json(row: LogRow) -> dict[str, Any]:
+    """One stored message as `edge-broker replay` prints it (NDJSON)."""
+    try:
+        payload, encoding = row.payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(row.payload).decode("ascii"), "base64"
+    moment = datetime.fromtimestamp(row.at, UTC)
+    return {"offset": row.offset,
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "topic": row.topic, "qos": row.qos, "retain": row.retain, "payload": payload,
+            "payload_encoding": encoding, "properties": properties_json(row.properties)}
+
+
+def properties_json(properties: Properties) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in dataclasses.asdict(properties).items():
+        if value is None or value == () or value == []:
+            continue
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode("ascii")  # correlation data
+        elif name == "user_properties":
+            value = [list(pair) for pair in value]
+        out[name] = value
+    return out
+
+
+async def stream_request(app: BrokerApp, command: str, request: dict[str, Any]) -> dict[str, Any]:
+    store = app.store
+    if not hasattr(store, "read_stream"):
+        return {"error": "streams need [storage] persistence = \"sqlite\""}
+    sqlite_store: Any = store
+    if command == "streams.list":
+        return {"streams": [stats_json(s) for s in await sqlite_store.stream_stats()]}
+    name = str(request.get("stream"))
+    if name not in {s.name for s in app.config.streams}:
+        return {"error": f"no stream {name!r}"}
+    if command == "streams.show":
+        found = [s for s in await sqlite_store.stream_stats() if s.name == name]
+        return {"stream": stats_json(found[0])} if found else {"error": f"no stream {name!r}"}
+    if command == "streams.delete":
+        return {"deleted": await sqlite_store.delete_stream(name)}
+    if command in ("streams.replay", "streams.republish"):
+        position = request.get("position")
+        if not isinstance(position, str | int | float) or isinstance(position, bool):
+            return {"error": f"not a replay position: {position!r}"}
+        limit = min(int(request.get("limit") or REPLAY_PAGE_MAX), REPLAY_PAGE_MAX)
+        topic = request.get("topic")
+        rows = await sqlite_store.replay_stream(name, position, topic if topic else None,
+                                                limit)
+        if command == "streams.replay":
+            return {"rows": [row_json(r) for r in rows]}
+        prefix = str(request.get("prefix") or "")
+        if not prefix or "+" in prefix or "#" in prefix or prefix.startswith("$"):
+            return {"error": f"--republish: not a topic prefix: {prefix!r}"}
+        now = time.time()
+        for row in rows:
+            app.core.republish(f"{prefix.rstrip('/')}/{row.topic}", row.payload, row.qos,
+                               row.properties, now=now)
+        await app.commit()  # durable (and delivered) before the answer
+        return {"republished": len(rows),
+                "last_offset": rows[-1].offset if rows else None}
+    return {"error": f"unknown command {command!r}"}

@@ -1,0 +1,147 @@
+"""`LogKeeper`: the log as the SQLite store runs it (store/sqlite.py), on its writer thread.
+
+The store owns one `LogKeeper` per open file. Everything here is synchronous and runs in the
+store's single database thread with its connection:
+
+- `load(conn)` after the migrations at open, and again after any rolled-back group (the
+  in-memory state of `Log` is then ahead of the file);
+- `append(conn, messages)` inside the group transaction, for the `LogAppended` records of the
+  group, in order; the offsets the core assigned must be the ones the log assigns (checked);
+- `retention(conn)` between groups, in its own short transaction: one bounded step (see
+  retention.py); the store runs one at least every `RETENTION_INTERVAL_S`, and at once while
+  `retention_due` or while the last step ran out of budget, so retention lags its bounds by
+  at most about 10 s or 1% of max_bytes and never holds the writer for long;
+- `page`, `stats`, `delete`: reads for replay (SUBSCRIBE `$stream/...`, `edge-broker replay`)
+  and the admin commands, one hop each.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Final
+
+from .log import Appendable, Log, LogRow
+from .replay import Position, StreamStats, replay, stream_start, stream_stats
+from .retention import RetentionReport, TrustedClock, retention_due, retention_step
+from .streams import StreamConfig
+
+__all__ = ["RETENTION_INTERVAL_S", "LogKeeper"]
+
+log = logging.getLogger("edge_broker.store")
+
+RETENTION_INTERVAL_S: Final = 5.0  # a step at least this often (the issue allows 10 s of lag)
+RETENTION_BUDGET: Final = 2000  # rows per step and pass
+
+
+class LogKeeper:
+    def __init__(self, streams: Sequence[StreamConfig] = ()) -> None:
+        self.log = Log(streams)
+        self.clock = TrustedClock()
+        self.retention_at = 0.0  # monotonic time of the last step
+        self.retention_more = False  # the last step ran out of budget
+        self.rows_deleted = 0
+        self.mismatches = 0
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        """(Re)read the log's state; writes only stream changes (run in a transaction)."""
+        self.log.load(conn)
+
+    @property
+    def last_offset(self) -> int:
+        return self.log.last_offset
+
+    def append(self, conn: sqlite3.Connection, messages: Sequence[Appendable],
+               expected: Sequence[int | None]) -> None:
+        offsets = self.log.append(conn, messages, time.time())
+        if offsets and list(offsets) != list(expected):
+            # Never expected: the core and the log agree on offsets by construction. The
+            # messages are stored; replay by offset would name them differently.
+            self.mismatches += 1
+            log.error("log offsets %d..%d differ from the core's %s..%s", offsets[0],
+                      offsets[-1], expected[0], expected[-1])
+
+    def retention_wanted(self, now_monotonic: float) -> bool:
+        if not self.log.streams:
+            return False
+        if self.retention_more or now_monotonic - self.retention_at >= RETENTION_INTERVAL_S:
+            return True
+        return retention_due(self.log, self.clock.now())
+
+    def retention(self, conn: sqlite3.Connection) -> RetentionReport:
+        """One bounded retention step, in a transaction of its own."""
+        self.retention_at = time.monotonic()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            report = retention_step(self.log, conn, self.clock.now(), budget=RETENTION_BUDGET)
+            conn.commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            self.log.load(conn)
+            raise
+        self.retention_more = not report.done
+        self.rows_deleted += report.rows_deleted
+        return report
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def page(self, conn: sqlite3.Connection, name: str, topic_filter: str | None,
+             position: Position | None, after: int, until: int,
+             limit: int) -> tuple[list[LogRow], int]:
+        """Rows of stream `name` with `after < offset <= until` (from `position` when given:
+        the first page), at most `limit`, in order; and the offset up to which the range was
+        looked at (`until` when it is complete). An unknown stream (removed from the
+        configuration) gives ([], until)."""
+        if name not in self.log.streams:
+            return [], until
+        # Never past what the log holds: with durability "none" a batch counts as done
+        # before the writer appended it; the caller asks again from `end`.
+        asked = until
+        until = min(until, self.log.last_offset)
+        if position is not None:
+            after = stream_start(self.log, conn, name, position) - 1
+        if after >= until:
+            return [], min(max(after, until), asked)
+        rows: list[LogRow] = []
+        for row in replay(self.log, conn, name, after + 1, topic_filter, None,
+                          page_size=limit):
+            if row.offset > until:
+                return rows, until
+            rows.append(row)
+            if len(rows) >= limit:
+                return rows, row.offset
+        return rows, until
+
+    def stats(self, conn: sqlite3.Connection) -> list[StreamStats]:
+        return [stream_stats(self.log, conn, name) for name in sorted(self.log.streams)]
+
+    def delete(self, conn: sqlite3.Connection, name: str) -> bool:
+        """Empty a stream: its floor moves past the log's last offset (retention then
+        deletes its rows unless another holder keeps them). False if unknown."""
+        state = self.log.streams.get(name)
+        if state is None:
+            return False
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            state.first_offset = self.log.last_offset + 1
+            state.first_at = None
+            state.count = state.bytes = 0
+            self.log.save_stream(conn, state)
+            conn.commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            self.log.load(conn)
+            raise
+        self.retention_more = True
+        return True
+
+    def replay_rows(self, conn: sqlite3.Connection, name: str, position: Position,
+                    topic_filter: str | None, limit: int | None) -> list[LogRow]:
+        """For `edge-broker replay` through the admin socket: at most `limit` rows (the
+        caller bounds it), from `position`."""
+        start = stream_start(self.log, conn, name, position)
+        return list(replay(self.log, conn, name, start, topic_filter, limit))

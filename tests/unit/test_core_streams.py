@@ -1,0 +1,115 @@
+"""The core's side of named streams (core/streams.py): offsets and LogAppended records, the
+acknowledgement code of a message only a stream takes, SUBACK codes of `$stream/` filters, and
+the seam between a replayed history (pages the server hands in) and live messages."""
+
+from __future__ import annotations
+
+from edge_broker.core.broker import BrokerCore, CoreSettings
+from edge_broker.core.changes import LogAppended, Message, Snapshot
+from edge_broker.core.streams import parse_stream_filter
+from edge_broker.mqtt.packets import Publish, Subscribe, Subscription
+from edge_broker.mqtt.properties import Properties
+from edge_broker.mqtt.types import ReasonCode
+from tests.unit.test_core_broker import V311, commit, connect, pub
+
+
+def core_with_stream(last_offset: int = 0) -> BrokerCore:
+    core = BrokerCore(CoreSettings())
+    core.set_streams([("t", "sensors/#")])
+    core.restore(Snapshot([], [], {}, [], {}, [], log_last_offset=last_offset), now=0.0)
+    return core
+
+
+def subscribe(core: BrokerCore, client_id: str, topic_filter: str, qos: int = 1,
+              position: str | None = None) -> tuple[int, ...]:
+    props = (Properties(user_properties=(("stream-offset", position),)) if position
+             else Properties())
+    return core.subscribe(client_id, Subscribe(1, (Subscription(topic_filter, qos),), props),
+                          now=0.0)
+
+
+def offsets(packets: list[object]) -> list[int]:
+    out = []
+    for packet in packets:
+        assert isinstance(packet, Publish)
+        out.append(int(dict(packet.properties.user_properties)["stream-offset"]))
+    return out
+
+
+def test_offsets_follow_the_log_and_every_stream_message_is_appended_once() -> None:
+    core = core_with_stream(last_offset=41)
+    connect(core, "pub")
+    assert pub(core, "pub", "sensors/a", qos=0) == ReasonCode.SUCCESS  # no subscriber
+    assert pub(core, "pub", "other", qos=1) == ReasonCode.NO_MATCHING_SUBSCRIBERS
+    assert pub(core, "pub", "sensors/b", qos=1, packet_id=2) == ReasonCode.SUCCESS
+    appended = [c.message for c in core.drain().changes if isinstance(c, LogAppended)]
+    assert [(m.topic, m.offset) for m in appended] == [("sensors/a", 42), ("sensors/b", 43)]
+
+
+def test_suback_codes_of_stream_filters() -> None:
+    core = core_with_stream()
+    connect(core, "v5")
+    connect(core, "v3", level=V311)
+    assert subscribe(core, "v5", "$stream/nope") == (ReasonCode.TOPIC_FILTER_INVALID,)
+    assert subscribe(core, "v5", "$share/g/$stream/t") == (
+        ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,)
+    assert subscribe(core, "v5", "$stream/t", position="soon") == (
+        ReasonCode.TOPIC_FILTER_INVALID,)
+    assert subscribe(core, "v5", "$stream/t/sensors/+", 2) == (2,)
+    assert subscribe(core, "v3", "$stream/t@bad") == (ReasonCode.UNSPECIFIED_ERROR,)
+    assert subscribe(core, "v3", "$stream/t@12") == (1,)
+
+
+def test_parse_stream_filter() -> None:
+    parsed = parse_stream_filter("$stream/t@2026-12-01T08:00:00Z/a/+")
+    assert parsed is not None and parsed.name == "t" and parsed.topic_filter == "a/+"
+    assert isinstance(parsed.position, float)
+    assert parse_stream_filter("$stream/t@7") == parse_stream_filter("$stream/t@7")
+    assert parse_stream_filter("$stream/t/a#") is None
+
+
+def test_history_pages_then_live_without_gap_or_duplicate() -> None:
+    core = core_with_stream(last_offset=10)  # offsets 1..10 are in the store
+    connect(core, "pub")
+    connect(core, "dev", receive_maximum=3)
+    assert subscribe(core, "dev", "$stream/t", position="earliest") == (1,)
+    pub(core, "pub", "sensors/live", qos=1, packet_id=5)  # offset 11: live
+    assert core.take_stream_fetches() == []  # not before the SUBSCRIBE's batch committed
+    commit(core)
+    (fetch,) = core.take_stream_fetches()
+    assert (fetch.position, fetch.until) == ("earliest", 10)
+    assert core.pull("dev", now=0.0) == []  # the live message waits behind the history
+    rows = [Message(0, f"sensors/{n}", b"h", 1, False, offset=n) for n in range(1, 11)]
+    core.stream_page(fetch, rows[:4], 4, now=0.0)
+    first = core.pull("dev", now=0.0)
+    assert offsets(first) == [1, 2, 3]  # Receive Maximum 3
+    for packet in first:
+        assert isinstance(packet, Publish) and packet.packet_id is not None
+        core.puback("dev", packet.packet_id, now=0.0)
+    assert offsets(core.pull("dev", now=0.0)) == [4]
+    (fetch,) = core.take_stream_fetches()  # the buffer ran low: the next page
+    assert (fetch.position, fetch.after) == (None, 4)
+    assert core.take_stream_fetches() == []  # one page in flight at most
+    core.stream_page(fetch, rows[4:], 10, now=0.0)
+    sent = []
+    while True:
+        packets = core.pull("dev", now=0.0)
+        if not packets:
+            break
+        sent += offsets(packets)
+        for packet in packets:
+            assert isinstance(packet, Publish) and packet.packet_id is not None
+            core.puback("dev", packet.packet_id, now=0.0)
+    assert sent == [5, 6, 7, 8, 9, 10, 11]
+
+
+def test_a_v311_subscriber_gets_no_properties() -> None:
+    core = core_with_stream()
+    connect(core, "pub")
+    connect(core, "v3", level=V311)
+    subscribe(core, "v3", "$stream/t")
+    pub(core, "pub", "sensors/a", qos=0)
+    commit(core)
+    (packet,) = core.pull("v3", now=0.0)
+    assert isinstance(packet, Publish) and packet.topic == "sensors/a"
+    assert packet.properties.user_properties == ()  # 3.1.1 has no properties
