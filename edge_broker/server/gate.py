@@ -20,8 +20,9 @@ and the counters shown in $SYS and /metrics. `ClientHandler` asks it:
 
 Per-listener settings (`allow_anonymous`, `use_identity_as_username`) come from
 `listener_of(handler)`, the listeners' own registry (server/listeners.py), and the
-certificate's common name from `tls.peer_common_name(transport)`, which works for plain,
-uvloop and WebSocket transports alike.
+certificate from `peer_certificate(handler)` (`peercert`, else the `ssl_object`'s, which
+uvloop's and the WebSocket adapter's transports give); a certificate with no CN or with two
+is refused (auth/identity.py).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..auth.acl import Acl
+from ..auth.identity import common_name
 from ..auth.passwd import PasswordFile
 from ..auth.verifier import PasswordVerifier, VerifierBusy
 from ..config import AuthConfig, ListenerConfig
 from ..errors import ConfigError
 from ..mqtt.packets import Connect
 from ..mqtt.types import ReasonCode
-from .tls import peer_common_name
 
 if TYPE_CHECKING:
     from .app import BrokerApp
@@ -243,8 +244,7 @@ class Gate:
         auth = self.app.config.auth
         if getattr(listener, "use_identity_as_username", False):
             # The certificate is the credential; the password file is not consulted.
-            name = (peer_common_name(handler.transport) if handler.transport is not None
-                    else None)
+            name = common_name(peer_certificate(handler))
             if name is None:
                 return self._refusal(handler, ReasonCode.NOT_AUTHORIZED,
                                      "no usable certificate common name")
