@@ -1010,13 +1010,14 @@ def apply_overrides(
 
 def _check_http(config: Config) -> None:
     http = config.http
-    if http.port is not None and not is_loopback_host(http.host):
-        # The status page and /metrics show client ids and traffic: until the HTTP listener
-        # can check the broker's password file, it serves this machine only.
+    if (http.port is not None and not is_loopback_host(http.host)
+            and config.auth.password_file is None):
+        # The status page and /metrics show client ids and traffic: reachable from other
+        # hosts only behind the broker's password file (HTTP Basic authentication).
         raise _error(
-            f"{_show(http.host)} is reachable from other hosts; the HTTP listener serves "
-            "loopback only until authentication is configured (no password file support "
-            "yet): use 127.0.0.1 and a reverse proxy or an SSH tunnel",
+            f"{_show(http.host)} is reachable from other hosts, and without [auth] "
+            "password_file nobody could be asked for a password: set password_file (the "
+            "HTTP listener then asks for a user of that file), or use 127.0.0.1",
             file=config.source, table="http", key="host")
 
 

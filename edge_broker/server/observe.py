@@ -25,7 +25,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Config
+from ..config import Config, is_loopback_host
 from ..errors import ConfigError
 from . import systemd
 from .http import HttpServer, Response
@@ -340,8 +340,20 @@ def build_http_server(observer: Observer) -> HttpServer:
     async def status_json() -> Response:
         return Response(200, observer.status_json(), "application/json")
 
-    return HttpServer({"/metrics": metrics, "/healthz": healthz, "/": status_page,
-                       "/status.json": status_json})
+    routes = {"/metrics": metrics, "/healthz": healthz, "/": status_page,
+              "/status.json": status_json}
+    if is_loopback_host(observer.app.config.http.host):
+        return HttpServer(routes)
+
+    async def authorize(username: str, password: bytes) -> bool:
+        # Exposed beyond this machine: only a user of the broker's password file gets in
+        # (config.py refuses such a host without one). Checked off the event loop.
+        verifier = observer.app.gate.verifier
+        if verifier is None or b"\0" in password:
+            return False
+        return await verifier.verify(username, password)
+
+    return HttpServer(routes, authorize=authorize)
 
 
 # -- systemd ----------------------------------------------------------------------------------

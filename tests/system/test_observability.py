@@ -7,6 +7,7 @@ watchdog that stops pinging while the store's writer is stuck.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import io
@@ -329,3 +330,46 @@ def test_status_command_shows_the_live_figures_on_one_screen(tmp_path: Path) -> 
     with contextlib.redirect_stderr(err):
         assert cli.main(["status", "--data-dir", str(config.broker.data_dir)]) == 3
     assert "no broker is running" in err.getvalue()
+
+
+def test_exposed_http_asks_for_a_user_of_the_password_file(tmp_path: Path) -> None:
+    from edge_broker.auth.passwd import PasswordFile
+    from edge_broker.config import AuthConfig, load_config
+
+    passwd = tmp_path / "passwd"
+    users = PasswordFile()
+    users.set("ops", "s3cret")
+    users.save(passwd)
+    config = broker_config(tmp_path)
+    config = dataclasses.replace(
+        config, http=HttpConfig(host="", port=0),
+        auth=AuthConfig(allow_anonymous=True, allow_anonymous_explicit=True,
+                        password_file=passwd))
+    broker = BrokerThread(config).start()
+    try:
+        assert broker.app is not None and broker.app.http_address is not None
+        port = broker.app.http_address[1]
+
+        def status_with(credentials: bytes | None) -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+            if credentials is not None:
+                request.add_header("Authorization",
+                                   "Basic " + base64.b64encode(credentials).decode())
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert status_with(None) == 401
+        assert status_with(b"ops:wrong") == 401
+        assert status_with(b"nobody:s3cret") == 401
+        assert status_with(b"ops:s3cret\0") == 401
+        assert status_with(b"ops:s3cret") == 200
+    finally:
+        broker.stop()
+    # Without a password file, an HTTP listener reachable from other hosts is refused.
+    file = tmp_path / "exposed.toml"
+    file.write_text('[http]\nhost = "0.0.0.0"\nport = 9883\n')
+    with pytest.raises(ConfigError, match="password_file"):
+        load_config(file)
