@@ -55,7 +55,7 @@ from .changes import (
     SubscriptionRecord,
     SubscriptionSaved,
 )
-from .queues import DROP_OLDEST, REFUSE, QueueBounds, Target, forget_retained_pending
+from .queues import DROP_OLDEST, REFUSE, Target, forget_retained_pending
 from .retain import RetainStore
 from .router import Router
 from .session import Delivery, QueueMemory, RetainedPending, Session
@@ -116,7 +116,7 @@ class BrokerStats:
     clients_maximum: int = 0
 
 
-class BrokerCore(QueueBounds, StreamRouting):
+class BrokerCore(StreamRouting):
     def __init__(self, settings: CoreSettings | None = None) -> None:
         self.settings = settings or CoreSettings()
         self.sessions: dict[str, Session] = {}

@@ -57,6 +57,7 @@ from .changes import (
     StreamCursorSaved,
     SubscriptionRecord,
 )
+from .queues import QueueBounds
 from .router import Router
 from .session import Delivery, Session
 
@@ -143,8 +144,10 @@ class StreamFetch:
     limit: int
 
 
-class StreamRouting:
-    """Mixin of BrokerCore (which provides the state declared here)."""
+class StreamRouting(QueueBounds):
+    """Mixin of BrokerCore (which provides the state declared here). It extends QueueBounds,
+    the other mixin, only so that BrokerCore has a single base: mypyc compiles no multiple
+    inheritance."""
 
     sessions: dict[str, Session]
     stats: BrokerStats
@@ -154,14 +157,21 @@ class StreamRouting:
     _next_message_id: int
     _next_delivery_id: int
 
-    if TYPE_CHECKING:
-        def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
-                     subscription_ids: tuple[int, ...]) -> bool: ...
-        def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
-                         properties: Properties, origin: str, now: float) -> Message: ...
-        def _route(self, message: Message) -> int: ...
-        def _publish_packet(self, session: Session, delivery: Delivery,
-                            now: float) -> Publish: ...
+    # Provided by BrokerCore. Plain methods, not stubs under TYPE_CHECKING: mypyc compiles
+    # this class and accepts no conditional definitions in a class body.
+    def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
+                 subscription_ids: tuple[int, ...]) -> bool:
+        raise NotImplementedError
+
+    def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
+                     properties: Properties, origin: str, now: float) -> Message:
+        raise NotImplementedError
+
+    def _route(self, message: Message) -> int:
+        raise NotImplementedError
+
+    def _publish_packet(self, session: Session, delivery: Delivery, now: float) -> Publish:
+        raise NotImplementedError
 
     def _init_streams(self) -> None:
         self.streams: dict[str, str] = {}  # name -> filter
