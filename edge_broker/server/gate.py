@@ -39,6 +39,7 @@ from ..auth.identity import common_name
 from ..auth.passwd import PasswordFile
 from ..auth.verifier import PasswordVerifier, VerifierBusy
 from ..config import AuthConfig, ListenerConfig
+from ..core.streams import STREAM_PREFIX, parse_stream_filter
 from ..errors import ConfigError
 from ..mqtt.packets import Connect
 from ..mqtt.types import ReasonCode
@@ -330,6 +331,15 @@ class Gate:
         acl = self.acl
         if acl is None:
             return True
+        if topic_filter.startswith(STREAM_PREFIX):
+            # A `$stream/` subscription is judged by the topics it selects: its own filter,
+            # else the stream's. (An unknown or malformed one is the core's 0x8F.) Each
+            # replayed message is checked again on delivery, under its original topic.
+            parsed = parse_stream_filter(topic_filter)
+            streams = self.app.core.streams
+            if parsed is None or parsed.name not in streams:
+                return True
+            topic_filter = parsed.topic_filter or streams[parsed.name]
         allowed = acl.can_subscribe(topic_filter, username=handler.username,
                                     client_id=handler.client_id or "")
         if not allowed:

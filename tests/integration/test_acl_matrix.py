@@ -9,13 +9,15 @@ marker message sent after the one under test (one session's messages arrive in o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from edge_broker.config import StreamConfig
 from tests.conftest import BrokerThread
-from tests.integration.authsetup import auth_broker_factory
+from tests.integration.authsetup import auth_broker_factory, auth_config
 from tests.integration.rawclient import (
     PUBACK,
     PUBCOMP,
@@ -223,3 +225,31 @@ def test_a_qos2_denied_publish_completes_its_flow_on_311(broker: BrokerThread,
     alice.send(ack_packet(PUBREL, packet_id))
     assert alice.expect(PUBCOMP).packet_id == packet_id
     alice.ping()
+
+
+@VERSION
+def test_stream_subscriptions_are_judged_by_the_topics_they_select(
+        make_broker: Callable[..., BrokerThread], tmp_path: Path, version: int) -> None:
+    """`$stream/...` is no topic of its own for the ACL: the filter it selects (its own, else
+    the stream's) decides the SUBSCRIBE, and each replayed message is checked on delivery
+    under its original topic."""
+    config = auth_config(tmp_path, acl=ACL, allow_anonymous=True)
+    config = dataclasses.replace(config, streams=(StreamConfig("all", "#"),))
+    broker = make_broker(config=config)
+    ops = login(broker, "ops", version)
+    for index, topic in enumerate(("alice/a", "public/p", "bob/b")):
+        ops.publish(topic, b"x", qos=1, packet_id=index + 1)
+        ops.expect(PUBACK)
+    alice = login(broker, "alice", version)
+    prefix = "$stream/all@earliest"
+    # Her own topics, and the whole stream (partly readable): granted.
+    assert alice.subscribe((f"{prefix}/alice/#", 0))[0] < 0x80
+    assert alice.subscribe((prefix, 0))[0] < 0x80
+    # Only bob's topics: nothing readable for her.
+    assert alice.subscribe((f"{prefix}/bob/#", 0)) == (0x87 if version == 5 else 0x80,)
+    got = set()
+    for _ in range(2):  # alice/a from both granted subscriptions; bob/b never
+        got.add(alice.expect_publish().topic)
+    assert got == {"alice/a"}
+    alice.ping()  # nothing else was on its way: no bob/b, no public/p (not hers)
+    alice.expect_nothing()
