@@ -108,8 +108,29 @@ def reload(app: BrokerApp, load: Callable[[], Config]) -> bool:
         log.info("reload (SIGHUP): configuration read again; %s",
                  "applied " + ", ".join(plan.applied) if plan.applied else "nothing to apply")
         listeners = getattr(app, "listeners", None)  # TLS files, for new connections
-        if listeners is not None:
-            listeners.reload_tls()
+        if listeners is not None and listeners.reload_tls():
+            _drop_revoked(app, listeners)
         return True
     finally:
         systemd.ready()
+
+
+def _drop_revoked(app: BrokerApp, listeners: Any) -> None:
+    """Open connections whose client certificate the reloaded CRL lists are disconnected
+    (MQTT 5: DISCONNECT 0x87 Not authorized; 3.1.1: a close), as a deleted user is."""
+    from ..mqtt.types import ReasonCode
+
+    dropped = 0
+    for handler in list(app.connections):
+        transport = handler.transport
+        if transport is None or transport.is_closing():
+            continue
+        tls = listeners.tls_of(transport)
+        if tls is None or not tls.is_revoked(transport):
+            continue
+        log.info("client %s (%s): its certificate was revoked; disconnecting it",
+                 handler.client_id or "?", handler.peer)
+        handler.kick(ReasonCode.NOT_AUTHORIZED)
+        dropped += 1
+    if dropped:
+        app.finish_batch(None, [])

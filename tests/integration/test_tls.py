@@ -474,7 +474,7 @@ def test_certificate_authentication_lets_a_listener_face_the_network(tmp_path: P
 
 
 @needs_console_script
-def test_sighup_rereads_the_crl_for_new_connections(pki: Pki, tmp_path: Path) -> None:
+def test_sighup_rereads_the_crl_and_disconnects_the_revoked(pki: Pki, tmp_path: Path) -> None:
     crl = tmp_path / "ca.crl"
     shutil.copy(pki.ca.crl_path, crl)
     config = tmp_path / "edge-broker.toml"
@@ -482,7 +482,8 @@ def test_sighup_rereads_the_crl_for_new_connections(pki: Pki, tmp_path: Path) ->
                                      use_identity_as_username=True, crlfile=str(crl)))
     broker = BrokerProcess(tmp_path / "data", "--config", str(config)).wait_listening()
     try:
-        stays = PahoClient("stays", protocol=mqtt.MQTTv5).tls(pki, "device-2")
+        stays = PahoClient("revoked", protocol=mqtt.MQTTv5).tls(pki, "device-2")
+        stays.client.reconnect_delay_set(60, 60)  # no quick reconnect to hide the close
         stays.connect(broker.port)
         assert mqtt_over_tls(broker.port, client_context(pki, "device-2"), "before")
         authority = pki.ca
@@ -497,8 +498,10 @@ def test_sighup_rereads_the_crl_for_new_connections(pki: Pki, tmp_path: Path) ->
                  "the TLS reload")
         assert not mqtt_over_tls(broker.port, client_context(pki, "device-2"), "after")
         assert mqtt_over_tls(broker.port, client_context(pki, "device-1"), "other")
-        stays.subscribe("still/connected")  # the open connection was kept
-        stays.stop()
+        # The open connection of the revoked device is ended too: DISCONNECT 0x87.
+        reason = stays.disconnects.get(timeout=TIMEOUT)
+        assert reason == 0x87, reason
+        stays.client.loop_stop()
     finally:
         code = broker.stop()
     assert code == 0, broker.stderr
@@ -517,3 +520,39 @@ def test_the_tls_example_config_is_valid(pki: Pki, tmp_path: Path) -> None:
     # Reachable from other hosts without allow_anonymous: the certificates authenticate.
     assert all(not x.is_loopback and x.certificate_authentication for x in tls)
     assert not any(x.anonymous_allowed(config.auth) for x in tls)
+
+
+def test_sighup_disconnects_a_client_whose_certificate_was_revoked(
+        start: Callable[..., BrokerThread], pki: Pki, tmp_path: Path) -> None:
+    from edge_broker.server.reload import reload
+
+    crl = tmp_path / "ca.crl"
+    shutil.copy(pki.ca.crl_path, crl)
+    broker = start(tls_listener(pki, crlfile=crl))
+    port = port_of(broker, 0)
+    context = client_context(pki, "device-2")
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(wb.connect(5, "soon-revoked"))
+        assert sock.recv(1) == b"\x20"  # CONNACK
+        sock.recv(64)
+        authority = pki.ca
+        saved = list(authority.revoked)
+        authority.revoked.append(pki.serials["device-2"])
+        authority.write_crl()
+        shutil.copy(authority.crl_path, crl)
+        authority.revoked[:] = saved
+        authority.write_crl()
+        app = broker.app
+        assert app is not None
+        assert broker.call(lambda: reload(app, lambda: app.config)) is True
+        # [MQTT-3.14.1] (5.0): DISCONNECT 0x87 Not authorized, then the close.
+        data = b""
+        while True:
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        assert data[:1] == b"\xe0" and data[2:3] == b"\x87", data
+    # Others are served: device-1 still connects.
+    assert mqtt_over_tls(port, client_context(pki, "device-1"), "other")
