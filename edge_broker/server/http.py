@@ -17,6 +17,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -54,7 +55,10 @@ class HttpServer:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._serve, host or None, port,
                                                   limit=MAX_REQUEST_HEAD)
-        sockname = self._server.sockets[0].getsockname()
+        # With host "" there is a socket per address family, each with its own port when
+        # port is 0: report the IPv4 one when there is one.
+        sockets = sorted(self._server.sockets, key=lambda s: s.family != socket.AF_INET)
+        sockname = sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         return self.address
 

@@ -342,7 +342,7 @@ def test_exposed_http_asks_for_a_user_of_the_password_file(tmp_path: Path) -> No
     users.save(passwd)
     config = broker_config(tmp_path)
     config = dataclasses.replace(
-        config, http=HttpConfig(host="", port=0),
+        config, http=HttpConfig(host="0.0.0.0", port=0),
         auth=AuthConfig(allow_anonymous=True, allow_anonymous_explicit=True,
                         password_file=passwd))
     broker = BrokerThread(config).start()
