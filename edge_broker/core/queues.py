@@ -135,6 +135,10 @@ class QueueBounds:
         session.drops_unlogged += 1
         self._drops_unlogged.add(session.client_id)
 
+    @property
+    def has_unlogged_drops(self) -> bool:
+        return bool(self._drops_unlogged)
+
     def take_drop_reports(self, now: float) -> list[tuple[str, int]]:
         """(client id, deliveries dropped since its last report) for each session with drops
         not reported in the last DROP_LOG_INTERVAL_S seconds: the server logs them, so the

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..core.broker import BrokerCore, ConnectResult, CoreSettings
+from ..core.queues import DROP_LOG_INTERVAL_S
 from ..errors import ConfigError, EdgeBrokerError, StoreDamagedError, StoreError, StoreInUseError
 from ..mqtt.packets import Connect, Packet, Publish
 from ..mqtt.types import ReasonCode
@@ -102,6 +103,7 @@ class BrokerApp:
         self.started_at = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._drop_timer: asyncio.TimerHandle | None = None
         self._tick_at: float | None = None  # wall-clock time the tick handle fires
         self._sys_handle: asyncio.TimerHandle | None = None
         self._sys_last: dict[str, str] = {}
@@ -271,7 +273,7 @@ class BrokerApp:
         if self._stopped:
             return
         self._stopped = True
-        for handle in (self._tick_handle, self._sys_handle):
+        for handle in (self._tick_handle, self._sys_handle, self._drop_timer):
             if handle is not None:
                 handle.cancel()
         for server in self.servers:
@@ -386,6 +388,8 @@ class BrokerApp:
         at once unless the same handler still waits for a commit, then it goes behind that one
         (its replies keep their order). It never waits for other clients' commits.
         """
+        if self.core.has_unlogged_drops:
+            self._log_drops()
         future = self._submit()
         if handler is not None and future is None and handler.commits_pending:
             future = handler.last_commit
@@ -448,6 +452,18 @@ class BrokerApp:
         self.streams.fetch()
 
     # -- timers -----------------------------------------------------------------------------
+
+    def _log_drops(self) -> None:
+        """Log the queue drops (rate-limited per session by the core) whatever caused them: a
+        client's PUBLISH, a will, $SYS, the memory bound. Drops still inside a session's
+        interval are logged by a timer at its end, so none waits for the next publish."""
+        self._drop_timer = None
+        core = self.core
+        for client_id, count in core.take_drop_reports(time.time()):
+            log.warning("queue of client %r full: %d message(s) dropped (queue_full_policy "
+                        "%s)", client_id, count, core.settings.queue_full_policy)
+        if core.has_unlogged_drops and self._drop_timer is None and not self._stopped:
+            self._drop_timer = self.loop.call_later(DROP_LOG_INTERVAL_S, self._log_drops)
 
     def _run_tick(self) -> None:
         self._tick_handle = None

@@ -290,9 +290,6 @@ class ClientHandler(asyncio.Protocol):
                 self._refuse_for_full_store(packet, replies)
                 return
             reason = core.publish(client_id, packet, now=now)
-            for dropped_for, count in core.take_drop_reports(now):
-                log.warning("queue of client %r full: %d message(s) dropped (queue_full_policy "
-                            "%s)", dropped_for, count, core.settings.queue_full_policy)
             if reason == ReasonCode.QUOTA_EXCEEDED:  # queue_full_policy "refuse"
                 self._refuse_for_full_store(packet, replies, store=False)
                 return

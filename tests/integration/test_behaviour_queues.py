@@ -22,6 +22,7 @@ from tests.integration.rawclient import (
     PUBACK,
     PUBLISH,
     RawClient,
+    RawWill,
     connect,
     props,
     subscriber,
@@ -201,3 +202,24 @@ def test_the_default_bounds_keep_what_an_offline_session_was_acknowledged(
     back = connect(broker.port, sub_id, version=version, **persistent(version))
     assert drain(back) == [b"%d" % i for i in range(count)]
     assert broker.call(lambda: broker.app.core.stats.publish_dropped) == 0
+
+
+def test_a_drop_no_client_publish_caused_is_logged_too(make_broker: MakeBroker,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A will (like $SYS or the memory bound) can fill a queue; its drop is logged without
+    waiting for some client's next PUBLISH."""
+    caplog.set_level(logging.WARNING)
+    broker = make_broker(max_queued_messages=1, queue_full_policy="drop-newest")
+    sub = subscriber(broker.port, "keeper", ("w/#", 1), version=4, clean=False)
+    sub.close()
+    publisher = connect(broker.port, unique_id("pub"), version=4)
+    assert publish_qos1(publisher, "w/first", b"fills the queue") == 0
+    publisher.close()
+    caplog.clear()
+    doomed = connect(broker.port, unique_id("will"), version=4,
+                     will=RawWill("w/will", b"gone", 1))
+    doomed.sock.close()  # no DISCONNECT: the will goes, and finds the queue full
+    deadline = time.monotonic() + 10
+    while not any("queue of client 'keeper' full" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.02)  # polling interval, bounded by the deadline
