@@ -384,40 +384,32 @@ def summary(config: Config) -> str:
 # --------------------------------------------------------------------------- sessions, store
 
 
-def _cmd_admin(args: argparse.Namespace) -> int:
-    try:
-        config = apply_overrides(load_config(args.admin_config), data_dir=args.admin_data_dir)
-    except ConfigError as exc:
-        return _config_error(exc)
-    admin = importlib.import_module("edge_broker.cli_admin")
-    command: Callable[[Config, argparse.Namespace], int] = admin.run_command
-    return command(config, args)
+def _admin_command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command that finds the broker through --config/--data-dir, then runs
+    `module.function(config, args)` (imported only when that command runs)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            config = apply_overrides(load_config(args.admin_config),
+                                     data_dir=args.admin_data_dir)
+        except ConfigError as exc:
+            return _config_error(exc)
+        command: Callable[[Config, argparse.Namespace], int] = getattr(
+            importlib.import_module(module), function)
+        return command(config, args)
+
+    return run
 
 
-def _cmd_streams(args: argparse.Namespace) -> int:
-    try:
-        config = apply_overrides(load_config(args.admin_config), data_dir=args.admin_data_dir)
-    except ConfigError as exc:
-        return _config_error(exc)
-    streams = importlib.import_module("edge_broker.cli_streams")
-    command: Callable[[Config, argparse.Namespace], int] = streams.run_command
-    return command(config, args)
+_cmd_admin = _admin_command("edge_broker.cli_admin", "run_command")
+_cmd_streams = _admin_command("edge_broker.cli_streams", "run_command")
+_cmd_status = _admin_command("edge_broker.cli_status", "run_status")
 
 
 def _cmd_security(args: argparse.Namespace) -> int:
     security = importlib.import_module("edge_broker.cli_security")
     command: Callable[[argparse.Namespace], int] = security.run_command
     return command(args)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    try:
-        config = apply_overrides(load_config(args.admin_config), data_dir=args.admin_data_dir)
-    except ConfigError as exc:
-        return _config_error(exc)
-    module = importlib.import_module("edge_broker.cli_status")
-    command: Callable[[Config, argparse.Namespace], int] = module.run_status
-    return command(config, args)
 
 
 _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
