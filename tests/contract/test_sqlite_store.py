@@ -40,7 +40,6 @@ from edge_broker.core.changes import (
 )
 from edge_broker.errors import StoreError, StoreFullError, StoreInUseError
 from edge_broker.mqtt.packets import Will
-from edge_broker.store import sqlite as sqlite_module
 from edge_broker.store.base import DONE
 from edge_broker.store.sqlite import (
     SCHEMA_VERSION,
@@ -49,6 +48,7 @@ from edge_broker.store.sqlite import (
     read_sessions,
     read_stats,
 )
+from edge_broker.store.sqlite import store as sqlite_module
 
 REPO = Path(__file__).resolve().parents[2]
 

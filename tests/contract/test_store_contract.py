@@ -51,10 +51,9 @@ from edge_broker.mqtt.properties import (
     Properties,
     PropertyType,
 )
-from edge_broker.store import sqlite_validate as validate
 from edge_broker.store.base import SessionStore
 from edge_broker.store.memory import MemoryStore
-from edge_broker.store.sqlite import SqliteStore
+from edge_broker.store.sqlite import SqliteStore, validate
 
 # --------------------------------------------------------------------------- helpers
 

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..core.changes import (
+from ...core.changes import (
     AWAIT_COMP,
     QUEUED,
     DeliveryRecord,
@@ -53,9 +53,9 @@ from ..core.changes import (
     Snapshot,
     SubscriptionRecord,
 )
-from ..mqtt.errors import LocalProtocolError
-from ..mqtt.packets import Will
-from ..mqtt.properties import (
+from ...mqtt.errors import LocalProtocolError
+from ...mqtt.packets import Will
+from ...mqtt.properties import (
     NO_PROPERTIES,
     PROPERTY_TABLE,
     WILL,
@@ -63,9 +63,9 @@ from ..mqtt.properties import (
     PropertyType,
     encode_properties_body,
 )
-from ..mqtt.topics import is_valid_topic_filter, is_valid_topic_name
-from ..mqtt.types import PacketType
-from ..mqtt.wire import utf8_bytes
+from ...mqtt.topics import is_valid_topic_filter, is_valid_topic_name
+from ...mqtt.types import PacketType
+from ...mqtt.wire import utf8_bytes
 
 __all__ = [
     "COLUMNS",

@@ -151,7 +151,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, TypeVar
 from urllib.parse import quote
 
-from ..core.changes import (
+from ...core.changes import (
     Change,
     DeliveryDeleted,
     DeliveryRecord,
@@ -172,16 +172,16 @@ from ..core.changes import (
     SubscriptionRecord,
     SubscriptionSaved,
 )
-from ..errors import StoreDamagedError, StoreError, StoreFullError
-from ..mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
-from . import sqlite_validate as validate
-from .base import DONE
-from .log.keeper import LogKeeper
-from .log.log import LogRow
-from .log.replay import Position, StreamStats
-from .log.schema import MIGRATION as LOG_MIGRATION
-from .log.streams import StreamConfig
-from .sqlite_guard import FileGuard
+from ...errors import StoreDamagedError, StoreError, StoreFullError
+from ...mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
+from ..base import DONE
+from ..log.keeper import LogKeeper
+from ..log.log import LogRow
+from ..log.replay import Position, StreamStats
+from ..log.schema import MIGRATION as LOG_MIGRATION
+from ..log.streams import StreamConfig
+from . import validate
+from .guard import FileGuard
 
 __all__ = [
     "MIGRATIONS",
