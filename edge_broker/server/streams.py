@@ -30,6 +30,7 @@ from ..store.log.replay import StreamStats
 
 if TYPE_CHECKING:
     from .app import BrokerApp
+    from .interface import AdminHost
 
 log = logging.getLogger("edge_broker")
 
@@ -143,7 +144,7 @@ def properties_json(properties: Properties) -> dict[str, Any]:
     return out
 
 
-async def stream_request(app: BrokerApp, command: str, request: dict[str, Any]) -> dict[str, Any]:
+async def stream_request(app: AdminHost, command: str, request: dict[str, Any]) -> dict[str, Any]:
     store = app.store
     if not hasattr(store, "read_stream"):
         return {"error": "streams need [storage] persistence = \"sqlite\""}

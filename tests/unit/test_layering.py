@@ -83,3 +83,18 @@ def test_only_the_sqlite_store_imports_sqlite() -> None:
 def test_the_checker_sees_relative_imports() -> None:
     client = PACKAGE / "server" / "client.py"
     assert any(name.startswith("edge_broker.mqtt") for name, _ in _imports(client))
+
+
+@pytest.mark.parametrize("name", ["admin.py", "client.py", "client_guard.py", "interface.py"])
+def test_handlers_see_the_app_only_through_its_interface(name: str) -> None:
+    """server/app.py builds the connection handlers and the admin server, which call back into
+    it through the protocols of server/interface.py: none of them imports app.py, not even
+    under TYPE_CHECKING, so there is no import cycle between them (and interface.py imports
+    none of them)."""
+    module = PACKAGE / "server" / name
+    banned = {"edge_broker.server.app"}
+    if name == "interface.py":
+        banned |= {"edge_broker.server.admin", "edge_broker.server.client",
+                   "edge_broker.server.client_guard"}
+    for imported, line in _imports(module):
+        assert imported not in banned, f"server/{name}:{line} imports {imported}"
