@@ -2,12 +2,14 @@
 
 `BrokerApp` (app.py) builds a `ClientHandler` (client.py) for every connection and an
 `AdminServer` (admin.py) for the admin socket, and both call back into it. They depend on the
-protocols here, which `BrokerApp` implements, not on app.py itself: app.py imports them, they
-never import app.py (not even for type checking; tests/unit/test_layering.py checks it), so
-there is no import cycle between them and each can be read, and tested, without the app.
+protocols here, which `BrokerApp` implements (structurally: app.py need not import this
+module), not on app.py itself. Nothing they import leads back to app.py, not even imports for
+type checking (tests/unit/test_layering.py checks it), so there is no import cycle through
+the app, and each can be read, and tested, without it.
 
-`ClientHost` is generic in the handler type: client.py uses `ClientHost[ClientHandler]`, so
-this module need not import client.py either.
+`ClientHost` is generic in the handler type: client.py and gate.py use
+`ClientHost[ClientHandler]`, so this module need not import client.py either. streams.py (the
+replay of `$stream/` history and the admin's `streams.*` commands) uses `AdminHost`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ _H = TypeVar("_H")
 
 
 class ClientHost(Protocol[_H]):
-    """The broker as a connection handler (`_H`, client.py and client_guard.py) sees it."""
+    """The broker as a connection handler (`_H`: client.py, client_guard.py) and its gate
+    (gate.py) see it."""
 
     config: Config
     core: BrokerCore
@@ -64,10 +67,12 @@ class ClientHost(Protocol[_H]):
     def commit_now_or_later(self, then: Callable[[], None]) -> bool: ...
 
 
-class Kickable(Protocol):
-    """A connected client as the admin server sees it."""
+class ConnectedClient(Protocol):
+    """A connected client as the admin server and the stream replay see it."""
 
     def kick(self, reason: ReasonCode, *, linger: bool = True) -> None: ...
+
+    def pump(self) -> None: ...
 
 
 class StatusSource(Protocol):
@@ -79,7 +84,7 @@ class StatusSource(Protocol):
 
 
 class AdminHost(Protocol):
-    """The broker as the admin server (and its `streams.*` commands, streams.py) sees it."""
+    """The broker as the admin server and the streams' replay (streams.py) see it."""
 
     @property
     def config(self) -> Config: ...
@@ -91,7 +96,7 @@ class AdminHost(Protocol):
     def store(self) -> SessionStore: ...
 
     @property
-    def clients(self) -> Mapping[str, Kickable]: ...  # connected client id -> its connection
+    def clients(self) -> Mapping[str, ConnectedClient]: ...  # connected client id -> its connection
 
     @property
     def observer(self) -> StatusSource: ...
