@@ -417,7 +417,8 @@ class BridgeManager:
                 f"{base}/forwarded": str(status.forwarded),
                 f"{base}/forwarded_per_second": f"{status.forwarded_per_s:.1f}",
                 f"{base}/dropped": str(status.dropped),
-                f"{base}/last_error": status.last_error or "",
+                # "none", not "": an empty retained payload would clear the topic.
+                f"{base}/last_error": status.last_error or "none",
                 f"{base}/downlink/published": str(status.downlink_published),
             })
             mqtt = bridge.config.mqtt

@@ -274,6 +274,7 @@ name = "lake"
 kind = "kafka"
 servers = ["{tansu.bootstrap}"]
 topic_map = [{{ filter = "sensors/#", topic = "edge.telemetry" }}]
+downlink = ["edge.cmd.gw7"]
 idempotence = false
 backoff_initial = 1
 backoff_max = 2
@@ -289,6 +290,24 @@ backoff_max = 2
         unique.setdefault(dict(record.headers)["edge-message-id"].decode(), record.value)
     assert list(unique.values()) == [f"k{i}".encode() for i in range(40)]
     assert {r.key for r in records} == {b"sensors/t1"}
+    # Downlink: a consumer group on edge.cmd.gw7, published locally once.
+    from aiokafka import AIOKafkaProducer
+
+    device = Remote(broker.port, "valve")
+    device.subscribe("cmd/#", 1)
+    producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for word in (b"open", b"close"):
+            await producer.send_and_wait("edge.cmd.gw7", word, key=b"gw7",
+                                         headers=[("mqtt-topic", b"cmd/valve1")])
+    finally:
+        await producer.stop()
+    got = await asyncio.to_thread(device.wait_for, 2, 60.0)
+    assert [(m.topic, m.payload) for m in got] == [("cmd/valve1", b"open"),
+                                                   ("cmd/valve1", b"close")]
+    device.client.disconnect()
+    device.client.loop_stop()
 
 
 # --------------------------------------------------------------------------- MQTT upstream
