@@ -113,7 +113,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         forwarding = bool(config.uplink) or config.kind == "mqtt"
         if forwarding:
-            self.reader = StoreLogReader(side, config.name)
+            self.reader = StoreLogReader(side, config.name, config.downlink_identity)
             backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
             self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
                                        window=config.window, backoff=backoff,

@@ -320,7 +320,8 @@ async def test_mqtt_upstream_uplink_and_downlink(
 name = "cloud"
 kind = "mqtt"
 servers = ["mqtt://127.0.0.1:{mosquitto.port}"]
-topics = ['sensors/# out 1 "" site1/gw7/', 'cmd/# in 2 "" site1/gw7/']
+topics = ['sensors/# out 1 "" site1/gw7/', 'cmd/# in 2 "" site1/gw7/',
+          'config/# both 1 "" site1/gw7/']
 backoff_initial = 1
 backoff_max = 2
 ''')
@@ -342,6 +343,20 @@ backoff_max = 2
     status = await bridge_status(broker)
     (bridge,) = status["bridges"]
     assert bridge["forwarded"] == 20 and bridge["downlink_published"] == 1
+    # A "both" line: what came down is not sent back up (the marker published locally
+    # after it goes up; the echo, had there been one, would have arrived before it).
+    config_watch = Remote(mosquitto.port, "config-watch")
+    config_watch.subscribe("site1/gw7/config/#", 1)
+    device.subscribe("config/#", 1)
+    config_watch.publish("site1/gw7/config/a", b"down", 1)
+    got = await asyncio.to_thread(device.wait_for, 2)
+    assert (got[1].topic, got[1].payload) == ("config/a", b"down")
+    await asyncio.to_thread(publish, broker.port, "config/b", [b"marker"])
+    seen = await asyncio.to_thread(config_watch.wait_for, 2)
+    assert [(m.topic, m.payload) for m in seen] == [("site1/gw7/config/a", b"down"),
+                                                    ("site1/gw7/config/b", b"marker")]
+    config_watch.client.disconnect()
+    config_watch.client.loop_stop()
     # The same figures in $SYS (retained) and in /metrics.
     watcher = Remote(broker.port, "watcher")
     watcher.subscribe("$SYS/broker/bridges/cloud/#", 0)
@@ -349,12 +364,12 @@ backoff_max = 2
     def sys_values() -> dict[str, bytes]:
         return {m.topic.rsplit("/bridges/cloud/", 1)[1]: m.payload for m in watcher.received}
 
-    await until(lambda: sys_values().get("forwarded") == b"20", "$SYS forwarded = 20")
+    await until(lambda: sys_values().get("forwarded") == b"21", "$SYS forwarded = 21")
     values = sys_values()
     assert values["connected"] == b"1" and values["backlog/messages"] == b"0"
-    assert int(values["cursor"]) >= 20 and values["dropped"] == b"0"
+    assert int(values["cursor"]) >= 21 and values["dropped"] == b"0"
     metrics = await asyncio.to_thread(_metrics, broker)
-    assert 'edge_broker_bridge_forwarded_total{bridge="cloud",kind="mqtt"} 20' in metrics
+    assert 'edge_broker_bridge_forwarded_total{bridge="cloud",kind="mqtt"} 21' in metrics
     assert 'edge_broker_bridge_connected{bridge="cloud",kind="mqtt"} 1' in metrics
     watcher.client.disconnect()
     watcher.client.loop_stop()
