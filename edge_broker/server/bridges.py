@@ -118,7 +118,7 @@ class Bridge:
             self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
                                        window=config.window, backoff=backoff,
                                        name=config.name)
-            self.tasks.append(loop.create_task(self.forwarder.run(),
+            self.tasks.append(loop.create_task(self._run_forwarder(self.forwarder),
                                                name=f"bridge {config.name} uplink"))
             side.listen(self._check_backlog)
             self._check_backlog(0)
@@ -140,6 +140,21 @@ class Bridge:
             self.reader.close()
 
     # -- uplink ---------------------------------------------------------------------------
+
+    async def _run_forwarder(self, forwarder: Forwarder) -> None:
+        """The forwarder handles remote failures itself; a local one (the store failing to
+        read a page or to commit the cursor) is logged and the forwarder starts again from
+        its cursor after a backoff delay, instead of the uplink stopping silently."""
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            try:
+                await forwarder.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("bridge %s: uplink failed locally", self.config.name)
+                self._error(exc, "uplink")
+            await asyncio.sleep(backoff.next_delay())
 
     def _make_sink(self) -> Sink:
         config = self.config
