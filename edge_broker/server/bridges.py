@@ -178,8 +178,20 @@ class Bridge:
             self._mqtt_downlink.cancel()
         if config.downlink:
             self._mqtt_downlink = asyncio.get_running_loop().create_task(
-                self._consume(upstream), name=f"bridge {config.name} downlink")
+                self._consume_upstream(upstream), name=f"bridge {config.name} downlink")
         return upstream
+
+    async def _consume_upstream(self, upstream: Any) -> None:
+        """The downlink of an MQTT bridge's connection. A local failure (the store) drops the
+        connection: the upstream sends what was not acknowledged again on the next one."""
+        try:
+            await self._consume(upstream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("bridge %s: downlink failed locally", self.config.name)
+            self._error(exc, "downlink")
+            upstream.abort()
 
     def _check_backlog(self, _offset: int) -> None:
         """After a commit: over `max_backlog_bytes`, skip the oldest rows (one task at once)."""
