@@ -43,9 +43,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from edge_broker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edge_broker.bridge.config import BridgeConfig
 
 __all__ = [
     "AuthConfig",
@@ -97,6 +100,8 @@ class BrokerConfig:
     """Where persistent state lives; a relative path is relative to the working directory."""
     sys_interval_s: int = 10
     """Seconds between $SYS/broker updates; 0 disables $SYS."""
+    gateway_id: str = field(default_factory=lambda: default_gateway_id())
+    """Names this gateway upstream (bridges: message ids, consumer names); the host name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,11 +302,33 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     streams: tuple[StreamConfig, ...] = ()
     """The [[streams]] tables (named streams over the log; see docs/configuration.md)."""
+    bridges: tuple[BridgeConfig, ...] = ()
+    """The [[bridges]] tables (edge_broker/bridge/config.py; see docs/bridges.md)."""
     source: str | None = None
     """The file this was loaded from, as given; None for the embedded defaults."""
 
 
 # --------------------------------------------------------------------------- value parsers
+
+
+def default_gateway_id() -> str:
+    """The host name (its first label), made a valid gateway id; "gateway" if it has none."""
+    import socket
+
+    name = socket.gethostname().split(".")[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64]
+    return name or "gateway"
+
+
+_GATEWAY_ID_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def _gateway_id(value: object) -> str:
+    # Upstream it is part of message ids, NATS durable names and Kafka group ids.
+    if not isinstance(value, str) or not _GATEWAY_ID_RE.fullmatch(value):
+        raise _expected('1 to 64 letters, digits, "_", "-" or "." (not starting with "-" '
+                        'or ".")', value)
+    return value
 
 
 class _Invalid(Exception):
@@ -526,6 +553,7 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
     "broker": {
         "data_dir": _Key("data_dir", _data_dir),
         "sys_interval": _Key("sys_interval_s", _duration),
+        "gateway_id": _Key("gateway_id", _gateway_id),
     },
     "listeners": {
         "host": _Key("host", _host),
@@ -592,6 +620,9 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
     # and the "did you mean" hints. Their parsers are never called.
     "streams": {key: _Key(key, _bool) for key in
                 ("name", "filter", "max_age", "max_bytes", "last_value")},
+    # [[bridges]] entries are parsed by bridge/config.parse_bridges (after [broker], for
+    # gateway_id); the keys differ per kind: docs/bridges.md and deploy/bridge-*.toml.
+    "bridges": {key: _Key(key, _bool) for key in ("name", "kind", "servers")},
 }
 
 _KEY_TO_FIELD: Final[dict[str, dict[str, str]]] = {
@@ -638,7 +669,8 @@ def _suggest(name: str, candidates: tuple[str, ...] | list[str]) -> str | None:
 
 
 def _table_label(table: str) -> str:
-    return f"[[{table}]]" if table in ("listeners", "streams") else f"[{table}]"
+    return (f"[[{table}]]" if table in ("listeners", "streams", "bridges")
+            else f"[{table}]")
 
 
 def _tables_with_key(key: str) -> list[str]:
@@ -925,6 +957,7 @@ def load_config(path: str | Path | None) -> Config:
     sections: dict[str, dict[str, Any]] = {}
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     streams: tuple[StreamConfig, ...] = ()
+    bridges_value: object = None
     for name, value in document.items():
         if name not in _SCHEMA or "." in name:
             raise _unknown_top_level(name, value, file)
@@ -933,6 +966,9 @@ def load_config(path: str | Path | None) -> Config:
             continue
         if name == "streams":
             streams = parse_streams(value, file=file)
+            continue
+        if name == "bridges":
+            bridges_value = value
             continue
         if not isinstance(value, dict):
             raise _error(f"expected a table, written [{name}], got {_show(value)}",
@@ -950,8 +986,15 @@ def load_config(path: str | Path | None) -> Config:
     if "users" in quota_values:
         quota_values["users"] = _parse_user_quotas(quota_values["users"], file)
 
+    broker = BrokerConfig(**sections.get("broker", {}))
+    bridges: tuple[BridgeConfig, ...] = ()
+    if bridges_value is not None:
+        # Imported here: bridge/config.py imports this module (parse_duration).
+        from edge_broker.bridge.config import parse_bridges
+
+        bridges = parse_bridges(bridges_value, file=file, gateway_id=broker.gateway_id)
     config = Config(
-        broker=BrokerConfig(**sections.get("broker", {})),
+        broker=broker,
         listeners=listeners,
         auth=AuthConfig(**auth_values),
         quotas=QuotasConfig(**quota_values),
@@ -960,6 +1003,7 @@ def load_config(path: str | Path | None) -> Config:
         http=HttpConfig(**sections.get("http", {})),
         log=LogConfig(**sections.get("log", {})),
         streams=streams,
+        bridges=bridges,
         source=file,
     )
     _check_listeners(config, host_flag=None)
