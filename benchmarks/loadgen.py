@@ -91,6 +91,9 @@ class PubSpec:
     ack_wait_s: float = 10.0           # after the window, wait this long for the last PUBACKs
     cafile: str | None = None          # TLS: verify the broker against this CA (S11-S13)
     password: str | None = None        # sent with the username `bench` (S13's password file)
+    # After DISCONNECT, wait up to this long for the broker to close the connection before
+    # closing it (0: close at once, as the plain scenarios do). See README "S11-S13".
+    close_wait_s: float = 0.0
 
 
 @dataclass
@@ -161,11 +164,27 @@ def _publisher(host: str, port: int, spec: PubSpec, cpus: list[int] | None,
         return
     try:
         sock.sendall(wire.DISCONNECT)
+        if spec.close_wait_s > 0:
+            res["closed_by_broker"] = _wait_closed(sock, spec.close_wait_s)
         sock.close()
     except OSError:
         pass
     res["cpu_s"] = _cpu_s()
     out.put(("done", "pub", res))
+
+
+def _wait_closed(sock: socket.socket, timeout_s: float) -> bool:
+    """After DISCONNECT: read until the broker closes the connection (it must, [MQTT-3.14.4-1]
+    (3.1.1)), at most `timeout_s`. True if it did."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1 << 16):
+                return True
+    except (OSError, ValueError):
+        return True   # reset or TLS EOF: closed too
+    return False
 
 
 def _publish_loop(sock: socket.socket, buf: bytearray, spec: PubSpec,

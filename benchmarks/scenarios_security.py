@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from . import security, wire
+from . import brokers, loadgen, security, wire
 from .scenarios import Case, Result, _max_lossless, _qos1_window
 from .security import Security
 
@@ -42,8 +42,23 @@ def s11(case: Case) -> Result:
     with sc.launch() as rb:
         _tls_details(rb, res)
         _max_lossless(rb, sc, "bench/s11", 1, 1, res, "S11.msgs_per_s")
+        res.details["close_at_once"] = _close_at_once(rb, sc)
     case.settings = sc.settings
     return res
+
+
+def _close_at_once(rb: Any, case: Case) -> dict[str, Any]:
+    """Not a figure: one more full-speed QoS 0 run whose TLS publisher closes the connection
+    right after its DISCONNECT, as S1's plain publisher does (S11's own runs wait for the
+    broker to close first). Records what arrived of what was sent before the DISCONNECT."""
+    o = case.opts
+    pub = loadgen.PubSpec(topic="bench/s11c", duration_s=o.duration_s, cafile=rb.cafile,
+                          close_wait_s=0.0)
+    sub = loadgen.SubSpec(topic="bench/s11c", client_ids=["bench-s11c-sub"], idle_s=3.0,
+                          drain_s=max(5.0, o.duration_s), cafile=rb.cafile)
+    brokers.wait_quiet(rb.pid)
+    r = loadgen.run_flow(rb.host, rb.port, pub, sub, hard_timeout_s=o.duration_s * 3 + 40)
+    return {k: r[k] for k in ("published", "delivered", "lost", "delivered_rate")}
 
 
 def s12(case: Case) -> Result:
