@@ -141,6 +141,21 @@ def _tls_read_more(sock: ssl.SSLSocket, chunk: bytes) -> bytes:
     return b"".join(parts) if len(parts) > 1 else chunk
 
 
+def _tls_read_ready(sock: ssl.SSLSocket, sel: selectors.BaseSelector, data: bytes) -> bytes:
+    """The publisher's TLS socket (blocking, with a timeout): after one recv(), the records
+    already readable too (a broker may send each PUBACK in its own record), up to
+    TLS_READ_MAX bytes, and whatever is decrypted in `pending()`."""
+    parts = [data]
+    got = len(data)
+    while sock.pending() or (got < TLS_READ_MAX and sel.select(0)):
+        more = sock.recv(sock.pending() or TLS_READ_MAX)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts) if len(parts) > 1 else data
+
+
 # --------------------------------------------------------------------------- publisher
 
 
@@ -222,8 +237,7 @@ def _publish_loop(sock: socket.socket, buf: bytearray, spec: PubSpec,
         if not data:
             raise ConnectionError("broker closed the publisher connection")
         if tls:
-            while sock.pending():
-                data += sock.recv(sock.pending())
+            data = _tls_read_ready(sock, sel, data)
         data = ack_buf + data if ack_buf else data
         n = 0
         i = 0
