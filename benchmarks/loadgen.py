@@ -24,7 +24,7 @@ Theory of operation
   local flag once per recv()/ack read, so the plain path costs what it did. An `SSLSocket`
   returns at most one TLS record (16 KB) per recv(), and may hold decrypted bytes that
   select() cannot see: the TLS path reads on without blocking until the kernel buffer is empty
-  (up to 256 KB, as one plain recv) and `pending()` is 0, so no bytes wait unseen.
+  (up to 256 KB, as one plain recv) and `pending()` is 0, so no bytes wait unseen (tlsio.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import brokers, wire
+from . import brokers, tlsio, wire
 from .histogram import Histogram
 
 CTX = mp.get_context("fork")
@@ -111,51 +111,6 @@ class SubSpec:
     password: str | None = None        # sent with the username `bench` (S13's password file)
 
 
-def client_tls(cafile: str | None) -> ssl.SSLContext | None:
-    """The load generator's TLS context (None: plain TCP): TLS 1.2 minimum, the server's
-    certificate verified against `cafile` and its name (the IP address connected to)."""
-    if cafile is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-TLS_READ_MAX = 1 << 18   # bytes gathered per readable event on a TLS socket (= one plain recv)
-
-
-def _tls_read_more(sock: ssl.SSLSocket, chunk: bytes) -> bytes:
-    """After a recv() on a non-blocking TLS socket: the records already in the kernel buffer
-    too (one recv() returns one record), leaving nothing decrypted in `pending()`."""
-    parts = [chunk]
-    got = len(chunk)
-    while got < TLS_READ_MAX or sock.pending():
-        try:
-            more = sock.recv(TLS_READ_MAX)
-        except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
-            break
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts) if len(parts) > 1 else chunk
-
-
-def _tls_read_ready(sock: ssl.SSLSocket, sel: selectors.BaseSelector, data: bytes) -> bytes:
-    """The publisher's TLS socket (blocking, with a timeout): after one recv(), the records
-    already readable too (a broker may send each PUBACK in its own record), up to
-    TLS_READ_MAX bytes, and whatever is decrypted in `pending()`."""
-    parts = [data]
-    got = len(data)
-    while sock.pending() or (got < TLS_READ_MAX and sel.select(0)):
-        more = sock.recv(sock.pending() or TLS_READ_MAX)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts) if len(parts) > 1 else data
-
-
 # --------------------------------------------------------------------------- publisher
 
 
@@ -164,7 +119,7 @@ def _publisher(host: str, port: int, spec: PubSpec, cpus: list[int] | None,
     _pin(cpus)
     try:
         sock, buf, _ = wire.open_session(host, port, spec.client_id,
-                                         tls=client_tls(spec.cafile), password=spec.password)
+                                         tls=tlsio.client_tls(spec.cafile), password=spec.password)
     except Exception as exc:  # report, the parent decides
         out.put(("error", "pub", f"publisher connect: {exc!r}"))
         return
@@ -180,26 +135,12 @@ def _publisher(host: str, port: int, spec: PubSpec, cpus: list[int] | None,
     try:
         sock.sendall(wire.DISCONNECT)
         if spec.close_wait_s > 0:
-            res["closed_by_broker"] = _wait_closed(sock, spec.close_wait_s)
+            res["closed_by_broker"] = tlsio.wait_closed(sock, spec.close_wait_s)
         sock.close()
     except OSError:
         pass
     res["cpu_s"] = _cpu_s()
     out.put(("done", "pub", res))
-
-
-def _wait_closed(sock: socket.socket, timeout_s: float) -> bool:
-    """After DISCONNECT: read until the broker closes the connection (it must, [MQTT-3.14.4-1]
-    (3.1.1)), at most `timeout_s`. True if it did."""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            if not sock.recv(1 << 16):
-                return True
-    except (OSError, ValueError):
-        return True   # reset or TLS EOF: closed too
-    return False
 
 
 def _publish_loop(sock: socket.socket, buf: bytearray, spec: PubSpec,
@@ -237,7 +178,7 @@ def _publish_loop(sock: socket.socket, buf: bytearray, spec: PubSpec,
         if not data:
             raise ConnectionError("broker closed the publisher connection")
         if tls:
-            data = _tls_read_ready(sock, sel, data)
+            data = tlsio.read_ready(sock, sel, data)
         data = ack_buf + data if ack_buf else data
         n = 0
         i = 0
@@ -317,7 +258,7 @@ def _subscriber(host: str, port: int, spec: SubSpec, cpus: list[int] | None, out
             sock, buf, _ = wire.open_session(
                 host, port, cid, clean=spec.clean, timeout_s=spec.connect_timeout_s,
                 subscribe_to=(spec.topic, spec.qos) if spec.subscribe else None,
-                tls=client_tls(spec.cafile), password=spec.password)
+                tls=tlsio.client_tls(spec.cafile), password=spec.password)
             socks.append((sock, buf))
     except Exception as exc:
         out.put(("error", name, f"subscriber connect: {exc!r}"))
@@ -408,7 +349,7 @@ def _consume_loop(socks: list[tuple[socket.socket, bytearray]], spec: SubSpec, e
                     done_socks += 1
                     continue
                 if tls:
-                    chunk = _tls_read_more(sock, chunk)
+                    chunk = tlsio.read_more(sock, chunk)
                 data = st["buf"] + chunk if st["buf"] else chunk
             now_ns = perf()
             # ---- hot loop: frame, count, latency by run-length, collect PUBACKs

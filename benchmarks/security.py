@@ -123,7 +123,7 @@ def _give_to_mosquitto(root: Path) -> None:
 
 
 def client_context(cafile: str | None) -> ssl.SSLContext | None:
-    from .loadgen import client_tls
+    from .tlsio import client_tls
     return client_tls(cafile)
 
 
