@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import wire
+from . import security, wire
+from .security import Security
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -89,6 +90,10 @@ class RunningBroker:
     settings: dict = field(default_factory=dict)
     host: str = HOST
     data_dir: Path | None = None   # edge-broker's (its admin socket lives there)
+    # What a client needs against this broker (S11-S13, security.py): the CA to verify its
+    # TLS listener (None: plain TCP) and the password of the user `bench` (None: anonymous).
+    cafile: str | None = None
+    password: str | None = None
 
     @property
     def pid(self) -> int:
@@ -192,13 +197,14 @@ def version(name: str) -> str:
 # --------------------------------------------------------------------------- configs
 
 
-def mosquitto_config(port: int, workdir: Path, *, latency: bool = False) -> str:
+def mosquitto_config(port: int, workdir: Path, *, latency: bool = False,
+                     sec: Security | None = None) -> str:
     s = {**MOSQUITTO_SETTINGS, **(MOSQUITTO_LATENCY_SETTINGS if latency else {})}
     return "\n".join([
         "# written by benchmarks/brokers.py",
         "per_listener_settings false",
         f"listener {port} {HOST}",
-        "allow_anonymous true",
+        *security.mosquitto_lines(sec),
         f"persistence {s['persistence']}",
         f"max_inflight_messages {s['max_inflight_messages']}",
         f"max_queued_messages {s['max_queued_messages']}",
@@ -230,7 +236,7 @@ def amqtt_config(port: int) -> str:
 
 
 def edge_config(port: int, data_dir: Path, durability: str | None,
-                persistence: str | None = None) -> str:
+                persistence: str | None = None, sec: Security | None = None) -> str:
     """edge-broker's TOML (schema: edge_broker/config.py). The [mqtt] limits mirror the
     mosquitto settings above, so both brokers run with the same windows and queue bounds."""
     s = MOSQUITTO_SETTINGS
@@ -242,9 +248,10 @@ def edge_config(port: int, data_dir: Path, durability: str | None,
         "[[listeners]]",
         f'host = "{HOST}"',
         f"port = {port}",
+        *security.edge_listener_lines(sec),
         "",
         "[auth]",
-        "allow_anonymous = true",
+        *security.edge_auth_lines(sec),
         "",
         "[mqtt]",
         f"max_inflight_messages = {s['max_inflight_messages']}",
@@ -285,12 +292,14 @@ def _wait_ready(rb: RunningBroker, timeout_s: float) -> None:
     """Ready = an MQTT CONNECT gets a CONNACK (not just an open port)."""
     deadline = time.monotonic() + timeout_s
     last = None
+    tls = security.client_context(rb.cafile)
     while time.monotonic() < deadline:
         if rb.proc.poll() is not None:
             raise BrokerStartError(f"{rb.name} exited with {rb.proc.returncode} during start-up:"
                                    f"\n{rb.log_tail()}")
         try:
-            sock, _, _ = wire.open_session(rb.host, rb.port, "bench-probe", timeout_s=2.0)
+            sock, _, _ = wire.open_session(rb.host, rb.port, "bench-probe", timeout_s=2.0,
+                                           tls=tls, password=rb.password)
             sock.sendall(wire.DISCONNECT)
             sock.close()
             return
@@ -303,12 +312,16 @@ def _wait_ready(rb: RunningBroker, timeout_s: float) -> None:
 
 def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
           edge_durability: str | None = None, edge_persistence: str | None = None,
-          latency: bool = False, ready_timeout_s: float = 20.0) -> RunningBroker:
+          latency: bool = False, ready_timeout_s: float = 20.0,
+          sec: Security | None = None) -> RunningBroker:
     """Start `name` on a free port and wait until it answers CONNECT. `latency` = the
-    scenario measures latency (mosquitto then gets set_tcp_nodelay true)."""
+    scenario measures latency (mosquitto then gets set_tcp_nodelay true). `sec`: a TLS
+    listener and/or the password file and ACL (S11-S13; edge-broker and mosquitto only)."""
     why = available(name, edge_cmd)
     if why:
         raise BrokerUnavailable(why)
+    if sec is not None and sec.active and name == "amqtt":
+        raise BrokerUnavailable("the TLS/ACL scenarios compare edge-broker and mosquitto only")
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     port = free_port()
     env = dict(os.environ)
@@ -317,7 +330,7 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
     config_path: Path | None
     if name == "mosquitto":
         config_path = workdir / "mosquitto.conf"
-        config_path.write_text(mosquitto_config(port, workdir, latency=latency))
+        config_path.write_text(mosquitto_config(port, workdir, latency=latency, sec=sec))
         cmd = [mosquitto_path() or "mosquitto", "-c", str(config_path)]
         settings = dict(MOSQUITTO_SETTINGS)
         settings["set_tcp_nodelay"] = "false (S6, S10: true)"
@@ -331,7 +344,8 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
         data_dir = workdir / "data"
         data_dir.mkdir()
         config_path = workdir / "edge-broker.toml"
-        config_path.write_text(edge_config(port, data_dir, edge_durability, edge_persistence))
+        config_path.write_text(edge_config(port, data_dir, edge_durability, edge_persistence,
+                                           sec))
         cmd = edge_command(edge_cmd or EDGE_DEFAULT_CMD, port=port, config=config_path,
                            data_dir=data_dir)
         env = _edge_env()
@@ -350,14 +364,17 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
                             cwd=cwd, env=env, start_new_session=True,
                             preexec_fn=die_with_parent)  # the runner has no threads
     log.close()
+    if sec is not None and sec.active:
+        settings.update(security.settings(sec))
     rb = RunningBroker(name, proc, port, workdir, cmd, config_path, settings,
-                       data_dir=workdir / "data" if name == "edge" else None)
+                       data_dir=workdir / "data" if name == "edge" else None,
+                       **security.client_side(sec))
     try:
         _wait_ready(rb, ready_timeout_s)
     except BrokerStartError:
         tail = rb.log_tail()
         rb.stop()
-        if name == "edge" and edge_cmd is None:
+        if name == "edge" and edge_cmd is None and not (sec is not None and sec.active):
             # Fallback while the config schema settles: the flag form the CLI also accepts.
             return _start_edge_flags(pin_cpu, edge_durability, ready_timeout_s, tail)
         raise

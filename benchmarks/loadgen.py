@@ -19,6 +19,12 @@ Theory of operation
   QoS 1 PUBLISH with a PUBACK, batched per recv().
 * Everything is bounded: every wait has a deadline, and the parent kills what outlives the hard
   timeout. Hosts other than loopback are refused.
+* TLS (`cafile` in a spec, S11-S13): the worker wraps its sockets with `ssl` (TLS 1.2 minimum,
+  the server verified against `cafile`, host name = the IP address). The hot loops only test a
+  local flag once per recv()/ack read, so the plain path costs what it did. An `SSLSocket`
+  returns at most one TLS record (16 KB) per recv(), and may hold decrypted bytes that
+  select() cannot see: the TLS path reads on without blocking until the kernel buffer is empty
+  (up to 256 KB, as one plain recv) and `pending()` is 0, so no bytes wait unseen (tlsio.py).
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ import queue
 import resource
 import selectors
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import brokers, wire
+from . import brokers, tlsio, wire
 from .histogram import Histogram
 
 CTX = mp.get_context("fork")
@@ -82,6 +89,11 @@ class PubSpec:
     max_messages: int | None = None    # stop early after this many
     client_id: str = "bench-pub"
     ack_wait_s: float = 10.0           # after the window, wait this long for the last PUBACKs
+    cafile: str | None = None          # TLS: verify the broker against this CA (S11-S13)
+    password: str | None = None        # sent with the username `bench` (S13's password file)
+    # After DISCONNECT, wait up to this long for the broker to close the connection before
+    # closing it (0: close at once, as the plain scenarios do). See README "S11-S13".
+    close_wait_s: float = 0.0
 
 
 @dataclass
@@ -95,6 +107,8 @@ class SubSpec:
     drain_s: float = 30.0              # stop this long after being told, whatever the count
     disconnect_after_subscribe: bool = False   # S4 setup: leave offline sessions behind
     connect_timeout_s: float = 10.0    # per CONNECT/SUBSCRIBE handshake
+    cafile: str | None = None          # TLS: verify the broker against this CA (S11-S13)
+    password: str | None = None        # sent with the username `bench` (S13's password file)
 
 
 # --------------------------------------------------------------------------- publisher
@@ -104,7 +118,8 @@ def _publisher(host: str, port: int, spec: PubSpec, cpus: list[int] | None,
                out: Any, go: Any, deadline: float) -> None:
     _pin(cpus)
     try:
-        sock, buf, _ = wire.open_session(host, port, spec.client_id)
+        sock, buf, _ = wire.open_session(host, port, spec.client_id,
+                                         tls=tlsio.client_tls(spec.cafile), password=spec.password)
     except Exception as exc:  # report, the parent decides
         out.put(("error", "pub", f"publisher connect: {exc!r}"))
         return
@@ -119,6 +134,8 @@ def _publisher(host: str, port: int, spec: PubSpec, cpus: list[int] | None,
         return
     try:
         sock.sendall(wire.DISCONNECT)
+        if spec.close_wait_s > 0:
+            res["closed_by_broker"] = tlsio.wait_closed(sock, spec.close_wait_s)
         sock.close()
     except OSError:
         pass
@@ -150,14 +167,18 @@ def _publish_loop(sock: socket.socket, buf: bytearray, spec: PubSpec,
     end = t_start + spec.duration_s
     t_first_ns = perf()
     rate = spec.rate
+    tls = isinstance(sock, ssl.SSLSocket)
 
     def read_acks(timeout: float) -> int:
         nonlocal ack_buf
-        if not sel.select(timeout):
+        # TLS: bytes already decrypted (pending) are invisible to select().
+        if not (tls and sock.pending()) and not sel.select(timeout):
             return 0
         data = sock.recv(1 << 18)
         if not data:
             raise ConnectionError("broker closed the publisher connection")
+        if tls:
+            data = tlsio.read_ready(sock, sel, data)
         data = ack_buf + data if ack_buf else data
         n = 0
         i = 0
@@ -236,7 +257,8 @@ def _subscriber(host: str, port: int, spec: SubSpec, cpus: list[int] | None, out
         for cid in spec.client_ids:
             sock, buf, _ = wire.open_session(
                 host, port, cid, clean=spec.clean, timeout_s=spec.connect_timeout_s,
-                subscribe_to=(spec.topic, spec.qos) if spec.subscribe else None)
+                subscribe_to=(spec.topic, spec.qos) if spec.subscribe else None,
+                tls=tlsio.client_tls(spec.cafile), password=spec.password)
             socks.append((sock, buf))
     except Exception as exc:
         out.put(("error", name, f"subscriber connect: {exc!r}"))
@@ -290,6 +312,7 @@ def _consume_loop(socks: list[tuple[socket.socket, bytearray]], spec: SubSpec, e
 
     # Handle bytes that arrived with the SUBACK (resumed sessions).
     pending = [st for st in state if st["buf"]]
+    tls = any(isinstance(sock, ssl.SSLSocket) for sock, _ in socks)
 
     while True:
         now = mono()
@@ -319,12 +342,14 @@ def _consume_loop(socks: list[tuple[socket.socket, bytearray]], spec: SubSpec, e
             else:
                 try:
                     chunk = sock.recv(1 << 18)
-                except (BlockingIOError, InterruptedError):
+                except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                     continue
                 if not chunk:
                     sel.unregister(sock)
                     done_socks += 1
                     continue
+                if tls:
+                    chunk = tlsio.read_more(sock, chunk)
                 data = st["buf"] + chunk if st["buf"] else chunk
             now_ns = perf()
             # ---- hot loop: frame, count, latency by run-length, collect PUBACKs
@@ -380,8 +405,8 @@ def _consume_loop(socks: list[tuple[socket.socket, bytearray]], spec: SubSpec, e
                 out = b"".join([b"\x40\x02" + a for a in acks])
                 try:
                     k = sock.send(out)
-                except BlockingIOError:
-                    k = 0
+                except (BlockingIOError, ssl.SSLWantWriteError):
+                    k = 0   # TLS: nothing was written; sendall retries the same bytes
                 if k < len(out):
                     sock.setblocking(True)
                     sock.sendall(out[k:])

@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--brokers", help="comma list of edge,mosquitto,amqtt "
                     "(default: all three; --quick: edge)")
-    ap.add_argument("--scenarios", help="comma list of S1..S8, S10 (default: all; --quick: "
-                    "S1-S6, S8, S10)")
+    ap.add_argument("--scenarios", help="comma list of S1..S8, S10, S11..S13 (default: all; "
+                    "--quick: S1-S6, S8, S10)")
     ap.add_argument("--quick", action="store_true",
                     help="a few seconds per scenario; checks delivery counts, not speed; "
                     "exits 1 on a delivery-count failure")

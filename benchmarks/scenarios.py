@@ -1,4 +1,4 @@
-"""The scenarios S1-S8 and S10. Each takes a `Case` (which broker, which options) and returns a
+"""The scenarios S1-S8 and S10 (S11-S13: scenarios_security.py). Each takes a `Case` (which
 `Result`: figures (metric id -> number), checks (delivery counts) and details.
 
 Every scenario starts its own broker(s) through `case.launch()`, so one scenario's leftovers
@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,14 @@ METRICS = [
     Metric("S8.rss_mb_after_connect", "S8 start-up with the backlog: RSS after a resume",
            "MB", "lower", compare=False),
     *_s10_metrics(),
+    # Security (scenarios_security.py): edge-broker and mosquitto with the same files; amqtt
+    # is not run (compare=False: no ">= 10x amqtt" verdict).
+    Metric("S11.msgs_per_s", "S11 = S1 over TLS: QoS 0, 1->1, max no-loss rate", "msgs/s",
+           "higher", compare=False),
+    Metric("S12.msgs_per_s", "S12 = S3 over TLS: QoS 1, 1->1, window 100", "msgs/s", "higher",
+           compare=False),
+    Metric("S13.msgs_per_s", "S13 = S3 with a password file and a 1,000-rule ACL", "msgs/s",
+           "higher", compare=False),
 ]
 METRIC_BY_ID = {m.id: m for m in METRICS}
 
@@ -155,6 +163,7 @@ class Case:
     opts: Options
     pin_cpu: int | None = None
     settings: dict = field(default_factory=dict)
+    sec: brokers.Security | None = None   # TLS listener / password file + ACL (S11-S13)
 
     @contextlib.contextmanager
     def launch(self, latency: bool = False,
@@ -163,7 +172,7 @@ class Case:
         rb = brokers.start(self.broker, pin_cpu=self.pin_cpu, edge_cmd=self.opts.edge_cmd,
                            latency=latency,
                            edge_durability=durability or self.opts.edge_durability,
-                           edge_persistence=self.opts.edge_persistence)
+                           edge_persistence=self.opts.edge_persistence, sec=self.sec)
         self.settings = dict(rb.settings)
         if durability is not None and not str(rb.settings.get("durability")).startswith(
                 "(not passed"):
@@ -191,6 +200,12 @@ def _slim(r: dict) -> dict:
 
 def _flow(rb: brokers.RunningBroker, case: Case, pub: loadgen.PubSpec, sub: loadgen.SubSpec,
           sub_procs: int = 1) -> dict[str, Any]:
+    if rb.cafile or rb.password:   # S11-S13: TLS and/or the password file
+        pub = replace(pub, cafile=rb.cafile, password=rb.password)
+        sub = replace(sub, cafile=rb.cafile, password=rb.password)
+        if rb.cafile and pub.close_wait_s == 0:
+            # TLS: the publisher lets the broker close after DISCONNECT (README "S11-S13").
+            pub = replace(pub, close_wait_s=10.0)
     settle_s = brokers.wait_quiet(rb.pid)
     meter = brokers.CpuMeter(rb.pid)
     r = loadgen.run_flow(rb.host, rb.port, pub, sub, sub_procs=sub_procs,
@@ -264,20 +279,25 @@ def s2(case: Case) -> Result:
 
 def s3(case: Case) -> Result:
     res = Result()
-    o = case.opts
-    metric = _mid(case, "S3.msgs_per_s")
     with case.launch() as rb:
-        pub = loadgen.PubSpec(topic="bench/s3", qos=1, duration_s=o.duration_s, window=100)
-        sub = loadgen.SubSpec(topic="bench/s3", qos=1, client_ids=["bench-s3-sub"],
-                              drain_s=max(10.0, 2 * o.duration_s))
-        r = _flow(rb, case, pub, sub)
+        _qos1_window(rb, case, "bench/s3", _mid(case, "S3.msgs_per_s"), res)
+    return res
+
+
+def _qos1_window(rb: brokers.RunningBroker, case: Case, topic: str, metric: str,
+                 res: Result) -> None:
+    """S3's measurement (also S12, S13): QoS 1, 1 -> 1, window 100, for the duration."""
+    o = case.opts
+    pub = loadgen.PubSpec(topic=topic, qos=1, duration_s=o.duration_s, window=100)
+    sub = loadgen.SubSpec(topic=topic, qos=1, client_ids=[f"{topic.replace('/', '-')}-sub"],
+                          drain_s=max(10.0, 2 * o.duration_s))
+    r = _flow(rb, case, pub, sub)
     res.figures[metric] = r["delivered_rate"] if r["lost"] == 0 else None
     res.details["run"] = _slim(r)
     res.check(f"{metric} acked", r["acked"] == r["published"],
               f"{r['acked']}/{r['published']} PUBACKs to the publisher")
     res.check(f"{metric} delivered", r["lost"] == 0,
               f"{r['delivered']}/{r['expected']} delivered ({r['extra']} duplicates)")
-    return res
 
 
 def _mid(case: Case, metric: str) -> str:
@@ -564,6 +584,16 @@ def s10(case: Case) -> Result:
     return fairness.run(case)
 
 
+def _security(name: str) -> Callable[[Case], Result]:
+    """S11-S13 live in scenarios_security.py (TLS, password file, 1,000-rule ACL)."""
+    def run(case: Case) -> Result:
+        from . import scenarios_security
+        fn: Callable[[Case], Result] = getattr(scenarios_security, name)
+        return fn(case)
+    run.__name__ = name
+    return run
+
+
 SCENARIOS: dict[str, Callable[[Case], Result]] = {
     "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7, "S8": s8,
-    "S10": s10}
+    "S10": s10, "S11": _security("s11"), "S12": _security("s12"), "S13": _security("s13")}

@@ -8,6 +8,7 @@ PUBACK, DISCONNECT out; CONNACK, SUBACK, PUBLISH, PUBACK in. Spec numbering is 3
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 
@@ -50,12 +51,15 @@ def utf8(s: str) -> bytes:
 
 
 def connect(client_id: str, *, clean: bool = True, keepalive_s: int = 60,
-            username: str | None = USERNAME) -> bytes:
+            username: str | None = USERNAME, password: str | None = None) -> bytes:
     flags = 0x02 if clean else 0x00
     payload = utf8(client_id)
     if username is not None:
         flags |= 0x80
         payload += utf8(username)
+        if password is not None:   # [MQTT-3.1.2-22] (3.1.1): a password needs a username
+            flags |= 0x40
+            payload += utf8(password)
     var = utf8("MQTT") + bytes([4, flags]) + struct.pack(">H", keepalive_s)
     body = var + payload
     return b"\x10" + varint(len(body)) + body
@@ -135,15 +139,19 @@ def recv_packet(sock: socket.socket, buf: bytearray, deadline: float) -> tuple[i
 
 def open_session(host: str, port: int, client_id: str, *, clean: bool = True,
                  keepalive_s: int = 60, timeout_s: float = 10.0,
-                 subscribe_to: tuple[str, int] | None = None
+                 subscribe_to: tuple[str, int] | None = None,
+                 tls: ssl.SSLContext | None = None, password: str | None = None
                  ) -> tuple[socket.socket, bytearray, bool]:
     """Connect (and optionally subscribe). Returns (socket, leftover bytes, session_present).
 
-    The socket is left blocking with TCP_NODELAY: the load generator batches its own writes."""
+    The socket is left blocking with TCP_NODELAY: the load generator batches its own writes.
+    `tls`: the handshake is done here, and the socket returned is an `ssl.SSLSocket`."""
     deadline = time.monotonic() + timeout_s
     sock = socket.create_connection((host, port), timeout=timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(connect(client_id, clean=clean, keepalive_s=keepalive_s))
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname=host)
+    sock.sendall(connect(client_id, clean=clean, keepalive_s=keepalive_s, password=password))
     buf = bytearray()
     b0, body = recv_packet(sock, buf, deadline)
     if b0 >> 4 != CONNACK or len(body) != 2:
