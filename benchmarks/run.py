@@ -45,6 +45,11 @@ TARGETS = [
      "S4.fsync.ingest_msgs_per_s", None, 20_000.0),
     ("S8 start-up <= 3 s with 100,000 queued messages in 1,000 sessions", "max",
      "S8.startup_s", None, 3.0),
+    # "own": a ratio to edge-broker's own figure `ref` of the same run.
+    ("S9 replay of 1,000,000 stored messages >= 0.8x the same run's S1", "own",
+     "S9.replay_msgs_per_s", "S1.msgs_per_s", 0.8),
+    ("S9 bytes on disk per stored 100-byte message <= 200", "max", "S9.bytes_per_msg", None,
+     200.0),
     *[(f"S10 {label}: control round trip p99 <= 10 ms", "max", f"S10.{part}.rtt_p99_ms",
        None, 10.0) for part, (label, _load) in scenarios.S10_PARTS.items() if part != "idle"],
 ]
@@ -55,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--brokers", help="comma list of edge,mosquitto,amqtt "
                     "(default: all three; --quick: edge)")
-    ap.add_argument("--scenarios", help="comma list of S1..S8, S10, S11..S13 (default: all; "
+    ap.add_argument("--scenarios", help="comma list of S1..S13 (default: all; "
                     "--quick: S1-S6, S8, S10)")
     ap.add_argument("--quick", action="store_true",
                     help="a few seconds per scenario; checks delivery counts, not speed; "
@@ -78,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--s4-durability",
                     help="comma list of edge-broker durabilities, one S4 run each (default: "
                     "fsync,os; with --edge-durability: that one)")
+    ap.add_argument("--s9-messages", type=int, default=1_000_000,
+                    help="S9 messages stored in the stream, then replayed (--quick: 10,000)")
     ap.add_argument("--startup-messages", type=int, default=100_000,
                     help="S8 queued messages in the store (--quick: 10,000)")
     ap.add_argument("--startup-sessions", type=int, default=1_000,
@@ -217,6 +224,12 @@ def judge_targets(figs: dict[str, dict[str, float | None]]) -> list[tuple[str, s
                 out.append((name, "n/a", f"no {ref} figure"))
             else:
                 out.append((name, "met" if r >= bound else "not met", f"{r:.2f}x"))
+        elif kind == "own":
+            r = ratio(v, edge.get(ref or ""))
+            if r is None:
+                out.append((name, "n/a", f"no {ref} figure in this run"))
+            else:
+                out.append((name, "met" if r >= bound else "not met", f"{r:.2f}x"))
         elif v is None:
             out.append((name, "not met", "no figure (delivery failed)"))
         else:
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                    edge_persistence=args.edge_persistence,
                    s4_durabilities=tuple(s4_dur), startup_messages=args.startup_messages,
                    startup_sessions=args.startup_sessions, startup_runs=args.startup_runs,
-                   startup_cold_runs=args.startup_cold_runs,
+                   startup_cold_runs=args.startup_cold_runs, s9_messages=args.s9_messages,
                    profile_dir=str(args.profile_edge) if args.profile_edge else None,
                    s10_duration_s=args.s10_duration or (1.0 if quick else 10.0),
                    s10_rate=args.s10_rate, s10_parts=parts)

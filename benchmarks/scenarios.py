@@ -1,4 +1,5 @@
-"""The scenarios S1-S8 and S10 (S11-S13: scenarios_security.py). Each takes a `Case` (which
+"""The scenarios S1-S10 (S9, the log's replay and ingest: scenarios_log.py; S11-S13, TLS and
+ACL: scenarios_security.py). Each takes a `Case` (which broker, which options) and returns a
 `Result`: figures (metric id -> number), checks (delivery counts) and details.
 
 Every scenario starts its own broker(s) through `case.launch()`, so one scenario's leftovers
@@ -106,6 +107,13 @@ METRICS = [
            "lower", compare=False),
     Metric("S8.rss_mb_after_connect", "S8 start-up with the backlog: RSS after a resume",
            "MB", "lower", compare=False),
+    Metric("S9.replay_msgs_per_s", "S9 replay of the stored stream to 1 v5 subscriber, QoS 0",
+           "msgs/s", "higher", compare=False),
+    Metric("S9.ingest_msgs_per_s",
+           "S9 QoS 1 into a sensors/# stream + 10 offline sessions, edge fsync", "msgs/s",
+           "higher"),
+    Metric("S9.bytes_per_msg", "S9 bytes on disk per stored 100-byte message", "bytes",
+           "lower", compare=False),
     *_s10_metrics(),
     # Security (scenarios_security.py): edge-broker and mosquitto with the same files; amqtt
     # is not run (compare=False: no ">= 10x amqtt" verdict).
@@ -134,6 +142,7 @@ class Options:
     startup_sessions: int = 1_000
     startup_runs: int = 5              # S8 starts on the backlog (and on an empty store)
     startup_cold_runs: int = 2         # S8 starts with the store evicted from the page cache
+    s9_messages: int = 1_000_000       # S9: messages stored in the stream, then replayed
     edge_cmd: str | None = None
     edge_durability: str | None = None
     edge_persistence: str | None = None
@@ -574,12 +583,22 @@ def s8(case: Case) -> Result:
     return res
 
 
+# --------------------------------------------------------------------------- S9: the log
+
+
+def s9(case: Case) -> Result:
+    """Replay of a stored stream, and ingest into a stream with 10 offline sessions
+    (benchmarks/scenarios_log.py)."""
+    from . import scenarios_log
+    return scenarios_log.s9(case)
+
+
 # --------------------------------------------------------------------------- S10: fairness
 
 
 def s10(case: Case) -> Result:
     """A control client's QoS 1 round trips under a flood, churn, a takeover storm
-    (benchmarks/fairness.py). S9 is left to the replay scenario of issue 8."""
+    (benchmarks/fairness.py)."""
     from . import fairness
     return fairness.run(case)
 
@@ -596,4 +615,5 @@ def _security(name: str) -> Callable[[Case], Result]:
 
 SCENARIOS: dict[str, Callable[[Case], Result]] = {
     "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7, "S8": s8,
-    "S10": s10, "S11": _security("s11"), "S12": _security("s12"), "S13": _security("s13")}
+    "S9": s9, "S10": s10, "S11": _security("s11"), "S12": _security("s12"),
+    "S13": _security("s13")}
