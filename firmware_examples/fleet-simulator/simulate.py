@@ -28,21 +28,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import run_worker  # this directory is not a package
 
 DROPPED_SYS = "$SYS/broker/publish/messages/dropped"  # edge-broker's count of queue-full drops
+QUEUED_SYS = "$SYS/broker/publish/messages/queued_memory"  # "N bytes": estimate of all queues
 
 
 class Central:
     """Persistent session (clean session 0), QoS 1, on devices/+/telemetry; also follows the
-    broker's count of deliveries dropped on full queues (to explain a loss)."""
+    broker's count of deliveries dropped on full queues (to explain a loss) and its estimate of
+    the memory its queues take (a backlog, for example this subscriber falling behind, explains
+    a rise in the broker's RSS)."""
 
     def __init__(self, host: str, port: int, client_id: str, topic: str) -> None:
         self.broker_dropped: list[int] = []  # the values seen, first and last matter
+        self.queued_memory: int | None = None  # the last value seen
+        self.queued_memory_max = 0
         self.received: dict[str, list[int]] = defaultdict(list)
         self.lock = threading.Lock()
         self.count = 0
         self.subscribed = threading.Event()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                              clean_session=False)
-        client.on_connect = lambda c, *_a: c.subscribe([(topic, 1), (DROPPED_SYS, 0)])
+        client.on_connect = lambda c, *_a: c.subscribe([(topic, 1), (DROPPED_SYS, 0),
+                                                                 (QUEUED_SYS, 0)])
         client.on_subscribe = lambda *_a: self.subscribed.set()
         client.on_message = self._on_message
         client.reconnect_delay_set(0.1, 2)
@@ -55,6 +61,10 @@ class Central:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == DROPPED_SYS:
             self.broker_dropped.append(int(msg.payload))
+            return
+        if msg.topic == QUEUED_SYS:
+            self.queued_memory = int(msg.payload.split()[0])
+            self.queued_memory_max = max(self.queued_memory_max, self.queued_memory)
             return
         device = msg.topic.split("/")[1]
         seq = json.loads(msg.payload)["seq"]
@@ -114,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     prefix = args.prefix or f"sim{os.getpid()}-"
     ids = [f"{prefix}{n:05d}" for n in range(args.devices)]
     central = Central(args.host, args.port, f"{prefix}central", "devices/+/telemetry")
-    rss: list[tuple[float, int]] = []
+    rss: list[tuple[float, int, int | None]] = []  # (time, RSS, broker's queued memory)
     stop_sampling = threading.Event()
 
     def sample() -> None:
         while args.broker_pid and not stop_sampling.is_set():
             value = rss_kib(args.broker_pid)
             if value is not None:
-                rss.append((round(time.monotonic() - started, 1), value))
+                rss.append((round(time.monotonic() - started, 1), value, central.queued_memory))
             stop_sampling.wait(args.rss_every)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_sampling.set()
     sampler.join(5)
     if args.broker_pid and (value := rss_kib(args.broker_pid)) is not None:
-        rss.append((round(time.monotonic() - started, 1), value))
+        rss.append((round(time.monotonic() - started, 1), value, central.queued_memory))
 
     with central.lock:
         received = {dev: list(seqs) for dev, seqs in central.received.items()}
@@ -195,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         "reboots": sum(r["reboots"] for r in reports),
         "rss_kib_start": rss[0][1] if rss else None,
         "rss_kib_end": rss[-1][1] if rss else None,
-        "rss_kib_max": max(v for _t, v in rss) if rss else None,
-        "rss_kib_samples": [f"{t}s:{v}" for t, v in rss],
+        "rss_kib_max": max(v for _t, v, _q in rss) if rss else None,
+        "rss_kib_samples": [f"{t}s:{v}" for t, v, _q in rss],
+        "broker_queued_memory_max": central.queued_memory_max,
+        "broker_queued_memory_samples": [f"{t}s:{q}" for t, _v, q in rss],
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
     }
     text = json.dumps(report, indent=2)
