@@ -237,7 +237,7 @@ def amqtt_config(port: int) -> str:
 
 def edge_config(port: int, data_dir: Path, durability: str | None,
                 persistence: str | None = None, sec: Security | None = None) -> str:
-    """edge-broker's TOML (schema: edge_broker/config.py). The [mqtt] limits mirror the
+    """edge-broker's TOML (schema: edge_broker/config/schema.py). The [mqtt] limits mirror the
     mosquitto settings above, so both brokers run with the same windows and queue bounds."""
     s = MOSQUITTO_SETTINGS
     lines = [

@@ -3,7 +3,7 @@
 `parse_bridges(value, file=..., gateway_id=...)` takes the value of the top-level `bridges`
 key of a TOML document (a list of tables) and returns a tuple of `BridgeConfig`. Every
 problem raises `edge_broker.errors.ConfigError` naming the file, the table and the key, in
-the words `edge_broker/config.py` uses, e.g. (one line)::
+the words `edge_broker/config/` uses, e.g. (one line)::
 
     /etc/edge-broker.toml: [[bridges]] #2 "central" subject_prefix:
         expected a NATS subject without wildcards, got "site1.*"
@@ -159,16 +159,17 @@ def _expected(what: str, value: object) -> _Invalid:
     return _Invalid(f"expected {what}, got {_show(value)}")
 
 
-def _string(value: object) -> str:
-    if not isinstance(value, str):
-        raise _expected("a string", value)
-    return value
+def _text(what: str, check: Callable[[str], object] = bool) -> Callable[[object], str]:
+    """A parser for a string that `check` accepts (truthy), else "expected <what>, got ..."."""
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or not check(value):
+            raise _expected(what, value)
+        return value
+    return parse
 
 
-def _nonempty(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise _expected("a non-empty string", value)
-    return value
+_string = _text("a string", lambda value: True)
+_nonempty = _text("a non-empty string")
 
 
 def _bool(value: object) -> bool:
@@ -237,10 +238,17 @@ _HOST_PORT_RE: Final = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{
 _STREAM_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
-def _name(value: object) -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-        raise _expected('a name of 1 to 64 letters, digits, "_", "-" or "."', value)
-    return value
+_name = _text('a name of 1 to 64 letters, digits, "_", "-" or "."', _NAME_RE.fullmatch)
+_subject = _text("a NATS subject without wildcards or empty tokens", is_valid_subject)
+_subject_filter = _text('a NATS subject ("*" and a final ">" allowed)', is_valid_subject_filter)
+_mqtt_filter = _text("an MQTT topic filter", lambda value: is_valid_topic_filter(value)
+                     and not value.startswith("$share/"))
+_stream_name = _text('a JetStream stream name (letters, digits, "_", "-")', _STREAM_RE.fullmatch)
+_kafka_topic = _text('a Kafka topic (letters, digits, ".", "_", "-")', is_valid_kafka_topic)
+_local_prefix = _text("a topic prefix without wildcards",
+                      lambda value: "+" not in value and "#" not in value and "\0" not in value)
+_state_topic = _text('an MQTT topic name, or "" to disable',
+                     lambda value: not value or is_valid_topic_name(value))
 
 
 def _host_port(value: object) -> str:
@@ -268,37 +276,6 @@ def _url(schemes: tuple[str, ...], bare_ok: bool) -> Callable[[object], str]:
     return parse
 
 
-def _subject(value: object) -> str:
-    if not isinstance(value, str) or not is_valid_subject(value):
-        raise _expected("a NATS subject without wildcards or empty tokens", value)
-    return value
-
-
-def _subject_filter(value: object) -> str:
-    if not isinstance(value, str) or not is_valid_subject_filter(value):
-        raise _expected('a NATS subject ("*" and a final ">" allowed)', value)
-    return value
-
-
-def _mqtt_filter(value: object) -> str:
-    if not isinstance(value, str) or not is_valid_topic_filter(value) or value.startswith(
-            "$share/"):
-        raise _expected("an MQTT topic filter", value)
-    return value
-
-
-def _stream_name(value: object) -> str:
-    if not isinstance(value, str) or not _STREAM_RE.fullmatch(value):
-        raise _expected('a JetStream stream name (letters, digits, "_", "-")', value)
-    return value
-
-
-def _kafka_topic(value: object) -> str:
-    if not isinstance(value, str) or not is_valid_kafka_topic(value):
-        raise _expected('a Kafka topic (letters, digits, ".", "_", "-")', value)
-    return value
-
-
 def _kafka_route(value: object) -> KafkaRoute:
     if not isinstance(value, dict) or set(value) != {"filter", "topic"}:
         raise _expected('a table { filter = "<MQTT filter>", topic = "<Kafka topic>" }', value)
@@ -314,12 +291,6 @@ def _topic_line(value: object) -> TopicLine:
         raise _Invalid(str(exc)) from None
 
 
-def _local_prefix(value: object) -> str:
-    if not isinstance(value, str) or "+" in value or "#" in value or "\0" in value:
-        raise _expected("a topic prefix without wildcards", value)
-    return value
-
-
 def _sasl(value: object) -> str:
     return _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")(value)
 
@@ -329,12 +300,6 @@ def _keepalive(value: object) -> int:
     if seconds > 65535:
         raise _expected("a duration of at most 65535 seconds (0 disables keep alive)", value)
     return seconds
-
-
-def _state_topic(value: object) -> str:
-    if not isinstance(value, str) or (value and not is_valid_topic_name(value)):
-        raise _expected('an MQTT topic name, or "" to disable', value)
-    return value
 
 
 # --------------------------------------------------------------------------- schema
