@@ -470,7 +470,7 @@ class ClientHandler(asyncio.Protocol):
         if self._closed:
             if self._draining:  # what it sent before closing is not handled any further
                 self._stop_draining()
-                self.app.loop.call_soon(self.app.finish_batch, None, [])
+                self.app.finish_batch(None, [])
             return
         data = b""
         if self._conn.protocol_level == ProtocolLevel.MQTT_5 and self.client_id is not None:

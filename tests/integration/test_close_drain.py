@@ -13,6 +13,7 @@ Everything is synchronised on what the subscribers read, with deadlines; no slee
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import struct
@@ -129,10 +130,8 @@ def test_a_reset_while_reading_is_paused_loses_nothing_already_read(broker: Brok
     count = 3 * BATCH_PACKETS + 5  # a few kB: one read of the socket
     client = subscriber(broker.port, unique_id("w"), "data/t", version=version,
                         will=RawWill("will/reset", b"should not"))
-    client.send(burst("data/t", count, version,
-                      end=disconnect_packet(0x00 if version == 5 else None)))
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    client.close()  # RST
+    reset_after(client, burst("data/t", count, version,
+                              end=disconnect_packet(0x00 if version == 5 else None)))
     expect_in_order(watcher, "data/t", count)
     expect_no_will(watcher)  # [MQTT-3.14.4-3] (3.1.1, 5.0)
 
@@ -166,14 +165,22 @@ def test_a_malformed_packet_ends_the_draining(broker: BrokerThread) -> None:
     watcher.expect_nothing()
 
 
-def test_a_takeover_while_draining_wins(broker: BrokerThread) -> None:
+def reset_after(client: RawClient, data: bytes) -> None:
+    """Send `data`, then an abortive close (RST)."""
+    client.send(data)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def test_a_takeover_while_draining_wins(broker: BrokerThread,
+                                        caplog: pytest.LogCaptureFixture) -> None:
     """The same client id connecting again while the old connection's packets are still
-    being handled: the new connection is served normally and keeps its session."""
+    being handled: the draining stops, the new connection is served normally."""
     client_id = unique_id("t")
     watcher = subscriber(broker.port, unique_id("sub"), "data/t")
-    old = connect(broker.port, client_id)
-    send_and_close(old, burst("data/t", COUNT, 4, end=disconnect_packet()))
-    new = connect(broker.port, client_id, clean=False)
+    old = subscriber(broker.port, client_id, "data/t")  # its deliveries fail: lost early
+    reset_after(old, burst("data/t", COUNT, 4, end=disconnect_packet()))
+    new = connect(broker.port, client_id)
     new.subscribe("own/t")
     new.publish("own/t", b"mine")
     message = new.expect_publish(READ_S)
@@ -187,6 +194,17 @@ def test_a_takeover_while_draining_wins(broker: BrokerThread) -> None:
         assert packet.payload == str(last + 1).encode()
         last += 1
     new.disconnect()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_the_broker_stops_while_a_connection_drains(
+        make_broker: Callable[..., BrokerThread], caplog: pytest.LogCaptureFixture) -> None:
+    """Stopping ends the draining: no error, no traceback, the broker stops."""
+    broker = make_broker()
+    client = subscriber(broker.port, unique_id("p"), "data/t")
+    reset_after(client, burst("data/t", COUNT, 4, end=disconnect_packet()))
+    broker.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # ---------------------------------------------------------------------------------- TLS
