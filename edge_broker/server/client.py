@@ -21,7 +21,10 @@ Errors reach the wire here and only here: a `RemoteProtocolError` becomes the CO
 DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_bytes`; any other
 exception is a bug, logged with its traceback, and closes this connection only. A reply that
 cannot be encoded closes the connection quietly. After sending a DISCONNECT or a refusing
-CONNACK the connection lingers (`_shut`), so a client still writing reads it.
+CONNACK the connection lingers (`_shut`), so a client still writing reads it. A client that
+closes with complete packets still buffered here (reading paused) has them handled all the
+same, in later turns, with no reply, up to its DISCONNECT; then the session is detached
+(`_drain_turn`).
 
 Security (server/gate.py). A connection over a connection limit is closed at once. At CONNECT
 the gate decides who the client is; a password check runs off the loop, and meanwhile this
