@@ -24,7 +24,7 @@ cannot be encoded closes the connection quietly. After sending a DISCONNECT or a
 CONNACK the connection lingers (`_shut`), so a client still writing reads it. A client that
 closes with complete packets still buffered here (reading paused) has them handled all the
 same, in later turns, with no reply, up to its DISCONNECT; then the session is detached
-(`_drain_turn`).
+(server/drain.py).
 
 Security (server/gate.py). A connection over a connection limit is closed at once. At CONNECT
 the gate decides who the client is; a password check runs off the loop, and meanwhile this
@@ -68,6 +68,7 @@ from ..mqtt.packets import (
 )
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
 from . import client_guard as guard
+from . import drain
 from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
@@ -252,9 +253,9 @@ class ClientHandler(asyncio.Protocol):
             self.app.note_buffered(delta)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Packets it sent before closing are still handled (_drain_turn), unless we closed
+        # Packets it sent before closing are still handled (drain.py), unless we closed
         # first or nothing more is read (its DISCONNECT handled, taken over).
-        drain = not self._closed and self.client_id is not None and not self._close_after_write
+        drains = not self._closed and self.client_id is not None and not self._close_after_write
         turn_pending = self._turn_handle is not None
         self._closed = True
         self._cancel_timers()
@@ -265,11 +266,11 @@ class ClientHandler(asyncio.Protocol):
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
-        if drain:  # this turn's budget may be spent already: then the next one
+        if drains:  # this turn's budget may be spent already: then the next one
             if turn_pending:
-                self._turn_handle = self.app.loop.call_soon(self._drain_turn)
+                self._turn_handle = self.app.loop.call_soon(drain.drain_turn, self)
             else:
-                self._drain_turn()
+                drain.drain_turn(self)
             return
         self._account_buffered()
         app = self.app
@@ -283,70 +284,6 @@ class ClientHandler(asyncio.Protocol):
     def _draining(self) -> bool:
         """The peer is gone and a turn of the packets it sent before is scheduled."""
         return self._closed and self._turn_handle is not None
-
-    def _drain_turn(self) -> None:
-        """One turn after the peer closed: the complete packets it sent before closing (left
-        unread by the turn budget, a pending commit or its quota) are handled in order, at
-        most BATCH_PACKETS per turn, up to and including a DISCONNECT, as if it were still
-        connected, but nothing is sent (the transport is gone). So a DISCONNECT among them
-        discards the will [MQTT-3.14.4-3] (3.1.1, 5.0) and sets a v5 session expiry
-        (3.14.2.2.2 (5.0)); the messages are routed and committed as usual. An incomplete
-        packet is discarded; a malformed one ends the draining. The session is detached
-        after the last turn; a takeover, a kick or the broker stopping ends it earlier."""
-        self._turn_handle = None
-        app = self.app
-        loop = app.loop
-        conn = self._conn
-        throttle = self._throttle
-        replies: list[Packet] = []  # nobody to send them to
-        now = time.time()
-        handled = 0
-        delay = -1.0  # >= 0: packets remain, the next turn is in `delay` s
-        try:
-            while not self._close_after_write:
-                if throttle is not None and throttle.delay(loop.time()) > 0:
-                    delay = min(throttle.delay(loop.time()), guard.MAX_THROTTLE_S)
-                    break
-                if handled == BATCH_PACKETS:
-                    delay = 0.0
-                    break
-                packet = conn.next_event()
-                if packet is None:
-                    break
-                handled += 1
-                self._handle(packet, replies, now)
-                replies.clear()
-                if throttle is not None and isinstance(packet, Publish):
-                    throttle.charge(len(packet.payload) + len(packet.topic), loop.time())
-        except RemoteProtocolError as error:
-            log.info("%s (%s) closed; its last packets end in: %s [%s]", self.client_id,
-                     self.peer, error.message, error.reason_code.name)
-            app.metrics.protocol_errors += 1
-        except Exception:
-            log.exception("internal error handling a packet from %s (%s) after it closed",
-                          self.client_id, self.peer)
-        app.metrics.packets_received += handled
-        if delay == 0.0:
-            self._turn_handle = loop.call_soon(self._drain_turn)
-        elif delay > 0:
-            self._turn_handle = loop.call_later(delay, self._drain_turn)
-        else:
-            self._stop_draining()
-        if handled or delay < 0:
-            app.finish_batch(None, [])
-        self._account_buffered()
-
-    def _stop_draining(self) -> None:
-        """The draining is over (or cut short): the rest is discarded, the session detached.
-        The caller commits."""
-        if self._turn_handle is not None:
-            self._turn_handle.cancel()
-            self._turn_handle = None
-        self._account_buffered()
-        app = self.app
-        app.connection_closed(self)
-        app.detach(self, reason_code=self._disconnect_reason,
-                   session_expiry_interval=self._session_expiry_on_disconnect)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -472,7 +409,7 @@ class ClientHandler(asyncio.Protocol):
         `linger=False` closes right after the DISCONNECT (the broker stopping)."""
         if self._closed:
             if self._draining:  # what it sent before closing is not handled any further
-                self._stop_draining()
+                drain.stop_draining(self)
                 self.app.finish_batch(None, [])
             return
         data = b""
@@ -492,7 +429,7 @@ class ClientHandler(asyncio.Protocol):
         here, and the connection closes (v5: DISCONNECT 0x8E) once they are out."""
         if self._closed:
             if self._draining:  # the new connection wins: the old one's packets are dropped
-                self._stop_draining()  # committed with the new connection's batch
+                drain.stop_draining(self)  # committed with the new connection's batch
             return
         if not self._pending_commits:
             self.kick(ReasonCode.SESSION_TAKEN_OVER)
