@@ -32,6 +32,7 @@ from tests.integration.rawclient import (
     connect,
     connect_packet,
     disconnect_packet,
+    props,
     publish_packet,
     subscriber,
     unique_id,
@@ -134,6 +135,24 @@ def test_a_reset_while_reading_is_paused_loses_nothing_already_read(broker: Brok
                               end=disconnect_packet(0x00 if version == 5 else None)))
     expect_in_order(watcher, "data/t", count)
     expect_no_will(watcher)  # [MQTT-3.14.4-3] (3.1.1, 5.0)
+
+
+def test_v5_disconnect_session_expiry_applies_when_drained(broker: BrokerThread) -> None:
+    """3.14.2.2.2 (5.0): the Session Expiry Interval of a DISCONNECT the broker handles
+    after the connection was lost still applies (here 0: the session ends)."""
+    client_id = unique_id("e")
+    watcher = subscriber(broker.port, unique_id("sub"), "data/t", version=5)
+    client = subscriber(broker.port, client_id, "data/t", version=5, clean=False,
+                        properties=props(session_expiry_interval=300))
+    count = 3 * BATCH_PACKETS + 5
+    reset_after(client, burst("data/t", count, 5,
+                              end=disconnect_packet(0x00, props(session_expiry_interval=0))))
+    expect_in_order(watcher, "data/t", count)
+    watcher.ping()  # the detach follows the last message in the same turn
+    again = connect(broker.port, client_id, version=5, clean=False,
+                    properties=props(session_expiry_interval=300))
+    assert again.connack.session_present is False
+    again.disconnect()
 
 
 def test_nothing_after_the_disconnect_is_handled(broker: BrokerThread) -> None:
