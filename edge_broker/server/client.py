@@ -21,7 +21,10 @@ Errors reach the wire here and only here: a `RemoteProtocolError` becomes the CO
 DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_bytes`; any other
 exception is a bug, logged with its traceback, and closes this connection only. A reply that
 cannot be encoded closes the connection quietly. After sending a DISCONNECT or a refusing
-CONNACK the connection lingers (`_shut`), so a client still writing reads it.
+CONNACK the connection lingers (`_shut`), so a client still writing reads it. A client that
+closes with complete packets still buffered here (reading paused) has them handled all the
+same, in later turns, with no reply, up to its DISCONNECT; then the session is detached
+(server/drain.py).
 
 Security (server/gate.py). A connection over a connection limit is closed at once. At CONNECT
 the gate decides who the client is; a password check runs off the loop, and meanwhile this
@@ -65,6 +68,7 @@ from ..mqtt.packets import (
 )
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
 from . import client_guard as guard
+from . import drain
 from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
@@ -242,13 +246,17 @@ class ClientHandler(asyncio.Protocol):
         return self._buffered
 
     def _account_buffered(self) -> None:
-        size = 0 if self._closed else self._conn.buffered_bytes
+        size = 0 if self._closed and not self._draining else self._conn.buffered_bytes
         delta = size - self._buffered
         if delta:
             self._buffered = size
             self.app.note_buffered(delta)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Packets it sent before closing are still handled (drain.py), unless we closed
+        # first or nothing more is read (its DISCONNECT handled, taken over).
+        drains = not self._closed and self.client_id is not None and not self._close_after_write
+        turn_pending = self._turn_handle is not None
         self._closed = True
         self._cancel_timers()
         self.app.gate.release(self)
@@ -258,6 +266,12 @@ class ClientHandler(asyncio.Protocol):
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
+        if drains:  # this turn's budget may be spent already: then the next one
+            if turn_pending:
+                self._turn_handle = self.app.loop.call_soon(drain.drain_turn, self)
+            else:
+                drain.drain_turn(self)
+            return
         self._account_buffered()
         app = self.app
         app.connection_closed(self)
@@ -265,6 +279,11 @@ class ClientHandler(asyncio.Protocol):
             app.detach(self, reason_code=self._disconnect_reason,
                        session_expiry_interval=self._session_expiry_on_disconnect)
             app.finish_batch(None, [])
+
+    @property
+    def _draining(self) -> bool:
+        """The peer is gone and a turn of the packets it sent before is scheduled."""
+        return self._closed and self._turn_handle is not None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -389,6 +408,9 @@ class ClientHandler(asyncio.Protocol):
         """The server ends this connection (takeover, shutdown, keep-alive timeout, memory).
         `linger=False` closes right after the DISCONNECT (the broker stopping)."""
         if self._closed:
+            if self._draining:  # what it sent before closing is not handled any further
+                drain.stop_draining(self)
+                self.app.finish_batch(None, [])
             return
         data = b""
         if self._conn.protocol_level == ProtocolLevel.MQTT_5 and self.client_id is not None:
@@ -406,6 +428,8 @@ class ClientHandler(asyncio.Protocol):
         storm of takeovers keeps completing handshakes; nothing more is read or delivered
         here, and the connection closes (v5: DISCONNECT 0x8E) once they are out."""
         if self._closed:
+            if self._draining:  # the new connection wins: the old one's packets are dropped
+                drain.stop_draining(self)  # committed with the new connection's batch
             return
         if not self._pending_commits:
             self.kick(ReasonCode.SESSION_TAKEN_OVER)
