@@ -263,21 +263,15 @@ def tls_client(port: int, pki: Pki, client_id: str, version: int, *,
     return client
 
 
-UVLOOP_TLS_EOF = pytest.mark.xfail(
-    reason="uvloop 0.23's SSL layer ends the connection at a TCP EOF without close_notify "
-           "and discards the decrypted data it has not delivered yet (sslproto.pyx "
-           "eof_received): what the broker had received is kept, the rest is lost there",
-    strict=False)
-
-
-@pytest.mark.parametrize("uvloop", [False, pytest.param(True, marks=UVLOOP_TLS_EOF)],
-                         ids=["asyncio", "uvloop"])
+# Only the standard event loop: uvloop 0.23's SSL layer ends the connection at a TCP EOF
+# without close_notify and discards the decrypted data it has not delivered yet (sslproto.pyx
+# eof_received), so under uvloop what the broker had received is kept and the rest is lost
+# before the broker sees it (docs/security.md, "Known limits").
+@pytest.mark.parametrize("uvloop", [False], ids=["asyncio"])
 @both_versions
 def test_tls_burst_then_disconnect_and_close_loses_nothing(
         start_tls: Callable[[bool], BrokerThread], pki: Pki, version: int,
         uvloop: bool) -> None:
-    if uvloop:
-        pytest.importorskip("uvloop")
     broker = start_tls(uvloop)
     watcher = tls_client(broker.port, pki, unique_id("sub"), version)
     watcher.subscribe("burst/t", "will/#")
