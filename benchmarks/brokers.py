@@ -303,9 +303,11 @@ def _wait_ready(rb: RunningBroker, timeout_s: float) -> None:
 
 def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
           edge_durability: str | None = None, edge_persistence: str | None = None,
-          latency: bool = False, ready_timeout_s: float = 20.0) -> RunningBroker:
+          latency: bool = False, ready_timeout_s: float = 20.0,
+          extra_config: str = "") -> RunningBroker:
     """Start `name` on a free port and wait until it answers CONNECT. `latency` = the
-    scenario measures latency (mosquitto then gets set_tcp_nodelay true)."""
+    scenario measures latency (mosquitto then gets set_tcp_nodelay true). `extra_config` is
+    appended to mosquitto's or edge-broker's configuration file (S11: a bridge)."""
     why = available(name, edge_cmd)
     if why:
         raise BrokerUnavailable(why)
@@ -317,7 +319,8 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
     config_path: Path | None
     if name == "mosquitto":
         config_path = workdir / "mosquitto.conf"
-        config_path.write_text(mosquitto_config(port, workdir, latency=latency))
+        config_path.write_text(mosquitto_config(port, workdir, latency=latency) + "\n"
+                               + extra_config)
         cmd = [mosquitto_path() or "mosquitto", "-c", str(config_path)]
         settings = dict(MOSQUITTO_SETTINGS)
         settings["set_tcp_nodelay"] = "false (S6, S10: true)"
@@ -331,7 +334,8 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
         data_dir = workdir / "data"
         data_dir.mkdir()
         config_path = workdir / "edge-broker.toml"
-        config_path.write_text(edge_config(port, data_dir, edge_durability, edge_persistence))
+        config_path.write_text(edge_config(port, data_dir, edge_durability, edge_persistence)
+                               + "\n" + extra_config)
         cmd = edge_command(edge_cmd or EDGE_DEFAULT_CMD, port=port, config=config_path,
                            data_dir=data_dir)
         env = _edge_env()
