@@ -74,11 +74,13 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_NOT_FOUND
     if args.json:
-        print(json.dumps({"bridges": bridges}, indent=2, default=str))
+        print(json.dumps(dict(reply, bridges=bridges), indent=2, default=str))
     elif not bridges:
         print("no bridges configured")
     else:
-        print("\n\n".join(render(b) for b in bridges))
+        head = (f"gateway {reply.get('gateway_id', '?')}, store id "
+                f"{reply.get('store_id', '?')}\n\n")
+        print(head + "\n\n".join(render(b) for b in bridges))
     return 0
 
 
@@ -115,49 +117,54 @@ def _age(seconds: Any) -> str:
 
 
 _SHOWN: Final = {
-    "name", "kind", "connected", "state", "reason", "why", "server", "cursor",
-    "backlog_messages", "backlog_bytes", "oldest_age_s", "oldest_at", "forwarded_per_s",
-    "forwarded", "dropped", "dropped_messages", "dropped_bytes", "last_error",
-    "last_error_at", "max_backlog_bytes", "downlink", "downlinked", "unrouted",
+    "name", "kind", "enabled", "connected", "cursor", "backlog_messages", "backlog_bytes",
+    "backlog_oldest_age_s", "forwarded", "forwarded_per_s", "failures", "last_error",
+    "last_error_at", "dropped", "downlink_connected", "downlink_published",
+    "downlink_duplicates", "downlink_denied", "max_backlog_bytes",
 }
 
 
+def _ago(moment: Any) -> str:
+    if not isinstance(moment, int | float):
+        return ""
+    return f" ({_age(max(0.0, time.time() - moment))} ago)"
+
+
 def render(status: dict[str, Any]) -> str:
-    """One bridge's block (the keys of the `bridges` admin command's answer)."""
+    """One bridge's block, from its entry in the `bridges` admin command's answer
+    (server/bridges.py BridgeStatus)."""
     name = status.get("name", "?")
-    connected = bool(status.get("connected"))
-    why = _first(status, "reason", "why", "state")
-    link = "connected" if connected else "NOT connected"
-    server = status.get("server")
-    if connected and server:
-        link += f" to {server}"
-    if not connected and why:
-        link += f": {why}"
-    oldest = status.get("oldest_age_s")
-    if oldest is None and isinstance(status.get("oldest_at"), int | float):
-        oldest = max(0.0, time.time() - status["oldest_at"])
+    error = status.get("last_error")
+    if not status.get("enabled", True):
+        link = "disabled (enabled = false)"
+    elif status.get("connected"):
+        link = "connected"
+    else:
+        link = "NOT connected" + (f": {error}" if error else " (connecting)")
     bound = status.get("max_backlog_bytes")
     backlog = (f"{_n(status.get('backlog_messages'))} messages, "
                f"{_bytes(status.get('backlog_bytes'))}"
                + (f" of {_bytes(bound)}" if bound else "")
-               + f", oldest {_age(oldest)}")
+               + f", oldest {_age(status.get('backlog_oldest_age_s'))}")
     rate = status.get("forwarded_per_s")
     lines = [
         f"bridge {name} ({status.get('kind', '?')})",
-        f"  link        {link}",
-        f"  cursor      {_n(status.get('cursor'))}",
+        f"  uplink      {link}",
+        f"  cursor      {_n(status.get('cursor'))} (log offset acknowledged upstream)",
         f"  backlog     {backlog}",
         f"  forwarded   {_n(status.get('forwarded'))} total, "
         f"{'-' if rate is None else f'{rate:,.1f}'}/s",
-        f"  dropped     {_n(_first(status, 'dropped_messages', 'dropped'))} messages"
-        + (f", {_bytes(status['dropped_bytes'])}" if "dropped_bytes" in status else ""),
+        f"  dropped     {_n(status.get('dropped'))} messages (max_backlog_bytes)",
+        f"  failures    {_n(status.get('failures'))} connection or send attempts failed",
+        f"  last error  {error + _ago(status.get('last_error_at')) if error else 'none'}",
     ]
-    if "downlinked" in status:
-        lines.append(f"  downlink    {_n(status['downlinked'])} messages published locally")
-    if status.get("unrouted"):
-        lines.append(f"  unrouted    {_n(status['unrouted'])} (no topic_map entry matched)")
-    error = status.get("last_error")
-    lines.append(f"  last error  {error if error else 'none'}")
+    if "downlink_connected" in status and (
+            status.get("downlink_connected") or status.get("downlink_published")):
+        lines.append(
+            f"  downlink    {'connected' if status['downlink_connected'] else 'NOT connected'}"
+            f", {_n(status.get('downlink_published'))} published locally, "
+            f"{_n(status.get('downlink_duplicates'))} duplicates skipped, "
+            f"{_n(status.get('downlink_denied'))} denied by the ACL")
     for key in sorted(set(status) - _SHOWN):
         lines.append(f"  {key.replace('_', ' ')}: {status[key]}")
     return "\n".join(lines)

@@ -28,18 +28,20 @@ def test_no_broker_running_exits_3_saying_so(tmp_path: Path) -> None:
 
 
 def test_one_block_per_bridge_says_why_it_is_not_connected() -> None:
-    text = render({"name": "central", "kind": "jetstream", "connected": False,
-                   "reason": "connection refused by nats://10.0.0.5:4222",
-                   "cursor": 1200, "backlog_messages": 3400, "backlog_bytes": 2_500_000,
-                   "oldest_age_s": 95.0, "forwarded": 1200, "forwarded_per_s": 0.0,
-                   "dropped_messages": 7, "last_error": "BridgeError: timeout",
-                   "max_backlog_bytes": 536870912})
+    text = render({"name": "central", "kind": "jetstream", "enabled": True,
+                   "connected": False, "cursor": 1200, "backlog_messages": 3400,
+                   "backlog_bytes": 2_500_000, "backlog_oldest_age_s": 95.0,
+                   "forwarded": 1200, "forwarded_per_s": 0.0, "failures": 4,
+                   "last_error": "BridgeError: cannot connect to nats://10.0.0.5:4222",
+                   "last_error_at": None, "dropped": 7, "downlink_connected": False,
+                   "downlink_published": 0, "downlink_duplicates": 0, "downlink_denied": 0})
     assert text.splitlines() == [
         "bridge central (jetstream)",
-        "  link        NOT connected: connection refused by nats://10.0.0.5:4222",
-        "  cursor      1,200",
-        "  backlog     3,400 messages, 2.4 MB of 512.0 MB, oldest 95.0 s",
+        "  uplink      NOT connected: BridgeError: cannot connect to nats://10.0.0.5:4222",
+        "  cursor      1,200 (log offset acknowledged upstream)",
+        "  backlog     3,400 messages, 2.4 MB, oldest 95.0 s",
         "  forwarded   1,200 total, 0.0/s",
-        "  dropped     7 messages",
-        "  last error  BridgeError: timeout",
+        "  dropped     7 messages (max_backlog_bytes)",
+        "  failures    4 connection or send attempts failed",
+        "  last error  BridgeError: cannot connect to nats://10.0.0.5:4222",
     ]
