@@ -377,8 +377,8 @@ class BrokerCore(StreamRouting):
             return True
         if packet.retain and packet.payload and self.settings.retain_available:
             return True
-        if packet.qos and self.streams and self.streams_of(packet.topic):
-            return True  # a stream records it
+        if packet.qos and self.streams_of(packet.topic):
+            return True  # a stream or a bridge's uplink records it
         normal, groups = self.router.match(packet.topic)
         sessions = self.sessions
         queue_qos0 = self.settings.queue_qos0_messages

@@ -179,10 +179,23 @@ class StreamCursorSaved:
     position: str
 
 
+@dataclass(slots=True, unsafe_hash=True)
+class DownlinkPosition:
+    """A bridge's remote position (JetStream stream sequence, Kafka offset per
+    "<topic>:<partition>", an MQTT QoS 2 packet identifier held until PUBREL), written in the
+    same transaction as the message published locally with it (core/downlink.py), so a crash
+    between the local commit and the remote acknowledgement neither loses nor doubles it.
+    `position` < 0 forgets the source (an MQTT packet identifier released)."""
+
+    bridge: str
+    source: str
+    position: int
+
+
 Change = (
     SessionSaved | SessionDeleted | SubscriptionSaved | SubscriptionDeleted | MessageSaved
     | DeliverySaved | DeliveryDeleted | Qos2Received | Qos2Released | RetainedSaved
-    | RetainedDeleted | LogAppended | StreamCursorSaved
+    | RetainedDeleted | LogAppended | StreamCursorSaved | DownlinkPosition
 )
 
 

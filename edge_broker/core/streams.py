@@ -181,6 +181,8 @@ class StreamRouting(QueueBounds):
         self._replaying: set[str] = set()  # sessions with a history to replay
         self._stream_marking: StreamSub | None = None  # set while _deliver_stream runs
         self.stream_full: Callable[[], bool] = _never
+        # Bridges' uplink filters (core/downlink.py set_uplinks): recorded like a stream's.
+        self.uplinks: dict[str, tuple[str, ...]] = {}  # reader name -> topic filters
 
     def set_streams(self, streams: Iterable[tuple[str, str]]) -> None:
         """The configured streams, (name, topic filter); before `restore`."""
@@ -189,9 +191,14 @@ class StreamRouting(QueueBounds):
         for name, topic_filter in self.streams.items():
             self._stream_router.subscribe(SubscriptionRecord(name, topic_filter, 0),
                                           topic_filter)
+        for name, filters in self.uplinks.items():
+            for topic_filter in filters:
+                self._stream_router.subscribe(SubscriptionRecord(name, topic_filter, 0),
+                                              topic_filter)
 
     def streams_of(self, topic: str) -> list[str]:
-        if not self.streams:
+        """The streams and bridge uplinks (reader names) that record a topic."""
+        if not self.streams and not self.uplinks:
             return []
         records, _ = self._stream_router.match(topic)
         return [r.client_id for r in records]
@@ -201,7 +208,7 @@ class StreamRouting(QueueBounds):
     def _stream_append(self, message: Message) -> bool:
         """Record the message in the log if a stream takes it. True if one does (even when
         a QoS 0 message was dropped because the store is full)."""
-        if not self.streams:
+        if not self.streams and not self.uplinks:
             return False
         records, _ = self._stream_router.match(message.topic)
         if not records:

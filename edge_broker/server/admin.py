@@ -188,6 +188,8 @@ class AdminServer:
         if command == "status.show":
             observer = app.observer
             return {"status": observer.status(), "metrics": observer.flat_metrics()}
+        if command == "bridges":
+            return app.bridges.to_dict()
         if isinstance(command, str) and command.startswith("streams."):
             return await stream_request(app, command, request)
         if command == "publish":  # edge-broker replay --bridge NAME --republish PREFIX

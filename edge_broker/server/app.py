@@ -123,6 +123,10 @@ class BrokerApp:
         self.http_address: tuple[str, int] | None = None
         self.streams = StreamReplay(self)  # named streams: history pages for $stream/ subs
         self.streams.setup()
+        from .bridges import BridgeManager  # here: keeps the import block to its owners
+
+        self.bridges = BridgeManager(self)  # [[bridges]]: uplink readers, downlink (bridges.py)
+        self.bridges.setup()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -141,7 +145,9 @@ class BrokerApp:
             await self._admin.start()
             await self._listen()
             await self._start_http()
+            await self.bridges.start()
         except BaseException:
+            await self.bridges.close()
             await self._close_servers()
             if self.http is not None:
                 await self.http.close()
@@ -295,6 +301,7 @@ class BrokerApp:
             await self.http.close()
         await self._admin.close()
         await self.streams.close()
+        await self.bridges.close()
         await self.store.close()
         self.gate.close()
         self._lock.release()
@@ -493,6 +500,7 @@ class BrokerApp:
         now = time.time()
         values = sys_topics(self.core, self.metrics, version=self._version,
                             uptime_s=now - self.started_at)
+        values.update(self.bridges.sys_topics())
         for topic, value in values.items():
             if self._sys_last.get(topic) != value:
                 self.core.publish_internal(topic, value.encode(), now=now, retain=True)

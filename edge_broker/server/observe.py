@@ -230,6 +230,7 @@ class Observer:
         families.append(self.commit_latency.family(
             "edge_broker_commit_latency_seconds",
             "From handing a batch to the store to its commit."))
+        families.extend(app.bridges.families())
         cpu = os.times()
         families.append(Family("process_cpu_seconds_total", "counter",
                                "User and system CPU time.").add(cpu.user + cpu.system))

@@ -59,6 +59,10 @@ def test_imports_point_down_the_layers(module: Path) -> None:
         if target == "config":
             assert part not in {"mqtt", "core"}, where
             continue
+        if part == "config" and name == "edge_broker.bridge.config":
+            # The one exception to "config is a leaf": load_config parses [[bridges]] with
+            # the bridges' own schema (imported inside load_config, when the table is there).
+            continue
         assert part not in LEAVES, f"{where}: config and errors must stay leaves"
         assert RANK[target] < RANK[part], f"{where}: against the dependency direction"
 

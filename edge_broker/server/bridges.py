@@ -1,0 +1,463 @@
+"""Bridges inside the broker: start them with it, stop them with it, show how they are doing.
+
+Theory of operation (docs/bridges.md "Inside the broker" is the short form for users).
+
+*Uplink.* Each enabled bridge is a reader of the store's log named `bridge:<name>` whose
+filters are its uplink filters (store/log/bridges.py). `setup()` (in `BrokerApp.__init__`)
+gives the core those filters (core/downlink.py `set_uplinks`): every message they match is
+recorded in the log in the batch that accepted it, QoS 0 included, and a QoS 1/2 message
+that only a bridge takes is acknowledged 0x00 after that batch committed. `start()` (after
+the store opened) makes or updates the readers and runs one `Forwarder` per bridge
+(bridge/forward.py) over a `StoreLogReader` (server/bridge_log.py): pages are read on the
+store's thread, the wait for new rows is woken by the store's group commits, and the cursor
+is committed only after the remote side acknowledged, so it survives restarts and crashes
+(at least once; JetStream and Kafka consumers recognise a resend by its message id
+`<gateway_id>-<store_id>-<offset>`). A bridge whose backlog exceeds `max_backlog_bytes` has
+its oldest rows skipped (counted in `dropped`, logged at most every 10 s); retention never
+deletes a row a bridge has not passed otherwise.
+
+*Downlink.* Messages from the remote side (JetStream durable pull consumer, Kafka consumer
+group, MQTT subscriptions) are published locally as the client id `downlink_identity`
+(default `bridge-<name>`) with the username `bridge:<name>`, which is what an ACL file names
+(`user bridge:central` / `topic write cmd/#`); a message the ACL refuses is acknowledged
+remotely, counted (`downlink_denied`) and logged, not published. The remote position goes
+into the same batch as the message (a `DownlinkPosition` change), so one transaction stores
+both; only then is the remote side acknowledged. After a crash between the two the remote
+redelivers: a position not above the stored one is acknowledged and not published again.
+MQTT QoS 2: the packet identifier is stored with the message and forgotten at PUBREL; QoS 1
+over MQTT is at least once (the protocol gives no position to compare).
+
+*Visibility.* `status()` gives one `BridgeStatus` per bridge (`to_dict()` for the admin
+socket command `bridges`), `sys_topics()` the `$SYS/broker/bridges/<name>/...` values and
+`families()` the Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..bridge.base import Backoff, DownlinkMessage, DownlinkSource, Sink
+from ..bridge.config import BridgeConfig, require_extras
+from ..bridge.forward import Forwarder
+from ..core.downlink import forget_downlink_position, publish_downlink, set_uplinks
+from ..errors import StoreError
+from ..mqtt.properties import NO_PROPERTIES, Properties
+from ..mqtt.topics import is_valid_topic_name
+from ..store.log.bridges import reader_name
+from .bridge_log import StoreLogReader
+from .prometheus import Family
+
+if TYPE_CHECKING:
+    from ..store.log.bridge_store import BridgeStoreSide
+    from .app import BrokerApp
+
+log = logging.getLogger("edge_broker.bridges")
+
+DROP_LOG_INTERVAL_S = 10.0
+RATE_WINDOW_S = 5.0  # forwarded per second: averaged over at least this long
+
+
+@dataclass(slots=True)
+class BridgeStatus:
+    """What `edge-broker bridges status`, $SYS and /metrics show for one bridge."""
+
+    name: str
+    kind: str
+    enabled: bool
+    connected: bool = False
+    cursor: int = 0
+    backlog_messages: int = 0
+    backlog_bytes: int = 0
+    backlog_oldest_age_s: float = 0.0
+    forwarded: int = 0
+    forwarded_per_s: float = 0.0
+    failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    dropped: int = 0
+    downlink_connected: bool = False
+    downlink_published: int = 0
+    downlink_duplicates: int = 0
+    downlink_denied: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Bridge:
+    """One configured bridge: its forwarder, its downlink, its figures."""
+
+    def __init__(self, manager: BridgeManager, config: BridgeConfig) -> None:
+        self.manager = manager
+        self.config = config
+        self.status = BridgeStatus(config.name, config.kind, config.enabled)
+        self.reader: StoreLogReader | None = None
+        self.forwarder: Forwarder | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.username = f"bridge:{config.name}"
+        self._mqtt_downlink: asyncio.Task[None] | None = None
+        self._rate_sample = (time.monotonic(), 0)
+        self._dropping = False
+        self._drops_logged = 0
+        self._drops_logged_at = -1e18
+
+    # -- start, stop ----------------------------------------------------------------------
+
+    def start(self, side: BridgeStoreSide, cursor: int) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        forwarding = bool(config.uplink) or config.kind == "mqtt"
+        if forwarding:
+            self.reader = StoreLogReader(side, config.name)
+            backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+            self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
+                                       window=config.window, backoff=backoff,
+                                       name=config.name)
+            self.tasks.append(loop.create_task(self.forwarder.run(),
+                                               name=f"bridge {config.name} uplink"))
+            side.listen(self._check_backlog)
+            self._check_backlog(0)
+        if config.downlink and config.kind != "mqtt":
+            self.tasks.append(loop.create_task(self._downlink_loop(),
+                                               name=f"bridge {config.name} downlink"))
+
+    async def close(self) -> None:
+        side = self.manager.side
+        if side is not None:
+            side.unlisten(self._check_backlog)
+        tasks = [t for t in (*self.tasks, self._mqtt_downlink) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.reader is not None:
+            self.reader.close()
+
+    # -- uplink ---------------------------------------------------------------------------
+
+    def _make_sink(self) -> Sink:
+        config = self.config
+        manager = self.manager
+        if config.kind == "jetstream":
+            from ..bridge.jetstream import JetStreamSink
+
+            return JetStreamSink(config, gateway_id=manager.gateway_id,
+                                 store_id=manager.store_id)
+        if config.kind == "kafka":
+            from ..bridge.kafka import KafkaSink
+
+            return KafkaSink(config, gateway_id=manager.gateway_id, store_id=manager.store_id)
+        from ..bridge.mqtt_upstream import MqttUpstream
+
+        upstream = MqttUpstream(config)
+        upstream.on_release = lambda packet_id: self._mqtt_released(upstream, packet_id)
+        # One connection carries both directions: its downlink is read while it is the
+        # forwarder's sink (the next one replaces it after a reconnect).
+        if self._mqtt_downlink is not None:
+            self._mqtt_downlink.cancel()
+        if config.downlink:
+            self._mqtt_downlink = asyncio.get_running_loop().create_task(
+                self._consume(upstream), name=f"bridge {config.name} downlink")
+        return upstream
+
+    def _check_backlog(self, _offset: int) -> None:
+        """After a commit: over `max_backlog_bytes`, skip the oldest rows (one task at once)."""
+        limit = self.config.max_backlog_bytes
+        side = self.manager.side
+        if not limit or self._dropping or side is None:
+            return
+        reader = side.reader(self.config.name)
+        if reader is None or reader.backlog_bytes <= limit:
+            return
+        self._dropping = True
+        task = asyncio.get_running_loop().create_task(self._drop(side, limit))
+        self.tasks.append(task)
+        task.add_done_callback(self._dropped_done)
+
+    def _dropped_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self.tasks.remove(task)
+
+    async def _drop(self, side: BridgeStoreSide, limit: int) -> None:
+        try:
+            while True:
+                skipped = await side.drop(self.config.name, limit)
+                reader = side.reader(self.config.name)
+                if not skipped.count or reader is None or reader.backlog_bytes <= limit:
+                    break
+        except StoreError as error:
+            log.error("bridge %s: cannot drop the oldest of its backlog: %s",
+                      self.config.name, error)
+        finally:
+            self._dropping = False
+        self._log_drops()
+
+    def _log_drops(self) -> None:
+        reader = self.manager.side.reader(self.config.name) if self.manager.side else None
+        if reader is None or reader.dropped == self._drops_logged:
+            return
+        now = time.monotonic()
+        if now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
+            return
+        log.warning("bridge %s: backlog over max_backlog_bytes (%d): %d oldest message(s) "
+                    "dropped (%d in all)", self.config.name, self.config.max_backlog_bytes,
+                    reader.dropped - self._drops_logged, reader.dropped)
+        self._drops_logged = reader.dropped
+        self._drops_logged_at = now
+
+    # -- downlink -------------------------------------------------------------------------
+
+    async def _downlink_loop(self) -> None:
+        config = self.config
+        backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+        while True:
+            source = self._make_downlink()
+            try:
+                await source.start()  # type: ignore[attr-defined]
+                self.status.downlink_connected = True
+                backoff.reset()
+                await self._consume(source)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._error(exc, "downlink")
+            finally:
+                self.status.downlink_connected = False
+                with contextlib.suppress(Exception):
+                    await source.close()
+            await asyncio.sleep(backoff.next_delay())
+
+    def _make_downlink(self) -> DownlinkSource:
+        if self.config.kind == "jetstream":
+            from ..bridge.jetstream import JetStreamDownlink
+
+            return JetStreamDownlink(self.config)
+        from ..bridge.kafka import KafkaDownlink
+
+        return KafkaDownlink(self.config)
+
+    async def _consume(self, source: DownlinkSource) -> None:
+        async for message in source.messages():
+            await self._take(source, message)
+
+    async def _take(self, source: DownlinkSource, message: DownlinkMessage) -> None:
+        manager = self.manager
+        app = manager.app
+        status = self.status
+        name = self.config.name
+        key_source, position = self._position_key(message)
+        stored = manager.positions.get((name, key_source)) if key_source else None
+        if stored is not None and position <= stored:
+            status.downlink_duplicates += 1  # committed before a crash: not again
+            await source.ack(message)
+            return
+        topic = message.topic
+        identity = self.config.downlink_identity
+        acl = app.gate.acl
+        if not is_valid_topic_name(topic) or topic.startswith("$"):
+            allowed = False
+        else:
+            allowed = acl is None or acl.can_publish(topic, username=self.username,
+                                                     client_id=identity)
+        if not allowed:
+            status.downlink_denied += 1
+            log.warning("bridge %s: downlink message on %r not published: not a topic %s "
+                        "may write", name, topic, self.username)
+            await source.ack(message)
+            return
+        properties: Properties = NO_PROPERTIES
+        if message.user_properties:
+            properties = Properties(user_properties=tuple(message.user_properties))
+        publish_downlink(app.core, topic, message.payload, message.qos, message.retain,
+                         properties, origin=identity, now=time.time(), bridge=name,
+                         source=key_source, position=position)
+        await app.commit()  # the message and its position, one transaction
+        if key_source:
+            manager.positions[(name, key_source)] = position
+        status.downlink_published += 1
+        await source.ack(message)
+
+    def _position_key(self, message: DownlinkMessage) -> tuple[str, int]:
+        """(source to store, position); ("", 0) when there is none (MQTT QoS 0/1)."""
+        if self.config.kind != "mqtt":
+            return message.source, message.position
+        if message.qos == 2:
+            # Held from the local commit until PUBREL: a resend with it is a duplicate.
+            return f"{message.source}#{message.position}", 0
+        return "", 0
+
+    def _mqtt_released(self, upstream: Any, packet_id: int) -> None:
+        key = f"{upstream.source}#{packet_id}"
+        manager = self.manager
+        if manager.positions.pop((self.config.name, key), None) is None:
+            return
+        forget_downlink_position(manager.app.core, self.config.name, key)
+        manager.app.finish_batch(None, [])
+
+    # -- figures --------------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, where: str) -> None:
+        status = self.status
+        status.failures += 1
+        status.last_error = f"{where}: {type(exc).__name__}: {exc}"
+        status.last_error_at = time.time()
+        log.warning("bridge %s: %s; retrying", self.config.name, status.last_error)
+
+    def refresh(self) -> BridgeStatus:
+        status = self.status
+        side = self.manager.side
+        forwarder = self.forwarder
+        if forwarder is not None:
+            fs = forwarder.status
+            status.connected = fs.connected
+            status.cursor = fs.cursor
+            status.forwarded = fs.forwarded
+            if fs.last_error_at is not None and (
+                    status.last_error_at is None or fs.last_error_at >= status.last_error_at):
+                status.last_error = fs.last_error
+                status.last_error_at = fs.last_error_at
+            status.failures = max(status.failures, fs.failures)
+        else:
+            status.connected = status.downlink_connected
+        reader = side.reader(self.config.name) if side is not None else None
+        if reader is not None:
+            status.cursor = max(status.cursor, reader.offset)
+            status.backlog_messages = reader.backlog_count
+            status.backlog_bytes = reader.backlog_bytes
+            status.dropped = reader.dropped
+        oldest = self.reader.oldest_at if self.reader is not None else None
+        status.backlog_oldest_age_s = (max(0.0, time.time() - oldest)
+                                       if oldest is not None and status.backlog_messages
+                                       else 0.0)
+        now = time.monotonic()
+        then, count = self._rate_sample
+        if now - then >= RATE_WINDOW_S:
+            status.forwarded_per_s = (status.forwarded - count) / (now - then)
+            self._rate_sample = (now, status.forwarded)
+        self._log_drops()
+        return status
+
+
+class BridgeManager:
+    """Every configured bridge of a broker (see the module docstring)."""
+
+    def __init__(self, app: BrokerApp) -> None:
+        self.app = app
+        self.configs = app.config.bridges
+        self.gateway_id = app.config.broker.gateway_id
+        self.store_id = ""
+        self.side: BridgeStoreSide | None = None
+        self.bridges: dict[str, Bridge] = {c.name: Bridge(self, c) for c in self.configs}
+        # (bridge, source) -> the last remote position published locally
+        self.positions: dict[tuple[str, str], int] = {}
+
+    def setup(self) -> None:
+        """Tell the core the uplink filters of the enabled bridges (BrokerApp.__init__)."""
+        enabled = [c for c in self.configs if c.enabled]
+        if not enabled:
+            return
+        if getattr(self.app.store, "bridges", None) is None:
+            log.warning("[[bridges]] need [storage] persistence = \"sqlite\": %d bridge(s) "
+                        "not started", len(enabled))
+            return
+        set_uplinks(self.app.core, [(reader_name(c.name), c.uplink) for c in enabled])
+
+    async def start(self) -> None:
+        """After the store opened: import the extras, make the readers, start the bridges."""
+        app = self.app
+        enabled = [c for c in self.configs if c.enabled]
+        side: BridgeStoreSide | None = getattr(app.store, "bridges", None)
+        if side is None:
+            return
+        # One line naming the `pip install` when nats-py / aiokafka is missing.
+        require_extras(self.configs, file=app.config.source)
+        self.side = side
+        self.store_id = side.store_id
+        cursors = await side.setup([(c.name, c.uplink) for c in enabled])
+        self.positions = await side.positions()
+        for config in enabled:
+            self.bridges[config.name].start(side, cursors[config.name])
+            log.info("bridge %s (%s) started: cursor %d, servers %s", config.name, config.kind,
+                     cursors[config.name], ", ".join(config.servers))
+
+    async def close(self) -> None:
+        for bridge in self.bridges.values():
+            await bridge.close()
+
+    # -- figures --------------------------------------------------------------------------
+
+    def status(self) -> list[BridgeStatus]:
+        return [bridge.refresh() for bridge in self.bridges.values()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The admin socket's `bridges` answer (what `edge-broker bridges status` shows)."""
+        return {"gateway_id": self.gateway_id, "store_id": self.store_id,
+                "bridges": [s.to_dict() for s in self.status()]}
+
+    def sys_topics(self) -> dict[str, str]:
+        """$SYS/broker/bridges/<name>/... (retained, published with the other $SYS values)."""
+        out: dict[str, str] = {}
+        for bridge, status in zip(self.bridges.values(), self.status(), strict=True):
+            base = f"$SYS/broker/bridges/{status.name}"
+            out.update({
+                f"{base}/connected": "1" if status.connected else "0",
+                f"{base}/cursor": str(status.cursor),
+                f"{base}/backlog/messages": str(status.backlog_messages),
+                f"{base}/backlog/bytes": str(status.backlog_bytes),
+                f"{base}/backlog/oldest_age": f"{status.backlog_oldest_age_s:.0f} seconds",
+                f"{base}/forwarded": str(status.forwarded),
+                f"{base}/forwarded_per_second": f"{status.forwarded_per_s:.1f}",
+                f"{base}/dropped": str(status.dropped),
+                f"{base}/last_error": status.last_error or "",
+                f"{base}/downlink/published": str(status.downlink_published),
+            })
+            mqtt = bridge.config.mqtt
+            if mqtt is not None and mqtt.local_state_topic and status.enabled:
+                out[mqtt.local_state_topic] = "1" if status.connected else "0"
+        return out
+
+    def families(self) -> list[Family]:
+        statuses = self.status()
+        if not statuses:
+            return []
+        specs: list[tuple[str, str, str, str]] = [
+            ("connected", "gauge", "1 while the bridge's uplink is connected.", "connected"),
+            ("cursor", "gauge", "Log offset up to which the remote side acknowledged.",
+             "cursor"),
+            ("backlog_messages", "gauge", "Messages in the log not forwarded yet.",
+             "backlog_messages"),
+            ("backlog_bytes", "gauge", "Bytes (topic + payload + properties) not forwarded.",
+             "backlog_bytes"),
+            ("backlog_oldest_age_seconds", "gauge", "Age of the oldest message not forwarded.",
+             "backlog_oldest_age_s"),
+            ("forwarded_total", "counter", "Messages acknowledged by the remote side.",
+             "forwarded"),
+            ("forwarded_per_second", "gauge", "Forwarding rate (a few seconds' average).",
+             "forwarded_per_s"),
+            ("dropped_total", "counter",
+             "Oldest messages skipped because the backlog exceeded max_backlog_bytes.",
+             "dropped"),
+            ("failures_total", "counter", "Connection or send failures.", "failures"),
+            ("downlink_published_total", "counter", "Downlink messages published locally.",
+             "downlink_published"),
+            ("downlink_duplicates_total", "counter",
+             "Downlink messages redelivered after their local commit (not published again).",
+             "downlink_duplicates"),
+            ("downlink_denied_total", "counter", "Downlink messages the ACL refused.",
+             "downlink_denied"),
+        ]
+        families: list[Family] = []
+        for suffix, kind, text, attr in specs:
+            family = Family(f"edge_broker_bridge_{suffix}", kind,  # type: ignore[arg-type]
+                            text)
+            for status in statuses:
+                value = getattr(status, attr)
+                family.add(float(value), bridge=status.name, kind=status.kind)
+            families.append(family)
+        return families

@@ -1,0 +1,124 @@
+"""The SQLite store's bridge side: what server/bridges.py asks the store (bridges.py beside
+it holds the synchronous operations and the tables).
+
+`SqliteStore.bridges` is one `BridgeStoreSide`. Every read and write is one hop to the
+store's single database thread (like the pages of a `$stream/` replay), each write its own
+short transaction. `committed(offset)` is called by the store on the event loop after every
+group commit that appended to the log: it wakes the bridges waiting for new rows (no
+polling).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ...errors import StoreError
+from . import bridges as ops
+from .cursors import Backlog
+from .log import LogRow, Page, Reader
+
+if TYPE_CHECKING:
+    from ..sqlite import SqliteStore
+
+_T = TypeVar("_T")
+
+
+class BridgeStoreSide:
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.store_id = ""  # set at open
+        self.last_committed = 0  # the log's last offset known committed
+        self._listeners: list[Callable[[int], None]] = []
+
+    # -- on the database thread, from SqliteStore ----------------------------------------
+
+    def open_sync(self, conn: sqlite3.Connection) -> None:
+        """At open, inside a transaction: the tables and the store id."""
+        ops.ensure_tables(conn)
+        self.store_id = ops.store_id(conn)
+
+    # -- on the event loop ---------------------------------------------------------------
+
+    def listen(self, callback: Callable[[int], None]) -> None:
+        self._listeners.append(callback)
+
+    def unlisten(self, callback: Callable[[int], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def committed(self, last_offset: int) -> None:
+        """After a group commit (called by the store on the loop)."""
+        if last_offset <= self.last_committed:
+            return
+        self.last_committed = last_offset
+        for callback in list(self._listeners):
+            callback(last_offset)
+
+    def reader(self, bridge: str) -> Reader | None:
+        """The bridge's reader as the log holds it in memory (read only)."""
+        return self._store._log.log.readers.get(ops.reader_name(bridge))
+
+    async def setup(self, bridges: Sequence[tuple[str, tuple[str, ...]]]) -> dict[str, int]:
+        """Make (or update) the readers of the configured bridges and forget the readers of
+        bridges no longer configured; returns each bridge's cursor."""
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            log = self._store._log.log
+            out: dict[str, int] = {}
+            for name, filters in bridges:
+                out[name] = ops.setup_reader(log, conn, name, filters).offset
+            ops.forget_readers(log, conn, [name for name, _ in bridges])
+            return out
+
+        return await self._write(work)
+
+    async def page(self, bridge: str, after: int, limit: int) -> Page:
+        log = self._store._log.log
+        return await self._read(lambda conn: ops.page(log, conn, bridge, after, limit))
+
+    async def commit(self, bridge: str, offset: int, consumed: Sequence[LogRow]) -> None:
+        log = self._store._log.log
+        await self._write(lambda conn: ops.commit(log, conn, bridge, offset, consumed))
+
+    async def drop(self, bridge: str, max_bytes: int) -> Backlog:
+        log = self._store._log.log
+        return await self._write(lambda conn: ops.drop(log, conn, bridge, max_bytes))
+
+    async def positions(self) -> dict[tuple[str, str], int]:
+        return await self._read(ops.positions)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        store: Any = self._store
+        try:
+            result: _T = await store._call(store._read_sync, fn)
+        except sqlite3.Error as error:
+            raise store_error(store, "read for a bridge", error) from None
+        return result
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        store: Any = self._store
+
+        def run(conn: sqlite3.Connection) -> _T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.commit()
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                store._log.load(conn)  # the log's memory may be ahead of the file
+                raise
+            return result
+
+        try:
+            result: _T = await store._call(store._read_sync, run)
+        except sqlite3.Error as error:
+            raise store_error(store, "write for a bridge", error) from None
+        return result
+
+
+def store_error(store: Any, doing: str, error: sqlite3.Error) -> StoreError:
+    return StoreError(f"{store.path}: {doing}: {error}")
+
+
