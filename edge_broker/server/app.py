@@ -142,10 +142,10 @@ class BrokerApp:
         try:
             self.gate.load()
             await self._open_store()
+            await self.bridges.start()  # readers before listeners: no message escapes them
             await self._admin.start()
             await self._listen()
             await self._start_http()
-            await self.bridges.start()
         except BaseException:
             await self.bridges.close()
             await self._close_servers()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from . import cursors
 from .log import Log, LogRow, Page, Reader
@@ -105,13 +106,16 @@ def positions(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
             conn.execute("SELECT bridge, source, position FROM bridge_downlink")}
 
 
-def write_positions(conn: sqlite3.Connection,
-                    changes: dict[tuple[str, str], int]) -> None:
-    """The final position per (bridge, source) of a group; < 0 deletes."""
-    puts = [(b, s, p) for (b, s), p in changes.items() if p >= 0]
-    gone = [(b, s) for (b, s), p in changes.items() if p < 0]
-    if puts:
-        conn.executemany("INSERT OR REPLACE INTO bridge_downlink (bridge, source, position)"
-                         " VALUES (?, ?, ?)", puts)
-    if gone:
-        conn.executemany("DELETE FROM bridge_downlink WHERE bridge = ? AND source = ?", gone)
+DOWNLINK_PUT = ("INSERT OR REPLACE INTO bridge_downlink (bridge, source, position)"
+                " VALUES (?, ?, ?)")
+DOWNLINK_DELETE = "DELETE FROM bridge_downlink WHERE bridge = ? AND source = ?"
+
+
+def downlink_statements(changes: dict[tuple[str, str], int]
+                        ) -> tuple[list[tuple[str, list[tuple[Any, ...]]]],
+                                   list[tuple[str, list[tuple[Any, ...]]]]]:
+    """(deletes, puts) of a group's final position per (bridge, source); < 0 deletes. For
+    the store's plan: they run in the group's transaction, with the messages."""
+    puts: list[tuple[Any, ...]] = [(b, s, p) for (b, s), p in changes.items() if p >= 0]
+    gone: list[tuple[Any, ...]] = [(b, s) for (b, s), p in changes.items() if p < 0]
+    return ([(DOWNLINK_DELETE, gone)] if gone else []), ([(DOWNLINK_PUT, puts)] if puts else [])

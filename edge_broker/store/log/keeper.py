@@ -64,8 +64,8 @@ class LogKeeper:
                       offsets[-1], expected[0], expected[-1])
 
     def retention_wanted(self, now_monotonic: float) -> bool:
-        if not self.log.streams:
-            return False
+        if not self.log.streams and not self.log.readers:
+            return False  # nothing holds rows (readers: bridges, whose passed rows go)
         if self.retention_more or now_monotonic - self.retention_at >= RETENTION_INTERVAL_S:
             return True
         return retention_due(self.log, self.clock.now())
