@@ -197,6 +197,7 @@ class Bridge:
         finally:
             self._dropping = False
         self._log_drops()
+        self._check_backlog(0)  # appends committed while this ran were not looked at
 
     def _log_drops(self) -> None:
         reader = self.manager.side.reader(self.config.name) if self.manager.side else None
@@ -367,6 +368,8 @@ class BridgeManager:
                         "not started", len(enabled))
             return
         set_uplinks(self.app.core, [(reader_name(c.name), c.uplink) for c in enabled])
+        store = self.app.store
+        self.app.core.stream_full = lambda: store.full  # QoS 0: not recorded, counted
 
     async def start(self) -> None:
         """After the store opened: import the extras, make the readers, start the bridges."""
