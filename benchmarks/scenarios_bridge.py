@@ -133,8 +133,8 @@ def remote(kind: str, *, started: bool = True) -> Iterator[Remote]:
 
 
 def bridge_toml(kind: str, address: str, uplink: str = "bench/#") -> str:
-    common = (f'[broker]\ngateway_id = "bench"\n\n[[bridges]]\nname = "s11"\nkind = "{kind}"\n'
-              f'servers = ["{address}"]\nbackoff_initial = "100ms"\nbackoff_max = "1s"\n')
+    common = (f'[[bridges]]\nname = "s11"\nkind = "{kind}"\n'
+              f'servers = ["{address}"]\nbackoff_initial = "1s"\nbackoff_max = "1s"\n')
     if kind == "jetstream":
         return common + (f'uplink = ["{uplink}"]\nsubject_prefix = "bench.gw"\n'
                          'jetstream_stream = "S11"\nstream_storage = "file"\n')
