@@ -6,6 +6,8 @@ loop), `wait_after` sleeps until a group commit appends past what the bridge has
 `commit_cursor` stores the cursor in its own short transaction; the Forwarder calls it only
 after the remote side acknowledged. The store's reader may be ahead of the Forwarder's cursor
 when `max_backlog_bytes` dropped the oldest rows: pages start after the later of the two.
+Messages the bridge's own downlink published (origin: its `downlink_identity`) are skipped,
+so a command is not sent back up the bridge it came from (as mosquitto's bridges do).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def bridge_message(row: LogRow) -> BridgeMessage:
 class StoreLogReader:
     """`LogReader` for the bridge `name` (see the module docstring)."""
 
-    def __init__(self, side: BridgeStoreSide, name: str) -> None:
+    def __init__(self, side: BridgeStoreSide, name: str, skip_origin: str = "") -> None:
         self.side = side
         self.name = name
+        self.skip_origin = skip_origin  # the bridge's downlink identity: not sent back up
         self.scanned = 0  # every row of this bridge up to here was handed out
         self.oldest_at: float | None = None  # publish time of the first row of the last page
         self._rows: list[LogRow] = []  # the last page, for commit_cursor's backlog counts
@@ -49,9 +52,13 @@ class StoreLogReader:
         page = await self.side.page(self.name, cursor, limit)
         self._rows = page.rows
         self.oldest_at = page.rows[0].at if page.rows else None
-        if not page.rows:
+        # Loop prevention: what this bridge's downlink published locally is not sent back.
+        taken = [row for row in page.rows if row.origin != self.skip_origin]
+        if not taken:
+            if page.rows:  # only its own: the cursor moves past them at once
+                await self.side.commit(self.name, page.end, page.rows)
             self.scanned = max(self.scanned, page.end, cursor)
-        return [bridge_message(row) for row in page.rows]
+        return [bridge_message(row) for row in taken]
 
     async def wait_after(self, cursor: int) -> None:
         mark = max(cursor, self.scanned)

@@ -113,7 +113,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         forwarding = bool(config.uplink) or config.kind == "mqtt"
         if forwarding:
-            self.reader = StoreLogReader(side, config.name)
+            self.reader = StoreLogReader(side, config.name, config.downlink_identity)
             backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
             self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
                                        window=config.window, backoff=backoff,
@@ -417,7 +417,8 @@ class BridgeManager:
                 f"{base}/forwarded": str(status.forwarded),
                 f"{base}/forwarded_per_second": f"{status.forwarded_per_s:.1f}",
                 f"{base}/dropped": str(status.dropped),
-                f"{base}/last_error": status.last_error or "",
+                # "none", not "": an empty retained payload would clear the topic.
+                f"{base}/last_error": status.last_error or "none",
                 f"{base}/downlink/published": str(status.downlink_published),
             })
             mqtt = bridge.config.mqtt

@@ -83,6 +83,12 @@ class StatusSource(Protocol):
     def flat_metrics(self) -> dict[str, float]: ...
 
 
+class BridgesSource(Protocol):
+    """The bridges as the admin server sees them (bridges.py: the `bridges` command)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 class AdminHost(Protocol):
     """The broker as the admin server and the streams' replay (streams.py) see it."""
 
@@ -100,6 +106,9 @@ class AdminHost(Protocol):
 
     @property
     def observer(self) -> StatusSource: ...
+
+    @property
+    def bridges(self) -> BridgesSource: ...
 
     async def commit(self) -> None: ...
 

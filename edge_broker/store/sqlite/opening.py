@@ -128,7 +128,9 @@ class Opening(StoreState):
                 conn.execute(_PRUNE_ALL)
             with _transaction(conn):
                 self._log.load(conn)  # counters and cursors, never the rows
+                self.bridges.open_sync(conn)  # store_meta (the store id), bridge_downlink
             snapshot.log_last_offset = self._log.last_offset
+            self.bridges.last_committed = self._log.last_offset
             snapshot.stream_cursors = {
                 (client_id, topic_filter): position for client_id, topic_filter, position
                 in conn.execute("SELECT client_id, topic_filter, position FROM stream_cursors")}

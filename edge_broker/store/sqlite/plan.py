@@ -25,6 +25,7 @@ from ...core.changes import (
     DeliveryDeleted,
     DeliveryRecord,
     DeliverySaved,
+    DownlinkPosition,
     LogAppended,
     Message,
     MessageSaved,
@@ -40,6 +41,7 @@ from ...core.changes import (
     SubscriptionRecord,
     SubscriptionSaved,
 )
+from ..log import bridges as bridge_ops
 from .sql import (
     _CASCADE,
     _CURSOR_DELETE,
@@ -100,6 +102,7 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
     cascade: dict[str, None] = {}
     appended: list[Message] = []
     cursors: dict[tuple[str, str], str | None] = {}
+    downlinks: dict[tuple[str, str], int] = {}  # DownlinkPosition (bridges), final value
     changes = batches = 0
     for batch, _ in group:
         if not batch:
@@ -127,6 +130,8 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                 packets[change.packet_id] = isinstance(change, Qos2Received)
             elif isinstance(change, LogAppended):
                 appended.append(change.message)
+            elif isinstance(change, DownlinkPosition):
+                downlinks[change.bridge, change.source] = change.position
             elif isinstance(change, StreamCursorSaved):
                 cursors[change.client_id, change.topic_filter] = change.position
             elif isinstance(change, RetainedSaved):
@@ -231,6 +236,10 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                   if position is not None]
     if cursor_del:
         deletes.append((_CURSOR_DELETE, cursor_del))
+    if downlinks:  # a bridge's remote position, in the transaction of its message
+        downlink_del, downlink_put = bridge_ops.downlink_statements(downlinks)
+        deletes.extend(downlink_del)
+        puts.extend(downlink_put)
     for sql, rows in ((_SESSION_PUT, session_put), (_SUBSCRIPTION_PUT, sub_put),
                       (_CURSOR_PUT, cursor_put)):
         if rows:
@@ -251,5 +260,5 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                  prune_after_puts=repointable or bool(ret_put),
                  max_delivery_id=max_delivery_id, max_message_id=max_message_id,
                  changes=changes, batches=batches,
-                 rows=row_count + len(appended) + len(cursors),
+                 rows=row_count + len(appended) + len(cursors) + len(downlinks),
                  log=appended)

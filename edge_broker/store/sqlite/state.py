@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from ...errors import StoreError
+from ..log.bridge_store import BridgeStoreSide
 from ..log.keeper import LogKeeper
 from .guard import FileGuard
 from .plan import _Pending
@@ -73,6 +74,7 @@ class StoreState:
     _commit_attempts: int
     _guard: FileGuard
     _log: LogKeeper
+    bridges: BridgeStoreSide
     quarantined_at_open: int
 
     if TYPE_CHECKING:  # implemented by the mixins (and store.py), called across them

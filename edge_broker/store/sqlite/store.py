@@ -42,6 +42,7 @@ from typing import Any, Final, TypeVar
 from ...core.changes import Change, Snapshot
 from ...errors import StoreDamagedError, StoreError, StoreFullError
 from ..base import DONE
+from ..log.bridge_store import BridgeStoreSide
 from ..log.keeper import LogKeeper
 from ..log.log import LogRow
 from ..log.replay import Position, StreamStats
@@ -108,6 +109,7 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
         self._commit_attempts = 0
         self._guard = FileGuard(self.path)  # the file's lock, and whether it is still there
         self._log = LogKeeper(streams)  # the append-only log of named streams (store/log/)
+        self.bridges = BridgeStoreSide(self)  # bridges (store/log/bridge_store.py)
         self.quarantined_at_open = 0  # rows moved to the quarantine table by open()
 
     # -- public API ---------------------------------------------------------------------

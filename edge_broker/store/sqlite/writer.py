@@ -201,6 +201,8 @@ class Writer(StoreState):
             if self._disk_tight:
                 await self._recover_space()
         _resolve(group)
+        if plan.log:
+            self.bridges.committed(self._log.last_offset)  # wakes the bridges' uplinks
 
     async def _backoff(self, delay: float) -> None:
         """Wait before a retry; only close() cuts the wait short (new batches join the
