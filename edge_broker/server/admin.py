@@ -197,7 +197,7 @@ class AdminServer:
         return {"error": f"unknown command {command!r}"}
 
 
-async def publish_request(app: BrokerApp, request: dict[str, Any]) -> dict[str, Any]:
+async def publish_request(app: AdminHost, request: dict[str, Any]) -> dict[str, Any]:
     """Publish `messages` (replay rows: topic, payload, payload_encoding, qos, properties'
     user_properties and content_type) under `prefix/`, as `streams.republish` does; committed
     before the answer."""
