@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 from edge_broker import cli
 from edge_broker.cli_bridges import render
+from tests.bridge.gateway import Device, Gateway, jetstream_bridge, wait_until
+from tests.bridge.servers import NatsServer
+from tests.integration.brokerprocess import needs_console_script
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -45,3 +49,35 @@ def test_one_block_per_bridge_says_why_it_is_not_connected() -> None:
         "  failures    4 connection or send attempts failed",
         "  last error  BridgeError: cannot connect to nats://10.0.0.5:4222",
     ]
+
+
+@needs_console_script
+def test_status_of_a_running_gateway(nats_server: NatsServer, tmp_path: Path) -> None:
+    gateway = Gateway(tmp_path, jetstream_bridge([nats_server.url])).start()
+    try:
+        wait_until(lambda: gateway.status("central")["connected"], 20, "bridge connected")
+        device = Device(gateway.port)
+        try:
+            for n in range(10):
+                device.publish("sensors/d1/temp", f"{n}".encode())
+            device.wait_acked(10)
+        finally:
+            device.close()
+        wait_until(lambda: gateway.status("central")["forwarded"] == 10, 20, "forwarded")
+        code, out, err = run("bridges", "status", "--config", str(gateway.config))
+        assert (code, err) == (0, "")
+        lines = out.splitlines()
+        assert lines[0].startswith("gateway gw7, store id ")
+        assert "bridge central (jetstream)" in lines
+        assert "  uplink      connected" in lines
+        assert "  backlog     0 messages, 0 B, oldest 0.0 s" in lines
+        assert any(line.startswith("  forwarded   10 total, ") for line in lines)
+        code, out, _ = run("bridges", "status", "central", "--json", "--config",
+                           str(gateway.config))
+        reply = json.loads(out)
+        assert code == 0 and reply["gateway_id"] == "gw7"
+        assert [b["name"] for b in reply["bridges"]] == ["central"]
+        code, _, err = run("bridges", "status", "nope", "--config", str(gateway.config))
+        assert code == 1 and "no bridge 'nope'" in err
+    finally:
+        gateway.stop()
