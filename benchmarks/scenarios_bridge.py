@@ -249,14 +249,14 @@ def _live(case: Case, kind: str, res: Result) -> int:
         res.figures[f"S11.{kind}.live_fwd_msgs_per_s"] = round(during / window) if window else None
         res.figures[f"S11.{kind}.live_pub_msgs_per_s"] = round(acked / pub["elapsed_s"])
         total = sampler.samples[-1][1] - base if sampler.samples else 0
-        res.figures[f"S11.{kind}.all_fwd_msgs_per_s"] = (
-            round(acked / (done - t0)) if done else None)
         res.check(f"S11 {kind} live: all acknowledged arrive", done is not None,
                   f"{total}/{acked} arrived upstream")
         res.details[f"{kind}_live"] = {"published": pub["sent"], "acked": acked,
                                        "publish_window_s": round(window, 2),
                                        "forwarded_in_window": during,
                                        "all_arrived_after_s": round(done - t0, 2)
+                                       if done else None,
+                                       "all_forwarded_msgs_per_s": round(acked / (done - t0))
                                        if done else None}
         return acked
 
