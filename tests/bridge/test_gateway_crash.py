@@ -7,13 +7,17 @@ subprocess) configured with `[[bridges]]` and a real nats-server.
 - Uplink down since boot: the backlog stays within `max_backlog_bytes`, the oldest are
   dropped and counted, and the rest drains as soon as the server appears.
 - Downlink: commands published centrally while the gateway is down reach the device (a
-  persistent session) after the gateway comes back, exactly once, also across a second
-  restart.
+  persistent session) after the gateway comes back, and are published into the local broker
+  exactly once (a stream on cmd/# counts the publishes), also across a SIGKILL after the
+  delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import threading
 from pathlib import Path
 
@@ -26,6 +30,7 @@ pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
 
 import nats
 
+from edge_broker import cli
 from tests.bridge.gateway import (
     Device,
     Gateway,
@@ -133,8 +138,12 @@ def test_uplink_down_since_boot_bounded_then_drains(tmp_path: Path) -> None:
 
 def test_downlink_while_gateway_down_exactly_once(nats_server: NatsServer,
                                                   tmp_path: Path) -> None:
+    # The stream records every message published into the local broker on cmd/#, once per
+    # publish: what the downlink published, counted independently of any subscriber.
+    stream = '\n[[streams]]\nname = "commands"\nfilter = "cmd/#"\n'
     gateway = Gateway(tmp_path, jetstream_bridge([nats_server.url],
-                                                  downlink='["site1.gw7.cmd.>"]')).start()
+                                                  downlink='["site1.gw7.cmd.>"]') + stream)
+    gateway.start()
     got: list[bytes] = []
     redelivered: list[bytes] = []  # DUP=1: the gateway's session resending to the device
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="valve1",
@@ -177,17 +186,27 @@ def test_downlink_while_gateway_down_exactly_once(nats_server: NatsServer,
         # A marker sent after the restart arrives after anything redelivered would have.
         asyncio.run(_publish(nats_server.url, "site1.gw7.cmd.valve0", b"marker"))
         wait_until(lambda: b"marker" in got, 30, "the marker")
+        # Exactly once into the local broker: the stream holds each command once.
+        code, out, err = _replay_stream(gateway.config)
+        assert (code, err) == (0, "")
+        published = [json.loads(line)["payload"].encode() for line in out.splitlines()]
     finally:
         device.disconnect()
         device.loop_stop()
         gateway.stop()
-    # Exactly once into the local broker: each command published once (DUP=0). A QoS 1
-    # delivery the device had not acknowledged when the gateway was killed comes again with
-    # DUP=1 [MQTT-3.3.1-1] (5.0): that is the device's session, not a second publish.
-    commands = [p for p in got if p != b"marker"]
-    assert sorted(commands) == sorted(f"open {k}".encode() for k in range(20))
-    assert got.count(b"marker") == 1
-    assert set(redelivered) <= set(commands)
+    expected = sorted([f"open {k}".encode() for k in range(20)] + [b"marker"])
+    assert sorted(published) == expected
+    # At the device: every command (QoS 1: one the device had not acknowledged when the
+    # gateway was killed comes again, with DUP=1 if the broker had recorded sending it).
+    assert sorted(set(got) | set(redelivered)) == expected
+
+
+def _replay_stream(config: Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["replay", "--stream", "commands", "--from", "earliest",
+                         "--config", str(config)])
+    return code, out.getvalue(), err.getvalue()
 
 
 async def _publish(url: str, subject: str, payload: bytes) -> None:
