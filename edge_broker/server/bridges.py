@@ -118,7 +118,7 @@ class Bridge:
             self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
                                        window=config.window, backoff=backoff,
                                        name=config.name)
-            self.tasks.append(loop.create_task(self.forwarder.run(),
+            self.tasks.append(loop.create_task(self._run_forwarder(self.forwarder),
                                                name=f"bridge {config.name} uplink"))
             side.listen(self._check_backlog)
             self._check_backlog(0)
@@ -140,6 +140,21 @@ class Bridge:
             self.reader.close()
 
     # -- uplink ---------------------------------------------------------------------------
+
+    async def _run_forwarder(self, forwarder: Forwarder) -> None:
+        """The forwarder handles remote failures itself; a local one (the store failing to
+        read a page or to commit the cursor) is logged and the forwarder starts again from
+        its cursor after a backoff delay, instead of the uplink stopping silently."""
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            try:
+                await forwarder.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("bridge %s: uplink failed locally", self.config.name)
+                self._error(exc, "uplink")
+            await asyncio.sleep(backoff.next_delay())
 
     def _make_sink(self) -> Sink:
         config = self.config
@@ -163,8 +178,20 @@ class Bridge:
             self._mqtt_downlink.cancel()
         if config.downlink:
             self._mqtt_downlink = asyncio.get_running_loop().create_task(
-                self._consume(upstream), name=f"bridge {config.name} downlink")
+                self._consume_upstream(upstream), name=f"bridge {config.name} downlink")
         return upstream
+
+    async def _consume_upstream(self, upstream: Any) -> None:
+        """The downlink of an MQTT bridge's connection. A local failure (the store) drops the
+        connection: the upstream sends what was not acknowledged again on the next one."""
+        try:
+            await self._consume(upstream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("bridge %s: downlink failed locally", self.config.name)
+            self._error(exc, "downlink")
+            upstream.abort()
 
     def _check_backlog(self, _offset: int) -> None:
         """After a commit: over `max_backlog_bytes`, skip the oldest rows (one task at once)."""

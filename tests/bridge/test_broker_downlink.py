@@ -4,6 +4,7 @@ identity of downlink messages, the store id, and the one-line error of a missing
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -12,9 +13,12 @@ import pytest
 from edge_broker.bridge.base import DownlinkMessage
 from edge_broker.bridge.config import parse_bridges
 from edge_broker.config import Config
+from edge_broker.errors import StoreError
 from edge_broker.mqtt.packets import Connect, Subscribe, Subscription
 from edge_broker.mqtt.properties import Properties
 from edge_broker.server.app import BrokerApp
+from tests.bridge.servers import Mosquitto
+from tests.bridge.test_mqtt_upstream import Remote
 from tests.conftest import broker_config
 from tests.integration.brokerprocess import BrokerProcess, needs_console_script
 
@@ -174,3 +178,38 @@ jetstream_stream = "EDGE"
     assert f"{config}: [[bridges]] #1 \"central\" kind:" in errors[0]
 
 
+
+
+async def test_a_local_failure_of_the_uplink_is_reported_and_the_uplink_goes_on(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    table = {**TABLE, "servers": [f"mqtt://127.0.0.1:{mosquitto.port}"],
+             "backoff_initial": 1, "backoff_max": 1}
+    app = BrokerApp(config_with(tmp_path, table))
+    await app.start()
+    cloud = Remote(mosquitto.port, "cloud")
+    device = None
+    try:
+        cloud.subscribe("gw7/sensors/#", 1)
+        side = app.store.bridges  # type: ignore[attr-defined]
+        real_page = side.page
+        failures = []
+
+        async def page_failing_once(*args: object) -> object:
+            if not failures:
+                failures.append(1)
+                raise StoreError("disk I/O error (injected)")
+            return await real_page(*args)
+
+        side.page = page_failing_once
+        device = Remote(app.addresses[0][1], "dev1")
+        device.publish("sensors/t1", b"after the failure", 1)
+        (got,) = await asyncio.to_thread(cloud.wait_for, 1)
+        assert got.payload == b"after the failure"
+        status = app.bridges.to_dict()["bridges"][0]
+        assert failures and "injected" in (status["last_error"] or "")
+    finally:
+        for client in (cloud, device):
+            if client is not None:
+                client.client.disconnect()
+                client.client.loop_stop()
+        await app.stop()
