@@ -313,10 +313,12 @@ def _wait_ready(rb: RunningBroker, timeout_s: float) -> None:
 def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
           edge_durability: str | None = None, edge_persistence: str | None = None,
           latency: bool = False, ready_timeout_s: float = 20.0,
-          sec: Security | None = None) -> RunningBroker:
+          sec: Security | None = None, extra_config: str = "") -> RunningBroker:
     """Start `name` on a free port and wait until it answers CONNECT. `latency` = the
     scenario measures latency (mosquitto then gets set_tcp_nodelay true). `sec`: a TLS
-    listener and/or the password file and ACL (S11-S13; edge-broker and mosquitto only)."""
+    listener and/or the password file and ACL (S11-S13; edge-broker and mosquitto only).
+    `extra_config` is appended to mosquitto's or edge-broker's configuration file (S14:
+    a bridge)."""
     why = available(name, edge_cmd)
     if why:
         raise BrokerUnavailable(why)
@@ -330,7 +332,8 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
     config_path: Path | None
     if name == "mosquitto":
         config_path = workdir / "mosquitto.conf"
-        config_path.write_text(mosquitto_config(port, workdir, latency=latency, sec=sec))
+        config_path.write_text(mosquitto_config(port, workdir, latency=latency, sec=sec)
+                               + "\n" + extra_config)
         cmd = [mosquitto_path() or "mosquitto", "-c", str(config_path)]
         settings = dict(MOSQUITTO_SETTINGS)
         settings["set_tcp_nodelay"] = "false (S6, S10: true)"
@@ -345,7 +348,7 @@ def start(name: str, *, pin_cpu: int | None = None, edge_cmd: str | None = None,
         data_dir.mkdir()
         config_path = workdir / "edge-broker.toml"
         config_path.write_text(edge_config(port, data_dir, edge_durability, edge_persistence,
-                                           sec))
+                                           sec) + "\n" + extra_config)
         cmd = edge_command(edge_cmd or EDGE_DEFAULT_CMD, port=port, config=config_path,
                            data_dir=data_dir)
         env = _edge_env()

@@ -567,14 +567,17 @@ def _start_subscribers(crew: Crew, host: str, port: int, sub: SubSpec, sub_procs
 
 
 def run_flow(host: str, port: int, pub: PubSpec, sub: SubSpec, *, sub_procs: int = 1,
-             cpus: list[int] | None = None, hard_timeout_s: float = 60.0) -> dict:
-    """Subscribers first, then one publisher; returns the merged figures."""
+             cpus: list[int] | None = None, hard_timeout_s: float = 60.0,
+             sub_port: int | None = None) -> dict:
+    """Subscribers first, then one publisher; returns the merged figures. `sub_port`: the
+    subscribers' broker when it is not the publisher's (S11: across a bridge)."""
     require_loopback(host)
     crew = Crew(hard_timeout_s)
     expected = CTX.Value("q", -1, lock=False)
     go = CTX.Event()
     try:
-        names = _start_subscribers(crew, host, port, sub, sub_procs, cpus, expected)
+        names = _start_subscribers(crew, host, sub_port or port, sub, sub_procs, cpus,
+                                   expected)
         crew.wait_for(names, "ready")
         crew.start(_publisher, host, port, pub, cpus, crew.out, go, crew.deadline)
         crew.wait_for({"pub"}, "ready")

