@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "edge_broker"
+# The bridge CLI: replay --bridge reads the remote side (bridge level), bridges status asks the
+# running server; cli_streams hands --bridge over to it.
 RANK = {"mqtt": 0, "core": 1, "auth": 2, "store": 3, "bridge": 4, "server": 5, "cli": 6,
-        "cli_admin": 6, "cli_security": 6, "cli_status": 6, "cli_streams": 6, "certs": 3,
+        "cli_admin": 6, "cli_security": 6, "cli_status": 6, "cli_streams": 6, "cli_bridges": 5.5,
+        "cli_bridges_replay": 4.5, "certs": 3,
         "__main__": 7}
 LEAVES = {"config", "errors", "__init__"}
 # The config package's files that may name edge_broker.bridge.config: loader.py imports it
