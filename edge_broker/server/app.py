@@ -197,7 +197,8 @@ class BrokerApp:
             snapshot = await self.store.open()
         self.core.restore(snapshot, now=time.time())
         if snapshot.sessions or snapshot.retained:
-            queued = len(snapshot.deliveries)
+            queued = len(snapshot.deliveries) + sum(  # delivery rows, and the log's backlogs
+                r.backlog_count for r in snapshot.readers.values())
             log.info("restored %d sessions, %d queued messages, %d retained messages in %.2f s",
                      len(snapshot.sessions), queued, len(snapshot.retained),
                      time.monotonic() - started)
