@@ -58,7 +58,7 @@ def _store_held(config: Config) -> bool:
     removed): the file is not ours to read as if no broker ran."""
     if config.storage.persistence != "sqlite":
         return False
-    from .store.sqlite_guard import store_in_use
+    from .store.sqlite.guard import store_in_use
 
     return store_in_use(store_path(config))
 

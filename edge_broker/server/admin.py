@@ -27,7 +27,7 @@ from ..mqtt.types import ReasonCode
 from .streams import stream_request
 
 if TYPE_CHECKING:
-    from .app import BrokerApp
+    from .interface import AdminHost
 
 log = logging.getLogger("edge_broker.admin")
 
@@ -121,7 +121,7 @@ def session_detail(session: Session) -> dict[str, Any]:
 
 
 class AdminServer:
-    def __init__(self, app: BrokerApp, data_dir: Path) -> None:
+    def __init__(self, app: AdminHost, data_dir: Path) -> None:
         self.app = app
         self.path = Path(data_dir) / SOCKET_NAME
         self._server: asyncio.AbstractServer | None = None

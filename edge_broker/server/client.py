@@ -68,7 +68,7 @@ from . import client_guard as guard
 from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
-    from .app import BrokerApp
+    from .interface import ClientHost
 
 log = logging.getLogger("edge_broker.client")
 
@@ -93,7 +93,7 @@ class ClientHandler(asyncio.Protocol):
                  "admitted", "app", "auth_how", "client_id", "epoch", "peer", "throttled_s",
                  "transport", "username")
 
-    def __init__(self, app: BrokerApp) -> None:
+    def __init__(self, app: ClientHost[ClientHandler]) -> None:
         self.app = app
         settings = app.config.mqtt
         self._conn = Connection(Role.SERVER, max_packet_size=settings.max_packet_size,

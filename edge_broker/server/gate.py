@@ -45,8 +45,8 @@ from ..mqtt.packets import Connect
 from ..mqtt.types import ReasonCode
 
 if TYPE_CHECKING:
-    from .app import BrokerApp
     from .client import ClientHandler
+    from .interface import ClientHost
 
 log = logging.getLogger("edge_broker.auth")
 
@@ -112,7 +112,7 @@ class Decision:
 
 
 class Gate:
-    def __init__(self, app: BrokerApp) -> None:
+    def __init__(self, app: ClientHost[ClientHandler]) -> None:
         self.app = app
         self.verifier: PasswordVerifier | None = None
         self.acl: Acl | None = None

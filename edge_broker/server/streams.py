@@ -30,7 +30,7 @@ from ..store.log.log import LogRow
 from ..store.log.replay import StreamStats
 
 if TYPE_CHECKING:
-    from .app import BrokerApp
+    from .interface import AdminHost
 
 log = logging.getLogger("edge_broker")
 
@@ -39,7 +39,7 @@ DROP_LOG_INTERVAL_S = 10.0
 
 
 class StreamReplay:
-    def __init__(self, app: BrokerApp) -> None:
+    def __init__(self, app: AdminHost) -> None:
         self.app = app
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropped_logged = 0  # core.stats.stream_dropped when last logged
@@ -177,7 +177,7 @@ def properties_json(properties: Properties) -> dict[str, Any]:
     return out
 
 
-async def stream_request(app: BrokerApp, command: str, request: dict[str, Any]) -> dict[str, Any]:
+async def stream_request(app: AdminHost, command: str, request: dict[str, Any]) -> dict[str, Any]:
     store = app.store
     if not hasattr(store, "read_stream"):
         return {"error": "streams need [storage] persistence = \"sqlite\""}

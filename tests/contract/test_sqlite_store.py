@@ -40,15 +40,17 @@ from edge_broker.core.changes import (
 )
 from edge_broker.errors import StoreError, StoreFullError, StoreInUseError
 from edge_broker.mqtt.packets import Will
-from edge_broker.store import sqlite as sqlite_module
 from edge_broker.store.base import DONE
 from edge_broker.store.sqlite import (
     SCHEMA_VERSION,
     SqliteStore,
+    maintenance,
     read_session,
     read_sessions,
     read_stats,
 )
+from edge_broker.store.sqlite import sql as sql_module
+from edge_broker.store.sqlite import store as store_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -345,9 +347,9 @@ async def test_steady_traffic_does_not_grow_the_file(store: SqliteStore) -> None
 
 async def test_idle_vacuum_gives_free_pages_back(
         store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_module, "VACUUM_MIN_FREE_BYTES", 64 * 1024)
-    monkeypatch.setattr(sqlite_module, "VACUUM_INTERVAL_S", 0.0)
-    monkeypatch.setattr(sqlite_module, "SIZE_CHECK_S", 0.0)
+    monkeypatch.setattr(maintenance, "VACUUM_MIN_FREE_BYTES", 64 * 1024)
+    monkeypatch.setattr(maintenance, "VACUUM_INTERVAL_S", 0.0)
+    monkeypatch.setattr(maintenance, "SIZE_CHECK_S", 0.0)
     await store.apply([sess("c"), *queue("c", range(1, 201), 8000)])
     await store.apply([DeliveryDeleted("c", i) for i in range(1, 201)])
     assert (await store.stats()).free_bytes > 1024 * 1024
@@ -524,7 +526,7 @@ async def test_killed_in_the_middle_of_a_commit(path: Path) -> None:
 
 async def test_durability_none_waits_only_when_far_behind(
         path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_module, "NONE_MAX_BACKLOG", 10)
+    monkeypatch.setattr(store_module, "NONE_MAX_BACKLOG", 10)
     s = SqliteStore(path, durability="none")
     await s.open()
     waiters = [s.apply(queue("c", range(i * 3 + 1, i * 3 + 4))) for i in range(3)]  # 6 each
@@ -557,7 +559,7 @@ async def test_open_drops_references_to_missing_bodies(path: Path) -> None:
 @pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 17, 64, 255, 256, 257, 1000, 1234])
 def test_multi_row_statements_cover_every_row_once_in_order(count: int) -> None:
     rows = [(i, f"r{i}") for i in range(count)]
-    statement = sqlite_module._MultiRow("INSERT INTO t (a, b) VALUES ", 2)
+    statement = sql_module._MultiRow("INSERT INTO t (a, b) VALUES ", 2)
     flattened: list[Any] = []
     executions = 0
     for sql, params in statement.statements(rows):
@@ -585,7 +587,7 @@ async def test_full_while_the_disk_is_nearly_full(path: Path) -> None:
 # --------------------------------------------------------------------------- damaged rows
 #
 # A file SQLite finds sound (quick_check ok) whose rows are not what this code writes: open()
-# quarantines them (sqlite_validate.py) and returns everything else. The system test
+# quarantines them (store/sqlite/validate.py) and returns everything else. The system test
 # tests/system/test_store_damage.py does the same with a real broker.
 
 

@@ -51,10 +51,9 @@ from edge_broker.mqtt.properties import (
     Properties,
     PropertyType,
 )
-from edge_broker.store import sqlite_validate as validate
 from edge_broker.store.base import SessionStore
 from edge_broker.store.memory import MemoryStore
-from edge_broker.store.sqlite import SqliteStore
+from edge_broker.store.sqlite import SqliteStore, validate
 
 # --------------------------------------------------------------------------- helpers
 
@@ -136,7 +135,8 @@ def session(client_id: str, **kw: Any) -> SessionRecord:
 
 # What a store keeps: a message's pass-through properties (core.broker._pass_through) and
 # every property a will may have (3.1.3.2 (5.0)): together every value type stored. Other
-# properties do not belong in a stored row; sqlite_validate quarantines a row that has them.
+# properties do not belong in a stored row; store/sqlite/validate.py quarantines a row
+# that has them.
 MESSAGE_PROPERTIES = Properties(
     payload_format_indicator=1,
     content_type="application/json; charset=utf-8 \u00e9\u4e2d\U0001f600",

@@ -76,10 +76,36 @@ def test_only_the_sqlite_store_imports_sqlite() -> None:
             if name.split(".")[0] in {"sqlite3", "aiosqlite"}:
                 # store/log/ is the append-only log, run by the sqlite store's writer thread.
                 where = module.relative_to(PACKAGE).as_posix()
-                assert where == "store/sqlite.py" or where.startswith("store/log/"), (
+                assert where.startswith(("store/sqlite/", "store/log/")), (
                     f"{module}:{line} imports {name}")
 
 
 def test_the_checker_sees_relative_imports() -> None:
     client = PACKAGE / "server" / "client.py"
     assert any(name.startswith("edge_broker.mqtt") for name, _ in _imports(client))
+
+
+def _server_imports(name: str) -> set[str]:
+    """The server modules `name` imports, TYPE_CHECKING imports included."""
+    found = set()
+    for imported, _ in _imports(PACKAGE / "server" / f"{name}.py"):
+        parts = imported.split(".")
+        if parts[:2] == ["edge_broker", "server"] and len(parts) > 2:
+            found.add(parts[2])
+    return found - {name}
+
+
+@pytest.mark.parametrize("start", ["admin", "client"])
+def test_handlers_see_the_app_only_through_its_interface(start: str) -> None:
+    """server/app.py builds the connection handlers and the admin server, which call back into
+    it through the protocols of server/interface.py: nothing they import leads back to app.py,
+    not even imports for type checking, so there is no import cycle through the app."""
+    paths = {start: [start]}
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        for imported in sorted(_server_imports(name)):
+            if imported not in paths:
+                paths[imported] = [*paths[name], imported]
+                todo.append(imported)
+    assert "app" not in paths, "server/" + " -> ".join(f"{m}.py" for m in paths.get("app", []))

@@ -1,4 +1,4 @@
-"""`LogKeeper`: the log as the SQLite store runs it (store/sqlite.py), on its writer thread.
+"""`LogKeeper`: the log as the SQLite store runs it (store/sqlite/), on its writer thread.
 
 The store owns one `LogKeeper` per open file. Everything here is synchronous and runs in the
 store's single database thread with its connection:

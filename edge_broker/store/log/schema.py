@@ -34,7 +34,7 @@ __all__ = ["MIGRATION", "READERS_MIGRATION", "decode_props", "encode_props", "en
            "has_schema"]
 
 
-# Binding speed, as in store/sqlite.py (which registers the same, process-wide): a parameter
+# Binding speed, as in store/sqlite/sql.py (which registers the same, process-wide): a parameter
 # of a type without an adapter (None, bool, bytes: most columns of a row) costs Python's
 # sqlite3 a failed adapter lookup, about a microsecond each. These bind exactly as before;
 # measured in log_bench: 62,000 -> 88,000 appends/s in memory. Registering twice is harmless.

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from ..errors import StoreInUseError
+from ...errors import StoreInUseError
 
 __all__ = ["LOCK_WAIT_S", "FileGuard", "store_in_use"]
 

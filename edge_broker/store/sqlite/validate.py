@@ -13,8 +13,8 @@ names and filters valid for MQTT, properties that belong in a stored message (th
 pass-through ones, see `core.broker._pass_through`) or a will, and that the codec can encode
 again (so nothing read here can fail later when it is sent).
 
-`check_rows` takes the raw rows of every table (read by sqlite.py, the only module that talks
-to SQLite) and returns the snapshot of the valid rows plus the `Quarantined` entries:
+`check_rows` takes the raw rows of every table (read by opening.py; this package is the one that
+talks to SQLite) and returns the snapshot of the valid rows plus the `Quarantined` entries:
 - an invalid row is quarantined itself;
 - rows that cannot stand without it follow it (counted as dependents): the subscriptions,
   deliveries and incoming QoS 2 ids of a quarantined session, and the deliveries and retained
@@ -26,7 +26,7 @@ to SQLite) and returns the snapshot of the valid rows plus the `Quarantined` ent
 Rows of a session that is missing without being quarantined are left as they always were (the
 core ignores them).
 
-sqlite.py then, in the transaction of the open, copies each entry into the `quarantine` table
+opening.py then, in the transaction of the open, copies each entry into the `quarantine` table
 (`table_name, row_key, client_id, reason, row_json, at`; schema version 2) and deletes the row
 from its live table, logs it (a warning naming table, client and key; the first
 `LOG_DETAIL_LIMIT` one by one, then a summary) and starts with everything else.
@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..core.changes import (
+from ...core.changes import (
     AWAIT_COMP,
     QUEUED,
     DeliveryRecord,
@@ -53,9 +53,9 @@ from ..core.changes import (
     Snapshot,
     SubscriptionRecord,
 )
-from ..mqtt.errors import LocalProtocolError
-from ..mqtt.packets import Will
-from ..mqtt.properties import (
+from ...mqtt.errors import LocalProtocolError
+from ...mqtt.packets import Will
+from ...mqtt.properties import (
     NO_PROPERTIES,
     PROPERTY_TABLE,
     WILL,
@@ -63,9 +63,9 @@ from ..mqtt.properties import (
     PropertyType,
     encode_properties_body,
 )
-from ..mqtt.topics import is_valid_topic_filter, is_valid_topic_name
-from ..mqtt.types import PacketType
-from ..mqtt.wire import utf8_bytes
+from ...mqtt.topics import is_valid_topic_filter, is_valid_topic_name
+from ...mqtt.types import PacketType
+from ...mqtt.wire import utf8_bytes
 
 __all__ = [
     "COLUMNS",
@@ -89,7 +89,7 @@ MAX_U16: Final = 0xFFFF
 MAX_U32: Final = 0xFFFFFFFF
 MAX_VARINT: Final = 268_435_455
 
-# The columns each table is read with, in order (sqlite.py selects exactly these).
+# The columns each table is read with, in order (opening.py selects exactly these).
 COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "sessions": ("client_id", "protocol_level", "expiry_interval", "disconnected_at",
                  "will_topic", "will_payload", "will_qos", "will_retain", "will_properties"),
@@ -217,7 +217,7 @@ def _property_value(spec: Any, value: Any) -> Any:
 
 def properties(text: object, name: str, allowed: frozenset[str],
                kind: PacketType | str) -> Properties:
-    """Stored properties (JSON keyed by property identifier; see sqlite.py), checked."""
+    """Stored properties (JSON keyed by property identifier; see sql.py), checked."""
     if text is None or text == "":
         return NO_PROPERTIES
     if type(text) is not str:

@@ -1,0 +1,124 @@
+"""Maintenance between groups: size checks, checkpoints, vacuum, and streams' retention.
+
+The writer (writer.py) calls `_idle` whenever its queue is empty; each piece of work is one
+bounded hop to the database thread (`_maintain`), so a batch arriving meanwhile waits for at
+most one step. Idle, it:
+- checks the file is still there (space.py), at least every `FILE_CHECK_S`;
+- re-reads the page counts behind `used_bytes` (`_check_size_sync`) every `SIZE_CHECK_S`, or
+  every `FULL_RECHECK_S` while the store is full;
+- gives free pages back to the file system with `incremental_vacuum` steps
+  (`auto_vacuum=INCREMENTAL`, set on a new file) when more than `VACUUM_MIN_FREE_BYTES` and
+  `VACUUM_MIN_FREE_RATIO` of the file are free, or eagerly while the disk is short of space;
+  at most one step per `VACUUM_INTERVAL_S`;
+- runs one bounded step of the named streams' retention and last-value compaction
+  (store/log/keeper.py), each its own short transaction; under steady load the writer runs
+  them between groups instead.
+The file follows the data: pruning (schema.py) frees pages inside each transaction, vacuum
+gives them back, and checkpoints truncate the WAL (`journal_size_limit`; `_checkpoint_sync`
+truncates it at once while space is short, space.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from .sql import _SELECT_SIZE
+from .state import StoreState
+
+log = logging.getLogger("edge_broker.store")
+
+FULL_RECHECK_S: Final = 1.0  # while full and idle, re-check sizes and the ballast this often
+FILE_CHECK_S: Final = 1.0  # while idle, check this often that the file is still there
+SIZE_CHECK_S: Final = 5.0  # otherwise, check the free-page count this often (for vacuum)
+VACUUM_MIN_FREE_BYTES: Final = 8 * 1024 * 1024  # vacuum when free pages exceed this ...
+VACUUM_MIN_FREE_RATIO: Final = 0.25  # ... and this share of the file
+VACUUM_STEP_PAGES: Final = 512
+VACUUM_INTERVAL_S: Final = 0.5  # at most one vacuum step per interval, only when idle
+
+
+class Maintenance(StoreState):
+    """SqliteStore's maintenance between groups."""
+
+    def _checkpoint_sync(self) -> bool:
+        """Copy the WAL into the file and truncate it, giving its disk space back (the WAL
+        keeps its largest size otherwise). True if the WAL file got smaller."""
+        wal = Path(f"{self.path}-wal")
+        before = wal.stat().st_size if wal.exists() else 0
+        try:
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as error:
+            log.warning("%s: checkpoint failed: %s", self.path, error)
+        after = wal.stat().st_size if wal.exists() else 0
+        return after < before
+
+    def _check_size_sync(self) -> None:
+        pages, free, page_size = self._db().execute(_SELECT_SIZE).fetchone()
+        self._used_bytes = (pages - free) * page_size
+        self._free_bytes = free * page_size
+        self._size_checked_at = time.monotonic()
+
+    def _retention_sync(self) -> None:
+        self._log.retention(self._db())
+
+    def _vacuum_sync(self) -> None:
+        conn = self._db()
+        self._vacuumed_at = time.monotonic()
+        # Not execute(): the pragma returns an empty row per page, and Python's sqlite3 stops
+        # after the first (one page freed); executescript() steps it to the end.
+        conn.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
+        self.vacuum_steps += 1
+        self._check_size_sync()
+
+    async def _idle(self) -> None:
+        """Wait for work; between batches, do maintenance (size checks, vacuum, ballast)."""
+        self._wakeup.clear()
+        if self._queue or self._closing:
+            return
+        self._check_file()
+        now = time.monotonic()
+        timeout = FILE_CHECK_S
+        if self.full:
+            if now - self._size_checked_at >= FULL_RECHECK_S:
+                await self._maintain(self._check_size_sync)
+            timeout = min(timeout, FULL_RECHECK_S)
+        elif now - self._size_checked_at >= SIZE_CHECK_S:
+            await self._maintain(self._check_size_sync)
+        if self._vacuum_wanted():
+            if now - self._vacuumed_at >= VACUUM_INTERVAL_S:
+                await self._maintain(self._vacuum_sync)
+            timeout = min(timeout, VACUUM_INTERVAL_S)
+        if self._log.retention_wanted(now):
+            # Streams' retention and compaction, one bounded step between groups.
+            await self._maintain(self._retention_sync)
+            if self._log.retention_more:
+                timeout = 0.0
+        if self._queue or self._closing:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _vacuum_wanted(self) -> bool:
+        if not self._auto_vacuum:
+            return False
+        if self._disk_full or self._disk_tight:  # every page given back counts now
+            return self._free_bytes >= VACUUM_STEP_PAGES * 1024
+        if self._free_bytes < VACUUM_MIN_FREE_BYTES:
+            return False
+        total = self._used_bytes + self._free_bytes
+        return self._free_bytes >= VACUUM_MIN_FREE_RATIO * total
+
+    async def _maintain(self, work: Callable[[], None]) -> None:
+        try:
+            await self._call(work)
+        except sqlite3.Error as error:
+            log.warning("%s: store maintenance failed: %s", self.path, error)
+        self._check_disk()
+        if self._disk_full or self._disk_tight:
+            await self._recover_space()
