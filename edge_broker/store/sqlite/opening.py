@@ -129,6 +129,7 @@ class Opening(StoreState):
             with _transaction(conn):
                 self._log.load(conn)  # counters and cursors, never the rows
             snapshot.log_last_offset = self._log.last_offset
+            snapshot.readers = self._log.readers(conn)  # sessions' cursors, not their rows
             snapshot.stream_cursors = {
                 (client_id, topic_filter): position for client_id, topic_filter, position
                 in conn.execute("SELECT client_id, topic_filter, position FROM stream_cursors")}

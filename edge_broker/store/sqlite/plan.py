@@ -25,11 +25,19 @@ from ...core.changes import (
     DeliveryDeleted,
     DeliveryRecord,
     DeliverySaved,
+    InflightCleared,
+    InflightSaved,
     LogAppended,
     Message,
     MessageSaved,
     Qos2Received,
     Qos2Released,
+    ReaderChange,
+    ReaderClosed,
+    ReaderFilterDeleted,
+    ReaderFilterSaved,
+    ReaderMoved,
+    ReaderOpened,
     RetainedDeleted,
     RetainedSaved,
     SessionDeleted,
@@ -39,6 +47,7 @@ from ...core.changes import (
     SubscriptionDeleted,
     SubscriptionRecord,
     SubscriptionSaved,
+    reader_name,
 )
 from .sql import (
     _CASCADE,
@@ -80,13 +89,16 @@ class _Plan:
     batches: int
     rows: int
     log: list[Message]  # LogAppended messages, in order
+    readers: list[ReaderChange]  # sessions' reader records, in order (after the appends)
 
     @property
     def empty(self) -> bool:
-        return not self.deletes and not self.puts and not self.log
+        return not self.deletes and not self.puts and not self.log and not self.readers
 
 
 _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
+_READER_CHANGES = (ReaderOpened, ReaderFilterSaved, ReaderFilterDeleted, ReaderMoved,
+                   ReaderClosed, InflightSaved, InflightCleared)
 
 
 def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _Plan:
@@ -100,6 +112,7 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
     cascade: dict[str, None] = {}
     appended: list[Message] = []
     cursors: dict[tuple[str, str], str | None] = {}
+    readers: list[ReaderChange] = []
     changes = batches = 0
     for batch, _ in group:
         if not batch:
@@ -127,6 +140,8 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                 packets[change.packet_id] = isinstance(change, Qos2Received)
             elif isinstance(change, LogAppended):
                 appended.append(change.message)
+            elif isinstance(change, _READER_CHANGES):
+                readers.append(change)
             elif isinstance(change, StreamCursorSaved):
                 cursors[change.client_id, change.topic_filter] = change.position
             elif isinstance(change, RetainedSaved):
@@ -144,6 +159,7 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                 cascade[cid] = None
                 for key in [k for k in cursors if k[0] == cid]:
                     del cursors[key]
+                readers.append(ReaderClosed(reader_name(cid)))
             elif isinstance(change, SubscriptionSaved):
                 sub = change.record
                 filters = subscriptions.get(sub.client_id)
@@ -251,5 +267,5 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                  prune_after_puts=repointable or bool(ret_put),
                  max_delivery_id=max_delivery_id, max_message_id=max_message_id,
                  changes=changes, batches=batches,
-                 rows=row_count + len(appended) + len(cursors),
-                 log=appended)
+                 rows=row_count + len(appended) + len(cursors) + len(readers),
+                 log=appended, readers=readers)
