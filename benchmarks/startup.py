@@ -100,8 +100,8 @@ async def _build(data_dir: Path, messages: int, sessions: int) -> dict[str, Any]
         SessionSaved,
         SubscriptionRecord,
         SubscriptionSaved,
+        reader_name,
     )
-    from edge_broker.core.changes import reader_name
     from edge_broker.store.sqlite import SqliteStore
 
     data_dir.mkdir(parents=True, exist_ok=True)

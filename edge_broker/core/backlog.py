@@ -87,14 +87,13 @@ class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
     __slots__ = ("after", "buffer", "excluded", "fetching", "generation", "last",
-                 "last_batch", "online_from", "reader", "sent", "since", "skip")
+                 "online_from", "reader", "sent", "since", "skip")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
         self.sent = offset  # durable: every selected row at or below is done (or in flight)
         self.after = offset  # read up to here (the buffer holds what is not sent yet)
         self.last = offset  # the last offset appended for this session
-        self.last_batch = 0  # the batch that appended `last`
         self.since = since  # reader filter -> since
         self.buffer: deque[Delivery] = deque()
         self.fetching = False
@@ -122,8 +121,6 @@ class BacklogFetch:
 class BacklogRouting(StreamRouting):
     """Mixin of BrokerCore (which provides the state declared in the bases)."""
 
-    _free: set[int]
-
     def _save_message(self, message: Message) -> None:
         raise NotImplementedError
 
@@ -135,6 +132,21 @@ class BacklogRouting(StreamRouting):
         # Set by the server when the store keeps a log it can read pages from (SQLite);
         # otherwise every session stays on the per-delivery path.
         self.log_backlogs = False
+        # (batch, last offset it appended), for batches not committed yet; and the offset up
+        # to which every appended message is durable (pages are read only up to there).
+        self._appended: deque[tuple[int, int]] = deque()
+        self._log_committed = 0
+
+    def _backlog_drained(self, number: int) -> None:
+        last = self._next_offset - 1
+        appended = self._appended
+        if last > (appended[-1][1] if appended else self._log_committed):
+            appended.append((number, last))
+
+    def _backlog_committed(self, number: int) -> None:
+        appended = self._appended
+        while appended and appended[0][0] <= number:
+            self._log_committed = appended.popleft()[1]
 
     # -- modes ----------------------------------------------------------------------------
 
@@ -187,6 +199,7 @@ class BacklogRouting(StreamRouting):
     def _backlog_restore(self, snapshot: Snapshot) -> None:
         """At start-up every stored session is offline, in backlog mode: from its stored
         reader (cursor, filters, counters, in-flight entries), or a new one."""
+        self._log_committed = snapshot.log_last_offset
         if not self.log_backlogs:
             return
         for session in self.sessions.values():
@@ -256,7 +269,6 @@ class BacklogRouting(StreamRouting):
         session.backlog_count += 1
         session.backlog_bytes += size
         backlog.last = offset
-        backlog.last_batch = self._batch
         return True
 
     @staticmethod
@@ -289,22 +301,19 @@ class BacklogRouting(StreamRouting):
         out: list[BacklogFetch] = []
         if not self._backlog_online:
             return out
-        committed = self._committed
+        committed = self._log_committed  # nothing is read above (not in the file yet)
         for client_id in list(self._backlog_online):
             session = self.sessions.get(client_id)
             backlog = None if session is None or not session.online else session.backlog
             if backlog is None:
                 self._backlog_online.discard(client_id)
                 continue
-            if (backlog.fetching or len(backlog.buffer) > REFILL_AT
-                    or backlog.after >= backlog.last
-                    or (backlog.last_batch > committed
-                        and backlog.last_batch not in self._free)):
+            until = min(backlog.last, committed)
+            if backlog.fetching or len(backlog.buffer) > REFILL_AT or backlog.after >= until:
                 continue
             backlog.fetching = True
             out.append(BacklogFetch(client_id, backlog, backlog.generation, backlog.reader,
-                                    dict(backlog.since), backlog.after, backlog.last,
-                                    PAGE_SIZE))
+                                    dict(backlog.since), backlog.after, until, PAGE_SIZE))
         return out
 
     def backlog_page(self, fetch: BacklogFetch, messages: list[Message], end: int,

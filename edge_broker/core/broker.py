@@ -715,6 +715,7 @@ class BrokerCore(BacklogRouting):
             # overtakes one queued before it by a pending batch).
             self._free.add(batch.number)
         self._changes = []
+        self._backlog_drained(batch.number)
         self._batch += 1
         # A store may prune a body once nothing refers to it at the end of a batch, so a
         # delivery in a later batch must save its message again.
@@ -726,6 +727,7 @@ class BrokerCore(BacklogRouting):
         have deliveries they may now be sent."""
         if number > self._committed:
             self._committed = number
+            self._backlog_committed(number)
         free = self._free
         if free:
             free.difference_update([b for b in free if b <= number])

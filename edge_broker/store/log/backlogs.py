@@ -37,10 +37,12 @@ from ...core.changes import (
     ReaderOpened,
     ReaderState,
 )
+from ...mqtt.topics import topic_matches
 from . import cursors
 from .log import _COLUMNS, Log, LogRow, Reader
 
-__all__ = ["apply", "load", "read"]
+__all__ = ["apply", "load", "read", "session_backlogs",
+           "session_preview"]
 
 MANY_TOPICS = 16  # a reader selecting more topics than this is debited with one range scan
 
@@ -187,3 +189,60 @@ def load(log: Log, conn: sqlite3.Connection) -> dict[str, ReaderState]:
         target.inflight.append(InflightEntry(packet_id, message, qos, bool(retain), sub_ids,
                                              state, bool(dup)))
     return out
+
+
+def session_backlogs(conn: sqlite3.Connection) -> dict[str, tuple[int, int, float | None]]:
+    """Client id -> (messages, payload bytes, oldest publish time) of each offline session's
+    backlog, counted in the file (admin commands: a query per selected topic, proportional to
+    the backlog; the running broker keeps counters instead). Works on a plain connection
+    (read-only: no `Log` needed)."""
+    topics = [(int(tid), str(name)) for tid, name in conn.execute(
+        "SELECT id, name FROM log_topics")]
+    filters: dict[str, dict[str, int]] = {}
+    for reader, topic_filter, since in conn.execute(
+            "SELECT reader, filter, since FROM log_reader_filters WHERE reader LIKE 'session:%'"):
+        filters.setdefault(reader, {})[topic_filter] = int(since)
+    out: dict[str, tuple[int, int, float | None]] = {}
+    for name, offset in conn.execute(
+            "SELECT name, offset FROM log_readers WHERE name LIKE 'session:%'"):
+        count = size = 0
+        oldest: float | None = None
+        for tid, topic in topics:
+            since = min((s for f, s in filters.get(name, {}).items() if topic_matches(f, topic)),
+                        default=None)
+            if since is None:
+                continue
+            n, b, at = conn.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0), min(at) FROM log"
+                " WHERE topic_id = ? AND offset > ?", (tid, max(int(offset), since))).fetchone()
+            count += int(n)
+            size += int(b)
+            if at is not None and (oldest is None or at < oldest):
+                oldest = float(at)
+        out[name[len(SESSION_READER_PREFIX):]] = (count, size, oldest)
+    return out
+
+
+def session_preview(conn: sqlite3.Connection, client_id: str,
+                    limit: int) -> list[tuple[str, int, bool, int, float]]:
+    """The first `limit` messages of an offline session's backlog in the file: (topic, QoS,
+    retain, payload bytes, publish time), for `sessions show` on a stopped broker."""
+    name = SESSION_READER_PREFIX + client_id
+    row = conn.execute("SELECT offset FROM log_readers WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        return []
+    filters = dict(conn.execute(
+        "SELECT filter, since FROM log_reader_filters WHERE reader = ?", (name,)).fetchall())
+    names: dict[int, str] = {}
+    out: list[tuple[int, str, int, bool, int, float]] = []
+    for tid, topic in conn.execute("SELECT id, name FROM log_topics"):
+        since = min((s for f, s in filters.items() if topic_matches(f, topic)), default=None)
+        if since is None:
+            continue
+        names[tid] = topic
+        for offset, qos, retain, size, at in conn.execute(
+                "SELECT offset, qos, retain, length(payload), at FROM log WHERE topic_id = ?"
+                " AND offset > ? ORDER BY offset LIMIT ?", (tid, max(row[0], since), limit)):
+            out.append((offset, topic, qos, bool(retain), size, at))
+    out.sort()
+    return [entry[1:] for entry in out[:limit]]
