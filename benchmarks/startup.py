@@ -95,6 +95,7 @@ async def _build(data_dir: Path, messages: int, sessions: int) -> dict[str, Any]
         EXPIRY_NEVER,
         LogAppended,
         Message,
+        ReaderCounted,
         ReaderOpened,
         SessionRecord,
         SessionSaved,
@@ -138,6 +139,13 @@ async def _build(data_dir: Path, messages: int, sessions: int) -> dict[str, Any]
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
+        per = [0] * sessions  # each session's own count of its backlog (the queue bounds')
+        size = [0] * sessions
+        for n in range(messages):
+            per[n % sessions] += 1
+            size[n % sessions] += len(payload_of(n % sessions, n // sessions))
+        await store.apply([ReaderCounted(reader_name(client_id(k)), per[k], size[k], 0)
+                           for k in range(sessions)])
         stats = await store.stats()
     finally:
         await store.close()

@@ -64,6 +64,7 @@ from .changes import (
     LogAppended,
     Message,
     ReaderClosed,
+    ReaderCounted,
     ReaderFilterDeleted,
     ReaderFilterSaved,
     ReaderMoved,
@@ -136,6 +137,20 @@ class BacklogRouting(StreamRouting):
         # to which every appended message is durable (pages are read only up to there).
         self._appended: deque[tuple[int, int]] = deque()
         self._log_committed = 0
+        self._backlog_touched: set[str] = set()  # sessions whose counts changed this batch
+
+    def _backlog_flush(self) -> None:
+        """Record the counts that changed (one record per session per batch)."""
+        touched = self._backlog_touched
+        if not touched:
+            return
+        for client_id in touched:
+            session = self.sessions.get(client_id)
+            backlog = None if session is None else session.backlog
+            if session is not None and backlog is not None:
+                self._changes.append(ReaderCounted(backlog.reader, session.backlog_count,
+                                                   session.backlog_bytes, backlog.skip))
+        touched.clear()
 
     def _backlog_drained(self, number: int) -> None:
         last = self._next_offset - 1
@@ -214,6 +229,7 @@ class BacklogRouting(StreamRouting):
             backlog.last = max(snapshot.log_last_offset, state.offset)
             session.backlog_count = state.backlog_count
             session.backlog_bytes = state.backlog_bytes
+            backlog.skip = state.skip
             for topic_filter in session.subscriptions:
                 if is_log_filter(topic_filter) and topic_filter not in backlog.since:
                     self._backlog_subscribe(session, topic_filter)
@@ -262,12 +278,14 @@ class BacklogRouting(StreamRouting):
                     session.backlog_bytes -= mean
                     backlog.skip += 1
                     self._count_drop(session, QUEUE_FULL)
+                self._backlog_touched.add(session.client_id)
             if not session.has_room(max_messages, max_bytes, size):
                 backlog.excluded.add(offset)
                 self._count_drop(session, QUEUE_FULL)
                 return False
         session.backlog_count += 1
         session.backlog_bytes += size
+        self._backlog_touched.add(session.client_id)
         backlog.last = offset
         return True
 
@@ -384,6 +402,7 @@ class BacklogRouting(StreamRouting):
             offset = delivery.message.offset
             assert offset is not None
             send = False
+            self._backlog_touched.add(session.client_id)
             if backlog.skip:
                 backlog.skip -= 1  # dropped by drop-oldest (counted then)
             else:

@@ -708,6 +708,7 @@ class BrokerCore(BacklogRouting):
 
     def drain(self) -> Batch:
         """Take the changes made since the last drain as one batch for the store."""
+        self._backlog_flush()
         batch = Batch(self._batch, self._changes)
         if not batch.changes:
             # Nothing of it is stored: what it queued may go out before earlier batches are

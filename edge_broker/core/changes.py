@@ -218,6 +218,17 @@ class ReaderMoved:
 
 
 @dataclass(slots=True, unsafe_hash=True)
+class ReaderCounted:
+    """The session's own count of its backlog (what the queue bounds apply to: messages,
+    payload bytes, oldest still to skip by drop-oldest). Later records win."""
+
+    reader: str
+    count: int
+    bytes: int
+    skip: int
+
+
+@dataclass(slots=True, unsafe_hash=True)
 class ReaderClosed:
     """Forget a reader, its filters and in-flight entries (the session went live)."""
 
@@ -247,7 +258,7 @@ class InflightCleared:
 
 ReaderChange = (
     ReaderOpened | ReaderFilterSaved | ReaderFilterDeleted | ReaderMoved | ReaderClosed
-    | InflightSaved | InflightCleared
+    | InflightSaved | InflightCleared | ReaderCounted
 )
 
 Change = (
@@ -255,6 +266,7 @@ Change = (
     | DeliverySaved | DeliveryDeleted | Qos2Received | Qos2Released | RetainedSaved
     | RetainedDeleted | LogAppended | StreamCursorSaved | ReaderOpened | ReaderFilterSaved
     | ReaderFilterDeleted | ReaderMoved | ReaderClosed | InflightSaved | InflightCleared
+    | ReaderCounted
 )
 
 
@@ -285,8 +297,9 @@ class ReaderState:
 
     offset: int
     filters: dict[str, int]  # topic filter -> since
-    backlog_count: int = 0
+    backlog_count: int = 0  # the session's count (ReaderCounted)
     backlog_bytes: int = 0
+    skip: int = 0
     inflight: list[InflightEntry] = field(default_factory=list)
 
 

@@ -31,6 +31,7 @@ from ...core.changes import (
     Message,
     ReaderChange,
     ReaderClosed,
+    ReaderCounted,
     ReaderFilterDeleted,
     ReaderFilterSaved,
     ReaderMoved,
@@ -83,6 +84,10 @@ def apply(log: Log, conn: sqlite3.Connection, changes: Iterable[ReaderChange]) -
                 cursors.unsubscribe(log, conn, name, change.topic_filter)
         elif isinstance(change, ReaderClosed):
             cursors.remove_reader(log, conn, name)
+        elif isinstance(change, ReaderCounted) and name in log.readers:
+            conn.execute("UPDATE log_readers SET queued_count = ?, queued_bytes = ?,"
+                         " queued_skip = ? WHERE name = ?",
+                         (change.count, change.bytes, change.skip, name))
     for name, offset in moves.items():
         _move(log, conn, name, offset)
 
@@ -168,10 +173,12 @@ def read(log: Log, conn: sqlite3.Connection, name: str, filters: Mapping[str, in
 def load(log: Log, conn: sqlite3.Connection) -> dict[str, ReaderState]:
     """The sessions' readers, after `Log.load`, with their in-flight entries' rows."""
     out: dict[str, ReaderState] = {}
-    for name, reader in log.readers.items():
-        if name.startswith(SESSION_READER_PREFIX):
-            out[name] = ReaderState(reader.offset, dict(reader.filters), reader.backlog_count,
-                                    reader.backlog_bytes)
+    for name, count, size, skip in conn.execute(
+            "SELECT name, queued_count, queued_bytes, queued_skip FROM log_readers"
+            " WHERE name LIKE 'session:%'"):
+        reader = log.readers.get(name)
+        if reader is not None:
+            out[name] = ReaderState(reader.offset, dict(reader.filters), count, size, skip)
     if not out:
         return out
     for name, packet_id, offset, state, qos, retain, ids, dup in conn.execute(

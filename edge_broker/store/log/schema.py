@@ -111,6 +111,11 @@ READERS_MIGRATION: Final[tuple[str, ...]] = (
     "ALTER TABLE log_inflight ADD COLUMN retain INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE log_inflight ADD COLUMN subscription_ids TEXT",  # "1,7"; NULL for none
     "ALTER TABLE log_inflight ADD COLUMN dup INTEGER NOT NULL DEFAULT 0",
+    # A session's own count of its backlog, which its queue bounds apply to (the counters
+    # above count every row its filters select, and topic and property bytes).
+    "ALTER TABLE log_readers ADD COLUMN queued_count INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE log_readers ADD COLUMN queued_bytes INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE log_readers ADD COLUMN queued_skip INTEGER NOT NULL DEFAULT 0",
 )
 
 

@@ -34,6 +34,7 @@ from ...core.changes import (
     Qos2Released,
     ReaderChange,
     ReaderClosed,
+    ReaderCounted,
     ReaderFilterDeleted,
     ReaderFilterSaved,
     ReaderMoved,
@@ -98,7 +99,7 @@ class _Plan:
 
 _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
 _READER_CHANGES = (ReaderOpened, ReaderFilterSaved, ReaderFilterDeleted, ReaderMoved,
-                   ReaderClosed, InflightSaved, InflightCleared)
+                   ReaderClosed, InflightSaved, InflightCleared, ReaderCounted)
 
 
 def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _Plan:
