@@ -76,6 +76,7 @@ from .queues import DROP_OLDEST, QUEUE_FULL
 from .session import Delivery, Session
 from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
+DONE = 3  # the state of a stored marker: a QoS 2 row finished above the durable cursor
 EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past this size
 
 
@@ -87,12 +88,19 @@ def is_log_filter(topic_filter: str) -> bool:
 class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
-    __slots__ = ("after", "buffer", "excluded", "fetching", "generation", "last",
-                 "online_from", "reader", "sent", "since", "skip")
+    __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
+                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
-        self.sent = offset  # durable: every selected row at or below is done (or in flight)
+        self.sent = offset  # every selected row at or below was handed out
+        self.durable = offset  # the last ReaderMoved: rows at or below are done or in flight
+        # QoS 1 rows sent and not acknowledged, not stored (offset order): the durable cursor
+        # stays below the oldest, so after a crash they are sent again (at least once).
+        self.outstanding: dict[int, None] = {}
+        # QoS 2 rows finished above the durable cursor: stored as entries with packet id
+        # -offset (state DONE), so that a restart does not send them again.
+        self.markers: set[int] = set()
         self.after = offset  # read up to here (the buffer holds what is not sent yet)
         self.last = offset  # the last offset appended for this session
         self.since = since  # reader filter -> since
@@ -173,6 +181,13 @@ class BacklogRouting(StreamRouting):
             return
         if backlog is not None:
             # Offline again before it caught up: what was read and not sent is read again.
+            # Its QoS 1 rows in flight were stored by `disconnect` (with their packet ids).
+            for delivery in session.inflight.values():
+                offset = delivery.message.offset
+                if delivery.from_log and offset in backlog.outstanding:
+                    del backlog.outstanding[offset]
+                    self._changes.append(_inflight_record(backlog, delivery, offset))
+            self._backlog_sync(backlog)
             backlog.generation += 1
             backlog.buffer.clear()
             backlog.fetching = False
@@ -197,6 +212,7 @@ class BacklogRouting(StreamRouting):
         session.backlog = None
         session.backlog_count = session.backlog_bytes = 0
         self._backlog_online.discard(session.client_id)
+        backlog.outstanding.clear()
         for delivery in session.inflight.values():
             if delivery.from_log:
                 delivery.from_log = False
@@ -235,6 +251,9 @@ class BacklogRouting(StreamRouting):
                     self._backlog_subscribe(session, topic_filter)
             for entry in state.inflight:
                 message = entry.message
+                if entry.state == DONE:
+                    backlog.markers.add(message.offset or 0)
+                    continue
                 message.id = self._next_message_id
                 self._next_message_id += 1
                 delivery = Delivery(self._next_delivery_id, message, entry.qos, entry.retain,
@@ -346,6 +365,7 @@ class BacklogRouting(StreamRouting):
         if session is None or session.backlog is not backlog:
             return
         in_flight = {d.message.offset for d in session.inflight.values() if d.from_log}
+        in_flight.update(backlog.markers)
         after = backlog.after
         for message in messages:
             offset = message.offset
@@ -413,8 +433,17 @@ class BacklogRouting(StreamRouting):
                     return None
                 else:
                     send = True
+                    if delivery.qos == 0 and backlog.outstanding:
+                        # The cursor cannot pass the QoS 1 rows before it: a marker keeps
+                        # it from being sent again after a crash (stored before it is sent).
+                        backlog.markers.add(offset)
+                        self._changes.append(InflightSaved(
+                            backlog.reader, -offset, offset, 0, delivery.retain, (), DONE,
+                            False))
                 self._backlog_uncount(session, delivery)
             buffer.popleft()
+            if send and delivery.qos == 1:
+                backlog.outstanding[offset] = None
             self._backlog_moved(backlog, offset)
             if send:
                 delivery.id = self._next_delivery_id
@@ -428,7 +457,7 @@ class BacklogRouting(StreamRouting):
 
     def _backlog_moved(self, backlog: Backlog, offset: int) -> None:
         backlog.sent = offset
-        self._changes.append(ReaderMoved(backlog.reader, offset))
+        self._backlog_sync(backlog)
         excluded = backlog.excluded
         if len(excluded) > EXCLUDED_PRUNE_AT:
             backlog.excluded = {o for o in excluded if o > offset}
@@ -441,16 +470,48 @@ class BacklogRouting(StreamRouting):
 
     # -- in flight ------------------------------------------------------------------------
 
+    def _backlog_sync(self, backlog: Backlog) -> None:
+        """Move the durable cursor as far as it may go: below the oldest outstanding QoS 1
+        row, else to what was handed out; markers it passed are no longer needed."""
+        outstanding = backlog.outstanding
+        durable = next(iter(outstanding)) - 1 if outstanding else backlog.sent
+        if durable <= backlog.durable:
+            return
+        backlog.durable = durable
+        self._changes.append(ReaderMoved(backlog.reader, durable))
+        if backlog.markers:
+            passed = [o for o in backlog.markers if o <= durable]
+            for offset in passed:
+                backlog.markers.discard(offset)
+                self._changes.append(InflightCleared(backlog.reader, -offset))
+
     def _backlog_save_inflight(self, session: Session, delivery: Delivery) -> None:
+        backlog = session.backlog
+        offset = delivery.message.offset
+        if (backlog is None or delivery.packet_id is None or offset is None
+                or offset in backlog.outstanding):
+            return  # a QoS 1 row in flight is not stored (the cursor stays below it)
+        self._changes.append(_inflight_record(backlog, delivery, offset))
+
+    def _backlog_clear_inflight(self, session: Session, delivery: Delivery) -> None:
         backlog = session.backlog
         offset = delivery.message.offset
         if backlog is None or delivery.packet_id is None or offset is None:
             return
-        self._changes.append(InflightSaved(
-            backlog.reader, delivery.packet_id, offset, delivery.qos, delivery.retain,
-            delivery.subscription_ids, delivery.state, delivery.dup))
-
-    def _backlog_clear_inflight(self, session: Session, delivery: Delivery) -> None:
-        backlog = session.backlog
-        if backlog is not None and delivery.packet_id is not None:
+        if offset in backlog.outstanding:
+            del backlog.outstanding[offset]
+        else:
             self._changes.append(InflightCleared(backlog.reader, delivery.packet_id))
+            if offset > backlog.durable:  # finished above the durable cursor: remember it
+                backlog.markers.add(offset)
+                self._changes.append(InflightSaved(
+                    backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
+                    False))
+        self._backlog_sync(backlog)
+
+
+def _inflight_record(backlog: Backlog, delivery: Delivery, offset: int) -> InflightSaved:
+    assert delivery.packet_id is not None
+    return InflightSaved(backlog.reader, delivery.packet_id, offset, delivery.qos,
+                         delivery.retain, delivery.subscription_ids, delivery.state,
+                         delivery.dup)
