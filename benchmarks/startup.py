@@ -93,14 +93,15 @@ def payload_of(session: int, seq: int) -> bytes:
 async def _build(data_dir: Path, messages: int, sessions: int) -> dict[str, Any]:
     from edge_broker.core.changes import (
         EXPIRY_NEVER,
-        DeliveryRecord,
-        DeliverySaved,
+        LogAppended,
         Message,
-        MessageSaved,
+        ReaderCounted,
+        ReaderOpened,
         SessionRecord,
         SessionSaved,
         SubscriptionRecord,
         SubscriptionSaved,
+        reader_name,
     )
     from edge_broker.store.sqlite import SqliteStore
 
@@ -115,6 +116,10 @@ async def _build(data_dir: Path, messages: int, sessions: int) -> dict[str, Any]
                                                    disconnected_at=now - 60)))
             head.append(SubscriptionSaved(SubscriptionRecord(
                 client_id(k), f"bench/startup/{client_id(k)}/#", 1)))
+            # Offline since before the messages: its backlog is a reader of the log
+            # (core/backlog.py), each message one log row.
+            head.append(ReaderOpened(reader_name(client_id(k)), 0,
+                                     ((f"bench/startup/{client_id(k)}/#", 0),)))
         if head:
             await store.apply(head)
         next_id = 1
@@ -125,21 +130,26 @@ async def _build(data_dir: Path, messages: int, sessions: int) -> dict[str, Any]
                 if next_id > messages:
                     break
                 received = now - 30 + next_id * 1e-4
-                batch.append(MessageSaved(Message(next_id, topic_of(k), payload_of(k, seq), 1,
-                                                  False, received_at=received,
-                                                  origin="startup-publisher")))
-                batch.append(DeliverySaved(DeliveryRecord(client_id(k), next_id, next_id, 1,
-                                                          False)))
+                batch.append(LogAppended(Message(next_id, topic_of(k), payload_of(k, seq), 1,
+                                                 False, received_at=received,
+                                                 origin="startup-publisher", offset=next_id)))
                 next_id += 1
             pending.append(store.apply(batch))
-            if len(pending) >= 16:
+            if len(pending) >= 64:
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
+        per = [0] * sessions  # each session's own count of its backlog (the queue bounds')
+        size = [0] * sessions
+        for n in range(messages):
+            per[n % sessions] += 1
+            size[n % sessions] += len(payload_of(n % sessions, n // sessions))
+        await store.apply([ReaderCounted(reader_name(client_id(k)), per[k], size[k], 0)
+                           for k in range(sessions)])
         stats = await store.stats()
     finally:
         await store.close()
-    return {"sessions": stats.sessions, "queued_messages": stats.queued_messages,
+    return {"sessions": stats.sessions, "queued_messages": next_id - 1,
             "file_bytes": _db_bytes(data_dir)}
 
 

@@ -32,6 +32,7 @@ from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Subscription, Un
 from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_filter, parse_shared
 from ..mqtt.types import ProtocolLevel, ReasonCode
+from .backlog import BacklogRouting
 from .changes import (
     AWAIT_ACK,
     AWAIT_COMP,
@@ -61,7 +62,6 @@ from .router import Router
 from .session import Delivery, QueueMemory, RetainedPending, Session
 from .streams import (
     STREAM_PREFIX,
-    StreamRouting,
     parse_position,
     parse_stream_filter,
     stream_offset_property,
@@ -116,7 +116,7 @@ class BrokerStats:
     clients_maximum: int = 0
 
 
-class BrokerCore(StreamRouting):
+class BrokerCore(BacklogRouting):
     def __init__(self, settings: CoreSettings | None = None) -> None:
         self.settings = settings or CoreSettings()
         self.sessions: dict[str, Session] = {}
@@ -143,6 +143,7 @@ class BrokerCore(StreamRouting):
         # (the server's ACL: a will must be writable by its client, checked when it goes out).
         self.will_check: Callable[[str, str], bool] | None = None
         self._init_streams()
+        self._init_backlog()
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -200,6 +201,7 @@ class BrokerCore(StreamRouting):
                 owner.incoming_qos2.add(packet_id)
         if snapshot.messages:
             self._next_message_id = max(self._next_message_id, max(snapshot.messages) + 1)
+        self._backlog_restore(snapshot)  # backlogs are readers of the log (core/backlog.py)
 
     # -- connections --------------------------------------------------------------------
 
@@ -250,6 +252,7 @@ class BrokerCore(StreamRouting):
         self._last_epoch += 1
         session.epoch = self._last_epoch
         session.online = True
+        self._backlog_connect(session)
         self.stats.clients_connected += 1
         self.stats.clients_maximum = max(self.stats.clients_maximum, self.stats.clients_connected)
         session.disconnected_at = None
@@ -304,6 +307,8 @@ class BrokerCore(StreamRouting):
                     self._save_delivery(session, delivery)
         session.resend = ()
         self._schedule_offline(session, now)
+        if session.stored:
+            self._backlog_open(session)  # from now on its messages go to the log
         self._changes.append(SessionSaved(self._session_record(session)))
         if session.stored:
             for topic_filter in session.subscriptions:
@@ -488,6 +493,7 @@ class BrokerCore(StreamRouting):
                                         subscription_id)
             existed = topic_filter in session.subscriptions
             session.subscriptions[topic_filter] = record
+            self._backlog_subscribe(session, topic_filter)
             shared = self._route_subscription(record)
             if session.stored:
                 self._changes.append(SubscriptionSaved(record))
@@ -569,6 +575,7 @@ class BrokerCore(StreamRouting):
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
             self._unroute_subscription(record)
+            self._backlog_unsubscribe(session, topic_filter)
             forget_retained_pending(session, topic_filter)
             if session.stored:
                 self._changes.append(SubscriptionDeleted(client_id, topic_filter))
@@ -625,6 +632,10 @@ class BrokerCore(StreamRouting):
                     break
                 entry.topics.popleft()
                 self._next_delivery_id += 1
+            elif not queue and session.backlog is not None:
+                delivery = self._backlog_take(session, now)  # core/backlog.py
+                if delivery is None:
+                    break
             elif queue and (queue[0].batch <= committed or queue[0].batch in free):
                 delivery = queue[0]
                 expires_at = delivery.message.expires_at
@@ -650,11 +661,12 @@ class BrokerCore(StreamRouting):
             delivery.packet_id = packet_id
             delivery.state = AWAIT_ACK
             inflight[packet_id] = delivery
-            if session.stored and delivery.qos == 2:
+            if session.stored and (delivery.qos == 2 or delivery.from_log):
                 # A QoS 2 delivery's packet id is durable before it is sent: after a crash
                 # it goes out again under the same id, so the client can tell the duplicate
-                # [MQTT-4.3.3] (5.0). A QoS 1 delivery's is written at disconnect only (below).
-                if not delivery.persisted:  # a retained message sent on SUBSCRIBE
+                # [MQTT-4.3.3] (5.0). A QoS 1 delivery's is written at disconnect only (below),
+                # unless read from the log (the cursor moves past it: core/backlog.py).
+                if not delivery.persisted and not delivery.from_log:  # retained, on SUBSCRIBE
                     self._save_message(delivery.message)
                 self._save_delivery(session, delivery)
             out.append(self._publish_packet(session, delivery, now))
@@ -696,6 +708,7 @@ class BrokerCore(StreamRouting):
 
     def drain(self) -> Batch:
         """Take the changes made since the last drain as one batch for the store."""
+        self._backlog_flush()
         batch = Batch(self._batch, self._changes)
         if not batch.changes:
             # Nothing of it is stored: what it queued may go out before earlier batches are
@@ -703,6 +716,7 @@ class BrokerCore(StreamRouting):
             # overtakes one queued before it by a pending batch).
             self._free.add(batch.number)
         self._changes = []
+        self._backlog_drained(batch.number)
         self._batch += 1
         # A store may prune a body once nothing refers to it at the end of a batch, so a
         # delivery in a later batch must save its message again.
@@ -714,6 +728,7 @@ class BrokerCore(StreamRouting):
         have deliveries they may now be sent."""
         if number > self._committed:
             self._committed = number
+            self._backlog_committed(number)
         free = self._free
         if free:
             free.difference_update([b for b in free if b <= number])
@@ -774,6 +789,7 @@ class BrokerCore(StreamRouting):
         session.subscriptions.clear()
         session.clear_deliveries()
         session.stream_history = ()
+        self._backlog_end(session)
         del self.sessions[session.client_id]
         if session.stored:
             self._changes.append(SessionDeleted(session.client_id))
@@ -880,6 +896,9 @@ class BrokerCore(StreamRouting):
         online = session.online
         if not online and qos == 0 and not self.settings.queue_qos0_messages:
             return False
+        if session.backlog is not None and self._stream_marking is None and (
+                self._backlog_takes(session, message)):
+            return self._backlog_deliver(session, message)  # the log holds it
         if not self._make_room(session, message):
             return False
         delivery_id = self._next_delivery_id
@@ -900,6 +919,9 @@ class BrokerCore(StreamRouting):
             self._changes.append(MessageSaved(message))
 
     def _save_delivery(self, session: Session, delivery: Delivery) -> None:
+        if delivery.from_log:
+            self._backlog_save_inflight(session, delivery)
+            return
         if delivery.stream is not None:
             return  # the log holds it, and the subscription's cursor says how far it went
         delivery.persisted = True
@@ -910,6 +932,8 @@ class BrokerCore(StreamRouting):
     def _finish_inflight(self, session: Session, delivery: Delivery) -> None:
         assert delivery.packet_id is not None
         del session.inflight[delivery.packet_id]
+        if delivery.from_log:
+            self._backlog_clear_inflight(session, delivery)
         if delivery.persisted:
             self._changes.append(DeliveryDeleted(session.client_id, delivery.id))
 

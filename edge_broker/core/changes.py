@@ -192,11 +192,128 @@ class DownlinkPosition:
     position: int
 
 
+# -- log readers (core/backlog.py): a persistent session's backlog while it is offline ----
+# Applied by the store after the group's `LogAppended` records, in order. `SessionDeleted`
+# removes the session's reader too (readers of sessions are named `reader_name(client_id)`).
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class ReaderOpened:
+    """Make (or replace) a reader at `offset` with `filters` ((topic filter, since), ...):
+    it selects the rows after `offset` whose topic one of its filters matches above its
+    since. In-flight entries of a replaced reader are kept."""
+
+    reader: str
+    offset: int
+    filters: tuple[tuple[str, int], ...]
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class ReaderFilterSaved:
+    reader: str
+    topic_filter: str
+    since: int
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class ReaderFilterDeleted:
+    reader: str
+    topic_filter: str
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class ReaderMoved:
+    """Every selected row at or below `offset` is done, except the reader's in-flight
+    entries. Later records win."""
+
+    reader: str
+    offset: int
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class ReaderCounted:
+    """The session's own count of its backlog (what the queue bounds apply to: messages,
+    payload bytes, oldest still to skip by drop-oldest). Later records win."""
+
+    reader: str
+    count: int
+    bytes: int
+    skip: int
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class ReaderClosed:
+    """Forget a reader, its filters and in-flight entries (the session went live)."""
+
+    reader: str
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class InflightSaved:
+    """A delivery read from the log, in flight under `packet_id`: durable before it is sent
+    (so it goes out again under the same id after a crash, QoS 2 exactly once)."""
+
+    reader: str
+    packet_id: int
+    offset: int
+    qos: int
+    retain: bool
+    subscription_ids: tuple[int, ...]
+    state: int
+    dup: bool
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class InflightCleared:
+    reader: str
+    packet_id: int
+
+
+ReaderChange = (
+    ReaderOpened | ReaderFilterSaved | ReaderFilterDeleted | ReaderMoved | ReaderClosed
+    | InflightSaved | InflightCleared | ReaderCounted
+)
+
 Change = (
     SessionSaved | SessionDeleted | SubscriptionSaved | SubscriptionDeleted | MessageSaved
     | DeliverySaved | DeliveryDeleted | Qos2Received | Qos2Released | RetainedSaved
-    | RetainedDeleted | LogAppended | StreamCursorSaved | DownlinkPosition
+    | RetainedDeleted | LogAppended | StreamCursorSaved | ReaderOpened | ReaderFilterSaved
+    | ReaderFilterDeleted | ReaderMoved | ReaderClosed | InflightSaved | InflightCleared
+    | ReaderCounted | DownlinkPosition
 )
+
+
+SESSION_READER_PREFIX = "session:"
+
+
+def reader_name(client_id: str) -> str:
+    """The log reader of a persistent session."""
+    return SESSION_READER_PREFIX + client_id
+
+
+@dataclass(slots=True)
+class InflightEntry:
+    """A stored in-flight delivery read from the log (start-up)."""
+
+    packet_id: int
+    message: Message  # with its offset
+    qos: int
+    retain: bool
+    subscription_ids: tuple[int, ...]
+    state: int
+    dup: bool
+
+
+@dataclass(slots=True)
+class ReaderState:
+    """A reader as the store holds it (start-up): counters and cursor, never the rows."""
+
+    offset: int
+    filters: dict[str, int]  # topic filter -> since
+    backlog_count: int = 0  # the session's count (ReaderCounted)
+    backlog_bytes: int = 0
+    skip: int = 0
+    inflight: list[InflightEntry] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -212,6 +329,7 @@ class Snapshot:
     log_last_offset: int = 0  # the last offset the store's log assigned (0: none yet)
     # (client id, $stream/ filter) -> position to resume from (StreamCursorSaved)
     stream_cursors: dict[tuple[str, str], str] = field(default_factory=dict)
+    readers: dict[str, ReaderState] = field(default_factory=dict)  # by reader name
 
     @classmethod
     def empty(cls) -> Snapshot:

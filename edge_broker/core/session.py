@@ -32,6 +32,7 @@ from ..mqtt.packets import Will
 from .changes import AWAIT_ACK, QUEUED, Message, SubscriptionRecord
 
 if TYPE_CHECKING:
+    from .backlog import Backlog
     from .streams import StreamSub
 
 # Estimated memory of one queued delivery (Delivery object, deque slot) and of one message
@@ -91,8 +92,8 @@ class RetainedPending:
 class Delivery:
     """One message on its way to one session."""
 
-    __slots__ = ("batch", "dup", "id", "message", "packet_id", "persisted", "qos", "retain",
-                 "state", "stream", "subscription_ids")
+    __slots__ = ("batch", "dup", "from_log", "id", "message", "packet_id", "persisted", "qos",
+                 "retain", "state", "stream", "subscription_ids")
 
     def __init__(self, delivery_id: int, message: Message, qos: int, retain: bool,
                  subscription_ids: tuple[int, ...], batch: int) -> None:
@@ -109,6 +110,9 @@ class Delivery:
         # Sent for this $stream/ subscription: carries the user property stream-offset
         # (v5), is never written as a delivery row (the log and the cursor cover it).
         self.stream: StreamSub | None = None
+        # Read from the log for a persistent session's backlog (core/backlog.py): in flight,
+        # it is stored as the reader's in-flight entry, not as a delivery row.
+        self.from_log = False
 
     def __repr__(self) -> str:
         return (f"Delivery(id={self.id}, topic={self.message.topic!r}, qos={self.qos}, "
@@ -116,9 +120,10 @@ class Delivery:
 
 
 class Session:
-    __slots__ = ("client_id", "disconnected_at", "drop_logged_at", "dropped", "drops_unlogged",
-                 "epoch", "expires_at", "expiry_interval", "incoming_qos2", "inflight",
-                 "inflight_max", "memory", "next_packet_id", "online", "protocol_level",
+    __slots__ = ("backlog", "backlog_bytes", "backlog_count", "client_id", "disconnected_at",
+                 "drop_logged_at", "dropped", "drops_unlogged", "epoch", "expires_at",
+                 "expiry_interval", "incoming_qos2", "inflight", "inflight_max", "memory",
+                 "next_packet_id", "online", "protocol_level",
                  "queue", "queued_bytes", "resend", "retained_pending", "stored",
                  "stream_history", "subscriptions", "will", "will_due_at")
 
@@ -153,6 +158,11 @@ class Session:
         # $stream/ subscriptions still replaying their history, in SUBSCRIBE order (a list
         # only while there are some; core/streams.py): they go before the queue.
         self.stream_history: list[StreamSub] | tuple[()] = ()
+        # While offline (and after a reconnect until it caught up), a stored session's
+        # messages go to the log, read back through this cursor (core/backlog.py); None: live.
+        self.backlog: Backlog | None = None
+        self.backlog_count = 0  # messages for it in the log not yet handed out (bounds)
+        self.backlog_bytes = 0  # their payload bytes
 
     @property
     def persistent(self) -> bool:
@@ -169,9 +179,10 @@ class Session:
         return candidate
 
     def has_room(self, max_messages: int, max_bytes: int, payload_size: int) -> bool:
-        if max_messages and len(self.queue) >= max_messages:
+        if max_messages and len(self.queue) + self.backlog_count >= max_messages:
             return False
-        return not (max_bytes and self.queued_bytes + payload_size > max_bytes)
+        return not (max_bytes and self.queued_bytes + self.backlog_bytes + payload_size
+                    > max_bytes)
 
     def append(self, delivery: Delivery) -> None:
         queue = self.queue

@@ -213,12 +213,13 @@ class StreamRouting(QueueBounds):
         records, _ = self._stream_router.match(message.topic)
         if not records:
             return False
-        if message.qos == 0 and self.stream_full():
-            self.stats.stream_dropped += 1
-            return True
-        message.offset = self._next_offset
-        self._next_offset += 1
-        self._changes.append(LogAppended(message))
+        if message.offset is None:  # else a session's backlog appended it (core/backlog.py)
+            if message.qos == 0 and self.stream_full():
+                self.stats.stream_dropped += 1
+                return True
+            message.offset = self._next_offset
+            self._next_offset += 1
+            self._changes.append(LogAppended(message))
         for record in records:
             subs = self._stream_subs.get(record.client_id)
             if subs:

@@ -96,8 +96,8 @@ def session_summary(session: Session) -> dict[str, Any]:
         "expiry_interval": session.expiry_interval,
         "disconnected_at": session.disconnected_at,
         "subscriptions": len(session.subscriptions),
-        "queued_messages": len(session.queue),
-        "queued_bytes": session.queued_bytes,
+        "queued_messages": len(session.queue) + session.backlog_count,  # the log's too
+        "queued_bytes": session.queued_bytes + session.backlog_bytes,
         "inflight": len(session.inflight),
         "dropped": session.dropped,
         "will_topic": session.will.topic if session.will else None,
@@ -121,6 +121,20 @@ def session_detail(session: Session) -> dict[str, Any]:
          "packet_id": d.packet_id, "received_at": d.message.received_at}
         for d in queued[:QUEUE_PREVIEW]]
     return detail
+
+
+async def backlog_preview(app: AdminHost, session: Session,
+                          preview: list[dict[str, Any]]) -> None:
+    """Complete `sessions show`'s preview with the first rows of the session's backlog in
+    the log (core/backlog.py), read from the store."""
+    backlog = session.backlog
+    read = getattr(app.store, "read_backlog", None)
+    if backlog is None or read is None or len(preview) >= QUEUE_PREVIEW:
+        return
+    rows, _ = await read(backlog.reader, dict(backlog.since), backlog.sent, backlog.last,
+                         QUEUE_PREVIEW - len(preview))
+    preview.extend({"topic": r.topic, "qos": r.qos, "bytes": len(r.payload), "packet_id": None,
+                    "received_at": r.at} for r in rows)
 
 
 class AdminServer:
@@ -172,7 +186,9 @@ class AdminServer:
             session = core.sessions.get(str(request.get("client_id")))
             if session is None:
                 return {"error": f"no session {request.get('client_id')!r}"}
-            return {"session": session_detail(session)}
+            detail = session_detail(session)
+            await backlog_preview(app, session, detail["queue_preview"])
+            return {"session": detail}
         if command == "sessions.delete":
             client_id = str(request.get("client_id"))
             handler = app.clients.get(client_id)

@@ -203,7 +203,8 @@ class BrokerApp:
             snapshot = await self.store.open()
         self.core.restore(snapshot, now=time.time())
         if snapshot.sessions or snapshot.retained:
-            queued = len(snapshot.deliveries)
+            queued = len(snapshot.deliveries) + sum(  # delivery rows, and the log's backlogs
+                r.backlog_count for r in snapshot.readers.values())
             log.info("restored %d sessions, %d queued messages, %d retained messages in %.2f s",
                      len(snapshot.sessions), queued, len(snapshot.retained),
                      time.monotonic() - started)
@@ -221,7 +222,7 @@ class BrokerApp:
         """SIGUSR1: one line with what the broker holds, for an operator on the box."""
         core = self.core
         sessions = core.sessions.values()
-        queued = sum(len(s.queue) + len(s.inflight) for s in sessions)
+        queued = sum(len(s.queue) + len(s.inflight) + s.backlog_count for s in sessions)
         log.info("status: %d clients connected, %d sessions, %d queued messages, "
                  "%d retained, store %s", core.stats.clients_connected, len(core.sessions),
                  queued, len(core.retained), "FULL" if self.store.full else "ok")
@@ -261,8 +262,9 @@ class BrokerApp:
             "persistence": self.config.storage.persistence,
             "sessions": len(core.sessions),
             "connected": core.stats.clients_connected,
-            "queued_messages": sum(len(s.queue) + len(s.inflight) for s in sessions),
-            "queued_bytes": sum(s.queued_bytes for s in sessions),
+            "queued_messages": sum(len(s.queue) + len(s.inflight) + s.backlog_count
+                                   for s in sessions),
+            "queued_bytes": sum(s.queued_bytes + s.backlog_bytes for s in sessions),
             "retained_messages": len(core.retained),
             "oldest_message_at": min(
                 (d.message.received_at for s in sessions
@@ -270,7 +272,12 @@ class BrokerApp:
         }
         store_stats = getattr(self.store, "stats", None)
         if store_stats is not None:
-            stats["store"] = dataclasses.asdict(await store_stats())
+            figures = await store_stats()
+            stats["store"] = dataclasses.asdict(figures)
+            oldest = figures.oldest_message_at  # the log's backlogs too
+            mine = stats["oldest_message_at"]
+            if oldest is not None and (not isinstance(mine, float) or oldest < mine):
+                stats["oldest_message_at"] = oldest
             stats["path"] = str(getattr(self.store, "path", ""))
         return stats
 

@@ -126,8 +126,8 @@ class Observer:
     def _queued(self) -> tuple[int, int]:
         messages = bytes_ = 0
         for session in self.app.core.sessions.values():
-            messages += len(session.queue) + len(session.inflight)
-            bytes_ += session.queued_bytes
+            messages += len(session.queue) + len(session.inflight) + session.backlog_count
+            bytes_ += session.queued_bytes + session.backlog_bytes
         return messages, bytes_
 
     def _oldest_queued_age(self, now: float) -> float:
@@ -268,7 +268,7 @@ class Observer:
         queued, queued_bytes = self._queued()
         sessions: list[dict[str, Any]] = []
         for session in core.sessions.values():
-            backlog = len(session.queue) + len(session.inflight)
+            backlog = len(session.queue) + len(session.inflight) + session.backlog_count
             sessions.append({
                 "client_id": session.client_id,
                 "online": session.online,
@@ -276,7 +276,7 @@ class Observer:
                 "persistent": session.persistent,
                 "subscriptions": len(session.subscriptions),
                 "queued": backlog,
-                "queued_bytes": session.queued_bytes,
+                "queued_bytes": session.queued_bytes + session.backlog_bytes,
                 "dropped": session.dropped,
             })
         sessions.sort(key=lambda s: (-s["queued"], s["client_id"]))

@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..core.backlog import BacklogFetch
 from ..core.changes import Message
 from ..core.streams import StreamFetch
 from ..errors import StoreError
@@ -45,8 +46,10 @@ class StreamReplay:
         self._dropped_logged_at = -1e18
 
     def setup(self) -> None:
-        """Tell the core the configured streams, when the store keeps a log."""
+        """Tell the core the configured streams, when the store keeps a log; and that
+        persistent sessions' backlogs are read from it (core/backlog.py)."""
         app = self.app
+        app.core.log_backlogs = hasattr(app.store, "read_backlog")
         streams = app.config.streams
         if not streams:
             return
@@ -74,6 +77,37 @@ class StreamReplay:
             task = asyncio.get_running_loop().create_task(self._page(fetch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        for backlog_fetch in core.take_backlog_fetches():
+            task = asyncio.get_running_loop().create_task(self._backlog_page(backlog_fetch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _backlog_page(self, fetch: BacklogFetch) -> None:
+        """A page of a persistent session's backlog (core/backlog.py), as `_page`."""
+        app = self.app
+        read = getattr(app.store, "read_backlog")  # noqa: B009 - SqliteStore only
+        try:
+            rows, end = await read(fetch.reader, fetch.filters, fetch.after, fetch.until,
+                                   fetch.limit)
+        except Exception as error:  # StoreError, or a bug: the client reads it again later
+            if isinstance(error, StoreError):
+                log.error("client %s: cannot read its queued messages: %s", fetch.client_id,
+                          error)
+            else:
+                log.exception("client %s: reading its queued messages failed",
+                              fetch.client_id)
+            fetch.backlog.fetching = False
+            handler = app.clients.get(fetch.client_id)
+            if handler is not None:  # no gap: the cursor did not move
+                handler.kick(ReasonCode.UNSPECIFIED_ERROR)
+            return
+        messages = [Message(0, r.topic, r.payload, r.qos, r.retain, r.properties, r.at,
+                            r.expires_at, r.origin, r.offset) for r in rows]
+        app.core.backlog_page(fetch, messages, end, now=time.time())
+        self.fetch()
+        handler = app.clients.get(fetch.client_id)
+        if handler is not None:
+            handler.pump()
 
     async def _page(self, fetch: StreamFetch) -> None:
         app = self.app

@@ -4,7 +4,8 @@ client, row key, reason), and serves every other session's messages.
 
 A real store is written by a real broker (tests/integration/brokerprocess.py) with three
 persistent sessions subscribed to `d/#` (one MQTT 5, one 3.1.1, and the "victim", MQTT 5 with a
-also subscribed to `v/#`), N messages on `d/...` and one on `v/only`. One kind of damage
+also subscribed to `v/#`, connected while the messages arrive so that they are delivery rows),
+N messages on `d/...` and one on `v/only`. One kind of damage
 is then written with sqlite3 into the victim's rows, and the broker is started again.
 """
 
@@ -75,8 +76,12 @@ def write_store(data_dir: Path) -> None:
         for client_id, version in GOOD.items():
             subscriber(broker.port, client_id, ("d/#", 1), version=version,
                        **persistent(version)).disconnect()
-        subscriber(broker.port, VICTIM, ("d/#", 1), ("v/#", 1), version=5,
-                   **persistent(5)).disconnect()
+        # The victim stays connected with a Receive Maximum of 1 and reads nothing: its
+        # messages are queued while its session is live, so they are delivery rows (those of
+        # an offline session are the log's rows: core/backlog.py), one of them in flight.
+        victim = subscriber(broker.port, VICTIM, ("d/#", 1), ("v/#", 1), version=5,
+                            clean=False, properties=props(session_expiry_interval=600,
+                                                          receive_maximum=1))
         publisher = connect(broker.port, "publisher", version=5)
         text = props(content_type="text/plain")
         for i in range(N):
@@ -85,6 +90,7 @@ def write_store(data_dir: Path) -> None:
         publisher.disconnect()
     finally:
         assert broker.stop() == 0, broker.stderr
+    victim.close()
 
 
 def quarantine(db: Path) -> list[tuple[str, str | None, str, str]]:

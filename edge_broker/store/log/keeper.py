@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
+from ...core.changes import ReaderChange, ReaderState
+from . import backlogs
 from .log import Appendable, Log, LogRow
 from .replay import Position, StreamStats, replay, stream_start, stream_stats
 from .retention import RetentionReport, TrustedClock, retention_due, retention_step
@@ -64,8 +66,8 @@ class LogKeeper:
                       offsets[-1], expected[0], expected[-1])
 
     def retention_wanted(self, now_monotonic: float) -> bool:
-        if not self.log.streams and not self.log.readers:
-            return False  # nothing holds rows (readers: bridges, whose passed rows go)
+        if not self.log.streams and not self.log.total_count:
+            return False  # nothing to delete (rows of sessions and bridges go once their readers passed)
         if self.retention_more or now_monotonic - self.retention_at >= RETENTION_INTERVAL_S:
             return True
         return retention_due(self.log, self.clock.now())
@@ -85,6 +87,19 @@ class LogKeeper:
         self.retention_more = not report.done
         self.rows_deleted += report.rows_deleted
         return report
+
+    # -- persistent sessions' backlogs (backlogs.py) --------------------------------------
+
+    def apply_readers(self, conn: sqlite3.Connection, changes: Sequence[ReaderChange]) -> None:
+        """The group's reader records, in order, after its appends (in its transaction)."""
+        backlogs.apply(self.log, conn, changes)
+
+    def read_backlog(self, conn: sqlite3.Connection, name: str, filters: Mapping[str, int],
+                     after: int, until: int, limit: int) -> tuple[list[LogRow], int]:
+        return backlogs.read(self.log, conn, name, filters, after, until, limit)
+
+    def readers(self, conn: sqlite3.Connection) -> dict[str, ReaderState]:
+        return backlogs.load(self.log, conn)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ from ...mqtt.properties import NO_PROPERTIES, Properties, decode_properties, enc
 from ...mqtt.types import PacketType
 from ...mqtt.wire import Reader
 
-__all__ = ["MIGRATION", "decode_props", "encode_props", "ensure_schema", "has_schema"]
+__all__ = ["MIGRATION", "READERS_MIGRATION", "decode_props", "encode_props", "ensure_schema",
+           "has_schema"]
 
 
 # Binding speed, as in store/sqlite/sql.py (which registers the same, process-wide): a parameter
@@ -103,6 +104,21 @@ MIGRATION: Final[tuple[str, ...]] = (
 )
 
 
+# Store version 3 -> 4: persistent sessions' backlogs are readers (store/log/backlogs.py);
+# an in-flight entry keeps what its PUBLISH is sent with again after a restart.
+READERS_MIGRATION: Final[tuple[str, ...]] = (
+    "ALTER TABLE log_inflight ADD COLUMN qos INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE log_inflight ADD COLUMN retain INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE log_inflight ADD COLUMN subscription_ids TEXT",  # "1,7"; NULL for none
+    "ALTER TABLE log_inflight ADD COLUMN dup INTEGER NOT NULL DEFAULT 0",
+    # A session's own count of its backlog, which its queue bounds apply to (the counters
+    # above count every row its filters select, and topic and property bytes).
+    "ALTER TABLE log_readers ADD COLUMN queued_count INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE log_readers ADD COLUMN queued_bytes INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE log_readers ADD COLUMN queued_skip INTEGER NOT NULL DEFAULT 0",
+)
+
+
 def has_schema(conn: sqlite3.Connection) -> bool:
     row = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log_state'").fetchone()
@@ -115,12 +131,12 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     if has_schema(conn):
         return
     if conn.in_transaction:
-        for statement in MIGRATION:
+        for statement in (*MIGRATION, *READERS_MIGRATION):
             conn.execute(statement)
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in MIGRATION:
+        for statement in (*MIGRATION, *READERS_MIGRATION):
             conn.execute(statement)
     except BaseException:
         conn.rollback()

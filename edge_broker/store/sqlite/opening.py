@@ -1,11 +1,14 @@
 """Opening the file: checks, pragmas, migrations, and the rows found invalid (quarantine).
 
-*Open.* `_open_sync` runs `PRAGMA quick_check`; a file that is not a database or is damaged
-raises `StoreError` naming the file and pointing at `--recover`, which calls `move_aside()`
-(rename the file and its -wal/-shm to `<name>.corrupt-<UTC timestamp>`) and starts empty. A
-commit torn by a crash is simply absent after restart (WAL frames without a commit record are
-ignored). A new file gets `auto_vacuum=INCREMENTAL` (maintenance.py gives free pages back);
-every file is switched to WAL mode with the durability's `synchronous` (store.py).
+*Open.* `_open_sync` runs `PRAGMA quick_check` on every table but the log's rows (`log` and
+its index, which can hold a million messages: checking them would make start-up read the
+whole file; a damaged log page is an error when it is read or written). A file that is not a
+database or is damaged raises `StoreError` naming the file and pointing at `--recover`, which
+calls `move_aside()` (rename the file and its -wal/-shm to `<name>.corrupt-<UTC timestamp>`)
+and starts empty. A commit torn by a crash is simply absent after restart (WAL frames
+without a commit record are ignored). A new file gets `auto_vacuum=INCREMENTAL`
+(maintenance.py gives free pages back); every file is switched to WAL mode with the
+durability's `synchronous` (store.py).
 
 *Migrations* (schema.py): `MIGRATIONS[i]` takes the schema from version i to i+1 (`PRAGMA
 user_version`), each in its own transaction with the version bump. Before a file written by an
@@ -83,7 +86,7 @@ class Opening(StoreState):
             raise _store_error(path, "cannot open", error) from None
         self._conn = conn
         try:
-            report = [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
+            report = _quick_check(conn)
         except sqlite3.Error as error:
             raise _store_error(path, "quick_check", error) from None
         if report != ["ok"]:
@@ -131,6 +134,7 @@ class Opening(StoreState):
                 self.bridges.open_sync(conn)  # store_meta (the store id), bridge_downlink
             snapshot.log_last_offset = self._log.last_offset
             self.bridges.last_committed = self._log.last_offset
+            snapshot.readers = self._log.readers(conn)  # sessions' cursors, not their rows
             snapshot.stream_cursors = {
                 (client_id, topic_filter): position for client_id, topic_filter, position
                 in conn.execute("SELECT client_id, topic_filter, position FROM stream_cursors")}
@@ -222,3 +226,24 @@ def _load_checked(conn: sqlite3.Connection, path: Path) -> tuple[Snapshot, int]:
                 f"; only the first {validate.LOG_DETAIL_LIMIT} are logged one by one"
                 if len(quarantined) > validate.LOG_DETAIL_LIMIT else "")
     return snapshot, len(quarantined)
+
+
+# Not checked at open (see the module docstring): the log's rows, read in pages as needed.
+_UNCHECKED_AT_OPEN: Final = ("log",)
+
+
+def _quick_check(conn: sqlite3.Connection) -> list[str]:
+    """`PRAGMA quick_check` per table (and its indexes), but the log's rows: "ok" alone when
+    sound. Start-up then reads no more of the file than the tables it loads."""
+    names = [str(r[0]) for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    if not names:
+        return [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
+    report: list[str] = []
+    for name in names:
+        if name in _UNCHECKED_AT_OPEN:
+            continue
+        found = [str(r[0]) for r in conn.execute(f'PRAGMA quick_check("{name}")')]
+        if found != ["ok"]:
+            report.extend(found)
+    return report or ["ok"]

@@ -26,11 +26,20 @@ from ...core.changes import (
     DeliveryRecord,
     DeliverySaved,
     DownlinkPosition,
+    InflightCleared,
+    InflightSaved,
     LogAppended,
     Message,
     MessageSaved,
     Qos2Received,
     Qos2Released,
+    ReaderChange,
+    ReaderClosed,
+    ReaderCounted,
+    ReaderFilterDeleted,
+    ReaderFilterSaved,
+    ReaderMoved,
+    ReaderOpened,
     RetainedDeleted,
     RetainedSaved,
     SessionDeleted,
@@ -40,6 +49,7 @@ from ...core.changes import (
     SubscriptionDeleted,
     SubscriptionRecord,
     SubscriptionSaved,
+    reader_name,
 )
 from ..log import bridges as bridge_ops
 from .sql import (
@@ -82,13 +92,16 @@ class _Plan:
     batches: int
     rows: int
     log: list[Message]  # LogAppended messages, in order
+    readers: list[ReaderChange]  # sessions' reader records, in order (after the appends)
 
     @property
     def empty(self) -> bool:
-        return not self.deletes and not self.puts and not self.log
+        return not self.deletes and not self.puts and not self.log and not self.readers
 
 
 _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
+_READER_CHANGES = (ReaderOpened, ReaderFilterSaved, ReaderFilterDeleted, ReaderMoved,
+                   ReaderClosed, InflightSaved, InflightCleared, ReaderCounted)
 
 
 def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _Plan:
@@ -103,6 +116,7 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
     appended: list[Message] = []
     cursors: dict[tuple[str, str], str | None] = {}
     downlinks: dict[tuple[str, str], int] = {}  # DownlinkPosition (bridges), final value
+    readers: list[ReaderChange] = []
     changes = batches = 0
     for batch, _ in group:
         if not batch:
@@ -132,6 +146,8 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                 appended.append(change.message)
             elif isinstance(change, DownlinkPosition):
                 downlinks[change.bridge, change.source] = change.position
+            elif isinstance(change, _READER_CHANGES):
+                readers.append(change)
             elif isinstance(change, StreamCursorSaved):
                 cursors[change.client_id, change.topic_filter] = change.position
             elif isinstance(change, RetainedSaved):
@@ -149,6 +165,7 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                 cascade[cid] = None
                 for key in [k for k in cursors if k[0] == cid]:
                     del cursors[key]
+                readers.append(ReaderClosed(reader_name(cid)))
             elif isinstance(change, SubscriptionSaved):
                 sub = change.record
                 filters = subscriptions.get(sub.client_id)
@@ -260,5 +277,6 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                  prune_after_puts=repointable or bool(ret_put),
                  max_delivery_id=max_delivery_id, max_message_id=max_message_id,
                  changes=changes, batches=batches,
-                 rows=row_count + len(appended) + len(cursors) + len(downlinks),
-                 log=appended)
+                 rows=row_count + len(appended) + len(cursors) + len(downlinks)
+                 + len(readers),
+                 log=appended, readers=readers)

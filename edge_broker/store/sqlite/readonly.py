@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from ...core.changes import DeliveryRecord, SessionRecord, SubscriptionRecord
 from ...errors import StoreError
+from ..log.backlogs import session_backlogs, session_preview
 from . import validate
 from .schema import SCHEMA_VERSION
 from .sql import (
@@ -107,8 +108,13 @@ _SESSION_INFO: Final = (
 )
 
 
-def _session_info(row: Sequence[Any]) -> SessionInfo:
-    return SessionInfo(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
+def _session_info(row: Sequence[Any],
+                  backlogs: dict[str, tuple[int, int, float | None]] | None = None
+                  ) -> SessionInfo:
+    """Version 4 on, an offline session's queue is also its backlog in the log."""
+    queued, size, _ = (backlogs or {}).get(row[0], (0, 0, None))
+    return SessionInfo(row[0], row[1], row[2], row[3], bool(row[4]), row[5],
+                       row[6] + queued, row[7] + size)
 
 
 def _read_only(path: Path, read: Callable[[sqlite3.Connection, int], _T], doing: str) -> _T:
@@ -138,7 +144,9 @@ def _read_only(path: Path, read: Callable[[sqlite3.Connection, int], _T], doing:
 def _read_sessions(conn: sqlite3.Connection, version: int) -> list[SessionInfo]:
     if version == 0:
         return []
-    return [_session_info(r) for r in conn.execute(_SESSION_INFO + " ORDER BY s.client_id")]
+    backlogs = session_backlogs(conn) if version >= 4 else None
+    return [_session_info(r, backlogs)
+            for r in conn.execute(_SESSION_INFO + " ORDER BY s.client_id")]
 
 
 def _read_session(client_id: str, conn: sqlite3.Connection,
@@ -163,12 +171,18 @@ def _read_session(client_id: str, conn: sqlite3.Connection,
     incoming = [int(r[0]) for r in conn.execute(
         "SELECT packet_id FROM incoming_qos2 WHERE client_id = ? ORDER BY packet_id",
         (client_id,))]
-    return SessionDetail(_session_info(info), record, subscriptions, deliveries, incoming)
+    backlogs = session_backlogs(conn) if version >= 4 else None
+    if version >= 4:  # and the first of its backlog in the log (store/log/backlogs.py)
+        deliveries += [QueuedDelivery(DeliveryRecord(client_id, 0, 0, qos, retain), topic, size,
+                                      at)
+                       for topic, qos, retain, size, at in session_preview(conn, client_id, 20)]
+    return SessionDetail(_session_info(info, backlogs), record, subscriptions, deliveries,
+                         incoming)
 
 
 def _read_stats(path: Path, conn: sqlite3.Connection, version: int) -> StoreStats:
     pages, free, page_size = conn.execute(_SELECT_SIZE).fetchone()
-    counts = (0, 0, 0, None) if version == 0 else _query_counts(conn)
+    counts = (0, 0, 0, None) if version == 0 else _query_counts(conn, readers=version >= 4)
     quarantined = _scalar(conn, _SELECT_QUARANTINED) if version >= 2 else 0
     return StoreStats(sessions=counts[0], queued_messages=counts[1], queued_bytes=counts[2],
                       oldest_message_at=counts[3], file_bytes=_file_bytes(path),

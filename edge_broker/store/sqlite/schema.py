@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Final
 
 from ..log.schema import MIGRATION as LOG_MIGRATION
+from ..log.schema import READERS_MIGRATION
 
 # --------------------------------------------------------------------------- schema
 
@@ -115,6 +116,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (client_id, topic_filter)
         ) WITHOUT ROWID""",
     ),
+    # version 3 -> 4: persistent sessions' backlogs are readers of the log (core/backlog.py,
+    # store/log/backlogs.py): an in-flight entry keeps its QoS, retain, ids and DUP. Queued
+    # delivery rows of an earlier version stay as they are, and are sent first.
+    READERS_MIGRATION,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

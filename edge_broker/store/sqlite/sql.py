@@ -26,6 +26,7 @@ from typing import Any, Final
 from ...core.changes import DeliveryRecord, Message, SessionRecord, SubscriptionRecord
 from ...errors import StoreDamagedError, StoreError, StoreFullError
 from ...mqtt.properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, PropertyType
+from ..log.backlogs import session_backlogs
 
 # SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
 _SQLITE_CORRUPT: Final = 11
@@ -281,6 +282,15 @@ def _scalar(conn: sqlite3.Connection, sql: str) -> Any:
     return row[0] if row else None
 
 
-def _query_counts(conn: sqlite3.Connection) -> tuple[int, int, int, float | None]:
+def _query_counts(conn: sqlite3.Connection,
+                  readers: bool = True) -> tuple[int, int, int, float | None]:
+    """Sessions, queued messages and their bytes (delivery rows, and with `readers` the
+    backlogs of sessions' log readers), the oldest queued delivery row's time."""
     sessions, queued, queued_bytes, oldest = conn.execute(_SELECT_COUNTS).fetchone()
+    if readers:
+        for count, size, at in session_backlogs(conn).values():
+            queued += count
+            queued_bytes += size
+            if at is not None and (oldest is None or at < oldest):
+                oldest = at
     return int(sessions), int(queued), int(queued_bytes), oldest

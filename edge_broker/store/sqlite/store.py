@@ -34,7 +34,7 @@ import contextlib
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -244,6 +244,15 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
                                     position, after, until, limit)
         except sqlite3.Error as error:
             raise _store_error(self.path, "read a stream", error) from None
+
+    async def read_backlog(self, reader: str, filters: Mapping[str, int], after: int,
+                           until: int, limit: int) -> tuple[list[LogRow], int]:
+        """A page of a persistent session's backlog (store/log/backlogs.py)."""
+        try:
+            return await self._call(self._read_sync, self._log.read_backlog, reader, filters,
+                                    after, until, limit)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "read a session's queued messages", error) from None
 
     async def stream_stats(self) -> list[StreamStats]:
         try:

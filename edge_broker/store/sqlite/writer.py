@@ -70,6 +70,8 @@ class Writer(StoreState):
                 conn.executemany(sql, rows)
             if plan.log:
                 self._log.append(conn, plan.log, [m.offset for m in plan.log])
+            if plan.readers:  # sessions' cursors, after the appends they may refer to
+                self._log.apply_readers(conn, plan.readers)
             if plan.prune_after_puts:
                 conn.execute(_PRUNE_CANDIDATES)
                 conn.execute(_CLEAR_CANDIDATES)
@@ -81,7 +83,7 @@ class Writer(StoreState):
             if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
-            if plan.log:  # the log's memory is ahead of the file: read it again
+            if plan.log or plan.readers:  # the log's memory is ahead of the file: reload
                 with contextlib.suppress(sqlite3.Error):
                     self._log.load(conn)
             raise

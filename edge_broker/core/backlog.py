@@ -1,0 +1,517 @@
+"""A persistent session's backlog as a reader of the log. A mixin of `BrokerCore`.
+
+Theory of operation.
+
+*Live and backlog mode.* A stored (persistent) session is in one of two modes. Live (the
+session is connected and caught up, `Session.backlog is None`): its messages are queued in
+memory as deliveries, written as delivery rows as before (core/session.py). Backlog (the
+session is offline, or reconnected and still reading what it missed): its messages are not
+queued at all. Each is appended ONCE to the store's log (`LogAppended`, the offset assigned
+by the core as for streams), however many sessions and streams take it, and the session keeps
+a `Backlog`: a cursor over the log (the store's reader `reader_name(client_id)`, with the
+session's non-shared subscriptions as filters), not a row per message.
+
+*Going offline.* At disconnect a stored session opens its reader at the log's last offset
+(`ReaderOpened`): every later row its filters match is its backlog. Its in-memory queue (what
+was queued while it was live) stays as it was, with its delivery rows; it is sent first.
+
+*Reading it back.* The core never awaits: once the session is connected again,
+`take_backlog_fetches()` lists the pages the server must read from the store (only rows of
+committed batches), and `backlog_page()` hands them back. Each row becomes a delivery as the
+publish would have made it: one copy, at min(highest matching subscription QoS, message QoS),
+with every matching subscription identifier, retain as published, No Local from the row's
+origin; a filter only selects rows above its `since` (the offset at which it was made); QoS 0
+rows published while the session was offline are skipped unless `queue_qos0_messages`; expired
+rows are skipped (counted) and the Message Expiry Interval is decremented when sent. `pull()`
+sends them after the in-memory queue, under the inflight window, in offset order.
+
+*Durability.* What a row became is recorded before its PUBLISH leaves (the server writes a
+pull's packets after the batch holding these records committed): `ReaderMoved` (every
+selected row at or below this offset is done) and, for QoS 1 and 2, `InflightSaved` (packet
+id, offset, QoS 2 phase), cleared at PUBACK/PUBCOMP. After a crash the in-flight entries are
+sent again under their packet ids (DUP) and the reader resumes after its offset, skipping the
+offsets in flight: no QoS 1/2 message lost, no QoS 2 message sent twice as a new message.
+
+*The seam.* New messages for a session in backlog mode go to the log even while it is
+connected. When its cursor has caught up with the last offset appended for it (`Backlog.last`)
+and nothing read is left to send, the session goes live in one synchronous step: its in-flight
+log deliveries become delivery rows (`ReaderClosed` in the same batch) and the next message is
+queued in memory. No gap and no duplicate: every message before the switch is in the log below
+`last`, every one after it in the queue.
+
+*Bounds.* `max_queued_messages` / `max_queued_bytes` count the in-memory queue plus the backlog
+(`Session.backlog_count` / `backlog_bytes`, payload bytes, exact while running; at start-up the
+store's reader counters, which count topic + payload + property bytes of every selected row).
+drop-newest (and refuse for what cannot be refused) skips the new message for this session
+(`excluded`); drop-oldest skips the oldest not yet handed out (`skip`; by bytes with the
+backlog's mean message size); both are counted and logged as queue drops. The memory bound
+(`max_queued_memory_bytes`) does not apply to a backlog: it is on disk.
+
+*Shared subscriptions* stay on the per-delivery path: a message for a member of a shared
+group is queued in memory with a delivery row, even in backlog mode (it may then reach the
+session before older backlog rows of its other subscriptions).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ..mqtt.topics import topic_matches
+from .changes import (
+    InflightCleared,
+    InflightSaved,
+    LogAppended,
+    Message,
+    ReaderClosed,
+    ReaderCounted,
+    ReaderFilterDeleted,
+    ReaderFilterSaved,
+    ReaderMoved,
+    ReaderOpened,
+    Snapshot,
+    reader_name,
+)
+from .queues import DROP_OLDEST, QUEUE_FULL
+from .session import Delivery, Session
+from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
+
+DONE = 3  # the state of a stored marker: a QoS 2 row finished above the durable cursor
+EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past this size
+
+
+def is_log_filter(topic_filter: str) -> bool:
+    """Whether a subscription is one of a session's reader filters (not shared, no stream)."""
+    return not (topic_filter.startswith("$share/") or topic_filter.startswith(STREAM_PREFIX))
+
+
+class Backlog:
+    """A session's cursor over the log (see the module docstring)."""
+
+    __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
+                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip")
+
+    def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
+        self.reader = reader
+        self.sent = offset  # every selected row at or below was handed out
+        self.durable = offset  # the last ReaderMoved: rows at or below are done or in flight
+        # QoS 1 rows sent and not acknowledged, not stored (offset order): the durable cursor
+        # stays below the oldest, so after a crash they are sent again (at least once).
+        self.outstanding: dict[int, None] = {}
+        # QoS 2 rows finished above the durable cursor: stored as entries with packet id
+        # -offset (state DONE), so that a restart does not send them again.
+        self.markers: set[int] = set()
+        self.after = offset  # read up to here (the buffer holds what is not sent yet)
+        self.last = offset  # the last offset appended for this session
+        self.since = since  # reader filter -> since
+        self.buffer: deque[Delivery] = deque()
+        self.fetching = False
+        self.generation = 0  # bumped when the buffer is dropped (a page in flight is stale)
+        self.online_from = offset  # QoS 0 rows at or below were published while offline
+        self.skip = 0  # oldest rows to drop (drop-oldest), already counted
+        self.excluded: set[int] = set()  # offsets not for it (drop-newest), already counted
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogFetch:
+    """A backlog page the server must read from the store and hand to `backlog_page`: rows
+    with after < offset <= until that the filters (topic filter -> since) select."""
+
+    client_id: str
+    backlog: Backlog
+    generation: int
+    reader: str
+    filters: dict[str, int]
+    after: int
+    until: int
+    limit: int
+
+
+class BacklogRouting(StreamRouting):
+    """Mixin of BrokerCore (which provides the state declared in the bases)."""
+
+    def _save_message(self, message: Message) -> None:
+        raise NotImplementedError
+
+    def _save_delivery(self, session: Session, delivery: Delivery) -> None:
+        raise NotImplementedError
+
+    def _init_backlog(self) -> None:
+        self._backlog_online: set[str] = set()  # connected sessions in backlog mode
+        # Set by the server when the store keeps a log it can read pages from (SQLite);
+        # otherwise every session stays on the per-delivery path.
+        self.log_backlogs = False
+        # (batch, last offset it appended), for batches not committed yet; and the offset up
+        # to which every appended message is durable (pages are read only up to there).
+        self._appended: deque[tuple[int, int]] = deque()
+        self._log_committed = 0
+        self._backlog_touched: set[str] = set()  # sessions whose counts changed this batch
+
+    def _backlog_flush(self) -> None:
+        """Record the counts that changed (one record per session per batch)."""
+        touched = self._backlog_touched
+        if not touched:
+            return
+        for client_id in touched:
+            session = self.sessions.get(client_id)
+            backlog = None if session is None else session.backlog
+            if session is not None and backlog is not None:
+                self._changes.append(ReaderCounted(backlog.reader, session.backlog_count,
+                                                   session.backlog_bytes, backlog.skip))
+        touched.clear()
+
+    def _backlog_drained(self, number: int) -> None:
+        last = self._next_offset - 1
+        appended = self._appended
+        if last > (appended[-1][1] if appended else self._log_committed):
+            appended.append((number, last))
+
+    def _backlog_committed(self, number: int) -> None:
+        appended = self._appended
+        while appended and appended[0][0] <= number:
+            self._log_committed = appended.popleft()[1]
+
+    # -- modes ----------------------------------------------------------------------------
+
+    def _backlog_open(self, session: Session) -> None:
+        """A stored session goes offline: its messages go to the log from now on."""
+        backlog = session.backlog
+        self._backlog_online.discard(session.client_id)
+        if not self.log_backlogs:
+            return
+        if backlog is not None:
+            # Offline again before it caught up: what was read and not sent is read again.
+            # Its QoS 1 rows in flight were stored by `disconnect` (with their packet ids).
+            for delivery in session.inflight.values():
+                offset = delivery.message.offset
+                if delivery.from_log and offset in backlog.outstanding:
+                    del backlog.outstanding[offset]
+                    self._changes.append(_inflight_record(backlog, delivery, offset))
+            self._backlog_sync(backlog)
+            backlog.generation += 1
+            backlog.buffer.clear()
+            backlog.fetching = False
+            backlog.after = backlog.sent
+            return
+        offset = self._next_offset - 1
+        since = {f: offset for f in session.subscriptions if is_log_filter(f)}
+        backlog = session.backlog = Backlog(reader_name(session.client_id), offset, since)
+        self._changes.append(ReaderOpened(backlog.reader, offset, tuple(since.items())))
+
+    def _backlog_connect(self, session: Session) -> None:
+        backlog = session.backlog
+        if backlog is not None:
+            backlog.online_from = self._next_offset - 1
+            self._backlog_online.add(session.client_id)
+
+    def _backlog_close(self, session: Session) -> None:
+        """Caught up: the session goes live. Its in-flight log deliveries become delivery
+        rows in the batch that forgets the reader."""
+        backlog = session.backlog
+        assert backlog is not None
+        session.backlog = None
+        session.backlog_count = session.backlog_bytes = 0
+        self._backlog_online.discard(session.client_id)
+        backlog.outstanding.clear()
+        for delivery in session.inflight.values():
+            if delivery.from_log:
+                delivery.from_log = False
+                if session.stored:
+                    self._save_message(delivery.message)
+                    self._save_delivery(session, delivery)
+        self._changes.append(ReaderClosed(backlog.reader))
+
+    def _backlog_end(self, session: Session) -> None:
+        """The session ends (the store's SessionDeleted forgets the reader)."""
+        session.backlog = None
+        session.backlog_count = session.backlog_bytes = 0
+        self._backlog_online.discard(session.client_id)
+
+    def _backlog_restore(self, snapshot: Snapshot) -> None:
+        """At start-up every stored session is offline, in backlog mode: from its stored
+        reader (cursor, filters, counters, in-flight entries), or a new one."""
+        self._log_committed = snapshot.log_last_offset
+        if not self.log_backlogs:
+            return
+        for session in self.sessions.values():
+            if not session.stored:
+                continue
+            state = snapshot.readers.get(reader_name(session.client_id))
+            if state is None:
+                self._backlog_open(session)  # a store of an earlier version
+                continue
+            backlog = session.backlog = Backlog(reader_name(session.client_id), state.offset,
+                                                dict(state.filters))
+            backlog.last = max(snapshot.log_last_offset, state.offset)
+            session.backlog_count = state.backlog_count
+            session.backlog_bytes = state.backlog_bytes
+            backlog.skip = state.skip
+            for topic_filter in session.subscriptions:
+                if is_log_filter(topic_filter) and topic_filter not in backlog.since:
+                    self._backlog_subscribe(session, topic_filter)
+            for entry in state.inflight:
+                message = entry.message
+                if entry.state == DONE:
+                    backlog.markers.add(message.offset or 0)
+                    continue
+                message.id = self._next_message_id
+                self._next_message_id += 1
+                delivery = Delivery(self._next_delivery_id, message, entry.qos, entry.retain,
+                                    entry.subscription_ids, 0)
+                self._next_delivery_id += 1
+                delivery.from_log = True
+                delivery.packet_id = entry.packet_id
+                delivery.state = entry.state
+                delivery.dup = entry.dup
+                session.inflight[entry.packet_id] = delivery
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def _log_append(self, message: Message) -> int:
+        """The message's offset in the log, appending it (once) if it has none yet."""
+        offset = message.offset
+        if offset is None:
+            offset = message.offset = self._next_offset
+            self._next_offset = offset + 1
+            self._changes.append(LogAppended(message))
+        return offset
+
+    def _backlog_deliver(self, session: Session, message: Message) -> bool:
+        """`_deliver` for a session in backlog mode: the log holds the message, the session
+        counts it. False: dropped by the queue policy (counted)."""
+        backlog = session.backlog
+        assert backlog is not None
+        offset = self._log_append(message)
+        settings = self.settings
+        max_messages = settings.max_queued_messages
+        max_bytes = settings.max_queued_bytes
+        size = len(message.payload)
+        if not session.has_room(max_messages, max_bytes, size):
+            if settings.queue_full_policy == DROP_OLDEST:
+                while session.queue and not session.has_room(max_messages, max_bytes, size):
+                    self._drop(session, session.popleft(), QUEUE_FULL)
+                while session.backlog_count and not session.has_room(max_messages, max_bytes,
+                                                                     size):
+                    mean = session.backlog_bytes // session.backlog_count
+                    session.backlog_count -= 1
+                    session.backlog_bytes -= mean
+                    backlog.skip += 1
+                    self._count_drop(session, QUEUE_FULL)
+                self._backlog_touched.add(session.client_id)
+            if not session.has_room(max_messages, max_bytes, size):
+                backlog.excluded.add(offset)
+                self._count_drop(session, QUEUE_FULL)
+                return False
+        session.backlog_count += 1
+        session.backlog_bytes += size
+        self._backlog_touched.add(session.client_id)
+        backlog.last = offset
+        return True
+
+    @staticmethod
+    def _backlog_takes(session: Session, message: Message) -> bool:
+        """Whether one of the session's reader filters matches: else the delivery is for a
+        shared subscription, which stays on the per-delivery path."""
+        backlog = session.backlog
+        assert backlog is not None
+        topic = message.topic
+        return any(topic_matches(f, topic) for f in backlog.since)
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    def _backlog_subscribe(self, session: Session, topic_filter: str) -> None:
+        backlog = session.backlog
+        if backlog is None or not is_log_filter(topic_filter) or topic_filter in backlog.since:
+            return
+        since = backlog.since[topic_filter] = self._next_offset - 1
+        self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
+
+    def _backlog_unsubscribe(self, session: Session, topic_filter: str) -> None:
+        backlog = session.backlog
+        if backlog is not None and backlog.since.pop(topic_filter, None) is not None:
+            self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+
+    # -- reading pages --------------------------------------------------------------------
+
+    def take_backlog_fetches(self) -> list[BacklogFetch]:
+        """The backlog pages to read now (at most one per session at a time)."""
+        out: list[BacklogFetch] = []
+        if not self._backlog_online:
+            return out
+        committed = self._log_committed  # nothing is read above (not in the file yet)
+        for client_id in list(self._backlog_online):
+            session = self.sessions.get(client_id)
+            backlog = None if session is None or not session.online else session.backlog
+            if backlog is None:
+                self._backlog_online.discard(client_id)
+                continue
+            until = min(backlog.last, committed)
+            if backlog.fetching or len(backlog.buffer) > REFILL_AT or backlog.after >= until:
+                continue
+            backlog.fetching = True
+            out.append(BacklogFetch(client_id, backlog, backlog.generation, backlog.reader,
+                                    dict(backlog.since), backlog.after, until, PAGE_SIZE))
+        return out
+
+    def backlog_page(self, fetch: BacklogFetch, messages: list[Message], end: int,
+                     *, now: float) -> None:
+        """The store's answer to `fetch`: the selected rows (with their offsets, in order)
+        and `end`, the offset up to which the range was looked at."""
+        backlog = fetch.backlog
+        if fetch.generation != backlog.generation:
+            return  # the buffer was dropped meanwhile (offline again)
+        backlog.fetching = False
+        session = self.sessions.get(fetch.client_id)
+        if session is None or session.backlog is not backlog:
+            return
+        in_flight = {d.message.offset for d in session.inflight.values() if d.from_log}
+        in_flight.update(backlog.markers)
+        after = backlog.after
+        for message in messages:
+            offset = message.offset
+            if offset is None or offset <= after or offset in in_flight:
+                continue
+            if offset in backlog.excluded:
+                continue
+            delivery = self._backlog_delivery(session, backlog, message, offset)
+            if delivery is not None:
+                backlog.buffer.append(delivery)
+        backlog.after = max(after, end)
+
+    def _backlog_delivery(self, session: Session, backlog: Backlog, message: Message,
+                          offset: int) -> Delivery | None:
+        """The delivery a row becomes for this session, as `_targets` would have made it."""
+        qos = -1
+        as_published = False
+        ids: tuple[int, ...] = ()
+        subscriptions = session.subscriptions
+        for topic_filter, since in backlog.since.items():
+            if offset <= since:
+                continue
+            record = subscriptions.get(topic_filter)
+            if record is None or not topic_matches(topic_filter, message.topic):
+                continue
+            if record.no_local and message.origin == session.client_id:
+                continue  # [MQTT-3.8.3-3] (5.0)
+            # One copy, at the highest QoS of its matching subscriptions, with every matching
+            # subscription identifier [MQTT-3.3.5-1] (3.1.1), 3.3.4 (5.0).
+            if record.qos > qos:
+                qos = record.qos
+            as_published = as_published or record.retain_as_published
+            if record.subscription_id:
+                ids += (record.subscription_id,)
+        if qos < 0:
+            return None
+        qos = min(qos, message.qos)
+        if qos == 0 and offset <= backlog.online_from and not self.settings.queue_qos0_messages:
+            return None  # a QoS 0 message published while it was offline
+        message.id = self._next_message_id
+        self._next_message_id += 1
+        delivery = Delivery(0, message, qos, message.retain and as_published, ids, 0)
+        delivery.from_log = True
+        return delivery
+
+    def _backlog_take(self, session: Session, now: float) -> Delivery | None:
+        """For `pull`: the next backlog delivery to send, taken from the buffer (None: none
+        may go now). Moves the cursor; the caller records the in-flight entry."""
+        backlog = session.backlog
+        assert backlog is not None
+        buffer = backlog.buffer
+        while buffer:
+            delivery = buffer[0]
+            offset = delivery.message.offset
+            assert offset is not None
+            send = False
+            self._backlog_touched.add(session.client_id)
+            if backlog.skip:
+                backlog.skip -= 1  # dropped by drop-oldest (counted then)
+            else:
+                expires_at = delivery.message.expires_at
+                if expires_at is not None and expires_at <= now:
+                    self.stats.messages_expired += 1
+                elif delivery.qos and len(session.inflight) >= session.inflight_max:
+                    return None
+                else:
+                    send = True
+                    if delivery.qos == 0 and backlog.outstanding:
+                        # The cursor cannot pass the QoS 1 rows before it: a marker keeps
+                        # it from being sent again after a crash (stored before it is sent).
+                        backlog.markers.add(offset)
+                        self._changes.append(InflightSaved(
+                            backlog.reader, -offset, offset, 0, delivery.retain, (), DONE,
+                            False))
+                self._backlog_uncount(session, delivery)
+            buffer.popleft()
+            if send and delivery.qos == 1:
+                backlog.outstanding[offset] = None
+            self._backlog_moved(backlog, offset)
+            if send:
+                delivery.id = self._next_delivery_id
+                self._next_delivery_id += 1
+                return delivery
+        if backlog.sent < backlog.after:
+            self._backlog_moved(backlog, backlog.after)
+        if not backlog.fetching and backlog.after >= backlog.last:
+            self._backlog_close(session)
+        return None
+
+    def _backlog_moved(self, backlog: Backlog, offset: int) -> None:
+        backlog.sent = offset
+        self._backlog_sync(backlog)
+        excluded = backlog.excluded
+        if len(excluded) > EXCLUDED_PRUNE_AT:
+            backlog.excluded = {o for o in excluded if o > offset}
+
+    @staticmethod
+    def _backlog_uncount(session: Session, delivery: Delivery) -> None:
+        if session.backlog_count > 0:
+            session.backlog_count -= 1
+        session.backlog_bytes = max(0, session.backlog_bytes - len(delivery.message.payload))
+
+    # -- in flight ------------------------------------------------------------------------
+
+    def _backlog_sync(self, backlog: Backlog) -> None:
+        """Move the durable cursor as far as it may go: below the oldest outstanding QoS 1
+        row, else to what was handed out; markers it passed are no longer needed."""
+        outstanding = backlog.outstanding
+        durable = next(iter(outstanding)) - 1 if outstanding else backlog.sent
+        if durable <= backlog.durable:
+            return
+        backlog.durable = durable
+        self._changes.append(ReaderMoved(backlog.reader, durable))
+        if backlog.markers:
+            passed = [o for o in backlog.markers if o <= durable]
+            for offset in passed:
+                backlog.markers.discard(offset)
+                self._changes.append(InflightCleared(backlog.reader, -offset))
+
+    def _backlog_save_inflight(self, session: Session, delivery: Delivery) -> None:
+        backlog = session.backlog
+        offset = delivery.message.offset
+        if (backlog is None or delivery.packet_id is None or offset is None
+                or offset in backlog.outstanding):
+            return  # a QoS 1 row in flight is not stored (the cursor stays below it)
+        self._changes.append(_inflight_record(backlog, delivery, offset))
+
+    def _backlog_clear_inflight(self, session: Session, delivery: Delivery) -> None:
+        backlog = session.backlog
+        offset = delivery.message.offset
+        if backlog is None or delivery.packet_id is None or offset is None:
+            return
+        if offset in backlog.outstanding:
+            del backlog.outstanding[offset]
+        else:
+            self._changes.append(InflightCleared(backlog.reader, delivery.packet_id))
+            if offset > backlog.durable:  # finished above the durable cursor: remember it
+                backlog.markers.add(offset)
+                self._changes.append(InflightSaved(
+                    backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
+                    False))
+        self._backlog_sync(backlog)
+
+
+def _inflight_record(backlog: Backlog, delivery: Delivery, offset: int) -> InflightSaved:
+    assert delivery.packet_id is not None
+    return InflightSaved(backlog.reader, delivery.packet_id, offset, delivery.qos,
+                         delivery.retain, delivery.subscription_ids, delivery.state,
+                         delivery.dup)
