@@ -327,7 +327,10 @@ class ClientHandler(asyncio.Protocol):
             if reason == ReasonCode.QUOTA_EXCEEDED:  # queue_full_policy "refuse"
                 self._refuse_for_full_store(packet, replies, store=False)
                 return
-            if packet.qos == 1:
+            if not packet.qos:
+                if reason == ReasonCode.SUCCESS:
+                    self._share_received_bytes(packet)
+            elif packet.qos == 1:
                 replies.append(PubAck(packet.packet_id or 0, self._v5_reason(reason)))
             elif packet.qos == 2:
                 replies.append(PubRec(packet.packet_id or 0, self._v5_reason(reason)))
