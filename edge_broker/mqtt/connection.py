@@ -59,7 +59,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from .codec import (
     CONNACK_V5_TO_V3,
@@ -617,6 +617,16 @@ class Connection:
         """
         ptype = packet.packet_type
         state = self.state
+        if ptype is _T.PUBACK and state is ConnectionState.CONNECTED:
+            # The hot path of QoS 1: a PUBACK without properties, as `_sending_ack` then
+            # `encode_ack` would send it, in one step.
+            ack = cast(PubAck, packet)
+            packet_id = ack.packet_id
+            if (ack.properties is NO_PROPERTIES and 0 < packet_id <= 0xFFFF
+                    and self.peer_maximum_packet_size >= 4
+                    and (not ack.reason_code or self.protocol_level != _V5)):
+                self._inbound_unacked.discard(packet_id)
+                return bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF))
         if state is ConnectionState.CLOSED:
             if (self._closed_by_us or self.role is not Role.SERVER
                     or ptype not in _ANSWERS_AFTER_DISCONNECT):
