@@ -294,6 +294,7 @@ class Connection:
         """
         if self._error is not None:
             raise self._error
+        self._last_publish = None  # nothing held past its turn (received_publish_bytes)
         buf = self._buf
         pos = self._pos
         if pos >= len(buf):

@@ -57,6 +57,17 @@ def test_only_the_publish_just_received(level: int) -> None:
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_nothing_is_held_once_the_buffer_is_worked_off(level: int) -> None:
+    # A large payload must not stay alive while its publisher idles.
+    server = server_for(level)
+    server.receive_data(encode_publish(Publish("a", b"x" * 100_000), level))
+    packet = server.next_event()
+    assert isinstance(packet, Publish)
+    assert server.next_event() is None
+    assert server.received_publish_bytes(packet) is None
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_qos1_publish_is_not_forwarded_as_received(level: int) -> None:
     server = server_for(level)
     raw = received(server, encode_publish(Publish("a", b"p", 1, packet_id=7), level))[1]
