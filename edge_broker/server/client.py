@@ -9,9 +9,8 @@ Packets are handled in order and a client's batches complete in order; a batch t
 storage is answered at once unless this client's own earlier batch still waits (it never waits
 for other clients' commits). A client's batches that wait for the store are pipelined, so the
 store can commit them in one transaction, up to MAX_PENDING_COMMITS; beyond that reading
-pauses, and a fast publisher is paced by the store. A turn of a connection handles batches of
-BATCH_PACKETS packets: one when another connection waits for its turn, else more, for at most
-TURN_BUDGET_S; the next turn is scheduled behind everyone else's (`process_buffered`).
+pauses, and a fast publisher is paced by the store. One turn of a connection handles at most
+BATCH_PACKETS packets; the next turn is scheduled behind everyone else's (`process_buffered`).
 
 Deliveries leave through `pump()`: it pulls what the session may send now (inflight window,
 commit watermark) while the socket's write buffer is below its high-water mark, and resumes
@@ -78,7 +77,7 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 PULL_LIMIT = 256
 ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
-BATCH_PACKETS = 64  # packets handled per commit, and per turn while another connection waits
+BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
 MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
 TURN_BUDGET_S = 0.002  # a turn goes past one batch only while nobody waits, and this long
 LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long, then close
