@@ -79,14 +79,7 @@ PULL_LIMIT = 256
 ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
 BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
 MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
-TURN_BUDGET_S = 0.002  # a turn goes past one batch only while nobody waits, and this long
 LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long, then close
-
-
-# Connections of this process with a turn scheduled (call_soon) and not yet run: while there is
-# one, no turn goes past its first batch. (Module-wide: another app in the same process, as
-# in tests, only makes turns shorter.)
-_scheduled_turns = 0
 
 
 class ClientHandler(asyncio.Protocol):
@@ -169,40 +162,21 @@ class ClientHandler(asyncio.Protocol):
         self._account_buffered()
 
     def process_buffered(self) -> None:
-        """Handle one turn of this connection: batches of at most BATCH_PACKETS packets.
+        """Handle one turn of this connection: at most BATCH_PACKETS buffered packets.
 
-        No connection may hold the event loop: when packets remain after a batch and another
-        connection waits for its turn (or this turn has run TURN_BUDGET_S), reading pauses
-        and the next turn is scheduled with `call_soon`, behind the reads and turns of every
-        other connection (round robin); reading resumes once the buffer is worked off, so a
-        publisher that outruns the broker is paced by TCP. While no other connection has a
-        turn scheduled, the turn goes on with the next batch instead: a scheduled turn costs
-        a loop iteration and two epoll changes per batch, a third of the time per message of
-        a lone fast publisher (ANALYSIS.md). A connection whose input arrives meanwhile waits
-        at most one turn, which TURN_BUDGET_S bounds. Each batch goes to the store on its own
-        and its deliveries are pumped as soon as it is durable. A client's batches waiting for
-        the store are pipelined up to MAX_PENDING_COMMITS; then this stops, and the app calls
-        it again when one of them completes. A batch that handled nothing submits nothing.
-        Nothing is read after a DISCONNECT.
+        No connection may hold the event loop: when packets remain after a turn, reading
+        pauses and the next turn is scheduled with `call_soon`, behind the reads and turns
+        of every other connection (round robin); reading resumes once the buffer is worked
+        off, so a publisher that outruns the broker is paced by TCP. Each batch goes to the
+        store on its own and its deliveries are pumped as soon as it is durable. A client's
+        batches waiting for the store are pipelined up to MAX_PENDING_COMMITS; then this
+        stops, and the app calls it again when one of them completes. A turn that handled
+        nothing submits nothing. Nothing is read after a DISCONNECT.
         """
-        global _scheduled_turns
-        loop = self.app.loop
-        turn_end = loop.time() + TURN_BUDGET_S
-        while not (self._closed or self._close_after_write or self._turn_handle is not None
-                   or self._pending_commits >= MAX_PENDING_COMMITS
-                   or self._waiting is not None or self._throttle_handle is not None):
-            if not self._batch():
-                break
-            # A full batch: more may be buffered. Go on while nobody else waits for a turn.
-            if _scheduled_turns or loop.time() >= turn_end:
-                self._turn_handle = loop.call_soon(self._next_turn)
-                _scheduled_turns += 1
-                break
-        self._update_reading()
-
-    def _batch(self) -> bool:
-        """Handle at most BATCH_PACKETS buffered packets as one batch. True when the batch
-        was full and nothing stops the next one (more input may be waiting)."""
+        if (self._closed or self._close_after_write or self._turn_handle is not None
+                or self._pending_commits >= MAX_PENDING_COMMITS or self._waiting is not None
+                or self._throttle_handle is not None):
+            return
         app = self.app
         conn = self._conn
         replies: list[Packet] = []
@@ -241,29 +215,21 @@ class ClientHandler(asyncio.Protocol):
             self._abort(replies)
         app.metrics.packets_received += handled
         if handled or replies or self._closed or self._close_after_write:
-            # An idle batch submits nothing: an empty batch would wait for the store and call
+            # An idle turn submits nothing: an empty batch would wait for the store and call
             # this again when done, a chain that never ends while the store is busy.
             app.finish_batch(self, replies, close=self._close_after_write)
         if self._closed or self._close_after_write:
-            return False
-        if in_debt and throttle is not None:
+            pass
+        elif in_debt and throttle is not None:
             guard.throttle_for(self, throttle.delay(app.loop.time()))
-            return False
-        return handled == BATCH_PACKETS
+        elif handled == BATCH_PACKETS:
+            self._turn_handle = app.loop.call_soon(self._next_turn)
+        self._update_reading()
 
     def _next_turn(self) -> None:
-        global _scheduled_turns
         self._turn_handle = None
-        _scheduled_turns -= 1
         self.process_buffered()
         self._account_buffered()
-
-    def _cancel_turn(self) -> None:
-        global _scheduled_turns
-        if self._turn_handle is not None:
-            self._turn_handle.cancel()
-            self._turn_handle = None
-            _scheduled_turns -= 1
 
     @property
     def closed(self) -> bool:
@@ -376,22 +342,6 @@ class ClientHandler(asyncio.Protocol):
             raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR,
                                       f"unexpected {type(packet).__name__}")
 
-    def _share_received_bytes(self, packet: Publish) -> None:
-        """A QoS 0 PUBLISH on its way to subscribers: when its received bytes are what
-        encoding it would give, they go into the shared encodings of its protocol level, so
-        `pump` sends them as they are to subscribers of that level (the core hands them this
-        same packet; BrokerCore.publish)."""
-        conn = self._conn
-        level = conn.protocol_level
-        if level is None:
-            return
-        data = conn.received_publish_bytes(packet)
-        if data is not None:
-            shared = self.app.qos0_encodings[level]
-            if len(shared) >= ENCODING_CACHE_SIZE:
-                shared.clear()
-            shared[id(packet)] = (packet, data)
-
     def _refuse_for_full_store(self, packet: Publish, replies: list[Packet], *,
                                store: bool = True) -> None:
         """The store (or, with `store` False, a subscriber's queue under the "refuse" policy)
@@ -465,7 +415,9 @@ class ClientHandler(asyncio.Protocol):
             return
         self._kick_after = ReasonCode.SESSION_TAKEN_OVER
         self._close_after_write = True  # read nothing more
-        self._cancel_turn()
+        if self._turn_handle is not None:
+            self._turn_handle.cancel()
+            self._turn_handle = None
 
     def _shut(self, *, linger: bool = False) -> None:
         """Close the transport after what is buffered; detach from the session now.
@@ -527,11 +479,11 @@ class ClientHandler(asyncio.Protocol):
     def _cancel_timers(self) -> None:
         if self._throttle_handle is not None:
             guard.count_throttled(self)
-        self._cancel_turn()
-        for handle in (self._keepalive_handle, self._connect_timer, self._throttle_handle):
+        for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle,
+                       self._throttle_handle):
             if handle is not None:
                 handle.cancel()
-        self._keepalive_handle = self._connect_timer = None
+        self._keepalive_handle = self._connect_timer = self._turn_handle = None
         self._throttle_handle = None
         if self._waiting is not None:
             self._waiting.cancel()
