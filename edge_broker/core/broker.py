@@ -365,6 +365,15 @@ class BrokerCore(BacklogRouting):
                 self._changes.append(Qos2Received(client_id, packet_id))
         if packet.retain:
             self._retain(message, persist=True)
+        if (targets and not qos and packet.properties is NO_PROPERTIES
+                and packet.packet_id is None and not packet.dup):
+            # What goes out at QoS 0 is this very packet (same topic, payload, retain flag,
+            # no properties): _publish_packet shares it, so the server may send the bytes it
+            # arrived as (Connection.received_publish_bytes) instead of encoding it again.
+            qos0_packets = self._qos0_packets
+            if len(qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
+                qos0_packets.clear()
+            qos0_packets[message.id * 2 + packet.retain] = packet
         for target in targets:
             self._deliver(*target)
         in_stream = self._stream_append(message)

@@ -59,7 +59,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from .codec import (
     CONNACK_V5_TO_V3,
@@ -189,7 +189,8 @@ class Connection:
     # Slotted: a broker holds one per client (an instance dict of these attributes took
     # 1.6 KB per idle connection, measured with tracemalloc).
     __slots__ = ("_auth_method", "_buf", "_closed_by_us", "_connack_sent", "_error",
-                 "_inbound_aliases", "_inbound_unacked", "_our_maximum_qos",
+                 "_frame_start", "_inbound_aliases", "_inbound_unacked", "_last_publish",
+                 "_our_maximum_qos",
                  "_our_retain_available", "_outbound_alias_topics", "_outbound_aliases",
                  "_outbound_unacked", "_pending_subscribes", "_pending_unsubscribes", "_pos",
                  "_problem_information", "_row", "_row_state", "_session_expiry_at_connect",
@@ -231,6 +232,8 @@ class Connection:
 
         self._buf = bytearray()
         self._pos = 0
+        self._last_publish: Publish | None = None  # the PUBLISH next_event returned last,
+        self._frame_start = 0  # and where its bytes start in _buf (received_publish_bytes)
         self._row_state: ConnectionState | None = None  # the state `_row` was taken for
         self._row: tuple[ConnectionState | None, ...] = ()
         self._error: RemoteProtocolError | None = None
@@ -291,6 +294,7 @@ class Connection:
         """
         if self._error is not None:
             raise self._error
+        self._last_publish = None  # nothing held past its turn (received_publish_bytes)
         buf = self._buf
         pos = self._pos
         if pos >= len(buf):
@@ -338,7 +342,11 @@ class Connection:
         if level is None:
             level = _V5  # server role before CONNECT: only a CONNECT gets here
         if ptype_value == 3:
-            packet: Packet = self._received_publish(decode_publish(first_byte & 0x0F, body, level))
+            decoded = decode_publish(first_byte & 0x0F, body, level)
+            publish = self._received_publish(decoded)
+            self._last_publish = publish if publish is decoded else None  # no alias resolved
+            self._frame_start = start
+            packet: Packet = publish
         else:
             packet = decode(first_byte, body, level)
             hook = _RECEIVE_HOOKS[ptype_value]
@@ -346,6 +354,38 @@ class Connection:
                 new_state = hook(self, packet, new_state)
         self.state = new_state
         return packet
+
+    def received_publish_bytes(self, packet: Publish) -> bytes | None:
+        """The bytes `packet` arrived as, when they are exactly what `encode_publish(packet,
+        protocol_level)` makes: a QoS 0 PUBLISH without properties, as received (no topic alias
+        resolved), its lengths in the fewest bytes. Else None. `packet` must be the PUBLISH
+        `next_event` returned last, asked before the next call.
+
+        A server forwarding it at QoS 0 to subscribers of the same protocol level can send
+        these bytes instead of encoding it again (the retain flag is in them as received).
+        """
+        if (packet is not self._last_publish or packet.qos
+                or packet.properties is not NO_PROPERTIES):
+            return None
+        self._last_publish = None
+        buf = self._buf
+        start = self._frame_start
+        end = self._pos
+        body_start = start + 1
+        while buf[body_start] & 0x80:
+            body_start += 1
+        body_start += 1
+        length = end - body_start
+        # 1.5.5 (5.0): the Remaining Length in the fewest bytes, as encode_publish writes it.
+        if body_start - start - 1 != (1 if length < 0x80 else 2 if length < 0x4000
+                                      else 3 if length < 0x200000 else 4):
+            return None
+        if self.protocol_level == _V5:
+            # No properties: a Property Length of one byte 0 (decode_publish's fast path).
+            at = body_start + 2 + ((buf[body_start] << 8) | buf[body_start + 1])
+            if buf[at] != 0:
+                return None
+        return bytes(buf[start:end])
 
     def _unexpected(self, ptype_value: int) -> RemoteProtocolError:
         if ptype_value == 0:
@@ -578,6 +618,16 @@ class Connection:
         """
         ptype = packet.packet_type
         state = self.state
+        if ptype is _T.PUBACK and state is ConnectionState.CONNECTED:
+            # The hot path of QoS 1: a PUBACK without properties, as `_sending_ack` then
+            # `encode_ack` would send it, in one step.
+            ack = cast(PubAck, packet)
+            packet_id = ack.packet_id
+            if (ack.properties is NO_PROPERTIES and 0 < packet_id <= 0xFFFF
+                    and self.peer_maximum_packet_size >= 4
+                    and (not ack.reason_code or self.protocol_level != _V5)):
+                self._inbound_unacked.discard(packet_id)
+                return bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF))
         if state is ConnectionState.CLOSED:
             if (self._closed_by_us or self.role is not Role.SERVER
                     or ptype not in _ANSWERS_AFTER_DISCONNECT):

@@ -312,7 +312,10 @@ class ClientHandler(asyncio.Protocol):
             if reason == ReasonCode.QUOTA_EXCEEDED:  # queue_full_policy "refuse"
                 self._refuse_for_full_store(packet, replies, store=False)
                 return
-            if packet.qos == 1:
+            if not packet.qos:
+                if reason == ReasonCode.SUCCESS:
+                    self._share_received_bytes(packet)
+            elif packet.qos == 1:
                 replies.append(PubAck(packet.packet_id or 0, self._v5_reason(reason)))
             elif packet.qos == 2:
                 replies.append(PubRec(packet.packet_id or 0, self._v5_reason(reason)))
@@ -357,6 +360,22 @@ class ClientHandler(asyncio.Protocol):
         else:  # pragma: no cover - the Connection only lets server-bound packets through
             raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR,
                                       f"unexpected {type(packet).__name__}")
+
+    def _share_received_bytes(self, packet: Publish) -> None:
+        """A QoS 0 PUBLISH on its way to subscribers: when its received bytes are what
+        encoding it would give, they go into the shared encodings of its protocol level, so
+        `pump` sends them as they are to subscribers of that level (the core hands them this
+        same packet; BrokerCore.publish)."""
+        conn = self._conn
+        level = conn.protocol_level
+        if level is None:
+            return
+        data = conn.received_publish_bytes(packet)
+        if data is not None:
+            shared = self.app.qos0_encodings[level]
+            if len(shared) >= ENCODING_CACHE_SIZE:
+                shared.clear()
+            shared[id(packet)] = (packet, data)
 
     def _refuse_for_full_store(self, packet: Publish, replies: list[Packet], *,
                                store: bool = True) -> None:
