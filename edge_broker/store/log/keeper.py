@@ -67,7 +67,7 @@ class LogKeeper:
 
     def retention_wanted(self, now_monotonic: float) -> bool:
         if not self.log.streams and not self.log.total_count:
-            return False  # nothing to delete (rows of sessions and bridges go once their readers passed)
+            return False  # nothing to delete (session and bridge rows go once passed)
         if self.retention_more or now_monotonic - self.retention_at >= RETENTION_INTERVAL_S:
             return True
         return retention_due(self.log, self.clock.now())
