@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,18 @@ def park_session(app: BrokerApp, client_id: str = "valve") -> None:
 
 
 def queued(app: BrokerApp, client_id: str = "valve") -> list[bytes]:
-    return [d.message.payload for d in app.core.sessions[client_id].queue]
+    """What the offline session will be sent: its in-memory queue (old-path deliveries) and
+    its backlog, the committed log rows its reader selects (offline persistent sessions are
+    readers of the log: the messages are stored once there, not queued in memory)."""
+    kept = [d.message.payload for d in app.core.sessions[client_id].queue]
+    db = sqlite3.connect(f"file:{app.config.broker.data_dir / 'edge-broker.db'}?mode=ro",
+                         uri=True)
+    try:
+        rows = db.execute("SELECT payload FROM log JOIN log_topics ON log.topic_id ="
+                          " log_topics.id WHERE log_topics.name LIKE 'cmd/%' ORDER BY offset")
+        return kept + [bytes(payload) for (payload,) in rows]
+    finally:
+        db.close()
 
 
 async def test_downlink_position_commits_with_the_message_so_a_redelivery_is_not_doubled(
@@ -130,7 +142,12 @@ async def test_downlink_messages_are_published_as_the_bridge_identity_the_acl_na
         assert queued(app) == [b"open"]
         assert source.acked == [3, 4, 3]
         assert bridge.status.downlink_denied == 1
-        assert app.core.sessions["valve"].queue[0].message.origin == "bridge-central"
+        db = sqlite3.connect(f"file:{app.config.broker.data_dir / 'edge-broker.db'}?mode=ro",
+                             uri=True)
+        try:  # the publisher recorded with the message (No Local, loop prevention)
+            assert db.execute("SELECT origin FROM log").fetchall() == [("bridge-central",)]
+        finally:
+            db.close()
     finally:
         await app.stop()
 
