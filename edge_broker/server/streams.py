@@ -148,7 +148,7 @@ REPLAY_PAGE_MAX = 1000  # rows per `streams.replay` answer (the CLI asks page af
 def stats_json(stats: StreamStats) -> dict[str, Any]:
     return {"name": stats.name, "first_offset": stats.first_offset,
             "last_offset": stats.last_offset, "messages": stats.count, "bytes": stats.bytes,
-            "oldest_at": stats.oldest_at}
+            "oldest_at": stats.oldest_at, "dropped_for_budget": stats.budget_dropped}
 
 
 def row_json(row: LogRow) -> dict[str, Any]:

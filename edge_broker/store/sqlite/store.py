@@ -99,6 +99,8 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
         self._free_bytes = 0
         self._size_checked_at = 0.0
         self._vacuumed_at = 0.0
+        self._give_way_at = 0.0  # monotonic time of the last step of giving way (budget)
+        self._give_way_more = False  # that step released something: try again at once
         self._auto_vacuum = False
         self.commits = 0
         self.batches = 0
@@ -121,6 +123,11 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
         replaced under the running store (guard.py)."""
         return self._disk_full or self._disk_tight or self._guard.lost or (
             self.max_store_bytes > 0 and self._used_bytes >= self.max_store_bytes)
+
+    @property
+    def budget_stream_rows(self) -> int:
+        """Rows streams released early to keep the store under `max_store_bytes`."""
+        return self._log.budget_stream_rows
 
     @property
     def used_bytes(self) -> int:
