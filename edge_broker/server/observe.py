@@ -264,6 +264,7 @@ class Observer:
                        "and QoS 0 messages not recorded in streams (the store was full).")
                 .add(stats.dropped_queue_full, reason="queue_full")
                 .add(stats.dropped_memory_full, reason="memory_full")
+                .add(stats.dropped_store_full, reason="store_full")
                 .add(stats.messages_expired, reason="expired")
                 .add(stats.stream_dropped, reason="stream_store_full"))
 

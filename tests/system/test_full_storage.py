@@ -52,8 +52,9 @@ DISK_MIB = 24
 PUBLISH_LIMIT = 2000  # a bound on the filling loops, far above what fills the store
 
 
-def storage_config(tmp_path: Path, data_dir: Path | None = None, **storage: Any) -> Config:
-    base = broker_config(tmp_path)
+def storage_config(tmp_path: Path, data_dir: Path | None = None,
+                   mqtt: dict[str, Any] | None = None, **storage: Any) -> Config:
+    base = broker_config(tmp_path, **(mqtt or {}))
     return dataclasses.replace(
         base,
         broker=dataclasses.replace(base.broker, data_dir=data_dir or base.broker.data_dir),
@@ -193,7 +194,10 @@ def store_used(broker: BrokerThread) -> int:
 def test_max_store_bytes_refuses_qos1_keeps_qos0_and_resumes_after_draining(
         tmp_path: Path, make_broker: MakeBroker) -> None:
     budget = 256 * 1024
-    broker = make_broker(config=storage_config(tmp_path, max_store_bytes=budget))
+    # drop-newest: the offline session's backlog does not give way to the store budget
+    # (drop-oldest would: test_store_budget.py), so nothing can and QoS 1/2 is refused.
+    broker = make_broker(config=storage_config(tmp_path, max_store_bytes=budget,
+                                               mqtt={"queue_full_policy": "drop-newest"}))
     traffic = Traffic(broker)
     empty = store_used(broker)  # the schema's pages: the budget's fixed part
     traffic.fill(2048)

@@ -16,8 +16,14 @@ The order:
    topic). The row pass of retention (retention.py) then deletes what nobody holds, which
    frees whole pages to SQLite's freelist: the store counts free pages as free, so
    `used_bytes` goes down.
-2. *Then the largest backlogs, by their own drop policy*: not in this module yet (a
-   session's backlog counters and drop policy live in the core; see docs/log.md).
+2. *Then the largest backlogs, by their own drop policy*. A session's policy and counters
+   live in the core, so the core names the readers that may give way (offline sessions
+   under drop-oldest, largest backlog first: `BrokerCore.backlogs_giving_way`), and
+   `backlogs_give_way` moves their cursors past their oldest rows (`cursors.drop_to_bound`)
+   until rows worth `excess` bytes were skipped; the core then takes what was skipped back
+   (`backlog_gave_way`: counted and logged as drops, reason store_full). The store asks for
+   this (`SqliteStore.on_room_wanted`) when a step of tier 1 released nothing. Bridges'
+   readers do not give way yet.
 3. *Only when nothing can give way*, new QoS 1/2 work stays refused (the store is `full`).
 
 A step releases rows worth `excess` bytes (the caller asks for what is over the budget plus
@@ -27,12 +33,14 @@ a margin, so that the store does not flap at its edge), at most `budget` rows.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from . import cursors
 from .log import Log, LogRow, StreamState
 from .retention import retention_step
 
-__all__ = ["GiveWay", "give_way_step"]
+__all__ = ["GiveWay", "backlogs_give_way", "give_way_step"]
 
 
 @dataclass(slots=True)
@@ -121,3 +129,28 @@ def _release(state: StreamState, row: LogRow) -> None:
         state.first_at = None
     else:
         state.first_at = row.at  # an earlier time than its oldest row's: allowed
+
+
+def backlogs_give_way(log: Log, conn: sqlite3.Connection, readers: Sequence[str], excess: int,
+                      now: float, *, budget: int = 2000) -> list[tuple[str, int, int, int]]:
+    """In the caller's transaction: move the cursors of `readers` (in that order: the largest
+    backlog first) past their oldest rows until rows worth `excess` bytes were skipped (at
+    most `budget` rows), then delete what nobody holds any more. Returns, per reader that
+    gave way, (name, its new offset, rows skipped, bytes skipped)."""
+    out: list[tuple[str, int, int, int]] = []
+    wanted, left = excess, budget
+    for name in readers:
+        if wanted <= 0 or left <= 0:
+            break
+        reader = log.readers.get(name)
+        if reader is None or reader.backlog_bytes <= 0:
+            continue
+        bound = max(1, reader.backlog_bytes - wanted)  # 0 would mean "no bound"
+        skipped = cursors.drop_to_bound(log, conn, name, max_bytes=bound, budget=left)
+        if skipped.count:
+            out.append((name, reader.offset, skipped.count, skipped.bytes))
+            wanted -= skipped.bytes
+            left -= skipped.count
+    if out:
+        retention_step(log, conn, now, budget=budget)
+    return out

@@ -25,7 +25,7 @@ from typing import Final
 
 from ...core.changes import ReaderChange, ReaderState
 from . import backlogs
-from .budget import GiveWay, give_way_step
+from .budget import GiveWay, backlogs_give_way, give_way_step
 from .log import Appendable, Log, LogRow
 from .replay import Position, StreamStats, replay, stream_start, stream_stats
 from .retention import RetentionReport, TrustedClock, retention_due, retention_step
@@ -49,6 +49,7 @@ class LogKeeper:
         self.rows_deleted = 0
         self.mismatches = 0
         self.budget_stream_rows = 0  # rows streams released for the store budget (budget.py)
+        self.budget_backlog_rows = 0  # rows backlogs skipped for it
 
     def load(self, conn: sqlite3.Connection) -> None:
         """(Re)read the log's state; writes only stream changes (run in a transaction)."""
@@ -110,6 +111,25 @@ class LogKeeper:
             log.info("store budget: streams released their %d oldest row(s) (%d bytes)",
                      report.stream_rows, report.stream_bytes)
         return report
+
+    def give_way_backlogs(self, conn: sqlite3.Connection, readers: Sequence[str],
+                          excess: int) -> list[tuple[str, int, int, int]]:
+        """Tier 2 of the store budget (budget.py), in a transaction of its own."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = backlogs_give_way(self.log, conn, readers, excess, self.clock.now(),
+                                    budget=GIVE_WAY_BUDGET)
+            conn.commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            self.log.load(conn)
+            raise
+        for name, _, count, size in out:
+            self.budget_backlog_rows += count
+            log.warning("store budget: %s gave way: its %d oldest message(s) (%d bytes) "
+                        "dropped (store_full)", name, count, size)
+        return out
 
     # -- persistent sessions' backlogs (backlogs.py) --------------------------------------
 

@@ -90,6 +90,8 @@ class Maintenance(StoreState):
         report = self._log.give_way(self._db(), excess)
         self._give_way_more = report.more
         self._check_size_sync()
+        if not report.more and self._used_bytes >= GIVE_WAY_AT * self.max_store_bytes:
+            self._room_wanted = self._used_bytes - int(GIVE_WAY_TO * self.max_store_bytes)
 
     def _vacuum_sync(self) -> None:
         conn = self._db()
@@ -149,6 +151,9 @@ class Maintenance(StoreState):
             await self._call(work)
         except sqlite3.Error as error:
             log.warning("%s: store maintenance failed: %s", self.path, error)
+        wanted, self._room_wanted = self._room_wanted, 0
+        if wanted > 0 and self.on_room_wanted is not None:
+            self.on_room_wanted(wanted)  # tier 2 (budget.py): the server asks the core
         self._check_disk()
         if self._disk_full or self._disk_tight:
             await self._recover_space()

@@ -66,6 +66,8 @@ class StoreState:
     _vacuumed_at: float
     _give_way_at: float
     _give_way_more: bool
+    _room_wanted: int
+    on_room_wanted: Callable[[int], None] | None
     _auto_vacuum: bool
     commits: int
     batches: int
