@@ -16,9 +16,11 @@ most one step. Idle, it:
 - near the store budget (`used_bytes` at or over `GIVE_WAY_AT` of `max_store_bytes`), runs
   one bounded step of giving way (store/log/budget.py: streams release their oldest rows
   that no reader needs, and retention deletes them), until `used_bytes` is under
-  `GIVE_WAY_TO` of it; the writer runs them between groups too. A step that released
-  nothing is not tried again for `GIVE_WAY_RETRY_S` (nothing can give way: new QoS 1/2
-  work is refused while the store is `full`). Only `max_store_bytes` makes streams give
+  `GIVE_WAY_TO` of it; the writer runs them between groups too. When a step released
+  nothing and the store is still over `GIVE_WAY_AT`, `on_room_wanted` asks the server for
+  tier 2 (the core's offline drop-oldest backlogs, budget.py); the step is not tried again
+  for `GIVE_WAY_RETRY_S` (if nothing can give way, new QoS 1/2 work is refused while the
+  store is `full`). Only `max_store_bytes` makes streams give
   way; a disk short of space does not (it is the operator's disk, not the broker's
   budget: see space.py).
 The file follows the data: pruning (schema.py) frees pages inside each transaction, vacuum
