@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 from ..mqtt.topics import topic_matches
 from .changes import (
+    SESSION_READER_PREFIX,
     InflightCleared,
     InflightSaved,
     LogAppended,
@@ -72,7 +73,7 @@ from .changes import (
     Snapshot,
     reader_name,
 )
-from .queues import DROP_OLDEST, QUEUE_FULL
+from .queues import DROP_OLDEST, QUEUE_FULL, STORE_FULL
 from .session import Delivery, Session
 from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
@@ -317,6 +318,49 @@ class BacklogRouting(StreamRouting):
         topic = message.topic
         return any(topic_matches(f, topic) for f in backlog.since)
 
+    # -- the store budget (store/log/budget.py) ------------------------------------------
+
+    def backlogs_giving_way(self) -> list[tuple[str, int]]:
+        """The readers whose oldest rows may give way to `max_store_bytes`, largest backlog
+        first, with their backlog bytes: offline sessions under drop-oldest (drop-newest and
+        refuse do not give way: their policy refuses or drops the new work instead)."""
+        out: list[tuple[str, int]] = []
+        if self.settings.queue_full_policy != DROP_OLDEST:
+            return out
+        for session in self.sessions.values():
+            backlog = session.backlog
+            if backlog is not None and not session.online and session.backlog_count > 0:
+                out.append((backlog.reader, session.backlog_bytes))
+        out.sort(key=_second, reverse=True)
+        return out
+
+    def backlog_gave_way(self, reader: str, offset: int, count: int) -> int:
+        """The store moved `reader` past its `count` oldest rows, up to `offset`, for the
+        store budget: the session forgets them, and they are counted and logged as drops
+        (reason store_full), except those drop-oldest had already counted (`skip`).
+        Returns the drops counted now."""
+        session = self.sessions.get(reader[len(SESSION_READER_PREFIX):])
+        backlog = None if session is None else session.backlog
+        if session is None or backlog is None or backlog.reader != reader or count <= 0:
+            return 0
+        counted = min(backlog.skip, count)
+        backlog.skip -= counted
+        new = count - counted
+        for _ in range(new):
+            if session.backlog_count > 0:
+                session.backlog_bytes -= session.backlog_bytes // session.backlog_count
+                session.backlog_count -= 1
+            self._count_drop(session, STORE_FULL)
+        if backlog.after < offset:  # a page read meanwhile is stale (reconnected since)
+            backlog.generation += 1
+            backlog.buffer.clear()
+            backlog.fetching = False
+            backlog.after = offset
+        backlog.sent = max(backlog.sent, offset)
+        backlog.durable = max(backlog.durable, offset)  # the store's cursor is there
+        self._backlog_touched.add(session.client_id)
+        return new
+
     # -- subscriptions --------------------------------------------------------------------
 
     def _backlog_subscribe(self, session: Session, topic_filter: str) -> None:
@@ -508,6 +552,10 @@ class BacklogRouting(StreamRouting):
                     backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
                     False))
         self._backlog_sync(backlog)
+
+
+def _second(item: tuple[str, int]) -> int:
+    return item[1]
 
 
 def _inflight_record(backlog: Backlog, delivery: Delivery, offset: int) -> InflightSaved:

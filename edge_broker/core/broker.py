@@ -108,6 +108,7 @@ class BrokerStats:
     publish_dropped: int = 0  # deliveries dropped by the queue policy (all reasons)
     dropped_queue_full: int = 0  # ... because a session's queue bound was reached
     dropped_memory_full: int = 0  # ... because max_queued_memory_bytes was reached
+    dropped_store_full: int = 0  # ... given way to [storage] max_store_bytes (backlog.py)
     refused_queue_full: int = 0  # QoS 1/2 PUBLISH refused by the "refuse" policy
     stream_dropped: int = 0  # QoS 0 messages a stream did not record: the store was full
     messages_expired: int = 0  # deliveries dropped because their message expired

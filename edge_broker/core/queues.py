@@ -25,6 +25,7 @@ QUEUE_FULL_POLICIES = (DROP_OLDEST, DROP_NEWEST, REFUSE)
 # Drop reasons, as named in $SYS/broker/publish/messages/dropped/<reason>.
 QUEUE_FULL = "queue_full"
 MEMORY_FULL = "memory_full"
+STORE_FULL = "store_full"  # an offline drop-oldest backlog gave way to max_store_bytes
 DROP_LOG_INTERVAL_S = 10.0
 
 # A session, the message, the QoS and retain flag it gets it with, its subscription ids.
@@ -129,6 +130,8 @@ class QueueBounds:
         stats.publish_dropped += 1
         if reason == QUEUE_FULL:
             stats.dropped_queue_full += 1
+        elif reason == STORE_FULL:
+            stats.dropped_store_full += 1
         else:
             stats.dropped_memory_full += 1
         session.dropped += 1

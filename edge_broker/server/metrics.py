@@ -51,6 +51,7 @@ def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
         # a session's queue bound, or the memory bound of all queues.
         "$SYS/broker/publish/messages/dropped/queue_full": str(stats.dropped_queue_full),
         "$SYS/broker/publish/messages/dropped/memory_full": str(stats.dropped_memory_full),
+        "$SYS/broker/publish/messages/dropped/store_full": str(stats.dropped_store_full),
         # Not in mosquitto: deliveries dropped because their message expiry interval ran out.
         "$SYS/broker/publish/messages/expired": str(stats.messages_expired),
         # Not in mosquitto either: QoS 1/2 PUBLISH refused while the store was full, and

@@ -142,7 +142,8 @@ class Observer:
 
     def _store_counters(self) -> dict[str, Any]:
         store = self.app.store
-        names = ("commits", "batches", "fsyncs", "rows_written", "vacuum_steps")
+        names = ("commits", "batches", "fsyncs", "rows_written", "vacuum_steps",
+                 "budget_stream_rows")
         counters = {name: getattr(store, name, None) for name in names}
         used = getattr(store, "used_bytes", None)
         counters["used_bytes"] = used
@@ -227,6 +228,12 @@ class Observer:
             if counters[name] is not None:
                 families.append(Family(f"edge_broker_store_{name}_total", "counter",
                                        text).add(counters[name]))
+        if counters["budget_stream_rows"] is not None:
+            families.append(Family(
+                "edge_broker_store_budget_released_total", "counter",
+                "Stored rows given up early to keep the store under max_store_bytes, by "
+                "kind (stream: a stream's oldest rows no reader needed).").add(
+                    counters["budget_stream_rows"], kind="stream"))
         families.append(self.commit_latency.family(
             "edge_broker_commit_latency_seconds",
             "From handing a batch to the store to its commit."))
@@ -257,6 +264,7 @@ class Observer:
                        "and QoS 0 messages not recorded in streams (the store was full).")
                 .add(stats.dropped_queue_full, reason="queue_full")
                 .add(stats.dropped_memory_full, reason="memory_full")
+                .add(stats.dropped_store_full, reason="store_full")
                 .add(stats.messages_expired, reason="expired")
                 .add(stats.stream_dropped, reason="stream_store_full"))
 

@@ -44,12 +44,16 @@ class StreamReplay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropped_logged = 0  # core.stats.stream_dropped when last logged
         self._dropped_logged_at = -1e18
+        self._giving_way = False  # a tier-2 step of the store budget is running
 
     def setup(self) -> None:
         """Tell the core the configured streams, when the store keeps a log; and that
         persistent sessions' backlogs are read from it (core/backlog.py)."""
         app = self.app
         app.core.log_backlogs = hasattr(app.store, "read_backlog")
+        if hasattr(app.store, "give_way_backlogs"):
+            store_side: Any = app.store
+            store_side.on_room_wanted = self._room_wanted
         streams = app.config.streams
         if not streams:
             return
@@ -81,6 +85,35 @@ class StreamReplay:
             task = asyncio.get_running_loop().create_task(self._backlog_page(backlog_fetch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _room_wanted(self, excess: int) -> None:
+        """The store is near `max_store_bytes` and streams could not give way: the core
+        names the backlogs that may (offline, drop-oldest, largest first), the store moves
+        their cursors, the core counts the drops (store/log/budget.py, tier 2)."""
+        if self._giving_way:
+            return
+        readers = [name for name, _ in self.app.core.backlogs_giving_way()]
+        if not readers:
+            return  # nothing can give way: new QoS 1/2 work stays refused
+        self._giving_way = True
+        task = asyncio.get_running_loop().create_task(self._give_way(readers, excess))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _give_way(self, readers: list[str], excess: int) -> None:
+        app = self.app
+        store: Any = app.store
+        try:
+            gave = await store.give_way_backlogs(readers, excess)
+        except Exception:  # StoreError, or a bug: the next step asks again
+            log.exception("the store budget: backlogs could not give way")
+            return
+        finally:
+            self._giving_way = False
+        for name, offset, count, _ in gave:
+            app.core.backlog_gave_way(name, offset, count)
+        if gave:
+            await app.commit()  # the sessions' counters (ReaderCounted)
 
     async def _backlog_page(self, fetch: BacklogFetch) -> None:
         """A page of a persistent session's backlog (core/backlog.py), as `_page`."""
@@ -148,7 +181,7 @@ REPLAY_PAGE_MAX = 1000  # rows per `streams.replay` answer (the CLI asks page af
 def stats_json(stats: StreamStats) -> dict[str, Any]:
     return {"name": stats.name, "first_offset": stats.first_offset,
             "last_offset": stats.last_offset, "messages": stats.count, "bytes": stats.bytes,
-            "oldest_at": stats.oldest_at}
+            "oldest_at": stats.oldest_at, "dropped_for_budget": stats.budget_dropped}
 
 
 def row_json(row: LogRow) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Final
 
 from ...core.changes import ReaderChange, ReaderState
 from . import backlogs
+from .budget import GiveWay, backlogs_give_way, give_way_step
 from .log import Appendable, Log, LogRow
 from .replay import Position, StreamStats, replay, stream_start, stream_stats
 from .retention import RetentionReport, TrustedClock, retention_due, retention_step
@@ -36,6 +37,7 @@ log = logging.getLogger("edge_broker.store")
 
 RETENTION_INTERVAL_S: Final = 5.0  # a step at least this often (the issue allows 10 s of lag)
 RETENTION_BUDGET: Final = 2000  # rows per step and pass
+GIVE_WAY_BUDGET: Final = 512  # rows per step of giving way to the store budget
 
 
 class LogKeeper:
@@ -46,6 +48,8 @@ class LogKeeper:
         self.retention_more = False  # the last step ran out of budget
         self.rows_deleted = 0
         self.mismatches = 0
+        self.budget_stream_rows = 0  # rows streams released for the store budget (budget.py)
+        self.budget_backlog_rows = 0  # rows backlogs skipped for it
 
     def load(self, conn: sqlite3.Connection) -> None:
         """(Re)read the log's state; writes only stream changes (run in a transaction)."""
@@ -87,6 +91,45 @@ class LogKeeper:
         self.retention_more = not report.done
         self.rows_deleted += report.rows_deleted
         return report
+
+    def give_way(self, conn: sqlite3.Connection, excess: int) -> GiveWay:
+        """One bounded step of giving way to the store budget (budget.py), in a transaction
+        of its own."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            report = give_way_step(self.log, conn, self.clock.now(), excess,
+                                   budget=GIVE_WAY_BUDGET)
+            conn.commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            self.log.load(conn)
+            raise
+        self.rows_deleted += report.rows_deleted
+        self.budget_stream_rows += report.stream_rows
+        if report.stream_rows:
+            log.info("store budget: streams released their %d oldest row(s) (%d bytes)",
+                     report.stream_rows, report.stream_bytes)
+        return report
+
+    def give_way_backlogs(self, conn: sqlite3.Connection, readers: Sequence[str],
+                          excess: int) -> list[tuple[str, int, int, int]]:
+        """Tier 2 of the store budget (budget.py), in a transaction of its own."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = backlogs_give_way(self.log, conn, readers, excess, self.clock.now(),
+                                    budget=GIVE_WAY_BUDGET)
+            conn.commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            self.log.load(conn)
+            raise
+        for name, _, count, size in out:
+            self.budget_backlog_rows += count
+            log.warning("store budget: %s gave way: its %d oldest message(s) (%d bytes) "
+                        "dropped (store_full)", name, count, size)
+        return out
 
     # -- persistent sessions' backlogs (backlogs.py) --------------------------------------
 

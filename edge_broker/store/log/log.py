@@ -121,6 +121,7 @@ class StreamState:
     count: int = 0
     bytes: int = 0
     topics: set[int] = field(default_factory=set)
+    budget_dropped: int = 0  # rows released for the store budget (budget.py), since load
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ class StreamStats:
     count: int
     bytes: int
     oldest_at: float | None
+    budget_dropped: int = 0  # rows released early for the store budget, since start-up
 
 
 def parse_position(text: str) -> Position:
@@ -70,9 +71,10 @@ def stream_stats(log: Log, conn: sqlite3.Connection, name: str) -> StreamStats:
     state = log.streams[name]
     first = _first_row(log, conn, name, 0) if state.count else None
     if first is None:
-        return StreamStats(name, None, None, 0, 0, None)
+        return StreamStats(name, None, None, 0, 0, None, state.budget_dropped)
     last = max((log.by_id[t].last_offset or 0) for t in state.topics)
-    return StreamStats(name, first[0], last, state.count, state.bytes, first[1])
+    return StreamStats(name, first[0], last, state.count, state.bytes, first[1],
+                       state.budget_dropped)
 
 
 def stream_start(log: Log, conn: sqlite3.Connection, name: str, position: Position) -> int:

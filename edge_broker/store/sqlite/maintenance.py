@@ -12,7 +12,17 @@ most one step. Idle, it:
   at most one step per `VACUUM_INTERVAL_S`;
 - runs one bounded step of the named streams' retention and last-value compaction
   (store/log/keeper.py), each its own short transaction; under steady load the writer runs
-  them between groups instead.
+  them between groups instead;
+- near the store budget (`used_bytes` at or over `GIVE_WAY_AT` of `max_store_bytes`), runs
+  one bounded step of giving way (store/log/budget.py: streams release their oldest rows
+  that no reader needs, and retention deletes them), until `used_bytes` is under
+  `GIVE_WAY_TO` of it; the writer runs them between groups too. When a step released
+  nothing and the store is still over `GIVE_WAY_AT`, `on_room_wanted` asks the server for
+  tier 2 (the core's offline drop-oldest backlogs, budget.py); the step is not tried again
+  for `GIVE_WAY_RETRY_S` (if nothing can give way, new QoS 1/2 work is refused while the
+  store is `full`). Only `max_store_bytes` makes streams give
+  way; a disk short of space does not (it is the operator's disk, not the broker's
+  budget: see space.py).
 The file follows the data: pruning (schema.py) frees pages inside each transaction, vacuum
 gives them back, and checkpoints truncate the WAL (`journal_size_limit`; `_checkpoint_sync`
 truncates it at once while space is short, space.py).
@@ -41,6 +51,9 @@ VACUUM_MIN_FREE_BYTES: Final = 8 * 1024 * 1024  # vacuum when free pages exceed 
 VACUUM_MIN_FREE_RATIO: Final = 0.25  # ... and this share of the file
 VACUUM_STEP_PAGES: Final = 512
 VACUUM_INTERVAL_S: Final = 0.5  # at most one vacuum step per interval, only when idle
+GIVE_WAY_AT: Final = 0.9  # streams give way from this share of max_store_bytes ...
+GIVE_WAY_TO: Final = 0.8  # ... down to this share
+GIVE_WAY_RETRY_S: Final = 1.0  # after a step that released nothing, wait this long
 
 
 class Maintenance(StoreState):
@@ -66,6 +79,21 @@ class Maintenance(StoreState):
 
     def _retention_sync(self) -> None:
         self._log.retention(self._db())
+
+    def _give_way_wanted(self, now: float) -> bool:
+        limit = self.max_store_bytes
+        if not limit or self._used_bytes < GIVE_WAY_AT * limit:
+            return False
+        return self._give_way_more or now - self._give_way_at >= GIVE_WAY_RETRY_S
+
+    def _give_way_sync(self) -> None:
+        self._give_way_at = time.monotonic()
+        excess = self._used_bytes - int(GIVE_WAY_TO * self.max_store_bytes)
+        report = self._log.give_way(self._db(), excess)
+        self._give_way_more = report.more
+        self._check_size_sync()
+        if not report.more and self._used_bytes >= GIVE_WAY_AT * self.max_store_bytes:
+            self._room_wanted = self._used_bytes - int(GIVE_WAY_TO * self.max_store_bytes)
 
     def _vacuum_sync(self) -> None:
         conn = self._db()
@@ -99,6 +127,12 @@ class Maintenance(StoreState):
             await self._maintain(self._retention_sync)
             if self._log.retention_more:
                 timeout = 0.0
+        if self._give_way_wanted(now):
+            await self._maintain(self._give_way_sync)
+            if self._give_way_more:
+                timeout = 0.0
+        elif self.max_store_bytes and self._used_bytes >= GIVE_WAY_AT * self.max_store_bytes:
+            timeout = min(timeout, GIVE_WAY_RETRY_S)
         if self._queue or self._closing:
             return
         with contextlib.suppress(TimeoutError):
@@ -119,6 +153,9 @@ class Maintenance(StoreState):
             await self._call(work)
         except sqlite3.Error as error:
             log.warning("%s: store maintenance failed: %s", self.path, error)
+        wanted, self._room_wanted = self._room_wanted, 0
+        if wanted > 0 and self.on_room_wanted is not None:
+            self.on_room_wanted(wanted)  # tier 2 (budget.py): the server asks the core
         self._check_disk()
         if self._disk_full or self._disk_tight:
             await self._recover_space()

@@ -99,6 +99,12 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
         self._free_bytes = 0
         self._size_checked_at = 0.0
         self._vacuumed_at = 0.0
+        self._room_wanted = 0  # bytes streams could not free (set by _give_way_sync)
+        self._give_way_at = 0.0  # monotonic time of the last step of giving way (budget)
+        self._give_way_more = False  # that step released something: try again at once
+        # Called (on the event loop) with the bytes wanted when streams could not give way:
+        # the server asks the core which backlogs may (budget.py, tier 2).
+        self.on_room_wanted: Callable[[int], None] | None = None
         self._auto_vacuum = False
         self.commits = 0
         self.batches = 0
@@ -121,6 +127,11 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
         replaced under the running store (guard.py)."""
         return self._disk_full or self._disk_tight or self._guard.lost or (
             self.max_store_bytes > 0 and self._used_bytes >= self.max_store_bytes)
+
+    @property
+    def budget_stream_rows(self) -> int:
+        """Rows streams released early to keep the store under `max_store_bytes`."""
+        return self._log.budget_stream_rows
 
     @property
     def used_bytes(self) -> int:
@@ -259,6 +270,18 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
             return await self._call(self._read_sync, self._log.stats)
         except sqlite3.Error as error:
             raise _store_error(self.path, "stream statistics", error) from None
+
+    async def give_way_backlogs(self, readers: Sequence[str],
+                                excess: int) -> list[tuple[str, int, int, int]]:
+        """Tier 2 of the store budget: the readers the core named give way (budget.py);
+        (reader, new offset, rows, bytes) of each that did. Re-checks the pages in use."""
+        try:
+            out: list[tuple[str, int, int, int]] = await self._call(
+                self._read_sync, self._log.give_way_backlogs, readers, excess)
+            await self._call(self._check_size_sync)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "make backlogs give way", error) from None
+        return out
 
     async def delete_stream(self, name: str) -> bool:
         try:

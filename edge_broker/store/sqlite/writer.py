@@ -119,6 +119,12 @@ class Writer(StoreState):
                     await self._maintain(self._retention_sync)
                 except Exception:
                     log.exception("%s: stream retention failed", self.path)
+            if self._give_way_wanted(time.monotonic()) and not self._closing:
+                # Near `max_store_bytes`: streams give way (budget.py), between groups.
+                try:
+                    await self._maintain(self._give_way_sync)
+                except Exception:
+                    log.exception("%s: giving way to the store budget failed", self.path)
 
     def _take(self) -> list[_Pending]:
         group: list[_Pending] = []
