@@ -574,7 +574,7 @@ def require_extras(bridges: tuple[BridgeConfig, ...], *, file: str | None) -> No
             importlib.import_module(module)
         except ImportError as exc:
             raise _error(
-                f'the "{bridge.kind}" bridge needs the Python module {module!r} (package {package}), which '
-                f"cannot be imported ({exc}); install it with: "
+                f'the "{bridge.kind}" bridge needs the Python module {module!r} '
+                f"(package {package}), which cannot be imported ({exc}); install it with: "
                 f"pip install {package}",
                 file=file, table=_label(index, bridge.name), key="kind") from None

@@ -1,7 +1,8 @@
 """The JetStream sink and downlink source (nats-py). Imported only for a "jetstream" bridge.
 
 Uplink: `JetStreamSink.send(batch)` publishes the whole window at once with
-`publish_async` (no round trip per message), each message to `<prefix>.<escaped topic>`
+`publish_async` (no round trip per message, no yield to the loop between messages: one
+socket write per window), each message to `<prefix>.<escaped topic>`
 with the documented headers and `Nats-Msg-Id` = the message id, then waits for the acks in
 order. It returns how many from the start of the window were stored (a PubAck, duplicate or
 not): the cursor moves past exactly those. A message whose ack does not come within
@@ -173,9 +174,14 @@ class JetStreamSink:
                 mid = message_id(self.gateway_id, self.store_id, message.offset)
                 headers = message.headers(mid)
                 headers[NATS_MSG_ID] = mid
+                # wait_stall=None: nats-py then takes its semaphore without a task (a
+                # timeout wraps it in one, and each message then yields to the loop: one
+                # socket write per message). It never waits here: a window is at most
+                # publish_async_max_pending, and the previous window's futures are all done
+                # or cancelled. So the window goes out in one write, then the acks come.
                 futures.append(await self._js.publish_async(
                     self.subject(message), message.payload, headers=headers,
-                    wait_stall=self.ack_timeout))
+                    wait_stall=None))
         except Exception:
             if not futures:
                 raise
