@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 _RETENTION = {"limits": api.RetentionPolicy.LIMITS, "interest": api.RetentionPolicy.INTEREST,
               "workqueue": api.RetentionPolicy.WORK_QUEUE}
+SUBJECT_CACHE = 4096  # topics whose subject is remembered by a sink
+
 _STORAGE = {"file": api.StorageType.FILE, "memory": api.StorageType.MEMORY}
 
 
@@ -131,6 +133,7 @@ class JetStreamSink:
         self.created_stream = False
         self._nc: Any = None
         self._js: Any = None
+        self._subjects: dict[str, str] = {}
 
     async def start(self) -> None:
         self._nc = await connect(self.config)
@@ -160,7 +163,14 @@ class JetStreamSink:
                 "existing stream: add the subject to it, or change subject_prefix")
 
     def subject(self, message: BridgeMessage) -> str:
-        return topic_to_subject(self.options.subject_prefix, message.topic)
+        subjects = self._subjects  # topic -> subject: escaping each level costs per message
+        subject = subjects.get(message.topic)
+        if subject is None:
+            if len(subjects) >= SUBJECT_CACHE:
+                subjects.clear()
+            subject = subjects[message.topic] = topic_to_subject(self.options.subject_prefix,
+                                                                 message.topic)
+        return subject
 
     async def send(self, batch: Sequence[BridgeMessage]) -> int:
         """Publish the window; the number acknowledged from its start (see module doc)."""
