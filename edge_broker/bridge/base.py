@@ -43,8 +43,10 @@ The message data (NATS) or record value (Kafka) is the raw payload.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
+import math
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -90,17 +92,31 @@ def new_store_id() -> str:
     return f"{random.SystemRandom().getrandbits(64):016x}"
 
 
+@functools.lru_cache(maxsize=64)
+def _format_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def format_time(timestamp: float) -> str:
-    """ISO-8601 UTC with milliseconds, as in `mqtt-publish-time`."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """ISO-8601 UTC with milliseconds, as in `mqtt-publish-time`. (The part up to the
+    second is cached: a window's messages share it, and strftime is a per-message cost.)"""
+    frac, whole = math.modf(timestamp)  # rounded to microseconds as datetime does
+    micros = round(frac * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    return f"{_format_second(second)}{micros // 1000:03d}Z"
 
 
 _SAFE: Final = "-._~/:@!$&'()*+,;="
 
 
+@functools.lru_cache(maxsize=4096)
 def encode_text(value: str) -> str:
-    """A header value for arbitrary text (see (*) in the module docstring)."""
+    """A header value for arbitrary text (see (*) in the module docstring). Cached: the
+    same topics and client ids come again and again."""
     return quote(value, safe=_SAFE)
 
 

@@ -55,8 +55,10 @@ __all__ = [
 BridgeKind = Literal["jetstream", "kafka", "mqtt"]
 BRIDGE_KINDS: Final[tuple[BridgeKind, ...]] = ("jetstream", "kafka", "mqtt")
 # kind -> (module imported, pyproject extra)
-EXTRAS: Final[dict[str, tuple[str, str]]] = {"jetstream": ("nats", "nats"),
-                                              "kafka": ("aiokafka", "kafka")}
+# kind -> (module imported, PyPI package that provides it). The error names the package
+# itself: `pip install 'edge-broker[nats]'` only works for an install from PyPI.
+EXTRAS: Final[dict[str, tuple[str, str]]] = {"jetstream": ("nats", "nats-py"),
+                                              "kafka": ("aiokafka", "aiokafka")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,12 +569,12 @@ def require_extras(bridges: tuple[BridgeConfig, ...], *, file: str | None) -> No
     for index, bridge in enumerate(bridges):
         if not bridge.enabled or bridge.kind not in EXTRAS:
             continue
-        module, extra = EXTRAS[bridge.kind]
+        module, package = EXTRAS[bridge.kind]
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise _error(
-                f'the "{bridge.kind}" bridge needs the Python package {module!r}, which '
-                f"cannot be imported ({exc}); install it with: "
-                f"pip install 'edge-broker[{extra}]'",
+                f'the "{bridge.kind}" bridge needs the Python module {module!r} '
+                f"(package {package}), which cannot be imported ({exc}); install it with: "
+                f"pip install {package}",
                 file=file, table=_label(index, bridge.name), key="kind") from None

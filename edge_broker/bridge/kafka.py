@@ -124,17 +124,18 @@ class KafkaSink:
         deadline = loop.time() + self.ack_timeout
         futures: list[asyncio.Future[Any] | None] = []
         try:
-            for message in batch:
-                topic = route_kafka(self.options.topic_map, message.topic)
-                if topic is None:
-                    futures.append(None)
-                    continue
-                mid = message_id(self.gateway_id, self.store_id, message.offset)
-                headers = [(k, v.encode()) for k, v in message.headers(mid).items()]
-                futures.append(await asyncio.wait_for(
-                    self._producer.send(topic, message.payload, key=self.record_key(message),
-                                        headers=headers),
-                    max(0.001, deadline - loop.time())))
+            # One deadline for the window with asyncio.timeout, not wait_for per message:
+            # wait_for wraps each send in a task, so every message yielded to the loop.
+            async with asyncio.timeout_at(deadline):
+                for message in batch:
+                    topic = route_kafka(self.options.topic_map, message.topic)
+                    if topic is None:
+                        futures.append(None)
+                        continue
+                    mid = message_id(self.gateway_id, self.store_id, message.offset)
+                    headers = [(k, v.encode()) for k, v in message.headers(mid).items()]
+                    futures.append(await self._producer.send(
+                        topic, message.payload, key=self.record_key(message), headers=headers))
         except (KafkaError, TimeoutError) as exc:
             if not any(f is not None for f in futures):
                 raise BridgeError(f"Kafka send failed: {exc!r}") from exc

@@ -3,7 +3,8 @@
 `read_after` reads one page of the bridge's rows on the store's thread (never on the event
 loop), `wait_after` sleeps until a group commit appends past what the bridge has looked at
 (the store calls `BridgeStoreSide.committed` after each commit: no polling), and
-`commit_cursor` stores the cursor in its own short transaction; the Forwarder calls it only
+`commit_cursor` stores the cursor in its own short transaction (not fsynced on its own:
+store/log/bridge_store.py `commit`); the Forwarder calls it only
 after the remote side acknowledged. The store's reader may be ahead of the Forwarder's cursor
 when `max_backlog_bytes` dropped the oldest rows: pages start after the later of the two.
 Messages the bridge's own downlink published (origin: its `downlink_identity`) are skipped,

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_broker.bridges")
 
 DROP_LOG_INTERVAL_S = 10.0
+NOT_STARTED_NO_SQLITE = ('not started: bridges need [storage] persistence = "sqlite" '
+                         "(the uplink is a cursor over the store's log)")
 RATE_WINDOW_S = 5.0  # forwarded per second: averaged over at least this long
 
 
@@ -393,6 +395,10 @@ class BridgeManager:
         if getattr(self.app.store, "bridges", None) is None:
             log.warning("[[bridges]] need [storage] persistence = \"sqlite\": %d bridge(s) "
                         "not started", len(enabled))
+            for config in enabled:  # `bridges status` says why, not "(connecting)"
+                status = self.bridges[config.name].status
+                status.last_error = NOT_STARTED_NO_SQLITE
+                status.last_error_at = time.time()
             return
         set_uplinks(self.app.core, [(reader_name(c.name), c.uplink) for c in enabled])
         store = self.app.store

@@ -117,11 +117,11 @@ def test_missing_extra_names_the_pip_install(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "nats", None)  # makes `import nats` fail
     with pytest.raises(ConfigError) as info:
         require_extras(bridges, file=FILE)
-    assert "pip install 'edge-broker[nats]'" in str(info.value)
+    assert "install it with: pip install nats-py" in str(info.value)
     assert '[[bridges]] #1 "central" kind' in str(info.value)
     monkeypatch.setitem(sys.modules, "aiokafka", None)
     monkeypatch.delitem(sys.modules, "nats")
-    with pytest.raises(ConfigError, match=r"pip install 'edge-broker\[kafka\]'"):
+    with pytest.raises(ConfigError, match=r"install it with: pip install aiokafka$"):
         require_extras(bridges, file=FILE)
 
 

@@ -3,9 +3,9 @@ it holds the synchronous operations and the tables).
 
 `SqliteStore.bridges` is one `BridgeStoreSide`. Every read and write is one hop to the
 store's single database thread (like the pages of a `$stream/` replay), each write its own
-short transaction. `committed(offset)` is called by the store on the event loop after every
-group commit that appended to the log: it wakes the bridges waiting for new rows (no
-polling).
+short transaction (a cursor commit without its own fsync: see `commit`).
+`committed(offset)` is called by the store on the event loop after every group commit that
+appended to the log: it wakes the bridges waiting for new rows (no polling).
 """
 
 from __future__ import annotations
@@ -78,8 +78,14 @@ class BridgeStoreSide:
         return await self._read(lambda conn: ops.page(log, conn, bridge, after, limit))
 
     async def commit(self, bridge: str, offset: int, consumed: Sequence[LogRow]) -> None:
+        """Move the bridge's cursor. Written without its own fsync (see `_write`): it is
+        made durable by the next fsynced commit (WAL frames are synced in order). A crash
+        before that leaves the cursor where it was, never ahead of what the remote side
+        acknowledged, so those messages are sent again and the remote drops them by their
+        message id (Nats-Msg-Id, the Kafka/MQTT message id)."""
         log = self._store._log.log
-        await self._write(lambda conn: ops.commit(log, conn, bridge, offset, consumed))
+        await self._write(lambda conn: ops.commit(log, conn, bridge, offset, consumed),
+                          fsync=False)
 
     async def drop(self, bridge: str, max_bytes: int) -> Backlog:
         log = self._store._log.log
@@ -96,19 +102,29 @@ class BridgeStoreSide:
             raise store_error(store, "read for a bridge", error) from None
         return result
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T], *, fsync: bool = True) -> _T:
+        """`fn` in its own transaction. fsync=False under durability "fsync": the commit
+        is written with `synchronous = NORMAL` (to the OS, not fsynced; in WAL mode the file
+        stays consistent), then FULL again."""
         store: Any = self._store
+        relax = not fsync and getattr(store, "durability", None) == "fsync"
 
         def run(conn: sqlite3.Connection) -> _T:
-            conn.execute("BEGIN IMMEDIATE")
+            if relax:
+                conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                result = fn(conn)
-                conn.commit()
-            except BaseException:
-                if conn.in_transaction:
-                    conn.rollback()
-                store._log.load(conn)  # the log's memory may be ahead of the file
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                    conn.commit()
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.rollback()
+                    store._log.load(conn)  # the log's memory may be ahead of the file
+                    raise
+            finally:
+                if relax:
+                    conn.execute("PRAGMA synchronous = FULL")
             return result
 
         try:
