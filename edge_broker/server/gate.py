@@ -13,7 +13,7 @@ and the counters shown in $SYS and /metrics. `ClientHandler` asks it:
 - `allowed(handler, topic, access)` for PUBLISH (write) and each delivery (read), and
   `can_subscribe` for SUBSCRIBE, cached per connection and per topic and invalidated by a
   reload (`generation`).
-- `will_allowed(client_id, topic)` from the core when a will is about to be published.
+- `will_allowed(client_id, username, topic)` from the core when a will is about to be published.
 - `rates_for(username)` for the publish quotas (`Throttle`, used by the handler).
 
 `reload(auth)` re-reads both files on SIGHUP; a file that does not load keeps the old rules.
@@ -346,15 +346,14 @@ class Gate:
             self.metrics.acl_denied["subscribe"] += 1
         return allowed
 
-    def will_allowed(self, client_id: str, topic: str) -> bool:
+    def will_allowed(self, client_id: str, username: str | None, topic: str) -> bool:
         """Called by the core before it publishes a will [MQTT-3.1.2-8] (5.0): the will
         topic must be writable by its client (as for a PUBLISH), checked now, as mosquitto
-        does. A client unknown to this process (a session restored after a restart) was
-        has no known username here and is checked as an anonymous client (docs/security.md)."""
+        does. `username` is the one its session's last connection authenticated as (stored
+        with the session, so a session restored after a restart keeps it; None: anonymous)."""
         acl = self.acl
         if acl is None:
             return True
-        username = self.usernames.get(client_id)
         if acl.can_publish(topic, username=username, client_id=client_id):
             return True
         self.metrics.acl_denied["will"] += 1
