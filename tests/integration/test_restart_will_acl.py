@@ -38,6 +38,13 @@ def _ops(port: int, client_id: str) -> RawClient:
                    password=PASSWORDS["ops"], properties=props(session_expiry_interval=600))
 
 
+def _denied_wills(broker: BrokerThread) -> int:
+    """Wills the broker refused for the ACL (metrics)."""
+    app = broker.app
+    assert app is not None
+    return int(broker.call(lambda: app.metrics.acl_denied["will"]))
+
+
 @pytest.mark.parametrize("when", ["before_stop", "at_stop"])
 def test_a_will_published_after_a_restart_has_its_users_rights(
         make_broker: Callable[..., BrokerThread], tmp_path: Path, when: str) -> None:
@@ -66,12 +73,12 @@ def test_a_will_published_after_a_restart_has_its_users_rights(
 
     broker = make_broker(config=config)
     watcher = _ops(broker.port, watcher_id)
-    assert watcher.connack.session_present
+    assert watcher.connack is not None and watcher.connack.session_present
     packet = watcher.expect_publish(timeout=DELAY + 5)
     assert (packet.topic, packet.payload) == ("alarms/alice", b"alice lost")
     if packet.packet_id is not None:
         watcher.ack(PUBACK, packet.packet_id)
-    assert broker.call(lambda: broker.app.metrics.acl_denied["will"]) == 0
+    assert _denied_wills(broker) == 0
     # Where it came from: the session row keeps the username (schema version 5).
     db = Path(config.broker.data_dir) / "edge-broker.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
@@ -94,7 +101,7 @@ def test_an_anonymous_sessions_will_is_still_refused_after_a_restart(
     anon.close()
     broker = make_broker(config=config)
     deadline = time.monotonic() + DELAY + 5
-    while broker.call(lambda: broker.app.metrics.acl_denied["will"]) == 0:
+    while _denied_wills(broker) == 0:
         assert time.monotonic() < deadline, "the anonymous will was not refused"
         time.sleep(0.02)  # polling interval, bounded by the deadline
-    assert broker.call(lambda: broker.app.metrics.acl_denied["will"]) == 1
+    assert _denied_wills(broker) == 1
