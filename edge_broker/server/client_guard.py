@@ -207,7 +207,6 @@ def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet
     handler.epoch = result.epoch
     handler.username = decision.username
     handler.auth_how = decision.how
-    app.gate.connected(client_id, decision.username)
     rules_changed(handler)  # the ACL cache and the quota of this user
     properties = NO_PROPERTIES
     if v5:

@@ -122,7 +122,6 @@ class Gate:
         self._per_listener: Counter[int] = Counter()
         self._limit_logged_at = 0.0
         self._limit_unlogged = 0
-        self.usernames: dict[str, str | None] = {}  # client id -> username (for wills)
         self.metrics = app.metrics  # the counters for $SYS and /metrics live there
 
     # -- files ------------------------------------------------------------------------
@@ -169,7 +168,6 @@ class Gate:
                  f"{len(passwords)} users" if passwords is not None else "no password file",
                  f"{acl.rule_count} ACL rules" if acl is not None else "no ACL")
         self._drop_deleted_users(passwords)
-        self._prune_usernames()
         return True
 
     def _drop_deleted_users(self, passwords: PasswordFile | None) -> None:
@@ -182,11 +180,6 @@ class Gate:
                      "disconnecting it", handler.client_id, handler.peer, handler.username)
             handler.kick(ReasonCode.NOT_AUTHORIZED)  # 0x87 (5.0); 3.1.1: a close
         self.app.finish_batch(None, [])
-
-    def _prune_usernames(self) -> None:
-        sessions = self.app.core.sessions
-        for client_id in [c for c in self.usernames if c not in sessions]:
-            del self.usernames[client_id]
 
     def close(self) -> None:
         if self.verifier is not None:
@@ -319,11 +312,6 @@ class Gate:
         while len(self._failures) > BACKOFF_ADDRESSES:
             self._failures.popitem(last=False)
         return min(BACKOFF_BASE_S * float(2 ** min(count - 1, 30)), BACKOFF_CAP_S)
-
-    def connected(self, client_id: str, username: str | None) -> None:
-        self.usernames[client_id] = username
-        if len(self.usernames) > 2 * len(self.app.core.sessions) + 1000:
-            self._prune_usernames()
 
     # -- authorisation ------------------------------------------------------------------
 
