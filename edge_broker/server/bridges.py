@@ -13,8 +13,10 @@ store's thread, the wait for new rows is woken by the store's group commits, and
 is committed only after the remote side acknowledged, so it survives restarts and crashes
 (at least once; JetStream and Kafka consumers recognise a resend by its message id
 `<gateway_id>-<store_id>-<offset>`). A bridge whose backlog exceeds `max_backlog_bytes` has
-its oldest rows skipped (counted in `dropped`, logged at most every 10 s); retention never
-deletes a row a bridge has not passed otherwise.
+its oldest rows skipped (counted in `dropped`, logged at most every 10 s); so has a bridge
+whose backlog gives way to the store budget (`[storage] max_store_bytes`: ranked by size with
+the offline drop-oldest sessions, store/log/budget.py; `backlogs_giving_way`, `gave_way`).
+Retention never deletes a row a bridge has not passed otherwise.
 
 *Downlink.* Messages from the remote side (JetStream durable pull consumer, Kafka consumer
 group, MQTT subscriptions) are published locally as the client id `downlink_identity`
@@ -48,7 +50,7 @@ from ..core.downlink import forget_downlink_position, publish_downlink, set_upli
 from ..errors import StoreError
 from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_name
-from ..store.log.bridges import reader_name
+from ..store.log.bridges import READER_PREFIX, reader_name
 from .bridge_log import StoreLogReader
 from .prometheus import Family
 
@@ -107,6 +109,7 @@ class Bridge:
         self._dropping = False
         self._drops_logged = 0
         self._drops_logged_at = -1e18
+        self.budget_dropped = 0  # of `dropped`: skipped for the store budget (gave_way)
 
     # -- start, stop ----------------------------------------------------------------------
 
@@ -230,16 +233,31 @@ class Bridge:
 
     def _log_drops(self) -> None:
         reader = self.manager.side.reader(self.config.name) if self.manager.side else None
-        if reader is None or reader.dropped == self._drops_logged:
+        # Drops for the store budget are logged by the store (keeper.py), not here.
+        dropped = reader.dropped - self.budget_dropped if reader is not None else 0
+        if reader is None or dropped <= self._drops_logged:
             return
         now = time.monotonic()
         if now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
             return
         log.warning("bridge %s: backlog over max_backlog_bytes (%d): %d oldest message(s) "
                     "dropped (%d in all)", self.config.name, self.config.max_backlog_bytes,
-                    reader.dropped - self._drops_logged, reader.dropped)
-        self._drops_logged = reader.dropped
+                    dropped - self._drops_logged, dropped)
+        self._drops_logged = dropped
         self._drops_logged_at = now
+
+    def gave_way(self, offset: int, count: int) -> None:
+        """The store budget (store/log/budget.py, tier 2) moved this bridge's reader past its
+        `count` oldest rows, up to `offset`, as a `max_backlog_bytes` drop does
+        (`drop_to_bound`: counted in `Reader.dropped`); the store logged it. The forwarder's
+        pages already start after the reader's offset (bridges.py `page`): its cursor is
+        moved there too, so that its status and its next wait start past the skipped rows.
+        A window read before the skip and acknowledged after it does not move the store's
+        cursor back (cursors.advance)."""
+        self.budget_dropped += count
+        forwarder = self.forwarder
+        if forwarder is not None and forwarder.status.cursor < offset:
+            forwarder.status.cursor = offset
 
     # -- downlink -------------------------------------------------------------------------
 
@@ -426,6 +444,37 @@ class BridgeManager:
         for bridge in self.bridges.values():
             await bridge.close()
 
+    # -- the store budget (store/log/budget.py, tier 2) -----------------------------------
+
+    def backlogs_giving_way(self) -> list[tuple[str, int]]:
+        """The readers of the running bridges whose oldest rows may give way to
+        `max_store_bytes`, with their backlog bytes: every bridge with a backlog (a bridge's
+        policy is drop-oldest, as for `max_backlog_bytes`)."""
+        side = self.side
+        out: list[tuple[str, int]] = []
+        if side is None:
+            return out
+        for name, bridge in self.bridges.items():
+            reader = side.reader(name) if bridge.reader is not None else None
+            if reader is not None and reader.backlog_bytes > 0:
+                out.append((reader_name(name), reader.backlog_bytes))
+        return out
+
+    def backlog_gave_way(self, reader: str, offset: int, count: int) -> bool:
+        """After the store moved `reader` past its oldest rows for the budget: False when it
+        is not a bridge's (a session's: the core counts those)."""
+        if not reader.startswith(READER_PREFIX):
+            return False
+        bridge = self.bridges.get(reader[len(READER_PREFIX):])
+        if bridge is not None:
+            bridge.gave_way(offset, count)
+        return True
+
+    @property
+    def budget_dropped(self) -> int:
+        """Rows bridges skipped for the store budget since start (also in `dropped`)."""
+        return sum(bridge.budget_dropped for bridge in self.bridges.values())
+
     # -- figures --------------------------------------------------------------------------
 
     def status(self) -> list[BridgeStatus]:
@@ -478,7 +527,8 @@ class BridgeManager:
             ("forwarded_per_second", "gauge", "Forwarding rate (a few seconds' average).",
              "forwarded_per_s"),
             ("dropped_total", "counter",
-             "Oldest messages skipped because the backlog exceeded max_backlog_bytes.",
+             "Oldest messages skipped because the backlog exceeded max_backlog_bytes or "
+             "gave way to max_store_bytes.",
              "dropped"),
             ("failures_total", "counter", "Connection or send failures.", "failures"),
             ("downlink_published_total", "counter", "Downlink messages published locally.",

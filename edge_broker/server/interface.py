@@ -88,6 +88,10 @@ class BridgesSource(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    def backlogs_giving_way(self) -> list[tuple[str, int]]: ...
+
+    def backlog_gave_way(self, reader: str, offset: int, count: int) -> bool: ...
+
 
 class AdminHost(Protocol):
     """The broker as the admin server and the streams' replay (streams.py) see it."""

@@ -229,11 +229,15 @@ class Observer:
                 families.append(Family(f"edge_broker_store_{name}_total", "counter",
                                        text).add(counters[name]))
         if counters["budget_stream_rows"] is not None:
-            families.append(Family(
+            released = Family(
                 "edge_broker_store_budget_released_total", "counter",
                 "Stored rows given up early to keep the store under max_store_bytes, by "
-                "kind (stream: a stream's oldest rows no reader needed).").add(
-                    counters["budget_stream_rows"], kind="stream"))
+                "kind (stream: a stream's oldest rows no reader needed; bridge: a bridge's "
+                "oldest, also in edge_broker_bridge_dropped_total).").add(
+                    counters["budget_stream_rows"], kind="stream")
+            if app.bridges.bridges:
+                released.add(app.bridges.budget_dropped, kind="bridge")
+            families.append(released)
         families.append(self.commit_latency.family(
             "edge_broker_commit_latency_seconds",
             "From handing a batch to the store to its commit."))

@@ -88,11 +88,16 @@ class StreamReplay:
 
     def _room_wanted(self, excess: int) -> None:
         """The store is near `max_store_bytes` and streams could not give way: the core
-        names the backlogs that may (offline, drop-oldest, largest first), the store moves
-        their cursors, the core counts the drops (store/log/budget.py, tier 2)."""
+        names the sessions' backlogs that may (offline, drop-oldest) and the bridges theirs
+        (server/bridges.py), largest first; the store moves their cursors; the core counts
+        the sessions' drops, a bridge its own (store/log/budget.py, tier 2)."""
         if self._giving_way:
             return
-        readers = [name for name, _ in self.app.core.backlogs_giving_way()]
+        app = self.app
+        # Offline drop-oldest sessions and bridges (drop-oldest by nature), largest first.
+        ranked = app.core.backlogs_giving_way() + app.bridges.backlogs_giving_way()
+        ranked.sort(key=lambda pair: pair[1], reverse=True)
+        readers = [name for name, _ in ranked]
         if not readers:
             return  # nothing can give way: new QoS 1/2 work stays refused
         self._giving_way = True
@@ -110,9 +115,12 @@ class StreamReplay:
             return
         finally:
             self._giving_way = False
+        sessions = False
         for name, offset, count, _ in gave:
-            app.core.backlog_gave_way(name, offset, count)
-        if gave:
+            if not app.bridges.backlog_gave_way(name, offset, count):
+                app.core.backlog_gave_way(name, offset, count)
+                sessions = True
+        if sessions:
             await app.commit()  # the sessions' counters (ReaderCounted)
 
     async def _backlog_page(self, fetch: BacklogFetch) -> None:

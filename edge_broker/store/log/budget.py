@@ -23,7 +23,9 @@ The order:
    until rows worth `excess` bytes were skipped; the core then takes what was skipped back
    (`backlog_gave_way`: counted and logged as drops, reason store_full). The store asks for
    this (`SqliteStore.on_room_wanted`) when a step of tier 1 released nothing. Bridges'
-   readers do not give way yet.
+   readers give way too (a bridge's policy is drop-oldest): the server ranks them with the
+   sessions by backlog bytes (server/bridges.py `backlogs_giving_way`) and the bridge counts
+   the skip as its drops (`Reader.dropped`, as `max_backlog_bytes`; `Bridge.gave_way`).
 3. *Only when nothing can give way*, new QoS 1/2 work stays refused (the store is `full`).
 
 A step releases rows worth `excess` bytes (the caller asks for what is over the budget plus
