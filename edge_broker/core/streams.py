@@ -68,7 +68,9 @@ STREAM_PREFIX = "$stream/"
 STREAM_OFFSET = "stream-offset"  # the user property: a SUBSCRIBE's position, a message's offset
 PAGE_SIZE = 256  # rows per history page read from the store
 # Ask for the next page while at most this many are buffered: the read of the next page
-# overlaps the sending of this one, and a subscription buffers two pages at most.
+# overlaps the sending of this one, and a subscription buffers two pages at most. The ask
+# is made when a page arrives and, through `stream_refill`, as soon as sending brings the
+# buffer down to this: the store reads the next page while the buffered one is sent.
 REFILL_AT = PAGE_SIZE
 
 Position = str | int | float  # "earliest" | "latest" | an offset | a time (seconds, UTC)
@@ -181,6 +183,9 @@ class StreamRouting(QueueBounds):
         self._replaying: set[str] = set()  # sessions with a history to replay
         self._stream_marking: StreamSub | None = None  # set while _deliver_stream runs
         self.stream_full: Callable[[], bool] = _never
+        # Called (by `pull`) when a replaying subscription's buffer came down to REFILL_AT
+        # and no page is being read: the server calls `take_stream_fetches` soon after.
+        self.stream_refill: Callable[[], None] = _nothing
         # Bridges' uplink filters (core/downlink.py set_uplinks): recorded like a stream's.
         self.uplinks: dict[str, tuple[str, ...]] = {}  # reader name -> topic filters
 
@@ -444,7 +449,10 @@ class StreamRouting(QueueBounds):
         assert isinstance(history, list)
         sub = history[0]
         assert isinstance(sub, StreamSub)
-        sub.buffer.popleft()
+        buffer = sub.buffer
+        buffer.popleft()
+        if len(buffer) <= REFILL_AT and not sub.fetching and not sub.done:
+            self.stream_refill()  # the next page is read while these are sent
 
 
 def position_text(position: Position) -> str:
@@ -464,3 +472,7 @@ def stream_offset_property(properties: Properties) -> str | None:
 
 def _never() -> bool:
     return False
+
+
+def _nothing() -> None:
+    return None

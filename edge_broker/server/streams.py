@@ -6,8 +6,9 @@ thread, hands the rows back (`stream_page`) and pumps the client's connection, w
 them under its normal flow control. A subscription has at most one page in flight, and a next
 page is asked for while at most `REFILL_AT` (a page) are buffered, so the next read overlaps
 the sending and memory per replaying subscription is two pages at most, however long its
-history. `fetch()` runs after
-every commit (the commit pipeline's last step) and after every page.
+history. `fetch()` runs after every commit (the commit pipeline's last step), after every
+page, and on the loop turn after sending brought a buffer down to `REFILL_AT`
+(`core.stream_refill`).
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ class StreamReplay:
         self._dropped_logged = 0  # core.stats.stream_dropped when last logged
         self._dropped_logged_at = -1e18
         self._giving_way = False  # a tier-2 step of the store budget is running
+        self._refill_soon = False  # a fetch() is scheduled for the next loop turn
 
     def setup(self) -> None:
         """Tell the core the configured streams, when the store keeps a log; and that
         persistent sessions' backlogs are read from it (core/backlog.py)."""
         app = self.app
         app.core.log_backlogs = hasattr(app.store, "read_backlog")
+        app.core.stream_refill = self._refill
         if hasattr(app.store, "give_way_backlogs"):
             store_side: Any = app.store
             store_side.on_room_wanted = self._room_wanted
@@ -64,6 +67,17 @@ class StreamReplay:
         app.core.set_streams((s.name, s.filter) for s in streams)
         store = app.store
         app.core.stream_full = lambda: store.full
+
+    def _refill(self) -> None:
+        """The core (`pull`): a replaying subscription's buffer came down to a page; its
+        next page is asked for on the next loop turn, once, however many ask meanwhile."""
+        if not self._refill_soon:
+            self._refill_soon = True
+            asyncio.get_running_loop().call_soon(self._refill_now)
+
+    def _refill_now(self) -> None:
+        self._refill_soon = False
+        self.fetch()
 
     def fetch(self) -> None:
         core = self.app.core

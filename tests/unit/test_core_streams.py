@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from edge_broker.core.broker import BrokerCore, CoreSettings
 from edge_broker.core.changes import LogAppended, Message, Snapshot
-from edge_broker.core.streams import parse_stream_filter
+from edge_broker.core.streams import PAGE_SIZE, parse_stream_filter
 from edge_broker.mqtt.packets import Publish, Subscribe, Subscription
 from edge_broker.mqtt.properties import Properties
 from edge_broker.mqtt.types import ReasonCode
@@ -113,3 +113,28 @@ def test_a_v311_subscriber_gets_no_properties() -> None:
     (packet,) = core.pull("v3", now=0.0)
     assert isinstance(packet, Publish) and packet.topic == "sensors/a"
     assert packet.properties.user_properties == ()  # 3.1.1 has no properties
+
+
+def test_sending_a_page_down_to_the_refill_mark_asks_for_the_next_one() -> None:
+    """A page that arrives while more than a page is buffered asks for nothing; the ask must
+    come when sending brings the buffer down (else the replay waits for an unrelated commit)."""
+    core = core_with_stream(last_offset=3 * PAGE_SIZE)
+    asked: list[int] = []
+    core.stream_refill = lambda: asked.append(1)
+    connect(core, "pub")
+    connect(core, "dev")
+    assert subscribe(core, "dev", "$stream/t", qos=0, position="earliest") == (0,)
+    commit(core)
+    rows = [Message(0, f"sensors/{n}", b"h", 0, False, offset=n)
+            for n in range(1, 3 * PAGE_SIZE + 1)]
+    (fetch,) = core.take_stream_fetches()
+    core.stream_page(fetch, rows[:PAGE_SIZE], PAGE_SIZE, now=0.0)
+    (fetch,) = core.take_stream_fetches()  # a page buffered: the next is read meanwhile
+    core.stream_page(fetch, rows[PAGE_SIZE:2 * PAGE_SIZE], 2 * PAGE_SIZE, now=0.0)
+    assert core.take_stream_fetches() == []  # two pages buffered: nothing more yet
+    assert offsets(core.pull("dev", now=0.0, limit=PAGE_SIZE - 1)) == list(range(1, PAGE_SIZE))
+    assert asked == []  # still more than a page buffered
+    core.pull("dev", now=0.0, limit=1)
+    assert asked  # down to a page: the server is told to fetch
+    (fetch,) = core.take_stream_fetches()
+    assert fetch.after == 2 * PAGE_SIZE
