@@ -10,6 +10,7 @@ delete the rows it has not read yet."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edge_broker.store.log import keeper
-from tests.conftest import BrokerThread
+from tests.conftest import BrokerThread, broker_config
 from tests.integration import rawclient
 from tests.integration.test_paho import V5, Paho
 
@@ -31,13 +32,17 @@ def _count(tmp_path: Path, sql: str) -> int:
         return int(conn.execute(sql).fetchone()[0])
 
 
-def _session_gone(tmp_path: Path) -> None:
-    """Wait (with a deadline) until the broker has handled the DISCONNECT: the client does
-    not wait for that."""
+def _until_none(tmp_path: Path, sql: str) -> None:
+    """Wait (with a deadline) until `sql` counts nothing: the broker handles a DISCONNECT
+    after the client saw its connection close."""
     deadline = time.monotonic() + 10
-    while _count(tmp_path, "SELECT count(*) FROM sessions WHERE client_id = 'dev'"):
-        assert time.monotonic() < deadline, "the session was not deleted"
+    while _count(tmp_path, sql):
+        assert time.monotonic() < deadline, f"still there: {sql}"
         time.sleep(0.05)  # polling the file, with a deadline
+
+
+def _session_gone(tmp_path: Path) -> None:
+    _until_none(tmp_path, "SELECT count(*) FROM sessions WHERE client_id = 'dev'")
 
 
 def _offline_with_backlog(make_broker: MakeBroker, count: int) -> tuple[BrokerThread, Paho]:
@@ -74,8 +79,8 @@ def test_resuming_with_expiry_zero_delivers_the_whole_backlog(
     device.disconnect()
     publisher.disconnect()
     # the session ended with the connection: nothing of it is left in the file
-    _session_gone(tmp_path)
-    assert _count(tmp_path, "SELECT count(*) FROM log_readers") == 0
+    _until_none(tmp_path, "SELECT count(*) FROM log_readers")
+    assert _count(tmp_path, "SELECT count(*) FROM sessions WHERE client_id = 'dev'") == 0
     assert _count(tmp_path, "SELECT count(*) FROM log_reader_filters") == 0
     assert _count(tmp_path, "SELECT count(*) FROM log_inflight") == 0
 
@@ -117,9 +122,33 @@ def test_a_session_resumed_with_expiry_zero_ends_mid_backlog_without_leftovers(
     assert device.connack.session_present  # [MQTT-3.1.2-4] (5.0)
     assert device.expect_publish().payload == b"0"
     device.disconnect(0)  # the session ends with the connection, 3.1.2.11.2 (5.0)
-    _session_gone(tmp_path)
-    publisher.publish("t/x", b"after", qos=1)  # a group after the disconnect's
+    _until_none(tmp_path, "SELECT count(*) FROM log_readers")  # (its record went at CONNECT)
     publisher.disconnect()
-    assert _count(tmp_path, "SELECT count(*) FROM log_readers") == 0
     assert _count(tmp_path, "SELECT count(*) FROM log_reader_filters") == 0
     assert _count(tmp_path, "SELECT count(*) FROM log_inflight") == 0
+
+
+def test_a_crash_during_such_a_connection_leaves_no_reader_behind(
+        make_broker: MakeBroker, tmp_path: Path) -> None:
+    broker, publisher = _offline_with_backlog(make_broker, 300)
+    device = rawclient.connect(broker.port, "dev", version=5, clean=False,
+                               properties=rawclient.props(receive_maximum=1))  # expiry 0
+    assert device.expect_publish().payload == b"0"
+    publisher.publish("other", b"x", qos=1)  # a group after the CONNECT's: it is in the file
+    assert _count(tmp_path, "SELECT count(*) FROM sessions WHERE client_id = 'dev'") == 0
+    assert _count(tmp_path, "SELECT count(*) FROM log_readers") == 1  # holds the backlog
+    # The file as a crash now would leave it (the kernel keeps what was written: WAL mode).
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "data", crashed / "data",
+                    ignore=shutil.ignore_patterns("*.sock"))
+    device.close()
+    publisher.disconnect()
+    after = make_broker(config=broker_config(crashed))
+    # The session ended with the crash [MQTT-3.1.2-5] (5.0): its reader goes at start-up,
+    # and with it the rows only it held (retention runs after every group here).
+    probe = Paho(after, V5, "dev", clean=False, session_expiry=0)
+    assert probe.connect()[0] is False
+    probe.disconnect()
+    _until_none(crashed, "SELECT count(*) FROM log WHERE topic_id IN (SELECT id FROM"
+                         " log_topics WHERE name = 't/x')")
+    assert _count(crashed, "SELECT count(*) FROM log_readers") == 0
