@@ -222,8 +222,27 @@ class BacklogRouting(StreamRouting):
                     self._save_delivery(session, delivery)
         self._changes.append(ReaderClosed(backlog.reader))
 
+    def _backlog_keep(self, session: Session) -> None:
+        """The session goes on but is no longer stored (a v5 CONNECT with Clean Start 0 and
+        Session Expiry Interval 0 resumes it [MQTT-3.1.2-4] (5.0), to end with the
+        connection, 3.1.2.11.2 (5.0)): the store's SessionDeleted forgot its reader, so it is
+        opened again, at the durable cursor with the same filters, in the same batch. Its
+        backlog is delivered during this connection; until it is caught up or the session
+        ends (`_backlog_end`), retention and the store budget keep the rows it selects."""
+        backlog = session.backlog
+        if backlog is not None:
+            self._changes.append(ReaderOpened(backlog.reader, backlog.durable,
+                                              tuple(backlog.since.items())))
+            # `markers` stay (pages skip them); their stored entries went with the old
+            # reader, and nothing needs them after a crash, which ends this session.
+            self._backlog_touched.add(session.client_id)
+
     def _backlog_end(self, session: Session) -> None:
-        """The session ends (the store's SessionDeleted forgets the reader)."""
+        """The session ends (the store's SessionDeleted forgets the reader of a stored
+        session; the reader `_backlog_keep` opened for one that is not is closed here)."""
+        backlog = session.backlog
+        if backlog is not None and not session.stored:
+            self._changes.append(ReaderClosed(backlog.reader))
         session.backlog = None
         session.backlog_count = session.backlog_bytes = 0
         self._backlog_online.discard(session.client_id)
@@ -234,6 +253,12 @@ class BacklogRouting(StreamRouting):
         self._log_committed = snapshot.log_last_offset
         if not self.log_backlogs:
             return
+        for name in snapshot.readers:
+            # A reader whose session is not stored: `_backlog_keep`'s, left by a crash
+            # during that session's connection (which ended the session).
+            session = self.sessions.get(name[len(SESSION_READER_PREFIX):])
+            if session is None or not session.stored:
+                self._changes.append(ReaderClosed(name))
         for session in self.sessions.values():
             if not session.stored:
                 continue

@@ -274,6 +274,7 @@ class BrokerCore(BacklogRouting):
         elif session.stored:
             self._changes.append(SessionDeleted(client_id))
             self._forget_stored(session)
+            self._backlog_keep(session)  # its backlog's reader lives as long as it does
         return ConnectResult(present, session.epoch, taken_over, expiry)
 
     def disconnect(self, client_id: str, epoch: int, *, now: float,
