@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
-from typing import Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, TypeVar
 
 from ...core.changes import ReaderChange, ReaderState
 from . import backlogs
@@ -32,6 +32,8 @@ from .retention import RetentionReport, TrustedClock, retention_due, retention_s
 from .streams import StreamConfig
 
 __all__ = ["RETENTION_INTERVAL_S", "LogKeeper"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("edge_broker.store")
 
@@ -79,15 +81,8 @@ class LogKeeper:
     def retention(self, conn: sqlite3.Connection) -> RetentionReport:
         """One bounded retention step, in a transaction of its own."""
         self.retention_at = time.monotonic()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            report = retention_step(self.log, conn, self.clock.now(), budget=RETENTION_BUDGET)
-            conn.commit()
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            self.log.load(conn)
-            raise
+        report = self._own_transaction(conn, lambda: retention_step(
+            self.log, conn, self.clock.now(), budget=RETENTION_BUDGET))
         self.retention_more = not report.done
         self.rows_deleted += report.rows_deleted
         return report
@@ -95,16 +90,8 @@ class LogKeeper:
     def give_way(self, conn: sqlite3.Connection, excess: int) -> GiveWay:
         """One bounded step of giving way to the store budget (budget.py), in a transaction
         of its own."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            report = give_way_step(self.log, conn, self.clock.now(), excess,
-                                   budget=GIVE_WAY_BUDGET)
-            conn.commit()
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            self.log.load(conn)
-            raise
+        report = self._own_transaction(conn, lambda: give_way_step(
+            self.log, conn, self.clock.now(), excess, budget=GIVE_WAY_BUDGET))
         self.rows_deleted += report.rows_deleted
         self.budget_stream_rows += report.stream_rows
         if report.stream_rows:
@@ -115,16 +102,8 @@ class LogKeeper:
     def give_way_backlogs(self, conn: sqlite3.Connection, readers: Sequence[str],
                           excess: int) -> list[tuple[str, int, int, int]]:
         """Tier 2 of the store budget (budget.py), in a transaction of its own."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            out = backlogs_give_way(self.log, conn, readers, excess, self.clock.now(),
-                                    budget=GIVE_WAY_BUDGET)
-            conn.commit()
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            self.log.load(conn)
-            raise
+        out = self._own_transaction(conn, lambda: backlogs_give_way(
+            self.log, conn, readers, excess, self.clock.now(), budget=GIVE_WAY_BUDGET))
         for name, _, count, size in out:
             self.budget_backlog_rows += count
             log.warning("store budget: %s gave way: its %d oldest message(s) (%d bytes) "
@@ -182,18 +161,13 @@ class LogKeeper:
         state = self.log.streams.get(name)
         if state is None:
             return False
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        def empty() -> None:
             state.first_offset = self.log.last_offset + 1
             state.first_at = None
             state.count = state.bytes = 0
             self.log.save_stream(conn, state)
-            conn.commit()
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            self.log.load(conn)
-            raise
+
+        self._own_transaction(conn, empty)
         self.retention_more = True
         return True
 
@@ -203,3 +177,17 @@ class LogKeeper:
         caller bounds it), from `position`."""
         start = stream_start(self.log, conn, name, position)
         return list(replay(self.log, conn, name, start, topic_filter, limit))
+
+    def _own_transaction(self, conn: sqlite3.Connection, work: Callable[[], _T]) -> _T:
+        """`work()` in a write transaction of its own; if it fails, the transaction is rolled
+        back and the in-memory state of the log is reloaded from the file."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+            conn.commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            self.log.load(conn)
+            raise
+        return result
