@@ -113,10 +113,32 @@ def _s14_metrics() -> list[Metric]:
     ]
 
 
+def _flood_metrics(prefix: str, label: str) -> list[Metric]:
+    """The unpaced ("flood") runs of S1-S3 (issue 12), for S1-S3 and for S7's pinned copies.
+
+    S1/S2: the first, full-speed run of the max-no-loss search, its delivered rate and the share
+    of what was published that never arrived. S3: one more run with a window of 65,535 (the
+    publisher never waits on PUBACKs in practice); its figure is given only when every message
+    was acknowledged and delivered."""
+    return [
+        Metric(f"{prefix}S1.flood_msgs_per_s", f"{label}S1 at flood: delivered rate", "msgs/s",
+               "higher"),
+        Metric(f"{prefix}S1.flood_lost_pct", f"{label}S1 at flood: published, not delivered",
+               "%", "lower", compare=False),
+        Metric(f"{prefix}S2.flood_deliveries_per_s", f"{label}S2 at flood: delivered rate",
+               "deliveries/s", "higher"),
+        Metric(f"{prefix}S2.flood_lost_pct", f"{label}S2 at flood: published, not delivered",
+               "%", "lower", compare=False),
+        Metric(f"{prefix}S3.flood_msgs_per_s",
+               f"{label}S3 at flood (window 65,535), none lost", "msgs/s", "higher"),
+    ]
+
+
 METRICS = [
     Metric("S1.msgs_per_s", "S1 QoS 0, 1->1, max no-loss rate", "msgs/s", "higher"),
     Metric("S2.deliveries_per_s", "S2 QoS 0, 1->50 fan-out", "deliveries/s", "higher"),
     Metric("S3.msgs_per_s", "S3 QoS 1, 1->1, window 100", "msgs/s", "higher"),
+    *_flood_metrics("", ""),
     *_s4_metrics(),
     Metric("S5.rss_kb_per_conn", "S5 idle connections: RSS per connection", "KB", "lower"),
     Metric("S5.idle_cpu_pct", "S5 idle connections: broker CPU", "%", "lower"),
@@ -127,6 +149,7 @@ METRICS = [
     Metric("S7.S1.msgs_per_s", "S7 pinned to 1 core: S1", "msgs/s", "higher"),
     Metric("S7.S2.deliveries_per_s", "S7 pinned to 1 core: S2", "deliveries/s", "higher"),
     Metric("S7.S3.msgs_per_s", "S7 pinned to 1 core: S3", "msgs/s", "higher"),
+    *_flood_metrics("S7.", "S7 pinned to 1 core: "),
     Metric("S8.startup_s", "S8 start-up with a queued backlog: process start to CONNACK", "s",
            "lower", compare=False),
     Metric("S8.empty_startup_s", "S8 start-up, empty store: process start to CONNACK", "s",
@@ -167,7 +190,7 @@ class Options:
     s6_rate: float = 10_000.0
     s4_max_messages: int = 100_000     # per run; each of the 10 sessions queues them all
     s4_durabilities: tuple[str, ...] = ("fsync", "os")   # edge-broker's S4 runs, one each
-    startup_messages: int = 100_000    # S8 backlog
+    startup_messages: int = 1_000_000  # S8 backlog (issue 8)
     startup_sessions: int = 1_000
     startup_runs: int = 5              # S8 starts on the backlog (and on an empty store)
     startup_cold_runs: int = 2         # S8 starts with the store evicted from the page cache
@@ -280,6 +303,12 @@ def _max_lossless(rb: brokers.RunningBroker, case: Case, topic: str, n_subs: int
         r = _flow(rb, case, loadgen.PubSpec(topic=topic, duration_s=o.duration_s), sub,
                   sub_procs)
         runs.append(("full speed", None, r))
+        # The flood figures: this unpaced run as it is, losses included (issue 12).
+        flood_id, _ = metric.rsplit(".", 1)
+        flood_name = "flood_msgs_per_s" if n_subs == 1 else "flood_deliveries_per_s"
+        res.figures[f"{flood_id}.{flood_name}"] = r["delivered_rate"]
+        res.figures[f"{flood_id}.flood_lost_pct"] = (
+            100.0 * r["lost"] / r["expected"] if r["expected"] else None)
         rate = r["delivered_rate"] / n_subs * 0.9
         figure = r["delivered_rate"] if r["lost"] == 0 else None
         steps = 0
@@ -321,14 +350,25 @@ def s3(case: Case) -> Result:
     res = Result()
     with case.launch() as rb:
         _qos1_window(rb, case, "bench/s3", _mid(case, "S3.msgs_per_s"), res)
+        if not case.opts.quick:
+            flood = Result()
+            _qos1_window(rb, case, "bench/s3", _mid(case, "S3.flood_msgs_per_s"), flood,
+                         window=FLOOD_WINDOW)
+            res.figures.update(flood.figures)
+            res.checks.extend(flood.checks)
+            res.details["flood_run"] = flood.details["run"]
     return res
 
 
+# S3 at flood: more PUBLISHes in flight than any broker here holds back (packet ids cycle).
+FLOOD_WINDOW = 65_535
+
+
 def _qos1_window(rb: brokers.RunningBroker, case: Case, topic: str, metric: str,
-                 res: Result) -> None:
+                 res: Result, window: int = 100) -> None:
     """S3's measurement (also S12, S13): QoS 1, 1 -> 1, window 100, for the duration."""
     o = case.opts
-    pub = loadgen.PubSpec(topic=topic, qos=1, duration_s=o.duration_s, window=100)
+    pub = loadgen.PubSpec(topic=topic, qos=1, duration_s=o.duration_s, window=window)
     sub = loadgen.SubSpec(topic=topic, qos=1, client_ids=[f"{topic.replace('/', '-')}-sub"],
                           drain_s=max(10.0, 2 * o.duration_s))
     r = _flow(rb, case, pub, sub)
