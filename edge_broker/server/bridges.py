@@ -41,6 +41,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..bridge.base import Backoff, DownlinkMessage, DownlinkSource, Sink
@@ -340,13 +341,18 @@ class Bridge:
             return f"{message.source}#{message.position}", 0
         return "", 0
 
-    def _mqtt_released(self, upstream: Any, packet_id: int) -> None:
+    def _mqtt_released(self, upstream: Any, packet_id: int) -> asyncio.Future[None] | None:
+        """PUBREL: forget the held identifier; the future is done once that is durable (the
+        upstream sends PUBCOMP only then, see bridge/mqtt_upstream.py)."""
         key = f"{upstream.source}#{packet_id}"
         manager = self.manager
         if manager.positions.pop((self.config.name, key), None) is None:
-            return
+            return None
         forget_downlink_position(manager.app.core, self.config.name, key)
-        manager.app.finish_batch(None, [])
+        forgotten: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if manager.app.commit_now_or_later(partial(_set_done, forgotten)):
+            return None
+        return forgotten
 
     # -- figures --------------------------------------------------------------------------
 
@@ -548,3 +554,8 @@ class BridgeManager:
                 family.add(float(value), bridge=status.name, kind=status.kind)
             families.append(family)
         return families
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
