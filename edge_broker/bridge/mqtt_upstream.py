@@ -25,8 +25,9 @@ QoS 2 message is not duplicated by a reconnect. A `send` repeating a message alr
 flight waits for that exchange instead of publishing it again.
 
 Downlink: the remote filters of the "in" and "both" lines are subscribed at the lines' QoS
-(2 in the examples). Each PUBLISH received is mapped to its local topic and yielded by
-`messages()`; `ack(message)` after the local commit sends PUBACK (QoS 1) or PUBREC (QoS 2).
+(2 unless the line says otherwise: the only one that is exactly once). Each PUBLISH
+received is mapped to its local topic and yielded by `messages()`; `ack(message)` after the
+local commit sends PUBACK (QoS 1) or PUBREC (QoS 2).
 For QoS 2 the local side must keep the packet identifier (`position`, source
 "mqtt:<client id>") with the message until PUBREL releases it: a PUBLISH with an identifier
 it still holds is a resend and is acknowledged without publishing it again. `on_release`
