@@ -326,9 +326,24 @@ class Bridge:
         publish_downlink(app.core, topic, message.payload, message.qos, message.retain,
                          properties, origin=identity, now=time.time(), bridge=name,
                          source=key_source, position=position)
-        await app.commit()  # the message and its position, one transaction
         if key_source:
+            # Known before the wait: when this task is cancelled during it (an MQTT bridge's
+            # connection replaced), the commit still goes on, and the resend must be
+            # recognised (tests/bridge/test_downlink_cancel.py).
             manager.positions[(name, key_source)] = position
+        try:
+            # The message and its position, one transaction. Shielded: cancelling this task
+            # must not cancel a commit future other clients' replies wait on.
+            await asyncio.shield(app.commit())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if key_source:  # not stored: a resend is to be published
+                if stored is None:
+                    manager.positions.pop((name, key_source), None)
+                else:
+                    manager.positions[(name, key_source)] = stored
+            raise
         status.downlink_published += 1
         await source.ack(message)
 
