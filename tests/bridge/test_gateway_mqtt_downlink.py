@@ -1,7 +1,8 @@
 """Issue 9, "Downlink" over an MQTT upstream, through the real broker (a subprocess with an
 `mqtt` bridge) and a real mosquitto as the upstream, reached through a TCP proxy.
 
-The downlink line is written without a QoS (`cmd/# in`): a downlink line's default QoS is 2,
+MQTT 5 and 3.1.1 (clean session 0; mosquitto's bridge marker). The downlink line is
+written without a QoS (`cmd/# in`): a downlink line's default QoS is 2,
 so the upstream queues the commands for the gateway's session while it is away and each
 one is published into the local broker exactly once. A stream on `cmd/#` in the gateway
 records every local publish on those topics, so "exactly once into the local broker" is
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -42,9 +44,9 @@ pytestmark = needs_console_script
 STREAM = '\n[[streams]]\nname = "commands"\nfilter = "cmd/#"\n'
 
 
-def mqtt_bridge(address: str) -> str:
+def mqtt_bridge(address: str, version: str = "5") -> str:
     return ('[[bridges]]\nname = "cloud"\nkind = "mqtt"\n'
-            f'servers = ["mqtt://{address}"]\n'
+            f'servers = ["mqtt://{address}"]\nmqtt_version = "{version}"\n'
             "topics = ['sensors/# out 1', 'cmd/# in']\n"  # no QoS: a downlink line's is 2
             'backoff_initial = "1s"\nbackoff_max = "1s"\n')
 
@@ -94,10 +96,10 @@ def local_commands(config: Path) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def setup(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[tuple[Gateway, ThreadedProxy,
-                                                                    Remote, Valve]]:
+def setup(tmp_path: Path, mosquitto: Mosquitto, version: str = "5"
+          ) -> Iterator[tuple[Gateway, ThreadedProxy, Remote, Valve]]:
     proxy = ThreadedProxy(HOST, mosquitto.port)
-    gateway = Gateway(tmp_path, mqtt_bridge(proxy.address) + STREAM).start()
+    gateway = Gateway(tmp_path, mqtt_bridge(proxy.address, version) + STREAM).start()
     cloud = Remote(mosquitto.port, "cloud")
     valve = Valve()
     try:
@@ -112,9 +114,10 @@ def setup(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[tuple[Gateway, Threa
         proxy.close()
 
 
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
 def test_commands_sent_while_the_gateway_is_away_arrive_once_across_a_sigkill(
-        tmp_path: Path, mosquitto: Mosquitto) -> None:
-    with setup(tmp_path, mosquitto) as (gateway, proxy, cloud, valve):
+        tmp_path: Path, mosquitto: Mosquitto, version: str) -> None:
+    with setup(tmp_path, mosquitto, version) as (gateway, proxy, cloud, valve):
         # 1. Gateway stopped; 20 commands published upstream at QoS 2 meanwhile.
         valve.disconnect()
         gateway.stop()
