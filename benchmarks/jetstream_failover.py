@@ -22,12 +22,14 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js import api
 
 import edge_broker.bridge.jetstream as jetstream
 from edge_broker.bridge.base import Backoff
+from edge_broker.bridge.config import BridgeConfig
 from edge_broker.bridge.forward import Forwarder
 from tests.bridge.memlog import MemoryLog
 from tests.bridge.servers import NatsServer, nats_cluster, running
@@ -65,8 +67,12 @@ async def failover(root: Path, via: str) -> None:
             bridge_config(first.url),
             servers=(first.url, *(n.url for n in nodes if n is not first)))
         plain = jetstream.connect_options
-        # Connect to `first` (nats-py shuffles the servers otherwise).
-        jetstream.connect_options = lambda c: {**plain(c), "dont_randomize": True}
+
+        def in_order(config: BridgeConfig) -> dict[str, Any]:
+            # Connect to `first` (nats-py shuffles the servers otherwise).
+            return {**plain(config), "dont_randomize": True}
+
+        jetstream.connect_options = in_order
         log = MemoryLog()
         forwarder = Forwarder(
             lambda: jetstream.JetStreamSink(config, gateway_id="gw7", store_id="5eed"),
