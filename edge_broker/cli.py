@@ -384,7 +384,53 @@ def summary(config: Config) -> str:
     sys_interval = config.broker.sys_interval_s
     lines.append(f"$SYS: {f'every {sys_interval} s' if sys_interval else 'disabled'}; "
                  f"log level: {config.log.level}")
+    lines += _bridge_lines(config)
     return "\n".join(lines)
+
+
+def _bridge_lines(config: Config) -> list[str]:
+    """check-config's bridges: name, kind, servers, then what goes up and what comes down."""
+    if not config.bridges:
+        return ["bridges: none"]
+    lines = [f"bridges (gateway_id {config.broker.gateway_id}):"]
+    for bridge in config.bridges:
+        if not bridge.enabled:
+            lines.append(f"  {bridge.name}: {bridge.kind}, disabled (enabled = false)")
+            continue
+        tls = ", TLS" if bridge.tls.enabled else ""
+        backlog = _limit(bridge.max_backlog_bytes, " bytes")
+        kind = f"mqtt {bridge.mqtt.mqtt_version}" if bridge.mqtt is not None else bridge.kind
+        lines.append(f"  {bridge.name}: {kind}, servers {', '.join(bridge.servers)}"
+                     f"{tls}, max_backlog_bytes {backlog}")
+        up: list[str] = []
+        down: list[str] = []
+        if bridge.jetstream is not None:
+            js = bridge.jetstream
+            if bridge.uplink:
+                up.append(f"{', '.join(bridge.uplink)} -> {js.subject_prefix}.<topic> in stream "
+                          f"{js.stream} (replicas {js.stream_replicas} when created)")
+            if bridge.downlink:
+                down.append(f"{', '.join(bridge.downlink)} (stream {js.downlink_stream}, "
+                            f"durable {js.downlink_durable}) -> <topic>")
+        elif bridge.kafka is not None:
+            kafka = bridge.kafka
+            routes = ", ".join(f"{r.filter} -> {r.topic}" for r in kafka.topic_map)
+            if bridge.uplink:
+                up.append(f"{', '.join(bridge.uplink)} -> topic_map [{routes}], key "
+                          f"{kafka.key}")
+            if bridge.downlink:
+                down.append(f"{', '.join(bridge.downlink)} (group {kafka.downlink_group}) -> "
+                            f"mqtt-topic header or {kafka.downlink_local_prefix}<kafka topic>")
+        elif bridge.mqtt is not None:
+            for line in bridge.mqtt.topics:
+                local, remote = line.local_filter, line.remote_filter
+                if line.uplink:
+                    up.append(f"{local} -> {remote} (QoS {line.qos})")
+                if line.downlink:
+                    down.append(f"{remote} -> {local} (QoS {line.qos})")
+        lines.append(f"    uplink: {'; '.join(up) or 'none'}")
+        lines.append(f"    downlink: {'; '.join(down) or 'none'}")
+    return lines
 
 
 # --------------------------------------------------------------------------- sessions, store

@@ -96,7 +96,7 @@ class Forwarder:
             status.connected = True
         batch = await self.reader.read_after(status.cursor, self.window)
         if not batch:
-            await self.reader.wait_after(status.cursor)
+            await self._idle(self._sink)
             return
         try:
             acknowledged = await self._sink.send(batch)
@@ -110,6 +110,24 @@ class Forwarder:
         await self.reader.commit_cursor(status.cursor)
         status.forwarded += acknowledged
         self.backoff.reset()
+
+    async def _idle(self, sink: Sink) -> None:
+        """Wait for the log. A sink whose connection also carries the downlink (the MQTT
+        upstream) tells when that connection is lost (`wait_lost`): that ends the wait and
+        the sink is replaced, else an idle uplink would leave the downlink dead."""
+        wait_lost = getattr(sink, "wait_lost", None)
+        if wait_lost is None:
+            await self.reader.wait_after(self.status.cursor)
+            return
+        appended = asyncio.ensure_future(self.reader.wait_after(self.status.cursor))
+        lost = asyncio.ensure_future(wait_lost())
+        try:
+            await asyncio.wait((appended, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            appended.cancel()
+            lost.cancel()
+        if lost.done() and not lost.cancelled() and lost.exception() is None:
+            await self._failed(sink, ConnectionError(f"connection lost: {lost.result()}"))
 
     async def _failed(self, sink: Sink, exc: BaseException) -> None:
         status = self.status

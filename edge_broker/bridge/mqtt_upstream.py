@@ -25,22 +25,30 @@ QoS 2 message is not duplicated by a reconnect. A `send` repeating a message alr
 flight waits for that exchange instead of publishing it again.
 
 Downlink: the remote filters of the "in" and "both" lines are subscribed at the lines' QoS
-(2 in the examples). Each PUBLISH received is mapped to its local topic and yielded by
-`messages()`; `ack(message)` after the local commit sends PUBACK (QoS 1) or PUBREC (QoS 2).
+(2 unless the line says otherwise: the only one that is exactly once). Each PUBLISH
+received is mapped to its local topic and yielded by `messages()`; `ack(message)` after the
+local commit sends PUBACK (QoS 1) or PUBREC (QoS 2).
 For QoS 2 the local side must keep the packet identifier (`position`, source
 "mqtt:<client id>") with the message until PUBREL releases it: a PUBLISH with an identifier
 it still holds is a resend and is acknowledged without publishing it again. `on_release`
-is called with the identifier when the PUBREL arrives (PUBCOMP is then sent).
+is called with the identifier when the PUBREL arrives; when it returns a future (the local
+store forgetting the identifier), PUBCOMP is sent only once that future is done, else at
+once. So the remote never reuses an identifier the gateway still holds (a crash in between
+leaves the PUBREL unanswered and the remote repeats it): a command is neither lost nor
+doubled by a gateway crash at any point of the exchange.
 
 Keep alive: a PINGREQ every keep-alive / 2 while idle; a connection silent for 1.5 x the
-keep alive is closed [MQTT-3.1.2-24] (3.1.1). A lost connection fails the waiting sends;
-`start()` again reconnects (the caller's loop, with backoff).
+keep alive is closed [MQTT-3.1.2-24] (3.1.1). A lost connection fails the waiting sends and
+ends `wait_lost()` (the forwarder waits on it while idle, so a link lost while nothing goes
+up is replaced too, and the downlink goes on); the caller's loop, with backoff, makes a new
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -109,7 +117,8 @@ class MqttUpstream:
 
     def __init__(self, config: BridgeConfig, *, ack_timeout: float = 10.0,
                  connect_timeout: float = 5.0,
-                 on_release: Callable[[int], None] | None = None) -> None:
+                 on_release: Callable[[int], asyncio.Future[None] | None] | None = None
+                 ) -> None:
         if config.mqtt is None:
             raise BridgeError(f"bridge {config.name!r} is not an mqtt bridge")
         self.config = config
@@ -397,14 +406,28 @@ class MqttUpstream:
         elif isinstance(packet, Publish):
             self._received_publish(packet)
         elif isinstance(packet, PubRel):
-            self._write(link, PubComp(packet.packet_id))
-            if self.on_release is not None:
-                self.on_release(packet.packet_id)
+            released = self.on_release(packet.packet_id) if self.on_release else None
+            if released is None:
+                self._write(link, PubComp(packet.packet_id))
+            else:
+                # PUBCOMP only once the identifier is durably forgotten: after PUBCOMP the
+                # remote may reuse it for a new message, which a stale stored identifier would
+                # take for a resend and drop. A crash before that leaves the PUBREL
+                # unanswered, and the remote sends it again [MQTT-4.4.0-1] (5.0).
+                released.add_done_callback(
+                    functools.partial(self._released, link, packet.packet_id))
         elif isinstance(packet, SubAck):
             if self._suback is not None and not self._suback.done():
                 self._suback.set_result(packet)
         elif isinstance(packet, Disconnect):
             raise ConnectionError(f"DISCONNECT 0x{packet.reason_code:02X} from the upstream")
+
+    def _released(self, link: _Link, packet_id: int, released: asyncio.Future[None]) -> None:
+        if released.cancelled() or released.exception() is not None:
+            # Not forgotten: drop the link, so that the remote sends the PUBREL again.
+            self._drop(link, f"packet identifier {packet_id} not released locally")
+        elif self._link is link:
+            self._write(link, PubComp(packet_id))
 
     def _received_publish(self, packet: Publish) -> None:
         local = map_topic_in(self.options.topics, packet.topic)
@@ -418,6 +441,13 @@ class MqttUpstream:
             self._ack_remote(message)  # not ours to publish; do not get it again
             return
         self._downlink.put_nowait(message)
+
+    async def wait_lost(self) -> str:
+        """Return (the reason) once the connection is lost: the forwarder, idle while the
+        log has nothing to send, then replaces this connection, which also carries the
+        downlink."""
+        await self._lost.wait()
+        return self.last_error or "closed"
 
     async def messages(self) -> AsyncIterator[DownlinkMessage]:
         while True:

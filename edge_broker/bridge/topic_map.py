@@ -248,7 +248,10 @@ def parse_topic_line(line: str) -> TopicLine:
     direction = fields[1] if len(fields) > 1 else "out"
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be out, in or both, got {direction!r}")
-    qos_text = fields[2] if len(fields) > 2 else "0"
+    # Default QoS: 2 for a line that takes downlink ("in", "both"), so that commands are
+    # queued by the remote while the gateway is away and come in exactly once (mosquitto's
+    # default, 0, would lose them); 0 for "out", as mosquitto.
+    qos_text = fields[2] if len(fields) > 2 else ("0" if direction == "out" else "2")
     if qos_text not in ("0", "1", "2"):
         raise ValueError(f"qos must be 0, 1 or 2, got {qos_text!r}")
     local_prefix = fields[3] if len(fields) > 3 else ""

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..bridge.base import Backoff, DownlinkMessage, DownlinkSource, Sink
@@ -325,9 +326,24 @@ class Bridge:
         publish_downlink(app.core, topic, message.payload, message.qos, message.retain,
                          properties, origin=identity, now=time.time(), bridge=name,
                          source=key_source, position=position)
-        await app.commit()  # the message and its position, one transaction
         if key_source:
+            # Known before the wait: when this task is cancelled during it (an MQTT bridge's
+            # connection replaced), the commit still goes on, and the resend must be
+            # recognised (tests/bridge/test_downlink_cancel.py).
             manager.positions[(name, key_source)] = position
+        try:
+            # The message and its position, one transaction. Shielded: cancelling this task
+            # must not cancel a commit future other clients' replies wait on.
+            await asyncio.shield(app.commit())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if key_source:  # not stored: a resend is to be published
+                if stored is None:
+                    manager.positions.pop((name, key_source), None)
+                else:
+                    manager.positions[(name, key_source)] = stored
+            raise
         status.downlink_published += 1
         await source.ack(message)
 
@@ -340,13 +356,18 @@ class Bridge:
             return f"{message.source}#{message.position}", 0
         return "", 0
 
-    def _mqtt_released(self, upstream: Any, packet_id: int) -> None:
+    def _mqtt_released(self, upstream: Any, packet_id: int) -> asyncio.Future[None] | None:
+        """PUBREL: forget the held identifier; the future is done once that is durable (the
+        upstream sends PUBCOMP only then, see bridge/mqtt_upstream.py)."""
         key = f"{upstream.source}#{packet_id}"
         manager = self.manager
         if manager.positions.pop((self.config.name, key), None) is None:
-            return
+            return None
         forget_downlink_position(manager.app.core, self.config.name, key)
-        manager.app.finish_batch(None, [])
+        forgotten: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if manager.app.commit_now_or_later(partial(_set_done, forgotten)):
+            return None
+        return forgotten
 
     # -- figures --------------------------------------------------------------------------
 
@@ -548,3 +569,8 @@ class BridgeManager:
                 family.add(float(value), bridge=status.name, kind=status.kind)
             families.append(family)
         return families
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -6,6 +6,7 @@
   status.
 - `Device`: a paho-mqtt v5 client that publishes QoS 1 and records what was acknowledged.
 - `ThreadedProxy`: tests/bridge/proxy.TcpProxy in a thread of its own (the tests block).
+  `drop_to_target()` returns once the proxy's loop switched (the test acts right after).
 - `upstream_jetstream` / `upstream_kafka`: every message the bridge stored upstream, read
   with the same code `edge-broker replay --bridge` uses.
 
@@ -177,6 +178,13 @@ class ThreadedProxy:
 
     def cut(self) -> None:
         self.loop.call_soon_threadsafe(self.proxy.cut)
+
+    def drop_to_target(self) -> None:
+        self._call(self._now(self.proxy.drop_to_target))
+
+    @staticmethod
+    async def _now(action: Any) -> None:
+        action()
 
     def close(self) -> None:
         self._call(self.proxy.close())

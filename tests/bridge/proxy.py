@@ -9,6 +9,9 @@ Modes, switched at any time:
   peer closes it, so after `forward()` the client must reconnect (as it would in reality
   once its keep-alive or ack timeout fired).
 - `cut()`: close every open connection now (the peers see the close); the mode is kept.
+- `drop_to_target()`: on the open connections, what the client sends is dropped silently
+  while what the target sends still reaches the client (a client's acknowledgements lost on
+  the way). A close by either side still closes both.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class _Pair:
         self.client = client
         self.upstream = upstream
         self.blackholed = upstream is None
+        self.drop_to_target = False
         self.tasks: list[asyncio.Task[None]] = []
 
     def close(self) -> None:
@@ -61,6 +65,10 @@ class TcpProxy:
         for pair in self._pairs:
             pair.blackholed = True
 
+    def drop_to_target(self) -> None:
+        for pair in self._pairs:
+            pair.drop_to_target = True
+
     def cut(self) -> None:
         for pair in list(self._pairs):
             pair.close()
@@ -92,7 +100,8 @@ class TcpProxy:
                     writer: asyncio.StreamWriter | None, pair: _Pair) -> None:
         try:
             while data := await reader.read(65536):
-                if pair.blackholed or writer is None:
+                if pair.blackholed or writer is None or (pair.drop_to_target
+                                                         and writer is pair.upstream):
                     continue  # dropped silently
                 writer.write(data)
                 await writer.drain()
