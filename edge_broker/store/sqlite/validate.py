@@ -92,7 +92,8 @@ MAX_VARINT: Final = 268_435_455
 # The columns each table is read with, in order (opening.py selects exactly these).
 COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "sessions": ("client_id", "protocol_level", "expiry_interval", "disconnected_at",
-                 "will_topic", "will_payload", "will_qos", "will_retain", "will_properties"),
+                 "will_topic", "will_payload", "will_qos", "will_retain", "will_properties",
+                 "username"),
     "subscriptions": ("client_id", "topic_filter", "qos", "no_local", "retain_as_published",
                       "retain_handling", "subscription_id"),
     "messages": ("id", "topic", "payload", "qos", "retain", "properties", "received_at",
@@ -272,6 +273,8 @@ def session_record(row: Sequence[Any]) -> tuple[SessionRecord, str | None]:
     level = _int(row[1], "protocol_level", 3, 5)
     expiry = _int(row[2], "expiry_interval", 0, MAX_U32)
     disconnected_at = _time(row[3], "disconnected_at", optional=True)
+    # Version 5 on; NULL: anonymous (the rights its will is published with).
+    username = None if row[9] is None else _text(row[9], "username")
     will = None
     will_problem = None
     if row[4] is not None:
@@ -281,7 +284,8 @@ def session_record(row: Sequence[Any]) -> tuple[SessionRecord, str | None]:
                         properties(row[8], "will_properties", WILL_PROPERTIES, WILL))
         except BadRow as error:
             will_problem = str(error)
-    return SessionRecord(client_id, level, expiry, will, disconnected_at), will_problem
+    return SessionRecord(client_id, level, expiry, will, disconnected_at,
+                         username), will_problem
 
 
 def subscription_record(row: Sequence[Any]) -> SubscriptionRecord:
