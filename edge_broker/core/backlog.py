@@ -33,17 +33,17 @@ sent again under their packet ids (DUP) and the reader resumes after its offset,
 offsets in flight: no QoS 1/2 message lost, no QoS 2 message sent twice as a new message.
 
 *The seam.* New messages for a session in backlog mode go to the log even while it is
-connected. When its cursor has caught up with the last offset appended for it (`Backlog.last`),
-nothing read is left to send and none of the log deliveries it sent is still in flight
-(acknowledged: PUBACK, or PUBCOMP for QoS 2), the session goes live in one synchronous step
-(`ReaderClosed`) and the next message is queued in memory. No gap and no duplicate: every
-message before the switch is in the log below `last`, every one after it in the queue.
-Waiting for the acknowledgements keeps the switch free of writes: a log delivery in flight
-when the reader goes away would need its body copied into `messages` and a delivery row (up
-to the inflight window times the message size in one transaction), and on a full disk, where
-the drain must go on with the room of the ballast file (store/sqlite/space.py), such a
-transaction does not fit, and the store could commit nothing more (no acknowledgement, no
-DISCONNECT) until space came back (tests/system/test_full_storage.py).
+connected. When its cursor has caught up with the last offset appended for it (`Backlog.last`)
+and nothing read is left to send, the session goes live in one synchronous step: its in-flight
+log deliveries become delivery rows (`ReaderClosed` in the same batch) and the next message is
+queued in memory. No gap and no duplicate: every message before the switch is in the log below
+`last`, every one after it in the queue.
+That step copies their bodies into `messages`: while they exceed `SEAM_COPY_MAX_BYTES` it
+waits in backlog mode for acknowledgements, so it writes a bounded amount whatever the window
+and message size. A full disk drains with the room of the ballast file (store/sqlite/
+space.py): a whole window of large bodies did not fit there with the checkpoint after it, and
+the store committed nothing more (no ack, no DISCONNECT) until space came back
+(tests/system/test_full_storage.py).
 
 *Bounds.* `max_queued_messages` / `max_queued_bytes` count the in-memory queue plus the backlog
 (`Session.backlog_count` / `backlog_bytes`, payload bytes, exact while running; at start-up the
@@ -85,6 +85,9 @@ from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
 DONE = 3  # the state of a stored marker: a QoS 2 row finished above the durable cursor
 EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past this size
+# Going live copies the in-flight log deliveries' bodies (topic + payload bytes) only up to
+# this; above it the session waits in backlog mode for acknowledgements (the seam, above).
+SEAM_COPY_MAX_BYTES = 64 * 1024
 
 
 def is_log_filter(topic_filter: str) -> bool:
@@ -212,9 +215,9 @@ class BacklogRouting(StreamRouting):
             self._backlog_online.add(session.client_id)
 
     def _backlog_close(self, session: Session) -> None:
-        """Caught up: the session goes live. `_backlog_take` calls it once none of its log
-        deliveries is in flight; one that were would become a delivery row (its body copied)
-        in the batch that forgets the reader."""
+        """Caught up: the session goes live. Its in-flight log deliveries (at most
+        `SEAM_COPY_MAX_BYTES` of them, `_backlog_take`) become delivery rows in the batch
+        that forgets the reader."""
         backlog = session.backlog
         assert backlog is not None
         session.backlog = None
@@ -528,10 +531,7 @@ class BacklogRouting(StreamRouting):
         if backlog.sent < backlog.after:
             self._backlog_moved(backlog, backlog.after)
         if (not backlog.fetching and backlog.after >= backlog.last
-                and not backlog.outstanding
-                and not any(d.from_log for d in session.inflight.values())):
-            # Caught up, and nothing read from the log is in flight: going live writes
-            # nothing but ReaderClosed (the seam, module docstring). Bounded by the window.
+                and _seam_copy_fits(session)):
             self._backlog_close(session)
         return None
 
@@ -588,6 +588,18 @@ class BacklogRouting(StreamRouting):
                     backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
                     False))
         self._backlog_sync(backlog)
+
+
+def _seam_copy_fits(session: Session) -> bool:
+    """Going live copies at most SEAM_COPY_MAX_BYTES of bodies (the seam, module docstring)."""
+    size = 0
+    for delivery in session.inflight.values():
+        if delivery.from_log:
+            message = delivery.message
+            size += len(message.payload) + len(message.topic)
+            if size > SEAM_COPY_MAX_BYTES:
+                return False
+    return True
 
 
 def _second(item: tuple[str, int]) -> int:

@@ -269,7 +269,8 @@ def fill_disk(filler: Path) -> None:
 # in flight. In that second case the session used to go live at once, copying the body of every
 # message in flight into `messages` in one transaction (1.3 MB, more than the ballast file
 # can cover together with the checkpoint that must follow): every later commit then failed on
-# the full disk and its DISCONNECT was never answered. The default window (20) is on one side
+# the full disk and its DISCONNECT was never answered (now it waits for acknowledgements
+# until that copy is small: core/backlog.py, the seam). The default window (20) is on one side
 # or the other depending on a few KiB of schema (the WAL frames of a migration).
 WINDOWS = {"backlog-beyond-the-window": 5, "whole-backlog-in-flight": PUBLISH_LIMIT}
 
