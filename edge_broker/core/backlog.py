@@ -38,6 +38,12 @@ and nothing read is left to send, the session goes live in one synchronous step:
 log deliveries become delivery rows (`ReaderClosed` in the same batch) and the next message is
 queued in memory. No gap and no duplicate: every message before the switch is in the log below
 `last`, every one after it in the queue.
+That step copies their bodies into `messages`: while they exceed `SEAM_COPY_MAX_BYTES` it
+waits in backlog mode for acknowledgements, so it writes a bounded amount whatever the window
+and message size. A full disk drains with the room of the ballast file (store/sqlite/
+space.py): a whole window of large bodies did not fit there with the checkpoint after it, and
+the store committed nothing more (no ack, no DISCONNECT) until space came back
+(tests/system/test_full_storage.py).
 
 *Bounds.* `max_queued_messages` / `max_queued_bytes` count the in-memory queue plus the backlog
 (`Session.backlog_count` / `backlog_bytes`, payload bytes, exact while running; at start-up the
@@ -79,6 +85,9 @@ from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
 DONE = 3  # the state of a stored marker: a QoS 2 row finished above the durable cursor
 EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past this size
+# Going live copies the in-flight log deliveries' bodies (topic + payload bytes) only up to
+# this; above it the session waits in backlog mode for acknowledgements (the seam, above).
+SEAM_COPY_MAX_BYTES = 64 * 1024
 
 
 def is_log_filter(topic_filter: str) -> bool:
@@ -206,8 +215,9 @@ class BacklogRouting(StreamRouting):
             self._backlog_online.add(session.client_id)
 
     def _backlog_close(self, session: Session) -> None:
-        """Caught up: the session goes live. Its in-flight log deliveries become delivery
-        rows in the batch that forgets the reader."""
+        """Caught up: the session goes live. Its in-flight log deliveries (at most
+        `SEAM_COPY_MAX_BYTES` of them, `_backlog_take`) become delivery rows in the batch
+        that forgets the reader."""
         backlog = session.backlog
         assert backlog is not None
         session.backlog = None
@@ -520,7 +530,8 @@ class BacklogRouting(StreamRouting):
                 return delivery
         if backlog.sent < backlog.after:
             self._backlog_moved(backlog, backlog.after)
-        if not backlog.fetching and backlog.after >= backlog.last:
+        if (not backlog.fetching and backlog.after >= backlog.last
+                and _seam_copy_fits(session)):
             self._backlog_close(session)
         return None
 
@@ -577,6 +588,18 @@ class BacklogRouting(StreamRouting):
                     backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
                     False))
         self._backlog_sync(backlog)
+
+
+def _seam_copy_fits(session: Session) -> bool:
+    """Going live copies at most SEAM_COPY_MAX_BYTES of bodies (the seam, module docstring)."""
+    size = 0
+    for delivery in session.inflight.values():
+        if delivery.from_log:
+            message = delivery.message
+            size += len(message.payload) + len(message.topic)
+            if size > SEAM_COPY_MAX_BYTES:
+                return False
+    return True
 
 
 def _second(item: tuple[str, int]) -> int:

@@ -140,9 +140,10 @@ class BrokerCore(BacklogRouting):
         # Connection epochs are unique across sessions: a session replaced by a clean start
         # must not share an epoch with the old connection (whose detach would end it).
         self._last_epoch = 0
-        # Asked (client id, will topic) before a will is published; False drops the will
-        # (the server's ACL: a will must be writable by its client, checked when it goes out).
-        self.will_check: Callable[[str, str], bool] | None = None
+        # Asked (client id, username, will topic) before a will is published; False drops the
+        # will (the server's ACL: a will must be writable by its client, checked when it goes
+        # out). The username is the session's, stored with it, so also known after a restart.
+        self.will_check: Callable[[str, str | None, str], bool] | None = None
         self._init_streams()
         self._init_backlog()
 
@@ -157,6 +158,7 @@ class BrokerCore(BacklogRouting):
                               self.memory)
             session.stored = True
             session.will = srec.will
+            session.username = srec.username
             self.sessions[srec.client_id] = session
             self._schedule_offline(session, srec.disconnected_at or now)
         self._next_offset = max(self._next_offset, snapshot.log_last_offset + 1)
@@ -207,11 +209,13 @@ class BrokerCore(BacklogRouting):
     # -- connections --------------------------------------------------------------------
 
     def connect(self, packet: Connect, *, client_id: str, now: float,
-                receive_maximum: int = 65535) -> ConnectResult:
+                receive_maximum: int = 65535, username: str | None = None) -> ConnectResult:
         """A CONNECT was accepted (authenticated, valid): attach it to its session.
 
         `client_id` is the identifier in use (the server assigns one for an empty id).
         `receive_maximum` is the client's Receive Maximum (65535 when absent or on 3.1.1).
+        `username` is who the server authenticated it as (None: anonymous); it is stored
+        with the session, and its will is authorised as that user (`will_check`).
         """
         expiry = self._granted_expiry(packet)
         session = self.sessions.get(client_id)
@@ -260,6 +264,7 @@ class BrokerCore(BacklogRouting):
         session.expires_at = None
         session.will = packet.will
         session.will_due_at = None
+        session.username = username
         session.inflight_max = max(1, min(self.settings.max_inflight_messages, receive_maximum))
         if session.persistent:
             if session.stored:
@@ -814,7 +819,8 @@ class BrokerCore(BacklogRouting):
         session.will_due_at = None
         if will is None:
             return
-        if self.will_check is not None and not self.will_check(session.client_id, will.topic):
+        check = self.will_check
+        if check is not None and not check(session.client_id, session.username, will.topic):
             return
         message = self._new_message(will.topic, will.payload, will.qos, will.retain,
                                     will.properties, session.client_id, now)
@@ -1014,7 +1020,8 @@ class BrokerCore(BacklogRouting):
 
     def _session_record(self, session: Session) -> SessionRecord:
         return SessionRecord(session.client_id, session.protocol_level,
-                             session.expiry_interval, session.will, session.disconnected_at)
+                             session.expiry_interval, session.will, session.disconnected_at,
+                             session.username)
 
     def _store_session(self, session: Session) -> None:
         """First time a session becomes persistent: write all of it."""

@@ -66,6 +66,10 @@ class SessionRecord:
     will: Will | None = None
     # None while connected; the wall-clock time of the disconnect otherwise.
     disconnected_at: float | None = None
+    # The authenticated username of its last connection (a password login or a certificate
+    # identity), None for an anonymous one: a will published after a restart is
+    # authorised as this user [MQTT-3.1.2-8] (5.0).
+    username: str | None = None
 
 
 @dataclass(slots=True, unsafe_hash=True)

@@ -125,7 +125,7 @@ class Session:
                  "expiry_interval", "incoming_qos2", "inflight", "inflight_max", "memory",
                  "next_packet_id", "online", "protocol_level",
                  "queue", "queued_bytes", "resend", "retained_pending", "stored",
-                 "stream_history", "subscriptions", "will", "will_due_at")
+                 "stream_history", "subscriptions", "username", "will", "will_due_at")
 
     def __init__(self, client_id: str, protocol_level: int, expiry_interval: int,
                  memory: QueueMemory | None = None) -> None:
@@ -135,6 +135,9 @@ class Session:
         self.online = False
         self.epoch = 0  # bumped on every connect; stale connections are told apart by it
         self.will: Will | None = None
+        # Who its last connection authenticated as (None: anonymous); its will is published
+        # with this user's rights, also after a restart (SessionRecord.username).
+        self.username: str | None = None
         self.will_due_at: float | None = None
         self.disconnected_at: float | None = None
         self.expires_at: float | None = None

@@ -331,9 +331,9 @@ class BrokerApp:
         return f"{self.config.mqtt.auto_id_prefix}{uuid.uuid4()}"
 
     def attach(self, handler: ClientHandler, packet: Connect, client_id: str,
-               receive_maximum: int, now: float) -> ConnectResult:
+               receive_maximum: int, now: float, username: str | None = None) -> ConnectResult:
         result = self.core.connect(packet, client_id=client_id, now=now,
-                                   receive_maximum=receive_maximum)
+                                   receive_maximum=receive_maximum, username=username)
         old = self.clients.get(client_id)
         if old is not None and old is not handler:
             log.info("client %s: session taken over by a new connection from %s", client_id,

@@ -202,12 +202,11 @@ def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet
         raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
                                   f"keep alive {keepalive} s above max_keepalive")
     receive_maximum = (packet.properties.receive_maximum or 65535) if v5 else 65535
-    result = app.attach(handler, packet, client_id, receive_maximum, now)
+    result = app.attach(handler, packet, client_id, receive_maximum, now, decision.username)
     handler.client_id = client_id
     handler.epoch = result.epoch
     handler.username = decision.username
     handler.auth_how = decision.how
-    app.gate.connected(client_id, decision.username)
     rules_changed(handler)  # the ACL cache and the quota of this user
     properties = NO_PROPERTIES
     if v5:

@@ -13,7 +13,7 @@ and the counters shown in $SYS and /metrics. `ClientHandler` asks it:
 - `allowed(handler, topic, access)` for PUBLISH (write) and each delivery (read), and
   `can_subscribe` for SUBSCRIBE, cached per connection and per topic and invalidated by a
   reload (`generation`).
-- `will_allowed(client_id, topic)` from the core when a will is about to be published.
+- `will_allowed(client_id, username, topic)` from the core when a will is about to be published.
 - `rates_for(username)` for the publish quotas (`Throttle`, used by the handler).
 
 `reload(auth)` re-reads both files on SIGHUP; a file that does not load keeps the old rules.
@@ -122,7 +122,6 @@ class Gate:
         self._per_listener: Counter[int] = Counter()
         self._limit_logged_at = 0.0
         self._limit_unlogged = 0
-        self.usernames: dict[str, str | None] = {}  # client id -> username (for wills)
         self.metrics = app.metrics  # the counters for $SYS and /metrics live there
 
     # -- files ------------------------------------------------------------------------
@@ -169,7 +168,6 @@ class Gate:
                  f"{len(passwords)} users" if passwords is not None else "no password file",
                  f"{acl.rule_count} ACL rules" if acl is not None else "no ACL")
         self._drop_deleted_users(passwords)
-        self._prune_usernames()
         return True
 
     def _drop_deleted_users(self, passwords: PasswordFile | None) -> None:
@@ -182,11 +180,6 @@ class Gate:
                      "disconnecting it", handler.client_id, handler.peer, handler.username)
             handler.kick(ReasonCode.NOT_AUTHORIZED)  # 0x87 (5.0); 3.1.1: a close
         self.app.finish_batch(None, [])
-
-    def _prune_usernames(self) -> None:
-        sessions = self.app.core.sessions
-        for client_id in [c for c in self.usernames if c not in sessions]:
-            del self.usernames[client_id]
 
     def close(self) -> None:
         if self.verifier is not None:
@@ -320,11 +313,6 @@ class Gate:
             self._failures.popitem(last=False)
         return min(BACKOFF_BASE_S * float(2 ** min(count - 1, 30)), BACKOFF_CAP_S)
 
-    def connected(self, client_id: str, username: str | None) -> None:
-        self.usernames[client_id] = username
-        if len(self.usernames) > 2 * len(self.app.core.sessions) + 1000:
-            self._prune_usernames()
-
     # -- authorisation ------------------------------------------------------------------
 
     def can_subscribe(self, handler: ClientHandler, topic_filter: str) -> bool:
@@ -346,15 +334,14 @@ class Gate:
             self.metrics.acl_denied["subscribe"] += 1
         return allowed
 
-    def will_allowed(self, client_id: str, topic: str) -> bool:
+    def will_allowed(self, client_id: str, username: str | None, topic: str) -> bool:
         """Called by the core before it publishes a will [MQTT-3.1.2-8] (5.0): the will
         topic must be writable by its client (as for a PUBLISH), checked now, as mosquitto
-        does. A client unknown to this process (a session restored after a restart) was
-        has no known username here and is checked as an anonymous client (docs/security.md)."""
+        does. `username` is the one its session's last connection authenticated as (stored
+        with the session, so a session restored after a restart keeps it; None: anonymous)."""
         acl = self.acl
         if acl is None:
             return True
-        username = self.usernames.get(client_id)
         if acl.can_publish(topic, username=username, client_id=client_id):
             return True
         self.metrics.acl_denied["will"] += 1

@@ -58,6 +58,10 @@ CASES: dict[str, tuple[str, str, int, bool]] = {
         "UPDATE sessions SET will_topic = 'will/#', will_payload = X'00', will_qos = 1,"
         " will_retain = 0 WHERE client_id = 'victim'",
         "sessions", N + 1, True),
+    "username_not_text": (
+        # (schema version 5) only its will is published with it: the will goes, not the session
+        "UPDATE sessions SET username = X'00ff' WHERE client_id = 'victim'",
+        "sessions", N + 1, True),
     "subscription_filter": (
         "UPDATE subscriptions SET topic_filter = 'v/#/x' WHERE client_id = 'victim'"
         " AND topic_filter = 'v/#'", "subscriptions", N + 1, True),

@@ -207,8 +207,8 @@ def _load_checked(conn: sqlite3.Connection, path: Path) -> tuple[Snapshot, int]:
                       validate.row_json(entry)))
         if entry.will_only:
             conn.execute("UPDATE sessions SET will_topic = NULL, will_payload = NULL,"
-                         " will_qos = NULL, will_retain = NULL, will_properties = NULL"
-                         f" WHERE {where}", params)
+                         " will_qos = NULL, will_retain = NULL, will_properties = NULL,"
+                         f" username = NULL WHERE {where}", params)
         else:
             conn.execute(f"DELETE FROM {entry.table} WHERE {where}", params)
         per_table[entry.table] = per_table.get(entry.table, 0) + 1

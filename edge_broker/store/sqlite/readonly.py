@@ -28,6 +28,7 @@ from .schema import SCHEMA_VERSION
 from .sql import (
     _SELECT_QUARANTINED,
     _SELECT_SESSIONS,
+    _SELECT_SESSIONS_V4,
     _SELECT_SIZE,
     _SELECT_SUBSCRIPTIONS,
     _file_bytes,
@@ -156,8 +157,9 @@ def _read_session(client_id: str, conn: sqlite3.Connection,
     info = conn.execute(_SESSION_INFO + " WHERE s.client_id = ?", (client_id,)).fetchone()
     if info is None:
         return None
+    select = _SELECT_SESSIONS if version >= 5 else _SELECT_SESSIONS_V4
     record, _ = validate.session_record(conn.execute(
-        _SELECT_SESSIONS + " WHERE client_id = ?", (client_id,)).fetchone())
+        select + " WHERE client_id = ?", (client_id,)).fetchone())
     subscriptions = [validate.subscription_record(r) for r in conn.execute(
         _SELECT_SUBSCRIPTIONS + " WHERE client_id = ? ORDER BY topic_filter", (client_id,))]
     deliveries = [

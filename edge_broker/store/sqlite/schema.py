@@ -4,7 +4,8 @@
 client that must receive it has a row in `deliveries` referring to it; `sessions`,
 `subscriptions`, `retained` (topic -> message id) and `incoming_qos2` (client, packet id) hold
 the rest; `quarantine` (version 2) the rows found invalid at open (opening.py); the log of
-named streams and `stream_cursors` (version 3) the streams (store/log/, docs/log.md).
+named streams and `stream_cursors` (version 3) the streams (store/log/, docs/log.md);
+`sessions.username` (version 5) who a session's last connection authenticated as.
 
 *Pruning.* A body no delivery and no retained entry refers to is deleted in the same
 transaction that dropped its last reference: temporary triggers (`_TEMP_SCHEMA`, per
@@ -120,6 +121,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # store/log/backlogs.py): an in-flight entry keeps its QoS, retain, ids and DUP. Queued
     # delivery rows of an earlier version stay as they are, and are sent first.
     READERS_MIGRATION,
+    # version 4 -> 5: the username a session's last connection authenticated as (NULL:
+    # anonymous, and every session of an earlier version), so that a will published after
+    # a restart is authorised as its user, not as an anonymous client.
+    ("ALTER TABLE sessions ADD COLUMN username TEXT",),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

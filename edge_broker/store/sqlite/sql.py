@@ -66,8 +66,8 @@ _QOS2_DELETE: Final = "DELETE FROM incoming_qos2 WHERE client_id = ? AND packet_
 _RETAINED_DELETE: Final = "DELETE FROM retained WHERE topic = ?"
 _SESSION_PUT: Final = (
     "INSERT OR REPLACE INTO sessions (client_id, protocol_level, expiry_interval,"
-    " disconnected_at, will_topic, will_payload, will_qos, will_retain, will_properties)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " disconnected_at, will_topic, will_payload, will_qos, will_retain, will_properties,"
+    " username) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SUBSCRIPTION_PUT: Final = (
     "INSERT OR REPLACE INTO subscriptions (client_id, topic_filter, qos, no_local,"
@@ -140,7 +140,12 @@ _RETAINED_PUT: Final = (
 
 _SELECT_SESSIONS: Final = (
     "SELECT client_id, protocol_level, expiry_interval, disconnected_at, will_topic,"
-    " will_payload, will_qos, will_retain, will_properties FROM sessions"
+    " will_payload, will_qos, will_retain, will_properties, username FROM sessions"
+)
+# The same from a file of schema version 4 or below (read-only access, readonly.py).
+_SELECT_SESSIONS_V4: Final = (
+    "SELECT client_id, protocol_level, expiry_interval, disconnected_at, will_topic,"
+    " will_payload, will_qos, will_retain, will_properties, NULL FROM sessions"
 )
 _SELECT_SUBSCRIPTIONS: Final = (
     "SELECT client_id, topic_filter, qos, no_local, retain_as_published, retain_handling,"
@@ -202,10 +207,10 @@ def _session_row(r: SessionRecord) -> tuple[Any, ...]:
     will = r.will
     if will is None:
         return (r.client_id, r.protocol_level, r.expiry_interval, r.disconnected_at,
-                None, None, None, None, None)
+                None, None, None, None, None, r.username)
     return (r.client_id, r.protocol_level, r.expiry_interval, r.disconnected_at,
             will.topic, will.payload, will.qos, will.retain,
-            _encode_properties(will.properties))
+            _encode_properties(will.properties), r.username)
 
 
 def _subscription_row(r: SubscriptionRecord) -> tuple[Any, ...]:

@@ -19,8 +19,9 @@ talks to SQLite) and returns the snapshot of the valid rows plus the `Quarantine
 - rows that cannot stand without it follow it (counted as dependents): the subscriptions,
   deliveries and incoming QoS 2 ids of a quarantined session, and the deliveries and retained
   entries of a quarantined (or missing) message body;
-- a session whose will alone is invalid keeps everything else: only its will is quarantined
-  (the row is kept, its will columns are cleared);
+- a session whose will alone is invalid, or its username (version 5: the rights the will is
+  published with), keeps everything else: only its will is quarantined (the row is kept, its
+  will columns and username are cleared; the session is anonymous until it connects again);
 - an inflight delivery whose packet id another inflight delivery of the client already uses
   (in delivery order) is quarantined: restoring both would silently lose one.
 Rows of a session that is missing without being quarantined are left as they always were (the
@@ -92,7 +93,8 @@ MAX_VARINT: Final = 268_435_455
 # The columns each table is read with, in order (opening.py selects exactly these).
 COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "sessions": ("client_id", "protocol_level", "expiry_interval", "disconnected_at",
-                 "will_topic", "will_payload", "will_qos", "will_retain", "will_properties"),
+                 "will_topic", "will_payload", "will_qos", "will_retain", "will_properties",
+                 "username"),
     "subscriptions": ("client_id", "topic_filter", "qos", "no_local", "retain_as_published",
                       "retain_handling", "subscription_id"),
     "messages": ("id", "topic", "payload", "qos", "retain", "properties", "received_at",
@@ -267,21 +269,28 @@ def decode_ids(text: object) -> tuple[int, ...]:
 
 
 def session_record(row: Sequence[Any]) -> tuple[SessionRecord, str | None]:
-    """The session, and why its will was dropped (None: the will, if any, is sound)."""
+    """The session, and why its will was dropped (None: the will, if any, is sound).
+
+    The username (version 5 on; NULL: anonymous) is only the rights its will is published
+    with: a damaged one drops the will with it (the session is kept, anonymous), as a
+    damaged will does, instead of the session with its subscriptions and queue."""
     client_id = _text(row[0], "client_id")
     level = _int(row[1], "protocol_level", 3, 5)
     expiry = _int(row[2], "expiry_interval", 0, MAX_U32)
     disconnected_at = _time(row[3], "disconnected_at", optional=True)
+    username = None
     will = None
     will_problem = None
-    if row[4] is not None:
-        try:
+    try:
+        username = None if row[9] is None else _text(row[9], "username")
+        if row[4] is not None:
             will = Will(_topic(row[4], "will_topic"), _blob(row[5], "will_payload"),
                         _int(row[6], "will_qos", 0, 2), _flag(row[7], "will_retain"),
                         properties(row[8], "will_properties", WILL_PROPERTIES, WILL))
-        except BadRow as error:
-            will_problem = str(error)
-    return SessionRecord(client_id, level, expiry, will, disconnected_at), will_problem
+    except BadRow as error:
+        will_problem = str(error)
+    return SessionRecord(client_id, level, expiry, will, disconnected_at,
+                         username), will_problem
 
 
 def subscription_record(row: Sequence[Any]) -> SubscriptionRecord:
