@@ -32,6 +32,7 @@ from aiokafka import (  # type: ignore[import-untyped]
     TopicPartition,
 )
 from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
 
 from edge_broker.errors import BridgeError
 from edge_broker.mqtt.topics import is_valid_topic_name
@@ -58,6 +59,7 @@ from .topic_map import route_kafka
 
 PARTS_CACHE: Final = 4096  # (topic, qos, retain, client id) whose record parts are kept
 _OPTIONAL: Final = (H_CONTENT_TYPE, H_PAYLOAD_FORMAT, H_USER_PROPERTIES)
+_PARTITIONER: Final = DefaultPartitioner()  # what AIOKafkaProducer uses when not told otherwise
 
 
 def _kafka(config: BridgeConfig) -> KafkaOptions:
@@ -102,6 +104,7 @@ class KafkaSink:
         self._mid_prefix = f"{gateway_id}-{store_id}-"
         self._parts: dict[tuple[str, int, bool, str],
                           tuple[str | None, bytes, list[tuple[str, bytes]]]] = {}
+        self._partitions: dict[tuple[str, bytes], int] = {}  # (Kafka topic, key) -> partition
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
@@ -157,6 +160,29 @@ class KafkaSink:
             headers += [(k, full[k].encode()) for k in _OPTIONAL if k in full]
         return topic, key, headers
 
+    def _partition_of(self, topic: str, key: bytes) -> int | None:
+        """The partition aiokafka's default partitioner gives `key` (murmur2 of the key over
+        the topic's partitions), worked out once per (topic, key) and cached: aiokafka's
+        murmur2 is pure Python and was the largest single cost per record. None while the
+        topic's metadata is not known yet (aiokafka then partitions it itself, the same way).
+        The cache lives as long as the sink (one connection): partitions added to a topic
+        meanwhile take new keys only after the next reconnect."""
+        cache = self._partitions
+        partition = cache.get((topic, key))
+        if partition is None:
+            cluster: Any = getattr(getattr(self._producer, "client", None), "cluster", None)
+            if cluster is None:
+                return None
+            partitions = cluster.partitions_for_topic(topic)
+            if not partitions:
+                return None
+            available = cluster.available_partitions_for_topic(topic) or ()
+            partition = int(_PARTITIONER(key, list(partitions), list(available)))
+            if len(cache) >= PARTS_CACHE:
+                cache.clear()
+            cache[(topic, key)] = partition
+        return partition
+
     async def send(self, batch: Sequence[BridgeMessage]) -> int:
         """Send the window; the number acknowledged from its start (see module doc)."""
         if not batch:
@@ -177,6 +203,7 @@ class KafkaSink:
                         futures.append(None)
                         continue
                     futures.append(await send(topic, message.payload, key=key,
+                                              partition=self._partition_of(topic, key),
                                               headers=headers))
         except (KafkaError, TimeoutError) as exc:
             if not any(f is not None for f in futures):

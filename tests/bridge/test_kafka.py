@@ -219,3 +219,33 @@ def test_cached_record_parts_are_the_documented_headers_routes_and_keys() -> Non
                 assert record_key == sink.record_key(message)
                 mid = f"gw-7-{STORE_ID}-{message.offset}"
                 assert headers == [(k, v.encode()) for k, v in message.headers(mid).items()]
+
+
+def test_cached_partition_is_the_default_partitioners() -> None:
+    """Records carry the partition aiokafka's own default partitioner would choose (murmur2
+    of the key), so per-key order and placement are as without the cache."""
+    from types import SimpleNamespace
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    class Cluster:
+        def __init__(self) -> None:
+            self.known: dict[str, set[int]] = {}
+
+        def partitions_for_topic(self, topic: str) -> set[int] | None:
+            return self.known.get(topic)
+
+        def available_partitions_for_topic(self, topic: str) -> set[int] | None:
+            return self.known.get(topic)
+
+    cluster = Cluster()
+    sink = KafkaSink(bridge_config("127.0.0.1:9"), gateway_id="gw7", store_id=STORE_ID)
+    sink._producer = SimpleNamespace(client=SimpleNamespace(cluster=cluster))
+    assert sink._partition_of("edge.telemetry", b"sensors/a") is None  # no metadata yet
+    cluster.known["edge.telemetry"] = {0, 1, 2, 3, 4, 5, 6}
+    keys = [f"sensors/{n}".encode() for n in range(50)]
+    for _ in range(2):  # the second round from the cache
+        for key in keys:
+            assert sink._partition_of("edge.telemetry", key) == DefaultPartitioner()(
+                key, [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6])
+    assert len({sink._partition_of("edge.telemetry", k) for k in keys}) > 1
