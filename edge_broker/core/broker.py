@@ -682,6 +682,9 @@ class BrokerCore(BacklogRouting):
                 self._save_delivery(session, delivery)
             out.append(self._publish_packet(session, delivery, now))
             delivery.dup = True  # any later send of it is a resend
+        if queue and session.online and not (queue[0].batch <= committed
+                                             or queue[0].batch in free):
+            self._wake.setdefault(client_id, queue[0].batch)  # the next commit that matters
         return out
 
     # -- time -----------------------------------------------------------------------------
@@ -921,7 +924,9 @@ class BrokerCore(BacklogRouting):
             self._save_message(message)
             self._save_delivery(session, delivery)
         if online:
-            self._wake[session.client_id] = self._batch
+            # Woken when its oldest held delivery is durable (pull registers the next one):
+            # the newest batch here would starve it while a flow keeps adding batches.
+            self._wake.setdefault(session.client_id, self._batch)
         return True
 
     def _save_message(self, message: Message) -> None:
