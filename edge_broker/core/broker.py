@@ -130,7 +130,7 @@ class BrokerCore(BacklogRouting):
         self._batch = 1  # number of the batch being filled
         self._committed = 0  # highest batch number the store has committed
         self._free: set[int] = set()  # drained batches above it with no changes to commit
-        self._wake: dict[str, int] = {}  # online client id -> batch that queued for it
+        self._wake: dict[str, int] = {}  # online client id -> its oldest held batch
         self._next_message_id = 1
         self._next_delivery_id = 1
         self._last_saved_message = 0
