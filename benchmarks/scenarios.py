@@ -94,14 +94,20 @@ def _s14_metrics() -> list[Metric]:
                        f"S14 uplink to {name} while publishing at full speed: forwarded",
                        "msgs/s", "higher", compare=False),
                 Metric(f"S14.{kind}.live_pub_msgs_per_s",
-                       f"S14 uplink to {name}: publisher's QoS 1 rate", "msgs/s", "higher",
-                       compare=False),
+                       f"S14 uplink to {name}: publishers' QoS 1 rate (edge: 4 devices)",
+                       "msgs/s", "higher", compare=False),
                 Metric(f"S14.{kind}.drain_msgs_per_s",
                        f"S14 uplink to {name}: backlog drain after an outage", "msgs/s",
                        "higher", compare=False),
                 Metric(f"S14.{kind}.drain_vs_live_pct",
                        f"S14 uplink to {name}: drain rate / live forwarding rate", "%",
-                       "higher", compare=False)]
+                       "higher", compare=False),
+                Metric(f"S14.{kind}.live_cpu_us_per_msg",
+                       f"S14 uplink to {name}: broker CPU per message, live (ingest + "
+                       "forward)", "us", "lower", compare=False),
+                Metric(f"S14.{kind}.drain_cpu_us_per_msg",
+                       f"S14 uplink to {name}: broker CPU per message, drain (forward)",
+                       "us", "lower", compare=False)]
     return [
         *out,
         Metric("S14.s1_bridged_msgs_per_s", "S14 S1 with every message uplinked", "msgs/s",

@@ -73,6 +73,8 @@ class Forwarder:
         self.name = name
         self.status = ForwarderStatus(cursor=cursor)
         self._sink: Sink | None = None
+        # (the offset it reads after, the read): the next page, read while a window is out
+        self._prefetch: tuple[int, asyncio.Future[Sequence[BridgeMessage]]] | None = None
 
     async def run(self) -> None:
         """Forward until cancelled. Never raises for remote failures."""
@@ -80,12 +82,19 @@ class Forwarder:
             while True:
                 await self.step()
         finally:
+            self._drop_prefetch()
             await self._close_sink()
 
     async def step(self) -> None:
-        """One round: connect if needed, send one window (or wait for the log)."""
+        """One round: connect if needed, send one window (or wait for the log).
+
+        While a full window waits for its acknowledgements the next page is read already
+        (`_prefetch`), so the store's thread and the remote side work at the same time; it
+        is used only if the whole window was acknowledged (it starts right after it),
+        otherwise dropped and the log read again from the cursor."""
         status = self.status
         if self._sink is None:
+            self._drop_prefetch()
             sink = self.make_sink()
             try:
                 await sink.start()
@@ -94,18 +103,27 @@ class Forwarder:
                 return
             self._sink = sink
             status.connected = True
-        batch = await self.reader.read_after(status.cursor, self.window)
+        batch = await self._take_prefetch(status.cursor)
+        if not batch:
+            batch = await self.reader.read_after(status.cursor, self.window)
         if not batch:
             await self._idle(self._sink)
             return
+        if len(batch) >= self.window:  # a backlog: there is probably more after it
+            self._prefetch = (batch[-1].offset, asyncio.ensure_future(
+                self.reader.read_after(batch[-1].offset, self.window)))
         try:
             acknowledged = await self._sink.send(batch)
         except Exception as exc:
+            self._drop_prefetch()
             await self._failed(self._sink, exc)
             return
         if acknowledged <= 0:
+            self._drop_prefetch()
             await self._failed(self._sink, RuntimeError("nothing acknowledged"))
             return
+        if acknowledged < len(batch):
+            self._drop_prefetch()
         status.cursor = batch[acknowledged - 1].offset
         await self.reader.commit_cursor(status.cursor)
         status.forwarded += acknowledged
@@ -128,6 +146,28 @@ class Forwarder:
             lost.cancel()
         if lost.done() and not lost.cancelled() and lost.exception() is None:
             await self._failed(sink, ConnectionError(f"connection lost: {lost.result()}"))
+
+    async def _take_prefetch(self, cursor: int) -> Sequence[BridgeMessage]:
+        """The page read ahead, if it starts right after `cursor` (else [])."""
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is None:
+            return []
+        after, task = prefetch
+        if after != cursor:
+            self._cancel(task)
+            return []
+        return await task  # a local failure (the store) propagates, as for any read
+
+    def _drop_prefetch(self) -> None:
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            self._cancel(prefetch[1])
+
+    @staticmethod
+    def _cancel(task: asyncio.Future[Sequence[BridgeMessage]]) -> None:
+        task.cancel()
+        # Retrieved, so asyncio does not log it; a page read is only a read.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _failed(self, sink: Sink, exc: BaseException) -> None:
         status = self.status

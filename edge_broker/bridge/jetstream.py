@@ -47,6 +47,7 @@ from .base import (
     ssl_context,
 )
 from .config import BridgeConfig, JetStreamOptions
+from .jetstream_frames import FrameBuilder
 from .topic_map import subject_to_topic, topic_to_subject
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,9 @@ class JetStreamSink:
         self._js: Any = None
         self._subjects: dict[str, str] = {}
         self._reply_prefix = ""
-        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._acks: dict[str, asyncio.Future[bool]] = {}  # token -> duplicate?
         self._token = 0
+        self._frames: FrameBuilder | None = None
 
     async def start(self) -> None:
         self._nc = await connect(self.config)
@@ -150,6 +152,26 @@ class JetStreamSink:
         self._reply_prefix = inbox + "."
         await self._nc.subscribe(inbox + ".*", cb=self._on_ack)
         await self.ensure_stream()
+        # nats-py's connection takes the window's bytes in one command when it has the
+        # (private) methods its own publish uses; otherwise publish message by message.
+        if all(callable(getattr(self._nc, name, None))
+               for name in ("_send_command", "_flush_pending")):
+            with contextlib.suppress(ValueError):  # an id nats-py would have to clean
+                self._frames = FrameBuilder(self.gateway_id, self.store_id, self.subject)
+
+    async def _write(self, data: bytes) -> None:
+        """Hand a window's HPUB commands to the connection, as `nc.publish` does with one:
+        refused when closed; buffered (up to nats-py's pending limit) while reconnecting."""
+        nc = self._nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if not nc.is_connected and (nc._max_pending_size <= 0 or len(data)
+                                    + nc._pending_data_size > nc._max_pending_size):
+            raise nats.errors.OutboundBufferLimitError
+        await nc._send_command(data)
+        await nc._flush_pending()
 
     async def _on_ack(self, msg: Any) -> None:
         future = self._acks.pop(msg.subject[len(self._reply_prefix):], None)
@@ -158,17 +180,24 @@ class JetStreamSink:
         if msg.headers and msg.headers.get("Status") == "503":  # no stream captures it
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
+        data = msg.data
+        # A PubAck is `{"stream":"S","seq":7}` (nats-server 2.x), read here without json;
+        # one with any other member (`"duplicate": true`, `"error"`, a domain) goes through
+        # json.
+        if data.startswith(b'{"stream":"') and data.count(b'"') == 6 and b'"seq":' in data:
+            future.set_result(False)
+            return
         try:
-            response = json.loads(msg.data)
+            response = json.loads(data)
         except ValueError as exc:
-            future.set_exception(BridgeError(f"JetStream: unreadable ack {msg.data!r}: {exc}"))
+            future.set_exception(BridgeError(f"JetStream: unreadable ack {data!r}: {exc}"))
             return
         if not isinstance(response, dict):
-            future.set_exception(BridgeError(f"JetStream: unreadable ack {msg.data!r}"))
+            future.set_exception(BridgeError(f"JetStream: unreadable ack {data!r}"))
         elif "error" in response:
             future.set_exception(nats.js.errors.APIError.from_error(response["error"]))
         else:
-            future.set_result(response)
+            future.set_result(bool(response.get("duplicate")))
 
     async def ensure_stream(self) -> None:
         opts = self.options
@@ -208,30 +237,59 @@ class JetStreamSink:
         if self._js is None:
             raise BridgeError("send before start")
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[dict[str, Any]]] = []
+        futures: list[asyncio.Future[bool]] = []
         tokens: list[str] = []
         acks = self._acks
-        try:
-            # No yield to the loop between messages (nc.publish only appends to nats-py's
-            # buffer): the window goes out in one socket write, then the acks come.
+        nc = self._nc
+        if self._frames is not None:
+            # The window as one HPUB blob (jetstream_frames.py), handed to the connection
+            # at once: no per-message publish, one socket write.
+            frames: list[bytes] = []
+            frame = self._frames.frame
+            reply_prefix = self._reply_prefix
+            max_payload = nc.max_payload
+            too_big: Exception | None = None
             for message in batch:
-                mid = message_id(self.gateway_id, self.store_id, message.offset)
-                headers = message.headers(mid)
-                headers[NATS_MSG_ID] = mid
+                if len(message.payload) > max_payload:  # as nc.publish refuses it
+                    too_big = nats.errors.MaxPayloadError()
+                    break
                 self._token += 1
                 token = str(self._token)
-                future: asyncio.Future[dict[str, Any]] = loop.create_future()
+                frames.append(frame(message, reply_prefix + token))
+                future: asyncio.Future[bool] = loop.create_future()
                 acks[token] = future
                 tokens.append(token)
                 futures.append(future)
-                await self._nc.publish(self.subject(message), message.payload,
-                                       reply=self._reply_prefix + token, headers=headers)
-        except Exception:
-            if len(futures) == len(tokens) and futures:  # the last one was not sent
-                acks.pop(tokens.pop(), None)
-                futures.pop().cancel()
-            if not futures:
+            try:
+                if not frames:
+                    raise too_big or BridgeError("nothing to send")
+                await self._write(b"".join(frames))
+            except Exception:
+                for token in tokens:
+                    acks.pop(token, None)
                 raise
+        else:
+            try:
+                # No yield to the loop between messages (nc.publish only appends to
+                # nats-py's buffer): the window goes out in one socket write.
+                for message in batch:
+                    mid = message_id(self.gateway_id, self.store_id, message.offset)
+                    headers = message.headers(mid)
+                    headers[NATS_MSG_ID] = mid
+                    self._token += 1
+                    token = str(self._token)
+                    future = loop.create_future()
+                    acks[token] = future
+                    tokens.append(token)
+                    futures.append(future)
+                    await nc.publish(self.subject(message), message.payload,
+                                     reply=self._reply_prefix + token, headers=headers)
+            except Exception:
+                if len(futures) == len(tokens) and futures:  # the last one was not sent
+                    acks.pop(tokens.pop(), None)
+                    futures.pop().cancel()
+                if not futures:
+                    raise
         try:
             await asyncio.wait(futures, timeout=self.ack_timeout)
         finally:
@@ -246,7 +304,7 @@ class JetStreamSink:
             if (error := future.exception()) is not None:
                 first_error = error
                 break
-            if future.result().get("duplicate"):
+            if future.result():
                 self.duplicates += 1
             acknowledged += 1
         for future in futures[acknowledged:]:

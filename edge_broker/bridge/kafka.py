@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Final
 
 from aiokafka import (  # type: ignore[import-untyped]
     AIOKafkaConsumer,
@@ -31,11 +32,16 @@ from aiokafka import (  # type: ignore[import-untyped]
     TopicPartition,
 )
 from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
 
 from edge_broker.errors import BridgeError
 from edge_broker.mqtt.topics import is_valid_topic_name
 
 from .base import (
+    H_CONTENT_TYPE,
+    H_MESSAGE_ID,
+    H_PAYLOAD_FORMAT,
+    H_PUBLISH_TIME,
     H_QOS,
     H_RETAIN,
     H_TOPIC,
@@ -44,11 +50,16 @@ from .base import (
     DownlinkMessage,
     decode_text,
     decode_user_properties,
+    format_time,
     message_id,
     ssl_context,
 )
 from .config import BridgeConfig, KafkaOptions
 from .topic_map import route_kafka
+
+PARTS_CACHE: Final = 4096  # (topic, qos, retain, client id) whose record parts are kept
+_OPTIONAL: Final = (H_CONTENT_TYPE, H_PAYLOAD_FORMAT, H_USER_PROPERTIES)
+_PARTITIONER: Final = DefaultPartitioner()  # what AIOKafkaProducer uses when not told otherwise
 
 
 def _kafka(config: BridgeConfig) -> KafkaOptions:
@@ -89,6 +100,11 @@ class KafkaSink:
         self.ack_timeout = ack_timeout
         self.unrouted = 0
         self._producer: AIOKafkaProducer | None = None
+        message_id(gateway_id, store_id, 1)  # ValueError for ids that cannot be one
+        self._mid_prefix = f"{gateway_id}-{store_id}-"
+        self._parts: dict[tuple[str, int, bool, str],
+                          tuple[str | None, bytes, list[tuple[str, bytes]]]] = {}
+        self._partitions: dict[tuple[str, bytes], int] = {}  # (Kafka topic, key) -> partition
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
@@ -114,6 +130,59 @@ class KafkaSink:
         value = message.client_id if self.options.key == "client_id" else message.topic
         return value.encode()
 
+    def _record_parts(self, message: BridgeMessage
+                      ) -> tuple[str | None, bytes, list[tuple[str, bytes]]]:
+        """(Kafka topic or None when no route takes it, key, headers) of a message. What
+        depends only on the topic and the publisher (the route, the key, the encoded
+        `mqtt-topic`/`-qos`/`-retain`/`-client-id` headers) is computed once per such
+        combination and cached: it was a large share of the CPU time per message."""
+        cache_key = (message.topic, message.qos, message.retain, message.client_id)
+        parts = self._parts.get(cache_key)
+        if parts is None:
+            if len(self._parts) >= PARTS_CACHE:
+                self._parts.clear()
+            probe = replace(message, offset=1, publish_time=0.0, content_type=None,
+                            payload_utf8=False, user_properties=())
+            static = [(k, v.encode()) for k, v in probe.headers("-").items()
+                      if k not in (H_MESSAGE_ID, H_PUBLISH_TIME)]
+            parts = self._parts[cache_key] = (
+                route_kafka(self.options.topic_map, message.topic), self.record_key(message),
+                static)
+        topic, key, static = parts
+        if topic is None:
+            return None, key, []
+        mid = (self._mid_prefix + str(message.offset)).encode()
+        headers = [(H_MESSAGE_ID, mid), *static,
+                   (H_PUBLISH_TIME, format_time(message.publish_time).encode())]
+        if (message.content_type is not None or message.payload_utf8
+                or message.user_properties):
+            full = message.headers("-")  # the optional ones, in the documented order
+            headers += [(k, full[k].encode()) for k in _OPTIONAL if k in full]
+        return topic, key, headers
+
+    def _partition_of(self, topic: str, key: bytes) -> int | None:
+        """The partition aiokafka's default partitioner gives `key` (murmur2 of the key over
+        the topic's partitions), worked out once per (topic, key) and cached: aiokafka's
+        murmur2 is pure Python and was the largest single cost per record. None while the
+        topic's metadata is not known yet (aiokafka then partitions it itself, the same way).
+        The cache lives as long as the sink (one connection): partitions added to a topic
+        meanwhile take new keys only after the next reconnect."""
+        cache = self._partitions
+        partition = cache.get((topic, key))
+        if partition is None:
+            cluster: Any = getattr(getattr(self._producer, "client", None), "cluster", None)
+            if cluster is None:
+                return None
+            partitions = cluster.partitions_for_topic(topic)
+            if not partitions:
+                return None
+            available = cluster.available_partitions_for_topic(topic) or ()
+            partition = int(_PARTITIONER(key, list(partitions), list(available)))
+            if len(cache) >= PARTS_CACHE:
+                cache.clear()
+            cache[(topic, key)] = partition
+        return partition
+
     async def send(self, batch: Sequence[BridgeMessage]) -> int:
         """Send the window; the number acknowledged from its start (see module doc)."""
         if not batch:
@@ -127,15 +196,15 @@ class KafkaSink:
             # One deadline for the window with asyncio.timeout, not wait_for per message:
             # wait_for wraps each send in a task, so every message yielded to the loop.
             async with asyncio.timeout_at(deadline):
+                send = self._producer.send
                 for message in batch:
-                    topic = route_kafka(self.options.topic_map, message.topic)
+                    topic, key, headers = self._record_parts(message)
                     if topic is None:
                         futures.append(None)
                         continue
-                    mid = message_id(self.gateway_id, self.store_id, message.offset)
-                    headers = [(k, v.encode()) for k, v in message.headers(mid).items()]
-                    futures.append(await self._producer.send(
-                        topic, message.payload, key=self.record_key(message), headers=headers))
+                    futures.append(await send(topic, message.payload, key=key,
+                                              partition=self._partition_of(topic, key),
+                                              headers=headers))
         except (KafkaError, TimeoutError) as exc:
             if not any(f is not None for f in futures):
                 raise BridgeError(f"Kafka send failed: {exc!r}") from exc

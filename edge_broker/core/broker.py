@@ -130,7 +130,7 @@ class BrokerCore(BacklogRouting):
         self._batch = 1  # number of the batch being filled
         self._committed = 0  # highest batch number the store has committed
         self._free: set[int] = set()  # drained batches above it with no changes to commit
-        self._wake: dict[str, int] = {}  # online client id -> batch that queued for it
+        self._wake: dict[str, int] = {}  # online client id -> its oldest held batch
         self._next_message_id = 1
         self._next_delivery_id = 1
         self._last_saved_message = 0
@@ -687,6 +687,9 @@ class BrokerCore(BacklogRouting):
                 self._save_delivery(session, delivery)
             out.append(self._publish_packet(session, delivery, now))
             delivery.dup = True  # any later send of it is a resend
+        if queue and session.online and not (queue[0].batch <= committed
+                                             or queue[0].batch in free):
+            self._wake.setdefault(client_id, queue[0].batch)  # the next commit that matters
         return out
 
     # -- time -----------------------------------------------------------------------------
@@ -927,7 +930,9 @@ class BrokerCore(BacklogRouting):
             self._save_message(message)
             self._save_delivery(session, delivery)
         if online:
-            self._wake[session.client_id] = self._batch
+            # Woken when its oldest held delivery is durable (pull registers the next one):
+            # the newest batch here would starve it while a flow keeps adding batches.
+            self._wake.setdefault(session.client_id, self._batch)
         return True
 
     def _save_message(self, message: Message) -> None:

@@ -31,7 +31,15 @@ def bridge_message(row: LogRow) -> BridgeMessage:
 
 
 class StoreLogReader:
-    """`LogReader` for the bridge `name` (see the module docstring)."""
+    """`LogReader` for the bridge `name` (see the module docstring).
+
+    Cursor commits run in the background, one at a time and coalesced: `commit_cursor`
+    records the acknowledged offset and returns; a task writes the latest one (with the
+    rows it passes, for the backlog counts) while the forwarder already reads and sends the
+    next window, so the store's thread is not waited for twice per window. A commit that
+    fails is raised by the next `commit_cursor` or `read_after` (the forwarder then starts
+    again from its cursor after a backoff delay); `flush()` waits for the last one.
+    """
 
     def __init__(self, side: BridgeStoreSide, name: str, skip_origin: str = "") -> None:
         self.side = side
@@ -39,25 +47,47 @@ class StoreLogReader:
         self.skip_origin = skip_origin  # the bridge's downlink identity: not sent back up
         self.scanned = 0  # every row of this bridge up to here was handed out
         self.oldest_at: float | None = None  # publish time of the first row of the last page
-        self._rows: list[LogRow] = []  # the last page, for commit_cursor's backlog counts
+        # Rows read and not yet passed by a stored cursor, in offset order: what a commit
+        # passes (for the reader's backlog counts).
+        self._rows: list[LogRow] = []
+        self._acked = -1  # the last cursor the forwarder gave (-1: none yet)
+        self._target = 0  # the cursor to store
+        self._stored = 0  # the cursor stored last (by this reader)
+        self._committer: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
         self._wakeup = asyncio.Event()
         side.listen(self._committed)
 
     def close(self) -> None:
         self.side.unlisten(self._committed)
+        if self._committer is not None and not self._committer.done():
+            self._committer.cancel()
 
     def _committed(self, _last_offset: int) -> None:
         self._wakeup.set()
 
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
     async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
+        self._raise_error()
         page = await self.side.page(self.name, cursor, limit)
-        self._rows = page.rows
+        # A page read again (a resend from the cursor) replaces what was read after it.
+        rows = self._rows
+        if rows and rows[-1].offset > cursor:
+            rows[:] = [row for row in rows if row.offset <= cursor]
+        rows.extend(page.rows)
         self.oldest_at = page.rows[0].at if page.rows else None
         # Loop prevention: what this bridge's downlink published locally is not sent back.
         taken = [row for row in page.rows if row.origin != self.skip_origin]
         if not taken:
-            if page.rows:  # only its own: the cursor moves past them at once
-                await self.side.commit(self.name, page.end, page.rows)
+            # Only its own (or nothing): the cursor moves past them at once - unless this
+            # page was read ahead of a window still waiting for its acknowledgements.
+            if page.rows and cursor <= max(self._acked, self._stored):
+                self._request(page.end)
+                await self.flush()
             self.scanned = max(self.scanned, page.end, cursor)
         return [bridge_message(row) for row in taken]
 
@@ -68,6 +98,44 @@ class StoreLogReader:
             await self._wakeup.wait()
 
     async def commit_cursor(self, cursor: int) -> None:
-        consumed = [row for row in self._rows if row.offset <= cursor]
-        await self.side.commit(self.name, cursor, consumed)
+        self._raise_error()
+        self._acked = max(self._acked, cursor)
+        self._request(cursor)
         self.scanned = max(self.scanned, cursor)
+
+    async def flush(self) -> None:
+        """Wait until the latest requested cursor is stored (raise if that failed)."""
+        committer = self._committer
+        if committer is not None and not committer.done():
+            await asyncio.shield(committer)
+        self._raise_error()
+
+    def _request(self, cursor: int) -> None:
+        if cursor <= self._target:
+            return
+        self._target = cursor
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.get_running_loop().create_task(
+                self._commit_loop(), name=f"bridge {self.name} cursor")
+
+    async def _commit_loop(self) -> None:
+        while self._stored < self._target and self._error is None:
+            target = self._target
+            rows = self._rows
+            cut = len(rows)
+            for i, row in enumerate(rows):
+                if row.offset > target:
+                    cut = i
+                    break
+            consumed = rows[:cut]
+            del rows[:cut]
+            try:
+                await self.side.commit(self.name, target, consumed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                rows[:0] = consumed  # not passed: a later commit passes them
+                self._error = exc
+                self._target = self._stored
+                return
+            self._stored = target

@@ -143,6 +143,10 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.reader is not None:
+            # The cursor the remote side acknowledged last, stored before the store closes
+            # (after a crash the resend is recognised by its message id instead).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.reader.flush()
             self.reader.close()
 
     # -- uplink ---------------------------------------------------------------------------

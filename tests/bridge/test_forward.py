@@ -64,6 +64,46 @@ async def test_cursor_moves_by_acks_and_failures_back_off_with_jitter() -> None:
     assert forwarder.status.last_error == "RuntimeError: nothing acknowledged"
 
 
+class ReadLog(MemoryLog):
+    """A MemoryLog that records after which offset each page was read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[int] = []
+
+    async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
+        self.reads.append(cursor)
+        return await super().read_after(cursor, limit)
+
+
+async def test_next_page_is_read_ahead_and_dropped_when_a_window_is_acked_in_part() -> None:
+    log = ReadLog()
+    for i in range(12):
+        log.append("s/t", b"%d" % i)
+    received: list[int] = []
+    reads_when_acked: list[list[int]] = []
+
+    class SlowSink(ScriptedSink):
+        async def send(self, batch: Sequence[BridgeMessage]) -> int:
+            await asyncio.sleep(0)  # the acks take a while: the loop runs meanwhile
+            reads_when_acked.append(list(log.reads))
+            return await super().send(batch)
+
+    forwarder = Forwarder(lambda: SlowSink([4, 2], received), log, cursor=0, window=4,
+                          backoff=Backoff(1.0, 8.0, rand=lambda: 0.0))
+    for _ in range(10):
+        await forwarder.step()
+        if log.committed == 12:
+            break
+    # While window 1-4 waited for its acks, 5-8 was read (and then sent without another
+    # read); 5-8 was acked only up to 6: what was read ahead after 8 meanwhile is dropped
+    # and the log read again from the cursor, 6.
+    assert reads_when_acked[:2] == [[0, 4], [0, 4, 8]]
+    assert log.reads[:4] == [0, 4, 8, 6]
+    assert received == list(range(1, 13))  # in order, nothing skipped, nothing twice
+    assert log.committed == 12 and forwarder.status.forwarded == 12
+
+
 async def test_idle_forwarder_waits_for_the_log_without_polling() -> None:
     log = MemoryLog()
     received: list[int] = []

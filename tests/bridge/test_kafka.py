@@ -187,3 +187,65 @@ async def test_idempotence_on_a_broker_without_it_fails_fast_with_the_fix(tansu:
     with pytest.raises(BridgeError, match="set idempotence = false"):
         await sink.start()
     await sink.close()
+
+
+def test_cached_record_parts_are_the_documented_headers_routes_and_keys() -> None:
+    """The per-topic cache (KafkaSink._record_parts) gives every message exactly the route,
+    key and headers (names, values, order) of its own `headers()`, as computed uncached."""
+    varied = [
+        BridgeMessage(offset=7, topic="sensors/a", payload=b"1", qos=1, client_id="dev1",
+                      publish_time=1_765_000_000.5),
+        BridgeMessage(offset=8, topic="sensors/a", payload=b"2", qos=0, retain=True,
+                      client_id="", publish_time=1_765_000_000.75),
+        BridgeMessage(offset=9, topic="alarms/x y", payload=b"3", qos=2, client_id="dev 2",
+                      content_type="text/plain", payload_utf8=True,
+                      user_properties=(("a", "1"), ("\u00e9", " ")),
+                      publish_time=1_765_000_001.0),
+        BridgeMessage(offset=10, topic="other/t", payload=b"4", qos=1, client_id="dev1"),
+        BridgeMessage(offset=11, topic="sensors/a", payload=b"5", qos=1, client_id="dev1",
+                      user_properties=(("k", "v"),), publish_time=1_765_000_002.0),
+    ]
+    for key in ("topic", "client_id"):
+        sink = KafkaSink(bridge_config("127.0.0.1:9", key=key), gateway_id="gw-7",
+                         store_id=STORE_ID)
+        for _ in range(2):  # the second round from the cache
+            for message in varied:
+                topic, record_key, headers = sink._record_parts(message)
+                expected_topic = {"sensors": "edge.telemetry", "alarms": "edge.alarms"}.get(
+                    message.topic.split("/")[0])
+                assert topic == expected_topic
+                if topic is None:
+                    continue
+                assert record_key == sink.record_key(message)
+                mid = f"gw-7-{STORE_ID}-{message.offset}"
+                assert headers == [(k, v.encode()) for k, v in message.headers(mid).items()]
+
+
+def test_cached_partition_is_the_default_partitioners() -> None:
+    """Records carry the partition aiokafka's own default partitioner would choose (murmur2
+    of the key), so per-key order and placement are as without the cache."""
+    from types import SimpleNamespace
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    class Cluster:
+        def __init__(self) -> None:
+            self.known: dict[str, set[int]] = {}
+
+        def partitions_for_topic(self, topic: str) -> set[int] | None:
+            return self.known.get(topic)
+
+        def available_partitions_for_topic(self, topic: str) -> set[int] | None:
+            return self.known.get(topic)
+
+    cluster = Cluster()
+    sink = KafkaSink(bridge_config("127.0.0.1:9"), gateway_id="gw7", store_id=STORE_ID)
+    sink._producer = SimpleNamespace(client=SimpleNamespace(cluster=cluster))
+    assert sink._partition_of("edge.telemetry", b"sensors/a") is None  # no metadata yet
+    cluster.known["edge.telemetry"] = {0, 1, 2, 3, 4, 5, 6}
+    keys = [f"sensors/{n}".encode() for n in range(50)]
+    for _ in range(2):  # the second round from the cache
+        for key in keys:
+            assert sink._partition_of("edge.telemetry", key) == DefaultPartitioner()(
+                key, [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6])
+    assert len({sink._partition_of("edge.telemetry", k) for k in keys}) > 1
