@@ -315,7 +315,10 @@ def _max_lossless(rb: brokers.RunningBroker, case: Case, topic: str, n_subs: int
         res.figures[f"{flood_id}.{flood_name}"] = r["delivered_rate"]
         res.figures[f"{flood_id}.flood_lost_pct"] = (
             100.0 * r["lost"] / r["expected"] if r["expected"] else None)
-        rate = r["delivered_rate"] / n_subs * 0.9
+        # Nothing delivered at all (rate 0) would leave no rate to step down from: start from
+        # half of what the publisher managed instead.
+        rate = (r["delivered_rate"] / n_subs * 0.9 if r["delivered_rate"]
+                else r["publish_rate"] * 0.5)
         figure = r["delivered_rate"] if r["lost"] == 0 else None
         steps = 0
         while figure is None and steps < 4 and rate > 0:
