@@ -79,6 +79,7 @@ from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
 DONE = 3  # the state of a stored marker: a QoS 2 row finished above the durable cursor
 EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past this size
+TAKES_CACHE_SIZE = 1024  # topics remembered per backlog by `_backlog_takes`
 
 
 def is_log_filter(topic_filter: str) -> bool:
@@ -90,7 +91,8 @@ class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
     __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
-                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip")
+                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip",
+                 "takes")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -111,6 +113,9 @@ class Backlog:
         self.online_from = offset  # QoS 0 rows at or below were published while offline
         self.skip = 0  # oldest rows to drop (drop-oldest), already counted
         self.excluded: set[int] = set()  # offsets not for it (drop-newest), already counted
+        # topic -> whether a reader filter matches it (`_backlog_takes`); cleared whenever
+        # `since` changes (`_backlog_subscribe`, `_backlog_unsubscribe`).
+        self.takes: dict[str, bool] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +346,12 @@ class BacklogRouting(StreamRouting):
         backlog = session.backlog
         assert backlog is not None
         topic = message.topic
-        return any(topic_matches(f, topic) for f in backlog.since)
+        takes = backlog.takes.get(topic)
+        if takes is None:  # once per topic (a publish matches every filter of 10 sessions)
+            if len(backlog.takes) >= TAKES_CACHE_SIZE:
+                backlog.takes.clear()
+            takes = backlog.takes[topic] = any(topic_matches(f, topic) for f in backlog.since)
+        return takes
 
     # -- the store budget (store/log/budget.py) ------------------------------------------
 
@@ -393,11 +403,13 @@ class BacklogRouting(StreamRouting):
         if backlog is None or not is_log_filter(topic_filter) or topic_filter in backlog.since:
             return
         since = backlog.since[topic_filter] = self._next_offset - 1
+        backlog.takes.clear()
         self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
 
     def _backlog_unsubscribe(self, session: Session, topic_filter: str) -> None:
         backlog = session.backlog
         if backlog is not None and backlog.since.pop(topic_filter, None) is not None:
+            backlog.takes.clear()
             self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
 
     # -- reading pages --------------------------------------------------------------------
