@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import dataclasses
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -167,7 +168,11 @@ def main() -> None:
     parser.add_argument("--durability", default="fsync", choices=("fsync", "os", "none"))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval for the run (seconds; an experiment)")
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if args.loop == "uvloop":
         import uvloop
         run = uvloop.run

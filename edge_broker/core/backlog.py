@@ -312,12 +312,14 @@ class BacklogRouting(StreamRouting):
         counts it. False: dropped by the queue policy (counted)."""
         backlog = session.backlog
         assert backlog is not None
-        offset = self._log_append(message)
+        offset = message.offset
+        if offset is None:  # the first session of this message appends it
+            offset = self._log_append(message)
         settings = self.settings
         max_messages = settings.max_queued_messages
         max_bytes = settings.max_queued_bytes
         size = len(message.payload)
-        if not session.has_room(max_messages, max_bytes, size):
+        if (max_messages or max_bytes) and not session.has_room(max_messages, max_bytes, size):
             if settings.queue_full_policy == DROP_OLDEST:
                 while session.queue and not session.has_room(max_messages, max_bytes, size):
                     self._drop(session, session.popleft(), QUEUE_FULL)
