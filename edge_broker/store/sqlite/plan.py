@@ -10,7 +10,11 @@ re-pointed. Coalescing skips writes that cannot matter: a delivery saved and del
 group is never written (a delete is only issued for delivery ids at or below `delivery_hwm`,
 the highest id this store ever wrote or found at open), and a body saved in the group that
 nothing refers to is not inserted (only updated, if its id is at or below `message_hwm` and it
-may be in the file already).
+may be in the file already). The sessions' backlog counts (`ReaderCounted`, one per session and
+batch) are coalesced to the last per reader and written after the other reader records, in
+one multi-row UPDATE (`Log.save_counted`): every statement is a step the writer thread runs
+without the GIL and must then win it back from the event loop, so a group of an S4 ingest
+(10 offline sessions) runs about 9 statements instead of about 30.
 """
 
 from __future__ import annotations
