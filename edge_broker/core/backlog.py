@@ -88,6 +88,7 @@ EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past 
 # Going live copies the in-flight log deliveries' bodies (topic + payload bytes) only up to
 # this; above it the session waits in backlog mode for acknowledgements (the seam, above).
 SEAM_COPY_MAX_BYTES = 64 * 1024
+TAKES_CACHE_SIZE = 1024  # topics remembered per backlog by `_backlog_takes`
 
 
 def is_log_filter(topic_filter: str) -> bool:
@@ -99,7 +100,8 @@ class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
     __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
-                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip")
+                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip",
+                 "takes")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -120,6 +122,9 @@ class Backlog:
         self.online_from = offset  # QoS 0 rows at or below were published while offline
         self.skip = 0  # oldest rows to drop (drop-oldest), already counted
         self.excluded: set[int] = set()  # offsets not for it (drop-newest), already counted
+        # topic -> whether a reader filter matches it (`_backlog_takes`); cleared whenever
+        # `since` changes (`_backlog_subscribe`, `_backlog_unsubscribe`).
+        self.takes: dict[str, bool] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,12 +322,14 @@ class BacklogRouting(StreamRouting):
         counts it. False: dropped by the queue policy (counted)."""
         backlog = session.backlog
         assert backlog is not None
-        offset = self._log_append(message)
+        offset = message.offset
+        if offset is None:  # the first session of this message appends it
+            offset = self._log_append(message)
         settings = self.settings
         max_messages = settings.max_queued_messages
         max_bytes = settings.max_queued_bytes
         size = len(message.payload)
-        if not session.has_room(max_messages, max_bytes, size):
+        if (max_messages or max_bytes) and not session.has_room(max_messages, max_bytes, size):
             if settings.queue_full_policy == DROP_OLDEST:
                 while session.queue and not session.has_room(max_messages, max_bytes, size):
                     self._drop(session, session.popleft(), QUEUE_FULL)
@@ -351,7 +358,12 @@ class BacklogRouting(StreamRouting):
         backlog = session.backlog
         assert backlog is not None
         topic = message.topic
-        return any(topic_matches(f, topic) for f in backlog.since)
+        takes = backlog.takes.get(topic)
+        if takes is None:  # once per topic (a publish matches every filter of 10 sessions)
+            if len(backlog.takes) >= TAKES_CACHE_SIZE:
+                backlog.takes.clear()
+            takes = backlog.takes[topic] = any(topic_matches(f, topic) for f in backlog.since)
+        return takes
 
     # -- the store budget (store/log/budget.py) ------------------------------------------
 
@@ -403,11 +415,13 @@ class BacklogRouting(StreamRouting):
         if backlog is None or not is_log_filter(topic_filter) or topic_filter in backlog.since:
             return
         since = backlog.since[topic_filter] = self._next_offset - 1
+        backlog.takes.clear()
         self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
 
     def _backlog_unsubscribe(self, session: Session, topic_filter: str) -> None:
         backlog = session.backlog
         if backlog is not None and backlog.since.pop(topic_filter, None) is not None:
+            backlog.takes.clear()
             self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
 
     # -- reading pages --------------------------------------------------------------------

@@ -878,6 +878,14 @@ class BrokerCore(BacklogRouting):
                     sessions[record.client_id], message, min(record.qos, message.qos),
                     message.retain and record.retain_as_published,
                     (record.subscription_id,) if record.subscription_id else ()))
+        elif normal and (per_topic := self.router.merged(message.topic, normal)) is not None:
+            # Merged once per topic (Router.merged): one copy per client, at the highest QoS
+            # of its matching subscriptions, with every matching subscription identifier.
+            top = message.qos
+            retain = message.retain
+            for client_id, qos, as_published, sub_ids in per_topic:
+                targets.append((sessions[client_id], message, qos if qos < top else top,
+                                retain and as_published, sub_ids))
         elif normal:
             # One copy per client, at the highest QoS of its matching subscriptions, with
             # every matching subscription identifier [MQTT-3.3.5-1] (3.1.1), 3.3.4 (5.0).
@@ -916,9 +924,13 @@ class BrokerCore(BacklogRouting):
         online = session.online
         if not online and qos == 0 and not self.settings.queue_qos0_messages:
             return False
-        if session.backlog is not None and self._stream_marking is None and (
-                self._backlog_takes(session, message)):
-            return self._backlog_deliver(session, message)  # the log holds it
+        backlog = session.backlog
+        if backlog is not None and self._stream_marking is None:
+            takes = backlog.takes.get(message.topic)  # _backlog_takes' cache, looked up here
+            if takes is None:
+                takes = self._backlog_takes(session, message)
+            if takes:
+                return self._backlog_deliver(session, message)  # the log holds it
         if not self._make_room(session, message):
             return False
         delivery_id = self._next_delivery_id

@@ -31,11 +31,23 @@ __all__ = ["Log", "LogMessage", "LogRow", "Page", "Reader", "StreamState", "Topi
 SCAN_FRACTION: Final = 0.3
 MAX_IN_LIST: Final = 500  # more selected topics than this: scan
 MAX_SCAN_BATCH: Final = 8192
-_CHUNKS: Final = (256, 64, 16, 4, 1)
+_CHUNKS: Final = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 _COLUMNS: Final = "offset, at, topic_id, qos, retain, payload, properties, origin, expires_at"
+_WIDTH: Final = 9  # columns per row
 _INSERT_HEAD: Final = f"INSERT INTO log ({_COLUMNS}) VALUES "
 _ROW_GROUP: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_SQL: Final = {n: _INSERT_HEAD + ", ".join([_ROW_GROUP] * n) for n in _CHUNKS}
+# Multi-row UPDATEs of log_readers, keyed by name (the first value of each row).
+_UPDATE_CHUNKS: Final = (32, 8, 2, 1)
+_READERS_UPDATE: Final = {n: (
+    "UPDATE log_readers SET offset = v.column2, backlog_count = v.column3,"
+    " backlog_bytes = v.column4, dropped = v.column5 FROM (VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?)"] * n) + ") AS v WHERE log_readers.name = v.column1")
+    for n in _UPDATE_CHUNKS}
+_COUNTED_UPDATE: Final = {n: (
+    "UPDATE log_readers SET queued_count = v.column2, queued_bytes = v.column3,"
+    " queued_skip = v.column4 FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * n)
+    + ") AS v WHERE log_readers.name = v.column1") for n in _UPDATE_CHUNKS}
 _SCAN: Final = f"SELECT {_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
 _ONE_TOPIC: Final = (f"SELECT {_COLUMNS} FROM log WHERE topic_id = ? AND offset > ?"
                     " ORDER BY offset LIMIT ?")
@@ -144,6 +156,17 @@ class Reader:
         if not self.inflight:
             return self.offset
         return min(self.offset, min(o for o, _ in self.inflight.values()) - 1)
+
+
+def _update_many(conn: sqlite3.Connection, sql: Mapping[int, str],
+                 rows: Sequence[tuple[Any, ...]]) -> None:
+    """Rows of one multi-row UPDATE (`sql[n]` takes n rows), in chunks of the sizes it has."""
+    start = 0
+    total = len(rows)
+    for chunk in _UPDATE_CHUNKS:
+        while total - start >= chunk:
+            conn.execute(sql[chunk], tuple(chain.from_iterable(rows[start:start + chunk])))
+            start += chunk
 
 
 @contextlib.contextmanager
@@ -354,30 +377,42 @@ class Log:
             return []
         at = now if now > self.last_at else self.last_at
         offset = self.last_offset
-        rows: list[tuple[Any, ...]] = []
+        rows: list[Any] = []  # the rows' values, one after the other (9 per row)
         # Per topic touched: [rows, bytes] of this group; streams and readers are credited
         # once per topic after the loop, not once per message.
         group: dict[int, list[int]] = {}
         topics = self.topics
+        append = rows.extend  # flat: the multi-row INSERTs take one flat tuple each
+        stats: TopicStats | None = None
+        topic = None
+        counts: list[int] = []
         for message in messages:
-            stats = topics.get(message.topic)
-            if stats is None:
-                stats = self._intern(conn, message.topic)
+            if message.topic != topic:  # runs of one topic are the common case
+                topic = message.topic
+                stats = topics.get(topic)
+                if stats is None:
+                    stats = self._intern(conn, topic)
+                if stats.first_offset is None:
+                    stats.first_offset = offset + 1
+                seen = group.get(stats.id)
+                if seen is None:
+                    seen = group[stats.id] = [0, 0]
+                counts = seen
+            assert stats is not None
             offset += 1
             payload = message.payload
-            props = encode_props(message.properties)
-            size = stats.name_size + len(payload) + (len(props) if props else 0)
-            rows.append((offset, at, stats.id, message.qos, message.retain, payload, props,
-                         message.origin, message.expires_at))
-            if stats.first_offset is None:
-                stats.first_offset = offset
-            stats.last_offset = offset
-            counts = group.get(stats.id)
-            if counts is None:
-                group[stats.id] = [1, size]
+            properties = message.properties
+            if properties is NO_PROPERTIES:
+                props = None
+                size = stats.name_size + len(payload)
             else:
-                counts[0] += 1
-                counts[1] += size
+                props = encode_props(properties)
+                size = stats.name_size + len(payload) + (len(props) if props else 0)
+            append((offset, at, stats.id, message.qos, message.retain, payload, props,
+                    message.origin, message.expires_at))
+            stats.last_offset = offset
+            counts[0] += 1
+            counts[1] += size
         streams: dict[str, StreamState] = {}
         readers: dict[str, Reader] = {}
         touched: list[TopicStats] = []
@@ -398,22 +433,27 @@ class Log:
                 reader.backlog_count += count
                 reader.backlog_bytes += size
                 readers[reader.name] = reader
+        # Few statements: each is a step with the GIL released, and the writer thread must
+        # win the GIL back from a busy event loop after every one of them.
         start = 0
+        total = len(rows)
         for chunk in _CHUNKS:
-            while len(rows) - start >= chunk:
-                conn.execute(_INSERT_SQL[chunk],
-                             tuple(chain.from_iterable(rows[start:start + chunk])))
-                start += chunk
-        conn.executemany(
-            "UPDATE log_topics SET count = ?, bytes = ?, first_offset = ?, last_offset = ?"
-            " WHERE id = ?",
-            [(s.count, s.bytes, s.first_offset, s.last_offset, s.id) for s in touched])
+            width = chunk * _WIDTH
+            while total - start >= width:
+                conn.execute(_INSERT_SQL[chunk], rows[start:start + width])
+                start += width
+        if len(touched) == 1:
+            self.save_topic(conn, touched[0])
+        else:
+            conn.executemany(
+                "UPDATE log_topics SET count = ?, bytes = ?, first_offset = ?, last_offset = ?"
+                " WHERE id = ?",
+                [(s.count, s.bytes, s.first_offset, s.last_offset, s.id) for s in touched])
         conn.execute("UPDATE log_state SET last_offset = ?, last_at = ? WHERE id = 0",
                      (offset, at))
         for state in streams.values():
             self.save_stream(conn, state)
-        for reader in readers.values():
-            self.save_reader(conn, reader)
+        self.save_readers(conn, list(readers.values()))
         first = self.last_offset + 1
         self.last_offset = offset
         self.last_at = at
@@ -423,6 +463,18 @@ class Log:
         conn.execute("UPDATE log_streams SET first_offset = ?, first_at = ?, count = ?,"
                      " bytes = ? WHERE name = ?", (state.first_offset, state.first_at,
                                                    state.count, state.bytes, state.config.name))
+
+    def save_readers(self, conn: sqlite3.Connection, readers: Sequence[Reader]) -> None:
+        """`save_reader` for many readers, in a few multi-row statements (not one each)."""
+        _update_many(conn, _READERS_UPDATE, [
+            (r.name, r.offset, r.backlog_count, r.backlog_bytes, r.dropped) for r in readers])
+
+    def save_counted(self, conn: sqlite3.Connection,
+                     counted: Sequence[tuple[str, int, int, int]]) -> None:
+        """The sessions' own counts of their backlogs ((reader, count, bytes, skip); see
+        `ReaderCounted`), in a few multi-row statements; unknown readers are skipped."""
+        readers = self.readers
+        _update_many(conn, _COUNTED_UPDATE, [row for row in counted if row[0] in readers])
 
     def save_reader(self, conn: sqlite3.Connection, reader: Reader) -> None:
         conn.execute("UPDATE log_readers SET offset = ?, backlog_count = ?, backlog_bytes = ?,"

@@ -10,7 +10,11 @@ re-pointed. Coalescing skips writes that cannot matter: a delivery saved and del
 group is never written (a delete is only issued for delivery ids at or below `delivery_hwm`,
 the highest id this store ever wrote or found at open), and a body saved in the group that
 nothing refers to is not inserted (only updated, if its id is at or below `message_hwm` and it
-may be in the file already).
+may be in the file already). The sessions' backlog counts (`ReaderCounted`, one per session and
+batch) are coalesced to the last per reader and written after the other reader records, in
+one multi-row UPDATE (`Log.save_counted`): every statement is a step the writer thread runs
+without the GIL and must then win it back from the event loop, so a group of an S4 ingest
+(10 offline sessions) runs about 9 statements instead of about 30.
 """
 
 from __future__ import annotations
@@ -93,15 +97,19 @@ class _Plan:
     rows: int
     log: list[Message]  # LogAppended messages, in order
     readers: list[ReaderChange]  # sessions' reader records, in order (after the appends)
+    # The last ReaderCounted of each reader, as (reader, count, bytes, skip): written after
+    # `readers`, in one statement (see plan_group).
+    counted: list[tuple[str, int, int, int]]
 
     @property
     def empty(self) -> bool:
-        return not self.deletes and not self.puts and not self.log and not self.readers
+        return (not self.deletes and not self.puts and not self.log and not self.readers
+                and not self.counted)
 
 
 _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
 _READER_CHANGES = (ReaderOpened, ReaderFilterSaved, ReaderFilterDeleted, ReaderMoved,
-                   ReaderClosed, InflightSaved, InflightCleared, ReaderCounted)
+                   ReaderClosed, InflightSaved, InflightCleared)
 
 
 def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _Plan:
@@ -117,6 +125,11 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
     cursors: dict[tuple[str, str], str | None] = {}
     downlinks: dict[tuple[str, str], int] = {}  # DownlinkPosition (bridges), final value
     readers: list[ReaderChange] = []
+    # ReaderCounted sets a reader's queued_* columns and nothing else: only the last one of
+    # each reader counts, and it may be written after every other reader record of the group,
+    # except when a ReaderOpened/ReaderClosed of that reader follows it (the row is made
+    # again or deleted): then it goes into `readers` just before that record.
+    counted: dict[str, ReaderCounted] = {}
     changes = batches = 0
     for batch, _ in group:
         if not batch:
@@ -124,7 +137,11 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
         batches += 1
         changes += len(batch)
         for change in batch:
-            if isinstance(change, DeliverySaved):
+            if isinstance(change, LogAppended):  # the most frequent record of an ingest
+                appended.append(change.message)
+            elif isinstance(change, ReaderCounted):
+                counted[change.reader] = change
+            elif isinstance(change, DeliverySaved):
                 saved = change.record
                 per_client = deliveries.get(saved.client_id)
                 if per_client is None:
@@ -142,11 +159,13 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                 if packets is None:
                     packets = qos2[change.client_id] = {}
                 packets[change.packet_id] = isinstance(change, Qos2Received)
-            elif isinstance(change, LogAppended):
-                appended.append(change.message)
             elif isinstance(change, DownlinkPosition):
                 downlinks[change.bridge, change.source] = change.position
             elif isinstance(change, _READER_CHANGES):
+                if counted and isinstance(change, ReaderOpened | ReaderClosed):
+                    earlier = counted.pop(change.reader, None)
+                    if earlier is not None:
+                        readers.append(earlier)
                 readers.append(change)
             elif isinstance(change, StreamCursorSaved):
                 cursors[change.client_id, change.topic_filter] = change.position
@@ -165,6 +184,9 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                 cascade[cid] = None
                 for key in [k for k in cursors if k[0] == cid]:
                     del cursors[key]
+                earlier = counted.pop(reader_name(cid), None)
+                if earlier is not None:
+                    readers.append(earlier)
                 readers.append(ReaderClosed(reader_name(cid)))
             elif isinstance(change, SubscriptionSaved):
                 sub = change.record
@@ -278,5 +300,6 @@ def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _P
                  max_delivery_id=max_delivery_id, max_message_id=max_message_id,
                  changes=changes, batches=batches,
                  rows=row_count + len(appended) + len(cursors) + len(downlinks)
-                 + len(readers),
-                 log=appended, readers=readers)
+                 + len(readers) + len(counted),
+                 log=appended, readers=readers,
+                 counted=[(c.reader, c.count, c.bytes, c.skip) for c in counted.values()])

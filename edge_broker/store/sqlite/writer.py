@@ -72,6 +72,8 @@ class Writer(StoreState):
                 self._log.append(conn, plan.log, [m.offset for m in plan.log])
             if plan.readers:  # sessions' cursors, after the appends they may refer to
                 self._log.apply_readers(conn, plan.readers)
+            if plan.counted:  # the sessions' own backlog counts (plan.py), one statement
+                self._log.log.save_counted(conn, plan.counted)
             if plan.prune_after_puts:
                 conn.execute(_PRUNE_CANDIDATES)
                 conn.execute(_CLEAR_CANDIDATES)
