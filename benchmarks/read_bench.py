@@ -126,9 +126,10 @@ def bench_replay(args: argparse.Namespace) -> None:
                 _stop(rb)
             window_s = (r["t_last_ns"] - r["t0_ns"]) / 1e9
             cpu_us = (c1 - c0) / brokers.CLK_TCK * 1e6 / max(1, r["received"])
+            busy = 100 * cpu_us * r["received"] / 1e6 / window_s
             print(f"replay run {run}: {r['received']:,}/{args.messages:,} messages "
                   f"(fill {fill_s:.1f} s), {r['received'] / window_s:,.0f} msgs/s, "
-                  f"broker CPU {cpu_us:.2f} us/msg ({100 * cpu_us * r['received'] / 1e6 / window_s:.0f}% "
+                  f"broker CPU {cpu_us:.2f} us/msg ({busy:.0f}% "
                   f"busy), replayer CPU {r['cpu_s'] * 1e6 / max(1, r['received']):.2f} us/msg, "
                   f"first {r['first']}, last {r['last']}",
                   flush=True)

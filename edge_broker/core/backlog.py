@@ -55,6 +55,7 @@ session before older backlog rows of its other subscriptions).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..mqtt.topics import topic_matches
@@ -71,9 +72,11 @@ from .changes import (
     ReaderMoved,
     ReaderOpened,
     Snapshot,
+    SubscriptionRecord,
     reader_name,
 )
 from .queues import DROP_OLDEST, QUEUE_FULL, STORE_FULL
+from .replay import StoredRow, rows_of, stored_properties
 from .session import Delivery, Session
 from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
@@ -424,8 +427,15 @@ class BacklogRouting(StreamRouting):
 
     def backlog_page(self, fetch: BacklogFetch, messages: list[Message], end: int,
                      *, now: float) -> None:
-        """The store's answer to `fetch`: the selected rows (with their offsets, in order)
-        and `end`, the offset up to which the range was looked at."""
+        """`backlog_rows` for messages (tests and tools): the rows they would be stored as."""
+        rows, topics = rows_of(messages)
+        self.backlog_rows(fetch, rows, topics, end, now=now)
+
+    def backlog_rows(self, fetch: BacklogFetch, rows: Sequence[StoredRow],
+                     topics: Mapping[int, str], end: int, *, now: float) -> None:
+        """The store's answer to `fetch`: the selected rows as the log holds them (in offset
+        order; core/replay.py), the names of their topic ids, and `end`, the offset up to
+        which the range was looked at."""
         backlog = fetch.backlog
         if fetch.generation != backlog.generation:
             return  # the buffer was dropped meanwhile (offline again)
@@ -435,32 +445,49 @@ class BacklogRouting(StreamRouting):
             return
         in_flight = {d.message.offset for d in session.inflight.values() if d.from_log}
         in_flight.update(backlog.markers)
+        excluded = backlog.excluded
         after = backlog.after
-        for message in messages:
-            offset = message.offset
-            if offset is None or offset <= after or offset in in_flight:
+        # Per topic of the page: its matching subscriptions, (since, record), found once.
+        matching: dict[int, list[tuple[int, SubscriptionRecord]]] = {}
+        buffer = backlog.buffer
+        for row in rows:
+            offset: int = row[0]
+            if offset <= after or offset in in_flight or offset in excluded:
                 continue
-            if offset in backlog.excluded:
-                continue
-            delivery = self._backlog_delivery(session, backlog, message, offset)
+            tid: int = row[2]
+            found = matching.get(tid)
+            if found is None:
+                found = matching[tid] = self._backlog_matching(session, backlog, topics[tid])
+            delivery = self._backlog_delivery(session, backlog, row, topics[tid], found)
             if delivery is not None:
-                backlog.buffer.append(delivery)
+                buffer.append(delivery)
         backlog.after = max(after, end)
 
-    def _backlog_delivery(self, session: Session, backlog: Backlog, message: Message,
-                          offset: int) -> Delivery | None:
+    @staticmethod
+    def _backlog_matching(session: Session, backlog: Backlog,
+                          topic: str) -> list[tuple[int, SubscriptionRecord]]:
+        """The session's reader filters that match `topic`: (since, subscription)."""
+        out: list[tuple[int, SubscriptionRecord]] = []
+        subscriptions = session.subscriptions
+        for topic_filter, since in backlog.since.items():
+            record = subscriptions.get(topic_filter)
+            if record is not None and topic_matches(topic_filter, topic):
+                out.append((since, record))
+        return out
+
+    def _backlog_delivery(self, session: Session, backlog: Backlog, row: StoredRow,
+                          topic: str,
+                          matching: list[tuple[int, SubscriptionRecord]]) -> Delivery | None:
         """The delivery a row becomes for this session, as `_targets` would have made it."""
+        offset: int = row[0]
+        origin: str = row[7]
         qos = -1
         as_published = False
         ids: tuple[int, ...] = ()
-        subscriptions = session.subscriptions
-        for topic_filter, since in backlog.since.items():
+        for since, record in matching:
             if offset <= since:
                 continue
-            record = subscriptions.get(topic_filter)
-            if record is None or not topic_matches(topic_filter, message.topic):
-                continue
-            if record.no_local and message.origin == session.client_id:
+            if record.no_local and origin == session.client_id:
                 continue  # [MQTT-3.8.3-3] (5.0)
             # One copy, at the highest QoS of its matching subscriptions, with every matching
             # subscription identifier [MQTT-3.3.5-1] (3.1.1), 3.3.4 (5.0).
@@ -471,12 +498,14 @@ class BacklogRouting(StreamRouting):
                 ids += (record.subscription_id,)
         if qos < 0:
             return None
-        qos = min(qos, message.qos)
+        qos = min(qos, row[3])
         if qos == 0 and offset <= backlog.online_from and not self.settings.queue_qos0_messages:
             return None  # a QoS 0 message published while it was offline
-        message.id = self._next_message_id
+        retain = bool(row[4])
+        message = Message(self._next_message_id, topic, row[5], row[3], retain,
+                          stored_properties(row[6]), row[1], row[8], origin, offset)
         self._next_message_id += 1
-        delivery = Delivery(0, message, qos, message.retain and as_published, ids, 0)
+        delivery = Delivery(0, message, qos, retain and as_published, ids, 0)
         delivery.from_log = True
         return delivery
 

@@ -23,12 +23,15 @@ payload, properties (wire form, or None), origin (client id, for No Local), expi
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..mqtt.packets import Publish
-from ..mqtt.properties import NO_PROPERTIES, Properties, decode_properties
+from ..mqtt.properties import NO_PROPERTIES, Properties, decode_properties, encode_properties
 from ..mqtt.types import PacketType
 from ..mqtt.wire import Reader, encode_u16, encode_varint
+
+if TYPE_CHECKING:
+    from .changes import Message
 
 # (offset, at, topic id, qos, retain, payload, properties or None, origin, expires_at)
 StoredRow = tuple[Any, ...]
@@ -123,3 +126,21 @@ def encode_v311(head: bytes, retain: bool, payload: bytes) -> bytes:
 
 def subscription_identifier(subscription_id: int) -> bytes:
     return _SUBSCRIPTION_IDENTIFIER + encode_varint(subscription_id)
+
+
+def rows_of(messages: list[Message]) -> tuple[list[StoredRow], dict[int, str]]:
+    """Messages (with their offsets) as the store would hand them back: rows, and the names
+    of the rows' topic ids (tests and tools feed the core pages of messages)."""
+    topics: dict[int, str] = {}
+    ids: dict[str, int] = {}
+    rows: list[StoredRow] = []
+    for m in messages:
+        tid = ids.get(m.topic)
+        if tid is None:
+            tid = ids[m.topic] = len(ids)
+            topics[tid] = m.topic
+        props = (None if m.properties is NO_PROPERTIES
+                 else encode_properties(m.properties, PacketType.PUBLISH))
+        rows.append((m.offset, m.received_at, tid, m.qos, m.retain, m.payload,
+                     None if props == b"\x00" else props, m.origin, m.expires_at))
+    return rows, topics

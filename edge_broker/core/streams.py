@@ -46,9 +46,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..mqtt.packets import Publish, PubRel
-from ..mqtt.properties import NO_PROPERTIES, Properties, encode_properties
+from ..mqtt.properties import Properties
 from ..mqtt.topics import is_valid_topic_filter, topic_matches
-from ..mqtt.types import PacketType, ProtocolLevel, ReasonCode
+from ..mqtt.types import ProtocolLevel, ReasonCode
 from .changes import (
     AWAIT_ACK,
     Change,
@@ -64,6 +64,7 @@ from .replay import (
     encode_v5,
     encode_v311,
     properties_body,
+    rows_of,
     stored_properties,
     subscription_identifier,
     topic_head,
@@ -364,18 +365,7 @@ class StreamRouting(QueueBounds):
     def stream_page(self, fetch: StreamFetch, messages: list[Message], end: int,
                     *, now: float) -> None:
         """`stream_rows` for messages (tests and tools): the rows they would be stored as."""
-        topics: dict[int, str] = {}
-        ids: dict[str, int] = {}
-        rows: list[StoredRow] = []
-        for m in messages:
-            tid = ids.get(m.topic)
-            if tid is None:
-                tid = ids[m.topic] = len(ids)
-                topics[tid] = m.topic
-            props = (None if m.properties is NO_PROPERTIES
-                     else encode_properties(m.properties, PacketType.PUBLISH))
-            rows.append((m.offset, m.received_at, tid, m.qos, m.retain, m.payload,
-                         None if props == b"\x00" else props, m.origin, m.expires_at))
+        rows, topics = rows_of(messages)
         self.stream_rows(fetch, rows, topics, end, now=now)
 
     def stream_rows(self, fetch: StreamFetch, rows: Sequence[StoredRow],

@@ -117,7 +117,8 @@ class LogKeeper:
         backlogs.apply(self.log, conn, changes)
 
     def read_backlog(self, conn: sqlite3.Connection, name: str, filters: Mapping[str, int],
-                     after: int, until: int, limit: int) -> tuple[list[LogRow], int]:
+                     after: int, until: int,
+                     limit: int) -> tuple[list[RawRow], dict[int, str], int]:
         return backlogs.read(self.log, conn, name, filters, after, until, limit)
 
     def readers(self, conn: sqlite3.Connection) -> dict[str, ReaderState]:

@@ -257,8 +257,9 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
             raise _store_error(self.path, "read a stream", error) from None
 
     async def read_backlog(self, reader: str, filters: Mapping[str, int], after: int,
-                           until: int, limit: int) -> tuple[list[LogRow], int]:
-        """A page of a persistent session's backlog (store/log/backlogs.py)."""
+                           until: int,
+                           limit: int) -> tuple[list[RawRow], dict[int, str], int]:
+        """A page of a persistent session's backlog, rows as stored (store/log/backlogs.py)."""
         try:
             return await self._call(self._read_sync, self._log.read_backlog, reader, filters,
                                     after, until, limit)
