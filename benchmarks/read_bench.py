@@ -57,7 +57,7 @@ def _start(workdir: Path, streams: list[dict], durability: str | None,
                             cwd=workdir, env=brokers._edge_env(), start_new_session=True)
     log.close()
     rb = brokers.RunningBroker("edge", proc, port, workdir, cmd, config, data_dir=data_dir)
-    brokers._wait_ready(rb, 30.0)
+    brokers._wait_ready(rb, 300.0)
     return rb
 
 
@@ -86,6 +86,35 @@ def _fill(db: Path, n: int) -> None:
                                   for _ in range(min(group, n - first))], now)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+
+
+class _Callgrind:
+    """With --callgrind: the broker runs under `valgrind --tool=callgrind` (see --edge-cmd
+    in main) and only the measured phase is counted (callgrind_control zeroes the counters
+    before it and dumps them after); `instructions()` is the dump's total."""
+
+    def __init__(self, pid: int, out: str | None) -> None:
+        self.pid = pid
+        self.out = out
+        if out:
+            subprocess.run(["callgrind_control", "-z", str(pid)], check=True,
+                           capture_output=True, timeout=600)
+
+    def instructions(self) -> int | None:
+        if not self.out:
+            return None
+        before = set(Path(self.out).parent.glob(Path(self.out).name + "*"))
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True,
+                       capture_output=True, timeout=600)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            new = set(Path(self.out).parent.glob(Path(self.out).name + "*")) - before
+            for path in new:
+                for line in path.read_text(errors="replace").splitlines():
+                    if line.startswith("totals:") or line.startswith("summary:"):
+                        return int(line.split()[1])
+            time.sleep(0.5)
+        return None
 
 
 class _Spy:
@@ -118,10 +147,15 @@ def bench_replay(args: argparse.Namespace) -> None:
             try:
                 brokers.wait_quiet(rb.pid)
                 spy = _Spy(rb.pid, args.spy if run == 0 else None)
+                grind = _Callgrind(rb.pid, args.callgrind)
                 c0 = brokers.cpu_ticks(rb.pid)
-                r = replay(rb.host, rb.port, REPLAY_STREAM, args.messages, hard_timeout_s=600)
+                r = replay(rb.host, rb.port, REPLAY_STREAM, args.messages, hard_timeout_s=3600)
                 c1 = brokers.cpu_ticks(rb.pid)
                 spy.stop()
+                ins = grind.instructions()
+                if ins is not None:
+                    print(f"replay run {run}: {ins / max(1, r['received']):,.0f} instructions "
+                          f"per message (callgrind)", flush=True)
             finally:
                 _stop(rb)
             window_s = (r["t_last_ns"] - r["t0_ns"]) / 1e9
@@ -155,12 +189,17 @@ def bench_drain(args: argparse.Namespace) -> None:
                                       subscribe=False, idle_s=15.0, drain_s=600,
                                       connect_timeout_s=60)
                 spy = _Spy(rb.pid, args.spy if run == 0 else None)
+                grind = _Callgrind(rb.pid, args.callgrind)
                 c0 = brokers.cpu_ticks(rb.pid)
                 d = loadgen.drain(rb.host, rb.port, sub, p["acked"], sub_procs=2,
-                                  hard_timeout_s=700)
+                                  hard_timeout_s=3600)
                 brokers.wait_quiet(rb.pid, timeout_s=10.0)
                 c1 = brokers.cpu_ticks(rb.pid)
                 spy.stop()
+                ins = grind.instructions()
+                if ins is not None:
+                    print(f"drain run {run}: {ins / max(1, d['delivered']):,.0f} instructions "
+                          f"per message (callgrind)", flush=True)
             finally:
                 _stop(rb)
                 import shutil
@@ -210,8 +249,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--edge-cmd")
     ap.add_argument("--spy", help="py-spy raw output file (first run)")
+    ap.add_argument("--callgrind", metavar="OUT",
+                    help="run the broker under callgrind (output file prefix) and count the "
+                    "instructions of the measured phase; slow: use few messages")
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
+    if args.callgrind:
+        args.edge_cmd = ("valgrind --tool=callgrind --callgrind-out-file=" + args.callgrind
+                         + ".%p " + (args.edge_cmd or brokers.EDGE_DEFAULT_CMD))
     if args.what == "replay":
         bench_replay(args)
     elif args.what == "drain":

@@ -31,6 +31,13 @@ selected row at or below this offset is done) and, for QoS 1 and 2, `InflightSav
 id, offset, QoS 2 phase), cleared at PUBACK/PUBCOMP. After a crash the in-flight entries are
 sent again under their packet ids (DUP) and the reader resumes after its offset, skipping the
 offsets in flight: no QoS 1/2 message lost, no QoS 2 message sent twice as a new message.
+A move that passes only QoS 1 rows (sent, or acknowledged) and rows not for the session is
+recorded lazily: at the latest with the CURSOR_SAVE_EVERY-th such move, and at once with any
+other move (a QoS 0 or QoS 2 row, a skipped one) and at disconnect. A subscriber draining at
+QoS 1 then sends PUBACKs that need no commit, so what it may receive next is sent at once,
+not after an fsync; a crash may send up to CURSOR_SAVE_EVERY acknowledged QoS 1 messages
+again (at least once), never a QoS 0 or QoS 2 one. The session's counts (`ReaderCounted`)
+are written with its cursor.
 
 *The seam.* New messages for a session in backlog mode go to the log even while it is
 connected. When its cursor has caught up with the last offset appended for it (`Backlog.last`)
@@ -82,6 +89,9 @@ from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
 DONE = 3  # the state of a stored marker: a QoS 2 row finished above the durable cursor
 EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past this size
+# A connected session's cursor moves over QoS 1 rows (sent, then acknowledged) are recorded
+# once per this many (and whenever anything else moves it): see *Durability*.
+CURSOR_SAVE_EVERY = 256
 
 
 def is_log_filter(topic_filter: str) -> bool:
@@ -93,7 +103,8 @@ class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
     __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
-                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip")
+                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip",
+                 "unsaved")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -114,6 +125,7 @@ class Backlog:
         self.online_from = offset  # QoS 0 rows at or below were published while offline
         self.skip = 0  # oldest rows to drop (drop-oldest), already counted
         self.excluded: set[int] = set()  # offsets not for it (drop-newest), already counted
+        self.unsaved = 0  # lazy cursor moves not recorded yet (_backlog_sync)
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,9 +532,9 @@ class BacklogRouting(StreamRouting):
             offset = delivery.message.offset
             assert offset is not None
             send = False
-            self._backlog_touched.add(session.client_id)
             if backlog.skip:
                 backlog.skip -= 1  # dropped by drop-oldest (counted then)
+                self._backlog_touched.add(session.client_id)
             else:
                 expires_at = delivery.message.expires_at
                 if expires_at is not None and expires_at <= now:
@@ -542,20 +554,22 @@ class BacklogRouting(StreamRouting):
             buffer.popleft()
             if send and delivery.qos == 1:
                 backlog.outstanding[offset] = None
-            self._backlog_moved(backlog, offset)
+                self._backlog_moved(backlog, offset, lazy=True)
+            else:
+                self._backlog_moved(backlog, offset)
             if send:
                 delivery.id = self._next_delivery_id
                 self._next_delivery_id += 1
                 return delivery
         if backlog.sent < backlog.after:
-            self._backlog_moved(backlog, backlog.after)
+            self._backlog_moved(backlog, backlog.after, lazy=True)  # rows not for it
         if not backlog.fetching and backlog.after >= backlog.last:
             self._backlog_close(session)
         return None
 
-    def _backlog_moved(self, backlog: Backlog, offset: int) -> None:
+    def _backlog_moved(self, backlog: Backlog, offset: int, *, lazy: bool = False) -> None:
         backlog.sent = offset
-        self._backlog_sync(backlog)
+        self._backlog_sync(backlog, lazy=lazy)
         excluded = backlog.excluded
         if len(excluded) > EXCLUDED_PRUNE_AT:
             backlog.excluded = {o for o in excluded if o > offset}
@@ -568,15 +582,29 @@ class BacklogRouting(StreamRouting):
 
     # -- in flight ------------------------------------------------------------------------
 
-    def _backlog_sync(self, backlog: Backlog) -> None:
+    def _backlog_sync(self, backlog: Backlog, *, lazy: bool = False) -> None:
         """Move the durable cursor as far as it may go: below the oldest outstanding QoS 1
-        row, else to what was handed out; markers it passed are no longer needed."""
+        row, else to what was handed out; markers it passed are no longer needed. `lazy`
+        (the move passes only QoS 1 rows sent or acknowledged, and rows not for it): the
+        record may wait, up to CURSOR_SAVE_EVERY such moves (see the module docstring)."""
         outstanding = backlog.outstanding
         durable = next(iter(outstanding)) - 1 if outstanding else backlog.sent
         if durable <= backlog.durable:
             return
+        if lazy:
+            backlog.unsaved += 1
+            if backlog.unsaved < CURSOR_SAVE_EVERY:
+                return
+        backlog.unsaved = 0
         backlog.durable = durable
-        self._changes.append(ReaderMoved(backlog.reader, durable))
+        # The session's counts are written with its cursor (one ReaderCounted per batch).
+        self._backlog_touched.add(backlog.reader[len(SESSION_READER_PREFIX):])
+        changes = self._changes
+        last = changes[-1] if changes else None
+        if isinstance(last, ReaderMoved) and last.reader == backlog.reader:
+            last.offset = durable  # moved again by the next PUBACK of the batch: one record
+        else:
+            changes.append(ReaderMoved(backlog.reader, durable))
         if backlog.markers:
             passed = [o for o in backlog.markers if o <= durable]
             for offset in passed:
@@ -596,7 +624,8 @@ class BacklogRouting(StreamRouting):
         offset = delivery.message.offset
         if backlog is None or delivery.packet_id is None or offset is None:
             return
-        if offset in backlog.outstanding:
+        lazy = offset in backlog.outstanding
+        if lazy:
             del backlog.outstanding[offset]
         else:
             self._changes.append(InflightCleared(backlog.reader, delivery.packet_id))
@@ -605,7 +634,7 @@ class BacklogRouting(StreamRouting):
                 self._changes.append(InflightSaved(
                     backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
                     False))
-        self._backlog_sync(backlog)
+        self._backlog_sync(backlog, lazy=lazy)
 
 
 def _second(item: tuple[str, int]) -> int:
