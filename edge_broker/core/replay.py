@@ -70,6 +70,20 @@ class EncodedPublish:
     def packet_id(self) -> int | None:
         return None
 
+    def for_level(self, v5: bool) -> EncodedPublish:
+        """The same message encoded for the other protocol level (a persistent session
+        that reconnected with another version while its history was buffered)."""
+        if v5 == self.v5:
+            return self
+        head = topic_head(self.topic)
+        sid = self.subscription_ids[0] if self.subscription_ids else 0
+        data = (encode_v5(head, self.offset, self.retain, self.payload,
+                          properties_body(self.properties),
+                          subscription_identifier(sid) if sid else b"")
+                if v5 else encode_v311(head, self.retain, self.payload))
+        return EncodedPublish(data, self.offset, self.topic, self.payload, self.retain,
+                              self.properties, self.subscription_ids, v5)
+
     def as_publish(self) -> Publish:
         """The same message as a `Publish`, for `Connection.send`."""
         if not self.v5:

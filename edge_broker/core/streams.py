@@ -469,8 +469,9 @@ class StreamRouting(QueueBounds):
             # Encoded QoS 0 messages: as many as the caller may take, in one go.
             taken = 0
             room = limit - len(out)
+            v5 = session.protocol_level == ProtocolLevel.MQTT_5
             while taken < room:
-                out.append(item)
+                out.append(item if item.v5 == v5 else item.for_level(v5))
                 buffer.popleft()
                 taken += 1
                 sub.sent = item.offset

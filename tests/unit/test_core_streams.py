@@ -189,3 +189,21 @@ def test_replayed_qos0_history_is_sent_as_the_stored_message_with_its_offset() -
         ("sensors/é", b"x" * 200, False), ("sensors/b", b"", False),
         ("sensors/c", b"y", False), ("sensors/b", b"z", False)]
     assert all(p.properties == Properties() for p in v3)
+
+
+def test_a_buffered_history_goes_out_in_the_version_of_the_new_connection() -> None:
+    """A persistent session's history read while it was connected with MQTT 5 and sent after
+    it reconnected with 3.1.1: no properties on the wire (3.1.1 has none)."""
+    core = core_with_stream(last_offset=2)
+    epoch = connect(core, "dev", clean=False, expiry=3600)
+    subscribe(core, "dev", "$stream/t", qos=0, position="earliest")
+    commit(core)
+    (fetch,) = core.take_stream_fetches()
+    core.disconnect("dev", epoch, now=0.0)
+    core.stream_page(fetch, [Message(0, "sensors/a", b"h", 0, False, offset=n)
+                             for n in (1, 2)], 2, now=0.0)
+    connect(core, "dev", level=V311, clean=False)
+    commit(core)
+    packets = [sent(p, V311) for p in core.pull("dev", now=0.0)]
+    assert [(p.topic, p.payload) for p in packets] == [("sensors/a", b"h")] * 2
+    assert all(p.properties == Properties() for p in packets)
