@@ -31,6 +31,13 @@ selected row at or below this offset is done) and, for QoS 1 and 2, `InflightSav
 id, offset, QoS 2 phase), cleared at PUBACK/PUBCOMP. After a crash the in-flight entries are
 sent again under their packet ids (DUP) and the reader resumes after its offset, skipping the
 offsets in flight: no QoS 1/2 message lost, no QoS 2 message sent twice as a new message.
+A move that passes only QoS 1 rows (sent, or acknowledged) and rows not for the session is
+recorded lazily: at the latest with the CURSOR_SAVE_EVERY-th such move, and at once with any
+other move (a QoS 0 or QoS 2 row, a skipped one) and at disconnect. A subscriber draining at
+QoS 1 then sends PUBACKs that need no commit, so what it may receive next is sent at once,
+not after an fsync; a crash may send up to CURSOR_SAVE_EVERY acknowledged QoS 1 messages
+again (at least once), never a QoS 0 or QoS 2 one. The session's counts (`ReaderCounted`)
+are written with its cursor.
 
 *The seam.* New messages for a session in backlog mode go to the log even while it is
 connected. When its cursor has caught up with the last offset appended for it (`Backlog.last`)
@@ -61,6 +68,7 @@ session before older backlog rows of its other subscriptions).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..mqtt.topics import topic_matches
@@ -77,9 +85,11 @@ from .changes import (
     ReaderMoved,
     ReaderOpened,
     Snapshot,
+    SubscriptionRecord,
     reader_name,
 )
 from .queues import DROP_OLDEST, QUEUE_FULL, STORE_FULL
+from .replay import StoredRow, rows_of, stored_properties
 from .session import Delivery, Session
 from .streams import PAGE_SIZE, REFILL_AT, STREAM_PREFIX, StreamRouting
 
@@ -89,6 +99,9 @@ EXCLUDED_PRUNE_AT = 1024  # prune `Backlog.excluded` of handed-out offsets past 
 # this; above it the session waits in backlog mode for acknowledgements (the seam, above).
 SEAM_COPY_MAX_BYTES = 64 * 1024
 TAKES_CACHE_SIZE = 1024  # topics remembered per backlog by `_backlog_takes`
+# A connected session's cursor moves over QoS 1 rows (sent, then acknowledged) are recorded
+# once per this many (and whenever anything else moves it): see *Durability*.
+CURSOR_SAVE_EVERY = 256
 
 
 def is_log_filter(topic_filter: str) -> bool:
@@ -101,7 +114,7 @@ class Backlog:
 
     __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
                  "markers", "online_from", "outstanding", "reader", "sent", "since", "skip",
-                 "takes")
+                 "takes", "unsaved")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -125,6 +138,7 @@ class Backlog:
         # topic -> whether a reader filter matches it (`_backlog_takes`); cleared whenever
         # `since` changes (`_backlog_subscribe`, `_backlog_unsubscribe`).
         self.takes: dict[str, bool] = {}
+        self.unsaved = 0  # lazy cursor moves not recorded yet (_backlog_sync)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,8 +462,15 @@ class BacklogRouting(StreamRouting):
 
     def backlog_page(self, fetch: BacklogFetch, messages: list[Message], end: int,
                      *, now: float) -> None:
-        """The store's answer to `fetch`: the selected rows (with their offsets, in order)
-        and `end`, the offset up to which the range was looked at."""
+        """`backlog_rows` for messages (tests and tools): the rows they would be stored as."""
+        rows, topics = rows_of(messages)
+        self.backlog_rows(fetch, rows, topics, end, now=now)
+
+    def backlog_rows(self, fetch: BacklogFetch, rows: Sequence[StoredRow],
+                     topics: Mapping[int, str], end: int, *, now: float) -> None:
+        """The store's answer to `fetch`: the selected rows as the log holds them (in offset
+        order; core/replay.py), the names of their topic ids, and `end`, the offset up to
+        which the range was looked at."""
         backlog = fetch.backlog
         if fetch.generation != backlog.generation:
             return  # the buffer was dropped meanwhile (offline again)
@@ -459,32 +480,49 @@ class BacklogRouting(StreamRouting):
             return
         in_flight = {d.message.offset for d in session.inflight.values() if d.from_log}
         in_flight.update(backlog.markers)
+        excluded = backlog.excluded
         after = backlog.after
-        for message in messages:
-            offset = message.offset
-            if offset is None or offset <= after or offset in in_flight:
+        # Per topic of the page: its matching subscriptions, (since, record), found once.
+        matching: dict[int, list[tuple[int, SubscriptionRecord]]] = {}
+        buffer = backlog.buffer
+        for row in rows:
+            offset: int = row[0]
+            if offset <= after or offset in in_flight or offset in excluded:
                 continue
-            if offset in backlog.excluded:
-                continue
-            delivery = self._backlog_delivery(session, backlog, message, offset)
+            tid: int = row[2]
+            found = matching.get(tid)
+            if found is None:
+                found = matching[tid] = self._backlog_matching(session, backlog, topics[tid])
+            delivery = self._backlog_delivery(session, backlog, row, topics[tid], found)
             if delivery is not None:
-                backlog.buffer.append(delivery)
+                buffer.append(delivery)
         backlog.after = max(after, end)
 
-    def _backlog_delivery(self, session: Session, backlog: Backlog, message: Message,
-                          offset: int) -> Delivery | None:
+    @staticmethod
+    def _backlog_matching(session: Session, backlog: Backlog,
+                          topic: str) -> list[tuple[int, SubscriptionRecord]]:
+        """The session's reader filters that match `topic`: (since, subscription)."""
+        out: list[tuple[int, SubscriptionRecord]] = []
+        subscriptions = session.subscriptions
+        for topic_filter, since in backlog.since.items():
+            record = subscriptions.get(topic_filter)
+            if record is not None and topic_matches(topic_filter, topic):
+                out.append((since, record))
+        return out
+
+    def _backlog_delivery(self, session: Session, backlog: Backlog, row: StoredRow,
+                          topic: str,
+                          matching: list[tuple[int, SubscriptionRecord]]) -> Delivery | None:
         """The delivery a row becomes for this session, as `_targets` would have made it."""
+        offset: int = row[0]
+        origin: str = row[7]
         qos = -1
         as_published = False
         ids: tuple[int, ...] = ()
-        subscriptions = session.subscriptions
-        for topic_filter, since in backlog.since.items():
+        for since, record in matching:
             if offset <= since:
                 continue
-            record = subscriptions.get(topic_filter)
-            if record is None or not topic_matches(topic_filter, message.topic):
-                continue
-            if record.no_local and message.origin == session.client_id:
+            if record.no_local and origin == session.client_id:
                 continue  # [MQTT-3.8.3-3] (5.0)
             # One copy, at the highest QoS of its matching subscriptions, with every matching
             # subscription identifier [MQTT-3.3.5-1] (3.1.1), 3.3.4 (5.0).
@@ -495,12 +533,14 @@ class BacklogRouting(StreamRouting):
                 ids += (record.subscription_id,)
         if qos < 0:
             return None
-        qos = min(qos, message.qos)
+        qos = min(qos, row[3])
         if qos == 0 and offset <= backlog.online_from and not self.settings.queue_qos0_messages:
             return None  # a QoS 0 message published while it was offline
-        message.id = self._next_message_id
+        retain = bool(row[4])
+        message = Message(self._next_message_id, topic, row[5], row[3], retain,
+                          stored_properties(row[6]), row[1], row[8], origin, offset)
         self._next_message_id += 1
-        delivery = Delivery(0, message, qos, message.retain and as_published, ids, 0)
+        delivery = Delivery(0, message, qos, retain and as_published, ids, 0)
         delivery.from_log = True
         return delivery
 
@@ -515,9 +555,9 @@ class BacklogRouting(StreamRouting):
             offset = delivery.message.offset
             assert offset is not None
             send = False
-            self._backlog_touched.add(session.client_id)
             if backlog.skip:
                 backlog.skip -= 1  # dropped by drop-oldest (counted then)
+                self._backlog_touched.add(session.client_id)
             else:
                 expires_at = delivery.message.expires_at
                 if expires_at is not None and expires_at <= now:
@@ -537,21 +577,23 @@ class BacklogRouting(StreamRouting):
             buffer.popleft()
             if send and delivery.qos == 1:
                 backlog.outstanding[offset] = None
-            self._backlog_moved(backlog, offset)
+                self._backlog_moved(backlog, offset, lazy=True)
+            else:
+                self._backlog_moved(backlog, offset)
             if send:
                 delivery.id = self._next_delivery_id
                 self._next_delivery_id += 1
                 return delivery
         if backlog.sent < backlog.after:
-            self._backlog_moved(backlog, backlog.after)
+            self._backlog_moved(backlog, backlog.after, lazy=True)  # rows not for it
         if (not backlog.fetching and backlog.after >= backlog.last
                 and _seam_copy_fits(session)):
             self._backlog_close(session)
         return None
 
-    def _backlog_moved(self, backlog: Backlog, offset: int) -> None:
+    def _backlog_moved(self, backlog: Backlog, offset: int, *, lazy: bool = False) -> None:
         backlog.sent = offset
-        self._backlog_sync(backlog)
+        self._backlog_sync(backlog, lazy=lazy)
         excluded = backlog.excluded
         if len(excluded) > EXCLUDED_PRUNE_AT:
             backlog.excluded = {o for o in excluded if o > offset}
@@ -564,15 +606,29 @@ class BacklogRouting(StreamRouting):
 
     # -- in flight ------------------------------------------------------------------------
 
-    def _backlog_sync(self, backlog: Backlog) -> None:
+    def _backlog_sync(self, backlog: Backlog, *, lazy: bool = False) -> None:
         """Move the durable cursor as far as it may go: below the oldest outstanding QoS 1
-        row, else to what was handed out; markers it passed are no longer needed."""
+        row, else to what was handed out; markers it passed are no longer needed. `lazy`
+        (the move passes only QoS 1 rows sent or acknowledged, and rows not for it): the
+        record may wait, up to CURSOR_SAVE_EVERY such moves (see the module docstring)."""
         outstanding = backlog.outstanding
         durable = next(iter(outstanding)) - 1 if outstanding else backlog.sent
         if durable <= backlog.durable:
             return
+        if lazy:
+            backlog.unsaved += 1
+            if backlog.unsaved < CURSOR_SAVE_EVERY:
+                return
+        backlog.unsaved = 0
         backlog.durable = durable
-        self._changes.append(ReaderMoved(backlog.reader, durable))
+        # The session's counts are written with its cursor (one ReaderCounted per batch).
+        self._backlog_touched.add(backlog.reader[len(SESSION_READER_PREFIX):])
+        changes = self._changes
+        last = changes[-1] if changes else None
+        if isinstance(last, ReaderMoved) and last.reader == backlog.reader:
+            last.offset = durable  # moved again by the next PUBACK of the batch: one record
+        else:
+            changes.append(ReaderMoved(backlog.reader, durable))
         if backlog.markers:
             passed = [o for o in backlog.markers if o <= durable]
             for offset in passed:
@@ -592,7 +648,8 @@ class BacklogRouting(StreamRouting):
         offset = delivery.message.offset
         if backlog is None or delivery.packet_id is None or offset is None:
             return
-        if offset in backlog.outstanding:
+        lazy = offset in backlog.outstanding
+        if lazy:
             del backlog.outstanding[offset]
         else:
             self._changes.append(InflightCleared(backlog.reader, delivery.packet_id))
@@ -601,7 +658,7 @@ class BacklogRouting(StreamRouting):
                 self._changes.append(InflightSaved(
                     backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
                     False))
-        self._backlog_sync(backlog)
+        self._backlog_sync(backlog, lazy=lazy)
 
 
 def _seam_copy_fits(session: Session) -> bool:

@@ -57,6 +57,7 @@ from .changes import (
     SubscriptionSaved,
 )
 from .queues import DROP_OLDEST, REFUSE, Target, forget_retained_pending
+from .replay import EncodedPublish
 from .retain import RetainStore
 from .router import Router
 from .session import Delivery, QueueMemory, RetainedPending, Session
@@ -600,13 +601,15 @@ class BrokerCore(BacklogRouting):
 
     # -- outbound -------------------------------------------------------------------------
 
-    def pull(self, client_id: str, *, now: float, limit: int = 256) -> list[Publish | PubRel]:
+    def pull(self, client_id: str, *, now: float,
+             limit: int = 256) -> list[Publish | PubRel | EncodedPublish]:
         """What this client's connection may send now: resends first, then queued deliveries
-        whose batch committed, within the inflight window. At most `limit` packets."""
+        whose batch committed, within the inflight window. At most `limit` packets; a
+        replayed stream message may come encoded already (core/replay.py)."""
         session = self.sessions.get(client_id)
         if session is None or not session.online:
             return []
-        out: list[Publish | PubRel] = []
+        out: list[Publish | PubRel | EncodedPublish] = []
         inflight = session.inflight
         resend = session.resend
         # Resends count against the client's Receive Maximum like new sends: inflight
@@ -629,7 +632,7 @@ class BrokerCore(BacklogRouting):
             if session.stream_history:
                 # A $stream/ subscription's history goes before the queue, which holds its
                 # live messages (core/streams.py): nothing of the queue until it is done.
-                sent = self._stream_history_send(session, out, now)
+                sent = self._stream_history_send(session, out, now, limit)
                 if sent is not None:
                     if sent:
                         continue

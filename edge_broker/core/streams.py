@@ -40,7 +40,7 @@ subscription and its cursor (an `@<position>` in the filter does not reset it).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from ..mqtt.packets import Publish, PubRel
 from ..mqtt.properties import Properties
 from ..mqtt.topics import is_valid_topic_filter, topic_matches
-from ..mqtt.types import ReasonCode
+from ..mqtt.types import ProtocolLevel, ReasonCode
 from .changes import (
     AWAIT_ACK,
     Change,
@@ -58,6 +58,17 @@ from .changes import (
     SubscriptionRecord,
 )
 from .queues import QueueBounds
+from .replay import (
+    EncodedPublish,
+    StoredRow,
+    encode_v5,
+    encode_v311,
+    properties_body,
+    rows_of,
+    stored_properties,
+    subscription_identifier,
+    topic_head,
+)
 from .router import Router
 from .session import Delivery, Session
 
@@ -66,7 +77,7 @@ if TYPE_CHECKING:
 
 STREAM_PREFIX = "$stream/"
 STREAM_OFFSET = "stream-offset"  # the user property: a SUBSCRIBE's position, a message's offset
-PAGE_SIZE = 256  # rows per history page read from the store
+PAGE_SIZE = 512  # rows per history page read from the store
 # Ask for the next page while at most this many are buffered: the read of the next page
 # overlaps the sending of this one, and a subscription buffers two pages at most. The ask
 # is made when a page arrives and, through `stream_refill`, as soon as sending brings the
@@ -128,7 +139,9 @@ class StreamSub:
     after: int = -1  # history delivered up to here (-1: start not resolved yet)
     done: bool = False  # the history is complete (the buffer may still hold some)
     fetching: bool = False
-    buffer: deque[Delivery] = field(default_factory=deque)
+    # What is read and not sent yet: deliveries, and QoS 0 messages encoded from their row
+    # (core/replay.py).
+    buffer: deque[Delivery | EncodedPublish] = field(default_factory=deque)
     sent: int = -1  # the highest offset handed to the connection (-1: none yet)
 
 
@@ -351,8 +364,16 @@ class StreamRouting(QueueBounds):
 
     def stream_page(self, fetch: StreamFetch, messages: list[Message], end: int,
                     *, now: float) -> None:
-        """The store's answer to `fetch`: `messages` (with their offsets, in order) and
-        `end`, the offset up to which every row of the page's range was looked at."""
+        """`stream_rows` for messages (tests and tools): the rows they would be stored as."""
+        rows, topics = rows_of(messages)
+        self.stream_rows(fetch, rows, topics, end, now=now)
+
+    def stream_rows(self, fetch: StreamFetch, rows: Sequence[StoredRow],
+                    topics: Mapping[int, str], end: int, *, now: float) -> None:
+        """The store's answer to `fetch`: `rows` as the log holds them (in offset order; see
+        core/replay.py), `topics` the names of their topic ids, and `end`, the offset up to
+        which every row of the page's range was looked at. A row sent at QoS 0 without an
+        expiry is encoded here, once (`EncodedPublish`); any other becomes a delivery."""
         sub = fetch.sub
         sub.fetching = False
         session = self.sessions.get(fetch.client_id)
@@ -360,20 +381,43 @@ class StreamRouting(QueueBounds):
                 sub not in session.stream_history):
             return  # unsubscribed or replaced meanwhile
         record = sub.record
-        for message in messages:
-            expires_at = message.expires_at
+        granted = record.qos
+        no_local = record.no_local
+        as_published = record.retain_as_published
+        client_id = fetch.client_id
+        sid = record.subscription_id
+        ids = (sid,) if sid else ()
+        v5 = session.protocol_level == ProtocolLevel.MQTT_5
+        extra = subscription_identifier(sid) if sid and v5 else b""
+        heads: dict[int, bytes] = {}
+        buffer = sub.buffer
+        for row in rows:
+            offset: int = row[0]
+            qos: int = row[3]
+            payload: bytes = row[5]
+            props: bytes | None = row[6]
+            expires_at: float | None = row[8]
             if expires_at is not None and expires_at <= now:
                 continue
-            if record.no_local and message.origin == fetch.client_id:
+            if no_local and row[7] == client_id:
                 continue  # [MQTT-3.8.3-3] (5.0)
-            message.id = self._next_message_id
+            tid: int = row[2]
+            retain = bool(row[4]) and as_published
+            if expires_at is None and (granted == 0 or qos == 0):
+                head = heads.get(tid)
+                if head is None:
+                    head = heads[tid] = topic_head(topics[tid])
+                data = (encode_v5(head, offset, retain, payload, properties_body(props), extra)
+                        if v5 else encode_v311(head, retain, payload))
+                buffer.append(EncodedPublish(data, offset, topics[tid], payload, retain, props,
+                                             ids, v5))
+                continue
+            message = Message(self._next_message_id, topics[tid], payload, qos, bool(row[4]),
+                              stored_properties(props), row[1], expires_at, row[7], offset)
             self._next_message_id += 1
-            delivery = Delivery(0, message, min(record.qos, message.qos),
-                                message.retain and record.retain_as_published,
-                                (record.subscription_id,) if record.subscription_id else (),
-                                0)
+            delivery = Delivery(0, message, min(granted, qos), retain, ids, 0)
             delivery.stream = sub
-            sub.buffer.append(delivery)
+            buffer.append(delivery)
         sub.after = max(end, sub.after, 0)
         if sub.after >= sub.live_from - 1:
             sub.done = True
@@ -401,58 +445,64 @@ class StreamRouting(QueueBounds):
             position = position_text(sub.position)
         self._changes.append(StreamCursorSaved(session.client_id, topic_filter, position))
 
-    def _stream_history_send(self, session: Session, out: list[Publish | PubRel],
-                             now: float) -> bool | None:
-        """For `pull`: send the next history message. True: one was added to `out`; False:
-        none may go now (waiting for a page, or the inflight window is full); None: every
-        history is complete, the queue may follow."""
-        delivery, go_on = self._stream_history_next(session)
-        if delivery is None:
-            return None if go_on else False
-        if delivery.qos and len(session.inflight) >= session.inflight_max:
-            return False
-        self._stream_history_pop(session)
-        delivery.id = self._next_delivery_id
-        self._next_delivery_id += 1
-        delivery.batch = self._committed
-        if delivery.stream is not None:
-            delivery.stream.sent = delivery.message.offset or 0
-        if delivery.qos:
-            # Never written as a delivery row (the cursor covers it), QoS 2 included.
-            packet_id = session.allocate_packet_id()
-            delivery.packet_id = packet_id
-            delivery.state = AWAIT_ACK
-            session.inflight[packet_id] = delivery
-        out.append(self._publish_packet(session, delivery, now))
-        if delivery.qos:
-            delivery.dup = True  # any later send of it is a resend
-        return True
-
-    def _stream_history_next(self, session: Session) -> tuple[Delivery | None, bool]:
-        """The next history delivery for `pull`, and whether the queue may follow (every
-        history is complete)."""
+    def _stream_history_send(self, session: Session, out: list[Publish | PubRel | EncodedPublish],
+                             now: float, limit: int) -> bool | None:
+        """For `pull`: send the next history messages (up to `limit` in `out`). True: some
+        were added to `out`; False: none may go now (waiting for a page, or the inflight
+        window is full); None: every history is complete, the queue may follow."""
         history = session.stream_history
-        while history:
+        while True:
+            if not history:
+                session.stream_history = ()
+                return None
             assert isinstance(history, list)
             sub = history[0]
             assert isinstance(sub, StreamSub)
             if sub.buffer:
-                return sub.buffer[0], False
+                break
             if not sub.done:
-                return None, False
+                return False
             history.pop(0)
-        session.stream_history = ()
-        return None, True
-
-    def _stream_history_pop(self, session: Session) -> None:
-        history = session.stream_history
-        assert isinstance(history, list)
-        sub = history[0]
-        assert isinstance(sub, StreamSub)
         buffer = sub.buffer
-        buffer.popleft()
+        item = buffer[0]
+        if isinstance(item, EncodedPublish):
+            # Encoded QoS 0 messages: as many as the caller may take, in one go.
+            taken = 0
+            room = limit - len(out)
+            v5 = session.protocol_level == ProtocolLevel.MQTT_5
+            while taken < room:
+                out.append(item if item.v5 == v5 else item.for_level(v5))
+                buffer.popleft()
+                taken += 1
+                sub.sent = item.offset
+                if not buffer:
+                    break
+                head = buffer[0]
+                if not isinstance(head, EncodedPublish):
+                    break
+                item = head
+            self.stats.publish_sent += taken
+        else:
+            delivery = item
+            if delivery.qos and len(session.inflight) >= session.inflight_max:
+                return False
+            buffer.popleft()
+            delivery.id = self._next_delivery_id
+            self._next_delivery_id += 1
+            delivery.batch = self._committed
+            sub.sent = delivery.message.offset or 0
+            if delivery.qos:
+                # Never written as a delivery row (the cursor covers it), QoS 2 included.
+                packet_id = session.allocate_packet_id()
+                delivery.packet_id = packet_id
+                delivery.state = AWAIT_ACK
+                session.inflight[packet_id] = delivery
+            out.append(self._publish_packet(session, delivery, now))
+            if delivery.qos:
+                delivery.dup = True  # any later send of it is a resend
         if len(buffer) <= REFILL_AT and not sub.fetching and not sub.done:
             self.stream_refill()  # the next page is read while these are sent
+        return True
 
 
 def position_text(position: Position) -> str:

@@ -46,6 +46,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
+from ..core.replay import EncodedPublish
 from ..mqtt.codec import encode_publish
 from ..mqtt.connection import Connection
 from ..mqtt.errors import LocalProtocolError, RemoteProtocolError
@@ -633,6 +634,11 @@ class ClientHandler(asyncio.Protocol):
                 return
             chunks = []
             for packet in packets:
+                if type(packet) is EncodedPublish:  # replayed stream history (core/replay.py)
+                    if shared is not None and not checked:
+                        chunks.append(conn.send_encoded_qos0_publish(packet.data))
+                        continue
+                    packet = packet.as_publish()
                 if checked and isinstance(packet, Publish) and not guard.allowed(self, packet.topic,
                                                                                  READ):
                     # The ACL does not let this client read it: not sent; a QoS 1/2

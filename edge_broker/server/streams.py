@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..core.backlog import BacklogFetch
-from ..core.changes import Message
 from ..core.streams import StreamFetch
 from ..errors import StoreError
 from ..mqtt.properties import Properties
@@ -142,8 +141,8 @@ class StreamReplay:
         app = self.app
         read = getattr(app.store, "read_backlog")  # noqa: B009 - SqliteStore only
         try:
-            rows, end = await read(fetch.reader, fetch.filters, fetch.after, fetch.until,
-                                   fetch.limit)
+            rows, topics, end = await read(fetch.reader, fetch.filters, fetch.after,
+                                           fetch.until, fetch.limit)
         except Exception as error:  # StoreError, or a bug: the client reads it again later
             if isinstance(error, StoreError):
                 log.error("client %s: cannot read its queued messages: %s", fetch.client_id,
@@ -156,9 +155,7 @@ class StreamReplay:
             if handler is not None:  # no gap: the cursor did not move
                 handler.kick(ReasonCode.UNSPECIFIED_ERROR)
             return
-        messages = [Message(0, r.topic, r.payload, r.qos, r.retain, r.properties, r.at,
-                            r.expires_at, r.origin, r.offset) for r in rows]
-        app.core.backlog_page(fetch, messages, end, now=time.time())
+        app.core.backlog_rows(fetch, rows, topics, end, now=time.time())
         self.fetch()
         handler = app.clients.get(fetch.client_id)
         if handler is not None:
@@ -168,8 +165,8 @@ class StreamReplay:
         app = self.app
         read = getattr(app.store, "read_stream")  # noqa: B009 - SqliteStore only
         try:
-            rows, end = await read(fetch.stream, fetch.topic_filter, fetch.position,
-                                   fetch.after, fetch.until, fetch.limit)
+            rows, topics, end = await read(fetch.stream, fetch.topic_filter, fetch.position,
+                                           fetch.after, fetch.until, fetch.limit)
         except Exception as error:  # StoreError, or a bug: the replay cannot go on
             if isinstance(error, StoreError):
                 log.error("client %s: cannot read stream %r: %s", fetch.client_id,
@@ -182,9 +179,7 @@ class StreamReplay:
             if handler is not None:  # no gap: the client reconnects and replays again
                 handler.kick(ReasonCode.UNSPECIFIED_ERROR)
             return
-        messages = [Message(0, r.topic, r.payload, r.qos, r.retain, r.properties, r.at,
-                            r.expires_at, r.origin, r.offset) for r in rows]
-        app.core.stream_page(fetch, messages, end, now=time.time())
+        app.core.stream_rows(fetch, rows, topics, end, now=time.time())
         self.fetch()  # the next page is read while this one is sent
         handler = app.clients.get(fetch.client_id)
         if handler is not None:

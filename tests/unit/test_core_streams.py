@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from edge_broker.core.broker import BrokerCore, CoreSettings
 from edge_broker.core.changes import LogAppended, Message, Snapshot
+from edge_broker.core.replay import EncodedPublish
 from edge_broker.core.streams import PAGE_SIZE, parse_stream_filter
+from edge_broker.mqtt.codec import decode, split_frame
 from edge_broker.mqtt.packets import Publish, Subscribe, Subscription
 from edge_broker.mqtt.properties import Properties
 from edge_broker.mqtt.types import ReasonCode
@@ -28,12 +30,22 @@ def subscribe(core: BrokerCore, client_id: str, topic_filter: str, qos: int = 1,
                           now=0.0)
 
 
+def sent(packet: object, level: int = 5) -> Publish:
+    """The PUBLISH as the subscriber receives it: a replayed QoS 0 message comes encoded by
+    the core (core/replay.py); its bytes are decoded, and must be what `as_publish()` is."""
+    if isinstance(packet, EncodedPublish):
+        first, start, end = split_frame(packet.data, 0, 1 << 28)
+        assert end == len(packet.data)
+        decoded = decode(first, packet.data[start:end], level)
+        assert isinstance(decoded, Publish) and decoded == packet.as_publish()
+        return decoded
+    assert isinstance(packet, Publish)
+    return packet
+
+
 def offsets(packets: list[object]) -> list[int]:
-    out = []
-    for packet in packets:
-        assert isinstance(packet, Publish)
-        out.append(int(dict(packet.properties.user_properties)["stream-offset"]))
-    return out
+    return [int(dict(sent(packet).properties.user_properties)["stream-offset"])
+            for packet in packets]
 
 
 def test_offsets_follow_the_log_and_every_stream_message_is_appended_once() -> None:
@@ -138,3 +150,60 @@ def test_sending_a_page_down_to_the_refill_mark_asks_for_the_next_one() -> None:
     assert asked  # down to a page: the server is told to fetch
     (fetch,) = core.take_stream_fetches()
     assert fetch.after == 2 * PAGE_SIZE
+
+
+def test_replayed_qos0_history_is_sent_as_the_stored_message_with_its_offset() -> None:
+    """What a QoS 0 replay puts on the wire (encoded from the stored row, core/replay.py):
+    original topic, payload, retain as published, the publisher's properties, the
+    subscription identifier and `stream-offset`; no properties at all for 3.1.1. A message
+    with an expiry, or sent at QoS 1, goes out as a packet with its remaining interval."""
+    core = core_with_stream(last_offset=4)
+    connect(core, "v5")
+    connect(core, "v3", level=V311)
+    props = Properties(content_type="text/plain", user_properties=(("k", "v"), ("k", "w")),
+                       correlation_data=b"\x00\x01")
+    core.subscribe("v5", Subscribe(1, (Subscription("$stream/t", 0, retain_as_published=True),),
+                                   Properties(subscription_identifiers=(300,),
+                                              user_properties=(("stream-offset", "earliest"),))),
+                   now=0.0)
+    subscribe(core, "v3", "$stream/t@earliest", qos=0)
+    commit(core)
+    rows = [Message(0, "sensors/é", b"x" * 200, 1, True, props, offset=1),
+            Message(0, "sensors/b", b"", 0, False, offset=2),
+            Message(0, "sensors/c", b"y", 0, False, expires_at=100.0, offset=3),
+            Message(0, "sensors/b", b"z", 2, False, offset=4)]
+    for fetch in core.take_stream_fetches():
+        core.stream_page(fetch, rows, 4, now=10.0)
+    v5 = [sent(p) for p in core.pull("v5", now=10.0)]
+    assert [(p.topic, p.payload, p.retain, p.qos) for p in v5] == [
+        ("sensors/é", b"x" * 200, True, 0), ("sensors/b", b"", False, 0),
+        ("sensors/c", b"y", False, 0), ("sensors/b", b"z", False, 0)]
+    assert v5[0].properties.content_type == "text/plain"
+    assert v5[0].properties.correlation_data == b"\x00\x01"
+    assert v5[0].properties.user_properties == (("k", "v"), ("k", "w"), ("stream-offset", "1"))
+    assert all(p.properties.subscription_identifiers == (300,) for p in v5)
+    assert v5[2].properties.message_expiry_interval == 90
+    assert offsets(v5) == [1, 2, 3, 4]
+    v3 = [sent(p, V311) for p in core.pull("v3", now=10.0)]
+    assert [(p.topic, p.payload, p.retain) for p in v3] == [
+        ("sensors/é", b"x" * 200, False), ("sensors/b", b"", False),
+        ("sensors/c", b"y", False), ("sensors/b", b"z", False)]
+    assert all(p.properties == Properties() for p in v3)
+
+
+def test_a_buffered_history_goes_out_in_the_version_of_the_new_connection() -> None:
+    """A persistent session's history read while it was connected with MQTT 5 and sent after
+    it reconnected with 3.1.1: no properties on the wire (3.1.1 has none)."""
+    core = core_with_stream(last_offset=2)
+    epoch = connect(core, "dev", clean=False, expiry=3600)
+    subscribe(core, "dev", "$stream/t", qos=0, position="earliest")
+    commit(core)
+    (fetch,) = core.take_stream_fetches()
+    core.disconnect("dev", epoch, now=0.0)
+    core.stream_page(fetch, [Message(0, "sensors/a", b"h", 0, False, offset=n)
+                             for n in (1, 2)], 2, now=0.0)
+    connect(core, "dev", level=V311, clean=False)
+    commit(core)
+    packets = [sent(p, V311) for p in core.pull("dev", now=0.0)]
+    assert [(p.topic, p.payload) for p in packets] == [("sensors/a", b"h")] * 2
+    assert all(p.properties == Properties() for p in packets)

@@ -40,7 +40,7 @@ from ...core.changes import (
 )
 from ...mqtt.topics import topic_matches
 from . import cursors
-from .log import _COLUMNS, Log, LogRow, Reader
+from .log import _COLUMNS, Log, RawRow, Reader
 
 __all__ = ["apply", "load", "read", "session_backlogs",
            "session_preview"]
@@ -153,21 +153,24 @@ def _stats(log: Log, conn: sqlite3.Connection, reader: Reader, after: int,
 
 
 def read(log: Log, conn: sqlite3.Connection, name: str, filters: Mapping[str, int],
-         after: int, until: int, limit: int) -> tuple[list[LogRow], int]:
+         after: int, until: int, limit: int) -> tuple[list[RawRow], dict[int, str], int]:
     """The rows with after < offset <= until that the reader selects (its filters as the
-    store holds them, else `filters`), at most `limit`, in order; and the offset up to
-    which the range was looked at. Never past what the log holds (with durability "none" a
-    batch counts as done before it is written): the caller asks again from there."""
+    store holds them, else `filters`), at most `limit`, in order, as SQLite returns them
+    (`Log.read_raw`), with the names of their topic ids; and the offset up to which the
+    range was looked at. Never past what the log holds (with durability "none" a batch
+    counts as done before it is written): the caller asks again from there."""
     until = min(until, log.last_offset)
     if after >= until:
-        return [], after
+        return [], {}, after
     reader = log.readers.get(name)
     selection = reader.topics if reader is not None else log.selection(filters)
-    page = log.read_page(conn, after, selection, limit)
-    rows = [row for row in page.rows if row.offset <= until]
-    if len(rows) < len(page.rows) or page.end >= until:
-        return rows, until
-    return rows, page.end
+    rows, end = log.read_raw(conn, after, selection, limit)
+    if rows and rows[-1][0] > until:
+        rows = [row for row in rows if row[0] <= until]
+        end = until
+    by_id = log.by_id
+    topics = {tid: by_id[tid].name for tid in {row[2] for row in rows}}
+    return rows, topics, min(end, until)
 
 
 def load(log: Log, conn: sqlite3.Connection) -> dict[str, ReaderState]:

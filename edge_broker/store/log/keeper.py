@@ -26,8 +26,8 @@ from typing import Final, TypeVar
 from ...core.changes import ReaderChange, ReaderState
 from . import backlogs
 from .budget import GiveWay, backlogs_give_way, give_way_step
-from .log import Appendable, Log, LogRow
-from .replay import Position, StreamStats, replay, stream_start, stream_stats
+from .log import Appendable, Log, LogRow, RawRow
+from .replay import Position, StreamStats, page_raw, replay, stream_start, stream_stats
 from .retention import RetentionReport, TrustedClock, retention_due, retention_step
 from .streams import StreamConfig
 
@@ -117,7 +117,8 @@ class LogKeeper:
         backlogs.apply(self.log, conn, changes)
 
     def read_backlog(self, conn: sqlite3.Connection, name: str, filters: Mapping[str, int],
-                     after: int, until: int, limit: int) -> tuple[list[LogRow], int]:
+                     after: int, until: int,
+                     limit: int) -> tuple[list[RawRow], dict[int, str], int]:
         return backlogs.read(self.log, conn, name, filters, after, until, limit)
 
     def readers(self, conn: sqlite3.Connection) -> dict[str, ReaderState]:
@@ -127,13 +128,14 @@ class LogKeeper:
 
     def page(self, conn: sqlite3.Connection, name: str, topic_filter: str | None,
              position: Position | None, after: int, until: int,
-             limit: int) -> tuple[list[LogRow], int]:
+             limit: int) -> tuple[list[RawRow], dict[int, str], int]:
         """Rows of stream `name` with `after < offset <= until` (from `position` when given:
-        the first page), at most `limit`, in order; and the offset up to which the range was
-        looked at (`until` when it is complete). An unknown stream (removed from the
-        configuration) gives ([], until)."""
+        the first page), at most `limit`, in order, as SQLite returns them (`Log.read_raw`),
+        with the names of their topic ids; and the offset up to which the range was looked
+        at (`until` when it is complete). An unknown stream (removed from the
+        configuration) gives ([], {}, until)."""
         if name not in self.log.streams:
-            return [], until
+            return [], {}, until
         # Never past what the log holds: with durability "none" a batch counts as done
         # before the writer appended it; the caller asks again from `end`.
         asked = until
@@ -141,16 +143,10 @@ class LogKeeper:
         if position is not None:
             after = stream_start(self.log, conn, name, position) - 1
         if after >= until:
-            return [], min(max(after, until), asked)
-        rows: list[LogRow] = []
-        for row in replay(self.log, conn, name, after + 1, topic_filter, None,
-                          page_size=limit):
-            if row.offset > until:
-                return rows, until
-            rows.append(row)
-            if len(rows) >= limit:
-                return rows, row.offset
-        return rows, until
+            return [], {}, min(max(after, until), asked)
+        rows, end = page_raw(self.log, conn, name, after, until, topic_filter, limit)
+        by_id = self.log.by_id
+        return rows, {tid: by_id[tid].name for tid in {row[2] for row in rows}}, end
 
     def stats(self, conn: sqlite3.Connection) -> list[StreamStats]:
         return [stream_stats(self.log, conn, name) for name in sorted(self.log.streams)]

@@ -23,8 +23,8 @@ from ...mqtt.topics import topic_matches
 from .schema import decode_props, encode_props, ensure_schema
 from .streams import StreamConfig
 
-__all__ = ["Log", "LogMessage", "LogRow", "Page", "Reader", "StreamState", "TopicStats",
-           "transaction"]
+__all__ = ["Log", "LogMessage", "LogRow", "Page", "RawRow", "Reader", "StreamState",
+           "TopicStats", "transaction"]
 
 # Read strategy: when the selected topics hold at least this share of the log's rows, scan
 # the log in offset order and filter in Python; otherwise read index ranges per topic.
@@ -100,6 +100,10 @@ class LogRow:
     origin: str
     expires_at: float | None
     size: int
+
+
+# A row as `read_raw` returns it (the columns of `_COLUMNS`, in that order).
+RawRow = tuple[Any, ...]
 
 
 @dataclass(slots=True)
@@ -502,58 +506,70 @@ class Log:
                   limit: int) -> Page:
         """Up to `limit` rows with offset > `after` whose topic id is in `selection` (topic id
         -> since) and whose offset is above that topic's since, in offset order."""
+        raws, end = self.read_raw(conn, after, selection, limit)
+        return Page([self._row(raw) for raw in raws], end)
+
+    def read_raw(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
+                 limit: int) -> tuple[list[RawRow], int]:
+        """`read_page`'s rows as SQLite returns them (`_COLUMNS`: offset, at, topic id, qos,
+        retain, payload, properties in wire form or None, origin, expires_at), and its
+        `end`: for readers that make no `LogRow` (a replay builds packets from the bytes)."""
         last = self.last_offset
         if limit <= 0:
-            return Page([], after)
+            return [], after
         if not selection or after >= last:
-            return Page([], max(after, last))
+            return [], max(after, last)
         by_id = self.by_id
         if len(selection) >= len(by_id):  # every topic (`#` without `$` topics is close)
             return self._scan(conn, after, selection, limit, 1.0)
         matched = sum(by_id[t].count for t in selection if t in by_id)
         if matched == 0:
-            return Page([], last)
+            return [], last
         fraction = matched / max(1, self.total_count)
         if fraction >= SCAN_FRACTION or len(selection) > MAX_IN_LIST:
             return self._scan(conn, after, selection, limit, fraction)
         if len(selection) == 1:  # one topic: its index range, no window needed
             ((tid, since),) = selection.items()
             raws = conn.execute(_ONE_TOPIC, (tid, max(after, since), limit)).fetchall()
-            rows = [self._row(raw) for raw in raws]
-            return Page(rows, rows[-1].offset if len(rows) == limit else last)
+            return raws, raws[-1][0] if len(raws) == limit else last
         return self._ranges(conn, after, selection, limit, fraction)
 
     def _scan(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
-              limit: int, fraction: float) -> Page:
+              limit: int, fraction: float) -> tuple[list[RawRow], int]:
         batch = min(MAX_SCAN_BATCH, int(limit / fraction) + 16)
-        out: list[LogRow] = []
         lo = after
         last = self.last_offset
+        if fraction >= 1.0 and all(selection.get(t, after + 1) <= after for t in self.by_id):
+            # Every topic, none with a since above `after`: every row is selected, the
+            # page is one range of the primary key.
+            raws = conn.execute(_SCAN, (lo, limit)).fetchall()
+            return raws, raws[-1][0] if len(raws) == limit else last
+        out: list[RawRow] = []
         while lo < last:
             raws = conn.execute(_SCAN, (lo, batch)).fetchall()
             if not raws:
-                return Page(out, last)
+                return out, last
             for raw in raws:
                 since = selection.get(raw[2])
                 if since is not None and raw[0] > since:
-                    out.append(self._row(raw))
+                    out.append(raw)
                     if len(out) == limit:
-                        return Page(out, raw[0])
+                        return out, raw[0]
             lo = raws[-1][0]
-        return Page(out, last)
+        return out, last
 
     def _ranges(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
-                limit: int, fraction: float) -> Page:
+                limit: int, fraction: float) -> tuple[list[RawRow], int]:
         groups: dict[int, list[int]] = {}
         for tid, since in selection.items():
             groups.setdefault(since, []).append(tid)
         window = int(limit / fraction * 1.5) + 64
-        out: list[LogRow] = []
+        out: list[RawRow] = []
         lo = after
         last = self.last_offset
         while lo < last:
             hi = min(lo + window, last)
-            raws: list[Any] = []
+            raws: list[RawRow] = []
             for since, tids in groups.items():
                 lower = max(lo, since)
                 if lower >= hi:
@@ -566,12 +582,12 @@ class Log:
                 raws.sort(key=lambda r: r[0])
             need = limit - len(out)
             if len(raws) >= need:
-                out.extend(self._row(raw) for raw in raws[:need])
-                return Page(out, out[-1].offset)
-            out.extend(self._row(raw) for raw in raws)
+                out.extend(raws[:need])
+                return out, out[-1][0]
+            out.extend(raws)
             lo = hi
             window *= 2
-        return Page(out, last)
+        return out, last
 
     # -- time -----------------------------------------------------------------------------
 

@@ -19,12 +19,12 @@ from urllib.parse import quote
 
 from ...errors import StoreError
 from ...mqtt.topics import topic_matches
-from .log import Log, LogRow
+from .log import Log, LogRow, RawRow
 from .schema import has_schema
 from .streams import StreamConfig
 
-__all__ = ["Position", "StreamStats", "open_read_only", "parse_position", "read_streams",
-           "replay", "stream_start", "stream_stats"]
+__all__ = ["Position", "StreamStats", "open_read_only", "page_raw", "parse_position",
+           "read_streams", "replay", "stream_start", "stream_stats"]
 
 Position = str | int | float  # "earliest" | "latest" | offset (int) | time (float seconds)
 
@@ -114,6 +114,23 @@ def replay(log: Log, conn: sqlite3.Connection, name: str, start: int,
         if page.end == after:
             return
         after = page.end
+
+
+def page_raw(log: Log, conn: sqlite3.Connection, name: str, after: int, until: int,
+             topic_filter: str | None, limit: int) -> tuple[list[RawRow], int]:
+    """One page of `$stream/` history: the rows of stream `name` (optionally only the topics
+    `topic_filter` matches) with `after < offset <= until`, at most `limit`, as SQLite returns
+    them (`Log.read_raw`: no `LogRow`, the core encodes packets from the stored bytes); and
+    the offset up to which the range was looked at (`until` when it is complete)."""
+    state = log.streams[name]
+    selection = {t: 0 for t in state.topics
+                 if topic_filter is None or topic_matches(topic_filter, log.by_id[t].name)}
+    rows, end = log.read_raw(conn, max(after, state.first_offset - 1), selection, limit)
+    if end < until:
+        return rows, end  # a full page
+    if rows and rows[-1][0] > until:
+        rows = [row for row in rows if row[0] <= until]
+    return rows, until
 
 
 def open_read_only(path: str | Path) -> tuple[Log, sqlite3.Connection] | None:

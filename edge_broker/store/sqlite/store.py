@@ -44,7 +44,7 @@ from ...errors import StoreDamagedError, StoreError, StoreFullError
 from ..base import DONE
 from ..log.bridge_store import BridgeStoreSide
 from ..log.keeper import LogKeeper
-from ..log.log import LogRow
+from ..log.log import LogRow, RawRow
 from ..log.replay import Position, StreamStats
 from ..log.streams import StreamConfig
 from .guard import FileGuard
@@ -248,8 +248,8 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
 
     async def read_stream(self, name: str, topic_filter: str | None,
                           position: Position | None, after: int, until: int,
-                          limit: int) -> tuple[list[LogRow], int]:
-        """A page of a stream's history for replay (see LogKeeper.page)."""
+                          limit: int) -> tuple[list[RawRow], dict[int, str], int]:
+        """A page of a stream's history for replay, rows as stored (see LogKeeper.page)."""
         try:
             return await self._call(self._read_sync, self._log.page, name, topic_filter,
                                     position, after, until, limit)
@@ -257,8 +257,9 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
             raise _store_error(self.path, "read a stream", error) from None
 
     async def read_backlog(self, reader: str, filters: Mapping[str, int], after: int,
-                           until: int, limit: int) -> tuple[list[LogRow], int]:
-        """A page of a persistent session's backlog (store/log/backlogs.py)."""
+                           until: int,
+                           limit: int) -> tuple[list[RawRow], dict[int, str], int]:
+        """A page of a persistent session's backlog, rows as stored (store/log/backlogs.py)."""
         try:
             return await self._call(self._read_sync, self._log.read_backlog, reader, filters,
                                     after, until, limit)
