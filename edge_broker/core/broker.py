@@ -26,6 +26,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import cast
 
 from ..mqtt.errors import RemoteProtocolError
 from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Subscription, Unsubscribe, Will
@@ -59,7 +60,14 @@ from .changes import (
 from .queues import DROP_OLDEST, REFUSE, Target, forget_retained_pending
 from .retain import RetainStore
 from .router import Router
-from .session import Delivery, QueueMemory, RetainedPending, Session
+from .session import (
+    DELIVERY_OVERHEAD,
+    MESSAGE_OVERHEAD,
+    Delivery,
+    QueueMemory,
+    RetainedPending,
+    Session,
+)
 from .streams import (
     STREAM_PREFIX,
     parse_position,
@@ -120,6 +128,7 @@ class BrokerStats:
 class BrokerCore(BacklogRouting):
     def __init__(self, settings: CoreSettings | None = None) -> None:
         self.settings = settings or CoreSettings()
+        self._queue_qos0 = self.settings.queue_qos0_messages
         self.sessions: dict[str, Session] = {}
         self.router = Router()
         self.retained = RetainStore()
@@ -616,10 +625,29 @@ class BrokerCore(BacklogRouting):
                 out.append(self._publish_packet(session, again, now))
             else:
                 out.append(PubRel(again.packet_id))
-        queue = session.queue
-        pending = session.retained_pending
         committed = self._committed
         free = self._free
+        ready = session.ready
+        if isinstance(ready, list):
+            # The fast lane: older than the queue, all of one batch (core/session.py).
+            batch = session.ready_batch
+            room = limit - len(out)
+            if room <= 0 or not (batch <= committed or batch in free):
+                return out
+            if len(ready) <= 2 * room:
+                taken = ready
+                session.ready = ()
+            else:
+                taken = ready[:2 * room]
+                del ready[:2 * room]
+            packets = cast("list[Publish]", taken[0::2])
+            out.extend(packets)
+            self.stats.publish_sent += len(packets)
+            session.release_ready(cast("list[Message]", taken[1::2]))
+            if session.ready:
+                return out
+        queue = session.queue
+        pending = session.retained_pending
         while len(out) < limit:
             if session.stream_history:
                 # A $stream/ subscription's history goes before the queue, which holds its
@@ -905,6 +933,12 @@ class BrokerCore(BacklogRouting):
     def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
                  subscription_ids: tuple[int, ...]) -> bool:
         online = session.online
+        if (online and not qos and session.backlog is None and not session.queue
+                and message.expires_at is None and self._stream_marking is None
+                and not session.retained_pending and not session.stream_history
+                and (session.ready_batch == self._batch or not session.ready)
+                and not (self._queue_qos0 and session.persistent)):
+            return self._deliver_ready(session, message, retain, subscription_ids)
         if not online and qos == 0 and not self.settings.queue_qos0_messages:
             return False
         if session.backlog is not None and self._stream_marking is None and (
@@ -922,6 +956,56 @@ class BrokerCore(BacklogRouting):
             self._save_delivery(session, delivery)
         if online:
             self._wake[session.client_id] = self._batch
+        return True
+
+    def _deliver_ready(self, session: Session, message: Message, retain: bool,
+                       subscription_ids: tuple[int, ...]) -> bool:
+        """`_deliver` by the fast lane (core/session.py): no Delivery object, the packet
+        built now. Same bounds and policy as the queue."""
+        settings = self.settings
+        size = len(message.payload)
+        max_messages = settings.max_queued_messages
+        max_bytes = settings.max_queued_bytes
+        limit = settings.max_queued_memory_bytes
+        memory = self.memory
+        at_bound = (
+            (max_messages and (len(session.ready) >> 1) + session.backlog_count >= max_messages)
+            or (max_bytes and session.queued_bytes + session.backlog_bytes + size > max_bytes)
+            or (limit and memory.used + DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size
+                + len(message.topic) > limit))
+        if at_bound and not self._make_room(session, message):
+            return False
+        if subscription_ids and session.protocol_level == ProtocolLevel.MQTT_5:
+            packet = Publish(message.topic, message.payload, 0, retain, False, None,
+                             replace(message.properties,
+                                     subscription_identifiers=subscription_ids))
+        else:
+            # Identical for every subscriber that gets it at QoS 0 (_publish_packet).
+            key = message.id * 2 + retain
+            qos0_packets = self._qos0_packets
+            cached = qos0_packets.get(key)
+            if cached is None:
+                if len(qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
+                    qos0_packets.clear()
+                cached = qos0_packets[key] = Publish(message.topic, message.payload, 0, retain,
+                                                     False, None, message.properties)
+            packet = cached
+        ready = session.ready
+        if isinstance(ready, list):
+            ready.append(packet)
+            ready.append(message)
+        else:
+            session.ready = [packet, message]
+            session.ready_batch = self._batch
+        session.queued_bytes += size
+        # QueueMemory.add, inline (once per delivery).
+        refs = memory.refs
+        message_id = message.id
+        count = refs.get(message_id, 0)
+        refs[message_id] = count + 1
+        memory.used += DELIVERY_OVERHEAD if count else (
+            DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic))
+        self._wake[session.client_id] = self._batch
         return True
 
     def _save_message(self, message: Message) -> None:
@@ -949,6 +1033,7 @@ class BrokerCore(BacklogRouting):
             self._changes.append(DeliveryDeleted(session.client_id, delivery.id))
 
     def _drop_queued_qos0(self, session: Session) -> None:
+        session.clear_ready()
         if not any(d.qos == 0 for d in session.queue):
             return
         session.replace_queue([d for d in session.queue if d.qos > 0])
