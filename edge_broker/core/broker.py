@@ -128,7 +128,6 @@ class BrokerStats:
 class BrokerCore(BacklogRouting):
     def __init__(self, settings: CoreSettings | None = None) -> None:
         self.settings = settings or CoreSettings()
-        self._queue_qos0 = self.settings.queue_qos0_messages
         self.sessions: dict[str, Session] = {}
         self.router = Router()
         self.retained = RetainStore()
@@ -385,8 +384,7 @@ class BrokerCore(BacklogRouting):
             if len(qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
                 qos0_packets.clear()
             qos0_packets[message.id * 2 + packet.retain] = packet
-        for target in targets:
-            self._deliver(*target)
+        self._deliver_all(message, targets)
         in_stream = self._stream_append(message)
         # A subscriber whose queue dropped the message still matched it; a message a stream
         # records is taken (acknowledged after its commit, like one queued for a session).
@@ -879,8 +877,7 @@ class BrokerCore(BacklogRouting):
     def _route(self, message: Message) -> int:
         """Queue the message for every matching session. Returns how many matched."""
         targets = self._targets(message)
-        for target in targets:
-            self._deliver(*target)
+        self._deliver_all(message, targets)
         return len(targets)
 
     def _targets(self, message: Message) -> list[Target]:
@@ -896,6 +893,18 @@ class BrokerCore(BacklogRouting):
                 targets.append((
                     sessions[record.client_id], message, min(record.qos, message.qos),
                     message.retain and record.retain_as_published,
+                    (record.subscription_id,) if record.subscription_id else ()))
+        elif len({record.client_id for record in normal}) == len(normal):
+            # One subscription per client (fan-out): no merging to do.
+            top = message.qos
+            retained = message.retain
+            for record in normal:
+                if record.no_local and record.client_id == message.origin:
+                    continue  # [MQTT-3.8.3-3] (5.0)
+                targets.append((
+                    sessions[record.client_id], message,
+                    record.qos if record.qos < top else top,
+                    retained and record.retain_as_published,
                     (record.subscription_id,) if record.subscription_id else ()))
         elif normal:
             # One copy per client, at the highest QoS of its matching subscriptions, with
@@ -933,18 +942,24 @@ class BrokerCore(BacklogRouting):
     def _deliver(self, session: Session, message: Message, qos: int, retain: bool,
                  subscription_ids: tuple[int, ...]) -> bool:
         online = session.online
-        if (online and not qos and session.backlog is None and not session.queue
-                and message.expires_at is None and self._stream_marking is None
-                and not session.retained_pending and not session.stream_history
-                and (session.ready_batch == self._batch or not session.ready)
-                and not (self._queue_qos0 and session.persistent)):
-            return self._deliver_ready(session, message, retain, subscription_ids)
         if not online and qos == 0 and not self.settings.queue_qos0_messages:
             return False
         if session.backlog is not None and self._stream_marking is None and (
                 self._backlog_takes(session, message)):
             return self._backlog_deliver(session, message)  # the log holds it
-        if not self._make_room(session, message):
+        # Session.has_room and the memory bound, inline: _make_room only at a bound.
+        settings = self.settings
+        max_messages = settings.max_queued_messages
+        max_bytes = settings.max_queued_bytes
+        limit = settings.max_queued_memory_bytes
+        size = len(message.payload)
+        at_bound = (
+            (max_messages and (len(session.queue) + (len(session.ready) >> 1)
+                               + session.backlog_count >= max_messages))
+            or (max_bytes and session.queued_bytes + session.backlog_bytes + size > max_bytes)
+            or (limit and (self.memory.used + DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size
+                           + len(message.topic) > limit)))
+        if at_bound and not self._make_room(session, message):
             return False
         delivery_id = self._next_delivery_id
         self._next_delivery_id = delivery_id + 1
@@ -958,55 +973,76 @@ class BrokerCore(BacklogRouting):
             self._wake[session.client_id] = self._batch
         return True
 
-    def _deliver_ready(self, session: Session, message: Message, retain: bool,
-                       subscription_ids: tuple[int, ...]) -> bool:
-        """`_deliver` by the fast lane (core/session.py): no Delivery object, the packet
-        built now. Same bounds and policy as the queue."""
+    def _deliver_all(self, message: Message, targets: list[Target]) -> None:
+        """Queue `message` for each target. A QoS 0 delivery to an online session in live
+        mode with nothing queued goes by the fast lane (core/session.py): no Delivery, the
+        packet built now (shared by every subscriber that gets it unchanged), under the same
+        bounds and policy as the queue (`_make_room`); anything else by `_deliver`."""
+        if message.expires_at is not None or self._stream_marking is not None:
+            for target in targets:
+                self._deliver(*target)
+            return
+        batch = self._batch
+        wake = self._wake
         settings = self.settings
-        size = len(message.payload)
         max_messages = settings.max_queued_messages
         max_bytes = settings.max_queued_bytes
         limit = settings.max_queued_memory_bytes
+        queue_qos0 = settings.queue_qos0_messages
         memory = self.memory
-        at_bound = (
-            (max_messages and (len(session.ready) >> 1) + session.backlog_count >= max_messages)
-            or (max_bytes and session.queued_bytes + session.backlog_bytes + size > max_bytes)
-            or (limit and memory.used + DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size
-                + len(message.topic) > limit))
-        if at_bound and not self._make_room(session, message):
-            return False
-        if subscription_ids and session.protocol_level == ProtocolLevel.MQTT_5:
-            packet = Publish(message.topic, message.payload, 0, retain, False, None,
-                             replace(message.properties,
-                                     subscription_identifiers=subscription_ids))
-        else:
-            # Identical for every subscriber that gets it at QoS 0 (_publish_packet).
-            key = message.id * 2 + retain
-            qos0_packets = self._qos0_packets
-            cached = qos0_packets.get(key)
-            if cached is None:
-                if len(qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
-                    qos0_packets.clear()
-                cached = qos0_packets[key] = Publish(message.topic, message.payload, 0, retain,
-                                                     False, None, message.properties)
-            packet = cached
-        ready = session.ready
-        if isinstance(ready, list):
-            ready.append(packet)
-            ready.append(message)
-        else:
-            session.ready = [packet, message]
-            session.ready_batch = self._batch
-        session.queued_bytes += size
-        # QueueMemory.add, inline (once per delivery).
         refs = memory.refs
         message_id = message.id
-        count = refs.get(message_id, 0)
-        refs[message_id] = count + 1
-        memory.used += DELIVERY_OVERHEAD if count else (
-            DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic))
-        self._wake[session.client_id] = self._batch
-        return True
+        size = len(message.payload)
+        body = DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic)
+        shared: Publish | None = None
+        for target in targets:
+            session, _, qos, retain, subscription_ids = target
+            ready = session.ready
+            if (qos or not session.online or session.backlog is not None or session.queue
+                    or session.retained_pending or session.stream_history
+                    or (ready and session.ready_batch != batch)
+                    or (queue_qos0 and session.persistent)):
+                self._deliver(*target)
+                continue
+            if ((max_messages and len(ready) >> 1 >= max_messages)
+                    or (max_bytes and session.queued_bytes + size > max_bytes)
+                    or (limit and memory.used + body > limit)):
+                if not self._make_room(session, message):
+                    continue
+                ready = session.ready
+            if subscription_ids and session.protocol_level == ProtocolLevel.MQTT_5:
+                packet = Publish(message.topic, message.payload, 0, retain, False, None,
+                                 replace(message.properties,
+                                         subscription_identifiers=subscription_ids))
+            elif shared is not None and shared.retain == retain:
+                packet = shared
+            else:
+                packet = shared = self._shared_qos0_packet(message, retain)
+            if isinstance(ready, list):
+                ready.append(packet)
+                ready.append(message)
+            else:
+                session.ready = [packet, message]
+                session.ready_batch = batch
+            session.queued_bytes += size
+            # QueueMemory.add, inline: a body counts once however many queues hold it.
+            count = refs.get(message_id, 0)
+            refs[message_id] = count + 1
+            memory.used += DELIVERY_OVERHEAD if count else body
+            wake[session.client_id] = batch
+
+    def _shared_qos0_packet(self, message: Message, retain: bool) -> Publish:
+        """The packet every subscriber getting `message` at QoS 0 unchanged gets (one
+        instance, so the server encodes it once for all of them)."""
+        key = message.id * 2 + retain
+        qos0_packets = self._qos0_packets
+        packet = qos0_packets.get(key)
+        if packet is None:
+            if len(qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
+                qos0_packets.clear()
+            packet = qos0_packets[key] = Publish(message.topic, message.payload, 0, retain,
+                                                 False, None, message.properties)
+        return packet
 
     def _save_message(self, message: Message) -> None:
         if message.id != self._last_saved_message:
@@ -1046,16 +1082,7 @@ class BrokerCore(BacklogRouting):
             delivery.subscription_ids or message.expires_at is not None
             or delivery.stream is not None)
         if not delivery.qos and not v5_extras:
-            # Identical for every subscriber that gets it at QoS 0: one shared instance, so
-            # the server can encode it once for all of them.
-            key = message.id * 2 + delivery.retain
-            packet = self._qos0_packets.get(key)
-            if packet is None:
-                if len(self._qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
-                    self._qos0_packets.clear()
-                packet = self._qos0_packets[key] = Publish(
-                    message.topic, message.payload, 0, delivery.retain, False, None, properties)
-            return packet
+            return self._shared_qos0_packet(message, delivery.retain)
         if v5_extras:
             remaining = None
             if message.expires_at is not None:
