@@ -947,19 +947,7 @@ class BrokerCore(BacklogRouting):
         if session.backlog is not None and self._stream_marking is None and (
                 self._backlog_takes(session, message)):
             return self._backlog_deliver(session, message)  # the log holds it
-        # Session.has_room and the memory bound, inline: _make_room only at a bound.
-        settings = self.settings
-        max_messages = settings.max_queued_messages
-        max_bytes = settings.max_queued_bytes
-        limit = settings.max_queued_memory_bytes
-        size = len(message.payload)
-        at_bound = (
-            (max_messages and (len(session.queue) + (len(session.ready) >> 1)
-                               + session.backlog_count >= max_messages))
-            or (max_bytes and session.queued_bytes + session.backlog_bytes + size > max_bytes)
-            or (limit and (self.memory.used + DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size
-                           + len(message.topic) > limit)))
-        if at_bound and not self._make_room(session, message):
+        if not self._make_room(session, message):
             return False
         delivery_id = self._next_delivery_id
         self._next_delivery_id = delivery_id + 1
@@ -983,18 +971,8 @@ class BrokerCore(BacklogRouting):
                 self._deliver(*target)
             return
         batch = self._batch
-        wake = self._wake
-        settings = self.settings
-        max_messages = settings.max_queued_messages
-        max_bytes = settings.max_queued_bytes
-        limit = settings.max_queued_memory_bytes
-        queue_qos0 = settings.queue_qos0_messages
-        memory = self.memory
-        refs = memory.refs
-        message_id = message.id
-        size = len(message.payload)
-        body = DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic)
-        shared: Publish | None = None
+        queue_qos0 = self.settings.queue_qos0_messages
+        size = -1  # the rest is set up at the first fast-lane target
         for target in targets:
             session, _, qos, retain, subscription_ids = target
             ready = session.ready
@@ -1004,6 +982,18 @@ class BrokerCore(BacklogRouting):
                     or (queue_qos0 and session.persistent)):
                 self._deliver(*target)
                 continue
+            if size < 0:
+                wake = self._wake
+                settings = self.settings
+                max_messages = settings.max_queued_messages
+                max_bytes = settings.max_queued_bytes
+                limit = settings.max_queued_memory_bytes
+                memory = self.memory
+                refs = memory.refs
+                message_id = message.id
+                size = len(message.payload)
+                body = DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic)
+                shared: Publish | None = None
             if ((max_messages and len(ready) >> 1 >= max_messages)
                     or (max_bytes and session.queued_bytes + size > max_bytes)
                     or (limit and memory.used + body > limit)):

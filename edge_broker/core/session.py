@@ -212,35 +212,15 @@ class Session:
         if not isinstance(queue, deque):
             queue = self.queue = deque()
         queue.append(delivery)
-        message = delivery.message
-        size = len(message.payload)
-        self.queued_bytes += size
-        # QueueMemory.add, inline (once per delivery).
-        memory = self.memory
-        refs = memory.refs
-        message_id = message.id
-        count = refs.get(message_id, 0)
-        refs[message_id] = count + 1
-        memory.used += DELIVERY_OVERHEAD if count else (
-            DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic))
+        self.queued_bytes += len(delivery.message.payload)
+        self.memory.add(delivery.message)
 
     def popleft(self) -> Delivery:
         queue = self.queue
         assert isinstance(queue, deque)
         delivery = queue.popleft()
-        message = delivery.message
-        size = len(message.payload)
-        self.queued_bytes -= size
-        # QueueMemory.remove, inline (once per delivery).
-        memory = self.memory
-        refs = memory.refs
-        message_id = message.id
-        count = refs.pop(message_id, 1) - 1
-        if count:
-            refs[message_id] = count
-            memory.used -= DELIVERY_OVERHEAD
-        else:
-            memory.used -= DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic)
+        self.queued_bytes -= len(delivery.message.payload)
+        self.memory.remove(delivery.message)
         return delivery
 
     def pop(self) -> Delivery:
