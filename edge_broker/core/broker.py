@@ -1000,7 +1000,9 @@ class BrokerCore(BacklogRouting):
                 if not self._make_room(session, message):
                     continue
                 ready = session.ready
-            if subscription_ids and session.protocol_level == ProtocolLevel.MQTT_5:
+            if subscription_ids:
+                # Only v5 sends them, but built whatever the level is now: the session may
+                # be taken over by a connection of another level before this is pulled.
                 packet = Publish(message.topic, message.payload, 0, retain, False, None,
                                  replace(message.properties,
                                          subscription_identifiers=subscription_ids))

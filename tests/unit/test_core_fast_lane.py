@@ -217,3 +217,18 @@ def test_the_session_ending_frees_what_waited() -> None:
     assert core.memory.used > 0
     core.disconnect("s", epoch, now=0)
     assert core.memory.used == 0
+
+
+def test_a_takeover_by_a_v5_connection_gets_the_subscription_identifiers() -> None:
+    core = BrokerCore()
+    connect(core, "s", clean=False, expiry=600)
+    sub(core, "s", "t", 0, sub_id=5)
+    connect(core, "s", level=4, clean=False)  # taken over by a 3.1.1 connection
+    connect(core, "p")
+    commit(core)
+    pub(core, "p", "t", b"m")
+    connect(core, "s", clean=False, expiry=600)  # and back to 5.0 before it was pulled
+    commit(core)
+    (packet,) = pulled(core, "s")
+    assert isinstance(packet, Publish) and packet.payload == b"m"
+    assert packet.properties.subscription_identifiers == (5,)  # [MQTT-3.3.4-3] (5.0)
