@@ -26,6 +26,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import cast
 
 from ..mqtt.errors import RemoteProtocolError
 from ..mqtt.packets import Connect, Publish, PubRel, Subscribe, Subscription, Unsubscribe, Will
@@ -60,7 +61,14 @@ from .queues import DROP_OLDEST, REFUSE, Target, forget_retained_pending
 from .replay import EncodedPublish
 from .retain import RetainStore
 from .router import Router
-from .session import Delivery, QueueMemory, RetainedPending, Session
+from .session import (
+    DELIVERY_OVERHEAD,
+    MESSAGE_OVERHEAD,
+    Delivery,
+    QueueMemory,
+    RetainedPending,
+    Session,
+)
 from .streams import (
     STREAM_PREFIX,
     parse_position,
@@ -382,8 +390,7 @@ class BrokerCore(BacklogRouting):
             if len(qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
                 qos0_packets.clear()
             qos0_packets[message.id * 2 + packet.retain] = packet
-        for target in targets:
-            self._deliver(*target)
+        self._deliver_all(message, targets)
         in_stream = self._stream_append(message)
         # A subscriber whose queue dropped the message still matched it; a message a stream
         # records is taken (acknowledged after its commit, like one queued for a session).
@@ -624,10 +631,29 @@ class BrokerCore(BacklogRouting):
                 out.append(self._publish_packet(session, again, now))
             else:
                 out.append(PubRel(again.packet_id))
-        queue = session.queue
-        pending = session.retained_pending
         committed = self._committed
         free = self._free
+        ready = session.ready
+        if isinstance(ready, list):
+            # The fast lane: older than the queue, all of one batch (core/session.py).
+            batch = session.ready_batch
+            room = limit - len(out)
+            if room <= 0 or not (batch <= committed or batch in free):
+                return out
+            if len(ready) <= 2 * room:
+                taken = ready
+                session.ready = ()
+            else:
+                taken = ready[:2 * room]
+                del ready[:2 * room]
+            packets = cast("list[Publish]", taken[0::2])
+            out.extend(packets)
+            self.stats.publish_sent += len(packets)
+            session.release_ready(cast("list[Message]", taken[1::2]))
+            if session.ready:
+                return out
+        queue = session.queue
+        pending = session.retained_pending
         while len(out) < limit:
             if session.stream_history:
                 # A $stream/ subscription's history goes before the queue, which holds its
@@ -863,8 +889,7 @@ class BrokerCore(BacklogRouting):
     def _route(self, message: Message) -> int:
         """Queue the message for every matching session. Returns how many matched."""
         targets = self._targets(message)
-        for target in targets:
-            self._deliver(*target)
+        self._deliver_all(message, targets)
         return len(targets)
 
     def _targets(self, message: Message) -> list[Target]:
@@ -950,6 +975,81 @@ class BrokerCore(BacklogRouting):
             self._wake.setdefault(session.client_id, self._batch)
         return True
 
+    def _deliver_all(self, message: Message, targets: list[Target]) -> None:
+        """Queue `message` for each target. A QoS 0 delivery to an online session in live
+        mode with nothing queued goes by the fast lane (core/session.py): no Delivery, the
+        packet built now (shared by every subscriber that gets it unchanged), under the same
+        bounds and policy as the queue (`_make_room`); anything else by `_deliver`."""
+        if message.expires_at is not None or self._stream_marking is not None:
+            for target in targets:
+                self._deliver(*target)
+            return
+        batch = self._batch
+        queue_qos0 = self.settings.queue_qos0_messages
+        size = -1  # the rest is set up at the first fast-lane target
+        for target in targets:
+            session, _, qos, retain, subscription_ids = target
+            ready = session.ready
+            if (qos or not session.online or session.backlog is not None or session.queue
+                    or session.retained_pending or session.stream_history
+                    or (ready and session.ready_batch != batch)
+                    or (queue_qos0 and session.persistent)):
+                self._deliver(*target)
+                continue
+            if size < 0:
+                wake = self._wake
+                settings = self.settings
+                max_messages = settings.max_queued_messages
+                max_bytes = settings.max_queued_bytes
+                limit = settings.max_queued_memory_bytes
+                memory = self.memory
+                refs = memory.refs
+                message_id = message.id
+                size = len(message.payload)
+                body = DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic)
+                shared: Publish | None = None
+            if ((max_messages and len(ready) >> 1 >= max_messages)
+                    or (max_bytes and session.queued_bytes + size > max_bytes)
+                    or (limit and memory.used + body > limit)):
+                if not self._make_room(session, message):
+                    continue
+                ready = session.ready
+            if subscription_ids:
+                # Only v5 sends them, but built whatever the level is now: the session may
+                # be taken over by a connection of another level before this is pulled.
+                packet = Publish(message.topic, message.payload, 0, retain, False, None,
+                                 replace(message.properties,
+                                         subscription_identifiers=subscription_ids))
+            elif shared is not None and shared.retain == retain:
+                packet = shared
+            else:
+                packet = shared = self._shared_qos0_packet(message, retain)
+            if isinstance(ready, list):
+                ready.append(packet)
+                ready.append(message)
+            else:
+                session.ready = [packet, message]
+                session.ready_batch = batch
+            session.queued_bytes += size
+            # QueueMemory.add, inline: a body counts once however many queues hold it.
+            count = refs.get(message_id, 0)
+            refs[message_id] = count + 1
+            memory.used += DELIVERY_OVERHEAD if count else body
+            wake.setdefault(session.client_id, batch)  # the oldest held batch wakes it
+
+    def _shared_qos0_packet(self, message: Message, retain: bool) -> Publish:
+        """The packet every subscriber getting `message` at QoS 0 unchanged gets (one
+        instance, so the server encodes it once for all of them)."""
+        key = message.id * 2 + retain
+        qos0_packets = self._qos0_packets
+        packet = qos0_packets.get(key)
+        if packet is None:
+            if len(qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
+                qos0_packets.clear()
+            packet = qos0_packets[key] = Publish(message.topic, message.payload, 0, retain,
+                                                 False, None, message.properties)
+        return packet
+
     def _save_message(self, message: Message) -> None:
         if message.id != self._last_saved_message:
             self._last_saved_message = message.id
@@ -975,6 +1075,7 @@ class BrokerCore(BacklogRouting):
             self._changes.append(DeliveryDeleted(session.client_id, delivery.id))
 
     def _drop_queued_qos0(self, session: Session) -> None:
+        session.clear_ready()
         if not any(d.qos == 0 for d in session.queue):
             return
         session.replace_queue([d for d in session.queue if d.qos > 0])
@@ -987,16 +1088,7 @@ class BrokerCore(BacklogRouting):
             delivery.subscription_ids or message.expires_at is not None
             or delivery.stream is not None)
         if not delivery.qos and not v5_extras:
-            # Identical for every subscriber that gets it at QoS 0: one shared instance, so
-            # the server can encode it once for all of them.
-            key = message.id * 2 + delivery.retain
-            packet = self._qos0_packets.get(key)
-            if packet is None:
-                if len(self._qos0_packets) >= QOS0_PACKET_CACHE_SIZE:
-                    self._qos0_packets.clear()
-                packet = self._qos0_packets[key] = Publish(
-                    message.topic, message.payload, 0, delivery.retain, False, None, properties)
-            return packet
+            return self._shared_qos0_packet(message, delivery.retain)
         if v5_extras:
             remaining = None
             if message.expires_at is not None:

@@ -88,6 +88,10 @@ class QueueBounds:
         size = len(message.payload)
         if not session.has_room(max_messages, max_bytes, size):
             if policy == DROP_OLDEST:
+                # The fast lane (core/session.py) holds the oldest entries: they go first.
+                while session.ready and not session.has_room(max_messages, max_bytes, size):
+                    session.drop_ready(oldest=True)
+                    self._count_drop(session, QUEUE_FULL)
                 while session.queue and not session.has_room(max_messages, max_bytes, size):
                     self._drop(session, session.popleft(), QUEUE_FULL)
             if not session.has_room(max_messages, max_bytes, size):
@@ -109,15 +113,26 @@ class QueueBounds:
         target = max(0, limit - needed - limit // 100)
         oldest = self.settings.queue_full_policy == DROP_OLDEST
         while memory.used > target:
-            victim = max((s for s in self.sessions.values() if s.queue),
-                         key=lambda s: s.queued_bytes + len(s.queue) * DELIVERY_OVERHEAD,
+            victim = max((s for s in self.sessions.values() if s.queue or s.ready),
+                         key=lambda s: s.queued_bytes + s.queued_count * DELIVERY_OVERHEAD,
                          default=None)
             if victim is None:
                 return memory.used + needed <= limit
             if victim is receiver and not oldest:
                 return False
-            while victim.queue and memory.used > target:
-                self._drop(victim, victim.popleft() if oldest else victim.pop(), MEMORY_FULL)
+            # The fast lane's entries are older than the queue's (core/session.py).
+            while memory.used > target:
+                if oldest and victim.ready:
+                    victim.drop_ready(oldest=True)
+                    self._count_drop(victim, MEMORY_FULL)
+                elif victim.queue:
+                    self._drop(victim, victim.popleft() if oldest else victim.pop(),
+                               MEMORY_FULL)
+                elif victim.ready:
+                    victim.drop_ready(oldest=False)
+                    self._count_drop(victim, MEMORY_FULL)
+                else:
+                    break
         return True
 
     def _drop(self, session: Session, delivery: Delivery, reason: str) -> None:

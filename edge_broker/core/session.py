@@ -19,6 +19,18 @@ Retained messages sent on SUBSCRIBE are not queued as deliveries: `retained_pend
 subscription, the list of matching retained topics still to send; `BrokerCore.pull` turns them
 into deliveries one by one, under flow control, looking up the current retained message.
 
+The fast lane. A QoS 0 message for an online session in live mode whose queue is empty (no
+retained topics or stream history waiting either) does not become a `Delivery`: the packet it
+goes out as is built at once and kept in `ready`, alternating with its message (packet,
+message, packet, message...), until the connection pulls it. `ready` only ever holds entries
+of one batch (`ready_batch`, the commit watermark applies to them as to the queue) and is
+older than everything in `queue` (while it holds a batch, later batches' deliveries are
+queued), so per-session order holds. Its entries count against the same bounds (messages,
+bytes, memory) and are dropped by the same policy, oldest first; they are never stored (a
+QoS 0 delivery to an online session is not), and a persistent session going offline drops
+them with its other queued QoS 0 deliveries (which is why the lane is not used for persistent
+sessions with `queue_qos0_messages`).
+
 On reconnect with a present session, every inflight delivery is sent again first, in order,
 with its original packet id: PUBLISH with DUP set, or PUBREL [MQTT-4.4.0-1] (5.0).
 """
@@ -26,9 +38,9 @@ with its original packet id: PUBLISH with DUP set, or PUBREL [MQTT-4.4.0-1] (5.0
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from ..mqtt.packets import Will
+from ..mqtt.packets import Publish, Will
 from .changes import AWAIT_ACK, QUEUED, Message, SubscriptionRecord
 
 if TYPE_CHECKING:
@@ -124,8 +136,9 @@ class Session:
                  "drop_logged_at", "dropped", "drops_unlogged", "epoch", "expires_at",
                  "expiry_interval", "incoming_qos2", "inflight", "inflight_max", "memory",
                  "next_packet_id", "online", "protocol_level",
-                 "queue", "queued_bytes", "resend", "retained_pending", "stored",
-                 "stream_history", "subscriptions", "username", "will", "will_due_at")
+                 "queue", "queued_bytes", "ready", "ready_batch", "resend",
+                 "retained_pending", "stored", "stream_history", "subscriptions", "username",
+                 "will", "will_due_at")
 
     def __init__(self, client_id: str, protocol_level: int, expiry_interval: int,
                  memory: QueueMemory | None = None) -> None:
@@ -145,6 +158,10 @@ class Session:
         # Created on the first delivery: an empty deque is 760 bytes per idle connection.
         self.queue: deque[Delivery] | tuple[()] = ()
         self.queued_bytes = 0
+        # The fast lane (above): () or a non-empty list of Publish, Message pairs, all of
+        # batch `ready_batch`, sent before `queue`.
+        self.ready: list[Publish | Message] | tuple[()] = ()
+        self.ready_batch = 0
         self.inflight: dict[int, Delivery] = {}  # packet id -> delivery, in send order
         # Inflight deliveries to send again after a reconnect; a deque only while there are
         # some (an empty deque is 760 bytes, per idle connection).
@@ -181,8 +198,14 @@ class Session:
         self.next_packet_id = candidate % 0xFFFF + 1
         return candidate
 
+    @property
+    def queued_count(self) -> int:
+        """Deliveries waiting to be sent: the queue and the fast lane."""
+        return len(self.queue) + (len(self.ready) >> 1)
+
     def has_room(self, max_messages: int, max_bytes: int, payload_size: int) -> bool:
-        if max_messages and len(self.queue) + self.backlog_count >= max_messages:
+        if max_messages and (len(self.queue) + (len(self.ready) >> 1) + self.backlog_count
+                             >= max_messages):
             return False
         return not (max_bytes and self.queued_bytes + self.backlog_bytes + payload_size
                     > max_bytes)
@@ -212,6 +235,46 @@ class Session:
         self.memory.remove(delivery.message)
         return delivery
 
+    def release_ready(self, messages: list[Message]) -> None:
+        """Fast-lane entries of these messages left the session (sent or dropped): their
+        bytes and memory are no longer held."""
+        memory = self.memory
+        refs = memory.refs
+        released = payload = 0
+        for message in messages:
+            size = len(message.payload)
+            payload += size
+            message_id = message.id
+            count = refs.pop(message_id, 1) - 1
+            if count:
+                refs[message_id] = count
+                released += DELIVERY_OVERHEAD
+            else:
+                released += DELIVERY_OVERHEAD + MESSAGE_OVERHEAD + size + len(message.topic)
+        memory.used -= released
+        self.queued_bytes -= payload
+
+    def drop_ready(self, *, oldest: bool) -> None:
+        """Remove the oldest (or newest) fast-lane entry (the queue policy drops it)."""
+        ready = self.ready
+        assert isinstance(ready, list)
+        if oldest:
+            message = ready[1]
+            del ready[:2]
+        else:
+            message = ready[-1]
+            del ready[-2:]
+        if not ready:
+            self.ready = ()
+        assert isinstance(message, Message)
+        self.release_ready([message])
+
+    def clear_ready(self) -> None:
+        ready = self.ready
+        if ready:
+            self.ready = ()
+            self.release_ready(cast("list[Message]", ready[1::2]))
+
     def replace_queue(self, kept: list[Delivery]) -> None:
         """Keep only `kept` (in order) in the queue."""
         for delivery in self.queue:
@@ -235,6 +298,7 @@ class Session:
         """Drop every queued and inflight delivery (the session ends; the store's cascading
         SessionDeleted removes their rows)."""
         self.inflight.clear()
+        self.clear_ready()
         for delivery in self.queue:
             self.memory.remove(delivery.message)
         self.queue = ()

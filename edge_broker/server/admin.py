@@ -96,7 +96,7 @@ def session_summary(session: Session) -> dict[str, Any]:
         "expiry_interval": session.expiry_interval,
         "disconnected_at": session.disconnected_at,
         "subscriptions": len(session.subscriptions),
-        "queued_messages": len(session.queue) + session.backlog_count,  # the log's too
+        "queued_messages": session.queued_count + session.backlog_count,  # the log's too
         "queued_bytes": session.queued_bytes + session.backlog_bytes,
         "inflight": len(session.inflight),
         "dropped": session.dropped,

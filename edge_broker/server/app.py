@@ -222,7 +222,7 @@ class BrokerApp:
         """SIGUSR1: one line with what the broker holds, for an operator on the box."""
         core = self.core
         sessions = core.sessions.values()
-        queued = sum(len(s.queue) + len(s.inflight) + s.backlog_count for s in sessions)
+        queued = sum(s.queued_count + len(s.inflight) + s.backlog_count for s in sessions)
         log.info("status: %d clients connected, %d sessions, %d queued messages, "
                  "%d retained, store %s", core.stats.clients_connected, len(core.sessions),
                  queued, len(core.retained), "FULL" if self.store.full else "ok")
@@ -262,7 +262,7 @@ class BrokerApp:
             "persistence": self.config.storage.persistence,
             "sessions": len(core.sessions),
             "connected": core.stats.clients_connected,
-            "queued_messages": sum(len(s.queue) + len(s.inflight) + s.backlog_count
+            "queued_messages": sum(s.queued_count + len(s.inflight) + s.backlog_count
                                    for s in sessions),
             "queued_bytes": sum(s.queued_bytes + s.backlog_bytes for s in sessions),
             "retained_messages": len(core.retained),

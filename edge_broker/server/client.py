@@ -627,6 +627,9 @@ class ClientHandler(asyncio.Protocol):
         level = conn.protocol_level or ProtocolLevel.MQTT_5
         # QoS 0 packets the core shares between subscribers are encoded once per level.
         shared = app.qos0_encodings[level] if conn.shares_publish_encoding() else None
+        # What Connection.send_encoded_qos0_publish checks, once per pump: the connection
+        # stays CONNECTED while the shared encodings are used (shares_publish_encoding).
+        max_size = conn.peer_maximum_packet_size
         checked = app.gate.acl is not None
         while not self._writing_paused:
             packets = core.pull(client_id, now=time.time(), limit=PULL_LIMIT)
@@ -654,7 +657,9 @@ class ClientHandler(asyncio.Protocol):
                             if len(shared) >= ENCODING_CACHE_SIZE:
                                 shared.clear()
                             cached = shared[id(packet)] = (packet, encode_publish(packet, level))
-                        data = conn.send_encoded_qos0_publish(cached[1])
+                        data = cached[1]
+                        if len(data) > max_size:
+                            data = b""  # too large for the peer: as if sent [MQTT-3.1.2-25] (5.0)
                     else:
                         data = send(packet)
                 except LocalProtocolError as error:

@@ -126,7 +126,7 @@ class Observer:
     def _queued(self) -> tuple[int, int]:
         messages = bytes_ = 0
         for session in self.app.core.sessions.values():
-            messages += len(session.queue) + len(session.inflight) + session.backlog_count
+            messages += session.queued_count + len(session.inflight) + session.backlog_count
             bytes_ += session.queued_bytes + session.backlog_bytes
         return messages, bytes_
 
@@ -280,7 +280,7 @@ class Observer:
         queued, queued_bytes = self._queued()
         sessions: list[dict[str, Any]] = []
         for session in core.sessions.values():
-            backlog = len(session.queue) + len(session.inflight) + session.backlog_count
+            backlog = session.queued_count + len(session.inflight) + session.backlog_count
             sessions.append({
                 "client_id": session.client_id,
                 "online": session.online,
