@@ -67,7 +67,7 @@ SUBSET = (
 HOT_MODULES = ("edge_broker.server.client", "edge_broker.server.gate",
                "edge_broker.server.client_guard", "edge_broker.server.drain",
                "edge_broker.server.app", "edge_broker.store.log.log",
-               "edge_broker.store.log.backlogs", "edge_broker.store.log.replay",
+               "edge_broker.store.log.backlogs", "edge_broker.store.log.keeper",
                "edge_broker.store.sqlite.plan", "edge_broker.bridge.forward")
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.so", "build", "*.egg-info", "BUILD")
 
