@@ -13,7 +13,7 @@ the fallback to pure Python is tested everywhere.
 
 The wheel and its venv are cached, keyed by a hash of everything that goes into the wheel, in
 $EDGE_BROKER_TEST_CACHE (default ~/.cache/edge-broker/test-compiled); building them takes
-about 2-3 minutes on a 2-core machine, a cached run about 1 minute.
+about 5 minutes on a 2-core machine (docs/compiled.md), a cached run about 2 minutes.
 """
 
 from __future__ import annotations
