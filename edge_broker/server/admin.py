@@ -131,10 +131,11 @@ async def backlog_preview(app: AdminHost, session: Session,
     read = getattr(app.store, "read_backlog", None)
     if backlog is None or read is None or len(preview) >= QUEUE_PREVIEW:
         return
-    rows, _ = await read(backlog.reader, dict(backlog.since), backlog.sent, backlog.last,
-                         QUEUE_PREVIEW - len(preview))
-    preview.extend({"topic": r.topic, "qos": r.qos, "bytes": len(r.payload), "packet_id": None,
-                    "received_at": r.at} for r in rows)
+    # Rows as stored (store/log/log.py _COLUMNS): offset, at, topic id, qos, retain, payload...
+    rows, topics, _ = await read(backlog.reader, dict(backlog.since), backlog.sent,
+                                 backlog.last, QUEUE_PREVIEW - len(preview))
+    preview.extend({"topic": topics[row[2]], "qos": row[3], "bytes": len(row[5]),
+                    "packet_id": None, "received_at": row[1]} for row in rows)
 
 
 class AdminServer:
