@@ -112,9 +112,9 @@ def is_log_filter(topic_filter: str) -> bool:
 class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
-    __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
-                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip",
-                 "takes", "unsaved")
+    __slots__ = ("after", "buffer", "closing", "durable", "excluded", "fetching", "generation",
+                 "last", "markers", "online_from", "outstanding", "reader", "sent", "since",
+                 "skip", "takes", "unsaved")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -129,6 +129,11 @@ class Backlog:
         self.after = offset  # read up to here (the buffer holds what is not sent yet)
         self.last = offset  # the last offset appended for this session
         self.since = since  # reader filter -> since
+        # Filters unsubscribed while rows they took for the session were not read yet:
+        # filter -> (since, until: `last` at the UNSUBSCRIBE, its subscription). They select
+        # rows in (since, until] only, and stay in the store until the durable cursor passed
+        # `until` (`_backlog_unsubscribe`, `_backlog_forget_closed`).
+        self.closing: dict[str, tuple[int, int, SubscriptionRecord]] = {}
         self.buffer: deque[Delivery] = deque()
         self.fetching = False
         self.generation = 0  # bumped when the buffer is dropped (a page in flight is stale)
@@ -243,6 +248,7 @@ class BacklogRouting(StreamRouting):
         session.backlog_count = session.backlog_bytes = 0
         self._backlog_online.discard(session.client_id)
         backlog.outstanding.clear()
+        backlog.closing.clear()  # ReaderClosed forgets every filter
         for delivery in session.inflight.values():
             if delivery.from_log:
                 delivery.from_log = False
@@ -261,7 +267,7 @@ class BacklogRouting(StreamRouting):
         backlog = session.backlog
         if backlog is not None:
             self._changes.append(ReaderOpened(backlog.reader, backlog.durable,
-                                              tuple(backlog.since.items())))
+                                              tuple(self._reader_filters(backlog).items())))
             # `markers` stay (pages skip them); their stored entries went with the old
             # reader, and nothing needs them after a crash, which ends this session.
             self._backlog_touched.add(session.client_id)
@@ -295,8 +301,15 @@ class BacklogRouting(StreamRouting):
             if state is None:
                 self._backlog_open(session)  # a store of an earlier version
                 continue
+            filters = dict(state.filters)
+            for topic_filter in [f for f in filters if f not in session.subscriptions]:
+                # Unsubscribed with rows left to read (`Backlog.closing`): where its range
+                # ended is not stored, so those rows are not delivered after a restart.
+                del filters[topic_filter]
+                self._changes.append(ReaderFilterDeleted(reader_name(session.client_id),
+                                                         topic_filter))
             backlog = session.backlog = Backlog(reader_name(session.client_id), state.offset,
-                                                dict(state.filters))
+                                                filters)
             backlog.last = max(snapshot.log_last_offset, state.offset)
             session.backlog_count = state.backlog_count
             session.backlog_bytes = state.backlog_bytes
@@ -430,13 +443,48 @@ class BacklogRouting(StreamRouting):
             return
         since = backlog.since[topic_filter] = self._next_offset - 1
         backlog.takes.clear()
+        if topic_filter in backlog.closing:
+            return  # the store keeps the older since: rows in between match neither range
         self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
 
-    def _backlog_unsubscribe(self, session: Session, topic_filter: str) -> None:
+    def _backlog_unsubscribe(self, session: Session, topic_filter: str,
+                             record: SubscriptionRecord | None = None) -> None:
+        """No new message is taken for the filter [MQTT-3.10.4-2] (3.1.1), but the rows it
+        already took (in the queue bounds' counts) stay queued, as an in-memory queue's
+        deliveries do: each becomes the delivery its publish made. So the filter keeps
+        selecting the rows up to `last` (`Backlog.closing`)."""
         backlog = session.backlog
-        if backlog is not None and backlog.since.pop(topic_filter, None) is not None:
-            backlog.takes.clear()
-            self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+        if backlog is None:
+            return
+        since = backlog.since.pop(topic_filter, None)
+        if since is None:
+            return
+        backlog.takes.clear()
+        if record is not None and since < backlog.last and backlog.durable < backlog.last:
+            backlog.closing[topic_filter] = (since, backlog.last, record)
+            return  # the store keeps the filter until the cursor passed `last`
+        self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+
+    def _backlog_forget_closed(self, backlog: Backlog) -> None:
+        """Unsubscribed filters whose rows the durable cursor passed leave the store (or get
+        back the since of their new subscription)."""
+        for topic_filter, (_, until, _) in list(backlog.closing.items()):
+            if until > backlog.durable:
+                continue
+            del backlog.closing[topic_filter]
+            since = backlog.since.get(topic_filter)
+            if since is None:
+                self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+            else:
+                self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
+
+    def _reader_filters(self, backlog: Backlog) -> dict[str, int]:
+        """The filters the store holds for the reader: the subscriptions' and the closing
+        ones', each with its lowest since."""
+        filters = dict(backlog.since)
+        for topic_filter, (since, _, _) in backlog.closing.items():
+            filters[topic_filter] = min(since, filters.get(topic_filter, since))
+        return filters
 
     # -- reading pages --------------------------------------------------------------------
 
@@ -483,7 +531,7 @@ class BacklogRouting(StreamRouting):
         excluded = backlog.excluded
         after = backlog.after
         # Per topic of the page: its matching subscriptions, (since, record), found once.
-        matching: dict[int, list[tuple[int, SubscriptionRecord]]] = {}
+        matching: dict[int, list[tuple[int, int | None, SubscriptionRecord]]] = {}
         buffer = backlog.buffer
         for row in rows:
             offset: int = row[0]
@@ -500,27 +548,32 @@ class BacklogRouting(StreamRouting):
 
     @staticmethod
     def _backlog_matching(session: Session, backlog: Backlog,
-                          topic: str) -> list[tuple[int, SubscriptionRecord]]:
-        """The session's reader filters that match `topic`: (since, subscription)."""
-        out: list[tuple[int, SubscriptionRecord]] = []
+                          topic: str) -> list[tuple[int, int | None, SubscriptionRecord]]:
+        """The session's reader filters that match `topic`: (since, until, subscription);
+        until None: no upper bound."""
+        out: list[tuple[int, int | None, SubscriptionRecord]] = []
         subscriptions = session.subscriptions
         for topic_filter, since in backlog.since.items():
             record = subscriptions.get(topic_filter)
             if record is not None and topic_matches(topic_filter, topic):
-                out.append((since, record))
+                out.append((since, None, record))
+        for topic_filter, (since, until, record) in backlog.closing.items():
+            if topic_matches(topic_filter, topic):
+                out.append((since, until, record))
         return out
 
     def _backlog_delivery(self, session: Session, backlog: Backlog, row: StoredRow,
                           topic: str,
-                          matching: list[tuple[int, SubscriptionRecord]]) -> Delivery | None:
+                          matching: list[tuple[int, int | None, SubscriptionRecord]],
+                          ) -> Delivery | None:
         """The delivery a row becomes for this session, as `_targets` would have made it."""
         offset: int = row[0]
         origin: str = row[7]
         qos = -1
         as_published = False
         ids: tuple[int, ...] = ()
-        for since, record in matching:
-            if offset <= since:
+        for since, until, record in matching:
+            if offset <= since or (until is not None and offset > until):
                 continue
             if record.no_local and origin == session.client_id:
                 continue  # [MQTT-3.8.3-3] (5.0)
@@ -634,6 +687,8 @@ class BacklogRouting(StreamRouting):
             for offset in passed:
                 backlog.markers.discard(offset)
                 self._changes.append(InflightCleared(backlog.reader, -offset))
+        if backlog.closing:
+            self._backlog_forget_closed(backlog)
 
     def _backlog_save_inflight(self, session: Session, delivery: Delivery) -> None:
         backlog = session.backlog

@@ -599,7 +599,7 @@ class BrokerCore(BacklogRouting):
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
             self._unroute_subscription(record)
-            self._backlog_unsubscribe(session, topic_filter)
+            self._backlog_unsubscribe(session, topic_filter, record)
             forget_retained_pending(session, topic_filter)
             if session.stored:
                 self._changes.append(SubscriptionDeleted(client_id, topic_filter))

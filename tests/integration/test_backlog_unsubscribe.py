@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from edge_broker.mqtt.packets import Publish
 from tests.conftest import BrokerThread
 from tests.integration.rawclient import PUBACK, connect
@@ -19,10 +17,6 @@ from tests.integration.rawclient import PUBACK, connect
 MakeBroker = Callable[..., BrokerThread]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known broker bug: the backlog reader's filter is deleted at UNSUBSCRIBE, so rows it "
-    "already took for the session but not yet handed out are never delivered nor counted "
-    "as dropped (core/backlog.py _backlog_unsubscribe); see the h3-prop report"))
 def test_unsubscribe_keeps_what_the_backlog_already_queued(make_broker: MakeBroker) -> None:
     broker = make_broker(max_inflight_messages=3)
     device = connect(broker.port, "dev", version=4, clean=False)
