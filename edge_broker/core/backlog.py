@@ -129,11 +129,12 @@ class Backlog:
         self.after = offset  # read up to here (the buffer holds what is not sent yet)
         self.last = offset  # the last offset appended for this session
         self.since = since  # reader filter -> since
-        # Filters unsubscribed while rows they took for the session were not read yet:
-        # filter -> (since, until: `last` at the UNSUBSCRIBE, its subscription). They select
-        # rows in (since, until] only, and stay in the store until the durable cursor passed
-        # `until` (`_backlog_unsubscribe`, `_backlog_forget_closed`).
-        self.closing: dict[str, tuple[int, int, SubscriptionRecord]] = {}
+        # Subscriptions unsubscribed or replaced (SUBSCRIBE again with other options) while
+        # rows they took for the session were not read yet: filter -> [(since, until: `last`
+        # then, the old subscription)]. Each selects the rows in (since, until] as that
+        # subscription, and stays in the store until the durable cursor passed `until`
+        # (`_backlog_unsubscribe`, `_backlog_subscribe`, `_backlog_forget_closed`).
+        self.closing: dict[str, list[tuple[int, int, SubscriptionRecord]]] = {}
         self.buffer: deque[Delivery] = deque()
         self.fetching = False
         self.generation = 0  # bumped when the buffer is dropped (a page in flight is stale)
@@ -437,9 +438,21 @@ class BacklogRouting(StreamRouting):
 
     # -- subscriptions --------------------------------------------------------------------
 
-    def _backlog_subscribe(self, session: Session, topic_filter: str) -> None:
+    def _backlog_subscribe(self, session: Session, topic_filter: str,
+                           replaced: SubscriptionRecord | None = None) -> None:
+        """A new filter selects the rows appended from now on. A subscription replaced by
+        one with other options (QoS...) [MQTT-3.8.4-3] (3.1.1): the rows it already took stay
+        the deliveries their publish made, at the old QoS (`Backlog.closing`)."""
         backlog = session.backlog
-        if backlog is None or not is_log_filter(topic_filter) or topic_filter in backlog.since:
+        if backlog is None or not is_log_filter(topic_filter):
+            return
+        if topic_filter in backlog.since:
+            since = backlog.since[topic_filter]
+            if (replaced is not None and since < backlog.last
+                    and backlog.durable < backlog.last):
+                backlog.closing.setdefault(topic_filter, []).append(
+                    (since, backlog.last, replaced))
+                backlog.since[topic_filter] = self._next_offset - 1  # the store keeps since
             return
         since = backlog.since[topic_filter] = self._next_offset - 1
         backlog.takes.clear()
@@ -461,15 +474,16 @@ class BacklogRouting(StreamRouting):
             return
         backlog.takes.clear()
         if record is not None and since < backlog.last and backlog.durable < backlog.last:
-            backlog.closing[topic_filter] = (since, backlog.last, record)
+            backlog.closing.setdefault(topic_filter, []).append((since, backlog.last, record))
             return  # the store keeps the filter until the cursor passed `last`
         self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
 
     def _backlog_forget_closed(self, backlog: Backlog) -> None:
         """Unsubscribed filters whose rows the durable cursor passed leave the store (or get
         back the since of their new subscription)."""
-        for topic_filter, (_, until, _) in list(backlog.closing.items()):
-            if until > backlog.durable:
+        for topic_filter, ranges in list(backlog.closing.items()):
+            ranges[:] = [r for r in ranges if r[1] > backlog.durable]
+            if ranges:
                 continue
             del backlog.closing[topic_filter]
             since = backlog.since.get(topic_filter)
@@ -482,8 +496,9 @@ class BacklogRouting(StreamRouting):
         """The filters the store holds for the reader: the subscriptions' and the closing
         ones', each with its lowest since."""
         filters = dict(backlog.since)
-        for topic_filter, (since, _, _) in backlog.closing.items():
-            filters[topic_filter] = min(since, filters.get(topic_filter, since))
+        for topic_filter, ranges in backlog.closing.items():
+            for since, _, _ in ranges:
+                filters[topic_filter] = min(since, filters.get(topic_filter, since))
         return filters
 
     # -- reading pages --------------------------------------------------------------------
@@ -557,9 +572,9 @@ class BacklogRouting(StreamRouting):
             record = subscriptions.get(topic_filter)
             if record is not None and topic_matches(topic_filter, topic):
                 out.append((since, None, record))
-        for topic_filter, (since, until, record) in backlog.closing.items():
+        for topic_filter, ranges in backlog.closing.items():
             if topic_matches(topic_filter, topic):
-                out.append((since, until, record))
+                out += ranges
         return out
 
     def _backlog_delivery(self, session: Session, backlog: Backlog, row: StoredRow,

@@ -515,9 +515,10 @@ class BrokerCore(BacklogRouting):
             record = SubscriptionRecord(client_id, topic_filter, qos, sub.no_local,
                                         sub.retain_as_published, sub.retain_handling,
                                         subscription_id)
-            existed = topic_filter in session.subscriptions
+            old = session.subscriptions.get(topic_filter)
+            existed = old is not None
             session.subscriptions[topic_filter] = record
-            self._backlog_subscribe(session, topic_filter)
+            self._backlog_subscribe(session, topic_filter, None if old == record else old)
             shared = self._route_subscription(record)
             if session.stored:
                 self._changes.append(SubscriptionSaved(record))

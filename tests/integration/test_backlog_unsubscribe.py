@@ -40,3 +40,34 @@ def test_unsubscribe_keeps_what_the_backlog_already_queued(make_broker: MakeBrok
     assert isinstance(last, Publish) and last.payload == b"m3", last
     device.disconnect()
     publisher.disconnect()
+
+
+def test_subscribing_again_keeps_the_qos_the_backlog_queued_at(make_broker: MakeBroker) -> None:
+    """SUBSCRIBE again to the same filter at QoS 0 replaces the subscription [MQTT-3.8.4-3]
+    (3.1.1), but the QoS 1 messages already queued for it stay QoS 1 deliveries: they must
+    not be read back at QoS 0 (and then skipped as QoS 0 messages published while offline).
+    Found by the session model (a v5 subscriber lowering its subscription's QoS)."""
+    broker = make_broker(max_inflight_messages=3)
+    device = connect(broker.port, "dev", version=4, clean=False)
+    assert device.subscribe(("t/#", 1)) == (1,)
+    device.disconnect()
+    publisher = connect(broker.port, "app", version=4)
+    for n in range(5):
+        assert publisher.publish_acked("t/a", b"m%d" % n, qos=1) == 0
+    device = connect(broker.port, "dev", version=4, clean=False)
+    assert [device.expect_publish().payload for _ in range(3)] == [b"m0", b"m1", b"m2"]
+    assert device.subscribe(("t/#", 0)) == (0,)
+    device.disconnect()
+    device = connect(broker.port, "dev", version=4, clean=False)
+    resent = [device.expect_publish() for _ in range(3)]
+    for packet in resent:
+        assert packet.packet_id is not None
+        device.ack(PUBACK, packet.packet_id)
+    rest = [device.read(10.0) for _ in range(2)]
+    assert [(p.payload, p.qos) for p in rest if isinstance(p, Publish)] == [
+        (b"m3", 1), (b"m4", 1)], rest
+    publisher.publish_acked("t/a", b"new", qos=1)  # the new subscription: QoS 0
+    new = device.read(10.0)
+    assert isinstance(new, Publish) and (new.payload, new.qos) == (b"new", 0), new
+    device.disconnect()
+    publisher.disconnect()
