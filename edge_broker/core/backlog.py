@@ -112,9 +112,9 @@ def is_log_filter(topic_filter: str) -> bool:
 class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
-    __slots__ = ("after", "buffer", "closing", "counted_online", "durable", "excluded",
-                 "fetching", "generation", "last", "markers", "online_from", "outstanding",
-                 "reader", "sent", "since", "skip", "takes", "unsaved")
+    __slots__ = ("after", "buffer", "closing", "durable", "excluded", "fetching", "generation",
+                 "last", "markers", "online_from", "outstanding", "reader", "sent", "since",
+                 "skip", "takes", "unsaved")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -140,10 +140,6 @@ class Backlog:
         self.generation = 0  # bumped when the buffer is dropped (a page in flight is stale)
         self.online_from = offset  # QoS 0 rows at or below were published while offline
         self.skip = 0  # oldest rows to drop (drop-oldest), already counted
-        # Rows counted (bounds) while the session was connected, not handed out yet: offset
-        # -> payload bytes. A QoS 0 one is no longer for it once it went offline (read back,
-        # it is skipped as a QoS 0 row published while offline): `backlog_rows` uncounts it.
-        self.counted_online: dict[int, int] = {}
         self.excluded: set[int] = set()  # offsets not for it (drop-newest), already counted
         # topic -> whether a reader filter matches it (`_backlog_takes`); cleared whenever
         # `since` changes (`_backlog_subscribe`, `_backlog_unsubscribe`).
@@ -379,8 +375,6 @@ class BacklogRouting(StreamRouting):
                 return False
         session.backlog_count += 1
         session.backlog_bytes += size
-        if session.online:
-            backlog.counted_online[offset] = size
         self._backlog_touched.add(session.client_id)
         backlog.last = offset
         return True
@@ -565,15 +559,6 @@ class BacklogRouting(StreamRouting):
             delivery = self._backlog_delivery(session, backlog, row, topics[tid], found)
             if delivery is not None:
                 buffer.append(delivery)
-                continue
-            size = backlog.counted_online.pop(offset, None)
-            if size is not None:  # counted, and will never be handed out
-                if len(buffer) < backlog.skip:
-                    backlog.skip -= 1  # drop-oldest had dropped (and uncounted) this one
-                else:
-                    session.backlog_count = max(0, session.backlog_count - 1)
-                    session.backlog_bytes = max(0, session.backlog_bytes - size)
-                self._backlog_touched.add(session.client_id)
         backlog.after = max(after, end)
 
     @staticmethod
@@ -658,7 +643,6 @@ class BacklogRouting(StreamRouting):
                             False))
                 self._backlog_uncount(session, delivery)
             buffer.popleft()
-            backlog.counted_online.pop(offset, None)
             if send and delivery.qos == 1:
                 backlog.outstanding[offset] = None
                 self._backlog_moved(backlog, offset, lazy=True)
