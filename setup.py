@@ -1,14 +1,16 @@
 """setuptools glue for the optional mypyc build (build_support/edge_broker_build.py decides).
 
 Everything else about the package is in pyproject.toml. This file only adds, when a wheel is
-built and compiling is possible and wanted, the mypyc extension modules for
-`edge_broker/mqtt/*.py` and `edge_broker/core/*.py`, and falls back to the pure-Python package
+built and compiling is possible and wanted, the mypyc extension modules for the modules of
+`edge_broker/{mqtt,core,server,store,bridge}/` that edge_broker/compile_plan.py lists (all but
+a few, each with the reason it stays Python), and falls back to the pure-Python package
 (with a message saying why) when compiling is not possible, unless EDGE_BROKER_COMPILE=1.
 See docs/compiled.md.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -29,7 +31,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "build_support"))
 import edge_broker_build as eb  # noqa: E402
 
-COMPILED_PACKAGES = ("edge_broker/mqtt", "edge_broker/core")
+
+def _load_plan():  # type: ignore[no-untyped-def]
+    """edge_broker/compile_plan.py, loaded by path (importing the package is not needed)."""
+    spec = importlib.util.spec_from_file_location(
+        "edge_broker_compile_plan", HERE / "edge_broker" / "compile_plan.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_PLAN = _load_plan()
+# Every module of these packages (recursively) is compiled, except NOT_COMPILED's, which
+# stay Python for the reason given there (and the package __init__s).
+COMPILED_PACKAGES: tuple[str, ...] = _PLAN.COMPILED_PACKAGES
+NOT_COMPILED: dict[str, str] = _PLAN.NOT_COMPILED
 # Written into the wheel: how it was built (edge_broker/buildinfo.py reads it).
 BUILD_FILE = "edge_broker/BUILD"
 # Commands that build the package's files; others (egg_info, sdist, ...) never compile.
@@ -38,8 +55,10 @@ _BUILDING = {"bdist_wheel", "build", "build_ext", "install"}
 
 def compiled_sources() -> list[str]:
     """The modules mypyc compiles, relative to this directory (package __init__s stay .py)."""
-    return [str(p.relative_to(HERE)) for package in COMPILED_PACKAGES
-            for p in sorted((HERE / package).glob("*.py")) if p.name != "__init__.py"]
+    return [path for package in COMPILED_PACKAGES
+            for path in (p.relative_to(HERE).as_posix()
+                         for p in sorted((HERE / package).rglob("*.py")))
+            if not path.endswith("/__init__.py") and path not in NOT_COMPILED]
 
 
 def fail_or_fall_back(wanted: str, why: str) -> str:
@@ -68,7 +87,7 @@ def plan() -> tuple[list[Any], str]:
         return [], fail_or_fall_back(wanted, "mypyc is not installed (pip install mypy)")
     sources = compiled_sources()
     eb.say(f"compiling {len(sources)} modules of {', '.join(COMPILED_PACKAGES)} with mypyc "
-           f"({eb.ENV}=0 for the pure-Python package)")
+           f"({len(NOT_COMPILED)} stay Python; {eb.ENV}=0 for the pure-Python package)")
     try:
         extensions = mypycify(sources, opt_level="3", debug_level="0")
     except (Exception, SystemExit) as exc:  # mypyc reports type errors with SystemExit

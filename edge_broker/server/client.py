@@ -637,7 +637,7 @@ class ClientHandler(asyncio.Protocol):
                 return
             chunks = []
             for packet in packets:
-                if type(packet) is EncodedPublish:  # replayed stream history (core/replay.py)
+                if isinstance(packet, EncodedPublish):  # stream history (core/replay.py)
                     if shared is not None and not checked:
                         chunks.append(conn.send_encoded_qos0_publish(packet.data))
                         continue

@@ -79,7 +79,7 @@ def rules_changed(handler: ClientHandler) -> None:
     elif throttle is None:
         handler._throttle = Throttle(msgs, size, app.loop.time())
     else:
-        throttle.msgs_rate, throttle.bytes_rate = msgs, size
+        throttle.msgs_rate, throttle.bytes_rate = msgs, float(size)
 
 
 def throttle_for(handler: ClientHandler, delay: float) -> None:

@@ -225,7 +225,7 @@ class RawClient:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray()
         self._eof = False
-        self._ids = itertools.count(1)
+        self._ids = itertools.cycle(range(1, 65536))  # packet ids 1-65535 [MQTT-2.3.1-1] (3.1.1)
         self.connack: ConnAck | None = None
         self.last_raw = b""  # the exact bytes of the last packet read
 
