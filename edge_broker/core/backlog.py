@@ -57,7 +57,12 @@ the store committed nothing more (no ack, no DISCONNECT) until space came back
 store's reader counters, which count topic + payload + property bytes of every selected row).
 drop-newest (and refuse for what cannot be refused) skips the new message for this session
 (`excluded`); drop-oldest skips the oldest not yet handed out (`skip`; by bytes with the
-backlog's mean message size); both are counted and logged as queue drops. The memory bound
+backlog's mean message size); both are counted and logged as queue drops. The invariant:
+`backlog_count` + `skip` is the number of rows the session will still hand out or drop, which
+is what a restart restores; QoS 0 deliveries counted while it is connected count against the
+bounds as its in-memory queue's do, but are not kept when it goes offline, so going offline
+takes them out of the count (or of `skip`), and the store is never given them
+(`Backlog.qos0`). A takeover keeps them (the session stayed connected). The memory bound
 (`max_queued_memory_bytes`) does not apply to a backlog: it is on disk.
 
 *Shared subscriptions* stay on the per-delivery path: a message for a member of a shared
@@ -113,8 +118,8 @@ class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
     __slots__ = ("after", "buffer", "closing", "durable", "excluded", "fetching", "generation",
-                 "last", "markers", "online_from", "outstanding", "reader", "sent", "since",
-                 "skip", "takes", "unsaved")
+                 "last", "markers", "online_from", "outstanding", "qos0", "qos0_bytes",
+                 "qos0_skipped", "reader", "sent", "since", "skip", "taken", "takes", "unsaved")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -140,6 +145,24 @@ class Backlog:
         self.generation = 0  # bumped when the buffer is dropped (a page in flight is stale)
         self.online_from = offset  # QoS 0 rows at or below were published while offline
         self.skip = 0  # oldest rows to drop (drop-oldest), already counted
+        # The count invariant (*Bounds* in the module docstring). The rows the session has
+        # queued in the log form one sequence in offset order: every row it will still hand
+        # out or drop from its buffer's head. `Session.backlog_count` + `skip` is its length:
+        # the first `skip` are dropped (drop-oldest), the others counted (bounds). `taken`
+        # counts those that left the head (sent, expired or skipped); so the one at position
+        # p (0: the head) has index `taken` + p, for as long as this Backlog lives.
+        self.taken = 0
+        # The QoS 0 deliveries in that sequence counted while the session was connected
+        # (`queue_qos0_messages = false`): (index, offset, payload bytes), in order. They are
+        # not kept when it goes offline (read back, they are QoS 0 rows published while it
+        # was offline): `_backlog_open` takes them out of the sequence. The first
+        # `qos0_skipped` are in the skip prefix (already uncounted); `qos0_bytes` is the
+        # payload of the others. What the store records (`_backlog_flush`), and so what a
+        # restart restores, is the sequence without them: count - (len(qos0) - qos0_skipped),
+        # bytes - qos0_bytes, skip - qos0_skipped.
+        self.qos0: deque[tuple[int, int, int]] = deque()
+        self.qos0_skipped = 0
+        self.qos0_bytes = 0
         self.excluded: set[int] = set()  # offsets not for it (drop-newest), already counted
         # topic -> whether a reader filter matches it (`_backlog_takes`); cleared whenever
         # `since` changes (`_backlog_subscribe`, `_backlog_unsubscribe`).
@@ -191,8 +214,13 @@ class BacklogRouting(StreamRouting):
             session = self.sessions.get(client_id)
             backlog = None if session is None else session.backlog
             if session is not None and backlog is not None:
-                self._changes.append(ReaderCounted(backlog.reader, session.backlog_count,
-                                                   session.backlog_bytes, backlog.skip))
+                # What it keeps offline (`Backlog.qos0`): a restart restores exactly that.
+                skipped = backlog.qos0_skipped
+                count = session.backlog_count - (len(backlog.qos0) - skipped)
+                self._changes.append(ReaderCounted(
+                    backlog.reader, max(0, count),
+                    max(0, session.backlog_bytes - backlog.qos0_bytes),
+                    max(0, backlog.skip - skipped)))
         touched.clear()
 
     def _backlog_drained(self, number: int) -> None:
@@ -222,6 +250,7 @@ class BacklogRouting(StreamRouting):
                 if delivery.from_log and offset in backlog.outstanding:
                     del backlog.outstanding[offset]
                     self._changes.append(_inflight_record(backlog, delivery, offset))
+            self._backlog_forget_qos0(session, backlog)
             self._backlog_sync(backlog)
             backlog.generation += 1
             backlog.buffer.clear()
@@ -233,10 +262,26 @@ class BacklogRouting(StreamRouting):
         backlog = session.backlog = Backlog(reader_name(session.client_id), offset, since)
         self._changes.append(ReaderOpened(backlog.reader, offset, tuple(since.items())))
 
+    def _backlog_forget_qos0(self, session: Session, backlog: Backlog) -> None:
+        """Going offline: the QoS 0 deliveries counted while it was connected are not kept
+        (`Backlog.qos0`): out of the count, or out of the skip prefix that had dropped them."""
+        qos0 = backlog.qos0
+        if not qos0:
+            return
+        skipped = backlog.qos0_skipped
+        session.backlog_count = max(0, session.backlog_count - (len(qos0) - skipped))
+        session.backlog_bytes = max(0, session.backlog_bytes - backlog.qos0_bytes)
+        backlog.skip = max(0, backlog.skip - skipped)
+        qos0.clear()
+        backlog.qos0_skipped = backlog.qos0_bytes = 0
+        self._backlog_touched.add(session.client_id)
+
     def _backlog_connect(self, session: Session) -> None:
         backlog = session.backlog
         if backlog is not None:
-            backlog.online_from = self._next_offset - 1
+            if session.client_id not in self._backlog_online:
+                # A takeover (connected throughout) keeps what was queued for it, QoS 0 too.
+                backlog.online_from = self._next_offset - 1
             self._backlog_online.add(session.client_id)
 
     def _backlog_close(self, session: Session) -> None:
@@ -345,9 +390,9 @@ class BacklogRouting(StreamRouting):
             self._changes.append(LogAppended(message))
         return offset
 
-    def _backlog_deliver(self, session: Session, message: Message) -> bool:
+    def _backlog_deliver(self, session: Session, message: Message, qos: int) -> bool:
         """`_deliver` for a session in backlog mode: the log holds the message, the session
-        counts it. False: dropped by the queue policy (counted)."""
+        counts it (`qos`: the delivery's). False: dropped by the queue policy (counted)."""
         backlog = session.backlog
         assert backlog is not None
         offset = message.offset
@@ -366,6 +411,12 @@ class BacklogRouting(StreamRouting):
                     mean = session.backlog_bytes // session.backlog_count
                     session.backlog_count -= 1
                     session.backlog_bytes -= mean
+                    qos0 = backlog.qos0
+                    skipped = backlog.qos0_skipped
+                    if (len(qos0) > skipped
+                            and qos0[skipped][0] == backlog.taken + backlog.skip):
+                        backlog.qos0_skipped = skipped + 1  # it drops a QoS 0 one
+                        backlog.qos0_bytes -= qos0[skipped][2]
                     backlog.skip += 1
                     self._count_drop(session, QUEUE_FULL)
                 self._backlog_touched.add(session.client_id)
@@ -373,6 +424,10 @@ class BacklogRouting(StreamRouting):
                 backlog.excluded.add(offset)
                 self._count_drop(session, QUEUE_FULL)
                 return False
+        if qos == 0 and session.online and not settings.queue_qos0_messages:
+            backlog.qos0.append(
+                (backlog.taken + session.backlog_count + backlog.skip, offset, size))
+            backlog.qos0_bytes += size
         session.backlog_count += 1
         session.backlog_bytes += size
         self._backlog_touched.add(session.client_id)
@@ -418,6 +473,9 @@ class BacklogRouting(StreamRouting):
         backlog = None if session is None else session.backlog
         if session is None or backlog is None or backlog.reader != reader or count <= 0:
             return 0
+        backlog.taken += count
+        if backlog.qos0:  # reconnected since it was named: those rows are gone
+            self._backlog_qos0_left(backlog, offset)
         counted = min(backlog.skip, count)
         backlog.skip -= counted
         new = count - counted
@@ -643,6 +701,9 @@ class BacklogRouting(StreamRouting):
                             False))
                 self._backlog_uncount(session, delivery)
             buffer.popleft()
+            backlog.taken += 1
+            if backlog.qos0 and backlog.qos0[0][1] <= offset:
+                self._backlog_qos0_left(backlog, offset)
             if send and delivery.qos == 1:
                 backlog.outstanding[offset] = None
                 self._backlog_moved(backlog, offset, lazy=True)
@@ -658,6 +719,17 @@ class BacklogRouting(StreamRouting):
                 and _seam_copy_fits(session)):
             self._backlog_close(session)
         return None
+
+    @staticmethod
+    def _backlog_qos0_left(backlog: Backlog, offset: int) -> None:
+        """The QoS 0 deliveries counted while connected up to `offset` left the sequence."""
+        qos0 = backlog.qos0
+        while qos0 and qos0[0][1] <= offset:
+            size = qos0.popleft()[2]
+            if backlog.qos0_skipped:
+                backlog.qos0_skipped -= 1
+            else:
+                backlog.qos0_bytes -= size
 
     def _backlog_moved(self, backlog: Backlog, offset: int, *, lazy: bool = False) -> None:
         backlog.sent = offset

@@ -959,7 +959,7 @@ class BrokerCore(BacklogRouting):
             if takes is None:
                 takes = self._backlog_takes(session, message)
             if takes:
-                return self._backlog_deliver(session, message)  # the log holds it
+                return self._backlog_deliver(session, message, qos)  # the log holds it
         if not self._make_room(session, message):
             return False
         delivery_id = self._next_delivery_id

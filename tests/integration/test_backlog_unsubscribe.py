@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from edge_broker.mqtt.packets import Publish
 from tests.conftest import BrokerThread
 from tests.integration.rawclient import PUBACK, connect
@@ -75,13 +73,11 @@ def test_subscribing_again_keeps_the_qos_the_backlog_queued_at(make_broker: Make
     publisher.disconnect()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known broker bug, not fixed: QoS 0 messages taken into the backlog while the session was "
-    "connected stay in Session.backlog_count after it goes offline (they are then skipped as "
-    "offline QoS 0 rows, never uncounted), so the bound fills with them and drop-oldest drops "
-    "queued QoS 1 messages; see the h3-prop report"))
 def test_qos0_dropped_at_disconnect_no_longer_count_against_the_bound(
         make_broker: MakeBroker) -> None:
+    """QoS 0 messages queued (in the backlog) for a connected session are dropped when it goes
+    offline (docs/configuration.md, queue_qos0_messages = false): they must stop counting
+    against max_queued_messages, or drop-oldest drops a queued QoS 1 message for them."""
     broker = make_broker(max_inflight_messages=2, max_queued_messages=3)
     device = connect(broker.port, "dev", version=4, clean=False)
     assert device.subscribe(("t/#", 1)) == (1,)
