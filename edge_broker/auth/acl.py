@@ -288,7 +288,10 @@ class Acl:
             self._decisions.move_to_end(key)
             return found
         layers = self._layers(username, client_id)
-        result = any(topic_matches(plain, topic) and self._allowed(layers, topic, READ)
+        # A witness can be "" (`/#` with a grant `+`: "#" also matches the parent level),
+        # which is no topic name: [MQTT-4.7.3-1] (3.1.1, 5.0) one character at least.
+        result = any(topic and topic_matches(plain, topic)
+                     and self._allowed(layers, topic, READ)
                      for topic in _witnesses(plain, layers))
         self._decisions[key] = result
         if len(self._decisions) > _CACHE_SIZE:

@@ -57,7 +57,12 @@ the store committed nothing more (no ack, no DISCONNECT) until space came back
 store's reader counters, which count topic + payload + property bytes of every selected row).
 drop-newest (and refuse for what cannot be refused) skips the new message for this session
 (`excluded`); drop-oldest skips the oldest not yet handed out (`skip`; by bytes with the
-backlog's mean message size); both are counted and logged as queue drops. The memory bound
+backlog's mean message size); both are counted and logged as queue drops. The invariant:
+`backlog_count` + `skip` is the number of rows the session will still hand out or drop, which
+is what a restart restores; QoS 0 deliveries counted while it is connected count against the
+bounds as its in-memory queue's do, but are not kept when it goes offline, so going offline
+takes them out of the count (or of `skip`), and the store is never given them
+(`Backlog.qos0`). A takeover keeps them (the session stayed connected). The memory bound
 (`max_queued_memory_bytes`) does not apply to a backlog: it is on disk.
 
 *Shared subscriptions* stay on the per-delivery path: a message for a member of a shared
@@ -112,9 +117,9 @@ def is_log_filter(topic_filter: str) -> bool:
 class Backlog:
     """A session's cursor over the log (see the module docstring)."""
 
-    __slots__ = ("after", "buffer", "durable", "excluded", "fetching", "generation", "last",
-                 "markers", "online_from", "outstanding", "reader", "sent", "since", "skip",
-                 "takes", "unsaved")
+    __slots__ = ("after", "buffer", "closing", "durable", "excluded", "fetching", "generation",
+                 "last", "markers", "online_from", "outstanding", "qos0", "qos0_bytes",
+                 "qos0_skipped", "reader", "sent", "since", "skip", "taken", "takes", "unsaved")
 
     def __init__(self, reader: str, offset: int, since: dict[str, int]) -> None:
         self.reader = reader
@@ -129,11 +134,35 @@ class Backlog:
         self.after = offset  # read up to here (the buffer holds what is not sent yet)
         self.last = offset  # the last offset appended for this session
         self.since = since  # reader filter -> since
+        # Subscriptions unsubscribed or replaced (SUBSCRIBE again with other options) while
+        # rows they took for the session were not read yet: filter -> [(since, until: `last`
+        # then, the old subscription)]. Each selects the rows in (since, until] as that
+        # subscription, and stays in the store until the durable cursor passed `until`
+        # (`_backlog_unsubscribe`, `_backlog_subscribe`, `_backlog_forget_closed`).
+        self.closing: dict[str, list[tuple[int, int, SubscriptionRecord]]] = {}
         self.buffer: deque[Delivery] = deque()
         self.fetching = False
         self.generation = 0  # bumped when the buffer is dropped (a page in flight is stale)
         self.online_from = offset  # QoS 0 rows at or below were published while offline
         self.skip = 0  # oldest rows to drop (drop-oldest), already counted
+        # The count invariant (*Bounds* in the module docstring). The rows the session has
+        # queued in the log form one sequence in offset order: every row it will still hand
+        # out or drop from its buffer's head. `Session.backlog_count` + `skip` is its length:
+        # the first `skip` are dropped (drop-oldest), the others counted (bounds). `taken`
+        # counts those that left the head (sent, expired or skipped); so the one at position
+        # p (0: the head) has index `taken` + p, for as long as this Backlog lives.
+        self.taken = 0
+        # The QoS 0 deliveries in that sequence counted while the session was connected
+        # (`queue_qos0_messages = false`): (index, offset, payload bytes), in order. They are
+        # not kept when it goes offline (read back, they are QoS 0 rows published while it
+        # was offline): `_backlog_open` takes them out of the sequence. The first
+        # `qos0_skipped` are in the skip prefix (already uncounted); `qos0_bytes` is the
+        # payload of the others. What the store records (`_backlog_flush`), and so what a
+        # restart restores, is the sequence without them: count - (len(qos0) - qos0_skipped),
+        # bytes - qos0_bytes, skip - qos0_skipped.
+        self.qos0: deque[tuple[int, int, int]] = deque()
+        self.qos0_skipped = 0
+        self.qos0_bytes = 0
         self.excluded: set[int] = set()  # offsets not for it (drop-newest), already counted
         # topic -> whether a reader filter matches it (`_backlog_takes`); cleared whenever
         # `since` changes (`_backlog_subscribe`, `_backlog_unsubscribe`).
@@ -185,8 +214,13 @@ class BacklogRouting(StreamRouting):
             session = self.sessions.get(client_id)
             backlog = None if session is None else session.backlog
             if session is not None and backlog is not None:
-                self._changes.append(ReaderCounted(backlog.reader, session.backlog_count,
-                                                   session.backlog_bytes, backlog.skip))
+                # What it keeps offline (`Backlog.qos0`): a restart restores exactly that.
+                skipped = backlog.qos0_skipped
+                count = session.backlog_count - (len(backlog.qos0) - skipped)
+                self._changes.append(ReaderCounted(
+                    backlog.reader, max(0, count),
+                    max(0, session.backlog_bytes - backlog.qos0_bytes),
+                    max(0, backlog.skip - skipped)))
         touched.clear()
 
     def _backlog_drained(self, number: int) -> None:
@@ -216,6 +250,7 @@ class BacklogRouting(StreamRouting):
                 if delivery.from_log and offset in backlog.outstanding:
                     del backlog.outstanding[offset]
                     self._changes.append(_inflight_record(backlog, delivery, offset))
+            self._backlog_forget_qos0(session, backlog)
             self._backlog_sync(backlog)
             backlog.generation += 1
             backlog.buffer.clear()
@@ -227,10 +262,26 @@ class BacklogRouting(StreamRouting):
         backlog = session.backlog = Backlog(reader_name(session.client_id), offset, since)
         self._changes.append(ReaderOpened(backlog.reader, offset, tuple(since.items())))
 
+    def _backlog_forget_qos0(self, session: Session, backlog: Backlog) -> None:
+        """Going offline: the QoS 0 deliveries counted while it was connected are not kept
+        (`Backlog.qos0`): out of the count, or out of the skip prefix that had dropped them."""
+        qos0 = backlog.qos0
+        if not qos0:
+            return
+        skipped = backlog.qos0_skipped
+        session.backlog_count = max(0, session.backlog_count - (len(qos0) - skipped))
+        session.backlog_bytes = max(0, session.backlog_bytes - backlog.qos0_bytes)
+        backlog.skip = max(0, backlog.skip - skipped)
+        qos0.clear()
+        backlog.qos0_skipped = backlog.qos0_bytes = 0
+        self._backlog_touched.add(session.client_id)
+
     def _backlog_connect(self, session: Session) -> None:
         backlog = session.backlog
         if backlog is not None:
-            backlog.online_from = self._next_offset - 1
+            if session.client_id not in self._backlog_online:
+                # A takeover (connected throughout) keeps what was queued for it, QoS 0 too.
+                backlog.online_from = self._next_offset - 1
             self._backlog_online.add(session.client_id)
 
     def _backlog_close(self, session: Session) -> None:
@@ -243,6 +294,7 @@ class BacklogRouting(StreamRouting):
         session.backlog_count = session.backlog_bytes = 0
         self._backlog_online.discard(session.client_id)
         backlog.outstanding.clear()
+        backlog.closing.clear()  # ReaderClosed forgets every filter
         for delivery in session.inflight.values():
             if delivery.from_log:
                 delivery.from_log = False
@@ -261,7 +313,7 @@ class BacklogRouting(StreamRouting):
         backlog = session.backlog
         if backlog is not None:
             self._changes.append(ReaderOpened(backlog.reader, backlog.durable,
-                                              tuple(backlog.since.items())))
+                                              tuple(self._reader_filters(backlog).items())))
             # `markers` stay (pages skip them); their stored entries went with the old
             # reader, and nothing needs them after a crash, which ends this session.
             self._backlog_touched.add(session.client_id)
@@ -295,8 +347,15 @@ class BacklogRouting(StreamRouting):
             if state is None:
                 self._backlog_open(session)  # a store of an earlier version
                 continue
+            filters = dict(state.filters)
+            for topic_filter in [f for f in filters if f not in session.subscriptions]:
+                # Unsubscribed with rows left to read (`Backlog.closing`): where its range
+                # ended is not stored, so those rows are not delivered after a restart.
+                del filters[topic_filter]
+                self._changes.append(ReaderFilterDeleted(reader_name(session.client_id),
+                                                         topic_filter))
             backlog = session.backlog = Backlog(reader_name(session.client_id), state.offset,
-                                                dict(state.filters))
+                                                filters)
             backlog.last = max(snapshot.log_last_offset, state.offset)
             session.backlog_count = state.backlog_count
             session.backlog_bytes = state.backlog_bytes
@@ -331,9 +390,9 @@ class BacklogRouting(StreamRouting):
             self._changes.append(LogAppended(message))
         return offset
 
-    def _backlog_deliver(self, session: Session, message: Message) -> bool:
+    def _backlog_deliver(self, session: Session, message: Message, qos: int) -> bool:
         """`_deliver` for a session in backlog mode: the log holds the message, the session
-        counts it. False: dropped by the queue policy (counted)."""
+        counts it (`qos`: the delivery's). False: dropped by the queue policy (counted)."""
         backlog = session.backlog
         assert backlog is not None
         offset = message.offset
@@ -352,6 +411,12 @@ class BacklogRouting(StreamRouting):
                     mean = session.backlog_bytes // session.backlog_count
                     session.backlog_count -= 1
                     session.backlog_bytes -= mean
+                    qos0 = backlog.qos0
+                    skipped = backlog.qos0_skipped
+                    if (len(qos0) > skipped
+                            and qos0[skipped][0] == backlog.taken + backlog.skip):
+                        backlog.qos0_skipped = skipped + 1  # it drops a QoS 0 one
+                        backlog.qos0_bytes -= qos0[skipped][2]
                     backlog.skip += 1
                     self._count_drop(session, QUEUE_FULL)
                 self._backlog_touched.add(session.client_id)
@@ -359,6 +424,10 @@ class BacklogRouting(StreamRouting):
                 backlog.excluded.add(offset)
                 self._count_drop(session, QUEUE_FULL)
                 return False
+        if qos == 0 and session.online and not settings.queue_qos0_messages:
+            backlog.qos0.append(
+                (backlog.taken + session.backlog_count + backlog.skip, offset, size))
+            backlog.qos0_bytes += size
         session.backlog_count += 1
         session.backlog_bytes += size
         self._backlog_touched.add(session.client_id)
@@ -404,6 +473,9 @@ class BacklogRouting(StreamRouting):
         backlog = None if session is None else session.backlog
         if session is None or backlog is None or backlog.reader != reader or count <= 0:
             return 0
+        backlog.taken += count
+        if backlog.qos0:  # reconnected since it was named: those rows are gone
+            self._backlog_qos0_left(backlog, offset)
         counted = min(backlog.skip, count)
         backlog.skip -= counted
         new = count - counted
@@ -424,19 +496,68 @@ class BacklogRouting(StreamRouting):
 
     # -- subscriptions --------------------------------------------------------------------
 
-    def _backlog_subscribe(self, session: Session, topic_filter: str) -> None:
+    def _backlog_subscribe(self, session: Session, topic_filter: str,
+                           replaced: SubscriptionRecord | None = None) -> None:
+        """A new filter selects the rows appended from now on. A subscription replaced by
+        one with other options (QoS...) [MQTT-3.8.4-3] (3.1.1): the rows it already took stay
+        the deliveries their publish made, at the old QoS (`Backlog.closing`)."""
         backlog = session.backlog
-        if backlog is None or not is_log_filter(topic_filter) or topic_filter in backlog.since:
+        if backlog is None or not is_log_filter(topic_filter):
+            return
+        if topic_filter in backlog.since:
+            since = backlog.since[topic_filter]
+            if (replaced is not None and since < backlog.last
+                    and backlog.durable < backlog.last):
+                backlog.closing.setdefault(topic_filter, []).append(
+                    (since, backlog.last, replaced))
+                backlog.since[topic_filter] = self._next_offset - 1  # the store keeps since
             return
         since = backlog.since[topic_filter] = self._next_offset - 1
         backlog.takes.clear()
+        if topic_filter in backlog.closing:
+            return  # the store keeps the older since: rows in between match neither range
         self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
 
-    def _backlog_unsubscribe(self, session: Session, topic_filter: str) -> None:
+    def _backlog_unsubscribe(self, session: Session, topic_filter: str,
+                             record: SubscriptionRecord | None = None) -> None:
+        """No new message is taken for the filter [MQTT-3.10.4-2] (3.1.1), but the rows it
+        already took (in the queue bounds' counts) stay queued, as an in-memory queue's
+        deliveries do: each becomes the delivery its publish made. So the filter keeps
+        selecting the rows up to `last` (`Backlog.closing`)."""
         backlog = session.backlog
-        if backlog is not None and backlog.since.pop(topic_filter, None) is not None:
-            backlog.takes.clear()
-            self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+        if backlog is None:
+            return
+        since = backlog.since.pop(topic_filter, None)
+        if since is None:
+            return
+        backlog.takes.clear()
+        if record is not None and since < backlog.last and backlog.durable < backlog.last:
+            backlog.closing.setdefault(topic_filter, []).append((since, backlog.last, record))
+            return  # the store keeps the filter until the cursor passed `last`
+        self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+
+    def _backlog_forget_closed(self, backlog: Backlog) -> None:
+        """Unsubscribed filters whose rows the durable cursor passed leave the store (or get
+        back the since of their new subscription)."""
+        for topic_filter, ranges in list(backlog.closing.items()):
+            ranges[:] = [r for r in ranges if r[1] > backlog.durable]
+            if ranges:
+                continue
+            del backlog.closing[topic_filter]
+            since = backlog.since.get(topic_filter)
+            if since is None:
+                self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+            else:
+                self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
+
+    def _reader_filters(self, backlog: Backlog) -> dict[str, int]:
+        """The filters the store holds for the reader: the subscriptions' and the closing
+        ones', each with its lowest since."""
+        filters = dict(backlog.since)
+        for topic_filter, ranges in backlog.closing.items():
+            for since, _, _ in ranges:
+                filters[topic_filter] = min(since, filters.get(topic_filter, since))
+        return filters
 
     # -- reading pages --------------------------------------------------------------------
 
@@ -483,7 +604,7 @@ class BacklogRouting(StreamRouting):
         excluded = backlog.excluded
         after = backlog.after
         # Per topic of the page: its matching subscriptions, (since, record), found once.
-        matching: dict[int, list[tuple[int, SubscriptionRecord]]] = {}
+        matching: dict[int, list[tuple[int, int | None, SubscriptionRecord]]] = {}
         buffer = backlog.buffer
         for row in rows:
             offset: int = row[0]
@@ -500,27 +621,32 @@ class BacklogRouting(StreamRouting):
 
     @staticmethod
     def _backlog_matching(session: Session, backlog: Backlog,
-                          topic: str) -> list[tuple[int, SubscriptionRecord]]:
-        """The session's reader filters that match `topic`: (since, subscription)."""
-        out: list[tuple[int, SubscriptionRecord]] = []
+                          topic: str) -> list[tuple[int, int | None, SubscriptionRecord]]:
+        """The session's reader filters that match `topic`: (since, until, subscription);
+        until None: no upper bound."""
+        out: list[tuple[int, int | None, SubscriptionRecord]] = []
         subscriptions = session.subscriptions
         for topic_filter, since in backlog.since.items():
             record = subscriptions.get(topic_filter)
             if record is not None and topic_matches(topic_filter, topic):
-                out.append((since, record))
+                out.append((since, None, record))
+        for topic_filter, ranges in backlog.closing.items():
+            if topic_matches(topic_filter, topic):
+                out += ranges
         return out
 
     def _backlog_delivery(self, session: Session, backlog: Backlog, row: StoredRow,
                           topic: str,
-                          matching: list[tuple[int, SubscriptionRecord]]) -> Delivery | None:
+                          matching: list[tuple[int, int | None, SubscriptionRecord]],
+                          ) -> Delivery | None:
         """The delivery a row becomes for this session, as `_targets` would have made it."""
         offset: int = row[0]
         origin: str = row[7]
         qos = -1
         as_published = False
         ids: tuple[int, ...] = ()
-        for since, record in matching:
-            if offset <= since:
+        for since, until, record in matching:
+            if offset <= since or (until is not None and offset > until):
                 continue
             if record.no_local and origin == session.client_id:
                 continue  # [MQTT-3.8.3-3] (5.0)
@@ -575,6 +701,9 @@ class BacklogRouting(StreamRouting):
                             False))
                 self._backlog_uncount(session, delivery)
             buffer.popleft()
+            backlog.taken += 1
+            if backlog.qos0 and backlog.qos0[0][1] <= offset:
+                self._backlog_qos0_left(backlog, offset)
             if send and delivery.qos == 1:
                 backlog.outstanding[offset] = None
                 self._backlog_moved(backlog, offset, lazy=True)
@@ -590,6 +719,17 @@ class BacklogRouting(StreamRouting):
                 and _seam_copy_fits(session)):
             self._backlog_close(session)
         return None
+
+    @staticmethod
+    def _backlog_qos0_left(backlog: Backlog, offset: int) -> None:
+        """The QoS 0 deliveries counted while connected up to `offset` left the sequence."""
+        qos0 = backlog.qos0
+        while qos0 and qos0[0][1] <= offset:
+            size = qos0.popleft()[2]
+            if backlog.qos0_skipped:
+                backlog.qos0_skipped -= 1
+            else:
+                backlog.qos0_bytes -= size
 
     def _backlog_moved(self, backlog: Backlog, offset: int, *, lazy: bool = False) -> None:
         backlog.sent = offset
@@ -634,6 +774,8 @@ class BacklogRouting(StreamRouting):
             for offset in passed:
                 backlog.markers.discard(offset)
                 self._changes.append(InflightCleared(backlog.reader, -offset))
+        if backlog.closing:
+            self._backlog_forget_closed(backlog)
 
     def _backlog_save_inflight(self, session: Session, delivery: Delivery) -> None:
         backlog = session.backlog

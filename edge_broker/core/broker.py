@@ -515,9 +515,10 @@ class BrokerCore(BacklogRouting):
             record = SubscriptionRecord(client_id, topic_filter, qos, sub.no_local,
                                         sub.retain_as_published, sub.retain_handling,
                                         subscription_id)
-            existed = topic_filter in session.subscriptions
+            old = session.subscriptions.get(topic_filter)
+            existed = old is not None
             session.subscriptions[topic_filter] = record
-            self._backlog_subscribe(session, topic_filter)
+            self._backlog_subscribe(session, topic_filter, None if old == record else old)
             shared = self._route_subscription(record)
             if session.stored:
                 self._changes.append(SubscriptionSaved(record))
@@ -599,7 +600,7 @@ class BrokerCore(BacklogRouting):
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
             self._unroute_subscription(record)
-            self._backlog_unsubscribe(session, topic_filter)
+            self._backlog_unsubscribe(session, topic_filter, record)
             forget_retained_pending(session, topic_filter)
             if session.stored:
                 self._changes.append(SubscriptionDeleted(client_id, topic_filter))
@@ -958,7 +959,7 @@ class BrokerCore(BacklogRouting):
             if takes is None:
                 takes = self._backlog_takes(session, message)
             if takes:
-                return self._backlog_deliver(session, message)  # the log holds it
+                return self._backlog_deliver(session, message, qos)  # the log holds it
         if not self._make_room(session, message):
             return False
         delivery_id = self._next_delivery_id

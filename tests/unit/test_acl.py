@@ -239,6 +239,16 @@ def test_subscribe_through_an_empty_level() -> None:
     assert not sub(acl, "a/x", username=None)
 
 
+def test_subscribe_not_granted_by_the_empty_topic() -> None:
+    # `/#` matches "/", "/x", ... (two levels or more, the first empty) and, through the
+    # parent-level rule of "#", "": which is no topic name [MQTT-4.7.3-1] (3.1.1, 5.0). So a
+    # grant of the one-level topics `+` reads nothing `/#` can deliver.
+    acl = Acl.parse("topic read +\n")
+    assert not sub(acl, "/#", username=None)
+    assert not sub(acl, "/+", username=None)
+    assert sub(acl, "#", username=None) and sub(acl, "+/#", username=None)
+
+
 def test_subscribe_shared_and_invalid_filters() -> None:
     acl = Acl.parse("topic read a/#\n")
     assert sub(acl, "$share/g/a/b", username=None)
