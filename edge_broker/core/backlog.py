@@ -89,6 +89,7 @@ from .changes import (
     ReaderFilterSaved,
     ReaderMoved,
     ReaderOpened,
+    ReaderRangesSaved,
     Snapshot,
     SubscriptionRecord,
     reader_name,
@@ -138,7 +139,9 @@ class Backlog:
         # rows they took for the session were not read yet: filter -> [(since, until: `last`
         # then, the old subscription)]. Each selects the rows in (since, until] as that
         # subscription, and stays in the store until the durable cursor passed `until`
-        # (`_backlog_unsubscribe`, `_backlog_subscribe`, `_backlog_forget_closed`).
+        # (`_backlog_unsubscribe`, `_backlog_subscribe`, `_backlog_forget_closed`), recorded
+        # with ReaderRangesSaved in the batch that changes it (`_backlog_save_ranges`), so a
+        # restart restores it (`_backlog_restore`).
         self.closing: dict[str, list[tuple[int, int, SubscriptionRecord]]] = {}
         self.buffer: deque[Delivery] = deque()
         self.fetching = False
@@ -314,6 +317,8 @@ class BacklogRouting(StreamRouting):
         if backlog is not None:
             self._changes.append(ReaderOpened(backlog.reader, backlog.durable,
                                               tuple(self._reader_filters(backlog).items())))
+            if backlog.closing:
+                self._backlog_save_ranges(backlog)
             # `markers` stay (pages skip them); their stored entries went with the old
             # reader, and nothing needs them after a crash, which ends this session.
             self._backlog_touched.add(session.client_id)
@@ -348,14 +353,27 @@ class BacklogRouting(StreamRouting):
                 self._backlog_open(session)  # a store of an earlier version
                 continue
             filters = dict(state.filters)
-            for topic_filter in [f for f in filters if f not in session.subscriptions]:
-                # Unsubscribed with rows left to read (`Backlog.closing`): where its range
-                # ended is not stored, so those rows are not delivered after a restart.
+            # The ranges unsubscribed or replaced subscriptions left to read
+            # (`Backlog.closing`, stored by ReaderRangesSaved); the store holds their filter.
+            closing: dict[str, list[tuple[int, int, SubscriptionRecord]]] = {}
+            for topic_filter, since, until, record in state.ranges:
+                if topic_filter in filters:
+                    closing.setdefault(topic_filter, []).append((since, until, record))
+            for topic_filter in list(filters):
+                if topic_filter in session.subscriptions:
+                    if topic_filter in closing:  # subscribed again: its own since
+                        filters[topic_filter] = state.subscribed.get(
+                            topic_filter, filters[topic_filter])
+                    continue
                 del filters[topic_filter]
-                self._changes.append(ReaderFilterDeleted(reader_name(session.client_id),
-                                                         topic_filter))
+                if topic_filter not in closing:
+                    self._changes.append(ReaderFilterDeleted(reader_name(session.client_id),
+                                                             topic_filter))
             backlog = session.backlog = Backlog(reader_name(session.client_id), state.offset,
                                                 filters)
+            if closing:
+                backlog.closing = closing
+                self._backlog_forget_closed(backlog)  # those the cursor passed
             backlog.last = max(snapshot.log_last_offset, state.offset)
             session.backlog_count = state.backlog_count
             session.backlog_bytes = state.backlog_bytes
@@ -511,11 +529,15 @@ class BacklogRouting(StreamRouting):
                 backlog.closing.setdefault(topic_filter, []).append(
                     (since, backlog.last, replaced))
                 backlog.since[topic_filter] = self._next_offset - 1  # the store keeps since
+                self._backlog_save_ranges(backlog)
             return
         since = backlog.since[topic_filter] = self._next_offset - 1
         backlog.takes.clear()
         if topic_filter in backlog.closing:
-            return  # the store keeps the older since: rows in between match neither range
+            # The store keeps the older since (rows in between match neither range) and
+            # this one with the ranges.
+            self._backlog_save_ranges(backlog)
+            return
         self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
 
     def _backlog_unsubscribe(self, session: Session, topic_filter: str,
@@ -533,14 +555,22 @@ class BacklogRouting(StreamRouting):
         backlog.takes.clear()
         if record is not None and since < backlog.last and backlog.durable < backlog.last:
             backlog.closing.setdefault(topic_filter, []).append((since, backlog.last, record))
-            return  # the store keeps the filter until the cursor passed `last`
-        self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+        elif topic_filter not in backlog.closing:
+            self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
+            return
+        # The store keeps the filter until the cursor passed the ranges' `until`.
+        self._backlog_save_ranges(backlog)
 
     def _backlog_forget_closed(self, backlog: Backlog) -> None:
         """Unsubscribed filters whose rows the durable cursor passed leave the store (or get
         back the since of their new subscription)."""
+        changed = False
         for topic_filter, ranges in list(backlog.closing.items()):
-            ranges[:] = [r for r in ranges if r[1] > backlog.durable]
+            kept = [r for r in ranges if r[1] > backlog.durable]
+            if len(kept) == len(ranges):
+                continue
+            changed = True
+            ranges[:] = kept
             if ranges:
                 continue
             del backlog.closing[topic_filter]
@@ -549,6 +579,17 @@ class BacklogRouting(StreamRouting):
                 self._changes.append(ReaderFilterDeleted(backlog.reader, topic_filter))
             else:
                 self._changes.append(ReaderFilterSaved(backlog.reader, topic_filter, since))
+        if changed:
+            self._backlog_save_ranges(backlog)
+
+    def _backlog_save_ranges(self, backlog: Backlog) -> None:
+        """Record `Backlog.closing` (and the since of its filters subscribed again) in the
+        batch that changed it, so that a restart restores it."""
+        ranges = tuple((topic_filter, since, until, record)
+                       for topic_filter, closing in backlog.closing.items()
+                       for since, until, record in closing)
+        subscribed = tuple((f, backlog.since[f]) for f in backlog.closing if f in backlog.since)
+        self._changes.append(ReaderRangesSaved(backlog.reader, ranges, subscribed))
 
     def _reader_filters(self, backlog: Backlog) -> dict[str, int]:
         """The filters the store holds for the reader: the subscriptions' and the closing

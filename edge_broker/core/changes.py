@@ -246,6 +246,21 @@ class ReaderCounted:
 
 
 @dataclass(slots=True, unsafe_hash=True)
+class ReaderRangesSaved:
+    """What a session's unsubscribed or replaced subscriptions left to read in its backlog
+    (core/backlog.py, `Backlog.closing`): replaces every range the store holds for the
+    reader (none: forgets them). Each range is (topic filter, since, until, the old
+    subscription): it selects the rows in (since, until] as that subscription would have.
+    `subscribed` gives the since of each of those filters that is subscribed again (the
+    store's filter keeps the lowest since, which the log's selection uses). Written in the
+    batch that changed them, so a restart restores them."""
+
+    reader: str
+    ranges: tuple[tuple[str, int, int, SubscriptionRecord], ...]
+    subscribed: tuple[tuple[str, int], ...]
+
+
+@dataclass(slots=True, unsafe_hash=True)
 class ReaderClosed:
     """Forget a reader, its filters and in-flight entries (the session went live)."""
 
@@ -275,7 +290,7 @@ class InflightCleared:
 
 ReaderChange = (
     ReaderOpened | ReaderFilterSaved | ReaderFilterDeleted | ReaderMoved | ReaderClosed
-    | InflightSaved | InflightCleared | ReaderCounted
+    | InflightSaved | InflightCleared | ReaderCounted | ReaderRangesSaved
 )
 
 Change = (
@@ -283,7 +298,7 @@ Change = (
     | DeliverySaved | DeliveryDeleted | Qos2Received | Qos2Released | RetainedSaved
     | RetainedDeleted | LogAppended | StreamCursorSaved | ReaderOpened | ReaderFilterSaved
     | ReaderFilterDeleted | ReaderMoved | ReaderClosed | InflightSaved | InflightCleared
-    | ReaderCounted | DownlinkPosition
+    | ReaderCounted | ReaderRangesSaved | DownlinkPosition
 )
 
 
@@ -318,6 +333,10 @@ class ReaderState:
     backlog_bytes: int = 0
     skip: int = 0
     inflight: list[InflightEntry] = field(default_factory=list)
+    # ReaderRangesSaved: (topic filter, since, until, subscription), and filter -> since of
+    # the filters among them subscribed again.
+    ranges: list[tuple[str, int, int, SubscriptionRecord]] = field(default_factory=list)
+    subscribed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

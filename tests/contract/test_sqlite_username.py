@@ -23,9 +23,10 @@ async def _write(path: Path, *records: SessionRecord) -> None:
 
 
 def _make_version_4(path: Path) -> None:
-    """The file as schema version 4 wrote it: no username column."""
+    """The file as schema version 4 wrote it: no username column (nor the later tables)."""
     with sqlite3.connect(path) as conn:
         conn.execute("ALTER TABLE sessions DROP COLUMN username")
+        conn.execute("DROP TABLE log_reader_ranges")  # version 6
         conn.execute("PRAGMA user_version = 4")
     conn.close()
 
@@ -45,7 +46,7 @@ async def test_the_username_round_trips_with_the_session(tmp_path: Path) -> None
 
 
 async def test_a_version_4_file_is_upgraded_with_anonymous_sessions(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     path = tmp_path / "edge-broker.db"
     await _write(path, SessionRecord("old-1", 5, 600, WILL, 12.5, username="alice"))
     _make_version_4(path)
@@ -65,7 +66,7 @@ async def test_a_version_4_file_is_upgraded_with_anonymous_sessions(tmp_path: Pa
         assert conn.execute("PRAGMA user_version").fetchone() == (4,)
     conn.close()
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("SELECT client_id, username FROM sessions ORDER BY client_id"
                             ).fetchall() == [("new-1", "bob"), ("old-1", None)]
     conn.close()

@@ -37,7 +37,7 @@ def test_a_version_3_store_is_upgraded_with_its_queued_messages(
     copy = data_dir / "edge-broker.db.pre-v3"
     assert _rows(copy, "PRAGMA user_version") == [(3,)]
     assert _rows(copy, "SELECT count(*) FROM deliveries") == [(5,)]
-    assert _rows(db, "PRAGMA user_version") == [(5,)]
+    assert _rows(db, "PRAGMA user_version") == [(6,)]
 
     publisher = Paho(broker, V5, "app")
     publisher.connect()

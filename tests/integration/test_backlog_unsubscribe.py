@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from edge_broker.mqtt.packets import Publish
 from tests.conftest import BrokerThread
 from tests.integration.rawclient import PUBACK, connect
@@ -105,13 +103,11 @@ def test_qos0_dropped_at_disconnect_no_longer_count_against_the_bound(
     publisher.disconnect()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known broker bug, not fixed: the range an UNSUBSCRIBE left to read (Backlog.closing) is "
-    "not stored, so after a restart the rows it had queued are not delivered (and stay in "
-    "the session's count); core/backlog.py _backlog_restore says so. The session model found "
-    "it with --hypothesis-seed=199989810990584528986420156190249654342 (150 examples)"))
 def test_a_restart_keeps_what_the_backlog_queued_before_an_unsubscribe(
         make_broker: MakeBroker) -> None:
+    """The range an UNSUBSCRIBE left to read (`Backlog.closing`) is stored with it: after a
+    restart the rows it had queued are still delivered. The session model found it with
+    --hypothesis-seed=199989810990584528986420156190249654342 (150 examples)."""
     broker = make_broker(max_inflight_messages=2)
     device = connect(broker.port, "dev", version=4, clean=False)
     assert device.subscribe(("t/#", 1)) == (1,)

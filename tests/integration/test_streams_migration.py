@@ -51,5 +51,5 @@ def test_a_version_2_store_is_upgraded_with_a_copy_kept(make_broker: Callable[..
     finally:
         device.disconnect()
     with sqlite3.connect(data_dir / "edge-broker.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
         assert conn.execute("SELECT offset FROM log").fetchall() == [(1,)]

@@ -64,7 +64,7 @@ def test_a_version_4_store_is_upgraded_with_anonymous_sessions(
 
     copy = data_dir / "edge-broker.db.pre-v4"
     assert _rows(copy, "PRAGMA user_version") == [(4,)]
-    assert _rows(db, "PRAGMA user_version") == [(5,)]
+    assert _rows(db, "PRAGMA user_version") == [(6,)]
     # dev1's will was due at start: its session has no username (NULL), so it is checked as
     # an anonymous client's, which may write nothing here, and refused.
     deadline = time.monotonic() + 5

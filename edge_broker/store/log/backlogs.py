@@ -6,8 +6,9 @@ it was made at (`since`). Its backlog is the rows after the reader's offset that
 nothing per message is written for it. `apply` runs the core's reader records inside the
 group transaction, after the group's appends (so a reader opened in the group starts after
 rows appended before it in the same group, and its counters are right); `read` gives backlog
-pages; `load` gives the readers at start-up (cursor, filters, counters and the in-flight
-entries with their rows: a few rows per session, never the backlog).
+pages; `load` gives the readers at start-up (cursor, filters, counters, the ranges unsubscribed
+filters left to read, and the in-flight entries with their rows: a few rows per session,
+never the backlog).
 
 Counters: the reader's backlog (rows and bytes selected after its offset) is credited at
 append by `Log.append` and debited here when the cursor moves, with one index range per
@@ -36,7 +37,9 @@ from ...core.changes import (
     ReaderFilterSaved,
     ReaderMoved,
     ReaderOpened,
+    ReaderRangesSaved,
     ReaderState,
+    SubscriptionRecord,
 )
 from ...mqtt.topics import topic_matches
 from . import cursors
@@ -84,12 +87,32 @@ def apply(log: Log, conn: sqlite3.Connection, changes: Iterable[ReaderChange]) -
                 cursors.unsubscribe(log, conn, name, change.topic_filter)
         elif isinstance(change, ReaderClosed):
             cursors.remove_reader(log, conn, name)
+        elif isinstance(change, ReaderRangesSaved):
+            if name in log.readers:
+                _save_ranges(conn, change)
         elif isinstance(change, ReaderCounted) and name in log.readers:
             conn.execute("UPDATE log_readers SET queued_count = ?, queued_bytes = ?,"
                          " queued_skip = ? WHERE name = ?",
                          (change.count, change.bytes, change.skip, name))
     for name, offset in moves.items():
         _move(log, conn, name, offset)
+
+
+def _save_ranges(conn: sqlite3.Connection, change: ReaderRangesSaved) -> None:
+    """Replace the reader's ranges left to read (`log_reader_ranges`, store/log/schema.py)."""
+    name = change.reader
+    conn.execute("DELETE FROM log_reader_ranges WHERE reader = ?", (name,))
+    rows: list[tuple[object, ...]] = [
+        (name, topic_filter, since, until, record.qos, record.no_local,
+         record.retain_as_published, record.subscription_id)
+        for topic_filter, since, until, record in change.ranges]
+    rows += [(name, topic_filter, since, None, None, None, None, None)
+             for topic_filter, since in change.subscribed]
+    if rows:
+        conn.executemany(
+            "INSERT OR REPLACE INTO log_reader_ranges (reader, filter, since, until, qos,"
+            " no_local, retain_as_published, subscription_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows)
 
 
 def _open(log: Log, conn: sqlite3.Connection, name: str, offset: int,
@@ -184,6 +207,19 @@ def load(log: Log, conn: sqlite3.Connection) -> dict[str, ReaderState]:
             out[name] = ReaderState(reader.offset, dict(reader.filters), count, size, skip)
     if not out:
         return out
+    for name, topic_filter, since, until, qos, no_local, as_published, sub_id in conn.execute(
+            "SELECT reader, filter, since, until, qos, no_local, retain_as_published,"
+            " subscription_id FROM log_reader_ranges ORDER BY reader, filter, since"):
+        target = out.get(name)
+        if target is None:
+            continue
+        if until is None:
+            target.subscribed[topic_filter] = since
+        else:
+            record = SubscriptionRecord(name[len(SESSION_READER_PREFIX):], topic_filter, qos,
+                                        bool(no_local), bool(as_published),
+                                        subscription_id=sub_id)
+            target.ranges.append((topic_filter, since, until, record))
     for name, packet_id, offset, state, qos, retain, ids, dup in conn.execute(
             "SELECT reader, packet_id, offset, state, qos, retain, subscription_ids, dup"
             " FROM log_inflight ORDER BY reader, offset"):

@@ -46,13 +46,14 @@ def add_reader(log: Log, conn: sqlite3.Connection, name: str) -> Reader:
 
 
 def remove_reader(log: Log, conn: sqlite3.Connection, name: str) -> bool:
-    """Forget a reader, its filters and in-flight entries (its rows may then be deleted)."""
+    """Forget a reader, its filters, in-flight entries and ranges left to read (a session's,
+    backlogs.py): its rows may then be deleted."""
     reader = log.readers.get(name)
     if reader is None:
         return False
     log.forget_reader(reader)
     for table in ("log_readers WHERE name", "log_reader_filters WHERE reader",
-                  "log_inflight WHERE reader"):
+                  "log_inflight WHERE reader", "log_reader_ranges WHERE reader"):
         conn.execute(f"DELETE FROM {table} = ?", (name,))
     return True
 

@@ -17,6 +17,9 @@ Layout (measured in benchmarks/log_bench.py, see docs/log.md):
 - `log_state`: one row: the last offset ever assigned and the last `at`. Offsets are never
   reused, even when retention deleted the tail: the next is `last_offset + 1`.
 - `log_readers`, `log_reader_filters`, `log_inflight`: cursors (see cursors.py).
+- `log_reader_ranges` (store version 6): what a session's unsubscribed or replaced
+  subscriptions left to read in its backlog (core/backlog.py `Backlog.closing`,
+  store/log/backlogs.py).
 - `log_streams`: per configured stream, its floor (first offset it still holds) and the rows
   and bytes it holds, so that retention by size needs no scan.
 """
@@ -30,8 +33,8 @@ from ...mqtt.properties import NO_PROPERTIES, Properties, decode_properties, enc
 from ...mqtt.types import PacketType
 from ...mqtt.wire import Reader
 
-__all__ = ["MIGRATION", "READERS_MIGRATION", "decode_props", "encode_props", "ensure_schema",
-           "has_schema"]
+__all__ = ["MIGRATION", "RANGES_MIGRATION", "READERS_MIGRATION", "decode_props",
+           "encode_props", "ensure_schema", "has_schema"]
 
 
 # Binding speed, as in store/sqlite/sql.py (which registers the same, process-wide): a parameter
@@ -119,6 +122,27 @@ READERS_MIGRATION: Final[tuple[str, ...]] = (
 )
 
 
+# Store version 5 -> 6: the ranges an UNSUBSCRIBE (or a SUBSCRIBE replacing a subscription)
+# left to read in a session's backlog (core/backlog.py `Backlog.closing`): each selects the
+# rows in (since, until] as the old subscription (its options) would have. A row with `until`
+# NULL is no range: it holds the since of the filter's subscription made again while older
+# ranges of it are left (`log_reader_filters` keeps the lowest since, which the log's
+# selection uses). Replaced as a whole per reader (ReaderRangesSaved); deleted with the reader.
+RANGES_MIGRATION: Final[tuple[str, ...]] = (
+    """CREATE TABLE log_reader_ranges (
+        reader TEXT NOT NULL,
+        filter TEXT NOT NULL,
+        since INTEGER NOT NULL,
+        until INTEGER,
+        qos INTEGER,
+        no_local INTEGER,
+        retain_as_published INTEGER,
+        subscription_id INTEGER,
+        PRIMARY KEY (reader, filter, since)
+    ) WITHOUT ROWID""",
+)
+
+
 def has_schema(conn: sqlite3.Connection) -> bool:
     row = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log_state'").fetchone()
@@ -131,12 +155,12 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     if has_schema(conn):
         return
     if conn.in_transaction:
-        for statement in (*MIGRATION, *READERS_MIGRATION):
+        for statement in (*MIGRATION, *READERS_MIGRATION, *RANGES_MIGRATION):
             conn.execute(statement)
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in (*MIGRATION, *READERS_MIGRATION):
+        for statement in (*MIGRATION, *READERS_MIGRATION, *RANGES_MIGRATION):
             conn.execute(statement)
     except BaseException:
         conn.rollback()

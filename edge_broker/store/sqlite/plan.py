@@ -44,6 +44,7 @@ from ...core.changes import (
     ReaderFilterSaved,
     ReaderMoved,
     ReaderOpened,
+    ReaderRangesSaved,
     RetainedDeleted,
     RetainedSaved,
     SessionDeleted,
@@ -109,7 +110,7 @@ class _Plan:
 
 _Pending = tuple[Sequence[Change], "asyncio.Future[None] | None"]
 _READER_CHANGES = (ReaderOpened, ReaderFilterSaved, ReaderFilterDeleted, ReaderMoved,
-                   ReaderClosed, InflightSaved, InflightCleared)
+                   ReaderClosed, InflightSaved, InflightCleared, ReaderRangesSaved)
 
 
 def plan_group(group: list[_Pending], delivery_hwm: int, message_hwm: int) -> _Plan:

@@ -5,7 +5,8 @@ client that must receive it has a row in `deliveries` referring to it; `sessions
 `subscriptions`, `retained` (topic -> message id) and `incoming_qos2` (client, packet id) hold
 the rest; `quarantine` (version 2) the rows found invalid at open (opening.py); the log of
 named streams and `stream_cursors` (version 3) the streams (store/log/, docs/log.md);
-`sessions.username` (version 5) who a session's last connection authenticated as.
+`sessions.username` (version 5) who a session's last connection authenticated as;
+`log_reader_ranges` (version 6) what an UNSUBSCRIBE left to read in a session's backlog.
 
 *Pruning.* A body no delivery and no retained entry refers to is deleted in the same
 transaction that dropped its last reference: temporary triggers (`_TEMP_SCHEMA`, per
@@ -31,7 +32,7 @@ from __future__ import annotations
 from typing import Final
 
 from ..log.schema import MIGRATION as LOG_MIGRATION
-from ..log.schema import READERS_MIGRATION
+from ..log.schema import RANGES_MIGRATION, READERS_MIGRATION
 
 # --------------------------------------------------------------------------- schema
 
@@ -125,6 +126,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # anonymous, and every session of an earlier version), so that a will published after
     # a restart is authorised as its user, not as an anonymous client.
     ("ALTER TABLE sessions ADD COLUMN username TEXT",),
+    # version 5 -> 6: the ranges an UNSUBSCRIBE (or a SUBSCRIBE replacing a subscription)
+    # left to read in a session's backlog (store/log/schema.py), so that a restart delivers
+    # them. A file of an earlier version has none stored (they were lost at a restart).
+    RANGES_MIGRATION,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
