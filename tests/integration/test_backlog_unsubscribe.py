@@ -131,3 +131,46 @@ def test_a_restart_keeps_what_the_backlog_queued_before_an_unsubscribe(
     got = [device.read(10.0) for _ in range(2)]
     assert [p.payload for p in got if isinstance(p, Publish)] == [b"m2", b"m3"], got
     device.disconnect()
+
+
+def test_a_restart_keeps_the_qos_and_the_gap_of_a_subscription_made_again(
+        make_broker: MakeBroker) -> None:
+    """SUBSCRIBE again at QoS 0 while QoS 1 rows are queued, then UNSUBSCRIBE and SUBSCRIBE
+    once more (QoS 1), then a restart: the rows queued before stay QoS 1 deliveries, a
+    message published while it was unsubscribed is not delivered [MQTT-3.10.4-2] (3.1.1),
+    and one published after the last SUBSCRIBE is (the since of the subscription made again
+    is stored with the ranges)."""
+    broker = make_broker(max_inflight_messages=2)
+    device = connect(broker.port, "dev", version=4, clean=False)
+    assert device.subscribe(("t/#", 1)) == (1,)
+    device.disconnect()
+    publisher = connect(broker.port, "app", version=4)
+    for n in range(4):
+        assert publisher.publish_acked("t/a", b"m%d" % n, qos=1) == 0
+    device = connect(broker.port, "dev", version=4, clean=False)
+    assert [device.expect_publish().payload for _ in range(2)] == [b"m0", b"m1"]
+    assert device.subscribe(("t/#", 0)) == (0,)
+    device.unsubscribe("t/#")
+    assert publisher.publish_acked("t/a", b"gap", qos=1) == 0  # not subscribed: not for it
+    assert device.subscribe(("t/#", 1)) == (1,)
+    assert publisher.publish_acked("t/a", b"new", qos=1) == 0
+    device.disconnect()
+    publisher.disconnect()
+    broker.stop()
+    broker = make_broker(max_inflight_messages=2)  # the same data directory
+    device = connect(broker.port, "dev", version=4, clean=False)
+    resent = [device.expect_publish() for _ in range(2)]
+    assert [(p.payload, p.dup) for p in resent] == [(b"m0", True), (b"m1", True)]
+    for packet in resent:
+        assert packet.packet_id is not None
+        device.ack(PUBACK, packet.packet_id)
+    got = []
+    for _ in range(3):
+        packet = device.read(10.0)
+        assert isinstance(packet, Publish), (got, packet)
+        got.append((packet.payload, packet.qos))
+        if packet.packet_id is not None:
+            device.ack(PUBACK, packet.packet_id)
+    assert got == [(b"m2", 1), (b"m3", 1), (b"new", 1)]
+    device.expect_nothing()
+    device.disconnect()
