@@ -65,6 +65,20 @@ takes them out of the count (or of `skip`), and the store is never given them
 (`Backlog.qos0`). A takeover keeps them (the session stayed connected). The memory bound
 (`max_queued_memory_bytes`) does not apply to a backlog: it is on disk.
 
+*Shared pages.* Sessions that reconnect together (after an outage, say) read the same range
+with the same filters: one page read serves them all. A page is keyed by where it starts
+(`Backlog.after`) and the session's filters (each since below `after` counts as `after`:
+it selects the same rows); a session whose reader has other ranges (`Backlog.closing`) does
+not share. The first session that needs it reads it from the store; the others that need it
+meanwhile wait for that read (`SharedPage.waiting`) instead of reading it again, and those
+that need it later take it from memory, without a store read, as they send (`_backlog_take`).
+The rows of a page are the same for all (the log's rows never change, and a row a session's
+reader selects above its cursor is not deleted: retention keeps it, and a budget give-way
+moves that session's `after` past it), the Message made of a row too (one per row, as a
+publish shares one among its deliveries); what each session makes of them (its
+subscriptions' QoS, No Local, in flight, excluded, QoS 0 published offline) is its own. At
+most SHARED_PAGES_MAX pages and SHARED_PAGES_MAX_BYTES of payload are kept, oldest first out.
+
 *Shared subscriptions* stay on the per-delivery path: a message for a member of a shared
 group is queued in memory with a delivery row, even in backlog mode (it may then reach the
 session before older backlog rows of its other subscriptions).
@@ -108,6 +122,10 @@ TAKES_CACHE_SIZE = 1024  # topics remembered per backlog by `_backlog_takes`
 # A connected session's cursor moves over QoS 1 rows (sent, then acknowledged) are recorded
 # once per this many (and whenever anything else moves it): see *Durability*.
 CURSOR_SAVE_EVERY = 256
+# Pages read for one session kept for the others reading the same range (*Shared pages*):
+# at most this many, and this many bytes of payload.
+SHARED_PAGES_MAX = 16
+SHARED_PAGES_MAX_BYTES = 4 * 1024 * 1024
 
 
 def is_log_filter(topic_filter: str) -> bool:
@@ -173,6 +191,23 @@ class Backlog:
         self.unsaved = 0  # lazy cursor moves not recorded yet (_backlog_sync)
 
 
+class SharedPage:
+    """A backlog page that several sessions read (*Shared pages* in the module docstring)."""
+
+    __slots__ = ("after", "end", "filters", "messages", "rows", "size", "topics", "waiting")
+
+    def __init__(self, after: int, filters: frozenset[tuple[str, int]]) -> None:
+        self.after = after
+        self.filters = filters
+        self.rows: Sequence[StoredRow] | None = None  # None: being read
+        self.topics: Mapping[int, str] = {}
+        self.end = after  # the offset up to which the range was looked at
+        self.size = 0
+        self.messages: dict[int, Message] = {}  # offset -> the Message made of its row
+        # Sessions waiting for the read: (client id, backlog, its generation, its until).
+        self.waiting: list[tuple[str, Backlog, int, int]] = []
+
+
 @dataclass(frozen=True, slots=True)
 class BacklogFetch:
     """A backlog page the server must read from the store and hand to `backlog_page`: rows
@@ -186,6 +221,7 @@ class BacklogFetch:
     after: int
     until: int
     limit: int
+    page: SharedPage | None = None  # the shared page it reads for
 
 
 class BacklogRouting(StreamRouting):
@@ -207,6 +243,10 @@ class BacklogRouting(StreamRouting):
         self._appended: deque[tuple[int, int]] = deque()
         self._log_committed = 0
         self._backlog_touched: set[str] = set()  # sessions whose counts changed this batch
+        # *Shared pages*: by the offset they start after; the ready ones oldest first.
+        self._shared_pages: dict[int, list[SharedPage]] = {}
+        self._shared_order: deque[SharedPage] = deque()
+        self._shared_bytes = 0
 
     def _backlog_flush(self) -> None:
         """Record the counts that changed (one record per session per batch)."""
@@ -618,28 +658,124 @@ class BacklogRouting(StreamRouting):
             if backlog.fetching or len(backlog.buffer) > REFILL_AT or backlog.after >= until:
                 continue
             backlog.fetching = True
+            page = None
+            if not backlog.closing:
+                filters = _page_filters(backlog)
+                page = self._shared_page(backlog.after, filters)
+                if page is not None:
+                    if page.rows is None:  # being read for another session: wait for it
+                        page.waiting.append((client_id, backlog, backlog.generation, until))
+                        continue
+                    if page.end > until:
+                        page = None  # read further than this session may go yet
+                    # else read already: the server hands it over without a store read
+                if page is None:
+                    page = SharedPage(backlog.after, filters)
+                    self._shared_pages.setdefault(backlog.after, []).append(page)
             out.append(BacklogFetch(client_id, backlog, backlog.generation, backlog.reader,
-                                    dict(backlog.since), backlog.after, until, PAGE_SIZE))
+                                    dict(backlog.since), backlog.after, until, PAGE_SIZE,
+                                    page))
         return out
 
+    def _shared_page(self, after: int,
+                     filters: frozenset[tuple[str, int]]) -> SharedPage | None:
+        pages = self._shared_pages.get(after)
+        if pages is not None:
+            for page in pages:
+                if page.filters == filters:
+                    return page
+        return None
+
+    def _backlog_shared_fill(self, session: Session, backlog: Backlog, now: float) -> bool:
+        """Fill the buffer from a shared page already read, if there is one for where it
+        stands (`_backlog_take`, as it runs low). True: it did."""
+        if backlog.after not in self._shared_pages or backlog.closing or backlog.fetching:
+            return False
+        page = self._shared_page(backlog.after, _page_filters(backlog))
+        until = min(backlog.last, self._log_committed)
+        if page is None or page.rows is None or page.end > until or backlog.after >= until:
+            return False
+        self._backlog_fill(session, backlog, page.rows, page.topics, page.end, until,
+                           page.messages, now)
+        return True
+
+    def backlog_fetch_failed(self, fetch: BacklogFetch) -> None:
+        """The store could not read `fetch`: it and the sessions waiting for the same page
+        read it again later (the cursor did not move)."""
+        fetch.backlog.fetching = False
+        page = fetch.page
+        if page is not None and page.rows is None:
+            for _, backlog, generation, _ in page.waiting:
+                if backlog.generation == generation:
+                    backlog.fetching = False
+            page.waiting.clear()
+            self._forget_shared(page)
+
+    def _forget_shared(self, page: SharedPage) -> None:
+        pages = self._shared_pages.get(page.after)
+        if pages is not None and page in pages:
+            pages.remove(page)
+            if not pages:
+                del self._shared_pages[page.after]
+
+    def _keep_shared(self, page: SharedPage) -> None:
+        """A shared page was read: keep it, within SHARED_PAGES_MAX(_BYTES), oldest out."""
+        order = self._shared_order
+        order.append(page)
+        self._shared_bytes += page.size
+        while order and (len(order) > SHARED_PAGES_MAX
+                         or self._shared_bytes > SHARED_PAGES_MAX_BYTES):
+            old = order.popleft()
+            self._shared_bytes -= old.size
+            self._forget_shared(old)
+
     def backlog_page(self, fetch: BacklogFetch, messages: list[Message], end: int,
-                     *, now: float) -> None:
+                     *, now: float) -> list[str]:
         """`backlog_rows` for messages (tests and tools): the rows they would be stored as."""
         rows, topics = rows_of(messages)
-        self.backlog_rows(fetch, rows, topics, end, now=now)
+        return self.backlog_rows(fetch, rows, topics, end, now=now)
 
     def backlog_rows(self, fetch: BacklogFetch, rows: Sequence[StoredRow],
-                     topics: Mapping[int, str], end: int, *, now: float) -> None:
-        """The store's answer to `fetch`: the selected rows as the log holds them (in offset
+                     topics: Mapping[int, str], end: int, *, now: float) -> list[str]:
+        """The store's answer to `fetch` (or the shared page it names, when that was read
+        already: `fetch.page.rows`): the selected rows as the log holds them (in offset
         order; core/replay.py), the names of their topic ids, and `end`, the offset up to
-        which the range was looked at."""
+        which the range was looked at. Returns the other sessions that waited for the same
+        page and got it (*Shared pages*): the server pumps them."""
+        woken: list[str] = []
+        page = fetch.page
+        messages: dict[int, Message] = {} if page is None else page.messages
+        if page is not None and page.rows is None:
+            page.rows, page.topics, page.end = rows, topics, end
+            page.size = sum(len(row[5]) for row in rows) + 64 * len(rows)
+            self._keep_shared(page)
+            waiting = page.waiting
+            page.waiting = []
+            for client_id, other, generation, until in waiting:
+                if other.generation != generation:
+                    continue  # dropped its buffer meanwhile (offline again)
+                other.fetching = False
+                session = self.sessions.get(client_id)
+                if (session is not None and session.backlog is other
+                        and other.after == page.after and end <= until):
+                    self._backlog_fill(session, other, rows, topics, end, until, messages,
+                                       now)
+                    woken.append(client_id)
         backlog = fetch.backlog
         if fetch.generation != backlog.generation:
-            return  # the buffer was dropped meanwhile (offline again)
+            return woken  # the buffer was dropped meanwhile (offline again)
         backlog.fetching = False
         session = self.sessions.get(fetch.client_id)
         if session is None or session.backlog is not backlog:
-            return
+            return woken
+        self._backlog_fill(session, backlog, rows, topics, end, fetch.until, messages, now)
+        return woken
+
+    def _backlog_fill(self, session: Session, backlog: Backlog, rows: Sequence[StoredRow],
+                      topics: Mapping[int, str], end: int, until: int,
+                      messages: dict[int, Message], now: float) -> None:
+        """Append the deliveries the rows (after < offset <= until) become to the buffer;
+        the range is read up to min(end, until). `messages`: the Messages made of rows."""
         in_flight = {d.message.offset for d in session.inflight.values() if d.from_log}
         in_flight.update(backlog.markers)
         excluded = backlog.excluded
@@ -651,14 +787,17 @@ class BacklogRouting(StreamRouting):
             offset: int = row[0]
             if offset <= after or offset in in_flight or offset in excluded:
                 continue
+            if offset > until:
+                break
             tid: int = row[2]
             found = matching.get(tid)
             if found is None:
                 found = matching[tid] = self._backlog_matching(session, backlog, topics[tid])
-            delivery = self._backlog_delivery(session, backlog, row, topics[tid], found)
+            delivery = self._backlog_delivery(session, backlog, row, topics[tid], found,
+                                              messages)
             if delivery is not None:
                 buffer.append(delivery)
-        backlog.after = max(after, end)
+        backlog.after = max(after, min(end, until))
 
     @staticmethod
     def _backlog_matching(session: Session, backlog: Backlog,
@@ -679,7 +818,7 @@ class BacklogRouting(StreamRouting):
     def _backlog_delivery(self, session: Session, backlog: Backlog, row: StoredRow,
                           topic: str,
                           matching: list[tuple[int, int | None, SubscriptionRecord]],
-                          ) -> Delivery | None:
+                          messages: dict[int, Message]) -> Delivery | None:
         """The delivery a row becomes for this session, as `_targets` would have made it."""
         offset: int = row[0]
         origin: str = row[7]
@@ -704,9 +843,12 @@ class BacklogRouting(StreamRouting):
         if qos == 0 and offset <= backlog.online_from and not self.settings.queue_qos0_messages:
             return None  # a QoS 0 message published while it was offline
         retain = bool(row[4])
-        message = Message(self._next_message_id, topic, row[5], row[3], retain,
-                          stored_properties(row[6]), row[1], row[8], origin, offset)
-        self._next_message_id += 1
+        message = messages.get(offset)
+        if message is None:  # one per row, shared by the sessions reading it
+            message = messages[offset] = Message(
+                self._next_message_id, topic, row[5], row[3], retain,
+                stored_properties(row[6]), row[1], row[8], origin, offset)
+            self._next_message_id += 1
         delivery = Delivery(0, message, qos, retain and as_published, ids, 0)
         delivery.from_log = True
         return delivery
@@ -717,6 +859,8 @@ class BacklogRouting(StreamRouting):
         backlog = session.backlog
         assert backlog is not None
         buffer = backlog.buffer
+        if len(buffer) <= REFILL_AT and self._shared_pages:
+            self._backlog_shared_fill(session, backlog, now)
         while buffer:
             delivery = buffer[0]
             offset = delivery.message.offset
@@ -842,6 +986,14 @@ class BacklogRouting(StreamRouting):
                     backlog.reader, -offset, offset, delivery.qos, delivery.retain, (), DONE,
                     False))
         self._backlog_sync(backlog, lazy=lazy)
+
+
+def _page_filters(backlog: Backlog) -> frozenset[tuple[str, int]]:
+    """A shared page's key with its start: the filters, each since below `after` as `after`
+    (it selects the same rows)."""
+    after = backlog.after
+    return frozenset((f, since if since > after else after)
+                     for f, since in backlog.since.items())
 
 
 def _seam_copy_fits(session: Session) -> bool:

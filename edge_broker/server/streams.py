@@ -140,9 +140,13 @@ class StreamReplay:
         """A page of a persistent session's backlog (core/backlog.py), as `_page`."""
         app = self.app
         read = getattr(app.store, "read_backlog")  # noqa: B009 - SqliteStore only
+        page = fetch.page
         try:
-            rows, topics, end = await read(fetch.reader, fetch.filters, fetch.after,
-                                           fetch.until, fetch.limit)
+            if page is not None and page.rows is not None:  # read for another session
+                rows, topics, end = page.rows, page.topics, page.end
+            else:
+                rows, topics, end = await read(fetch.reader, fetch.filters, fetch.after,
+                                               fetch.until, fetch.limit)
         except Exception as error:  # StoreError, or a bug: the client reads it again later
             if isinstance(error, StoreError):
                 log.error("client %s: cannot read its queued messages: %s", fetch.client_id,
@@ -150,16 +154,17 @@ class StreamReplay:
             else:
                 log.exception("client %s: reading its queued messages failed",
                               fetch.client_id)
-            fetch.backlog.fetching = False
+            app.core.backlog_fetch_failed(fetch)  # and the sessions waiting for that page
             handler = app.clients.get(fetch.client_id)
             if handler is not None:  # no gap: the cursor did not move
                 handler.kick(ReasonCode.UNSPECIFIED_ERROR)
             return
-        app.core.backlog_rows(fetch, rows, topics, end, now=time.time())
+        woken = app.core.backlog_rows(fetch, rows, topics, end, now=time.time())
         self.fetch()
-        handler = app.clients.get(fetch.client_id)
-        if handler is not None:
-            handler.pump()
+        for client_id in (fetch.client_id, *woken):
+            handler = app.clients.get(client_id)
+            if handler is not None:
+                handler.pump()
 
     async def _page(self, fetch: StreamFetch) -> None:
         app = self.app
