@@ -131,6 +131,9 @@ class BridgeConfig:
     window: int = 256
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    ack_timeout_s: float = 3.0
+    """JetStream, Kafka: seconds a sent window waits for its acknowledgements before what
+    is not acknowledged is sent again on a new connection."""
     username: str | None = None
     password: str | None = None
     tls: TlsOptions = TlsOptions()
@@ -318,6 +321,7 @@ COMMON_KEYS: Final[dict[str, Parser]] = {
     "window": _int_range(1, 65535),
     "backoff_initial": _positive_duration,
     "backoff_max": _positive_duration,
+    "ack_timeout": _positive_duration,
     "username": _string,
     "password": _string,
     "tls": _bool,
@@ -476,7 +480,8 @@ def _parse_one(entry: Mapping[str, object], label: str, file: str | None,
         downlink_identity=values.get("downlink_identity", f"bridge-{name}"),
         max_backlog_bytes=values.get("max_backlog_bytes", 0),
         window=values.get("window", 256), backoff_initial_s=float(backoff_initial),
-        backoff_max_s=float(backoff_max), username=values.get("username"),
+        backoff_max_s=float(backoff_max), ack_timeout_s=float(values.get("ack_timeout", 3)),
+        username=values.get("username"),
         password=values.get("password"), tls=tls)
     safe_gateway = re.sub(r"[^A-Za-z0-9_-]", "_", gateway_id)
     safe_name = name.replace(".", "_")
