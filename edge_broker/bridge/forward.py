@@ -20,7 +20,8 @@ windows after it (their messages are sent again from the cursor, with the same i
 remote drops those it stored already); a failure drops them all and starts a new sink. A
 `Resend` from a sink (the connection is usable but the window must go again: the server
 answered "no responders" during a leader election, or the client reconnected and what was
-in flight is lost) keeps the sink and sends again from the cursor after a backoff delay.
+in flight is lost) keeps the sink and sends again from the cursor after a shorter backoff
+delay (`resend_backoff`: full jitter, at most the backoff's initial delay).
 
 The log side is the `LogReader` protocol; the log of issue 8 implements it (a bridge is one
 more cursor over it). Its `read_after` returns entries in offset order; entries the store
@@ -104,6 +105,10 @@ class Forwarder:
         self.reader = reader
         self.window = window
         self.backoff = backoff or Backoff()
+        # A `Resend` waits less: the connection is fine, and a stream's leader election
+        # (what "no responders" means on a cluster) takes seconds; full jitter, from a
+        # quarter of the backoff's initial delay up to that initial delay.
+        self.resend_backoff = Backoff(self.backoff.initial / 4, self.backoff.initial)
         self.sleep = sleep
         self.name = name
         self.status = ForwarderStatus(cursor=cursor)
@@ -217,6 +222,7 @@ class Forwarder:
         await self.reader.commit_cursor(status.cursor)
         status.forwarded += acknowledged
         self.backoff.reset()
+        self.resend_backoff.reset()
 
     def _drop_inflight(self) -> None:
         inflight = self._inflight
@@ -233,7 +239,7 @@ class Forwarder:
         status.last_error_at = time.time()
         log.warning("bridge %s: %s (cursor %d); sending again", self.name, status.last_error,
                     status.cursor)
-        await self.sleep(self.backoff.next_delay())
+        await self.sleep(self.resend_backoff.next_delay())
 
     async def _idle(self, sink: Sink) -> None:
         """Wait for the log. A sink whose connection also carries the downlink (the MQTT
