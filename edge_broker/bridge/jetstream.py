@@ -366,21 +366,25 @@ class JetStreamSink:
         if window.pending <= 0:
             window.finish()
         self._windows.add(window)
-        return asyncio.ensure_future(self._collect(window, first))
+        collect = asyncio.ensure_future(self._collect(window))
+        # Released when the collect ends in any way (also when it is cancelled before it
+        # started: a window the forwarder dropped).
+        collect.add_done_callback(lambda _: self._release(window, first))
+        return collect
+
+    def _release(self, window: _Window, first: int) -> None:
+        self._windows.discard(window)
+        self._forget(first, window.sent)
 
     def _forget(self, first: int, count: int) -> None:
         acks = self._acks
         for token in range(first, first + count):
             acks.pop(token, None)
 
-    async def _collect(self, window: _Window, first: int) -> int:
+    async def _collect(self, window: _Window) -> int:
         """Wait for the window's acks (at most `ack_timeout`); how many from its start."""
-        try:
-            if not window.done.done():
-                await asyncio.wait((window.done,), timeout=self.ack_timeout)
-        finally:
-            self._windows.discard(window)
-            self._forget(first, window.sent)
+        if not window.done.done():
+            await asyncio.wait((window.done,), timeout=self.ack_timeout)
         acknowledged = 0
         first_error: BaseException | None = None
         for result in window.results[:window.sent]:
