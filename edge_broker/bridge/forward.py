@@ -94,7 +94,7 @@ class Forwarder:
     def __init__(self, make_sink: Callable[[], Sink], reader: LogReader, *, cursor: int,
                  window: int = 256, backoff: Backoff | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 name: str = "bridge", depth: int = 4) -> None:
+                 name: str = "bridge", depth: int = 8) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         if depth < 1:
