@@ -55,6 +55,7 @@ from datetime import UTC, datetime
 from typing import Final, Protocol
 from urllib.parse import quote, unquote
 
+from ..errors import BridgeError
 from .config import TlsOptions
 
 H_MESSAGE_ID: Final = "edge-message-id"
@@ -194,6 +195,13 @@ class DownlinkMessage:
     user_properties: tuple[tuple[str, str], ...] = ()
     handle: object = field(default=None, compare=False, repr=False)
     """The client library's message, for `ack`."""
+
+
+class Resend(BridgeError):
+    """Raised for a window none of which was acknowledged while the connection stays usable
+    (the server answered "no responders", as JetStream does while a stream elects a leader;
+    the client reconnected and what was in flight is lost): the forwarder sends again from
+    its cursor after a backoff delay, on the same connection."""
 
 
 class Sink(Protocol):

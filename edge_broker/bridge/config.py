@@ -131,6 +131,9 @@ class BridgeConfig:
     window: int = 256
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    ack_timeout_s: float = 3.0
+    """JetStream, Kafka: seconds a sent window waits for its acknowledgements before what
+    is not acknowledged is sent again on a new connection."""
     username: str | None = None
     password: str | None = None
     tls: TlsOptions = TlsOptions()
@@ -339,6 +342,7 @@ KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
         "stream_max_age": _duration,
         "stream_max_bytes": _unlimited,
         "duplicate_window": _positive_duration,
+        "ack_timeout": _positive_duration,
         "creds_file": _nonempty,
         "nkey_seed_file": _nonempty,
         "token": _nonempty,
@@ -350,6 +354,7 @@ KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
         "downlink": _list_of(_kafka_topic, "Kafka topics"),
         "topic_map": _list_of(_kafka_route, "routes", nonempty=True),
         "key": _choice("topic", "client_id"),
+        "ack_timeout": _positive_duration,
         "idempotence": _bool,
         "compression": _choice("none", "gzip"),
         "sasl_mechanism": _sasl,
@@ -476,7 +481,8 @@ def _parse_one(entry: Mapping[str, object], label: str, file: str | None,
         downlink_identity=values.get("downlink_identity", f"bridge-{name}"),
         max_backlog_bytes=values.get("max_backlog_bytes", 0),
         window=values.get("window", 256), backoff_initial_s=float(backoff_initial),
-        backoff_max_s=float(backoff_max), username=values.get("username"),
+        backoff_max_s=float(backoff_max), ack_timeout_s=float(values.get("ack_timeout", 3)),
+        username=values.get("username"),
         password=values.get("password"), tls=tls)
     safe_gateway = re.sub(r"[^A-Za-z0-9_-]", "_", gateway_id)
     safe_name = name.replace(".", "_")

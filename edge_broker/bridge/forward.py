@@ -9,6 +9,20 @@ its timeout) the sink is closed, the failure recorded in `status`, and after a b
 sent again: the backlog drains as soon as the uplink is back, without waiting for a new
 message.
 
+*Pipelining.* A sink that has `submit` (JetStream, Kafka: `PipelinedSink`) gets up to
+`depth` windows in flight: while the oldest waits for its acknowledgements the next pages
+are read and written already, so the broker, the store's thread and the remote server work
+at the same time (a drain after an outage is no longer one round trip per window). The next
+page is read only after a full one (a backlog); a short page means the bridge caught up.
+Acknowledgements are still taken in log order: the cursor moves past a window only after
+every window before it was acknowledged in full. A window acknowledged in part drops the
+windows after it (their messages are sent again from the cursor, with the same ids: the
+remote drops those it stored already); a failure drops them all and starts a new sink. A
+`Resend` from a sink (the connection is usable but the window must go again: the server
+answered "no responders" during a leader election, or the client reconnected and what was
+in flight is lost) keeps the sink and sends again from the cursor after a shorter backoff
+delay (`resend_backoff`: full jitter, at most the backoff's initial delay).
+
 The log side is the `LogReader` protocol; the log of issue 8 implements it (a bridge is one
 more cursor over it). Its `read_after` returns entries in offset order; entries the store
 dropped for the bridge's `max_backlog_bytes` are simply absent (the store counts them).
@@ -19,13 +33,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
-from .base import Backoff, BridgeMessage, Sink
+from .base import Backoff, BridgeMessage, Resend, Sink
 
 log = logging.getLogger(__name__)
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    """Mark a dropped window's outcome retrieved, so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
+
+
+class PipelinedSink(Sink, Protocol):
+    """A sink that can have several windows in flight (see the module docstring)."""
+
+    async def submit(self, batch: Sequence[BridgeMessage]) -> asyncio.Future[int]:
+        """Write the batch now, in order after those submitted before; return a future of
+        how many from its start the remote side acknowledged (as `send` returns). Raises
+        when the batch cannot be written; the future raises when none was acknowledged
+        (`Resend`: the connection is still usable, send them again)."""
+        ...
 
 
 class LogReader(Protocol):
@@ -62,19 +94,29 @@ class Forwarder:
     def __init__(self, make_sink: Callable[[], Sink], reader: LogReader, *, cursor: int,
                  window: int = 256, backoff: Backoff | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 name: str = "bridge") -> None:
+                 name: str = "bridge", depth: int = 8) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self.depth = depth
+        """Windows in flight at once for a sink that has `submit` (see module doc)."""
         self.make_sink = make_sink
         self.reader = reader
         self.window = window
         self.backoff = backoff or Backoff()
+        # A `Resend` waits less: the connection is fine, and a stream's leader election
+        # (what "no responders" means on a cluster) takes seconds; full jitter, from a
+        # quarter of the backoff's initial delay up to that initial delay.
+        self.resend_backoff = Backoff(self.backoff.initial / 4, self.backoff.initial)
         self.sleep = sleep
         self.name = name
         self.status = ForwarderStatus(cursor=cursor)
         self._sink: Sink | None = None
         # (the offset it reads after, the read): the next page, read while a window is out
         self._prefetch: tuple[int, asyncio.Future[Sequence[BridgeMessage]]] | None = None
+        # Windows written to a pipelined sink, oldest first, with their acknowledgements.
+        self._inflight: deque[tuple[Sequence[BridgeMessage], asyncio.Future[int]]] = deque()
 
     async def run(self) -> None:
         """Forward until cancelled. Never raises for remote failures."""
@@ -83,6 +125,7 @@ class Forwarder:
                 await self.step()
         finally:
             self._drop_prefetch()
+            self._drop_inflight()
             await self._close_sink()
 
     async def step(self) -> None:
@@ -95,6 +138,7 @@ class Forwarder:
         status = self.status
         if self._sink is None:
             self._drop_prefetch()
+            self._drop_inflight()
             sink = self.make_sink()
             try:
                 await sink.start()
@@ -103,6 +147,9 @@ class Forwarder:
                 return
             self._sink = sink
             status.connected = True
+        if callable(getattr(self._sink, "submit", None)):
+            await self._step_pipelined(cast(PipelinedSink, self._sink))
+            return
         batch = await self._take_prefetch(status.cursor)
         if not batch:
             batch = await self.reader.read_after(status.cursor, self.window)
@@ -128,6 +175,71 @@ class Forwarder:
         await self.reader.commit_cursor(status.cursor)
         status.forwarded += acknowledged
         self.backoff.reset()
+
+    async def _step_pipelined(self, sink: PipelinedSink) -> None:
+        """One round with a pipelined sink: fill the pipeline up to `depth` windows (after
+        a full page only), then take the oldest window's acknowledgements."""
+        status = self.status
+        inflight = self._inflight
+        while len(inflight) < self.depth:
+            if inflight:
+                last = inflight[-1][0]
+                if len(last) < self.window:
+                    break  # caught up: the next page is read after these are acknowledged
+                batch = await self.reader.read_after(last[-1].offset, self.window)
+            else:
+                batch = await self.reader.read_after(status.cursor, self.window)
+            if not batch:
+                break
+            try:
+                acks = await sink.submit(batch)
+            except Exception as exc:
+                self._drop_inflight()
+                await self._failed(sink, exc)
+                return
+            inflight.append((batch, acks))
+        if not inflight:
+            await self._idle(sink)
+            return
+        batch, acks = inflight.popleft()
+        try:
+            acknowledged = await acks
+        except Resend as exc:
+            self._drop_inflight()
+            await self._resend(exc)
+            return
+        except Exception as exc:
+            self._drop_inflight()
+            await self._failed(sink, exc)
+            return
+        if acknowledged <= 0:
+            self._drop_inflight()
+            await self._failed(sink, RuntimeError("nothing acknowledged"))
+            return
+        if acknowledged < len(batch):
+            self._drop_inflight()  # sent again from the cursor (the remote drops repeats)
+        status.cursor = batch[acknowledged - 1].offset
+        await self.reader.commit_cursor(status.cursor)
+        status.forwarded += acknowledged
+        self.backoff.reset()
+        self.resend_backoff.reset()
+
+    def _drop_inflight(self) -> None:
+        inflight = self._inflight
+        while inflight:
+            _, acks = inflight.pop()
+            acks.cancel()
+            acks.add_done_callback(_retrieve)
+
+    async def _resend(self, exc: BaseException) -> None:
+        """The sink is usable but what was in flight must go again (see `Resend`)."""
+        status = self.status
+        status.failures += 1
+        status.last_error = f"{type(exc).__name__}: {exc}"
+        status.last_error_at = time.time()
+        log.warning("bridge %s: %s (cursor %d); sending again", self.name, status.last_error,
+                    status.cursor)
+        await self.sleep(self.resend_backoff.next_delay())
 
     async def _idle(self, sink: Sink) -> None:
         """Wait for the log. A sink whose connection also carries the downlink (the MQTT

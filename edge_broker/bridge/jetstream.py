@@ -42,6 +42,7 @@ from .base import (
     NATS_MSG_ID,
     BridgeMessage,
     DownlinkMessage,
+    Resend,
     decode_user_properties,
     message_id,
     ssl_context,
@@ -96,9 +97,10 @@ def connect_options(config: BridgeConfig) -> dict[str, Any]:
     return options
 
 
-async def connect(config: BridgeConfig) -> Any:
+async def connect(config: BridgeConfig, **callbacks: Any) -> Any:
     """A nats-py connection; BridgeError naming the server's last complaint on failure
-    (e.g. "Authorization Violation"), not only nats-py's "no servers available"."""
+    (e.g. "Authorization Violation"), not only nats-py's "no servers available".
+    `callbacks`: more of nats.connect's callbacks (disconnected_cb, ...)."""
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
@@ -108,7 +110,7 @@ async def connect(config: BridgeConfig) -> Any:
             log.warning("bridge %s: NATS: %s", config.name, text)
 
     try:
-        return await nats.connect(**connect_options(config), error_cb=on_error)
+        return await nats.connect(**connect_options(config), error_cb=on_error, **callbacks)
     except Exception as exc:
         detail = f" (errors seen: {'; '.join(errors)})" if errors else ""
         raise BridgeError(f"bridge {config.name!r}: cannot connect to "
@@ -121,16 +123,62 @@ def _js(config: BridgeConfig) -> JetStreamOptions:
     return config.jetstream
 
 
+def _ack_result(data: bytes, status: str | None) -> bool | BaseException:
+    """A PubAck: stored (False), stored before (True: a duplicate), or the error. `status`:
+    the NATS status of the reply, when it had one."""
+    if status == "503":  # no responders: no stream captures it (now)
+        return Resend("no responders (no stream, or its leader is being elected)")
+    # A PubAck is `{"stream":"S","seq":7}` (nats-server 2.x), read here without json; one
+    # with any other member (`"duplicate": true`, `"error"`, a domain) goes through json.
+    if data.startswith(b'{"stream":"') and data.count(b'"') == 6 and b'"seq":' in data:
+        return False
+    try:
+        response = json.loads(data)
+    except ValueError as exc:
+        return BridgeError(f"JetStream: unreadable ack {data!r}: {exc}")
+    if not isinstance(response, dict):
+        return BridgeError(f"JetStream: unreadable ack {data!r}")
+    if "error" in response:
+        error: BaseException = nats.js.errors.APIError.from_error(response["error"])
+        return error
+    return bool(response.get("duplicate"))
+
+
+def _status(headers: bytes | None) -> str | None:
+    """The status of a raw NATS header block (`NATS/1.0 503` -> "503"), or None."""
+    if not headers or headers[8:9] != b" ":
+        return None
+    return headers[9:12].decode(errors="replace")
+
+
+class _Window:
+    """One submitted window: each message's ack result (None until it comes), how many
+    are still awaited, and `done`, resolved when none is (or the connection was lost)."""
+
+    __slots__ = ("done", "lost", "pending", "results", "sent")
+
+    def __init__(self, size: int, done: asyncio.Future[None]) -> None:
+        self.results: list[bool | BaseException | None] = [None] * size
+        self.pending = size
+        self.sent = size
+        self.done = done
+        self.lost: BaseException | None = None
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 class JetStreamSink:
     """Uplink to a JetStream stream. See the module docstring."""
 
     def __init__(self, config: BridgeConfig, *, gateway_id: str, store_id: str,
-                 ack_timeout: float = 10.0) -> None:
+                 ack_timeout: float | None = None) -> None:
         self.config = config
         self.options = _js(config)
         self.gateway_id = gateway_id
         self.store_id = store_id
-        self.ack_timeout = ack_timeout
+        self.ack_timeout = config.ack_timeout_s if ack_timeout is None else ack_timeout
         self.duplicates = 0
         """Acks the server marked duplicate (resends it had stored already)."""
         self.created_stream = False
@@ -138,19 +186,23 @@ class JetStreamSink:
         self._js: Any = None
         self._subjects: dict[str, str] = {}
         self._reply_prefix = ""
-        self._acks: dict[str, asyncio.Future[bool]] = {}  # token -> duplicate?
+        self._acks: dict[int, tuple[_Window, int]] = {}  # token -> its window and index
+        self._windows: set[_Window] = set()  # submitted, not yet collected
         self._token = 0
         self._frames: FrameBuilder | None = None
 
     async def start(self) -> None:
-        self._nc = await connect(self.config)
+        self._nc = await connect(self.config, disconnected_cb=self._on_disconnect)
         self._js = self._nc.jetstream(timeout=self.ack_timeout)
         # The PubAcks come to one inbox subscription, `<inbox>.<n>` per message (as nats-py's
         # publish_async does, without its per-message semaphore, random token and PubAck
         # dataclass: those were a large share of the uplink's time per message).
         inbox = self._nc.new_inbox()
         self._reply_prefix = inbox + "."
-        await self._nc.subscribe(inbox + ".*", cb=self._on_ack)
+        subscription = await self._nc.subscribe(inbox + ".*", cb=self._on_ack)
+        sid = getattr(subscription, "_id", None)
+        if isinstance(sid, int):
+            self._take_acks(sid)
         await self.ensure_stream()
         # nats-py's connection takes the window's bytes in one command when it has the
         # (private) methods its own publish uses; otherwise publish message by message.
@@ -174,30 +226,45 @@ class JetStreamSink:
         await nc._flush_pending()
 
     async def _on_ack(self, msg: Any) -> None:
-        future = self._acks.pop(msg.subject[len(self._reply_prefix):], None)
-        if future is None or future.done():
-            return
-        if msg.headers and msg.headers.get("Status") == "503":  # no stream captures it
-            future.set_exception(nats.js.errors.NoStreamResponseError())
-            return
-        data = msg.data
-        # A PubAck is `{"stream":"S","seq":7}` (nats-server 2.x), read here without json;
-        # one with any other member (`"duplicate": true`, `"error"`, a domain) goes through
-        # json.
-        if data.startswith(b'{"stream":"') and data.count(b'"') == 6 and b'"seq":' in data:
-            future.set_result(False)
-            return
+        """A PubAck through nats-py's subscription (when `_process_msg` is not taken)."""
+        self._ack(msg.subject[len(self._reply_prefix):].encode(), msg.data,
+                  (msg.headers or {}).get("Status"))
+
+    def _ack(self, token: bytes, data: bytes, status: str | None) -> None:
         try:
-            response = json.loads(data)
-        except ValueError as exc:
-            future.set_exception(BridgeError(f"JetStream: unreadable ack {data!r}: {exc}"))
+            entry = self._acks.pop(int(token), None)
+        except ValueError:
             return
-        if not isinstance(response, dict):
-            future.set_exception(BridgeError(f"JetStream: unreadable ack {data!r}"))
-        elif "error" in response:
-            future.set_exception(nats.js.errors.APIError.from_error(response["error"]))
-        else:
-            future.set_result(bool(response.get("duplicate")))
+        if entry is None:
+            return
+        window, index = entry
+        window.results[index] = _ack_result(data, status)
+        window.pending -= 1
+        if window.pending <= 0:
+            window.finish()
+
+    def _take_acks(self, sid: int) -> None:
+        """Read the PubAcks straight from nats-py's parser: its `_process_msg` (what the
+        parser calls for every MSG/HMSG) is wrapped on this connection so that a message
+        for the ack subscription `sid` goes to `_ack` at once, without nats-py's `Msg`
+        object, header parsing, the subscription's queue and the task switch to its
+        callback (those were most of the broker's time per ack). Anything else goes on to
+        nats-py. Used only when the connection has the (private) method."""
+        nc = self._nc
+        original = getattr(nc, "_process_msg", None)
+        if not callable(original):
+            return
+        skip = len(self._reply_prefix)
+        ack = self._ack
+
+        async def process_msg(msg_sid: int, subject: bytes, reply: bytes, data: bytes,
+                              headers: bytes | None) -> None:
+            if msg_sid == sid:
+                ack(subject[skip:], data, _status(headers))
+                return
+            await original(msg_sid, subject, reply, data, headers)
+
+        nc._process_msg = process_msg
 
     async def ensure_stream(self) -> None:
         opts = self.options
@@ -234,12 +301,21 @@ class JetStreamSink:
         """Publish the window; the number acknowledged from its start (see module doc)."""
         if not batch:
             return 0
+        return await (await self.submit(batch))
+
+    async def submit(self, batch: Sequence[BridgeMessage]) -> asyncio.Future[int]:
+        """Publish the window now; a future of the number acknowledged from its start
+        (`PipelinedSink`, bridge/forward.py). The future raises `Resend` when the server
+        answered "no responders" (no stream leader) for its first message or the
+        connection was lost before it was acknowledged, BridgeError for anything else."""
+        if not batch:
+            raise BridgeError("nothing to send")
         if self._js is None:
             raise BridgeError("send before start")
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[bool]] = []
-        tokens: list[str] = []
+        window = _Window(len(batch), loop.create_future())
         acks = self._acks
+        first = self._token + 1
         nc = self._nc
         if self._frames is not None:
             # The window as one HPUB blob (jetstream_frames.py), handed to the connection
@@ -249,72 +325,94 @@ class JetStreamSink:
             reply_prefix = self._reply_prefix
             max_payload = nc.max_payload
             too_big: Exception | None = None
-            for message in batch:
+            token = self._token
+            for index, message in enumerate(batch):
                 if len(message.payload) > max_payload:  # as nc.publish refuses it
                     too_big = nats.errors.MaxPayloadError()
                     break
-                self._token += 1
-                token = str(self._token)
-                frames.append(frame(message, reply_prefix + token))
-                future: asyncio.Future[bool] = loop.create_future()
-                acks[token] = future
-                tokens.append(token)
-                futures.append(future)
+                token += 1
+                frames.append(frame(message, f"{reply_prefix}{token}"))
+                acks[token] = (window, index)
+            self._token = token
+            window.sent = len(frames)
             try:
                 if not frames:
                     raise too_big or BridgeError("nothing to send")
                 await self._write(b"".join(frames))
             except Exception:
-                for token in tokens:
-                    acks.pop(token, None)
+                self._forget(first, window.sent)
                 raise
         else:
+            sent = 0
             try:
                 # No yield to the loop between messages (nc.publish only appends to
                 # nats-py's buffer): the window goes out in one socket write.
-                for message in batch:
+                for index, message in enumerate(batch):
                     mid = message_id(self.gateway_id, self.store_id, message.offset)
                     headers = message.headers(mid)
                     headers[NATS_MSG_ID] = mid
                     self._token += 1
-                    token = str(self._token)
-                    future = loop.create_future()
-                    acks[token] = future
-                    tokens.append(token)
-                    futures.append(future)
+                    acks[self._token] = (window, index)
                     await nc.publish(self.subject(message), message.payload,
-                                     reply=self._reply_prefix + token, headers=headers)
+                                     reply=f"{self._reply_prefix}{self._token}",
+                                     headers=headers)
+                    sent += 1
             except Exception:
-                if len(futures) == len(tokens) and futures:  # the last one was not sent
-                    acks.pop(tokens.pop(), None)
-                    futures.pop().cancel()
-                if not futures:
+                self._forget(first + sent, self._token + 1 - first - sent)  # not sent
+                if not sent:
                     raise
-        try:
-            await asyncio.wait(futures, timeout=self.ack_timeout)
-        finally:
-            for token in tokens:
-                acks.pop(token, None)
+            window.sent = sent
+        window.pending -= len(batch) - window.sent  # never sent: never acknowledged
+        if window.pending <= 0:
+            window.finish()
+        self._windows.add(window)
+        collect = asyncio.ensure_future(self._collect(window))
+        # Released when the collect ends in any way (also when it is cancelled before it
+        # started: a window the forwarder dropped).
+        collect.add_done_callback(lambda _: self._release(window, first))
+        return collect
+
+    def _release(self, window: _Window, first: int) -> None:
+        self._windows.discard(window)
+        self._forget(first, window.sent)
+
+    def _forget(self, first: int, count: int) -> None:
+        acks = self._acks
+        for token in range(first, first + count):
+            acks.pop(token, None)
+
+    async def _collect(self, window: _Window) -> int:
+        """Wait for the window's acks (at most `ack_timeout`); how many from its start."""
+        if not window.done.done():
+            await asyncio.wait((window.done,), timeout=self.ack_timeout)
         acknowledged = 0
         first_error: BaseException | None = None
-        for future in futures:
-            if not future.done() or future.cancelled():
-                first_error = TimeoutError(f"no ack within {self.ack_timeout} s")
+        for result in window.results[:window.sent]:
+            if result is None:
+                first_error = window.lost or TimeoutError(f"no ack within {self.ack_timeout} s")
                 break
-            if (error := future.exception()) is not None:
-                first_error = error
+            if isinstance(result, BaseException):
+                first_error = result
                 break
-            if future.result():
+            if result:
                 self.duplicates += 1
             acknowledged += 1
-        for future in futures[acknowledged:]:
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved, so asyncio does not log it
-        if acknowledged == 0 and first_error is not None:
+        if acknowledged == 0:
+            if isinstance(first_error, Resend):
+                raise first_error
+            if first_error is None:
+                first_error = BridgeError("nothing sent")
             raise BridgeError(f"JetStream publish failed: {first_error!r}") from first_error
         return acknowledged
+
+    async def _on_disconnect(self) -> None:
+        """The connection is lost: acks of what was in flight cannot come any more (a PubAck
+        goes to the connection that published), so those windows end now with what was
+        acknowledged, instead of at `ack_timeout`; the rest is sent again (same ids)."""
+        windows, self._windows = self._windows, set()
+        for window in windows:
+            window.lost = Resend("connection lost before the ack")
+            window.finish()
 
     @property
     def connected(self) -> bool:

@@ -213,3 +213,64 @@ async def test_uplink_down_since_boot_drains_once_the_server_appears(tmp_path: P
         assert offsets(await stored(server.url)) == list(range(1, 501))
     finally:
         server.stop()
+
+
+class PipelinedSink:
+    """A sink with `submit`: every window written is recorded with its future, which the
+    test resolves (the remote side's acknowledgements)."""
+
+    def __init__(self) -> None:
+        self.windows: list[tuple[list[int], asyncio.Future[int]]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, batch: Sequence[BridgeMessage]) -> int:
+        return await (await self.submit(batch))
+
+    async def submit(self, batch: Sequence[BridgeMessage]) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.windows.append(([m.offset for m in batch], future))
+        return future
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_backlog_has_several_windows_in_flight_and_acks_move_the_cursor_in_order(
+        ) -> None:
+    log = MemoryLog()
+    for i in range(20):
+        log.append("s/t", b"%d" % i)
+    sink = PipelinedSink()
+    forwarder = Forwarder(lambda: sink, log, cursor=0, window=4, depth=3,
+                          backoff=Backoff(1.0, 8.0, rand=lambda: 0.0))
+    task = asyncio.ensure_future(forwarder.step())
+    while len(sink.windows) < 3:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    # Three windows written before any acknowledgement (not one round trip per window).
+    assert [w for w, _ in sink.windows] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    sink.windows[1][1].set_result(4)  # a later window's acks do not move the cursor
+    await asyncio.sleep(0)
+    assert not task.done() and log.committed == 0
+    sink.windows[0][1].set_result(4)
+    await task
+    assert forwarder.status.cursor == 4 and log.committed == 4
+    await forwarder.step()  # the pipeline refilled (13-16), then 5-8: acknowledged already
+    assert forwarder.status.cursor == 8
+    assert [w[0] for w, _ in sink.windows[3:]] == [13]
+    # 9-12 acknowledged up to 10: what was in flight after it is dropped and sent again
+    # from the cursor, in order.
+    sink.windows[2][1].set_result(2)
+    await forwarder.step()  # (17-20 written first)
+    assert forwarder.status.cursor == 10
+    assert [w[0] for w, _ in sink.windows[3:5]] == [13, 17]
+    assert all(f.cancelled() for _, f in sink.windows[3:5])
+    task = asyncio.ensure_future(forwarder.step())
+    while len(sink.windows) < 6:
+        await asyncio.sleep(0)
+    assert sink.windows[5][0] == [11, 12, 13, 14]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

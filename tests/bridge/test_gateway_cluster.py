@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -82,13 +83,22 @@ def test_stream_leader_killed_while_the_gateway_forwards(tmp_path: Path) -> None
                     lambda: (s := stream_state(nodes)) is not None and s[1] >= 1000 and s,
                     60, "forwarding under way to the R3 stream")
                 leader = next(n for n in nodes if n.server_name == leader_name)
+                held = stream_state(nodes)
                 leader.kill()  # SIGKILL the stream leader while the bridge forwards
+                killed = time.monotonic()
                 at_kill = published
                 # Forwarding goes on: a new leader, and messages published after the kill
                 # reach the stream.
                 new_leader, _ = wait_until(
                     lambda: (s := stream_state(nodes)) is not None and s[0] != leader_name
                     and s, 60, "a new stream leader")
+                # Reported, not asserted (timing): how long forwarding stopped, as the time
+                # until the stream holds 1,000 more than it did just before the kill.
+                before = held[1] if held is not None else 0
+                wait_until(lambda: (s := stream_state(nodes)) is not None
+                           and s[1] >= before + 1000, 60, "forwarding resumed")
+                print(f"forwarding paused {time.monotonic() - killed:.1f} s after the leader "
+                      f"was killed (the stream grew by 1,000 from {before})")
                 wait_until(lambda: published >= at_kill + 2000, 60,
                            "the device publishing after the kill")
             finally:

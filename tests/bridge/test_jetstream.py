@@ -12,7 +12,7 @@ pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
 import nats
 from nats.js import api
 
-from edge_broker.bridge.base import BridgeMessage, decode_text, parse_message_id
+from edge_broker.bridge.base import BridgeMessage, Resend, decode_text, parse_message_id
 from edge_broker.bridge.config import BridgeConfig, parse_bridges
 from edge_broker.bridge.jetstream import JetStreamDownlink, JetStreamSink, filter_covers
 from edge_broker.errors import BridgeError
@@ -184,6 +184,48 @@ async def test_blackholed_link_times_out_and_a_new_connection_delivers(
     msgs = await stored(nats_server.url)
     assert offsets(msgs) == list(range(1, 101))
     assert sink.duplicates == 0
+
+
+def test_ack_timeout_comes_from_the_bridge_config() -> None:
+    def sink(**extra: Any) -> JetStreamSink:
+        return JetStreamSink(bridge_config("nats://127.0.0.1:4222", **extra),
+                             gateway_id="gw7", store_id=STORE_ID)
+
+    assert sink().ack_timeout == 3.0
+    assert sink(ack_timeout="1s").ack_timeout == 1.0
+
+
+async def test_a_lost_connection_ends_the_window_in_flight_at_once(
+        nats_server: NatsServer) -> None:
+    """A PubAck goes to the connection that published: once nats-py reports that connection
+    lost, the window in flight ends (Resend, nothing acknowledged) instead of waiting for
+    `ack_timeout`, and the same sink sends it again after nats-py reconnected."""
+    proxy = await TcpProxy("127.0.0.1", nats_server.port).start()
+    sink = JetStreamSink(bridge_config(f"nats://{proxy.address}"), gateway_id="gw7",
+                         store_id=STORE_ID, ack_timeout=3600.0)
+    try:
+        await sink.start()
+        assert await sink.send(messages(1, 50)) == 50
+        proxy.blackhole()
+        acks = await sink.submit(messages(51, 50))  # written; no ack can come back
+        proxy.cut()  # the connection is lost
+        proxy.forward()
+        with pytest.raises(Resend):
+            await asyncio.wait_for(acks, 60)  # long before the ack timeout (an hour)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while True:  # nats-py reconnects by itself
+            try:
+                assert await sink.send(messages(51, 50)) == 50
+                break
+            except BridgeError:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.05)
+    finally:
+        await sink.close()
+        await proxy.close()
+    msgs = await stored(nats_server.url)
+    assert offsets(msgs) == list(range(1, 101))
 
 
 async def test_downlink_durable_consumer_acks_after_local_commit(
