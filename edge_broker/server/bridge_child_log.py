@@ -24,6 +24,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
@@ -40,16 +41,14 @@ _TOPIC: Final = "SELECT name FROM log_topics WHERE id = ?"
 BUSY_TIMEOUT_MS: Final = 5000
 
 
+@dataclass(slots=True)
 class ChildRow:
     """A row of the bridge's, as the process reads it."""
 
-    __slots__ = ("message", "offset", "origin", "size")
-
-    def __init__(self, offset: int, size: int, origin: str, message: BridgeMessage) -> None:
-        self.offset = offset
-        self.size = size
-        self.origin = origin
-        self.message = message
+    offset: int
+    size: int
+    origin: str
+    message: BridgeMessage
 
 
 class LogFile:

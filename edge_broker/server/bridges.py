@@ -507,7 +507,7 @@ class BridgeManager:
         if side is None:
             return out
         for name, bridge in self.bridges.items():
-            reader = side.reader(name) if bridge.reader is not None else None
+            reader = side.reader(name) if bridge.forwarder is not None else None
             if reader is not None and reader.backlog_bytes > 0:
                 out.append((reader_name(name), reader.backlog_bytes))
         return out
