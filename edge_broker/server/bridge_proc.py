@@ -164,11 +164,14 @@ class ProcessForwarder:
                     proc.kill()
             ours.close()
         try:
-            return await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            return await proc.wait()
+            try:
+                return await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return await proc.wait()
+        finally:
+            self.pid = None  # reaped (or being): never signal a pid that may be reused
 
     async def stop(self) -> None:
         """Stop the process gracefully (it closes its remote connection and sends its last
