@@ -29,7 +29,7 @@ from ..bridge.config import BridgeConfig
 from ..bridge.forward import Forwarder
 from ..store.log.bridges import reader_name
 from .bridge_child_log import ChildLogReader, LogFile
-from .bridge_wire import frame, read_frame
+from .bridge_wire import decode_config, frame, read_frame
 
 log = logging.getLogger("edge_broker.bridges")
 
@@ -64,7 +64,7 @@ async def serve(fd: int) -> None:
     if init is None or init[0] != "init":
         return
     settings: dict[str, Any] = init[1]
-    config: BridgeConfig = settings["config"]
+    config = decode_config(settings["config"])
     logging.basicConfig(
         level=int(settings.get("log_level", logging.INFO)), stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s bridge process {config.name}: %(message)s")

@@ -41,7 +41,7 @@ from ..bridge.forward import ForwarderStatus
 from ..mqtt.properties import NO_PROPERTIES
 from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.log import LogRow
-from .bridge_wire import frame, read_frame
+from .bridge_wire import encode_config, frame, read_frame
 
 log = logging.getLogger("edge_broker.bridges")
 
@@ -143,8 +143,8 @@ class ProcessForwarder:
             self._base_forwarded = self.status.forwarded
             self._base_failures = self.status.failures
             writer.write(frame(("init", {
-                "config": self.config, "path": self.path, "gateway_id": self.gateway_id,
-                "store_id": self.store_id, "cursor": cursor,
+                "config": encode_config(self.config), "path": self.path,
+                "gateway_id": self.gateway_id, "store_id": self.store_id, "cursor": cursor,
                 "last_committed": self.side.last_committed,
                 "log_level": logging.getLogger("edge_broker").getEffectiveLevel()})))
             log.info("bridge %s: uplink process %d started (cursor %d)", self.config.name,
@@ -155,13 +155,16 @@ class ProcessForwarder:
                     break
                 self._handle(message)
             writer.close()
+        except BaseException:
+            if proc.returncode is None:  # cancelled, or this side failed: it goes too
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            self.pid = None
+            raise
         finally:
             self._writer = None
             self._waiting = None
             self.status.connected = False
-            if proc.returncode is None and not self._stopping:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
             ours.close()
         try:
             try:

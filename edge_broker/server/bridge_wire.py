@@ -21,9 +21,13 @@ process -> broker:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import struct
 from typing import Any, Final
+
+from ..bridge.config import BridgeConfig, KafkaOptions
+from ..bridge.topic_map import KafkaRoute
 
 HEADER: Final = struct.Struct(">I")
 MAX_FRAME: Final = 64 * 1024 * 1024  # far above any real frame: a corrupt length stops here
@@ -48,3 +52,22 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
     if not isinstance(message, tuple) or not message:
         raise ValueError("bridge process: malformed frame")
     return message
+
+
+def encode_config(config: BridgeConfig) -> tuple[BridgeConfig, dict[str, Any] | None]:
+    """The bridge's config for the "init" message. The Kafka routes go as pairs: `KafkaRoute`
+    is compiled in the compiled build, and a compiled frozen class cannot be unpickled."""
+    kafka = config.kafka
+    if kafka is None:
+        return config, None
+    fields = {f.name: getattr(kafka, f.name) for f in dataclasses.fields(kafka)}
+    fields["topic_map"] = tuple((route.filter, route.topic) for route in kafka.topic_map)
+    return dataclasses.replace(config, kafka=None), fields
+
+
+def decode_config(data: tuple[BridgeConfig, dict[str, Any] | None]) -> BridgeConfig:
+    config, kafka = data
+    if kafka is None:
+        return config
+    routes = tuple(KafkaRoute(str(f), str(t)) for f, t in kafka["topic_map"])
+    return dataclasses.replace(config, kafka=KafkaOptions(**{**kafka, "topic_map": routes}))
