@@ -27,8 +27,9 @@ from typing import Any
 from ..bridge.base import Backoff, Sink
 from ..bridge.config import BridgeConfig
 from ..bridge.forward import Forwarder
+from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
-from .bridge_child_log import ChildLogReader, LogFile
+from .bridge_child_log import ChildLogReader
 from .bridge_wire import decode_config, frame, read_frame
 
 log = logging.getLogger("edge_broker.bridges")

@@ -1,16 +1,5 @@
-"""The log as a bridge's uplink process reads it: its own read connection to the store file.
-
-The broker's store writes the file; this process only reads it (SQLite's WAL mode lets a
-reader work beside the writer, each read seeing the last committed transaction). What the
-broker's `StoreLogReader` (server/bridge_log.py) gets from the store's memory, this reader
-takes from the tables:
-
-- the bridge's filters and their `since` from `log_reader_filters` (read at start: they
-  change only when the broker starts), and each topic's name from `log_topics` (cached);
-  a row is the bridge's when its topic matches a filter and its offset is above that
-  filter's since (the lowest since of the filters that match);
-- the reader's stored offset from `log_readers` before each page: the broker moves it past
-  rows dropped for `max_backlog_bytes` or the store budget, and pages start after it.
+"""The log as a bridge's uplink process reads it: store/log/bridge_file.py's `LogFile`, its
+own read-only connection to the store file (the broker stays the only writer).
 
 `ChildLogReader` is the `LogReader` (bridge/forward.py) of the process: pages are read on a
 thread of their own, `wait_after` asks the broker to be woken by its next group commit (no
@@ -21,115 +10,13 @@ rows it passes, to the broker, which stores it (server/bridge_proc.py).
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
-from urllib.parse import quote
+from typing import Any
 
 from ..bridge.base import BridgeMessage
-from ..mqtt.topics import topic_matches
-from ..store.log.schema import decode_props
-
-_COLUMNS: Final = "offset, at, topic_id, qos, retain, payload, properties, origin"
-_SCAN: Final = f"SELECT {_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
-_READER_OFFSET: Final = "SELECT offset FROM log_readers WHERE name = ?"
-_FILTERS: Final = "SELECT filter, since FROM log_reader_filters WHERE reader = ?"
-_TOPIC: Final = "SELECT name FROM log_topics WHERE id = ?"
-BUSY_TIMEOUT_MS: Final = 5000
-
-
-@dataclass(slots=True)
-class ChildRow:
-    """A row of the bridge's, as the process reads it."""
-
-    offset: int
-    size: int
-    origin: str
-    message: BridgeMessage
-
-
-class LogFile:
-    """Synchronous reads of one bridge's rows (on the reader's own thread)."""
-
-    def __init__(self, path: str, reader: str) -> None:
-        self.path = path
-        self.reader = reader
-        self._conn: sqlite3.Connection | None = None
-        self.filters: list[tuple[str, int]] = []
-        # topic id -> (name, UTF-8 size of the name, since or -1 when no filter matches)
-        self._topics: dict[int, tuple[str, int, int]] = {}
-
-    def open(self) -> None:
-        uri = f"file:{quote(str(Path(self.path).resolve()))}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._conn = conn
-        self.filters = [(str(f), int(s)) for f, s in conn.execute(_FILTERS, (self.reader,))]
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.open()
-        assert self._conn is not None
-        return self._conn
-
-    def reader_offset(self) -> int:
-        row = self._db().execute(_READER_OFFSET, (self.reader,)).fetchone()
-        return int(row[0]) if row is not None else 0
-
-    def _topic(self, tid: int) -> tuple[str, int, int]:
-        known = self._topics.get(tid)
-        if known is not None:
-            return known
-        row = self._db().execute(_TOPIC, (tid,)).fetchone()
-        name = str(row[0]) if row is not None else ""
-        since = -1
-        for topic_filter, filter_since in self.filters:
-            if name and topic_matches(topic_filter, name) and (since < 0
-                                                               or filter_since < since):
-                since = filter_since
-        entry = (name, len(name.encode()), since)
-        self._topics[tid] = entry
-        return entry
-
-    def page(self, after: int, limit: int) -> tuple[list[ChildRow], int]:
-        """Up to `limit` of the bridge's rows after max(after, the reader's stored offset),
-        in order, and the page's end: every row of the bridge's up to it is in the page."""
-        conn = self._db()
-        lo = max(after, self.reader_offset())
-        out: list[ChildRow] = []
-        batch = max(limit, 64)
-        while True:
-            raws = conn.execute(_SCAN, (lo, batch)).fetchall()
-            for raw in raws:
-                offset = int(raw[0])
-                name, name_size, since = self._topic(int(raw[2]))
-                if since < 0 or offset <= since:
-                    continue
-                payload: bytes = raw[5]
-                blob: bytes | None = raw[6]
-                props = decode_props(blob)
-                size = name_size + len(payload) + (len(blob) if blob else 0)
-                origin = str(raw[7])
-                message = BridgeMessage(
-                    offset=offset, topic=name, payload=payload, qos=int(raw[3]),
-                    retain=bool(raw[4]), publish_time=float(raw[1]), client_id=origin,
-                    content_type=props.content_type,
-                    payload_utf8=props.payload_format_indicator == 1,
-                    user_properties=tuple(props.user_properties), size=size)
-                out.append(ChildRow(offset, size, origin, message))
-                if len(out) == limit:
-                    return out, offset
-            if len(raws) < batch:
-                return out, int(raws[-1][0]) if raws else lo
-            lo = int(raws[-1][0])
+from ..store.log.bridge_file import LogFile
+from .bridge_log import bridge_message
 
 
 class ChildLogReader:
@@ -168,9 +55,9 @@ class ChildLogReader:
         if kept and kept[-1][0] > cursor:  # read again from the cursor: replaces the rest
             kept[:] = [r for r in kept if r[0] <= cursor]
         kept.extend((row.offset, row.size) for row in rows)
-        self.oldest_at = rows[0].message.publish_time if rows else None
+        self.oldest_at = rows[0].at if rows else None
         skip = self.skip_origin
-        taken = [row.message for row in rows if row.origin != skip]
+        taken = [bridge_message(row) for row in rows if row.origin != skip]
         if not taken:
             # Only its own (or nothing): the cursor moves past them at once, unless this
             # page was read ahead of a window still waiting for its acknowledgements.
