@@ -140,6 +140,8 @@ class BridgeConfig:
     jetstream: JetStreamOptions | None = None
     kafka: KafkaOptions | None = None
     mqtt: MqttOptions | None = None
+    separate_process: bool = False
+    """jetstream/kafka: the uplink runs in a process of its own (server/bridge_proc.py)."""
 
 
 # --------------------------------------------------------------------------- value parsers
@@ -309,6 +311,10 @@ def _keepalive(value: object) -> int:
 
 # --------------------------------------------------------------------------- schema
 
+# `separate_process` when not set (jetstream and kafka; an mqtt bridge's one connection
+# carries its downlink too, which stays in the broker, so it always runs there).
+SEPARATE_PROCESS_DEFAULT: Final = False
+
 Parser = Callable[[object], Any]
 
 COMMON_KEYS: Final[dict[str, Parser]] = {
@@ -332,6 +338,7 @@ COMMON_KEYS: Final[dict[str, Parser]] = {
 KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
     "jetstream": {
         "uplink": _list_of(_mqtt_filter, "MQTT topic filters"),
+        "separate_process": _bool,
         "downlink": _list_of(_subject_filter, "NATS subjects"),
         "subject_prefix": _subject,
         "jetstream_stream": _stream_name,
@@ -351,6 +358,7 @@ KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
     },
     "kafka": {
         "uplink": _list_of(_mqtt_filter, "MQTT topic filters"),
+        "separate_process": _bool,
         "downlink": _list_of(_kafka_topic, "Kafka topics"),
         "topic_map": _list_of(_kafka_route, "routes", nonempty=True),
         "key": _choice("topic", "client_id"),
@@ -483,7 +491,9 @@ def _parse_one(entry: Mapping[str, object], label: str, file: str | None,
         window=values.get("window", 256), backoff_initial_s=float(backoff_initial),
         backoff_max_s=float(backoff_max), ack_timeout_s=float(values.get("ack_timeout", 3)),
         username=values.get("username"),
-        password=values.get("password"), tls=tls)
+        password=values.get("password"), tls=tls,
+        separate_process=values.get("separate_process",
+                                    kind != "mqtt" and SEPARATE_PROCESS_DEFAULT))
     safe_gateway = re.sub(r"[^A-Za-z0-9_-]", "_", gateway_id)
     safe_name = name.replace(".", "_")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..core.broker import BrokerCore, ConnectResult, CoreSettings
+from ..core.changes import Change, LogAppended
 from ..core.queues import DROP_LOG_INTERVAL_S
 from ..dist import installed_version
 from ..errors import ConfigError, EdgeBrokerError, StoreDamagedError, StoreError, StoreInUseError
@@ -77,6 +78,12 @@ def core_settings(config: Config) -> CoreSettings:
 
 
 STORE_FILE = "edge-broker.db"
+# Batches of only QoS 0 log records (`_submit`) the store may hold before they are waited for.
+MAX_UNAWAITED_QOS0 = 16
+
+
+def _only_qos0_appends(changes: list[Change]) -> bool:
+    return all(type(change) is LogAppended and not change.message.qos for change in changes)
 
 
 def store_path(config: Config) -> Path:
@@ -123,6 +130,7 @@ class BrokerApp:
         # Batches with changes the store has not committed yet, oldest first (the store
         # resolves them in order), and the number of the last batch drained from the core.
         self._pending: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._unawaited = 0  # batches of only QoS 0 log records in the store's queue
         self._drained = 0
         self.incomplete_bytes = 0  # bytes buffered in all connections for unhandled packets
         self._lock = DataDirLock(config.broker.data_dir)
@@ -382,10 +390,23 @@ class BrokerApp:
         if waiter is DONE:
             return None
         future = asyncio.ensure_future(waiter)
+        if self._unawaited < MAX_UNAWAITED_QOS0 and _only_qos0_appends(batch.changes):
+            # Only QoS 0 messages recorded in the log (for a bridge or a stream): nothing
+            # acknowledged depends on them and no delivery needs them durable, so neither the
+            # publisher nor the subscribers wait for this commit (bounded: beyond
+            # MAX_UNAWAITED_QOS0 such batches in the store's queue, they wait as any other).
+            self._unawaited += 1
+            future.add_done_callback(self._unawaited_done)
+            return None
         self._pending.append((batch.number, future))
         # Registered first, so it runs before the callbacks waiting for this batch.
         future.add_done_callback(partial(self._store_done, self.loop.time()))
         return future
+
+    def _unawaited_done(self, future: asyncio.Future[None]) -> None:
+        self._unawaited -= 1
+        if not future.cancelled() and future.exception() is not None:
+            log.error("store commit of QoS 0 log records failed: %s", future.exception())
 
     def _store_done(self, submitted_at: float, _future: asyncio.Future[None]) -> None:
         self.observer.commit_observed(self.loop.time() - submitted_at)

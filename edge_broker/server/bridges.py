@@ -53,6 +53,7 @@ from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_name
 from ..store.log.bridges import READER_PREFIX, reader_name
 from .bridge_log import StoreLogReader
+from .bridge_proc import ProcessForwarder
 from .prometheus import Family
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class BridgeStatus:
     downlink_published: int = 0
     downlink_duplicates: int = 0
     downlink_denied: int = 0
+    uplink_process: int | None = None  # separate_process: the pid of the uplink process
+    uplink_process_starts: int = 0  # ... and how often it was started (restarts + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +105,7 @@ class Bridge:
         self.config = config
         self.status = BridgeStatus(config.name, config.kind, config.enabled)
         self.reader: StoreLogReader | None = None
-        self.forwarder: Forwarder | None = None
+        self.forwarder: Forwarder | ProcessForwarder | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.username = f"bridge:{config.name}"
         self._mqtt_downlink: asyncio.Task[None] | None = None
@@ -118,7 +121,18 @@ class Bridge:
         config = self.config
         loop = asyncio.get_running_loop()
         forwarding = bool(config.uplink) or config.kind == "mqtt"
-        if forwarding:
+        if forwarding and config.separate_process:
+            # The uplink in a process of its own (server/bridge_proc.py); the downlink and
+            # the backlog bound stay here.
+            self.forwarder = ProcessForwarder(
+                config, side, path=str(getattr(self.manager.app.store, "path", "")),
+                gateway_id=self.manager.gateway_id, store_id=self.manager.store_id,
+                cursor=cursor)
+            self.tasks.append(loop.create_task(self.forwarder.run(),
+                                               name=f"bridge {config.name} uplink process"))
+            side.listen(self._check_backlog)
+            self._check_backlog(0)
+        elif forwarding:
             self.reader = StoreLogReader(side, config.name, config.downlink_identity)
             backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
             self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
@@ -136,6 +150,10 @@ class Bridge:
         side = self.manager.side
         if side is not None:
             side.unlisten(self._check_backlog)
+        process = self.forwarder if isinstance(self.forwarder, ProcessForwarder) else None
+        if process is not None:  # first: it closes its remote connection, sends its last ack
+            with contextlib.suppress(Exception):
+                await process.stop()
         tasks = [t for t in (*self.tasks, self._mqtt_downlink) if t is not None]
         for task in tasks:
             task.cancel()
@@ -148,6 +166,10 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.reader.flush()
             self.reader.close()
+        if process is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await process.flush()
+            process.close()
 
     # -- uplink ---------------------------------------------------------------------------
 
@@ -396,6 +418,9 @@ class Bridge:
                 status.last_error = fs.last_error
                 status.last_error_at = fs.last_error_at
             status.failures = max(status.failures, fs.failures)
+            if isinstance(forwarder, ProcessForwarder):
+                status.uplink_process = forwarder.pid
+                status.uplink_process_starts = forwarder.starts
         else:
             status.connected = status.downlink_connected
         reader = side.reader(self.config.name) if side is not None else None
@@ -404,7 +429,9 @@ class Bridge:
             status.backlog_messages = reader.backlog_count
             status.backlog_bytes = reader.backlog_bytes
             status.dropped = reader.dropped
-        oldest = self.reader.oldest_at if self.reader is not None else None
+        oldest = (self.reader.oldest_at if self.reader is not None
+                  else forwarder.oldest_at if isinstance(forwarder, ProcessForwarder)
+                  else None)
         status.backlog_oldest_age_s = (max(0.0, time.time() - oldest)
                                        if oldest is not None and status.backlog_messages
                                        else 0.0)
@@ -480,7 +507,7 @@ class BridgeManager:
         if side is None:
             return out
         for name, bridge in self.bridges.items():
-            reader = side.reader(name) if bridge.reader is not None else None
+            reader = side.reader(name) if bridge.forwarder is not None else None
             if reader is not None and reader.backlog_bytes > 0:
                 out.append((reader_name(name), reader.backlog_bytes))
         return out

@@ -1,0 +1,140 @@
+"""A bridge's uplink process (`separate_process = true`): the `Forwarder` of one bridge, run
+beside the broker on its own interpreter (and so on the other core), reading the log from
+the store file through its own read connection (server/bridge_child_log.py).
+
+The broker starts it (server/bridge_proc.py) as
+
+    <the broker's python> -c "from edge_broker.server.bridge_child import main; main()" FD
+
+where FD is its end of a socketpair (server/bridge_wire.py). It gets its settings in the first
+message, forwards from the cursor it was given, and hands every acknowledged cursor to the
+broker, which stores it: the broker stays the only writer of the file. It exits when the
+broker says "stop" (after closing the remote connection) or when the socket ends (the broker
+is gone; the kernel also kills it then: PR_SET_PDEATHSIG, set by the broker at fork).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..bridge.base import Backoff, Sink
+from ..bridge.config import BridgeConfig
+from ..bridge.forward import Forwarder
+from ..store.log.bridge_file import LogFile
+from ..store.log.bridges import reader_name
+from .bridge_child_log import ChildLogReader
+from .bridge_wire import decode_config, frame, read_frame
+
+log = logging.getLogger("edge_broker.bridges")
+
+STATUS_INTERVAL_S = 0.2  # status to the broker at most this often (when it changed)
+
+
+def main() -> None:
+    fd = int(sys.argv[-1])
+    loop_factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(fd))
+
+
+def make_sink(config: BridgeConfig, gateway_id: str, store_id: str) -> Sink:
+    if config.kind == "jetstream":
+        from ..bridge.jetstream import JetStreamSink
+
+        return JetStreamSink(config, gateway_id=gateway_id, store_id=store_id)
+    from ..bridge.kafka import KafkaSink
+
+    return KafkaSink(config, gateway_id=gateway_id, store_id=store_id)
+
+
+async def serve(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    init = await read_frame(reader)
+    if init is None or init[0] != "init":
+        return
+    settings: dict[str, Any] = init[1]
+    config = decode_config(settings["config"])
+    logging.basicConfig(
+        level=int(settings.get("log_level", logging.INFO)), stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s bridge process {config.name}: %(message)s")
+
+    def send(message: tuple[Any, ...]) -> None:
+        if not writer.is_closing():
+            writer.write(frame(message))
+
+    cursor = int(settings["cursor"])
+    file = LogFile(str(settings["path"]), reader_name(config.name))
+    log_reader = ChildLogReader(file, config.downlink_identity, send,
+                                int(settings["last_committed"]), cursor)
+    forwarder = Forwarder(
+        lambda: make_sink(config, str(settings["gateway_id"]), str(settings["store_id"])),
+        log_reader, cursor=cursor, window=config.window,
+        backoff=Backoff(config.backoff_initial_s, config.backoff_max_s), name=config.name)
+    running = asyncio.get_running_loop().create_task(_forward(forwarder, config))
+    reporting = asyncio.get_running_loop().create_task(_report(forwarder, log_reader, send))
+    try:
+        while True:
+            message = await read_frame(reader)
+            if message is None or message[0] == "stop":
+                break
+            if message[0] == "appended":
+                log_reader.appended(int(message[1]))
+    finally:
+        for task in (running, reporting):
+            task.cancel()
+        for task in (running, reporting):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        send(("status", _status(forwarder, log_reader)))
+        with contextlib.suppress(Exception):
+            await writer.drain()
+        writer.close()
+        log_reader.close()
+
+
+async def _forward(forwarder: Forwarder, config: BridgeConfig) -> None:
+    """As the broker does in-process (server/bridges.py `_run_forwarder`): a local failure
+    (reading the file) is logged and the forwarder starts again from its cursor."""
+    backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+    while True:
+        try:
+            await forwarder.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("uplink failed locally")
+            status = forwarder.status
+            status.failures += 1
+            status.last_error = f"uplink: {type(exc).__name__}: {exc}"
+            status.last_error_at = time.time()
+        await asyncio.sleep(backoff.next_delay())
+
+
+def _status(forwarder: Forwarder, log_reader: ChildLogReader) -> dict[str, Any]:
+    s = forwarder.status
+    return {"connected": s.connected, "cursor": s.cursor, "forwarded": s.forwarded,
+            "failures": s.failures, "last_error": s.last_error,
+            "last_error_at": s.last_error_at, "oldest_at": log_reader.oldest_at}
+
+
+async def _report(forwarder: Forwarder, log_reader: ChildLogReader,
+                  send: Callable[[tuple[Any, ...]], None]) -> None:
+    last: dict[str, Any] = {}
+    while True:
+        now = _status(forwarder, log_reader)
+        if now != last:
+            send(("status", now))
+            last = now
+        await asyncio.sleep(STATUS_INTERVAL_S)

@@ -1,0 +1,281 @@
+"""The broker's side of a bridge's uplink process (`separate_process = true`, docs/bridges.md
+"A separate uplink process").
+
+`ProcessForwarder` stands where the in-process `Forwarder` and `StoreLogReader` stand in
+server/bridges.py: it starts the process (server/bridge_child.py) with the broker's own
+interpreter, supervises it (a process that ends unexpectedly, e.g. SIGKILLed, is started
+again after a backoff delay, from the stored cursor), and serves it over one socketpair
+(server/bridge_wire.py):
+
+- *waiting for the log*: the process asks to be woken once the log is committed past an
+  offset; the store's group commits (`BridgeStoreSide.listen`) answer it - one comparison per
+  commit, nothing polled;
+- *the cursor*: the process sends each cursor the remote side acknowledged, with the
+  (offset, size) of the rows it passes; they are stored here, by the store's writer thread,
+  exactly as in-process (one short transaction, coalesced: one write at a time carrying the
+  latest cursor; `StoreLogReader` does the same). The broker stays the only writer of the
+  file, and the reader's backlog counts in its memory stay right;
+- *status*: the process sends its `ForwarderStatus` fields when they change (at most every
+  0.2 s); `status` here adds what the earlier runs of the process forwarded and failed.
+
+Durability is the in-process one: the cursor moves only after the remote side acknowledged;
+a crash of either process loses nothing, and what was sent after the stored cursor is sent
+again with the same message ids (duplicates only within the remote's dedup window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Final
+
+from ..bridge.base import Backoff
+from ..bridge.config import BridgeConfig
+from ..bridge.forward import ForwarderStatus
+from ..mqtt.properties import NO_PROPERTIES
+from ..store.log.bridge_store import BridgeStoreSide
+from ..store.log.log import LogRow
+from .bridge_wire import encode_config, frame, read_frame
+
+log = logging.getLogger("edge_broker.bridges")
+
+CHILD_CODE: Final = "from edge_broker.server.bridge_child import main; main()"
+STOP_TIMEOUT_S: Final = 10.0  # a stopping process that takes longer is killed
+STABLE_S: Final = 30.0  # a process that ran this long resets the restart backoff
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: prctl(PR_SET_PDEATHSIG, SIGKILL), so the uplink process
+    never outlives a broker that was killed (Linux; elsewhere the socket's end stops it)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ProcessForwarder:
+    """The uplink of one bridge, run by a process of its own (see the module docstring)."""
+
+    def __init__(self, config: BridgeConfig, side: BridgeStoreSide, *, path: str,
+                 gateway_id: str, store_id: str, cursor: int) -> None:
+        self.config = config
+        self.side = side
+        self.path = path
+        self.gateway_id = gateway_id
+        self.store_id = store_id
+        self.status = ForwarderStatus(cursor=cursor)
+        self.oldest_at: float | None = None
+        self.pid: int | None = None
+        self.starts = 0  # processes started (1 + restarts)
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiting: int | None = None  # the process waits for a commit past this
+        self._stopping = False
+        self._base_forwarded = 0
+        self._base_failures = 0
+        self._ended = asyncio.Event()
+        # Cursor commits, one at a time, coalesced (as server/bridge_log.py).
+        self._rows: list[LogRow] = []
+        self._target = 0
+        self._stored = 0
+        self._committer: asyncio.Task[None] | None = None
+        self._commit_error: BaseException | None = None
+        side.listen(self._committed)
+
+    # -- running the process ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start the process and start it again whenever it ends, until `stop()`."""
+        config = self.config
+        backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+        try:
+            while not self._stopping:
+                started = time.monotonic()
+                try:
+                    code = await self._run_once()
+                    why = f"the uplink process exited with {code}"
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.exception("bridge %s: uplink process failed", config.name)
+                    why = f"uplink process: {type(exc).__name__}: {exc}"
+                if self._stopping:
+                    break
+                status = self.status
+                status.connected = False
+                status.failures += 1
+                status.last_error = why
+                status.last_error_at = time.time()
+                self._base_failures = status.failures
+                log.warning("bridge %s: %s (cursor %d); starting it again", config.name, why,
+                            status.cursor)
+                if time.monotonic() - started >= STABLE_S:
+                    backoff.reset()
+                await asyncio.sleep(backoff.next_delay())
+        finally:
+            self._ended.set()
+
+    async def _run_once(self) -> int:
+        ours, theirs = socket.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CHILD_CODE, str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent)
+        finally:
+            theirs.close()
+        self.pid = proc.pid
+        self.starts += 1
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours)
+            self._writer = writer
+            reader_state = self.side.reader(self.config.name)
+            cursor = max(self.status.cursor, reader_state.offset if reader_state else 0)
+            self.status.cursor = cursor
+            self._base_forwarded = self.status.forwarded
+            self._base_failures = self.status.failures
+            writer.write(frame(("init", {
+                "config": encode_config(self.config), "path": self.path,
+                "gateway_id": self.gateway_id, "store_id": self.store_id, "cursor": cursor,
+                "last_committed": self.side.last_committed,
+                "log_level": logging.getLogger("edge_broker").getEffectiveLevel()})))
+            log.info("bridge %s: uplink process %d started (cursor %d)", self.config.name,
+                     proc.pid, cursor)
+            while True:
+                message = await read_frame(reader)
+                if message is None:
+                    break
+                self._handle(message)
+            writer.close()
+        except BaseException:
+            if proc.returncode is None:  # cancelled, or this side failed: it goes too
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            self.pid = None
+            raise
+        finally:
+            self._writer = None
+            self._waiting = None
+            self.status.connected = False
+            ours.close()
+        try:
+            try:
+                return await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return await proc.wait()
+        finally:
+            self.pid = None  # reaped (or being): never signal a pid that may be reused
+
+    async def stop(self) -> None:
+        """Stop the process gracefully (it closes its remote connection and sends its last
+        status), then store the last acknowledged cursor."""
+        self._stopping = True
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(frame(("stop",)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), STOP_TIMEOUT_S)
+        pid = self.pid
+        if not self._ended.is_set() and pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        self.side.unlisten(self._committed)
+
+    # -- messages from the process --------------------------------------------------------
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ack":
+            self._acked(int(message[1]), message[2])
+        elif kind == "wait":
+            after = int(message[1])
+            if self.side.last_committed > after:
+                self._send(("appended", self.side.last_committed))
+            else:
+                self._waiting = after
+        elif kind == "status":
+            self._update(message[1])
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(frame(message))
+
+    def _committed(self, offset: int) -> None:
+        """After a group commit that appended (on the loop): wake a waiting process."""
+        waiting = self._waiting
+        if waiting is not None and offset > waiting:
+            self._waiting = None
+            self._send(("appended", offset))
+
+    def _update(self, fields: dict[str, Any]) -> None:
+        status = self.status
+        status.connected = bool(fields["connected"])
+        status.cursor = max(status.cursor, int(fields["cursor"]))
+        status.forwarded = self._base_forwarded + int(fields["forwarded"])
+        status.failures = self._base_failures + int(fields["failures"])
+        at = fields["last_error_at"]
+        if at is not None and (status.last_error_at is None or at >= status.last_error_at):
+            status.last_error = fields["last_error"]
+            status.last_error_at = float(at)
+        oldest = fields["oldest_at"]
+        self.oldest_at = float(oldest) if oldest is not None else None
+
+    # -- storing the cursor ----------------------------------------------------------------
+
+    def _acked(self, cursor: int, passed: list[tuple[int, int]]) -> None:
+        rows = self._rows
+        for offset, size in passed:
+            rows.append(LogRow(offset, 0.0, "", 0, False, b"", NO_PROPERTIES, "", None, size))
+        if cursor > self.status.cursor:
+            self.status.cursor = cursor
+        if cursor <= self._target:
+            return
+        self._target = cursor
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.get_running_loop().create_task(
+                self._commit_loop(), name=f"bridge {self.config.name} cursor")
+
+    async def _commit_loop(self) -> None:
+        name = self.config.name
+        while self._stored < self._target:
+            target = self._target
+            rows = self._rows
+            cut = len(rows)
+            for i, row in enumerate(rows):
+                if row.offset > target:
+                    cut = i
+                    break
+            consumed = rows[:cut]
+            del rows[:cut]
+            try:
+                await self.side.commit(name, target, consumed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Not stored: the rows stay, the next cursor passes them. The process goes
+                # on; after a crash it resends from the stored cursor (duplicates only).
+                rows[:0] = consumed
+                self._commit_error = exc
+                self._target = self._stored
+                log.error("bridge %s: cannot store the cursor %d: %s", name, target, exc)
+                return
+            self._stored = target
+
+    async def flush(self) -> None:
+        """Wait until the latest acknowledged cursor is stored."""
+        committer = self._committer
+        if committer is not None and not committer.done():
+            await asyncio.shield(committer)

@@ -1,0 +1,109 @@
+"""A bridge's rows read from the store file by another process (the uplink process of
+`separate_process = true`, server/bridge_child.py): its own read-only connection, beside the
+broker's writer (WAL mode: each read sees the last committed transaction, and never blocks
+the writer; reads are single statements in autocommit, no transaction is held open).
+
+What the broker's log keeps in memory (store/log/log.py), this reader takes from the tables:
+
+- the bridge's filters and their `since` from `log_reader_filters` (read at open: they change
+  only when the broker starts), and each topic's name from `log_topics` (cached); a row is
+  the bridge's when its topic matches a filter and its offset is above that filter's since
+  (the lowest since of the filters that match);
+- the reader's stored offset from `log_readers` before each page: the broker moves it past
+  rows dropped for `max_backlog_bytes` or the store budget, and pages start after it.
+
+Pages read the log in offset order (the primary key) and keep the bridge's rows; unlike the
+broker's reader they do not use the per-topic index for narrow filters.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Final
+from urllib.parse import quote
+
+from ...mqtt.topics import topic_matches
+from .log import LogRow
+from .schema import decode_props
+
+_COLUMNS: Final = "offset, at, topic_id, qos, retain, payload, properties, origin"
+_SCAN: Final = f"SELECT {_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
+_READER_OFFSET: Final = "SELECT offset FROM log_readers WHERE name = ?"
+_FILTERS: Final = "SELECT filter, since FROM log_reader_filters WHERE reader = ?"
+_TOPIC: Final = "SELECT name FROM log_topics WHERE id = ?"
+BUSY_TIMEOUT_MS: Final = 5000
+
+
+class LogFile:
+    """Synchronous reads of one bridge's rows (on the reader's own thread)."""
+
+    def __init__(self, path: str, reader: str) -> None:
+        self.path = path
+        self.reader = reader
+        self._conn: sqlite3.Connection | None = None
+        self.filters: list[tuple[str, int]] = []
+        # topic id -> (name, UTF-8 size of the name, since or -1 when no filter matches)
+        self._topics: dict[int, tuple[str, int, int]] = {}
+
+    def open(self) -> None:
+        uri = f"file:{quote(str(Path(self.path).resolve()))}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._conn = conn
+        self.filters = [(str(f), int(s)) for f, s in conn.execute(_FILTERS, (self.reader,))]
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        return self._conn
+
+    def reader_offset(self) -> int:
+        row = self._db().execute(_READER_OFFSET, (self.reader,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def _topic(self, tid: int) -> tuple[str, int, int]:
+        known = self._topics.get(tid)
+        if known is not None:
+            return known
+        row = self._db().execute(_TOPIC, (tid,)).fetchone()
+        name = str(row[0]) if row is not None else ""
+        since = -1
+        for topic_filter, filter_since in self.filters:
+            if name and topic_matches(topic_filter, name) and (since < 0
+                                                               or filter_since < since):
+                since = filter_since
+        entry = (name, len(name.encode()), since)
+        self._topics[tid] = entry
+        return entry
+
+    def page(self, after: int, limit: int) -> tuple[list[LogRow], int]:
+        """Up to `limit` of the bridge's rows after max(after, the reader's stored offset),
+        in order, and the page's end: every row of the bridge's up to it is in the page."""
+        conn = self._db()
+        lo = max(after, self.reader_offset())
+        out: list[LogRow] = []
+        batch = max(limit, 64)
+        while True:
+            raws = conn.execute(_SCAN, (lo, batch)).fetchall()
+            for raw in raws:
+                offset = int(raw[0])
+                name, name_size, since = self._topic(int(raw[2]))
+                if since < 0 or offset <= since:
+                    continue
+                payload: bytes = raw[5]
+                blob: bytes | None = raw[6]
+                size = name_size + len(payload) + (len(blob) if blob else 0)
+                out.append(LogRow(offset, float(raw[1]), name, int(raw[3]), bool(raw[4]),
+                                  payload, decode_props(blob), str(raw[7]), None, size))
+                if len(out) == limit:
+                    return out, offset
+            if len(raws) < batch:
+                return out, int(raws[-1][0]) if raws else lo
+            lo = int(raws[-1][0])
