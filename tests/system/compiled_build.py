@@ -1,15 +1,16 @@
 """The compiled wheel of tests/system/test_compiled.py, built while the rest of the suite runs.
 
 Building the mypyc wheel takes about 5 minutes on a 2-core machine, almost all of it one gcc
-process on one core, and running the representative subset of the suite against it about 2
-more; the rest of the suite spends most of its time waiting on sockets. So when
-test_compiled.py's tests are selected, tests/conftest.py starts that work (and the two
-fallback wheel builds, ~1 minute of pip) in background threads as soon as collection ends
-(`BACKGROUND.start(...)`), runs the tests that use the compiled build last, and each test
-waits for its job's result (`BACKGROUND.result(...)`) and checks it as before: the same
-builds, the same venv, the same subset run and the same assertions, overlapped with the other
-tests instead of after them. Every subprocess runs in its own process group, killed if the
-session ends first.
+process on one core, while the rest of the suite spends most of its time waiting on sockets.
+So when test_compiled.py's tests are selected, tests/conftest.py starts the builds (the
+compiled wheel and its venv, and the two fallback wheel builds, ~1 minute of pip) in
+background threads as soon as collection ends (`BACKGROUND.start(...)`), at the lowest CPU
+priority (nice 19: they only take CPU the tests leave idle, so no test's deadline gets
+tighter), and runs the tests that use them last; each test waits for its job's result
+(`BACKGROUND.result(...)`) and checks it as before. The run of the representative subset
+against the compiled venv (~2 minutes) is not overlapped: its tests have deadlines too, so it
+runs in its test, at normal priority, once the rest of the suite is done. Every subprocess
+runs in its own process group, killed if the session ends first.
 
 The wheel and its venv are cached, keyed by a hash of everything that goes into the wheel, in
 $EDGE_BROKER_TEST_CACHE (default ~/.cache/edge-broker/test-compiled).
@@ -86,9 +87,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], *, cwd: Path, env: dict[str, str],
-        timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """subprocess.run in a process group of its own (kill_running() ends it, gcc included)."""
+def run(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float = STEP_TIMEOUT_S,
+        background: bool = False) -> subprocess.CompletedProcess[str]:
+    """subprocess.run in a process group of its own (kill_running() ends it, gcc included).
+
+    background: at the lowest CPU priority (nice 19, inherited by gcc), so that a build only
+    takes the CPU the tests leave idle and never slows a test down."""
+    if background and shutil.which("nice"):
+        cmd = ["nice", "-n", "19", *cmd]
     with _running_lock:
         if _stopped.is_set():
             raise RuntimeError("the test session has ended")
@@ -149,7 +155,7 @@ def sources_key() -> str:
 
 def build_wheel(source: Path, out: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out),
-                str(source)], cwd=source.parent, env=clean_env(**env))
+                str(source)], cwd=source.parent, env=clean_env(**env), background=True)
 
 
 def make_compiled_venv(root: Path) -> Path:
@@ -159,12 +165,13 @@ def make_compiled_venv(root: Path) -> Path:
                                   f"{built.stderr[-4000:]}"
     wheel = next((root / "wheel").glob("edge_broker-*.whl"))
     venv = root / "venv"
-    made = run([sys.executable, "-m", "venv", str(venv)], cwd=root, env=clean_env())
+    made = run([sys.executable, "-m", "venv", str(venv)], cwd=root, env=clean_env(),
+               background=True)
     assert made.returncode == 0, made.stderr
     # The test tools at this venv's versions: the same behaviour, found in the same index.
     pins = [f"{name}=={metadata.version(name)}" for name in TEST_PACKAGES]
     installed = run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel),
-                     *pins], cwd=root, env=clean_env())
+                     *pins], cwd=root, env=clean_env(), background=True)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     shutil.rmtree(source)
     return venv
