@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,3 +129,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------- tests that wait for background jobs
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "background_jobs(*names): the test waits for these jobs of "
+        "tests/system/compiled_build.py (the compiled wheel build, ...), which start in the "
+        "background when collection ends; such tests run last")
+
+
+def _background_jobs(item: pytest.Item) -> tuple[str, ...]:
+    return tuple(name for mark in item.iter_markers("background_jobs") for name in mark.args)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that wait for background jobs run last, so that the jobs (the compiled build is
+    ~5 minutes, mostly one gcc process) overlap the rest of the suite, which mostly waits on
+    sockets. The sort is stable: the order is otherwise kept."""
+    items.sort(key=lambda item: bool(_background_jobs(item)))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the selected tests' background jobs, in the order the tests run."""
+    names = [name for item in session.items for name in _background_jobs(item)]
+    if names and not session.config.option.collectonly:
+        from tests.system.compiled_build import BACKGROUND
+
+        BACKGROUND.start(*dict.fromkeys(names))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    compiled_build = sys.modules.get("tests.system.compiled_build")
+    if compiled_build is not None:
+        compiled_build.BACKGROUND.stop()

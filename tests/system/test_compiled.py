@@ -13,160 +13,54 @@ the fallback to pure Python is tested everywhere.
 
 The wheel and its venv are cached, keyed by a hash of everything that goes into the wheel, in
 $EDGE_BROKER_TEST_CACHE (default ~/.cache/edge-broker/test-compiled); building them takes
-about 5 minutes on a 2-core machine (docs/compiled.md), a cached run about 2 minutes.
+about 5 minutes on a 2-core machine (docs/compiled.md), a cached run about 2 minutes. The
+builds start in the background (nice 19) when collection ends and these tests run last
+(tests/conftest.py, tests/system/compiled_build.py), so that the builds overlap the rest of the
+suite.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.util
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import zipfile
-from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from tests.integration.rawclient import PUBACK, PUBLISH, connect
-
-REPO = Path(__file__).resolve().parents[2]
-# What goes into the wheel (and so into the cache key).
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "build_support",
-                "edge_broker")
-TEST_PACKAGES = ("pytest", "pytest-asyncio", "hypothesis", "paho-mqtt")
-SUBSET = (
-    "tests/unit/test_codec_table.py",
-    "tests/unit/test_codec_errors.py",
-    "tests/unit/test_connection.py",
-    "tests/unit/test_connection_acks.py",
-    "tests/unit/test_core_broker.py",
-    "tests/unit/test_topics.py",
-    "tests/property/test_router.py",
-    "tests/integration/test_behaviour_qos.py",
-    "tests/integration/test_behaviour_connect.py",
-    "tests/integration/test_behaviour_takeover.py",
-    "tests/integration/test_behaviour_wills.py",
-    "tests/integration/test_backlog.py",
-    "tests/integration/test_close_drain.py",
-    "tests/integration/test_quotas.py",
-    "tests/integration/test_streams.py",
-    "tests/integration/test_restart.py",  # `edge-broker` processes of the compiled venv
-    "tests/contract/test_store_contract.py",
-    "tests/unit/test_forwarding.py",
+from tests.system.compiled_build import (
+    BACKGROUND,
+    NO_CC,
+    NO_CC_REQUIRED,
+    SUBSET_RUN,
+    VENV,
+    build,
+    clean_env,
+    run,
 )
+
 # Modules that must be compiled: the live path of issue 12 beyond mqtt/ and core/.
 HOT_MODULES = ("edge_broker.server.client", "edge_broker.server.gate",
                "edge_broker.server.client_guard", "edge_broker.server.drain",
                "edge_broker.server.app", "edge_broker.store.log.log",
                "edge_broker.store.log.backlogs", "edge_broker.store.log.keeper",
                "edge_broker.store.sqlite.plan", "edge_broker.bridge.forward")
-_IGNORED = shutil.ignore_patterns("__pycache__", "*.so", "build", "*.egg-info", "BUILD")
-
-
-def _build_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(
-        "edge_broker_build", REPO / "build_support" / "edge_broker_build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _build_module()
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", build.ENV, "CC", "PIP_REQUIRE_VIRTUALENV")}
-    env.update(extra)
-    return env
-
-
-def run(cmd: list[str], *, cwd: Path, env: dict[str, str],
-        timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def copy_sources(target: Path) -> Path:
-    target.mkdir(parents=True)
-    for name in BUILD_INPUTS:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, target / name, ignore=_IGNORED)
-        else:
-            shutil.copy2(source, target / name)
-    return target
-
-
-def sources_key() -> str:
-    digest = hashlib.sha256()
-    for name in BUILD_INPUTS:
-        source = REPO / name
-        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() \
-            else [source]
-        for path in files:
-            relative = path.relative_to(REPO)
-            if any(part in ("__pycache__", "build") or part.endswith(".egg-info")
-                   for part in relative.parts) or path.suffix == ".so" or path.name == "BUILD":
-                continue
-            digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def build_wheel(source: Path, out: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out),
-                str(source)], cwd=source.parent, env=clean_env(**env))
-
-
-def make_compiled_venv(root: Path) -> Path:
-    source = copy_sources(root / "src")
-    built = build_wheel(source, root / "wheel", **{build.ENV: "1"})
-    assert built.returncode == 0, f"compiled wheel build failed:\n{built.stdout[-4000:]}" \
-                                  f"{built.stderr[-4000:]}"
-    wheel = next((root / "wheel").glob("edge_broker-*.whl"))
-    venv = root / "venv"
-    made = run([sys.executable, "-m", "venv", str(venv)], cwd=root, env=clean_env())
-    assert made.returncode == 0, made.stderr
-    # The test tools at this venv's versions: the same behaviour, found in the same index.
-    pins = [f"{name}=={metadata.version(name)}" for name in TEST_PACKAGES]
-    installed = run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel),
-                     *pins], cwd=root, env=clean_env())
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    shutil.rmtree(source)
-    return venv
 
 
 @pytest.fixture(scope="module")
-def compiled_venv() -> Iterator[Path]:
-    problem = build.toolchain_problem()
-    if problem is not None:
+def compiled_venv() -> Path:
+    # Built in the background since the end of collection (tests/conftest.py), or now.
+    venv, problem = BACKGROUND.result(VENV)
+    if venv is None:
         pytest.skip(f"cannot test the compiled build: {problem}")
-    cache = Path(os.environ.get("EDGE_BROKER_TEST_CACHE")
-                 or Path.home() / ".cache" / "edge-broker" / "test-compiled")
-    cache.mkdir(parents=True, exist_ok=True)
-    key = sources_key()
-    with open(cache / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others reuse it
-        entry = cache / key
-        if not (entry / "ready").exists():
-            for old in cache.iterdir():  # keep only the current sources' build
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-            make_compiled_venv(entry)
-            (entry / "ready").touch()
-    yield entry / "venv"
+    return venv
 
 
+@pytest.mark.background_jobs(VENV)
 def test_the_wheel_s_modules_are_compiled(compiled_venv: Path, tmp_path: Path) -> None:
     probe = ("import json, edge_broker, edge_broker.buildinfo as b, edge_broker.mqtt.codec as c\n"
              "print(json.dumps({'package': edge_broker.__path__[0], 'codec': c.__file__,"
@@ -222,6 +116,7 @@ class CompiledBroker:
                 self.process.wait()
 
 
+@pytest.mark.background_jobs(VENV)
 def test_a_compiled_broker_process_serves_qos1_and_a_persistent_session_across_a_restart(
         compiled_venv: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
@@ -274,23 +169,20 @@ def test_a_compiled_broker_process_serves_qos1_and_a_persistent_session_across_a
     assert "Traceback" not in broker.stderr(), broker.stderr()
 
 
-def test_the_compiled_build_passes_the_representative_tests(compiled_venv: Path,
-                                                            tmp_path: Path) -> None:
-    # A copy of tests/ and the pytest configuration, without the package: pyproject's
-    # `pythonpath = ["."]` then puts a directory without edge_broker first.
-    shutil.copytree(REPO / "tests", tmp_path / "tests", ignore=_IGNORED)
-    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    result = run([str(compiled_venv / "bin" / "python"), "-m", "pytest", "-x", "-q",
-                  "-p", "no:cacheprovider", *SUBSET], cwd=tmp_path, env=clean_env())
+@pytest.mark.background_jobs(VENV)
+def test_the_compiled_build_passes_the_representative_tests(compiled_venv: Path) -> None:
+    # compiled_build.run_subset, now, at normal priority: its tests have deadlines, and
+    # running them beside the rest of the suite would slow both down.
+    result = BACKGROUND.result(SUBSET_RUN)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
-def test_without_a_c_compiler_the_build_falls_back_to_pure_python(tmp_path: Path) -> None:
-    source = copy_sources(tmp_path / "src")
-    built = build_wheel(source, tmp_path / "wheel", CC="/nonexistent/cc")
+@pytest.mark.background_jobs(NO_CC)
+def test_without_a_c_compiler_the_build_falls_back_to_pure_python() -> None:
+    built, wheels = BACKGROUND.result(NO_CC)  # compiled_build.fallback_build
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     assert "NOT compiled" in built.stdout + built.stderr  # shown by `pip install -v`
-    wheel = next((tmp_path / "wheel").glob("edge_broker-*.whl"))
+    wheel = next(wheels.glob("edge_broker-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         status = archive.read("edge_broker/BUILD").decode()
@@ -300,10 +192,10 @@ def test_without_a_c_compiler_the_build_falls_back_to_pure_python(tmp_path: Path
     assert build.APT_HINT in status
 
 
-def test_compile_required_without_a_c_compiler_fails_and_says_why(tmp_path: Path) -> None:
-    source = copy_sources(tmp_path / "src")
-    built = build_wheel(source, tmp_path / "wheel", CC="/nonexistent/cc", **{build.ENV: "1"})
+@pytest.mark.background_jobs(NO_CC_REQUIRED)
+def test_compile_required_without_a_c_compiler_fails_and_says_why() -> None:
+    built, wheels = BACKGROUND.result(NO_CC_REQUIRED)  # compiled_build.fallback_build
     assert built.returncode != 0
     assert "no C compiler" in built.stdout + built.stderr
     assert build.APT_HINT in built.stdout + built.stderr
-    assert not list((tmp_path / "wheel").glob("*.whl"))
+    assert not list(wheels.glob("*.whl"))

@@ -5,13 +5,15 @@ client, row key, reason), and serves every other session's messages.
 A real store is written by a real broker (tests/integration/brokerprocess.py) with three
 persistent sessions subscribed to `d/#` (one MQTT 5, one 3.1.1, and the "victim", MQTT 5 with a
 also subscribed to `v/#`, connected while the messages arrive so that they are delivery rows),
-N messages on `d/...` and one on `v/only`. One kind of damage
-is then written with sqlite3 into the victim's rows, and the broker is started again.
+N messages on `d/...` and one on `v/only` (once per module: each case gets a copy of that
+store). One kind of damage is then written with sqlite3 into the victim's rows, and the broker
+is started again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -97,6 +99,14 @@ def write_store(data_dir: Path) -> None:
     victim.close()
 
 
+@pytest.fixture(scope="module")
+def sound_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """write_store's data dir, written once: every case damages its own copy of it."""
+    data_dir = tmp_path_factory.mktemp("sound-store") / "data"
+    write_store(data_dir)
+    return data_dir
+
+
 def quarantine(db: Path) -> list[tuple[str, str | None, str, str]]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return list(conn.execute(
@@ -104,12 +114,12 @@ def quarantine(db: Path) -> list[tuple[str, str | None, str, str]]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_damaged_row_is_quarantined_and_everything_else_served(tmp_path: Path,
-                                                                  case: str) -> None:
+def test_a_damaged_row_is_quarantined_and_everything_else_served(
+        tmp_path: Path, sound_store: Path, case: str) -> None:
     damage, table, victim_gets, session_kept = CASES[case]
     data_dir = tmp_path / "data"
     db = data_dir / "edge-broker.db"
-    write_store(data_dir)
+    shutil.copytree(sound_store, data_dir)  # the store write_store wrote, stopped cleanly
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute(damage).rowcount == 1
         conn.commit()
