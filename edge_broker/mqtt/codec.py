@@ -583,6 +583,32 @@ def encode_publish(packet: Publish, protocol_level: int, *, topic: str | None = 
     return b"".join(parts)
 
 
+def encode_plain_qos1_publish(topic: str, payload: bytes, retain: bool, dup: bool,
+                              packet_id: int, protocol_level: int) -> bytes:
+    """What `encode_publish` makes of a QoS 1 PUBLISH without properties (no topic alias),
+    in fewer steps: a QoS 1 subscriber's hot path. `topic` must be a valid topic name and
+    `packet_id` in 1..65535 (the connection checked both). Raises LocalProtocolError for a
+    topic that cannot be encoded."""
+    try:
+        topic_raw = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"topic {topic!r} contains a UTF-16 surrogate") from None
+    size = len(topic_raw)
+    if size > 0xFFFF:
+        raise LocalProtocolError(f"invalid topic name {topic!r}")
+    first = 0x32 | (0x08 if dup else 0) | (1 if retain else 0)
+    if protocol_level >= _V5:
+        tail = bytes((packet_id >> 8, packet_id & 0xFF, 0))  # Property Length 0
+    else:
+        tail = bytes((packet_id >> 8, packet_id & 0xFF))
+    remaining = 2 + size + len(tail) + len(payload)
+    if remaining < 0x80:
+        head = bytes((first, remaining, size >> 8, size & 0xFF))
+    else:
+        head = bytes((first,)) + encode_varint(remaining) + bytes((size >> 8, size & 0xFF))
+    return b"".join((head, topic_raw, tail, payload))
+
+
 def _encode_publish(packet: Publish, level: int) -> bytes:
     return encode_publish(packet, level)
 

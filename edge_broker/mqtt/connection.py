@@ -67,6 +67,7 @@ from .codec import (
     decode,
     decode_publish,
     encode,
+    encode_plain_qos1_publish,
     encode_publish,
     peek_connect_protocol_level,
     split_frame,
@@ -313,6 +314,33 @@ class Connection:
                 self._tentative_level = _peek_buffered_connect_level(buf, pos)
             self._error = exc
             raise
+
+    def next_event_or_ack(self) -> Packet | int | None:
+        """As `next_event`, except that a plain PUBACK (success, no properties: the four
+        bytes 0x40 0x02 id id) acknowledging a QoS 1 PUBLISH sent on this connection, or one
+        it does not know, is returned as its packet identifier (an int), without building a
+        `PubAck`: the burst of acknowledgements a QoS 1 subscriber sends is the hot path.
+        Anything else, including a PUBACK that breaks the protocol, goes by `next_event`.
+        """
+        buf = self._buf
+        pos = self._pos
+        if (pos + 4 <= len(buf) and buf[pos] == 0x40 and buf[pos + 1] == 2
+                and self.state is ConnectionState.CONNECTED and self._error is None
+                and not self._closed_by_us and self.maximum_packet_size >= 4):
+            packet_id = (buf[pos + 2] << 8) | buf[pos + 3]
+            unacked = self._outbound_unacked
+            waiting = unacked.get(packet_id, _AWAIT_PUBACK)
+            if packet_id and waiting == _AWAIT_PUBACK:  # else: the error, by next_event
+                # What _received_ack does for a PUBACK: 4.3.2 (5.0), the QoS 1 exchange ends.
+                unacked.pop(packet_id, None)
+                self._last_publish = None
+                pos += 4
+                if pos > len(buf) >> 1:
+                    del buf[:pos]
+                    pos = 0
+                self._pos = pos
+                return packet_id
+        return self.next_event()
 
     def _next_packet(self, buf: bytearray, start: int) -> Packet | None:
         state = self.state
@@ -628,6 +656,26 @@ class Connection:
                     and (not ack.reason_code or self.protocol_level != _V5)):
                 self._inbound_unacked.discard(packet_id)
                 return bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF))
+        elif (ptype is _T.PUBLISH and state is ConnectionState.CONNECTED
+                and self.role is Role.SERVER):
+            # The hot path of a QoS 1 subscriber: a PUBLISH without properties and without
+            # outbound topic aliases, checked and encoded as `_send_publish` would, in fewer
+            # steps (the peer's Receive Maximum: [MQTT-3.3.4-7] (5.0)).
+            publish = cast(Publish, packet)
+            publish_id = publish.packet_id
+            unacked = self._outbound_unacked
+            if (publish.qos == 1 and publish.properties is NO_PROPERTIES
+                    and not self.peer_topic_alias_maximum and publish_id is not None
+                    and 0 < publish_id <= 0xFFFF and is_valid_topic_name(publish.topic)
+                    and (publish_id in unacked or len(unacked) < self.peer_receive_maximum
+                         or self.protocol_level != _V5)):
+                data = encode_plain_qos1_publish(publish.topic, publish.payload, publish.retain,
+                                                 publish.dup, publish_id,
+                                                 self.protocol_level or _V5)
+                if len(data) > self.peer_maximum_packet_size:
+                    return b""  # [MQTT-3.1.2-25] (5.0): discarded, as if sent
+                unacked[publish_id] = _AWAIT_PUBACK
+                return data
         if state is ConnectionState.CLOSED:
             if (self._closed_by_us or self.role is not Role.SERVER
                     or ptype not in _ANSWERS_AFTER_DISCONNECT):

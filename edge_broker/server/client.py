@@ -198,9 +198,16 @@ class ClientHandler(asyncio.Protocol):
                 if packet is not None:
                     self._held = None
                 else:
-                    packet = conn.next_event()
-                    if packet is None:
+                    event = conn.next_event_or_ack()
+                    if event is None:
                         break
+                    if isinstance(event, int):  # a subscriber's plain PUBACK: QoS 1 hot path
+                        handled += 1
+                        client_id = self.client_id
+                        assert client_id is not None
+                        app.core.puback(client_id, event, now=now)
+                        continue
+                    packet = event
                     if isinstance(packet, Connect) and not guard.authenticate(self, packet):
                         break  # suspended until the gate decides (_authenticated)
                 handled += 1
