@@ -247,27 +247,40 @@ class Connection:
         bytes 0x40 0x02 id id) acknowledging a QoS 1 PUBLISH sent on this connection, or one
         it does not know, is returned as its packet identifier (an int), without building a
         `PubAck`: the burst of acknowledgements a QoS 1 subscriber sends is the hot path.
-        Anything else, including a PUBACK that breaks the protocol, goes by `next_event`.
+        Anything else, including a PUBACK that breaks the protocol, as `next_event` (whose
+        steps this repeats rather than calls: it is every packet's path in a broker).
         """
+        if self._error is not None:
+            raise self._error
+        self._last_publish = None  # nothing held past its turn (received_publish_bytes)
         buf = self._buf
         pos = self._pos
-        if (pos + 4 <= len(buf) and buf[pos] == 0x40 and buf[pos + 1] == 2
-                and self.state is ConnectionState.CONNECTED and self._error is None
-                and not self._closed_by_us and self.maximum_packet_size >= 4):
+        if pos >= len(buf):
+            return None
+        if self._closed_by_us:
+            self._buf.clear()
+            self._pos = 0
+            return None
+        if pos > len(buf) >> 1:
+            del buf[:pos]
+            self._pos = pos = 0
+        if (buf[pos] == 0x40 and pos + 4 <= len(buf) and buf[pos + 1] == 2
+                and self.state is ConnectionState.CONNECTED and self.maximum_packet_size >= 4):
             packet_id = (buf[pos + 2] << 8) | buf[pos + 3]
             unacked = self._outbound_unacked
-            waiting = unacked.get(packet_id, AWAIT_PUBACK)
-            if packet_id and waiting == AWAIT_PUBACK:  # else: the error, by next_event
-                # What _received_ack does for a PUBACK: 4.3.2 (5.0), the QoS 1 exchange ends.
+            if packet_id and unacked.get(packet_id, AWAIT_PUBACK) == AWAIT_PUBACK:
+                # What received_ack does for a PUBACK: 4.3.2 (5.0), the QoS 1 exchange ends.
+                # (Packet id 0 or a QoS 2 id: the protocol error, by _next_packet.)
                 unacked.pop(packet_id, None)
-                self._last_publish = None
-                pos += 4
-                if pos > len(buf) >> 1:
-                    del buf[:pos]
-                    pos = 0
-                self._pos = pos
+                self._pos = pos + 4
                 return packet_id
-        return self.next_event()
+        try:
+            return self._next_packet(buf, pos)
+        except RemoteProtocolError as exc:
+            if self.role is Role.SERVER and self.protocol_level is None:
+                self._tentative_level = peek_buffered_connect_level(buf, pos)
+            self._error = exc
+            raise
 
     def _next_packet(self, buf: bytearray, start: int) -> Packet | None:
         state = self.state
