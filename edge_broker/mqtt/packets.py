@@ -63,8 +63,11 @@ class Publish:
     packet_type = PacketType.PUBLISH
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PubAck:
+    """Not frozen, for the reason `Publish` is not: a broker builds one per QoS 1 message
+    it receives. Treat it as immutable all the same."""
+
     packet_id: int
     reason_code: int = 0
     properties: Properties = NO_PROPERTIES

@@ -17,14 +17,14 @@ commit watermark) while the socket's write buffer is below its high-water mark, 
 from `resume_writing()` when the kernel has drained it. A slow subscriber therefore holds at
 most one socket buffer plus its bounded session queue.
 
-Errors reach the wire here and only here: a `RemoteProtocolError` becomes the CONNACK or
-DISCONNECT the spec asks for (or a bare close on 3.1.1) via `Connection.error_bytes`; any other
-exception is a bug, logged with its traceback, and closes this connection only. A reply that
-cannot be encoded closes the connection quietly. After sending a DISCONNECT or a refusing
-CONNACK the connection lingers (`_shut`), so a client still writing reads it. A client that
-closes with complete packets still buffered here (reading paused) has them handled all the
-same, in later turns, with no reply, up to its DISCONNECT; then the session is detached
-(server/drain.py).
+Errors reach the wire here and only here (the closing functions: server/client_close.py): a
+`RemoteProtocolError` becomes the CONNACK or DISCONNECT the spec asks for (or a bare close on
+3.1.1) via `Connection.error_bytes`; any other exception is a bug, logged with its traceback,
+and closes this connection only. A reply that cannot be encoded closes the connection quietly.
+After sending a DISCONNECT or a refusing CONNACK the connection lingers (`_shut`), so a client
+still writing reads it. A client that closes with complete packets still buffered here (reading
+paused) has them handled all the same, in later turns, with no reply, up to its DISCONNECT;
+then the session is detached (server/drain.py).
 
 Security (server/gate.py). A connection over a connection limit is closed at once. At CONNECT
 the gate decides who the client is; a password check runs off the loop, and meanwhile this
@@ -68,8 +68,11 @@ from ..mqtt.packets import (
     Unsubscribe,
 )
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
+from . import client_close as close
 from . import client_guard as guard
 from . import drain
+from .client_close import CONNECT_TIMEOUT_S as CONNECT_TIMEOUT_S
+from .client_close import LINGER_S as LINGER_S
 from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
@@ -77,14 +80,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_broker.client")
 
-CONNECT_TIMEOUT_S = 10.0  # a connection that sends no CONNECT within this is closed
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 PULL_LIMIT = 256
 ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
 BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
 MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
-LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long, then close
 
 
 class ClientHandler(asyncio.Protocol):
@@ -198,9 +199,16 @@ class ClientHandler(asyncio.Protocol):
                 if packet is not None:
                     self._held = None
                 else:
-                    packet = conn.next_event()
-                    if packet is None:
+                    event = conn.next_event_or_ack()
+                    if event is None:
                         break
+                    if isinstance(event, int):  # a subscriber's plain PUBACK: QoS 1 hot path
+                        handled += 1
+                        client_id = self.client_id
+                        assert client_id is not None
+                        app.core.puback(client_id, event, now=now)
+                        continue
+                    packet = event
                     if isinstance(packet, Connect) and not guard.authenticate(self, packet):
                         break  # suspended until the gate decides (_authenticated)
                 handled += 1
@@ -397,28 +405,7 @@ class ClientHandler(asyncio.Protocol):
     # -- errors and closing ---------------------------------------------------------------
 
     def _protocol_error(self, error: RemoteProtocolError, replies: list[Packet]) -> None:
-        log.info("closing %s (%s): %s [%s]", self.client_id or "client", self.peer,
-                 error.message, error.reason_code.name)
-        self.app.metrics.protocol_errors += 1
-        # Whatever was already answered goes first, then the error, then the close. The
-        # answers acknowledge this batch's changes: they go only if the batch is durable
-        # now and nothing earlier of this client waits, else they are dropped (no ack
-        # before its commit; the client resends).
-        data = b""
-        try:
-            if (replies and not self._pending_commits
-                    and self.app.commit_now_or_later(_no_op)):
-                data = self._encode_all(replies)
-            replies.clear()
-            data += self._conn.error_bytes(error)
-        except Exception as encode_error:  # e.g. a Maximum Packet Size below our CONNACK
-            replies.clear()
-            log.info("closing %s (%s) without a reply: cannot encode it: %s",
-                     self.client_id or "client", self.peer, encode_error)
-            self._shut()
-            return
-        self._write(data)
-        self._shut(linger=bool(data))
+        close.protocol_error(self, error, replies)
 
     def _abort(self, replies: list[Packet]) -> None:
         replies.clear()
@@ -427,108 +414,28 @@ class ClientHandler(asyncio.Protocol):
     def kick(self, reason: ReasonCode, *, linger: bool = True) -> None:
         """The server ends this connection (takeover, shutdown, keep-alive timeout, memory).
         `linger=False` closes right after the DISCONNECT (the broker stopping)."""
-        if self._closed:
-            if self._draining:  # what it sent before closing is not handled any further
-                drain.stop_draining(self)
-                self.app.finish_batch(None, [])
-            return
-        data = b""
-        if self._conn.protocol_level == ProtocolLevel.MQTT_5 and self.client_id is not None:
-            try:
-                data = self._conn.send(Disconnect(reason))
-            except Exception as error:  # the connection may be in a state that cannot send it
-                log.info("closing %s (%s) without DISCONNECT: cannot encode it: %s",
-                         self.client_id, self.peer, error)
-        self._write(data)
-        self._shut(linger=linger and bool(data))
+        close.kick(self, reason, linger=linger)
 
     def taken_over(self) -> None:
         """Another connection took this one's session over [MQTT-3.1.4-3] (5.0). Answers
         still waiting for the store (this connection's CONNACK, say) are sent first, so a
         storm of takeovers keeps completing handshakes; nothing more is read or delivered
         here, and the connection closes (v5: DISCONNECT 0x8E) once they are out."""
-        if self._closed:
-            if self._draining:  # the new connection wins: the old one's packets are dropped
-                drain.stop_draining(self)  # committed with the new connection's batch
-            return
-        if not self._pending_commits:
-            self.kick(ReasonCode.SESSION_TAKEN_OVER)
-            return
-        self._kick_after = ReasonCode.SESSION_TAKEN_OVER
-        self._close_after_write = True  # read nothing more
-        if self._turn_handle is not None:
-            self._turn_handle.cancel()
-            self._turn_handle = None
+        close.taken_over(self)
 
     def _shut(self, *, linger: bool = False) -> None:
-        """Close the transport after what is buffered; detach from the session now.
-
-        With `linger` (we just sent a DISCONNECT or a refusing CONNACK), the write side is
-        half-closed and input is read and discarded for up to LINGER_S before the close: a
-        client still writing would otherwise get a TCP reset and might never read the
-        reason code (the kernel resets a socket closed with unread input).
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._cancel_timers()
-        transport = self.transport
-        if transport is not None:
-            if linger and not transport.is_closing() and transport.can_write_eof():
-                try:
-                    transport.write_eof()
-                except (OSError, RuntimeError):
-                    transport.close()
-                else:
-                    if self._paused_reading:
-                        self._paused_reading = False
-                        transport.resume_reading()
-                    self._linger_handle = self.app.loop.call_later(LINGER_S, self._end_linger)
-            else:
-                transport.close()
-        self._account_buffered()
-        if self.client_id is not None:
-            self.app.detach(self, reason_code=self._disconnect_reason,
-                            session_expiry_interval=self._session_expiry_on_disconnect)
-
-    def _end_linger(self) -> None:
-        self._linger_handle = None
-        if self.transport is not None:
-            self.transport.close()
+        """Close the transport after what is buffered; detach from the session now
+        (server/client_close.py)."""
+        close.shut(self, linger=linger)
 
     def _connect_timeout(self) -> None:
-        self._connect_timer = None
-        if self.client_id is None and not self._closed:
-            log.info("closing %s: no CONNECT within %.0f s", self.peer, CONNECT_TIMEOUT_S)
-            self._shut()
+        close.connect_timeout(self)
 
     def _keepalive_check(self) -> None:
-        self._keepalive_handle = None
-        if self._closed:
-            return
-        loop = self.app.loop
-        if self._throttle_handle is not None:  # suspended while we hold the client back
-            self._last_rx = max(self._last_rx, loop.time())
-        deadline = self._last_rx + self._keepalive_s
-        if loop.time() < deadline:
-            self._keepalive_handle = loop.call_at(deadline, self._keepalive_check)
-            return
-        log.info("client %s (%s): keep alive timeout", self.client_id, self.peer)
-        self.kick(ReasonCode.KEEP_ALIVE_TIMEOUT)
-        self.app.finish_batch(None, [])
+        close.keepalive_check(self)
 
     def _cancel_timers(self) -> None:
-        if self._throttle_handle is not None:
-            guard.count_throttled(self)
-        for handle in (self._keepalive_handle, self._connect_timer, self._turn_handle,
-                       self._throttle_handle):
-            if handle is not None:
-                handle.cancel()
-        self._keepalive_handle = self._connect_timer = self._turn_handle = None
-        self._throttle_handle = None
-        if self._waiting is not None:
-            self._waiting.cancel()
-            self._waiting = None
+        close.cancel_timers(self)
 
     # -- output ---------------------------------------------------------------------------
 
@@ -692,8 +599,3 @@ class ClientHandler(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"<ClientHandler {self.client_id or '?'} {self.peer}>"
-
-
-
-def _no_op() -> None:
-    return None
