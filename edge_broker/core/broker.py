@@ -375,6 +375,13 @@ class BrokerCore(Subscriptions):
         self._last_saved_message = 0
         return batch
 
+    def free(self, number: int) -> None:
+        """What batch `number` queued may go out before it is durable (its changes are only
+        QoS 0 log records: nothing acknowledged depends on them). The commit watermark, and
+        with it what log readers may read, still waits for its commit."""
+        if number > self._committed:
+            self._free.add(number)
+
     def committed(self, number: int) -> list[str]:
         """The store committed every batch up to `number`. Returns the online clients that
         have deliveries they may now be sent."""

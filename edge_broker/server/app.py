@@ -395,7 +395,12 @@ class BrokerApp:
             # acknowledged depends on them and no delivery needs them durable, so neither the
             # publisher nor the subscribers wait for this commit (bounded: beyond
             # MAX_UNAWAITED_QOS0 such batches in the store's queue, they wait as any other).
+            # The batch still holds the watermark (log readers - streams, backlogs, bridges -
+            # read only what is committed); only its deliveries go out at once.
             self._unawaited += 1
+            self.core.free(batch.number)
+            self._pending.append((batch.number, future))
+            future.add_done_callback(partial(self._store_done, self.loop.time()))
             future.add_done_callback(self._unawaited_done)
             return None
         self._pending.append((batch.number, future))
@@ -405,8 +410,12 @@ class BrokerApp:
 
     def _unawaited_done(self, future: asyncio.Future[None]) -> None:
         self._unawaited -= 1
-        if not future.cancelled() and future.exception() is not None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
             log.error("store commit of QoS 0 log records failed: %s", future.exception())
+            return
+        self._committed(None, [], False)  # readers of the log may read what it recorded
 
     def _store_done(self, submitted_at: float, _future: asyncio.Future[None]) -> None:
         self.observer.commit_observed(self.loop.time() - submitted_at)
