@@ -29,7 +29,8 @@ host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 socks = []
 for i in range(n):
     s = socket.create_connection((host, port))
-    s.sendall(wire.connect(f"idle-{i}", keepalive_s=300))
+    s.sendall(wire.connect(f"idle-{sys.argv[5] if len(sys.argv) > 5 else ''}{i}",
+                           keepalive_s=300))
     data = b""
     while len(data) < 4:
         chunk = s.recv(4 - len(data))
@@ -51,9 +52,61 @@ def rss_kb() -> int:
     raise RuntimeError("no VmRSS")
 
 
+def malloc_in_use(field: str = "uordblks") -> int:
+    """Bytes in use in the C heap (glibc mallinfo2 uordblks + hblkhd), 0 if unavailable:
+    what objects larger than 512 B, C libraries (uvloop/libuv, sqlite) and the interpreter
+    take besides pymalloc's arenas."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return 0
+    info = libc.mallinfo2()
+    return int(getattr(info, field) + info.hblkhd)
+
+
+def pymalloc_summary() -> dict[str, int]:
+    """pymalloc's totals and its bytes per size class, in use and free
+    (sys._debugmallocstats, which writes to the C stderr)."""
+    import os
+    import re
+
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as out:
+        os.dup2(out.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read()
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        total = re.match(r"# (bytes in allocated blocks|bytes in available blocks|"
+                         r"bytes lost to pool headers|bytes lost to quantization|"
+                         r"bytes in empty pools)\s*=\s*([\d,]+)", line)
+        if total:
+            found[total.group(1)] = int(total.group(2).replace(",", ""))
+        row = re.match(r"\s*\d+\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", line)
+        if row:
+            size = int(row.group(1))
+            found[f"size {size} in use"] = int(row.group(3)) * size
+            found[f"size {size} free"] = int(row.group(4)) * size
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--preload", type=int, default=0,
+                        help="connections opened (and held) before the baseline")
     parser.add_argument("--rss", action="store_true", help="RSS delta instead of tracemalloc")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (the broker runs uvloop when installed: server/app.py)")
@@ -78,10 +131,25 @@ def main() -> None:
             assert warm.stdout.readline().strip() == "ready"
             warm.stdin.close()
             warm.wait()
+            # --preload: connections held before the baseline, so the heap left free by the
+            # start-up (which a delta from a fresh start counts as negative cost) is used up
+            # and the figure is the marginal cost of one more connection.
+            preload = None
+            if args.preload:
+                preload = subprocess.Popen([sys.executable, "-c", HOLDER, broker.host,
+                                            str(broker.port), str(args.preload), str(root),
+                                            "pre"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           text=True)
+                assert preload.stdout is not None
+                assert preload.stdout.readline().strip() == "ready"
             time.sleep(0.5)
             gc.collect()
             if args.rss:
                 before = rss_kb()
+                heap0 = malloc_in_use()
+                arena0 = malloc_in_use("arena")
+                pools0 = pymalloc_summary()
             else:
                 tracemalloc.start(1)
                 snap0 = tracemalloc.take_snapshot()
@@ -102,6 +170,15 @@ def main() -> None:
             gc.collect()
             if args.rss:
                 after = rss_kb()
+                heap = (malloc_in_use() - heap0) / args.connections
+                arena = (malloc_in_use("arena") - arena0) / args.connections
+                print(f"C heap (malloc) in use: {heap:.0f} B per connection, "
+                      f"taken from the system: {arena:.0f} B")
+                pools = pymalloc_summary()
+                for key, value in pools.items():
+                    delta = (value - pools0.get(key, 0)) / args.connections
+                    if abs(delta) >= 1:
+                        print(f"pymalloc {key}: {delta:+.0f} B per connection")
                 print(f"connections {count}: RSS {(after - before) / args.connections:.3f} KB "
                       f"per connection ({before} -> {after} KB)")
             else:
@@ -116,6 +193,10 @@ def main() -> None:
                           f":{stat.traceback[0].lineno}")
             holder.stdin.close()
             holder.wait()
+            if preload is not None:
+                assert preload.stdin is not None
+                preload.stdin.close()
+                preload.wait()
         finally:
             broker.stop()
 
