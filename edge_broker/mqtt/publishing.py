@@ -117,9 +117,9 @@ def send_publish(conn: Connection, packet: Publish) -> bytes:
     new_alias: int | None = None
     wire_topic: str | None = None
     alias: int | None = None
-    out_aliases = conn._outbound_aliases
-    alias_topics = conn._outbound_alias_topics
     if level == _V5 and conn.peer_topic_alias_maximum:
+        out_aliases = conn._outbound_aliases
+        alias_topics = conn._outbound_alias_topics
         if out_aliases is None or alias_topics is None:
             out_aliases = conn._outbound_aliases = {}
             alias_topics = conn._outbound_alias_topics = {}
@@ -143,12 +143,16 @@ def send_publish(conn: Connection, packet: Publish) -> bytes:
     if len(data) > conn.peer_maximum_packet_size:
         return b""  # [MQTT-3.1.2-25] (5.0): discarded, as if sent
 
-    if out_aliases is None or alias_topics is None:
-        pass  # no alias was set up (the peer's maximum is 0, or not v5)
-    elif new_alias is not None:
+    if new_alias is not None:
+        out_aliases = conn._outbound_aliases
+        alias_topics = conn._outbound_alias_topics
+        assert out_aliases is not None and alias_topics is not None  # made above
         out_aliases[topic] = new_alias
         alias_topics[new_alias] = topic
     elif caller_alias is not None and topic:
+        out_aliases = conn._outbound_aliases
+        alias_topics = conn._outbound_alias_topics
+        assert out_aliases is not None and alias_topics is not None  # made above
         old = alias_topics.get(caller_alias)
         if old is not None:
             del out_aliases[old]
