@@ -195,7 +195,7 @@ class BrokerCore(Subscriptions):
         for client_id, packet_id in snapshot.incoming_qos2:
             owner = self.sessions.get(client_id)
             if owner is not None:
-                owner.incoming_qos2.add(packet_id)
+                owner.accept_qos2(packet_id)
         if snapshot.messages:
             self._next_message_id = max(self._next_message_id, max(snapshot.messages) + 1)
         self._backlog_restore(snapshot)  # backlogs are readers of the log (core/backlog.py)

@@ -66,7 +66,7 @@ class Outbound(Routing):
         session = self.sessions[client_id]
         if packet_id not in session.incoming_qos2:
             return ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
-        session.incoming_qos2.discard(packet_id)
+        session.release_qos2(packet_id)
         if session.stored:
             self._changes.append(Qos2Released(client_id, packet_id))
         return ReasonCode.SUCCESS

@@ -83,7 +83,7 @@ class Routing(BacklogRouting):
         if qos == 2:
             packet_id = packet.packet_id
             assert packet_id is not None
-            session.incoming_qos2.add(packet_id)
+            session.accept_qos2(packet_id)
             if session.stored:
                 self._changes.append(Qos2Received(client_id, packet_id))
         if packet.retain:

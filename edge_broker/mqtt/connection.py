@@ -172,14 +172,18 @@ class Connection:
         self._session_expiry_at_connect = 0
         self._problem_information = True  # server role: the client's Request Problem Info.
 
-        self._inbound_unacked: set[int] = set()  # QoS 1/2 ids received, not finally acked
+        # QoS 1/2 ids received, not finally acked (keys; a dict: an empty set is 216 bytes,
+        # an empty dict 64, per idle connection: issue 12, S5).
+        self._inbound_unacked: dict[int, None] = {}
         # QoS 1/2 ids sent, not finally acked -> what they wait for (_AWAIT_*).
         self._outbound_unacked: dict[int, int] = {}
-        self._inbound_aliases: dict[int, str] = {}
-        self._outbound_aliases: dict[str, int] = {}
-        self._outbound_alias_topics: dict[int, str] = {}
-        self._pending_subscribes: dict[int, int] = {}  # client: packet id -> filter count
-        self._pending_unsubscribes: dict[int, int] = {}
+        # Made on first use (mqtt/publishing.py, mqtt/control.py): topic aliases are rare and
+        # only a client sends SUBSCRIBE; five empty dicts are 320 bytes per idle connection.
+        self._inbound_aliases: dict[int, str] | None = None
+        self._outbound_aliases: dict[str, int] | None = None
+        self._outbound_alias_topics: dict[int, str] | None = None
+        self._pending_subscribes: dict[int, int] | None = None  # packet id -> filter count
+        self._pending_unsubscribes: dict[int, int] | None = None
 
     def __repr__(self) -> str:
         return (f"<Connection {self.role.name} {self.state.value} "
@@ -377,7 +381,7 @@ class Connection:
             # The peer's QoS 2 message still counts against our Receive Maximum until our
             # PUBCOMP, also one whose PUBLISH came on an earlier connection.
             if self.protocol_level == _V5:
-                self._inbound_unacked.add(packet.packet_id)
+                self._inbound_unacked[packet.packet_id] = None
             return new_state
         packet_id = packet.packet_id
         unacked = self._outbound_unacked
@@ -425,7 +429,7 @@ class Connection:
             if (ack.properties is NO_PROPERTIES and 0 < packet_id <= 0xFFFF
                     and self.peer_maximum_packet_size >= 4
                     and (not ack.reason_code or self.protocol_level != _V5)):
-                self._inbound_unacked.discard(packet_id)
+                self._inbound_unacked.pop(packet_id, None)
                 return bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF))
         elif (ptype is _T.PUBLISH and state is ConnectionState.CONNECTED
                 and self.role is Role.SERVER):
@@ -550,7 +554,7 @@ class Connection:
             self._outbound_unacked[packet.packet_id] = AWAIT_PUBCOMP
         elif ptype is not _T.PUBREC or packet.reason_code >= 0x80:
             # We finally acknowledge: PUBACK, PUBCOMP, or a failing PUBREC (4.9 (5.0)).
-            self._inbound_unacked.discard(packet.packet_id)
+            self._inbound_unacked.pop(packet.packet_id, None)
         return packet, new_state
 
     def _close_by_us(self) -> None:

@@ -171,7 +171,8 @@ def received_unsubscribe(conn: Connection, packet: Unsubscribe,
 
 def received_suback(conn: Connection, packet: SubAck,
                     new_state: ConnectionState) -> ConnectionState:
-    expected = conn._pending_subscribes.pop(packet.packet_id, None)
+    pending = conn._pending_subscribes
+    expected = pending.pop(packet.packet_id, None) if pending is not None else None
     if expected is None:
         raise protocol_error(f"SUBACK for unknown packet identifier {packet.packet_id}")
     if len(packet.reason_codes) != expected:
@@ -183,7 +184,8 @@ def received_suback(conn: Connection, packet: SubAck,
 
 def received_unsuback(conn: Connection, packet: UnsubAck,
                        new_state: ConnectionState) -> ConnectionState:
-    expected = conn._pending_unsubscribes.pop(packet.packet_id, None)
+    pending = conn._pending_unsubscribes
+    expected = pending.pop(packet.packet_id, None) if pending is not None else None
     if expected is None:
         raise protocol_error(f"UNSUBACK for unknown packet identifier {packet.packet_id}")
     if conn.protocol_level == _V5 and len(packet.reason_codes) != expected:
@@ -247,13 +249,19 @@ def sending_connack(conn: Connection, packet: ConnAck,
 
 def sending_subscribe(conn: Connection, packet: Subscribe,
                        new_state: ConnectionState) -> tuple[Packet, ConnectionState]:
-    conn._pending_subscribes[packet.packet_id] = len(packet.subscriptions)
+    pending = conn._pending_subscribes
+    if pending is None:
+        pending = conn._pending_subscribes = {}
+    pending[packet.packet_id] = len(packet.subscriptions)
     return packet, new_state
 
 
 def sending_unsubscribe(conn: Connection, packet: Unsubscribe,
                          new_state: ConnectionState) -> tuple[Packet, ConnectionState]:
-    conn._pending_unsubscribes[packet.packet_id] = len(packet.topic_filters)
+    pending = conn._pending_unsubscribes
+    if pending is None:
+        pending = conn._pending_unsubscribes = {}
+    pending[packet.packet_id] = len(packet.topic_filters)
     return packet, new_state
 
 

@@ -37,12 +37,15 @@ def received_publish(conn: Connection, packet: Publish) -> Publish:
                 raise RemoteProtocolError(ReasonCode.TOPIC_ALIAS_INVALID,
                                           f"topic alias {alias} not in 1.."
                                           f"{conn.topic_alias_maximum}")
+            aliases = conn._inbound_aliases
+            if aliases is None:
+                aliases = conn._inbound_aliases = {}
             if topic:
                 if not is_valid_topic_name(topic):
                     raise topic_name_invalid(topic)
-                conn._inbound_aliases[alias] = topic
+                aliases[alias] = topic
             else:
-                known = conn._inbound_aliases.get(alias)
+                known = aliases.get(alias)
                 if known is None:
                     # 3.3.2.3.4 (5.0): an unknown alias with an empty topic.
                     raise protocol_error(f"unknown topic alias {alias}")
@@ -85,7 +88,7 @@ def received_publish(conn: Connection, packet: Publish) -> Publish:
                 raise RemoteProtocolError(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
                                           f"more than {conn.receive_maximum} QoS 1/2 "
                                           "PUBLISH packets unacknowledged")
-            unacked.add(packet_id)  # type: ignore[arg-type]
+            unacked[packet_id] = None  # type: ignore[index]
     return packet
 
 
@@ -115,18 +118,23 @@ def send_publish(conn: Connection, packet: Publish) -> bytes:
     wire_topic: str | None = None
     alias: int | None = None
     if level == _V5 and conn.peer_topic_alias_maximum:
+        out_aliases = conn._outbound_aliases
+        alias_topics = conn._outbound_alias_topics
+        if out_aliases is None or alias_topics is None:
+            out_aliases = conn._outbound_aliases = {}
+            alias_topics = conn._outbound_alias_topics = {}
         if caller_alias is not None:
             if not 1 <= caller_alias <= conn.peer_topic_alias_maximum:
                 raise LocalProtocolError(f"topic alias {caller_alias} not in 1.."
                                          f"{conn.peer_topic_alias_maximum}")
-            if not topic and caller_alias not in conn._outbound_alias_topics:
+            if not topic and caller_alias not in alias_topics:
                 raise LocalProtocolError(f"topic alias {caller_alias} was never set")
         else:
-            alias = conn._outbound_aliases.get(topic)
+            alias = out_aliases.get(topic)
             if alias is not None:
                 wire_topic = ""
-            elif len(conn._outbound_aliases) < conn.peer_topic_alias_maximum:
-                alias = new_alias = len(conn._outbound_aliases) + 1
+            elif len(out_aliases) < conn.peer_topic_alias_maximum:
+                alias = new_alias = len(out_aliases) + 1
     elif caller_alias is not None:
         # [MQTT-3.3.2-9], [MQTT-3.3.2-11] (5.0): the peer's maximum is 0.
         raise LocalProtocolError("the peer accepts no topic aliases")
@@ -136,14 +144,20 @@ def send_publish(conn: Connection, packet: Publish) -> bytes:
         return b""  # [MQTT-3.1.2-25] (5.0): discarded, as if sent
 
     if new_alias is not None:
-        conn._outbound_aliases[topic] = new_alias
-        conn._outbound_alias_topics[new_alias] = topic
+        out_aliases = conn._outbound_aliases
+        alias_topics = conn._outbound_alias_topics
+        assert out_aliases is not None and alias_topics is not None  # made above
+        out_aliases[topic] = new_alias
+        alias_topics[new_alias] = topic
     elif caller_alias is not None and topic:
-        old = conn._outbound_alias_topics.get(caller_alias)
+        out_aliases = conn._outbound_aliases
+        alias_topics = conn._outbound_alias_topics
+        assert out_aliases is not None and alias_topics is not None  # made above
+        old = alias_topics.get(caller_alias)
         if old is not None:
-            del conn._outbound_aliases[old]
-        conn._outbound_aliases[topic] = caller_alias
-        conn._outbound_alias_topics[caller_alias] = topic
+            del out_aliases[old]
+        out_aliases[topic] = caller_alias
+        alias_topics[caller_alias] = topic
     if qos:
         conn._outbound_unacked[packet_id] = (  # type: ignore[index]
             AWAIT_PUBACK if qos == 1 else AWAIT_PUBREC)

@@ -76,6 +76,7 @@ from .client_close import LINGER_S as LINGER_S
 from .gate import READ, WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
+    from ..config import ListenerConfig
     from .interface import ClientHost
 
 log = logging.getLogger("edge_broker.client")
@@ -128,14 +129,15 @@ class ClientHandler(asyncio.Protocol):
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
         # Security (server/gate.py)
-        self.admitted: tuple[str, int] | None = None  # counted by the connection limits
+        # counted by the connection limits: (source address, listener)
+        self.admitted: tuple[str, ListenerConfig] | None = None
         self.username: str | None = None  # who the client is, once connected
         self.auth_how = "anonymous"
         self._held: Connect | None = None  # the CONNECT waiting for its decision
         self._waiting: asyncio.Future[Decision] | None = None
         self._decision: Decision | None = None
         self._rules_generation = -1  # the gate's generation the caches below belong to
-        self._acl_cache: dict[tuple[str, int], bool] = {}
+        self._acl_cache: dict[tuple[str, int], bool] | None = None  # made on first use
         self._throttle: Throttle | None = None
         self._throttle_handle: asyncio.TimerHandle | None = None
         self._throttled_since = 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
@@ -69,7 +70,7 @@ def rules_changed(handler: ClientHandler) -> None:
     this user's current quota."""
     app = handler.app
     handler._rules_generation = app.gate.generation
-    handler._acl_cache.clear()
+    handler._acl_cache = None  # made again on the first check (allowed)
     if handler.client_id is None:
         return
     msgs, size = app.config.quotas.rates_for(handler.username)
@@ -117,6 +118,8 @@ def allowed(handler: ClientHandler, topic: str, access: int) -> bool:
         rules_changed(handler)
     key = (topic, access)
     cache = handler._acl_cache
+    if cache is None:  # made on first use: most connections never need one (issue 12, S5)
+        cache = handler._acl_cache = {}
     found = cache.get(key)
     if found is not None:
         return found
@@ -181,6 +184,7 @@ def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet
         raise RemoteProtocolError(ReasonCode.BAD_AUTHENTICATION_METHOD,
                                   "enhanced authentication is not supported")
     decision = handler._decision
+    handler._decision = None  # not needed after this CONNECT: not kept per connection
     if decision is None:  # pragma: no cover - process_buffered asks the gate first
         decision = Decision(None, ReasonCode.NOT_AUTHORIZED)
     if decision.reason is not None:
@@ -202,10 +206,13 @@ def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet
         raise RemoteProtocolError(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
                                   f"keep alive {keepalive} s above max_keepalive")
     receive_maximum = (packet.properties.receive_maximum or 65535) if v5 else 65535
-    result = app.attach(handler, packet, client_id, receive_maximum, now, decision.username)
+    # Kept by the connection and its session: one string per user name, not one per
+    # connection (issue 12, S5; interned strings go when the last reference does).
+    username = decision.username if decision.username is None else sys.intern(decision.username)
+    result = app.attach(handler, packet, client_id, receive_maximum, now, username)
     handler.client_id = client_id
     handler.epoch = result.epoch
-    handler.username = decision.username
+    handler.username = username
     handler.auth_how = decision.how
     rules_changed(handler)  # the ACL cache and the quota of this user
     properties = NO_PROPERTIES

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -189,8 +190,12 @@ class Gate:
 
     def admit(self, handler: ClientHandler) -> bool:
         quotas = self.app.config.quotas
-        address = source_address(handler)
-        listener = id(listener_of(handler))
+        # Kept by the connection until it closes (release): the address string is shared
+        # by all connections from it, and the listener itself is kept rather than a new int
+        # (issue 12, S5: bytes per idle connection; interned strings go with their last use).
+        address = sys.intern(source_address(handler))
+        listener_config = listener_of(handler)
+        listener = id(listener_config)
         if quotas.max_connections and self._per_listener[listener] >= quotas.max_connections:
             self._refuse_connection(handler, f"max_connections ({quotas.max_connections})")
             return False
@@ -201,7 +206,7 @@ class Gate:
             return False
         self._per_address[address] += 1
         self._per_listener[listener] += 1
-        handler.admitted = (address, listener)
+        handler.admitted = (address, listener_config)
         return True
 
     def release(self, handler: ClientHandler) -> None:
@@ -209,7 +214,8 @@ class Gate:
         if admitted is None:
             return
         handler.admitted = None
-        address, listener = admitted
+        address, listener_config = admitted
+        listener = id(listener_config)
         self._per_address[address] -= 1
         if self._per_address[address] <= 0:
             del self._per_address[address]
