@@ -186,8 +186,8 @@ async def _jetstream_rows(bridge: BridgeConfig, position: Position, topic_filter
 
 async def _kafka_rows(bridge: BridgeConfig, position: Position, topic_filter: str | None,
                       limit: int | None) -> AsyncIterator[dict[str, Any]]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
-    from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import KafkaError
 
     from .bridge.kafka import client_options
 
