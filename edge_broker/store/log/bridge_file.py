@@ -24,11 +24,9 @@ from typing import Final
 from urllib.parse import quote
 
 from ...mqtt.topics import topic_matches
-from .log import LogRow
-from .schema import decode_props
+from .log import LOG_COLUMNS, LogRow, log_row
 
-_COLUMNS: Final = "offset, at, topic_id, qos, retain, payload, properties, origin"
-_SCAN: Final = f"SELECT {_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
+_SCAN: Final = f"SELECT {LOG_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
 _READER_OFFSET: Final = "SELECT offset FROM log_readers WHERE name = ?"
 _FILTERS: Final = "SELECT filter, since FROM log_reader_filters WHERE reader = ?"
 _TOPIC: Final = "SELECT name FROM log_topics WHERE id = ?"
@@ -97,11 +95,7 @@ class LogFile:
                 name, name_size, since = self._topic(int(raw[2]))
                 if since < 0 or offset <= since:
                     continue
-                payload: bytes = raw[5]
-                blob: bytes | None = raw[6]
-                size = name_size + len(payload) + (len(blob) if blob else 0)
-                out.append(LogRow(offset, float(raw[1]), name, int(raw[3]), bool(raw[4]),
-                                  payload, decode_props(blob), str(raw[7]), None, size))
+                out.append(log_row(raw, name, name_size))
                 if len(out) == limit:
                     return out, offset
             if len(raws) < batch:

@@ -23,8 +23,8 @@ from ...mqtt.topics import topic_matches
 from .schema import decode_props, encode_props, ensure_schema
 from .streams import StreamConfig
 
-__all__ = ["Log", "LogMessage", "LogRow", "Page", "RawRow", "Reader", "StreamState",
-           "TopicStats", "transaction"]
+__all__ = ["LOG_COLUMNS", "Log", "LogMessage", "LogRow", "Page", "RawRow", "Reader",
+           "StreamState", "TopicStats", "log_row", "transaction"]
 
 # Read strategy: when the selected topics hold at least this share of the log's rows, scan
 # the log in offset order and filter in Python; otherwise read index ranges per topic.
@@ -32,7 +32,10 @@ SCAN_FRACTION: Final = 0.3
 MAX_IN_LIST: Final = 500  # more selected topics than this: scan
 MAX_SCAN_BATCH: Final = 8192
 _CHUNKS: Final = (256, 128, 64, 32, 16, 8, 4, 2, 1)
-_COLUMNS: Final = "offset, at, topic_id, qos, retain, payload, properties, origin, expires_at"
+# The columns of a log row as readers select them (`RawRow`).
+LOG_COLUMNS: Final = ("offset, at, topic_id, qos, retain, payload, properties, origin,"
+                      " expires_at")
+_COLUMNS: Final = LOG_COLUMNS
 _WIDTH: Final = 9  # columns per row
 _INSERT_HEAD: Final = f"INSERT INTO log ({_COLUMNS}) VALUES "
 _ROW_GROUP: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -104,6 +107,16 @@ class LogRow:
 
 # A row as `read_raw` returns it (the columns of `_COLUMNS`, in that order).
 RawRow = tuple[Any, ...]
+
+
+def log_row(raw: Sequence[Any], name: str, name_size: int) -> LogRow:
+    """The `LogRow` of a raw row (the columns of `LOG_COLUMNS`), given its topic's name and the
+    name's UTF-8 size (the log keeps both per topic; another reader caches them)."""
+    payload = raw[5]
+    props = raw[6]
+    return LogRow(raw[0], raw[1], name, raw[3], bool(raw[4]), payload,
+                  decode_props(props) if props is not None else NO_PROPERTIES, raw[7], raw[8],
+                  name_size + len(payload) + (len(props) if props else 0))
 
 
 @dataclass(slots=True)
@@ -496,11 +509,7 @@ class Log:
 
     def _row(self, raw: Sequence[Any]) -> LogRow:
         stats = self.by_id[raw[2]]
-        payload = raw[5]
-        props = raw[6]
-        return LogRow(raw[0], raw[1], stats.name, raw[3], bool(raw[4]), payload,
-                      decode_props(props) if props is not None else NO_PROPERTIES, raw[7],
-                      raw[8], stats.name_size + len(payload) + (len(props) if props else 0))
+        return log_row(raw, stats.name, stats.name_size)
 
     def read_page(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
                   limit: int) -> Page:
