@@ -87,6 +87,12 @@ class ForwarderStatus:
     last_error: str | None = None
     last_error_at: float | None = None
 
+    def failed(self, error: str) -> None:
+        """Count one failure; `error` says what failed (shown until the next one)."""
+        self.failures += 1
+        self.last_error = error
+        self.last_error_at = time.time()
+
 
 class Forwarder:
     """Moves a bridge's cursor over the log by sending windows to a sink. See module doc."""
@@ -234,9 +240,7 @@ class Forwarder:
     async def _resend(self, exc: BaseException) -> None:
         """The sink is usable but what was in flight must go again (see `Resend`)."""
         status = self.status
-        status.failures += 1
-        status.last_error = f"{type(exc).__name__}: {exc}"
-        status.last_error_at = time.time()
+        status.failed(f"{type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s (cursor %d); sending again", self.name, status.last_error,
                     status.cursor)
         await self.sleep(self.resend_backoff.next_delay())
@@ -284,9 +288,7 @@ class Forwarder:
     async def _failed(self, sink: Sink, exc: BaseException) -> None:
         status = self.status
         status.connected = False
-        status.failures += 1
-        status.last_error = f"{type(exc).__name__}: {exc}"
-        status.last_error_at = time.time()
+        status.failed(f"{type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s (cursor %d); retrying", self.name, status.last_error,
                     status.cursor)
         self._sink = None

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -115,10 +114,7 @@ async def _forward(forwarder: Forwarder, config: BridgeConfig) -> None:
             raise
         except Exception as exc:
             log.exception("uplink failed locally")
-            status = forwarder.status
-            status.failures += 1
-            status.last_error = f"uplink: {type(exc).__name__}: {exc}"
-            status.last_error_at = time.time()
+            forwarder.status.failed(f"uplink: {type(exc).__name__}: {exc}")
         await asyncio.sleep(backoff.next_delay())
 
 

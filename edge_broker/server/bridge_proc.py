@@ -111,9 +111,7 @@ class ProcessForwarder:
                     break
                 status = self.status
                 status.connected = False
-                status.failures += 1
-                status.last_error = why
-                status.last_error_at = time.time()
+                status.failed(why)
                 self._base_failures = status.failures
                 log.warning("bridge %s: %s (cursor %d); starting it again", config.name, why,
                             status.cursor)

@@ -96,6 +96,12 @@ class BridgeStatus:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def failed(self, error: str) -> None:
+        """Count one failure; `error` says what failed (shown until the next one)."""
+        self.failures += 1
+        self.last_error = error
+        self.last_error_at = time.time()
+
 
 class Bridge:
     """One configured bridge: its forwarder, its downlink, its figures."""
@@ -399,9 +405,7 @@ class Bridge:
 
     def _error(self, exc: BaseException, where: str) -> None:
         status = self.status
-        status.failures += 1
-        status.last_error = f"{where}: {type(exc).__name__}: {exc}"
-        status.last_error_at = time.time()
+        status.failed(f"{where}: {type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s; retrying", self.config.name, status.last_error)
 
     def refresh(self) -> BridgeStatus:
