@@ -86,7 +86,6 @@ from .packets import (
 from .properties import NO_PROPERTIES, Properties
 from .publishing import received_publish, send_publish
 from .states import (
-    _T,
     _V5,
     ANSWERS_AFTER_DISCONNECT,
     AWAIT_PUBACK,
@@ -369,7 +368,7 @@ class Connection:
         ptype = PacketType(ptype_value)
         if self.role is Role.SERVER and self.state is ConnectionState.AWAIT_CONNECT:
             return protocol_error(f"first packet is {ptype.name}, not CONNECT")  # [MQTT-3.1.0-1]
-        if ptype is _T.CONNECT:
+        if ptype is PacketType.CONNECT:
             return protocol_error("second CONNECT")  # [MQTT-3.1.0-2] (5.0)
         return protocol_error(f"{ptype.name} received by the {self.role.name.lower()} in state "
                               f"{self.state.value}")
@@ -377,7 +376,7 @@ class Connection:
     def _received_ack(self, packet: PubAck | PubRec | PubRel | PubComp,
                       new_state: ConnectionState) -> ConnectionState:
         ptype = packet.packet_type
-        if ptype is _T.PUBREL:
+        if ptype is PacketType.PUBREL:
             # The peer's QoS 2 message still counts against our Receive Maximum until our
             # PUBCOMP, also one whose PUBLISH came on an earlier connection.
             if self.protocol_level == _V5:
@@ -390,11 +389,11 @@ class Connection:
             # Not sent on this connection: the session may know it from an earlier one (a
             # PUBREC for an unknown id gets PUBREL 0x92, 4.3.3 (5.0)); nothing to check here.
             return new_state
-        if ptype is _T.PUBACK:
+        if ptype is PacketType.PUBACK:
             if waiting != AWAIT_PUBACK:
                 raise _wrong_ack(packet, "a QoS 2 PUBLISH")
             del unacked[packet_id]  # 4.3.2 (5.0): the QoS 1 exchange ends
-        elif ptype is _T.PUBREC:
+        elif ptype is PacketType.PUBREC:
             if waiting == AWAIT_PUBACK:
                 raise _wrong_ack(packet, "a QoS 1 PUBLISH")
             if waiting == AWAIT_PUBREC:
@@ -421,7 +420,7 @@ class Connection:
         """
         ptype = packet.packet_type
         state = self.state
-        if ptype is _T.PUBACK and state is ConnectionState.CONNECTED:
+        if ptype is PacketType.PUBACK and state is ConnectionState.CONNECTED:
             # The hot path of QoS 1: a PUBACK without properties, as `_sending_ack` then
             # `encode_ack` would send it, in one step.
             ack = cast(PubAck, packet)
@@ -431,7 +430,7 @@ class Connection:
                     and (not ack.reason_code or self.protocol_level != _V5)):
                 self._inbound_unacked.pop(packet_id, None)
                 return bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF))
-        elif (ptype is _T.PUBLISH and state is ConnectionState.CONNECTED
+        elif (ptype is PacketType.PUBLISH and state is ConnectionState.CONNECTED
                 and self.role is Role.SERVER):
             # The hot path of a QoS 1 subscriber: a PUBLISH without properties and without
             # outbound topic aliases, checked and encoded as `_send_publish` would, in fewer
@@ -458,13 +457,13 @@ class Connection:
             # The client's DISCONNECT came behind packets whose answers wait for a commit
             # (a device sending CONNECT, PUBLISH, DISCONNECT in one write): they are still
             # owed ([MQTT-3.2.0-1] (3.1.1), [MQTT-3.1.4-5] (5.0): the CONNACK), nothing else.
-            if ptype is _T.CONNACK:
+            if ptype is PacketType.CONNACK:
                 self._connack_sent = True
             return self._encode_within_limit(packet)
         level = self.protocol_level
-        if ptype is _T.AUTH and level is not None and level < _V5:
+        if ptype is PacketType.AUTH and level is not None and level < _V5:
             raise LocalProtocolError("AUTH exists only in MQTT 5")
-        if (ptype is _T.DISCONNECT and self.role is Role.SERVER and level != _V5
+        if (ptype is PacketType.DISCONNECT and self.role is Role.SERVER and level != _V5
                 and state is ConnectionState.CONNECTED):
             # 3.1.1 has no server DISCONNECT: closing the connection is the whole message.
             self._close_by_us()
@@ -473,7 +472,7 @@ class Connection:
         if new_state is None:
             raise LocalProtocolError(f"the {self.role.name.lower()} cannot send {ptype.name} "
                                      f"in state {state.value}")
-        if ptype is _T.PUBLISH:
+        if ptype is PacketType.PUBLISH:
             data = send_publish(self, packet)  # type: ignore[arg-type]
             self.state = new_state
             return data
@@ -483,7 +482,7 @@ class Connection:
         try:
             data = self._encode_within_limit(packet)
         except LocalProtocolError:
-            if ptype is _T.CONNACK:
+            if ptype is PacketType.CONNACK:
                 # Nothing may go before the CONNACK ([MQTT-3.2.0-1] (5.0)): if it cannot be
                 # sent (larger than the client's Maximum Packet Size), the connection is over.
                 self._close_by_us()
@@ -520,7 +519,7 @@ class Connection:
     def _encode_within_limit(self, packet: Packet) -> bytes:
         level = self._level()
         if (level == _V5 and not self._problem_information
-                and packet.packet_type not in (_T.CONNACK, _T.DISCONNECT)):
+                and packet.packet_type not in (PacketType.CONNACK, PacketType.DISCONNECT)):
             packet = strip_problem_information(packet)  # [MQTT-3.1.2-29] (5.0)
         data = encode(packet, level)
         limit = self.peer_maximum_packet_size
@@ -536,7 +535,7 @@ class Connection:
             properties = dataclasses.replace(properties, user_properties=())
             packet = dataclasses.replace(packet, properties=properties)  # type: ignore[arg-type]
             data = encode(packet, level)
-        if len(data) > limit and packet.packet_type is _T.DISCONNECT:
+        if len(data) > limit and packet.packet_type is PacketType.DISCONNECT:
             # [MQTT-3.1.2-24] (5.0): the bare DISCONNECT if it fits, else nothing (the caller
             # closes the connection anyway); a DISCONNECT never fails to be "sent".
             data = encode(dataclasses.replace(packet, properties=NO_PROPERTIES),  # type: ignore[arg-type]
@@ -550,9 +549,9 @@ class Connection:
     def _sending_ack(self, packet: PubAck | PubRec | PubRel | PubComp,
                      new_state: ConnectionState) -> tuple[Packet, ConnectionState]:
         ptype = packet.packet_type
-        if ptype is _T.PUBREL:
+        if ptype is PacketType.PUBREL:
             self._outbound_unacked[packet.packet_id] = AWAIT_PUBCOMP
-        elif ptype is not _T.PUBREC or packet.reason_code >= 0x80:
+        elif ptype is not PacketType.PUBREC or packet.reason_code >= 0x80:
             # We finally acknowledge: PUBACK, PUBCOMP, or a failing PUBREC (4.9 (5.0)).
             self._inbound_unacked.pop(packet.packet_id, None)
         return packet, new_state
@@ -588,31 +587,31 @@ def _wrong_ack(packet: PubAck | PubRec | PubRel | PubComp, what: str) -> RemoteP
 
 _ReceiveHook = Callable[[Connection, Any, ConnectionState], ConnectionState]
 _RECEIVE_HOOK_BY_TYPE: Final[dict[PacketType, _ReceiveHook]] = {
-    _T.CONNECT: control.received_connect,
-    _T.CONNACK: control.received_connack,
-    _T.PUBACK: Connection._received_ack,
-    _T.PUBREC: Connection._received_ack,
-    _T.PUBREL: Connection._received_ack,
-    _T.PUBCOMP: Connection._received_ack,
-    _T.SUBSCRIBE: control.received_subscribe,
-    _T.SUBACK: control.received_suback,
-    _T.UNSUBSCRIBE: control.received_unsubscribe,
-    _T.UNSUBACK: control.received_unsuback,
-    _T.DISCONNECT: control.received_disconnect,
+    PacketType.CONNECT: control.received_connect,
+    PacketType.CONNACK: control.received_connack,
+    PacketType.PUBACK: Connection._received_ack,
+    PacketType.PUBREC: Connection._received_ack,
+    PacketType.PUBREL: Connection._received_ack,
+    PacketType.PUBCOMP: Connection._received_ack,
+    PacketType.SUBSCRIBE: control.received_subscribe,
+    PacketType.SUBACK: control.received_suback,
+    PacketType.UNSUBSCRIBE: control.received_unsubscribe,
+    PacketType.UNSUBACK: control.received_unsuback,
+    PacketType.DISCONNECT: control.received_disconnect,
 }
 # Indexed by packet type number (PUBLISH is handled inline).
 _RECEIVE_HOOKS: Final[tuple[_ReceiveHook | None, ...]] = tuple(
     _RECEIVE_HOOK_BY_TYPE.get(PacketType(value)) if value else None for value in range(16))
 _SEND_HOOKS: Final[dict[PacketType, Callable[[Connection, Any, ConnectionState],
                                               tuple[Packet, ConnectionState]]]] = {
-    _T.CONNECT: control.sending_connect,
-    _T.CONNACK: control.sending_connack,
-    _T.PUBACK: Connection._sending_ack,
-    _T.PUBREC: Connection._sending_ack,
-    _T.PUBREL: Connection._sending_ack,
-    _T.PUBCOMP: Connection._sending_ack,
-    _T.SUBSCRIBE: control.sending_subscribe,
-    _T.UNSUBSCRIBE: control.sending_unsubscribe,
-    _T.DISCONNECT: control.sending_disconnect,
-    _T.AUTH: control.sending_auth,
+    PacketType.CONNECT: control.sending_connect,
+    PacketType.CONNACK: control.sending_connack,
+    PacketType.PUBACK: Connection._sending_ack,
+    PacketType.PUBREC: Connection._sending_ack,
+    PacketType.PUBREL: Connection._sending_ack,
+    PacketType.PUBCOMP: Connection._sending_ack,
+    PacketType.SUBSCRIBE: control.sending_subscribe,
+    PacketType.UNSUBSCRIBE: control.sending_unsubscribe,
+    PacketType.DISCONNECT: control.sending_disconnect,
+    PacketType.AUTH: control.sending_auth,
 }
