@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import cast
 
 from ..mqtt.packets import Publish, PubRel
-from ..mqtt.properties import Properties
+from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.types import ProtocolLevel, ReasonCode
 from .changes import (
     AWAIT_ACK,
@@ -30,6 +30,10 @@ from .session import (
     Delivery,
     Session,
 )
+
+# A QoS 1 PUBLISH without properties, as `pull(plain=True)` hands it out: topic, payload,
+# retain, dup, packet id (the server encodes it with Connection.send's QoS 1 hot path).
+PlainQos1 = tuple[str, bytes, bool, bool, int]
 
 
 class Outbound(Routing):
@@ -89,15 +93,17 @@ class Outbound(Routing):
 
     # -- outbound -------------------------------------------------------------------------
 
-    def pull(self, client_id: str, *, now: float,
-             limit: int = 256) -> list[Publish | PubRel | EncodedPublish]:
+    def pull(self, client_id: str, *, now: float, limit: int = 256,
+             plain: bool = False) -> list[Publish | PubRel | EncodedPublish | PlainQos1]:
         """What this client's connection may send now: resends first, then queued deliveries
         whose batch committed, within the inflight window. At most `limit` packets; a
-        replayed stream message may come encoded already (core/replay.py)."""
+        replayed stream message may come encoded already (core/replay.py). With `plain`, a
+        first send of a QoS 1 message without properties comes as a `PlainQos1` tuple, not
+        as a `Publish` (the server encodes it without one: the QoS 1 hot path)."""
         session = self.sessions.get(client_id)
         if session is None or not session.online:
             return []
-        out: list[Publish | PubRel | EncodedPublish] = []
+        out: list[Publish | PubRel | EncodedPublish | PlainQos1] = []
         inflight = session.inflight
         resend = session.resend
         # Resends count against the client's Receive Maximum like new sends: inflight
@@ -139,7 +145,8 @@ class Outbound(Routing):
             if session.stream_history:
                 # A $stream/ subscription's history goes before the queue, which holds its
                 # live messages (core/streams.py): nothing of the queue until it is done.
-                sent = self._stream_history_send(session, out, now, limit)
+                sent = self._stream_history_send(
+                    session, cast("list[Publish | PubRel | EncodedPublish]", out), now, limit)
                 if sent is not None:
                     if sent:
                         continue
@@ -201,8 +208,13 @@ class Outbound(Routing):
                 out.append(self._publish_packet(session, delivery, now))
             else:  # what _publish_packet builds for it, in one step (the QoS 1/2 hot path)
                 self.stats.publish_sent += 1
-                out.append(Publish(message.topic, message.payload, delivery.qos, delivery.retain,
-                                   delivery.dup, packet_id, message.properties))
+                if plain and delivery.qos == 1 and message.properties is NO_PROPERTIES:
+                    out.append((message.topic, message.payload, delivery.retain, delivery.dup,
+                                packet_id))
+                else:
+                    out.append(Publish(message.topic, message.payload, delivery.qos,
+                                       delivery.retain, delivery.dup, packet_id,
+                                       message.properties))
             delivery.dup = True  # any later send of it is a resend
         if queue and session.online and not (queue[0].batch <= committed
                                              or queue[0].batch in free):

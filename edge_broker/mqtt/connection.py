@@ -66,7 +66,6 @@ from .codec import (
     decode,
     decode_publish,
     encode,
-    encode_plain_qos1_publish,
     split_frame,
 )
 from .control import (
@@ -84,7 +83,7 @@ from .packets import (
     PubRel,
 )
 from .properties import NO_PROPERTIES, Properties
-from .publishing import received_publish, send_publish
+from .publishing import received_publish, send_plain_qos1, send_publish
 from .states import (
     _V5,
     ANSWERS_AFTER_DISCONNECT,
@@ -103,9 +102,6 @@ from .states import (  # the state table, importable from here as before the spl
 from .states import Direction as Direction
 from .states import Transition as Transition
 from .states import format_transitions as format_transitions
-from .topics import (
-    is_valid_topic_name,
-)
 from .types import PacketType, ProtocolLevel, Role
 from .wire import malformed, protocol_error
 
@@ -432,24 +428,17 @@ class Connection:
                 return bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF))
         elif (ptype is PacketType.PUBLISH and state is ConnectionState.CONNECTED
                 and self.role is Role.SERVER):
-            # The hot path of a QoS 1 subscriber: a PUBLISH without properties and without
-            # outbound topic aliases, checked and encoded as `_send_publish` would, in fewer
-            # steps (the peer's Receive Maximum: [MQTT-3.3.4-7] (5.0)).
+            # The hot path of a QoS 1 subscriber (send_plain_qos1): a PUBLISH without
+            # properties and without outbound topic aliases, checked and encoded as
+            # `_send_publish` would, in fewer steps.
             publish = cast(Publish, packet)
             publish_id = publish.packet_id
-            unacked = self._outbound_unacked
             if (publish.qos == 1 and publish.properties is NO_PROPERTIES
-                    and not self.peer_topic_alias_maximum and publish_id is not None
-                    and 0 < publish_id <= 0xFFFF and is_valid_topic_name(publish.topic)
-                    and (publish_id in unacked or len(unacked) < self.peer_receive_maximum
-                         or self.protocol_level != _V5)):
-                data = encode_plain_qos1_publish(publish.topic, publish.payload, publish.retain,
-                                                 publish.dup, publish_id,
-                                                 self.protocol_level or _V5)
-                if len(data) > self.peer_maximum_packet_size:
-                    return b""  # [MQTT-3.1.2-25] (5.0): discarded, as if sent
-                unacked[publish_id] = AWAIT_PUBACK
-                return data
+                    and publish_id is not None):
+                sent = send_plain_qos1(self, publish.topic, publish.payload, publish.retain,
+                                       publish.dup, publish_id)
+                if sent is not None:
+                    return sent
         if state is ConnectionState.CLOSED:
             if (self._closed_by_us or self.role is not Role.SERVER
                     or ptype not in ANSWERS_AFTER_DISCONNECT):

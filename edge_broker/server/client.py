@@ -46,8 +46,6 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
-from ..core.replay import EncodedPublish
-from ..mqtt.codec import encode_publish
 from ..mqtt.connection import Connection
 from ..mqtt.errors import LocalProtocolError, RemoteProtocolError
 from ..mqtt.packets import (
@@ -70,10 +68,12 @@ from ..mqtt.packets import (
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
 from . import client_close as close
 from . import client_guard as guard
+from . import client_pump as pumping
 from . import drain
 from .client_close import CONNECT_TIMEOUT_S as CONNECT_TIMEOUT_S
 from .client_close import LINGER_S as LINGER_S
-from .gate import READ, WRITE, Decision, Throttle
+from .client_pump import ENCODING_CACHE_SIZE
+from .gate import WRITE, Decision, Throttle
 
 if TYPE_CHECKING:
     from ..config import ListenerConfig
@@ -84,7 +84,6 @@ log = logging.getLogger("edge_broker.client")
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 PULL_LIMIT = 256
-ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
 BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
 MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
 
@@ -531,59 +530,14 @@ class ClientHandler(asyncio.Protocol):
         app = self.app
         core = app.core
         client_id = self.client_id
-        conn = self._conn
-        send = conn.send
-        level = conn.protocol_level or ProtocolLevel.MQTT_5
-        # QoS 0 packets the core shares between subscribers are encoded once per level.
-        shared = app.qos0_encodings[level] if conn.shares_publish_encoding() else None
-        # What Connection.send_encoded_qos0_publish checks, once per pump: the connection
-        # stays CONNECTED while the shared encodings are used (shares_publish_encoding).
-        max_size = conn.peer_maximum_packet_size
-        checked = app.gate.acl is not None
         while not self._writing_paused:
-            packets = core.pull(client_id, now=time.time(), limit=PULL_LIMIT)
+            packets = core.pull(client_id, now=time.time(), limit=PULL_LIMIT, plain=True)
             if not packets:
                 return
-            chunks = []
-            for packet in packets:
-                if isinstance(packet, EncodedPublish):  # stream history (core/replay.py)
-                    if shared is not None and not checked:
-                        chunks.append(conn.send_encoded_qos0_publish(packet.data))
-                        continue
-                    packet = packet.as_publish()
-                if checked and isinstance(packet, Publish) and not guard.allowed(self, packet.topic,
-                                                                                 READ):
-                    # The ACL does not let this client read it: not sent; a QoS 1/2
-                    # delivery counts as done (as mosquitto drops it).
-                    app.metrics.acl_denied["delivery"] += 1
-                    if packet.packet_id is not None:
-                        core.discard(client_id, packet.packet_id)
-                    continue
-                try:
-                    if shared is not None and isinstance(packet, Publish) and not packet.qos:
-                        cached = shared.get(id(packet))
-                        if cached is None or cached[0] is not packet:
-                            if len(shared) >= ENCODING_CACHE_SIZE:
-                                shared.clear()
-                            cached = shared[id(packet)] = (packet, encode_publish(packet, level))
-                        data = cached[1]
-                        if len(data) > max_size:
-                            data = b""  # too large for the peer: as if sent [MQTT-3.1.2-25] (5.0)
-                    else:
-                        data = send(packet)
-                except LocalProtocolError as error:
-                    self._cannot_send(error)
-                    return
-                except Exception:
-                    log.exception("internal error encoding a message for %s (%s); closing it",
-                                  client_id, self.peer)
-                    self._shut()
-                    return
-                if not data and isinstance(packet, Publish) and packet.packet_id is not None:
-                    core.discard(client_id, packet.packet_id)
-                chunks.append(data)
+            payload = pumping.encode_pulled(self, packets)
+            if payload is None:
+                return  # closed: a packet could not be sent
             app.metrics.packets_sent += len(packets)
-            payload = b"".join(chunks)
             if core.has_pending_changes and not app.commit_now_or_later(
                     partial(self._write_deferred, payload)):
                 # The store records the packet ids before they go out (a QoS 2 delivery must
