@@ -103,6 +103,26 @@ def test_topic_alias_to_client(broker: BrokerThread) -> None:
     assert sub.expect_raw(PUBLISH) == b"\x30\x07\x00\x00\x03\x23" + alias.to_bytes(2, "big") + b"2"
 
 
+def test_topic_alias_to_client_at_qos_1(broker: BrokerThread) -> None:
+    # QoS 1 deliveries to a client that allows topic aliases leave the server's QoS 1 hot
+    # path (no aliases there) and are still aliased and acknowledged.
+    sub = subscriber(broker.port, unique_id(), ("tq/t", 1), version=5,
+                     properties=props(topic_alias_maximum=5))
+    publisher = connect(broker.port, unique_id(), version=5)
+    publisher.publish_acked("tq/t", b"1", qos=1)
+    publisher.publish_acked("tq/t", b"2", qos=1)
+    first = sub.expect_publish()
+    assert (first.topic, first.payload, first.qos) == ("tq/t", b"1", 1)
+    alias = first.properties.topic_alias
+    assert alias is not None and 1 <= alias <= 5  # [MQTT-3.3.2-10]: within its maximum
+    sub.ack(PUBACK, first.packet_id)
+    second = sub.expect_publish()
+    # Only the alias: an empty topic name.
+    assert (second.topic, second.payload, second.properties.topic_alias) == ("", b"2", alias)
+    sub.ack(PUBACK, second.packet_id)
+    sub.expect_nothing()
+
+
 def test_no_topic_alias_to_client_that_did_not_allow_them(broker: BrokerThread) -> None:
     sub = subscriber(broker.port, unique_id(), "tc/t", version=5)  # Topic Alias Maximum 0
     publisher = connect(broker.port, unique_id(), version=5)
@@ -238,6 +258,20 @@ def test_client_maximum_packet_size(broker: BrokerThread) -> None:
     publisher.publish_acked("mp/t", b"small", qos=1)
     # [MQTT-3.1.2-24] / [MQTT-3.1.2-25]: too large for the client: not sent (discarded as
     # if delivered); the next one is.
+    message = sub.expect_publish()
+    assert message.payload == b"small"
+    sub.ack(PUBACK, message.packet_id)
+    sub.expect_nothing()
+
+
+def test_qos1_too_large_for_the_client_frees_its_receive_maximum(broker: BrokerThread) -> None:
+    sub = subscriber(broker.port, unique_id(), ("mr/t", 1), version=5,
+                     properties=props(maximum_packet_size=64, receive_maximum=1))
+    publisher = connect(broker.port, unique_id(), version=5)
+    publisher.publish_acked("mr/t", b"x" * 100, qos=1)
+    publisher.publish_acked("mr/t", b"small", qos=1)
+    # [MQTT-3.1.2-25]: discarded as if delivered, so it does not hold the client's only
+    # slot (3.3.4 Receive Maximum): the next message goes.
     message = sub.expect_publish()
     assert message.payload == b"small"
     sub.ack(PUBACK, message.packet_id)
