@@ -16,7 +16,7 @@ from .codec import encode_publish
 from .control import check_response_topic, topic_name_invalid
 from .encoding import encode_plain_qos1_publish
 from .errors import LocalProtocolError, RemoteProtocolError
-from .packets import Publish
+from .packets import PubAck, Publish
 from .properties import NO_PROPERTIES
 from .states import _V5, AWAIT_PUBACK, AWAIT_PUBREC, ConnectionState
 from .topics import is_valid_topic_name
@@ -49,6 +49,16 @@ def send_plain_qos1(conn: Connection, topic: str, payload: bytes, retain: bool, 
         unacked[packet_id] = AWAIT_PUBACK
         return data
     return None
+
+
+def send_plain_puback(conn: Connection, packet_id: int) -> bytes:
+    """What `conn.send(PubAck(packet_id))` returns (a success without properties), without
+    building the `PubAck` in the usual case: the QoS 1 publisher's hot path."""
+    if (conn.state is ConnectionState.CONNECTED and 0 < packet_id <= 0xFFFF
+            and conn.peer_maximum_packet_size >= 4):
+        conn._inbound_unacked.pop(packet_id, None)  # its Receive Maximum slot (3.3.4 (5.0))
+        return bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF))
+    return conn.send(PubAck(packet_id))
 
 
 def received_publish(conn: Connection, packet: Publish) -> Publish:

@@ -432,7 +432,7 @@ class BrokerApp:
             return self._pending[0][0] - 1
         return self._drained
 
-    def finish_batch(self, handler: ClientHandler | None, replies: list[Packet], *,
+    def finish_batch(self, handler: ClientHandler | None, replies: list[Packet | int], *,
                      close: bool = False) -> None:
         """Commit what the core changed; once durable, send `replies` to `handler` (then close
         it if `close`) and wake the clients that have deliveries.
@@ -463,7 +463,7 @@ class BrokerApp:
         future.add_done_callback(partial(self._after_commit_then, then))
         return False
 
-    def _after_commit(self, handler: ClientHandler | None, replies: list[Packet],
+    def _after_commit(self, handler: ClientHandler | None, replies: list[Packet | int],
                       close: bool, future: asyncio.Future[None]) -> None:
         if handler is not None:
             handler.commit_finished()
@@ -488,7 +488,7 @@ class BrokerApp:
             handler.kick(ReasonCode.UNSPECIFIED_ERROR)  # no acknowledgement without durability
         return True
 
-    def _committed(self, handler: ClientHandler | None, replies: list[Packet],
+    def _committed(self, handler: ClientHandler | None, replies: list[Packet | int],
                    close: bool) -> None:
         woken = self.core.committed(self._watermark())
         if self._full_logged and not self.store.full:

@@ -65,6 +65,7 @@ from ..mqtt.packets import (
     UnsubAck,
     Unsubscribe,
 )
+from ..mqtt.publishing import send_plain_puback
 from ..mqtt.types import ProtocolLevel, ReasonCode, Role
 from . import client_close as close
 from . import client_guard as guard
@@ -186,7 +187,7 @@ class ClientHandler(asyncio.Protocol):
             return
         app = self.app
         conn = self._conn
-        replies: list[Packet] = []
+        replies: list[Packet | int] = []
         now = time.time()
         handled = 0
         throttle = self._throttle
@@ -304,7 +305,7 @@ class ClientHandler(asyncio.Protocol):
 
     # -- packets ------------------------------------------------------------------------
 
-    def _handle(self, packet: Packet, replies: list[Packet], now: float) -> None:
+    def _handle(self, packet: Packet, replies: list[Packet | int], now: float) -> None:
         app = self.app
         core = app.core
         client_id = self.client_id
@@ -326,7 +327,11 @@ class ClientHandler(asyncio.Protocol):
                 if reason == ReasonCode.SUCCESS:
                     self._share_received_bytes(packet)
             elif packet.qos == 1:
-                replies.append(PubAck(packet.packet_id or 0, self._v5_reason(reason)))
+                packet_id = packet.packet_id or 0
+                if not reason or self._conn.protocol_level != ProtocolLevel.MQTT_5:
+                    replies.append(packet_id)  # a plain PUBACK, no PubAck built (_encode_all)
+                else:
+                    replies.append(PubAck(packet_id, reason))
             elif packet.qos == 2:
                 replies.append(PubRec(packet.packet_id or 0, self._v5_reason(reason)))
         elif isinstance(packet, PubAck):
@@ -387,7 +392,7 @@ class ClientHandler(asyncio.Protocol):
                 shared.clear()
             shared[id(packet)] = (packet, data)
 
-    def _refuse_for_full_store(self, packet: Publish, replies: list[Packet], *,
+    def _refuse_for_full_store(self, packet: Publish, replies: list[Packet | int], *,
                                store: bool = True) -> None:
         """The store (or, with `store` False, a subscriber's queue under the "refuse" policy)
         is full: new QoS 1/2 work is refused, not lost. MQTT 5 gets 0x97 Quota exceeded;
@@ -405,10 +410,10 @@ class ClientHandler(asyncio.Protocol):
 
     # -- errors and closing ---------------------------------------------------------------
 
-    def _protocol_error(self, error: RemoteProtocolError, replies: list[Packet]) -> None:
+    def _protocol_error(self, error: RemoteProtocolError, replies: list[Packet | int]) -> None:
         close.protocol_error(self, error, replies)
 
-    def _abort(self, replies: list[Packet]) -> None:
+    def _abort(self, replies: list[Packet | int]) -> None:
         replies.clear()
         self._shut()
 
@@ -440,9 +445,12 @@ class ClientHandler(asyncio.Protocol):
 
     # -- output ---------------------------------------------------------------------------
 
-    def _encode_all(self, packets: list[Packet]) -> bytes:
-        send = self._conn.send
-        return b"".join([send(packet) for packet in packets])
+    def _encode_all(self, packets: list[Packet | int]) -> bytes:
+        """The replies' bytes; an int is a plain PUBACK (success, no properties) of that
+        packet id (the QoS 1 hot path: `_handle`)."""
+        conn = self._conn
+        return b"".join([send_plain_puback(conn, packet) if isinstance(packet, int)
+                         else conn.send(packet) for packet in packets])
 
     def _cannot_send(self, error: LocalProtocolError) -> None:
         # E.g. a client whose Maximum Packet Size is too small for our CONNACK.
@@ -455,7 +463,7 @@ class ClientHandler(asyncio.Protocol):
             self.app.metrics.bytes_sent += len(data)
             self.transport.write(data)
 
-    def write_replies(self, replies: list[Packet], *, close: bool = False) -> None:
+    def write_replies(self, replies: list[Packet | int], *, close: bool = False) -> None:
         """Called by the app once the batch these replies acknowledge is durable; `close`
         when that batch ended with the client's DISCONNECT."""
         if self._closed:

@@ -27,7 +27,7 @@ LINGER_S = 1.0  # after a DISCONNECT/refusal we send: input discarded this long,
 
 
 def protocol_error(handler: ClientHandler, error: RemoteProtocolError,
-                   replies: list[Packet]) -> None:
+                   replies: list[Packet | int]) -> None:
     log.info("closing %s (%s): %s [%s]", handler.client_id or "client", handler.peer,
              error.message, error.reason_code.name)
     handler.app.metrics.protocol_errors += 1

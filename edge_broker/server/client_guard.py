@@ -134,7 +134,7 @@ def allowed(handler: ClientHandler, topic: str, access: int) -> bool:
     return found
 
 
-def deny_publish(handler: ClientHandler, packet: Publish, replies: list[Packet]) -> None:
+def deny_publish(handler: ClientHandler, packet: Publish, replies: list[Packet | int]) -> None:
     """The ACL does not let this client write to the topic: the message goes nowhere.
     MQTT 5 says so for QoS 1/2 (0x87 Not authorized, 3.3.4 (5.0)); 3.1.1 cannot, and
     still acknowledges it as the protocol requires [MQTT-3.3.5-2] (3.1.1)."""
@@ -172,7 +172,7 @@ def subscribe_checked(handler: ClientHandler, packet: Subscribe,
     return tuple(next(codes) if ok else refused for ok in granted)
 
 
-def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet],
+def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet | int],
                     now: float) -> None:
     app = handler.app
     settings = app.config.mqtt

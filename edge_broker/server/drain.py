@@ -40,7 +40,7 @@ def drain_turn(handler: ClientHandler) -> None:
     loop = app.loop
     conn = handler._conn
     throttle = handler._throttle
-    replies: list[Packet] = []  # nobody to send them to
+    replies: list[Packet | int] = []  # nobody to send them to
     now = time.time()
     handled = 0
     delay = -1.0  # >= 0: packets remain, the next turn is in `delay` s

@@ -14,13 +14,18 @@ import pytest
 
 from tests.conftest import BrokerThread
 from tests.integration.rawclient import (
+    CONNACK,
     PUBACK,
     PUBCOMP,
     PUBLISH,
     PUBREC,
     PUBREL,
+    RawClient,
     connect,
+    connect_packet,
+    disconnect_packet,
     props,
+    publish_packet,
     subscriber,
     unique_id,
 )
@@ -345,3 +350,21 @@ def test_expect_nothing_detects_a_packet(broker: BrokerThread) -> None:
     with pytest.raises(AssertionError):
         client.expect_nothing()
 
+
+
+@both_versions
+def test_qos1_publish_followed_by_disconnect_in_one_write_is_acknowledged(
+        broker: BrokerThread, version: int) -> None:
+    sub = subscriber(broker.port, unique_id(), ("qd/t", 1), version=version)
+    client = RawClient(broker.port, version=version)
+    # CONNECT, a QoS 1 PUBLISH and DISCONNECT in one write: the PUBACK is sent after the
+    # DISCONNECT was read, and is still owed ([MQTT-4.3.2-2] (3.1.1), 4.3.2 (5.0)).
+    client.send(connect_packet(unique_id(), version=version)
+                + publish_packet("qd/t", b"last", version=version, qos=1, packet_id=7)
+                + disconnect_packet())
+    client.expect(CONNACK)
+    ack = client.expect(PUBACK)
+    assert (ack.packet_id, ack.reason_code) == (7, 0)
+    client.expect_closed()
+    message = sub.expect_publish()
+    assert (message.topic, message.payload, message.qos) == ("qd/t", b"last", 1)
