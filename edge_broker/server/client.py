@@ -44,7 +44,7 @@ import asyncio
 import logging
 import time
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from ..mqtt.connection import Connection
 from ..mqtt.errors import LocalProtocolError, RemoteProtocolError
@@ -82,11 +82,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_broker.client")
 
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
-PULL_LIMIT = 256
-BATCH_PACKETS = 64  # packets handled per commit, and per connection per event-loop turn
-MAX_PENDING_COMMITS = 16  # batches of one client awaiting the store before reading pauses
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
+PULL_LIMIT: Final = 256
+BATCH_PACKETS: Final = 64  # packets handled per commit, and per connection per event-loop turn
+MAX_PENDING_COMMITS: Final = 16  # batches of one client awaiting the store before reading pauses
 
 
 class ClientHandler(asyncio.Protocol):
@@ -186,6 +186,7 @@ class ClientHandler(asyncio.Protocol):
                 or self._throttle_handle is not None):
             return
         app = self.app
+        core = app.core
         conn = self._conn
         replies: list[Packet | int] = []
         now = time.time()
@@ -208,7 +209,7 @@ class ClientHandler(asyncio.Protocol):
                         handled += 1
                         client_id = self.client_id
                         assert client_id is not None
-                        app.core.puback(client_id, event, now=now)
+                        core.puback(client_id, event, now=now)
                         continue
                     packet = event
                     if isinstance(packet, Connect) and not guard.authenticate(self, packet):

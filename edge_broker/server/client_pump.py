@@ -13,7 +13,7 @@ core (as mosquitto drops it). A PUBLISH too large for the peer is discarded as i
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..core.outbound import PlainQos1
 from ..core.replay import EncodedPublish
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_broker.client")
 
-ENCODING_CACHE_SIZE = 1024  # shared QoS 0 encodings kept per protocol level
+ENCODING_CACHE_SIZE: Final = 1024  # shared QoS 0 encodings kept per protocol level
 
 
 def encode_pulled(handler: ClientHandler,
