@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import replace
-from typing import cast
+from typing import Final, cast
 
 from ..mqtt.packets import Publish, PubRel
 from ..mqtt.properties import NO_PROPERTIES, Properties
@@ -31,6 +31,8 @@ from .session import (
     Session,
 )
 
+_AWAIT_ACK: Final = AWAIT_ACK  # a static when compiled, not a module-dict look-up
+
 # A QoS 1 PUBLISH without properties, as `pull(plain=True)` hands it out: topic, payload,
 # retain, dup, packet id (the server encodes it with Connection.send's QoS 1 hot path).
 PlainQos1 = tuple[str, bytes, bool, bool, int]
@@ -43,10 +45,14 @@ class Outbound(Routing):
 
     def puback(self, client_id: str, packet_id: int, *, now: float) -> None:
         session = self.sessions[client_id]
-        delivery = session.inflight.get(packet_id)
+        inflight = session.inflight
+        delivery = inflight.get(packet_id)
         if delivery is None or delivery.qos != 1:
             return  # unknown id: nothing to do
-        self._finish_inflight(session, delivery)
+        if delivery.from_log or delivery.persisted:
+            self._finish_inflight(session, delivery)
+        else:  # what _finish_inflight does for it (the QoS 1 hot path)
+            del inflight[packet_id]
 
     def pubrec(self, client_id: str, packet_id: int, reason_code: int, *,
                now: float) -> PubRel | None:
@@ -192,7 +198,7 @@ class Outbound(Routing):
                 continue
             packet_id = session.allocate_packet_id()
             delivery.packet_id = packet_id
-            delivery.state = AWAIT_ACK
+            delivery.state = _AWAIT_ACK
             inflight[packet_id] = delivery
             if session.stored and (delivery.qos == 2 or delivery.from_log):
                 # A QoS 2 delivery's packet id is durable before it is sent: after a crash
