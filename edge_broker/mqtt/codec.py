@@ -135,7 +135,8 @@ def decode(first_byte: int, body: Buffer, protocol_level: int) -> Packet:
     ptype = first_byte >> 4
     flags = first_byte & 0x0F
     if ptype == 3:
-        return decode_publish(flags, body, protocol_level)
+        return decode_publish(flags, body if isinstance(body, bytes) else bytes(body),
+                              protocol_level)
     if ptype == 0:
         raise malformed("packet type 0 is reserved")
     if ptype == 15 and protocol_level < _V5:
@@ -165,8 +166,11 @@ def _check_reason(ptype: PacketType, code: int) -> int:
     return code
 
 
-def decode_publish(flags: int, body: Buffer, level: int) -> Publish:
-    """Decode a PUBLISH from the low four bits of its first byte and its body (the hot path)."""
+def decode_publish(flags: int, body: bytes, level: int) -> Publish:
+    """Decode a PUBLISH from the low four bits of its first byte and its body (the hot path).
+
+    `body` is `bytes` (not any buffer): mypyc then reads its bytes, slices and decodes it with
+    its own primitives instead of Python's generic item and slice protocol."""
     qos = (flags >> 1) & 3
     if qos == 3:
         raise malformed("PUBLISH with QoS 3")  # [MQTT-3.3.1-4] (5.0)
@@ -180,7 +184,7 @@ def decode_publish(flags: int, body: Buffer, level: int) -> Publish:
     if pos > n:
         raise malformed("PUBLISH ends inside the topic name")
     try:
-        topic = str(body[2:pos], "utf-8")
+        topic = body[2:pos].decode("utf-8")
     except UnicodeDecodeError:
         topic = decode_utf8(body[2:pos])  # raises the MALFORMED_PACKET error
     if "\x00" in topic:
@@ -201,7 +205,7 @@ def decode_publish(flags: int, body: Buffer, level: int) -> Publish:
             reader = Reader(body, pos)
             properties = decode_properties(reader, _P.PUBLISH)
             pos = reader.pos
-    return Publish(topic, bytes(body[pos:]), qos, bool(flags & 1), dup, packet_id, properties)
+    return Publish(topic, body[pos:], qos, bool(flags & 1), dup, packet_id, properties)
 
 
 def _decode_connect(body: Buffer, _level: int) -> Connect:

@@ -239,7 +239,7 @@ class Connection:
             del buf[:pos]
             self._pos = pos = 0
         try:
-            return self._next_packet(buf, pos)
+            return self._next_packet(buf, pos, buf[pos])
         except RemoteProtocolError as exc:
             if self.role is Role.SERVER and self.protocol_level is None:
                 self._tentative_level = peek_buffered_connect_level(buf, pos)
@@ -268,7 +268,8 @@ class Connection:
         if pos > len(buf) >> 1:
             del buf[:pos]
             self._pos = pos = 0
-        if (buf[pos] == 0x40 and pos + 4 <= len(buf) and buf[pos + 1] == 2
+        first_byte = buf[pos]  # read once: a bytearray read is costly in the compiled build
+        if (first_byte == 0x40 and pos + 4 <= len(buf) and buf[pos + 1] == 2
                 and self.state is ConnectionState.CONNECTED and self.maximum_packet_size >= 4):
             packet_id = (buf[pos + 2] << 8) | buf[pos + 3]
             unacked = self._outbound_unacked
@@ -279,19 +280,18 @@ class Connection:
                 self._pos = pos + 4
                 return packet_id
         try:
-            return self._next_packet(buf, pos)
+            return self._next_packet(buf, pos, first_byte)
         except RemoteProtocolError as exc:
             if self.role is Role.SERVER and self.protocol_level is None:
                 self._tentative_level = peek_buffered_connect_level(buf, pos)
             self._error = exc
             raise
 
-    def _next_packet(self, buf: bytearray, start: int) -> Packet | None:
+    def _next_packet(self, buf: bytearray, start: int, first_byte: int) -> Packet | None:
         state = self.state
         if state is not self._row_state:
             self._row = RECEIVE_ROWS[self.role][state]
             self._row_state = state
-        first_byte = buf[start]
         ptype_value = first_byte >> 4
         new_state = self._row[ptype_value]
         if new_state is None:
