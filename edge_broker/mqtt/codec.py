@@ -81,13 +81,24 @@ def split_frame(buf: Buffer, start: int, max_packet_size: int) -> tuple[int, int
     longer than four bytes (1.5.5 (5.0)), PACKET_TOO_LARGE as soon as the header shows that
     the packet (fixed header included, 3.1.2.11.4 (5.0)) exceeds `max_packet_size`.
     """
+    body_start, body_end = frame_bounds(buf, start, max_packet_size)
+    if not body_end:
+        return None
+    return buf[start], body_start, body_end
+
+
+def frame_bounds(buf: Buffer, start: int, max_packet_size: int) -> tuple[int, int]:
+    """As `split_frame`, for a caller that has the first byte already: (body_start,
+    body_end) of the packet that starts at `buf[start]`, (0, 0) while more bytes are needed
+    (a complete packet's body_end is never 0). The compiled build returns the pair unboxed
+    (no tuple object, no int objects): it is every received packet's path."""
     n = len(buf)
     pos = start + 1
     value = 0
     shift = 0
     for _ in range(4):
         if pos >= n:
-            return None
+            return 0, 0
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -103,8 +114,8 @@ def split_frame(buf: Buffer, start: int, max_packet_size: int) -> tuple[int, int
             f"{max_packet_size}")
     end = pos + value
     if end > n:
-        return None
-    return buf[start], pos, end
+        return 0, 0
+    return pos, end
 
 
 def peek_connect_protocol_level(body: Buffer) -> int | None:

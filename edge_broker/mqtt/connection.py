@@ -11,7 +11,7 @@ it wants to send (`send`). Keep-alive timing, authentication and sessions are th
 Receiving. Bytes accumulate in a bytearray with a read offset (compacted when the offset passes
 half the buffer, so a trickle of small reads never copies quadratically). `next_event` checks
 the packet type against the state table as soon as the first byte is there, waits for the whole
-packet with `codec.split_frame` (which refuses a packet larger than our Maximum Packet Size as
+packet with `codec.frame_bounds` (which refuses a packet larger than our Maximum Packet Size as
 soon as its header shows the size), decodes it with `codec.decode`, applies the rules that need
 connection state (below), advances the state and returns the packet. A broken rule raises
 `RemoteProtocolError` carrying the reason code the spec asks for; the connection then stays
@@ -67,7 +67,7 @@ from .codec import (
     decode_publish,
     encode,
     encode_plain_qos1_publish,
-    split_frame,
+    frame_bounds,
 )
 from .control import (
     error_bytes,
@@ -304,11 +304,9 @@ class Connection:
             if ptype_value == 14 and self.role is Role.CLIENT and level != _V5:
                 raise protocol_error("a 3.1.1 server does not send DISCONNECT")
 
-        frame = split_frame(buf, start, self.maximum_packet_size)
-        if frame is None:
+        body_start, body_end = frame_bounds(buf, start, self.maximum_packet_size)
+        if not body_end:
             return None
-        body_start = frame[1]
-        body_end = frame[2]
         body = bytes(buf[body_start:body_end])
         self._pos = body_end
         if level is None:
