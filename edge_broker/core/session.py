@@ -38,7 +38,7 @@ with its original packet id: PUBLISH with DUP set, or PUBREL [MQTT-4.4.0-1] (5.0
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from ..mqtt.packets import Publish, Will
 from .changes import AWAIT_ACK, QUEUED, Message, SubscriptionRecord
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 # Estimated memory of one queued delivery (Delivery object, deque slot) and of one message
 # body besides its payload and topic (Message object, properties); measured with
 # sys.getsizeof on CPython 3.11, rounded up.
-DELIVERY_OVERHEAD = 160
-MESSAGE_OVERHEAD = 200
+DELIVERY_OVERHEAD: Final = 160
+MESSAGE_OVERHEAD: Final = 200
 _NO_IDS: frozenset[int] = frozenset()  # shared by every session without QoS 2 ids
 
 
