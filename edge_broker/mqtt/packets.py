@@ -66,9 +66,10 @@ class Publish:
     def __init__(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
                  dup: bool = False, packet_id: int | None = None,
                  properties: Properties = NO_PROPERTIES,
-                 packet_type: PacketType = PacketType.PUBLISH) -> None:
+                 packet_type: PacketType | None = None) -> None:
         # `packet_type` is taken and ignored: the compiled build makes the class attribute a
-        # dataclass field too (mypyc annotates it), so dataclasses.replace passes it.
+        # dataclass field too (mypyc annotates it), so dataclasses.replace passes it. Its
+        # default is None, a constant: mypyc evaluates `PacketType.PUBLISH` at each call.
         self.topic = topic
         self.payload = payload
         self.qos = qos
@@ -90,7 +91,7 @@ class PubAck:
 
     def __init__(self, packet_id: int, reason_code: int = 0,
                  properties: Properties = NO_PROPERTIES,
-                 packet_type: PacketType = PacketType.PUBACK) -> None:
+                 packet_type: PacketType | None = None) -> None:
         # `packet_type` taken and ignored, as in `Publish.__init__`.
         self.packet_id = packet_id
         self.reason_code = reason_code
