@@ -34,12 +34,14 @@ from ..mqtt.properties import NO_PROPERTIES, Properties
 EXPIRY_NEVER = 0xFFFFFFFF
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Message:
     """An application message as it entered the broker; shared by every delivery of it.
 
     Not frozen, for construction speed (one per PUBLISH; see `mqtt.packets.Publish`), but
-    never modified after it is made."""
+    never modified after it is made. Its `__init__` is written out (the same as the one
+    @dataclass would generate, defaults included) so that mypyc compiles it: the compiled
+    build otherwise runs the dataclass-generated Python `__init__` for every message."""
 
     id: int
     topic: str
@@ -56,6 +58,21 @@ class Message:
     # Its offset in the store's append-only log when a named stream records it (the core
     # assigns offsets in append order, as the log does: see core/streams.py); else None.
     offset: int | None = None
+
+    def __init__(self, id: int, topic: str, payload: bytes, qos: int, retain: bool,
+                 properties: Properties = NO_PROPERTIES, received_at: float = 0.0,
+                 expires_at: float | None = None, origin: str = "",
+                 offset: int | None = None) -> None:
+        self.id = id
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.properties = properties
+        self.received_at = received_at
+        self.expires_at = expires_at
+        self.origin = origin
+        self.offset = offset
 
 
 @dataclass(slots=True, unsafe_hash=True)

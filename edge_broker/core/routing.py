@@ -10,6 +10,7 @@ PUBLISH, end to end", "The fast lane", "Queue bounds and policies").
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Final
 
 from ..mqtt.errors import RemoteProtocolError
 from ..mqtt.packets import Publish
@@ -34,7 +35,7 @@ from .session import (
     Session,
 )
 
-QOS0_PACKET_CACHE_SIZE = 1024
+QOS0_PACKET_CACHE_SIZE: Final = 1024
 
 
 class Routing(BacklogRouting):

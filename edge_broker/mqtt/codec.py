@@ -81,13 +81,24 @@ def split_frame(buf: Buffer, start: int, max_packet_size: int) -> tuple[int, int
     longer than four bytes (1.5.5 (5.0)), PACKET_TOO_LARGE as soon as the header shows that
     the packet (fixed header included, 3.1.2.11.4 (5.0)) exceeds `max_packet_size`.
     """
+    body_start, body_end = frame_bounds(buf, start, max_packet_size)
+    if not body_end:
+        return None
+    return buf[start], body_start, body_end
+
+
+def frame_bounds(buf: Buffer, start: int, max_packet_size: int) -> tuple[int, int]:
+    """As `split_frame`, for a caller that has the first byte already: (body_start,
+    body_end) of the packet that starts at `buf[start]`, (0, 0) while more bytes are needed
+    (a complete packet's body_end is never 0). The compiled build returns the pair unboxed
+    (no tuple object, no int objects): it is every received packet's path."""
     n = len(buf)
     pos = start + 1
     value = 0
     shift = 0
     for _ in range(4):
         if pos >= n:
-            return None
+            return 0, 0
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -103,8 +114,8 @@ def split_frame(buf: Buffer, start: int, max_packet_size: int) -> tuple[int, int
             f"{max_packet_size}")
     end = pos + value
     if end > n:
-        return None
-    return buf[start], pos, end
+        return 0, 0
+    return pos, end
 
 
 def peek_connect_protocol_level(body: Buffer) -> int | None:
@@ -135,7 +146,8 @@ def decode(first_byte: int, body: Buffer, protocol_level: int) -> Packet:
     ptype = first_byte >> 4
     flags = first_byte & 0x0F
     if ptype == 3:
-        return decode_publish(flags, body, protocol_level)
+        return decode_publish(flags, body if isinstance(body, bytes) else bytes(body),
+                              protocol_level)
     if ptype == 0:
         raise malformed("packet type 0 is reserved")
     if ptype == 15 and protocol_level < _V5:
@@ -165,8 +177,11 @@ def _check_reason(ptype: PacketType, code: int) -> int:
     return code
 
 
-def decode_publish(flags: int, body: Buffer, level: int) -> Publish:
-    """Decode a PUBLISH from the low four bits of its first byte and its body (the hot path)."""
+def decode_publish(flags: int, body: bytes, level: int) -> Publish:
+    """Decode a PUBLISH from the low four bits of its first byte and its body (the hot path).
+
+    `body` is `bytes` (not any buffer): mypyc then reads its bytes, slices and decodes it with
+    its own primitives instead of Python's generic item and slice protocol."""
     qos = (flags >> 1) & 3
     if qos == 3:
         raise malformed("PUBLISH with QoS 3")  # [MQTT-3.3.1-4] (5.0)
@@ -180,7 +195,7 @@ def decode_publish(flags: int, body: Buffer, level: int) -> Publish:
     if pos > n:
         raise malformed("PUBLISH ends inside the topic name")
     try:
-        topic = str(body[2:pos], "utf-8")
+        topic = body[2:pos].decode("utf-8")
     except UnicodeDecodeError:
         topic = decode_utf8(body[2:pos])  # raises the MALFORMED_PACKET error
     if "\x00" in topic:
@@ -201,7 +216,7 @@ def decode_publish(flags: int, body: Buffer, level: int) -> Publish:
             reader = Reader(body, pos)
             properties = decode_properties(reader, _P.PUBLISH)
             pos = reader.pos
-    return Publish(topic, bytes(body[pos:]), qos, bool(flags & 1), dup, packet_id, properties)
+    return Publish(topic, body[pos:], qos, bool(flags & 1), dup, packet_id, properties)
 
 
 def _decode_connect(body: Buffer, _level: int) -> Connect:

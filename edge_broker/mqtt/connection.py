@@ -11,7 +11,7 @@ it wants to send (`send`). Keep-alive timing, authentication and sessions are th
 Receiving. Bytes accumulate in a bytearray with a read offset (compacted when the offset passes
 half the buffer, so a trickle of small reads never copies quadratically). `next_event` checks
 the packet type against the state table as soon as the first byte is there, waits for the whole
-packet with `codec.split_frame` (which refuses a packet larger than our Maximum Packet Size as
+packet with `codec.frame_bounds` (which refuses a packet larger than our Maximum Packet Size as
 soon as its header shows the size), decodes it with `codec.decode`, applies the rules that need
 connection state (below), advances the state and returns the packet. A broken rule raises
 `RemoteProtocolError` carrying the reason code the spec asks for; the connection then stays
@@ -66,7 +66,7 @@ from .codec import (
     decode,
     decode_publish,
     encode,
-    split_frame,
+    frame_bounds,
 )
 from .control import (
     error_bytes,
@@ -234,7 +234,7 @@ class Connection:
             del buf[:pos]
             self._pos = pos = 0
         try:
-            return self._next_packet(buf, pos)
+            return self._next_packet(buf, pos, buf[pos])
         except RemoteProtocolError as exc:
             if self.role is Role.SERVER and self.protocol_level is None:
                 self._tentative_level = peek_buffered_connect_level(buf, pos)
@@ -263,7 +263,8 @@ class Connection:
         if pos > len(buf) >> 1:
             del buf[:pos]
             self._pos = pos = 0
-        if (buf[pos] == 0x40 and pos + 4 <= len(buf) and buf[pos + 1] == 2
+        first_byte = buf[pos]  # read once: a bytearray read is costly in the compiled build
+        if (first_byte == 0x40 and pos + 4 <= len(buf) and buf[pos + 1] == 2
                 and self.state is ConnectionState.CONNECTED and self.maximum_packet_size >= 4):
             packet_id = (buf[pos + 2] << 8) | buf[pos + 3]
             unacked = self._outbound_unacked
@@ -274,19 +275,18 @@ class Connection:
                 self._pos = pos + 4
                 return packet_id
         try:
-            return self._next_packet(buf, pos)
+            return self._next_packet(buf, pos, first_byte)
         except RemoteProtocolError as exc:
             if self.role is Role.SERVER and self.protocol_level is None:
                 self._tentative_level = peek_buffered_connect_level(buf, pos)
             self._error = exc
             raise
 
-    def _next_packet(self, buf: bytearray, start: int) -> Packet | None:
+    def _next_packet(self, buf: bytearray, start: int, first_byte: int) -> Packet | None:
         state = self.state
         if state is not self._row_state:
             self._row = RECEIVE_ROWS[self.role][state]
             self._row_state = state
-        first_byte = buf[start]
         ptype_value = first_byte >> 4
         new_state = self._row[ptype_value]
         if new_state is None:
@@ -299,11 +299,9 @@ class Connection:
             if ptype_value == 14 and self.role is Role.CLIENT and level != _V5:
                 raise protocol_error("a 3.1.1 server does not send DISCONNECT")
 
-        frame = split_frame(buf, start, self.maximum_packet_size)
-        if frame is None:
+        body_start, body_end = frame_bounds(buf, start, self.maximum_packet_size)
+        if not body_end:
             return None
-        body_start = frame[1]
-        body_end = frame[2]
         body = bytes(buf[body_start:body_end])
         self._pos = body_end
         if level is None:

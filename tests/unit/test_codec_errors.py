@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_broker.mqtt.codec import decode, encode, split_frame
+from edge_broker.mqtt.codec import decode, encode, frame_bounds, split_frame
 from edge_broker.mqtt.errors import LocalProtocolError, RemoteProtocolError
 from edge_broker.mqtt.packets import (
     Auth,
@@ -193,6 +193,17 @@ def test_split_frame_needs_more() -> None:
     assert split_frame(b"\x30\x80", 0, 1000) is None
     assert split_frame(b"\x30\x03\x00\x01", 0, 100) is None
     assert split_frame(b"xx\xc0\x00", 2, 100) == (0xC0, 4, 4)
+
+
+def test_frame_bounds_is_split_frame_without_the_first_byte() -> None:
+    # What Connection reads a packet with: (0, 0) while incomplete, the same errors.
+    assert frame_bounds(bytearray(b"\x30\x80"), 0, 1000) == (0, 0)
+    assert frame_bounds(bytearray(b"\x30\x03\x00\x01"), 0, 100) == (0, 0)
+    assert frame_bounds(bytearray(b"xx\xc0\x00"), 2, 100) == (4, 4)
+    assert frame_bounds(bytearray(b"\x30\x80\x01" + bytes(128)), 0, 1 << 30) == (3, 131)
+    with pytest.raises(RemoteProtocolError) as info:
+        frame_bounds(bytearray(b"\x30\x7f"), 0, 100)
+    assert info.value.reason_code == ReasonCode.PACKET_TOO_LARGE
 
 
 # Encoding what cannot be put on the wire is the caller's bug.
