@@ -50,8 +50,8 @@ def test_messages_made_from_raw_rows_are_the_broker_readers() -> None:
 
 async def test_own_downlink_rows_are_skipped_and_passed_by_the_cursor() -> None:
     sent: list[tuple[Any, ...]] = []
-    reader = ChildLogReader(Pages([raw(1), raw(2, OWN), raw(3), raw(4, OWN), raw(5, OWN)]),
-                            OWN, sent.append, 5, 0)
+    pages: Any = Pages([raw(1), raw(2, OWN), raw(3), raw(4, OWN), raw(5, OWN)])
+    reader = ChildLogReader(pages, OWN, sent.append, 5, 0)
     try:
         first = await reader.read_after(0, 3)
         assert [m.offset for m in first] == [1, 3]
