@@ -48,6 +48,7 @@ from .base import (
     ssl_context,
 )
 from .config import BridgeConfig, JetStreamOptions
+from .jetstream_acks import AckReader
 from .jetstream_frames import FrameBuilder
 from .topic_map import subject_to_topic, topic_to_subject
 
@@ -243,6 +244,10 @@ class JetStreamSink:
         if window.pending <= 0:
             window.finish()
 
+    def _ack_plain(self, token: bytes, data: bytes) -> None:
+        """An ack read by `AckReader` (a MSG without headers: no status)."""
+        self._ack(token, data, None)
+
     def _take_acks(self, sid: int) -> None:
         """Read the PubAcks straight from nats-py's parser: its `_process_msg` (what the
         parser calls for every MSG/HMSG) is wrapped on this connection so that a message
@@ -265,6 +270,14 @@ class JetStreamSink:
             await original(msg_sid, subject, reply, data, headers)
 
         nc._process_msg = process_msg
+        # And before that: plain PubAck MSGs taken from the bytes read, before nats-py's
+        # parser (jetstream_acks.py); it still gets everything else, in order.
+        parser: Any = getattr(nc, "_ps", None)
+        if (callable(getattr(parser, "parse", None)) and isinstance(getattr(parser, "buf", None),
+                                                                   bytearray)
+                and hasattr(parser, "state")):
+            parser.parse = AckReader(parser, parser.parse, sid, self._reply_prefix,
+                                     self._ack_plain).feed
 
     async def ensure_stream(self) -> None:
         opts = self.options
@@ -321,8 +334,8 @@ class JetStreamSink:
             # The window as one HPUB blob (jetstream_frames.py), handed to the connection
             # at once: no per-message publish, one socket write.
             frames: list[bytes] = []
-            frame = self._frames.frame
-            reply_prefix = self._reply_prefix
+            add = self._frames.add
+            reply_prefix = self._reply_prefix.encode()
             max_payload = nc.max_payload
             too_big: Exception | None = None
             token = self._token
@@ -331,10 +344,10 @@ class JetStreamSink:
                     too_big = nats.errors.MaxPayloadError()
                     break
                 token += 1
-                frames.append(frame(message, f"{reply_prefix}{token}"))
+                add(frames, message, reply_prefix, token)  # reply: <reply prefix><token>
                 acks[token] = (window, index)
+            window.sent = token - self._token
             self._token = token
-            window.sent = len(frames)
             try:
                 if not frames:
                     raise too_big or BridgeError("nothing to send")

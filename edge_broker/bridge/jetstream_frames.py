@@ -48,6 +48,7 @@ _TIME: Final = f"\r\n{H_PUBLISH_TIME}: ".encode()
 _MSG_ID: Final = f"\r\n{NATS_MSG_ID}: ".encode()
 _END: Final = b"\r\n\r\n"
 _CRLF: Final = b"\r\n"
+_FIXED: Final = len(_HEAD) + len(_TIME) + len(_MSG_ID) + len(_END)  # a header block's own
 
 
 def _line(name: str, value: str) -> bytes:
@@ -55,7 +56,8 @@ def _line(name: str, value: str) -> bytes:
 
 
 class FrameBuilder:
-    """HPUB commands for one sink: `frame(message, reply)` (see the module docstring)."""
+    """HPUB commands for one sink: `frame(message, reply)` (see the module docstring), or a
+    whole window's with `add` (the pieces appended to one list, joined once per window)."""
 
     def __init__(self, gateway_id: str, store_id: str,
                  subject: Callable[[BridgeMessage], str]) -> None:
@@ -64,6 +66,7 @@ class FrameBuilder:
         if mid_prefix != mid_prefix.strip() or any(c in mid_prefix for c in "\r\n\t "):
             raise ValueError(f"a gateway id has no whitespace, got {gateway_id!r}")
         self.mid_prefix = mid_prefix
+        self._mid_prefix = mid_prefix.encode()
         self._subject = subject
         # (topic, qos, retain, client id) -> (b"HPUB <subject> ", the topic..client-id lines)
         self._parts: dict[tuple[str, int, bool, str], tuple[bytes, bytes]] = {}
@@ -86,14 +89,27 @@ class FrameBuilder:
 
     def frame(self, message: BridgeMessage, reply: str) -> bytes:
         """The HPUB command of `message`, its PubAck to come on `reply`."""
+        out: list[bytes] = []
+        self.add(out, message, reply.encode(), None)
+        return b"".join(out)
+
+    def add(self, out: list[bytes], message: BridgeMessage, reply: bytes,
+            token: int | None) -> None:
+        """Append the pieces of `message`'s HPUB command to `out`: `b"".join(out)` is the
+        window's commands. Its PubAck is to come on `reply` followed by `token` (in decimal;
+        None: on `reply`). Per message only its id, the publish time (when it changed), the
+        sizes line and the optional MQTT 5 headers are made; the header block's size is
+        added up, not measured on a joined copy."""
         hpub, lines = self._static(message)
-        mid = (self.mid_prefix + str(message.offset)).encode()
+        mid = b"%s%d" % (self._mid_prefix, message.offset)
         if message.publish_time != self._time_at:  # a window's messages often share it
             self._time_at = message.publish_time
             self._time = format_time(message.publish_time).encode()
-        tail = b""
+        time_value = self._time
+        payload = message.payload
         if (message.content_type is not None or message.payload_utf8
                 or message.user_properties):
+            tail = b""
             if message.content_type is not None:
                 tail += _line(H_CONTENT_TYPE, encode_text(message.content_type))
             if message.payload_utf8:
@@ -101,8 +117,19 @@ class FrameBuilder:
             if message.user_properties:
                 tail += _line(H_USER_PROPERTIES,
                               encode_user_properties(message.user_properties))
-        header = b"".join((_HEAD, mid, lines, _TIME, self._time, tail, _MSG_ID, mid, _END))
-        payload = message.payload
-        size = len(header)
-        return b"".join((hpub, reply.encode(), b" %d %d\r\n" % (size, size + len(payload)),
-                         header, payload, _CRLF))
+            size = _FIXED + 2 * len(mid) + len(lines) + len(time_value) + len(tail)
+            out += (hpub, reply, _sizes(token, size, size + len(payload)), _HEAD, mid,
+                    lines, _TIME, time_value, tail, _MSG_ID, mid, _END, payload, _CRLF)
+            return
+        size = _FIXED + 2 * len(mid) + len(lines) + len(time_value)
+        sizes = (b" %d %d\r\n" % (size, size + len(payload)) if token is None
+                 else b"%d %d %d\r\n" % (token, size, size + len(payload)))
+        out += (hpub, reply, sizes, _HEAD, mid, lines, _TIME, time_value, _MSG_ID, mid, _END,
+                payload, _CRLF)
+
+
+def _sizes(token: int | None, size: int, total: int) -> bytes:
+    """The end of the HPUB line: the reply's token (if any), the header and total sizes."""
+    if token is None:
+        return b" %d %d\r\n" % (size, total)
+    return b"%d %d %d\r\n" % (token, size, total)

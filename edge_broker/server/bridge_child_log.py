@@ -16,7 +16,7 @@ from typing import Any
 
 from ..bridge.base import BridgeMessage
 from ..store.log.bridge_file import LogFile
-from .bridge_log import bridge_message
+from .bridge_log import raw_bridge_message
 
 
 class ChildLogReader:
@@ -50,14 +50,20 @@ class ChildLogReader:
 
     async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
         loop = asyncio.get_running_loop()
-        rows, end = await loop.run_in_executor(self._pool, self.file.page, cursor, limit)
+        # Rows come as the bridge's messages straight from the raw rows (no LogRow).
+        rows, end = await loop.run_in_executor(self._pool, self.file.page_of,
+                                               raw_bridge_message, cursor, limit)
         kept = self._rows
         if kept and kept[-1][0] > cursor:  # read again from the cursor: replaces the rest
             kept[:] = [r for r in kept if r[0] <= cursor]
-        kept.extend((row.offset, row.size) for row in rows)
-        self.oldest_at = rows[0].at if rows else None
+        kept.extend([(m.offset, m.size) for m in rows])
+        self.oldest_at = rows[0].publish_time if rows else None
         skip = self.skip_origin
-        taken = [bridge_message(row) for row in rows if row.origin != skip]
+        taken = rows
+        for m in rows:
+            if m.client_id == skip:  # its own downlink's: not sent back up (rare)
+                taken = [m for m in rows if m.client_id != skip]
+                break
         if not taken:
             # Only its own (or nothing): the cursor moves past them at once, unless this
             # page was read ahead of a window still waiting for its acknowledgements.

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from ..bridge.base import BridgeMessage
 from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.log import LogRow
+from ..store.log.schema import decode_props
 
 
 def bridge_message(row: LogRow) -> BridgeMessage:
@@ -28,6 +30,21 @@ def bridge_message(row: LogRow) -> BridgeMessage:
         retain=row.retain, publish_time=row.at, client_id=row.origin,
         content_type=props.content_type, payload_utf8=props.payload_format_indicator == 1,
         user_properties=tuple(props.user_properties), size=row.size)
+
+
+def raw_bridge_message(raw: Sequence[Any], name: str, name_size: int) -> BridgeMessage:
+    """`bridge_message(log_row(raw, name, name_size))` without the `LogRow` in between (a
+    row factory for `LogFile.page_of`: the uplink process makes one per drained message).
+    Columns: store/log/log.py `LOG_COLUMNS`; the size as `log_row` counts it."""
+    payload = raw[5]
+    blob = raw[6]
+    if not blob:  # no properties (the usual case): nothing to decode
+        return BridgeMessage(raw[0], name, payload, raw[3], bool(raw[4]), raw[1], raw[7],
+                             None, False, (), name_size + len(payload))
+    props = decode_props(blob)
+    return BridgeMessage(raw[0], name, payload, raw[3], bool(raw[4]), raw[1], raw[7],
+                         props.content_type, props.payload_format_indicator == 1,
+                         tuple(props.user_properties), name_size + len(payload) + len(blob))
 
 
 class StoreLogReader:

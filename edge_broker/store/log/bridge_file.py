@@ -13,14 +13,18 @@ What the broker's log keeps in memory (store/log/log.py), this reader takes from
   rows dropped for `max_backlog_bytes` or the store budget, and pages start after it.
 
 Pages read the log in offset order (the primary key) and keep the bridge's rows; unlike the
-broker's reader they do not use the per-topic index for narrow filters.
+broker's reader they do not use the per-topic index for narrow filters. `page` makes each
+row it keeps with a row factory (default `log_row`: a `LogRow`); the uplink process passes
+one that makes the bridge's message straight from the raw row (no `LogRow` in between: one
+object per drained message less, server/bridge_child_log.py).
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 from ...mqtt.topics import topic_matches
@@ -31,6 +35,8 @@ _READER_OFFSET: Final = "SELECT offset FROM log_readers WHERE name = ?"
 _FILTERS: Final = "SELECT filter, since FROM log_reader_filters WHERE reader = ?"
 _TOPIC: Final = "SELECT name FROM log_topics WHERE id = ?"
 BUSY_TIMEOUT_MS: Final = 5000
+
+T = TypeVar("T")
 
 
 class LogFile:
@@ -84,18 +90,25 @@ class LogFile:
     def page(self, after: int, limit: int) -> tuple[list[LogRow], int]:
         """Up to `limit` of the bridge's rows after max(after, the reader's stored offset),
         in order, and the page's end: every row of the bridge's up to it is in the page."""
+        return self.page_of(log_row, after, limit)
+
+    def page_of(self, make: Callable[[Sequence[Any], str, int], T], after: int,
+                limit: int) -> tuple[list[T], int]:
+        """`page`, each kept row made by `make(raw row, topic name, its UTF-8 size)`."""
         conn = self._db()
         lo = max(after, self.reader_offset())
-        out: list[LogRow] = []
+        out: list[T] = []
         batch = max(limit, 64)
+        topics = self._topics
         while True:
             raws = conn.execute(_SCAN, (lo, batch)).fetchall()
             for raw in raws:
-                offset = int(raw[0])
-                name, name_size, since = self._topic(int(raw[2]))
+                offset = raw[0]
+                known = topics.get(raw[2])
+                name, name_size, since = known if known is not None else self._topic(raw[2])
                 if since < 0 or offset <= since:
                     continue
-                out.append(log_row(raw, name, name_size))
+                out.append(make(raw, name, name_size))
                 if len(out) == limit:
                     return out, offset
             if len(raws) < batch:
