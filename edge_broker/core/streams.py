@@ -253,6 +253,10 @@ class StreamRouting(QueueBounds):
                 self._stream_live(message, subs)
         return True
 
+    def log_end(self) -> int:
+        """The last log offset assigned (its batch may not be committed yet)."""
+        return self._next_offset - 1
+
     def _to_lane(self, records: Sequence[SubscriptionRecord], message: Message) -> bool:
         """Put a QoS 0 message on the lane when every reader that takes it has an open one
         (no named stream, no in-process bridge): True if it went there."""

@@ -25,12 +25,12 @@ from typing import Any
 
 from ..bridge.base import Backoff, Sink
 from ..bridge.config import BridgeConfig
-from ..bridge.forward import Forwarder
+from ..bridge.forward import Forwarder, LogReader
 from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
 from ..store.log.lane_file import LaneFile
 from .bridge_child_log import ChildLogReader
-from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader
+from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader, LogGate
 from .bridge_wire import decode_config, frame, read_frame
 
 log = logging.getLogger("edge_broker.bridges")
@@ -81,24 +81,29 @@ async def serve(fd: int) -> None:
     file = LogFile(str(settings["path"]), reader_name(config.name))
     log_reader = ChildLogReader(file, config.downlink_identity, send,
                                 int(settings["last_committed"]), cursor)
-    forwarder = Forwarder(
-        lambda: make_sink(config, str(settings["gateway_id"]), str(settings["store_id"])),
-        log_reader, cursor=cursor, window=config.window,
-        backoff=Backoff(config.backoff_initial_s, config.backoff_max_s), name=config.name)
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_forward(forwarder, config))]
     lane: Lane | None = None
+    source: LogReader = log_reader
     if settings.get("lane_path"):
         # The QoS 0 lane (server/bridge_lane_child.py): its own file, its own cursor and
-        # forwarder, message ids in a namespace of their own.
+        # forwarder, message ids in a namespace of their own, and the order per topic
+        # between the log and the lane kept by `LogGate`.
+        mark = int(settings["lane_mark"])
         lane_reader = LaneReader(LaneFile(str(settings["lane_path"]), str(settings["store_id"]),
-                                          config.max_backlog_bytes), config.name)
+                                          config.max_backlog_bytes), config.name, mark)
+        source = LogGate(log_reader, lane_reader, mark)
         lane_id = str(settings["store_id"]) + LANE_ID_SUFFIX
         lane = (lane_reader, Forwarder(
             lambda: make_sink(config, str(settings["gateway_id"]), lane_id),
             lane_reader, cursor=lane_reader.file.cursor, window=config.window,
             backoff=Backoff(config.backoff_initial_s, config.backoff_max_s),
             name=f"{config.name} (QoS 0 lane)"))
+    forwarder = Forwarder(
+        lambda: make_sink(config, str(settings["gateway_id"]), str(settings["store_id"])),
+        source, cursor=cursor, window=config.window,
+        backoff=Backoff(config.backoff_initial_s, config.backoff_max_s), name=config.name)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(_forward(forwarder, config))]
+    if lane is not None:
         tasks.append(loop.create_task(_forward(lane[1], config)))
     tasks.append(loop.create_task(_report(forwarder, log_reader, lane, send)))
     try:

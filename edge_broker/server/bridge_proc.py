@@ -153,7 +153,10 @@ class ProcessForwarder:
                 "gateway_id": self.gateway_id, "store_id": self.store_id, "cursor": cursor,
                 "last_committed": self.side.last_committed,
                 "log_level": logging.getLogger("edge_broker").getEffectiveLevel(),
-                "lane_path": self.lane_path if self.lanes is not None else ""})))
+                "lane_path": self.lane_path if self.lanes is not None else "",
+                # Every QoS 0 message of the bridge's in the log is at or below this offset
+                # (from now on they take the lane): the process sends those first.
+                "lane_mark": self.lanes.core.log_end() if self.lanes is not None else 0})))
             if self.lanes is not None:
                 self.lane = Lane(self.config.name, self.config.downlink_identity, writer)
                 self.lanes.open(reader_name(self.config.name), self.lane)

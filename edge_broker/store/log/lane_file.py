@@ -26,7 +26,7 @@ from typing import Final
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS lane (first INTEGER PRIMARY KEY, count INTEGER NOT NULL, "
-    "bytes INTEGER NOT NULL, at REAL NOT NULL, data BLOB NOT NULL)",
+    "bytes INTEGER NOT NULL, at REAL NOT NULL, mark INTEGER NOT NULL, data BLOB NOT NULL)",
 )
 _SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
 
@@ -55,10 +55,10 @@ class LaneFile:
         self.backlog_bytes = int(conn.execute(
             "SELECT COALESCE(SUM(bytes), 0) FROM lane WHERE first + count - 1 > ?",
             (self.cursor,)).fetchone()[0])
-        # (first, count, bytes, at) of the rows after the cursor, oldest first
-        self._rows: list[tuple[int, int, int, float]] = [
-            (int(f), int(c), int(b), float(a)) for f, c, b, a in conn.execute(
-                "SELECT first, count, bytes, at FROM lane WHERE first + count - 1 > ? "
+        # (first, count, bytes, at, mark) of the rows after the cursor, oldest first
+        self._rows: list[tuple[int, int, int, float, int]] = [
+            (int(f), int(c), int(b), float(a), int(m)) for f, c, b, a, m in conn.execute(
+                "SELECT first, count, bytes, at, mark FROM lane WHERE first + count - 1 > ? "
                 "ORDER BY first", (self.cursor,))]
 
     def close(self) -> None:
@@ -72,21 +72,29 @@ class LaneFile:
     def oldest_at(self) -> float | None:
         return self._rows[0][3] if self._rows else None
 
-    def append(self, batches: list[tuple[int, int, float, bytes]]) -> int:
+    @property
+    def pending_mark(self) -> int | None:
+        """The `mark` of the oldest row not acknowledged yet (None: none)."""
+        return self._rows[0][4] if self._rows else None
+
+    def append(self, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
         """Store batches of (count, bytes, publish time of the first, blob), in one
-        transaction; then drop the oldest rows beyond `max_backlog_bytes`. Returns the number
-        of messages dropped."""
+        transaction, with `mark`: the broker's last log offset when this process's lane
+        opened (every message of the bridge's up to it in the log comes first; see
+        server/bridge_lane_child.py `LogGate`). Then drop the oldest rows beyond
+        `max_backlog_bytes`. Returns the number of messages dropped."""
         rows = []
         for count, size, at, blob in batches:
-            rows.append((self.next_offset, count, size, at, blob))
-            self._rows.append((self.next_offset, count, size, at))
+            rows.append((self.next_offset, count, size, at, mark, blob))
+            self._rows.append((self.next_offset, count, size, at, mark))
             self.next_offset += count
             self.backlog_bytes += size
         conn = self._conn
         conn.execute("BEGIN")
         try:
             conn.executemany(
-                "INSERT INTO lane (first, count, bytes, at, data) VALUES (?, ?, ?, ?, ?)", rows)
+                "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES (?, ?, ?, ?, ?, ?)",
+                rows)
             dropped = self._bound()
             conn.execute("COMMIT")
         except BaseException:
@@ -103,7 +111,7 @@ class LaneFile:
         dropped = 0
         cursor = self.cursor
         while cut < len(kept) - 1 and self.backlog_bytes > limit:  # the newest row stays
-            first, count, size, _at = kept[cut]
+            first, count, size, _at, _mark = kept[cut]
             last = first + count - 1
             dropped += last - max(cursor, first - 1)
             cursor = last
@@ -138,19 +146,19 @@ class LaneFile:
         conn.execute(_SET, ("cursor", str(cursor)))
         conn.execute("COMMIT")
 
-    def page(self, after: int, limit: int) -> list[tuple[int, float, bytes]]:
-        """(first offset, publish time, blob) of the rows holding the offsets after `after`,
+    def page(self, after: int, limit: int) -> list[tuple[int, int, int, bytes]]:
+        """(first offset, count, mark, blob) of the rows holding the offsets after `after`,
         up to about `limit` messages, in order."""
         conn = self._conn
         row = conn.execute("SELECT MAX(first) FROM lane WHERE first <= ?",
                            (after + 1,)).fetchone()
         start = int(row[0]) if row is not None and row[0] is not None else after + 1
-        out: list[tuple[int, float, bytes]] = []
+        out: list[tuple[int, int, int, bytes]] = []
         taken = 0
-        for first, count, at, data in conn.execute(
-                "SELECT first, count, at, data FROM lane WHERE first >= ? ORDER BY first",
+        for first, count, mark, data in conn.execute(
+                "SELECT first, count, mark, data FROM lane WHERE first >= ? ORDER BY first",
                 (start,)):
-            out.append((int(first), float(at), bytes(data)))
+            out.append((int(first), int(count), int(mark), bytes(data)))
             taken += int(first) + int(count) - 1 - max(after, int(first) - 1)
             if taken >= limit:
                 break
