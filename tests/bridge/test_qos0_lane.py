@@ -29,11 +29,12 @@ from tests.bridge.gateway import (
     Gateway,
     assert_in_order_once,
     jetstream_bridge,
+    kafka_bridge,
     stream_count,
     upstream,
     wait_until,
 )
-from tests.bridge.servers import NatsServer
+from tests.bridge.servers import NatsServer, Tansu
 from tests.integration.brokerprocess import needs_console_script
 from tests.integration.rawclient import RawClient, connect
 
@@ -265,3 +266,22 @@ def test_order_per_topic_across_the_log_and_the_lane(tmp_path: Path) -> None:
     finally:
         gateway.stop()
     assert_in_order_once(rows, sent, duplicates_allowed=False)
+
+
+def test_kafka_lane(tansu: Tansu, tmp_path: Path) -> None:
+    gateway = Gateway(tmp_path, kafka_bridge([tansu.bootstrap], separate_process="true")).start()
+    sent: list[tuple[str, bytes]] = []
+    try:
+        wait_until(lambda: gateway.status("lake")["uplink_process"], 20, "process started")
+        client = connect(gateway.port, "dev1")
+        _publish_qos0(client, sent, 0, 500)
+        client.close()
+        wait_until(lambda: (s := gateway.status("lake"))["forwarded"] >= 500
+                   and s["backlog_messages"] == 0, 60, "all forwarded")
+        rows = wait_until(lambda: len(r := upstream(gateway.bridge_config("lake"))) >= 500
+                          and r, 30, "all upstream")
+        assert _log_rows(gateway) == 0
+    finally:
+        gateway.stop()
+    assert _lane_ids(rows)
+    assert_in_order_once(rows, sent, duplicates_allowed=True)  # Kafka keeps resends
