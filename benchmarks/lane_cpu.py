@@ -6,8 +6,9 @@ process's, separately (/proc/PID/stat, user + system).
 MODE: `plain` (no bridge), `down` (a separate-process JetStream bridge whose server is not
 running: only the ingest side), `up` (its server running: ingest and forwarding). S1's flow:
 QoS 0, one publisher -> one subscriber on `bench/s1`, 100 B, paced at RATE msgs/s (default
-30,000), MESSAGES (default 150,000). The CPU is read before and after the flow, after the
-broker (and its child) went quiet, so the forwarding of the tail is counted.
+30,000; 0: full speed), MESSAGES (default 150,000). `nats` is nats-server's CPU. The CPU
+is read before and after the flow, after the broker (and its child) went quiet, so the
+forwarding of the tail is counted.
 """
 
 from __future__ import annotations
@@ -43,23 +44,27 @@ def main(argv: list[str]) -> None:
                 time.sleep(0.05)
             child = _children(pid)[0] if mode != "plain" else None
             brokers.wait_quiet(pid)
+            nats = server.proc.pid if server.proc is not None else None
             b0, c0 = _cpu(pid), _cpu(child) if child else 0.0
+            n0 = _cpu(nats) if nats else 0.0
             t0 = time.monotonic()
             flow = loadgen.run_flow(rb.host, rb.port, loadgen.PubSpec(
-                topic="bench/s1", rate=rate, duration_s=3600, max_messages=total),
+                topic="bench/s1", rate=rate or None, duration_s=3600, max_messages=total),
                 loadgen.SubSpec(topic="bench/s1"))
             elapsed = time.monotonic() - t0
             brokers.wait_quiet(pid)
             if child:
                 brokers.wait_quiet(child)
             b1, c1 = _cpu(pid), _cpu(child) if child else 0.0
+            n1 = _cpu(nats) if nats else 0.0
         finally:
             rb.stop()
     sent = flow["published"]
     print(f"mode={mode} sent={sent} delivered={flow['delivered']} "
           f"publish_rate={flow['publish_rate']:,.0f}/s wall={elapsed:.1f}s "
           f"broker={1e6 * (b1 - b0) / sent:.1f} us/msg "
-          f"child={1e6 * (c1 - c0) / sent:.1f} us/msg")
+          f"child={1e6 * (c1 - c0) / sent:.1f} us/msg nats={1e6 * (n1 - n0) / sent:.1f} us/msg "
+          f"loadgen={1e6 * flow['loadgen_cpu_s'] / sent:.1f} us/msg")
 
 
 if __name__ == "__main__":

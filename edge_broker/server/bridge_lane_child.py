@@ -143,10 +143,21 @@ class LaneReader:
         return out
 
     def _rows_after(self, after: int, limit: int) -> list[tuple[int, int, int, bytes]]:
+        """The rows holding the offsets after `after`, about `limit` messages."""
         recent = self._recent
-        if recent and recent[0][0] <= after + 1:
-            return [row for row in recent if row[0] + row[1] - 1 > after]
-        return self.file.page(after, limit)
+        if not recent or recent[0][0] > after + 1:
+            return self.file.page(after, limit)
+        out: list[tuple[int, int, int, bytes]] = []
+        taken = 0
+        for row in recent:  # oldest first; stops after `limit` messages
+            last = row[0] + row[1] - 1
+            if last <= after:
+                continue
+            out.append(row)
+            taken += last - max(after, row[0] - 1)
+            if taken >= limit:
+                break
+        return out
 
     def _ready_after(self, cursor: int) -> bool:
         """Whether a row after `cursor` may go now."""

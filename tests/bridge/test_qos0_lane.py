@@ -230,44 +230,6 @@ def test_order_per_topic_across_the_log_and_the_lane(tmp_path: Path) -> None:
     assert_in_order_once(rows, sent, duplicates_allowed=False)
 
 
-def test_order_per_topic_across_the_log_and_the_lane(tmp_path: Path) -> None:
-    # Uplink down: a lane backlog (first process), QoS 0 messages into the broker's log
-    # while no process runs (after a SIGKILL), then the lane again (second process). When
-    # the uplink returns, each topic's messages arrive in the order published.
-    server = NatsServer(tmp_path / "nats")
-    bridge = _separate(server.url).replace('backoff_initial = "1s"',
-                                           'backoff_initial = "5s"').replace(
-        'backoff_max = "1s"', 'backoff_max = "5s"')
-    gateway = Gateway(tmp_path, bridge).start()
-    sent: list[tuple[str, bytes]] = []
-    try:
-        first = _process(gateway)
-        client = connect(gateway.port, "dev1")
-        _publish_qos0(client, sent, 0, 600)
-        wait_until(lambda: gateway.status("central")["backlog_messages"] == 600, 20,
-                   "the lane's backlog")
-        os.kill(first, signal.SIGKILL)
-        wait_until(lambda: gateway.status("central")["uplink_process"] is None, 20,
-                   "the broker saw the process end")
-        _publish_qos0(client, sent, 600, 600)  # into the log (while no process runs)
-        wait_until(lambda: gateway.status("central")["uplink_process"] not in (None, first),
-                   30, "the process started again")
-        _publish_qos0(client, sent, 1200, 600)  # the lane again
-        wait_until(lambda: gateway.status("central")["backlog_messages"] == 1800, 20,
-                   "everything in a backlog")
-        client.close()
-        server.start()
-        try:
-            wait_until(lambda: gateway.status("central")["backlog_messages"] == 0
-                       and stream_count(server.url) >= 1800, 60, "the backlog drained")
-            rows = upstream(gateway.bridge_config("central"))
-        finally:
-            server.stop()
-    finally:
-        gateway.stop()
-    assert_in_order_once(rows, sent, duplicates_allowed=False)
-
-
 def test_kafka_lane(tansu: Tansu, tmp_path: Path) -> None:
     gateway = Gateway(tmp_path, kafka_bridge([tansu.bootstrap], separate_process="true")).start()
     sent: list[tuple[str, bytes]] = []
