@@ -13,11 +13,12 @@ forwarding of the tail is counted.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from . import brokers, loadgen
-from .scenarios_bridge import _children, bridge_toml, remote
+from .scenarios_bridge import _children, _wait_backlog_empty, bridge_toml, remote
 
 
 def _cpu(pid: int) -> float:
@@ -29,6 +30,11 @@ def main(argv: list[str]) -> None:
     if "--edge-cmd" in argv:
         i = argv.index("--edge-cmd")
         edge_cmd = argv[i + 1]
+        del argv[i:i + 2]
+    nice_child = 0
+    if "--nice-child" in argv:  # an experiment: the uplink process at a lower priority
+        i = argv.index("--nice-child")
+        nice_child = int(argv[i + 1])
         del argv[i:i + 2]
     mode = argv[0]
     total = int(argv[1]) if len(argv) > 1 else 150_000
@@ -43,6 +49,8 @@ def main(argv: list[str]) -> None:
             while mode != "plain" and not _children(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             child = _children(pid)[0] if mode != "plain" else None
+            if child and nice_child:
+                os.setpriority(os.PRIO_PROCESS, child, nice_child)
             brokers.wait_quiet(pid)
             nats = server.proc.pid if server.proc is not None else None
             b0, c0 = _cpu(pid), _cpu(child) if child else 0.0
@@ -56,6 +64,7 @@ def main(argv: list[str]) -> None:
             if child:
                 brokers.wait_quiet(child)
             b1, c1 = _cpu(pid), _cpu(child) if child else 0.0
+            uplink = _wait_backlog_empty(rb) if mode == "up" else {}
             n1 = _cpu(nats) if nats else 0.0
         finally:
             rb.stop()
@@ -64,7 +73,8 @@ def main(argv: list[str]) -> None:
           f"publish_rate={flow['publish_rate']:,.0f}/s wall={elapsed:.1f}s "
           f"broker={1e6 * (b1 - b0) / sent:.1f} us/msg "
           f"child={1e6 * (c1 - c0) / sent:.1f} us/msg nats={1e6 * (n1 - n0) / sent:.1f} us/msg "
-          f"loadgen={1e6 * flow['loadgen_cpu_s'] / sent:.1f} us/msg")
+          f"loadgen={1e6 * flow['loadgen_cpu_s'] / sent:.1f} us/msg "
+          f"forwarded={uplink.get('forwarded')} dropped={uplink.get('dropped')}")
 
 
 if __name__ == "__main__":
