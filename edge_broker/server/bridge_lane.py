@@ -32,6 +32,8 @@ from ..mqtt.properties import NO_PROPERTIES
 if TYPE_CHECKING:
     from ..core.broker import BrokerCore
     from ..core.changes import Message
+    from .bridge_proc import ProcessForwarder
+    from .bridges import BridgeStatus
 
 log = logging.getLogger("edge_broker.bridges")
 
@@ -145,3 +147,15 @@ class LaneHub:
                 self.lost[name] = self.lost.get(name, 0) + len(messages)
                 continue
             lane.send(messages)
+
+
+def add_lane_figures(status: BridgeStatus, forwarder: ProcessForwarder) -> None:
+    """The lane's figures into the bridge's (docs/bridges.md "The QoS 0 lane"): its stored
+    backlog, its drops (the process's, for max_backlog_bytes, and the broker's)."""
+    lane = forwarder.lane_status
+    status.dropped += forwarder.lane_dropped
+    if lane is None:
+        return
+    status.backlog_messages += int(lane["backlog_messages"])
+    status.backlog_bytes += int(lane["backlog_bytes"])
+    status.dropped += int(lane["dropped"])

@@ -52,7 +52,7 @@ from ..errors import StoreError
 from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_name
 from ..store.log.bridges import READER_PREFIX, reader_name
-from .bridge_lane import LaneHub
+from .bridge_lane import LaneHub, add_lane_figures
 from .bridge_log import StoreLogReader
 from .bridge_proc import ProcessForwarder
 from .prometheus import Family
@@ -436,7 +436,7 @@ class Bridge:
             status.backlog_bytes = reader.backlog_bytes
             status.dropped = reader.dropped
         if reader is not None and isinstance(forwarder, ProcessForwarder):
-            _add_lane(status, forwarder)
+            add_lane_figures(status, forwarder)
         oldest = (self.reader.oldest_at if self.reader is not None
                   else forwarder.oldest_at if isinstance(forwarder, ProcessForwarder)
                   else None)
@@ -611,17 +611,6 @@ class BridgeManager:
                 family.add(float(value), bridge=status.name, kind=status.kind)
             families.append(family)
         return families
-
-
-def _add_lane(status: BridgeStatus, forwarder: ProcessForwarder) -> None:
-    """The QoS 0 lane's figures into the bridge's (docs/bridges.md "The QoS 0 lane")."""
-    lane = forwarder.lane_status
-    status.dropped += forwarder.lane_dropped
-    if lane is None:
-        return
-    status.backlog_messages += int(lane["backlog_messages"])
-    status.backlog_bytes += int(lane["backlog_bytes"])
-    status.dropped += int(lane["dropped"])
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
