@@ -239,8 +239,9 @@ class LogGate:
         if held:
             self._done(held - 1)
             progress = self.lane.progress
-            progress.clear()
-            await progress.wait()
+            while (oldest := self.lane.file.pending_mark) is not None and oldest < held:
+                progress.clear()
+                await progress.wait()
             return
         self._done(max(cursor, self._empty_to))
         await self.reader.wait_after(cursor)

@@ -111,3 +111,47 @@ def test_records_carry_what_the_headers_need() -> None:
     records = lane_records([plain, rich, own], "bridge-c")
     assert records == [("a/b", b"x", True, "dev", 5.0, None),
                        ("a/c", b"y", False, "dev", 6.0, ("text/plain", True, (("k", "v"),)))]
+
+
+def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path) -> None:
+    from edge_broker.server.bridge_lane_child import LogGate
+
+    class FakeLog:
+        last_committed = 20
+
+        def __init__(self) -> None:
+            self.rows = [BridgeMessage(10, "t/0", b"a", qos=1),
+                         BridgeMessage(11, "t/0", b"b", qos=0)]
+
+        async def read_after(self, cursor: int, limit: int) -> list[BridgeMessage]:
+            return [m for m in self.rows if m.offset > cursor][:limit]
+
+        async def wait_after(self, cursor: int) -> None:
+            await asyncio.sleep(3600)
+
+        async def commit_cursor(self, cursor: int) -> None:
+            pass
+
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        older = LaneFile(path, "s1")
+        older.append([_batch(0, 2)], mark=5)  # an earlier run's lane rows (log up to 5)
+        older.close()
+        lane = LaneReader(LaneFile(path, "s1"), "c", mark=15)  # this run: log up to 15
+        gate = LogGate(FakeLog(), lane, mark=15)  # type: ignore[arg-type]
+        # The QoS 1 row goes; the QoS 0 row 11 (published while no process ran, after the
+        # lane's rows) waits for them.
+        assert [m.offset for m in await gate.read_after(0, 10)] == [10]
+        await gate.commit_cursor(10)
+        assert list(await gate.read_after(10, 10)) == []
+        waiting = asyncio.ensure_future(gate.wait_after(10))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        assert gate.done_to >= 5  # so the lane's rows may go
+        assert [m.offset for m in await lane.read_after(0, 10)] == [1, 2]
+        await lane.commit_cursor(2)
+        await asyncio.wait_for(waiting, 5)
+        assert [m.offset for m in await gate.read_after(10, 10)] == [11]
+        lane.close()
+
+    asyncio.run(run())
