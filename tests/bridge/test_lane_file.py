@@ -9,6 +9,8 @@ import asyncio
 import pickle
 from pathlib import Path
 
+import pytest
+
 from edge_broker.bridge.base import BridgeMessage
 from edge_broker.server.bridge_lane import lane_records
 from edge_broker.server.bridge_lane_child import LaneReader
@@ -113,7 +115,9 @@ def test_records_carry_what_the_headers_need() -> None:
                        ("a/c", b"y", False, "dev", 6.0, ("text/plain", True, (("k", "v"),)))]
 
 
-def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drained_first", [False, True])
+def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
+                                                             drained_first: bool) -> None:
     from edge_broker.server.bridge_lane_child import LogGate
 
     class FakeLog:
@@ -144,13 +148,19 @@ def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path) -> 
         assert [m.offset for m in await gate.read_after(0, 10)] == [10]
         await gate.commit_cursor(10)
         assert list(await gate.read_after(10, 10)) == []
-        waiting = asyncio.ensure_future(gate.wait_after(10))
-        await asyncio.sleep(0)
-        assert not waiting.done()
-        assert gate.done_to >= 5  # so the lane's rows may go
-        assert [m.offset for m in await lane.read_after(0, 10)] == [1, 2]
-        await lane.commit_cursor(2)
-        await asyncio.wait_for(waiting, 5)
+        if drained_first:  # the lane's rows acknowledged before the log forwarder waits
+            assert gate.done_to >= 5  # so the lane's rows may go
+            assert [m.offset for m in await lane.read_after(0, 10)] == [1, 2]
+            await lane.commit_cursor(2)
+            await asyncio.wait_for(gate.wait_after(10), 5)
+        else:
+            waiting = asyncio.ensure_future(gate.wait_after(10))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            assert gate.done_to >= 5  # so the lane's rows may go
+            assert [m.offset for m in await lane.read_after(0, 10)] == [1, 2]
+            await lane.commit_cursor(2)
+            await asyncio.wait_for(waiting, 5)
         assert [m.offset for m in await gate.read_after(10, 10)] == [11]
         lane.close()
 
