@@ -191,6 +191,32 @@ def _forwarded(rb: brokers.RunningBroker) -> int:
     return 0
 
 
+UPLINK_WAIT_S = 120.0
+
+
+def _bridge_status(rb: brokers.RunningBroker) -> dict[str, Any]:
+    from edge_broker.server import admin
+
+    assert rb.data_dir is not None
+    try:
+        reply = asyncio.run(admin.admin_request(rb.data_dir, {"command": "bridges"}, 5.0))
+    except Exception:
+        return {}
+    for bridge in reply.get("bridges", []):
+        if bridge.get("name") == "s11":
+            return dict(bridge)
+    return {}
+
+
+def _wait_backlog_empty(rb: brokers.RunningBroker) -> dict[str, Any]:
+    deadline = time.monotonic() + UPLINK_WAIT_S
+    while True:
+        status = _bridge_status(rb)
+        if status.get("backlog_messages") == 0 or time.monotonic() > deadline:
+            return status
+        time.sleep(SAMPLE_S)  # polling the admin socket, bounded by the deadline
+
+
 def counter(kind: str, server: Remote, rb: brokers.RunningBroker) -> Callable[[], int]:
     return ((lambda: _stream_count(server.address)) if kind == "jetstream"
             else (lambda: _forwarded(rb)))
@@ -357,9 +383,20 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
 
 
 def _s1_pair(case: Case, res: Result, bridged: Callable[[], Any],
-             plain: Callable[[], Any]) -> None:
+             plain: Callable[[], Any], *, uplink_check: bool = False) -> None:
+    """`uplink_check` (edge-broker): after the bridged runs, wait (up to UPLINK_WAIT_S) until
+    the bridge's backlog is empty and record, in the details, how many of the messages
+    published were forwarded and how many the bridge dropped (the lane's or the log's bound),
+    so that the bridged rate is not read as "every message uplinked" when it was not."""
     with bridged() as rb:
         _max_lossless(rb, case, "bench/s1", 1, 1, res, "S14.s1_bridged_msgs_per_s")
+        if uplink_check:
+            published = sum(r.get("published", 0) for r in res.details.get("runs", []))
+            status = _wait_backlog_empty(rb)
+            res.details["s1_bridged_uplink"] = {
+                "published": published, "forwarded": status.get("forwarded"),
+                "dropped": status.get("dropped"),
+                "backlog_messages": status.get("backlog_messages")}
     runs = res.details.pop("runs", None)
     with plain() as rb:
         _max_lossless(rb, case, "bench/s1", 1, 1, res, "S14.s1_plain_msgs_per_s")
@@ -379,7 +416,7 @@ def _edge(case: Case) -> Result:
             res.details[f"{kind}_skipped"] = str(why)
     with remote("jetstream") as server:
         _s1_pair(case, res, lambda: _launch(case, bridge_toml("jetstream", server.address)),
-                 case.launch)
+                 case.launch, uplink_check=True)
     return res
 
 

@@ -201,6 +201,13 @@ class StreamRouting(QueueBounds):
         self.stream_refill: Callable[[], None] = _nothing
         # Bridges' uplink filters (core/downlink.py set_uplinks): recorded like a stream's.
         self.uplinks: dict[str, tuple[str, ...]] = {}  # reader name -> topic filters
+        # The QoS 0 lane (docs/bridges.md "The QoS 0 lane"): the readers of bridges whose
+        # uplink process is running now. A QoS 0 message that only such readers take is
+        # not appended to the log but put on `lane_out` as (reader, message); the server
+        # drains it once per loop turn (`lane_wake` is called when it stops being empty).
+        self.lane_open: frozenset[str] = frozenset()
+        self.lane_out: list[tuple[str, Message]] = []
+        self.lane_wake: Callable[[], None] = _nothing
 
     def set_streams(self, streams: Iterable[tuple[str, str]]) -> None:
         """The configured streams, (name, topic filter); before `restore`."""
@@ -232,6 +239,8 @@ class StreamRouting(QueueBounds):
         if not records:
             return False
         if message.offset is None:  # else a session's backlog appended it (core/backlog.py)
+            if self.lane_open and not message.qos and self._to_lane(records, message):
+                return True
             if message.qos == 0 and self.stream_full():
                 self.stats.stream_dropped += 1
                 return True
@@ -242,6 +251,24 @@ class StreamRouting(QueueBounds):
             subs = self._stream_subs.get(record.client_id)
             if subs:
                 self._stream_live(message, subs)
+        return True
+
+    def log_end(self) -> int:
+        """The last log offset assigned (its batch may not be committed yet)."""
+        return self._next_offset - 1
+
+    def _to_lane(self, records: Sequence[SubscriptionRecord], message: Message) -> bool:
+        """Put a QoS 0 message on the lane when every reader that takes it has an open one
+        (no named stream, no in-process bridge): True if it went there."""
+        lane = self.lane_open
+        for record in records:
+            if record.client_id not in lane:
+                return False
+        out = self.lane_out
+        if not out:
+            self.lane_wake()
+        for record in records:
+            out.append((record.client_id, message))
         return True
 
     def _stream_live(self, message: Message, subs: dict[tuple[str, str], StreamSub]) -> None:

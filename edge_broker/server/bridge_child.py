@@ -25,13 +25,17 @@ from typing import Any
 
 from ..bridge.base import Backoff, Sink
 from ..bridge.config import BridgeConfig
-from ..bridge.forward import Forwarder
+from ..bridge.forward import Forwarder, LogReader
 from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
+from ..store.log.lane_file import LaneFile
 from .bridge_child_log import ChildLogReader
+from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader, LogGate
 from .bridge_wire import decode_config, frame, read_frame
 
 log = logging.getLogger("edge_broker.bridges")
+
+Lane = tuple[LaneReader, Forwarder]  # the QoS 0 lane's reader and forwarder
 
 STATUS_INTERVAL_S = 0.2  # status to the broker at most this often (when it changed)
 
@@ -77,30 +81,57 @@ async def serve(fd: int) -> None:
     file = LogFile(str(settings["path"]), reader_name(config.name))
     log_reader = ChildLogReader(file, config.downlink_identity, send,
                                 int(settings["last_committed"]), cursor)
+    lane: Lane | None = None
+    source: LogReader = log_reader
+    if settings.get("lane_path"):
+        # The QoS 0 lane (server/bridge_lane_child.py): its own file, its own cursor and
+        # forwarder, message ids in a namespace of their own, and the order per topic
+        # between the log and the lane kept by `LogGate`.
+        mark = int(settings["lane_mark"])
+        lane_reader = LaneReader(LaneFile(str(settings["lane_path"]), str(settings["store_id"]),
+                                          config.max_backlog_bytes), config.name, mark)
+        source = LogGate(log_reader, lane_reader, mark)
+        lane_id = str(settings["store_id"]) + LANE_ID_SUFFIX
+        lane = (lane_reader, Forwarder(
+            lambda: make_sink(config, str(settings["gateway_id"]), lane_id),
+            lane_reader, cursor=lane_reader.file.cursor, window=config.window,
+            backoff=Backoff(config.backoff_initial_s, config.backoff_max_s),
+            name=f"{config.name} (QoS 0 lane)"))
     forwarder = Forwarder(
         lambda: make_sink(config, str(settings["gateway_id"]), str(settings["store_id"])),
-        log_reader, cursor=cursor, window=config.window,
+        source, cursor=cursor, window=config.window,
         backoff=Backoff(config.backoff_initial_s, config.backoff_max_s), name=config.name)
-    running = asyncio.get_running_loop().create_task(_forward(forwarder, config))
-    reporting = asyncio.get_running_loop().create_task(_report(forwarder, log_reader, send))
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(_forward(forwarder, config))]
+    if lane is not None:
+        tasks.append(loop.create_task(_forward(lane[1], config)))
+    tasks.append(loop.create_task(_report(forwarder, log_reader, lane, send)))
     try:
         while True:
             message = await read_frame(reader)
             if message is None or message[0] == "stop":
                 break
-            if message[0] == "appended":
+            kind = message[0]
+            if kind == "lane" and lane is not None:
+                lane[0].received(int(message[1]), int(message[2]), float(message[3]),
+                                 message[4])
+            elif kind == "appended":
                 log_reader.appended(int(message[1]))
     finally:
-        for task in (running, reporting):
+        if lane is not None:
+            lane[0].flush()  # what the broker sent before it stopped is kept
+        for task in tasks:
             task.cancel()
-        for task in (running, reporting):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        send(("status", _status(forwarder, log_reader)))
+        send(("status", _status(forwarder, log_reader, lane)))
         with contextlib.suppress(Exception):
             await writer.drain()
         writer.close()
         log_reader.close()
+        if lane is not None:
+            lane[0].close()
 
 
 async def _forward(forwarder: Forwarder, config: BridgeConfig) -> None:
@@ -118,18 +149,31 @@ async def _forward(forwarder: Forwarder, config: BridgeConfig) -> None:
         await asyncio.sleep(backoff.next_delay())
 
 
-def _status(forwarder: Forwarder, log_reader: ChildLogReader) -> dict[str, Any]:
+def _status(forwarder: Forwarder, log_reader: ChildLogReader,
+            lane: Lane | None) -> dict[str, Any]:
     s = forwarder.status
-    return {"connected": s.connected, "cursor": s.cursor, "forwarded": s.forwarded,
-            "failures": s.failures, "last_error": s.last_error,
-            "last_error_at": s.last_error_at, "oldest_at": log_reader.oldest_at}
+    fields: dict[str, Any] = {"connected": s.connected, "cursor": s.cursor,
+              "forwarded": s.forwarded,
+              "failures": s.failures, "last_error": s.last_error,
+              "last_error_at": s.last_error_at, "oldest_at": log_reader.oldest_at,
+              "lane": None}
+    if lane is not None:
+        ls = lane[1].status
+        fields["forwarded"] += ls.forwarded
+        fields["failures"] += ls.failures
+        if ls.last_error_at is not None and (s.last_error_at is None
+                                             or ls.last_error_at > s.last_error_at):
+            fields["last_error"] = f"QoS 0 lane: {ls.last_error}"
+            fields["last_error_at"] = ls.last_error_at
+        fields["lane"] = lane[0].status()
+    return fields
 
 
-async def _report(forwarder: Forwarder, log_reader: ChildLogReader,
+async def _report(forwarder: Forwarder, log_reader: ChildLogReader, lane: Lane | None,
                   send: Callable[[tuple[Any, ...]], None]) -> None:
     last: dict[str, Any] = {}
     while True:
-        now = _status(forwarder, log_reader)
+        now = _status(forwarder, log_reader, lane)
         if now != last:
             send(("status", now))
             last = now

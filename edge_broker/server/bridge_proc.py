@@ -34,13 +34,16 @@ import socket
 import sys
 import time
 from typing import Any, Final
+from urllib.parse import quote
 
 from ..bridge.base import Backoff
 from ..bridge.config import BridgeConfig
 from ..bridge.forward import ForwarderStatus
 from ..mqtt.properties import NO_PROPERTIES
 from ..store.log.bridge_store import BridgeStoreSide
+from ..store.log.bridges import reader_name
 from ..store.log.log import LogRow
+from .bridge_lane import Lane, LaneHub
 from .bridge_wire import encode_config, frame, read_frame
 
 log = logging.getLogger("edge_broker.bridges")
@@ -88,6 +91,11 @@ class ProcessForwarder:
         self._stored = 0
         self._committer: asyncio.Task[None] | None = None
         self._commit_error: BaseException | None = None
+        # The QoS 0 lane (server/bridge_lane.py): open while the process runs, when set.
+        self.lanes: LaneHub | None = None
+        self.lane: Lane | None = None
+        self.lane_status: dict[str, Any] | None = None  # the process's lane figures
+        self._lane_dropped_before = 0  # by the lanes of earlier runs of the process
         side.listen(self._committed)
 
     # -- running the process ------------------------------------------------------------
@@ -144,7 +152,14 @@ class ProcessForwarder:
                 "config": encode_config(self.config), "path": self.path,
                 "gateway_id": self.gateway_id, "store_id": self.store_id, "cursor": cursor,
                 "last_committed": self.side.last_committed,
-                "log_level": logging.getLogger("edge_broker").getEffectiveLevel()})))
+                "log_level": logging.getLogger("edge_broker").getEffectiveLevel(),
+                "lane_path": self.lane_path if self.lanes is not None else "",
+                # Every QoS 0 message of the bridge's in the log is at or below this offset
+                # (from now on they take the lane): the process sends those first.
+                "lane_mark": self.lanes.core.log_end() if self.lanes is not None else 0})))
+            if self.lanes is not None:
+                self.lane = Lane(self.config.name, self.config.downlink_identity, writer)
+                self.lanes.open(reader_name(self.config.name), self.lane)
             log.info("bridge %s: uplink process %d started (cursor %d)", self.config.name,
                      proc.pid, cursor)
             while True:
@@ -160,6 +175,7 @@ class ProcessForwarder:
             self.pid = None
             raise
         finally:
+            self._close_lane()
             self._writer = None
             self._waiting = None
             self.status.connected = False
@@ -178,6 +194,7 @@ class ProcessForwarder:
         """Stop the process gracefully (it closes its remote connection and sends its last
         status), then store the last acknowledged cursor."""
         self._stopping = True
+        self._close_lane()  # first: what follows goes to the log, the process stores the rest
         writer = self._writer
         if writer is not None and not writer.is_closing():
             writer.write(frame(("stop",)))
@@ -190,6 +207,26 @@ class ProcessForwarder:
 
     def close(self) -> None:
         self.side.unlisten(self._committed)
+
+    @property
+    def lane_path(self) -> str:
+        """The lane's own file, beside the store (store/log/lane_file.py)."""
+        return f"{self.path}.lane-{quote(self.config.name, safe='')}"
+
+    def _close_lane(self) -> None:
+        lane = self.lane
+        if self.lanes is not None and lane is not None:
+            self.lanes.close(reader_name(self.config.name))
+            self._lane_dropped_before += lane.dropped
+            self.lane = None
+
+    @property
+    def lane_dropped(self) -> int:
+        """QoS 0 lane messages the broker dropped: its buffer to the process was full, or
+        the process had ended when they were drained (the process counts its own)."""
+        lane = self.lane
+        lost = self.lanes.lost.get(reader_name(self.config.name), 0) if self.lanes else 0
+        return lost + (lane.dropped if lane is not None else 0) + self._lane_dropped_before
 
     # -- messages from the process --------------------------------------------------------
 
@@ -230,6 +267,10 @@ class ProcessForwarder:
             status.last_error_at = float(at)
         oldest = fields["oldest_at"]
         self.oldest_at = float(oldest) if oldest is not None else None
+        lane = self.lane_status = fields.get("lane")
+        if lane is not None and lane["oldest_at"] is not None and (
+                self.oldest_at is None or lane["oldest_at"] < self.oldest_at):
+            self.oldest_at = float(lane["oldest_at"])
 
     # -- storing the cursor ----------------------------------------------------------------
 

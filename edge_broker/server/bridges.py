@@ -52,6 +52,7 @@ from ..errors import StoreError
 from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_name
 from ..store.log.bridges import READER_PREFIX, reader_name
+from .bridge_lane import LaneHub, add_lane_figures
 from .bridge_log import StoreLogReader
 from .bridge_proc import ProcessForwarder
 from .prometheus import Family
@@ -134,6 +135,7 @@ class Bridge:
                 config, side, path=str(getattr(self.manager.app.store, "path", "")),
                 gateway_id=self.manager.gateway_id, store_id=self.manager.store_id,
                 cursor=cursor)
+            self.forwarder.lanes = self.manager.lanes  # the QoS 0 lane (bridge_lane.py)
             self.tasks.append(loop.create_task(self.forwarder.run(),
                                                name=f"bridge {config.name} uplink process"))
             side.listen(self._check_backlog)
@@ -433,6 +435,8 @@ class Bridge:
             status.backlog_messages = reader.backlog_count
             status.backlog_bytes = reader.backlog_bytes
             status.dropped = reader.dropped
+        if reader is not None and isinstance(forwarder, ProcessForwarder):
+            add_lane_figures(status, forwarder)
         oldest = (self.reader.oldest_at if self.reader is not None
                   else forwarder.oldest_at if isinstance(forwarder, ProcessForwarder)
                   else None)
@@ -460,6 +464,7 @@ class BridgeManager:
         self.bridges: dict[str, Bridge] = {c.name: Bridge(self, c) for c in self.configs}
         # (bridge, source) -> the last remote position published locally
         self.positions: dict[tuple[str, str], int] = {}
+        self.lanes: LaneHub | None = None  # the QoS 0 lanes of separate_process bridges
 
     def setup(self) -> None:
         """Tell the core the uplink filters of the enabled bridges (BrokerApp.__init__)."""
@@ -491,6 +496,8 @@ class BridgeManager:
         self.store_id = side.store_id
         cursors = await side.setup([(c.name, c.uplink) for c in enabled])
         self.positions = await side.positions()
+        if any(c.separate_process for c in enabled):
+            self.lanes = LaneHub(app.core, asyncio.get_running_loop())
         for config in enabled:
             self.bridges[config.name].start(side, cursors[config.name])
             log.info("bridge %s (%s) started: cursor %d, servers %s", config.name, config.kind,

@@ -1,0 +1,81 @@
+"""CPU per message of S1 with every message uplinked (issue 9): the broker's and the uplink
+process's, separately (/proc/PID/stat, user + system).
+
+    python -m benchmarks.lane_cpu MODE [MESSAGES] [RATE] [--edge-cmd CMD]
+
+MODE: `plain` (no bridge), `down` (a separate-process JetStream bridge whose server is not
+running: only the ingest side), `up` (its server running: ingest and forwarding). S1's flow:
+QoS 0, one publisher -> one subscriber on `bench/s1`, 100 B, paced at RATE msgs/s (default
+30,000; 0: full speed), MESSAGES (default 150,000). `nats` is nats-server's CPU. The CPU
+is read before and after the flow, after the broker (and its child) went quiet, so the
+forwarding of the tail is counted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from . import brokers, loadgen
+from .scenarios_bridge import _children, _wait_backlog_empty, bridge_toml, remote
+
+
+def _cpu(pid: int) -> float:
+    return brokers.cpu_ticks(pid) / brokers.CLK_TCK
+
+
+def main(argv: list[str]) -> None:
+    edge_cmd = None
+    if "--edge-cmd" in argv:
+        i = argv.index("--edge-cmd")
+        edge_cmd = argv[i + 1]
+        del argv[i:i + 2]
+    nice_child = 0
+    if "--nice-child" in argv:  # an experiment: the uplink process at a lower priority
+        i = argv.index("--nice-child")
+        nice_child = int(argv[i + 1])
+        del argv[i:i + 2]
+    mode = argv[0]
+    total = int(argv[1]) if len(argv) > 1 else 150_000
+    rate = float(argv[2]) if len(argv) > 2 else 30_000.0
+    with remote("jetstream", started=mode == "up") as server:
+        extra = bridge_toml("jetstream", server.address, separate=True) if mode != "plain" \
+            else ""
+        rb = brokers.start("edge", edge_cmd=edge_cmd, extra_config=extra)
+        try:
+            pid = rb.proc.pid
+            deadline = time.monotonic() + 20
+            while mode != "plain" and not _children(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            child = _children(pid)[0] if mode != "plain" else None
+            if child and nice_child:
+                os.setpriority(os.PRIO_PROCESS, child, nice_child)
+            brokers.wait_quiet(pid)
+            nats = server.proc.pid if server.proc is not None else None
+            b0, c0 = _cpu(pid), _cpu(child) if child else 0.0
+            n0 = _cpu(nats) if nats else 0.0
+            t0 = time.monotonic()
+            flow = loadgen.run_flow(rb.host, rb.port, loadgen.PubSpec(
+                topic="bench/s1", rate=rate or None, duration_s=3600, max_messages=total),
+                loadgen.SubSpec(topic="bench/s1"))
+            elapsed = time.monotonic() - t0
+            brokers.wait_quiet(pid)
+            if child:
+                brokers.wait_quiet(child)
+            b1, c1 = _cpu(pid), _cpu(child) if child else 0.0
+            uplink = _wait_backlog_empty(rb) if mode == "up" else {}
+            n1 = _cpu(nats) if nats else 0.0
+        finally:
+            rb.stop()
+    sent = flow["published"]
+    print(f"mode={mode} sent={sent} delivered={flow['delivered']} "
+          f"publish_rate={flow['publish_rate']:,.0f}/s wall={elapsed:.1f}s "
+          f"broker={1e6 * (b1 - b0) / sent:.1f} us/msg "
+          f"child={1e6 * (c1 - c0) / sent:.1f} us/msg nats={1e6 * (n1 - n0) / sent:.1f} us/msg "
+          f"loadgen={1e6 * flow['loadgen_cpu_s'] / sent:.1f} us/msg "
+          f"forwarded={uplink.get('forwarded')} dropped={uplink.get('dropped')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,165 @@
+"""The QoS 0 lane's own log (docs/bridges.md "The QoS 0 lane"): a SQLite file beside the
+store, written and read only by one bridge's uplink process (server/bridge_lane_child.py).
+
+The broker sends the process the QoS 0 messages that only this bridge's uplink takes, one
+batch per event-loop turn, as an opaque blob (a pickled list of records, server/
+bridge_lane.py). A batch is stored as it came, one row per batch (`first` = the lane offset
+of its first message, `count` messages): the append costs one INSERT per batch, not one per
+message. Lane offsets count from 1 in the file and never repeat in it; with the store id
+they make the message ids of the lane (a namespace of their own: `<store_id>q`).
+
+- `cursor`: every lane offset up to it was acknowledged by the remote side (stored in
+  `lane_meta`); rows entirely up to it are deleted.
+- `max_backlog_bytes`: when the rows after the cursor exceed it, the oldest rows are deleted
+  and the cursor moved past them; the messages are counted in `dropped` (kept in the file).
+- A file made for another store (its `store_id` differs: the store was rebuilt) is emptied.
+
+Writes are committed with `synchronous = NORMAL` in WAL mode: a crash of the process loses
+nothing committed, a power loss the last commits (QoS 0 is at most once).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS lane (first INTEGER PRIMARY KEY, count INTEGER NOT NULL, "
+    "bytes INTEGER NOT NULL, at REAL NOT NULL, mark INTEGER NOT NULL, data BLOB NOT NULL)",
+)
+_SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
+
+
+class LaneFile:
+    """Synchronous access to one bridge's lane file (the uplink process's loop thread)."""
+
+    def __init__(self, path: str, store_id: str, max_backlog_bytes: int = 0) -> None:
+        self.path = path
+        self.max_backlog_bytes = max_backlog_bytes
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        self._conn = conn
+        meta = dict(conn.execute("SELECT key, value FROM lane_meta").fetchall())
+        if meta.get("store_id", store_id) != store_id:
+            conn.execute("DELETE FROM lane")
+            meta = {}
+        conn.execute(_SET, ("store_id", store_id))
+        self.cursor = int(meta.get("cursor", 0))
+        self.dropped = int(meta.get("dropped", 0))
+        last = conn.execute("SELECT MAX(first + count) FROM lane").fetchone()[0]
+        self.next_offset = max(int(last or 0), self.cursor + 1)
+        self.backlog_bytes = int(conn.execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM lane WHERE first + count - 1 > ?",
+            (self.cursor,)).fetchone()[0])
+        # (first, count, bytes, at, mark) of the rows after the cursor, oldest first
+        self._rows: list[tuple[int, int, int, float, int]] = [
+            (int(f), int(c), int(b), float(a), int(m)) for f, c, b, a, m in conn.execute(
+                "SELECT first, count, bytes, at, mark FROM lane WHERE first + count - 1 > ? "
+                "ORDER BY first", (self.cursor,))]
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @property
+    def backlog_messages(self) -> int:
+        return self.next_offset - 1 - self.cursor
+
+    @property
+    def oldest_at(self) -> float | None:
+        return self._rows[0][3] if self._rows else None
+
+    @property
+    def pending_mark(self) -> int | None:
+        """The `mark` of the oldest row not acknowledged yet (None: none)."""
+        return self._rows[0][4] if self._rows else None
+
+    def append(self, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
+        """Store batches of (count, bytes, publish time of the first, blob), in one
+        transaction, with `mark`: the broker's last log offset when this process's lane
+        opened (every message of the bridge's up to it in the log comes first; see
+        server/bridge_lane_child.py `LogGate`). Then drop the oldest rows beyond
+        `max_backlog_bytes`. Returns the number of messages dropped."""
+        rows = []
+        for count, size, at, blob in batches:
+            rows.append((self.next_offset, count, size, at, mark, blob))
+            self._rows.append((self.next_offset, count, size, at, mark))
+            self.next_offset += count
+            self.backlog_bytes += size
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES (?, ?, ?, ?, ?, ?)",
+                rows)
+            dropped = self._bound()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return dropped
+
+    def _bound(self) -> int:
+        limit = self.max_backlog_bytes
+        if not limit or self.backlog_bytes <= limit:
+            return 0
+        kept = self._rows
+        cut = 0
+        dropped = 0
+        cursor = self.cursor
+        while cut < len(kept) - 1 and self.backlog_bytes > limit:  # the newest row stays
+            first, count, size, _at, _mark = kept[cut]
+            last = first + count - 1
+            dropped += last - max(cursor, first - 1)
+            cursor = last
+            self.backlog_bytes -= size
+            cut += 1
+        if not cut:
+            return 0
+        del kept[:cut]
+        self.cursor = cursor
+        self.dropped += dropped
+        conn = self._conn
+        conn.execute("DELETE FROM lane WHERE first <= ?", (cursor,))
+        conn.execute(_SET, ("cursor", str(cursor)))
+        conn.execute(_SET, ("dropped", str(self.dropped)))
+        return dropped
+
+    def commit_cursor(self, cursor: int) -> None:
+        """Everything up to `cursor` was acknowledged: store it, delete the rows it passes."""
+        if cursor <= self.cursor:
+            return
+        self.cursor = cursor
+        kept = self._rows
+        cut = 0
+        while cut < len(kept) and kept[cut][0] + kept[cut][1] - 1 <= cursor:
+            self.backlog_bytes -= kept[cut][2]
+            cut += 1
+        del kept[:cut]
+        conn = self._conn
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM lane WHERE first <= ? AND first + count - 1 <= ?",
+                     (cursor, cursor))
+        conn.execute(_SET, ("cursor", str(cursor)))
+        conn.execute("COMMIT")
+
+    def page(self, after: int, limit: int) -> list[tuple[int, int, int, bytes]]:
+        """(first offset, count, mark, blob) of the rows holding the offsets after `after`,
+        up to about `limit` messages, in order."""
+        conn = self._conn
+        row = conn.execute("SELECT MAX(first) FROM lane WHERE first <= ?",
+                           (after + 1,)).fetchone()
+        start = int(row[0]) if row is not None and row[0] is not None else after + 1
+        out: list[tuple[int, int, int, bytes]] = []
+        taken = 0
+        for first, count, mark, data in conn.execute(
+                "SELECT first, count, mark, data FROM lane WHERE first >= ? ORDER BY first",
+                (start,)):
+            out.append((int(first), int(count), int(mark), bytes(data)))
+            taken += int(first) + int(count) - 1 - max(after, int(first) - 1)
+            if taken >= limit:
+                break
+        return out

@@ -1,0 +1,167 @@
+"""The QoS 0 lane's own log (store/log/lane_file.py) and its reader in the uplink process
+(server/bridge_lane_child.py), without a remote side: offsets, the cursor across a reopen,
+the `max_backlog_bytes` bound, a file of another store, and the order gate between the log
+and the lane."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from pathlib import Path
+
+import pytest
+
+from edge_broker.bridge.base import BridgeMessage
+from edge_broker.server.bridge_lane import lane_records
+from edge_broker.server.bridge_lane_child import LaneReader
+from edge_broker.store.log.lane_file import LaneFile
+
+
+def _batch(first_n: int, count: int, size: int = 10) -> tuple[int, int, float, bytes]:
+    records = [(f"t/{n % 2}", b"%d" % n, False, "dev", 1000.0 + n, None)
+               for n in range(first_n, first_n + count)]
+    blob = pickle.dumps(records)
+    return count, size or len(blob), 1000.0 + first_n, blob
+
+
+def _payloads(messages: list[BridgeMessage]) -> list[int]:
+    return [int(m.payload) for m in messages]
+
+
+def test_offsets_cursor_and_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "lane")
+    lane = LaneFile(path, "s1")
+    lane.append([_batch(0, 3), _batch(3, 2)], mark=5)
+    assert lane.next_offset == 6 and lane.backlog_messages == 5
+    lane.commit_cursor(4)  # the first row gone, the second still needed
+    assert lane.backlog_messages == 1 and lane.pending_mark == 5
+    lane.close()
+    again = LaneFile(path, "s1")
+    assert again.cursor == 4 and again.next_offset == 6 and again.backlog_messages == 1
+    rows = again.page(4, 10)
+    assert [(first, count) for first, count, _mark, _blob in rows] == [(4, 2)]
+    again.close()
+
+
+def test_a_file_of_another_store_is_emptied(tmp_path: Path) -> None:
+    path = str(tmp_path / "lane")
+    lane = LaneFile(path, "s1")
+    lane.append([_batch(0, 3)], mark=0)
+    lane.close()
+    other = LaneFile(path, "s2")
+    assert other.backlog_messages == 0 and other.next_offset == 1
+    other.close()
+
+
+def test_max_backlog_bytes_drops_the_oldest_rows(tmp_path: Path) -> None:
+    lane = LaneFile(str(tmp_path / "lane"), "s1", max_backlog_bytes=25)
+    assert lane.append([_batch(0, 4)], mark=0) == 0
+    assert lane.append([_batch(4, 4), _batch(8, 4)], mark=0) == 4  # 30 bytes > 25
+    assert lane.dropped == 4 and lane.cursor == 4 and lane.backlog_bytes == 20
+    assert [first for first, *_ in lane.page(lane.cursor, 100)] == [5, 9]
+    lane.close()
+
+
+def test_reader_pages_from_memory_and_file(tmp_path: Path) -> None:
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        reader = LaneReader(LaneFile(path, "s1"), "c", mark=0)
+        for start in range(0, 10, 5):
+            count, size, at, blob = _batch(start, 5)
+            reader.received(count, size, at, blob)
+        reader.flush()
+        assert _payloads(list(await reader.read_after(0, 3))) == [0, 1, 2]
+        assert _payloads(list(await reader.read_after(3, 100))) == list(range(3, 10))
+        await reader.commit_cursor(7)
+        reader.close()
+        again = LaneReader(LaneFile(path, "s1"), "c", mark=0)  # from the file now
+        got = list(await again.read_after(again.file.cursor, 100))
+        assert [m.offset for m in got] == [8, 9, 10] and _payloads(got) == [7, 8, 9]
+        again.close()
+
+    asyncio.run(run())
+
+
+def test_lane_rows_wait_for_the_log_up_to_their_mark(tmp_path: Path) -> None:
+    class Gate:
+        done_to = 4
+
+    async def run() -> None:
+        reader = LaneReader(LaneFile(str(tmp_path / "lane"), "s1"), "c", mark=7)
+        reader.gate = Gate()  # type: ignore[assignment]
+        count, size, at, blob = _batch(0, 2)
+        reader.received(count, size, at, blob)
+        reader.flush()
+        assert list(await reader.read_after(0, 10)) == []  # the log is acknowledged up to 4
+        Gate.done_to = 7
+        assert _payloads(list(await reader.read_after(0, 10))) == [0, 1]
+        reader.close()
+
+    asyncio.run(run())
+
+
+def test_records_carry_what_the_headers_need() -> None:
+    from edge_broker.core.changes import Message
+    from edge_broker.mqtt.properties import Properties
+
+    plain = Message(1, "a/b", b"x", 0, True, received_at=5.0, origin="dev")
+    rich = Message(2, "a/c", b"y", 0, False,
+                   properties=Properties(content_type="text/plain", payload_format_indicator=1,
+                                         user_properties=(("k", "v"),)),
+                   received_at=6.0, origin="dev")
+    own = Message(3, "a/d", b"z", 0, False, origin="bridge-c")
+    records = lane_records([plain, rich, own], "bridge-c")
+    assert records == [("a/b", b"x", True, "dev", 5.0, None),
+                       ("a/c", b"y", False, "dev", 6.0, ("text/plain", True, (("k", "v"),)))]
+
+
+@pytest.mark.parametrize("drained_first", [False, True])
+def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
+                                                             drained_first: bool) -> None:
+    from edge_broker.server.bridge_lane_child import LogGate
+
+    class FakeLog:
+        last_committed = 20
+
+        def __init__(self) -> None:
+            self.rows = [BridgeMessage(10, "t/0", b"a", qos=1),
+                         BridgeMessage(11, "t/0", b"b", qos=0)]
+
+        async def read_after(self, cursor: int, limit: int) -> list[BridgeMessage]:
+            return [m for m in self.rows if m.offset > cursor][:limit]
+
+        async def wait_after(self, cursor: int) -> None:
+            await asyncio.sleep(3600)
+
+        async def commit_cursor(self, cursor: int) -> None:
+            pass
+
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        older = LaneFile(path, "s1")
+        older.append([_batch(0, 2)], mark=5)  # an earlier run's lane rows (log up to 5)
+        older.close()
+        lane = LaneReader(LaneFile(path, "s1"), "c", mark=15)  # this run: log up to 15
+        gate = LogGate(FakeLog(), lane, mark=15)  # type: ignore[arg-type]
+        # The QoS 1 row goes; the QoS 0 row 11 (published while no process ran, after the
+        # lane's rows) waits for them.
+        assert [m.offset for m in await gate.read_after(0, 10)] == [10]
+        await gate.commit_cursor(10)
+        assert list(await gate.read_after(10, 10)) == []
+        if drained_first:  # the lane's rows acknowledged before the log forwarder waits
+            assert gate.done_to >= 5  # so the lane's rows may go
+            assert [m.offset for m in await lane.read_after(0, 10)] == [1, 2]
+            await lane.commit_cursor(2)
+            await asyncio.wait_for(gate.wait_after(10), 5)
+        else:
+            waiting = asyncio.ensure_future(gate.wait_after(10))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            assert gate.done_to >= 5  # so the lane's rows may go
+            assert [m.offset for m in await lane.read_after(0, 10)] == [1, 2]
+            await lane.commit_cursor(2)
+            await asyncio.wait_for(waiting, 5)
+        assert [m.offset for m in await gate.read_after(10, 10)] == [11]
+        lane.close()
+
+    asyncio.run(run())
