@@ -267,8 +267,17 @@ class StreamRouting(QueueBounds):
         out = self.lane_out
         if not out:
             self.lane_wake()
+        if len(records) == 1:
+            out.append((records[0].client_id, message))
+            return True
+        # A bridge with several filters matching the topic matches once per filter: it
+        # takes the message once (as the log appends it once).
+        seen: set[str] = set()
         for record in records:
-            out.append((record.client_id, message))
+            name = record.client_id
+            if name not in seen:
+                seen.add(name)
+                out.append((name, message))
         return True
 
     def _stream_live(self, message: Message, subs: dict[tuple[str, str], StreamSub]) -> None:

@@ -57,3 +57,18 @@ def test_a_closed_lane_appends_to_the_log() -> None:
     pub(core, "pub", "sensors/a", qos=0)
     assert core.lane_out == [] and wakes == []
     assert _appended(core) == ["sensors/a"]
+
+
+def test_overlapping_uplink_filters_put_a_message_on_the_lane_once() -> None:
+    # Two of the bridge's filters match one topic: the log path appended it once, and the
+    # lane must too (else the remote gets it twice, under two message ids).
+    core = BrokerCore(CoreSettings())
+    core.set_streams([])
+    set_uplinks(core, [("bridge:central", ("sensors/#", "sensors/+")),
+                       ("bridge:backup", ("sensors/a",))])
+    core.restore(Snapshot([], [], {}, [], {}, [], log_last_offset=0), now=0.0)
+    connect(core, "pub")
+    core.drain()
+    core.lane_open = frozenset({"bridge:central", "bridge:backup"})
+    pub(core, "pub", "sensors/a", qos=0)
+    assert sorted(reader for reader, _ in core.lane_out) == ["bridge:backup", "bridge:central"]
