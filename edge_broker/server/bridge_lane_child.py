@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
 from ..bridge.base import BridgeMessage
-from ..store.log.lane_file import LaneFile
+from ..store.log.lane_file import LaneFile, load_blob
 from .bridge_child_log import ChildLogReader
 
 log = logging.getLogger("edge_broker.bridges")
@@ -174,7 +173,7 @@ class LaneReader:
         decoded = self._decoded
         if decoded is not None and decoded[0] == first:
             return decoded[1]
-        records: list[tuple[Any, ...]] = pickle.loads(blob)
+        records = load_blob(self.file.path, first, blob)
         self._decoded = (first, records)
         return records
 

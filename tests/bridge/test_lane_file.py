@@ -14,7 +14,7 @@ import pytest
 from edge_broker.bridge.base import BridgeMessage
 from edge_broker.server.bridge_lane import lane_records
 from edge_broker.server.bridge_lane_child import LaneReader
-from edge_broker.store.log.lane_file import LaneFile
+from edge_broker.store.log.lane_file import LaneFile, load_blob
 
 
 def _batch(first_n: int, count: int, size: int = 10) -> tuple[int, int, float, bytes]:
@@ -165,3 +165,22 @@ def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
         lane.close()
 
     asyncio.run(run())
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("a lane blob ran code",))
+
+
+def test_a_blob_naming_a_global_is_refused_not_run(tmp_path: Path) -> None:
+    # The lane file is data on disk: a blob that would call a function when unpickled (here
+    # print) is a damaged row, reported with file, table and key, and nothing runs.
+    path = str(tmp_path / "lane")
+    with pytest.raises(ValueError, match=r"lane.*table lane, row first=7: damaged") as info:
+        load_blob(path, 7, pickle.dumps([_Boom()]))
+    assert "builtins.print" in str(info.value.__cause__)
+    with pytest.raises(ValueError, match="row first=8"):
+        load_blob(path, 8, b"\x80\x05 not a pickle")
+    with pytest.raises(ValueError, match="6-item records"):
+        load_blob(path, 9, pickle.dumps([("t", b"p")]))
+    assert load_blob(path, 1, _batch(0, 2)[3]) == pickle.loads(_batch(0, 2)[3])

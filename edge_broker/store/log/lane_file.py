@@ -3,10 +3,11 @@ store, written and read only by one bridge's uplink process (server/bridge_lane_
 
 The broker sends the process the QoS 0 messages that only this bridge's uplink takes, one
 batch per event-loop turn, as an opaque blob (a pickled list of records, server/
-bridge_lane.py). A batch is stored as it came, one row per batch (`first` = the lane offset
-of its first message, `count` messages): the append costs one INSERT per batch, not one per
-message. Lane offsets count from 1 in the file and never repeat in it; with the store id
-they make the message ids of the lane (a namespace of their own: `<store_id>q`).
+bridge_lane.py; read back by `load_blob`, which refuses any global, so no code runs). A batch
+is stored as it came, one row per batch (`first` = the lane offset of its first message,
+`count` messages): the append costs one INSERT per batch, not one per message. Lane offsets
+count from 1 in the file and never repeat in it; with the store id they make the message ids
+of the lane (a namespace of their own: `<store_id>q`).
 
 - `cursor`: every lane offset up to it was acknowledged by the remote side (stored in
   `lane_meta`); rows entirely up to it are deleted.
@@ -20,8 +21,10 @@ nothing committed, a power loss the last commits (QoS 0 is at most once).
 
 from __future__ import annotations
 
+import io
+import pickle
 import sqlite3
-from typing import Final
+from typing import Any, Final
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -29,6 +32,29 @@ _SCHEMA: Final = (
     "bytes INTEGER NOT NULL, at REAL NOT NULL, mark INTEGER NOT NULL, data BLOB NOT NULL)",
 )
 _SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads only what a lane blob holds (lists, tuples, str, bytes, numbers, bools, None):
+    every global (a class or function, the only way a pickle runs code) is refused, so a
+    lane file written by someone else cannot make the process run anything."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a lane blob names {module}.{name}")
+
+
+def load_blob(path: str, first: int, blob: bytes) -> list[tuple[Any, ...]]:
+    """The records of the lane row at `first` (server/bridge_lane.py writes them). A blob
+    that is not a list of 6-item records raises ValueError naming the file, table and key."""
+    try:
+        records = _PlainUnpickler(io.BytesIO(blob)).load()
+        if not isinstance(records, list) or not all(
+                isinstance(r, tuple) and len(r) == 6 for r in records):
+            raise ValueError("not a list of 6-item records")
+    except Exception as exc:  # a damaged blob: any error of the unpickler
+        raise ValueError(f"{path}: table lane, row first={first}: damaged batch of QoS 0 "
+                         f"messages ({exc})") from exc
+    return records
 
 
 class LaneFile:
