@@ -23,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from nats.protocol.parser import AWAITING_CONTROL_LINE
-
 _CRLF: Final = b"\r\n"
 MAX_LINE: Final = 4096  # a longer control line is not an ack: nats-py's parser judges it
 
@@ -37,6 +35,11 @@ class AckReader:
 
     def __init__(self, parser: Any, parse: Callable[[bytes], Awaitable[Any]], sid: int,
                  prefix: str, on_ack: Callable[[bytes, bytes], None]) -> None:
+        # Imported here, not at the top: this module is compiled into the wheel, whose
+        # modules must import without the `nats` extra (buildinfo.modules, test_compiled).
+        from nats.protocol.parser import AWAITING_CONTROL_LINE
+
+        self.idle = AWAITING_CONTROL_LINE  # the parser's state between commands
         self.parser = parser
         self.parse = parse
         self.buf = parser.buf  # a new one after `reset()` (a new connection): carry dropped
@@ -51,7 +54,7 @@ class AckReader:
         if parser.buf is not self.buf:  # reconnected: what was cut belongs to the old one
             self.buf = parser.buf
             self.carry = b""
-        if parser.buf or parser.state != AWAITING_CONTROL_LINE:
+        if parser.buf or parser.state != self.idle:
             await self.parse(data)  # nats-py is in the middle of a command
             return
         if self.carry:
