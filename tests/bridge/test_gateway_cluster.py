@@ -104,7 +104,17 @@ def test_stream_leader_killed_while_the_gateway_forwards(tmp_path: Path) -> None
             finally:
                 stop.set()
                 publisher.join(20)
-            device.wait_acked(published, 60)
+            acked_at_stop = len(device.acked)
+            try:
+                device.wait_acked(published, 60)
+            except AssertionError as exc:
+                # Once seen in CI (the acks stopped for the whole wait): say what the device
+                # and the gateway were doing, for the next person.
+                raise AssertionError(
+                    f"{exc}; {acked_at_stop} acknowledged when publishing stopped; device "
+                    f"connected: {device.client.is_connected()}; bridge status: "
+                    f"{gateway.status('central')}; gateway log (tail):\n"
+                    f"{gateway.log[-4000:]}") from exc
             acked = list(device.acked)
             device.close()
             wait_until(lambda: gateway.status("central")["backlog_messages"] == 0, 120,
