@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from . import brokers, loadgen
-from .scenarios_bridge import TOPIC, bridge_toml, counter, remote
+from .scenarios_bridge import TOPIC, _children, bridge_toml, counter, remote
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
@@ -51,14 +51,6 @@ def _line(name: str, before: tuple[float, float], after: tuple[float, float], se
           f"{user / sent * 1e6:4.1f}, system {system / sent * 1e6:4.1f}), "
           f"{cpu / span * 100:3.0f} % of a core")
     return cpu
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
 
 
 def main(argv: list[str] | None = None) -> None:
