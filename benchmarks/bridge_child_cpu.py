@@ -16,13 +16,14 @@ broker with the bridge and no server, 2 QoS 1 publishers).
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from edge_broker.server import evloop
 
 from . import brokers, loadgen
 from .scenarios_bridge import TOPIC, bridge_toml
@@ -156,15 +157,7 @@ def main(argv: list[str]) -> None:
     window = int(argv[2]) if len(argv) > 2 else 256
     if not (store / DB).exists():
         make_store(store)
-    loop_factory = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(run(store, limit, window))
+    evloop.run(run(store, limit, window))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def main() -> None:
                         help="connections opened (and held) before the baseline")
     parser.add_argument("--rss", action="store_true", help="RSS delta instead of tracemalloc")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
-                        help="event loop (the broker runs uvloop when installed: server/app.py)")
+                        help="event loop (the broker runs uvloop when installed: server/run.py)")
     parser.add_argument("--top", type=int, default=15, help="allocation sites to show")
     args = parser.parse_args()
     root = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@
 
 Exit codes: 0 success; 1 check-config found a problem; 2 a usage or configuration error at
 start-up (the systemd unit does not restart on 2: retrying cannot fix a bad file); otherwise
-whatever `edge_broker.server.app.main` returns.
+whatever `edge_broker.server.run.main` returns.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, early_stop: _EarlyStop) -> int:
     # Start-up (the server's imports, the store's open, the restore) makes many objects that
     # live as long as the process and no cyclic garbage worth a collection: the cyclic GC is
-    # paused until the broker has started (server/app.py serve() resumes it), about 6 % of
+    # paused until the broker has started (server/run.py serve() resumes it), about 6 % of
     # the start-up's instructions with a million queued messages (S8).
     gc.disable()
     try:
@@ -251,7 +251,7 @@ def _run_paused(args: argparse.Namespace, early_stop: _EarlyStop) -> int:
     log.info("%s %s starting; configuration: %s", PROG, version(),
              config.source if config.source is not None else "built-in defaults")
     # Imported here so that check-config and --version do not load the server.
-    app = importlib.import_module("edge_broker.server.app")
+    app = importlib.import_module("edge_broker.server.run")
     run_app: Callable[..., int] = app.main
 
     def reload_config() -> Config:  # SIGHUP: the same file and flags, read again

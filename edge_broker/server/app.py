@@ -3,7 +3,8 @@
 `BrokerApp` owns the core, the store, the listeners and the registry of connected clients,
 and runs the commit pipeline every connection shares (`finish_batch`): drain the core's
 changes, let the store commit them, then send the acknowledgements and wake the clients that
-have deliveries. `main(config)` is what the `edge-broker` command runs.
+have deliveries. Running it as a process (signals, systemd, the event loop) is
+server/run.py's.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import logging
 import os
-import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -26,19 +25,17 @@ from ..core.broker import BrokerCore, ConnectResult, CoreSettings
 from ..core.changes import Change, LogAppended
 from ..core.queues import DROP_LOG_INTERVAL_S
 from ..dist import installed_version
-from ..errors import ConfigError, EdgeBrokerError, StoreDamagedError, StoreError, StoreInUseError
+from ..errors import EdgeBrokerError, StoreDamagedError, StoreError
 from ..mqtt.packets import Connect, Packet, Publish
 from ..mqtt.types import ReasonCode
 from ..store.base import DONE, SessionStore
 from ..store.memory import NullStore
-from . import systemd
 from .admin import AdminServer, DataDirLock
 from .client import ClientHandler
 from .gate import Gate
 from .http import HttpServer
 from .metrics import Metrics, sys_topics
-from .observe import Observer, build_http_server, prepare_data_dir, watchdog
-from .reload import reload
+from .observe import Observer, build_http_server, prepare_data_dir
 from .streams import StreamReplay
 
 log = logging.getLogger("edge_broker")
@@ -555,77 +552,6 @@ class BrokerApp:
         if not self._stopped:
             self._sys_handle = self.loop.call_later(self.config.broker.sys_interval_s,
                                                     self._publish_sys)
-
-
-async def serve(config: Config, *, recover: bool = False,
-                ready: Callable[[BrokerApp], Awaitable[None] | None] | None = None,
-                reload_config: Callable[[], Config] | None = None,
-                stop_requested: Callable[[], bool] | None = None) -> int:
-    """Run until SIGTERM or SIGINT. Returns the process exit code.
-
-    Signals (docs/configuration.md, "Signals"): SIGTERM and SIGINT stop the broker in order;
-    SIGHUP reads the configuration again through `reload_config` (server/reload.py);
-    SIGUSR1 logs one status line; SIGUSR2 is ignored. The handlers are installed before the
-    listeners open, so a signal that arrives during start-up is never fatal: a stop request
-    then stops the broker as soon as it has started.
-    """
-    app = BrokerApp(config, recover=recover)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup, app, reload_config)
-    loop.add_signal_handler(signal.SIGUSR1, app.log_status)
-    loop.add_signal_handler(signal.SIGUSR2, _ignore_signal)
-    if stop_requested is not None and stop_requested():
-        stop.set()  # asked to stop before these handlers existed (cli's _EarlyStop)
-    try:
-        await app.start()
-    except EdgeBrokerError as error:
-        log.error("%s", error)
-        # 2: retrying cannot help (the unit's RestartPreventExitStatus): a bad configuration,
-        # a damaged store that needs --recover, or a store file another broker holds.
-        return 2 if isinstance(error, ConfigError | StoreDamagedError | StoreInUseError) else 1
-    gc.enable()  # started: the cyclic GC runs again (cli._run pauses it for the start-up)
-    systemd.ready()
-    pinger = asyncio.ensure_future(watchdog(app.observer))
-    if ready is not None and not stop.is_set():
-        result = ready(app)
-        if result is not None:
-            await result
-    await stop.wait()
-    pinger.cancel()
-    log.info("shutting down")
-    systemd.stopping()
-    await app.stop()
-    return 0
-
-
-def _on_sighup(app: BrokerApp, reload_config: Callable[[], Config] | None) -> None:
-    if reload_config is None:
-        log.info("SIGHUP: no configuration file to read again (built-in defaults)")
-        return
-    reload(app, reload_config)
-
-
-def _ignore_signal() -> None:
-    return None
-
-
-def main(config: Config, *, recover: bool = False,
-         reload_config: Callable[[], Config] | None = None,
-         stop_requested: Callable[[], bool] | None = None) -> int:
-    """Run the broker with uvloop when it is installed, else the standard event loop."""
-    loop_factory = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config, recover=recover, reload_config=reload_config,
-                                stop_requested=stop_requested))
 
 
 def _buffered_bytes(handler: ClientHandler) -> int:

@@ -24,7 +24,7 @@ def _edge_runnable() -> str | None:
     """None when edge-broker can be launched, else why not."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    for module in ("edge_broker.__main__", "edge_broker.server.app"):
+    for module in ("edge_broker.__main__", "edge_broker.server.run"):
         try:
             if importlib.util.find_spec(module) is None:
                 return f"{module} does not exist yet"

@@ -32,25 +32,25 @@ def restore_logging() -> Iterator[None]:
 
 @pytest.fixture
 def app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """Replace edge_broker.server.app with a fake whose main() records its Config."""
+    """Replace edge_broker.server.run with a fake whose main() records its Config."""
     calls: list[Config] = []
 
     def main(config: Config, *, recover: bool = False, reload_config: object = None,
              stop_requested: object = None) -> int:
         calls.append(config)
-        logging.getLogger("edge_broker.server.app").info("fake broker running")
+        logging.getLogger("edge_broker.server.run").info("fake broker running")
         return 0
 
-    module = types.ModuleType("edge_broker.server.app")
+    module = types.ModuleType("edge_broker.server.run")
     module.main = main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
+    monkeypatch.setitem(sys.modules, "edge_broker.server.run", module)
     return calls
 
 
 def set_app_main(monkeypatch: pytest.MonkeyPatch, main: Callable[[Config], int]) -> None:
-    module = types.ModuleType("edge_broker.server.app")
+    module = types.ModuleType("edge_broker.server.run")
     module.main = lambda config, **_: main(config)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
+    monkeypatch.setitem(sys.modules, "edge_broker.server.run", module)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -220,10 +220,10 @@ def test_run_logs_to_stderr_with_time_level_and_logger(
     assert cli.main(["--log-level", "info"]) == 0
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if "fake broker running" in x)
-    # e.g. "2024-05-01 12:00:00,123 INFO edge_broker.server.app: fake broker running"
+    # e.g. "2024-05-01 12:00:00,123 INFO edge_broker.server.run: fake broker running"
     date, clock, level, logger, *_ = line.split(" ")
     assert len(date) == 10 and ":" in clock
-    assert (level, logger) == ("INFO", "edge_broker.server.app:")
+    assert (level, logger) == ("INFO", "edge_broker.server.run:")
 
 
 def test_the_log_level_filters(app: list[Config], capsys: pytest.CaptureFixture[str]) -> None:
@@ -288,8 +288,8 @@ def test_recover_reaches_the_app(monkeypatch: pytest.MonkeyPatch, argv: list[str
         seen.append(recover)
         return 0
 
-    module = types.ModuleType("edge_broker.server.app")
+    module = types.ModuleType("edge_broker.server.run")
     module.main = main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_broker.server.app", module)
+    monkeypatch.setitem(sys.modules, "edge_broker.server.run", module)
     assert cli.main(argv) == 0
     assert seen == [expected]

@@ -1,0 +1,24 @@
+"""The event loop a process of ours runs on: uvloop when it is installed (the `speed`
+extra), else asyncio's own. Kept apart from server/run.py so that the bridge's uplink
+process (server/bridge_child.py) can use it without importing the broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)
