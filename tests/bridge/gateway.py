@@ -108,7 +108,8 @@ class Gateway:
 
 class Device:
     """A device publishing QoS 1 (paho-mqtt, MQTT 5); `acked` holds the payloads whose
-    PUBACK arrived.
+    PUBACK arrived with success, `refused` those whose PUBACK carried an error reason code
+    (0x97 Quota exceeded from a full store, say).
 
     `publish` holds back while MAX_OUTSTANDING publishes wait for their PUBACK (`held_back`
     is set meanwhile), as a device with a bounded buffer does. Without that bound a device
@@ -127,9 +128,10 @@ class Device:
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
         self.acked: list[tuple[str, bytes]] = []
+        self.refused: list[tuple[str, bytes]] = []
         self.held_back = threading.Event()
         self._pending: dict[int, tuple[str, bytes]] = {}
-        self._early: set[int] = set()
+        self._early: dict[int, bool] = {}  # mid: refused, for a PUBACK before publish() ends
         self._lock = threading.Condition()
         self._closed = False
         self.client.on_publish = self._on_publish
@@ -142,13 +144,15 @@ class Device:
         with self._lock:
             return len(self._pending)
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, *rest: Any) -> None:
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any = None,
+                    *rest: Any) -> None:
+        refused = reason is not None and reason.is_failure
         with self._lock:
             sent = self._pending.pop(mid, None)
             if sent is None:
-                self._early.add(mid)  # PUBACK before publish() recorded the mid
+                self._early[mid] = refused  # PUBACK before publish() recorded the mid
             else:
-                self.acked.append(sent)
+                (self.refused if refused else self.acked).append(sent)
                 self._lock.notify_all()
 
     def publish(self, topic: str, payload: bytes, timeout: float = 60.0) -> None:
@@ -173,8 +177,8 @@ class Device:
                 f"paho refused publish {info.mid}: {mqtt.error_string(info.rc)}")
         with self._lock:
             if info.mid in self._early:
-                self._early.discard(info.mid)
-                self.acked.append((topic, payload))
+                refused = self._early.pop(info.mid)
+                (self.refused if refused else self.acked).append((topic, payload))
             else:
                 self._pending[info.mid] = (topic, payload)
 
@@ -182,8 +186,9 @@ class Device:
         try:
             wait_until(lambda: len(self.acked) >= count, timeout, f"{count} PUBACKs")
         except AssertionError as exc:  # the counts at the deadline, not at the call
-            raise AssertionError(f"{exc} (got {len(self.acked)}; {self.outstanding} "
-                                 f"publishes without PUBACK)") from None
+            raise AssertionError(f"{exc} (got {len(self.acked)}; {len(self.refused)} "
+                                 f"refused; {self.outstanding} publishes without PUBACK)"
+                                 ) from None
 
     def close(self) -> None:
         with self._lock:

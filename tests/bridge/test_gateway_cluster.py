@@ -127,6 +127,8 @@ def test_stream_leader_killed_while_the_gateway_forwards(tmp_path: Path) -> None
                 stop.set()
                 publisher.join(20)
             acked_at_stop = len(device.acked)
+            print(f"{published} published, {acked_at_stop} acknowledged when publishing "
+                  f"stopped")
             try:
                 assert not publisher.is_alive(), "the device still publishing 20 s after stop"
                 assert not errors, "the device's publishing failed"
