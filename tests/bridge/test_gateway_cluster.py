@@ -88,8 +88,9 @@ def test_stream_leader_killed_while_the_gateway_forwards(tmp_path: Path) -> None
                 (unnoticed) the publishes whose packet id still awaited its PUBACK."""
                 return AssertionError(
                     f"{exc}; {published} published; {acked_at_stop} acknowledged when "
-                    f"publishing stopped; now {len(device.acked)} acknowledged, "
-                    f"{device.outstanding} without PUBACK; publishing failed: {errors!r}; "
+                    f"publishing stopped (None: not stopped then); now "
+                    f"{len(device.acked)} acknowledged, {device.outstanding} without PUBACK; "
+                    f"publishing failed: {errors!r}; "
                     f"device connected: {device.client.is_connected()}; bridge status: "
                     f"{gateway.status('central')}; gateway log (tail):\n{gateway.log[-4000:]}")
 
