@@ -108,7 +108,19 @@ class Gateway:
 
 class Device:
     """A device publishing QoS 1 (paho-mqtt, MQTT 5); `acked` holds the payloads whose
-    PUBACK arrived."""
+    PUBACK arrived with success, `refused` those whose PUBACK carried an error reason code
+    (0x97 Quota exceeded from a full store, say).
+
+    `publish` holds back while MAX_OUTSTANDING publishes wait for their PUBACK (`held_back`
+    is set meanwhile), as a device with a bounded buffer does. Without that bound a device
+    that outran the broker's PUBACKs by more than 65,535 messages lost messages it counted
+    as sent: paho numbers them with the 16-bit packet identifier and refuses (rc
+    MQTT_ERR_QUEUE_SIZE, nothing sent) a publish whose identifier still awaits its PUBACK;
+    the PUBACKs then stop for good short of the count (test_gateway_device.py). A refusal
+    by paho fails the publish loudly.
+    """
+
+    MAX_OUTSTANDING = 50_000  # well below paho's 65,535 packet identifiers
 
     def __init__(self, port: int, client_id: str = "dev1") -> None:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -116,36 +128,72 @@ class Device:
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
         self.acked: list[tuple[str, bytes]] = []
+        self.refused: list[tuple[str, bytes]] = []
+        self.held_back = threading.Event()
         self._pending: dict[int, tuple[str, bytes]] = {}
-        self._early: set[int] = set()
-        self._lock = threading.Lock()
+        self._early: dict[int, bool] = {}  # mid: refused, for a PUBACK before publish() ends
+        self._lock = threading.Condition()
+        self._closed = False
         self.client.on_publish = self._on_publish
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, *rest: Any) -> None:
+    @property
+    def outstanding(self) -> int:
+        """Publishes still waiting for their PUBACK."""
+        with self._lock:
+            return len(self._pending)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any = None,
+                    *rest: Any) -> None:
+        refused = reason is not None and reason.is_failure
         with self._lock:
             sent = self._pending.pop(mid, None)
             if sent is None:
-                self._early.add(mid)  # PUBACK before publish() recorded the mid
+                self._early[mid] = refused  # PUBACK before publish() recorded the mid
             else:
-                self.acked.append(sent)
+                (self.refused if refused else self.acked).append(sent)
+                self._lock.notify_all()
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, timeout: float = 60.0) -> None:
+        with self._lock:
+            if len(self._pending) >= self.MAX_OUTSTANDING:
+                self.held_back.set()
+                try:
+                    room = self._lock.wait_for(
+                        lambda: len(self._pending) < self.MAX_OUTSTANDING or self._closed,
+                        timeout)
+                finally:
+                    self.held_back.clear()
+                if self._closed:
+                    raise AssertionError("the device was closed while publish() waited")
+                if not room:
+                    raise AssertionError(f"{len(self._pending)} publishes still without "
+                                         f"PUBACK after {timeout} s ({len(self.acked)} acked)")
         # Not under self._lock: paho calls on_publish from its thread holding its own lock.
         info = self.client.publish(topic, payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: kept,
+            raise AssertionError(  # sent once connected again
+                f"paho refused publish {info.mid}: {mqtt.error_string(info.rc)}")
         with self._lock:
             if info.mid in self._early:
-                self._early.discard(info.mid)
-                self.acked.append((topic, payload))
+                refused = self._early.pop(info.mid)
+                (self.refused if refused else self.acked).append((topic, payload))
             else:
                 self._pending[info.mid] = (topic, payload)
 
     def wait_acked(self, count: int, timeout: float = 60.0) -> None:
-        wait_until(lambda: len(self.acked) >= count, timeout,
-                   f"{count} PUBACKs (got {len(self.acked)})")
+        try:
+            wait_until(lambda: len(self.acked) >= count, timeout, f"{count} PUBACKs")
+        except AssertionError as exc:  # the counts at the deadline, not at the call
+            raise AssertionError(f"{exc} (got {len(self.acked)}; {len(self.refused)} "
+                                 f"refused; {self.outstanding} publishes without PUBACK)"
+                                 ) from None
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
         self.client.disconnect()
         self.client.loop_stop()
 
