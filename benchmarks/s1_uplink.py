@@ -6,11 +6,13 @@ separate-process JetStream bridge, then the wait until the bridge's backlog is e
 
 Prints the flow's rates, CPU per message of the broker, of its uplink process and of
 nats-server, and what the bridge reports once its backlog is empty (forwarded, dropped,
-backlog, time to empty) - the figures S14's `_s1_pair` records, for one run.
+backlog, time to empty) - the figures S14's `_s1_pair` records, for one run. `--nice N`:
+the uplink process reniced to N once started (an experiment; no config key does it).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -43,8 +45,6 @@ def main(argv: list[str]) -> None:
     total = int(argv[0]) if argv else 500_000
     with remote("jetstream") as server:
         extra = "" if plain else bridge_toml("jetstream", server.address, separate=True)
-        if nice is not None:
-            extra += f"process_nice = {nice}\n"
         rb = brokers.start("edge", edge_cmd=edge_cmd, extra_config=extra)
         try:
             pid = rb.proc.pid
@@ -52,6 +52,8 @@ def main(argv: list[str]) -> None:
             while not plain and not _children(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)  # polling for the child's start, bounded
             child = None if plain else _children(pid)[0]
+            if child is not None and nice is not None:  # the uplink process at a lower priority
+                os.setpriority(os.PRIO_PROCESS, child, nice)
             brokers.wait_quiet(pid)
             nats = server.proc.pid if server.proc is not None else None
             b0, c0, n0 = _cpu(pid), _cpu(child), _cpu(nats)
