@@ -34,6 +34,7 @@ import socket
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -65,6 +66,17 @@ def _die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def _child_setup(nice: int) -> Callable[[], None]:
+    """The child's set-up before exec: `_die_with_parent`, and `process_nice` (a lower CPU
+    priority than the broker's: the broker and its clients get the cores first, the uplink
+    forwards with what is left)."""
+    def setup() -> None:
+        _die_with_parent()
+        if nice:
+            os.nice(nice)
+    return setup
 
 
 class ProcessForwarder:
@@ -137,7 +149,7 @@ class ProcessForwarder:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", CHILD_CODE, str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=_die_with_parent)
+                preexec_fn=_child_setup(self.config.process_nice))
         finally:
             theirs.close()
         self.pid = proc.pid
