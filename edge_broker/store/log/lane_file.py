@@ -39,7 +39,7 @@ _SCHEMA: Final = (
 _SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
 
 
-def _refuse_global(self: Any, module: str, name: str) -> Any:
+def _refuse_global(module: str, name: str) -> Any:
     raise pickle.UnpicklingError(f"a lane blob names {module}.{name}")
 
 
@@ -48,9 +48,10 @@ def _refuse_global(self: Any, module: str, name: str) -> Any:
 # written by someone else cannot make the process run anything. Made with type(), not a
 # class statement: mypyc compiles a class statement into a native class, and a native
 # subclass of the C `pickle.Unpickler` crashed the compiled process (SIGSEGV at the first
-# load, so the compiled uplink process never forwarded a lane message).
+# load, so the compiled uplink process never forwarded a lane message). A staticmethod: a
+# compiled function does not bind `self` as a Python one does.
 _PlainUnpickler: Any = type("_PlainUnpickler", (pickle.Unpickler,),
-                            {"find_class": _refuse_global})
+                            {"find_class": staticmethod(_refuse_global)})
 
 
 def load_blob(path: str, first: int, blob: bytes) -> list[tuple[Any, ...]]:
