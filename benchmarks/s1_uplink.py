@@ -2,12 +2,15 @@
 flow (QoS 0, one publisher -> one subscriber on `bench/s1`, 100 B) through a broker with a
 separate-process JetStream bridge, then the wait until the bridge's backlog is empty.
 
-    python -m benchmarks.s1_uplink [MESSAGES] [--plain] [--nice N] [--edge-cmd CMD]
+    python -m benchmarks.s1_uplink [MESSAGES] [--plain] [--nice N] [--rate R] [--edge-cmd CMD]
 
 Prints the flow's rates, CPU per message of the broker, of its uplink process and of
 nats-server, and what the bridge reports once its backlog is empty (forwarded, dropped,
 backlog, time to empty) - the figures S14's `_s1_pair` records, for one run. `--nice N`:
-the uplink process reniced to N once started (an experiment; no config key does it).
+the uplink process reniced to N once started (as `process_nice = N` does; the script
+renices, so that it also works with builds without that key). `--rate R`: the publisher
+paced at R msgs/s (default: full speed). `forwarded_by_flow_end`: the bridge's `forwarded`
+when the flow ended (the live forwarding; flow_s includes the subscriber's idle wait).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def main(argv: list[str]) -> None:
         i = argv.index("--nice")
         nice = int(argv[i + 1])
         del argv[i:i + 2]
+    rate = None
+    if "--rate" in argv:
+        i = argv.index("--rate")
+        rate = float(argv[i + 1])
+        del argv[i:i + 2]
     plain = "--plain" in argv
     argv = [a for a in argv if a != "--plain"]
     total = int(argv[0]) if argv else 500_000
@@ -57,10 +65,12 @@ def main(argv: list[str]) -> None:
             brokers.wait_quiet(pid)
             nats = server.proc.pid if server.proc is not None else None
             b0, c0, n0 = _cpu(pid), _cpu(child), _cpu(nats)
+            t0 = time.monotonic()
             flow = loadgen.run_flow(rb.host, rb.port, loadgen.PubSpec(
-                topic="bench/s1", duration_s=3600, max_messages=total),
+                topic="bench/s1", duration_s=3600, max_messages=total, rate=rate),
                 loadgen.SubSpec(topic="bench/s1", idle_s=3.0, drain_s=5.0))
             t_end = time.monotonic()
+            during = _bridge_status(rb).get("forwarded") if not plain else None
             status: dict = {}
             empty_s = None
             while not plain and time.monotonic() - t_end < 180:
@@ -82,7 +92,8 @@ def main(argv: list[str]) -> None:
           f"broker={1e6 * (b1 - b0) / sent:.1f} us/msg child={1e6 * (c1 - c0) / sent:.1f} us/msg "
           f"nats={1e6 * (n1 - n0) / sent:.1f} us/msg forwarded={status.get('forwarded')} "
           f"dropped={status.get('dropped')} backlog={status.get('backlog_messages')} "
-          f"empty_after_s={empty_s and round(empty_s, 1)}")
+          f"empty_after_s={empty_s and round(empty_s, 1)} flow_s={t_end - t0:.1f} "
+          f"forwarded_by_flow_end={during}")
 
 
 if __name__ == "__main__":
