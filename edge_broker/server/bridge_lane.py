@@ -168,7 +168,7 @@ def add_lane_figures(status: BridgeStatus, forwarder: ProcessForwarder) -> None:
     """The lane's figures into the bridge's (docs/bridges.md "The QoS 0 lane"): its stored
     backlog and its drops (max_backlog_bytes, and those the broker could not store)."""
     status.dropped += forwarder.lane_dropped
-    file = forwarder.lane_file
+    file = forwarder.opened_lane_file  # (the status never opens it)
     if file is None:
         return
     status.backlog_messages += file.backlog_messages

@@ -243,6 +243,10 @@ class ProcessForwarder:
                                        self.config.max_backlog_bytes)
         return self._lane_file
 
+    @property
+    def opened_lane_file(self) -> LaneFile | None:
+        return self._lane_file
+
     def _close_lane(self) -> None:
         lane = self.lane
         if self.lanes is not None and lane is not None:
