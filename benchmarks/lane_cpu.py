@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
             if child:
                 brokers.wait_quiet(child)
             b1, c1 = _cpu(pid), _cpu(child) if child else 0.0
-            uplink = _wait_backlog_empty(rb) if mode == "up" else {}
+            uplink = _wait_backlog_empty(rb, flow["published"]) if mode == "up" else {}
             n1 = _cpu(nats) if nats else 0.0
         finally:
             rb.stop()

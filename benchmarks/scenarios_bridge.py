@@ -208,11 +208,22 @@ def _bridge_status(rb: brokers.RunningBroker) -> dict[str, Any]:
     return {}
 
 
-def _wait_backlog_empty(rb: brokers.RunningBroker) -> dict[str, Any]:
-    deadline = time.monotonic() + UPLINK_WAIT_S
+def _wait_backlog_empty(rb: brokers.RunningBroker, expected: int = 0) -> dict[str, Any]:
+    """The bridge's status once its backlog is empty and (`expected`) it forwarded or
+    dropped at least that many messages (`forwarded` comes with the uplink process's
+    status, up to 0.2 s after the backlog figure: waiting for the backlog alone read it
+    early), or at UPLINK_WAIT_S. Adds `empty_after_s` (None: timed out)."""
+    start = time.monotonic()
     while True:
         status = _bridge_status(rb)
-        if status.get("backlog_messages") == 0 or time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if status.get("backlog_messages") == 0 and (
+                int(status.get("forwarded") or 0) + int(status.get("dropped") or 0)
+                >= expected):
+            status["empty_after_s"] = round(waited, 1)
+            return status
+        if waited > UPLINK_WAIT_S:
+            status["empty_after_s"] = None
             return status
         time.sleep(SAMPLE_S)  # polling the admin socket, bounded by the deadline
 
@@ -392,11 +403,15 @@ def _s1_pair(case: Case, res: Result, bridged: Callable[[], Any],
         _max_lossless(rb, case, "bench/s1", 1, 1, res, "S14.s1_bridged_msgs_per_s")
         if uplink_check:
             published = sum(r.get("published", 0) for r in res.details.get("runs", []))
-            status = _wait_backlog_empty(rb)
+            status = _wait_backlog_empty(rb, published)
             res.details["s1_bridged_uplink"] = {
                 "published": published, "forwarded": status.get("forwarded"),
                 "dropped": status.get("dropped"),
-                "backlog_messages": status.get("backlog_messages")}
+                "backlog_messages": status.get("backlog_messages"),
+                # seconds from the last run's end until everything was forwarded
+                # (None: not within UPLINK_WAIT_S)
+                "empty_after_s": status.get("empty_after_s"),
+                "uplink_process_starts": status.get("uplink_process_starts")}
     runs = res.details.pop("runs", None)
     with plain() as rb:
         _max_lossless(rb, case, "bench/s1", 1, 1, res, "S14.s1_plain_msgs_per_s")

@@ -142,6 +142,7 @@ class BridgeConfig:
     mqtt: MqttOptions | None = None
     separate_process: bool = False
     """jetstream/kafka: the uplink runs in a process of its own (server/bridge_proc.py)."""
+    process_nice: int = 0  # that process's niceness increment (0: the broker's priority)
 
 
 # --------------------------------------------------------------------------- value parsers
@@ -339,6 +340,7 @@ KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
     "jetstream": {
         "uplink": _list_of(_mqtt_filter, "MQTT topic filters"),
         "separate_process": _bool,
+        "process_nice": _int_range(0, 19),
         "downlink": _list_of(_subject_filter, "NATS subjects"),
         "subject_prefix": _subject,
         "jetstream_stream": _stream_name,
@@ -359,6 +361,7 @@ KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
     "kafka": {
         "uplink": _list_of(_mqtt_filter, "MQTT topic filters"),
         "separate_process": _bool,
+        "process_nice": _int_range(0, 19),
         "downlink": _list_of(_kafka_topic, "Kafka topics"),
         "topic_map": _list_of(_kafka_route, "routes", nonempty=True),
         "key": _choice("topic", "client_id"),
@@ -490,10 +493,10 @@ def _parse_one(entry: Mapping[str, object], label: str, file: str | None,
         max_backlog_bytes=values.get("max_backlog_bytes", 0),
         window=values.get("window", 256), backoff_initial_s=float(backoff_initial),
         backoff_max_s=float(backoff_max), ack_timeout_s=float(values.get("ack_timeout", 3)),
-        username=values.get("username"),
-        password=values.get("password"), tls=tls,
+        username=values.get("username"), password=values.get("password"), tls=tls,
         separate_process=values.get("separate_process",
-                                    kind != "mqtt" and SEPARATE_PROCESS_DEFAULT))
+                                    kind != "mqtt" and SEPARATE_PROCESS_DEFAULT),
+        process_nice=values.get("process_nice", 0))
     safe_gateway = re.sub(r"[^A-Za-z0-9_-]", "_", gateway_id)
     safe_name = name.replace(".", "_")
 

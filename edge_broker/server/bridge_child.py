@@ -28,7 +28,7 @@ from ..bridge.config import BridgeConfig
 from ..bridge.forward import Forwarder, LogReader
 from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
-from ..store.log.lane_file import LaneFile
+from ..store.log.lane_file import LaneView
 from .bridge_child_log import ChildLogReader
 from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader, LogGate
 from .bridge_wire import decode_config, frame, read_frame
@@ -84,12 +84,14 @@ async def serve(fd: int) -> None:
     lane: Lane | None = None
     source: LogReader = log_reader
     if settings.get("lane_path"):
-        # The QoS 0 lane (server/bridge_lane_child.py): its own file, its own cursor and
-        # forwarder, message ids in a namespace of their own, and the order per topic
-        # between the log and the lane kept by `LogGate`.
+        # The QoS 0 lane (server/bridge_lane_child.py): its own file (the broker writes it,
+        # this process reads it), its own cursor and forwarder, message ids in a namespace
+        # of their own, and the order per topic between the log and the lane kept by
+        # `LogGate`.
         mark = int(settings["lane_mark"])
-        lane_reader = LaneReader(LaneFile(str(settings["lane_path"]), str(settings["store_id"]),
-                                          config.max_backlog_bytes), config.name, mark)
+        lane_reader = LaneReader(LaneView(str(settings["lane_path"]),
+                                          int(settings["lane_cursor"]),
+                                          int(settings["lane_last"])), mark, send)
         source = LogGate(log_reader, lane_reader, mark)
         lane_id = str(settings["store_id"]) + LANE_ID_SUFFIX
         lane = (lane_reader, Forwarder(
@@ -113,13 +115,10 @@ async def serve(fd: int) -> None:
                 break
             kind = message[0]
             if kind == "lane" and lane is not None:
-                lane[0].received(int(message[1]), int(message[2]), float(message[3]),
-                                 message[4])
+                lane[0].appended(int(message[1]), int(message[2]))
             elif kind == "appended":
                 log_reader.appended(int(message[1]))
     finally:
-        if lane is not None:
-            lane[0].flush()  # what the broker sent before it stopped is kept
         for task in tasks:
             task.cancel()
         for task in tasks:

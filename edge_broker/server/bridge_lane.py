@@ -3,20 +3,23 @@
 While a bridge's uplink process runs (`separate_process = true`), the QoS 0 messages that
 only that bridge's uplink takes are not appended to the store's log: the core puts them on
 `core.lane_out` (core/streams.py `_to_lane`), and `LaneHub` drains that list once per event-
-loop turn, hands each bridge's messages to its `Lane`, which writes them to the process as
-one frame over the process's socketpair (server/bridge_wire.py): ("lane", count, bytes,
-publish time of the first, blob), the blob a pickled list of compact records
+loop turn and hands each bridge's messages to its `Lane`, which appends them to the lane's
+own file (store/log/lane_file.py) as one row - a blob, the pickled list of compact records
 
     (topic, payload, retain, client id, publish time, properties or None)
 
 with properties = (content type, payload is UTF-8, user properties): what the bridge's
-headers carry. The process stores the blob as it came (store/log/lane_file.py).
+headers carry - one INSERT and one commit (WAL, synchronous NORMAL) per turn. It then tells
+the process what was committed with a small frame over the process's socketpair
+(server/bridge_wire.py): ("lane", last offset, cursor). The process reads the file
+(server/bridge_lane_child.py) and reports each cursor the remote side acknowledged
+("lane_ack"); the broker stores it and deletes the rows it passes: the broker is the
+file's only writer.
 
-The broker never blocks on a lane: a frame is written to the socket's buffer; when that
-buffer holds more than `LANE_BUFFER_BYTES` (the process does not keep up), the turn's
-messages are dropped, counted in the bridge's `dropped` and logged (QoS 0: at most once).
-While the process is not running (starting, restarting) its lane is closed and the core
-appends those messages to the log as before.
+Nothing is buffered in memory towards the process, so a process that does not keep up
+loses nothing: the backlog waits in the file, bounded by `max_backlog_bytes` (the oldest
+rows dropped, counted and logged). While the process is not running (starting,
+restarting) its lane is closed and the core appends those messages to the log as before.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+import sqlite3
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..mqtt.properties import NO_PROPERTIES
@@ -32,12 +37,12 @@ from ..mqtt.properties import NO_PROPERTIES
 if TYPE_CHECKING:
     from ..core.broker import BrokerCore
     from ..core.changes import Message
+    from ..store.log.lane_file import LaneFile
     from .bridge_proc import ProcessForwarder
     from .bridges import BridgeStatus
 
 log = logging.getLogger("edge_broker.bridges")
 
-LANE_BUFFER_BYTES: Final = 8 * 1024 * 1024  # a process this far behind: the turn is dropped
 DROP_LOG_INTERVAL_S: Final = 10.0
 
 
@@ -57,43 +62,53 @@ def lane_records(messages: list[Message], skip_origin: str) -> list[tuple[Any, .
 
 
 class Lane:
-    """One bridge's lane to its running uplink process."""
+    """One bridge's lane while its uplink process runs: appends each loop turn's messages
+    to the lane file (the file outlives the process: `ProcessForwarder.lane_file`)."""
 
-    def __init__(self, name: str, skip_origin: str, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, name: str, skip_origin: str, file: LaneFile, mark: int,
+                 notify: Callable[[tuple[Any, ...]], None]) -> None:
         self.name = name
         self.skip_origin = skip_origin
-        self.writer = writer
+        self.file = file
+        self.mark = mark  # the log's last offset when this lane opened (LogGate)
+        self.notify = notify
         self.sent = 0
-        self.dropped = 0
-        self._logged = 0
+        self.dropped = 0  # not stored: the file could not be written
+        self._logged = file.dropped
         self._logged_at = -1e18
+        self._failed_at = -1e18
 
     def send(self, messages: list[Message]) -> None:
         records = lane_records(messages, self.skip_origin)
         if not records:
             return
-        writer = self.writer
-        if writer.is_closing():  # the process ended: lost (QoS 0, at most once)
-            self.dropped += len(records)
-            return
-        if writer.transport.get_write_buffer_size() > LANE_BUFFER_BYTES:
-            self.dropped += len(records)
-            self._log_drops()
-            return
+        file = self.file
         blob = pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
-        body = pickle.dumps(("lane", len(records), len(blob), records[0][4], blob),
-                            protocol=pickle.HIGHEST_PROTOCOL)
-        writer.write(len(body).to_bytes(4, "big") + body)
+        try:
+            dropped = file.append([(len(records), len(blob), records[0][4], blob)], self.mark)
+        except sqlite3.Error as exc:  # disk full, I/O error: lost (QoS 0, at most once)
+            self.dropped += len(records)
+            now = time.monotonic()
+            if now - self._failed_at >= DROP_LOG_INTERVAL_S:
+                self._failed_at = now
+                log.error("bridge %s: cannot store QoS 0 lane messages in %s: %s: %d "
+                          "message(s) dropped (%d in all)", self.name, file.path, exc,
+                          len(records), self.dropped)
+            return
         self.sent += len(records)
+        if dropped:
+            self._log_drops()
+        self.notify(("lane", file.next_offset - 1, file.cursor))
 
     def _log_drops(self) -> None:
         now = time.monotonic()
+        file = self.file
         if now - self._logged_at < DROP_LOG_INTERVAL_S:
             return
-        log.warning("bridge %s: the uplink process does not keep up with its QoS 0 lane "
-                    "(over %d bytes buffered): %d message(s) dropped (%d in all)", self.name,
-                    LANE_BUFFER_BYTES, self.dropped - self._logged, self.dropped)
-        self._logged = self.dropped
+        log.warning("bridge %s: QoS 0 lane over max_backlog_bytes (%d): %d oldest message(s) "
+                    "dropped (%d in all)", self.name, file.max_backlog_bytes,
+                    file.dropped - self._logged, file.dropped)
+        self._logged = file.dropped
         self._logged_at = now
 
 
@@ -151,11 +166,11 @@ class LaneHub:
 
 def add_lane_figures(status: BridgeStatus, forwarder: ProcessForwarder) -> None:
     """The lane's figures into the bridge's (docs/bridges.md "The QoS 0 lane"): its stored
-    backlog, its drops (the process's, for max_backlog_bytes, and the broker's)."""
-    lane = forwarder.lane_status
+    backlog and its drops (max_backlog_bytes, and those the broker could not store)."""
     status.dropped += forwarder.lane_dropped
-    if lane is None:
+    file = forwarder.opened_lane_file  # (the status never opens it)
+    if file is None:
         return
-    status.backlog_messages += int(lane["backlog_messages"])
-    status.backlog_bytes += int(lane["backlog_bytes"])
-    status.dropped += int(lane["dropped"])
+    status.backlog_messages += file.backlog_messages
+    status.backlog_bytes += file.backlog_bytes
+    status.dropped += file.dropped

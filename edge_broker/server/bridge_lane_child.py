@@ -1,19 +1,19 @@
 """The uplink process's side of the QoS 0 lane (docs/bridges.md "The QoS 0 lane").
 
-The broker sends the process batches of QoS 0 messages ("lane" frames, server/
-bridge_lane.py); `LaneReader.received` stores them in the lane's own file (store/log/
-lane_file.py), several frames per transaction (one per turn of the process's loop), and
-`LaneReader` is the `LogReader` (bridge/forward.py) of a second `Forwarder` in the process:
-its cursor is over the lane's offsets (stored in the lane file), its sink has the store id
+The broker appends the lane's messages to the lane's own file (store/log/lane_file.py,
+server/bridge_lane.py) and tells the process what it committed ("lane" frames: the last
+offset written and the cursor below which rows were deleted). `LaneReader` reads that file
+(read-only, `LaneView`) and is the `LogReader` (bridge/forward.py) of a second `Forwarder`
+in the process: its cursor is over the lane's offsets, its sink has the store id
 `<store_id>q`, so the lane's message ids (`<gateway_id>-<store_id>q-<lane offset>`) never
-meet the log's. Pages come from memory for the rows appended lately (up to
-`CACHE_BYTES`), else from the file (after a restart, or a long outage).
+meet the log's. Each cursor the remote side acknowledged goes to the broker ("lane_ack"),
+which stores it and deletes the rows it passes.
 
 *Order per topic across the two sources* (`LogGate`). Two forwarders on two connections
 would let a QoS 0 message overtake an older one of the same topic when the older one is in
 the other source: the log holds the bridge's QoS 0 messages published while no process ran
-(at start-up, after a crash), the lane the others. Each run of the process gets the
-broker's last log offset when its lane opened (`mark`) and stores it with every lane row:
+(at start-up, after a crash), the lane the others. Each run of the process has the
+broker's last log offset when its lane opened (`mark`), stored with every lane row:
 
 - a lane row goes out only once the log forwarder acknowledged every row of the bridge's up
   to the row's mark (`LogGate.done_to`);
@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ..bridge.base import BridgeMessage
-from ..store.log.lane_file import LaneFile, load_blob
+from ..store.log.lane_file import LaneView, load_blob
 from .bridge_child_log import ChildLogReader
 
 log = logging.getLogger("edge_broker.bridges")
 
-CACHE_BYTES: Final = 16 * 1024 * 1024  # blobs of the latest rows kept in memory
-DROP_LOG_INTERVAL_S: Final = 10.0
 LANE_ID_SUFFIX: Final = "q"  # lane message ids: <gateway_id>-<store_id>q-<lane offset>
 
 
@@ -61,66 +57,26 @@ def lane_messages(first: int, records: list[tuple[Any, ...]], after: int,
 class LaneReader:
     """`LogReader` over one bridge's lane file (see the module docstring)."""
 
-    def __init__(self, file: LaneFile, name: str, mark: int) -> None:
+    def __init__(self, file: LaneView, mark: int,
+                 send: Callable[[tuple[Any, ...]], None]) -> None:
         self.file = file
-        self.name = name
         self.mark = mark  # this run's (see the module docstring)
+        self.send = send
         self.gate: LogGate | None = None
-        self._pending: list[tuple[int, int, float, bytes]] = []
-        self._scheduled = False
         self._wakeup = asyncio.Event()
         self.progress = asyncio.Event()  # set when the lane's cursor moved
-        # (first, count, mark, blob)
-        self._recent: deque[tuple[int, int, int, bytes]] = deque()
-        self._recent_bytes = 0
         self._decoded: tuple[int, list[tuple[Any, ...]]] | None = None
-        self._logged = file.dropped
-        self._logged_at = -1e18
-        self.forwarder_cursor_floor = file.cursor
 
-    # -- writing -------------------------------------------------------------------------
-
-    def received(self, count: int, size: int, at: float, blob: bytes) -> None:
-        """A "lane" frame from the broker: stored at the end of this loop turn."""
-        self._pending.append((count, size, at, blob))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        batches, self._pending = self._pending, []
-        if not batches:
-            return
-        file = self.file
-        first = file.next_offset
-        dropped = file.append(batches, self.mark)
-        recent = self._recent
-        for count, size, _at, blob in batches:
-            recent.append((first, count, self.mark, blob))
-            first += count
-            self._recent_bytes += size
-        while recent and (self._recent_bytes > CACHE_BYTES
-                          or recent[0][0] + recent[0][1] - 1 <= file.cursor):
-            self._recent_bytes -= len(recent.popleft()[3])
-        if dropped:
-            self._log_drops()
+    def appended(self, last: int, floor: int) -> None:
+        """A "lane" frame from the broker: rows committed up to `last`, deleted up to
+        `floor` (acknowledged, or dropped for max_backlog_bytes)."""
+        before = self.file.cursor
+        self.file.refresh(last, floor)
+        if self.file.cursor != before:
             self.progress.set()
         self._wakeup.set()
 
-    def _log_drops(self) -> None:
-        now = time.monotonic()
-        file = self.file
-        if now - self._logged_at < DROP_LOG_INTERVAL_S:
-            return
-        log.warning("bridge %s: QoS 0 lane over max_backlog_bytes (%d): %d oldest message(s) "
-                    "dropped (%d in all)", self.name, file.max_backlog_bytes,
-                    file.dropped - self._logged, file.dropped)
-        self._logged = file.dropped
-        self._logged_at = now
-
     def close(self) -> None:
-        self.flush()
         self.file.close()
 
     # -- LogReader -----------------------------------------------------------------------
@@ -132,29 +88,12 @@ class LaneReader:
             return []
         out: list[BridgeMessage] = []
         done_to = self.gate.done_to if self.gate is not None else None
-        for first, _count, mark, blob in self._rows_after(after, limit):
+        for first, _count, mark, blob in self.file.page(after, limit):
             if done_to is not None and mark > done_to:
                 break  # the log's rows up to its mark go first
             out.extend(lane_messages(first, self._records(first, blob), after,
                                      limit - len(out)))
             if len(out) >= limit:
-                break
-        return out
-
-    def _rows_after(self, after: int, limit: int) -> list[tuple[int, int, int, bytes]]:
-        """The rows holding the offsets after `after`, about `limit` messages."""
-        recent = self._recent
-        if not recent or recent[0][0] > after + 1:
-            return self.file.page(after, limit)
-        out: list[tuple[int, int, int, bytes]] = []
-        taken = 0
-        for row in recent:  # oldest first; stops after `limit` messages
-            last = row[0] + row[1] - 1
-            if last <= after:
-                continue
-            out.append(row)
-            taken += last - max(after, row[0] - 1)
-            if taken >= limit:
                 break
         return out
 
@@ -166,8 +105,8 @@ class LaneReader:
             return False
         if self.gate is None:
             return True
-        rows = self._rows_after(after, 1)
-        return bool(rows) and rows[0][2] <= self.gate.done_to
+        mark = file.mark_after(after)
+        return mark is not None and mark <= self.gate.done_to
 
     def _records(self, first: int, blob: bytes) -> list[tuple[Any, ...]]:
         decoded = self._decoded
@@ -186,17 +125,12 @@ class LaneReader:
         self._wakeup.set()
 
     async def commit_cursor(self, cursor: int) -> None:
-        self.file.commit_cursor(cursor)
-        recent = self._recent
-        while recent and recent[0][0] + recent[0][1] - 1 <= cursor:
-            self._recent_bytes -= len(recent.popleft()[3])
+        self.file.advance(cursor)
+        self.send(("lane_ack", cursor))  # the broker stores it and deletes the rows
         self.progress.set()
 
     def status(self) -> dict[str, Any]:
-        file = self.file
-        return {"backlog_messages": file.backlog_messages,
-                "backlog_bytes": file.backlog_bytes, "dropped": file.dropped,
-                "oldest_at": file.oldest_at, "cursor": file.cursor}
+        return {"cursor": self.file.cursor}
 
 
 class LogGate:

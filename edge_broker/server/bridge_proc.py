@@ -31,8 +31,10 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -42,6 +44,7 @@ from ..bridge.forward import ForwarderStatus
 from ..mqtt.properties import NO_PROPERTIES
 from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.bridges import reader_name
+from ..store.log.lane_file import LaneFile
 from ..store.log.log import LogRow
 from .bridge_lane import Lane, LaneHub
 from .bridge_wire import encode_config, frame, read_frame
@@ -65,6 +68,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _child_setup(nice: int) -> Callable[[], None]:
+    """The child's set-up before exec: `_die_with_parent`, and `process_nice` (a lower CPU
+    priority than the broker's: the broker and its clients get the cores first, the uplink
+    forwards with what is left)."""
+    def setup() -> None:
+        _die_with_parent()
+        if nice:
+            os.nice(nice)
+    return setup
+
+
 class ProcessForwarder:
     """The uplink of one bridge, run by a process of its own (see the module docstring)."""
 
@@ -76,7 +90,7 @@ class ProcessForwarder:
         self.gateway_id = gateway_id
         self.store_id = store_id
         self.status = ForwarderStatus(cursor=cursor)
-        self.oldest_at: float | None = None
+        self._log_oldest_at: float | None = None  # the process's, of the log
         self.pid: int | None = None
         self.starts = 0  # processes started (1 + restarts)
         self._writer: asyncio.StreamWriter | None = None
@@ -94,7 +108,7 @@ class ProcessForwarder:
         # The QoS 0 lane (server/bridge_lane.py): open while the process runs, when set.
         self.lanes: LaneHub | None = None
         self.lane: Lane | None = None
-        self.lane_status: dict[str, Any] | None = None  # the process's lane figures
+        self._lane_file: LaneFile | None = None  # opened when first needed, kept open
         self._lane_dropped_before = 0  # by the lanes of earlier runs of the process
         side.listen(self._committed)
 
@@ -135,7 +149,7 @@ class ProcessForwarder:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", CHILD_CODE, str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=_die_with_parent)
+                preexec_fn=_child_setup(self.config.process_nice))
         finally:
             theirs.close()
         self.pid = proc.pid
@@ -148,17 +162,22 @@ class ProcessForwarder:
             self.status.cursor = cursor
             self._base_forwarded = self.status.forwarded
             self._base_failures = self.status.failures
+            lane_file = self.lane_file
+            mark = self.lanes.core.log_end() if self.lanes is not None else 0
             writer.write(frame(("init", {
                 "config": encode_config(self.config), "path": self.path,
                 "gateway_id": self.gateway_id, "store_id": self.store_id, "cursor": cursor,
                 "last_committed": self.side.last_committed,
                 "log_level": logging.getLogger("edge_broker").getEffectiveLevel(),
-                "lane_path": self.lane_path if self.lanes is not None else "",
+                "lane_path": lane_file.path if lane_file is not None else "",
+                "lane_cursor": lane_file.cursor if lane_file is not None else 0,
+                "lane_last": lane_file.next_offset - 1 if lane_file is not None else 0,
                 # Every QoS 0 message of the bridge's in the log is at or below this offset
                 # (from now on they take the lane): the process sends those first.
-                "lane_mark": self.lanes.core.log_end() if self.lanes is not None else 0})))
-            if self.lanes is not None:
-                self.lane = Lane(self.config.name, self.config.downlink_identity, writer)
+                "lane_mark": mark})))
+            if self.lanes is not None and lane_file is not None:
+                self.lane = Lane(self.config.name, self.config.downlink_identity, lane_file,
+                                 mark, self._send)
                 self.lanes.open(reader_name(self.config.name), self.lane)
             log.info("bridge %s: uplink process %d started (cursor %d)", self.config.name,
                      proc.pid, cursor)
@@ -207,11 +226,26 @@ class ProcessForwarder:
 
     def close(self) -> None:
         self.side.unlisten(self._committed)
+        if self._lane_file is not None:
+            self._lane_file.close()
+            self._lane_file = None
 
     @property
     def lane_path(self) -> str:
         """The lane's own file, beside the store (store/log/lane_file.py)."""
         return f"{self.path}.lane-{quote(self.config.name, safe='')}"
+
+    @property
+    def lane_file(self) -> LaneFile | None:
+        """The lane's file (the broker writes it; None: this bridge has no lane)."""
+        if self._lane_file is None and self.lanes is not None:
+            self._lane_file = LaneFile(self.lane_path, self.store_id,
+                                       self.config.max_backlog_bytes)
+        return self._lane_file
+
+    @property
+    def opened_lane_file(self) -> LaneFile | None:
+        return self._lane_file
 
     def _close_lane(self) -> None:
         lane = self.lane
@@ -222,8 +256,8 @@ class ProcessForwarder:
 
     @property
     def lane_dropped(self) -> int:
-        """QoS 0 lane messages the broker dropped: its buffer to the process was full, or
-        the process had ended when they were drained (the process counts its own)."""
+        """QoS 0 lane messages the broker dropped besides max_backlog_bytes: it could not
+        write them to the lane file, or the lane had closed when they were drained."""
         lane = self.lane
         lost = self.lanes.lost.get(reader_name(self.config.name), 0) if self.lanes else 0
         return lost + (lane.dropped if lane is not None else 0) + self._lane_dropped_before
@@ -240,8 +274,21 @@ class ProcessForwarder:
                 self._send(("appended", self.side.last_committed))
             else:
                 self._waiting = after
+        elif kind == "lane_ack":
+            self._lane_acked(int(message[1]))
         elif kind == "status":
             self._update(message[1])
+
+    def _lane_acked(self, cursor: int) -> None:
+        """The remote side acknowledged the lane up to `cursor`: stored, rows deleted."""
+        file = self._lane_file
+        if file is None:
+            return
+        try:
+            file.commit_cursor(cursor)
+        except sqlite3.Error as exc:  # not stored: the next ack stores a later one
+            log.error("bridge %s: cannot store the QoS 0 lane's cursor %d: %s",
+                      self.config.name, cursor, exc)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         writer = self._writer
@@ -266,11 +313,17 @@ class ProcessForwarder:
             status.last_error = fields["last_error"]
             status.last_error_at = float(at)
         oldest = fields["oldest_at"]
-        self.oldest_at = float(oldest) if oldest is not None else None
-        lane = self.lane_status = fields.get("lane")
-        if lane is not None and lane["oldest_at"] is not None and (
-                self.oldest_at is None or lane["oldest_at"] < self.oldest_at):
-            self.oldest_at = float(lane["oldest_at"])
+        self._log_oldest_at = float(oldest) if oldest is not None else None
+
+    @property
+    def oldest_at(self) -> float | None:
+        """The publish time of the oldest message not forwarded, of the log and the lane."""
+        log_at = self._log_oldest_at
+        lane = self._lane_file
+        lane_at = lane.oldest_at if lane is not None else None
+        if log_at is None or (lane_at is not None and lane_at < log_at):
+            return lane_at
+        return log_at
 
     # -- storing the cursor ----------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""The QoS 0 lane's own log (store/log/lane_file.py) and its reader in the uplink process
-(server/bridge_lane_child.py), without a remote side: offsets, the cursor across a reopen,
-the `max_backlog_bytes` bound, a file of another store, and the order gate between the log
-and the lane."""
+"""The QoS 0 lane's own log (store/log/lane_file.py: the broker's `LaneFile`, the process's
+read-only `LaneView`) and its reader in the uplink process (server/bridge_lane_child.py),
+without a remote side: offsets, the cursor across a reopen, the `max_backlog_bytes` bound, a
+file of another store, the acknowledged cursor going back to the broker, and the order gate
+between the log and the lane."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from edge_broker.bridge.base import BridgeMessage
 from edge_broker.server.bridge_lane import lane_records
 from edge_broker.server.bridge_lane_child import LaneReader
-from edge_broker.store.log.lane_file import LaneFile, load_blob
+from edge_broker.store.log.lane_file import LaneFile, LaneView, load_blob
 
 
 def _batch(first_n: int, count: int, size: int = 10) -> tuple[int, int, float, bytes]:
@@ -22,6 +23,11 @@ def _batch(first_n: int, count: int, size: int = 10) -> tuple[int, int, float, b
                for n in range(first_n, first_n + count)]
     blob = pickle.dumps(records)
     return count, size or len(blob), 1000.0 + first_n, blob
+
+
+def _view(lane: LaneFile) -> LaneView:
+    """The process's view of the file, as the broker's "init" sets it up."""
+    return LaneView(lane.path, lane.cursor, lane.next_offset - 1)
 
 
 def _payloads(messages: list[BridgeMessage]) -> list[int]:
@@ -38,8 +44,11 @@ def test_offsets_cursor_and_reopen(tmp_path: Path) -> None:
     lane.close()
     again = LaneFile(path, "s1")
     assert again.cursor == 4 and again.next_offset == 6 and again.backlog_messages == 1
-    rows = again.page(4, 10)
+    view = _view(again)
+    rows = view.page(4, 10)
     assert [(first, count) for first, count, _mark, _blob in rows] == [(4, 2)]
+    assert view.pending_mark == 5 and view.mark_after(4) == 5 and view.mark_after(5) is None
+    view.close()
     again.close()
 
 
@@ -58,26 +67,53 @@ def test_max_backlog_bytes_drops_the_oldest_rows(tmp_path: Path) -> None:
     assert lane.append([_batch(0, 4)], mark=0) == 0
     assert lane.append([_batch(4, 4), _batch(8, 4)], mark=0) == 4  # 30 bytes > 25
     assert lane.dropped == 4 and lane.cursor == 4 and lane.backlog_bytes == 20
-    assert [first for first, *_ in lane.page(lane.cursor, 100)] == [5, 9]
+    view = _view(lane)
+    assert [first for first, *_ in view.page(lane.cursor, 100)] == [5, 9]
+    view.close()
     lane.close()
 
 
-def test_reader_pages_from_memory_and_file(tmp_path: Path) -> None:
+def test_the_broker_writes_the_process_reads_and_acknowledges(tmp_path: Path) -> None:
     async def run() -> None:
         path = str(tmp_path / "lane")
-        reader = LaneReader(LaneFile(path, "s1"), "c", mark=0)
+        writer = LaneFile(path, "s1")  # the broker's
+        sent: list[tuple[object, ...]] = []
+        reader = LaneReader(_view(writer), mark=0, send=sent.append)  # the process's
         for start in range(0, 10, 5):
-            count, size, at, blob = _batch(start, 5)
-            reader.received(count, size, at, blob)
-        reader.flush()
+            writer.append([_batch(start, 5)], mark=0)
+            reader.appended(writer.next_offset - 1, writer.cursor)  # the "lane" frame
+        assert reader._ready_after(0)
         assert _payloads(list(await reader.read_after(0, 3))) == [0, 1, 2]
         assert _payloads(list(await reader.read_after(3, 100))) == list(range(3, 10))
         await reader.commit_cursor(7)
+        assert sent == [("lane_ack", 7)]  # the broker stores it and deletes the rows
+        writer.commit_cursor(7)
         reader.close()
-        again = LaneReader(LaneFile(path, "s1"), "c", mark=0)  # from the file now
-        got = list(await again.read_after(again.file.cursor, 100))
+        writer.close()
+        again = LaneFile(path, "s1")
+        assert again.cursor == 7 and again.backlog_messages == 3
+        reader = LaneReader(_view(again), mark=0, send=sent.append)  # a new process
+        got = list(await reader.read_after(reader.file.cursor, 100))
         assert [m.offset for m in got] == [8, 9, 10] and _payloads(got) == [7, 8, 9]
+        reader.close()
         again.close()
+
+    asyncio.run(run())
+
+
+def test_rows_the_broker_dropped_are_skipped_by_the_process(tmp_path: Path) -> None:
+    async def run() -> None:
+        writer = LaneFile(str(tmp_path / "lane"), "s1", max_backlog_bytes=25)
+        reader = LaneReader(_view(writer), mark=0, send=lambda message: None)
+        writer.append([_batch(0, 4)], mark=0)
+        reader.appended(writer.next_offset - 1, writer.cursor)
+        writer.append([_batch(4, 4), _batch(8, 4)], mark=0)  # the first row dropped
+        reader.appended(writer.next_offset - 1, writer.cursor)
+        assert reader.file.cursor == 4 and reader.progress.is_set()
+        got = list(await reader.read_after(0, 100))
+        assert [m.offset for m in got] == list(range(5, 13))
+        reader.close()
+        writer.close()
 
     asyncio.run(run())
 
@@ -87,15 +123,16 @@ def test_lane_rows_wait_for_the_log_up_to_their_mark(tmp_path: Path) -> None:
         done_to = 4
 
     async def run() -> None:
-        reader = LaneReader(LaneFile(str(tmp_path / "lane"), "s1"), "c", mark=7)
+        writer = LaneFile(str(tmp_path / "lane"), "s1")
+        reader = LaneReader(_view(writer), mark=7, send=lambda message: None)
         reader.gate = Gate()  # type: ignore[assignment]
-        count, size, at, blob = _batch(0, 2)
-        reader.received(count, size, at, blob)
-        reader.flush()
+        writer.append([_batch(0, 2)], mark=7)
+        reader.appended(writer.next_offset - 1, writer.cursor)
         assert list(await reader.read_after(0, 10)) == []  # the log is acknowledged up to 4
         Gate.done_to = 7
         assert _payloads(list(await reader.read_after(0, 10))) == [0, 1]
         reader.close()
+        writer.close()
 
     asyncio.run(run())
 
@@ -140,8 +177,7 @@ def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
         path = str(tmp_path / "lane")
         older = LaneFile(path, "s1")
         older.append([_batch(0, 2)], mark=5)  # an earlier run's lane rows (log up to 5)
-        older.close()
-        lane = LaneReader(LaneFile(path, "s1"), "c", mark=15)  # this run: log up to 15
+        lane = LaneReader(_view(older), mark=15, send=lambda message: None)  # log up to 15
         gate = LogGate(FakeLog(), lane, mark=15)  # type: ignore[arg-type]
         # The QoS 1 row goes; the QoS 0 row 11 (published while no process ran, after the
         # lane's rows) waits for them.
@@ -163,6 +199,7 @@ def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
             await asyncio.wait_for(waiting, 5)
         assert [m.offset for m in await gate.read_after(10, 10)] == [11]
         lane.close()
+        older.close()
 
     asyncio.run(run())
 

@@ -1,22 +1,25 @@
 """The QoS 0 lane's own log (docs/bridges.md "The QoS 0 lane"): a SQLite file beside the
-store, written and read only by one bridge's uplink process (server/bridge_lane_child.py).
+store, written by the broker (`LaneFile`, on its event loop) and read by one bridge's uplink
+process (`LaneView`, server/bridge_lane_child.py).
 
-The broker sends the process the QoS 0 messages that only this bridge's uplink takes, one
-batch per event-loop turn, as an opaque blob (a pickled list of records, server/
-bridge_lane.py; read back by `load_blob`, which refuses any global, so no code runs). A batch
-is stored as it came, one row per batch (`first` = the lane offset of its first message,
-`count` messages): the append costs one INSERT per batch, not one per message. Lane offsets
-count from 1 in the file and never repeat in it; with the store id they make the message ids
-of the lane (a namespace of their own: `<store_id>q`).
+The broker appends the QoS 0 messages that only this bridge's uplink takes, one batch per
+event-loop turn, as an opaque blob (a pickled list of records, server/bridge_lane.py; read
+back by `load_blob`, which refuses any global, so no code runs). A batch is one row (`first`
+= the lane offset of its first message, `count` messages): the append costs one INSERT and
+one commit per loop turn, not one per message. Lane offsets count from 1 in the file and
+never repeat in it; with the store id they make the message ids of the lane (a namespace of
+their own: `<store_id>q`).
 
-- `cursor`: every lane offset up to it was acknowledged by the remote side (stored in
-  `lane_meta`); rows entirely up to it are deleted.
+- `cursor`: every lane offset up to it was acknowledged by the remote side (the process
+  reports it, the broker stores it in `lane_meta`); rows entirely up to it are deleted.
 - `max_backlog_bytes`: when the rows after the cursor exceed it, the oldest rows are deleted
   and the cursor moved past them; the messages are counted in `dropped` (kept in the file).
 - A file made for another store (its `store_id` differs: the store was rebuilt) is emptied.
 
-Writes are committed with `synchronous = NORMAL` in WAL mode: a crash of the process loses
-nothing committed, a power loss the last commits (QoS 0 is at most once).
+The broker is the only writer (single-writer, as the store). Writes are committed with
+`synchronous = NORMAL` in WAL mode: a crash of the broker or of the process loses nothing
+committed, a power loss the last commits (QoS 0 is at most once). The process reads with a
+read-only connection; WAL lets it read beside the writer, each read seeing the last commit.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from __future__ import annotations
 import io
 import pickle
 import sqlite3
+from collections import deque
 from typing import Any, Final
+from urllib.parse import quote
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -34,13 +39,19 @@ _SCHEMA: Final = (
 _SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    """Loads only what a lane blob holds (lists, tuples, str, bytes, numbers, bools, None):
-    every global (a class or function, the only way a pickle runs code) is refused, so a
-    lane file written by someone else cannot make the process run anything."""
+def _refuse_global(module: str, name: str) -> Any:
+    raise pickle.UnpicklingError(f"a lane blob names {module}.{name}")
 
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"a lane blob names {module}.{name}")
+
+# Loads only what a lane blob holds (lists, tuples, str, bytes, numbers, bools, None): every
+# global (a class or function, the only way a pickle runs code) is refused, so a lane file
+# written by someone else cannot make the process run anything. Made with type(), not a
+# class statement: mypyc compiles a class statement into a native class, and a native
+# subclass of the C `pickle.Unpickler` crashed the compiled process (SIGSEGV at the first
+# load, so the compiled uplink process never forwarded a lane message). A staticmethod: a
+# compiled function does not bind `self` as a Python one does.
+_PlainUnpickler: Any = type("_PlainUnpickler", (pickle.Unpickler,),
+                            {"find_class": staticmethod(_refuse_global)})
 
 
 def load_blob(path: str, first: int, blob: bytes) -> list[tuple[Any, ...]]:
@@ -58,7 +69,7 @@ def load_blob(path: str, first: int, blob: bytes) -> list[tuple[Any, ...]]:
 
 
 class LaneFile:
-    """Synchronous access to one bridge's lane file (the uplink process's loop thread)."""
+    """The broker's access to one bridge's lane file, the only writer (its event loop)."""
 
     def __init__(self, path: str, store_id: str, max_backlog_bytes: int = 0) -> None:
         self.path = path
@@ -105,8 +116,8 @@ class LaneFile:
 
     def append(self, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
         """Store batches of (count, bytes, publish time of the first, blob), in one
-        transaction, with `mark`: the broker's last log offset when this process's lane
-        opened (every message of the bridge's up to it in the log comes first; see
+        transaction, with `mark`: the broker's last log offset when the running process's
+        lane opened (every message of the bridge's up to it in the log comes first; see
         server/bridge_lane_child.py `LogGate`). Then drop the oldest rows beyond
         `max_backlog_bytes`. Returns the number of messages dropped."""
         rows = []
@@ -172,20 +183,82 @@ class LaneFile:
         conn.execute(_SET, ("cursor", str(cursor)))
         conn.execute("COMMIT")
 
+
+
+def _page(conn: sqlite3.Connection, after: int,
+          limit: int) -> list[tuple[int, int, int, bytes]]:
+    """(first offset, count, mark, blob) of the rows holding the offsets after `after`, up
+    to about `limit` messages, in order."""
+    row = conn.execute("SELECT MAX(first) FROM lane WHERE first <= ?", (after + 1,)).fetchone()
+    start = int(row[0]) if row is not None and row[0] is not None else after + 1
+    out: list[tuple[int, int, int, bytes]] = []
+    taken = 0
+    for first, count, mark, data in conn.execute(
+            "SELECT first, count, mark, data FROM lane WHERE first >= ? ORDER BY first",
+            (start,)):
+        out.append((int(first), int(count), int(mark), bytes(data)))
+        taken += int(first) + int(count) - 1 - max(after, int(first) - 1)
+        if taken >= limit:
+            break
+    return out
+
+
+class LaneView:
+    """The uplink process's read-only view of the lane file. The broker tells it what it
+    committed (`refresh`: the last offset written, and the cursor below which rows were
+    deleted: acknowledged, or dropped for max_backlog_bytes); it keeps the (first, count,
+    mark) of the rows after its cursor, oldest first, and reads the blobs by page."""
+
+    def __init__(self, path: str, cursor: int, last: int) -> None:
+        self.path = path
+        self._conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True,
+                                     isolation_level=None, check_same_thread=False)
+        self.cursor = cursor  # acknowledged by this process, or deleted by the broker
+        self.next_offset = cursor + 1  # after the last row known
+        self._rows: deque[tuple[int, int, int]] = deque()
+        for first, count, mark in self._conn.execute(
+                "SELECT first, count, mark FROM lane WHERE first + count - 1 > ? "
+                "AND first <= ? ORDER BY first", (cursor, last)):
+            self._add(int(first), int(count), int(mark))
+        self.next_offset = max(self.next_offset, last + 1)
+
+    def _add(self, first: int, count: int, mark: int) -> None:
+        self._rows.append((first, count, mark))
+        self.next_offset = first + count
+
+    def refresh(self, last: int, floor: int) -> None:
+        """The broker committed the rows up to offset `last` and deleted those up to
+        `floor`."""
+        if last >= self.next_offset:
+            for first, count, mark in self._conn.execute(
+                    "SELECT first, count, mark FROM lane WHERE first >= ? AND first <= ? "
+                    "ORDER BY first", (self.next_offset, last)):
+                self._add(int(first), int(count), int(mark))
+            self.next_offset = max(self.next_offset, last + 1)
+        self.advance(floor)
+
+    def advance(self, cursor: int) -> None:
+        if cursor <= self.cursor:
+            return
+        self.cursor = cursor
+        rows = self._rows
+        while rows and rows[0][0] + rows[0][1] - 1 <= cursor:
+            rows.popleft()
+
+    @property
+    def pending_mark(self) -> int | None:
+        """The `mark` of the oldest row not acknowledged yet (None: none)."""
+        return self._rows[0][2] if self._rows else None
+
+    def mark_after(self, after: int) -> int | None:
+        """The `mark` of the row holding the offset after `after` (None: no such row)."""
+        for first, count, mark in self._rows:
+            if first + count - 1 > after:
+                return mark
+        return None
+
     def page(self, after: int, limit: int) -> list[tuple[int, int, int, bytes]]:
-        """(first offset, count, mark, blob) of the rows holding the offsets after `after`,
-        up to about `limit` messages, in order."""
-        conn = self._conn
-        row = conn.execute("SELECT MAX(first) FROM lane WHERE first <= ?",
-                           (after + 1,)).fetchone()
-        start = int(row[0]) if row is not None and row[0] is not None else after + 1
-        out: list[tuple[int, int, int, bytes]] = []
-        taken = 0
-        for first, count, mark, data in conn.execute(
-                "SELECT first, count, mark, data FROM lane WHERE first >= ? ORDER BY first",
-                (start,)):
-            out.append((int(first), int(count), int(mark), bytes(data)))
-            taken += int(first) + int(count) - 1 - max(after, int(first) - 1)
-            if taken >= limit:
-                break
-        return out
+        return _page(self._conn, after, limit)
+
+    def close(self) -> None:
+        self._conn.close()
