@@ -29,6 +29,7 @@ from ..bridge.forward import Forwarder, LogReader
 from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
 from ..store.log.lane_file import LaneView
+from . import evloop
 from .bridge_child_log import ChildLogReader
 from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader, LogGate
 from .bridge_wire import decode_config, frame, read_frame
@@ -42,13 +43,7 @@ STATUS_INTERVAL_S = 0.2  # status to the broker at most this often (when it chan
 
 def main() -> None:
     fd = int(sys.argv[-1])
-    loop_factory = None
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(fd))
+    evloop.run(serve(fd))
 
 
 def make_sink(config: BridgeConfig, gateway_id: str, store_id: str) -> Sink:
