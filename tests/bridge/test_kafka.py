@@ -249,3 +249,31 @@ def test_cached_partition_is_the_default_partitioners() -> None:
             assert sink._partition_of("edge.telemetry", key) == DefaultPartitioner()(
                 key, [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6])
     assert len({sink._partition_of("edge.telemetry", k) for k in keys}) > 1
+
+
+async def test_windows_in_flight_at_once_arrive_in_order_per_key(tansu: Tansu) -> None:
+    """The forwarder keeps several windows in flight; while a partition's batches wait for
+    their answer the next windows gather in one batch (kafka.py `_PartitionLane`). Every
+    window is acknowledged in full and each key's records arrive in log order, also with a
+    large record (which goes through `producer.send`) between them."""
+    from edge_broker.bridge.kafka import LARGE_RECORD
+
+    sink = KafkaSink(bridge_config(tansu.bootstrap), gateway_id="gw7", store_id=STORE_ID)
+    await sink.start()
+    try:
+        windows = [messages(1 + 100 * n, 100) for n in range(12)]
+        big = windows[6][50]
+        windows[6][50] = BridgeMessage(offset=big.offset, topic=big.topic, qos=1,
+                                       payload=b"x" * (LARGE_RECORD + 1))
+        acks = [await sink.submit(window) for window in windows]
+        assert [await ack for ack in acks] == [100] * 12
+    finally:
+        await sink.close()
+    records = await consume(tansu.bootstrap, ["edge.alarms", "edge.telemetry"], 1200)
+    by_key: dict[bytes, list[int]] = {}
+    for record in records:
+        by_key.setdefault(record.key, []).append(offset_of(record))
+    assert by_key == {b"alarms/x": list(range(2, 1201, 3)),
+                      b"sensors/a": list(range(3, 1201, 3)),
+                      b"sensors/b": list(range(1, 1201, 3))}
+
