@@ -366,6 +366,7 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
         pubs = _devices(rb, LIVE_DEVICES, 3600, o.duration_s * 3 + 600, max_messages=n)
         acked = sum(int(p["acked"]) for p in pubs)
         count = counter(kind, server, rb)
+        failed_before = int(_bridge_status(rb).get("failures") or 0)  # while it was down
         c0 = _cpu_s(rb.pid)
         server.start()
         sampler = Sampler(count)
@@ -384,9 +385,14 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
             round(100 * rate / live) if rate and live else None)
         res.check(f"S14 {kind} drain: the whole backlog arrives", done is not None,
                   f"{sampler.samples[-1][1] if sampler.samples else 0}/{acked} arrived")
+        status = _bridge_status(rb)
         res.details[f"{kind}_drain"] = {"backlog": acked,
                                         "drain_s": round(done - first, 2)
-                                        if done and first else None}
+                                        if done and first else None,
+                                        # failures once the remote was up (a resend):
+                                        "failures": int(status.get("failures") or 0)
+                                        - failed_before,
+                                        "last_error": status.get("last_error")}
 
 
 def _s1_pair(case: Case, res: Result, bridged: Callable[[], Any],

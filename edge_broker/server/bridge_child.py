@@ -29,7 +29,7 @@ from ..bridge.forward import Forwarder, LogReader
 from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
 from ..store.log.lane_file import LaneFile
-from .bridge_child_log import ChildLogReader
+from .bridge_child_log import ChildLogReader, use_page_read_switch
 from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader, LogGate
 from .bridge_wire import decode_config, frame, read_frame
 
@@ -42,6 +42,7 @@ STATUS_INTERVAL_S = 0.2  # status to the broker at most this often (when it chan
 
 def main() -> None:
     fd = int(sys.argv[-1])
+    use_page_read_switch()
     loop_factory = None
     with contextlib.suppress(ImportError):
         import uvloop
