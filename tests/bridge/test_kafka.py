@@ -277,3 +277,30 @@ async def test_windows_in_flight_at_once_arrive_in_order_per_key(tansu: Tansu) -
                       b"sensors/a": list(range(3, 1201, 3)),
                       b"sensors/b": list(range(1, 1201, 3))}
 
+
+
+async def test_submit_does_not_wait_for_a_slow_broker(tmp_path: Path) -> None:
+    """While the broker does not answer, the windows after the first ones are still taken
+    at once (they gather per partition): the forwarder goes on reading the log instead of
+    waiting inside `submit` for aiokafka to take the partition's previous batch. Their
+    acknowledgements still wait for the broker: none is acknowledged while it is silent."""
+    server = Tansu(tmp_path / "tansu")
+    proxy = await TcpProxy("127.0.0.1", server.port).start()
+    server.advertised_port = proxy.port
+    server.start()
+    sink = KafkaSink(bridge_config(proxy.address), gateway_id="gw7", store_id=STORE_ID,
+                     ack_timeout=2.0)
+    try:
+        await sink.start()
+        assert await sink.send(messages(1, 30)) == 30  # metadata known, partitions cached
+        proxy.blackhole()
+        acks = []
+        for n in range(6):  # each within a second although nothing is answered
+            acks.append(await asyncio.wait_for(sink.submit(messages(31 + 30 * n, 30)), 1.0))
+        for ack in acks:
+            with pytest.raises(BridgeError):
+                await ack
+    finally:
+        await sink.close()
+        await proxy.close()
+        server.kill()
