@@ -112,11 +112,17 @@ class _PartitionLane:
         self._lock = asyncio.Lock()  # one hand-over at a time: they keep the log's order
         self._wake = asyncio.Event()
         self._woken = False  # `_wake` set and the pump not run since
+        # The failed outcome of a batch aiokafka refused: nothing more is sent (see
+        # `_hand_over_next`), and what is appended after it fails with it.
+        self.broken: asyncio.Future[Any] | None = None
         self._task = asyncio.ensure_future(self._pump())
 
     def append(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
                ) -> asyncio.Future[Any]:
-        """Add a record to the open batch; the future of that batch's outcome."""
+        """Add a record to the open batch; the future of that batch's outcome (failed at
+        once after a hand-over failed: see `_hand_over_next`)."""
+        if self.broken is not None:
+            return self.broken
         entry = self._open
         if entry is None:
             entry = self._open = (self.producer.create_batch(), self._loop.create_future())
@@ -161,6 +167,11 @@ class _PartitionLane:
             raise
         except Exception as exc:  # the producer refused it: the windows waiting see why
             _fail(outcome, exc)
+            # Nothing after it goes out on this connection (the forwarder sends again
+            # from its cursor on a new one): no later record of the partition is stored
+            # before this batch's.
+            self.broken = outcome
+            self._fail_pending(exc)
             return
         self._outstanding += 1
         acked.add_done_callback(functools.partial(self._answered, outcome))
@@ -178,7 +189,9 @@ class _PartitionLane:
     def close(self) -> None:
         """Stop handing over; the batches not handed over fail (the sink is closed)."""
         self._task.cancel()
-        error = BridgeError("the Kafka sink was closed")
+        self._fail_pending(BridgeError("the Kafka sink was closed"))
+
+    def _fail_pending(self, error: BaseException) -> None:
         for _, outcome in self._ready:
             _fail(outcome, error)
         if self._open is not None:
@@ -344,10 +357,12 @@ class KafkaSink:
                         partition = self._partition_of(topic, key)
                     payload = message.payload
                     if partition is None or len(payload) > LARGE_RECORD:
+                        broken = None
                         for (lane_topic, lane_partition), lane in list(lanes.items()):
                             if lane_topic == topic and partition in (None, lane_partition):
                                 await lane.hand_over_all()
-                        futures.append(await producer.send(
+                                broken = broken or lane.broken
+                        futures.append(broken or await producer.send(
                             topic, payload, key=key, partition=partition, headers=headers))
                         slots.append(len(futures) - 1)
                         continue

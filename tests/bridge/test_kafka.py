@@ -304,3 +304,53 @@ async def test_submit_does_not_wait_for_a_slow_broker(tmp_path: Path) -> None:
         await sink.close()
         await proxy.close()
         server.kill()
+
+
+async def test_after_a_refused_batch_nothing_later_of_the_partition_is_sent() -> None:
+    """When aiokafka refuses a partition's batch (`send_batch` raises), the records after it
+    are not handed over on that connection (they would be stored before the refused ones,
+    which the forwarder sends again from its cursor): they fail with it."""
+    from edge_broker.bridge.kafka import _PartitionLane
+
+    class Builder:
+        def __init__(self) -> None:
+            self.records: list[bytes] = []
+
+        def append(self, *, key: bytes, value: bytes, timestamp: None,
+                   headers: list[tuple[str, bytes]]) -> object | None:
+            if len(self.records) == 2:
+                return None  # full
+            self.records.append(value)
+            return object()
+
+        def close(self) -> None:
+            pass
+
+    class Producer:
+        def __init__(self) -> None:
+            self.sent: list[list[bytes]] = []
+
+        def create_batch(self) -> Builder:
+            return Builder()
+
+        async def send_batch(self, builder: Builder, topic: str, *, partition: int) -> Any:
+            if not self.sent:
+                self.sent.append(builder.records)
+                raise RuntimeError("refused")
+            self.sent.append(builder.records)
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    producer = Producer()
+    lane = _PartitionLane(producer, "t", 0)  # type: ignore[arg-type]
+    first = [lane.append(b"k", b"m%d" % n, []) for n in range(5)]  # three batches
+    with pytest.raises(RuntimeError):
+        await first[0]
+    for outcome in first[2:]:
+        with pytest.raises(RuntimeError):
+            await outcome
+    with pytest.raises(RuntimeError):
+        await lane.append(b"k", b"m5", [])
+    lane.close()
+    assert producer.sent == [[b"m0", b"m1"]]
