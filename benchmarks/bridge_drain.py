@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from . import brokers, loadgen
-from .scenarios_bridge import TOPIC, _children, bridge_toml, counter, remote
+from .scenarios_bridge import TOPIC, _bridge_status, _children, bridge_toml, counter, remote
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
             total_cpu += _line("remote", (0.0, 0.0), r1, sent, span)
             print(f"  all three {total_cpu / sent * 1e6:5.1f} us/msg; wall {span:.2f} s from "
                   "the remote's start (remote: CPU from its start)")
+            status = _bridge_status(rb)
+            print(f"  bridge: forwarded {status.get('forwarded')}, failures "
+                  f"{status.get('failures')}, last error {status.get('last_error')}")
         finally:
             rb.stop()
 

@@ -13,8 +13,11 @@ edge-broker (a `[[bridges]]` table in the broker's configuration, uplink `bench/
   broker's CPU time (user + system, /proc) per forwarded message from the start of the
   publishers until the last arrival (`S14.<kind>.live_cpu_us_per_msg`: ingest and forward;
   robust when the machine is shared). Check: everything acknowledged arrives.
-- **backlog drain after an outage**: the remote server is not running while the publisher
-  sends `min(live count, 200,000)` messages; then it starts, and the figure is that backlog
+- **backlog drain after an outage**: the remote server is not running while the same
+  LIVE_DEVICES devices (topics `bench/s11/<n>`) send `min(live count, 200,000)` messages
+  between them (the backlog an outage leaves is the traffic of the live phase: until round 5
+  it was one publisher on one topic, which a Kafka bridge, keyed by MQTT topic, sends to one
+  partition); then the remote starts, and the figure is that backlog
   divided by the time from the first forwarded message to the last
   (`S14.<kind>.drain_msgs_per_s`; `drain_vs_live_pct`, target >= 200 %), and the broker's
   CPU time per message of the drain alone (`S14.<kind>.drain_cpu_us_per_msg`: forwarding
@@ -297,15 +300,18 @@ def _children(pid: int) -> list[int]:
 
 
 def _devices(rb: brokers.RunningBroker, count: int, duration_s: float,
-             hard_timeout_s: float) -> list[dict[str, Any]]:
-    """`count` QoS 1 publishers at full speed at once (one process each); their results."""
+             hard_timeout_s: float, max_messages: int | None = None) -> list[dict[str, Any]]:
+    """`count` QoS 1 publishers at full speed at once (one process each, topic
+    `bench/s11/<n>`); their results. `max_messages`: how many all of them send together
+    (split evenly), then they stop (else they stop after `duration_s`)."""
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
+    each = None if max_messages is None else -(-max_messages // count)
 
     def one(n: int) -> None:
         try:
             results.append(loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
-                topic=f"{TOPIC}/{n}", qos=1, duration_s=duration_s,
+                topic=f"{TOPIC}/{n}", qos=1, duration_s=duration_s, max_messages=each,
                 client_id=f"bench-s11-{n}"), hard_timeout_s=hard_timeout_s))
         except BaseException as exc:  # reported below, in the caller's thread
             errors.append(exc)
@@ -365,11 +371,13 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
     n = max(1000, min(backlog, DRAIN_MAX))
     with remote(kind, started=False) as server, \
             _launch(case, bridge_toml(kind, server.address)) as rb:
-        pub = loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
-            topic=TOPIC, qos=1, duration_s=3600, max_messages=n, client_id="bench-s11"),
-            hard_timeout_s=o.duration_s * 3 + 600)
-        acked = int(pub["acked"])
+        # The backlog is what the live phase's devices publish during the outage: the same
+        # LIVE_DEVICES devices on their own topics (not one publisher on one topic, which
+        # a Kafka bridge keys to a single partition).
+        pubs = _devices(rb, LIVE_DEVICES, 3600, o.duration_s * 3 + 600, max_messages=n)
+        acked = sum(int(p["acked"]) for p in pubs)
         count = counter(kind, server, rb)
+        failed_before = int(_bridge_status(rb).get("failures") or 0)  # while it was down
         c0 = _cpu_s(rb.pid)
         server.start()
         sampler = Sampler(count)
@@ -388,9 +396,14 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
             round(100 * rate / live) if rate and live else None)
         res.check(f"S14 {kind} drain: the whole backlog arrives", done is not None,
                   f"{sampler.samples[-1][1] if sampler.samples else 0}/{acked} arrived")
+        status = _bridge_status(rb)
         res.details[f"{kind}_drain"] = {"backlog": acked,
                                         "drain_s": round(done - first, 2)
-                                        if done and first else None}
+                                        if done and first else None,
+                                        # failures once the remote was up (a resend):
+                                        "failures": int(status.get("failures") or 0)
+                                        - failed_before,
+                                        "last_error": status.get("last_error")}
 
 
 def _s1_pair(case: Case, res: Result, bridged: Callable[[], Any],

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any, Final
@@ -61,6 +63,9 @@ MAX_BATCH_BYTES: Final = 512 * 1024  # aiokafka's max_request_size is 1 MiB
 LARGE_RECORD: Final = MAX_BATCH_BYTES // 2  # payloads above it go through producer.send
 PARTS_CACHE: Final = 4096  # (topic, qos, retain, client id) whose record parts are kept
 _OPTIONAL: Final = (H_CONTENT_TYPE, H_PAYLOAD_FORMAT, H_USER_PROPERTIES)
+# Batches of one partition with aiokafka at once: the one in its produce request and the
+# next, queued (what comes meanwhile gathers in the partition's open batch).
+LANE_OUTSTANDING: Final = 2
 _PARTITIONER: Final = DefaultPartitioner()  # what AIOKafkaProducer uses when not told otherwise
 
 
@@ -90,6 +95,117 @@ def client_options(config: BridgeConfig) -> dict[str, Any]:
     return options
 
 
+class _PartitionLane:
+    """The records of one (Kafka topic, partition) not handed to aiokafka yet, and the task
+    that hands them over in order, keeping at most LANE_OUTSTANDING of its batches with
+    aiokafka at once (see `KafkaSink.submit`). Each batch's outcome is a future of ours,
+    made when the batch opens and settled from aiokafka's when the broker answers."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self._loop = asyncio.get_running_loop()
+        self._open: tuple[Any, asyncio.Future[Any]] | None = None  # (builder, outcome)
+        self._ready: deque[tuple[Any, asyncio.Future[Any]]] = deque()  # full, in order
+        self._outstanding = 0  # batches handed over and not answered yet
+        self._lock = asyncio.Lock()  # one hand-over at a time: they keep the log's order
+        self._wake = asyncio.Event()
+        self._woken = False  # `_wake` set and the pump not run since
+        # The failed outcome of a batch aiokafka refused: nothing more is sent (see
+        # `_hand_over_next`), and what is appended after it fails with it.
+        self.broken: asyncio.Future[Any] | None = None
+        self._task = asyncio.ensure_future(self._pump())
+
+    def append(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+               ) -> asyncio.Future[Any]:
+        """Add a record to the open batch; the future of that batch's outcome (failed at
+        once after a hand-over failed: see `_hand_over_next`)."""
+        if self.broken is not None:
+            return self.broken
+        entry = self._open
+        if entry is None:
+            entry = self._open = (self.producer.create_batch(), self._loop.create_future())
+        if entry[0].append(key=key, value=value, timestamp=None, headers=headers) is None:
+            self._ready.append(entry)  # full: it goes as it is
+            entry = self._open = (self.producer.create_batch(), self._loop.create_future())
+            entry[0].append(key=key, value=value, timestamp=None, headers=headers)
+        if not self._woken:  # once per turn, not per record
+            self._woken = True
+            self._wake.set()
+        return entry[1]
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._woken = False
+            async with self._lock:
+                while self._outstanding < LANE_OUTSTANDING and (
+                        self._ready or self._open is not None):
+                    await self._hand_over_next()
+
+    async def hand_over_all(self) -> None:
+        """Hand every record appended so far to aiokafka (before a record that goes
+        through `producer.send`, so that it comes after them)."""
+        async with self._lock:
+            while self._ready or self._open is not None:
+                await self._hand_over_next()
+
+    async def _hand_over_next(self) -> None:
+        if self._ready:
+            builder, outcome = self._ready.popleft()
+        else:
+            assert self._open is not None
+            (builder, outcome), self._open = self._open, None
+        builder.close()
+        try:
+            acked = await self.producer.send_batch(builder, self.topic,
+                                                   partition=self.partition)
+        except asyncio.CancelledError:
+            _fail(outcome, BridgeError("the Kafka sink was closed"))
+            raise
+        except Exception as exc:  # the producer refused it: the windows waiting see why
+            _fail(outcome, exc)
+            # Nothing after it goes out on this connection (the forwarder sends again
+            # from its cursor on a new one): no later record of the partition is stored
+            # before this batch's.
+            self.broken = outcome
+            self._fail_pending(exc)
+            return
+        self._outstanding += 1
+        acked.add_done_callback(functools.partial(self._answered, outcome))
+
+    def _answered(self, outcome: asyncio.Future[Any], acked: asyncio.Future[Any]) -> None:
+        self._outstanding -= 1
+        self._wake.set()
+        if acked.cancelled():
+            _fail(outcome, BridgeError("the batch was cancelled"))
+        elif (error := acked.exception()) is not None:
+            _fail(outcome, error)
+        elif not outcome.done():
+            outcome.set_result(acked.result())
+
+    def close(self) -> None:
+        """Stop handing over; the batches not handed over fail (the sink is closed)."""
+        self._task.cancel()
+        self._fail_pending(BridgeError("the Kafka sink was closed"))
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for _, outcome in self._ready:
+            _fail(outcome, error)
+        if self._open is not None:
+            _fail(self._open[1], error)
+        self._ready.clear()
+        self._open = None
+
+
+def _fail(outcome: asyncio.Future[Any], error: BaseException) -> None:
+    if not outcome.done():
+        outcome.set_exception(error)
+        outcome.exception()  # retrieved: a dropped window's outcome is not logged
+
+
 class KafkaSink:
     """Uplink to Kafka topics. See the module docstring."""
 
@@ -107,6 +223,9 @@ class KafkaSink:
         self._parts: dict[tuple[str, int, bool, str],
                           tuple[str | None, bytes, list[tuple[str, bytes]]]] = {}
         self._partitions: dict[tuple[str, bytes], int] = {}  # (Kafka topic, key) -> partition
+        self._lanes: dict[tuple[str, int], _PartitionLane] = {}  # (Kafka topic, partition)
+        self._time_at = -1.0  # the publish time last formatted, and its header value
+        self._time = b""
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
@@ -158,8 +277,10 @@ class KafkaSink:
         if topic is None:
             return None, key, []
         mid = (self._mid_prefix + str(message.offset)).encode()
-        headers = [(H_MESSAGE_ID, mid), *static,
-                   (H_PUBLISH_TIME, format_time(message.publish_time).encode())]
+        if message.publish_time != self._time_at:  # a window's messages often share it
+            self._time_at = message.publish_time
+            self._time = format_time(message.publish_time).encode()
+        headers = [(H_MESSAGE_ID, mid), *static, (H_PUBLISH_TIME, self._time)]
         if (message.content_type is not None or message.payload_utf8
                 or message.user_properties):
             full = message.headers("-")  # the optional ones, in the documented order
@@ -196,16 +317,21 @@ class KafkaSink:
         return await (await self.submit(batch))
 
     async def submit(self, batch: Sequence[BridgeMessage]) -> asyncio.Future[int]:
-        """Hand the window to the producer now; a future of the number acknowledged from
-        its start (`PipelinedSink`, bridge/forward.py).
+        """Hand the window to the producer; a future of the number acknowledged from its
+        start (`PipelinedSink`, bridge/forward.py).
 
-        The records go in record batches built here, one per (Kafka topic, partition) of the
-        window, handed over with `send_batch` (aiokafka's public batch API): one future per
-        batch instead of one per record, and none of `send`'s per-record metadata check,
-        partitioner and accumulator walk. The partition is the one `send` would choose
-        (`_partition_of`); records keep their order per partition. A record too large for
-        a batch of its own, or of a topic whose partitions are not known, goes through
-        `send` (after the batches before it, so order per partition holds)."""
+        The records go into record batches built here, one open batch per (Kafka topic,
+        partition) (`_PartitionLane`), handed over with `send_batch` (aiokafka's public
+        batch API): one future per batch instead of one per record, and none of `send`'s
+        per-record metadata check, partitioner and accumulator walk. The partition is the
+        one `send` would choose (`_partition_of`); records keep their order per partition.
+        While a partition has LANE_OUTSTANDING batches with aiokafka, the windows after them
+        gather in its open batch, so one produce request carries what arrived during a
+        round trip (aiokafka sends one request per broker at a time, with one batch per
+        partition: handing over a batch per window limited a drain to one window per round
+        trip). A record too large for a batch of its own, or of a topic whose partitions
+        are not known, goes through `send`, after its partition's records before it were
+        handed over (order per partition holds)."""
         if not batch:
             raise BridgeError("nothing to send")
         producer = self._producer
@@ -216,7 +342,8 @@ class KafkaSink:
         # Per message the index of the future it waits for (-1: unrouted, done).
         slots: list[int] = []
         futures: list[asyncio.Future[Any] | None] = []
-        open_batches: dict[tuple[str, int], tuple[Any, int]] = {}
+        seen: dict[int, int] = {}  # id of a future -> its index in `futures`
+        lanes = self._lanes
         try:
             async with asyncio.timeout_at(deadline):
                 for message in batch:
@@ -230,43 +357,29 @@ class KafkaSink:
                         partition = self._partition_of(topic, key)
                     payload = message.payload
                     if partition is None or len(payload) > LARGE_RECORD:
-                        await self._flush_batches(open_batches, futures)
-                        futures.append(await producer.send(
+                        broken = None
+                        for (lane_topic, lane_partition), lane in list(lanes.items()):
+                            if lane_topic == topic and partition in (None, lane_partition):
+                                await lane.hand_over_all()
+                                broken = broken or lane.broken
+                        futures.append(broken or await producer.send(
                             topic, payload, key=key, partition=partition, headers=headers))
                         slots.append(len(futures) - 1)
                         continue
-                    where = (topic, partition)
-                    entry = open_batches.get(where)
-                    if entry is None:
-                        entry = open_batches[where] = (producer.create_batch(), len(futures))
-                        futures.append(None)
-                    builder, slot = entry
-                    if builder.append(key=key, value=payload, timestamp=None,
-                                      headers=headers) is None:  # full: hand it over
-                        builder.close()
-                        futures[slot] = await producer.send_batch(builder, topic,
-                                                                  partition=partition)
-                        builder = producer.create_batch()
-                        slot = len(futures)
-                        futures.append(None)
-                        open_batches[where] = (builder, slot)
-                        builder.append(key=key, value=payload, timestamp=None,
-                                       headers=headers)
+                    found = lanes.get((topic, partition))
+                    if found is None:
+                        found = lanes[(topic, partition)] = _PartitionLane(
+                            producer, topic, partition)
+                    future = found.append(key, payload, headers)
+                    slot = seen.get(id(future))
+                    if slot is None:
+                        slot = seen[id(future)] = len(futures)
+                        futures.append(future)
                     slots.append(slot)
-                await self._flush_batches(open_batches, futures)
         except (KafkaError, TimeoutError) as exc:
             if not any(f is not None for f in futures):
                 raise BridgeError(f"Kafka send failed: {exc!r}") from exc
         return asyncio.ensure_future(self._collect(slots, futures, deadline))
-
-    async def _flush_batches(self, open_batches: dict[tuple[str, int], tuple[Any, int]],
-                             futures: list[asyncio.Future[Any] | None]) -> None:
-        producer = self._producer
-        assert producer is not None
-        for (topic, partition), (builder, slot) in list(open_batches.items()):
-            del open_batches[(topic, partition)]
-            builder.close()
-            futures[slot] = await producer.send_batch(builder, topic, partition=partition)
 
     async def _collect(self, slots: list[int], futures: list[asyncio.Future[Any] | None],
                        deadline: float) -> int:
@@ -298,6 +411,9 @@ class KafkaSink:
         return acknowledged
 
     async def close(self) -> None:
+        lanes, self._lanes = self._lanes, {}
+        for lane in lanes.values():
+            lane.close()
         if self._producer is not None:
             producer, self._producer = self._producer, None
             with contextlib.suppress(Exception):

@@ -2,7 +2,8 @@
 own read-only connection to the store file (the broker stays the only writer).
 
 `ChildLogReader` is the `LogReader` (bridge/forward.py) of the process: pages are read on a
-thread of their own, `wait_after` asks the broker to be woken by its next group commit (no
+thread of their own (with a GIL switch interval of PAGE_READ_SWITCH_S in the process,
+`use_page_read_switch`), `wait_after` asks the broker to be woken by its next group commit (no
 polling), and `commit_cursor` hands the acknowledged cursor, with the (offset, size) of the
 rows it passes, to the broker, which stores it (server/bridge_proc.py).
 """
@@ -10,13 +11,29 @@ rows it passes, to the broker, which stores it (server/bridge_proc.py).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Final
 
 from ..bridge.base import BridgeMessage
 from ..store.log.bridge_file import LogFile
 from .bridge_log import raw_bridge_message
+
+# The uplink process's GIL switch interval (Python's default: 5 ms). The page-read thread
+# releases the GIL in each SQLite step (once per row) and must then wait for the event loop
+# to give it back; with 5 ms a page of 256 rows took about 5 ms on the thread for under 1 ms
+# of work while a drain's loop was busy with acknowledgements (benchmarks/ANALYSIS.md,
+# round 5), and the forwarder waits for that page. Only this process (the loop and this
+# one thread) is affected.
+PAGE_READ_SWITCH_S: Final = 0.0005
+
+
+def use_page_read_switch() -> None:
+    """Set the process's GIL switch interval to PAGE_READ_SWITCH_S (the uplink process
+    calls it at start; not done by `ChildLogReader` itself, which tests make in-process)."""
+    if sys.getswitchinterval() > PAGE_READ_SWITCH_S:
+        sys.setswitchinterval(PAGE_READ_SWITCH_S)
 
 
 class ChildLogReader:

@@ -249,3 +249,108 @@ def test_cached_partition_is_the_default_partitioners() -> None:
             assert sink._partition_of("edge.telemetry", key) == DefaultPartitioner()(
                 key, [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6])
     assert len({sink._partition_of("edge.telemetry", k) for k in keys}) > 1
+
+
+async def test_windows_in_flight_at_once_arrive_in_order_per_key(tansu: Tansu) -> None:
+    """The forwarder keeps several windows in flight; while a partition's batches wait for
+    their answer the next windows gather in one batch (kafka.py `_PartitionLane`). Every
+    window is acknowledged in full and each key's records arrive in log order, also with a
+    large record (which goes through `producer.send`) between them."""
+    from edge_broker.bridge.kafka import LARGE_RECORD
+
+    sink = KafkaSink(bridge_config(tansu.bootstrap), gateway_id="gw7", store_id=STORE_ID)
+    await sink.start()
+    try:
+        windows = [messages(1 + 100 * n, 100) for n in range(12)]
+        big = windows[6][50]
+        windows[6][50] = BridgeMessage(offset=big.offset, topic=big.topic, qos=1,
+                                       payload=b"x" * (LARGE_RECORD + 1))
+        acks = [await sink.submit(window) for window in windows]
+        assert [await ack for ack in acks] == [100] * 12
+    finally:
+        await sink.close()
+    records = await consume(tansu.bootstrap, ["edge.alarms", "edge.telemetry"], 1200)
+    by_key: dict[bytes, list[int]] = {}
+    for record in records:
+        by_key.setdefault(record.key, []).append(offset_of(record))
+    assert by_key == {b"alarms/x": list(range(2, 1201, 3)),
+                      b"sensors/a": list(range(3, 1201, 3)),
+                      b"sensors/b": list(range(1, 1201, 3))}
+
+
+
+async def test_submit_does_not_wait_for_a_slow_broker(tmp_path: Path) -> None:
+    """While the broker does not answer, the windows after the first ones are still taken
+    at once (they gather per partition): the forwarder goes on reading the log instead of
+    waiting inside `submit` for aiokafka to take the partition's previous batch. Their
+    acknowledgements still wait for the broker: none is acknowledged while it is silent."""
+    server = Tansu(tmp_path / "tansu")
+    proxy = await TcpProxy("127.0.0.1", server.port).start()
+    server.advertised_port = proxy.port
+    server.start()
+    sink = KafkaSink(bridge_config(proxy.address), gateway_id="gw7", store_id=STORE_ID,
+                     ack_timeout=2.0)
+    try:
+        await sink.start()
+        assert await sink.send(messages(1, 30)) == 30  # metadata known, partitions cached
+        proxy.blackhole()
+        acks = []
+        for n in range(6):  # each within a second although nothing is answered
+            acks.append(await asyncio.wait_for(sink.submit(messages(31 + 30 * n, 30)), 1.0))
+        for ack in acks:
+            with pytest.raises(BridgeError):
+                await ack
+    finally:
+        await sink.close()
+        await proxy.close()
+        server.kill()
+
+
+async def test_after_a_refused_batch_nothing_later_of_the_partition_is_sent() -> None:
+    """When aiokafka refuses a partition's batch (`send_batch` raises), the records after it
+    are not handed over on that connection (they would be stored before the refused ones,
+    which the forwarder sends again from its cursor): they fail with it."""
+    from edge_broker.bridge.kafka import _PartitionLane
+
+    class Builder:
+        def __init__(self) -> None:
+            self.records: list[bytes] = []
+
+        def append(self, *, key: bytes, value: bytes, timestamp: None,
+                   headers: list[tuple[str, bytes]]) -> object | None:
+            if len(self.records) == 2:
+                return None  # full
+            self.records.append(value)
+            return object()
+
+        def close(self) -> None:
+            pass
+
+    class Producer:
+        def __init__(self) -> None:
+            self.sent: list[list[bytes]] = []
+
+        def create_batch(self) -> Builder:
+            return Builder()
+
+        async def send_batch(self, builder: Builder, topic: str, *, partition: int) -> Any:
+            if not self.sent:
+                self.sent.append(builder.records)
+                raise RuntimeError("refused")
+            self.sent.append(builder.records)
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    producer = Producer()
+    lane = _PartitionLane(producer, "t", 0)  # type: ignore[arg-type]
+    first = [lane.append(b"k", b"m%d" % n, []) for n in range(5)]  # three batches
+    with pytest.raises(RuntimeError):
+        await first[0]
+    for outcome in first[2:]:
+        with pytest.raises(RuntimeError):
+            await outcome
+    with pytest.raises(RuntimeError):
+        await lane.append(b"k", b"m5", [])
+    lane.close()
+    assert producer.sent == [[b"m0", b"m1"]]
