@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from ..errors import StoreError
 from ..mqtt.properties import NO_PROPERTIES
 
 if TYPE_CHECKING:
@@ -86,13 +86,13 @@ class Lane:
         blob = pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             dropped = file.append([(len(records), len(blob), records[0][4], blob)], self.mark)
-        except sqlite3.Error as exc:  # disk full, I/O error: lost (QoS 0, at most once)
+        except StoreError as exc:  # disk full, I/O error: lost (QoS 0, at most once)
             self.dropped += len(records)
             now = time.monotonic()
             if now - self._failed_at >= DROP_LOG_INTERVAL_S:
                 self._failed_at = now
-                log.error("bridge %s: cannot store QoS 0 lane messages in %s: %s: %d "
-                          "message(s) dropped (%d in all)", self.name, file.path, exc,
+                log.error("bridge %s: cannot store QoS 0 lane messages: %s: %d "
+                          "message(s) dropped (%d in all)", self.name, exc,
                           len(records), self.dropped)
             return
         self.sent += len(records)

@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from urllib.parse import quote
 from ..bridge.base import Backoff
 from ..bridge.config import BridgeConfig
 from ..bridge.forward import ForwarderStatus
+from ..errors import StoreError
 from ..mqtt.properties import NO_PROPERTIES
 from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.bridges import reader_name
@@ -239,8 +239,12 @@ class ProcessForwarder:
     def lane_file(self) -> LaneFile | None:
         """The lane's file (the broker writes it; None: this bridge has no lane)."""
         if self._lane_file is None and self.lanes is not None:
-            self._lane_file = LaneFile(self.lane_path, self.store_id,
-                                       self.config.max_backlog_bytes)
+            try:
+                self._lane_file = LaneFile(self.lane_path, self.store_id,
+                                           self.config.max_backlog_bytes)
+            except StoreError as exc:  # tried again at the process's next start
+                log.error("bridge %s: %s; its QoS 0 messages go by the store's log meanwhile",
+                          self.config.name, exc)
         return self._lane_file
 
     @property
@@ -286,7 +290,7 @@ class ProcessForwarder:
             return
         try:
             file.commit_cursor(cursor)
-        except sqlite3.Error as exc:  # not stored: the next ack stores a later one
+        except StoreError as exc:  # not stored: the next ack stores a later one
             log.error("bridge %s: cannot store the QoS 0 lane's cursor %d: %s",
                       self.config.name, cursor, exc)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from edge_broker.bridge.base import BridgeMessage
+from edge_broker.errors import StoreError
 from edge_broker.server.bridge_lane import lane_records
 from edge_broker.server.bridge_lane_child import LaneReader
 from edge_broker.store.log.lane_file import LaneFile, LaneView, load_blob
@@ -60,6 +62,32 @@ def test_a_file_of_another_store_is_emptied(tmp_path: Path) -> None:
     other = LaneFile(path, "s2")
     assert other.backlog_messages == 0 and other.next_offset == 1
     other.close()
+
+
+def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
+    """A write the file refuses (here: another writer holds its lock; disk full alike) is
+    reported as StoreError naming the file, and leaves no trace: the next append takes the
+    same offsets, the backlog figures count only what was stored."""
+    path = str(tmp_path / "lane")
+    lane = LaneFile(path, "s1", max_backlog_bytes=25)
+    lane.append([_batch(0, 2)], mark=0)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")
+    lane._conn.execute("PRAGMA busy_timeout = 0")
+    with pytest.raises(StoreError, match=f"{path}: table lane"):
+        lane.append([_batch(2, 3), _batch(5, 2)], mark=0)  # over the bound, too
+    with pytest.raises(StoreError, match=f"{path}: table lane_meta, key cursor"):
+        lane.commit_cursor(2)
+    assert (lane.next_offset, lane.backlog_messages, lane.backlog_bytes, lane.cursor,
+            lane.dropped) == (3, 2, 10, 0, 0)
+    other.execute("ROLLBACK")
+    other.close()
+    lane.append([_batch(2, 1)], mark=0)
+    assert lane.next_offset == 4 and lane.backlog_messages == 3 and lane.backlog_bytes == 20
+    view = _view(lane)
+    assert [(first, count) for first, count, *_ in view.page(0, 10)] == [(1, 2), (3, 1)]
+    view.close()
+    lane.close()
 
 
 def test_max_backlog_bytes_drops_the_oldest_rows(tmp_path: Path) -> None:

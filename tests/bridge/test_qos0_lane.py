@@ -247,3 +247,28 @@ def test_kafka_lane(tansu: Tansu, tmp_path: Path) -> None:
         gateway.stop()
     assert _lane_ids(rows)
     assert_in_order_once(rows, sent, duplicates_allowed=True)  # Kafka keeps resends
+
+
+def test_a_lane_file_that_cannot_be_opened_sends_qos0_by_the_log(nats_server: NatsServer,
+                                                                 tmp_path: Path) -> None:
+    """A damaged lane file stops neither the bridge nor its QoS 0 messages: they take the
+    store's log (as while no process runs), and the log names the file."""
+    gateway = Gateway(tmp_path, _separate(nats_server.url))
+    gateway.data_dir.mkdir(parents=True, exist_ok=True)
+    lane = gateway.data_dir / "edge-broker.db.lane-central"
+    lane.write_bytes(b"not a database, " * 512)
+    gateway.start()
+    sent: list[tuple[str, bytes]] = []
+    try:
+        _process(gateway)
+        wait_until(lambda: gateway.status("central")["connected"], 20, "connected")
+        client = connect(gateway.port, "dev1")
+        _publish_qos0(client, sent, 0, 500)
+        wait_until(lambda: stream_count(nats_server.url) == 500, 30, "all forwarded")
+        assert _log_rows(gateway) == 500  # by the log
+        client.close()
+        rows = upstream(gateway.bridge_config("central"))
+    finally:
+        gateway.stop()
+    assert f"{lane}: cannot open the QoS 0 lane file" in gateway.log
+    assert_in_order_once(rows, sent, duplicates_allowed=False)

@@ -24,12 +24,15 @@ read-only connection; WAL lets it read beside the writer, each read seeing the l
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import sqlite3
 from collections import deque
 from typing import Any, Final
 from urllib.parse import quote
+
+from ...errors import StoreError
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -72,31 +75,40 @@ class LaneFile:
     """The broker's access to one bridge's lane file, the only writer (its event loop)."""
 
     def __init__(self, path: str, store_id: str, max_backlog_bytes: int = 0) -> None:
+        """Raises StoreError naming the file when it cannot be opened or read (not a
+        database, damaged, unwritable)."""
         self.path = path
         self.max_backlog_bytes = max_backlog_bytes
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        for statement in _SCHEMA:
-            conn.execute(statement)
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open the QoS 0 lane file: {exc}") from exc
         self._conn = conn
-        meta = dict(conn.execute("SELECT key, value FROM lane_meta").fetchall())
-        if meta.get("store_id", store_id) != store_id:
-            conn.execute("DELETE FROM lane")
-            meta = {}
-        conn.execute(_SET, ("store_id", store_id))
-        self.cursor = int(meta.get("cursor", 0))
-        self.dropped = int(meta.get("dropped", 0))
-        last = conn.execute("SELECT MAX(first + count) FROM lane").fetchone()[0]
-        self.next_offset = max(int(last or 0), self.cursor + 1)
-        self.backlog_bytes = int(conn.execute(
-            "SELECT COALESCE(SUM(bytes), 0) FROM lane WHERE first + count - 1 > ?",
-            (self.cursor,)).fetchone()[0])
-        # (first, count, bytes, at, mark) of the rows after the cursor, oldest first
-        self._rows: list[tuple[int, int, int, float, int]] = [
-            (int(f), int(c), int(b), float(a), int(m)) for f, c, b, a, m in conn.execute(
-                "SELECT first, count, bytes, at, mark FROM lane WHERE first + count - 1 > ? "
-                "ORDER BY first", (self.cursor,))]
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            meta = dict(conn.execute("SELECT key, value FROM lane_meta").fetchall())
+            if meta.get("store_id", store_id) != store_id:
+                conn.execute("DELETE FROM lane")
+                meta = {}
+            conn.execute(_SET, ("store_id", store_id))
+            self.cursor = int(meta.get("cursor", 0))
+            self.dropped = int(meta.get("dropped", 0))
+            last = conn.execute("SELECT MAX(first + count) FROM lane").fetchone()[0]
+            self.next_offset = max(int(last or 0), self.cursor + 1)
+            self.backlog_bytes = int(conn.execute(
+                "SELECT COALESCE(SUM(bytes), 0) FROM lane WHERE first + count - 1 > ?",
+                (self.cursor,)).fetchone()[0])
+            # (first, count, bytes, at, mark) of the rows after the cursor, oldest first
+            self._rows: list[tuple[int, int, int, float, int]] = [
+                (int(f), int(c), int(b), float(a), int(m)) for f, c, b, a, m in conn.execute(
+                    "SELECT first, count, bytes, at, mark FROM lane "
+                    "WHERE first + count - 1 > ? ORDER BY first", (self.cursor,))]
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: a damaged lane_meta value
+            conn.close()
+            raise StoreError(f"{path}: cannot open the QoS 0 lane file: {exc}") from exc
 
     def close(self) -> None:
         self._conn.close()
@@ -119,7 +131,17 @@ class LaneFile:
         transaction, with `mark`: the broker's last log offset when the running process's
         lane opened (every message of the bridge's up to it in the log comes first; see
         server/bridge_lane_child.py `LogGate`). Then drop the oldest rows beyond
-        `max_backlog_bytes`. Returns the number of messages dropped."""
+        `max_backlog_bytes`. Returns the number of messages dropped. A write that fails
+        (disk full, I/O error) raises StoreError naming the file, and stores nothing."""
+        try:
+            return self._append(batches, mark)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: table lane: {exc}") from exc
+
+    def _append(self, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
+        # What a failed write must leave as it was (the rows and figures in memory).
+        saved = (self.next_offset, self.backlog_bytes, self.cursor, self.dropped)
+        kept_before = len(self._rows)
         rows = []
         for count, size, at, blob in batches:
             rows.append((self.next_offset, count, size, at, mark, blob))
@@ -127,22 +149,28 @@ class LaneFile:
             self.next_offset += count
             self.backlog_bytes += size
         conn = self._conn
-        conn.execute("BEGIN")
         try:
+            conn.execute("BEGIN")
             conn.executemany(
                 "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES (?, ?, ?, ?, ?, ?)",
                 rows)
-            dropped = self._bound()
+            dropped, cut = self._bound()
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # no transaction if BEGIN failed
+                conn.execute("ROLLBACK")
+            del self._rows[kept_before:]
+            self.next_offset, self.backlog_bytes, self.cursor, self.dropped = saved
             raise
+        del self._rows[:cut]
         return dropped
 
-    def _bound(self) -> int:
+    def _bound(self) -> tuple[int, int]:
+        """Within append's transaction: delete the oldest rows beyond max_backlog_bytes.
+        Returns (messages dropped, rows of `_rows` to remove once committed)."""
         limit = self.max_backlog_bytes
         if not limit or self.backlog_bytes <= limit:
-            return 0
+            return 0, 0
         kept = self._rows
         cut = 0
         dropped = 0
@@ -155,20 +183,32 @@ class LaneFile:
             self.backlog_bytes -= size
             cut += 1
         if not cut:
-            return 0
-        del kept[:cut]
+            return 0, 0
         self.cursor = cursor
         self.dropped += dropped
         conn = self._conn
         conn.execute("DELETE FROM lane WHERE first <= ?", (cursor,))
         conn.execute(_SET, ("cursor", str(cursor)))
         conn.execute(_SET, ("dropped", str(self.dropped)))
-        return dropped
+        return dropped, cut
 
     def commit_cursor(self, cursor: int) -> None:
-        """Everything up to `cursor` was acknowledged: store it, delete the rows it passes."""
+        """Everything up to `cursor` was acknowledged: store it, delete the rows it passes.
+        A write that fails raises StoreError and changes nothing (a later cursor is
+        stored with the next acknowledgement)."""
         if cursor <= self.cursor:
             return
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            conn.execute("DELETE FROM lane WHERE first <= ? AND first + count - 1 <= ?",
+                         (cursor, cursor))
+            conn.execute(_SET, ("cursor", str(cursor)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: table lane_meta, key cursor: {exc}") from exc
         self.cursor = cursor
         kept = self._rows
         cut = 0
@@ -176,13 +216,6 @@ class LaneFile:
             self.backlog_bytes -= kept[cut][2]
             cut += 1
         del kept[:cut]
-        conn = self._conn
-        conn.execute("BEGIN")
-        conn.execute("DELETE FROM lane WHERE first <= ? AND first + count - 1 <= ?",
-                     (cursor, cursor))
-        conn.execute(_SET, ("cursor", str(cursor)))
-        conn.execute("COMMIT")
-
 
 
 def _page(conn: sqlite3.Connection, after: int,
