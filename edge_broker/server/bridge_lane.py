@@ -2,9 +2,10 @@
 
 While a bridge's uplink process runs (`separate_process = true`), the QoS 0 messages that
 only that bridge's uplink takes are not appended to the store's log: the core puts them on
-`core.lane_out` (core/streams.py `_to_lane`), and `LaneHub` drains that list once per event-
-loop turn and hands each bridge's messages to its `Lane`, which appends them to the lane's
-own file (store/log/lane_file.py) as one row - a blob, the pickled list of compact records
+`core.lane_out` (core/streams.py `_to_lane`, a list per reader), and `LaneHub` drains it
+once per event-loop turn and hands each bridge's messages to its `Lane`, which appends them
+to the lane's own file (store/log/lane_file.py) as one row - a blob, the pickled list of
+compact records
 
     (topic, payload, retain, client id, publish time, properties or None)
 
