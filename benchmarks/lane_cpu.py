@@ -1,7 +1,7 @@
 """CPU per message of S1 with every message uplinked (issue 9): the broker's and the uplink
 process's, separately (/proc/PID/stat, user + system).
 
-    python -m benchmarks.lane_cpu MODE [MESSAGES] [RATE] [--edge-cmd CMD]
+    python -m benchmarks.lane_cpu MODE [MESSAGES] [RATE] [--edge-cmd CMD] [--stop-child]
 
 MODE: `plain` (no bridge), `down` (a separate-process JetStream bridge whose server is not
 running: only the ingest side), `up` (its server running: ingest and forwarding). S1's flow:
@@ -14,8 +14,10 @@ forwarding of the tail is counted.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 from . import brokers, loadgen
 from .scenarios_bridge import _children, _wait_backlog_empty, bridge_toml, remote
@@ -23,6 +25,12 @@ from .scenarios_bridge import _children, _wait_backlog_empty, bridge_toml, remot
 
 def _cpu(pid: int) -> float:
     return brokers.cpu_ticks(pid) / brokers.CLK_TCK
+
+
+def _sys(pid: int) -> float:
+    """The system (kernel) part alone."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return int(raw[raw.rindex(")") + 2:].split()[12]) / brokers.CLK_TCK
 
 
 def main(argv: list[str]) -> None:
@@ -36,6 +44,9 @@ def main(argv: list[str]) -> None:
         i = argv.index("--nice-child")
         nice_child = int(argv[i + 1])
         del argv[i:i + 2]
+    stop_child = "--stop-child" in argv  # the uplink process SIGSTOPped during the flow
+    if stop_child:
+        argv.remove("--stop-child")
     mode = argv[0]
     total = int(argv[1]) if len(argv) > 1 else 150_000
     rate = float(argv[2]) if len(argv) > 2 else 30_000.0
@@ -53,17 +64,24 @@ def main(argv: list[str]) -> None:
                 os.setpriority(os.PRIO_PROCESS, child, nice_child)
             brokers.wait_quiet(pid)
             nats = server.proc.pid if server.proc is not None else None
-            b0, c0 = _cpu(pid), _cpu(child) if child else 0.0
+            b0, c0, s0 = _cpu(pid), _cpu(child) if child else 0.0, _sys(pid)
             n0 = _cpu(nats) if nats else 0.0
+            if child and stop_child:
+                os.kill(child, signal.SIGSTOP)
             t0 = time.monotonic()
             flow = loadgen.run_flow(rb.host, rb.port, loadgen.PubSpec(
                 topic="bench/s1", rate=rate or None, duration_s=3600, max_messages=total),
                 loadgen.SubSpec(topic="bench/s1"))
             elapsed = time.monotonic() - t0
             brokers.wait_quiet(pid)
+            if child and stop_child:
+                b1, s1 = _cpu(pid), _sys(pid)  # before the process reads what waited
+                os.kill(child, signal.SIGCONT)
             if child:
                 brokers.wait_quiet(child)
-            b1, c1 = _cpu(pid), _cpu(child) if child else 0.0
+            if not (child and stop_child):
+                b1, s1 = _cpu(pid), _sys(pid)
+            c1 = _cpu(child) if child else 0.0
             uplink = _wait_backlog_empty(rb, flow["published"]) if mode == "up" else {}
             n1 = _cpu(nats) if nats else 0.0
         finally:
@@ -71,7 +89,7 @@ def main(argv: list[str]) -> None:
     sent = flow["published"]
     print(f"mode={mode} sent={sent} delivered={flow['delivered']} "
           f"publish_rate={flow['publish_rate']:,.0f}/s wall={elapsed:.1f}s "
-          f"broker={1e6 * (b1 - b0) / sent:.1f} us/msg "
+          f"broker={1e6 * (b1 - b0) / sent:.1f} us/msg (system {1e6 * (s1 - s0) / sent:.1f}) "
           f"child={1e6 * (c1 - c0) / sent:.1f} us/msg nats={1e6 * (n1 - n0) / sent:.1f} us/msg "
           f"loadgen={1e6 * flow['loadgen_cpu_s'] / sent:.1f} us/msg "
           f"forwarded={uplink.get('forwarded')} dropped={uplink.get('dropped')}")

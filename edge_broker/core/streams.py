@@ -203,10 +203,10 @@ class StreamRouting(QueueBounds):
         self.uplinks: dict[str, tuple[str, ...]] = {}  # reader name -> topic filters
         # The QoS 0 lane (docs/bridges.md "The QoS 0 lane"): the readers of bridges whose
         # uplink process is running now. A QoS 0 message that only such readers take is
-        # not appended to the log but put on `lane_out` as (reader, message); the server
+        # not appended to the log but put on `lane_out[reader]` (in order); the server
         # drains it once per loop turn (`lane_wake` is called when it stops being empty).
         self.lane_open: frozenset[str] = frozenset()
-        self.lane_out: list[tuple[str, Message]] = []
+        self.lane_out: dict[str, list[Message]] = {}
         self.lane_wake: Callable[[], None] = _nothing
 
     def set_streams(self, streams: Iterable[tuple[str, str]]) -> None:
@@ -257,27 +257,39 @@ class StreamRouting(QueueBounds):
         """The last log offset assigned (its batch may not be committed yet)."""
         return self._next_offset - 1
 
-    def _to_lane(self, records: Sequence[SubscriptionRecord], message: Message) -> bool:
+    def _to_lane(self, records: list[SubscriptionRecord], message: Message) -> bool:
         """Put a QoS 0 message on the lane when every reader that takes it has an open one
         (no named stream, no in-process bridge): True if it went there."""
         lane = self.lane_open
+        out = self.lane_out
+        if len(records) == 1:  # the usual case: one bridge, one of its filters
+            name = records[0].client_id
+            if name not in lane:
+                return False
+            if not out:
+                self.lane_wake()
+                out[name] = [message]
+                return True
+            taken = out.get(name)
+            if taken is None:
+                out[name] = [message]
+            else:
+                taken.append(message)
+            return True
         for record in records:
             if record.client_id not in lane:
                 return False
-        out = self.lane_out
         if not out:
             self.lane_wake()
-        if len(records) == 1:
-            out.append((records[0].client_id, message))
-            return True
         # A bridge with several filters matching the topic matches once per filter: it
         # takes the message once (as the log appends it once).
-        seen: set[str] = set()
         for record in records:
             name = record.client_id
-            if name not in seen:
-                seen.add(name)
-                out.append((name, message))
+            taken = out.get(name)
+            if taken is None:
+                out[name] = [message]
+            elif taken[-1] is not message:
+                taken.append(message)
         return True
 
     def _stream_live(self, message: Message, subs: dict[tuple[str, str], StreamSub]) -> None:
