@@ -28,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ..bridge.base import BridgeMessage
+from ..bridge.forward import LogReader
 from ..store.log.lane_file import LaneView, load_blob
-from .bridge_child_log import ChildLogReader
 
 log = logging.getLogger("edge_broker.bridges")
 
@@ -54,6 +54,18 @@ def lane_messages(first: int, records: list[tuple[Any, ...]], after: int,
     return out
 
 
+class _Gate(Protocol):
+    """What the lane needs of the `LogGate` beside it."""
+
+    done_to: int
+
+
+class _LogSide(LogReader, Protocol):
+    """What the `LogGate` needs of the log's reader (`ChildLogReader`)."""
+
+    last_committed: int
+
+
 class LaneReader:
     """`LogReader` over one bridge's lane file (see the module docstring)."""
 
@@ -62,7 +74,7 @@ class LaneReader:
         self.file = file
         self.mark = mark  # this run's (see the module docstring)
         self.send = send
-        self.gate: LogGate | None = None
+        self.gate: _Gate | None = None  # a LogGate (typed by what it must have)
         self._wakeup = asyncio.Event()
         self.progress = asyncio.Event()  # set when the lane's cursor moved
         self._decoded: tuple[int, list[tuple[Any, ...]]] | None = None
@@ -137,7 +149,7 @@ class LogGate:
     """The log forwarder's `LogReader` in a process with a lane: the `ChildLogReader`, with
     the order between the two sources kept (see the module docstring)."""
 
-    def __init__(self, reader: ChildLogReader, lane: LaneReader, mark: int) -> None:
+    def __init__(self, reader: _LogSide, lane: LaneReader, mark: int) -> None:
         self.reader = reader
         self.lane = lane
         self.mark = mark

@@ -153,7 +153,7 @@ def test_lane_rows_wait_for_the_log_up_to_their_mark(tmp_path: Path) -> None:
     async def run() -> None:
         writer = LaneFile(str(tmp_path / "lane"), "s1")
         reader = LaneReader(_view(writer), mark=7, send=lambda message: None)
-        reader.gate = Gate()  # type: ignore[assignment]
+        reader.gate = Gate()
         writer.append([_batch(0, 2)], mark=7)
         reader.appended(writer.next_offset - 1, writer.cursor)
         assert list(await reader.read_after(0, 10)) == []  # the log is acknowledged up to 4
@@ -206,7 +206,7 @@ def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
         older = LaneFile(path, "s1")
         older.append([_batch(0, 2)], mark=5)  # an earlier run's lane rows (log up to 5)
         lane = LaneReader(_view(older), mark=15, send=lambda message: None)  # log up to 15
-        gate = LogGate(FakeLog(), lane, mark=15)  # type: ignore[arg-type]
+        gate = LogGate(FakeLog(), lane, mark=15)
         # The QoS 1 row goes; the QoS 0 row 11 (published while no process ran, after the
         # lane's rows) waits for them.
         assert [m.offset for m in await gate.read_after(0, 10)] == [10]
