@@ -237,13 +237,16 @@ class _Boom:
         return (print, ("a lane blob ran code",))
 
 
-def test_a_blob_naming_a_global_is_refused_not_run(tmp_path: Path) -> None:
+def test_a_blob_naming_a_global_is_refused_not_run(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # The lane file is data on disk: a blob that would call a function when unpickled (here
     # print) is a damaged row, reported with file, table and key, and nothing runs.
     path = str(tmp_path / "lane")
-    with pytest.raises(ValueError, match=r"lane.*table lane, row first=7: damaged") as info:
+    # The message names what was refused (the compiled build does not keep __cause__).
+    with pytest.raises(ValueError, match=r"lane.*table lane, row first=7: damaged.*"
+                                         r"names builtins\.print"):
         load_blob(path, 7, pickle.dumps([_Boom()]))
-    assert "builtins.print" in str(info.value.__cause__)
+    assert "ran code" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="row first=8"):
         load_blob(path, 8, b"\x80\x05 not a pickle")
     with pytest.raises(ValueError, match="6-item records"):
