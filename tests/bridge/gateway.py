@@ -53,6 +53,11 @@ def jetstream_bridge(servers: list[str], **extra: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def separate_jetstream_bridge(url: str, **extra: str) -> str:
+    """`jetstream_bridge` with its uplink in a process of its own (`separate_process`)."""
+    return jetstream_bridge([url], separate_process="true", **extra)
+
+
 def kafka_bridge(servers: list[str], **extra: str) -> str:
     lines = ['[[bridges]]', 'name = "lake"', 'kind = "kafka"',
              f"servers = {servers!r}".replace("'", '"'),

@@ -29,8 +29,8 @@ from tests.bridge.gateway import (
     Device,
     Gateway,
     assert_in_order_once,
-    jetstream_bridge,
     kafka_bridge,
+    separate_jetstream_bridge,
     stream_count,
     upstream,
     wait_until,
@@ -41,10 +41,6 @@ from tests.integration.brokerprocess import needs_console_script
 pytestmark = needs_console_script
 
 TOPICS = 4
-
-
-def _separate(url: str, **extra: str) -> str:
-    return jetstream_bridge([url], separate_process="true", **extra)
 
 
 def _publish(device: Device, sent: list[tuple[str, bytes]], start: int, count: int) -> None:
@@ -63,7 +59,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_forwards_and_the_broker_shows_it(nats_server: NatsServer, tmp_path: Path) -> None:
-    gateway = Gateway(tmp_path, _separate(nats_server.url)).start()
+    gateway = Gateway(tmp_path, separate_jetstream_bridge(nats_server.url)).start()
     sent: list[tuple[str, bytes]] = []
     try:
         device = Device(gateway.port)
@@ -87,7 +83,7 @@ def test_forwards_and_the_broker_shows_it(nats_server: NatsServer, tmp_path: Pat
 
 def test_process_sigkilled_is_restarted_and_resumes(nats_server: NatsServer,
                                                     tmp_path: Path) -> None:
-    gateway = Gateway(tmp_path, _separate(nats_server.url, window="64")).start()
+    gateway = Gateway(tmp_path, separate_jetstream_bridge(nats_server.url, window="64")).start()
     sent: list[tuple[str, bytes]] = []
     try:
         device = Device(gateway.port)
@@ -117,7 +113,7 @@ def test_process_sigkilled_is_restarted_and_resumes(nats_server: NatsServer,
 
 def test_broker_restart_with_a_backlog(tmp_path: Path) -> None:
     server = NatsServer(tmp_path / "nats")  # its port is chosen; not started yet
-    gateway = Gateway(tmp_path, _separate(server.url)).start()
+    gateway = Gateway(tmp_path, separate_jetstream_bridge(server.url)).start()
     sent: list[tuple[str, bytes]] = []
     try:
         device = Device(gateway.port)

@@ -28,8 +28,8 @@ pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
 from tests.bridge.gateway import (
     Gateway,
     assert_in_order_once,
-    jetstream_bridge,
     kafka_bridge,
+    separate_jetstream_bridge,
     stream_count,
     upstream,
     wait_until,
@@ -41,10 +41,6 @@ from tests.integration.rawclient import RawClient, connect
 pytestmark = needs_console_script
 
 TOPICS = 4
-
-
-def _separate(url: str, **extra: str) -> str:
-    return jetstream_bridge([url], separate_process="true", **extra)
 
 
 def _publish_qos0(client: RawClient, sent: list[tuple[str, bytes]], start: int, count: int,
@@ -74,7 +70,7 @@ def _lane_ids(rows: list[dict[str, object]]) -> bool:
 
 
 def test_qos0_goes_by_the_lane_not_the_log(nats_server: NatsServer, tmp_path: Path) -> None:
-    gateway = Gateway(tmp_path, _separate(nats_server.url)).start()
+    gateway = Gateway(tmp_path, separate_jetstream_bridge(nats_server.url)).start()
     sent: list[tuple[str, bytes]] = []
     try:
         _process(gateway)
@@ -99,7 +95,7 @@ def test_qos0_goes_by_the_lane_not_the_log(nats_server: NatsServer, tmp_path: Pa
 
 def test_lane_backlog_kept_across_restarts_then_drains(tmp_path: Path) -> None:
     server = NatsServer(tmp_path / "nats")  # its port is chosen; not started yet
-    gateway = Gateway(tmp_path, _separate(server.url)).start()
+    gateway = Gateway(tmp_path, separate_jetstream_bridge(server.url)).start()
     sent: list[tuple[str, bytes]] = []
     try:
         _process(gateway)
@@ -136,7 +132,8 @@ def test_lane_backlog_kept_across_restarts_then_drains(tmp_path: Path) -> None:
 def test_lane_bounded_by_max_backlog_bytes(tmp_path: Path) -> None:
     server = NatsServer(tmp_path / "nats")
     bound = 64 * 1024
-    gateway = Gateway(tmp_path, _separate(server.url, max_backlog_bytes=str(bound))).start()
+    bridges = separate_jetstream_bridge(server.url, max_backlog_bytes=str(bound))
+    gateway = Gateway(tmp_path, bridges).start()
     sent: list[tuple[str, bytes]] = []
     try:
         _process(gateway)
@@ -166,7 +163,7 @@ def test_lane_bounded_by_max_backlog_bytes(tmp_path: Path) -> None:
 def test_while_the_process_is_down_the_log_takes_them(nats_server: NatsServer,
                                                       tmp_path: Path) -> None:
     # A restart delay long enough to publish while no process runs.
-    bridge = _separate(nats_server.url).replace('backoff_initial = "1s"',
+    bridge = separate_jetstream_bridge(nats_server.url).replace('backoff_initial = "1s"',
                                                 'backoff_initial = "5s"').replace(
         'backoff_max = "1s"', 'backoff_max = "5s"')
     gateway = Gateway(tmp_path, bridge).start()
@@ -197,7 +194,7 @@ def test_order_per_topic_across_the_log_and_the_lane(tmp_path: Path) -> None:
     # while no process runs (after a SIGKILL), then the lane again (second process). When
     # the uplink returns, each topic's messages arrive in the order published.
     server = NatsServer(tmp_path / "nats")
-    bridge = _separate(server.url).replace('backoff_initial = "1s"',
+    bridge = separate_jetstream_bridge(server.url).replace('backoff_initial = "1s"',
                                            'backoff_initial = "5s"').replace(
         'backoff_max = "1s"', 'backoff_max = "5s"')
     gateway = Gateway(tmp_path, bridge).start()
@@ -253,7 +250,7 @@ def test_a_lane_file_that_cannot_be_opened_sends_qos0_by_the_log(nats_server: Na
                                                                  tmp_path: Path) -> None:
     """A damaged lane file stops neither the bridge nor its QoS 0 messages: they take the
     store's log (as while no process runs), and the log names the file."""
-    gateway = Gateway(tmp_path, _separate(nats_server.url))
+    gateway = Gateway(tmp_path, separate_jetstream_bridge(nats_server.url))
     gateway.data_dir.mkdir(parents=True, exist_ok=True)
     lane = gateway.data_dir / "edge-broker.db.lane-central"
     lane.write_bytes(b"not a database, " * 512)
