@@ -16,7 +16,10 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         return None
-    return uvloop.new_event_loop
+    # Typed here: without the `speed` extra mypy sees uvloop as Any, and returning Any
+    # fails mypyc's build (the README's `pip install .` then installed pure Python).
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
