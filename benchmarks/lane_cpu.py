@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import brokers, loadgen
-from .scenarios_bridge import _children, _wait_backlog_empty, bridge_toml, remote
+from .scenarios_bridge import _wait_backlog_empty, bridge_toml, remote, uplink_process
 
 
 def _cpu(pid: int) -> float:
@@ -56,10 +56,7 @@ def main(argv: list[str]) -> None:
         rb = brokers.start("edge", edge_cmd=edge_cmd, extra_config=extra)
         try:
             pid = rb.proc.pid
-            deadline = time.monotonic() + 20
-            while mode != "plain" and not _children(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            child = _children(pid)[0] if mode != "plain" else None
+            child = uplink_process(pid) if mode != "plain" else None
             if child and nice_child:
                 os.setpriority(os.PRIO_PROCESS, child, nice_child)
             brokers.wait_quiet(pid)

@@ -24,7 +24,7 @@ import sys
 import time
 
 from . import brokers, loadgen
-from .scenarios_bridge import _children, bridge_toml, remote
+from .scenarios_bridge import bridge_toml, remote, uplink_process
 
 
 def _dumps(pid: int, out_glob: str) -> list[str]:
@@ -45,9 +45,8 @@ def main(argv: list[str]) -> None:
         rb = brokers.start("edge", edge_cmd=edge_cmd, extra_config=extra, ready_timeout_s=300)
         try:
             pid = rb.proc.pid
-            deadline = time.monotonic() + 120
-            while mode != "plain" and not _children(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            if mode != "plain":
+                uplink_process(pid, timeout_s=120)
             time.sleep(3)  # (a benchmark, not a test) let the lane open, start-up settle
             brokers.wait_quiet(pid, timeout_s=120)
             subprocess.run(["callgrind_control", "-z", str(pid)], check=True,

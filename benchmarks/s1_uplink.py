@@ -20,7 +20,7 @@ import sys
 import time
 
 from . import brokers, loadgen
-from .scenarios_bridge import _bridge_status, _children, bridge_toml, remote
+from .scenarios_bridge import _bridge_status, bridge_toml, remote, uplink_process
 
 
 def _cpu(pid: int | None) -> float:
@@ -56,10 +56,7 @@ def main(argv: list[str]) -> None:
         rb = brokers.start("edge", edge_cmd=edge_cmd, extra_config=extra)
         try:
             pid = rb.proc.pid
-            deadline = time.monotonic() + 20
-            while not plain and not _children(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)  # polling for the child's start, bounded
-            child = None if plain else _children(pid)[0]
+            child = None if plain else uplink_process(pid)
             if child is not None and nice is not None:  # the uplink process at a lower priority
                 os.setpriority(os.PRIO_PROCESS, child, nice)
             brokers.wait_quiet(pid)

@@ -299,6 +299,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def uplink_process(pid: int, timeout_s: float = 20.0) -> int:
+    """The pid of the broker's first child (a `separate_process` bridge's uplink process),
+    polled for until it has started; raises TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (children := _children(pid)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"broker {pid} started no uplink process in {timeout_s} s")
+        time.sleep(0.05)  # polling for the child's start, bounded
+    return children[0]
+
+
 def _devices(rb: brokers.RunningBroker, count: int, duration_s: float,
              hard_timeout_s: float, max_messages: int | None = None) -> list[dict[str, Any]]:
     """`count` QoS 1 publishers at full speed at once (one process each, topic
