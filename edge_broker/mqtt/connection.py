@@ -52,7 +52,8 @@ the bare packet does not fit ([MQTT-3.1.2-24], 3.1.2.11.4 (5.0)).
 
 The state table is `TRANSITIONS` (mqtt/states.py), keyed by (role, state, direction, packet
 type); a missing key is the error. `format_transitions()` prints it. The PUBLISH rules are in
-mqtt/publishing.py, those of the other packets and `error_bytes` in mqtt/control.py.
+mqtt/publishing.py, the acknowledgements of QoS 1/2 PUBLISH packets in mqtt/acks.py, those of
+the other packets and `error_bytes` in mqtt/control.py.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from . import control
+from . import acks, control
 from .codec import (
     decode,
     decode_publish,
@@ -77,10 +78,7 @@ from .errors import LocalProtocolError, RemoteProtocolError
 from .packets import (
     Packet,
     PubAck,
-    PubComp,
     Publish,
-    PubRec,
-    PubRel,
 )
 from .properties import NO_PROPERTIES, Properties
 from .publishing import received_publish, send_plain_qos1, send_publish
@@ -88,9 +86,6 @@ from .states import (
     _V5,
     ANSWERS_AFTER_DISCONNECT,
     AWAIT_PUBACK,
-    AWAIT_PUBCOMP,
-    AWAIT_PUBREC,
-    AWAIT_PUBREL_SENT,
     NO_PACKET_SIZE_LIMIT,
     RECEIVE_ROWS,
     SEND_ROWS,
@@ -367,44 +362,6 @@ class Connection:
         return protocol_error(f"{ptype.name} received by the {self.role.name.lower()} in state "
                               f"{self.state.value}")
 
-    def _received_ack(self, packet: PubAck | PubRec | PubRel | PubComp,
-                      new_state: ConnectionState) -> ConnectionState:
-        ptype = packet.packet_type
-        if ptype is PacketType.PUBREL:
-            # The peer's QoS 2 message still counts against our Receive Maximum until our
-            # PUBCOMP, also one whose PUBLISH came on an earlier connection.
-            if self.protocol_level == _V5:
-                self._inbound_unacked[packet.packet_id] = None
-            return new_state
-        packet_id = packet.packet_id
-        unacked = self._outbound_unacked
-        waiting = unacked.get(packet_id)
-        if waiting is None:
-            # Not sent on this connection: the session may know it from an earlier one (a
-            # PUBREC for an unknown id gets PUBREL 0x92, 4.3.3 (5.0)); nothing to check here.
-            return new_state
-        if ptype is PacketType.PUBACK:
-            if waiting != AWAIT_PUBACK:
-                raise _wrong_ack(packet, "a QoS 2 PUBLISH")
-            del unacked[packet_id]  # 4.3.2 (5.0): the QoS 1 exchange ends
-        elif ptype is PacketType.PUBREC:
-            if waiting == AWAIT_PUBACK:
-                raise _wrong_ack(packet, "a QoS 1 PUBLISH")
-            if waiting == AWAIT_PUBREC:
-                if packet.reason_code >= 0x80:
-                    del unacked[packet_id]  # 4.9 (5.0): a failing PUBREC ends the exchange
-                else:
-                    unacked[packet_id] = AWAIT_PUBREL_SENT
-            elif packet.reason_code >= 0x80:
-                raise _wrong_ack(packet, "already received (a failing PUBREC after a PUBREC)")
-            # A repeated PUBREC is answered with PUBREL again (4.3.3 (5.0)).
-        elif waiting == AWAIT_PUBCOMP:  # PUBCOMP
-            del unacked[packet_id]  # 4.3.3 (5.0): the QoS 2 exchange ends
-        else:
-            raise _wrong_ack(packet, "a QoS 1 PUBLISH" if waiting == AWAIT_PUBACK
-                             else "a QoS 2 PUBLISH whose PUBREL was not sent")
-        return new_state
-
     # ------------------------------------------------------------------ sending
 
     def send(self, packet: Packet) -> bytes:
@@ -415,7 +372,7 @@ class Connection:
         ptype = packet.packet_type
         state = self.state
         if ptype is PacketType.PUBACK and state is ConnectionState.CONNECTED:
-            # The hot path of QoS 1: a PUBACK without properties, as `_sending_ack` then
+            # The hot path of QoS 1: a PUBACK without properties, as `acks.sending_ack` then
             # `encode_ack` would send it, in one step.
             ack = cast(PubAck, packet)
             packet_id = ack.packet_id
@@ -533,16 +490,6 @@ class Connection:
                                      f"the peer's maximum packet size {limit}")
         return data
 
-    def _sending_ack(self, packet: PubAck | PubRec | PubRel | PubComp,
-                     new_state: ConnectionState) -> tuple[Packet, ConnectionState]:
-        ptype = packet.packet_type
-        if ptype is PacketType.PUBREL:
-            self._outbound_unacked[packet.packet_id] = AWAIT_PUBCOMP
-        elif ptype is not PacketType.PUBREC or packet.reason_code >= 0x80:
-            # We finally acknowledge: PUBACK, PUBCOMP, or a failing PUBREC (4.9 (5.0)).
-            self._inbound_unacked.pop(packet.packet_id, None)
-        return packet, new_state
-
     def _close_by_us(self) -> None:
         self.state = ConnectionState.CLOSED
         self._closed_by_us = True
@@ -565,21 +512,14 @@ class Connection:
         """
         return error_bytes(self, error)
 
-def _wrong_ack(packet: PubAck | PubRec | PubRel | PubComp, what: str) -> RemoteProtocolError:
-    # [MQTT-4.8.0-1] (3.1.1): close on a protocol violation; 4.13.1 (5.0): a Protocol Error
-    # (4.3.2 / 4.3.3 (5.0): PUBACK answers QoS 1, PUBREC then PUBCOMP answer QoS 2).
-    return protocol_error(f"{packet.packet_type.name} for packet identifier "
-                          f"{packet.packet_id}, which is {what}")
-
-
 _ReceiveHook = Callable[[Connection, Any, ConnectionState], ConnectionState]
 _RECEIVE_HOOK_BY_TYPE: Final[dict[PacketType, _ReceiveHook]] = {
     PacketType.CONNECT: control.received_connect,
     PacketType.CONNACK: control.received_connack,
-    PacketType.PUBACK: Connection._received_ack,
-    PacketType.PUBREC: Connection._received_ack,
-    PacketType.PUBREL: Connection._received_ack,
-    PacketType.PUBCOMP: Connection._received_ack,
+    PacketType.PUBACK: acks.received_ack,
+    PacketType.PUBREC: acks.received_ack,
+    PacketType.PUBREL: acks.received_ack,
+    PacketType.PUBCOMP: acks.received_ack,
     PacketType.SUBSCRIBE: control.received_subscribe,
     PacketType.SUBACK: control.received_suback,
     PacketType.UNSUBSCRIBE: control.received_unsubscribe,
@@ -593,10 +533,10 @@ _SEND_HOOKS: Final[dict[PacketType, Callable[[Connection, Any, ConnectionState],
                                               tuple[Packet, ConnectionState]]]] = {
     PacketType.CONNECT: control.sending_connect,
     PacketType.CONNACK: control.sending_connack,
-    PacketType.PUBACK: Connection._sending_ack,
-    PacketType.PUBREC: Connection._sending_ack,
-    PacketType.PUBREL: Connection._sending_ack,
-    PacketType.PUBCOMP: Connection._sending_ack,
+    PacketType.PUBACK: acks.sending_ack,
+    PacketType.PUBREC: acks.sending_ack,
+    PacketType.PUBREL: acks.sending_ack,
+    PacketType.PUBCOMP: acks.sending_ack,
     PacketType.SUBSCRIBE: control.sending_subscribe,
     PacketType.UNSUBSCRIBE: control.sending_unsubscribe,
     PacketType.DISCONNECT: control.sending_disconnect,

@@ -59,6 +59,7 @@ SUBSET = (
     "tests/integration/test_quotas.py",
     "tests/integration/test_streams.py",
     "tests/integration/test_restart.py",  # `edge-broker` processes of the compiled venv
+    "tests/system/test_signals.py",  # SIGHUP, SIGUSR1/2, SIGTERM in start-up: compiled venv's
     "tests/contract/test_store_contract.py",
     "tests/unit/test_forwarding.py",
     "tests/bridge/test_lane_file.py",

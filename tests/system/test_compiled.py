@@ -81,15 +81,23 @@ def test_the_wheel_s_modules_are_compiled(compiled_venv: Path, tmp_path: Path) -
     for name in HOT_MODULES:
         assert f"  {name}: compiled\n" in listed.stdout + "\n", listed.stdout
 
+# `edge-broker` with `import uvloop` failing (None in sys.modules makes the import raise).
+NO_UVLOOP_MAIN = ("import sys; sys.modules['uvloop'] = None; from edge_broker.cli import main; "
+                  "sys.exit(main())")
+
 
 class CompiledBroker:
     """The compiled venv's `edge-broker` on port 0 (the port read from its log)."""
 
-    def __init__(self, venv: Path, data_dir: Path, log: Path) -> None:
+    def __init__(self, venv: Path, data_dir: Path, log: Path, *, uvloop: bool = True) -> None:
         self.log = log
+        # uvloop=False: as installed by the README's `pip install .` (no `speed` extra), on
+        # asyncio's own event loop; the venv has uvloop, so its import is made to fail.
+        command = ([str(venv / "bin" / "edge-broker")] if uvloop else
+                   [str(venv / "bin" / "python"), "-c", NO_UVLOOP_MAIN])
         with open(log, "wb") as err:
             self.process = subprocess.Popen(
-                [str(venv / "bin" / "edge-broker"), "--host", "127.0.0.1", "--port", "0",
+                [*command, "--host", "127.0.0.1", "--port", "0",
                  "--data-dir", str(data_dir)], cwd=data_dir.parent, env=clean_env(),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 20
@@ -199,3 +207,36 @@ def test_compile_required_without_a_c_compiler_fails_and_says_why() -> None:
     assert "no C compiler" in built.stdout + built.stderr
     assert build.APT_HINT in built.stdout + built.stderr
     assert not list(wheels.glob("*.whl"))
+
+
+@pytest.mark.background_jobs(VENV)
+def test_the_readme_s_compiled_broker_without_uvloop_stops_on_the_first_sigint(
+        compiled_venv: Path, tmp_path: Path) -> None:
+    """The README's install: compiled, no `speed` extra (asyncio's loop), as the README's Quick
+    start uses it (a subscriber and a publisher come and go), then Ctrl-C (SIGINT) once. Every
+    other compiled test runs on uvloop; this combination was what `pip install .` gives."""
+    broker = CompiledBroker(compiled_venv, tmp_path / "data", tmp_path / "broker.log",
+                            uvloop=False)
+    try:
+        if Path("/proc/self/maps").exists():
+            maps = broker.mapped_extensions()
+            assert "uvloop" not in maps, "uvloop loaded although its import fails"
+            assert re.search(rf"{re.escape(str(compiled_venv))}\S*/\w+__mypyc\.\S*\.so", maps)
+        subscriber = connect(broker.port, "sub")
+        assert subscriber.subscribe(("sensors/#", 0)) == (0,)
+        publisher = connect(broker.port, "pub")
+        publisher.publish("sensors/room1/temp", b"21.5")
+        got = subscriber.expect(PUBLISH)
+        assert (got.topic, got.payload) == ("sensors/room1/temp", b"21.5")
+        publisher.disconnect()
+        subscriber.disconnect()
+        broker.process.send_signal(signal.SIGINT)
+        code = broker.process.wait(timeout=20)
+    finally:
+        if broker.process.poll() is None:
+            broker.process.kill()
+            broker.process.wait(timeout=20)
+    stderr = broker.stderr()
+    assert code == 0, stderr
+    assert "shutting down" in stderr and "edge-broker stopped" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
