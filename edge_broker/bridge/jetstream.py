@@ -151,16 +151,29 @@ def _ack_result(data: bytes, status: str | None) -> bool | BaseException:
     if not isinstance(response, dict):
         return BridgeError(f"JetStream: unreadable ack {data!r}")
     if "error" in response:
-        error: BaseException = nats.js.errors.APIError.from_error(response["error"])
-        return error
+        return _api_error(response["error"])
     return bool(response.get("duplicate"))
 
 
+def _failed(error: BaseException) -> BridgeError:
+    """The BridgeError of a window none of which was stored (a server error says why in
+    its str, not in its repr)."""
+    detail = str(error) if isinstance(error, nats.js.errors.APIError) else repr(error)
+    failure = BridgeError(f"JetStream publish failed: {detail}")
+    failure.__cause__ = error
+    return failure
+
+
 def _api_error(error: object) -> BaseException:
-    """The exception of a server error object (the `error` member of a reply)."""
-    if isinstance(error, dict):
-        exc: BaseException = nats.js.errors.APIError.from_error(error)
+    """The exception of a server error object (the `error` member of a reply). (nats-py's
+    `APIError.from_error` raises it, it does not return it: raised here, in the reader's
+    callback, it went into nats-py's read loop and the window waited for `ack_timeout`.)"""
+    try:
+        nats.js.errors.APIError.from_error(error)  # type: ignore[arg-type]
+    except nats.js.errors.APIError as exc:
         return exc
+    except (TypeError, KeyError):
+        pass
     return BridgeError(f"JetStream: unreadable error {error!r}")
 
 
@@ -471,7 +484,7 @@ class JetStreamSink:
                  or TimeoutError(f"no ack within {self.ack_timeout} s"))
         if isinstance(error, Resend):
             raise error
-        raise BridgeError(f"JetStream publish failed: {error!r}") from error
+        raise _failed(error)
 
     def _release(self, window: _Window, first: int) -> None:
         self._windows.discard(window)
@@ -503,7 +516,7 @@ class JetStreamSink:
                 raise first_error
             if first_error is None:
                 first_error = BridgeError("nothing sent")
-            raise BridgeError(f"JetStream publish failed: {first_error!r}") from first_error
+            raise _failed(first_error)
         return acknowledged
 
     async def _on_disconnect(self) -> None:
