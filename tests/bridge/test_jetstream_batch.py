@@ -171,3 +171,48 @@ def test_api_errors_keep_their_code() -> None:
 
     error = _api_error({"code": 400, "err_code": 10054, "description": "too big"})
     assert isinstance(error, nats.js.errors.APIError) and error.err_code == 10054
+
+
+async def test_replies_of_a_batch_and_what_they_confirm() -> None:
+    """The replies as nats-server 2.14+ sends them (stream.go), without a server: what a
+    window counts as stored after flow acks, a gap, an error and a lost connection."""
+    from edge_broker.bridge.jetstream_batch import BatchPublisher
+    from edge_broker.bridge.jetstream_frames import FrameBuilder
+
+    loop = asyncio.get_running_loop()
+    publisher = BatchPublisher(b"_INBOX.x.", lambda error: ValueError(repr(error)))
+    builder = FrameBuilder("gw7", STORE_ID, lambda m: "site1.gw7.sensors.t1")
+    data, window = publisher.frames(messages(1, 600), builder, "site1.gw7.sensors.t1",
+                                    loop.create_future())
+    key = window.key
+    assert data.count(b"HPUB ") == 600 and data.endswith(b".601.3.$FI 0\r\n\r\n")
+    assert b"_INBOX.x.%s.500.fail.1.0.$FI " % key in data
+    assert b"_INBOX.x.%s.500.fail.2.1.$FI " % key in data
+
+    def reply(seq: int, body: bytes) -> None:
+        publisher.on_reply(b"%s.500.fail.%d.1.$FI" % (key, seq), body, None)
+
+    reply(1, b'{"type":"ack","seq":0,"msgs":500}')
+    reply(500, b'{"type":"ack","seq":500,"msgs":500}')
+    assert window.confirmed() == 500 and not window.done.done()
+    reply(520, b'{"type":"err","seq":520,"error":{"code":400,"err_code":10077}}')
+    reply(521, b'{"type":"gap","last_seq":520,"seq":521}')
+    assert window.confirmed() == 500 and not window.done.done()  # 501..519: not yet known
+    reply(521, b'{"stream":"EDGE","seq":519,"batch":"%s","count":519}' % key)
+    assert window.done.done() and window.confirmed() == 519
+    assert isinstance(window.error, ValueError)
+    publisher.release(window)
+    reply(522, b'{"error":{"code":400,"err_code":10208}}')  # "unknown batch": ignored
+
+    _, lost = publisher.frames(messages(1, 300), builder, "site1.gw7.sensors.t1",
+                               loop.create_future())
+    publisher.on_reply(b"%s.300.fail.40.1.$FI" % lost.key,
+                       b'{"type":"ack","seq":40,"msgs":40}', None)
+    publisher.lose_all(Resend("lost"))
+    assert lost.done.done() and lost.confirmed() == 40  # only what a flow ack confirmed
+
+    _, first = publisher.frames(messages(1, 5), builder, "site1.gw7.sensors.t1",
+                                loop.create_future())
+    publisher.on_reply(b"%s.5.fail.1.0.$FI" % first.key,
+                       b'{"error":{"code":429,"err_code":10211}}', None)
+    assert first.done.done() and first.confirmed() == 0 and isinstance(first.error, Resend)
