@@ -94,12 +94,13 @@ class FrameBuilder:
         return b"".join(out)
 
     def add(self, out: list[bytes], message: BridgeMessage, reply: bytes,
-            token: int | None) -> None:
+            token: int | None, reply_tail: bytes = b"") -> None:
         """Append the pieces of `message`'s HPUB command to `out`: `b"".join(out)` is the
         window's commands. Its PubAck is to come on `reply` followed by `token` (in decimal;
-        None: on `reply`). Per message only its id, the publish time (when it changed), the
-        sizes line and the optional MQTT 5 headers are made; the header block's size is
-        added up, not measured on a joined copy."""
+        None: on `reply`) and `reply_tail` (a batch's reply subject goes on after the token:
+        bridge/jetstream_batch.py). Per message only its id, the publish time (when it
+        changed), the sizes line and the optional MQTT 5 headers are made; the header
+        block's size is added up, not measured on a joined copy."""
         hpub, lines = self._static(message)
         mid = b"%s%d" % (self._mid_prefix, message.offset)
         if message.publish_time != self._time_at:  # a window's messages often share it
@@ -118,18 +119,20 @@ class FrameBuilder:
                 tail += _line(H_USER_PROPERTIES,
                               encode_user_properties(message.user_properties))
             size = _FIXED + 2 * len(mid) + len(lines) + len(time_value) + len(tail)
-            out += (hpub, reply, _sizes(token, size, size + len(payload)), _HEAD, mid,
+            sizes = _sizes(token, reply_tail, size, size + len(payload))
+            out += (hpub, reply, sizes, _HEAD, mid,
                     lines, _TIME, time_value, tail, _MSG_ID, mid, _END, payload, _CRLF)
             return
         size = _FIXED + 2 * len(mid) + len(lines) + len(time_value)
         sizes = (b" %d %d\r\n" % (size, size + len(payload)) if token is None
-                 else b"%d %d %d\r\n" % (token, size, size + len(payload)))
+                 else b"%d%s %d %d\r\n" % (token, reply_tail, size, size + len(payload)))
         out += (hpub, reply, sizes, _HEAD, mid, lines, _TIME, time_value, _MSG_ID, mid, _END,
                 payload, _CRLF)
 
 
-def _sizes(token: int | None, size: int, total: int) -> bytes:
-    """The end of the HPUB line: the reply's token (if any), the header and total sizes."""
+def _sizes(token: int | None, tail: bytes, size: int, total: int) -> bytes:
+    """The end of the HPUB line: the reply's token and tail (if any), the header and total
+    sizes."""
     if token is None:
         return b" %d %d\r\n" % (size, total)
-    return b"%d %d %d\r\n" % (token, size, total)
+    return b"%d%s %d %d\r\n" % (token, tail, size, total)

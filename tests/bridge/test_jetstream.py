@@ -57,14 +57,13 @@ async def test_window_is_published_with_headers_and_resends_are_deduplicated(
     sink = JetStreamSink(bridge_config(nats_server.url), gateway_id="gw7", store_id=STORE_ID)
     await sink.start()
     try:
-        assert sink.created_stream
+        assert sink.created_stream and sink.batched
         odd = BridgeMessage(offset=201, topic="/odd topic/v1.2", payload=b"\x00\xff", qos=2,
                             retain=True, user_properties=(("k", "v"), ("k", "w")))
         batch = [*messages(1, 200), odd]
         assert await sink.send(batch) == 201
         # A resend of the same entries (crash before the cursor moved) is dropped by id.
         assert await sink.send(batch[150:]) == 51
-        assert sink.duplicates == 51
     finally:
         await sink.close()
     msgs = await stored(nats_server.url)

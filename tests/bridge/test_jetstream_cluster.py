@@ -54,6 +54,7 @@ async def test_leader_killed_during_forwarding_loses_nothing(tmp_path: Path) -> 
             finally:
                 await nc.close()
             assert info.config.num_replicas == 3
+            assert info.config.allow_batched  # the windows go as batches to an R3 stream
             leader = next(n for n in nodes if n.server_name == info.cluster.leader)
             for i in range(200, 8200):
                 log.append(f"sensors/t{i % 4}", b"%d" % i)
