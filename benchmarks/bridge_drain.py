@@ -1,7 +1,7 @@
 """CPU per message of a bridge's backlog drain, per process: broker, uplink process, remote.
 
     python -m benchmarks.bridge_drain jetstream|kafka [MESSAGES] [PUBLISHERS]
-        [--edge-cmd CMD] [--inprocess] [--py-spy FILE] [--window N]
+        [--edge-cmd CMD] [--inprocess] [--py-spy FILE [--native]] [--window N]
 
 As S14's drain (benchmarks/scenarios_bridge.py): the remote server (nats-server with
 JetStream on a file store, or tansu) is not running while PUBLISHERS (default 2) QoS 1
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edge-cmd", default=None)
     parser.add_argument("--inprocess", action="store_true")
     parser.add_argument("--py-spy", default=None, metavar="FILE")
+    parser.add_argument("--native", action="store_true",
+                        help="with --py-spy: native frames too (compiled modules, C)")
     parser.add_argument("--perf", default=None, metavar="FILE",
                         help="perf record -g the uplink process and the remote into FILE")
     parser.add_argument("--window", type=int, default=None)
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
             target = child if child is not None else rb.pid
             if args.py_spy:
                 spy = subprocess.Popen(
-                    [PY_SPY, "record", "--nonblocking", "-r", "250", "-f", "raw",
-                     "-o", args.py_spy, "--pid", str(target)],
+                    [PY_SPY, "record", "-r", "250", "-f", "raw",
+                     "-o", args.py_spy, "--pid", str(target),
+                     # native frames need the process paused for each sample
+                     *(["--native"] if args.native else ["--nonblocking"])],
                     stdout=subprocess.DEVNULL)
                 time.sleep(1.0)  # py-spy attaches (not a synchronisation: it only records)
             b0, k0 = _times(rb.pid), _times(child)

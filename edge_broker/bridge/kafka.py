@@ -36,6 +36,11 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+try:  # the class of aiokafka's record batches (create_batch), for `_record_adder`
+    from aiokafka.producer.message_accumulator import BatchBuilder as _BatchBuilder
+except ImportError:  # pragma: no cover - another aiokafka layout: the public append
+    _BatchBuilder = None
+
 from edge_broker.errors import BridgeError
 from edge_broker.mqtt.topics import is_valid_topic_name
 
@@ -107,6 +112,10 @@ class _PartitionLane:
         self.partition = partition
         self._loop = asyncio.get_running_loop()
         self._open: tuple[Any, asyncio.Future[Any]] | None = None  # (builder, outcome)
+        # The open batch's record builder's own `append` (`_record_adder`) and the records
+        # in it: None when there is no open batch or it has no such builder.
+        self._add: Any = None
+        self._count = 0
         self._ready: deque[tuple[Any, asyncio.Future[Any]]] = deque()  # full, in order
         self._outstanding = 0  # batches handed over and not answered yet
         self._lock = asyncio.Lock()  # one hand-over at a time: they keep the log's order
@@ -121,19 +130,54 @@ class _PartitionLane:
                ) -> asyncio.Future[Any]:
         """Add a record to the open batch; the future of that batch's outcome (failed at
         once after a hand-over failed: see `_hand_over_next`)."""
+        add = self._add
+        if add is not None and add(self._count, None, key, value, headers) is not None:
+            self._count += 1
+            if not self._woken:  # once per turn, not per record
+                self._woken = True
+                self._wake.set()
+            return self._open[1]  # type: ignore[index]
+        return self._append_slow(key, value, headers)
+
+    def _append_slow(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+                     ) -> asyncio.Future[Any]:
+        """`append` when there is no open batch, it is full, or its builder has no
+        `_record_adder` (or the lane is broken)."""
         if self.broken is not None:
             return self.broken
         entry = self._open
         if entry is None:
-            entry = self._open = (self.producer.create_batch(), self._loop.create_future())
-        if entry[0].append(key=key, value=value, timestamp=None, headers=headers) is None:
+            entry = self._start()
+        elif self._add is not None:  # it was full: it goes as it is
+            self._seal()
+            self._ready.append(entry)
+            entry = self._start()
+        if self._add is not None:
+            if self._add(self._count, None, key, value, headers) is None:
+                raise BridgeError(f"a record of {len(value)} bytes does not fit a batch")
+            self._count += 1
+        elif entry[0].append(key=key, value=value, timestamp=None, headers=headers) is None:
             self._ready.append(entry)  # full: it goes as it is
-            entry = self._open = (self.producer.create_batch(), self._loop.create_future())
+            entry = self._start()
             entry[0].append(key=key, value=value, timestamp=None, headers=headers)
-        if not self._woken:  # once per turn, not per record
+        if not self._woken:
             self._woken = True
             self._wake.set()
         return entry[1]
+
+    def _start(self) -> tuple[Any, asyncio.Future[Any]]:
+        builder = self.producer.create_batch()
+        self._open = entry = (builder, self._loop.create_future())
+        self._add = _record_adder(builder)
+        self._count = 0
+        return entry
+
+    def _seal(self) -> None:
+        """The open batch takes no more records: its builder's record count is set (what
+        aiokafka's own `append` keeps up to date per record)."""
+        if self._add is not None and self._open is not None:
+            self._open[0]._relative_offset = self._count
+        self._add = None
 
     async def _pump(self) -> None:
         while True:
@@ -157,6 +201,7 @@ class _PartitionLane:
             builder, outcome = self._ready.popleft()
         else:
             assert self._open is not None
+            self._seal()
             (builder, outcome), self._open = self._open, None
         builder.close()
         try:
@@ -198,6 +243,23 @@ class _PartitionLane:
             _fail(self._open[1], error)
         self._ready.clear()
         self._open = None
+        self._add = None
+
+
+def _record_adder(builder: Any) -> Any:
+    """The `append(offset delta, timestamp, key, value, headers)` of the record builder
+    inside aiokafka's `BatchBuilder`, or None when `builder` is not one as aiokafka 0.10 to
+    0.14 make it (then its public `append` is used). `BatchBuilder.append` only checks that
+    the batch is open, passes key and value through the (unset) serializers, calls it with
+    its count of records and counts one more: per record two Python calls with keyword
+    arguments, a measurable share of a drained record's CPU time. `_PartitionLane` keeps
+    the count itself and sets it on the batch when the batch is sealed (`_seal`)."""
+    if (_BatchBuilder is None or type(builder) is not _BatchBuilder
+            or builder._key_serializer is not None or builder._value_serializer is not None
+            or builder._closed or builder._relative_offset != 0):
+        return None
+    inner = getattr(builder, "_builder", None)
+    return getattr(inner, "append", None)
 
 
 def _fail(outcome: asyncio.Future[Any], error: BaseException) -> None:
@@ -220,6 +282,11 @@ class KafkaSink:
         self._producer: AIOKafkaProducer | None = None
         message_id(gateway_id, store_id, 1)  # ValueError for ids that cannot be one
         self._mid_prefix = f"{gateway_id}-{store_id}-"
+        self._mid_prefix_bytes = self._mid_prefix.encode()
+        # (MQTT topic, QoS, retain, client id) -> (its partition's lane, record key, the
+        # headers that depend only on these): `submit`'s one look-up per record.
+        self._routes: dict[tuple[str, int, bool, str],
+                           tuple[_PartitionLane, bytes, tuple[tuple[str, bytes], ...]]] = {}
         self._parts: dict[tuple[str, int, bool, str],
                           tuple[str | None, bytes, list[tuple[str, bytes]]]] = {}
         self._partitions: dict[tuple[str, bytes], int] = {}  # (Kafka topic, key) -> partition
@@ -331,86 +398,121 @@ class KafkaSink:
         partition: handing over a batch per window limited a drain to one window per round
         trip). A record too large for a batch of its own, or of a topic whose partitions
         are not known, goes through `send`, after its partition's records before it were
-        handed over (order per partition holds)."""
+        handed over (order per partition holds).
+
+        Per record (a drain's hot path, CPU per message): one look-up of its route, key,
+        fixed headers and lane (`_routes`, per topic and publisher), its message id and
+        publish time headers, and the lane's `append`."""
         if not batch:
             raise BridgeError("nothing to send")
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise BridgeError("send before start")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ack_timeout
-        # Per message the index of the future it waits for (-1: unrouted, done).
-        slots: list[int] = []
-        futures: list[asyncio.Future[Any] | None] = []
-        seen: dict[int, int] = {}  # id of a future -> its index in `futures`
-        lanes = self._lanes
+        # Per message the future of its batch (None: unrouted, done), in window order.
+        owners: list[asyncio.Future[Any] | None] = []
+        routes = self._routes
+        prefix = self._mid_prefix_bytes
+        time_at, time_value = self._time_at, self._time
         try:
             async with asyncio.timeout_at(deadline):
                 for message in batch:
-                    topic, key, headers = self._record_parts(message)
-                    if topic is None:
-                        slots.append(-1)
-                        continue
-                    partition = self._partition_of(topic, key)
-                    if partition is None:
-                        await producer.partitions_for(topic)  # waits for the metadata
-                        partition = self._partition_of(topic, key)
+                    route = routes.get((message.topic, message.qos, message.retain,
+                                        message.client_id))
                     payload = message.payload
-                    if partition is None or len(payload) > LARGE_RECORD:
-                        broken = None
-                        for (lane_topic, lane_partition), lane in list(lanes.items()):
-                            if lane_topic == topic and partition in (None, lane_partition):
-                                await lane.hand_over_all()
-                                broken = broken or lane.broken
-                        futures.append(broken or await producer.send(
-                            topic, payload, key=key, partition=partition, headers=headers))
-                        slots.append(len(futures) - 1)
+                    if route is None or len(payload) > LARGE_RECORD:
+                        owners.append(await self._submit_one(message))
                         continue
-                    found = lanes.get((topic, partition))
-                    if found is None:
-                        found = lanes[(topic, partition)] = _PartitionLane(
-                            producer, topic, partition)
-                    future = found.append(key, payload, headers)
-                    slot = seen.get(id(future))
-                    if slot is None:
-                        slot = seen[id(future)] = len(futures)
-                        futures.append(future)
-                    slots.append(slot)
+                    if message.publish_time != time_at:  # a window's often share it
+                        time_at = message.publish_time
+                        time_value = format_time(time_at).encode()
+                    headers = [(H_MESSAGE_ID, prefix + str(message.offset).encode()),
+                               *route[2], (H_PUBLISH_TIME, time_value)]
+                    if (message.content_type is not None or message.payload_utf8
+                            or message.user_properties):
+                        full = message.headers("-")  # the optional ones, documented order
+                        headers += [(k, full[k].encode()) for k in _OPTIONAL if k in full]
+                    owners.append(route[0].append(route[1], payload, headers))
         except (KafkaError, TimeoutError) as exc:
-            if not any(f is not None for f in futures):
+            if not any(f is not None for f in owners):
                 raise BridgeError(f"Kafka send failed: {exc!r}") from exc
-        return asyncio.ensure_future(self._collect(slots, futures, deadline))
+        finally:
+            self._time_at, self._time = time_at, time_value
+        return asyncio.ensure_future(self._collect(owners, deadline))
 
-    async def _collect(self, slots: list[int], futures: list[asyncio.Future[Any] | None],
+    async def _submit_one(self, message: BridgeMessage) -> asyncio.Future[Any] | None:
+        """`submit` for a message with no entry in `_routes` yet (it makes one once the
+        partition is known), one no route takes (None), or a large one (`producer.send`)."""
+        producer = self._producer
+        assert producer is not None
+        topic, key, headers = self._record_parts(message)
+        if topic is None:
+            return None
+        partition = self._partition_of(topic, key)
+        if partition is None:
+            await producer.partitions_for(topic)  # waits for the metadata
+            partition = self._partition_of(topic, key)
+        lanes = self._lanes
+        if partition is None or len(message.payload) > LARGE_RECORD:
+            broken = None
+            for (lane_topic, lane_partition), lane in list(lanes.items()):
+                if lane_topic == topic and partition in (None, lane_partition):
+                    await lane.hand_over_all()
+                    broken = broken or lane.broken
+            return broken or await producer.send(topic, message.payload, key=key,
+                                                 partition=partition, headers=headers)
+        found = lanes.get((topic, partition))
+        if found is None:
+            found = lanes[(topic, partition)] = _PartitionLane(producer, topic, partition)
+        routes = self._routes
+        if len(routes) >= PARTS_CACHE:
+            routes.clear()
+        # The headers that depend only on the cache key: all but the first (the message
+        # id) and the last two at most (the publish time, then the optional ones).
+        fixed = tuple(h for h in headers if h[0] not in (H_MESSAGE_ID, H_PUBLISH_TIME,
+                                                           *_OPTIONAL))
+        routes[(message.topic, message.qos, message.retain, message.client_id)] = (
+            found, key, fixed)
+        return found.append(key, message.payload, headers)
+
+    async def _collect(self, owners: list[asyncio.Future[Any] | None],
                        deadline: float) -> int:
         """Wait for the window's acks until `deadline`; how many from its start."""
         loop = asyncio.get_running_loop()
+        futures = set(owners)
+        futures.discard(None)
         pending = [f for f in futures if f is not None and not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+        failed = False
+        for future in futures:
+            # (exception() also marks it retrieved: asyncio does not log it)
+            if future is not None and (not future.done() or future.cancelled()
+                                       or future.exception() is not None):
+                failed = True
+        if not failed:  # the usual case: every batch of the window was stored
+            self.unrouted += owners.count(None)
+            return len(owners)
         acknowledged = 0
         first_error: BaseException | None = None
-        for slot in slots:
-            if slot < 0:
+        for future in owners:
+            if future is None:
                 self.unrouted += 1
                 acknowledged += 1
                 continue
-            future = futures[slot]
-            if future is None or not future.done() or future.cancelled():
+            if not future.done() or future.cancelled():
                 first_error = TimeoutError(f"no ack within {self.ack_timeout} s")
                 break
             if (error := future.exception()) is not None:
                 first_error = error
                 break
             acknowledged += 1
-        for future in futures:
-            if future is not None and future.done() and not future.cancelled():
-                future.exception()  # retrieved, so asyncio does not log it
         if acknowledged == 0 and first_error is not None:
             raise BridgeError(f"Kafka send failed: {first_error!r}") from first_error
         return acknowledged
 
     async def close(self) -> None:
+        self._routes.clear()
         lanes, self._lanes = self._lanes, {}
         for lane in lanes.values():
             lane.close()

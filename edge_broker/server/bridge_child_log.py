@@ -1,11 +1,11 @@
 """The log as a bridge's uplink process reads it: store/log/bridge_file.py's `LogFile`, its
 own read-only connection to the store file (the broker stays the only writer).
 
-`ChildLogReader` is the `LogReader` (bridge/forward.py) of the process: pages are read on a
-thread of their own (with a GIL switch interval of PAGE_READ_SWITCH_S in the process,
-`use_page_read_switch`), `wait_after` asks the broker to be woken by its next group commit (no
-polling), and `commit_cursor` hands the acknowledged cursor, with the (offset, size) of the
-rows it passes, to the broker, which stores it (server/bridge_proc.py).
+`ChildLogReader` is the `LogReader` (bridge/forward.py) of the process: pages are read on the
+process's event loop (see `ChildLogReader.read_after`), `wait_after` asks the broker to be
+woken by its next group commit (no polling), and `commit_cursor` hands the acknowledged
+cursor, with the (offset, size) of the rows it passes, to the broker, which stores it
+(server/bridge_proc.py).
 """
 
 from __future__ import annotations
@@ -13,25 +13,22 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
 from ..bridge.base import BridgeMessage
 from ..store.log.bridge_file import LogFile
 from .bridge_log import raw_bridge_message
 
-# The uplink process's GIL switch interval (Python's default: 5 ms). The page-read thread
-# releases the GIL in each SQLite step (once per row) and must then wait for the event loop
-# to give it back; with 5 ms a page of 256 rows took about 5 ms on the thread for under 1 ms
-# of work while a drain's loop was busy with acknowledgements (benchmarks/ANALYSIS.md,
-# round 5), and the forwarder waits for that page. Only this process (the loop and this
-# one thread) is affected.
+# The uplink process's GIL switch interval (Python's default: 5 ms). It mattered while pages
+# were read on a thread (which released the GIL in each SQLite step and then waited for the
+# loop to give it back: benchmarks/ANALYSIS.md, round 5); pages are now read on the loop and
+# the process has no other thread, so it changes little. Kept while server/bridge_child.py
+# calls it.
 PAGE_READ_SWITCH_S: Final = 0.0005
 
 
 def use_page_read_switch() -> None:
-    """Set the process's GIL switch interval to PAGE_READ_SWITCH_S (the uplink process
-    calls it at start; not done by `ChildLogReader` itself, which tests make in-process)."""
+    """Set the process's GIL switch interval to PAGE_READ_SWITCH_S (see above)."""
     if sys.getswitchinterval() > PAGE_READ_SWITCH_S:
         sys.setswitchinterval(PAGE_READ_SWITCH_S)
 
@@ -53,10 +50,8 @@ class ChildLogReader:
         self._acked = cursor  # the last cursor handed to the broker
         self._asked = -1  # the offset of the last "wait" sent
         self._wakeup = asyncio.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bridge-log")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
         self.file.close()
 
     def appended(self, offset: int) -> None:
@@ -66,10 +61,20 @@ class ChildLogReader:
         self._wakeup.set()
 
     async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
-        loop = asyncio.get_running_loop()
+        """The page is read on the event loop, then one loop turn is given up (what the
+        windows sent before need: a sink's hand-over, acknowledgements that came in).
+
+        Why not a thread, as the broker reads its store: this process has nothing else to
+        keep responsive, and the thread cost more CPU per message than the read itself
+        saved. It took the GIL back after every SQLite step (one per row) against a loop
+        busy with the sink's work: a Kafka drain's uplink process used 9.0-11.2 us of CPU
+        per message with the thread and 7.1-7.8 without it (benchmarks/results/h7-drain.md).
+        A page of `window` rows holds the loop for well under a millisecond; only a store
+        file that stays locked (SQLite's busy timeout, store/log/bridge_file.py) holds it
+        longer, and then the forwarder has nothing to send anyway."""
         # Rows come as the bridge's messages straight from the raw rows (no LogRow).
-        rows, end = await loop.run_in_executor(self._pool, self.file.page_of,
-                                               raw_bridge_message, cursor, limit)
+        rows, end = self.file.page_of(raw_bridge_message, cursor, limit)
+        await asyncio.sleep(0)
         kept = self._rows
         if kept and kept[-1][0] > cursor:  # read again from the cursor: replaces the rest
             kept[:] = [r for r in kept if r[0] <= cursor]

@@ -35,7 +35,8 @@ def bridge_message(row: LogRow) -> BridgeMessage:
 def raw_bridge_message(raw: Sequence[Any], name: str, name_size: int) -> BridgeMessage:
     """`bridge_message(log_row(raw, name, name_size))` without the `LogRow` in between (a
     row factory for `LogFile.page_of`: the uplink process makes one per drained message).
-    Columns: store/log/log.py `LOG_COLUMNS`; the size as `log_row` counts it."""
+    Columns: store/log/log.py `LOG_COLUMNS` (the last, expires_at, is not read: `page_of`
+    leaves it out); the size as `log_row` counts it."""
     payload = raw[5]
     blob = raw[6]
     if not blob:  # no properties (the usual case): nothing to decode

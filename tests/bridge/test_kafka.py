@@ -354,3 +354,74 @@ async def test_after_a_refused_batch_nothing_later_of_the_partition_is_sent() ->
         await lane.append(b"k", b"m5", [])
     lane.close()
     assert producer.sent == [[b"m0", b"m1"]]
+
+
+async def test_every_record_of_a_drain_carries_its_own_documented_headers(tansu: Tansu) -> None:
+    """Windows of messages from several publishers and topics, some with MQTT 5 properties,
+    arrive with exactly the documented headers of each message (names, values, order),
+    also when the fixed part of its headers comes from the sink's per-topic cache
+    (`KafkaSink._routes`): nothing of one message leaks into another's record."""
+    variants = [
+        {"topic": "sensors/a", "qos": 1, "client_id": "dev1"},
+        {"topic": "sensors/b", "qos": 0, "retain": True, "client_id": ""},
+        {"topic": "alarms/x y", "qos": 2, "client_id": "dev 2", "content_type": "text/plain",
+         "payload_utf8": True, "user_properties": (("a", "1"), ("\u00e9", " "))},
+        {"topic": "sensors/a", "qos": 1, "client_id": "dev3",
+         "user_properties": (("k", "v"),)},
+    ]
+    window = [BridgeMessage(offset=o, payload=b"v%d" % o,
+                            publish_time=1_765_000_000.0 + o // 7 * 0.25,
+                            **variants[o % len(variants)])  # type: ignore[arg-type]
+              for o in range(1, 401)]
+    sink = KafkaSink(bridge_config(tansu.bootstrap), gateway_id="gw7", store_id=STORE_ID)
+    await sink.start()
+    try:
+        acks = [await sink.submit(window[at:at + 100]) for at in range(0, 400, 100)]
+        assert [await ack for ack in acks] == [100] * 4
+    finally:
+        await sink.close()
+    records = await consume(tansu.bootstrap, ["edge.alarms", "edge.telemetry"], 400)
+    by_offset = {offset_of(r): r for r in records}
+    assert sorted(by_offset) == list(range(1, 401))
+    for message in window:
+        record = by_offset[message.offset]
+        mid = f"gw7-{STORE_ID}-{message.offset}"
+        assert list(record.headers) == [(k, v.encode())
+                                        for k, v in message.headers(mid).items()]
+        assert record.value == message.payload
+        assert record.key == message.topic.encode()
+
+
+async def test_a_batch_handed_over_counts_the_records_appended_to_it() -> None:
+    """The lane appends to aiokafka's record builder itself (kafka.py `_record_adder`); the
+    batch it hands over says how many records it holds (aiokafka's idempotent producer
+    numbers the next batch's records from it), also for a batch that filled up."""
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    from edge_broker.bridge.kafka import _PartitionLane
+
+    class Producer:
+        def __init__(self) -> None:
+            self.handed: list[tuple[int, int]] = []  # (record_count(), records in the bytes)
+
+        def create_batch(self) -> BatchBuilder:
+            return BatchBuilder(16 * 1024, 0)
+
+        async def send_batch(self, builder: BatchBuilder, topic: str, *,
+                             partition: int) -> Any:
+            from aiokafka.record.default_records import DefaultRecordBatch
+
+            data = builder._build()
+            self.handed.append((builder.record_count(), len(list(DefaultRecordBatch(data)))))
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    producer = Producer()
+    lane = _PartitionLane(producer, "t", 0)  # type: ignore[arg-type]
+    outcomes = [lane.append(b"k", b"x" * 100, [("h", b"1")]) for _ in range(300)]
+    await asyncio.gather(*outcomes)
+    lane.close()
+    assert len(producer.handed) > 1  # one filled up
+    assert sum(count for count, _ in producer.handed) == 300
+    assert all(count == records for count, records in producer.handed)
