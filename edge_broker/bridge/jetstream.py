@@ -169,9 +169,10 @@ def _api_error(error: object) -> BaseException:
     `APIError.from_error` raises it, it does not return it: raised here, in the reader's
     callback, it went into nats-py's read loop and the window waited for `ack_timeout`.)"""
     try:
-        nats.js.errors.APIError.from_error(error)  # type: ignore[arg-type]
+        nats.js.errors.APIError.from_error(error)
     except nats.js.errors.APIError as exc:
-        return exc
+        failure: BaseException = exc
+        return failure
     except (TypeError, KeyError):
         pass
     return BridgeError(f"JetStream: unreadable error {error!r}")
