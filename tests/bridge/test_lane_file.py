@@ -172,6 +172,7 @@ def test_lane_rows_wait_for_the_log_up_to_their_mark(tmp_path: Path) -> None:
 def test_records_carry_what_the_headers_need() -> None:
     plain = Message(1, "a/b", b"x", 0, True, received_at=5.0, origin="dev")
     again = Message(2, "a/b", b"", 0, False, received_at=5.5, origin="dev")  # repeated
+    same = Message(6, "a/b", b"s", 0, True, received_at=5.5, origin="dev")  # a short head
     rich = Message(3, "a/\u00e9", b"y", 0, False,
                    properties=Properties(content_type="text/plain", payload_format_indicator=1,
                                          user_properties=(("k", "v"), ("k", "\u00fc"))),
@@ -179,11 +180,12 @@ def test_records_carry_what_the_headers_need() -> None:
     own = Message(4, "a/d", b"z", 0, False, origin="bridge-c")
     bare = Message(5, "a/b", b"w", 0, False, properties=Properties(user_properties=()),
                    received_at=7.0, origin="")
-    count, at, blob = encode_records([plain, again, rich, own, bare], "bridge-c")
-    assert count == 4 and at == 5.0
+    count, at, blob = encode_records([plain, again, same, rich, own, bare], "bridge-c")
+    assert count == 5 and at == 5.0
     assert decode_records(blob) == [
         ("a/b", b"x", True, "dev", 5.0, None),
         ("a/b", b"", False, "dev", 5.5, None),
+        ("a/b", b"s", True, "dev", 5.5, None),
         ("a/\u00e9", b"y", False, "dev", 6.0, ("text/plain", True, (("k", "v"), ("k", "\u00fc")))),
         ("a/b", b"w", False, "", 7.0, (None, False, ())),
     ]
@@ -198,13 +200,14 @@ def test_a_damaged_row_is_a_store_error_naming_file_table_and_row(tmp_path: Path
                    properties=Properties(content_type="text/plain",
                                          user_properties=(("k", "v"),)),
                    received_at=6.0, origin="dev")
-    count, _at, blob = encode_records([rich, rich], "")
+    count, _at, blob = encode_records([rich, rich], "")  # the second with a short head
     assert load_blob(path, 3, blob, count) == decode_records(blob)
     damaged = [blob[:cut] for cut in range(1, len(blob))]  # cut short at every byte
     damaged.append(b"\x02" + blob[1:])  # another format
     damaged.append(b"")
     damaged.append(blob[:1] + bytes([blob[1] | 0x40]) + blob[2:])  # an unknown flag
     damaged.append(blob[:1] + bytes([blob[1] | 0x02]) + blob[2:])  # "same topic" first
+    damaged.append(blob[:1] + bytes([blob[1] | 0x10]) + blob[2:])  # a short head first
     damaged.append(blob[:14] + b"\xff" + blob[15:])  # the topic's length
     damaged.append(blob + b"\x00")
     for bad in damaged:

@@ -6,6 +6,9 @@ A row's blob is one format byte (`FORMAT`, 0x01; a pickle, the format of earlier
 starts with 0x80) followed by its messages, each
 
     head      <BdIHH   flags, publish time, payload length, topic length, client id length
+              or <BI   flags (with SHORT), payload length: topic, client id and publish
+                       time are the previous message's (one publisher, one topic, a read's
+                       messages share their time: the common case)
     topic     UTF-8    absent when flags has SAME_TOPIC (the previous message's topic)
     client id UTF-8    absent when flags has SAME_ORIGIN (the previous message's client id)
     payload
@@ -15,9 +18,8 @@ starts with 0x80) followed by its messages, each
 
 what the bridge's headers carry (bridge/base.py `BridgeMessage`). Lengths are those of the
 encoded strings; MQTT bounds topics, client ids, content types and user property strings
-to 65,535 bytes, the payload to 256 MiB. Written with struct and joined once per row:
-about a third of the pickler's instructions, and a repeated topic or client id (one
-publisher, one topic) costs nothing after its first message.
+to 65,535 bytes, the payload to 256 MiB. Written with struct and joined once per row; a
+repeated topic or client id costs nothing after its first message.
 
 Decoding checks every length against the blob and every flag bit: a damaged blob raises
 ValueError (which `load_blob` reports as StoreError naming the file, table and row), it
@@ -41,13 +43,16 @@ RETAIN: Final = 1
 SAME_TOPIC: Final = 2
 SAME_ORIGIN: Final = 4
 PROPS: Final = 8
+SHORT: Final = 16  # a short head: topic, client id and publish time the previous message's
 _FLAGS: Final = RETAIN | SAME_TOPIC | SAME_ORIGIN | PROPS
+_SHORT_FLAGS: Final = RETAIN | PROPS | SHORT
 
 CONTENT_TYPE: Final = 1
 UTF8: Final = 2
 _PROP_FLAGS: Final = CONTENT_TYPE | UTF8
 
 _HEAD: Final = struct.Struct("<BdIHH")
+_SHORT: Final = struct.Struct("<BI")
 _PROPS: Final = struct.Struct("<BHI")
 _PAIR: Final = struct.Struct("<HH")
 
@@ -62,6 +67,7 @@ class LaneBatch:
         self.first_at = 0.0  # publish time of the first message
         self._topic = ""
         self._origin = ""
+        self._at = 0.0
         self._started = False  # a message is in (its topic and client id are known)
 
     def add(self, messages: list[Message], skip_origin: str) -> int:
@@ -69,8 +75,10 @@ class LaneBatch:
         out: not sent back up). Returns how many were added."""
         parts = self.parts
         pack = _HEAD.pack
+        short = _SHORT.pack
         topic_was = self._topic
         origin_was = self._origin
+        at_was = self._at
         started = self._started
         added = 0
         size = 0
@@ -80,7 +88,27 @@ class LaneBatch:
                 continue
             topic = m.topic
             payload = m.payload
+            at = m.received_at
             flags = RETAIN if m.retain else 0
+            if started and topic == topic_was and origin == origin_was and at == at_was:
+                # the common case (one publisher, one topic, a read's messages share their
+                # time): a short head
+                props = m.properties
+                if props is NO_PROPERTIES:
+                    head = short(flags | SHORT, len(payload))
+                    parts.append(head)
+                    parts.append(payload)
+                else:
+                    head = short(flags | SHORT | PROPS, len(payload))
+                    parts.append(head)
+                    parts.append(payload)
+                    size += _add_props(parts, props.content_type,
+                                       props.payload_format_indicator == 1,
+                                       props.user_properties)
+                size += _SHORT.size + len(payload)
+                added += 1
+                continue
+            at_was = at
             if started and topic == topic_was:
                 flags |= SAME_TOPIC
                 topic_bytes = b""
@@ -98,10 +126,8 @@ class LaneBatch:
                 flags |= PROPS
             if not started:
                 started = True
-                if not self.count:
-                    self.first_at = m.received_at
-            head = pack(flags, m.received_at, len(payload), len(topic_bytes),
-                        len(origin_bytes))
+                self.first_at = at
+            head = pack(flags, at, len(payload), len(topic_bytes), len(origin_bytes))
             parts.append(head)
             if topic_bytes:
                 parts.append(topic_bytes)
@@ -116,6 +142,7 @@ class LaneBatch:
             added += 1
         self._topic = topic_was
         self._origin = origin_was
+        self._at = at_was
         self._started = started
         self.count += added
         self.size += size
@@ -130,6 +157,7 @@ class LaneBatch:
         self.first_at = 0.0
         self._topic = ""
         self._origin = ""
+        self._at = 0.0
         self._started = False
         return out
 
@@ -178,29 +206,21 @@ def decode_records(blob: bytes) -> list[tuple[Any, ...]]:
     out: list[tuple[Any, ...]] = []
     end = len(blob)
     pos = 1
-    head_size = _HEAD.size
-    unpack = _HEAD.unpack_from
+    short = _SHORT.unpack_from
     topic: str | None = None
     origin: str | None = None
+    at = 0.0
     while pos < end:
-        if pos + head_size > end:
-            raise ValueError(f"a message header cut short at byte {pos}")
-        flags, at, psize, tsize, osize = unpack(blob, pos)
-        if flags & ~_FLAGS:
-            raise ValueError(f"unknown flags {flags:#x} at byte {pos}")
-        pos += head_size
-        if flags & SAME_TOPIC:
-            if topic is None or tsize:
-                raise ValueError(f"a repeated topic without one before it at byte {pos}")
+        if blob[pos] & SHORT:
+            if pos + _SHORT.size > end:
+                raise ValueError(f"a message header cut short at byte {pos}")
+            flags, psize = short(blob, pos)
+            if flags & ~_SHORT_FLAGS or topic is None or origin is None:
+                raise ValueError(f"a short header without a message before it or with "
+                                 f"unknown flags {flags:#x} at byte {pos}")
+            pos += _SHORT.size
         else:
-            topic = _text(blob, pos, tsize, "a topic")
-            pos += tsize
-        if flags & SAME_ORIGIN:
-            if origin is None or osize:
-                raise ValueError(f"a repeated client id without one before it at byte {pos}")
-        else:
-            origin = _text(blob, pos, osize, "a client id")
-            pos += osize
+            pos, flags, at, psize, topic, origin = _full_head(blob, pos, topic, origin)
         if pos + psize > end:
             raise ValueError("a payload runs past the end of the row")
         payload = blob[pos:pos + psize]
@@ -210,6 +230,33 @@ def decode_records(blob: bytes) -> list[tuple[Any, ...]]:
             props, pos = _read_props(blob, pos)
         out.append((topic, payload, bool(flags & RETAIN), origin, at, props))
     return out
+
+
+def _full_head(blob: bytes, pos: int, topic: str | None,
+               origin: str | None) -> tuple[int, int, float, int, str, str]:
+    """A message's full head and its topic and client id: (position after them, flags,
+    publish time, payload length, topic, client id)."""
+    end = len(blob)
+    head_size = _HEAD.size
+    if pos + head_size > end:
+        raise ValueError(f"a message header cut short at byte {pos}")
+    flags, at, psize, tsize, osize = _HEAD.unpack_from(blob, pos)
+    if flags & ~_FLAGS:
+        raise ValueError(f"unknown flags {flags:#x} at byte {pos}")
+    pos += head_size
+    if flags & SAME_TOPIC:
+        if topic is None or tsize:
+            raise ValueError(f"a repeated topic without one before it at byte {pos}")
+    else:
+        topic = _text(blob, pos, tsize, "a topic")
+        pos += tsize
+    if flags & SAME_ORIGIN:
+        if origin is None or osize:
+            raise ValueError(f"a repeated client id without one before it at byte {pos}")
+    else:
+        origin = _text(blob, pos, osize, "a client id")
+        pos += osize
+    return pos, flags, at, psize, topic, origin
 
 
 def _read_props(blob: bytes, pos: int) -> tuple[tuple[Any, ...], int]:
