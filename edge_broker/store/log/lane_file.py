@@ -2,13 +2,13 @@
 store, written by the broker (`LaneFile`, on its event loop) and read by one bridge's uplink
 process (`LaneView`, server/bridge_lane_child.py).
 
-The broker appends the QoS 0 messages that only this bridge's uplink takes, one batch per
-event-loop turn, as an opaque blob (a pickled list of records, server/bridge_lane.py; read
-back by `load_blob`, which refuses any global, so no code runs). A batch is one row (`first`
-= the lane offset of its first message, `count` messages): the append costs one INSERT and
-one commit per loop turn, not one per message. Lane offsets count from 1 in the file and
-never repeat in it; with the store id they make the message ids of the lane (a namespace of
-their own: `<store_id>q`).
+The broker appends the QoS 0 messages that only this bridge's uplink takes, one row per
+one or more event-loop turns (server/bridge_lane.py), as an opaque blob (the records of
+store/log/lane_codec.py; read back by `load_blob`, which also reads the pickled lists of
+earlier versions, refusing any global, so no code runs). A row (`first` = the lane offset
+of its first message, `count` messages) costs one INSERT and one commit, not one per
+message. Lane offsets count from 1 in the file and never repeat in it; with the store id
+they make the message ids of the lane (a namespace of their own: `<store_id>q`).
 
 - `cursor`: every lane offset up to it was acknowledged by the remote side (the process
   reports it, the broker stores it in `lane_meta`); rows entirely up to it are deleted.
