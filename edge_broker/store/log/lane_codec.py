@@ -82,7 +82,6 @@ class LaneBatch:
         pack = _HEAD.pack
         short = _SHORT.pack
         heads = _SHORT_HEADS
-        no_props = NO_PROPERTIES  # (a local: read once, not from the module per message)
         topic_was = self._topic
         origin_was = self._origin
         at_was = self._at
@@ -102,7 +101,7 @@ class LaneBatch:
                 # time): a short head
                 props = m.properties
                 psize = len(payload)
-                if props is no_props:
+                if props is NO_PROPERTIES:
                     flags |= SHORT
                 else:
                     flags |= SHORT | PROPS
@@ -137,7 +136,7 @@ class LaneBatch:
                 origin_bytes = origin.encode()
                 origin_was = origin
             props = m.properties
-            if props is not no_props:
+            if props is not NO_PROPERTIES:
                 flags |= PROPS
             if not started:
                 started = True
