@@ -122,3 +122,30 @@ def test_the_process_reads_new_rows_without_being_told(tmp_path: Path) -> None:
         file.close()
 
     asyncio.run(run())
+
+
+def test_a_row_longer_than_a_window_is_read_from_the_file_once(tmp_path: Path) -> None:
+    async def run() -> None:
+        file = LaneFile(str(tmp_path / "lane"), "s1")
+        lane = Lane("b", "", file, mark=0, notify=lambda message: None, row_interval_s=0)
+        lane.send(_messages(0, 10))
+        lane.send(_messages(10, 3))
+        view = LaneView(file.path, file.cursor, file.next_offset - 1)
+        pages: list[int] = []
+        page = view.page
+        view.page = lambda after, limit: pages.append(after) or page(after, limit)  # type: ignore[method-assign]
+        reader = LaneReader(view, mark=0, send=lambda message: None)
+        got = []
+        cursor = 0
+        while batch := await reader.read_after(cursor, 4):  # windows of 4
+            got.extend(batch)
+            cursor = batch[-1].offset
+        assert [m.offset for m in got] == list(range(1, 14))
+        assert [m.payload for m in got] == [b"%d" % n for n in range(13)]
+        # the file read once per row (at 0, at 10 for the second), and after the end (13)
+        assert pages == [0, 10, 13]
+        reader.close()
+        lane.close()
+        file.close()
+
+    asyncio.run(run())
