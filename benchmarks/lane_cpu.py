@@ -8,13 +8,15 @@ running: only the ingest side), `up` (its server running: ingest and forwarding)
 QoS 0, one publisher -> one subscriber on `bench/s1`, 100 B, paced at RATE msgs/s (default
 30,000; 0: full speed), MESSAGES (default 150,000). `nats` is nats-server's CPU. The CPU
 is read before and after the flow, after the broker (and its child) went quiet, so the
-forwarding of the tail is counted.
+forwarding of the tail is counted. `down` also prints the lane file's rows and messages per
+row (the lane's appends: one INSERT and commit each).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -81,6 +83,7 @@ def main(argv: list[str]) -> None:
             c1 = _cpu(child) if child else 0.0
             uplink = _wait_backlog_empty(rb, flow["published"]) if mode == "up" else {}
             n1 = _cpu(nats) if nats else 0.0
+            rows = _lane_rows(rb.data_dir) if mode == "down" else (0, 0)
         finally:
             rb.stop()
     sent = flow["published"]
@@ -89,7 +92,28 @@ def main(argv: list[str]) -> None:
           f"broker={1e6 * (b1 - b0) / sent:.1f} us/msg (system {1e6 * (s1 - s0) / sent:.1f}) "
           f"child={1e6 * (c1 - c0) / sent:.1f} us/msg nats={1e6 * (n1 - n0) / sent:.1f} us/msg "
           f"loadgen={1e6 * flow['loadgen_cpu_s'] / sent:.1f} us/msg "
-          f"forwarded={uplink.get('forwarded')} dropped={uplink.get('dropped')}")
+          f"forwarded={uplink.get('forwarded')} dropped={uplink.get('dropped')}"
+          + (f" lane_rows={rows[0]} msgs/row={rows[1] / rows[0]:.1f}" if rows[0] else ""))
+
+
+def _lane_rows(data_dir: Path | None) -> tuple[int, int]:
+    """(rows, messages) in the lane file (`down`: everything stays there)."""
+    if data_dir is None:
+        return 0, 0
+    for path in Path(data_dir).glob("**/*.lane-*"):
+        if path.name.endswith(("-wal", "-shm")):
+            continue
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                rows, messages = db.execute(
+                    "SELECT count(*), coalesce(sum(count), 0) FROM lane").fetchone()
+            finally:
+                db.close()
+            return int(rows), int(messages)
+        except sqlite3.Error:
+            continue
+    return 0, 0
 
 
 if __name__ == "__main__":

@@ -3,38 +3,43 @@
 While a bridge's uplink process runs (`separate_process = true`), the QoS 0 messages that
 only that bridge's uplink takes are not appended to the store's log: the core puts them on
 `core.lane_out` (core/streams.py `_to_lane`, a list per reader), and `LaneHub` drains it
-once per event-loop turn and hands each bridge's messages to its `Lane`, which appends them
-to the lane's own file (store/log/lane_file.py) as one row - a blob, the pickled list of
-compact records
+once per event-loop turn and hands each bridge's messages to its `Lane`, which encodes them
+(store/log/lane_codec.py: per message a small struct head, the topic and client id only
+when they differ from the previous message's, the payload, the properties the bridge's
+headers carry) into the row it is gathering. A row is appended to the lane's own file
+(store/log/lane_file.py) - one INSERT and one commit, WAL, synchronous NORMAL - once it
+holds `ROW_BYTES`, or `ROW_INTERVAL_S` after the previous append (at once if that is
+older): at full speed a row carries several loop turns, at low rates every turn is
+appended at once. A crash of the broker loses what was being gathered, at most that
+interval (QoS 0 is at most once; nothing is acknowledged for it); the lane's offsets are
+given at the append, in order, so the order and the message ids are those of one row per
+turn.
 
-    (topic, payload, retain, client id, publish time, properties or None)
+The process reads the file (server/bridge_lane_child.py), learning of new rows by reading
+the file itself; only once it read everything does it ask ("lane_wait", its last offset),
+and the broker answers with a small frame over the process's socketpair
+(server/bridge_wire.py), at once or after the next append: ("lane", last offset, cursor).
+A busy process gets no frames, an idle one one per append. It reports each cursor the
+remote side acknowledged ("lane_ack"); the broker stores it and deletes the rows it passes:
+the broker is the file's only writer.
 
-with properties = (content type, payload is UTF-8, user properties): what the bridge's
-headers carry - one INSERT and one commit (WAL, synchronous NORMAL) per turn. It then tells
-the process what was committed with a small frame over the process's socketpair
-(server/bridge_wire.py): ("lane", last offset, cursor). The process reads the file
-(server/bridge_lane_child.py) and reports each cursor the remote side acknowledged
-("lane_ack"); the broker stores it and deletes the rows it passes: the broker is the
-file's only writer.
-
-Nothing is buffered in memory towards the process, so a process that does not keep up
-loses nothing: the backlog waits in the file, bounded by `max_backlog_bytes` (the oldest
-rows dropped, counted and logged). While the process is not running (starting,
-restarting) its lane is closed and the core appends those messages to the log as before.
+Nothing is buffered towards the process beyond the row being gathered, so a process that
+does not keep up loses nothing: the backlog waits in the file, bounded by
+`max_backlog_bytes` (the oldest rows dropped, counted and logged). While the process is not
+running (starting, restarting) its lane is closed (what was gathered is appended first)
+and the core appends those messages to the log as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import pickle
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import StoreError
-from ..mqtt.properties import NO_PROPERTIES
+from ..store.log.lane_codec import LaneBatch
 
 if TYPE_CHECKING:
     from ..core.broker import BrokerCore
@@ -46,74 +51,102 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_broker.bridges")
 
 DROP_LOG_INTERVAL_S: Final = 10.0
-
-
-def lane_records(messages: list[Message], skip_origin: str) -> list[tuple[Any, ...]]:
-    """The compact records of the messages (those from the bridge's own downlink left out:
-    not sent back up, as from the log)."""
-    out: list[tuple[Any, ...]] = []
-    for m in messages:
-        if m.origin == skip_origin:
-            continue
-        props = m.properties
-        out.append((m.topic, m.payload, m.retain, m.origin, m.received_at,
-                    None if props is NO_PROPERTIES else (
-                        props.content_type, props.payload_format_indicator == 1,
-                        tuple(props.user_properties))))
-    return out
-
-
-def _dumps(records: list[tuple[Any, ...]]) -> bytes:
-    """The pickled records, without the pickler's memo ("fast" mode): the records are flat
-    (no object refers to itself), and the memo cost more than it saved (each string, bytes
-    and tuple entered in a table that is resized and cleared per batch: ~600 of the ~1,800
-    instructions per message pickling took); the same format for `load_blob`, only a
-    repeated object (the publisher's client id) is written again instead of referred to."""
-    buf = io.BytesIO()
-    pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
-    pickler.fast = True
-    pickler.dump(records)
-    return buf.getvalue()
+# A lane row is appended once it holds ROW_BYTES, or ROW_INTERVAL_S after the last append
+# (at once when the last append is older): at most ~200 INSERTs and commits a second.
+ROW_BYTES: Final = 256 * 1024
+ROW_INTERVAL_S: Final = 0.005
 
 
 class Lane:
-    """One bridge's lane while its uplink process runs: appends each loop turn's messages
-    to the lane file (the file outlives the process: `ProcessForwarder.lane_file`)."""
+    """One bridge's lane while its uplink process runs: appends the loop turns' messages to
+    the lane file (the file outlives the process: `ProcessForwarder.lane_file`), several
+    turns to a row (see the module docstring), and tells the process what was committed
+    when it asks ("lane_wait", `wanted`)."""
 
     def __init__(self, name: str, skip_origin: str, file: LaneFile, mark: int,
-                 notify: Callable[[tuple[Any, ...]], None]) -> None:
+                 notify: Callable[[tuple[Any, ...]], None], *,
+                 row_bytes: int = ROW_BYTES, row_interval_s: float = ROW_INTERVAL_S) -> None:
         self.name = name
         self.skip_origin = skip_origin
         self.file = file
         self.mark = mark  # the log's last offset when this lane opened (LogGate)
         self.notify = notify
+        self.row_bytes = row_bytes
+        self.row_interval_s = row_interval_s
         self.sent = 0
         self.dropped = 0  # not stored: the file could not be written
+        self._batch = LaneBatch()
+        self._committed_at = -1e18  # time.monotonic() of the last row's append
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting: int | None = None  # the process waits for a row past this offset
         self._logged = file.dropped
         self._logged_at = -1e18
         self._failed_at = -1e18
 
     def send(self, messages: list[Message]) -> None:
-        records = lane_records(messages, self.skip_origin)
-        if not records:
+        """A loop turn's messages: into the row being gathered, which is appended now if it
+        reached `row_bytes` or no row was appended for `row_interval_s`, else by a timer at
+        the end of that interval."""
+        batch = self._batch
+        if not batch.add(messages, self.skip_origin):
             return
+        if batch.size >= self.row_bytes:
+            self.flush()
+            return
+        wait = self.row_interval_s - (time.monotonic() - self._committed_at)
+        if wait <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Append the row being gathered (one INSERT and one commit)."""
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        batch = self._batch
+        if not batch.count:
+            return
+        count, at, blob = batch.take()
+        self._committed_at = time.monotonic()
         file = self.file
-        blob = _dumps(records)
         try:
-            dropped = file.append([(len(records), len(blob), records[0][4], blob)], self.mark)
+            dropped = file.append([(count, len(blob), at, blob)], self.mark)
         except StoreError as exc:  # disk full, I/O error: lost (QoS 0, at most once)
-            self.dropped += len(records)
+            self.dropped += count
             now = time.monotonic()
             if now - self._failed_at >= DROP_LOG_INTERVAL_S:
                 self._failed_at = now
                 log.error("bridge %s: cannot store QoS 0 lane messages: %s: %d "
                           "message(s) dropped (%d in all)", self.name, exc,
-                          len(records), self.dropped)
+                          count, self.dropped)
             return
-        self.sent += len(records)
+        self.sent += count
         if dropped:
             self._log_drops()
-        self.notify(("lane", file.next_offset - 1, file.cursor))
+        waiting = self._waiting
+        if waiting is not None and file.next_offset - 1 > waiting:
+            self._waiting = None
+            self.notify(("lane", file.next_offset - 1, file.cursor))
+
+    def wanted(self, after: int) -> None:
+        """The process read every row up to `after` ("lane_wait"): tell it at once if the
+        file goes further, else after the next append."""
+        file = self.file
+        if file.next_offset - 1 > after:
+            self._waiting = None
+            self.notify(("lane", file.next_offset - 1, file.cursor))
+        else:
+            self._waiting = after
+
+    def close(self) -> None:
+        """Append what is gathered; no timer stays behind."""
+        self.flush()
 
     def _log_drops(self) -> None:
         now = time.monotonic()
@@ -148,7 +181,7 @@ class LaneHub:
         the core put on the lane until now is sent first, if the process still reads)."""
         if reader in self.lanes:
             self.drain()
-            del self.lanes[reader]
+            self.lanes.pop(reader).close()
             self.core.lane_open = frozenset(self.lanes)
 
     def _wake(self) -> None:

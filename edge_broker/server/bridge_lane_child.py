@@ -1,10 +1,12 @@
 """The uplink process's side of the QoS 0 lane (docs/bridges.md "The QoS 0 lane").
 
 The broker appends the lane's messages to the lane's own file (store/log/lane_file.py,
-server/bridge_lane.py) and tells the process what it committed ("lane" frames: the last
-offset written and the cursor below which rows were deleted). `LaneReader` reads that file
-(read-only, `LaneView`) and is the `LogReader` (bridge/forward.py) of a second `Forwarder`
-in the process: its cursor is over the lane's offsets, its sink has the store id
+server/bridge_lane.py). `LaneReader` learns of new rows by reading the file itself
+(`LaneView.poll`, when it has read everything it knew of); only when the file has nothing
+new does it ask the broker ("lane_wait"), which answers once it appended more ("lane"
+frames: the last offset written and the cursor below which rows were deleted). It reads
+the file read-only (`LaneView`) and is the `LogReader` (bridge/forward.py) of a second
+`Forwarder` in the process: its cursor is over the lane's offsets, its sink has the store id
 `<store_id>q`, so the lane's message ids (`<gateway_id>-<store_id>q-<lane offset>`) never
 meet the log's. Each cursor the remote side acknowledged goes to the broker ("lane_ack"),
 which stores it and deletes the rows it passes.
@@ -77,11 +79,14 @@ class LaneReader:
         self.gate: _Gate | None = None  # a LogGate (typed by what it must have)
         self._wakeup = asyncio.Event()
         self.progress = asyncio.Event()  # set when the lane's cursor moved
-        self._decoded: tuple[int, list[tuple[Any, ...]]] | None = None
+        # the row decoded last: (first offset, records, mark)
+        self._decoded: tuple[int, list[tuple[Any, ...]], int] | None = None
+        self._asked = -1  # the offset of the last "lane_wait" sent
 
     def appended(self, last: int, floor: int) -> None:
-        """A "lane" frame from the broker: rows committed up to `last`, deleted up to
-        `floor` (acknowledged, or dropped for max_backlog_bytes)."""
+        """A "lane" frame from the broker (the answer to a "lane_wait"): rows committed up
+        to `last`, deleted up to `floor` (acknowledged, or dropped for
+        max_backlog_bytes)."""
         before = self.file.cursor
         self.file.refresh(last, floor)
         if self.file.cursor != before:
@@ -96,14 +101,27 @@ class LaneReader:
     async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
         file = self.file
         after = max(cursor, file.cursor)  # rows dropped for max_backlog_bytes are skipped
-        if after >= file.next_offset - 1:
+        if after >= file.next_offset - 1 and not file.poll():
             return []
         out: list[BridgeMessage] = []
         done_to = self.gate.done_to if self.gate is not None else None
-        for first, _count, mark, blob in self.file.page(after, limit):
+        decoded = self._decoded
+        if decoded is not None and decoded[0] <= after < decoded[0] + len(decoded[1]) - 1:
+            # The next message is in the row decoded last (a row holds up to 5 ms of the
+            # broker's turns, often more than a window): taken from it, the file not read.
+            # (Were that row dropped for max_backlog_bytes meanwhile, the broker's word of
+            # it not come yet, its rest goes out anyway: sent, and counted in both.)
+            first, records, mark = decoded
+            if done_to is not None and mark > done_to:
+                return out  # the log's rows up to its mark go first
+            out.extend(lane_messages(first, records, after, limit))
+            if len(out) >= limit:
+                return out
+            after = first + len(records) - 1
+        for first, count, mark, blob in self.file.page(after, limit - len(out)):
             if done_to is not None and mark > done_to:
                 break  # the log's rows up to its mark go first
-            out.extend(lane_messages(first, self._records(first, blob), after,
+            out.extend(lane_messages(first, self._records(first, count, mark, blob), after,
                                      limit - len(out)))
             if len(out) >= limit:
                 break
@@ -120,16 +138,25 @@ class LaneReader:
         mark = file.mark_after(after)
         return mark is not None and mark <= self.gate.done_to
 
-    def _records(self, first: int, blob: bytes) -> list[tuple[Any, ...]]:
+    def _records(self, first: int, count: int, mark: int,
+                 blob: bytes) -> list[tuple[Any, ...]]:
         decoded = self._decoded
         if decoded is not None and decoded[0] == first:
             return decoded[1]
-        records = load_blob(self.file.path, first, blob)
-        self._decoded = (first, records)
+        records = load_blob(self.file.path, first, blob, count)
+        self._decoded = (first, records, mark)
         return records
 
     async def wait_after(self, cursor: int) -> None:
+        file = self.file
         while not self._ready_after(cursor):
+            known = file.next_offset - 1
+            if known <= max(cursor, file.cursor):  # everything known is read
+                if file.poll():
+                    continue
+                if self._asked != known:  # the broker answers once the file goes further
+                    self._asked = known
+                    self.send(("lane_wait", known))
             self._wakeup.clear()
             await self._wakeup.wait()
 

@@ -280,6 +280,10 @@ class ProcessForwarder:
                 self._waiting = after
         elif kind == "lane_ack":
             self._lane_acked(int(message[1]))
+        elif kind == "lane_wait":
+            lane = self.lane
+            if lane is not None:
+                lane.wanted(int(message[1]))
         elif kind == "status":
             self._update(message[1])
 

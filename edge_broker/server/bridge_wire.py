@@ -8,10 +8,14 @@ interpreter), so pickle is only a compact codec here, never fed with outside dat
 broker -> process:
     ("init", settings)        first: the bridge's config, the store file, ids, cursor, ...
     ("appended", offset)      the log is committed up to `offset` (answers a "wait")
+    ("lane", last, cursor)    the QoS 0 lane's file is committed up to offset `last`, its
+                              rows up to `cursor` deleted (answers a "lane_wait")
     ("stop",)                 close the remote connection and exit
 
 process -> broker:
     ("wait", offset)          wake me when the log is committed past `offset`
+    ("lane_wait", offset)     wake me when the lane's file is committed past `offset`
+    ("lane_ack", cursor)      the remote side acknowledged the lane up to `cursor`
     ("ack", cursor, passed)   the remote side acknowledged everything up to `cursor`;
                               `passed` = (offset, size) of the bridge's rows up to it
                               (for the reader's backlog counts)

@@ -14,17 +14,21 @@ from pathlib import Path
 import pytest
 
 from edge_broker.bridge.base import BridgeMessage
+from edge_broker.core.changes import Message
 from edge_broker.errors import StoreError
-from edge_broker.server.bridge_lane import lane_records
+from edge_broker.mqtt.properties import Properties
 from edge_broker.server.bridge_lane_child import LaneReader
+from edge_broker.store.log.lane_codec import decode_records, encode_records
 from edge_broker.store.log.lane_file import LaneFile, LaneView, load_blob
 
 
 def _batch(first_n: int, count: int, size: int = 10) -> tuple[int, int, float, bytes]:
-    records = [(f"t/{n % 2}", b"%d" % n, False, "dev", 1000.0 + n, None)
-               for n in range(first_n, first_n + count)]
-    blob = pickle.dumps(records)
-    return count, size or len(blob), 1000.0 + first_n, blob
+    """A row of `count` messages (payloads first_n, first_n + 1, ...), `size` bytes as
+    the backlog counts it (0: the blob's)."""
+    messages = [Message(n, f"t/{n % 2}", b"%d" % n, 0, False, received_at=1000.0 + n,
+                        origin="dev") for n in range(first_n, first_n + count)]
+    n, at, blob = encode_records(messages, "bridge-c")
+    return n, size or len(blob), at, blob
 
 
 def _view(lane: LaneFile) -> LaneView:
@@ -166,18 +170,79 @@ def test_lane_rows_wait_for_the_log_up_to_their_mark(tmp_path: Path) -> None:
 
 
 def test_records_carry_what_the_headers_need() -> None:
-    from edge_broker.core.changes import Message
-    from edge_broker.mqtt.properties import Properties
-
     plain = Message(1, "a/b", b"x", 0, True, received_at=5.0, origin="dev")
-    rich = Message(2, "a/c", b"y", 0, False,
+    again = Message(2, "a/b", b"", 0, False, received_at=5.5, origin="dev")  # repeated
+    same = Message(6, "a/b", b"s", 0, True, received_at=5.5, origin="dev")  # a short head
+    rich = Message(3, "a/\u00e9", b"y", 0, False,
                    properties=Properties(content_type="text/plain", payload_format_indicator=1,
+                                         user_properties=(("k", "v"), ("k", "\u00fc"))),
+                   received_at=6.0, origin="dev")
+    own = Message(4, "a/d", b"z", 0, False, origin="bridge-c")
+    bare = Message(5, "a/b", b"w", 0, False, properties=Properties(user_properties=()),
+                   received_at=7.0, origin="")
+    count, at, blob = encode_records([plain, again, same, rich, own, bare], "bridge-c")
+    assert count == 5 and at == 5.0
+    assert decode_records(blob) == [
+        ("a/b", b"x", True, "dev", 5.0, None),
+        ("a/b", b"", False, "dev", 5.5, None),
+        ("a/b", b"s", True, "dev", 5.5, None),
+        ("a/\u00e9", b"y", False, "dev", 6.0, ("text/plain", True, (("k", "v"), ("k", "\u00fc")))),
+        ("a/b", b"w", False, "", 7.0, (None, False, ())),
+    ]
+
+
+def test_a_damaged_row_is_a_store_error_naming_file_table_and_row(tmp_path: Path) -> None:
+    """Every way the bytes of a row can be wrong - cut short anywhere, a flag bit or a
+    length changed, another count of messages than the row says - is a StoreError naming
+    the file, the table and the row; never a crash, never a shortened record."""
+    path = str(tmp_path / "lane")
+    rich = Message(1, "a/b", b"payload", 0, False,
+                   properties=Properties(content_type="text/plain",
                                          user_properties=(("k", "v"),)),
                    received_at=6.0, origin="dev")
-    own = Message(3, "a/d", b"z", 0, False, origin="bridge-c")
-    records = lane_records([plain, rich, own], "bridge-c")
-    assert records == [("a/b", b"x", True, "dev", 5.0, None),
-                       ("a/c", b"y", False, "dev", 6.0, ("text/plain", True, (("k", "v"),)))]
+    count, _at, blob = encode_records([rich, rich], "")  # the second with a short head
+    assert load_blob(path, 3, blob, count) == decode_records(blob)
+    damaged = [blob[:cut] for cut in range(1, len(blob))]  # cut short at every byte
+    damaged.append(b"\x02" + blob[1:])  # another format
+    damaged.append(b"")
+    damaged.append(blob[:1] + bytes([blob[1] | 0x40]) + blob[2:])  # an unknown flag
+    damaged.append(blob[:1] + bytes([blob[1] | 0x02]) + blob[2:])  # "same topic" first
+    damaged.append(blob[:1] + bytes([blob[1] | 0x10]) + blob[2:])  # a short head first
+    damaged.append(blob[:14] + b"\xff" + blob[15:])  # the topic's length
+    damaged.append(blob + b"\x00")
+    for bad in damaged:
+        try:
+            records = load_blob(path, 3, bad, count)
+        except StoreError as exc:
+            assert f"{path}: table lane, row first=3: damaged" in str(exc)
+        else:  # (a cut that still decodes would have to give whole records)
+            raise AssertionError(f"{bad!r} loaded as {records}")
+    with pytest.raises(StoreError, match="1 messages in a row of 2"):
+        load_blob(path, 3, encode_records([rich], "")[2], 2)
+
+
+def test_a_damaged_row_stops_the_lane_reader_with_a_store_error(tmp_path: Path) -> None:
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        writer = LaneFile(path, "s1")
+        count, size, at, blob = _batch(0, 3)
+        writer.append([(count, size, at, blob[:-1])], mark=0)
+        reader = LaneReader(_view(writer), mark=0, send=lambda message: None)
+        with pytest.raises(StoreError, match=f"{path}: table lane, row first=1"):
+            await reader.read_after(0, 10)
+        reader.close()
+        writer.close()
+
+    asyncio.run(run())
+
+
+def test_rows_of_an_earlier_version_are_still_read(tmp_path: Path) -> None:
+    """A pickled list of records (the format before 2026-12) left in the file by an
+    upgrade is forwarded, not refused."""
+    path = str(tmp_path / "lane")
+    records = [("t/0", b"0", False, "dev", 1000.0, None),
+               ("t/1", b"1", True, "dev", 1001.0, ("text/plain", True, (("k", "v"),)))]
+    assert load_blob(path, 1, pickle.dumps(records, protocol=5), 2) == records
 
 
 @pytest.mark.parametrize("drained_first", [False, True])
@@ -243,12 +308,12 @@ def test_a_blob_naming_a_global_is_refused_not_run(tmp_path: Path,
     # print) is a damaged row, reported with file, table and key, and nothing runs.
     path = str(tmp_path / "lane")
     # The message names what was refused (the compiled build does not keep __cause__).
-    with pytest.raises(ValueError, match=r"lane.*table lane, row first=7: damaged.*"
+    with pytest.raises(StoreError, match=r"lane.*table lane, row first=7: damaged.*"
                                          r"names builtins\.print"):
         load_blob(path, 7, pickle.dumps([_Boom()]))
     assert "ran code" not in capsys.readouterr().out
-    with pytest.raises(ValueError, match="row first=8"):
+    with pytest.raises(StoreError, match="row first=8"):
         load_blob(path, 8, b"\x80\x05 not a pickle")
-    with pytest.raises(ValueError, match="6-item records"):
+    with pytest.raises(StoreError, match="6-item records"):
         load_blob(path, 9, pickle.dumps([("t", b"p")]))
-    assert load_blob(path, 1, _batch(0, 2)[3]) == pickle.loads(_batch(0, 2)[3])
+    assert load_blob(path, 1, _batch(0, 2)[3]) == decode_records(_batch(0, 2)[3])

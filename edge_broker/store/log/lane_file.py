@@ -2,13 +2,13 @@
 store, written by the broker (`LaneFile`, on its event loop) and read by one bridge's uplink
 process (`LaneView`, server/bridge_lane_child.py).
 
-The broker appends the QoS 0 messages that only this bridge's uplink takes, one batch per
-event-loop turn, as an opaque blob (a pickled list of records, server/bridge_lane.py; read
-back by `load_blob`, which refuses any global, so no code runs). A batch is one row (`first`
-= the lane offset of its first message, `count` messages): the append costs one INSERT and
-one commit per loop turn, not one per message. Lane offsets count from 1 in the file and
-never repeat in it; with the store id they make the message ids of the lane (a namespace of
-their own: `<store_id>q`).
+The broker appends the QoS 0 messages that only this bridge's uplink takes, one row per
+one or more event-loop turns (server/bridge_lane.py), as an opaque blob (the records of
+store/log/lane_codec.py; read back by `load_blob`, which also reads the pickled lists of
+earlier versions, refusing any global, so no code runs). A row (`first` = the lane offset
+of its first message, `count` messages) costs one INSERT and one commit, not one per
+message. Lane offsets count from 1 in the file and never repeat in it; with the store id
+they make the message ids of the lane (a namespace of their own: `<store_id>q`).
 
 - `cursor`: every lane offset up to it was acknowledged by the remote side (the process
   reports it, the broker stores it in `lane_meta`); rows entirely up to it are deleted.
@@ -33,6 +33,7 @@ from typing import Any, Final
 from urllib.parse import quote
 
 from ...errors import StoreError
+from .lane_codec import decode_records
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -57,16 +58,26 @@ _PlainUnpickler: Any = type("_PlainUnpickler", (pickle.Unpickler,),
                             {"find_class": staticmethod(_refuse_global)})
 
 
-def load_blob(path: str, first: int, blob: bytes) -> list[tuple[Any, ...]]:
-    """The records of the lane row at `first` (server/bridge_lane.py writes them). A blob
-    that is not a list of 6-item records raises ValueError naming the file, table and key."""
+def load_blob(path: str, first: int, blob: bytes,
+              count: int | None = None) -> list[tuple[Any, ...]]:
+    """The records of the lane row at `first` (store/log/lane_codec.py's format; a pickled
+    list, the format of earlier versions, is still read: rows an upgrade found in the file).
+    A damaged blob (or one holding other than `count` messages, when given) raises
+    StoreError naming the file, table and row."""
+    records: list[tuple[Any, ...]]
     try:
-        records = _PlainUnpickler(io.BytesIO(blob)).load()
-        if not isinstance(records, list) or not all(
-                isinstance(r, tuple) and len(r) == 6 for r in records):
-            raise ValueError("not a list of 6-item records")
-    except Exception as exc:  # a damaged blob: any error of the unpickler
-        raise ValueError(f"{path}: table lane, row first={first}: damaged batch of QoS 0 "
+        if blob[:1] == b"\x80":  # a pickle: written by an earlier version
+            loaded = _PlainUnpickler(io.BytesIO(blob)).load()
+            if not isinstance(loaded, list) or not all(
+                    isinstance(r, tuple) and len(r) == 6 for r in loaded):
+                raise ValueError("not a list of 6-item records")
+            records = loaded
+        else:
+            records = decode_records(blob)
+        if count is not None and len(records) != count:
+            raise ValueError(f"{len(records)} messages in a row of {count}")
+    except Exception as exc:  # a damaged blob: any error of the decoder
+        raise StoreError(f"{path}: table lane, row first={first}: damaged batch of QoS 0 "
                          f"messages ({exc})") from exc
     return records
 
@@ -269,6 +280,17 @@ class LaneView:
                 self._add(int(first), int(count), int(mark))
             self.next_offset = max(self.next_offset, last + 1)
         self.advance(floor)
+
+    def poll(self) -> bool:
+        """Read the rows the broker committed past the last one known, without waiting for
+        its word (the process asks for that only once it has read everything: a busy
+        process learns of new rows here). Returns whether any was found."""
+        before = self.next_offset
+        for first, count, mark in self._conn.execute(
+                "SELECT first, count, mark FROM lane WHERE first >= ? ORDER BY first",
+                (before,)):
+            self._add(int(first), int(count), int(mark))
+        return self.next_offset != before
 
     def advance(self, cursor: int) -> None:
         if cursor <= self.cursor:
