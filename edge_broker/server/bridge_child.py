@@ -30,7 +30,7 @@ from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
 from ..store.log.lane_file import LaneView
 from . import evloop
-from .bridge_child_log import ChildLogReader, use_page_read_switch
+from .bridge_child_log import ChildLogReader
 from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader, LogGate
 from .bridge_wire import decode_config, frame, read_frame
 
@@ -43,7 +43,6 @@ STATUS_INTERVAL_S = 0.2  # status to the broker at most this often (when it chan
 
 def main() -> None:
     fd = int(sys.argv[-1])
-    use_page_read_switch()
     evloop.run(serve(fd))
 
 

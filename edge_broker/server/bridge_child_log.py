@@ -11,26 +11,12 @@ cursor, with the (offset, size) of the rows it passes, to the broker, which stor
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from ..bridge.base import BridgeMessage
 from ..store.log.bridge_file import LogFile
 from .bridge_log import raw_bridge_message
-
-# The uplink process's GIL switch interval (Python's default: 5 ms). It mattered while pages
-# were read on a thread (which released the GIL in each SQLite step and then waited for the
-# loop to give it back: benchmarks/ANALYSIS.md, round 5); pages are now read on the loop and
-# the process has no other thread, so it changes little. Kept while server/bridge_child.py
-# calls it.
-PAGE_READ_SWITCH_S: Final = 0.0005
-
-
-def use_page_read_switch() -> None:
-    """Set the process's GIL switch interval to PAGE_READ_SWITCH_S (see above)."""
-    if sys.getswitchinterval() > PAGE_READ_SWITCH_S:
-        sys.setswitchinterval(PAGE_READ_SWITCH_S)
 
 
 class ChildLogReader:
