@@ -63,7 +63,12 @@ SUBSET = (
     "tests/contract/test_store_contract.py",
     "tests/unit/test_forwarding.py",
     "tests/bridge/test_lane_file.py",
-    "tests/bridge/test_lane_rows.py",  # the lane's rows of several turns (Lane, LaneBatch)
+    # the lane's rows of several turns (Lane, LaneBatch); not the test that replaces a
+    # LaneView method to count its reads (a compiled class's methods cannot be replaced)
+    "tests/bridge/test_lane_rows.py::test_turns_are_gathered_into_rows_bounded_in_time",
+    "tests/bridge/test_lane_rows.py::test_rows_bounded_in_bytes_and_closing_appends_what_was_gathered",
+    "tests/bridge/test_lane_rows.py::test_the_process_is_told_only_when_it_asks",
+    "tests/bridge/test_lane_rows.py::test_the_process_reads_new_rows_without_being_told",
     "tests/bridge/test_qos0_lane.py::test_qos0_goes_by_the_lane_not_the_log",
 )
 IGNORED = shutil.ignore_patterns("__pycache__", "*.so", "build", "*.egg-info", "BUILD")
