@@ -43,7 +43,11 @@ NOT_COMPILED: Final[dict[str, str]] = {
     "edge_broker/store/sqlite/space.py": _MIXIN,
     "edge_broker/store/sqlite/validate.py": (
         "subclasses bytes (Undecodable), which a compiled class cannot; runs only at open"),
-    "edge_broker/bridge/jetstream.py": _ASYNC_GENERATOR,
+    "edge_broker/bridge/jetstream.py": (
+        "imports nats-py (an extra) when imported, and is imported only for a jetstream "
+        "bridge; its per-message work is jetstream_frames.py and jetstream_batch.py, "
+        "which are compiled"),
+    "edge_broker/bridge/jetstream_downlink.py": _ASYNC_GENERATOR,
     "edge_broker/bridge/kafka.py": _ASYNC_GENERATOR,
     "edge_broker/bridge/mqtt_upstream.py": _ASYNC_GENERATOR,
     "edge_broker/bridge/base.py": (

@@ -291,7 +291,7 @@ async def retry_forever(step: Callable[[], Awaitable[None]], backoff: Backoff,
 # that kind is built (call `config.require_extras` first for a clear error).
 REGISTRY: Final[dict[str, tuple[str, str]]] = {
     "jetstream": ("edge_broker.bridge.jetstream:JetStreamSink",
-                  "edge_broker.bridge.jetstream:JetStreamDownlink"),
+                  "edge_broker.bridge.jetstream_downlink:JetStreamDownlink"),
     "kafka": ("edge_broker.bridge.kafka:KafkaSink", "edge_broker.bridge.kafka:KafkaDownlink"),
     # One MQTT connection carries both directions.
     "mqtt": ("edge_broker.bridge.mqtt_upstream:MqttUpstream",

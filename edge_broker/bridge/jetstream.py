@@ -1,4 +1,4 @@
-"""The JetStream sink and downlink source (nats-py). Imported only for a "jetstream" bridge.
+"""The JetStream sink (nats-py). Imported only for a "jetstream" bridge.
 
 Uplink: `JetStreamSink.send(batch)` publishes the whole window at once, each message with
 a reply subject on the sink's inbox where its PubAck comes (like nats-py's `publish_async`,
@@ -22,9 +22,8 @@ retention, storage, replicas, limits and duplicate window (and `allow_batched`).
 (typically shared by many gateways): it must capture `<prefix>.>`, else a BridgeError says
 so; it is never modified.
 
-Downlink: `JetStreamDownlink` binds a durable pull consumer (created when missing, with
-explicit acks and the configured filter subjects) and yields each message with its stream
-sequence as position; `ack(message)` acknowledges it after the local commit.
+The downlink source, `JetStreamDownlink`, is bridge/jetstream_downlink.py; it connects with
+`connect` and reads its options with `js_options` from here.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import nats
@@ -44,14 +43,9 @@ from nats.js import api
 from edge_broker.errors import BridgeError
 
 from .base import (
-    H_QOS,
-    H_RETAIN,
-    H_USER_PROPERTIES,
     NATS_MSG_ID,
     BridgeMessage,
-    DownlinkMessage,
     Resend,
-    decode_user_properties,
     message_id,
     ssl_context,
 )
@@ -59,7 +53,7 @@ from .config import BridgeConfig, JetStreamOptions
 from .jetstream_acks import AckReader
 from .jetstream_batch import BatchPublisher, BatchWindow
 from .jetstream_frames import FrameBuilder
-from .topic_map import subject_to_topic, topic_to_subject
+from .topic_map import topic_to_subject
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +77,7 @@ def filter_covers(stream_filter: str, prefix: str) -> bool:
 
 def connect_options(config: BridgeConfig) -> dict[str, Any]:
     """Keyword arguments for `nats.connect` from the bridge's credentials and TLS."""
-    js = _js(config)
+    js = js_options(config)
     options: dict[str, Any] = {
         # nats-py reconnects by itself (and follows a cluster's other servers) a few times;
         # past that, or when the first connection fails, the bridge's own loop takes over
@@ -129,7 +123,7 @@ async def connect(config: BridgeConfig, **callbacks: Any) -> Any:
                           f"{list(config.servers)}: {exc}{detail}") from exc
 
 
-def _js(config: BridgeConfig) -> JetStreamOptions:
+def js_options(config: BridgeConfig) -> JetStreamOptions:
     if config.jetstream is None:
         raise BridgeError(f"bridge {config.name!r} is not a jetstream bridge")
     return config.jetstream
@@ -209,7 +203,7 @@ class JetStreamSink:
     def __init__(self, config: BridgeConfig, *, gateway_id: str, store_id: str,
                  ack_timeout: float | None = None) -> None:
         self.config = config
-        self.options = _js(config)
+        self.options = js_options(config)
         self.gateway_id = gateway_id
         self.store_id = store_id
         self.ack_timeout = config.ack_timeout_s if ack_timeout is None else ack_timeout
@@ -538,72 +532,5 @@ class JetStreamSink:
     async def close(self) -> None:
         if self._nc is not None:
             nc, self._nc, self._js = self._nc, None, None
-            with contextlib.suppress(TimeoutError, nats.errors.Error):
-                await asyncio.wait_for(nc.close(), 5)
-
-
-class JetStreamDownlink:
-    """Durable pull consumer on the downlink subjects. See the module docstring."""
-
-    def __init__(self, config: BridgeConfig, *, batch: int = 64, fetch_timeout: float = 1.0,
-                 ack_wait: float = 30.0) -> None:
-        self.config = config
-        self.ack_wait = ack_wait
-        """Seconds before the server redelivers a message not acknowledged (set when the
-        durable consumer is created; an existing one keeps its own)."""
-        self.options = _js(config)
-        self.batch = batch
-        self.fetch_timeout = fetch_timeout
-        self._nc: Any = None
-        self._sub: Any = None
-
-    async def start(self) -> None:
-        opts = self.options
-        self._nc = await connect(self.config)
-        js = self._nc.jetstream()
-        subjects = list(self.config.downlink)
-        consumer = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT,
-                                      deliver_policy=api.DeliverPolicy.ALL,
-                                      ack_wait=self.ack_wait,
-                                      filter_subjects=subjects if len(subjects) > 1 else None)
-        self._sub = await js.pull_subscribe(subjects[0], durable=opts.downlink_durable,
-                                            stream=opts.downlink_stream, config=consumer)
-
-    async def messages(self) -> AsyncIterator[DownlinkMessage]:
-        if self._sub is None:
-            raise BridgeError("messages before start")
-        prefix = self.options.subject_prefix
-        while True:
-            try:
-                batch = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in batch:
-                headers = msg.headers or {}
-                try:
-                    topic = subject_to_topic(prefix, msg.subject)
-                except ValueError:
-                    await msg.term()  # cannot be a local topic: never redeliver it
-                    continue
-                props: tuple[tuple[str, str], ...] = ()
-                if H_USER_PROPERTIES in headers:
-                    try:
-                        props = decode_user_properties(headers[H_USER_PROPERTIES])
-                    except ValueError:
-                        props = ()
-                qos = headers.get(H_QOS, "1")
-                yield DownlinkMessage(
-                    topic=topic, payload=msg.data, source=self.options.downlink_stream,
-                    position=msg.metadata.sequence.stream,
-                    qos=int(qos) if qos in ("0", "1", "2") else 1,
-                    retain=headers.get(H_RETAIN) == "1", user_properties=props, handle=msg)
-
-    async def ack(self, message: DownlinkMessage) -> None:
-        msg: Any = message.handle
-        await msg.ack_sync()
-
-    async def close(self) -> None:
-        if self._nc is not None:
-            nc, self._nc, self._sub = self._nc, None, None
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await asyncio.wait_for(nc.close(), 5)

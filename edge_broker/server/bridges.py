@@ -318,7 +318,7 @@ class Bridge:
 
     def _make_downlink(self) -> DownlinkSource:
         if self.config.kind == "jetstream":
-            from ..bridge.jetstream import JetStreamDownlink
+            from ..bridge.jetstream_downlink import JetStreamDownlink
 
             return JetStreamDownlink(self.config)
         from ..bridge.kafka import KafkaDownlink

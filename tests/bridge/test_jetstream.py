@@ -14,7 +14,8 @@ from nats.js import api
 
 from edge_broker.bridge.base import BridgeMessage, Resend, decode_text, parse_message_id
 from edge_broker.bridge.config import BridgeConfig, parse_bridges
-from edge_broker.bridge.jetstream import JetStreamDownlink, JetStreamSink, filter_covers
+from edge_broker.bridge.jetstream import JetStreamSink, filter_covers
+from edge_broker.bridge.jetstream_downlink import JetStreamDownlink
 from edge_broker.errors import BridgeError
 from tests.bridge.proxy import TcpProxy
 from tests.bridge.servers import NatsServer
