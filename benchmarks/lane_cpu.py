@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
             c1 = _cpu(child) if child else 0.0
             uplink = _wait_backlog_empty(rb, flow["published"]) if mode == "up" else {}
             n1 = _cpu(nats) if nats else 0.0
-            rows = _lane_rows(rb.data_dir) if mode == "down" else (0, 0)
+            rows = lane_rows(rb.data_dir) if mode == "down" else (0, 0)
         finally:
             rb.stop()
     sent = flow["published"]
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
           + (f" lane_rows={rows[0]} msgs/row={rows[1] / rows[0]:.1f}" if rows[0] else ""))
 
 
-def _lane_rows(data_dir: Path | None) -> tuple[int, int]:
+def lane_rows(data_dir: Path | None) -> tuple[int, int]:
     """(rows, messages) in the lane file (`down`: everything stays there)."""
     if data_dir is None:
         return 0, 0

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import glob
 import os
-import sqlite3
 import subprocess
 import sys
 import time
 
 from . import brokers, loadgen
+from .lane_cpu import lane_rows
 from .scenarios_bridge import bridge_toml, remote, uplink_process
 
 
@@ -71,18 +71,7 @@ def main(argv: list[str]) -> None:
                 for line in f:
                     if line.startswith("totals:") or line.startswith("summary:"):
                         totals = int(line.split()[1])
-            rows = lane_msgs = 0
-            if mode != "plain":
-                assert rb.data_dir is not None
-                for path in glob.glob(f"{rb.data_dir}/**/*lane*", recursive=True):
-                    try:
-                        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-                        r = db.execute("SELECT count(*), coalesce(sum(count), 0) FROM lane")
-                        rows, lane_msgs = r.fetchone()
-                        db.close()
-                        break
-                    except sqlite3.Error:
-                        continue
+            rows, lane_msgs = lane_rows(rb.data_dir) if mode != "plain" else (0, 0)
         finally:
             rb.stop()
     sent = flow["published"]
