@@ -38,6 +38,7 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.transport import TcpTransport
 from nats.js import api
 
 from edge_broker.errors import BridgeError
@@ -253,12 +254,24 @@ class JetStreamSink:
 
     async def _write(self, data: bytes) -> None:
         """Hand a window's HPUB commands to the connection, as `nc.publish` does with one:
-        refused when closed; buffered (up to nats-py's pending limit) while reconnecting."""
+        refused when closed; buffered (up to nats-py's pending limit) while reconnecting.
+
+        Connected, with nothing of nats-py's own waiting to be written (its pending
+        buffer is empty), the window goes to the socket's transport at once, in order
+        after everything nats-py wrote: through nats-py's pending buffer it was written
+        only when its flusher task ran, after the forwarder had read its next page (the
+        window waited in the buffer while the remote side had nothing to do). The
+        transport buffers what the socket does not take; the forwarder's depth bounds it
+        (bridge/forward.py)."""
         nc = self._nc
         if nc.is_closed:
             raise nats.errors.ConnectionClosedError
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
+        transport = nc._transport
+        if nc.is_connected and not nc._pending and isinstance(transport, TcpTransport):
+            transport.write(data)
+            return
         if not nc.is_connected and (nc._max_pending_size <= 0 or len(data)
                                     + nc._pending_data_size > nc._max_pending_size):
             raise nats.errors.OutboundBufferLimitError
