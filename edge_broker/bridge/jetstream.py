@@ -469,30 +469,46 @@ class JetStreamSink:
             raise nats.errors.MaxPayloadError
         if size < len(batch):
             batch = batch[:size]  # the rest is sent again from the cursor, and refused
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         data, window = batches.frames(batch, self._frames, self.subject(batch[-1]), done)
         try:
             await self._write(data)
         except Exception:
             batches.release(window)
             raise
-        collect = asyncio.ensure_future(self._collect_batch(window, batches))
-        collect.add_done_callback(lambda _: batches.release(window))
-        return collect
+        # The window's outcome is settled by a callback of its `done` (no task per window:
+        # the forwarder is woken one loop turn after the batch's last reply, not three).
+        result: asyncio.Future[int] = loop.create_future()
+        timer = loop.call_later(self.ack_timeout, window.finish)  # ends it with what is known
+        done.add_done_callback(lambda _: self._settle_batch(window, batches, result, timer))
+        result.add_done_callback(lambda _: self._drop_batch(window, batches, done, timer))
+        return result
 
-    async def _collect_batch(self, window: BatchWindow, batches: BatchPublisher) -> int:
-        """Wait for the batch's end (at most `ack_timeout`); how many from its start."""
-        if not window.done.done():
-            await asyncio.wait((window.done,), timeout=self.ack_timeout)
+    def _settle_batch(self, window: BatchWindow, batches: BatchPublisher,
+                      result: asyncio.Future[int], timer: asyncio.TimerHandle) -> None:
+        """The batch ended (its PubAck, an error, the connection lost, or `ack_timeout`):
+        `result` is how many from its start are known stored, else why none."""
+        timer.cancel()
         batches.release(window)
+        if result.done():  # dropped by the forwarder meanwhile
+            return
         confirmed = window.confirmed()
         if confirmed > 0:
-            return confirmed
+            result.set_result(confirmed)
+            return
         error = (window.error or window.lost
                  or TimeoutError(f"no ack within {self.ack_timeout} s"))
-        if isinstance(error, Resend):
-            raise error
-        raise _failed(error)
+        result.set_exception(error if isinstance(error, Resend) else _failed(error))
+
+    @staticmethod
+    def _drop_batch(window: BatchWindow, batches: BatchPublisher, done: asyncio.Future[None],
+                    timer: asyncio.TimerHandle) -> None:
+        """The forwarder dropped the window (cancelled its result): replies for it are
+        ignored from now on."""
+        if not done.done():
+            timer.cancel()
+            batches.release(window)
 
     def _release(self, window: _Window, first: int) -> None:
         self._windows.discard(window)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import socket
 import time
 from typing import Any
@@ -95,6 +97,33 @@ async def test_a_submitted_window_reaches_the_server_while_the_loop_is_busy(
         assert _stored_count(nats_server.port, want=256) == 256  # the loop never ran
         assert await acks == 256
     finally:
+        await sink.close()
+
+
+def _wait_stopped(pid: int, deadline_s: float = 10.0) -> None:
+    """Until the process is stopped (a signal is delivered, not at once, to a running one)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)  # polling /proc with a deadline: nothing to wait on
+    raise AssertionError(f"process {pid} did not stop")
+
+
+async def test_a_batch_without_replies_ends_at_ack_timeout(nats_server: NatsServer) -> None:
+    sink = JetStreamSink(bridge_config(nats_server.url), gateway_id="gw7", store_id=STORE_ID,
+                         ack_timeout=0.5)
+    await sink.start()
+    assert nats_server.proc is not None
+    os.kill(nats_server.proc.pid, signal.SIGSTOP)  # it answers nothing from now on
+    try:
+        _wait_stopped(nats_server.proc.pid)
+        acks = await sink.submit(messages(1, 10))
+        with pytest.raises(BridgeError, match=r"no ack within 0\.5 s"):
+            await acks
+    finally:
+        os.kill(nats_server.proc.pid, signal.SIGCONT)
         await sink.close()
 
 
