@@ -187,7 +187,9 @@ class Forwarder:
 
     async def _step_pipelined(self, sink: PipelinedSink) -> None:
         """One round with a pipelined sink: fill the pipeline up to `depth` windows (after
-        a full page only), then take the oldest window's acknowledgements."""
+        a full page only), read the page after the newest while the oldest is not yet
+        acknowledged (`_ahead`: the next round writes it without a read first), then take
+        the oldest window's acknowledgements."""
         status = self.status
         inflight = self._inflight
         while len(inflight) < self.depth:
