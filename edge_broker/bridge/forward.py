@@ -123,6 +123,9 @@ class Forwarder:
         self._prefetch: tuple[int, asyncio.Future[Sequence[BridgeMessage]]] | None = None
         # Windows written to a pipelined sink, oldest first, with their acknowledgements.
         self._inflight: deque[tuple[Sequence[BridgeMessage], asyncio.Future[int]]] = deque()
+        # (the offset it was read after, the page): read while a pipelined sink's oldest
+        # window waited for its acknowledgements, not yet written (`_step_pipelined`).
+        self._ahead: tuple[int, Sequence[BridgeMessage]] | None = None
 
     async def run(self) -> None:
         """Forward until cancelled. Never raises for remote failures."""
@@ -184,7 +187,9 @@ class Forwarder:
 
     async def _step_pipelined(self, sink: PipelinedSink) -> None:
         """One round with a pipelined sink: fill the pipeline up to `depth` windows (after
-        a full page only), then take the oldest window's acknowledgements."""
+        a full page only), read the page after the newest while the oldest is not yet
+        acknowledged (`_ahead`: the next round writes it without a read first), then take
+        the oldest window's acknowledgements."""
         status = self.status
         inflight = self._inflight
         while len(inflight) < self.depth:
@@ -192,9 +197,14 @@ class Forwarder:
                 last = inflight[-1][0]
                 if len(last) < self.window:
                     break  # caught up: the next page is read after these are acknowledged
-                batch = await self.reader.read_after(last[-1].offset, self.window)
+                after = last[-1].offset
             else:
-                batch = await self.reader.read_after(status.cursor, self.window)
+                after = status.cursor
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead[0] == after:
+                batch = ahead[1]
+            else:
+                batch = await self.reader.read_after(after, self.window)
             if not batch:
                 break
             try:
@@ -208,6 +218,17 @@ class Forwarder:
             await self._idle(sink)
             return
         batch, acks = inflight.popleft()
+        last = inflight[-1][0] if inflight else batch
+        if (not acks.done() and len(inflight) + 1 >= self.depth
+                and len(last) >= self.window and self._ahead is None):
+            # The pipeline is full and its oldest window not yet acknowledged: the page
+            # after the last window is read now, while the remote side works, so that the
+            # window taking the acknowledged one's place is written at once when its
+            # acknowledgements come (not after a page read).
+            after = last[-1].offset
+            page = await self.reader.read_after(after, self.window)
+            if page:
+                self._ahead = (after, page)
         try:
             acknowledged = await acks
         except Resend as exc:
@@ -231,6 +252,7 @@ class Forwarder:
         self.resend_backoff.reset()
 
     def _drop_inflight(self) -> None:
+        self._ahead = None  # it started after a window that is sent again
         inflight = self._inflight
         while inflight:
             _, acks = inflight.pop()

@@ -38,6 +38,7 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.transport import TcpTransport
 from nats.js import api
 
 from edge_broker.errors import BridgeError
@@ -253,12 +254,24 @@ class JetStreamSink:
 
     async def _write(self, data: bytes) -> None:
         """Hand a window's HPUB commands to the connection, as `nc.publish` does with one:
-        refused when closed; buffered (up to nats-py's pending limit) while reconnecting."""
+        refused when closed; buffered (up to nats-py's pending limit) while reconnecting.
+
+        Connected, with nothing of nats-py's own waiting to be written (its pending
+        buffer is empty), the window goes to the socket's transport at once, in order
+        after everything nats-py wrote: through nats-py's pending buffer it was written
+        only when its flusher task ran, after the forwarder had read its next page (the
+        window waited in the buffer while the remote side had nothing to do). The
+        transport buffers what the socket does not take; the forwarder's depth bounds it
+        (bridge/forward.py)."""
         nc = self._nc
         if nc.is_closed:
             raise nats.errors.ConnectionClosedError
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
+        transport = nc._transport
+        if nc.is_connected and not nc._pending and isinstance(transport, TcpTransport):
+            transport.write(data)
+            return
         if not nc.is_connected and (nc._max_pending_size <= 0 or len(data)
                                     + nc._pending_data_size > nc._max_pending_size):
             raise nats.errors.OutboundBufferLimitError
@@ -456,30 +469,46 @@ class JetStreamSink:
             raise nats.errors.MaxPayloadError
         if size < len(batch):
             batch = batch[:size]  # the rest is sent again from the cursor, and refused
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         data, window = batches.frames(batch, self._frames, self.subject(batch[-1]), done)
         try:
             await self._write(data)
         except Exception:
             batches.release(window)
             raise
-        collect = asyncio.ensure_future(self._collect_batch(window, batches))
-        collect.add_done_callback(lambda _: batches.release(window))
-        return collect
+        # The window's outcome is settled by a callback of its `done` (no task per window:
+        # the forwarder is woken one loop turn after the batch's last reply, not three).
+        result: asyncio.Future[int] = loop.create_future()
+        timer = loop.call_later(self.ack_timeout, window.finish)  # ends it with what is known
+        done.add_done_callback(lambda _: self._settle_batch(window, batches, result, timer))
+        result.add_done_callback(lambda _: self._drop_batch(window, batches, done, timer))
+        return result
 
-    async def _collect_batch(self, window: BatchWindow, batches: BatchPublisher) -> int:
-        """Wait for the batch's end (at most `ack_timeout`); how many from its start."""
-        if not window.done.done():
-            await asyncio.wait((window.done,), timeout=self.ack_timeout)
+    def _settle_batch(self, window: BatchWindow, batches: BatchPublisher,
+                      result: asyncio.Future[int], timer: asyncio.TimerHandle) -> None:
+        """The batch ended (its PubAck, an error, the connection lost, or `ack_timeout`):
+        `result` is how many from its start are known stored, else why none."""
+        timer.cancel()
         batches.release(window)
+        if result.done():  # dropped by the forwarder meanwhile
+            return
         confirmed = window.confirmed()
         if confirmed > 0:
-            return confirmed
+            result.set_result(confirmed)
+            return
         error = (window.error or window.lost
                  or TimeoutError(f"no ack within {self.ack_timeout} s"))
-        if isinstance(error, Resend):
-            raise error
-        raise _failed(error)
+        result.set_exception(error if isinstance(error, Resend) else _failed(error))
+
+    @staticmethod
+    def _drop_batch(window: BatchWindow, batches: BatchPublisher, done: asyncio.Future[None],
+                    timer: asyncio.TimerHandle) -> None:
+        """The forwarder dropped the window (cancelled its result): replies for it are
+        ignored from now on."""
+        if not done.done():
+            timer.cancel()
+            batches.release(window)
 
     def _release(self, window: _Window, first: int) -> None:
         self._windows.discard(window)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -271,6 +271,47 @@ async def test_a_backlog_has_several_windows_in_flight_and_acks_move_the_cursor_
     while len(sink.windows) < 6:
         await asyncio.sleep(0)
     assert sink.windows[5][0] == [11, 12, 13, 14]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _turns(done: Callable[[], bool], turns: int = 50) -> None:
+    """Give the loop turns until `done()` (or `turns` have passed: the asserts say why)."""
+    for _ in range(turns):
+        if done():
+            return
+        await asyncio.sleep(0)
+
+
+async def test_a_full_pipeline_reads_its_next_page_while_the_oldest_window_waits() -> None:
+    log = ReadLog()
+    for i in range(16):
+        log.append("s/t", b"%d" % i)
+    sink = PipelinedSink()
+    forwarder = Forwarder(lambda: sink, log, cursor=0, window=4, depth=2,
+                          backoff=Backoff(1.0, 8.0, rand=lambda: 0.0))
+    task = asyncio.ensure_future(forwarder.step())
+    await _turns(lambda: len(sink.windows) >= 2 and len(log.reads) >= 3)
+    # Both windows out and none acknowledged: the page after 8 is read already, so the
+    # window after them is written as soon as 1-4 is acknowledged, without a read first.
+    assert log.reads == [0, 4, 8] and not task.done()
+    sink.windows[0][1].set_result(4)
+    await task
+    assert forwarder.status.cursor == 4
+    task = asyncio.ensure_future(forwarder.step())
+    await _turns(lambda: len(sink.windows) >= 3 and len(log.reads) >= 4)
+    assert [w for w, _ in sink.windows[2:]] == [[9, 10, 11, 12]]
+    assert log.reads == [0, 4, 8, 12]  # 9-12 was not read again; 13-16 read ahead
+    # 5-8 acknowledged up to 6: what was in flight and read ahead after it is dropped,
+    # and the log read again from the cursor.
+    sink.windows[1][1].set_result(2)
+    await task
+    assert forwarder.status.cursor == 6 and sink.windows[2][1].cancelled()
+    task = asyncio.ensure_future(forwarder.step())
+    await _turns(lambda: len(sink.windows) >= 5)
+    assert [w for w, _ in sink.windows[3:5]] == [[7, 8, 9, 10], [11, 12, 13, 14]]
+    assert log.reads[4:6] == [6, 10]
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -70,8 +70,10 @@ def test_five_sigkills_while_forwarding(nats_server: NatsServer, tmp_path: Path)
         publisher.start()
         try:
             # Kill while the bridge is forwarding: some of this round already upstream.
-            wait_until(lambda b=before: stream_count(nats_server.url) >= b + 500, 30,
-                       "forwarding under way")
+            # (And 500 of this round's PUBACKs in: what the stream counts may be the
+            # last round's backlog, and PUBACKs in flight at the kill are lost.)
+            wait_until(lambda b=before, d=device: stream_count(nats_server.url) >= b + 500
+                       and len(d.acked) >= 500, 30, "forwarding under way")
             gateway.kill()
         finally:
             stop.set()

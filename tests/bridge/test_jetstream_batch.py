@@ -6,7 +6,12 @@ per message."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
+import socket
+import time
 from typing import Any
 
 import pytest
@@ -57,6 +62,69 @@ async def test_pipelined_windows_store_every_message_once_in_order(
     finally:
         await sink.close()
     assert offsets(await stored(nats_server.url)) == list(range(1, 2100))
+
+
+def _stored_count(port: int, deadline_s: float = 10.0, want: int = 0) -> int:
+    """The stream's message count, asked over a blocking socket of its own (the test's
+    event loop stays blocked meanwhile), polled until it is `want` or the deadline."""
+    end = time.monotonic() + deadline_s
+    with socket.create_connection(("127.0.0.1", port), timeout=deadline_s) as raw:
+        reader = raw.makefile("rb")
+        reader.readline()  # INFO
+        raw.sendall(b'CONNECT {"verbose":false,"headers":true}\r\nSUB _INBOX.t 1\r\n')
+        count = -1
+        while count != want and time.monotonic() < end:
+            raw.sendall(b"PUB $JS.API.STREAM.INFO.EDGE _INBOX.t 0\r\n\r\n")
+            line = reader.readline()
+            while not line.startswith(b"MSG "):
+                if line.startswith(b"PING"):
+                    raw.sendall(b"PONG\r\n")
+                line = reader.readline()
+            data = reader.read(int(line.split()[-1]) + 2)
+            count = json.loads(data)["state"]["messages"]
+        return count
+
+
+async def test_a_submitted_window_reaches_the_server_while_the_loop_is_busy(
+        nats_server: NatsServer) -> None:
+    # The forwarder reads its next page right after a submit, holding the loop: the
+    # window must be on its way by then, not waiting in nats-py's buffer for its flusher
+    # task (the remote side would sit idle meanwhile).
+    sink = sink_for(nats_server)
+    await sink.start()
+    try:
+        acks = await sink.submit(messages(1, 256))
+        assert _stored_count(nats_server.port, want=256) == 256  # the loop never ran
+        assert await acks == 256
+    finally:
+        await sink.close()
+
+
+def _wait_stopped(pid: int, deadline_s: float = 10.0) -> None:
+    """Until the process is stopped (a signal is delivered, not at once, to a running one)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)  # polling /proc with a deadline: nothing to wait on
+    raise AssertionError(f"process {pid} did not stop")
+
+
+async def test_a_batch_without_replies_ends_at_ack_timeout(nats_server: NatsServer) -> None:
+    sink = JetStreamSink(bridge_config(nats_server.url), gateway_id="gw7", store_id=STORE_ID,
+                         ack_timeout=0.5)
+    await sink.start()
+    assert nats_server.proc is not None
+    os.kill(nats_server.proc.pid, signal.SIGSTOP)  # it answers nothing from now on
+    try:
+        _wait_stopped(nats_server.proc.pid)
+        acks = await sink.submit(messages(1, 10))
+        with pytest.raises(BridgeError, match=r"no ack within 0\.5 s"):
+            await acks
+    finally:
+        os.kill(nats_server.proc.pid, signal.SIGCONT)
+        await sink.close()
 
 
 async def test_a_window_of_one_message(nats_server: NatsServer) -> None:
