@@ -25,7 +25,6 @@ import contextlib
 import functools
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from typing import Any, Final
 
 from aiokafka import (
@@ -333,8 +332,8 @@ class KafkaSink:
         if parts is None:
             if len(self._parts) >= PARTS_CACHE:
                 self._parts.clear()
-            probe = replace(message, offset=1, publish_time=0.0, content_type=None,
-                            payload_utf8=False, user_properties=())
+            probe = BridgeMessage(1, message.topic, b"", message.qos, message.retain, 0.0,
+                                  message.client_id)
             static = [(k, v.encode()) for k, v in probe.headers("-").items()
                       if k not in (H_MESSAGE_ID, H_PUBLISH_TIME)]
             parts = self._parts[cache_key] = (
