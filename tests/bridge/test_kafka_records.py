@@ -8,17 +8,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
-pytest.importorskip("aiokafka")
-
-from aiokafka.record._crecords import crc32c_cython  # noqa: E402
-from aiokafka.record.default_records import (  # noqa: E402
+from aiokafka.record._crecords import crc32c_cython
+from aiokafka.record.default_records import (
     DefaultRecordBatch,
     DefaultRecordBatchBuilder,
 )
 
-from edge_broker.bridge.kafka_records import (  # noqa: E402
+from edge_broker.bridge.kafka_records import (
     Clock,
     PartitionLane,
     RecordBatch,
@@ -27,7 +23,7 @@ from edge_broker.bridge.kafka_records import (  # noqa: E402
     header_bytes,
     varint,
 )
-from edge_broker.bridge.message import BridgeMessage  # noqa: E402
+from edge_broker.bridge.message import BridgeMessage
 
 LIMIT = 16 * 1024
 
@@ -65,13 +61,14 @@ def test_a_batch_is_the_bytes_aiokafkas_builder_makes() -> None:
         (key, value, headers) for _, key, value, headers in records(taken)]
 
 
-def test_the_route_parts_encode_the_records_of_the_header_list() -> None:
+async def test_the_route_parts_encode_the_records_of_the_header_list() -> None:
     """`fill`'s record (route key, encoded fixed headers, message id, publish time) is the
     record of the same headers given as a list."""
     fixed = (("mqtt-topic", b"sensors/a"), ("mqtt-qos", b"1"), ("mqtt-client-id", b"dev%201"))
     by_parts = RecordBatch(LIMIT, crc32c_cython)
     by_list = RecordBatch(LIMIT, crc32c_cython)
-    route: Any = Route(None, b"sensors/a", fixed)  # type: ignore[arg-type]
+    lane = PartitionLane(None, "t", 0, crc32c_cython, LIMIT)
+    route = Route(lane, b"sensors/a", fixed)
     clock = Clock()
     clock.update(1_765_000_000.25)
     for offset in (1, 300, 70000):
@@ -83,6 +80,7 @@ def test_the_route_parts_encode_the_records_of_the_header_list() -> None:
     assert clock.value == b"2025-12-06T05:46:40.250Z"
     assert clock.encoded == header_bytes("mqtt-publish-time", clock.value)
     assert bytes(by_parts._build()) == bytes(by_list._build())
+    lane.close()
 
 
 def test_varints_are_kafkas() -> None:
