@@ -85,7 +85,10 @@ class RecordBatch:
     """A record batch encoded here (see the module docstring)."""
 
     def __init__(self, limit: int, crc: Callable[[memoryview], int]) -> None:
-        self._buf = bytearray(HEADER_SIZE)
+        # The records' pieces, joined once at `_build` (one list append per piece instead
+        # of a bytearray's resize and copy), and the batch's size with its header.
+        self._parts: list[bytes] = []
+        self._size = HEADER_SIZE
         self._limit = limit
         self._crc = crc
         self._count = 0
@@ -119,22 +122,24 @@ class RecordBatch:
             mid_length = varint(len(mid))
             body += len(mid_length) + len(mid)
         prefix = varint(body)
-        buf = self._buf
-        if count and len(buf) + len(prefix) + body >= self._limit:
+        size = self._size + len(prefix) + body
+        if count and size >= self._limit:
             return False
-        buf += prefix
-        buf += _ZERO  # attributes
-        buf += delta
-        buf += number
-        buf += key
-        buf += length
-        buf += value
-        buf += head
+        self._size = size
+        parts = self._parts
+        parts.append(prefix)
+        parts.append(_ZERO)  # attributes
+        parts.append(delta)
+        parts.append(number)
+        parts.append(key)
+        parts.append(length)
+        parts.append(value)
+        parts.append(head)
         if mid is not None:
-            buf += mid_length
-            buf += mid
-        buf += fixed
-        buf += tail
+            parts.append(mid_length)
+            parts.append(mid)
+        parts.append(fixed)
+        parts.append(tail)
         if count == 0:
             self._first_ts = self._max_ts = timestamp
         elif timestamp > self._max_ts:
@@ -164,7 +169,7 @@ class RecordBatch:
         return self._count
 
     def size(self) -> int:
-        return len(self._buf)
+        return self._size
 
     def _set_producer_state(self, producer_id: int, producer_epoch: int,
                             base_sequence: int) -> None:
@@ -176,7 +181,9 @@ class RecordBatch:
         self._closed = True
         built = self._built
         if built is None:
-            built = self._buf
+            built = bytearray(HEADER_SIZE)
+            built += b"".join(self._parts)
+            self._parts = []
             _HEADER.pack_into(built, 0, 0, len(built) - _LENGTH_FROM, _NO_LEADER_EPOCH, 2, 0,
                               0, max(self._count - 1, 0), self._first_ts, self._max_ts,
                               self._producer_id, self._producer_epoch, self._base_sequence,
