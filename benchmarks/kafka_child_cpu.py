@@ -3,11 +3,11 @@
     python -m benchmarks.kafka_child_cpu STORE_DIR [MESSAGES] [WINDOW] [--repeat N]
 
 Runs what the uplink process (`separate_process = true`) does for each window of a Kafka
-drain: `ChildLogReader.read_after` on the real `LogFile` (its thread included),
-`KafkaSink.submit` with a stand-in producer (aiokafka's real `BatchBuilder`s, built and their
-CRC computed at hand-over as aiokafka's sender does, answered at once: no produce request is
-encoded or written), the window's acknowledgements, and `commit_cursor`. Prints CPU time per
-message per phase (the thread's time is in "read": `time.process_time` counts every thread).
+drain: `ChildLogReader.read_after` on the real `LogFile` (read on the loop, as the process
+does), `KafkaSink.submit` with a stand-in producer (the sink's record batches, or aiokafka's
+real `BatchBuilder`s when the sink uses those, built and their CRC computed at hand-over as
+aiokafka's sender does, answered at once: no produce request is encoded or written), the
+window's acknowledgements, and `commit_cursor`. Prints CPU time per message per phase.
 For a noise-free figure run it under callgrind with two MESSAGES counts and divide the
 difference in instructions (as benchmarks/bridge_child_cpu.py does for JetStream).
 

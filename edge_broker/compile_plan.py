@@ -53,7 +53,7 @@ NOT_COMPILED: Final[dict[str, str]] = {
     "edge_broker/bridge/base.py": (
         "its frozen slots dataclass DownlinkMessage with a field typed `object` compiles, but "
         "the compiled module fails at import (KeyError: 'object', mypyc's dataclass set-up); "
-        "bridge/forward.py, which uses its BridgeMessage, is compiled"),
+        "BridgeMessage, made per forwarded message, is in bridge/message.py, compiled"),
     "edge_broker/server/bridges.py": (
         "starting, stopping and reporting bridges, and the downlink (not the uplink "
         "forwarding of issue 9, which is bridge/forward.py and server/bridge_log.py)"),

@@ -1,5 +1,7 @@
 """What every bridge shares: the message handed to a sink, message ids, header names, the
-Sink / DownlinkSource protocols, backoff with jitter, and the registry of kinds.
+Sink / DownlinkSource protocols, backoff with jitter, and the registry of kinds. (The message,
+the header names and their encoding live in bridge/message.py, compiled in the compiled
+build; they are re-exported here.)
 
 Message ids
 -----------
@@ -43,30 +45,40 @@ The message data (NATS) or record value (Kafka) is the raw payload.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
-import math
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Final, Protocol
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from ..errors import BridgeError
 from .config import TlsOptions
+from .message import (
+    H_CLIENT_ID,
+    H_CONTENT_TYPE,
+    H_MESSAGE_ID,
+    H_PAYLOAD_FORMAT,
+    H_PUBLISH_TIME,
+    H_QOS,
+    H_RETAIN,
+    H_TOPIC,
+    H_USER_PROPERTIES,
+    BridgeMessage,
+    encode_text,
+    encode_user_properties,
+    format_time,
+)
 
-H_MESSAGE_ID: Final = "edge-message-id"
-H_TOPIC: Final = "mqtt-topic"
-H_QOS: Final = "mqtt-qos"
-H_RETAIN: Final = "mqtt-retain"
-H_CLIENT_ID: Final = "mqtt-client-id"
-H_PUBLISH_TIME: Final = "mqtt-publish-time"
-H_CONTENT_TYPE: Final = "mqtt-content-type"
-H_PAYLOAD_FORMAT: Final = "mqtt-payload-format"
-H_USER_PROPERTIES: Final = "mqtt-user-properties"
+__all__ = ["H_CLIENT_ID", "H_CONTENT_TYPE", "H_MESSAGE_ID", "H_PAYLOAD_FORMAT",
+           "H_PUBLISH_TIME", "H_QOS", "H_RETAIN", "H_TOPIC", "H_USER_PROPERTIES",
+           "NATS_MSG_ID", "REGISTRY", "Backoff", "BridgeMessage", "DownlinkMessage",
+           "DownlinkSource", "Resend", "Sink", "decode_text", "decode_user_properties",
+           "encode_text", "encode_user_properties", "format_time", "load_class",
+           "message_id", "new_store_id", "parse_message_id", "retry_forever", "ssl_context"]
+
 NATS_MSG_ID: Final = "Nats-Msg-Id"
 
 
@@ -93,40 +105,8 @@ def new_store_id() -> str:
     return f"{random.SystemRandom().getrandbits(64):016x}"
 
 
-@functools.lru_cache(maxsize=64)
-def _format_second(second: int) -> str:
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-
-
-def format_time(timestamp: float) -> str:
-    """ISO-8601 UTC with milliseconds, as in `mqtt-publish-time`. (The part up to the
-    second is cached: a window's messages share it, and strftime is a per-message cost.)"""
-    frac, whole = math.modf(timestamp)  # rounded to microseconds as datetime does
-    micros = round(frac * 1e6)
-    second = int(whole)
-    if micros >= 1_000_000:
-        second, micros = second + 1, micros - 1_000_000
-    elif micros < 0:
-        second, micros = second - 1, micros + 1_000_000
-    return f"{_format_second(second)}{micros // 1000:03d}Z"
-
-
-_SAFE: Final = "-._~/:@!$&'()*+,;="
-
-
-@functools.lru_cache(maxsize=4096)
-def encode_text(value: str) -> str:
-    """A header value for arbitrary text (see (*) in the module docstring). Cached: the
-    same topics and client ids come again and again."""
-    return quote(value, safe=_SAFE)
-
-
 def decode_text(value: str) -> str:
     return unquote(value)
-
-
-def encode_user_properties(pairs: Sequence[tuple[str, str]]) -> str:
-    return json.dumps([list(pair) for pair in pairs], ensure_ascii=True, separators=(",", ":"))
 
 
 def decode_user_properties(value: str) -> tuple[tuple[str, str], ...]:
@@ -137,41 +117,6 @@ def decode_user_properties(value: str) -> tuple[tuple[str, str], ...]:
             for p in pairs):
         raise ValueError(f"not a user properties header: {value!r}")
     return tuple((name, val) for name, val in pairs)
-
-
-@dataclass(slots=True)
-class BridgeMessage:
-    """One log entry handed to a sink: what the bridge's cursor reads from the log. Treat it
-    as read-only. (Not a frozen dataclass: one is made per forwarded message, and a frozen
-    one's __init__ sets each of its 11 fields through object.__setattr__, twice the cost.)"""
-
-    offset: int
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-    publish_time: float = 0.0
-    client_id: str = ""
-    content_type: str | None = None
-    payload_utf8: bool = False
-    user_properties: tuple[tuple[str, str], ...] = ()
-    size: int = field(default=0, compare=False)
-
-    def headers(self, mid: str) -> dict[str, str]:
-        """The documented headers, in the documented order."""
-        out = {H_MESSAGE_ID: mid, H_TOPIC: encode_text(self.topic), H_QOS: str(self.qos)}
-        if self.retain:
-            out[H_RETAIN] = "1"
-        if self.client_id:
-            out[H_CLIENT_ID] = encode_text(self.client_id)
-        out[H_PUBLISH_TIME] = format_time(self.publish_time)
-        if self.content_type is not None:
-            out[H_CONTENT_TYPE] = encode_text(self.content_type)
-        if self.payload_utf8:
-            out[H_PAYLOAD_FORMAT] = "1"
-        if self.user_properties:
-            out[H_USER_PROPERTIES] = encode_user_properties(self.user_properties)
-        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections import deque
+import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from typing import Any, Final
 
 from aiokafka import (
@@ -36,10 +34,10 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-try:  # the class of aiokafka's record batches (create_batch), for `_record_adder`
-    from aiokafka.producer.message_accumulator import BatchBuilder as _BatchBuilder
-except ImportError:  # pragma: no cover - another aiokafka layout: the public append
-    _BatchBuilder = None
+try:  # aiokafka's compiled CRC-32C: the sink encodes its own record batches with it
+    from aiokafka.record._crecords import crc32c_cython as _CRC32C
+except ImportError:  # pragma: no cover - aiokafka without its extensions: its own batches
+    _CRC32C = None
 
 from edge_broker.errors import BridgeError
 from edge_broker.mqtt.topics import is_valid_topic_name
@@ -57,20 +55,22 @@ from .base import (
     DownlinkMessage,
     decode_text,
     decode_user_properties,
-    format_time,
     message_id,
     ssl_context,
 )
 from .config import BridgeConfig, KafkaOptions
+from .kafka_records import LANE_OUTSTANDING, Clock, Route, fill
+from .kafka_records import PartitionLane as _PartitionLane
+from .kafka_records import record_adder as _record_adder
 from .topic_map import route_kafka
+
+__all__ = ["LANE_OUTSTANDING", "KafkaDownlink", "KafkaSink", "_PartitionLane",
+           "_record_adder", "client_options"]
 
 MAX_BATCH_BYTES: Final = 512 * 1024  # aiokafka's max_request_size is 1 MiB
 LARGE_RECORD: Final = MAX_BATCH_BYTES // 2  # payloads above it go through producer.send
 PARTS_CACHE: Final = 4096  # (topic, qos, retain, client id) whose record parts are kept
 _OPTIONAL: Final = (H_CONTENT_TYPE, H_PAYLOAD_FORMAT, H_USER_PROPERTIES)
-# Batches of one partition with aiokafka at once: the one in its produce request and the
-# next, queued (what comes meanwhile gathers in the partition's open batch).
-LANE_OUTSTANDING: Final = 2
 _PARTITIONER: Final = DefaultPartitioner()  # what AIOKafkaProducer uses when not told otherwise
 
 
@@ -100,174 +100,6 @@ def client_options(config: BridgeConfig) -> dict[str, Any]:
     return options
 
 
-class _PartitionLane:
-    """The records of one (Kafka topic, partition) not handed to aiokafka yet, and the task
-    that hands them over in order, keeping at most LANE_OUTSTANDING of its batches with
-    aiokafka at once (see `KafkaSink.submit`). Each batch's outcome is a future of ours,
-    made when the batch opens and settled from aiokafka's when the broker answers."""
-
-    def __init__(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
-        self.producer = producer
-        self.topic = topic
-        self.partition = partition
-        self._loop = asyncio.get_running_loop()
-        self._open: tuple[Any, asyncio.Future[Any]] | None = None  # (builder, outcome)
-        # The open batch's record builder's own `append` (`_record_adder`) and the records
-        # in it: None when there is no open batch or it has no such builder.
-        self._add: Any = None
-        self._count = 0
-        self._ready: deque[tuple[Any, asyncio.Future[Any]]] = deque()  # full, in order
-        self._outstanding = 0  # batches handed over and not answered yet
-        self._lock = asyncio.Lock()  # one hand-over at a time: they keep the log's order
-        self._wake = asyncio.Event()
-        self._woken = False  # `_wake` set and the pump not run since
-        # The failed outcome of a batch aiokafka refused: nothing more is sent (see
-        # `_hand_over_next`), and what is appended after it fails with it.
-        self.broken: asyncio.Future[Any] | None = None
-        self._task = asyncio.ensure_future(self._pump())
-
-    def append(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
-               ) -> asyncio.Future[Any]:
-        """Add a record to the open batch; the future of that batch's outcome (failed at
-        once after a hand-over failed: see `_hand_over_next`)."""
-        add = self._add
-        if add is not None and add(self._count, None, key, value, headers) is not None:
-            self._count += 1
-            if not self._woken:  # once per turn, not per record
-                self._woken = True
-                self._wake.set()
-            return self._open[1]  # type: ignore[index]
-        return self._append_slow(key, value, headers)
-
-    def _append_slow(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
-                     ) -> asyncio.Future[Any]:
-        """`append` when there is no open batch, it is full, or its builder has no
-        `_record_adder` (or the lane is broken)."""
-        if self.broken is not None:
-            return self.broken
-        entry = self._open
-        if entry is None:
-            entry = self._start()
-        elif self._add is not None:  # it was full: it goes as it is
-            self._seal()
-            self._ready.append(entry)
-            entry = self._start()
-        if self._add is not None:
-            if self._add(self._count, None, key, value, headers) is None:
-                raise BridgeError(f"a record of {len(value)} bytes does not fit a batch")
-            self._count += 1
-        elif entry[0].append(key=key, value=value, timestamp=None, headers=headers) is None:
-            self._ready.append(entry)  # full: it goes as it is
-            entry = self._start()
-            entry[0].append(key=key, value=value, timestamp=None, headers=headers)
-        if not self._woken:
-            self._woken = True
-            self._wake.set()
-        return entry[1]
-
-    def _start(self) -> tuple[Any, asyncio.Future[Any]]:
-        builder = self.producer.create_batch()
-        self._open = entry = (builder, self._loop.create_future())
-        self._add = _record_adder(builder)
-        self._count = 0
-        return entry
-
-    def _seal(self) -> None:
-        """The open batch takes no more records: its builder's record count is set (what
-        aiokafka's own `append` keeps up to date per record)."""
-        if self._add is not None and self._open is not None:
-            self._open[0]._relative_offset = self._count
-        self._add = None
-
-    async def _pump(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            self._woken = False
-            async with self._lock:
-                while self._outstanding < LANE_OUTSTANDING and (
-                        self._ready or self._open is not None):
-                    await self._hand_over_next()
-
-    async def hand_over_all(self) -> None:
-        """Hand every record appended so far to aiokafka (before a record that goes
-        through `producer.send`, so that it comes after them)."""
-        async with self._lock:
-            while self._ready or self._open is not None:
-                await self._hand_over_next()
-
-    async def _hand_over_next(self) -> None:
-        if self._ready:
-            builder, outcome = self._ready.popleft()
-        else:
-            assert self._open is not None
-            self._seal()
-            (builder, outcome), self._open = self._open, None
-        builder.close()
-        try:
-            acked = await self.producer.send_batch(builder, self.topic,
-                                                   partition=self.partition)
-        except asyncio.CancelledError:
-            _fail(outcome, BridgeError("the Kafka sink was closed"))
-            raise
-        except Exception as exc:  # the producer refused it: the windows waiting see why
-            _fail(outcome, exc)
-            # Nothing after it goes out on this connection (the forwarder sends again
-            # from its cursor on a new one): no later record of the partition is stored
-            # before this batch's.
-            self.broken = outcome
-            self._fail_pending(exc)
-            return
-        self._outstanding += 1
-        acked.add_done_callback(functools.partial(self._answered, outcome))
-
-    def _answered(self, outcome: asyncio.Future[Any], acked: asyncio.Future[Any]) -> None:
-        self._outstanding -= 1
-        self._wake.set()
-        if acked.cancelled():
-            _fail(outcome, BridgeError("the batch was cancelled"))
-        elif (error := acked.exception()) is not None:
-            _fail(outcome, error)
-        elif not outcome.done():
-            outcome.set_result(acked.result())
-
-    def close(self) -> None:
-        """Stop handing over; the batches not handed over fail (the sink is closed)."""
-        self._task.cancel()
-        self._fail_pending(BridgeError("the Kafka sink was closed"))
-
-    def _fail_pending(self, error: BaseException) -> None:
-        for _, outcome in self._ready:
-            _fail(outcome, error)
-        if self._open is not None:
-            _fail(self._open[1], error)
-        self._ready.clear()
-        self._open = None
-        self._add = None
-
-
-def _record_adder(builder: Any) -> Any:
-    """The `append(offset delta, timestamp, key, value, headers)` of the record builder
-    inside aiokafka's `BatchBuilder`, or None when `builder` is not one as aiokafka 0.10 to
-    0.14 make it (then its public `append` is used). `BatchBuilder.append` only checks that
-    the batch is open, passes key and value through the (unset) serializers, calls it with
-    its count of records and counts one more: per record two Python calls with keyword
-    arguments, a measurable share of a drained record's CPU time. `_PartitionLane` keeps
-    the count itself and sets it on the batch when the batch is sealed (`_seal`)."""
-    if (_BatchBuilder is None or type(builder) is not _BatchBuilder
-            or builder._key_serializer is not None or builder._value_serializer is not None
-            or builder._closed or builder._relative_offset != 0):
-        return None
-    inner = getattr(builder, "_builder", None)
-    return getattr(inner, "append", None)
-
-
-def _fail(outcome: asyncio.Future[Any], error: BaseException) -> None:
-    if not outcome.done():
-        outcome.set_exception(error)
-        outcome.exception()  # retrieved: a dropped window's outcome is not logged
-
-
 class KafkaSink:
     """Uplink to Kafka topics. See the module docstring."""
 
@@ -283,16 +115,16 @@ class KafkaSink:
         message_id(gateway_id, store_id, 1)  # ValueError for ids that cannot be one
         self._mid_prefix = f"{gateway_id}-{store_id}-"
         self._mid_prefix_bytes = self._mid_prefix.encode()
-        # (MQTT topic, QoS, retain, client id) -> (its partition's lane, record key, the
-        # headers that depend only on these): `submit`'s one look-up per record.
-        self._routes: dict[tuple[str, int, bool, str],
-                           tuple[_PartitionLane, bytes, tuple[tuple[str, bytes], ...]]] = {}
+        # (MQTT topic, QoS, retain, client id) -> its partition's lane, record key and the
+        # headers that depend only on these: `submit`'s one look-up per record.
+        self._routes: dict[tuple[str, int, bool, str], Route] = {}
+        # aiokafka's CRC-32C when the lanes encode their own batches (no compression)
+        self._crc = _CRC32C if self.options.compression == "none" else None
         self._parts: dict[tuple[str, int, bool, str],
                           tuple[str | None, bytes, list[tuple[str, bytes]]]] = {}
         self._partitions: dict[tuple[str, bytes], int] = {}  # (Kafka topic, key) -> partition
         self._lanes: dict[tuple[str, int], _PartitionLane] = {}  # (Kafka topic, partition)
-        self._time_at = -1.0  # the publish time last formatted, and its header value
-        self._time = b""
+        self._clock = Clock()  # the publish time last formatted, and its header
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
@@ -333,8 +165,8 @@ class KafkaSink:
         if parts is None:
             if len(self._parts) >= PARTS_CACHE:
                 self._parts.clear()
-            probe = replace(message, offset=1, publish_time=0.0, content_type=None,
-                            payload_utf8=False, user_properties=())
+            probe = BridgeMessage(1, message.topic, b"", message.qos, message.retain, 0.0,
+                                  message.client_id)
             static = [(k, v.encode()) for k, v in probe.headers("-").items()
                       if k not in (H_MESSAGE_ID, H_PUBLISH_TIME)]
             parts = self._parts[cache_key] = (
@@ -344,15 +176,20 @@ class KafkaSink:
         if topic is None:
             return None, key, []
         mid = (self._mid_prefix + str(message.offset)).encode()
-        if message.publish_time != self._time_at:  # a window's messages often share it
-            self._time_at = message.publish_time
-            self._time = format_time(message.publish_time).encode()
-        headers = [(H_MESSAGE_ID, mid), *static, (H_PUBLISH_TIME, self._time)]
+        headers = [(H_MESSAGE_ID, mid), *static, (H_PUBLISH_TIME, self._time_of(message))]
         if (message.content_type is not None or message.payload_utf8
                 or message.user_properties):
             full = message.headers("-")  # the optional ones, in the documented order
             headers += [(k, full[k].encode()) for k in _OPTIONAL if k in full]
         return topic, key, headers
+
+    def _time_of(self, message: BridgeMessage) -> bytes:
+        """The `mqtt-publish-time` value of a message (`_clock`: a window's messages often
+        share it)."""
+        clock = self._clock
+        if message.publish_time != clock.at:
+            clock.update(message.publish_time)
+        return clock.value
 
     def _partition_of(self, topic: str, key: bytes) -> int | None:
         """The partition aiokafka's default partitioner gives `key` (murmur2 of the key over
@@ -400,9 +237,11 @@ class KafkaSink:
         are not known, goes through `send`, after its partition's records before it were
         handed over (order per partition holds).
 
-        Per record (a drain's hot path, CPU per message): one look-up of its route, key,
-        fixed headers and lane (`_routes`, per topic and publisher), its message id and
-        publish time headers, and the lane's `append`."""
+        Per record (a drain's hot path, CPU per message), in `fill` (bridge/kafka_records.py,
+        compiled): one look-up of its route (`_routes`, per topic and publisher: its lane,
+        key and fixed headers, encoded once), its message id, and the append to its lane's
+        open `RecordBatch`. What `fill` does not take goes through `_append` (the lane's
+        `append`, aiokafka's batches) or `_submit_one` (no route yet, large)."""
         if not batch:
             raise BridgeError("nothing to send")
         if self._producer is None:
@@ -413,32 +252,39 @@ class KafkaSink:
         owners: list[asyncio.Future[Any] | None] = []
         routes = self._routes
         prefix = self._mid_prefix_bytes
-        time_at, time_value = self._time_at, self._time
+        clock = self._clock
+        now_ms = int(time.time() * 1000)  # the records' timestamp: when they were sent
+        end = len(batch)
+        at = 0
         try:
             async with asyncio.timeout_at(deadline):
-                for message in batch:
+                while True:
+                    at = fill(batch, at, routes, prefix, now_ms, clock, LARGE_RECORD, owners)
+                    if at >= end:
+                        break
+                    message = batch[at]
                     route = routes.get((message.topic, message.qos, message.retain,
                                         message.client_id))
-                    payload = message.payload
-                    if route is None or len(payload) > LARGE_RECORD:
+                    if route is None or len(message.payload) > LARGE_RECORD:
                         owners.append(await self._submit_one(message))
-                        continue
-                    if message.publish_time != time_at:  # a window's often share it
-                        time_at = message.publish_time
-                        time_value = format_time(time_at).encode()
-                    headers = [(H_MESSAGE_ID, prefix + str(message.offset).encode()),
-                               *route[2], (H_PUBLISH_TIME, time_value)]
-                    if (message.content_type is not None or message.payload_utf8
-                            or message.user_properties):
-                        full = message.headers("-")  # the optional ones, documented order
-                        headers += [(k, full[k].encode()) for k in _OPTIONAL if k in full]
-                    owners.append(route[0].append(route[1], payload, headers))
+                    else:
+                        owners.append(self._append(route, message))
+                    at += 1
         except (KafkaError, TimeoutError) as exc:
             if not any(f is not None for f in owners):
                 raise BridgeError(f"Kafka send failed: {exc!r}") from exc
-        finally:
-            self._time_at, self._time = time_at, time_value
         return asyncio.ensure_future(self._collect(owners, deadline))
+
+    def _append(self, route: Route, message: BridgeMessage) -> asyncio.Future[Any]:
+        """A message of a known route through its lane's `append`: the headers as a list
+        (aiokafka's batches; a message with MQTT 5 properties; a new publish time)."""
+        headers = [(H_MESSAGE_ID, self._mid_prefix_bytes + str(message.offset).encode()),
+                   *route.fixed, (H_PUBLISH_TIME, self._time_of(message))]
+        if (message.content_type is not None or message.payload_utf8
+                or message.user_properties):
+            full = message.headers("-")  # the optional ones, in the documented order
+            headers += [(k, full[k].encode()) for k in _OPTIONAL if k in full]
+        return route.lane.append(route.key, message.payload, headers)
 
     async def _submit_one(self, message: BridgeMessage) -> asyncio.Future[Any] | None:
         """`submit` for a message with no entry in `_routes` yet (it makes one once the
@@ -463,7 +309,8 @@ class KafkaSink:
                                                  partition=partition, headers=headers)
         found = lanes.get((topic, partition))
         if found is None:
-            found = lanes[(topic, partition)] = _PartitionLane(producer, topic, partition)
+            found = lanes[(topic, partition)] = _PartitionLane(
+                producer, topic, partition, self._crc, MAX_BATCH_BYTES)
         routes = self._routes
         if len(routes) >= PARTS_CACHE:
             routes.clear()
@@ -471,7 +318,7 @@ class KafkaSink:
         # id) and the last two at most (the publish time, then the optional ones).
         fixed = tuple(h for h in headers if h[0] not in (H_MESSAGE_ID, H_PUBLISH_TIME,
                                                            *_OPTIONAL))
-        routes[(message.topic, message.qos, message.retain, message.client_id)] = (
+        routes[(message.topic, message.qos, message.retain, message.client_id)] = Route(
             found, key, fixed)
         return found.append(key, message.payload, headers)
 

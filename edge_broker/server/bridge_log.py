@@ -33,19 +33,29 @@ def bridge_message(row: LogRow) -> BridgeMessage:
 
 
 def raw_bridge_message(raw: Sequence[Any], name: str, name_size: int) -> BridgeMessage:
-    """`bridge_message(log_row(raw, name, name_size))` without the `LogRow` in between (a
+    """`bridge_message(log_row(...))` of the same row, without the `LogRow` in between (a
     row factory for `LogFile.page_of`: the uplink process makes one per drained message).
-    Columns: store/log/log.py `LOG_COLUMNS` (the last, expires_at, is not read: `page_of`
-    leaves it out); the size as `log_row` counts it."""
-    payload = raw[5]
-    blob = raw[6]
-    if not blob:  # no properties (the usual case): nothing to decode
-        return BridgeMessage(raw[0], name, payload, raw[3], bool(raw[4]), raw[1], raw[7],
-                             None, False, (), name_size + len(payload))
+    Columns: store/log/bridge_file.py `BRIDGE_COLUMNS` (offset, at, topic id * 8 + QoS * 2 +
+    retain, payload, the origin or `<len(properties)>:<properties><origin>`); the size as
+    `log_row` counts it."""
+    payload = raw[3]
+    packed = raw[2]
+    last = raw[4]
+    if isinstance(last, str):  # no properties (the usual case): nothing to decode
+        return BridgeMessage(raw[0], name, payload, (packed >> 1) & 3, bool(packed & 1),
+                             raw[1], last, None, False, (), name_size + len(payload))
+    head, _, rest = bytes(last).partition(b":")
+    length = int(head)
+    blob = rest[:length]
+    origin = rest[length:].decode()
+    size = name_size + len(payload) + length
+    if not blob:
+        return BridgeMessage(raw[0], name, payload, (packed >> 1) & 3, bool(packed & 1),
+                             raw[1], origin, None, False, (), size)
     props = decode_props(blob)
-    return BridgeMessage(raw[0], name, payload, raw[3], bool(raw[4]), raw[1], raw[7],
-                         props.content_type, props.payload_format_indicator == 1,
-                         tuple(props.user_properties), name_size + len(payload) + len(blob))
+    return BridgeMessage(raw[0], name, payload, (packed >> 1) & 3, bool(packed & 1), raw[1],
+                         origin, props.content_type, props.payload_format_indicator == 1,
+                         tuple(props.user_properties), size)
 
 
 class StoreLogReader:

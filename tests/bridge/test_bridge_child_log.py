@@ -17,10 +17,18 @@ T = TypeVar("T")
 OWN = "bridge-central"
 
 
-def raw(offset: int, origin: str = "dev1", props: bytes | None = None) -> tuple[Any, ...]:
+def full(offset: int, origin: str = "dev1", props: bytes | None = None) -> tuple[Any, ...]:
     # the columns of store/log/log.py LOG_COLUMNS
     return (offset, 1_765_000_000.0 + offset, 1, 1, offset % 2, b"payload-%d" % offset, props,
             origin, None)
+
+
+def raw(offset: int, origin: str = "dev1", props: bytes | None = None) -> tuple[Any, ...]:
+    # the same row in the columns of store/log/bridge_file.py BRIDGE_COLUMNS
+    last: str | bytes = origin if props is None else b"%d:%s%s" % (
+        len(props), props, origin.encode())
+    return (offset, 1_765_000_000.0 + offset, 1 * 8 + 1 * 2 + offset % 2,
+            b"payload-%d" % offset, last)
 
 
 class Pages:
@@ -41,11 +49,11 @@ class Pages:
 def test_messages_made_from_raw_rows_are_the_broker_readers() -> None:
     props = encode_props(Properties(content_type="text/plain", payload_format_indicator=1,
                                     user_properties=(("k", "v"),)))
-    for row in (raw(5), raw(6, props=props)):
-        assert raw_bridge_message(row, "sensors/t1", 10) == bridge_message(
-            log_row(row, "sensors/t1", 10))
-        assert raw_bridge_message(row, "sensors/t1", 10).size == log_row(
-            row, "sensors/t1", 10).size
+    for offset, blob in ((5, None), (6, props)):
+        made = raw_bridge_message(raw(offset, props=blob), "sensors/t1", 10)
+        expected = log_row(full(offset, props=blob), "sensors/t1", 10)
+        assert made == bridge_message(expected)
+        assert made.size == expected.size
 
 
 async def test_own_downlink_rows_are_skipped_and_passed_by_the_cursor() -> None:

@@ -13,10 +13,17 @@ What the broker's log keeps in memory (store/log/log.py), this reader takes from
   rows dropped for `max_backlog_bytes` or the store budget, and pages start after it.
 
 Pages read the log in offset order (the primary key) and keep the bridge's rows; unlike the
-broker's reader they do not use the per-topic index for narrow filters. `page` makes each
-row it keeps with a row factory (default `log_row`: a `LogRow`); the uplink process passes
-one that makes the bridge's message straight from the raw row (no `LogRow` in between: one
-object per drained message less, server/bridge_child_log.py).
+broker's reader they do not use the per-topic index for narrow filters. `page` returns
+`LogRow`s; `page_of` makes each row it keeps with a row factory from the columns of
+`BRIDGE_COLUMNS` (the uplink process makes the bridge's message straight from the raw row:
+no `LogRow` in between, server/bridge_log.py `raw_bridge_message`).
+
+`BRIDGE_COLUMNS` packs the log's eight columns a bridge needs into five: topic id, QoS and
+retain in one integer (`topic_id * 8 + qos * 2 + retain`), and the origin (the publishing
+client id) with the properties in one value (the origin as text when the row has no
+properties, the usual case; else a blob `<len(properties)>:<properties><origin UTF-8>`).
+Python 3.11's `_sqlite3` releases and retakes the GIL once per column of every row fetched
+(`sqlite3_column_type`), which was the largest single cost of a drained row.
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ from urllib.parse import quote
 from ...mqtt.topics import topic_matches
 from .log import LOG_COLUMNS, LogRow, log_row
 
-# The log's columns as `page_of` reads them: LOG_COLUMNS less the last, expires_at (a bridge
-# forwards a message whatever its expiry; one column less is ~7 % of a row's read).
-BRIDGE_COLUMNS: Final = LOG_COLUMNS.rpartition(",")[0]
+# The columns `page_of` reads (see the module docstring): offset, at, topic_id * 8 + qos * 2
+# + retain, payload, and the origin (text) or `<len(properties)>:<properties><origin>`
+# (blob). Not read: expires_at (a bridge forwards a message whatever its expiry).
+BRIDGE_COLUMNS: Final = (
+    "offset, at, topic_id * 8 + qos * 2 + retain, payload,"
+    " CASE WHEN properties IS NULL THEN origin"
+    " ELSE CAST(length(properties) || ':' || properties || origin AS BLOB) END")
 _SCAN_ROWS: Final = " FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
 _SCAN: Final = f"SELECT {LOG_COLUMNS}{_SCAN_ROWS}"
 _SCAN_BRIDGE: Final = f"SELECT {BRIDGE_COLUMNS}{_SCAN_ROWS}"
@@ -95,16 +106,18 @@ class LogFile:
     def page(self, after: int, limit: int) -> tuple[list[LogRow], int]:
         """Up to `limit` of the bridge's rows after max(after, the reader's stored offset),
         in order, and the page's end: every row of the bridge's up to it is in the page."""
-        return self._scan(_SCAN, log_row, after, limit)
+        return self._scan(_SCAN, log_row, after, limit, 0)
 
     def page_of(self, make: Callable[[Sequence[Any], str, int], T], after: int,
                 limit: int) -> tuple[list[T], int]:
         """`page`, each kept row made by `make(raw row, topic name, its UTF-8 size)` from
-        the columns of BRIDGE_COLUMNS (no expires_at)."""
-        return self._scan(_SCAN_BRIDGE, make, after, limit)
+        the columns of BRIDGE_COLUMNS (see there)."""
+        return self._scan(_SCAN_BRIDGE, make, after, limit, 3)
 
     def _scan(self, sql: str, make: Callable[[Sequence[Any], str, int], T], after: int,
-              limit: int) -> tuple[list[T], int]:
+              limit: int, shift: int) -> tuple[list[T], int]:
+        """The scan of `page` and `page_of`: the third column is the topic id shifted left
+        by `shift` bits (with QoS and retain below it for `page_of`)."""
         conn = self._db()
         lo = max(after, self.reader_offset())
         out: list[T] = []
@@ -114,8 +127,9 @@ class LogFile:
             raws = conn.execute(sql, (lo, batch)).fetchall()
             for raw in raws:
                 offset = raw[0]
-                known = topics.get(raw[2])
-                name, name_size, since = known if known is not None else self._topic(raw[2])
+                tid = raw[2] >> shift
+                known = topics.get(tid)
+                name, name_size, since = known if known is not None else self._topic(tid)
                 if since < 0 or offset <= since:
                     continue
                 out.append(make(raw, name, name_size))
