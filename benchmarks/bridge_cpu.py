@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             spy = None
             if args.py_spy:
                 spy = subprocess.Popen(
-                    [PY_SPY, "record", "-r", "250", "-f", "raw", "-o", args.py_spy,
+                    [PY_SPY, "record", "-r", "250", "-f", "raw", "--threads", "-o", args.py_spy,
                      "--pid", str(rb.pid), *(["--native"] if args.native else ["--nonblocking"])],
                     stdout=subprocess.DEVNULL)
                 time.sleep(1.0)  # py-spy attaches (not a synchronisation: it only records)

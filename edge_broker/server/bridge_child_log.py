@@ -14,7 +14,7 @@ import asyncio
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from itertools import accumulate
+from itertools import chain
 from typing import Any
 
 from ..bridge.base import BridgeMessage
@@ -97,20 +97,17 @@ class ChildLogReader:
         self.scanned = max(self.scanned, cursor)
 
     def _ack(self, cursor: int) -> None:
-        """Hand `cursor` to the broker with the rows it passes as two arrays (their offsets,
-        the running total of their sizes: bridge_wire.py "ack"): two memory copies in
-        the frame, not a tuple per message to pickle here and rebuild in the broker."""
+        """Hand `cursor` to the broker with the rows it passes: their count, their bytes and
+        one array of their offsets and sizes (bridge_wire.py "ack"), copied whole into the
+        frame, not a tuple per row to pickle here and rebuild in the broker."""
         if cursor <= self._acked:
             return
         self._acked = cursor
         rows = self._rows
         cut = bisect_right(rows, cursor, key=_offset)  # they are in offset order
-        if cut:
-            offsets, sizes = zip(*rows[:cut], strict=True)
-            del rows[:cut]
-            self.send(("ack", cursor, array("q", offsets), array("q", accumulate(sizes))))
-        else:
-            self.send(("ack", cursor, array("q"), array("q")))
+        passed = array("q", chain.from_iterable(rows[:cut]))
+        del rows[:cut]
+        self.send(("ack", cursor, cut, sum(passed[1::2]), passed))
 
 
 def _offset(row: tuple[int, int]) -> int:

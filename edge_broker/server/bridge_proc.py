@@ -11,8 +11,9 @@ again after a backoff delay, from the stored cursor), and serves it over one soc
   offset; the store's group commits (`BridgeStoreSide.listen`) answer it - one comparison per
   commit, nothing polled;
 - *the cursor*: the process sends each cursor the remote side acknowledged, with the
-  offsets and sizes of the rows it passes as two arrays (`store.log.cursors.Passed`: the
-  broker's work per acknowledgement does not grow with its messages); they are stored
+  count and bytes of the rows it passes and their offsets and sizes in one array
+  (`store.log.cursors.Passed`: the broker's work per acknowledgement does not grow with
+  its messages); they are stored
   here, by the store's writer thread, exactly as in-process (one short transaction,
   coalesced: one write at a time carrying the latest cursor; `StoreLogReader` does the
   same). The broker stays the only writer of the file, and the reader's backlog counts in
@@ -35,7 +36,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -273,7 +274,7 @@ class ProcessForwarder:
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ack":
-            self._acked(int(message[1]), message[2], message[3])
+            self._acked(int(message[1]), Passed(int(message[2]), int(message[3]), message[4]))
         elif kind == "wait":
             after = int(message[1])
             if self.side.last_committed > after:
@@ -337,11 +338,11 @@ class ProcessForwarder:
 
     # -- storing the cursor ----------------------------------------------------------------
 
-    def _acked(self, cursor: int, offsets: Sequence[int], ends: Sequence[int]) -> None:
-        """The remote side acknowledged up to `cursor`; `offsets` and `ends` (the running
-        total of their sizes) are the bridge's rows it passes (bridge_wire.py "ack")."""
-        if len(offsets):
-            self._passed.append((cursor, Passed(offsets, ends)))
+    def _acked(self, cursor: int, passed: Passed) -> None:
+        """The remote side acknowledged up to `cursor`, passing `passed` (bridge_wire.py
+        "ack")."""
+        if passed.count:
+            self._passed.append((cursor, passed))
         if cursor > self.status.cursor:
             self.status.cursor = cursor
         if cursor <= self._target:

@@ -1,5 +1,6 @@
 """A bridge's acknowledgements as the broker stores them (`separate_process = true`): the
-uplink process sends the rows a cursor passes as two arrays (server/bridge_wire.py "ack"),
+uplink process sends the rows a cursor passes as their count, their bytes and one array of
+their offsets and sizes (server/bridge_wire.py "ack"),
 the broker counts them out of the backlog with `store.log.cursors.Passed` - exactly, also
 when a drop (max_backlog_bytes) or the store budget moved the cursor over some of them
 between the process's read and its acknowledgement."""
@@ -46,12 +47,8 @@ def a_log(conn: sqlite3.Connection) -> Log:
 
 
 def passed(rows: list[LogRow]) -> Passed:
-    ends: list[int] = []
-    total = 0
-    for row in rows:
-        total += row.size
-        ends.append(total)
-    return Passed([row.offset for row in rows], ends)
+    return Passed(len(rows), sum(row.size for row in rows),
+                  [x for row in rows for x in (row.offset, row.size)])
 
 
 def exact(log: Log, conn: sqlite3.Connection) -> tuple[int, int]:
@@ -93,15 +90,15 @@ def test_rows_a_drop_skipped_meanwhile_are_not_counted_out_twice(
     assert cursors.backlog(log, "r") == cursors.Backlog(3, sum(row.size for row in rows[5:]))
 
 
-@pytest.mark.parametrize("skip", range(0, 9))
-def test_counting_out_a_batch_after_any_offset(skip: int) -> None:
+@pytest.mark.parametrize("cursor", range(0, 17))
+def test_counting_out_a_batch_after_any_cursor(cursor: int) -> None:
     offsets = [2, 3, 5, 8, 9, 11, 14, 15]
     sizes = [11, 4, 9, 30, 2, 7, 5, 13]
-    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
-    batch = Passed(offsets, ends)
-    below = offsets[skip - 1] if skip else 0
-    assert batch.after(below) == (len(offsets) - skip, sum(sizes[skip:]))
-    assert Passed([], []).after(0) == (0, 0)
+    batch = Passed(len(offsets), sum(sizes), [x for pair in zip(offsets, sizes, strict=True)
+                                              for x in pair])
+    above = [size for offset, size in zip(offsets, sizes, strict=True) if offset > cursor]
+    assert batch.after(cursor) == (len(above), sum(above))
+    assert Passed(0, 0, []).after(cursor) == (0, 0)
 
 
 async def test_the_ack_frame_carries_arrays_not_a_tuple_per_row() -> None:
@@ -111,15 +108,14 @@ async def test_the_ack_frame_carries_arrays_not_a_tuple_per_row() -> None:
     try:
         messages = await reader.read_after(0, 2000)
         await reader.commit_cursor(1500)
-        kind, cursor, offsets, ends = sent[-1]
-        assert (kind, cursor) == ("ack", 1500)
-        assert list(offsets) == list(range(1, 1501))
+        kind, cursor, count, size, rows = sent[-1]
         sizes = [m.size for m in messages[:1500]]
-        assert ends[0] == sizes[0] and ends[-1] == sum(sizes)
-        # Two arrays: the frame is about 16 bytes a row, whatever the row count.
+        assert (kind, cursor, count, size) == ("ack", 1500, 1500, sum(sizes))
+        assert list(rows[0::2]) == list(range(1, 1501)) and list(rows[1::2]) == sizes
+        # One array: the frame is 16 bytes a row, whatever the row count.
         assert len(frame(sent[-1])) < 16 * 1500 + 200
         await reader.commit_cursor(2000)
-        assert list(sent[-1][2]) == list(range(1501, 2001))
+        assert list(sent[-1][4][0::2]) == list(range(1501, 2001))
         await reader.commit_cursor(2000)  # nothing new: nothing sent
         assert len(sent) == 2
     finally:

@@ -35,29 +35,29 @@ class Backlog:
 
 
 class Passed:
-    """Rows a reader passed, summarised: `offsets` in increasing order and `ends`, the
-    running total of their sizes (ends[i] = the bytes of rows 0..i), e.g. two array("q").
-    A bridge's uplink process acknowledges its rows so (server/bridge_wire.py "ack"): the
-    broker's work per acknowledgement is then the same for one message or thousands, and
-    its backlog counts stay exact (`advance`)."""
+    """Rows a reader passed, summarised: `count` rows of `size` bytes in all, and `rows`,
+    their offsets and sizes interleaved (offset, size, offset, size, ...: e.g. one
+    array("q")), in offset order. A bridge's uplink process acknowledges its rows so
+    (server/bridge_wire.py "ack"): the broker's work per acknowledgement is then the same
+    for one message or thousands, and its backlog counts stay exact (`advance`)."""
 
-    __slots__ = ("ends", "offsets")
+    __slots__ = ("count", "rows", "size")
 
-    def __init__(self, offsets: Sequence[int], ends: Sequence[int]) -> None:
-        self.offsets = offsets
-        self.ends = ends
+    def __init__(self, count: int, size: int, rows: Sequence[int]) -> None:
+        self.count = count
+        self.size = size
+        self.rows = rows
 
     def after(self, offset: int) -> tuple[int, int]:
-        """(rows, bytes) of those with an offset above `offset`: a binary search."""
-        offsets = self.offsets
-        n = len(offsets)
-        if not n or offsets[-1] <= offset:
+        """(rows, bytes) of those with an offset above `offset`: all of them unless a drop
+        moved the cursor meanwhile, then a binary search."""
+        rows = self.rows
+        if not self.count or rows[-2] <= offset:
             return 0, 0
-        ends = self.ends
-        if offsets[0] > offset:
-            return n, ends[-1]
-        i = bisect_right(offsets, offset)
-        return n - i, ends[-1] - ends[i - 1]
+        if rows[0] > offset:
+            return self.count, self.size
+        i = bisect_right(rows[0::2], offset)
+        return self.count - i, sum(rows[2 * i + 1::2])
 
 
 def add_reader(log: Log, conn: sqlite3.Connection, name: str) -> Reader:
