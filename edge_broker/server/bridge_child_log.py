@@ -105,9 +105,11 @@ class ChildLogReader:
         self._acked = cursor
         rows = self._rows
         cut = bisect_right(rows, cursor, key=_offset)  # they are in offset order
-        passed = array("q", chain.from_iterable(rows[:cut]))
+        # Flattened to a list first: array("q") from a list is its fast path (from the
+        # chain it cost a third more than pickling the tuples; so it costs the same).
+        passed = list(chain.from_iterable(rows[:cut]))
         del rows[:cut]
-        self.send(("ack", cursor, cut, sum(passed[1::2]), passed))
+        self.send(("ack", cursor, cut, sum(passed[1::2]), array("q", passed)))
 
 
 def _offset(row: tuple[int, int]) -> int:
