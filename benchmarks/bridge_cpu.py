@@ -1,7 +1,7 @@
 """Broker CPU per message of a bridge's ingest and of its forwarding, separately.
 
     python -m benchmarks.bridge_cpu jetstream|kafka [MESSAGES] [PUBLISHERS] [QOS]
-        [--edge-cmd CMD] [--inprocess] [--py-spy FILE [--native]]
+        [--edge-cmd CMD] [--inprocess] [--window N] [--py-spy FILE [--native]] [--perf FILE]
 
 Starts nats-server (or tansu) on a free port but does not start it yet, an edge-broker with a
 bridge to it (scenarios_bridge.bridge_toml, `separate_process = true` unless --inprocess),
@@ -71,13 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inprocess", action="store_true")
     parser.add_argument("--py-spy", default=None, metavar="FILE")
     parser.add_argument("--native", action="store_true")
+    parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--perf", default=None, metavar="FILE",
                         help="perf record -g the broker during the drain into FILE")
     args = parser.parse_args(argv)
     kind, total, publishers, qos = args.kind, args.messages, args.publishers, args.qos
     with remote(kind, started=False) as server:
-        rb = brokers.start("edge", edge_cmd=args.edge_cmd, extra_config=bridge_toml(
-            kind, server.address, separate=not args.inprocess))
+        extra = bridge_toml(kind, server.address, separate=not args.inprocess)
+        if args.window:
+            extra += f"window = {args.window}\n"
+        rb = brokers.start("edge", edge_cmd=args.edge_cmd, extra_config=extra)
         try:
             results: list[dict] = []
 
