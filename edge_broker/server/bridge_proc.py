@@ -11,10 +11,13 @@ again after a backoff delay, from the stored cursor), and serves it over one soc
   offset; the store's group commits (`BridgeStoreSide.listen`) answer it - one comparison per
   commit, nothing polled;
 - *the cursor*: the process sends each cursor the remote side acknowledged, with the
-  (offset, size) of the rows it passes; they are stored here, by the store's writer thread,
-  exactly as in-process (one short transaction, coalesced: one write at a time carrying the
-  latest cursor; `StoreLogReader` does the same). The broker stays the only writer of the
-  file, and the reader's backlog counts in its memory stay right;
+  count and bytes of the rows it passes and their offsets and sizes in one array
+  (`store.log.cursors.Passed`: the broker's work per acknowledgement does not grow with
+  its messages); they are stored
+  here, by the store's writer thread, exactly as in-process (one short transaction,
+  coalesced: one write at a time carrying the latest cursor; `StoreLogReader` does the
+  same). The broker stays the only writer of the file, and the reader's backlog counts in
+  its memory stay exact (rows a drop skipped meanwhile are not counted out twice);
 - *status*: the process sends its `ForwarderStatus` fields when they change (at most every
   0.2 s); `status` here adds what the earlier runs of the process forwarded and failed.
 
@@ -41,11 +44,10 @@ from ..bridge.base import Backoff
 from ..bridge.config import BridgeConfig
 from ..bridge.forward import ForwarderStatus
 from ..errors import StoreError
-from ..mqtt.properties import NO_PROPERTIES
 from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.bridges import reader_name
+from ..store.log.cursors import Passed
 from ..store.log.lane_file import LaneFile
-from ..store.log.log import LogRow
 from .bridge_lane import Lane, LaneHub
 from .bridge_wire import encode_config, frame, read_frame
 
@@ -99,8 +101,9 @@ class ProcessForwarder:
         self._base_forwarded = 0
         self._base_failures = 0
         self._ended = asyncio.Event()
-        # Cursor commits, one at a time, coalesced (as server/bridge_log.py).
-        self._rows: list[LogRow] = []
+        # Cursor commits, one at a time, coalesced (as server/bridge_log.py): the rows of
+        # each acknowledgement not stored yet, with its cursor.
+        self._passed: list[tuple[int, Passed]] = []
         self._target = 0
         self._stored = 0
         self._committer: asyncio.Task[None] | None = None
@@ -271,7 +274,7 @@ class ProcessForwarder:
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ack":
-            self._acked(int(message[1]), message[2])
+            self._acked(int(message[1]), Passed(int(message[2]), int(message[3]), message[4]))
         elif kind == "wait":
             after = int(message[1])
             if self.side.last_committed > after:
@@ -335,10 +338,11 @@ class ProcessForwarder:
 
     # -- storing the cursor ----------------------------------------------------------------
 
-    def _acked(self, cursor: int, passed: list[tuple[int, int]]) -> None:
-        rows = self._rows
-        for offset, size in passed:
-            rows.append(LogRow(offset, 0.0, "", 0, False, b"", NO_PROPERTIES, "", None, size))
+    def _acked(self, cursor: int, passed: Passed) -> None:
+        """The remote side acknowledged up to `cursor`, passing `passed` (bridge_wire.py
+        "ack")."""
+        if passed.count:
+            self._passed.append((cursor, passed))
         if cursor > self.status.cursor:
             self.status.cursor = cursor
         if cursor <= self._target:
@@ -352,22 +356,22 @@ class ProcessForwarder:
         name = self.config.name
         while self._stored < self._target:
             target = self._target
-            rows = self._rows
-            cut = len(rows)
-            for i, row in enumerate(rows):
-                if row.offset > target:
+            pending = self._passed
+            cut = len(pending)
+            for i, (cursor, _) in enumerate(pending):  # one per acknowledgement
+                if cursor > target:
                     cut = i
                     break
-            consumed = rows[:cut]
-            del rows[:cut]
+            taken = pending[:cut]
+            del pending[:cut]
             try:
-                await self.side.commit(name, target, consumed)
+                await self.side.commit(name, target, [passed for _, passed in taken])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # Not stored: the rows stay, the next cursor passes them. The process goes
                 # on; after a crash it resends from the stored cursor (duplicates only).
-                rows[:0] = consumed
+                pending[:0] = taken
                 self._commit_error = exc
                 self._target = self._stored
                 log.error("bridge %s: cannot store the cursor %d: %s", name, target, exc)

@@ -16,9 +16,12 @@ process -> broker:
     ("wait", offset)          wake me when the log is committed past `offset`
     ("lane_wait", offset)     wake me when the lane's file is committed past `offset`
     ("lane_ack", cursor)      the remote side acknowledged the lane up to `cursor`
-    ("ack", cursor, passed)   the remote side acknowledged everything up to `cursor`;
-                              `passed` = (offset, size) of the bridge's rows up to it
-                              (for the reader's backlog counts)
+    ("ack", cursor, count, size, rows)
+                              the remote side acknowledged everything up to `cursor`,
+                              passing `count` of the bridge's rows (since the last "ack")
+                              of `size` bytes; `rows` = their offsets and sizes,
+                              interleaved in one array("q") (for the reader's backlog
+                              counts: copied whole, not a tuple per row pickled and rebuilt)
     ("status", fields)        connected, cursor, forwarded, failures, last error, oldest row
 """
 

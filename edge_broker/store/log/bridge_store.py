@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ...errors import StoreError
 from . import bridges as ops
-from .cursors import Backlog
+from .cursors import Backlog, Passed
 from .log import LogRow, Page, Reader
 
 if TYPE_CHECKING:
@@ -77,7 +77,8 @@ class BridgeStoreSide:
         log = self._store._log.log
         return await self._read(lambda conn: ops.page(log, conn, bridge, after, limit))
 
-    async def commit(self, bridge: str, offset: int, consumed: Sequence[LogRow]) -> None:
+    async def commit(self, bridge: str, offset: int,
+                     consumed: Sequence[LogRow | Passed]) -> None:
         """Move the bridge's cursor. Written without its own fsync (see `_write`): it is
         made durable by the next fsynced commit (WAL frames are synced in order). A crash
         before that leaves the cursor where it was, never ahead of what the remote side

@@ -81,7 +81,7 @@ def page(log: Log, conn: sqlite3.Connection, bridge: str, after: int, limit: int
 
 
 def commit(log: Log, conn: sqlite3.Connection, bridge: str, offset: int,
-           consumed: Sequence[LogRow]) -> None:
+           consumed: Sequence[LogRow | cursors.Passed]) -> None:
     """Move the cursor to `offset`; `consumed` are the bridge's rows up to it (in a
     transaction)."""
     cursors.advance(log, conn, reader_name(bridge), consumed, end=offset)

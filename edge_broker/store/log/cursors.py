@@ -18,19 +18,46 @@ Every function runs inside the caller's transaction, like `Log.append`.
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .log import Log, LogRow, Page, Reader
 
-__all__ = ["Backlog", "add_reader", "advance", "backlog", "clear_inflight", "drop_to_bound",
-           "read", "remove_reader", "set_inflight", "subscribe", "unsubscribe"]
+__all__ = ["Backlog", "Passed", "add_reader", "advance", "backlog", "clear_inflight",
+           "drop_to_bound", "read", "remove_reader", "set_inflight", "subscribe", "unsubscribe"]
 
 
 @dataclass(frozen=True, slots=True)
 class Backlog:
     count: int
     bytes: int
+
+
+class Passed:
+    """Rows a reader passed, summarised: `count` rows of `size` bytes in all, and `rows`,
+    their offsets and sizes interleaved (offset, size, offset, size, ...: e.g. one
+    array("q")), in offset order. A bridge's uplink process acknowledges its rows so
+    (server/bridge_wire.py "ack"): the broker's work per acknowledgement is then the same
+    for one message or thousands, and its backlog counts stay exact (`advance`)."""
+
+    __slots__ = ("count", "rows", "size")
+
+    def __init__(self, count: int, size: int, rows: Sequence[int]) -> None:
+        self.count = count
+        self.size = size
+        self.rows = rows
+
+    def after(self, offset: int) -> tuple[int, int]:
+        """(rows, bytes) of those with an offset above `offset`: all of them unless a drop
+        moved the cursor meanwhile, then a binary search."""
+        rows = self.rows
+        if not self.count or rows[-2] <= offset:
+            return 0, 0
+        if rows[0] > offset:
+            return self.count, self.size
+        i = bisect_right(rows[0::2], offset)
+        return self.count - i, sum(rows[2 * i + 1::2])
 
 
 def add_reader(log: Log, conn: sqlite3.Connection, name: str) -> Reader:
@@ -125,16 +152,30 @@ def read(log: Log, conn: sqlite3.Connection, name: str, limit: int,
                          limit)
 
 
-def advance(log: Log, conn: sqlite3.Connection, name: str, consumed: Sequence[LogRow],
-            end: int | None = None) -> None:
+def advance(log: Log, conn: sqlite3.Connection, name: str,
+            consumed: Sequence[LogRow | Passed], end: int | None = None) -> None:
     """Move the cursor to `end` (default: the last consumed row) past `consumed`, which must
-    be every selected row between the old offset and `end` (as `read` returned them)."""
+    be every selected row between the old offset and `end` (as `read` returned them), each
+    one a `LogRow` or many of them in a `Passed` (`end` is then needed). Rows at or below
+    the old offset (skipped meanwhile, e.g. by `drop_to_bound`) were counted out already."""
     reader = log.readers[name]
-    target = end if end is not None else (consumed[-1].offset if consumed else reader.offset)
+    if end is not None:
+        target = end
+    elif consumed:
+        last = consumed[-1]
+        assert isinstance(last, LogRow), "advance: a Passed needs its end"
+        target = last.offset
+    else:
+        target = reader.offset
     if target <= reader.offset:
         return
+    old = reader.offset
     for row in consumed:
-        if row.offset > reader.offset:
+        if isinstance(row, Passed):
+            count, size = row.after(old)
+            reader.backlog_count -= count
+            reader.backlog_bytes -= size
+        elif row.offset > old:
             reader.backlog_count -= 1
             reader.backlog_bytes -= row.size
     reader.offset = target
