@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ..core.changes import Message
     from ..store.log.lane_file import LaneFile
     from .bridge_proc import ProcessForwarder
-    from .bridges import BridgeStatus
+    from .bridge_status import BridgeStatus
 
 log = logging.getLogger("edge_broker.bridges")
 
