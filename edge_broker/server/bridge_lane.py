@@ -82,6 +82,11 @@ class Lane:
         self._logged = file.dropped
         self._logged_at = -1e18
         self._failed_at = -1e18
+        # Writes run on the file's own thread (store/log/lane_file.py), which tells this
+        # lane, on the loop, when each finished.
+        self._loop = asyncio.get_running_loop()
+        self._wake_pending = False
+        file.on_written = self._written_threadsafe
 
     def send(self, messages: list[Message]) -> None:
         """A loop turn's messages: into the row being gathered, which is appended now if it
@@ -103,8 +108,11 @@ class Lane:
         self._timer = None
         self.flush()
 
-    def flush(self) -> None:
-        """Append the row being gathered (one INSERT and one commit)."""
+    def flush(self, *, force: bool = False) -> None:
+        """Queue the row being gathered for the lane file's writer thread (one INSERT and
+        one commit there). While that thread is `queue_full` (a slow disk) the row keeps
+        gathering, up to `row_bytes`; beyond, its messages are dropped, counted and logged
+        (`force`: queued anyway, when the lane closes)."""
         timer = self._timer
         if timer is not None:
             timer.cancel()
@@ -112,31 +120,65 @@ class Lane:
         batch = self._batch
         if not batch.count:
             return
+        file = self.file
+        if file.queue_full and not force:
+            if batch.size < self.row_bytes:  # again after the next write, or the interval
+                self._timer = asyncio.get_running_loop().call_later(
+                    self.row_interval_s, self._on_timer)
+                return
+            count, _at, _blob = batch.take()
+            self._lost(count, f"{file.path}: the writer is behind "
+                              f"({file.max_queued_rows} rows queued)")
+            return
         count, at, blob = batch.take()
         self._committed_at = time.monotonic()
-        file = self.file
         try:
             dropped = file.append([(count, len(blob), at, blob)], self.mark)
-        except StoreError as exc:  # disk full, I/O error: lost (QoS 0, at most once)
-            self.dropped += count
-            now = time.monotonic()
-            if now - self._failed_at >= DROP_LOG_INTERVAL_S:
-                self._failed_at = now
-                log.error("bridge %s: cannot store QoS 0 lane messages: %s: %d "
-                          "message(s) dropped (%d in all)", self.name, exc,
-                          count, self.dropped)
+        except StoreError as exc:  # lost (QoS 0, at most once)
+            self._lost(count, str(exc))
             return
         self.sent += count
         if dropped:
             self._log_drops()
+
+    def _lost(self, count: int, why: str) -> None:
+        """`count` messages not stored (the file cannot be written, or its writer is
+        behind): counted in `dropped` and logged (at most every DROP_LOG_INTERVAL_S)."""
+        self.dropped += count
+        now = time.monotonic()
+        if now - self._failed_at >= DROP_LOG_INTERVAL_S:
+            self._failed_at = now
+            log.error("bridge %s: cannot store QoS 0 lane messages: %s: %d "
+                      "message(s) dropped (%d in all)", self.name, why, count, self.dropped)
+
+    def _written_threadsafe(self) -> None:
+        """The file's writer thread finished a write: `_written` on the loop (once for the
+        writes finished until it runs)."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._written)
+
+    def _written(self) -> None:
+        """On the loop, after the writer thread committed: count the rows it could not
+        write, tell a waiting process, queue a row that waited for room."""
+        self._wake_pending = False
+        file = self.file
+        lost, error = file.collect()
+        if lost:
+            self.sent -= lost
+            self._lost(lost, error)
         waiting = self._waiting
         if waiting is not None and file.next_offset - 1 > waiting:
             self._waiting = None
             self.notify(("lane", file.next_offset - 1, file.cursor))
+        if self._batch.count and not file.queue_full and (
+                self._batch.size >= self.row_bytes
+                or time.monotonic() - self._committed_at >= self.row_interval_s):
+            self.flush()
 
     def wanted(self, after: int) -> None:
         """The process read every row up to `after` ("lane_wait"): tell it at once if the
-        file goes further, else after the next append."""
+        file goes further, else after the next committed row."""
         file = self.file
         if file.next_offset - 1 > after:
             self._waiting = None
@@ -145,8 +187,10 @@ class Lane:
             self._waiting = after
 
     def close(self) -> None:
-        """Append what is gathered; no timer stays behind."""
-        self.flush()
+        """Queue what is gathered; no timer stays behind (the file's writer thread writes
+        it; the file outlives the lane)."""
+        self.flush(force=True)
+        self.file.on_written = None
 
     def _log_drops(self) -> None:
         now = time.monotonic()
