@@ -55,6 +55,9 @@ DROP_LOG_INTERVAL_S: Final = 10.0
 # (at once when the last append is older): at most ~200 INSERTs and commits a second.
 ROW_BYTES: Final = 256 * 1024
 ROW_INTERVAL_S: Final = 0.005
+# While the lane file's writer thread is behind (its queue full), a row keeps gathering up to
+# this many times ROW_BYTES; beyond, its messages are dropped, counted and logged.
+BEHIND_ROWS: Final = 4
 
 
 class Lane:
@@ -111,8 +114,8 @@ class Lane:
     def flush(self, *, force: bool = False) -> None:
         """Queue the row being gathered for the lane file's writer thread (one INSERT and
         one commit there). While that thread is `queue_full` (a slow disk) the row keeps
-        gathering, up to `row_bytes`; beyond, its messages are dropped, counted and logged
-        (`force`: queued anyway, when the lane closes)."""
+        gathering, up to BEHIND_ROWS x `row_bytes`; beyond, its messages are dropped, counted
+        and logged (`force`: queued anyway, when the lane closes)."""
         timer = self._timer
         if timer is not None:
             timer.cancel()
@@ -122,7 +125,7 @@ class Lane:
             return
         file = self.file
         if file.queue_full and not force:
-            if batch.size < self.row_bytes:  # again after the next write, or the interval
+            if batch.size < self.row_bytes * BEHIND_ROWS:  # again after the next write
                 self._timer = asyncio.get_running_loop().call_later(
                     self.row_interval_s, self._on_timer)
                 return

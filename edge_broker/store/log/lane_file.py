@@ -33,6 +33,7 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -45,9 +46,14 @@ _SCHEMA: Final = (
     "bytes INTEGER NOT NULL, at REAL NOT NULL, mark INTEGER NOT NULL, data BLOB NOT NULL)",
 )
 _SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
-# Row writes queued for the writer thread at most (LaneFile.queue_full); at 256 KiB a row,
-# 4 MiB of rows.
-MAX_QUEUED_ROWS: Final = 16
+# Row writes queued for the writer thread at most (LaneFile.queue_full; a row is up to
+# 256 KiB, or 1 MiB gathered while the writer is behind: server/bridge_lane.py).
+MAX_QUEUED_ROWS: Final = 8
+# Rows the writer thread writes in one statement at most (those queued meanwhile).
+MAX_ROWS_PER_WRITE: Final = 64
+_ROW_VALUES: Final = "(?, ?, ?, ?, ?, ?)"
+_INSERT: Final = "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES "
+_STOP: Final = ("stop",)
 CLOSE_TIMEOUT_S: Final = 10.0
 
 log = logging.getLogger("edge_broker.bridges")
@@ -145,7 +151,7 @@ class LaneFile:
         # Called on the writer thread after each write it finished (server/bridge_lane.py
         # hops to the loop from there); None: nobody listens.
         self.on_written: Callable[[], None] | None = None
-        self._ops: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._ops: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._rows_put = 0  # row writes queued (the loop's)
         self._rows_done = 0  # ... and finished (the thread's)
         self._cursor_target = self.cursor  # the acknowledged cursor to store (the loop's)
@@ -167,7 +173,7 @@ class LaneFile:
         if self._closed:
             return
         self._closed = True
-        self._ops.put(None)
+        self._ops.put(_STOP)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("%s: the QoS 0 lane's writer did not finish in %.0f s; left behind",
@@ -298,18 +304,33 @@ class LaneFile:
 
     def _run(self) -> None:
         ops = self._ops
+        held: tuple[Any, ...] | None = None  # taken while gathering rows: the next to run
         try:
             while True:
-                op = ops.get()
-                if op is None:
-                    return
+                op = held if held is not None else ops.get()
+                held = None
                 kind = op[0]
+                if kind == "stop":
+                    return
                 if kind == "sync":
                     op[1].set()
                     continue
                 if kind == "rows":
-                    self._write_rows(op)
-                    self._rows_done += 1
+                    # The rows queued meanwhile go in the same write: under a busy loop
+                    # every step of this thread waits for the GIL, so it writes fewer,
+                    # larger statements rather than falling behind.
+                    batch = [op]
+                    while len(batch) < MAX_ROWS_PER_WRITE:
+                        try:
+                            more = ops.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more[0] != "rows":
+                            held = more
+                            break
+                        batch.append(more)
+                    self._write_rows(batch)
+                    self._rows_done += len(batch)
                 else:
                     self._write_cursor()
                 callback = self.on_written
@@ -322,26 +343,38 @@ class LaneFile:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
 
-    def _write_rows(self, op: tuple[Any, ...]) -> None:
-        _kind, rows, firsts, count, size, end, cursor, dropped = op
+    def _write_rows(self, batch: list[tuple[Any, ...]]) -> None:
+        """One write of the rows of queued appends (in order). Without a drop to store it is
+        one INSERT statement in autocommit (its own transaction: one step, so one wait for
+        the GIL); with one, a transaction that also deletes the dropped rows."""
+        rows: list[Any] = []
+        firsts: list[int] = []
+        count = size = 0
+        for op in batch:
+            rows.extend(op[1])
+            firsts.extend(op[2])
+            count += op[3]
+            size += op[4]
+        _kind, _rows, _firsts, _count, _size, end, cursor, dropped = batch[-1]
         conn = self._conn
+        bound = cursor > self._bound_deleted
         try:
-            conn.execute("BEGIN")
-            conn.executemany(
-                "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES (?, ?, ?, ?, ?, ?)",
-                rows)
-            bound = cursor > self._bound_deleted
-            if bound:
+            if not bound:
+                conn.execute(_INSERT + ", ".join([_ROW_VALUES] * len(rows)),
+                             list(chain.from_iterable(rows)))
+            else:
+                conn.execute("BEGIN")
+                conn.executemany(_INSERT + _ROW_VALUES, rows)
                 conn.execute("DELETE FROM lane WHERE first <= ?", (cursor,))
                 self._set_cursor(max(cursor, self._stored_cursor))
                 conn.execute(_SET, ("dropped", str(dropped)))
-            conn.execute("COMMIT")
-            if bound:
+                conn.execute("COMMIT")
                 self._bound_deleted = cursor
                 self._stored_cursor = max(cursor, self._stored_cursor)
         except Exception as exc:  # sqlite3.Error: disk full, I/O error
-            with contextlib.suppress(sqlite3.Error):  # no transaction if BEGIN failed
-                conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             self._failed.append((firsts, count, size, f"{self.path}: table lane: {exc}"))
         # The offsets are given even when the write failed: a reader skips the gap.
         self.next_offset = end
