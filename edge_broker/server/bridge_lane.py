@@ -7,8 +7,9 @@ once per event-loop turn and hands each bridge's messages to its `Lane`, which e
 (store/log/lane_codec.py: per message a small struct head, the topic and client id only
 when they differ from the previous message's, the payload, the properties the bridge's
 headers carry) into the row it is gathering. A row is appended to the lane's own file
-(store/log/lane_file.py) - one INSERT and one commit, WAL, synchronous NORMAL - once it
-holds `ROW_BYTES`, or `ROW_INTERVAL_S` after the previous append (at once if that is
+(store/log/lane_file.py) - one INSERT and one commit, WAL, synchronous NORMAL, on the
+file's writer thread, so neither they nor SQLite's WAL checkpoint sync hold the event loop -
+once it holds `ROW_BYTES`, or `ROW_INTERVAL_S` after the previous append (at once if that is
 older): at full speed a row carries several loop turns, at low rates every turn is
 appended at once. A crash of the broker loses what was being gathered, at most that
 interval (QoS 0 is at most once; nothing is acknowledged for it); the lane's offsets are
@@ -18,14 +19,18 @@ turn.
 The process reads the file (server/bridge_lane_child.py), learning of new rows by reading
 the file itself; only once it read everything does it ask ("lane_wait", its last offset),
 and the broker answers with a small frame over the process's socketpair
-(server/bridge_wire.py), at once or after the next append: ("lane", last offset, cursor).
+(server/bridge_wire.py), at once or after the next committed row: ("lane", last offset
+committed, cursor).
 A busy process gets no frames, an idle one one per append. It reports each cursor the
 remote side acknowledged ("lane_ack"); the broker stores it and deletes the rows it passes:
 the broker is the file's only writer.
 
-Nothing is buffered towards the process beyond the row being gathered, so a process that
-does not keep up loses nothing: the backlog waits in the file, bounded by
-`max_backlog_bytes` (the oldest rows dropped, counted and logged). While the process is not
+Nothing is buffered towards the process beyond the row being gathered and the rows queued
+for the writer thread (at most `MAX_QUEUED_ROWS`), so a process that does not keep up loses
+nothing: the backlog waits in the file, bounded by `max_backlog_bytes` (the oldest rows
+dropped, counted and logged). A writer thread that does not keep up (a stalled disk): the
+row keeps gathering, up to `BEHIND_ROWS` x `ROW_BYTES`; beyond, its messages are dropped,
+counted in the bridge's `dropped` and logged, as a row the file refused is. While the process is not
 running (starting, restarting) its lane is closed (what was gathered is appended first)
 and the core appends those messages to the log as before.
 """

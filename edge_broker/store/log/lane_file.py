@@ -1,6 +1,6 @@
 """The QoS 0 lane's own log (docs/bridges.md "The QoS 0 lane"): a SQLite file beside the
-store, written by the broker (`LaneFile`, on its event loop) and read by one bridge's uplink
-process (`LaneView`, server/bridge_lane_child.py).
+store, written by the broker (`LaneFile`: figures on its event loop, writes on a thread of the
+file's own) and read by one bridge's uplink process (`LaneView`, server/bridge_lane_child.py).
 
 The broker appends the QoS 0 messages that only this bridge's uplink takes, one row per
 one or more event-loop turns (server/bridge_lane.py), as an opaque blob (the records of
@@ -18,8 +18,13 @@ they make the message ids of the lane (a namespace of their own: `<store_id>q`).
 
 The broker is the only writer (single-writer, as the store). Writes are committed with
 `synchronous = NORMAL` in WAL mode: a crash of the broker or of the process loses nothing
-committed, a power loss the last commits (QoS 0 is at most once). The process reads with a
-read-only connection; WAL lets it read beside the writer, each read seeing the last commit.
+committed, a power loss the last commits (QoS 0 is at most once). They run on the file's
+writer thread, in the order asked for: SQLite's WAL auto-checkpoint, which copies the WAL
+into the file and syncs it inside a commit every ~1,000 pages (tens of ms on an SD card),
+then holds that thread, not the broker's event loop. The rows queued while it writes go in
+its next statement (one INSERT, autocommit). The process reads with a read-only connection;
+WAL lets it read beside the writer, each read seeing the last commit; it is told of a row
+only after its commit.
 """
 
 from __future__ import annotations
