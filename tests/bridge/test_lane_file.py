@@ -132,7 +132,7 @@ def test_the_broker_writes_the_process_reads_and_acknowledges(tmp_path: Path) ->
         assert _payloads(list(await reader.read_after(0, 3))) == [0, 1, 2]
         assert _payloads(list(await reader.read_after(3, 100))) == list(range(3, 10))
         await reader.commit_cursor(7)
-        assert sent == [("lane_ack", 7)]  # the broker stores it and deletes the rows
+        assert sent == [("lane_ack", 7, 7)]  # the broker stores it and deletes the rows
         writer.commit_cursor(7)
         reader.close()
         writer.close()
@@ -160,6 +160,38 @@ def test_rows_the_broker_dropped_are_skipped_by_the_process(tmp_path: Path) -> N
         assert [m.offset for m in got] == list(range(5, 13))
         reader.close()
         writer.close()
+
+    asyncio.run(run())
+
+
+def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped(
+        tmp_path: Path) -> None:
+    """max_backlog_bytes drops the oldest rows, counted in `dropped`; the messages of a row
+    the process had already read (its window in flight) are sent all the same: once
+    acknowledged they count as forwarded only, not in both (the process says how many it
+    delivered). Those of a dropped row it skipped stay dropped, also after a reopen."""
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        writer = LaneFile(path, "s1", max_backlog_bytes=25)
+        sent: list[tuple[object, ...]] = []
+        reader = LaneReader(_view(writer), mark=0, send=sent.append)
+        _append(writer, [_batch(0, 4)], mark=0)
+        reader.appended(writer.next_offset - 1, writer.cursor)
+        window = list(await reader.read_after(0, 2))  # 1 and 2 in flight
+        _append(writer, [_batch(4, 4), _batch(8, 4)], mark=0)  # 30 bytes > 25
+        assert writer.dropped == 4  # the row of 1-4
+        reader.appended(writer.next_offset - 1, writer.cursor)  # 3 and 4 skipped
+        rest = list(await reader.read_after(2, 100))
+        assert [m.offset for m in window + rest] == [1, 2, *range(5, 13)]
+        await reader.commit_cursor(12)  # the remote side acknowledged all it was sent
+        assert sent == [("lane_ack", 12, 10)]
+        writer.commit_cursor(12, 10)
+        assert writer.dropped == 2 and writer.backlog_messages == 0
+        reader.close()
+        writer.close()
+        again = LaneFile(path, "s1")
+        assert again.dropped == 2 and again.cursor == 12
+        again.close()
 
     asyncio.run(run())
 

@@ -153,6 +153,9 @@ class LaneFile:
             conn.close()
             raise StoreError(f"{path}: cannot open the QoS 0 lane file: {exc}") from exc
         self.queued_next = self.next_offset  # the loop's: the next offset to give
+        # The cursor the process acknowledged (`cursor` is past it when max_backlog_bytes
+        # dropped the rows after it).
+        self._acked = self.cursor
         # Called on the writer thread after each write it finished (server/bridge_lane.py
         # hops to the loop from there); None: nobody listens.
         self.on_written: Callable[[], None] | None = None
@@ -287,10 +290,32 @@ class LaneFile:
             self._rows = kept
         return lost, error
 
-    def commit_cursor(self, cursor: int) -> None:
+    def commit_cursor(self, cursor: int, delivered: int | None = None) -> None:
         """Everything up to `cursor` was acknowledged: the figures move now; the writer
         thread stores it and deletes the rows it passes (a write that fails is logged, and
-        a later cursor is stored with the next acknowledgement)."""
+        a later cursor is stored with the next acknowledgement).
+
+        `delivered`: how many messages after the previous acknowledged cursor the process
+        sent and had acknowledged (server/bridge_lane_child.py). Rows max_backlog_bytes
+        dropped after the process had read them (its window in flight, the row it had
+        decoded) were sent all the same: those are taken out of `dropped` again, so a
+        message is counted in `forwarded` or in `dropped`, not both. The process skips the
+        rest of a dropped range, so they are what it delivered beyond the rows still kept."""
+        acked = self._acked
+        if cursor <= acked:
+            return
+        self._acked = cursor
+        if delivered is not None and self.cursor > acked:  # rows after `acked` dropped
+            kept_messages = 0  # messages of the kept rows in (the drops' end, cursor]
+            floor = self.cursor
+            for first, count, _size, _at, _mark in self._rows:
+                if first > cursor:
+                    break
+                kept_messages += min(first + count - 1, cursor) - max(first - 1, floor)
+            resent = min(delivered - kept_messages, min(cursor, floor) - acked, self.dropped)
+            if resent > 0:
+                self.dropped -= resent
+                self._queue_cursor()
         if cursor <= self.cursor:
             return
         self.cursor = cursor
@@ -301,7 +326,12 @@ class LaneFile:
             cut += 1
         del kept[:cut]
         self._cursor_target = cursor
-        if not self._cursor_queued:  # one cursor write in the queue at a time: the latest
+        self._queue_cursor()
+
+    def _queue_cursor(self) -> None:
+        """Queue a write of the cursor and `dropped` (one in the queue at a time: it
+        writes the latest)."""
+        if not self._cursor_queued:
             self._cursor_queued = True
             self._ops.put(("cursor",))
 
@@ -389,15 +419,15 @@ class LaneFile:
 
     def _write_cursor(self) -> None:
         self._cursor_queued = False  # before reading the target: a later one queues again
-        cursor = self._cursor_target
-        if cursor <= self._stored_cursor:
-            return
+        cursor = max(self._cursor_target, self._stored_cursor)
+        dropped = self.dropped
         conn = self._conn
         try:
             conn.execute("BEGIN")
             conn.execute("DELETE FROM lane WHERE first <= ? AND first + count - 1 <= ?",
                          (cursor, cursor))
             self._set_cursor(cursor)
+            conn.execute(_SET, ("dropped", str(dropped)))
             conn.execute("COMMIT")
             self._stored_cursor = cursor
         except Exception as exc:
