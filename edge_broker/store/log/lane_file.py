@@ -172,9 +172,10 @@ class LaneFile:
         # (firsts, messages, bytes, error) of row writes that failed (thread -> loop)
         self._failed: deque[tuple[list[int], int, int, str]] = deque()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"lane writer {path}",
+        # (Not `_thread`: mypyc names the C struct member `__thread`, a C keyword.)
+        self._writer = threading.Thread(target=self._run, name=f"lane writer {path}",
                                         daemon=True)
-        self._thread.start()
+        self._writer.start()
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Finish the queued writes, then close the file (the writer thread closes it)."""
@@ -182,8 +183,8 @@ class LaneFile:
             return
         self._closed = True
         self._ops.put(_STOP)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
+        self._writer.join(timeout_s)
+        if self._writer.is_alive():
             log.error("%s: the QoS 0 lane's writer did not finish in %.0f s; left behind",
                       self.path, timeout_s)
 
