@@ -161,7 +161,11 @@ class Lane:
 
     def _written_threadsafe(self) -> None:
         """The file's writer thread finished a write: `_written` on the loop (once for the
-        writes finished until it runs)."""
+        writes finished until it runs), if there is something to do there: a process
+        waiting to be told, a write that failed. (No wake-up of the loop per row otherwise:
+        a row that waits for room in the queue is retried by its timer.)"""
+        if self._waiting is None and not self.file.write_failed:
+            return
         if not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._written)
@@ -188,11 +192,12 @@ class Lane:
         """The process read every row up to `after` ("lane_wait"): tell it at once if the
         file goes further, else after the next committed row."""
         file = self.file
+        # Waiting first, then the check: the writer thread sets `next_offset` before it
+        # looks at `_waiting`, so a commit in between is told by one or the other.
+        self._waiting = after
         if file.next_offset - 1 > after:
             self._waiting = None
             self.notify(("lane", file.next_offset - 1, file.cursor))
-        else:
-            self._waiting = after
 
     def close(self) -> None:
         """Queue what is gathered; no timer stays behind (the file's writer thread writes

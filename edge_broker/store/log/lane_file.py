@@ -215,6 +215,11 @@ class LaneFile:
         return self._rows[0][4] if self._rows else None
 
     @property
+    def write_failed(self) -> bool:
+        """A row write failed and `collect` has not reported it yet (any thread)."""
+        return bool(self._failed)
+
+    @property
     def queue_full(self) -> bool:
         """`max_queued_rows` row writes wait for the writer thread (a slow disk)."""
         return self._rows_put - self._rows_done >= self.max_queued_rows
