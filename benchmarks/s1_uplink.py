@@ -11,6 +11,8 @@ the uplink process reniced to N once started (as `process_nice = N` does; the sc
 renices, so that it also works with builds without that key). `--rate R`: the publisher
 paced at R msgs/s (default: full speed). `forwarded_by_flow_end`: the bridge's `forwarded`
 when the flow ended (the live forwarding; flow_s includes the subscriber's idle wait).
+`latency_ms`: publish-to-delivery latency of the flow's messages (p50, p99, p99.9, max): a
+stall of the broker's event loop (the QoS 0 lane's commits, h8-lane) shows in its tail.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def main(argv: list[str]) -> None:
           f"dropped={status.get('dropped')} backlog={status.get('backlog_messages')} "
           f"empty_after_s={empty_s and round(empty_s, 1)} flow_s={t_end - t0:.1f} "
           f"forwarded_by_flow_end={during}")
+    lat = flow.get("latency") or {}
+    print(f"latency_ms p50={lat.get('p50_ms')} p99={lat.get('p99_ms')} "
+          f"p99.9={lat.get('p999_ms')} max={lat.get('max_ms')}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ once per event-loop turn and hands each bridge's messages to its `Lane`, which e
 (store/log/lane_codec.py: per message a small struct head, the topic and client id only
 when they differ from the previous message's, the payload, the properties the bridge's
 headers carry) into the row it is gathering. A row is appended to the lane's own file
-(store/log/lane_file.py) - one INSERT and one commit, WAL, synchronous NORMAL - once it
-holds `ROW_BYTES`, or `ROW_INTERVAL_S` after the previous append (at once if that is
+(store/log/lane_file.py) - one INSERT and one commit, WAL, synchronous NORMAL, on the
+file's writer thread, so neither they nor SQLite's WAL checkpoint sync hold the event loop -
+once it holds `ROW_BYTES`, or `ROW_INTERVAL_S` after the previous append (at once if that is
 older): at full speed a row carries several loop turns, at low rates every turn is
 appended at once. A crash of the broker loses what was being gathered, at most that
 interval (QoS 0 is at most once; nothing is acknowledged for it); the lane's offsets are
@@ -18,14 +19,18 @@ turn.
 The process reads the file (server/bridge_lane_child.py), learning of new rows by reading
 the file itself; only once it read everything does it ask ("lane_wait", its last offset),
 and the broker answers with a small frame over the process's socketpair
-(server/bridge_wire.py), at once or after the next append: ("lane", last offset, cursor).
+(server/bridge_wire.py), at once or after the next committed row: ("lane", last offset
+committed, cursor).
 A busy process gets no frames, an idle one one per append. It reports each cursor the
 remote side acknowledged ("lane_ack"); the broker stores it and deletes the rows it passes:
 the broker is the file's only writer.
 
-Nothing is buffered towards the process beyond the row being gathered, so a process that
-does not keep up loses nothing: the backlog waits in the file, bounded by
-`max_backlog_bytes` (the oldest rows dropped, counted and logged). While the process is not
+Nothing is buffered towards the process beyond the row being gathered and the rows queued
+for the writer thread (at most `MAX_QUEUED_ROWS`), so a process that does not keep up loses
+nothing: the backlog waits in the file, bounded by `max_backlog_bytes` (the oldest rows
+dropped, counted and logged). A writer thread that does not keep up (a stalled disk): the
+row keeps gathering, up to `BEHIND_ROWS` x `ROW_BYTES`; beyond, its messages are dropped,
+counted in the bridge's `dropped` and logged, as a row the file refused is. While the process is not
 running (starting, restarting) its lane is closed (what was gathered is appended first)
 and the core appends those messages to the log as before.
 """
@@ -46,7 +51,7 @@ if TYPE_CHECKING:
     from ..core.changes import Message
     from ..store.log.lane_file import LaneFile
     from .bridge_proc import ProcessForwarder
-    from .bridges import BridgeStatus
+    from .bridge_status import BridgeStatus
 
 log = logging.getLogger("edge_broker.bridges")
 
@@ -55,6 +60,9 @@ DROP_LOG_INTERVAL_S: Final = 10.0
 # (at once when the last append is older): at most ~200 INSERTs and commits a second.
 ROW_BYTES: Final = 256 * 1024
 ROW_INTERVAL_S: Final = 0.005
+# While the lane file's writer thread is behind (its queue full), a row keeps gathering up to
+# this many times ROW_BYTES; beyond, its messages are dropped, counted and logged.
+BEHIND_ROWS: Final = 4
 
 
 class Lane:
@@ -82,6 +90,11 @@ class Lane:
         self._logged = file.dropped
         self._logged_at = -1e18
         self._failed_at = -1e18
+        # Writes run on the file's own thread (store/log/lane_file.py), which tells this
+        # lane, on the loop, when each finished.
+        self._loop = asyncio.get_running_loop()
+        self._wake_pending = False
+        file.on_written = self._written_threadsafe
 
     def send(self, messages: list[Message]) -> None:
         """A loop turn's messages: into the row being gathered, which is appended now if it
@@ -103,8 +116,11 @@ class Lane:
         self._timer = None
         self.flush()
 
-    def flush(self) -> None:
-        """Append the row being gathered (one INSERT and one commit)."""
+    def flush(self, *, force: bool = False) -> None:
+        """Queue the row being gathered for the lane file's writer thread (one INSERT and
+        one commit there). While that thread is `queue_full` (a slow disk) the row keeps
+        gathering, up to BEHIND_ROWS x `row_bytes`; beyond, its messages are dropped, counted
+        and logged (`force`: queued anyway, when the lane closes)."""
         timer = self._timer
         if timer is not None:
             timer.cancel()
@@ -112,41 +128,82 @@ class Lane:
         batch = self._batch
         if not batch.count:
             return
+        file = self.file
+        if file.queue_full and not force:
+            if batch.size < self.row_bytes * BEHIND_ROWS:  # again after the next write
+                self._timer = asyncio.get_running_loop().call_later(
+                    self.row_interval_s, self._on_timer)
+                return
+            count, _at, _blob = batch.take()
+            self._lost(count, f"{file.path}: the writer is behind "
+                              f"({file.max_queued_rows} rows queued)")
+            return
         count, at, blob = batch.take()
         self._committed_at = time.monotonic()
-        file = self.file
         try:
             dropped = file.append([(count, len(blob), at, blob)], self.mark)
-        except StoreError as exc:  # disk full, I/O error: lost (QoS 0, at most once)
-            self.dropped += count
-            now = time.monotonic()
-            if now - self._failed_at >= DROP_LOG_INTERVAL_S:
-                self._failed_at = now
-                log.error("bridge %s: cannot store QoS 0 lane messages: %s: %d "
-                          "message(s) dropped (%d in all)", self.name, exc,
-                          count, self.dropped)
+        except StoreError as exc:  # lost (QoS 0, at most once)
+            self._lost(count, str(exc))
             return
         self.sent += count
         if dropped:
             self._log_drops()
+
+    def _lost(self, count: int, why: str) -> None:
+        """`count` messages not stored (the file cannot be written, or its writer is
+        behind): counted in `dropped` and logged (at most every DROP_LOG_INTERVAL_S)."""
+        self.dropped += count
+        now = time.monotonic()
+        if now - self._failed_at >= DROP_LOG_INTERVAL_S:
+            self._failed_at = now
+            log.error("bridge %s: cannot store QoS 0 lane messages: %s: %d "
+                      "message(s) dropped (%d in all)", self.name, why, count, self.dropped)
+
+    def _written_threadsafe(self) -> None:
+        """The file's writer thread finished a write: `_written` on the loop (once for the
+        writes finished until it runs), if there is something to do there: a process
+        waiting to be told, a write that failed. (No wake-up of the loop per row otherwise:
+        a row that waits for room in the queue is retried by its timer.)"""
+        if self._waiting is None and not self.file.write_failed:
+            return
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._written)
+
+    def _written(self) -> None:
+        """On the loop, after the writer thread committed: count the rows it could not
+        write, tell a waiting process, queue a row that waited for room."""
+        self._wake_pending = False
+        file = self.file
+        lost, error = file.collect()
+        if lost:
+            self.sent -= lost
+            self._lost(lost, error)
         waiting = self._waiting
         if waiting is not None and file.next_offset - 1 > waiting:
             self._waiting = None
             self.notify(("lane", file.next_offset - 1, file.cursor))
+        if self._batch.count and not file.queue_full and (
+                self._batch.size >= self.row_bytes
+                or time.monotonic() - self._committed_at >= self.row_interval_s):
+            self.flush()
 
     def wanted(self, after: int) -> None:
         """The process read every row up to `after` ("lane_wait"): tell it at once if the
-        file goes further, else after the next append."""
+        file goes further, else after the next committed row."""
         file = self.file
+        # Waiting first, then the check: the writer thread sets `next_offset` before it
+        # looks at `_waiting`, so a commit in between is told by one or the other.
+        self._waiting = after
         if file.next_offset - 1 > after:
             self._waiting = None
             self.notify(("lane", file.next_offset - 1, file.cursor))
-        else:
-            self._waiting = after
 
     def close(self) -> None:
-        """Append what is gathered; no timer stays behind."""
-        self.flush()
+        """Queue what is gathered; no timer stays behind (the file's writer thread writes
+        it; the file outlives the lane)."""
+        self.flush(force=True)
+        self.file.on_written = None
 
     def _log_drops(self) -> None:
         now = time.monotonic()

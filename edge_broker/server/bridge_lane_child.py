@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
@@ -82,6 +83,10 @@ class LaneReader:
         # the row decoded last: (first offset, records, mark)
         self._decoded: tuple[int, list[tuple[Any, ...]], int] | None = None
         self._asked = -1  # the offset of the last "lane_wait" sent
+        # [first, last] offsets of the runs of messages handed to the forwarder and not
+        # acknowledged yet, in order: "lane_ack" says how many it delivered, so the broker
+        # counts a row it dropped after this process read it as forwarded, not as dropped.
+        self._handed: deque[list[int]] = deque()
 
     def appended(self, last: int, floor: int) -> None:
         """A "lane" frame from the broker (the answer to a "lane_wait"): rows committed up
@@ -99,6 +104,30 @@ class LaneReader:
     # -- LogReader -----------------------------------------------------------------------
 
     async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
+        handed = self._handed
+        while handed and handed[-1][0] > cursor:  # read again (the forwarder started over)
+            handed.pop()
+        if handed and handed[-1][1] > cursor:
+            handed[-1][1] = cursor
+        return self._read_after(cursor, limit)
+
+    def _take(self, out: list[BridgeMessage], first: int, records: list[tuple[Any, ...]],
+              after: int, limit: int) -> None:
+        """The messages of one row after `after` into `out`, noted as handed out (a run of
+        consecutive offsets; a row dropped before it leaves a gap)."""
+        taken = lane_messages(first, records, after, limit)
+        if not taken:
+            return
+        out.extend(taken)
+        start = taken[0].offset
+        end = taken[-1].offset
+        handed = self._handed
+        if handed and handed[-1][1] + 1 == start:
+            handed[-1][1] = end
+        else:
+            handed.append([start, end])
+
+    def _read_after(self, cursor: int, limit: int) -> list[BridgeMessage]:
         file = self.file
         after = max(cursor, file.cursor)  # rows dropped for max_backlog_bytes are skipped
         if after >= file.next_offset - 1 and not file.poll():
@@ -110,19 +139,20 @@ class LaneReader:
             # The next message is in the row decoded last (a row holds up to 5 ms of the
             # broker's turns, often more than a window): taken from it, the file not read.
             # (Were that row dropped for max_backlog_bytes meanwhile, the broker's word of
-            # it not come yet, its rest goes out anyway: sent, and counted in both.)
+            # it not come yet, its rest goes out anyway: sent, and "lane_ack" tells the
+            # broker, which counts them as forwarded, not dropped.)
             first, records, mark = decoded
             if done_to is not None and mark > done_to:
                 return out  # the log's rows up to its mark go first
-            out.extend(lane_messages(first, records, after, limit))
+            self._take(out, first, records, after, limit)
             if len(out) >= limit:
                 return out
             after = first + len(records) - 1
         for first, count, mark, blob in self.file.page(after, limit - len(out)):
             if done_to is not None and mark > done_to:
                 break  # the log's rows up to its mark go first
-            out.extend(lane_messages(first, self._records(first, count, mark, blob), after,
-                                     limit - len(out)))
+            self._take(out, first, self._records(first, count, mark, blob), after,
+                       limit - len(out))
             if len(out) >= limit:
                 break
         return out
@@ -165,7 +195,19 @@ class LaneReader:
 
     async def commit_cursor(self, cursor: int) -> None:
         self.file.advance(cursor)
-        self.send(("lane_ack", cursor))  # the broker stores it and deletes the rows
+        delivered = 0  # handed out and now acknowledged
+        handed = self._handed
+        while handed and handed[0][0] <= cursor:
+            first, last = handed[0]
+            if last <= cursor:
+                delivered += last - first + 1
+                handed.popleft()
+            else:
+                delivered += cursor - first + 1
+                handed[0][0] = cursor + 1
+                break
+        # The broker stores it, deletes the rows, and counts what was delivered.
+        self.send(("lane_ack", cursor, delivered))
         self.progress.set()
 
     def status(self) -> dict[str, Any]:

@@ -281,8 +281,8 @@ class ProcessForwarder:
                 self._send(("appended", self.side.last_committed))
             else:
                 self._waiting = after
-        elif kind == "lane_ack":
-            self._lane_acked(int(message[1]))
+        elif kind == "lane_ack":  # (cursor, messages delivered since the last one)
+            self._lane_acked(int(message[1]), int(message[2]) if len(message) > 2 else None)
         elif kind == "lane_wait":
             lane = self.lane
             if lane is not None:
@@ -290,13 +290,14 @@ class ProcessForwarder:
         elif kind == "status":
             self._update(message[1])
 
-    def _lane_acked(self, cursor: int) -> None:
-        """The remote side acknowledged the lane up to `cursor`: stored, rows deleted."""
+    def _lane_acked(self, cursor: int, delivered: int | None = None) -> None:
+        """The remote side acknowledged the lane up to `cursor`: stored, rows deleted
+        (`delivered`: see LaneFile.commit_cursor)."""
         file = self._lane_file
         if file is None:
             return
         try:
-            file.commit_cursor(cursor)
+            file.commit_cursor(cursor, delivered)
         except StoreError as exc:  # not stored: the next ack stores a later one
             log.error("bridge %s: cannot store the QoS 0 lane's cursor %d: %s",
                       self.config.name, cursor, exc)

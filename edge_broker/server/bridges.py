@@ -40,21 +40,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..bridge.base import Backoff, DownlinkMessage, DownlinkSource, Sink
+from ..bridge.base import Backoff, Sink
 from ..bridge.config import BridgeConfig, require_extras
 from ..bridge.forward import Forwarder
-from ..core.downlink import forget_downlink_position, publish_downlink, set_uplinks
+from ..core.downlink import set_uplinks
 from ..errors import StoreError
-from ..mqtt.properties import NO_PROPERTIES, Properties
-from ..mqtt.topics import is_valid_topic_name
 from ..store.log.bridges import READER_PREFIX, reader_name
+from .bridge_downlink import DownlinkSide
 from .bridge_lane import LaneHub, add_lane_figures
 from .bridge_log import StoreLogReader
 from .bridge_proc import ProcessForwarder
+from .bridge_status import BridgeStatus, bridge_families, bridge_sys_topics
 from .prometheus import Family
 
 if TYPE_CHECKING:
@@ -68,44 +66,12 @@ NOT_STARTED_NO_SQLITE = ('not started: bridges need [storage] persistence = "sql
                          "(the uplink is a cursor over the store's log)")
 RATE_WINDOW_S = 5.0  # forwarded per second: averaged over at least this long
 
-
-@dataclass(slots=True)
-class BridgeStatus:
-    """What `edge-broker bridges status`, $SYS and /metrics show for one bridge."""
-
-    name: str
-    kind: str
-    enabled: bool
-    connected: bool = False
-    cursor: int = 0
-    backlog_messages: int = 0
-    backlog_bytes: int = 0
-    backlog_oldest_age_s: float = 0.0
-    forwarded: int = 0
-    forwarded_per_s: float = 0.0
-    failures: int = 0
-    last_error: str | None = None
-    last_error_at: float | None = None
-    dropped: int = 0
-    downlink_connected: bool = False
-    downlink_published: int = 0
-    downlink_duplicates: int = 0
-    downlink_denied: int = 0
-    uplink_process: int | None = None  # separate_process: the pid of the uplink process
-    uplink_process_starts: int = 0  # ... and how often it was started (restarts + 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def failed(self, error: str) -> None:
-        """Count one failure; `error` says what failed (shown until the next one)."""
-        self.failures += 1
-        self.last_error = error
-        self.last_error_at = time.time()
+__all__ = ["Bridge", "BridgeManager", "BridgeStatus"]
 
 
-class Bridge:
-    """One configured bridge: its forwarder, its downlink, its figures."""
+class Bridge(DownlinkSide):
+    """One configured bridge: its forwarder, its downlink (bridge_downlink.py), its figures
+    (bridge_status.py)."""
 
     def __init__(self, manager: BridgeManager, config: BridgeConfig) -> None:
         self.manager = manager
@@ -221,18 +187,6 @@ class Bridge:
                 self._consume_upstream(upstream), name=f"bridge {config.name} downlink")
         return upstream
 
-    async def _consume_upstream(self, upstream: Any) -> None:
-        """The downlink of an MQTT bridge's connection. A local failure (the store) drops the
-        connection: the upstream sends what was not acknowledged again on the next one."""
-        try:
-            await self._consume(upstream)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("bridge %s: downlink failed locally", self.config.name)
-            self._error(exc, "downlink")
-            upstream.abort()
-
     def _check_backlog(self, _offset: int) -> None:
         """After a commit: over `max_backlog_bytes`, skip the oldest rows (one task at once)."""
         limit = self.config.max_backlog_bytes
@@ -294,121 +248,7 @@ class Bridge:
         if forwarder is not None and forwarder.status.cursor < offset:
             forwarder.status.cursor = offset
 
-    # -- downlink -------------------------------------------------------------------------
-
-    async def _downlink_loop(self) -> None:
-        config = self.config
-        backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
-        while True:
-            source = self._make_downlink()
-            try:
-                await source.start()  # type: ignore[attr-defined]
-                self.status.downlink_connected = True
-                backoff.reset()
-                await self._consume(source)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._error(exc, "downlink")
-            finally:
-                self.status.downlink_connected = False
-                with contextlib.suppress(Exception):
-                    await source.close()
-            await asyncio.sleep(backoff.next_delay())
-
-    def _make_downlink(self) -> DownlinkSource:
-        if self.config.kind == "jetstream":
-            from ..bridge.jetstream_downlink import JetStreamDownlink
-
-            return JetStreamDownlink(self.config)
-        from ..bridge.kafka import KafkaDownlink
-
-        return KafkaDownlink(self.config)
-
-    async def _consume(self, source: DownlinkSource) -> None:
-        async for message in source.messages():
-            await self._take(source, message)
-
-    async def _take(self, source: DownlinkSource, message: DownlinkMessage) -> None:
-        manager = self.manager
-        app = manager.app
-        status = self.status
-        name = self.config.name
-        key_source, position = self._position_key(message)
-        stored = manager.positions.get((name, key_source)) if key_source else None
-        if stored is not None and position <= stored:
-            status.downlink_duplicates += 1  # committed before a crash: not again
-            await source.ack(message)
-            return
-        topic = message.topic
-        identity = self.config.downlink_identity
-        acl = app.gate.acl
-        if not is_valid_topic_name(topic) or topic.startswith("$"):
-            allowed = False
-        else:
-            allowed = acl is None or acl.can_publish(topic, username=self.username,
-                                                     client_id=identity)
-        if not allowed:
-            status.downlink_denied += 1
-            log.warning("bridge %s: downlink message on %r not published: not a topic %s "
-                        "may write", name, topic, self.username)
-            await source.ack(message)
-            return
-        properties: Properties = NO_PROPERTIES
-        if message.user_properties:
-            properties = Properties(user_properties=tuple(message.user_properties))
-        publish_downlink(app.core, topic, message.payload, message.qos, message.retain,
-                         properties, origin=identity, now=time.time(), bridge=name,
-                         source=key_source, position=position)
-        if key_source:
-            # Known before the wait: when this task is cancelled during it (an MQTT bridge's
-            # connection replaced), the commit still goes on, and the resend must be
-            # recognised (tests/bridge/test_downlink_cancel.py).
-            manager.positions[(name, key_source)] = position
-        try:
-            # The message and its position, one transaction. Shielded: cancelling this task
-            # must not cancel a commit future other clients' replies wait on.
-            await asyncio.shield(app.commit())
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if key_source:  # not stored: a resend is to be published
-                if stored is None:
-                    manager.positions.pop((name, key_source), None)
-                else:
-                    manager.positions[(name, key_source)] = stored
-            raise
-        status.downlink_published += 1
-        await source.ack(message)
-
-    def _position_key(self, message: DownlinkMessage) -> tuple[str, int]:
-        """(source to store, position); ("", 0) when there is none (MQTT QoS 0/1)."""
-        if self.config.kind != "mqtt":
-            return message.source, message.position
-        if message.qos == 2:
-            # Held from the local commit until PUBREL: a resend with it is a duplicate.
-            return f"{message.source}#{message.position}", 0
-        return "", 0
-
-    def _mqtt_released(self, upstream: Any, packet_id: int) -> asyncio.Future[None] | None:
-        """PUBREL: forget the held identifier; the future is done once that is durable (the
-        upstream sends PUBCOMP only then, see bridge/mqtt_upstream.py)."""
-        key = f"{upstream.source}#{packet_id}"
-        manager = self.manager
-        if manager.positions.pop((self.config.name, key), None) is None:
-            return None
-        forget_downlink_position(manager.app.core, self.config.name, key)
-        forgotten: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if manager.app.commit_now_or_later(partial(_set_done, forgotten)):
-            return None
-        return forgotten
-
     # -- figures --------------------------------------------------------------------------
-
-    def _error(self, exc: BaseException, where: str) -> None:
-        status = self.status
-        status.failed(f"{where}: {type(exc).__name__}: {exc}")
-        log.warning("bridge %s: %s; retrying", self.config.name, status.last_error)
 
     def refresh(self) -> BridgeStatus:
         status = self.status
@@ -550,69 +390,7 @@ class BridgeManager:
 
     def sys_topics(self) -> dict[str, str]:
         """$SYS/broker/bridges/<name>/... (retained, published with the other $SYS values)."""
-        out: dict[str, str] = {}
-        for bridge, status in zip(self.bridges.values(), self.status(), strict=True):
-            base = f"$SYS/broker/bridges/{status.name}"
-            out.update({
-                f"{base}/connected": "1" if status.connected else "0",
-                f"{base}/cursor": str(status.cursor),
-                f"{base}/backlog/messages": str(status.backlog_messages),
-                f"{base}/backlog/bytes": str(status.backlog_bytes),
-                f"{base}/backlog/oldest_age": f"{status.backlog_oldest_age_s:.0f} seconds",
-                f"{base}/forwarded": str(status.forwarded),
-                f"{base}/forwarded_per_second": f"{status.forwarded_per_s:.1f}",
-                f"{base}/dropped": str(status.dropped),
-                # "none", not "": an empty retained payload would clear the topic.
-                f"{base}/last_error": status.last_error or "none",
-                f"{base}/downlink/published": str(status.downlink_published),
-            })
-            mqtt = bridge.config.mqtt
-            if mqtt is not None and mqtt.local_state_topic and status.enabled:
-                out[mqtt.local_state_topic] = "1" if status.connected else "0"
-        return out
+        return bridge_sys_topics([b.config for b in self.bridges.values()], self.status())
 
     def families(self) -> list[Family]:
-        statuses = self.status()
-        if not statuses:
-            return []
-        specs: list[tuple[str, str, str, str]] = [
-            ("connected", "gauge", "1 while the bridge's uplink is connected.", "connected"),
-            ("cursor", "gauge", "Log offset up to which the remote side acknowledged.",
-             "cursor"),
-            ("backlog_messages", "gauge", "Messages in the log not forwarded yet.",
-             "backlog_messages"),
-            ("backlog_bytes", "gauge", "Bytes (topic + payload + properties) not forwarded.",
-             "backlog_bytes"),
-            ("backlog_oldest_age_seconds", "gauge", "Age of the oldest message not forwarded.",
-             "backlog_oldest_age_s"),
-            ("forwarded_total", "counter", "Messages acknowledged by the remote side.",
-             "forwarded"),
-            ("forwarded_per_second", "gauge", "Forwarding rate (a few seconds' average).",
-             "forwarded_per_s"),
-            ("dropped_total", "counter",
-             "Oldest messages skipped because the backlog exceeded max_backlog_bytes or "
-             "gave way to max_store_bytes.",
-             "dropped"),
-            ("failures_total", "counter", "Connection or send failures.", "failures"),
-            ("downlink_published_total", "counter", "Downlink messages published locally.",
-             "downlink_published"),
-            ("downlink_duplicates_total", "counter",
-             "Downlink messages redelivered after their local commit (not published again).",
-             "downlink_duplicates"),
-            ("downlink_denied_total", "counter", "Downlink messages the ACL refused.",
-             "downlink_denied"),
-        ]
-        families: list[Family] = []
-        for suffix, kind, text, attr in specs:
-            family = Family(f"edge_broker_bridge_{suffix}", kind,  # type: ignore[arg-type]
-                            text)
-            for status in statuses:
-                value = getattr(status, attr)
-                family.add(float(value), bridge=status.name, kind=status.kind)
-            families.append(family)
-        return families
-
-
-def _set_done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        return bridge_families(self.status())

@@ -7,6 +7,7 @@ between the log and the lane."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import sqlite3
 from pathlib import Path
@@ -36,6 +37,13 @@ def _view(lane: LaneFile) -> LaneView:
     return LaneView(lane.path, lane.cursor, lane.next_offset - 1)
 
 
+def _append(lane: LaneFile, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
+    """`LaneFile.append`, then wait for its writer thread to have written it."""
+    dropped = lane.append(batches, mark=mark)
+    assert lane.wait_written()
+    return dropped
+
+
 def _payloads(messages: list[BridgeMessage]) -> list[int]:
     return [int(m.payload) for m in messages]
 
@@ -43,7 +51,7 @@ def _payloads(messages: list[BridgeMessage]) -> list[int]:
 def test_offsets_cursor_and_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "lane")
     lane = LaneFile(path, "s1")
-    lane.append([_batch(0, 3), _batch(3, 2)], mark=5)
+    _append(lane, [_batch(0, 3), _batch(3, 2)], mark=5)
     assert lane.next_offset == 6 and lane.backlog_messages == 5
     lane.commit_cursor(4)  # the first row gone, the second still needed
     assert lane.backlog_messages == 1 and lane.pending_mark == 5
@@ -61,43 +69,49 @@ def test_offsets_cursor_and_reopen(tmp_path: Path) -> None:
 def test_a_file_of_another_store_is_emptied(tmp_path: Path) -> None:
     path = str(tmp_path / "lane")
     lane = LaneFile(path, "s1")
-    lane.append([_batch(0, 3)], mark=0)
+    _append(lane, [_batch(0, 3)], mark=0)
     lane.close()
     other = LaneFile(path, "s2")
     assert other.backlog_messages == 0 and other.next_offset == 1
     other.close()
 
 
-def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
-    """A write the file refuses (here: another writer holds its lock; disk full alike) is
-    reported as StoreError naming the file, and leaves no trace: the next append takes the
-    same offsets, the backlog figures count only what was stored."""
+def test_a_failed_write_is_reported_counted_and_not_stored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A write the file refuses (here: another writer holds its lock; disk full alike)
+    stores nothing; `collect` reports its messages (the lane counts them in `dropped`) with
+    an error naming the file, and the backlog figures drop them; the next append goes on
+    after their offsets. A cursor that could not be stored is logged naming the file and
+    table (the next acknowledgement stores a later one)."""
     path = str(tmp_path / "lane")
-    lane = LaneFile(path, "s1", max_backlog_bytes=25)
-    lane.append([_batch(0, 2)], mark=0)
+    lane = LaneFile(path, "s1")
+    _append(lane, [_batch(0, 2)], mark=0)
     other = sqlite3.connect(path, isolation_level=None, timeout=0)
     other.execute("BEGIN IMMEDIATE")
-    lane._conn.execute("PRAGMA busy_timeout = 0")
-    with pytest.raises(StoreError, match=f"{path}: table lane"):
-        lane.append([_batch(2, 3), _batch(5, 2)], mark=0)  # over the bound, too
-    with pytest.raises(StoreError, match=f"{path}: table lane_meta, key cursor"):
+    lane._conn.execute("PRAGMA busy_timeout = 0")  # (the writer thread is idle)
+    with caplog.at_level(logging.ERROR, "edge_broker.bridges"):
+        _append(lane, [_batch(2, 3), _batch(5, 2)], mark=0)
         lane.commit_cursor(2)
-    assert (lane.next_offset, lane.backlog_messages, lane.backlog_bytes, lane.cursor,
-            lane.dropped) == (3, 2, 10, 0, 0)
+        assert lane.wait_written()
+    lost, error = lane.collect()
+    assert lost == 5 and error.startswith(f"{path}: table lane: ")
+    assert lane.collect() == (0, "")
+    assert f"{path}: table lane_meta, key cursor" in caplog.text
+    assert (lane.backlog_messages, lane.backlog_bytes, lane.cursor) == (0, 0, 2)
     other.execute("ROLLBACK")
     other.close()
-    lane.append([_batch(2, 1)], mark=0)
-    assert lane.next_offset == 4 and lane.backlog_messages == 3 and lane.backlog_bytes == 20
+    _append(lane, [_batch(7, 1)], mark=0)
+    assert lane.next_offset == 9 and lane.backlog_messages == 1 and lane.backlog_bytes == 10
     view = _view(lane)
-    assert [(first, count) for first, count, *_ in view.page(0, 10)] == [(1, 2), (3, 1)]
+    assert [(first, count) for first, count, *_ in view.page(0, 10)] == [(1, 2), (8, 1)]
     view.close()
     lane.close()
 
 
 def test_max_backlog_bytes_drops_the_oldest_rows(tmp_path: Path) -> None:
     lane = LaneFile(str(tmp_path / "lane"), "s1", max_backlog_bytes=25)
-    assert lane.append([_batch(0, 4)], mark=0) == 0
-    assert lane.append([_batch(4, 4), _batch(8, 4)], mark=0) == 4  # 30 bytes > 25
+    assert _append(lane, [_batch(0, 4)], mark=0) == 0
+    assert _append(lane, [_batch(4, 4), _batch(8, 4)], mark=0) == 4  # 30 bytes > 25
     assert lane.dropped == 4 and lane.cursor == 4 and lane.backlog_bytes == 20
     view = _view(lane)
     assert [first for first, *_ in view.page(lane.cursor, 100)] == [5, 9]
@@ -112,13 +126,13 @@ def test_the_broker_writes_the_process_reads_and_acknowledges(tmp_path: Path) ->
         sent: list[tuple[object, ...]] = []
         reader = LaneReader(_view(writer), mark=0, send=sent.append)  # the process's
         for start in range(0, 10, 5):
-            writer.append([_batch(start, 5)], mark=0)
+            _append(writer, [_batch(start, 5)], mark=0)
             reader.appended(writer.next_offset - 1, writer.cursor)  # the "lane" frame
         assert reader._ready_after(0)
         assert _payloads(list(await reader.read_after(0, 3))) == [0, 1, 2]
         assert _payloads(list(await reader.read_after(3, 100))) == list(range(3, 10))
         await reader.commit_cursor(7)
-        assert sent == [("lane_ack", 7)]  # the broker stores it and deletes the rows
+        assert sent == [("lane_ack", 7, 7)]  # the broker stores it and deletes the rows
         writer.commit_cursor(7)
         reader.close()
         writer.close()
@@ -137,15 +151,47 @@ def test_rows_the_broker_dropped_are_skipped_by_the_process(tmp_path: Path) -> N
     async def run() -> None:
         writer = LaneFile(str(tmp_path / "lane"), "s1", max_backlog_bytes=25)
         reader = LaneReader(_view(writer), mark=0, send=lambda message: None)
-        writer.append([_batch(0, 4)], mark=0)
+        _append(writer, [_batch(0, 4)], mark=0)
         reader.appended(writer.next_offset - 1, writer.cursor)
-        writer.append([_batch(4, 4), _batch(8, 4)], mark=0)  # the first row dropped
+        _append(writer, [_batch(4, 4), _batch(8, 4)], mark=0)  # the first row dropped
         reader.appended(writer.next_offset - 1, writer.cursor)
         assert reader.file.cursor == 4 and reader.progress.is_set()
         got = list(await reader.read_after(0, 100))
         assert [m.offset for m in got] == list(range(5, 13))
         reader.close()
         writer.close()
+
+    asyncio.run(run())
+
+
+def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped(
+        tmp_path: Path) -> None:
+    """max_backlog_bytes drops the oldest rows, counted in `dropped`; the messages of a row
+    the process had already read (its window in flight) are sent all the same: once
+    acknowledged they count as forwarded only, not in both (the process says how many it
+    delivered). Those of a dropped row it skipped stay dropped, also after a reopen."""
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        writer = LaneFile(path, "s1", max_backlog_bytes=25)
+        sent: list[tuple[object, ...]] = []
+        reader = LaneReader(_view(writer), mark=0, send=sent.append)
+        _append(writer, [_batch(0, 4)], mark=0)
+        reader.appended(writer.next_offset - 1, writer.cursor)
+        window = list(await reader.read_after(0, 2))  # 1 and 2 in flight
+        _append(writer, [_batch(4, 4), _batch(8, 4)], mark=0)  # 30 bytes > 25
+        assert writer.dropped == 4  # the row of 1-4
+        reader.appended(writer.next_offset - 1, writer.cursor)  # 3 and 4 skipped
+        rest = list(await reader.read_after(2, 100))
+        assert [m.offset for m in window + rest] == [1, 2, *range(5, 13)]
+        await reader.commit_cursor(12)  # the remote side acknowledged all it was sent
+        assert sent == [("lane_ack", 12, 10)]
+        writer.commit_cursor(12, 10)
+        assert writer.dropped == 2 and writer.backlog_messages == 0
+        reader.close()
+        writer.close()
+        again = LaneFile(path, "s1")
+        assert again.dropped == 2 and again.cursor == 12
+        again.close()
 
     asyncio.run(run())
 
@@ -158,7 +204,7 @@ def test_lane_rows_wait_for_the_log_up_to_their_mark(tmp_path: Path) -> None:
         writer = LaneFile(str(tmp_path / "lane"), "s1")
         reader = LaneReader(_view(writer), mark=7, send=lambda message: None)
         reader.gate = Gate()
-        writer.append([_batch(0, 2)], mark=7)
+        _append(writer, [_batch(0, 2)], mark=7)
         reader.appended(writer.next_offset - 1, writer.cursor)
         assert list(await reader.read_after(0, 10)) == []  # the log is acknowledged up to 4
         Gate.done_to = 7
@@ -226,7 +272,7 @@ def test_a_damaged_row_stops_the_lane_reader_with_a_store_error(tmp_path: Path) 
         path = str(tmp_path / "lane")
         writer = LaneFile(path, "s1")
         count, size, at, blob = _batch(0, 3)
-        writer.append([(count, size, at, blob[:-1])], mark=0)
+        _append(writer, [(count, size, at, blob[:-1])], mark=0)
         reader = LaneReader(_view(writer), mark=0, send=lambda message: None)
         with pytest.raises(StoreError, match=f"{path}: table lane, row first=1"):
             await reader.read_after(0, 10)
@@ -269,7 +315,7 @@ def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
     async def run() -> None:
         path = str(tmp_path / "lane")
         older = LaneFile(path, "s1")
-        older.append([_batch(0, 2)], mark=5)  # an earlier run's lane rows (log up to 5)
+        _append(older, [_batch(0, 2)], mark=5)  # an earlier run's lane rows (log up to 5)
         lane = LaneReader(_view(older), mark=15, send=lambda message: None)  # log up to 15
         gate = LogGate(FakeLog(), lane, mark=15)
         # The QoS 1 row goes; the QoS 0 row 11 (published while no process ran, after the

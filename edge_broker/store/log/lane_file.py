@@ -1,6 +1,6 @@
 """The QoS 0 lane's own log (docs/bridges.md "The QoS 0 lane"): a SQLite file beside the
-store, written by the broker (`LaneFile`, on its event loop) and read by one bridge's uplink
-process (`LaneView`, server/bridge_lane_child.py).
+store, written by the broker (`LaneFile`: figures on its event loop, writes on a thread of the
+file's own) and read by one bridge's uplink process (`LaneView`, server/bridge_lane_child.py).
 
 The broker appends the QoS 0 messages that only this bridge's uplink takes, one row per
 one or more event-loop turns (server/bridge_lane.py), as an opaque blob (the records of
@@ -18,17 +18,27 @@ they make the message ids of the lane (a namespace of their own: `<store_id>q`).
 
 The broker is the only writer (single-writer, as the store). Writes are committed with
 `synchronous = NORMAL` in WAL mode: a crash of the broker or of the process loses nothing
-committed, a power loss the last commits (QoS 0 is at most once). The process reads with a
-read-only connection; WAL lets it read beside the writer, each read seeing the last commit.
+committed, a power loss the last commits (QoS 0 is at most once). They run on the file's
+writer thread, in the order asked for: SQLite's WAL auto-checkpoint, which copies the WAL
+into the file and syncs it inside a commit every ~1,000 pages (tens of ms on an SD card),
+then holds that thread, not the broker's event loop. The rows queued while it writes go in
+its next statement (one INSERT, autocommit). The process reads with a read-only connection;
+WAL lets it read beside the writer, each read seeing the last commit; it is told of a row
+only after its commit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import pickle
+import queue
 import sqlite3
+import threading
 from collections import deque
+from collections.abc import Callable
+from itertools import chain
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -41,6 +51,17 @@ _SCHEMA: Final = (
     "bytes INTEGER NOT NULL, at REAL NOT NULL, mark INTEGER NOT NULL, data BLOB NOT NULL)",
 )
 _SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
+# Row writes queued for the writer thread at most (LaneFile.queue_full; a row is up to
+# 256 KiB, or 1 MiB gathered while the writer is behind: server/bridge_lane.py).
+MAX_QUEUED_ROWS: Final = 8
+# Rows the writer thread writes in one statement at most (those queued meanwhile).
+MAX_ROWS_PER_WRITE: Final = 64
+_ROW_VALUES: Final = "(?, ?, ?, ?, ?, ?)"
+_INSERT: Final = "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES "
+_STOP: Final = ("stop",)
+CLOSE_TIMEOUT_S: Final = 10.0
+
+log = logging.getLogger("edge_broker.bridges")
 
 
 def _refuse_global(module: str, name: str) -> Any:
@@ -83,13 +104,24 @@ def load_blob(path: str, first: int, blob: bytes,
 
 
 class LaneFile:
-    """The broker's access to one bridge's lane file, the only writer (its event loop)."""
+    """The broker's access to one bridge's lane file, its only writer.
 
-    def __init__(self, path: str, store_id: str, max_backlog_bytes: int = 0) -> None:
+    The figures (offsets, cursor, backlog, drops, the rows after the cursor) live on the
+    broker's event loop and change there at once; the writes - INSERT, DELETE, COMMIT, and
+    SQLite's WAL checkpoint, which runs inside a COMMIT every ~1,000 pages and syncs the file -
+    run on a thread of the file's own, in the order they were asked for, so no sync holds the
+    loop. Between the two, a queue of at most `max_queued_rows` row writes (`queue_full`:
+    the lane then keeps gathering, see server/bridge_lane.py). `next_offset` is what a reader
+    of the file can see (after the last committed row), `queued_next` the next offset to
+    give; a row the thread could not write is reported by `collect`, on the loop."""
+
+    def __init__(self, path: str, store_id: str, max_backlog_bytes: int = 0, *,
+                 max_queued_rows: int = MAX_QUEUED_ROWS) -> None:
         """Raises StoreError naming the file when it cannot be opened or read (not a
         database, damaged, unwritable)."""
         self.path = path
         self.max_backlog_bytes = max_backlog_bytes
+        self.max_queued_rows = max_queued_rows
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -120,13 +152,58 @@ class LaneFile:
         except (sqlite3.Error, ValueError) as exc:  # ValueError: a damaged lane_meta value
             conn.close()
             raise StoreError(f"{path}: cannot open the QoS 0 lane file: {exc}") from exc
+        self.queued_next = self.next_offset  # the loop's: the next offset to give
+        # The cursor the process acknowledged (`cursor` is past it when max_backlog_bytes
+        # dropped the rows after it).
+        self._acked = self.cursor
+        # Called on the writer thread after each write it finished (server/bridge_lane.py
+        # hops to the loop from there); None: nobody listens.
+        self.on_written: Callable[[], None] | None = None
+        self._ops: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._rows_put = 0  # row writes queued (the loop's)
+        self._rows_done = 0  # ... and finished (the thread's)
+        self._cursor_target = self.cursor  # the acknowledged cursor to store (the loop's)
+        self._cursor_queued = False  # a cursor write is in the queue, not started yet
+        self._stored_cursor = self.cursor  # the thread's: the cursor in lane_meta
+        # The cursor max_backlog_bytes moved last (at a row's end; the loop's), and up to
+        # where the thread deleted for it: a failed write's drop is done by the next one.
+        self._bound_cursor = self.cursor
+        self._bound_deleted = self.cursor
+        # (firsts, messages, bytes, error) of row writes that failed (thread -> loop)
+        self._failed: deque[tuple[list[int], int, int, str]] = deque()
+        self._closed = False
+        # (Not `_thread`: mypyc names the C struct member `__thread`, a C keyword.)
+        self._writer = threading.Thread(target=self._run, name=f"lane writer {path}",
+                                        daemon=True)
+        self._writer.start()
 
-    def close(self) -> None:
-        self._conn.close()
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Finish the queued writes, then close the file (the writer thread closes it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ops.put(_STOP)
+        self._writer.join(timeout_s)
+        if self._writer.is_alive():
+            log.error("%s: the QoS 0 lane's writer did not finish in %.0f s; left behind",
+                      self.path, timeout_s)
+
+    def wait_written(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Block until every write asked for so far finished (tests, tools); False on
+        timeout."""
+        done = threading.Event()
+        self._ops.put(("sync", done))
+        return done.wait(timeout_s)
 
     @property
     def backlog_messages(self) -> int:
-        return self.next_offset - 1 - self.cursor
+        """Messages after the cursor in the rows kept (queued ones included, rows whose
+        write failed not)."""
+        rows = self._rows
+        if not rows:
+            return 0
+        first = rows[0][0]
+        return sum(row[1] for row in rows) - max(0, self.cursor - first + 1)
 
     @property
     def oldest_at(self) -> float | None:
@@ -137,51 +214,50 @@ class LaneFile:
         """The `mark` of the oldest row not acknowledged yet (None: none)."""
         return self._rows[0][4] if self._rows else None
 
+    @property
+    def write_failed(self) -> bool:
+        """A row write failed and `collect` has not reported it yet (any thread)."""
+        return bool(self._failed)
+
+    @property
+    def queue_full(self) -> bool:
+        """`max_queued_rows` row writes wait for the writer thread (a slow disk)."""
+        return self._rows_put - self._rows_done >= self.max_queued_rows
+
     def append(self, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
-        """Store batches of (count, bytes, publish time of the first, blob), in one
+        """Queue batches of (count, bytes, publish time of the first, blob) for one
         transaction, with `mark`: the broker's last log offset when the running process's
         lane opened (every message of the bridge's up to it in the log comes first; see
-        server/bridge_lane_child.py `LogGate`). Then drop the oldest rows beyond
-        `max_backlog_bytes`. Returns the number of messages dropped. A write that fails
-        (disk full, I/O error) raises StoreError naming the file, and stores nothing."""
-        try:
-            return self._append(batches, mark)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: table lane: {exc}") from exc
-
-    def _append(self, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
-        # What a failed write must leave as it was (the rows and figures in memory).
-        saved = (self.next_offset, self.backlog_bytes, self.cursor, self.dropped)
-        kept_before = len(self._rows)
+        server/bridge_lane_child.py `LogGate`). Their offsets are given now, in order; the
+        oldest rows beyond `max_backlog_bytes` are dropped now (deleted in the same
+        transaction). Returns the number of messages dropped. A write that fails (disk full,
+        I/O error) stores nothing: `collect` reports it. Queued even when `queue_full` (the
+        caller decides)."""
         rows = []
+        firsts = []
+        total = 0
+        total_bytes = 0
         for count, size, at, blob in batches:
-            rows.append((self.next_offset, count, size, at, mark, blob))
-            self._rows.append((self.next_offset, count, size, at, mark))
-            self.next_offset += count
+            first = self.queued_next
+            rows.append((first, count, size, at, mark, blob))
+            self._rows.append((first, count, size, at, mark))
+            firsts.append(first)
+            self.queued_next += count
             self.backlog_bytes += size
-        conn = self._conn
-        try:
-            conn.execute("BEGIN")
-            conn.executemany(
-                "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES (?, ?, ?, ?, ?, ?)",
-                rows)
-            dropped, cut = self._bound()
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # no transaction if BEGIN failed
-                conn.execute("ROLLBACK")
-            del self._rows[kept_before:]
-            self.next_offset, self.backlog_bytes, self.cursor, self.dropped = saved
-            raise
-        del self._rows[:cut]
+            total += count
+            total_bytes += size
+        dropped = self._bound()
+        self._rows_put += 1
+        self._ops.put(("rows", rows, firsts, total, total_bytes, self.queued_next,
+                       self._bound_cursor, self.dropped))
         return dropped
 
-    def _bound(self) -> tuple[int, int]:
-        """Within append's transaction: delete the oldest rows beyond max_backlog_bytes.
-        Returns (messages dropped, rows of `_rows` to remove once committed)."""
+    def _bound(self) -> int:
+        """Drop the oldest rows beyond max_backlog_bytes (from the figures now; the queued
+        write deletes them). Returns the messages dropped."""
         limit = self.max_backlog_bytes
         if not limit or self.backlog_bytes <= limit:
-            return 0, 0
+            return 0
         kept = self._rows
         cut = 0
         dropped = 0
@@ -194,32 +270,60 @@ class LaneFile:
             self.backlog_bytes -= size
             cut += 1
         if not cut:
-            return 0, 0
-        self.cursor = cursor
+            return 0
+        self.cursor = self._bound_cursor = cursor
         self.dropped += dropped
-        conn = self._conn
-        conn.execute("DELETE FROM lane WHERE first <= ?", (cursor,))
-        conn.execute(_SET, ("cursor", str(cursor)))
-        conn.execute(_SET, ("dropped", str(self.dropped)))
-        return dropped, cut
+        del kept[:cut]
+        return dropped
 
-    def commit_cursor(self, cursor: int) -> None:
-        """Everything up to `cursor` was acknowledged: store it, delete the rows it passes.
-        A write that fails raises StoreError and changes nothing (a later cursor is
-        stored with the next acknowledgement)."""
+    def collect(self) -> tuple[int, str]:
+        """On the loop: the messages of the row writes that failed since the last call (not
+        stored: lost, QoS 0 is at most once; their rows leave the figures), and the last
+        error ("" when none)."""
+        lost = 0
+        error = ""
+        failed = self._failed
+        while failed:
+            firsts, count, _size, error = failed.popleft()
+            lost += count
+            gone = set(firsts)
+            kept = []
+            for row in self._rows:
+                if row[0] in gone:
+                    self.backlog_bytes -= row[2]
+                else:
+                    kept.append(row)
+            self._rows = kept
+        return lost, error
+
+    def commit_cursor(self, cursor: int, delivered: int | None = None) -> None:
+        """Everything up to `cursor` was acknowledged: the figures move now; the writer
+        thread stores it and deletes the rows it passes (a write that fails is logged, and
+        a later cursor is stored with the next acknowledgement).
+
+        `delivered`: how many messages after the previous acknowledged cursor the process
+        sent and had acknowledged (server/bridge_lane_child.py). Rows max_backlog_bytes
+        dropped after the process had read them (its window in flight, the row it had
+        decoded) were sent all the same: those are taken out of `dropped` again, so a
+        message is counted in `forwarded` or in `dropped`, not both. The process skips the
+        rest of a dropped range, so they are what it delivered beyond the rows still kept."""
+        acked = self._acked
+        if cursor <= acked:
+            return
+        self._acked = cursor
+        if delivered is not None and self.cursor > acked:  # rows after `acked` dropped
+            kept_messages = 0  # messages of the kept rows in (the drops' end, cursor]
+            floor = self.cursor
+            for first, count, _size, _at, _mark in self._rows:
+                if first > cursor:
+                    break
+                kept_messages += min(first + count - 1, cursor) - max(first - 1, floor)
+            resent = min(delivered - kept_messages, min(cursor, floor) - acked, self.dropped)
+            if resent > 0:
+                self.dropped -= resent
+                self._queue_cursor()
         if cursor <= self.cursor:
             return
-        conn = self._conn
-        try:
-            conn.execute("BEGIN")
-            conn.execute("DELETE FROM lane WHERE first <= ? AND first + count - 1 <= ?",
-                         (cursor, cursor))
-            conn.execute(_SET, ("cursor", str(cursor)))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: table lane_meta, key cursor: {exc}") from exc
         self.cursor = cursor
         kept = self._rows
         cut = 0
@@ -227,6 +331,116 @@ class LaneFile:
             self.backlog_bytes -= kept[cut][2]
             cut += 1
         del kept[:cut]
+        self._cursor_target = cursor
+        self._queue_cursor()
+
+    def _queue_cursor(self) -> None:
+        """Queue a write of the cursor and `dropped` (one in the queue at a time: it
+        writes the latest)."""
+        if not self._cursor_queued:
+            self._cursor_queued = True
+            self._ops.put(("cursor",))
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        ops = self._ops
+        held: tuple[Any, ...] | None = None  # taken while gathering rows: the next to run
+        try:
+            while True:
+                op = held if held is not None else ops.get()
+                held = None
+                kind = op[0]
+                if kind == "stop":
+                    return
+                if kind == "sync":
+                    op[1].set()
+                    continue
+                if kind == "rows":
+                    # The rows queued meanwhile go in the same write: under a busy loop
+                    # every step of this thread waits for the GIL, so it writes fewer,
+                    # larger statements rather than falling behind.
+                    batch = [op]
+                    while len(batch) < MAX_ROWS_PER_WRITE:
+                        try:
+                            more = ops.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more[0] != "rows":
+                            held = more
+                            break
+                        batch.append(more)
+                    self._write_rows(batch)
+                    self._rows_done += len(batch)
+                else:
+                    self._write_cursor()
+                callback = self.on_written
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception:  # the loop closed: nobody to tell
+                        log.debug("%s: lane writer callback failed", self.path, exc_info=True)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+
+    def _write_rows(self, batch: list[tuple[Any, ...]]) -> None:
+        """One write of the rows of queued appends (in order). Without a drop to store it is
+        one INSERT statement in autocommit (its own transaction: one step, so one wait for
+        the GIL); with one, a transaction that also deletes the dropped rows."""
+        rows: list[Any] = []
+        firsts: list[int] = []
+        count = size = 0
+        for op in batch:
+            rows.extend(op[1])
+            firsts.extend(op[2])
+            count += op[3]
+            size += op[4]
+        _kind, _rows, _firsts, _count, _size, end, cursor, dropped = batch[-1]
+        conn = self._conn
+        bound = cursor > self._bound_deleted
+        try:
+            if not bound:
+                conn.execute(_INSERT + ", ".join([_ROW_VALUES] * len(rows)),
+                             list(chain.from_iterable(rows)))
+            else:
+                conn.execute("BEGIN")
+                conn.executemany(_INSERT + _ROW_VALUES, rows)
+                conn.execute("DELETE FROM lane WHERE first <= ?", (cursor,))
+                self._set_cursor(max(cursor, self._stored_cursor))
+                conn.execute(_SET, ("dropped", str(dropped)))
+                conn.execute("COMMIT")
+                self._bound_deleted = cursor
+                self._stored_cursor = max(cursor, self._stored_cursor)
+        except Exception as exc:  # sqlite3.Error: disk full, I/O error
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self._failed.append((firsts, count, size, f"{self.path}: table lane: {exc}"))
+        # The offsets are given even when the write failed: a reader skips the gap.
+        self.next_offset = end
+
+    def _set_cursor(self, cursor: int) -> None:
+        self._conn.execute(_SET, ("cursor", str(cursor)))
+
+    def _write_cursor(self) -> None:
+        self._cursor_queued = False  # before reading the target: a later one queues again
+        cursor = max(self._cursor_target, self._stored_cursor)
+        dropped = self.dropped
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            conn.execute("DELETE FROM lane WHERE first <= ? AND first + count - 1 <= ?",
+                         (cursor, cursor))
+            self._set_cursor(cursor)
+            conn.execute(_SET, ("dropped", str(dropped)))
+            conn.execute("COMMIT")
+            self._stored_cursor = cursor
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.error("%s: table lane_meta, key cursor: cannot store the QoS 0 lane's "
+                      "cursor %d: %s", self.path, cursor, exc)
 
 
 def _page(conn: sqlite3.Connection, after: int,

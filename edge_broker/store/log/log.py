@@ -1,4 +1,5 @@
-"""`Log`: append, read in pages, and look up by time, over the `log` table.
+"""`Log`: append, read in pages and look up by time, over the `log` table (the read side is
+its base class, pages.py; the records it keeps are records.py).
 
 The object holds what must be known without touching the rows: the last offset and `at`,
 the interned topics with their counters, and which streams and readers each topic feeds.
@@ -12,29 +13,35 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from ...core.changes import SubscriptionRecord
 from ...core.router import Router
-from ...mqtt.properties import NO_PROPERTIES, Properties
+from ...mqtt.properties import NO_PROPERTIES
 from ...mqtt.topics import topic_matches
-from .schema import decode_props, encode_props, ensure_schema
+from .pages import LogPages
+from .records import (
+    LOG_COLUMNS,
+    Appendable,
+    LogMessage,
+    LogRow,
+    Page,
+    RawRow,
+    Reader,
+    StreamState,
+    TopicStats,
+    log_row,
+)
+from .schema import encode_props, ensure_schema
 from .streams import StreamConfig
 
-__all__ = ["LOG_COLUMNS", "Log", "LogMessage", "LogRow", "Page", "RawRow", "Reader",
-           "StreamState", "TopicStats", "log_row", "transaction"]
+# The records are defined in records.py, the read side in pages.py; their names are also
+# importable from here, as before the split.
+__all__ = ["LOG_COLUMNS", "Appendable", "Log", "LogMessage", "LogRow", "Page", "RawRow",
+           "Reader", "StreamState", "TopicStats", "log_row", "transaction"]
 
-# Read strategy: when the selected topics hold at least this share of the log's rows, scan
-# the log in offset order and filter in Python; otherwise read index ranges per topic.
-SCAN_FRACTION: Final = 0.3
-MAX_IN_LIST: Final = 500  # more selected topics than this: scan
-MAX_SCAN_BATCH: Final = 8192
 _CHUNKS: Final = (256, 128, 64, 32, 16, 8, 4, 2, 1)
-# The columns of a log row as readers select them (`RawRow`).
-LOG_COLUMNS: Final = ("offset, at, topic_id, qos, retain, payload, properties, origin,"
-                      " expires_at")
 _COLUMNS: Final = LOG_COLUMNS
 _WIDTH: Final = 9  # columns per row
 _INSERT_HEAD: Final = f"INSERT INTO log ({_COLUMNS}) VALUES "
@@ -51,128 +58,6 @@ _COUNTED_UPDATE: Final = {n: (
     "UPDATE log_readers SET queued_count = v.column2, queued_bytes = v.column3,"
     " queued_skip = v.column4 FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * n)
     + ") AS v WHERE log_readers.name = v.column1") for n in _UPDATE_CHUNKS}
-_SCAN: Final = f"SELECT {_COLUMNS} FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
-_ONE_TOPIC: Final = (f"SELECT {_COLUMNS} FROM log WHERE topic_id = ? AND offset > ?"
-                    " ORDER BY offset LIMIT ?")
-_PROBE: Final = "SELECT offset, at FROM log WHERE offset >= ? ORDER BY offset LIMIT 1"
-
-
-class Appendable(Protocol):
-    """What `Log.append` reads from a message (core.changes.Message has all of it)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def payload(self) -> bytes: ...
-    @property
-    def qos(self) -> int: ...
-    @property
-    def retain(self) -> bool: ...
-    @property
-    def properties(self) -> Properties: ...
-    @property
-    def expires_at(self) -> float | None: ...
-    @property
-    def origin(self) -> str: ...
-
-
-@dataclass(slots=True)
-class LogMessage:
-    """A message to append (tests, benchmarks, tools); the core appends its own Message."""
-
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-    properties: Properties = NO_PROPERTIES
-    expires_at: float | None = None
-    origin: str = ""
-
-
-@dataclass(slots=True)
-class LogRow:
-    """A message read back from the log. `size` counts topic + payload + properties bytes."""
-
-    offset: int
-    at: float
-    topic: str
-    qos: int
-    retain: bool
-    payload: bytes
-    properties: Properties
-    origin: str
-    expires_at: float | None
-    size: int
-
-
-# A row as `read_raw` returns it (the columns of `_COLUMNS`, in that order).
-RawRow = tuple[Any, ...]
-
-
-def log_row(raw: Sequence[Any], name: str, name_size: int) -> LogRow:
-    """The `LogRow` of a raw row (the columns of `LOG_COLUMNS`), given its topic's name and the
-    name's UTF-8 size (the log keeps both per topic; another reader caches them)."""
-    payload = raw[5]
-    props = raw[6]
-    return LogRow(raw[0], raw[1], name, raw[3], bool(raw[4]), payload,
-                  decode_props(props) if props is not None else NO_PROPERTIES, raw[7], raw[8],
-                  name_size + len(payload) + (len(props) if props else 0))
-
-
-@dataclass(slots=True)
-class Page:
-    """Rows in offset order; every selected row with `after < offset <= end` is in `rows`,
-    so a reader that consumed them all may move its cursor to `end`."""
-
-    rows: list[LogRow]
-    end: int
-
-
-@dataclass(slots=True)
-class TopicStats:
-    id: int
-    name: str
-    name_size: int  # UTF-8 bytes of the name
-    count: int = 0
-    bytes: int = 0
-    first_offset: int | None = None
-    last_offset: int | None = None
-
-
-@dataclass(slots=True)
-class StreamState:
-    """A configured stream and what it holds: the rows of its topics at or above `first_offset`
-    (`count`, `bytes`). `first_at` is the `at` of its oldest row, or an earlier time."""
-
-    config: StreamConfig
-    first_offset: int
-    first_at: float | None = None
-    count: int = 0
-    bytes: int = 0
-    topics: set[int] = field(default_factory=set)
-    budget_dropped: int = 0  # rows released for the store budget (budget.py), since load
-
-
-@dataclass(slots=True)
-class Reader:
-    """A cursor (see cursors.py): `offset` is the last offset handed out; the rows at or below
-    it are done except those in `inflight` (packet id -> (offset, state))."""
-
-    name: str
-    offset: int
-    filters: dict[str, int] = field(default_factory=dict)  # topic filter -> since
-    inflight: dict[int, tuple[int, int]] = field(default_factory=dict)
-    backlog_count: int = 0  # selected rows after `offset`
-    backlog_bytes: int = 0
-    dropped: int = 0  # rows skipped by drop_to_bound since the reader was made
-    topics: dict[int, int] = field(default_factory=dict)  # topic id -> since (min over filters)
-
-    @property
-    def done(self) -> int:
-        """Every selected row at or below this offset is finished."""
-        if not self.inflight:
-            return self.offset
-        return min(self.offset, min(o for o, _ in self.inflight.values()) - 1)
 
 
 def _update_many(conn: sqlite3.Connection, sql: Mapping[int, str],
@@ -199,8 +84,8 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.commit()
 
 
-class Log:
-    """The in-memory side of the log; see the package docstring."""
+class Log(LogPages):
+    """The in-memory side of the log; see the module docstring. Reading pages: pages.py."""
 
     def __init__(self, streams: Sequence[StreamConfig] = ()) -> None:
         self.stream_configs = tuple(streams)
@@ -212,7 +97,7 @@ class Log:
         self.total_count = 0
         self.total_bytes = 0
         self.topics: dict[str, TopicStats] = {}
-        self.by_id: dict[int, TopicStats] = {}
+        self.by_id = {}
         self.streams: dict[str, StreamState] = {}
         self.readers: dict[str, Reader] = {}
         self.topic_streams: dict[int, list[StreamState]] = {}
@@ -504,114 +389,3 @@ class Log:
                      " last_offset = ? WHERE id = ?", (stats.count, stats.bytes,
                                                        stats.first_offset, stats.last_offset,
                                                        stats.id))
-
-    # -- read -----------------------------------------------------------------------------
-
-    def _row(self, raw: Sequence[Any]) -> LogRow:
-        stats = self.by_id[raw[2]]
-        return log_row(raw, stats.name, stats.name_size)
-
-    def read_page(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
-                  limit: int) -> Page:
-        """Up to `limit` rows with offset > `after` whose topic id is in `selection` (topic id
-        -> since) and whose offset is above that topic's since, in offset order."""
-        raws, end = self.read_raw(conn, after, selection, limit)
-        return Page([self._row(raw) for raw in raws], end)
-
-    def read_raw(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
-                 limit: int) -> tuple[list[RawRow], int]:
-        """`read_page`'s rows as SQLite returns them (`_COLUMNS`: offset, at, topic id, qos,
-        retain, payload, properties in wire form or None, origin, expires_at), and its
-        `end`: for readers that make no `LogRow` (a replay builds packets from the bytes)."""
-        last = self.last_offset
-        if limit <= 0:
-            return [], after
-        if not selection or after >= last:
-            return [], max(after, last)
-        by_id = self.by_id
-        if len(selection) >= len(by_id):  # every topic (`#` without `$` topics is close)
-            return self._scan(conn, after, selection, limit, 1.0)
-        matched = sum(by_id[t].count for t in selection if t in by_id)
-        if matched == 0:
-            return [], last
-        fraction = matched / max(1, self.total_count)
-        if fraction >= SCAN_FRACTION or len(selection) > MAX_IN_LIST:
-            return self._scan(conn, after, selection, limit, fraction)
-        if len(selection) == 1:  # one topic: its index range, no window needed
-            ((tid, since),) = selection.items()
-            raws = conn.execute(_ONE_TOPIC, (tid, max(after, since), limit)).fetchall()
-            return raws, raws[-1][0] if len(raws) == limit else last
-        return self._ranges(conn, after, selection, limit, fraction)
-
-    def _scan(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
-              limit: int, fraction: float) -> tuple[list[RawRow], int]:
-        batch = min(MAX_SCAN_BATCH, int(limit / fraction) + 16)
-        lo = after
-        last = self.last_offset
-        if fraction >= 1.0 and all(selection.get(t, after + 1) <= after for t in self.by_id):
-            # Every topic, none with a since above `after`: every row is selected, the
-            # page is one range of the primary key.
-            raws = conn.execute(_SCAN, (lo, limit)).fetchall()
-            return raws, raws[-1][0] if len(raws) == limit else last
-        out: list[RawRow] = []
-        while lo < last:
-            raws = conn.execute(_SCAN, (lo, batch)).fetchall()
-            if not raws:
-                return out, last
-            for raw in raws:
-                since = selection.get(raw[2])
-                if since is not None and raw[0] > since:
-                    out.append(raw)
-                    if len(out) == limit:
-                        return out, raw[0]
-            lo = raws[-1][0]
-        return out, last
-
-    def _ranges(self, conn: sqlite3.Connection, after: int, selection: Mapping[int, int],
-                limit: int, fraction: float) -> tuple[list[RawRow], int]:
-        groups: dict[int, list[int]] = {}
-        for tid, since in selection.items():
-            groups.setdefault(since, []).append(tid)
-        window = int(limit / fraction * 1.5) + 64
-        out: list[RawRow] = []
-        lo = after
-        last = self.last_offset
-        while lo < last:
-            hi = min(lo + window, last)
-            raws: list[RawRow] = []
-            for since, tids in groups.items():
-                lower = max(lo, since)
-                if lower >= hi:
-                    continue
-                marks = ", ".join("?" * len(tids))
-                raws.extend(conn.execute(
-                    f"SELECT {_COLUMNS} FROM log WHERE topic_id IN ({marks})"
-                    " AND offset > ? AND offset <= ? ORDER BY offset", (*tids, lower, hi)))
-            if len(groups) > 1:
-                raws.sort(key=lambda r: r[0])
-            need = limit - len(out)
-            if len(raws) >= need:
-                out.extend(raws[:need])
-                return out, out[-1][0]
-            out.extend(raws)
-            lo = hi
-            window *= 2
-        return out, last
-
-    # -- time -----------------------------------------------------------------------------
-
-    def first_offset_at(self, conn: sqlite3.Connection, at: float) -> int:
-        """The offset of the first row published at or after `at` (`last_offset + 1` if none).
-
-        `at` never decreases along the offsets, so this is a binary search over the primary
-        key: about log2(rows) probes, no index on time."""
-        lo, hi = 1, self.last_offset + 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            row = conn.execute(_PROBE, (mid,)).fetchone()
-            if row is None or row[1] >= at:
-                hi = mid
-            else:
-                lo = mid + 1
-        row = conn.execute(_PROBE, (lo,)).fetchone()
-        return int(row[0]) if row is not None else self.last_offset + 1
