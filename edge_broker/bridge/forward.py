@@ -21,7 +21,11 @@ remote drops those it stored already); a failure drops them all and starts a new
 `Resend` from a sink (the connection is usable but the window must go again: the server
 answered "no responders" during a leader election, or the client reconnected and what was
 in flight is lost) keeps the sink and sends again from the cursor after a shorter backoff
-delay (`resend_backoff`: full jitter, at most the backoff's initial delay).
+delay (`resend_backoff`: full jitter, at most the backoff's initial delay). After a
+`Resend` or a failure the pipeline holds one window until one is acknowledged in full: the
+windows in flight together during a stream's leader election could otherwise be refused
+and, the new leader up, the later ones stored before the earlier ones go again (out of log
+order; seen with an R3 stream whose leader was killed).
 
 The log side is the `LogReader` protocol; the log of issue 8 implements it (a bridge is one
 more cursor over it). Its `read_after` returns entries in offset order; entries the store
@@ -126,6 +130,11 @@ class Forwarder:
         # (the offset it was read after, the page): read while a pipelined sink's oldest
         # window waited for its acknowledgements, not yet written (`_step_pipelined`).
         self._ahead: tuple[int, Sequence[BridgeMessage]] | None = None
+        # After a `Resend` or a failure a pipelined sink gets one window at a time until one
+        # is acknowledged in full (`_step_pipelined`): while a JetStream stream elects its
+        # leader, windows in flight together could be refused and then, the leader elected,
+        # the later ones stored before the earlier ones are sent again (out of log order).
+        self._probing = False
 
     async def run(self) -> None:
         """Forward until cancelled. Never raises for remote failures."""
@@ -192,7 +201,8 @@ class Forwarder:
         the oldest window's acknowledgements."""
         status = self.status
         inflight = self._inflight
-        while len(inflight) < self.depth:
+        depth = 1 if self._probing else self.depth
+        while len(inflight) < depth:
             if inflight:
                 last = inflight[-1][0]
                 if len(last) < self.window:
@@ -245,6 +255,8 @@ class Forwarder:
             return
         if acknowledged < len(batch):
             self._drop_inflight()  # sent again from the cursor (the remote drops repeats)
+        else:
+            self._probing = False
         status.cursor = batch[acknowledged - 1].offset
         await self.reader.commit_cursor(status.cursor)
         status.forwarded += acknowledged
@@ -262,6 +274,7 @@ class Forwarder:
     async def _resend(self, exc: BaseException) -> None:
         """The sink is usable but what was in flight must go again (see `Resend`)."""
         status = self.status
+        self._probing = True
         status.failed(f"{type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s (cursor %d); sending again", self.name, status.last_error,
                     status.cursor)
@@ -309,6 +322,7 @@ class Forwarder:
 
     async def _failed(self, sink: Sink, exc: BaseException) -> None:
         status = self.status
+        self._probing = True
         status.connected = False
         status.failed(f"{type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s (cursor %d); retrying", self.name, status.last_error,

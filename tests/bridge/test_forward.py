@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_broker.bridge.base import Backoff, BridgeMessage
+from edge_broker.bridge.base import Backoff, BridgeMessage, Resend
 from edge_broker.bridge.forward import Forwarder
 from tests.bridge.memlog import MemoryLog
 
@@ -312,6 +312,40 @@ async def test_a_full_pipeline_reads_its_next_page_while_the_oldest_window_waits
     await _turns(lambda: len(sink.windows) >= 5)
     assert [w for w, _ in sink.windows[3:5]] == [[7, 8, 9, 10], [11, 12, 13, 14]]
     assert log.reads[4:6] == [6, 10]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_after_a_resend_one_window_goes_until_one_is_acknowledged_in_full() -> None:
+    # An R3 stream whose leader was killed refuses the windows in flight ("no responders");
+    # were the forwarder to send its whole pipeline again at once, the new leader could
+    # store a later window before an earlier refused one goes again: out of log order.
+    log = MemoryLog()
+    for i in range(20):
+        log.append("s/t", b"%d" % i)
+    sink = PipelinedSink()
+
+    async def no_wait(_: float) -> None:
+        pass
+
+    forwarder = Forwarder(lambda: sink, log, cursor=0, window=4, depth=3,
+                          backoff=Backoff(1.0, 8.0, rand=lambda: 0.0), sleep=no_wait)
+    task = asyncio.ensure_future(forwarder.step())
+    await _turns(lambda: len(sink.windows) >= 3)
+    assert [w for w, _ in sink.windows] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    sink.windows[0][1].set_exception(Resend("no responders"))
+    await task
+    assert all(f.cancelled() for _, f in sink.windows[1:3])
+    task = asyncio.ensure_future(forwarder.step())
+    await _turns(lambda: len(sink.windows) >= 5)
+    assert [w for w, _ in sink.windows[3:]] == [[1, 2, 3, 4]]  # alone in flight
+    sink.windows[3][1].set_result(4)
+    await task
+    assert forwarder.status.cursor == 4
+    task = asyncio.ensure_future(forwarder.step())  # acknowledged in full: the pipeline again
+    await _turns(lambda: len(sink.windows) >= 6)
+    assert [w for w, _ in sink.windows[4:]] == [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
