@@ -163,9 +163,11 @@ class LaneReader:
         after = max(cursor, file.cursor)
         if file.next_offset - 1 <= after:
             return False
-        if self.gate is None:
-            return True
+        # No row after `after` although offsets were given past it: a row write the
+        # broker's writer thread failed (its offsets are not reused) - nothing to read.
         mark = file.mark_after(after)
+        if self.gate is None:
+            return mark is not None
         return mark is not None and mark <= self.gate.done_to
 
     def _records(self, first: int, count: int, mark: int,
@@ -181,7 +183,10 @@ class LaneReader:
         file = self.file
         while not self._ready_after(cursor):
             known = file.next_offset - 1
-            if known <= max(cursor, file.cursor):  # everything known is read
+            after = max(cursor, file.cursor)
+            # Everything known is read: also when the offsets after `after` have no row (a
+            # failed write's, at the end): else the process would never ask again.
+            if known <= after or file.mark_after(after) is None:
                 if file.poll():
                     continue
                 if self._asked != known:  # the broker answers once the file goes further

@@ -363,3 +363,42 @@ def test_a_blob_naming_a_global_is_refused_not_run(tmp_path: Path,
     with pytest.raises(StoreError, match="6-item records"):
         load_blob(path, 9, pickle.dumps([("t", b"p")]))
     assert load_blob(path, 1, _batch(0, 2)[3]) == decode_records(_batch(0, 2)[3])
+
+
+def test_a_failed_write_at_the_end_does_not_stop_the_process_reading(tmp_path: Path) -> None:
+    """The broker's writer thread failed the last row's write (disk full; here another
+    writer holds the lock) after the process had read everything: the "lane" frame then
+    covers offsets without a row. The process must ask again ("lane_wait") and read the
+    rows written after it, not wait for ever (nor spin on an empty read)."""
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        writer = LaneFile(path, "s1")
+        sent: list[tuple[object, ...]] = []
+        reader = LaneReader(_view(writer), mark=0, send=sent.append)
+        _append(writer, [_batch(0, 2)], mark=0)
+        reader.appended(writer.next_offset - 1, writer.cursor)
+        assert [m.offset for m in await reader.read_after(0, 100)] == [1, 2]
+        await reader.commit_cursor(2)
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")
+        writer._conn.execute("PRAGMA busy_timeout = 0")  # (the writer thread is idle)
+        _append(writer, [_batch(2, 3)], mark=0)
+        assert writer.wait_written()
+        assert writer.collect()[0] == 3
+        reader.appended(writer.next_offset - 1, writer.cursor)  # offsets 3-5, no row
+        assert not reader._ready_after(2)
+        waiting = asyncio.ensure_future(reader.wait_after(2))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done() and ("lane_wait", 5) in sent
+        other.execute("ROLLBACK")
+        other.close()
+        _append(writer, [_batch(5, 2)], mark=0)
+        assert writer.wait_written()
+        reader.appended(writer.next_offset - 1, writer.cursor)  # the broker's answer
+        await asyncio.wait_for(waiting, 5)
+        assert [m.offset for m in await reader.read_after(2, 100)] == [6, 7]
+        reader.close()
+        writer.close()
+
+    asyncio.run(run())
