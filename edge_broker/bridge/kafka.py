@@ -59,13 +59,11 @@ from .base import (
     ssl_context,
 )
 from .config import BridgeConfig, KafkaOptions
-from .kafka_records import LANE_OUTSTANDING, Clock, Route, fill
+from .kafka_records import Clock, Route, fill
 from .kafka_records import PartitionLane as _PartitionLane
-from .kafka_records import record_adder as _record_adder
 from .topic_map import route_kafka
 
-__all__ = ["LANE_OUTSTANDING", "KafkaDownlink", "KafkaSink", "_PartitionLane",
-           "_record_adder", "client_options"]
+__all__ = ["KafkaDownlink", "KafkaSink", "_PartitionLane", "client_options"]
 
 MAX_BATCH_BYTES: Final = 512 * 1024  # aiokafka's max_request_size is 1 MiB
 LARGE_RECORD: Final = MAX_BATCH_BYTES // 2  # payloads above it go through producer.send
@@ -229,13 +227,13 @@ class KafkaSink:
         batch API): one future per batch instead of one per record, and none of `send`'s
         per-record metadata check, partitioner and accumulator walk. The partition is the
         one `send` would choose (`_partition_of`); records keep their order per partition.
-        While a partition has LANE_OUTSTANDING batches with aiokafka, the windows after them
-        gather in its open batch, so one produce request carries what arrived during a
-        round trip (aiokafka sends one request per broker at a time, with one batch per
-        partition: handing over a batch per window limited a drain to one window per round
-        trip). A record too large for a batch of its own, or of a topic whose partitions
-        are not known, goes through `send`, after its partition's records before it were
-        handed over (order per partition holds).
+        While a partition has LANE_OUTSTANDING (kafka_records.py) batches with aiokafka, the windows
+        after them gather in its open batch, so one produce request carries what arrived during a
+        round trip (aiokafka sends one request per broker at a time, with one batch per partition:
+        handing over a batch per window limited a drain to one window per round trip). A record too
+        large for a batch of its own, or of a topic whose partitions are not known, goes through
+        `send`, after its partition's records before it were handed over (order per partition
+        holds).
 
         Per record (a drain's hot path, CPU per message), in `fill` (bridge/kafka_records.py,
         compiled): one look-up of its route (`_routes`, per topic and publisher: its lane,

@@ -249,7 +249,7 @@ class PartitionLane:
     def _append_slow(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
                      ) -> asyncio.Future[Any]:
         """`append` when there is no open batch, it is full, its builder has no
-        `_record_adder`, it is a RecordBatch (or the lane is broken)."""
+        `record_adder`, it is a RecordBatch (or the lane is broken)."""
         if self.broken is not None:
             return self.broken
         entry = self._open

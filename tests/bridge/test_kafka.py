@@ -393,7 +393,7 @@ async def test_every_record_of_a_drain_carries_its_own_documented_headers(tansu:
 
 
 async def test_a_batch_handed_over_counts_the_records_appended_to_it() -> None:
-    """The lane appends to aiokafka's record builder itself (kafka.py `_record_adder`); the
+    """The lane appends to aiokafka's record builder itself (kafka_records.py `record_adder`); the
     batch it hands over says how many records it holds (aiokafka's idempotent producer
     numbers the next batch's records from it), also for a batch that filled up."""
     from aiokafka.producer.message_accumulator import BatchBuilder
