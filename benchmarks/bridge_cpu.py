@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 from . import brokers, loadgen
+from .bridge_count import counter
 from .bridge_drain import PY_SPY
-from .scenarios_bridge import TOPIC, _children, bridge_toml, counter, remote
+from .scenarios_bridge import TOPIC, _children, bridge_toml, remote
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{sent / (t1 - t0):,.0f} msgs/s, broker CPU {c1 - c0:.2f} s = "
                   f"{(c1 - c0) / sent * 1e6:.1f} us/msg")
             child = None if args.inprocess else next(iter(_children(rb.pid)), None)
-            count = counter(kind, server, rb)
+            count = counter(kind, server.address, rb)
             spy = None
             if args.py_spy:
                 spy = subprocess.Popen(

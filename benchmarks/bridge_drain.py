@@ -6,7 +6,8 @@
 As S14's drain (benchmarks/scenarios_bridge.py): the remote server (nats-server with
 JetStream on a file store, or tansu) is not running while PUBLISHERS (default 2) QoS 1
 devices publish MESSAGES (default 100,000) at full speed; then it starts, and the backlog
-drains. Printed: the drain rate (first arrival to last, the stream's message count), and the
+drains. Printed: the drain rate (first arrival to last, the stream's message count polled
+every 0.05 s; JetStream also timed by nats-server's store times, see scenarios_bridge), and the
 CPU time (utime + stime from /proc/PID/stat) per drained message of the broker, of its
 uplink process (`separate_process = true`, the default here) and of the remote server, with
 each one's share of a core during the drain. CPU per message holds up on a shared machine far
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 
 from . import brokers, loadgen
-from .scenarios_bridge import TOPIC, _bridge_status, _children, bridge_toml, counter, remote
+from .bridge_count import bridge_status, counter, stream_span
+from .scenarios_bridge import TOPIC, _children, bridge_toml, remote
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                        for r in results)
             brokers.wait_quiet(rb.pid)
             child = None if args.inprocess else next(iter(_children(rb.pid)), None)
-            count = counter(kind, server, rb)
+            count = counter(kind, server.address, rb)
             spy = None
             target = child if child is not None else rb.pid
             if args.py_spy:
@@ -131,13 +133,19 @@ def main(argv: list[str] | None = None) -> None:
             rate = sent / (t1 - first) if first and t1 > first else 0.0
             print(f"drain {kind}: {arrived}/{sent} arrived, {rate:,.0f} msgs/s "
                   f"({t1 - first if first else 0:.2f} s), publishers {publishers}")
+            if kind == "jetstream" and arrived >= sent:
+                stored, first_ts, last_ts = stream_span(server.address)
+                if stored > 1 and last_ts > first_ts:
+                    print(f"  timed by nats-server (first to last store time): "
+                          f"{(stored - 1) / (last_ts - first_ts):,.0f} msgs/s "
+                          f"({last_ts - first_ts:.2f} s)")
             total_cpu = _line("broker", b0, b1, sent, span)
             if child:
                 total_cpu += _line("uplink", k0, k1, sent, span)
             total_cpu += _line("remote", (0.0, 0.0), r1, sent, span)
             print(f"  all three {total_cpu / sent * 1e6:5.1f} us/msg; wall {span:.2f} s from "
                   "the remote's start (remote: CPU from its start)")
-            status = _bridge_status(rb)
+            status = bridge_status(rb)
             print(f"  bridge: forwarded {status.get('forwarded')}, failures "
                   f"{status.get('failures')}, last error {status.get('last_error')}")
         finally:

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from . import brokers, loadgen
-from .scenarios_bridge import _wait_backlog_empty, bridge_toml, remote, uplink_process
+from .bridge_count import wait_backlog_empty
+from .scenarios_bridge import bridge_toml, remote, uplink_process
 
 
 def _cpu(pid: int) -> float:
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> None:
             if not (child and stop_child):
                 b1, s1 = _cpu(pid), _sys(pid)
             c1 = _cpu(child) if child else 0.0
-            uplink = _wait_backlog_empty(rb, flow["published"]) if mode == "up" else {}
+            uplink = wait_backlog_empty(rb, flow["published"]) if mode == "up" else {}
             n1 = _cpu(nats) if nats else 0.0
             rows = lane_rows(rb.data_dir) if mode == "down" else (0, 0)
         finally:

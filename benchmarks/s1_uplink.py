@@ -22,7 +22,8 @@ import sys
 import time
 
 from . import brokers, loadgen
-from .scenarios_bridge import _bridge_status, bridge_toml, remote, uplink_process
+from .bridge_count import bridge_status
+from .scenarios_bridge import bridge_toml, remote, uplink_process
 
 
 def _cpu(pid: int | None) -> float:
@@ -69,11 +70,11 @@ def main(argv: list[str]) -> None:
                 topic="bench/s1", duration_s=3600, max_messages=total, rate=rate),
                 loadgen.SubSpec(topic="bench/s1", idle_s=3.0, drain_s=5.0))
             t_end = time.monotonic()
-            during = _bridge_status(rb).get("forwarded") if not plain else None
+            during = bridge_status(rb).get("forwarded") if not plain else None
             status: dict = {}
             empty_s = None
             while not plain and time.monotonic() - t_end < 180:
-                status = _bridge_status(rb)
+                status = bridge_status(rb)
                 if status.get("backlog_messages") == 0 and status.get("forwarded", 0) + (
                         status.get("dropped") or 0) >= flow["published"]:
                     empty_s = time.monotonic() - t_end

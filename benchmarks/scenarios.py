@@ -108,6 +108,17 @@ def _s14_metrics() -> list[Metric]:
                 Metric(f"S14.{kind}.drain_cpu_us_per_msg",
                        f"S14 uplink to {name}: broker CPU per message, drain (forward)",
                        "us", "lower", compare=False)]
+    # JetStream's rates are timed by nats-server's store times; the sampled ones beside them
+    # (scenarios_bridge.py, "JetStream, timed by the server").
+    out += [Metric("S14.jetstream.live_fwd_sampled_msgs_per_s",
+                   "S14 uplink to JetStream, live, forwarded (polled every 0.2 s)", "msgs/s",
+                   "higher", compare=False),
+            Metric("S14.jetstream.drain_sampled_msgs_per_s",
+                   "S14 uplink to JetStream: drain (polled every 0.2 s)", "msgs/s", "higher",
+                   compare=False),
+            Metric("S14.jetstream.drain_vs_live_sampled_pct",
+                   "S14 uplink to JetStream: drain / live, both polled", "%", "higher",
+                   compare=False)]
     return [
         *out,
         Metric("S14.s1_bridged_msgs_per_s", "S14 S1 with every message uplinked", "msgs/s",

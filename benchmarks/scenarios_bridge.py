@@ -22,6 +22,15 @@ edge-broker (a `[[bridges]]` table in the broker's configuration, uplink `bench/
   (`S14.<kind>.drain_msgs_per_s`; `drain_vs_live_pct`, target >= 200 %), and the broker's
   CPU time per message of the drain alone (`S14.<kind>.drain_cpu_us_per_msg`: forwarding
   only).
+- **JetStream, timed by the server** (since round 9): the 0.2 s samples are a tenth of a
+  200,000-message drain (round 8's took 1.67-2.13 s; its Kafka drains came out in 0.2 s
+  steps, 1.21 / 1.41 / 1.82 s). For JetStream the drain is timed from the store times
+  nats-server recorded for the stream's first and last message (stream info `first_ts`,
+  `last_ts`), and the live figure counts what the stream stored between the publishers'
+  start and end (the first message stored at or after each moment, `MSG.GET start_time`).
+  The sampled figures stay beside them (`drain_sampled_msgs_per_s`,
+  `live_fwd_sampled_msgs_per_s`, `drain_vs_live_sampled_pct`). Kafka (tansu) has no such
+  times (a record's timestamp is the sink's), so it stays sampled.
 - **S1 with every message uplinked**: S1 (scenarios._max_lossless, QoS 0, 1 -> 1) on a broker
   whose JetStream bridge forwards `bench/#`, against S1 on the same broker build without a
   bridge, in the same run (`S14.s1_bridged_msgs_per_s`, `S14.s1_plain_msgs_per_s`,
@@ -38,7 +47,6 @@ tansu runs with `idempotence = false` (docs/bridges.md).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -51,12 +59,19 @@ from pathlib import Path
 from typing import Any
 
 from . import brokers, loadgen
+from .bridge_count import (
+    Sampler,
+    bridge_status,
+    counter,
+    stored_before,
+    stream_span,
+    wait_backlog_empty,
+)
 from .scenarios import Case, Result, _max_lossless
 
 HOST = brokers.HOST
 TOPIC = "bench/s11"
 DRAIN_MAX = 200_000
-SAMPLE_S = 0.2
 ARRIVAL_TIMEOUT_S = 180.0
 LIVE_DEVICES = 4  # publishers of the live forwarding figure (see the module docstring)
 # The bridge's uplink in a process of its own (`separate_process`, docs/bridges.md): what S1
@@ -160,121 +175,6 @@ def bridge_toml(kind: str, address: str, uplink: str = "bench/#",
                      "idempotence = false\n")
 
 
-# --------------------------------------------------------------------------- counting
-
-
-def _stream_count(address: str) -> int:
-    import nats
-
-    async def ask() -> int:
-        nc = await nats.connect(address, connect_timeout=2, allow_reconnect=False)
-        try:
-            return int((await nc.jetstream().stream_info("S14")).state.messages)
-        finally:
-            await nc.close()
-
-    try:
-        return asyncio.run(ask())
-    except Exception:  # not up yet, no stream yet
-        return 0
-
-
-def _forwarded(rb: brokers.RunningBroker) -> int:
-    """The bridge's forwarded count, from the broker's admin socket."""
-    from edge_broker.server import admin
-
-    assert rb.data_dir is not None
-    try:
-        reply = asyncio.run(admin.admin_request(rb.data_dir, {"command": "bridges"}, 5.0))
-    except Exception:
-        return 0
-    for bridge in reply.get("bridges", []):
-        if bridge.get("name") == "s11":
-            return int(bridge.get("forwarded") or 0)
-    return 0
-
-
-UPLINK_WAIT_S = 120.0
-
-
-def _bridge_status(rb: brokers.RunningBroker) -> dict[str, Any]:
-    from edge_broker.server import admin
-
-    assert rb.data_dir is not None
-    try:
-        reply = asyncio.run(admin.admin_request(rb.data_dir, {"command": "bridges"}, 5.0))
-    except Exception:
-        return {}
-    for bridge in reply.get("bridges", []):
-        if bridge.get("name") == "s11":
-            return dict(bridge)
-    return {}
-
-
-def _wait_backlog_empty(rb: brokers.RunningBroker, expected: int = 0) -> dict[str, Any]:
-    """The bridge's status once its backlog is empty and (`expected`) it forwarded or
-    dropped at least that many messages (`forwarded` comes with the uplink process's
-    status, up to 0.2 s after the backlog figure: waiting for the backlog alone read it
-    early), or at UPLINK_WAIT_S. Adds `empty_after_s` (None: timed out)."""
-    start = time.monotonic()
-    while True:
-        status = _bridge_status(rb)
-        waited = time.monotonic() - start
-        if status.get("backlog_messages") == 0 and (
-                int(status.get("forwarded") or 0) + int(status.get("dropped") or 0)
-                >= expected):
-            status["empty_after_s"] = round(waited, 1)
-            return status
-        if waited > UPLINK_WAIT_S:
-            status["empty_after_s"] = None
-            return status
-        time.sleep(SAMPLE_S)  # polling the admin socket, bounded by the deadline
-
-
-def counter(kind: str, server: Remote, rb: brokers.RunningBroker) -> Callable[[], int]:
-    return ((lambda: _stream_count(server.address)) if kind == "jetstream"
-            else (lambda: _forwarded(rb)))
-
-
-class Sampler:
-    """(monotonic time, count) every SAMPLE_S in a thread, until stopped."""
-
-    def __init__(self, count: Callable[[], int]) -> None:
-        self.count = count
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self.count()))
-            self._stop.wait(SAMPLE_S)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def at(self, moment: float) -> int:
-        """The count sampled last at or before `moment`."""
-        best = 0
-        for t, n in self.samples:
-            if t <= moment:
-                best = n
-        return best
-
-    def first_above(self, value: int) -> float | None:
-        return next((t for t, n in self.samples if n > value), None)
-
-    def wait_for(self, value: int, timeout: float) -> float | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.samples and self.samples[-1][1] >= value:
-                return self.samples[-1][0]
-            time.sleep(SAMPLE_S / 2)
-        return None
-
-
 # --------------------------------------------------------------------------- edge-broker
 
 
@@ -341,14 +241,14 @@ def _live(case: Case, kind: str, res: Result) -> int:
     """Live forwarding; returns how many were acknowledged (the drain's backlog size)."""
     o = case.opts
     with remote(kind) as server, _launch(case, bridge_toml(kind, server.address)) as rb:
-        count = counter(kind, server, rb)
+        count = counter(kind, server.address, rb)
         sampler = Sampler(count)
         try:
             base = count()
             c0 = _cpu_s(rb.pid)
-            t0 = time.monotonic()
+            t0, w0 = time.monotonic(), time.time()
             pubs = _devices(rb, LIVE_DEVICES, o.duration_s, o.duration_s * 3 + 60)
-            t1 = time.monotonic()
+            t1, w1 = time.monotonic(), time.time()
             acked = sum(int(p["acked"]) for p in pubs)
             done = sampler.wait_for(base + acked, ARRIVAL_TIMEOUT_S)
             cpu = _cpu_s(rb.pid) - c0
@@ -356,7 +256,14 @@ def _live(case: Case, kind: str, res: Result) -> int:
             sampler.stop()
         window = t1 - t0
         during = sampler.at(t1) - sampler.at(t0)
-        res.figures[f"S14.{kind}.live_fwd_msgs_per_s"] = round(during / window) if window else None
+        sampled = round(during / window) if window else None
+        res.figures[f"S14.{kind}.live_fwd_msgs_per_s"] = sampled
+        if kind == "jetstream" and done is not None:
+            # What the stream stored between the publishers' start and end, by the
+            # server's own store times: exact where the samples are up to 0.2 s stale.
+            during = stored_before(server.address, w1) - stored_before(server.address, w0)
+            res.figures[f"S14.{kind}.live_fwd_msgs_per_s"] = round(during / (w1 - w0))
+            res.figures[f"S14.{kind}.live_fwd_sampled_msgs_per_s"] = sampled
         res.figures[f"S14.{kind}.live_pub_msgs_per_s"] = round(
             sum(int(p["acked"]) / p["elapsed_s"] for p in pubs))
         res.figures[f"S14.{kind}.live_cpu_us_per_msg"] = (
@@ -387,8 +294,8 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
         # a Kafka bridge keys to a single partition).
         pubs = _devices(rb, LIVE_DEVICES, 3600, o.duration_s * 3 + 600, max_messages=n)
         acked = sum(int(p["acked"]) for p in pubs)
-        count = counter(kind, server, rb)
-        failed_before = int(_bridge_status(rb).get("failures") or 0)  # while it was down
+        count = counter(kind, server.address, rb)
+        failed_before = int(bridge_status(rb).get("failures") or 0)  # while it was down
         c0 = _cpu_s(rb.pid)
         server.start()
         sampler = Sampler(count)
@@ -403,14 +310,29 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
         rate = round(acked / (done - first)) if done and first and done > first else None
         res.figures[f"S14.{kind}.drain_msgs_per_s"] = rate
         live = res.figures.get(f"S14.{kind}.live_fwd_msgs_per_s")
+        span = None
+        if kind == "jetstream" and done is not None:
+            # The samples' 0.2 s steps are a tenth of a 2 s drain (round 8's drains took
+            # 1.67-2.13 s): the span between the first and the last message stored, as
+            # nats-server recorded it, is the figure; the sampled one is kept beside it.
+            stored, first_ts, last_ts = stream_span(server.address)
+            res.figures[f"S14.{kind}.drain_sampled_msgs_per_s"] = rate
+            sampled_live = res.figures.get(f"S14.{kind}.live_fwd_sampled_msgs_per_s")
+            res.figures[f"S14.{kind}.drain_vs_live_sampled_pct"] = (
+                round(100 * rate / sampled_live) if rate and sampled_live else None)
+            span = round(last_ts - first_ts, 3)
+            rate = (round((stored - 1) / (last_ts - first_ts))
+                    if stored > 1 and last_ts > first_ts else None)
+            res.figures[f"S14.{kind}.drain_msgs_per_s"] = rate
         res.figures[f"S14.{kind}.drain_vs_live_pct"] = (
             round(100 * rate / live) if rate and live else None)
         res.check(f"S14 {kind} drain: the whole backlog arrives", done is not None,
                   f"{sampler.samples[-1][1] if sampler.samples else 0}/{acked} arrived")
-        status = _bridge_status(rb)
+        status = bridge_status(rb)
         res.details[f"{kind}_drain"] = {"backlog": acked,
                                         "drain_s": round(done - first, 2)
                                         if done and first else None,
+                                        "stored_span_s": span,  # jetstream: server times
                                         # failures once the remote was up (a resend):
                                         "failures": int(status.get("failures") or 0)
                                         - failed_before,
@@ -427,7 +349,7 @@ def _s1_pair(case: Case, res: Result, bridged: Callable[[], Any],
         _max_lossless(rb, case, "bench/s1", 1, 1, res, "S14.s1_bridged_msgs_per_s")
         if uplink_check:
             published = sum(r.get("published", 0) for r in res.details.get("runs", []))
-            status = _wait_backlog_empty(rb, published)
+            status = wait_backlog_empty(rb, published)
             res.details["s1_bridged_uplink"] = {
                 "published": published, "forwarded": status.get("forwarded"),
                 "dropped": status.get("dropped"),
