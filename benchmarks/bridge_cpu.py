@@ -27,7 +27,6 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 from . import brokers, loadgen
 from .bridge_count import counter
@@ -53,12 +52,10 @@ def _threads(pid: int) -> dict[int, tuple[str, float]]:
         return out
     for tid in tids:
         try:
-            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name, user, system = brokers.stat_times(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        name = raw[raw.index("(") + 1:raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2:].split()
-        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / brokers.CLK_TCK)
+        out[int(tid)] = (name, (user + system) / brokers.CLK_TCK)
     return out
 
 

@@ -38,11 +38,10 @@ def _times(pid: int | None) -> tuple[float, float]:
     if pid is None:
         return 0.0, 0.0
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        _name, user, system = brokers.stat_times(f"/proc/{pid}/stat")
     except OSError:
         return 0.0, 0.0
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[11]) / brokers.CLK_TCK, int(fields[12]) / brokers.CLK_TCK
+    return user / brokers.CLK_TCK, system / brokers.CLK_TCK
 
 
 def _line(name: str, before: tuple[float, float], after: tuple[float, float], sent: int,

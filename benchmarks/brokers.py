@@ -426,11 +426,19 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def stat_times(path: str) -> tuple[str, int, int]:
+    """(name, utime, stime in clock ticks) from a /proc stat file: `/proc/PID/stat` (the
+    process, threads included) or `/proc/PID/task/TID/stat` (one thread). Raises OSError
+    when it is gone."""
+    raw = Path(path).read_text()
+    fields = raw[raw.rindex(")") + 2:].split()
+    return raw[raw.index("(") + 1:raw.rindex(")")], int(fields[11]), int(fields[12])
+
+
 def cpu_ticks(pid: int) -> int:
     """utime + stime of the process (threads included), in clock ticks."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
+    _name, user, system = stat_times(f"/proc/{pid}/stat")
+    return user + system
 
 
 def wait_quiet(pid: int, *, below_pct: float = 15.0, window_s: float = 0.5,
