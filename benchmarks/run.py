@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="S10 control round trips started per second (0 = back to back)")
     ap.add_argument("--s10-parts", default=",".join(scenarios.S10_PARTS),
                     help="S10 parts to run (default: all: %(default)s)")
+    ap.add_argument("--s14-process-nice", type=int, default=0, metavar="N",
+                    help="S14: the edge bridge's process_nice (0-19; default 0, the "
+                    "configuration's default: the uplink process at the broker's priority)")
     ap.add_argument("--profile-edge", type=Path, metavar="DIR",
                     help="record edge-broker with py-spy during each S4 ingest (raw stacks "
                     "in DIR, summary in the JSON); the profiler costs the broker some speed")
@@ -337,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                    startup_cold_runs=args.startup_cold_runs, s9_messages=args.s9_messages,
                    profile_dir=str(args.profile_edge) if args.profile_edge else None,
                    s10_duration_s=args.s10_duration or (1.0 if quick else 10.0),
-                   s10_rate=args.s10_rate, s10_parts=parts)
+                   s10_rate=args.s10_rate, s10_parts=parts,
+                   s14_process_nice=args.s14_process_nice)
     limit = raise_fd_limit(opts.idle_connections + 1024)
     if "S5" in sc_ids and limit[0] < opts.idle_connections + 256:
         print(f"warning: RLIMIT_NOFILE is {limit[0]}; S5 needs {opts.idle_connections + 256}",

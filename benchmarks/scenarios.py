@@ -227,6 +227,7 @@ class Options:
     s10_churn_clients: int = 20
     s10_takeover_conns: int = 200
     s10_load_procs: int = 2            # S10: processes sharing the churn/takeover clients
+    s14_process_nice: int = 0          # S14: the edge bridge's process_nice (docs/bridges.md)
 
 
 @dataclass

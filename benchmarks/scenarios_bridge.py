@@ -162,12 +162,14 @@ def remote(kind: str, *, started: bool = True) -> Iterator[Remote]:
 
 
 def bridge_toml(kind: str, address: str, uplink: str = "bench/#",
-                separate: bool | None = None) -> str:
-    """`separate`: the bridge's `separate_process` (None: SEPARATE_PROCESS)."""
+                separate: bool | None = None, nice: int = 0) -> str:
+    """`separate`: the bridge's `separate_process` (None: SEPARATE_PROCESS); `nice`: its
+    `process_nice` (with a separate process only)."""
     separate = SEPARATE_PROCESS if separate is None else separate
     common = (f'[[bridges]]\nname = "s11"\nkind = "{kind}"\n'
               f'servers = ["{address}"]\nbackoff_initial = "1s"\nbackoff_max = "1s"\n'
-              f'separate_process = {"true" if separate else "false"}\n')
+              f'separate_process = {"true" if separate else "false"}\n'
+              + (f"process_nice = {nice}\n" if separate and nice else ""))
     if kind == "jetstream":
         return common + (f'uplink = ["{uplink}"]\nsubject_prefix = "bench.gw"\n'
                          'jetstream_stream = "S14"\nstream_storage = "file"\n')
@@ -240,7 +242,8 @@ def _devices(rb: brokers.RunningBroker, count: int, duration_s: float,
 def _live(case: Case, kind: str, res: Result) -> int:
     """Live forwarding; returns how many were acknowledged (the drain's backlog size)."""
     o = case.opts
-    with remote(kind) as server, _launch(case, bridge_toml(kind, server.address)) as rb:
+    with remote(kind) as server, _launch(
+            case, bridge_toml(kind, server.address, nice=o.s14_process_nice)) as rb:
         count = counter(kind, server.address, rb)
         sampler = Sampler(count)
         try:
@@ -288,7 +291,8 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
     o = case.opts
     n = max(1000, min(backlog, DRAIN_MAX))
     with remote(kind, started=False) as server, \
-            _launch(case, bridge_toml(kind, server.address)) as rb:
+            _launch(case, bridge_toml(kind, server.address,
+                                      nice=case.opts.s14_process_nice)) as rb:
         # The backlog is what the live phase's devices publish during the outage: the same
         # LIVE_DEVICES devices on their own topics (not one publisher on one topic, which
         # a Kafka bridge keys to a single partition).
@@ -383,7 +387,9 @@ def _edge(case: Case) -> Result:
         except brokers.BrokerUnavailable as why:
             res.details[f"{kind}_skipped"] = str(why)
     with remote("jetstream") as server:
-        _s1_pair(case, res, lambda: _launch(case, bridge_toml("jetstream", server.address)),
+        nice = case.opts.s14_process_nice
+        _s1_pair(case, res, lambda: _launch(case, bridge_toml("jetstream", server.address,
+                                                              nice=nice)),
                  case.launch, uplink_check=True)
     return res
 
