@@ -376,23 +376,24 @@ async def test_cancelled_during_its_read_ahead_the_forwarder_leaves_no_future_un
                 if not future.done():
                     future.set_exception(ConnectionResetError("closed"))
 
-    sink = FailingSink()
+    sinks = [FailingSink()]  # (dropped before the collection below)
     loop = asyncio.get_running_loop()
     reported: list[str] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
     try:
-        forwarder = Forwarder(lambda: sink, BlockedAhead(), cursor=0, window=4, depth=2,
+        forwarder = Forwarder(lambda: sinks[0], BlockedAhead(), cursor=0, window=4, depth=2,
                               backoff=Backoff(1.0, 8.0, rand=lambda: 0.0))
         task = asyncio.ensure_future(forwarder.run())
         await asyncio.wait_for(reading.wait(), 5)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        assert len(sink.windows) == 2
+        assert len(sinks[0].windows) == 2
         for _ in range(3):  # the done callbacks run
             await asyncio.sleep(0)
-        del task, forwarder, sink
+        del task, forwarder
+        sinks.clear()
         gc.collect()
         assert reported == []
     finally:
