@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol
 
 from ..bridge.base import BridgeMessage
 from ..bridge.forward import LogReader
-from ..store.log.lane_file import LaneView, load_blob
+from ..store.log.lane_view import LaneView, load_blob
 
 log = logging.getLogger("edge_broker.bridges")
 
@@ -96,6 +96,16 @@ class LaneReader:
         self.file.refresh(last, floor)
         if self.file.cursor != before:
             self.progress.set()
+        if floor > before:
+            # Rows dropped for max_backlog_bytes: the rest of them is skipped from now on;
+            # the broker counts them as dropped but for those handed out and not yet
+            # acknowledged, settled by the next "lane_ack" (LaneFile.held).
+            held = 0
+            for first, end in self._handed:
+                if first > floor:
+                    break
+                held += min(end, floor) - first + 1
+            self.send(("lane_held", floor, held))
         self._wakeup.set()
 
     def close(self) -> None:

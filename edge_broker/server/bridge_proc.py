@@ -283,6 +283,9 @@ class ProcessForwarder:
                 self._waiting = after
         elif kind == "lane_ack":  # (cursor, messages delivered since the last one)
             self._lane_acked(int(message[1]), int(message[2]) if len(message) > 2 else None)
+        elif kind == "lane_held":  # (drop floor, messages of dropped rows it may send)
+            if self._lane_file is not None:
+                self._lane_file.held(int(message[1]), int(message[2]))
         elif kind == "lane_wait":
             lane = self.lane
             if lane is not None:
@@ -380,7 +383,10 @@ class ProcessForwarder:
             self._stored = target
 
     async def flush(self) -> None:
-        """Wait until the latest acknowledged cursor is stored."""
+        """Wait until the latest acknowledged cursor is stored (and the lane file's writes:
+        its writer thread awaited, not joined on the loop; `close` then closes it)."""
         committer = self._committer
         if committer is not None and not committer.done():
             await asyncio.shield(committer)
+        if self._lane_file is not None:
+            await self._lane_file.aclose()
