@@ -166,6 +166,14 @@ class ProcessForwarder:
             self._base_forwarded = self.status.forwarded
             self._base_failures = self.status.failures
             lane_file = self.lane_file
+            if lane_file is not None and not await lane_file.written():
+                # Rows of the last run still queued for its writer thread (a stalled disk)
+                # would reach the file after this run read where it ends, and be sent
+                # after the log's rows published later: this run sends QoS 0 by the log.
+                log.error("bridge %s: the QoS 0 lane's writer is behind; QoS 0 messages go "
+                          "by the store's log for this run of the uplink process",
+                          self.config.name)
+                lane_file = None
             mark = self.lanes.core.log_end() if self.lanes is not None else 0
             writer.write(frame(("init", {
                 "config": encode_config(self.config), "path": self.path,

@@ -194,6 +194,12 @@ class LaneFile:
         self._ops.put(("sync", done))
         return done.wait(timeout_s)
 
+    async def written(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """`wait_written` on another thread (the loop runs meanwhile): before a run of the
+        uplink process starts, so that the rows of the previous run are in the file (or
+        failed) when it reads where the file ends (server/bridge_proc.py)."""
+        return await asyncio.to_thread(self.wait_written, timeout_s)
+
     @property
     def backlog_messages(self) -> int:
         """Messages after the cursor in the rows kept (queued ones included, rows whose
