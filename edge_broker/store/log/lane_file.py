@@ -197,7 +197,10 @@ class LaneFile:
     async def written(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
         """`wait_written` on another thread (the loop runs meanwhile): before a run of the
         uplink process starts, so that the rows of the previous run are in the file (or
-        failed) when it reads where the file ends (server/bridge_proc.py)."""
+        failed) when it reads where the file ends (server/bridge_proc.py). At once when no
+        row write waits (the usual start: no thread hop before the lane opens)."""
+        if self._rows_done == self._rows_put:
+            return True
         return await asyncio.to_thread(self.wait_written, timeout_s)
 
     @property
