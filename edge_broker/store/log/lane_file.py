@@ -51,6 +51,7 @@ from typing import Any, Final
 
 from ...errors import StoreError
 from .lane_view import LaneView as LaneView  # (server/bridge_child.py imports it from here)
+from .lane_view import take_runs
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -392,17 +393,7 @@ class LaneFile:
 
     def _settle_to(self, cursor: int, delivered: int | None, acked: int) -> None:
         """The unsettled drops up to `cursor` into `dropped`, less those delivered."""
-        runs = self._unsettled
-        settled = 0
-        while runs and runs[0][0] <= cursor:
-            start, end = runs[0]
-            if end <= cursor:
-                settled += end - start + 1
-                runs.popleft()
-            else:
-                settled += cursor - start + 1
-                runs[0][0] = cursor + 1
-                break
+        settled = take_runs(self._unsettled, cursor)
         if not settled:
             return
         resent = 0

@@ -16,6 +16,22 @@ from ...errors import StoreError
 from .lane_codec import decode_records
 
 
+def take_runs(runs: deque[list[int]], upto: int) -> int:
+    """Take the offsets up to `upto` off the front of `runs` ([first, last] runs of lane
+    offsets, oldest first; a run across `upto` is cut there). Returns how many."""
+    taken = 0
+    while runs and runs[0][0] <= upto:
+        first, last = runs[0]
+        if last <= upto:
+            taken += last - first + 1
+            runs.popleft()
+        else:
+            taken += upto - first + 1
+            runs[0][0] = upto + 1
+            break
+    return taken
+
+
 def _refuse_global(module: str, name: str) -> Any:
     raise pickle.UnpicklingError(f"a lane blob names {module}.{name}")
 
