@@ -93,6 +93,7 @@ class Lane:
         # may have read before they were dropped are not sent now (they count as dropped).
         file.settle()
         self._cut = 0  # messages max_backlog_bytes dropped since the last log line
+        self._told = -1  # the drop floor the process was told of last (-1: none)
         self._logged_at = -1e18
         self._failed_at = -1e18
         # Writes run on the file's own thread (store/log/lane_file.py), which tells this
@@ -156,8 +157,11 @@ class Lane:
             self._log_drops()
             # The process learns of the drop at once (it skips the rest of those rows) and
             # answers how many of them it had read already ("lane_held", LaneFile.held):
-            # until then they are not counted as dropped, nor after as forwarded.
-            self.notify(("lane", file.next_offset - 1, file.cursor))
+            # until then they are not counted as dropped, nor after as forwarded. One word
+            # at a time: a stopped process does not pile up frames.
+            if max(file.answered_to, file.acked) >= self._told:
+                self._told = file.cursor
+                self.notify(("lane", file.next_offset - 1, file.cursor))
 
     def _lost(self, count: int, why: str) -> None:
         """`count` messages not stored (the file cannot be written, or its writer is

@@ -14,11 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from edge_broker.core.changes import Message
 from edge_broker.errors import StoreError
+from edge_broker.server.bridge_lane import Lane
 from edge_broker.server.bridge_lane_child import LaneReader
 from edge_broker.store.log.lane_file import LaneFile
 from edge_broker.store.log.lane_view import LaneView
 from tests.bridge.test_lane_file import _append, _batch
+
+
+def _messages(start: int, count: int) -> list[Message]:
+    return [Message(n, "t", b"%d" % n, 0, False, received_at=100.0 + n, origin="dev")
+            for n in range(start, start + count)]
 
 
 @contextmanager
@@ -183,5 +190,27 @@ def test_close_does_not_wait_for_a_stalled_writer_and_never_opens_a_second_one(
         again = LaneFile(path, "s1")
         assert again.next_offset == 6  # the queued row was written before the end
         again.close(5)
+
+    asyncio.run(run())
+
+
+def test_the_process_is_told_of_a_drop_once_until_it_answers(tmp_path: Path) -> None:
+    """Every row appended over max_backlog_bytes drops the oldest; the process is told at
+    once ("lane" frame), but not again until it answered (a stopped process must not pile
+    up frames in the broker)."""
+    async def run() -> None:
+        file = LaneFile(str(tmp_path / "lane"), "s1", max_backlog_bytes=1)
+        sent: list[tuple[object, ...]] = []
+        lane = Lane("b", "bridge-c", file, mark=0, notify=sent.append, row_interval_s=0)
+        for n in range(5):  # each row drops the one before
+            lane.send(_messages(n, 1))
+        assert sent == [("lane", file.next_offset - 1, 1)] and file.cursor == 4
+        file.held(1, 0)  # the process's answer
+        lane.send(_messages(5, 1))
+        assert sent[1:] == [("lane", file.next_offset - 1, 5)]
+        file.held(5, 0)
+        assert file.dropped == 5 and file.backlog_messages == 1
+        lane.close()
+        file.close(5)
 
     asyncio.run(run())

@@ -156,6 +156,7 @@ class LaneFile:
         self._unsettled: deque[list[int]] = deque()
         self._unsettled_count = 0
         self._drop_total = self.dropped  # `dropped` and the unsettled: what lane_meta keeps
+        self.answered_to = self.cursor  # the last drop floor the process answered (`held`)
         self._closed = False
         # (Not `_thread`: mypyc names the C struct member `__thread`, a C keyword.)
         self._writer = threading.Thread(target=self._run, name=f"lane writer {path}",
@@ -214,6 +215,11 @@ class LaneFile:
         first = rows[0][0]
         return (sum(row[1] for row in rows) - max(0, self.cursor - first + 1)
                 + self._unsettled_count)
+
+    @property
+    def acked(self) -> int:
+        """The cursor the process acknowledged last (`cursor` is past it after drops)."""
+        return self._acked
 
     @property
     def oldest_at(self) -> float | None:
@@ -326,6 +332,7 @@ class LaneFile:
         now on) and holds `count` of their messages, read before (in flight, not yet
         acknowledged): the oldest `count` stay unsettled until its next acknowledgement
         (it reads in order: those it holds are the first), the others go to `dropped`."""
+        self.answered_to = max(self.answered_to, floor)
         runs = self._unsettled
         keep = count
         settled = 0
