@@ -163,6 +163,15 @@ class Lane:
                 self._told = file.cursor
                 self.notify(("lane", file.next_offset - 1, file.cursor))
 
+    def held(self, floor: int, count: int) -> None:
+        """The process's answer to the word of a drop ("lane_held": LaneFile.held); told at
+        once of the drops since, if any."""
+        file = self.file
+        file.held(floor, count)
+        if file.cursor > self._told:
+            self._told = file.cursor
+            self.notify(("lane", file.next_offset - 1, file.cursor))
+
     def _lost(self, count: int, why: str) -> None:
         """`count` messages not stored (the file cannot be written, or its writer is
         behind): counted in `dropped` and logged (at most every DROP_LOG_INTERVAL_S)."""

@@ -292,7 +292,9 @@ class ProcessForwarder:
         elif kind == "lane_ack":  # (cursor, messages delivered since the last one)
             self._lane_acked(int(message[1]), int(message[2]) if len(message) > 2 else None)
         elif kind == "lane_held":  # (drop floor, messages of dropped rows it may send)
-            if self._lane_file is not None:
+            if self.lane is not None:
+                self.lane.held(int(message[1]), int(message[2]))
+            elif self._lane_file is not None:
                 self._lane_file.held(int(message[1]), int(message[2]))
         elif kind == "lane_wait":
             lane = self.lane

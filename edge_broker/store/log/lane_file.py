@@ -17,7 +17,7 @@ they make the message ids of the lane (a namespace of their own: `<store_id>q`).
   and the cursor moved past them; the messages are counted in `dropped` (kept in the file),
   which only grows. Until the process says how many of them it had read already (`held`:
   those it may still send; the broker tells it of the drop at once, server/bridge_lane.py)
-  they are unsettled (in `backlog_messages`); those it holds are settled by its next
+  they are unsettled (in neither figure); those it holds are settled by its next
   acknowledgement (`commit_cursor`: the ones it delivered count as forwarded), or when its
   next run starts (`settle`).
 - A file made for another store (its `store_id` differs: the store was rebuilt) is emptied.
@@ -208,13 +208,12 @@ class LaneFile:
     @property
     def backlog_messages(self) -> int:
         """Messages after the cursor in the rows kept (queued ones included, rows whose
-        write failed not), and the dropped ones not yet settled (see `held`)."""
+        write failed not; dropped ones not yet settled neither: see `held`)."""
         rows = self._rows
         if not rows:
-            return self._unsettled_count
+            return 0
         first = rows[0][0]
-        return (sum(row[1] for row in rows) - max(0, self.cursor - first + 1)
-                + self._unsettled_count)
+        return sum(row[1] for row in rows) - max(0, self.cursor - first + 1)
 
     @property
     def acked(self) -> int:
