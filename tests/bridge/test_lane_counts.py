@@ -63,7 +63,9 @@ def test_a_failed_row_then_dropped_for_max_backlog_bytes_is_counted_once(
     with _locked(lane):
         _append(lane, [_batch(0, 4)], mark=0)  # offsets 1-4: the write fails
     dropped = _append(lane, [_batch(4, 4), _batch(8, 4)], mark=0)  # 5-12: stored
+    assert lane.write_failed  # (taken from the figures by the append, not yet collected)
     lost, _error = lane.collect()
+    assert not lane.write_failed
     assert (lost, dropped, lane.dropped) == (4, 0, 0)
     assert lane.backlog_messages == 8 and lane.backlog_bytes == 20
     lane.close(5)

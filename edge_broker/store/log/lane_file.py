@@ -231,8 +231,10 @@ class LaneFile:
 
     @property
     def write_failed(self) -> bool:
-        """A row write failed and `collect` has not reported it yet (any thread)."""
-        return bool(self._failed)
+        """A row write failed and `collect` has not reported it yet (any thread; also once
+        an append or acknowledgement took it from the figures: the writer's next callback
+        then still wakes the lane to count it)."""
+        return bool(self._failed) or self._lost > 0
 
     @property
     def queue_full(self) -> bool:
