@@ -227,18 +227,21 @@ class Forwarder:
         if not inflight:
             await self._idle(sink)
             return
-        batch, acks = inflight.popleft()
-        last = inflight[-1][0] if inflight else batch
-        if (not acks.done() and len(inflight) + 1 >= self.depth
+        batch, acks = inflight[0]
+        last = inflight[-1][0]
+        if (not acks.done() and len(inflight) >= self.depth
                 and len(last) >= self.window and self._ahead is None):
             # The pipeline is full and its oldest window not yet acknowledged: the page
             # after the last window is read now, while the remote side works, so that the
             # window taking the acknowledged one's place is written at once when its
-            # acknowledgements come (not after a page read).
+            # acknowledgements come (not after a page read). The window stays in
+            # `_inflight` meanwhile: cancelled during the read, `run` drops it (its
+            # acknowledgements are cancelled or retrieved, not left to asyncio's log).
             after = last[-1].offset
             page = await self.reader.read_after(after, self.window)
             if page:
                 self._ahead = (after, page)
+        inflight.popleft()
         try:
             acknowledged = await acks
         except Resend as exc:
@@ -268,8 +271,10 @@ class Forwarder:
         inflight = self._inflight
         while inflight:
             _, acks = inflight.pop()
-            acks.cancel()
-            acks.add_done_callback(_retrieve)
+            if acks.cancel():  # (a task may still end with an exception: retrieved then)
+                acks.add_done_callback(_retrieve)
+            else:  # done already: its exception (if any) retrieved now
+                _retrieve(acks)
 
     async def _resend(self, exc: BaseException) -> None:
         """The sink is usable but what was in flight must go again (see `Resend`)."""

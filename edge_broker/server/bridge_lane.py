@@ -21,18 +21,20 @@ the file itself; only once it read everything does it ask ("lane_wait", its last
 and the broker answers with a small frame over the process's socketpair
 (server/bridge_wire.py), at once or after the next committed row: ("lane", last offset
 committed, cursor).
-A busy process gets no frames, an idle one one per append. It reports each cursor the
-remote side acknowledged ("lane_ack"); the broker stores it and deletes the rows it passes:
-the broker is the file's only writer.
+A busy process gets no frames (but for a drop, below), an idle one one per append. It
+reports each cursor the remote side acknowledged ("lane_ack"); the broker stores it and
+deletes the rows it passes: the broker is the file's only writer.
 
 Nothing is buffered towards the process beyond the row being gathered and the rows queued
 for the writer thread (at most `MAX_QUEUED_ROWS`), so a process that does not keep up loses
 nothing: the backlog waits in the file, bounded by `max_backlog_bytes` (the oldest rows
-dropped, counted and logged). A writer thread that does not keep up (a stalled disk): the
-row keeps gathering, up to `BEHIND_ROWS` x `ROW_BYTES`; beyond, its messages are dropped,
-counted in the bridge's `dropped` and logged, as a row the file refused is. While the process is not
-running (starting, restarting) its lane is closed (what was gathered is appended first)
-and the core appends those messages to the log as before.
+dropped, counted and logged; the process is told at once and answers how many of them it
+had read already: those it may still send, counted as forwarded if it does). A writer
+thread that does not keep up (a stalled disk): the row keeps gathering, up to
+`BEHIND_ROWS` x `ROW_BYTES`; beyond, its messages are dropped, counted in the bridge's
+`dropped` and logged, as a row the file refused is. While the process is not running
+(starting, restarting) its lane is closed (what was gathered is appended first) and the
+core appends those messages to the log as before.
 """
 
 from __future__ import annotations
@@ -87,7 +89,11 @@ class Lane:
         self._committed_at = -1e18  # time.monotonic() of the last row's append
         self._timer: asyncio.TimerHandle | None = None
         self._waiting: int | None = None  # the process waits for a row past this offset
-        self._logged = file.dropped
+        # A new run of the process starts at the stored cursor: the rows the previous run
+        # may have read before they were dropped are not sent now (they count as dropped).
+        file.settle()
+        self._cut = 0  # messages max_backlog_bytes dropped since the last log line
+        self._told = -1  # the drop floor the process was told of last (-1: none)
         self._logged_at = -1e18
         self._failed_at = -1e18
         # Writes run on the file's own thread (store/log/lane_file.py), which tells this
@@ -147,7 +153,24 @@ class Lane:
             return
         self.sent += count
         if dropped:
+            self._cut += dropped
             self._log_drops()
+            # The process learns of the drop at once (it skips the rest of those rows) and
+            # answers how many of them it had read already ("lane_held", LaneFile.held):
+            # until then they are not counted as dropped, nor after as forwarded. One word
+            # at a time: a stopped process does not pile up frames.
+            if max(file.answered_to, file.acked) >= self._told:
+                self._told = file.cursor
+                self.notify(("lane", file.next_offset - 1, file.cursor))
+
+    def held(self, floor: int, count: int) -> None:
+        """The process's answer to the word of a drop ("lane_held": LaneFile.held); told at
+        once of the drops since, if any."""
+        file = self.file
+        file.held(floor, count)
+        if file.cursor > self._told:
+            self._told = file.cursor
+            self.notify(("lane", file.next_offset - 1, file.cursor))
 
     def _lost(self, count: int, why: str) -> None:
         """`count` messages not stored (the file cannot be written, or its writer is
@@ -210,10 +233,12 @@ class Lane:
         file = self.file
         if now - self._logged_at < DROP_LOG_INTERVAL_S:
             return
+        # (`file.dropped` only grows: the rows the process had read before they were dropped
+        # join it once it says whether it sent them.)
         log.warning("bridge %s: QoS 0 lane over max_backlog_bytes (%d): %d oldest message(s) "
-                    "dropped (%d in all)", self.name, file.max_backlog_bytes,
-                    file.dropped - self._logged, file.dropped)
-        self._logged = file.dropped
+                    "dropped (%d counted in all)", self.name, file.max_backlog_bytes,
+                    self._cut, file.dropped)
+        self._cut = 0
         self._logged_at = now
 
 

@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol
 
 from ..bridge.base import BridgeMessage
 from ..bridge.forward import LogReader
-from ..store.log.lane_file import LaneView, load_blob
+from ..store.log.lane_view import LaneView, load_blob, take_runs
 
 log = logging.getLogger("edge_broker.bridges")
 
@@ -96,6 +96,16 @@ class LaneReader:
         self.file.refresh(last, floor)
         if self.file.cursor != before:
             self.progress.set()
+        if floor > before:
+            # Rows dropped for max_backlog_bytes: the rest of them is skipped from now on;
+            # the broker counts them as dropped but for those handed out and not yet
+            # acknowledged, settled by the next "lane_ack" (LaneFile.held).
+            held = 0
+            for first, end in self._handed:
+                if first > floor:
+                    break
+                held += min(end, floor) - first + 1
+            self.send(("lane_held", floor, held))
         self._wakeup.set()
 
     def close(self) -> None:
@@ -200,17 +210,7 @@ class LaneReader:
 
     async def commit_cursor(self, cursor: int) -> None:
         self.file.advance(cursor)
-        delivered = 0  # handed out and now acknowledged
-        handed = self._handed
-        while handed and handed[0][0] <= cursor:
-            first, last = handed[0]
-            if last <= cursor:
-                delivered += last - first + 1
-                handed.popleft()
-            else:
-                delivered += cursor - first + 1
-                handed[0][0] = cursor + 1
-                break
+        delivered = take_runs(self._handed, cursor)  # handed out and now acknowledged
         # The broker stores it, deletes the rows, and counts what was delivered.
         self.send(("lane_ack", cursor, delivered))
         self.progress.set()

@@ -166,6 +166,14 @@ class ProcessForwarder:
             self._base_forwarded = self.status.forwarded
             self._base_failures = self.status.failures
             lane_file = self.lane_file
+            if lane_file is not None and not await lane_file.written():
+                # Rows of the last run still queued for its writer thread (a stalled disk)
+                # would reach the file after this run read where it ends, and be sent
+                # after the log's rows published later: this run sends QoS 0 by the log.
+                log.error("bridge %s: the QoS 0 lane's writer is behind; QoS 0 messages go "
+                          "by the store's log for this run of the uplink process",
+                          self.config.name)
+                lane_file = None
             mark = self.lanes.core.log_end() if self.lanes is not None else 0
             writer.write(frame(("init", {
                 "config": encode_config(self.config), "path": self.path,
@@ -283,6 +291,11 @@ class ProcessForwarder:
                 self._waiting = after
         elif kind == "lane_ack":  # (cursor, messages delivered since the last one)
             self._lane_acked(int(message[1]), int(message[2]) if len(message) > 2 else None)
+        elif kind == "lane_held":  # (drop floor, messages of dropped rows it may send)
+            if self.lane is not None:
+                self.lane.held(int(message[1]), int(message[2]))
+            elif self._lane_file is not None:
+                self._lane_file.held(int(message[1]), int(message[2]))
         elif kind == "lane_wait":
             lane = self.lane
             if lane is not None:
@@ -380,7 +393,10 @@ class ProcessForwarder:
             self._stored = target
 
     async def flush(self) -> None:
-        """Wait until the latest acknowledged cursor is stored."""
+        """Wait until the latest acknowledged cursor is stored (and the lane file's writes:
+        its writer thread awaited, not joined on the loop; `close` then closes it)."""
         committer = self._committer
         if committer is not None and not committer.done():
             await asyncio.shield(committer)
+        if self._lane_file is not None:
+            await self._lane_file.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -349,3 +350,51 @@ async def test_after_a_resend_one_window_goes_until_one_is_acknowledged_in_full(
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def test_cancelled_during_its_read_ahead_the_forwarder_leaves_no_future_unretrieved(
+        ) -> None:
+    """Shut down while the full pipeline's page after the newest window is being read: the
+    oldest window's acknowledgements (failed by the sink's close, as a lost connection
+    fails them) must not be left to asyncio's "exception was never retrieved" log."""
+    log = ReadLog()
+    for i in range(16):
+        log.append("s/t", b"%d" % i)
+    reading = asyncio.Event()
+    never = asyncio.Event()
+
+    class BlockedAhead(ReadLog):
+        async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
+            if cursor == 8:  # the read-ahead: held until the forwarder is cancelled
+                reading.set()
+                await never.wait()
+            return await log.read_after(cursor, limit)
+
+    class FailingSink(PipelinedSink):
+        async def close(self) -> None:
+            for _, future in self.windows:
+                if not future.done():
+                    future.set_exception(ConnectionResetError("closed"))
+
+    sinks = [FailingSink()]  # (dropped before the collection below)
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+    try:
+        forwarder = Forwarder(lambda: sinks[0], BlockedAhead(), cursor=0, window=4, depth=2,
+                              backoff=Backoff(1.0, 8.0, rand=lambda: 0.0))
+        task = asyncio.ensure_future(forwarder.run())
+        await asyncio.wait_for(reading.wait(), 5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert len(sinks[0].windows) == 2
+        for _ in range(3):  # the done callbacks run
+            await asyncio.sleep(0)
+        del task, forwarder
+        sinks.clear()
+        gc.collect()
+        assert reported == []
+    finally:
+        loop.set_exception_handler(previous)

@@ -20,7 +20,8 @@ from edge_broker.errors import StoreError
 from edge_broker.mqtt.properties import Properties
 from edge_broker.server.bridge_lane_child import LaneReader
 from edge_broker.store.log.lane_codec import decode_records, encode_records
-from edge_broker.store.log.lane_file import LaneFile, LaneView, load_blob
+from edge_broker.store.log.lane_file import LaneFile
+from edge_broker.store.log.lane_view import LaneView, load_blob
 
 
 def _batch(first_n: int, count: int, size: int = 10) -> tuple[int, int, float, bytes]:
@@ -55,7 +56,7 @@ def test_offsets_cursor_and_reopen(tmp_path: Path) -> None:
     assert lane.next_offset == 6 and lane.backlog_messages == 5
     lane.commit_cursor(4)  # the first row gone, the second still needed
     assert lane.backlog_messages == 1 and lane.pending_mark == 5
-    lane.close()
+    lane.close(5)
     again = LaneFile(path, "s1")
     assert again.cursor == 4 and again.next_offset == 6 and again.backlog_messages == 1
     view = _view(again)
@@ -63,14 +64,14 @@ def test_offsets_cursor_and_reopen(tmp_path: Path) -> None:
     assert [(first, count) for first, count, _mark, _blob in rows] == [(4, 2)]
     assert view.pending_mark == 5 and view.mark_after(4) == 5 and view.mark_after(5) is None
     view.close()
-    again.close()
+    again.close(5)
 
 
 def test_a_file_of_another_store_is_emptied(tmp_path: Path) -> None:
     path = str(tmp_path / "lane")
     lane = LaneFile(path, "s1")
     _append(lane, [_batch(0, 3)], mark=0)
-    lane.close()
+    lane.close(5)
     other = LaneFile(path, "s2")
     assert other.backlog_messages == 0 and other.next_offset == 1
     other.close()
@@ -105,18 +106,20 @@ def test_a_failed_write_is_reported_counted_and_not_stored(
     view = _view(lane)
     assert [(first, count) for first, count, *_ in view.page(0, 10)] == [(1, 2), (8, 1)]
     view.close()
-    lane.close()
+    lane.close(5)
 
 
 def test_max_backlog_bytes_drops_the_oldest_rows(tmp_path: Path) -> None:
     lane = LaneFile(str(tmp_path / "lane"), "s1", max_backlog_bytes=25)
     assert _append(lane, [_batch(0, 4)], mark=0) == 0
     assert _append(lane, [_batch(4, 4), _batch(8, 4)], mark=0) == 4  # 30 bytes > 25
-    assert lane.dropped == 4 and lane.cursor == 4 and lane.backlog_bytes == 20
+    assert lane.cursor == 4 and lane.backlog_bytes == 20
+    lane.held(4, 0)  # the process, told of the drop, had read none of them
+    assert lane.dropped == 4 and lane.backlog_messages == 8
     view = _view(lane)
     assert [first for first, *_ in view.page(lane.cursor, 100)] == [5, 9]
     view.close()
-    lane.close()
+    lane.close(5)
 
 
 def test_the_broker_writes_the_process_reads_and_acknowledges(tmp_path: Path) -> None:
@@ -135,14 +138,14 @@ def test_the_broker_writes_the_process_reads_and_acknowledges(tmp_path: Path) ->
         assert sent == [("lane_ack", 7, 7)]  # the broker stores it and deletes the rows
         writer.commit_cursor(7)
         reader.close()
-        writer.close()
+        writer.close(5)
         again = LaneFile(path, "s1")
         assert again.cursor == 7 and again.backlog_messages == 3
         reader = LaneReader(_view(again), mark=0, send=sent.append)  # a new process
         got = list(await reader.read_after(reader.file.cursor, 100))
         assert [m.offset for m in got] == [8, 9, 10] and _payloads(got) == [7, 8, 9]
         reader.close()
-        again.close()
+        again.close(5)
 
     asyncio.run(run())
 
@@ -159,7 +162,7 @@ def test_rows_the_broker_dropped_are_skipped_by_the_process(tmp_path: Path) -> N
         got = list(await reader.read_after(0, 100))
         assert [m.offset for m in got] == list(range(5, 13))
         reader.close()
-        writer.close()
+        writer.close(5)
 
     asyncio.run(run())
 
@@ -169,7 +172,9 @@ def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped
     """max_backlog_bytes drops the oldest rows, counted in `dropped`; the messages of a row
     the process had already read (its window in flight) are sent all the same: once
     acknowledged they count as forwarded only, not in both (the process says how many it
-    delivered). Those of a dropped row it skipped stay dropped, also after a reopen."""
+    delivered). Those of a dropped row it skipped stay dropped, also after a reopen. The
+    process, told of the drop, says how many of them it holds: those are counted when it
+    says whether it delivered them (`dropped` never goes down)."""
     async def run() -> None:
         path = str(tmp_path / "lane")
         writer = LaneFile(path, "s1", max_backlog_bytes=25)
@@ -179,19 +184,22 @@ def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped
         reader.appended(writer.next_offset - 1, writer.cursor)
         window = list(await reader.read_after(0, 2))  # 1 and 2 in flight
         _append(writer, [_batch(4, 4), _batch(8, 4)], mark=0)  # 30 bytes > 25
-        assert writer.dropped == 4  # the row of 1-4
+        assert writer.dropped == 0  # the row of 1-4: the process may have read it
         reader.appended(writer.next_offset - 1, writer.cursor)  # 3 and 4 skipped
+        assert sent == [("lane_held", 4, 2)]  # 1 and 2 in flight
+        writer.held(4, 2)
+        assert writer.dropped == 2 and writer.backlog_messages == 8
         rest = list(await reader.read_after(2, 100))
         assert [m.offset for m in window + rest] == [1, 2, *range(5, 13)]
         await reader.commit_cursor(12)  # the remote side acknowledged all it was sent
-        assert sent == [("lane_ack", 12, 10)]
+        assert sent[1:] == [("lane_ack", 12, 10)]
         writer.commit_cursor(12, 10)
         assert writer.dropped == 2 and writer.backlog_messages == 0
         reader.close()
-        writer.close()
+        writer.close(5)
         again = LaneFile(path, "s1")
         assert again.dropped == 2 and again.cursor == 12
-        again.close()
+        again.close(5)
 
     asyncio.run(run())
 
@@ -210,7 +218,7 @@ def test_lane_rows_wait_for_the_log_up_to_their_mark(tmp_path: Path) -> None:
         Gate.done_to = 7
         assert _payloads(list(await reader.read_after(0, 10))) == [0, 1]
         reader.close()
-        writer.close()
+        writer.close(5)
 
     asyncio.run(run())
 
@@ -277,7 +285,7 @@ def test_a_damaged_row_stops_the_lane_reader_with_a_store_error(tmp_path: Path) 
         with pytest.raises(StoreError, match=f"{path}: table lane, row first=1"):
             await reader.read_after(0, 10)
         reader.close()
-        writer.close()
+        writer.close(5)
 
     asyncio.run(run())
 
@@ -338,7 +346,7 @@ def test_log_gate_holds_qos0_log_rows_behind_older_lane_rows(tmp_path: Path,
             await asyncio.wait_for(waiting, 5)
         assert [m.offset for m in await gate.read_after(10, 10)] == [11]
         lane.close()
-        older.close()
+        older.close(5)
 
     asyncio.run(run())
 
@@ -399,6 +407,6 @@ def test_a_failed_write_at_the_end_does_not_stop_the_process_reading(tmp_path: P
         await asyncio.wait_for(waiting, 5)
         assert [m.offset for m in await reader.read_after(2, 100)] == [6, 7]
         reader.close()
-        writer.close()
+        writer.close(5)
 
     asyncio.run(run())

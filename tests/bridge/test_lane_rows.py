@@ -14,7 +14,8 @@ from typing import Any
 from edge_broker.core.changes import Message
 from edge_broker.server.bridge_lane import Lane
 from edge_broker.server.bridge_lane_child import LaneReader
-from edge_broker.store.log.lane_file import LaneFile, LaneView, load_blob
+from edge_broker.store.log.lane_file import LaneFile
+from edge_broker.store.log.lane_view import LaneView, load_blob
 
 
 def _messages(start: int, count: int) -> list[Message]:

@@ -1,6 +1,7 @@
 """The QoS 0 lane's own log (docs/bridges.md "The QoS 0 lane"): a SQLite file beside the
 store, written by the broker (`LaneFile`: figures on its event loop, writes on a thread of the
-file's own) and read by one bridge's uplink process (`LaneView`, server/bridge_lane_child.py).
+file's own) and read by one bridge's uplink process (`LaneView`, store/log/lane_view.py;
+server/bridge_lane_child.py).
 
 The broker appends the QoS 0 messages that only this bridge's uplink takes, one row per
 one or more event-loop turns (server/bridge_lane.py), as an opaque blob (the records of
@@ -13,7 +14,12 @@ they make the message ids of the lane (a namespace of their own: `<store_id>q`).
 - `cursor`: every lane offset up to it was acknowledged by the remote side (the process
   reports it, the broker stores it in `lane_meta`); rows entirely up to it are deleted.
 - `max_backlog_bytes`: when the rows after the cursor exceed it, the oldest rows are deleted
-  and the cursor moved past them; the messages are counted in `dropped` (kept in the file).
+  and the cursor moved past them; the messages are counted in `dropped` (kept in the file),
+  which only grows. Until the process says how many of them it had read already (`held`:
+  those it may still send; the broker tells it of the drop at once, server/bridge_lane.py)
+  they are unsettled (in neither figure); those it holds are settled by its next
+  acknowledgement (`commit_cursor`: the ones it delivered count as forwarded), or when its
+  next run starts (`settle`).
 - A file made for another store (its `store_id` differs: the store was rebuilt) is emptied.
 
 The broker is the only writer (single-writer, as the store). Writes are committed with
@@ -24,15 +30,17 @@ into the file and syncs it inside a commit every ~1,000 pages (tens of ms on an 
 then holds that thread, not the broker's event loop. The rows queued while it writes go in
 its next statement (one INSERT, autocommit). The process reads with a read-only connection;
 WAL lets it read beside the writer, each read seeing the last commit; it is told of a row
-only after its commit.
+only after its commit. `close` does not wait for the thread (`aclose` awaits it without
+holding the loop); a file whose previous writer thread still runs is not opened again (one
+writer per file).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import io
 import logging
-import pickle
+import os
 import queue
 import sqlite3
 import threading
@@ -40,10 +48,10 @@ from collections import deque
 from collections.abc import Callable
 from itertools import chain
 from typing import Any, Final
-from urllib.parse import quote
 
 from ...errors import StoreError
-from .lane_codec import decode_records
+from .lane_view import LaneView as LaneView  # (server/bridge_child.py imports it from here)
+from .lane_view import take_runs
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS lane_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -60,47 +68,11 @@ _ROW_VALUES: Final = "(?, ?, ?, ?, ?, ?)"
 _INSERT: Final = "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES "
 _STOP: Final = ("stop",)
 CLOSE_TIMEOUT_S: Final = 10.0
+# The writer thread of each lane file this process opened (by real path): a file is not
+# opened again while its previous writer still writes (`LaneFile.close` does not wait).
+_WRITERS: Final[dict[str, threading.Thread]] = {}
 
 log = logging.getLogger("edge_broker.bridges")
-
-
-def _refuse_global(module: str, name: str) -> Any:
-    raise pickle.UnpicklingError(f"a lane blob names {module}.{name}")
-
-
-# Loads only what a lane blob holds (lists, tuples, str, bytes, numbers, bools, None): every
-# global (a class or function, the only way a pickle runs code) is refused, so a lane file
-# written by someone else cannot make the process run anything. Made with type(), not a
-# class statement: mypyc compiles a class statement into a native class, and a native
-# subclass of the C `pickle.Unpickler` crashed the compiled process (SIGSEGV at the first
-# load, so the compiled uplink process never forwarded a lane message). A staticmethod: a
-# compiled function does not bind `self` as a Python one does.
-_PlainUnpickler: Any = type("_PlainUnpickler", (pickle.Unpickler,),
-                            {"find_class": staticmethod(_refuse_global)})
-
-
-def load_blob(path: str, first: int, blob: bytes,
-              count: int | None = None) -> list[tuple[Any, ...]]:
-    """The records of the lane row at `first` (store/log/lane_codec.py's format; a pickled
-    list, the format of earlier versions, is still read: rows an upgrade found in the file).
-    A damaged blob (or one holding other than `count` messages, when given) raises
-    StoreError naming the file, table and row."""
-    records: list[tuple[Any, ...]]
-    try:
-        if blob[:1] == b"\x80":  # a pickle: written by an earlier version
-            loaded = _PlainUnpickler(io.BytesIO(blob)).load()
-            if not isinstance(loaded, list) or not all(
-                    isinstance(r, tuple) and len(r) == 6 for r in loaded):
-                raise ValueError("not a list of 6-item records")
-            records = loaded
-        else:
-            records = decode_records(blob)
-        if count is not None and len(records) != count:
-            raise ValueError(f"{len(records)} messages in a row of {count}")
-    except Exception as exc:  # a damaged blob: any error of the decoder
-        raise StoreError(f"{path}: table lane, row first={first}: damaged batch of QoS 0 "
-                         f"messages ({exc})") from exc
-    return records
 
 
 class LaneFile:
@@ -118,8 +90,14 @@ class LaneFile:
     def __init__(self, path: str, store_id: str, max_backlog_bytes: int = 0, *,
                  max_queued_rows: int = MAX_QUEUED_ROWS) -> None:
         """Raises StoreError naming the file when it cannot be opened or read (not a
-        database, damaged, unwritable)."""
+        database, damaged, unwritable), or while the writer thread of its previous opening
+        still finishes its writes (a stalled disk; tried again later)."""
         self.path = path
+        key = os.path.realpath(path)
+        previous = _WRITERS.get(key)
+        if previous is not None and previous.is_alive():
+            raise StoreError(f"{path}: cannot open the QoS 0 lane file: its previous writer "
+                             "thread is still finishing its writes")
         self.max_backlog_bytes = max_backlog_bytes
         self.max_queued_rows = max_queued_rows
         try:
@@ -171,22 +149,45 @@ class LaneFile:
         self._bound_deleted = self.cursor
         # (firsts, messages, bytes, error) of row writes that failed (thread -> loop)
         self._failed: deque[tuple[list[int], int, int, str]] = deque()
+        self._lost = 0  # messages of failed writes taken from the figures, not yet collected
+        self._lost_error = ""
+        # Dropped for max_backlog_bytes, not yet in `dropped` (the process may still send
+        # them: see `held`, `commit_cursor`): [first, last] runs, oldest first.
+        self._unsettled: deque[list[int]] = deque()
+        self._unsettled_count = 0
+        self._drop_total = self.dropped  # `dropped` and the unsettled: what lane_meta keeps
+        self.answered_to = self.cursor  # the last drop floor the process answered (`held`)
         self._closed = False
         # (Not `_thread`: mypyc names the C struct member `__thread`, a C keyword.)
         self._writer = threading.Thread(target=self._run, name=f"lane writer {path}",
                                         daemon=True)
         self._writer.start()
+        _WRITERS[key] = self._writer
 
-    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Finish the queued writes, then close the file (the writer thread closes it)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._ops.put(_STOP)
-        self._writer.join(timeout_s)
-        if self._writer.is_alive():
-            log.error("%s: the QoS 0 lane's writer did not finish in %.0f s; left behind",
-                      self.path, timeout_s)
+    def close(self, wait_s: float = 0.0) -> None:
+        """Queue the end: the writer thread finishes the queued writes, then closes the file.
+        Waits for it at most `wait_s` (0: not at all, as on the event loop; `aclose` awaits
+        it without holding the loop). The file is not opened again before it finished."""
+        if not self._closed:
+            self._closed = True
+            self._ops.put(_STOP)
+        if wait_s > 0:
+            self._writer.join(wait_s)
+
+    async def aclose(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """`close`, then wait for the writer thread to finish, at most `timeout_s`, on
+        another thread (the loop runs meanwhile). False when it did not: it is left behind,
+        logged, and the file is not opened again until it finished."""
+        self.close()
+        writer = self._writer
+        if writer.is_alive():
+            await asyncio.to_thread(writer.join, timeout_s)
+        if writer.is_alive():
+            log.error("%s: the QoS 0 lane's writer did not finish in %.0f s; left behind "
+                      "(the file is not opened again before it finished)", self.path,
+                      timeout_s)
+            return False
+        return True
 
     def wait_written(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
         """Block until every write asked for so far finished (tests, tools); False on
@@ -195,15 +196,29 @@ class LaneFile:
         self._ops.put(("sync", done))
         return done.wait(timeout_s)
 
+    async def written(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """`wait_written` on another thread (the loop runs meanwhile): before a run of the
+        uplink process starts, so that the rows of the previous run are in the file (or
+        failed) when it reads where the file ends (server/bridge_proc.py). At once when no
+        row write waits (the usual start: no thread hop before the lane opens)."""
+        if self._rows_done == self._rows_put:
+            return True
+        return await asyncio.to_thread(self.wait_written, timeout_s)
+
     @property
     def backlog_messages(self) -> int:
         """Messages after the cursor in the rows kept (queued ones included, rows whose
-        write failed not)."""
+        write failed not; dropped ones not yet settled neither: see `held`)."""
         rows = self._rows
         if not rows:
             return 0
         first = rows[0][0]
         return sum(row[1] for row in rows) - max(0, self.cursor - first + 1)
+
+    @property
+    def acked(self) -> int:
+        """The cursor the process acknowledged last (`cursor` is past it after drops)."""
+        return self._acked
 
     @property
     def oldest_at(self) -> float | None:
@@ -216,8 +231,10 @@ class LaneFile:
 
     @property
     def write_failed(self) -> bool:
-        """A row write failed and `collect` has not reported it yet (any thread)."""
-        return bool(self._failed)
+        """A row write failed and `collect` has not reported it yet (any thread; also once
+        an append or acknowledgement took it from the figures: the writer's next callback
+        then still wakes the lane to count it)."""
+        return bool(self._failed) or self._lost > 0
 
     @property
     def queue_full(self) -> bool:
@@ -233,6 +250,8 @@ class LaneFile:
         transaction). Returns the number of messages dropped. A write that fails (disk full,
         I/O error) stores nothing: `collect` reports it. Queued even when `queue_full` (the
         caller decides)."""
+        if self._failed:  # failed rows leave the figures before any drop (counted once)
+            self._take_failed()
         rows = []
         firsts = []
         total = 0
@@ -249,12 +268,13 @@ class LaneFile:
         dropped = self._bound()
         self._rows_put += 1
         self._ops.put(("rows", rows, firsts, total, total_bytes, self.queued_next,
-                       self._bound_cursor, self.dropped))
+                       self._bound_cursor, self._drop_total))
         return dropped
 
     def _bound(self) -> int:
         """Drop the oldest rows beyond max_backlog_bytes (from the figures now; the queued
-        write deletes them). Returns the messages dropped."""
+        write deletes them). Returns the messages dropped (unsettled: they go to `dropped`
+        once the process says it did not send them, see `held`)."""
         limit = self.max_backlog_bytes
         if not limit or self.backlog_bytes <= limit:
             return 0
@@ -265,36 +285,86 @@ class LaneFile:
         while cut < len(kept) - 1 and self.backlog_bytes > limit:  # the newest row stays
             first, count, size, _at, _mark = kept[cut]
             last = first + count - 1
-            dropped += last - max(cursor, first - 1)
+            start = max(cursor, first - 1) + 1
+            if last >= start:
+                dropped += last - start + 1
+                self._unsettled.append([start, last])
             cursor = last
             self.backlog_bytes -= size
             cut += 1
         if not cut:
             return 0
         self.cursor = self._bound_cursor = cursor
-        self.dropped += dropped
+        self._drop_total += dropped
+        self._unsettled_count += dropped
         del kept[:cut]
         return dropped
 
-    def collect(self) -> tuple[int, str]:
-        """On the loop: the messages of the row writes that failed since the last call (not
-        stored: lost, QoS 0 is at most once; their rows leave the figures), and the last
-        error ("" when none)."""
-        lost = 0
-        error = ""
+    def _take_failed(self) -> None:
+        """On the loop: the rows of the writes that failed leave the figures (those still
+        kept: a row max_backlog_bytes dropped first is counted there, not here too)."""
         failed = self._failed
         while failed:
-            firsts, count, _size, error = failed.popleft()
-            lost += count
+            firsts, _count, _size, error = failed.popleft()
+            self._lost_error = error
             gone = set(firsts)
             kept = []
             for row in self._rows:
                 if row[0] in gone:
                     self.backlog_bytes -= row[2]
+                    self._lost += row[1]
                 else:
                     kept.append(row)
             self._rows = kept
+
+    def collect(self) -> tuple[int, str]:
+        """On the loop: the messages of the row writes that failed since the last call (not
+        stored: lost, QoS 0 is at most once; their rows leave the figures; a row dropped for
+        max_backlog_bytes before its write failed is in `dropped` only), and the last error
+        ("" when none)."""
+        self._take_failed()
+        lost, error = self._lost, self._lost_error
+        self._lost = 0
+        self._lost_error = ""
         return lost, error
+
+    def held(self, floor: int, count: int) -> None:
+        """The process learnt of the drops up to `floor` (it skips the rest of them from
+        now on) and holds `count` of their messages, read before (in flight, not yet
+        acknowledged): the oldest `count` stay unsettled until its next acknowledgement
+        (it reads in order: those it holds are the first), the others go to `dropped`."""
+        self.answered_to = max(self.answered_to, floor)
+        runs = self._unsettled
+        keep = count
+        settled = 0
+        kept: deque[list[int]] = deque()
+        while runs and runs[0][0] <= floor:
+            start, end = runs.popleft()
+            if end > floor:  # (not dropped when the process was told: later)
+                runs.appendleft([floor + 1, end])
+                end = floor
+            size = end - start + 1
+            if keep >= size:
+                kept.append([start, end])
+                keep -= size
+            elif keep:
+                kept.append([start, start + keep - 1])
+                settled += size - keep
+                keep = 0
+            else:
+                settled += size
+        runs.extendleft(reversed(kept))
+        if settled:
+            self._unsettled_count -= settled
+            self.dropped += settled
+
+    def settle(self) -> None:
+        """The process that might still have sent the dropped rows it had read ended (a new
+        run starts at the cursor): they all count in `dropped` now."""
+        if self._unsettled_count:
+            self.dropped += self._unsettled_count
+            self._unsettled_count = 0
+            self._unsettled.clear()
 
     def commit_cursor(self, cursor: int, delivered: int | None = None) -> None:
         """Everything up to `cursor` was acknowledged: the figures move now; the writer
@@ -304,24 +374,19 @@ class LaneFile:
         `delivered`: how many messages after the previous acknowledged cursor the process
         sent and had acknowledged (server/bridge_lane_child.py). Rows max_backlog_bytes
         dropped after the process had read them (its window in flight, the row it had
-        decoded) were sent all the same: those are taken out of `dropped` again, so a
-        message is counted in `forwarded` or in `dropped`, not both. The process skips the
-        rest of a dropped range, so they are what it delivered beyond the rows still kept."""
+        decoded) were sent all the same: the unsettled drops (see `held`) up to `cursor` go
+        to `dropped` now, less the ones delivered, so a message is counted in `forwarded`
+        or in `dropped`, not both, and `dropped` never goes down. The process skips the
+        rest of a dropped range, so they are what it delivered beyond the rows still
+        kept."""
+        if self._failed:  # a failed row the process skipped is lost, not delivered
+            self._take_failed()
         acked = self._acked
         if cursor <= acked:
             return
         self._acked = cursor
-        if delivered is not None and self.cursor > acked:  # rows after `acked` dropped
-            kept_messages = 0  # messages of the kept rows in (the drops' end, cursor]
-            floor = self.cursor
-            for first, count, _size, _at, _mark in self._rows:
-                if first > cursor:
-                    break
-                kept_messages += min(first + count - 1, cursor) - max(first - 1, floor)
-            resent = min(delivered - kept_messages, min(cursor, floor) - acked, self.dropped)
-            if resent > 0:
-                self.dropped -= resent
-                self._queue_cursor()
+        if self._unsettled:
+            self._settle_to(cursor, delivered, acked)
         if cursor <= self.cursor:
             return
         self.cursor = cursor
@@ -333,6 +398,26 @@ class LaneFile:
         del kept[:cut]
         self._cursor_target = cursor
         self._queue_cursor()
+
+    def _settle_to(self, cursor: int, delivered: int | None, acked: int) -> None:
+        """The unsettled drops up to `cursor` into `dropped`, less those delivered."""
+        settled = take_runs(self._unsettled, cursor)
+        if not settled:
+            return
+        resent = 0
+        if delivered is not None:
+            kept_messages = 0  # messages of the kept rows in (acked, cursor]
+            for first, count, _size, _at, _mark in self._rows:
+                if first > cursor:
+                    break
+                kept_messages += max(0, min(first + count - 1, cursor)
+                                     - max(first - 1, self.cursor, acked))
+            resent = min(max(0, delivered - kept_messages), settled)
+        self._unsettled_count -= settled
+        self.dropped += settled - resent
+        if resent:
+            self._drop_total -= resent
+            self._queue_cursor()
 
     def _queue_cursor(self) -> None:
         """Queue a write of the cursor and `dropped` (one in the queue at a time: it
@@ -426,7 +511,7 @@ class LaneFile:
     def _write_cursor(self) -> None:
         self._cursor_queued = False  # before reading the target: a later one queues again
         cursor = max(self._cursor_target, self._stored_cursor)
-        dropped = self.dropped
+        dropped = self._drop_total
         conn = self._conn
         try:
             conn.execute("BEGIN")
@@ -441,93 +526,3 @@ class LaneFile:
                 conn.execute("ROLLBACK")
             log.error("%s: table lane_meta, key cursor: cannot store the QoS 0 lane's "
                       "cursor %d: %s", self.path, cursor, exc)
-
-
-def _page(conn: sqlite3.Connection, after: int,
-          limit: int) -> list[tuple[int, int, int, bytes]]:
-    """(first offset, count, mark, blob) of the rows holding the offsets after `after`, up
-    to about `limit` messages, in order."""
-    row = conn.execute("SELECT MAX(first) FROM lane WHERE first <= ?", (after + 1,)).fetchone()
-    start = int(row[0]) if row is not None and row[0] is not None else after + 1
-    out: list[tuple[int, int, int, bytes]] = []
-    taken = 0
-    for first, count, mark, data in conn.execute(
-            "SELECT first, count, mark, data FROM lane WHERE first >= ? ORDER BY first",
-            (start,)):
-        out.append((int(first), int(count), int(mark), bytes(data)))
-        taken += int(first) + int(count) - 1 - max(after, int(first) - 1)
-        if taken >= limit:
-            break
-    return out
-
-
-class LaneView:
-    """The uplink process's read-only view of the lane file. The broker tells it what it
-    committed (`refresh`: the last offset written, and the cursor below which rows were
-    deleted: acknowledged, or dropped for max_backlog_bytes); it keeps the (first, count,
-    mark) of the rows after its cursor, oldest first, and reads the blobs by page."""
-
-    def __init__(self, path: str, cursor: int, last: int) -> None:
-        self.path = path
-        self._conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True,
-                                     isolation_level=None, check_same_thread=False)
-        self.cursor = cursor  # acknowledged by this process, or deleted by the broker
-        self.next_offset = cursor + 1  # after the last row known
-        self._rows: deque[tuple[int, int, int]] = deque()
-        for first, count, mark in self._conn.execute(
-                "SELECT first, count, mark FROM lane WHERE first + count - 1 > ? "
-                "AND first <= ? ORDER BY first", (cursor, last)):
-            self._add(int(first), int(count), int(mark))
-        self.next_offset = max(self.next_offset, last + 1)
-
-    def _add(self, first: int, count: int, mark: int) -> None:
-        self._rows.append((first, count, mark))
-        self.next_offset = first + count
-
-    def refresh(self, last: int, floor: int) -> None:
-        """The broker committed the rows up to offset `last` and deleted those up to
-        `floor`."""
-        if last >= self.next_offset:
-            for first, count, mark in self._conn.execute(
-                    "SELECT first, count, mark FROM lane WHERE first >= ? AND first <= ? "
-                    "ORDER BY first", (self.next_offset, last)):
-                self._add(int(first), int(count), int(mark))
-            self.next_offset = max(self.next_offset, last + 1)
-        self.advance(floor)
-
-    def poll(self) -> bool:
-        """Read the rows the broker committed past the last one known, without waiting for
-        its word (the process asks for that only once it has read everything: a busy
-        process learns of new rows here). Returns whether any was found."""
-        before = self.next_offset
-        for first, count, mark in self._conn.execute(
-                "SELECT first, count, mark FROM lane WHERE first >= ? ORDER BY first",
-                (before,)):
-            self._add(int(first), int(count), int(mark))
-        return self.next_offset != before
-
-    def advance(self, cursor: int) -> None:
-        if cursor <= self.cursor:
-            return
-        self.cursor = cursor
-        rows = self._rows
-        while rows and rows[0][0] + rows[0][1] - 1 <= cursor:
-            rows.popleft()
-
-    @property
-    def pending_mark(self) -> int | None:
-        """The `mark` of the oldest row not acknowledged yet (None: none)."""
-        return self._rows[0][2] if self._rows else None
-
-    def mark_after(self, after: int) -> int | None:
-        """The `mark` of the row holding the offset after `after` (None: no such row)."""
-        for first, count, mark in self._rows:
-            if first + count - 1 > after:
-                return mark
-        return None
-
-    def page(self, after: int, limit: int) -> list[tuple[int, int, int, bytes]]:
-        return _page(self._conn, after, limit)
-
-    def close(self) -> None:
-        self._conn.close()
