@@ -142,7 +142,8 @@ class Lane:
                 return
             count, _at, _blob = batch.take()
             self._lost(count, f"{file.path}: the writer is behind "
-                              f"({file.max_queued_rows} rows queued)")
+                              f"({file.max_queued_rows} rows or "
+                              f"{file.max_queued_bytes // 1048576} MiB queued)")
             return
         count, at, blob = batch.take()
         self._committed_at = time.monotonic()

@@ -59,9 +59,15 @@ _SCHEMA: Final = (
     "bytes INTEGER NOT NULL, at REAL NOT NULL, mark INTEGER NOT NULL, data BLOB NOT NULL)",
 )
 _SET: Final = "INSERT OR REPLACE INTO lane_meta (key, value) VALUES (?, ?)"
-# Row writes queued for the writer thread at most (LaneFile.queue_full; a row is up to
-# 256 KiB, or 1 MiB gathered while the writer is behind: server/bridge_lane.py).
-MAX_QUEUED_ROWS: Final = 8
+# What may wait for the writer thread (LaneFile.queue_full): at most this many row writes
+# and bytes of messages (a row is up to 256 KiB, or 1 MiB gathered while the writer is
+# behind: server/bridge_lane.py). The bytes are what a stall of the disk (a WAL checkpoint's
+# sync, the scheduler) can absorb in memory before QoS 0 messages are dropped: 16 MiB is
+# 0.3-0.5 s of S1 with every message uplinked at 300,000-500,000 msgs/s. Until round 9 it
+# was 8 rows (2 MiB at most), and S1 at ~200,000 msgs/s and more dropped 1-8 % of the lane's
+# messages (benchmarks.s1_uplink; h9 in benchmarks/ANALYSIS.md).
+MAX_QUEUED_ROWS: Final = 64
+MAX_QUEUED_BYTES: Final = 16 * 1024 * 1024
 # Rows the writer thread writes in one statement at most (those queued meanwhile).
 MAX_ROWS_PER_WRITE: Final = 64
 _ROW_VALUES: Final = "(?, ?, ?, ?, ?, ?)"
@@ -82,13 +88,15 @@ class LaneFile:
     broker's event loop and change there at once; the writes - INSERT, DELETE, COMMIT, and
     SQLite's WAL checkpoint, which runs inside a COMMIT every ~1,000 pages and syncs the file -
     run on a thread of the file's own, in the order they were asked for, so no sync holds the
-    loop. Between the two, a queue of at most `max_queued_rows` row writes (`queue_full`:
-    the lane then keeps gathering, see server/bridge_lane.py). `next_offset` is what a reader
+    loop. Between the two, a queue of at most `max_queued_rows` row writes and
+    `max_queued_bytes` of messages (`queue_full`: the lane then keeps gathering, see
+    server/bridge_lane.py). `next_offset` is what a reader
     of the file can see (after the last committed row), `queued_next` the next offset to
     give; a row the thread could not write is reported by `collect`, on the loop."""
 
     def __init__(self, path: str, store_id: str, max_backlog_bytes: int = 0, *,
-                 max_queued_rows: int = MAX_QUEUED_ROWS) -> None:
+                 max_queued_rows: int = MAX_QUEUED_ROWS,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         """Raises StoreError naming the file when it cannot be opened or read (not a
         database, damaged, unwritable), or while the writer thread of its previous opening
         still finishes its writes (a stalled disk; tried again later)."""
@@ -100,6 +108,7 @@ class LaneFile:
                              "thread is still finishing its writes")
         self.max_backlog_bytes = max_backlog_bytes
         self.max_queued_rows = max_queued_rows
+        self.max_queued_bytes = max_queued_bytes
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -140,6 +149,8 @@ class LaneFile:
         self._ops: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._rows_put = 0  # row writes queued (the loop's)
         self._rows_done = 0  # ... and finished (the thread's)
+        self._bytes_put = 0  # bytes of messages in the row writes queued (the loop's)
+        self._bytes_done = 0  # ... and finished (the thread's)
         self._cursor_target = self.cursor  # the acknowledged cursor to store (the loop's)
         self._cursor_queued = False  # a cursor write is in the queue, not started yet
         self._stored_cursor = self.cursor  # the thread's: the cursor in lane_meta
@@ -238,8 +249,10 @@ class LaneFile:
 
     @property
     def queue_full(self) -> bool:
-        """`max_queued_rows` row writes wait for the writer thread (a slow disk)."""
-        return self._rows_put - self._rows_done >= self.max_queued_rows
+        """`max_queued_rows` row writes, or `max_queued_bytes` of messages, wait for the
+        writer thread (a slow disk)."""
+        return (self._rows_put - self._rows_done >= self.max_queued_rows
+                or self._bytes_put - self._bytes_done >= self.max_queued_bytes)
 
     def append(self, batches: list[tuple[int, int, float, bytes]], mark: int) -> int:
         """Queue batches of (count, bytes, publish time of the first, blob) for one
@@ -267,6 +280,7 @@ class LaneFile:
             total_bytes += size
         dropped = self._bound()
         self._rows_put += 1
+        self._bytes_put += total_bytes
         self._ops.put(("rows", rows, firsts, total, total_bytes, self.queued_next,
                        self._bound_cursor, self._drop_total))
         return dropped
@@ -457,6 +471,7 @@ class LaneFile:
                         batch.append(more)
                     self._write_rows(batch)
                     self._rows_done += len(batch)
+                    self._bytes_done += sum(op[4] for op in batch)
                 else:
                     self._write_cursor()
                 callback = self.on_written
