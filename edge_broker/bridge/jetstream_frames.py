@@ -14,10 +14,11 @@ each one was about 0.8 us per message in the compiled build, most of the frames'
 The bytes are exactly what `nats-py` (2.x) would send for `publish(subject, payload,
 reply=reply, headers=message.headers(mid, "Nats-Msg-Id"))`: the same HPUB line, the
 same `NATS/1.0` header block with the documented headers in the documented order
-(bridge/base.py: the message id first, as `Nats-Msg-Id` only), then the payload. tests/bridge/test_jetstream_frames.py compares them
-with nats-py's own encoding. Header values never need nats-py's stripping: they are
-percent-encoded (no whitespace, no line breaks), digits, the ISO time, ASCII-only JSON, or
-the message id (gateway ids are checked in `FrameBuilder.__init__`).
+(bridge/base.py: the message id first, as `Nats-Msg-Id` only), then the payload.
+tests/bridge/test_jetstream_frames.py compares them with nats-py's own encoding. Header
+values never need nats-py's stripping: they are percent-encoded (no whitespace, no line
+breaks), digits, the ISO time, ASCII-only JSON, or the message id (gateway ids are checked
+in `FrameBuilder.__init__`).
 """
 
 from __future__ import annotations
