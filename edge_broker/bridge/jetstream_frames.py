@@ -7,9 +7,7 @@ forwarded message's CPU time in the broker (benchmarks/results/h3-bridge.md). He
 parts that only depend on the topic and the publisher (subject, `mqtt-topic`, `mqtt-qos`,
 `mqtt-retain`, `mqtt-client-id`) are encoded once and cached, so a message costs its id, its
 publish time and one join; the whole window goes to the connection as one command (one
-socket write, as before). The publish time is formatted again only when its millisecond
-changes (`time_millis`): the log's times differ from message to message, and formatting
-each one was about 0.8 us per message in the compiled build, most of the frames' cost.
+socket write, as before).
 
 The bytes are exactly what `nats-py` (2.x) would send for `publish(subject, payload,
 reply=reply, headers=message.headers(mid, "Nats-Msg-Id"))`: the same HPUB line, the
@@ -39,9 +37,9 @@ from .base import (
     BridgeMessage,
     encode_text,
     encode_user_properties,
+    format_time,
     message_id,
 )
-from .message import format_millis, time_millis
 
 CACHE_SIZE: Final = 4096  # (topic, qos, retain, client id) whose encoded parts are kept
 
@@ -71,8 +69,7 @@ class FrameBuilder:
         self._subject = subject
         # (topic, qos, retain, client id) -> (b"HPUB <subject> ", the topic..client-id lines)
         self._parts: dict[tuple[str, int, bool, str], tuple[bytes, bytes]] = {}
-        self._time_at = -1.0  # the publish time last seen, its millisecond, and formatted
-        self._millis = -1
+        self._time_at = -1.0
         self._time = b""
 
     def _static(self, message: BridgeMessage) -> tuple[bytes, bytes]:
@@ -105,12 +102,9 @@ class FrameBuilder:
         block's size is added up, not measured on a joined copy."""
         hpub, lines = self._static(message)
         mid = b"%s%d" % (self._mid_prefix, message.offset)
-        if message.publish_time != self._time_at:
+        if message.publish_time != self._time_at:  # a window's messages often share it
             self._time_at = message.publish_time
-            millis = time_millis(message.publish_time)
-            if millis != self._millis:  # a window's messages mostly share it
-                self._millis = millis
-                self._time = format_millis(millis).encode()
+            self._time = format_time(message.publish_time).encode()
         time_value = self._time
         payload = message.payload
         if (message.content_type is not None or message.payload_utf8

@@ -35,30 +35,17 @@ def _format_second(second: int) -> str:
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
-def time_millis(timestamp: float) -> int:
-    """The publish time in whole milliseconds since the epoch, as `format_time` writes it
-    (rounded to microseconds as datetime does, then cut to milliseconds)."""
-    frac, whole = math.modf(timestamp)
+def format_time(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds, as in `mqtt-publish-time`. (The part up to the
+    second is cached: a window's messages share it, and strftime is a per-message cost.)"""
+    frac, whole = math.modf(timestamp)  # rounded to microseconds as datetime does
     micros = round(frac * 1e6)
     second = int(whole)
     if micros >= 1_000_000:
         second, micros = second + 1, micros - 1_000_000
     elif micros < 0:
         second, micros = second - 1, micros + 1_000_000
-    return second * 1000 + micros // 1000
-
-
-def format_millis(millis: int) -> str:
-    """`mqtt-publish-time` of a time in milliseconds since the epoch (`time_millis`)."""
-    return f"{_format_second(millis // 1000)}{millis % 1000:03d}Z"
-
-
-def format_time(timestamp: float) -> str:
-    """ISO-8601 UTC with milliseconds, as in `mqtt-publish-time`. (The part up to the
-    second is cached: a window's messages share it, and strftime is a per-message cost.
-    A sink that formats message after message compares `time_millis` first: the log's
-    times differ per message, their milliseconds mostly do not.)"""
-    return format_millis(time_millis(timestamp))
+    return f"{_format_second(second)}{micros // 1000:03d}Z"
 
 
 _SAFE: Final = "-._~/:@!$&'()*+,;="

@@ -85,8 +85,8 @@ def test_the_id_is_sent_once_as_nats_msg_id_first() -> None:
 
 
 def test_the_publish_time_follows_every_message() -> None:
-    """Times formatted once per millisecond (`time_millis`): each message still gets its
-    own, also around millisecond and second boundaries and back in time."""
+    """The time is formatted again only when it changes: each message still gets its own,
+    also around millisecond and second boundaries and back in time."""
     builder = FrameBuilder("gw7", STORE_ID, lambda m: m.topic)
     base = 1_765_000_000.0
     times = [base + step for step in (0.0, 0.0001, 0.0004996, 0.0009994, 0.0009996, 0.001,
