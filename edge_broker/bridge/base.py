@@ -84,6 +84,7 @@ __all__ = ["H_CLIENT_ID", "H_CONTENT_TYPE", "H_MESSAGE_ID", "H_PAYLOAD_FORMAT",
            "encode_text", "encode_user_properties", "format_time", "load_class",
            "message_id", "new_store_id", "parse_message_id", "retry_forever", "ssl_context"]
 
+
 def message_id(gateway_id: str, store_id: str, offset: int) -> str:
     """`<gateway_id>-<store_id>-<offset>`: stable across resends, unique across stores."""
     if offset < 1:
