@@ -20,8 +20,9 @@ configuration (servers, credentials, TLS):
 
 Each line is the JSON object `replay --stream` prints (`offset`, `time`, `topic`, `qos`,
 `retain`, `payload`, `payload_encoding`, `properties`), with the values of the documented
-headers (`mqtt-publish-time` for `time`, ...), plus `message_id` (the `edge-message-id`: the
-gateway, its store and the offset in the gateway's log). `--topic` selects by MQTT filter on
+headers (`mqtt-publish-time` for `time`, ...), plus `message_id` (Kafka: the
+`edge-message-id`, JetStream: the `Nats-Msg-Id`: the gateway, its store and the offset in the
+gateway's log). `--topic` selects by MQTT filter on
 the client side. The "mqtt" kind has no history to read (an MQTT broker keeps none).
 """
 
@@ -43,6 +44,7 @@ from .bridge.base import (
     H_RETAIN,
     H_TOPIC,
     H_USER_PROPERTIES,
+    NATS_MSG_ID,
     decode_text,
     decode_user_properties,
 )
@@ -96,7 +98,8 @@ def row(offset: int, topic: str, payload: bytes, headers: dict[str, str],
             "qos": int(qos) if qos in ("0", "1", "2") else 0,
             "retain": headers.get(H_RETAIN) == "1", "payload": text,
             "payload_encoding": encoding, "properties": properties,
-            "message_id": headers.get(H_MESSAGE_ID)}
+            # JetStream carries the id as Nats-Msg-Id only (older gateways sent both)
+            "message_id": headers.get(H_MESSAGE_ID, headers.get(NATS_MSG_ID))}
 
 
 def rows(bridge: BridgeConfig, position: Position, topic_filter: str | None,

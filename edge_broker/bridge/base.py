@@ -11,15 +11,19 @@ store file (random, created with the file, so a store rebuilt from scratch, whos
 start again at 1, never reuses an id), and the message's offset in the log. A resend of the
 same log entry (after an outage or a crash before the cursor moved) has the same id:
 JetStream drops it inside the stream's duplicate window (`Nats-Msg-Id`); Kafka consumers drop
-it by the `edge-message-id` header. The gateway id may contain "-" (host names do), so read
+it by the `edge-message-id` header. On JetStream the id is in `Nats-Msg-Id` only (see the
+table below). The gateway id may contain "-" (host names do), so read
 an id from the right: offset is after the last "-", the store id before it.
 
 Headers
 -------
-JetStream (NATS headers) and Kafka (record headers) carry the same names and values:
+JetStream (NATS headers) and Kafka (record headers) carry the same names and values, but for
+the message id's name:
 
     ======================  ==============================================================
-    edge-message-id         the message id above (JetStream also: Nats-Msg-Id)
+    edge-message-id         Kafka: the message id above. JetStream: not sent; the id is in
+                            Nats-Msg-Id (the header JetStream deduplicates by), first
+    Nats-Msg-Id             JetStream: the message id above
     mqtt-topic              the original MQTT topic, percent-encoded (*)
     mqtt-qos                "0", "1" or "2": the QoS it was published with
     mqtt-retain             "1" when the PUBLISH had the retain flag, else absent
@@ -66,6 +70,7 @@ from .message import (
     H_RETAIN,
     H_TOPIC,
     H_USER_PROPERTIES,
+    NATS_MSG_ID,
     BridgeMessage,
     encode_text,
     encode_user_properties,
@@ -78,8 +83,6 @@ __all__ = ["H_CLIENT_ID", "H_CONTENT_TYPE", "H_MESSAGE_ID", "H_PAYLOAD_FORMAT",
            "DownlinkSource", "Resend", "Sink", "decode_text", "decode_user_properties",
            "encode_text", "encode_user_properties", "format_time", "load_class",
            "message_id", "new_store_id", "parse_message_id", "retry_forever", "ssl_context"]
-
-NATS_MSG_ID: Final = "Nats-Msg-Id"
 
 
 def message_id(gateway_id: str, store_id: str, offset: int) -> str:

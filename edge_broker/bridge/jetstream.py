@@ -4,7 +4,7 @@ Uplink: `JetStreamSink.send(batch)` publishes the whole window at once, each mes
 a reply subject on the sink's inbox where its PubAck comes (like nats-py's `publish_async`,
 lighter: no round trip per message, no yield to the loop between messages: one socket
 write per window), each message to `<prefix>.<escaped topic>`
-with the documented headers and `Nats-Msg-Id` = the message id, then waits for the acks in
+with the documented headers (the message id as `Nats-Msg-Id`), then waits for the acks in
 order. It returns how many from the start of the window were stored (a PubAck, duplicate or
 not): the cursor moves past exactly those. A message whose ack does not come within
 `ack_timeout` ends the count there; the rest are resent next time with the same ids, and the
@@ -432,8 +432,7 @@ class JetStreamSink:
                 # nats-py's buffer): the window goes out in one socket write.
                 for index, message in enumerate(batch):
                     mid = message_id(self.gateway_id, self.store_id, message.offset)
-                    headers = message.headers(mid)
-                    headers[NATS_MSG_ID] = mid
+                    headers = message.headers(mid, NATS_MSG_ID)
                     self._token += 1
                     acks[self._token] = (window, index)
                     await nc.publish(self.subject(message), message.payload,

@@ -10,12 +10,13 @@ publish time and one join; the whole window goes to the connection as one comman
 socket write, as before).
 
 The bytes are exactly what `nats-py` (2.x) would send for `publish(subject, payload,
-reply=reply, headers=message.headers(mid) | {"Nats-Msg-Id": mid})`: the same HPUB line, the
+reply=reply, headers=message.headers(mid, "Nats-Msg-Id"))`: the same HPUB line, the
 same `NATS/1.0` header block with the documented headers in the documented order
-(bridge/base.py), then the payload. tests/bridge/test_jetstream_frames.py compares them
-with nats-py's own encoding. Header values never need nats-py's stripping: they are
-percent-encoded (no whitespace, no line breaks), digits, the ISO time, ASCII-only JSON, or
-the message id (gateway ids are checked in `FrameBuilder.__init__`).
+(bridge/base.py: the message id first, as `Nats-Msg-Id` only), then the payload.
+tests/bridge/test_jetstream_frames.py compares them with nats-py's own encoding. Header
+values never need nats-py's stripping: they are percent-encoded (no whitespace, no line
+breaks), digits, the ISO time, ASCII-only JSON, or the message id (gateway ids are checked
+in `FrameBuilder.__init__`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Final
 from .base import (
     H_CLIENT_ID,
     H_CONTENT_TYPE,
-    H_MESSAGE_ID,
     H_PAYLOAD_FORMAT,
     H_PUBLISH_TIME,
     H_QOS,
@@ -43,12 +43,11 @@ from .base import (
 
 CACHE_SIZE: Final = 4096  # (topic, qos, retain, client id) whose encoded parts are kept
 
-_HEAD: Final = f"NATS/1.0\r\n{H_MESSAGE_ID}: ".encode()
+_HEAD: Final = f"NATS/1.0\r\n{NATS_MSG_ID}: ".encode()
 _TIME: Final = f"\r\n{H_PUBLISH_TIME}: ".encode()
-_MSG_ID: Final = f"\r\n{NATS_MSG_ID}: ".encode()
 _END: Final = b"\r\n\r\n"
 _CRLF: Final = b"\r\n"
-_FIXED: Final = len(_HEAD) + len(_TIME) + len(_MSG_ID) + len(_END)  # a header block's own
+_FIXED: Final = len(_HEAD) + len(_TIME) + len(_END)  # a header block's own
 
 
 def _line(name: str, value: str) -> bytes:
@@ -118,16 +117,15 @@ class FrameBuilder:
             if message.user_properties:
                 tail += _line(H_USER_PROPERTIES,
                               encode_user_properties(message.user_properties))
-            size = _FIXED + 2 * len(mid) + len(lines) + len(time_value) + len(tail)
+            size = _FIXED + len(mid) + len(lines) + len(time_value) + len(tail)
             sizes = _sizes(token, reply_tail, size, size + len(payload))
-            out += (hpub, reply, sizes, _HEAD, mid,
-                    lines, _TIME, time_value, tail, _MSG_ID, mid, _END, payload, _CRLF)
+            out += (hpub, reply, sizes, _HEAD, mid, lines, _TIME, time_value, tail, _END,
+                    payload, _CRLF)
             return
-        size = _FIXED + 2 * len(mid) + len(lines) + len(time_value)
+        size = _FIXED + len(mid) + len(lines) + len(time_value)
         sizes = (b" %d %d\r\n" % (size, size + len(payload)) if token is None
                  else b"%d%s %d %d\r\n" % (token, reply_tail, size, size + len(payload)))
-        out += (hpub, reply, sizes, _HEAD, mid, lines, _TIME, time_value, _MSG_ID, mid, _END,
-                payload, _CRLF)
+        out += (hpub, reply, sizes, _HEAD, mid, lines, _TIME, time_value, _END, payload, _CRLF)
 
 
 def _sizes(token: int | None, tail: bytes, size: int, total: int) -> bytes:

@@ -19,6 +19,7 @@ from typing import Final
 from urllib.parse import quote
 
 H_MESSAGE_ID: Final = "edge-message-id"
+NATS_MSG_ID: Final = "Nats-Msg-Id"
 H_TOPIC: Final = "mqtt-topic"
 H_QOS: Final = "mqtt-qos"
 H_RETAIN: Final = "mqtt-retain"
@@ -102,9 +103,10 @@ class BridgeMessage:
                 f"content_type={self.content_type!r}, payload_utf8={self.payload_utf8!r}, "
                 f"user_properties={self.user_properties!r}, size={self.size!r})")
 
-    def headers(self, mid: str) -> dict[str, str]:
-        """The documented headers, in the documented order."""
-        out = {H_MESSAGE_ID: mid, H_TOPIC: encode_text(self.topic), H_QOS: str(self.qos)}
+    def headers(self, mid: str, id_name: str = H_MESSAGE_ID) -> dict[str, str]:
+        """The documented headers, in the documented order; the message id first, named
+        `id_name` (JetStream: `Nats-Msg-Id`, which takes the place of `edge-message-id`)."""
+        out = {id_name: mid, H_TOPIC: encode_text(self.topic), H_QOS: str(self.qos)}
         if self.retain:
             out[H_RETAIN] = "1"
         if self.client_id:

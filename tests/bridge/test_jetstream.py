@@ -77,6 +77,11 @@ async def test_window_is_published_with_headers_and_resends_are_deduplicated(
     assert (last.headers["mqtt-qos"], last.headers["mqtt-retain"]) == ("2", "1")
     assert last.headers["mqtt-user-properties"] == '[["k","v"],["k","w"]]'
     assert msgs[0].headers["mqtt-publish-time"] == "2025-12-06T05:46:41.000Z"
+    # The id once, as Nats-Msg-Id (no edge-message-id on JetStream: docs/bridges.md).
+    assert msgs[0].headers == {
+        "Nats-Msg-Id": f"gw7-{STORE_ID}-1", "mqtt-topic": "sensors/t1", "mqtt-qos": "1",
+        "mqtt-client-id": "dev1", "mqtt-publish-time": "2025-12-06T05:46:41.000Z"}
+    assert "edge-message-id" not in last.headers
 
 
 async def test_stream_created_with_configured_settings(nats_server: NatsServer) -> None:

@@ -11,7 +11,7 @@ pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
 
 from nats.aio.client import Client
 
-from edge_broker.bridge.base import NATS_MSG_ID, BridgeMessage, message_id
+from edge_broker.bridge.base import NATS_MSG_ID, BridgeMessage, format_time, message_id
 from edge_broker.bridge.jetstream_frames import FrameBuilder
 from edge_broker.bridge.topic_map import topic_to_subject
 
@@ -28,9 +28,7 @@ def nats_py_bytes(subject: str, reply: str, message: BridgeMessage, gateway: str
         sent.append(cmd)
 
     client._send_command = capture  # type: ignore[method-assign]
-    mid = message_id(gateway, STORE_ID, message.offset)
-    headers = message.headers(mid)
-    headers[NATS_MSG_ID] = mid
+    headers = message.headers(message_id(gateway, STORE_ID, message.offset), NATS_MSG_ID)
     asyncio.run(client._send_publish(subject, reply, message.payload, len(message.payload),
                                      headers))
     (command,) = sent
@@ -71,3 +69,31 @@ def test_a_gateway_id_with_whitespace_is_not_framed_here() -> None:
         FrameBuilder("gw 7", STORE_ID, lambda m: m.topic)
     with pytest.raises(ValueError):
         FrameBuilder("gw7", "not-an-id", lambda m: m.topic)
+
+
+def test_the_id_is_sent_once_as_nats_msg_id_first() -> None:
+    """JetStream keeps the id in `Nats-Msg-Id` only (docs/bridges.md "Headers"): the
+    `edge-message-id` that repeated it was 44 of the ~365 bytes stored per message."""
+    builder = FrameBuilder("gw7", STORE_ID, lambda m: topic_to_subject(PREFIX, m.topic))
+    frame = builder.frame(MESSAGES[0], "_INBOX.abc.1")
+    head, _, rest = frame.partition(b"\r\n")
+    block = rest[:int(head.split()[-2])]
+    assert block == (b"NATS/1.0\r\nNats-Msg-Id: gw7-5eed0000000000a1-1\r\n"
+                     b"mqtt-topic: sensors/t1\r\nmqtt-qos: 1\r\nmqtt-client-id: dev1\r\n"
+                     b"mqtt-publish-time: 2025-12-06T05:46:40.000Z\r\n\r\n")
+    assert b"edge-message-id" not in frame
+
+
+def test_the_publish_time_follows_every_message() -> None:
+    """The time is formatted again only when it changes: each message still gets its own,
+    also around millisecond and second boundaries and back in time."""
+    builder = FrameBuilder("gw7", STORE_ID, lambda m: m.topic)
+    base = 1_765_000_000.0
+    times = [base + step for step in (0.0, 0.0001, 0.0004996, 0.0009994, 0.0009996, 0.001,
+                                      0.9994, 0.99949, 0.9995, 0.9999996, 1.0, 0.5, 0.5,
+                                      -0.0000004, 2.123456)]
+    for offset, at in enumerate(times, 1):
+        message = BridgeMessage(offset=offset, topic="t", payload=b"", qos=0,
+                                publish_time=at)
+        frame = builder.frame(message, "r")
+        assert f"mqtt-publish-time: {format_time(at)}\r\n".encode() in frame, at
