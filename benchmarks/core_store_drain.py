@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--sync", default="FULL")
+    parser.add_argument("--topics", type=int, default=4)
     parser.add_argument("--retain-after", type=int, default=0,
                         help="rows passed between retention runs (default: --budget); a "
                              "run steps until done, as the store after its 5 s interval")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         total = args.messages
         for start in range(0, total, 10_000):
             with transaction(conn):
-                log.append(conn, [LogMessage(f"bench/{n % 4}", b"x" * 100)
+                log.append(conn, [LogMessage(f"bench/{n % args.topics}", b"x" * 100)
                                   for n in range(start, min(total, start + 10_000))], 1000.0)
         commit_cpu = retention_cpu = 0.0
         passed: list[cursors.Passed] = []

@@ -431,17 +431,33 @@ def check_counters(log: Log, conn: sqlite3.Connection) -> None:
 
 def test_passed_rows_of_interleaved_topics_go_oldest_first(db: sqlite3.Connection) -> None:
     log = bridge_log(db)
-    put_interleaved(log, db, 40)
+    put_interleaved(log, db, 400)
     with transaction(db):
-        cursors.advance(log, db, "bridge:b", [], end=30)
-    # One step of 10 deletes offsets 1..10 of all four topics (before: the first topic's
-    # ten oldest, 1, 5, 9, ..., 37, the same pages rewritten once per topic).
-    assert not step(log, db, 10)
-    assert offsets(db) == list(range(11, 41))
+        cursors.advance(log, db, "bridge:b", [], end=300)
+    # One step of 100 deletes offsets 1..100 of all four topics (before: the first topic's
+    # 75 rows up to 297, then 25 of the second: the same pages rewritten once per topic).
+    assert not step(log, db, 100)
+    assert offsets(db) == list(range(101, 401))
     check_counters(log, db)
-    while not step(log, db, 10):
+    while not step(log, db, 100):
         pass
-    assert offsets(db) == list(range(31, 41))
+    assert offsets(db) == list(range(301, 401))
+    check_counters(log, db)
+
+
+def test_with_many_topics_per_step_the_rows_go_topic_by_topic(db: sqlite3.Connection) -> None:
+    log = bridge_log(db)
+    put_interleaved(log, db, 400, topics=8)
+    with transaction(db):
+        cursors.advance(log, db, "bridge:b", [], end=300)
+    # 8 topics share a step of 40 rows: fewer than PREFIX_ROWS_PER_TOPIC (16) each, so
+    # topic by topic (two statements per topic and step would cost more than the pages).
+    assert not step(log, db, 40)
+    assert set(range(1, 401)) - set(offsets(db)) == {1 + 8 * k for k in range(38)} | {2, 10}
+    check_counters(log, db)
+    while not step(log, db, 40):
+        pass
+    assert offsets(db) == list(range(301, 401))
     check_counters(log, db)
 
 

@@ -45,6 +45,10 @@ from .log import Log, StreamState
 __all__ = ["RetentionReport", "TrustedClock", "retention_due", "retention_step"]
 
 DEFAULT_BUDGET = 2000  # rows per step and pass
+# `_delete_prefix` runs only when a step's budget gives each topic it touches at least this
+# many rows on average; with more topics, per topic (benchmarks/results/h9-core.md: with
+# 2,000 interleaved topics, one row each per step, it cost 3.6 times the per-topic pass).
+PREFIX_ROWS_PER_TOPIC = 16
 
 
 class TrustedClock:
@@ -189,7 +193,8 @@ def _delete_prefix(log: Log, conn: sqlite3.Connection, floors: dict[int, int],
     interleaved topics leaves behind: deleted topic by topic, the same table pages would be
     rewritten once per topic (about twice the CPU per row, benchmarks/results/h9-core.md).
     Rows a last-value stream holds (at or above its floor) and rows in flight are never in
-    the prefix; what is left below the floors goes topic by topic (`_delete_below`)."""
+    the prefix; what is left below the floors goes topic by topic (`_delete_below`), and so
+    does everything when too many topics share the prefix (`PREFIX_ROWS_PER_TOPIC`)."""
     if left <= 0 or not floors:
         return 0, 0
     bound = min(floors.values())
@@ -199,8 +204,10 @@ def _delete_prefix(log: Log, conn: sqlite3.Connection, floors: dict[int, int],
                 bound = min(bound, state.first_offset)
     if pinned:
         bound = min(bound, min(pinned))
-    oldest = min((log.by_id[tid].first_offset or bound for tid in floors), default=bound)
-    if oldest >= bound:
+    # The topics with rows below the bound: each costs the prefix two statements (its next
+    # row, its counters), which only pay while it has several rows in a step.
+    below = sum(1 for tid in floors if (log.by_id[tid].first_offset or bound) < bound)
+    if not below or below * PREFIX_ROWS_PER_TOPIC > left:
         return 0, 0
     cut = conn.execute("SELECT offset FROM log WHERE offset < ? ORDER BY offset"
                        " LIMIT 1 OFFSET ?", (bound, left - 1)).fetchone()
