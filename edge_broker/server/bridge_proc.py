@@ -23,7 +23,11 @@ again after a backoff delay, from the stored cursor), and serves it over one soc
 
 Durability is the in-process one: the cursor moves only after the remote side acknowledged;
 a crash of either process loses nothing, and what was sent after the stored cursor is sent
-again with the same message ids (duplicates only within the remote's dedup window).
+again with the same message ids (duplicates only within the remote's dedup window). Cursor
+commits start at most once per `COMMIT_INTERVAL_S` (the acknowledgements meanwhile are
+coalesced), so the stored cursor lags the acknowledged one by at most that long plus the
+commit under way: that is all a crash adds to the resend (`flush`, at a graceful stop,
+commits at once).
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ log = logging.getLogger("edge_broker.bridges")
 CHILD_CODE: Final = "from edge_broker.server.bridge_child import main; main()"
 STOP_TIMEOUT_S: Final = 10.0  # a stopping process that takes longer is killed
 STABLE_S: Final = 30.0  # a process that ran this long resets the restart backoff
+# At most one cursor commit started per this many seconds (the first at once): during a
+# drain the process acknowledges a window every few ms, and each commit costs the event loop
+# a hop to the store's thread and back. So the stored cursor lags what the remote side
+# acknowledged by at most this long (plus the commit under way); a crash re-sends those
+# messages, which the remote drops by message id. flush() (a graceful stop) does not wait.
+COMMIT_INTERVAL_S: Final = 0.025
 
 
 def _die_with_parent() -> None:
@@ -108,6 +118,9 @@ class ProcessForwarder:
         self._stored = 0
         self._committer: asyncio.Task[None] | None = None
         self._commit_error: BaseException | None = None
+        self._commit_at = -COMMIT_INTERVAL_S  # loop time the last commit started
+        self._nap: asyncio.Future[None] | None = None  # the committer waiting for its turn
+        self._hurry = False  # flush(): commit without waiting for the interval
         # The QoS 0 lane (server/bridge_lane.py): open while the process runs, when set.
         self.lanes: LaneHub | None = None
         self.lane: Lane | None = None
@@ -368,7 +381,18 @@ class ProcessForwarder:
 
     async def _commit_loop(self) -> None:
         name = self.config.name
+        loop = asyncio.get_running_loop()
         while self._stored < self._target:
+            wait = self._commit_at + COMMIT_INTERVAL_S - loop.time()
+            if wait > 0 and not self._hurry:  # the acknowledgements meanwhile go in one
+                nap = self._nap = loop.create_future()
+                timer = loop.call_later(wait, _wake, nap)
+                try:
+                    await nap
+                finally:
+                    timer.cancel()
+                    self._nap = None
+            self._commit_at = loop.time()
             target = self._target
             pending = self._passed
             cut = len(pending)
@@ -393,10 +417,18 @@ class ProcessForwarder:
             self._stored = target
 
     async def flush(self) -> None:
-        """Wait until the latest acknowledged cursor is stored (and the lane file's writes:
-        its writer thread awaited, not joined on the loop; `close` then closes it)."""
+        """Wait until the latest acknowledged cursor is stored (at once: not after
+        COMMIT_INTERVAL_S), and the lane file's writes (its writer thread awaited, not
+        joined on the loop; `close` then closes it)."""
+        self._hurry = True
+        _wake(self._nap)
         committer = self._committer
         if committer is not None and not committer.done():
             await asyncio.shield(committer)
         if self._lane_file is not None:
             await self._lane_file.aclose()
+
+
+def _wake(nap: asyncio.Future[None] | None) -> None:
+    if nap is not None and not nap.done():
+        nap.set_result(None)

@@ -393,3 +393,117 @@ def test_streams_read_only_from_the_file_while_a_writer_holds_it(tmp_path: Path)
     assert read_streams(empty) == []
     with pytest.raises(StoreError, match="no such store file"):
         read_streams(tmp_path / "missing.db")
+
+# -- rows readers passed: oldest first across topics (retention.py `_delete_prefix`) -------
+
+
+def bridge_log(conn: sqlite3.Connection, streams: Sequence[StreamConfig] = ()) -> Log:
+    log = open_log(conn, streams)
+    reader(log, conn, "bridge:b", "t/#")
+    return log
+
+
+def put_interleaved(log: Log, conn: sqlite3.Connection, rows: int, topics: int = 4) -> None:
+    with transaction(conn):
+        log.append(conn, [LogMessage(f"t/{n % topics}", b"x" * (10 + n % 7))
+                          for n in range(rows)], 1000.0)
+
+
+def step(log: Log, conn: sqlite3.Connection, budget: int) -> bool:
+    with transaction(conn):
+        return retention_step(log, conn, 1000.0, budget=budget).done
+
+
+def check_counters(log: Log, conn: sqlite3.Connection) -> None:
+    """The in-memory and stored topic counters match the rows."""
+    for stats in log.by_id.values():
+        count, size, first = conn.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), min(offset) FROM log"
+            " WHERE topic_id = ?", (stats.id,)).fetchone()
+        assert (stats.count, stats.bytes - count * stats.name_size, stats.first_offset) == (
+            count, size, first)
+        assert conn.execute("SELECT count, bytes, first_offset FROM log_topics WHERE id = ?",
+                            (stats.id,)).fetchone() == (stats.count, stats.bytes,
+                                                        stats.first_offset)
+    assert log.total_count == sum(s.count for s in log.by_id.values())
+    assert log.total_bytes == sum(s.bytes for s in log.by_id.values())
+
+
+def test_passed_rows_of_interleaved_topics_go_oldest_first(db: sqlite3.Connection) -> None:
+    log = bridge_log(db)
+    put_interleaved(log, db, 400)
+    with transaction(db):
+        cursors.advance(log, db, "bridge:b", [], end=300)
+    # One step of 100 deletes offsets 1..100 of all four topics (before: the first topic's
+    # 75 rows up to 297, then 25 of the second: the same pages rewritten once per topic).
+    assert not step(log, db, 100)
+    assert offsets(db) == list(range(101, 401))
+    check_counters(log, db)
+    while not step(log, db, 100):
+        pass
+    assert offsets(db) == list(range(301, 401))
+    check_counters(log, db)
+
+
+def test_with_many_topics_per_step_the_rows_go_topic_by_topic(db: sqlite3.Connection) -> None:
+    log = bridge_log(db)
+    put_interleaved(log, db, 400, topics=8)
+    with transaction(db):
+        cursors.advance(log, db, "bridge:b", [], end=300)
+    # 8 topics share a step of 40 rows: fewer than PREFIX_ROWS_PER_TOPIC (16) each, so
+    # topic by topic (two statements per topic and step would cost more than the pages).
+    assert not step(log, db, 40)
+    assert set(range(1, 401)) - set(offsets(db)) == {1 + 8 * k for k in range(38)} | {2, 10}
+    check_counters(log, db)
+    while not step(log, db, 40):
+        pass
+    assert offsets(db) == list(range(301, 401))
+    check_counters(log, db)
+
+
+def test_the_prefix_stops_below_a_row_in_flight_and_a_last_value_floor(
+        db: sqlite3.Connection) -> None:
+    log = bridge_log(db)
+    put_interleaved(log, db, 8)  # before the stream: t/3's 4 and 8 are not in it
+    log = Log((StreamConfig("lv", "t/3", None, 10**6, last_value=True),))
+    with transaction(db):
+        log.load(db)  # a stream new in the configuration starts at the next offset
+    lv_first = log.streams["lv"].first_offset
+    put_interleaved(log, db, 8)  # t/3 at 12 and 16: the stream holds them, keeps 16
+    with transaction(db):
+        # A session that unsubscribed with t/1's offset 6 still in flight.
+        cursors.add_reader(log, db, "s:x")
+        cursors.subscribe(log, db, "s:x", "t/1", since=0)
+        cursors.set_inflight(log, db, "s:x", 1, 6, 0)
+        cursors.unsubscribe(log, db, "s:x", "t/1")
+        cursors.advance(log, db, "bridge:b", [], end=16)
+    assert lv_first == 9
+    assert (log.streams["lv"].count, log.streams["lv"].bytes) == (2, 3 + 13 + 3 + 10)
+    while not step(log, db, 3):
+        pass
+    # t/1's rows stop below 6; the others go, t/3 down to its newest (16, in the stream).
+    assert offsets(db) == [6, 10, 14, 16]
+    assert (log.streams["lv"].count, log.streams["lv"].bytes) == (1, 3 + 10)
+    check_counters(log, db)
+    with transaction(db):
+        cursors.clear_inflight(log, db, "s:x", 1)
+    while not step(log, db, 3):
+        pass
+    assert offsets(db) == [16]
+    check_counters(log, db)
+
+
+def test_a_step_whose_budget_ends_on_the_last_topic_is_not_done(
+        db: sqlite3.Connection) -> None:
+    log = bridge_log(db, (StreamConfig("keep", "t/0", None, 10**6),))
+    put_interleaved(log, db, 8, topics=2)  # t/0 held by the stream, t/1 passed
+    with transaction(db):
+        cursors.advance(log, db, "bridge:b", [], end=8)
+    # The prefix cannot go past t/0's held rows; t/1's 4 rows go topic by topic, two per
+    # step: the first step spends its budget on them and must ask for another.
+    assert not step(log, db, 2)
+    assert offsets(db) == [1, 3, 5, 6, 7, 8]
+    while not step(log, db, 2):
+        pass
+    assert offsets(db) == [1, 3, 5, 7]
+    check_counters(log, db)

@@ -12,7 +12,9 @@ transaction the writer can run between groups (it never stalls publishing):
    stream needs its rows from its floor on (a last-value stream only the topic's newest row,
    and only if at or above its floor), a matching reader its rows above
    `max(done, since)`. A topic nobody holds any more has its floor above its last row. Rows
-   below the floor are deleted oldest first, a budget at a time, with one index range
+   below the floor are deleted oldest first, a budget at a time: first the log's oldest
+   rows that are below every topic's floor (what readers passed, all topics at once, with
+   one table range `offset <= ?`: `_delete_prefix`), then per topic with one index range
    (`topic_id = ? AND offset <= ?`); the counters in `log_topics` follow. A row some reader
    has in flight is never deleted (even if that reader unsubscribed meanwhile): deletion of
    its topic stops below it until the entry is cleared.
@@ -43,6 +45,10 @@ from .log import Log, StreamState
 __all__ = ["RetentionReport", "TrustedClock", "retention_due", "retention_step"]
 
 DEFAULT_BUDGET = 2000  # rows per step and pass
+# `_delete_prefix` runs only when a step's budget gives each topic it touches at least this
+# many rows on average; with more topics, per topic (benchmarks/results/h9-core.md: with
+# 2,000 interleaved topics, one row each per step, it cost 3.6 times the per-topic pass).
+PREFIX_ROWS_PER_TOPIC = 16
 
 
 class TrustedClock:
@@ -97,7 +103,12 @@ def retention_step(log: Log, conn: sqlite3.Connection, now: float, *,
     # completes what it has in flight, [MQTT-3.10.4-3] (5.0)).
     pinned = {offset for reader in log.readers.values()
               for offset, _ in reader.inflight.values()}
-    for tid, floor in _floors(log).items():
+    floors = _floors(log)
+    count, size = _delete_prefix(log, conn, floors, pinned, left)
+    left -= count
+    report.rows_deleted += count
+    report.bytes_deleted += size
+    for tid, floor in floors.items():
         stats = log.by_id[tid]
         if stats.first_offset is None or stats.first_offset >= floor:
             continue
@@ -108,6 +119,8 @@ def retention_step(log: Log, conn: sqlite3.Connection, now: float, *,
         left -= count
         report.rows_deleted += count
         report.bytes_deleted += size
+    if left <= 0:  # the budget ran out on the last topic: it may have more below its floor
+        report.done = False
     return report
 
 
@@ -170,6 +183,59 @@ def _floors(log: Log) -> dict[int, int]:
             floor = min(floor, max(reader.done, reader.topics[tid]) + 1)
         floors[tid] = floor
     return floors
+
+
+def _delete_prefix(log: Log, conn: sqlite3.Connection, floors: dict[int, int],
+                   pinned: set[int], left: int) -> tuple[int, int]:
+    """The oldest rows of the log that every topic's floor is above, in offset order, at
+    most `left` of them, with one range delete over the table (`offset <= ?`) and one
+    grouped count for the counters. This is what a bridge or session passing rows of
+    interleaved topics leaves behind: deleted topic by topic, the same table pages would be
+    rewritten once per topic (about twice the CPU per row, benchmarks/results/h9-core.md).
+    Rows a last-value stream holds (at or above its floor) and rows in flight are never in
+    the prefix; what is left below the floors goes topic by topic (`_delete_below`), and so
+    does everything when too many topics share the prefix (`PREFIX_ROWS_PER_TOPIC`)."""
+    if left <= 0 or not floors:
+        return 0, 0
+    bound = min(floors.values())
+    for tid in floors:
+        for state in log.topic_streams.get(tid, ()):
+            if state.config.last_value:
+                bound = min(bound, state.first_offset)
+    if pinned:
+        bound = min(bound, min(pinned))
+    # The topics with rows below the bound: each costs the prefix two statements (its next
+    # row, its counters), which only pay while it has several rows in a step.
+    below = sum(1 for tid in floors if (log.by_id[tid].first_offset or bound) < bound)
+    if not below or below * PREFIX_ROWS_PER_TOPIC > left:
+        return 0, 0
+    cut = conn.execute("SELECT offset FROM log WHERE offset < ? ORDER BY offset"
+                       " LIMIT 1 OFFSET ?", (bound, left - 1)).fetchone()
+    last = bound - 1 if cut is None else int(cut[0])
+    groups = conn.execute(
+        "SELECT topic_id, count(*), sum(length(payload) + coalesce(length(properties), 0))"
+        " FROM log NOT INDEXED WHERE offset <= ? GROUP BY topic_id", (last,)).fetchall()
+    if not groups:
+        return 0, 0
+    conn.execute("DELETE FROM log WHERE offset <= ?", (last,))
+    count = size = 0
+    for tid, rows, payload in groups:
+        stats = log.by_id[tid]
+        deleted = int(rows)
+        gone = deleted * stats.name_size + int(payload)
+        nxt = conn.execute("SELECT min(offset) FROM log WHERE topic_id = ?",
+                           (tid,)).fetchone()[0]
+        # None left: the counters go to zero (as `_delete_below`: they may have been ahead).
+        counted, counted_bytes = (stats.count, stats.bytes) if nxt is None else (deleted, gone)
+        stats.count -= counted
+        stats.bytes -= counted_bytes
+        stats.first_offset = nxt
+        log.total_count -= counted
+        log.total_bytes -= counted_bytes
+        log.save_topic(conn, stats)
+        count += deleted
+        size += gone
+    return count, size
 
 
 def _delete_below(log: Log, conn: sqlite3.Connection, tid: int, floor: int, left: int,
