@@ -114,7 +114,7 @@ def test_max_backlog_bytes_drops_the_oldest_rows(tmp_path: Path) -> None:
     assert _append(lane, [_batch(0, 4)], mark=0) == 0
     assert _append(lane, [_batch(4, 4), _batch(8, 4)], mark=0) == 4  # 30 bytes > 25
     assert lane.cursor == 4 and lane.backlog_bytes == 20
-    lane.held(4, 0)  # the process, told of the drop, had read none of them
+    lane.held(4, [])  # the process, told of the drop, had read none of them
     assert lane.dropped == 4 and lane.backlog_messages == 8
     view = _view(lane)
     assert [first for first, *_ in view.page(lane.cursor, 100)] == [5, 9]
@@ -173,7 +173,7 @@ def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped
     the process had already read (its window in flight) are sent all the same: once
     acknowledged they count as forwarded only, not in both (the process says how many it
     delivered). Those of a dropped row it skipped stay dropped, also after a reopen. The
-    process, told of the drop, says how many of them it holds: those are counted when it
+    process, told of the drop, says which of them it holds: those are counted when it
     says whether it delivered them (`dropped` never goes down)."""
     async def run() -> None:
         path = str(tmp_path / "lane")
@@ -186,8 +186,8 @@ def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped
         _append(writer, [_batch(4, 4), _batch(8, 4)], mark=0)  # 30 bytes > 25
         assert writer.dropped == 0  # the row of 1-4: the process may have read it
         reader.appended(writer.next_offset - 1, writer.cursor)  # 3 and 4 skipped
-        assert sent == [("lane_held", 4, 2)]  # 1 and 2 in flight
-        writer.held(4, 2)
+        assert sent == [("lane_held", 4, ((1, 2),))]  # 1 and 2 in flight
+        writer.held(4, [(1, 2)])
         assert writer.dropped == 2 and writer.backlog_messages == 8
         rest = list(await reader.read_after(2, 100))
         assert [m.offset for m in window + rest] == [1, 2, *range(5, 13)]
