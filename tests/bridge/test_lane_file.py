@@ -167,6 +167,32 @@ def test_rows_the_broker_dropped_are_skipped_by_the_process(tmp_path: Path) -> N
     asyncio.run(run())
 
 
+def test_rows_at_or_below_the_cursor_are_not_kept_by_the_view(tmp_path: Path) -> None:
+    """The broker's word of a drop up to 6 left before the row of 5-6 committed (its write
+    under way) and is read after: that row, in the file until the drop's delete commits,
+    is then found by `poll` or by a later word's `refresh`, below the view's cursor. Kept,
+    its mark was the view's `pending_mark` (the LogGate held the log's QoS 0 rows behind
+    it) until the cursor moved again."""
+    writer = LaneFile(str(tmp_path / "lane"), "s1")
+    _append(writer, [_batch(0, 4)], mark=1)  # 1-4
+    polled = _view(writer)
+    refreshed = _view(writer)
+    _append(writer, [_batch(4, 2)], mark=2)  # 5-6, not known to the views yet
+    for view in (polled, refreshed):
+        view.refresh(4, 6)  # the word of the drop up to 6
+        assert view.cursor == 6 and view.pending_mark is None
+    assert polled.poll()  # 5-6 found in the file (its offsets known now)
+    assert not polled.poll()
+    _append(writer, [_batch(6, 2)], mark=3)  # 7-8
+    refreshed.refresh(8, 6)  # a later word, the same floor: 5-6 and 7-8 found
+    polled.refresh(8, 6)
+    for view in (polled, refreshed):
+        assert view.pending_mark == 3 and view.mark_after(6) == 3
+        assert view.next_offset == 9
+        view.close()
+    writer.close(5)
+
+
 def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped(
         tmp_path: Path) -> None:
     """max_backlog_bytes drops the oldest rows, counted in `dropped`; the messages of a row
