@@ -26,7 +26,8 @@ reports each cursor the remote side acknowledged ("lane_ack"); the broker stores
 deletes the rows it passes: the broker is the file's only writer.
 
 Nothing is buffered towards the process beyond the row being gathered and the rows queued
-for the writer thread (at most `MAX_QUEUED_ROWS`), so a process that does not keep up loses
+for the writer thread (at most `MAX_QUEUED_ROWS`, 64 rows, or `MAX_QUEUED_BYTES`, 16 MiB of
+messages: store/log/lane_file.py), so a process that does not keep up loses
 nothing: the backlog waits in the file, bounded by `max_backlog_bytes` (the oldest rows
 dropped, counted and logged; the process is told at once and answers which of them it
 had read already: those it may still send, counted as forwarded if it does). A writer

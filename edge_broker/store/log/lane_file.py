@@ -51,7 +51,6 @@ from itertools import chain
 from typing import Any, Final
 
 from ...errors import StoreError
-from .lane_view import LaneView as LaneView  # (server/bridge_child.py imports it from here)
 from .lane_view import take_runs
 
 _SCHEMA: Final = (
