@@ -28,7 +28,7 @@ from ..bridge.config import BridgeConfig
 from ..bridge.forward import Forwarder, LogReader
 from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
-from ..store.log.lane_file import LaneView
+from ..store.log.lane_view import LaneView
 from . import evloop
 from .bridge_child_log import ChildLogReader
 from .bridge_lane_child import LANE_ID_SUFFIX, LaneReader, LogGate

@@ -26,9 +26,10 @@ reports each cursor the remote side acknowledged ("lane_ack"); the broker stores
 deletes the rows it passes: the broker is the file's only writer.
 
 Nothing is buffered towards the process beyond the row being gathered and the rows queued
-for the writer thread (at most `MAX_QUEUED_ROWS`), so a process that does not keep up loses
+for the writer thread (at most `MAX_QUEUED_ROWS`, 64 rows, or `MAX_QUEUED_BYTES`, 16 MiB of
+messages: store/log/lane_file.py), so a process that does not keep up loses
 nothing: the backlog waits in the file, bounded by `max_backlog_bytes` (the oldest rows
-dropped, counted and logged; the process is told at once and answers how many of them it
+dropped, counted and logged; the process is told at once and answers which of them it
 had read already: those it may still send, counted as forwarded if it does). A writer
 thread that does not keep up (a stalled disk): the row keeps gathering, up to
 `BEHIND_ROWS` x `ROW_BYTES`; beyond, its messages are dropped, counted in the bridge's
@@ -157,18 +158,18 @@ class Lane:
             self._cut += dropped
             self._log_drops()
             # The process learns of the drop at once (it skips the rest of those rows) and
-            # answers how many of them it had read already ("lane_held", LaneFile.held):
+            # answers which of them it had read already ("lane_held", LaneFile.held):
             # until then they are not counted as dropped, nor after as forwarded. One word
             # at a time: a stopped process does not pile up frames.
             if max(file.answered_to, file.acked) >= self._told:
                 self._told = file.cursor
                 self.notify(("lane", file.next_offset - 1, file.cursor))
 
-    def held(self, floor: int, count: int) -> None:
+    def held(self, floor: int, runs: list[tuple[int, int]]) -> None:
         """The process's answer to the word of a drop ("lane_held": LaneFile.held); told at
         once of the drops since, if any."""
         file = self.file
-        file.held(floor, count)
+        file.held(floor, runs)
         if file.cursor > self._told:
             self._told = file.cursor
             self.notify(("lane", file.next_offset - 1, file.cursor))

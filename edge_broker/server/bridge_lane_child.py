@@ -100,12 +100,12 @@ class LaneReader:
             # Rows dropped for max_backlog_bytes: the rest of them is skipped from now on;
             # the broker counts them as dropped but for those handed out and not yet
             # acknowledged, settled by the next "lane_ack" (LaneFile.held).
-            held = 0
+            held = []
             for first, end in self._handed:
                 if first > floor:
                     break
-                held += min(end, floor) - first + 1
-            self.send(("lane_held", floor, held))
+                held.append((first, min(end, floor)))
+            self.send(("lane_held", floor, tuple(held)))
         self._wakeup.set()
 
     def close(self) -> None:

@@ -304,11 +304,13 @@ class ProcessForwarder:
                 self._waiting = after
         elif kind == "lane_ack":  # (cursor, messages delivered since the last one)
             self._lane_acked(int(message[1]), int(message[2]) if len(message) > 2 else None)
-        elif kind == "lane_held":  # (drop floor, messages of dropped rows it may send)
+        elif kind == "lane_held":  # (drop floor, [first, last] runs of it it may send)
+            floor = int(message[1])
+            runs = [(int(first), int(last)) for first, last in message[2]]
             if self.lane is not None:
-                self.lane.held(int(message[1]), int(message[2]))
+                self.lane.held(floor, runs)
             elif self._lane_file is not None:
-                self._lane_file.held(int(message[1]), int(message[2]))
+                self._lane_file.held(floor, runs)
         elif kind == "lane_wait":
             lane = self.lane
             if lane is not None:

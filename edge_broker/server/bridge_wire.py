@@ -15,7 +15,12 @@ broker -> process:
 process -> broker:
     ("wait", offset)          wake me when the log is committed past `offset`
     ("lane_wait", offset)     wake me when the lane's file is committed past `offset`
-    ("lane_ack", cursor)      the remote side acknowledged the lane up to `cursor`
+    ("lane_ack", cursor, delivered)
+                              the remote side acknowledged the lane up to `cursor`;
+                              `delivered` of the messages handed out since the last one
+    ("lane_held", floor, runs)
+                              told of the lane's drops up to `floor`: the ((first, last),
+                              ...) runs of them it had read and may still send
     ("ack", cursor, count, size, rows)
                               the remote side acknowledged everything up to `cursor`,
                               passing `count` of the bridge's rows (since the last "ack")

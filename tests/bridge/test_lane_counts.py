@@ -86,7 +86,7 @@ def test_a_row_dropped_for_max_backlog_bytes_then_failing_its_write_is_counted_o
         held.release.set()
         assert lane.wait_written()  # 5-16 in one write, which fails
     lost, _error = lane.collect()
-    lane.held(8, 0)  # the process, told of the drop, had read none of them
+    lane.held(8, [])  # the process, told of the drop, had read none of them
     assert lane.dropped == 8 and lost == 8  # 1-8 dropped, 9-16 lost: 16 messages
     assert lane.backlog_messages == 0 and lane.backlog_bytes == 0
     lane.close(5)
@@ -94,7 +94,7 @@ def test_a_row_dropped_for_max_backlog_bytes_then_failing_its_write_is_counted_o
 
 def test_dropped_never_goes_down(tmp_path: Path) -> None:
     """The rows max_backlog_bytes dropped count once the process, told of the drop, says
-    how many of them it holds (read before, in flight); those it holds once it says
+    which of them it holds (read before, in flight); those it holds once it says
     whether it delivered them (then forwarded, not dropped). `dropped` only grows, in the
     file too."""
     async def run() -> None:
@@ -110,8 +110,8 @@ def test_dropped_never_goes_down(tmp_path: Path) -> None:
         seen.append(writer.dropped)  # 1-8 dropped, not settled yet
         assert writer.dropped == 0 and writer.backlog_messages == 8
         reader.appended(writer.next_offset - 1, writer.cursor)  # the broker's word
-        assert sent == [("lane_held", 8, 3)]
-        writer.held(8, 3)
+        assert sent == [("lane_held", 8, ((1, 3),))]
+        writer.held(8, [(1, 3)])
         seen.append(writer.dropped)
         assert writer.dropped == 5 and writer.backlog_messages == 8  # 4-8; 1-3 held
         rest = list(await reader.read_after(3, 100))
@@ -207,14 +207,102 @@ def test_the_process_is_told_of_a_drop_once_until_it_answers(tmp_path: Path) -> 
         for n in range(5):  # each row drops the one before
             lane.send(_messages(n, 1))
         assert sent == [("lane", file.next_offset - 1, 1)] and file.cursor == 4
-        lane.held(1, 0)  # the process's answer: told of the drops since at once
+        lane.held(1, [])  # the process's answer: told of the drops since at once
         assert sent[1:] == [("lane", file.next_offset - 1, 4)]
-        lane.held(4, 0)
+        lane.held(4, [])
         lane.send(_messages(5, 1))
         assert sent[2:] == [("lane", file.next_offset - 1, 5)]
-        lane.held(5, 0)
+        lane.held(5, [])
         assert file.dropped == 5 and file.backlog_messages == 1
         lane.close()
         file.close(5)
+
+    asyncio.run(run())
+
+
+def _held(sent: list[tuple[object, ...]]) -> tuple[int, list[tuple[int, int]]]:
+    """The process's last "lane_held" (drop floor, runs), as server/bridge_proc.py reads
+    it."""
+    kind, floor, runs = sent[-1]
+    assert kind == "lane_held"
+    assert isinstance(floor, int) and isinstance(runs, tuple)
+    return floor, [(int(first), int(last)) for first, last in runs]
+
+
+def test_the_dropped_messages_the_process_holds_need_not_be_the_oldest(
+        tmp_path: Path) -> None:
+    """The process reads on past rows the broker dropped (and deleted) before it was told:
+    what it holds of a drop is then its newest messages, not the oldest. It names them;
+    counting the oldest as held counted 5 and 6 both forwarded and dropped (5, not 4)."""
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        writer = LaneFile(path, "s1", max_backlog_bytes=25)  # two rows of 10 bytes
+        sent: list[tuple[object, ...]] = []
+        reader = LaneReader(LaneView(path, 0, 0), mark=0, send=sent.append)
+        _append(writer, [_batch(0, 2)], mark=0)  # 1-2
+        _append(writer, [_batch(2, 2)], mark=0)  # 3-4
+        assert _append(writer, [_batch(4, 2)], mark=0) == 2  # 5-6: 1-2 dropped
+        told = [(writer.next_offset - 1, writer.cursor)]  # (the broker's word, on its way)
+        assert _append(writer, [_batch(6, 2)], mark=0) == 2  # 7-8: 3-4 dropped
+        window = await reader.read_after(0, 3)  # the rows of 1-4 are gone from the file
+        assert [m.offset for m in window] == [5, 6, 7]
+        assert _append(writer, [_batch(8, 2)], mark=0) == 2  # 9-10: 5-6 dropped
+        told.append((writer.next_offset - 1, writer.cursor))
+        reader.appended(*told[0])
+        writer.held(*_held(sent))  # holds none of 1-2
+        assert writer.dropped == 2
+        reader.appended(*told[1])
+        assert _held(sent) == (6, [(5, 6)])
+        writer.held(*_held(sent))
+        assert writer.dropped == 4  # 3-4; 5-6 in flight
+        for cursor in (5, 7):  # the remote side acknowledges 5, then 6-7
+            await reader.commit_cursor(cursor)
+            _kind, acked, delivered = sent[-1]
+            assert isinstance(acked, int) and isinstance(delivered, int)
+            writer.commit_cursor(acked, delivered)
+        rest = await reader.read_after(7, 100)
+        assert [m.offset for m in rest] == [8, 9, 10]
+        await reader.commit_cursor(10)
+        writer.commit_cursor(10, 3)
+        assert writer.dropped == 4  # 1-4; 5-10 forwarded
+        assert writer.backlog_messages == 0 and writer._unsettled_count == 0
+        reader.close()
+        writer.close(5)
+
+    asyncio.run(run())
+
+
+def test_a_resend_cuts_what_the_process_held_at_an_earlier_word(tmp_path: Path) -> None:
+    """The process held 1-2 at the word of their drop; a resend (the window failed) reads
+    again after them (skipped now): it holds 3-4 at the next word, not 1-2. Counting the
+    oldest as held counted 3 or 4 both forwarded and dropped."""
+    async def run() -> None:
+        path = str(tmp_path / "lane")
+        writer = LaneFile(path, "s1", max_backlog_bytes=25)
+        sent: list[tuple[object, ...]] = []
+        reader = LaneReader(LaneView(path, 0, 0), mark=0, send=sent.append)
+        _append(writer, [_batch(0, 2)], mark=0)  # 1-2
+        _append(writer, [_batch(2, 2)], mark=0)  # 3-4
+        assert [m.offset for m in await reader.read_after(0, 3)] == [1, 2, 3]
+        assert _append(writer, [_batch(4, 2)], mark=0) == 2  # 5-6: 1-2 dropped
+        reader.appended(writer.next_offset - 1, writer.cursor)
+        assert _held(sent) == (2, [(1, 2)])
+        writer.held(*_held(sent))
+        assert writer.dropped == 0
+        again = await reader.read_after(0, 2)  # the window failed: read again
+        assert [m.offset for m in again] == [3, 4]
+        assert _append(writer, [_batch(6, 2)], mark=0) == 2  # 7-8: 3-4 dropped
+        reader.appended(writer.next_offset - 1, writer.cursor)
+        assert _held(sent) == (4, [(3, 4)])
+        writer.held(*_held(sent))
+        assert writer.dropped == 2  # 1-2 (never sent again); 3-4 in flight
+        for cursor in (3, 4):
+            await reader.commit_cursor(cursor)
+            writer.commit_cursor(cursor, 1)
+        assert sent[-1] == ("lane_ack", 4, 1)
+        assert writer.dropped == 2 and writer._unsettled_count == 0
+        assert writer.backlog_messages == 4  # 5-8
+        reader.close()
+        writer.close(5)
 
     asyncio.run(run())

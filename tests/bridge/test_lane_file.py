@@ -114,7 +114,7 @@ def test_max_backlog_bytes_drops_the_oldest_rows(tmp_path: Path) -> None:
     assert _append(lane, [_batch(0, 4)], mark=0) == 0
     assert _append(lane, [_batch(4, 4), _batch(8, 4)], mark=0) == 4  # 30 bytes > 25
     assert lane.cursor == 4 and lane.backlog_bytes == 20
-    lane.held(4, 0)  # the process, told of the drop, had read none of them
+    lane.held(4, [])  # the process, told of the drop, had read none of them
     assert lane.dropped == 4 and lane.backlog_messages == 8
     view = _view(lane)
     assert [first for first, *_ in view.page(lane.cursor, 100)] == [5, 9]
@@ -167,13 +167,39 @@ def test_rows_the_broker_dropped_are_skipped_by_the_process(tmp_path: Path) -> N
     asyncio.run(run())
 
 
+def test_rows_at_or_below_the_cursor_are_not_kept_by_the_view(tmp_path: Path) -> None:
+    """The broker's word of a drop up to 6 left before the row of 5-6 committed (its write
+    under way) and is read after: that row, in the file until the drop's delete commits,
+    is then found by `poll` or by a later word's `refresh`, below the view's cursor. Kept,
+    its mark was the view's `pending_mark` (the LogGate held the log's QoS 0 rows behind
+    it) until the cursor moved again."""
+    writer = LaneFile(str(tmp_path / "lane"), "s1")
+    _append(writer, [_batch(0, 4)], mark=1)  # 1-4
+    polled = _view(writer)
+    refreshed = _view(writer)
+    _append(writer, [_batch(4, 2)], mark=2)  # 5-6, not known to the views yet
+    for view in (polled, refreshed):
+        view.refresh(4, 6)  # the word of the drop up to 6
+        assert view.cursor == 6 and view.pending_mark is None
+    assert polled.poll()  # 5-6 found in the file (its offsets known now)
+    assert not polled.poll()
+    _append(writer, [_batch(6, 2)], mark=3)  # 7-8
+    refreshed.refresh(8, 6)  # a later word, the same floor: 5-6 and 7-8 found
+    polled.refresh(8, 6)
+    for view in (polled, refreshed):
+        assert view.pending_mark == 3 and view.mark_after(6) == 3
+        assert view.next_offset == 9
+        view.close()
+    writer.close(5)
+
+
 def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped(
         tmp_path: Path) -> None:
     """max_backlog_bytes drops the oldest rows, counted in `dropped`; the messages of a row
     the process had already read (its window in flight) are sent all the same: once
     acknowledged they count as forwarded only, not in both (the process says how many it
     delivered). Those of a dropped row it skipped stay dropped, also after a reopen. The
-    process, told of the drop, says how many of them it holds: those are counted when it
+    process, told of the drop, says which of them it holds: those are counted when it
     says whether it delivered them (`dropped` never goes down)."""
     async def run() -> None:
         path = str(tmp_path / "lane")
@@ -186,8 +212,8 @@ def test_a_row_dropped_after_the_process_read_it_counts_as_forwarded_not_dropped
         _append(writer, [_batch(4, 4), _batch(8, 4)], mark=0)  # 30 bytes > 25
         assert writer.dropped == 0  # the row of 1-4: the process may have read it
         reader.appended(writer.next_offset - 1, writer.cursor)  # 3 and 4 skipped
-        assert sent == [("lane_held", 4, 2)]  # 1 and 2 in flight
-        writer.held(4, 2)
+        assert sent == [("lane_held", 4, ((1, 2),))]  # 1 and 2 in flight
+        writer.held(4, [(1, 2)])
         assert writer.dropped == 2 and writer.backlog_messages == 8
         rest = list(await reader.read_after(2, 100))
         assert [m.offset for m in window + rest] == [1, 2, *range(5, 13)]

@@ -15,8 +15,9 @@ they make the message ids of the lane (a namespace of their own: `<store_id>q`).
   reports it, the broker stores it in `lane_meta`); rows entirely up to it are deleted.
 - `max_backlog_bytes`: when the rows after the cursor exceed it, the oldest rows are deleted
   and the cursor moved past them; the messages are counted in `dropped` (kept in the file),
-  which only grows. Until the process says how many of them it had read already (`held`:
-  those it may still send; the broker tells it of the drop at once, server/bridge_lane.py)
+  which only grows. Until the process says which of them it had read already (`held`: the
+  [first, last] runs it may still send; the broker tells it of the drop at once,
+  server/bridge_lane.py)
   they are unsettled (in neither figure); those it holds are settled by its next
   acknowledgement (`commit_cursor`: the ones it delivered count as forwarded), or when its
   next run starts (`settle`).
@@ -45,12 +46,11 @@ import queue
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any, Final
 
 from ...errors import StoreError
-from .lane_view import LaneView as LaneView  # (server/bridge_child.py imports it from here)
 from .lane_view import take_runs
 
 _SCHEMA: Final = (
@@ -342,32 +342,37 @@ class LaneFile:
         self._lost_error = ""
         return lost, error
 
-    def held(self, floor: int, count: int) -> None:
+    def held(self, floor: int, runs: Sequence[tuple[int, int]]) -> None:
         """The process learnt of the drops up to `floor` (it skips the rest of them from
-        now on) and holds `count` of their messages, read before (in flight, not yet
-        acknowledged): the oldest `count` stay unsettled until its next acknowledgement
-        (it reads in order: those it holds are the first), the others go to `dropped`."""
+        now on) and holds `runs` of their messages ([first, last], oldest first), read
+        before (in flight, not yet acknowledged): those of the unsettled drops stay
+        unsettled until its next acknowledgement, the others go to `dropped`. The runs it
+        names, not a count: what it holds need not be the oldest dropped (it read on past
+        rows deleted before it was told; a resend cut runs it held at an earlier word)."""
         self.answered_to = max(self.answered_to, floor)
-        runs = self._unsettled
-        keep = count
-        settled = 0
+        unsettled = self._unsettled
         kept: deque[list[int]] = deque()
-        while runs and runs[0][0] <= floor:
-            start, end = runs.popleft()
+        settled = 0
+        i = 0
+        while unsettled and unsettled[0][0] <= floor:
+            start, end = unsettled.popleft()
             if end > floor:  # (not dropped when the process was told: later)
-                runs.appendleft([floor + 1, end])
+                unsettled.appendleft([floor + 1, end])
                 end = floor
-            size = end - start + 1
-            if keep >= size:
-                kept.append([start, end])
-                keep -= size
-            elif keep:
-                kept.append([start, start + keep - 1])
-                settled += size - keep
-                keep = 0
-            else:
-                settled += size
-        runs.extendleft(reversed(kept))
+            at = start  # [start, at) is kept or settled
+            while i < len(runs) and runs[i][0] <= end:
+                first, last = runs[i]
+                low = max(first, at)
+                high = min(last, end)
+                if low <= high:
+                    kept.append([low, high])
+                    settled += low - at
+                    at = high + 1
+                if last > end:  # (also over the next unsettled run)
+                    break
+                i += 1
+            settled += end - at + 1
+        unsettled.extendleft(reversed(kept))
         if settled:
             self._unsettled_count -= settled
             self.dropped += settled

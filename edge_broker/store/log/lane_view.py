@@ -109,7 +109,10 @@ class LaneView:
         self.next_offset = max(self.next_offset, last + 1)
 
     def _add(self, first: int, count: int, mark: int) -> None:
-        self._rows.append((first, count, mark))
+        """A row found in the file; not kept when it is at or below the cursor (the word of
+        its drop came before the row was read: it is deleted in a later commit)."""
+        if first + count - 1 > self.cursor:
+            self._rows.append((first, count, mark))
         self.next_offset = first + count
 
     def refresh(self, last: int, floor: int) -> None:
