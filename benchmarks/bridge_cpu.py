@@ -25,13 +25,12 @@ import argparse
 import os
 import signal
 import subprocess
-import threading
 import time
 
-from . import brokers, loadgen
+from . import brokers
 from .bridge_count import counter
 from .bridge_drain import PY_SPY
-from .scenarios_bridge import TOPIC, _children, bridge_toml, remote
+from .scenarios_bridge import _children, bridge_toml, publish_backlog, remote
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -80,23 +79,10 @@ def main(argv: list[str] | None = None) -> None:
             extra += f"window = {args.window}\n"
         rb = brokers.start("edge", edge_cmd=args.edge_cmd, extra_config=extra)
         try:
-            results: list[dict] = []
-
-            def one(n: int) -> None:
-                results.append(loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
-                    topic=f"{TOPIC}/{n}", qos=qos, duration_s=3600,
-                    max_messages=total // publishers, client_id=f"bench-cpu-{n}"),
-                    hard_timeout_s=600))
-
             c0, t0 = _cpu_s(rb.pid), time.monotonic()
-            threads = [threading.Thread(target=one, args=(n,)) for n in range(publishers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            sent = publish_backlog(rb, total, publishers, qos=qos, client_prefix="bench-cpu",
+                                   timeout_s=600)
             t1 = time.monotonic()
-            sent = sum(int(r["acked"] if r["acked"] is not None else r["sent"])
-                       for r in results)
             brokers.wait_quiet(rb.pid)  # QoS 0: the broker may still be reading
             c1 = _cpu_s(rb.pid)
             print(f"ingest  {kind}: {sent} messages, {publishers} publisher(s) QoS {qos}, "

@@ -22,13 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from . import brokers, loadgen
+from . import brokers
 from .bridge_count import bridge_status, counter, stream_span
-from .scenarios_bridge import TOPIC, _children, bridge_toml, remote
+from .scenarios_bridge import _children, bridge_toml, publish_backlog, remote
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
@@ -75,21 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             extra += f"window = {args.window}\n"
         rb = brokers.start("edge", edge_cmd=args.edge_cmd, extra_config=extra)
         try:
-            results: list[dict] = []
-
-            def one(n: int) -> None:
-                results.append(loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
-                    topic=f"{TOPIC}/{n}", qos=1, duration_s=3600,
-                    max_messages=total // publishers, client_id=f"bench-drain-{n}"),
-                    hard_timeout_s=900))
-
-            threads = [threading.Thread(target=one, args=(n,)) for n in range(publishers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            sent = sum(int(r["acked"] if r["acked"] is not None else r["sent"])
-                       for r in results)
+            sent = publish_backlog(rb, total, publishers)
             brokers.wait_quiet(rb.pid)
             child = None if args.inprocess else next(iter(_children(rb.pid)), None)
             count = counter(kind, server.address, rb)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
-from . import brokers, loadgen
+from . import brokers
+from .bridge_count import counter
 from .bridge_cpu import _cpu_s, _threads
-from .scenarios_bridge import TOPIC, _children, bridge_toml, counter, remote
+from .scenarios_bridge import _children, bridge_toml, publish_backlog, remote
 
 IDLE_S = 5.0
 
@@ -65,24 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         rb = brokers.start("edge", edge_cmd=args.edge_cmd,
                            extra_config=bridge_toml("jetstream", server.address))
         try:
-            results: list[dict] = []
-
-            def one(n: int) -> None:
-                results.append(loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
-                    topic=f"{TOPIC}/{n}", qos=1, duration_s=3600,
-                    max_messages=total // publishers, client_id=f"core-drain-{n}"),
-                    hard_timeout_s=600))
-
-            threads = [threading.Thread(target=one, args=(n,)) for n in range(publishers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            sent = sum(int(r["acked"] if r["acked"] is not None else r["sent"])
-                       for r in results)
+            sent = publish_backlog(rb, total, publishers, client_prefix="core-drain",
+                                   timeout_s=600)
             brokers.wait_quiet(rb.pid)
             child = next(iter(_children(rb.pid)), None)
-            count = counter("jetstream", server, rb)
+            count = counter("jetstream", server.address, rb)
             # The broker's idle CPU per second (its maintenance ticks), to take out of the
             # drain + retention figure (whose wait is long when retention is slow).
             i0, ti0 = _threads(rb.pid), time.monotonic()

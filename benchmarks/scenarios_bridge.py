@@ -161,6 +161,27 @@ def remote(kind: str, *, started: bool = True) -> Iterator[Remote]:
         server.close()
 
 
+def publish_backlog(rb: brokers.RunningBroker, total: int, publishers: int, *, qos: int = 1,
+                    client_prefix: str = "bench-drain", timeout_s: float = 900) -> int:
+    """`publishers` devices (a thread and a connection each, topics `TOPIC/<n>`) publish
+    `total` messages between them at full speed; returns how many the broker acknowledged
+    (QoS 0: sent). The bridge benchmarks' backlog (bridge_drain, bridge_cpu, core_drain_cpu)."""
+    results: list[dict[str, Any]] = []
+
+    def one(n: int) -> None:
+        results.append(loadgen.publish_only(rb.host, rb.port, loadgen.PubSpec(
+            topic=f"{TOPIC}/{n}", qos=qos, duration_s=3600,
+            max_messages=total // publishers, client_id=f"{client_prefix}-{n}"),
+            hard_timeout_s=timeout_s))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(publishers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(int(r["acked"] if r["acked"] is not None else r["sent"]) for r in results)
+
+
 def bridge_toml(kind: str, address: str, uplink: str = "bench/#",
                 separate: bool | None = None, nice: int = 0) -> str:
     """`separate`: the bridge's `separate_process` (None: SEPARATE_PROCESS); `nice`: its
