@@ -17,19 +17,26 @@ SAMPLE_S = 0.2
 
 
 def stream_count(address: str) -> int:
-    import nats
-
-    async def ask() -> int:
-        nc = await nats.connect(address, connect_timeout=2, allow_reconnect=False)
-        try:
-            return int((await nc.jetstream().stream_info("S14")).state.messages)
-        finally:
-            await nc.close()
-
+    """Stream S14's message count; 0 while the server is not up or the stream not made."""
     try:
-        return asyncio.run(ask())
-    except Exception:  # not up yet, no stream yet
+        return int(_js_request(address, "$JS.API.STREAM.INFO.S14")["state"]["messages"])
+    except Exception:  # not up yet (connect), no stream yet (an error reply: no "state")
         return 0
+
+
+def wait_arrived(count: Callable[[], int], total: int, timeout_s: float
+                 ) -> tuple[float | None, int]:
+    """Poll `count` every 0.05 s until it reaches `total` or `timeout_s` passed: (the time
+    of the first poll that saw anything, None if none did; the last count)."""
+    start = time.monotonic()
+    first = None
+    arrived = 0
+    while arrived < total and time.monotonic() - start < timeout_s:
+        arrived = count()
+        if arrived and first is None:
+            first = time.monotonic()
+        time.sleep(0.05)  # polling, bounded by the deadline
+    return first, arrived
 
 
 def _js_request(address: str, subject: str, body: dict[str, Any] | None = None

@@ -28,7 +28,7 @@ import subprocess
 import time
 
 from . import brokers
-from .bridge_count import counter
+from .bridge_count import counter, wait_arrived
 from .bridge_drain import PY_SPY
 from .scenarios_bridge import _children, bridge_toml, publish_backlog, remote
 
@@ -105,13 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                                          "-p", str(rb.pid)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             server.start()
-            first = None
-            arrived = 0
-            while arrived < sent and time.monotonic() - t2 < 300:
-                arrived = count()
-                if arrived and first is None:
-                    first = time.monotonic()
-                time.sleep(0.05)
+            first, arrived = wait_arrived(count, sent, 300)
             t3, c3, k3 = time.monotonic(), _cpu_s(rb.pid), _cpu_s(child)
             th3 = _threads(rb.pid)
             if perf is not None:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from . import brokers
-from .bridge_count import bridge_status, counter, stream_span
+from .bridge_count import bridge_status, counter, stream_span, wait_arrived
 from .scenarios_bridge import _children, bridge_toml, publish_backlog, remote
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -98,13 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 perf = subprocess.Popen(["perf", "record", "-F", "2000", "-g", "-o", args.perf,
                                          "-p", f"{target},{rpid}"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            first = None
-            arrived = 0
-            while arrived < sent and time.monotonic() - t0 < 600:
-                arrived = count()
-                if arrived and first is None:
-                    first = time.monotonic()
-                time.sleep(0.05)
+            first, arrived = wait_arrived(count, sent, 600)
             t1 = time.monotonic()
             b1, k1, r1 = _times(rb.pid), _times(child), _times(rpid)
             if perf is not None:

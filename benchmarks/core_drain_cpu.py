@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import brokers
-from .bridge_count import counter
+from .bridge_count import counter, wait_arrived
 from .bridge_cpu import _cpu_s, _threads
 from .scenarios_bridge import _children, bridge_toml, publish_backlog, remote
 
@@ -79,13 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                     for tid, (name, cpu) in i1.items()}
             c0, k0, t0, th0 = _cpu_s(rb.pid), _cpu_s(child), time.monotonic(), _threads(rb.pid)
             server.start()
-            first = None
-            arrived = 0
-            while arrived < sent and time.monotonic() - t0 < 300:
-                arrived = count()
-                if arrived and first is None:
-                    first = time.monotonic()
-                time.sleep(0.05)
+            first, arrived = wait_arrived(count, sent, 300)
             c1, k1, t1, th1 = _cpu_s(rb.pid), _cpu_s(child), time.monotonic(), _threads(rb.pid)
             assert rb.data_dir is not None
             left = _log_rows(rb.data_dir)
