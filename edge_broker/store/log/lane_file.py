@@ -474,9 +474,8 @@ class LaneFile:
                             held = more
                             break
                         batch.append(more)
-                    self._write_rows(batch)
+                    self._bytes_done += self._write_rows(batch)
                     self._rows_done += len(batch)
-                    self._bytes_done += sum(op[4] for op in batch)
                 else:
                     self._write_cursor()
                 callback = self.on_written
@@ -489,10 +488,11 @@ class LaneFile:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
 
-    def _write_rows(self, batch: list[tuple[Any, ...]]) -> None:
+    def _write_rows(self, batch: list[tuple[Any, ...]]) -> int:
         """One write of the rows of queued appends (in order). Without a drop to store it is
         one INSERT statement in autocommit (its own transaction: one step, so one wait for
-        the GIL); with one, a transaction that also deletes the dropped rows."""
+        the GIL); with one, a transaction that also deletes the dropped rows. Returns the
+        bytes of messages the appends queued (written or failed: no longer waiting)."""
         rows: list[Any] = []
         firsts: list[int] = []
         count = size = 0
@@ -524,6 +524,7 @@ class LaneFile:
             self._failed.append((firsts, count, size, f"{self.path}: table lane: {exc}"))
         # The offsets are given even when the write failed: a reader skips the gap.
         self.next_offset = end
+        return size
 
     def _set_cursor(self, cursor: int) -> None:
         self._conn.execute(_SET, ("cursor", str(cursor)))
