@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -123,6 +124,17 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerThread]]:
 def broker(make_broker: Callable[..., BrokerThread]) -> BrokerThread:
     """A broker with the default settings on a free port."""
     return make_broker()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """A SQLite connection in WAL mode, autocommit, to `log.db` in the test's directory: what
+    the log's own tests (store/log) run on. (tests/contract/test_log_append.py has its own,
+    made by the store's `connect`.)"""
+    conn = sqlite3.connect(str(tmp_path / "log.db"), isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    yield conn
+    conn.close()
 
 
 def free_port() -> int:

@@ -8,8 +8,6 @@ between the process's read and its acknowledgement."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,14 +19,6 @@ from edge_broker.store.log.cursors import Passed
 from edge_broker.store.log.log import LogRow
 
 from .test_bridge_child_log import Pages, raw
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(str(tmp_path / "log.db"), isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    yield conn
-    conn.close()
 
 
 def a_log(conn: sqlite3.Connection) -> Log:

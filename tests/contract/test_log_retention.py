@@ -4,7 +4,7 @@ replay positions (edge_broker.store.log)."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -29,14 +29,6 @@ from edge_broker.store.log.replay import (
     stream_start,
     stream_stats,
 )
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(str(tmp_path / "log.db"), isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    yield conn
-    conn.close()
 
 
 def open_log(conn: sqlite3.Connection, streams: Sequence[StreamConfig] = ()) -> Log:
