@@ -118,7 +118,16 @@ def _s14_metrics() -> list[Metric]:
                    compare=False),
             Metric("S14.jetstream.drain_vs_live_sampled_pct",
                    "S14 uplink to JetStream: drain / live, both polled", "%", "higher",
-                   compare=False)]
+                   compare=False),
+            # benchmarks/jetstream_ceiling.py: nats-server's own rate with our frames
+            Metric("S14.jetstream.ceiling_msgs_per_s",
+                   "S14 JetStream ceiling: nats-server storing our frames from a free client",
+                   "msgs/s", "higher", compare=False),
+            Metric("S14.jetstream.drain_vs_ceiling_pct",
+                   "S14 JetStream: drain / that ceiling", "%", "higher", compare=False),
+            Metric("S14.jetstream.ceiling_vs_live_pct",
+                   "S14 JetStream: ceiling / live (the most drain / live can be here)", "%",
+                   "higher", compare=False)]
     return [
         *out,
         Metric("S14.s1_bridged_msgs_per_s", "S14 S1 with every message uplinked", "msgs/s",

@@ -364,6 +364,29 @@ def _drain(case: Case, kind: str, backlog: int, res: Result) -> None:
                                         "last_error": status.get("last_error")}
 
 
+def _ceiling(backlog: int, res: Result) -> None:
+    """What nats-server stores per second from a client that costs nothing, with the bridge's
+    frames (benchmarks/jetstream_ceiling.py), measured right after the drain on a fresh
+    server: how close the drain came, and the most its ratio to the live rate could be."""
+    from . import jetstream_ceiling  # (it imports this module; and nats-py, as S14 does)
+
+    n = max(1000, min(backlog, DRAIN_MAX))
+    try:
+        top = jetstream_ceiling.ceiling(n)
+    except jetstream_ceiling.CeilingError as why:
+        res.details["jetstream_ceiling"] = {"error": str(why)}
+        return
+    rate = top["msgs_per_s"]
+    drain = res.figures.get("S14.jetstream.drain_msgs_per_s")
+    live = res.figures.get("S14.jetstream.live_fwd_msgs_per_s")
+    res.figures["S14.jetstream.ceiling_msgs_per_s"] = rate
+    res.figures["S14.jetstream.drain_vs_ceiling_pct"] = (
+        round(100 * drain / rate) if drain and rate else None)
+    res.figures["S14.jetstream.ceiling_vs_live_pct"] = (
+        round(100 * rate / live) if rate and live else None)
+    res.details["jetstream_ceiling"] = top
+
+
 def _s1_pair(case: Case, res: Result, bridged: Callable[[], Any],
              plain: Callable[[], Any], *, uplink_check: bool = False) -> None:
     """`uplink_check` (edge-broker): after the bridged runs, wait (up to UPLINK_WAIT_S) until
@@ -405,6 +428,8 @@ def _edge(case: Case) -> Result:
         try:
             acked = _live(case, kind, res)
             _drain(case, kind, acked, res)
+            if kind == "jetstream":
+                _ceiling(acked, res)
         except brokers.BrokerUnavailable as why:
             res.details[f"{kind}_skipped"] = str(why)
     with remote("jetstream") as server:

@@ -1,0 +1,183 @@
+"""The most one JetStream stream on this machine stores per second with the bridge's frames:
+the ceiling S14's JetStream drain is measured against.
+
+A nats-server is started as S14 starts it (`-js -sd DIR`), the real `JetStreamSink` creates
+the stream with S14's bridge configuration (stream "S14", subjects `bench.gw.>`, file
+storage, `allow_batched`), and then a raw socket sends MESSAGES messages shaped like S14's
+backlog (LIVE_DEVICES topics `bench/s11/<n>` and client ids, 100-byte payloads) in exactly
+the bytes the uplink sends (bridge/jetstream_frames.py, fast-ingest batches of WINDOW with
+DEPTH in flight, bridge/jetstream_batch.py). The frames are built before the clock starts,
+so the client does no work per message besides reading the replies: the rate, timed by the
+store times nats-server recorded for the stream's first and last message (as S14's drain),
+is what the server itself can store with the documented headers, `Nats-Msg-Id`
+deduplication and batches on these cores - an upper bound for any uplink here, since the
+server's stream takes one message at a time. `--bare` also sends the same subjects without
+headers (no `Nats-Msg-Id`: no deduplication), to show what the headers cost the server.
+
+    python -m benchmarks.jetstream_ceiling [MESSAGES] [--rounds 3] [--bare]
+        [--window 256] [--depth 8]
+
+Printed per run: the store-time rate, the wall-clock rate, and nats-server's CPU time
+(utime + stime) per message. S14 calls `ceiling` after its JetStream drain
+(`S14.jetstream.ceiling_msgs_per_s`, `drain_vs_ceiling_pct`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import socket
+import time
+from typing import Any
+
+from edge_broker.bridge.base import BridgeMessage, new_store_id
+from edge_broker.bridge.config import parse_bridges
+from edge_broker.bridge.jetstream import JetStreamSink
+from edge_broker.bridge.jetstream_batch import MAX_FLOW, BatchPublisher
+from edge_broker.bridge.jetstream_frames import FrameBuilder
+
+from . import brokers
+from .bridge_count import stream_span
+from .scenarios_bridge import LIVE_DEVICES, TOPIC, remote
+
+WINDOW = 256  # the forwarder's window (bridge/forward.py) ...
+DEPTH = 8  # ... and windows in flight: S14's
+PAYLOAD = b"x" * 100  # loadgen's default payload size
+INBOX = b"_INBOX.ceiling."
+_MSG = re.compile(rb"MSG \S+ \d+ (?:\S+ )?(\d+)\r\n")
+
+
+class CeilingError(RuntimeError):
+    """The server refused a batch: the figure would not be a ceiling."""
+
+
+def _messages(total: int) -> list[BridgeMessage]:
+    start = time.time()
+    return [BridgeMessage(offset=i, topic=f"{TOPIC}/{i % LIVE_DEVICES}", payload=PAYLOAD,
+                          qos=1, publish_time=start + i * 5e-6,
+                          client_id=f"bench-s11-{i % LIVE_DEVICES}")
+            for i in range(1, total + 1)]
+
+
+def _bare(batch: list[BridgeMessage], sink: JetStreamSink, reply: bytes) -> bytes:
+    """`batch` as one fast-ingest batch without headers (same subjects, reply subjects, EOB
+    as BatchPublisher.frames)."""
+    out = [b"PUB %s %s%d.%d.$FI %d\r\n%s\r\n" % (sink.subject(m).encode(), reply, seq,
+                                                 0 if seq == 1 else 1, len(m.payload),
+                                                 m.payload)
+           for seq, m in enumerate(batch, 1)]
+    out.append(b"PUB bench.gw.eob %s%d.3.$FI 0\r\n\r\n" % (reply, len(batch) + 1))
+    return b"".join(out)
+
+
+async def _frames(address: str, total: int, window: int, headers: bool) -> list[bytes]:
+    """Create stream S14 through the real sink and build the windows' bytes."""
+    gateway_id = socket.gethostname()  # S14's: the broker's default
+    (config,) = parse_bridges([{
+        "name": "s11", "kind": "jetstream", "servers": [address], "uplink": ["bench/#"],
+        "subject_prefix": "bench.gw", "jetstream_stream": "S14", "stream_storage": "file"}],
+        file="ceiling.toml", gateway_id=gateway_id)
+    sink = JetStreamSink(config, gateway_id=gateway_id, store_id=new_store_id())
+    await sink.start()
+    try:
+        if not sink.batched:
+            raise CeilingError("the stream does not take fast-ingest batches")
+        builder = FrameBuilder(gateway_id, sink.store_id, sink.subject)
+        publisher = BatchPublisher(INBOX, CeilingError)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        messages = _messages(total)
+        windows = []
+        for n, start in enumerate(range(0, total, window)):
+            batch = messages[start:start + window]
+            if headers:
+                data, _ = publisher.frames(batch, builder, "bench.gw.eob", future)
+            else:
+                reply = b"%sbare%d.%d.fail." % (INBOX, n, min(len(batch), MAX_FLOW))
+                data = _bare(batch, sink, reply)
+            windows.append(data)
+        return windows
+    finally:
+        await sink.close()
+
+
+async def _send(address: str, windows: list[bytes], depth: int) -> None:
+    """Write the windows, at most `depth` without their batch's final PubAck; raise
+    CeilingError on an error reply."""
+    host, port = address.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
+                     b'"no_responders":true,"protocol":1}\r\nSUB ' + INBOX + b"> 1\r\nPING\r\n")
+        await reader.readuntil(b"PONG\r\n")
+        sent = done = 0
+        buf = b""
+        while done < len(windows):
+            while sent < len(windows) and sent - done < depth:
+                writer.write(windows[sent])
+                sent += 1
+            buf += await reader.read(1 << 16)
+            while (line_end := buf.find(b"\r\n")) >= 0:
+                match = _MSG.match(buf)
+                if match is None:  # a control line: INFO (sent again after CONNECT), PING
+                    if buf.startswith(b"-ERR"):
+                        raise CeilingError(buf[:line_end].decode(errors="replace"))
+                    if buf.startswith(b"PING"):
+                        writer.write(b"PONG\r\n")
+                    buf = buf[line_end + 2:]
+                    continue
+                end = match.end() + int(match.group(1))
+                if len(buf) < end + 2:
+                    break
+                body = buf[match.end():end]
+                buf = buf[end + 2:]
+                if b'"error"' in body:
+                    raise CeilingError(body.decode(errors="replace"))
+                if b'"batch"' in body:
+                    done += 1
+    finally:
+        writer.close()
+
+
+def ceiling(total: int = 200_000, *, headers: bool = True, window: int = WINDOW,
+            depth: int = DEPTH) -> dict[str, Any]:
+    """Start a nats-server, store `total` messages as described in the module docstring,
+    stop it; the figures."""
+    with remote("jetstream") as server:
+        windows = asyncio.run(_frames(server.address, total, window, headers))
+        assert server.proc is not None
+        pid = server.proc.pid
+        c0, t0 = brokers.cpu_ticks(pid), time.monotonic()
+        asyncio.run(_send(server.address, windows, depth))
+        t1, c1 = time.monotonic(), brokers.cpu_ticks(pid)
+        stored, first_ts, last_ts = stream_span(server.address)
+    if stored != total:
+        raise CeilingError(f"{stored} of {total} stored")
+    return {"msgs_per_s": round((stored - 1) / (last_ts - first_ts)),
+            "wall_msgs_per_s": round(total / (t1 - t0)),
+            "server_us_per_msg": round((c1 - c0) / brokers.CLK_TCK / total * 1e6, 2),
+            "headers": headers, "window": window, "depth": depth, "messages": total}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.jetstream_ceiling")
+    parser.add_argument("messages", type=int, nargs="?", default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bare", action="store_true",
+                        help="also without headers, alternating")
+    parser.add_argument("--window", type=int, default=WINDOW)
+    parser.add_argument("--depth", type=int, default=DEPTH)
+    args = parser.parse_args(argv)
+    for _ in range(args.rounds):
+        for headers in ((True, False) if args.bare else (True,)):
+            r = ceiling(args.messages, headers=headers, window=args.window, depth=args.depth)
+            print(f"{'bridge frames' if headers else 'no headers':13s} "
+                  f"{r['msgs_per_s']:9,d} msgs/s by store times, {r['wall_msgs_per_s']:9,d} "
+                  f"wall; nats-server {r['server_us_per_msg']:5.2f} us/msg "
+                  f"(window {r['window']}, depth {r['depth']}, {r['messages']:,d} messages)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
