@@ -75,7 +75,8 @@ _INSERT: Final = "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES 
 _STOP: Final = ("stop",)
 CLOSE_TIMEOUT_S: Final = 10.0
 # The writer thread of each lane file this process opened (by real path): a file is not
-# opened again while its previous writer still writes (`LaneFile.close` does not wait).
+# opened again while its previous writer still writes (`LaneFile.close` does not wait). A
+# writer removes its own entry as the last thing it does (`LaneFile._run`).
 _WRITERS: Final[dict[str, threading.Thread]] = {}
 
 log = logging.getLogger("edge_broker.bridges")
@@ -101,7 +102,7 @@ class LaneFile:
         database, damaged, unwritable), or while the writer thread of its previous opening
         still finishes its writes (a stalled disk; tried again later)."""
         self.path = path
-        key = os.path.realpath(path)
+        key = self._key = os.path.realpath(path)
         previous = _WRITERS.get(key)
         if previous is not None and previous.is_alive():
             raise StoreError(f"{path}: cannot open the QoS 0 lane file: its previous writer "
@@ -172,8 +173,8 @@ class LaneFile:
         # (Not `_thread`: mypyc names the C struct member `__thread`, a C keyword.)
         self._writer = threading.Thread(target=self._run, name=f"lane writer {path}",
                                         daemon=True)
+        _WRITERS[key] = self._writer  # (before it runs: it removes the entry as it ends)
         self._writer.start()
-        _WRITERS[key] = self._writer
 
     def close(self, wait_s: float = 0.0) -> None:
         """Queue the end: the writer thread finishes the queued writes, then closes the file.
@@ -487,6 +488,11 @@ class LaneFile:
         finally:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
+            # Done with the file: forgotten, or the table would keep every writer that ever
+            # ran. The entry is still this thread's: an opening replaces only a writer that
+            # is not alive, and this one is until it returns from here.
+            if _WRITERS.get(self._key) is self._writer:
+                del _WRITERS[self._key]
 
     def _write_rows(self, batch: list[tuple[Any, ...]]) -> int:
         """One write of the rows of queued appends (in order). Without a drop to store it is
