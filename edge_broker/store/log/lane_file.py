@@ -19,8 +19,9 @@ they make the message ids of the lane (a namespace of their own: `<store_id>q`).
   [first, last] runs it may still send; the broker tells it of the drop at once,
   server/bridge_lane.py)
   they are unsettled (in neither figure); those it holds are settled by its next
-  acknowledgement (`commit_cursor`: the ones it delivered count as forwarded), or when its
-  next run starts (`settle`).
+  acknowledgement (`commit_cursor`: the ones it delivered count as forwarded), by its next
+  answer (it gave up the window holding them: a failure, a resend; they count as dropped),
+  or when its next run starts (`settle`).
 - A file made for another store (its `store_id` differs: the store was rebuilt) is emptied.
 
 The broker is the only writer (single-writer, as the store). Writes are committed with
@@ -347,7 +348,9 @@ class LaneFile:
         """The process learnt of the drops up to `floor` (it skips the rest of them from
         now on) and holds `runs` of their messages ([first, last], oldest first), read
         before (in flight, not yet acknowledged): those of the unsettled drops stay
-        unsettled until its next acknowledgement, the others go to `dropped`. The runs it
+        unsettled until its next acknowledgement or answer, the others go to `dropped` (it
+        answers again, with the same floor, when it gives up a window: `LaneReader.rewind`
+        in server/bridge_lane_child.py). The runs it
         names, not a count: what it holds need not be the oldest dropped (it read on past
         rows deleted before it was told; a resend cut runs it held at an earlier word)."""
         self.answered_to = max(self.answered_to, floor)
