@@ -5,10 +5,7 @@ the last or acknowledged past it - and then at once, not at the next drop."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from edge_broker.bridge.config import parse_bridges
 from edge_broker.core.changes import Message
@@ -20,23 +17,13 @@ from edge_broker.store.log.lane_view import LaneView
 from edge_broker.store.sqlite import SqliteStore
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(tmp_path / "edge.db", durability="none", ballast_bytes=0)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 def _messages(start: int, count: int) -> list[Message]:
     return [Message(n, "t", b"%d" % n, 0, False, received_at=100.0 + n, origin="dev")
             for n in range(start, start + count)]
 
 
 async def test_drops_made_while_a_word_was_out_are_told_once_the_process_acked_past_it(
-        store: SqliteStore, tmp_path: Path) -> None:
+        tmp_path: Path) -> None:
     """The process acknowledges past the word of a drop instead of answering it; the drops
     made meanwhile (the word out, no other until an answer or such an acknowledgement) are
     told then. Before, they waited for the next drop, counted nowhere meanwhile: with
@@ -46,6 +33,8 @@ async def test_drops_made_while_a_word_was_out_are_told_once_the_process_acked_p
                                 "subject_prefix": "gw", "jetstream_stream": "EDGE",
                                 "separate_process": True}],
                               file=None, gateway_id="gw")
+    store = SqliteStore(tmp_path / "edge.db", durability="none", ballast_bytes=0)
+    await store.open()  # (the broker's store: ProcessForwarder listens to its commits)
     broker = ProcessForwarder(config, store.bridges, path="", gateway_id="gw",
                               store_id="x", cursor=0)
     path = str(tmp_path / "lane")
@@ -81,3 +70,4 @@ async def test_drops_made_while_a_word_was_out_are_told_once_the_process_acked_p
         lane.close()
         file.close(5)
         reader.close()
+        await store.close()
