@@ -280,6 +280,7 @@ class Forwarder:
         """The sink is usable but what was in flight must go again (see `Resend`)."""
         status = self.status
         self._probing = True
+        self._rewind()
         status.failed(f"{type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s (cursor %d); sending again", self.name, status.last_error,
                     status.cursor)
@@ -325,9 +326,19 @@ class Forwarder:
         # Retrieved, so asyncio does not log it; a page read is only a read.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
+    def _rewind(self) -> None:
+        """What was read after the cursor is given up, read again from the cursor after the
+        delay: a reader that keeps account of what it handed out (`rewind`: the QoS 0
+        lane's, server/bridge_lane_child.py) is told now, not at that read, which an outage
+        puts off for as long as it lasts."""
+        rewind = getattr(self.reader, "rewind", None)
+        if rewind is not None:
+            rewind(self.status.cursor)
+
     async def _failed(self, sink: Sink, exc: BaseException) -> None:
         status = self.status
         self._probing = True
+        self._rewind()
         status.connected = False
         status.failed(f"{type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s (cursor %d); retrying", self.name, status.last_error,

@@ -159,20 +159,26 @@ class Lane:
             self._log_drops()
             # The process learns of the drop at once (it skips the rest of those rows) and
             # answers which of them it had read already ("lane_held", LaneFile.held):
-            # until then they are not counted as dropped, nor after as forwarded. One word
-            # at a time: a stopped process does not pile up frames.
-            if max(file.answered_to, file.acked) >= self._told:
-                self._told = file.cursor
-                self.notify(("lane", file.next_offset - 1, file.cursor))
+            # until then they are not counted as dropped, nor after as forwarded.
+            self.tell()
+
+    def tell(self) -> None:
+        """Tell the process of the drops since the last word, if any, once it answered that
+        word or acknowledged past it (one word at a time: a stopped process does not pile
+        up frames): after a drop, an answer, an acknowledgement (server/bridge_proc.py).
+        Without the last, drops made while a word was out stayed untold, so unsettled
+        (counted nowhere), until the next drop, when the process acknowledged past the
+        word instead of answering it."""
+        file = self.file
+        if file.cursor > self._told and max(file.answered_to, file.acked) >= self._told:
+            self._told = file.cursor
+            self.notify(("lane", file.next_offset - 1, file.cursor))
 
     def held(self, floor: int, runs: list[tuple[int, int]]) -> None:
         """The process's answer to the word of a drop ("lane_held": LaneFile.held); told at
         once of the drops since, if any."""
-        file = self.file
-        file.held(floor, runs)
-        if file.cursor > self._told:
-            self._told = file.cursor
-            self.notify(("lane", file.next_offset - 1, file.cursor))
+        self.file.held(floor, runs)
+        self.tell()
 
     def _lost(self, count: int, why: str) -> None:
         """`count` messages not stored (the file cannot be written, or its writer is

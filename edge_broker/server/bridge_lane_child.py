@@ -87,6 +87,7 @@ class LaneReader:
         # acknowledged yet, in order: "lane_ack" says how many it delivered, so the broker
         # counts a row it dropped after this process read it as forwarded, not as dropped.
         self._handed: deque[list[int]] = deque()
+        self._answered = 0  # the drop floor of the last "lane_held" (0: none)
 
     def appended(self, last: int, floor: int) -> None:
         """A "lane" frame from the broker (the answer to a "lane_wait"): rows committed up
@@ -99,14 +100,41 @@ class LaneReader:
         if floor > before:
             # Rows dropped for max_backlog_bytes: the rest of them is skipped from now on;
             # the broker counts them as dropped but for those handed out and not yet
-            # acknowledged, settled by the next "lane_ack" (LaneFile.held).
-            held = []
-            for first, end in self._handed:
-                if first > floor:
-                    break
-                held.append((first, min(end, floor)))
-            self.send(("lane_held", floor, tuple(held)))
+            # acknowledged, settled by the next "lane_ack" (LaneFile.held), or by
+            # `rewind` when the forwarder gives them up.
+            self._answer(floor)
         self._wakeup.set()
+
+    def _answer(self, floor: int) -> None:
+        """Answer the word of the drops up to `floor` ("lane_held"): the runs of their
+        messages handed out and not acknowledged."""
+        self._answered = floor
+        held = []
+        for first, end in self._handed:
+            if first > floor:
+                break
+            held.append((first, min(end, floor)))
+        self.send(("lane_held", floor, tuple(held)))
+
+    def rewind(self, cursor: int) -> None:
+        """The forwarder gave up what it had read after `cursor` (a window failed, the
+        connection was lost, a resend): it reads again from `cursor`, now or after a
+        backoff delay (bridge/forward.py). What it held of rows dropped for
+        max_backlog_bytes (named in the last "lane_held") will not be sent: the drop floor
+        is skipped. The broker is told at once (a "lane_held" again, with what is still
+        held), so that they count as dropped now, not at the next acknowledgement, which
+        an outage puts off for as long as it lasts."""
+        handed = self._handed
+        floor = self._answered
+        gave_up = False
+        while handed and handed[-1][0] > cursor:
+            gave_up = gave_up or handed[-1][0] <= floor
+            handed.pop()
+        if handed and handed[-1][1] > cursor:
+            gave_up = gave_up or cursor < floor
+            handed[-1][1] = cursor
+        if gave_up:
+            self._answer(floor)
 
     def close(self) -> None:
         self.file.close()
@@ -114,11 +142,7 @@ class LaneReader:
     # -- LogReader -----------------------------------------------------------------------
 
     async def read_after(self, cursor: int, limit: int) -> Sequence[BridgeMessage]:
-        handed = self._handed
-        while handed and handed[-1][0] > cursor:  # read again (the forwarder started over)
-            handed.pop()
-        if handed and handed[-1][1] > cursor:
-            handed[-1][1] = cursor
+        self.rewind(cursor)  # (read again: the forwarder started over, if it did)
         return self._read_after(cursor, limit)
 
     def _take(self, out: list[BridgeMessage], first: int, records: list[tuple[Any, ...]],

@@ -329,6 +329,8 @@ class ProcessForwarder:
         except StoreError as exc:  # not stored: the next ack stores a later one
             log.error("bridge %s: cannot store the QoS 0 lane's cursor %d: %s",
                       self.config.name, cursor, exc)
+        if self.lane is not None:  # drops made since the last word, told now
+            self.lane.tell()
 
     def _send(self, message: tuple[Any, ...]) -> None:
         writer = self._writer

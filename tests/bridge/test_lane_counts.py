@@ -5,6 +5,7 @@ and a close that neither holds the event loop nor leaves two writers on one file
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from edge_broker.core.changes import Message
 from edge_broker.errors import StoreError
 from edge_broker.server.bridge_lane import Lane
 from edge_broker.server.bridge_lane_child import LaneReader
+from edge_broker.store.log import lane_file
 from edge_broker.store.log.lane_file import LaneFile
 from edge_broker.store.log.lane_view import LaneView
 from tests.bridge.test_lane_file import _append, _batch
@@ -194,6 +196,34 @@ def test_close_does_not_wait_for_a_stalled_writer_and_never_opens_a_second_one(
         again.close(5)
 
     asyncio.run(run())
+
+
+def test_a_writer_thread_that_ended_is_forgotten(tmp_path: Path) -> None:
+    """The table of writer threads (one per file, lane_file._WRITERS) keeps a writer only
+    while it runs: closed at once, or left behind stalled and ending later (before: every
+    writer that ever ran stayed in it, one entry per file and thread)."""
+    for n in range(3):
+        path = tmp_path / f"lane-{n}"
+        lane = LaneFile(str(path), "s1")
+        assert lane_file._WRITERS[os.path.realpath(path)] is lane._writer
+        lane.append([_batch(0, 2)], mark=0)
+        lane.close(5)
+        assert not lane._writer.is_alive()
+        assert os.path.realpath(path) not in lane_file._WRITERS
+    path = tmp_path / "stalled"
+    lane = LaneFile(str(path), "s1")
+    held = _Held(lane)
+    lane.append([_batch(0, 2)], mark=0)
+    assert held.inside.wait(5)
+    lane.close()  # left behind, still writing: kept (the file is not opened again)
+    assert lane_file._WRITERS[os.path.realpath(path)] is lane._writer
+    held.release.set()
+    lane._writer.join(5)
+    assert os.path.realpath(path) not in lane_file._WRITERS
+    again = LaneFile(str(path), "s1")
+    assert again.next_offset == 3
+    again.close(5)
+    assert os.path.realpath(path) not in lane_file._WRITERS
 
 
 def test_the_process_is_told_of_a_drop_once_until_it_answers(tmp_path: Path) -> None:

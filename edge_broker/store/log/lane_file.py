@@ -19,8 +19,9 @@ they make the message ids of the lane (a namespace of their own: `<store_id>q`).
   [first, last] runs it may still send; the broker tells it of the drop at once,
   server/bridge_lane.py)
   they are unsettled (in neither figure); those it holds are settled by its next
-  acknowledgement (`commit_cursor`: the ones it delivered count as forwarded), or when its
-  next run starts (`settle`).
+  acknowledgement (`commit_cursor`: the ones it delivered count as forwarded), by its next
+  answer (it gave up the window holding them: a failure, a resend; they count as dropped),
+  or when its next run starts (`settle`).
 - A file made for another store (its `store_id` differs: the store was rebuilt) is emptied.
 
 The broker is the only writer (single-writer, as the store). Writes are committed with
@@ -75,7 +76,8 @@ _INSERT: Final = "INSERT INTO lane (first, count, bytes, at, mark, data) VALUES 
 _STOP: Final = ("stop",)
 CLOSE_TIMEOUT_S: Final = 10.0
 # The writer thread of each lane file this process opened (by real path): a file is not
-# opened again while its previous writer still writes (`LaneFile.close` does not wait).
+# opened again while its previous writer still writes (`LaneFile.close` does not wait). A
+# writer removes its own entry as the last thing it does (`LaneFile._run`).
 _WRITERS: Final[dict[str, threading.Thread]] = {}
 
 log = logging.getLogger("edge_broker.bridges")
@@ -101,7 +103,7 @@ class LaneFile:
         database, damaged, unwritable), or while the writer thread of its previous opening
         still finishes its writes (a stalled disk; tried again later)."""
         self.path = path
-        key = os.path.realpath(path)
+        key = self._key = os.path.realpath(path)
         previous = _WRITERS.get(key)
         if previous is not None and previous.is_alive():
             raise StoreError(f"{path}: cannot open the QoS 0 lane file: its previous writer "
@@ -172,8 +174,8 @@ class LaneFile:
         # (Not `_thread`: mypyc names the C struct member `__thread`, a C keyword.)
         self._writer = threading.Thread(target=self._run, name=f"lane writer {path}",
                                         daemon=True)
+        _WRITERS[key] = self._writer  # (before it runs: it removes the entry as it ends)
         self._writer.start()
-        _WRITERS[key] = self._writer
 
     def close(self, wait_s: float = 0.0) -> None:
         """Queue the end: the writer thread finishes the queued writes, then closes the file.
@@ -346,7 +348,9 @@ class LaneFile:
         """The process learnt of the drops up to `floor` (it skips the rest of them from
         now on) and holds `runs` of their messages ([first, last], oldest first), read
         before (in flight, not yet acknowledged): those of the unsettled drops stay
-        unsettled until its next acknowledgement, the others go to `dropped`. The runs it
+        unsettled until its next acknowledgement or answer, the others go to `dropped` (it
+        answers again, with the same floor, when it gives up a window: `LaneReader.rewind`
+        in server/bridge_lane_child.py). The runs it
         names, not a count: what it holds need not be the oldest dropped (it read on past
         rows deleted before it was told; a resend cut runs it held at an earlier word)."""
         self.answered_to = max(self.answered_to, floor)
@@ -487,6 +491,11 @@ class LaneFile:
         finally:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
+            # Done with the file: forgotten, or the table would keep every writer that ever
+            # ran. The entry is still this thread's: an opening replaces only a writer that
+            # is not alive, and this one is until it returns from here.
+            if _WRITERS.get(self._key) is self._writer:
+                del _WRITERS[self._key]
 
     def _write_rows(self, batch: list[tuple[Any, ...]]) -> int:
         """One write of the rows of queued appends (in order). Without a drop to store it is
