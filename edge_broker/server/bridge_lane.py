@@ -170,7 +170,11 @@ class Lane:
         (counted nowhere), until the next drop, when the process acknowledged past the
         word instead of answering it."""
         file = self.file
-        if file.cursor > self._told and max(file.answered_to, file.acked) >= self._told:
+        # A drop since the last word (its floor: drops move `drop_cursor`, an
+        # acknowledgement only `cursor`: a word per acknowledgement would be a frame for
+        # nothing), and the last word answered or acknowledged past.
+        if (file.drop_cursor > self._told
+                and max(file.answered_to, file.acked) >= self._told):
             self._told = file.cursor
             self.notify(("lane", file.next_offset - 1, file.cursor))
 

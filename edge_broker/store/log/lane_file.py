@@ -234,6 +234,12 @@ class LaneFile:
         return self._acked
 
     @property
+    def drop_cursor(self) -> int:
+        """The cursor max_backlog_bytes moved last (drops move it, acknowledgements do
+        not): what the process must be told of (server/bridge_lane.py `Lane.tell`)."""
+        return self._bound_cursor
+
+    @property
     def oldest_at(self) -> float | None:
         return self._rows[0][3] if self._rows else None
 
