@@ -45,6 +45,7 @@ WINDOW = 256  # the forwarder's window (bridge/forward.py) ...
 DEPTH = 8  # ... and windows in flight: S14's
 PAYLOAD = b"x" * 100  # loadgen's default payload size
 INBOX = b"_INBOX.ceiling."
+SEND_TIMEOUT_S = 300.0  # 200,000 messages take about 1 s
 _MSG = re.compile(rb"MSG \S+ \d+ (?:\S+ )?(\d+)\r\n")
 
 
@@ -103,7 +104,7 @@ async def _frames(address: str, total: int, window: int, headers: bool) -> list[
 
 async def _send(address: str, windows: list[bytes], depth: int) -> None:
     """Write the windows, at most `depth` without their batch's final PubAck; raise
-    CeilingError on an error reply."""
+    CeilingError on an error reply, a status or the connection closed."""
     host, port = address.removeprefix("nats://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
@@ -117,11 +118,14 @@ async def _send(address: str, windows: list[bytes], depth: int) -> None:
             while sent < len(windows) and sent - done < depth:
                 writer.write(windows[sent])
                 sent += 1
-            buf += await reader.read(1 << 16)
+            data = await reader.read(1 << 16)
+            if not data:
+                raise CeilingError(f"the server closed the connection, {done} batches done")
+            buf += data
             while (line_end := buf.find(b"\r\n")) >= 0:
                 match = _MSG.match(buf)
                 if match is None:  # a control line: INFO (sent again after CONNECT), PING
-                    if buf.startswith(b"-ERR"):
+                    if buf.startswith((b"-ERR", b"HMSG")):  # HMSG: a status (503: no stream)
                         raise CeilingError(buf[:line_end].decode(errors="replace"))
                     if buf.startswith(b"PING"):
                         writer.write(b"PONG\r\n")
@@ -149,7 +153,7 @@ def ceiling(total: int = 200_000, *, headers: bool = True, window: int = WINDOW,
         assert server.proc is not None
         pid = server.proc.pid
         c0, t0 = brokers.cpu_ticks(pid), time.monotonic()
-        asyncio.run(_send(server.address, windows, depth))
+        asyncio.run(asyncio.wait_for(_send(server.address, windows, depth), SEND_TIMEOUT_S))
         t1, c1 = time.monotonic(), brokers.cpu_ticks(pid)
         stored, first_ts, last_ts = stream_span(server.address)
     if stored != total:
