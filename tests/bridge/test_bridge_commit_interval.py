@@ -37,13 +37,13 @@ async def forwarder(store: SqliteStore, commits: list[int]) -> ProcessForwarder:
                               file=None, gateway_id="gw")
     await store.bridges.setup([("central", ("s/#",))])
     side: Any = store.bridges
-    real = side.commit
+    real = side.commit_now
 
-    async def counted(bridge: str, offset: int, consumed: Any) -> None:
+    def counted(bridge: str, offset: int, consumed: Any) -> Any:
         commits.append(offset)
-        await real(bridge, offset, consumed)
+        return real(bridge, offset, consumed)
 
-    side.commit = counted  # our own store, counted (the commits themselves are real)
+    side.commit_now = counted  # our own store, counted (the commits themselves are real)
     return ProcessForwarder(config, side, path="", gateway_id="gw", store_id="x", cursor=0)
 
 
