@@ -27,7 +27,9 @@ again with the same message ids (duplicates only within the remote's dedup windo
 commits start at most once per `COMMIT_INTERVAL_S` (the acknowledgements meanwhile are
 coalesced), so the stored cursor lags the acknowledged one by at most that long plus the
 commit under way: that is all a crash adds to the resend (`flush`, at a graceful stop,
-commits at once).
+commits at once). A `max_backlog_bytes` drop and the store budget's tier 2 call `store_acked`
+first, which queues the write of the acknowledged cursor for the store's thread at once, ahead
+of theirs: they skip (and count as dropped) no row whose acknowledgement the broker holds.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -115,7 +117,12 @@ class ProcessForwarder:
         # each acknowledgement not stored yet, with its cursor.
         self._passed: list[tuple[int, Passed]] = []
         self._target = 0
+        self._queued = 0  # the cursor of the last write queued for the store's thread
         self._stored = 0
+        # Rows (and bytes) in _passed and in the writes under way.
+        self._unstored_count = 0
+        self._unstored_bytes = 0
+        self._writes: set[asyncio.Task[bool]] = set()  # queued, not yet done
         self._committer: asyncio.Task[None] | None = None
         self._commit_error: BaseException | None = None
         self._commit_at = -COMMIT_INTERVAL_S  # loop time the last commit started
@@ -374,6 +381,8 @@ class ProcessForwarder:
         "ack")."""
         if passed.count:
             self._passed.append((cursor, passed))
+            self._unstored_count += passed.count
+            self._unstored_bytes += passed.size
         if cursor > self.status.cursor:
             self.status.cursor = cursor
         if cursor <= self._target:
@@ -383,10 +392,22 @@ class ProcessForwarder:
             self._committer = asyncio.get_running_loop().create_task(
                 self._commit_loop(), name=f"bridge {self.config.name} cursor")
 
+    @property
+    def unstored(self) -> tuple[int, int]:
+        """(rows, bytes) acknowledged whose cursor is not stored yet: the reader's backlog
+        (counted from the stored cursor) is that much smaller in fact."""
+        return self._unstored_count, self._unstored_bytes
+
+    def store_acked(self) -> None:
+        """Queue the write of the acknowledged cursor for the store's thread now, without
+        waiting for COMMIT_INTERVAL_S: what the caller queues next (a `max_backlog_bytes`
+        drop, a step of the store budget) then runs after it and sees the rows acknowledged
+        so far as passed (forwarded), not as backlog to skip and count as dropped."""
+        self._write()
+
     async def _commit_loop(self) -> None:
-        name = self.config.name
         loop = asyncio.get_running_loop()
-        while self._stored < self._target:
+        while self._queued < self._target:
             wait = self._commit_at + COMMIT_INTERVAL_S - loop.time()
             if wait > 0 and not self._hurry:  # the acknowledgements meanwhile go in one
                 nap = self._nap = loop.create_future()
@@ -396,29 +417,55 @@ class ProcessForwarder:
                 finally:
                     timer.cancel()
                     self._nap = None
-            self._commit_at = loop.time()
-            target = self._target
-            pending = self._passed
-            cut = len(pending)
-            for i, (cursor, _) in enumerate(pending):  # one per acknowledgement
-                if cursor > target:
-                    cut = i
-                    break
-            taken = pending[:cut]
-            del pending[:cut]
-            try:
-                await self.side.commit(name, target, [passed for _, passed in taken])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Not stored: the rows stay, the next cursor passes them. The process goes
-                # on; after a crash it resends from the stored cursor (duplicates only).
-                pending[:0] = taken
-                self._commit_error = exc
-                self._target = self._stored
-                log.error("bridge %s: cannot store the cursor %d: %s", name, target, exc)
+            write = self._write()  # None: store_acked() queued it meanwhile
+            if write is not None and not await write:
                 return
-            self._stored = target
+
+    def _write(self) -> asyncio.Task[bool] | None:
+        """Queue the write of the latest acknowledged cursor with the rows it passes, unless
+        it is queued already; the task's result says whether it was stored."""
+        target = self._target
+        if target <= self._queued:
+            return None
+        loop = asyncio.get_running_loop()
+        self._commit_at = loop.time()
+        pending = self._passed
+        cut = len(pending)
+        for i, (cursor, _) in enumerate(pending):  # one per acknowledgement
+            if cursor > target:
+                cut = i
+                break
+        taken = pending[:cut]
+        del pending[:cut]
+        self._queued = target
+        # Queued now (before this returns), awaited by the task.
+        stored = self.side.commit_now(self.config.name, target,
+                                      [passed for _, passed in taken])
+        task = loop.create_task(self._stored_or_not(stored, target, taken),
+                                name=f"bridge {self.config.name} cursor write")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
+
+    async def _stored_or_not(self, stored: Awaitable[None], target: int,
+                             taken: list[tuple[int, Passed]]) -> bool:
+        try:
+            await stored
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not stored: the rows stay, the next cursor passes them. The process goes
+            # on; after a crash it resends from the stored cursor (duplicates only).
+            self._passed[:0] = taken
+            self._commit_error = exc
+            self._target = self._queued = self._stored
+            log.error("bridge %s: cannot store the cursor %d: %s", self.config.name, target,
+                      exc)
+            return False
+        self._stored = max(self._stored, target)
+        self._unstored_count -= sum(passed.count for _, passed in taken)
+        self._unstored_bytes -= sum(passed.size for _, passed in taken)
+        return True
 
     async def flush(self) -> None:
         """Wait until the latest acknowledged cursor is stored (at once: not after
@@ -429,6 +476,8 @@ class ProcessForwarder:
         committer = self._committer
         if committer is not None and not committer.done():
             await asyncio.shield(committer)
+        for write in list(self._writes):  # one queued by store_acked()
+            await asyncio.shield(write)
         if self._lane_file is not None:
             await self._lane_file.aclose()
 

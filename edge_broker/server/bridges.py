@@ -194,8 +194,8 @@ class Bridge(DownlinkSide):
         if not limit or self._dropping or side is None:
             return
         reader = side.reader(self.config.name)
-        if reader is None or reader.backlog_bytes <= limit:
-            return
+        if reader is None or reader.backlog_bytes - self.unstored()[1] <= limit:
+            return  # (a cursor acknowledged but not stored yet does not make it drop)
         self._dropping = True
         task = asyncio.get_running_loop().create_task(self._drop(side, limit))
         self.tasks.append(task)
@@ -208,6 +208,9 @@ class Bridge(DownlinkSide):
     async def _drop(self, side: BridgeStoreSide, limit: int) -> None:
         try:
             while True:
+                # The rows acknowledged so far are passed (forwarded) before the drop,
+                # queued after that write, decides which rows to skip (and count as dropped).
+                self.store_acked()
                 skipped = await side.drop(self.config.name, limit)
                 reader = side.reader(self.config.name)
                 if not skipped.count or reader is None or reader.backlog_bytes <= limit:
@@ -219,6 +222,19 @@ class Bridge(DownlinkSide):
             self._dropping = False
         self._log_drops()
         self._check_backlog(0)  # appends committed while this ran were not looked at
+
+    def unstored(self) -> tuple[int, int]:
+        """(rows, bytes) the remote side acknowledged whose cursor is not stored yet."""
+        forwarder = self.forwarder
+        return forwarder.unstored if isinstance(forwarder, ProcessForwarder) else (0, 0)
+
+    def store_acked(self) -> None:
+        """A separate uplink process's acknowledged cursor: its write queued for the store's
+        thread now (bridge_proc.py `store_acked`), ahead of a drop queued next. (In-process,
+        server/bridge_log.py queues each cursor write as soon as the one under way ends.)"""
+        forwarder = self.forwarder
+        if isinstance(forwarder, ProcessForwarder):
+            forwarder.store_acked()
 
     def _log_drops(self) -> None:
         reader = self.manager.side.reader(self.config.name) if self.manager.side else None
@@ -272,8 +288,10 @@ class Bridge(DownlinkSide):
         reader = side.reader(self.config.name) if side is not None else None
         if reader is not None:
             status.cursor = max(status.cursor, reader.offset)
-            status.backlog_messages = reader.backlog_count
-            status.backlog_bytes = reader.backlog_bytes
+            # Less what the remote side acknowledged meanwhile (stored within 25 ms).
+            count, size = self.unstored()
+            status.backlog_messages = max(0, reader.backlog_count - count)
+            status.backlog_bytes = max(0, reader.backlog_bytes - size)
             status.dropped = reader.dropped
         if reader is not None and isinstance(forwarder, ProcessForwarder):
             add_lane_figures(status, forwarder)
@@ -352,15 +370,22 @@ class BridgeManager:
     def backlogs_giving_way(self) -> list[tuple[str, int]]:
         """The readers of the running bridges whose oldest rows may give way to
         `max_store_bytes`, with their backlog bytes: every bridge with a backlog (a bridge's
-        policy is drop-oldest, as for `max_backlog_bytes`)."""
+        policy is drop-oldest, as for `max_backlog_bytes`). The caller queues the step for
+        the store's thread next: the acknowledged cursors not stored yet are queued first
+        (`Bridge.store_acked`), so that the step skips no row the remote side has, and their
+        rows do not count as backlog here."""
         side = self.side
         out: list[tuple[str, int]] = []
         if side is None:
             return out
         for name, bridge in self.bridges.items():
             reader = side.reader(name) if bridge.forwarder is not None else None
-            if reader is not None and reader.backlog_bytes > 0:
-                out.append((reader_name(name), reader.backlog_bytes))
+            if reader is None:
+                continue
+            bridge.store_acked()
+            backlog = reader.backlog_bytes - bridge.unstored()[1]
+            if backlog > 0:
+                out.append((reader_name(name), backlog))
         return out
 
     def backlog_gave_way(self, reader: str, offset: int, count: int) -> bool:

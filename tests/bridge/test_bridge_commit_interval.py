@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from edge_broker.bridge.config import parse_bridges
+from edge_broker.errors import StoreError
 from edge_broker.server import bridge_proc
 from edge_broker.server.bridge_proc import ProcessForwarder
 from edge_broker.store.sqlite import SqliteStore
@@ -37,13 +38,13 @@ async def forwarder(store: SqliteStore, commits: list[int]) -> ProcessForwarder:
                               file=None, gateway_id="gw")
     await store.bridges.setup([("central", ("s/#",))])
     side: Any = store.bridges
-    real = side.commit
+    real = side.commit_now
 
-    async def counted(bridge: str, offset: int, consumed: Any) -> None:
+    def counted(bridge: str, offset: int, consumed: Any) -> Any:
         commits.append(offset)
-        await real(bridge, offset, consumed)
+        return real(bridge, offset, consumed)
 
-    side.commit = counted  # our own store, counted (the commits themselves are real)
+    side.commit_now = counted  # our own store, counted (the commits themselves are real)
     return ProcessForwarder(config, side, path="", gateway_id="gw", store_id="x", cursor=0)
 
 
@@ -92,5 +93,62 @@ async def test_flush_stores_the_last_cursor_without_waiting(
         await asyncio.wait_for(process.flush(), 10)
         assert await stored(store) == 20
         assert commits[-1] == 20
+    finally:
+        process.close()
+
+
+async def test_store_acked_queues_the_write_ahead_of_the_next(
+        store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`store_acked` (before a drop or a store budget step, server/bridges.py) queues the
+    write of the acknowledged cursor at once: a write queued after it finds it stored."""
+    monkeypatch.setattr(bridge_proc, "COMMIT_INTERVAL_S", 3600.0, raising=False)
+    commits: list[int] = []
+    process = await forwarder(store, commits)
+    try:
+        ack(process, 10)  # the first at once
+        await asyncio.wait_for(process.flush(), 10)
+        process._hurry = False  # (flush set it: back to the interval)
+        ack(process, 20)
+        ack(process, 30)  # an hour away
+        process.store_acked()
+        await store.bridges.drop("central", 1 << 30)  # queued after it: it ran first
+        reader = store.bridges.reader("central")
+        assert reader is not None and reader.offset == 30
+        assert commits == [10, 30]
+    finally:
+        await process.flush()
+        process.close()
+
+
+async def test_a_failed_write_keeps_its_rows_for_the_next(
+        store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cursor write that fails leaves its rows counted as acknowledged and not stored
+    (`unstored`), and the next write stores them."""
+    monkeypatch.setattr(bridge_proc, "COMMIT_INTERVAL_S", 3600.0, raising=False)
+    process = await forwarder(store, [])
+    side: Any = store.bridges
+    real = side.commit_now
+    failures = [StoreError("disk I/O error")]
+
+    def failing_once(bridge: str, offset: int, consumed: Any) -> Any:
+        if failures:
+            error = failures.pop()
+
+            async def fail() -> None:
+                raise error
+
+            return fail()
+        return real(bridge, offset, consumed)
+
+    side.commit_now = failing_once
+    try:
+        process._handle(("ack", 10, 2, 100, array("q", [9, 60, 10, 40])))
+        await asyncio.wait_for(process.flush(), 10)
+        assert process.unstored == (2, 100)
+        assert await stored(store) == 0
+        process._handle(("ack", 11, 1, 50, array("q", [11, 50])))
+        await asyncio.wait_for(process.flush(), 10)
+        assert process.unstored == (0, 0)
+        assert await stored(store) == 11
     finally:
         process.close()

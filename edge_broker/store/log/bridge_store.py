@@ -10,8 +10,10 @@ appended to the log: it wakes the bridges waiting for new rows (no polling).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ...errors import StoreError
@@ -84,9 +86,15 @@ class BridgeStoreSide:
         before that leaves the cursor where it was, never ahead of what the remote side
         acknowledged, so those messages are sent again and the remote drops them by their
         message id (Nats-Msg-Id, the Kafka/MQTT message id)."""
+        await self.commit_now(bridge, offset, consumed)
+
+    def commit_now(self, bridge: str, offset: int,
+                   consumed: Sequence[LogRow | Passed]) -> Awaitable[None]:
+        """`commit`, queued for the store's thread before this returns (await the result):
+        a write asked for after it, e.g. a `drop`, runs after it (one thread, in order)."""
         log = self._store._log.log
-        await self._write(lambda conn: ops.commit(log, conn, bridge, offset, consumed),
-                          fsync=False)
+        return self._result(self._submit(
+            lambda conn: ops.commit(log, conn, bridge, offset, consumed), fsync=False))
 
     async def drop(self, bridge: str, max_bytes: int) -> Backlog:
         log = self._store._log.log
@@ -104,9 +112,14 @@ class BridgeStoreSide:
         return result
 
     async def _write(self, fn: Callable[[sqlite3.Connection], _T], *, fsync: bool = True) -> _T:
-        """`fn` in its own transaction. fsync=False under durability "fsync": the commit
-        is written with `synchronous = NORMAL` (to the OS, not fsynced; in WAL mode the file
-        stays consistent), then FULL again."""
+        """`fn` in its own transaction (see `_submit`)."""
+        return await self._result(self._submit(fn, fsync=fsync))
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], _T], *,
+                fsync: bool = True) -> asyncio.Future[_T]:
+        """Queue `fn` for the store's thread now, in its own transaction. fsync=False under
+        durability "fsync": the commit is written with `synchronous = NORMAL` (to the OS,
+        not fsynced; in WAL mode the file stays consistent), then FULL again."""
         store: Any = self._store
         relax = not fsync and getattr(store, "durability", None) == "fsync"
 
@@ -128,10 +141,19 @@ class BridgeStoreSide:
                     conn.execute("PRAGMA synchronous = FULL")
             return result
 
+        loop = asyncio.get_running_loop()
+        if store._executor is None:
+            closed: asyncio.Future[_T] = loop.create_future()
+            closed.set_exception(StoreError(f"{store.path}: the store is not open"))
+            return closed
+        return loop.run_in_executor(
+            store._executor, functools.partial(store._read_sync, run))
+
+    async def _result(self, future: Awaitable[_T]) -> _T:
         try:
-            result: _T = await store._call(store._read_sync, run)
+            result: _T = await future
         except sqlite3.Error as error:
-            raise store_error(store, "write for a bridge", error) from None
+            raise store_error(self._store, "write for a bridge", error) from None
         return result
 
 
