@@ -113,13 +113,17 @@ class ProcessForwarder:
         self._base_forwarded = 0
         self._base_failures = 0
         self._ended = asyncio.Event()
-        # Cursor commits, one at a time, coalesced (as server/bridge_log.py): the rows of
-        # each acknowledgement not stored yet, with its cursor.
+        # Cursor commits, coalesced (as server/bridge_log.py): the rows of each
+        # acknowledgement in no write yet, with its cursor; and those of the writes not yet
+        # known stored, which every later write carries again (a row passes a cursor once
+        # in the store: cursors.py `after`), so that the first write failing and the next
+        # succeeding still counts them (they leave it once stored).
         self._passed: list[tuple[int, Passed]] = []
-        self._target = 0
+        self._writing: list[tuple[int, Passed]] = []
+        self._target = 0  # the latest acknowledged cursor
         self._queued = 0  # the cursor of the last write queued for the store's thread
         self._stored = 0
-        # Rows (and bytes) in _passed and in the writes under way.
+        # Rows (and bytes) in _passed and _writing.
         self._unstored_count = 0
         self._unstored_bytes = 0
         self._writes: set[asyncio.Task[bool]] = set()  # queued, not yet done
@@ -422,8 +426,9 @@ class ProcessForwarder:
                 return
 
     def _write(self) -> asyncio.Task[bool] | None:
-        """Queue the write of the latest acknowledged cursor with the rows it passes, unless
-        it is queued already; the task's result says whether it was stored."""
+        """Queue the write of the latest acknowledged cursor with the rows it passes (and
+        those of the writes not yet known stored), unless it is queued already; the task's
+        result says whether it was stored."""
         target = self._target
         if target <= self._queued:
             return None
@@ -435,36 +440,42 @@ class ProcessForwarder:
             if cursor > target:
                 cut = i
                 break
-        taken = pending[:cut]
+        self._writing += pending[:cut]
         del pending[:cut]
         self._queued = target
         # Queued now (before this returns), awaited by the task.
         stored = self.side.commit_now(self.config.name, target,
-                                      [passed for _, passed in taken])
-        task = loop.create_task(self._stored_or_not(stored, target, taken),
+                                      [passed for _, passed in self._writing])
+        task = loop.create_task(self._stored_or_not(stored, target),
                                 name=f"bridge {self.config.name} cursor write")
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         return task
 
-    async def _stored_or_not(self, stored: Awaitable[None], target: int,
-                             taken: list[tuple[int, Passed]]) -> bool:
+    async def _stored_or_not(self, stored: Awaitable[None], target: int) -> bool:
         try:
             await stored
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Not stored: the rows stay, the next cursor passes them. The process goes
-            # on; after a crash it resends from the stored cursor (duplicates only).
-            self._passed[:0] = taken
+            # Not stored: its rows stay in _writing for the next write, and the latest
+            # acknowledged cursor stays the target (the next acknowledgement, a drop's
+            # `store_acked` or `flush` writes it again). The process goes on; after a crash
+            # it resends from the stored cursor (duplicates only).
             self._commit_error = exc
-            self._target = self._queued = self._stored
+            self._queued = min(self._queued, self._stored)
             log.error("bridge %s: cannot store the cursor %d: %s", self.config.name, target,
                       exc)
             return False
         self._stored = max(self._stored, target)
-        self._unstored_count -= sum(passed.count for _, passed in taken)
-        self._unstored_bytes -= sum(passed.size for _, passed in taken)
+        writing = self._writing
+        done = 0
+        while done < len(writing) and writing[done][0] <= target:
+            _, passed = writing[done]
+            self._unstored_count -= passed.count
+            self._unstored_bytes -= passed.size
+            done += 1
+        del writing[:done]
         return True
 
     async def flush(self) -> None:
@@ -476,7 +487,8 @@ class ProcessForwarder:
         committer = self._committer
         if committer is not None and not committer.done():
             await asyncio.shield(committer)
-        for write in list(self._writes):  # one queued by store_acked()
+        self._write()  # after a failed write, the latest acknowledged cursor once more
+        for write in list(self._writes):  # (and one queued by store_acked())
             await asyncio.shield(write)
         if self._lane_file is not None:
             await self._lane_file.aclose()

@@ -388,6 +388,12 @@ class BridgeManager:
                 out.append((reader_name(name), backlog))
         return out
 
+    def store_acked(self) -> None:
+        """Every bridge's acknowledged cursor not stored yet: its write queued now
+        (`Bridge.store_acked`), ahead of a store budget step queued next."""
+        for bridge in self.bridges.values():
+            bridge.store_acked()
+
     def backlog_gave_way(self, reader: str, offset: int, count: int) -> bool:
         """After the store moved `reader` past its oldest rows for the budget: False when it
         is not a bridge's (a session's: the core counts those)."""
