@@ -12,10 +12,12 @@ store times nats-server recorded for the stream's first and last message (as S14
 is what the server itself can store with the documented headers, `Nats-Msg-Id`
 deduplication and batches on these cores - an upper bound for any uplink here, since the
 server's stream takes one message at a time. `--bare` also sends the same subjects without
-headers (no `Nats-Msg-Id`: no deduplication), to show what the headers cost the server.
+headers (no `Nats-Msg-Id`: no deduplication), to show what the headers cost the server;
+`--client-us US` also has the client burn US microseconds of CPU per message (after each
+window it writes), to show what an uplink's own work on the same cores costs the server.
 
     python -m benchmarks.jetstream_ceiling [MESSAGES] [--rounds 3] [--bare]
-        [--window 256] [--depth 8]
+        [--client-us US] [--window 256] [--depth 8]
 
 Printed per run: the store-time rate, the wall-clock rate, and nats-server's CPU time
 (utime + stime) per message. S14 calls `ceiling` after its JetStream drain
@@ -102,9 +104,10 @@ async def _frames(address: str, total: int, window: int, headers: bool) -> list[
         await sink.close()
 
 
-async def _send(address: str, windows: list[bytes], depth: int) -> None:
+async def _send(address: str, windows: list[bytes], depth: int, busy_s: float = 0.0) -> None:
     """Write the windows, at most `depth` without their batch's final PubAck; raise
-    CeilingError on an error reply, a status or the connection closed."""
+    CeilingError on an error reply, a status or the connection closed. `busy_s`: CPU time
+    spent after writing each window (a client's own work on the same cores)."""
     host, port = address.removeprefix("nats://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
@@ -118,6 +121,10 @@ async def _send(address: str, windows: list[bytes], depth: int) -> None:
             while sent < len(windows) and sent - done < depth:
                 writer.write(windows[sent])
                 sent += 1
+                if busy_s:
+                    until = time.perf_counter() + busy_s
+                    while time.perf_counter() < until:
+                        pass  # CPU, not a wait: it takes a core from the server
             data = await reader.read(1 << 16)
             if not data:
                 raise CeilingError(f"the server closed the connection, {done} batches done")
@@ -145,15 +152,17 @@ async def _send(address: str, windows: list[bytes], depth: int) -> None:
 
 
 def ceiling(total: int = 200_000, *, headers: bool = True, window: int = WINDOW,
-            depth: int = DEPTH) -> dict[str, Any]:
+            depth: int = DEPTH, client_us: float = 0.0) -> dict[str, Any]:
     """Start a nats-server, store `total` messages as described in the module docstring,
-    stop it; the figures."""
+    stop it; the figures. `client_us`: CPU the client spends per message (0: none)."""
     with remote("jetstream") as server:
         windows = asyncio.run(_frames(server.address, total, window, headers))
         assert server.proc is not None
         pid = server.proc.pid
         c0, t0 = brokers.cpu_ticks(pid), time.monotonic()
-        asyncio.run(asyncio.wait_for(_send(server.address, windows, depth), SEND_TIMEOUT_S))
+        busy_s = client_us * 1e-6 * window
+        asyncio.run(asyncio.wait_for(_send(server.address, windows, depth, busy_s),
+                                     SEND_TIMEOUT_S))
         t1, c1 = time.monotonic(), brokers.cpu_ticks(pid)
         stored, first_ts, last_ts = stream_span(server.address)
     if stored != total:
@@ -161,7 +170,8 @@ def ceiling(total: int = 200_000, *, headers: bool = True, window: int = WINDOW,
     return {"msgs_per_s": round((stored - 1) / (last_ts - first_ts)),
             "wall_msgs_per_s": round(total / (t1 - t0)),
             "server_us_per_msg": round((c1 - c0) / brokers.CLK_TCK / total * 1e6, 2),
-            "headers": headers, "window": window, "depth": depth, "messages": total}
+            "headers": headers, "window": window, "depth": depth, "messages": total,
+            "client_us": client_us}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,16 +182,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="also without headers, alternating")
     parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument("--depth", type=int, default=DEPTH)
+    parser.add_argument("--client-us", type=float, default=0.0,
+                        help="also with the client spending this much CPU per message "
+                        "(as the uplink process does), alternating")
     args = parser.parse_args(argv)
+    modes = [(True, 0.0)]
+    if args.bare:
+        modes.append((False, 0.0))
+    if args.client_us:
+        modes.append((True, args.client_us))
     for _ in range(args.rounds):
-        for headers in ((True, False) if args.bare else (True,)):
-            r = ceiling(args.messages, headers=headers, window=args.window, depth=args.depth)
-            print(f"{'bridge frames' if headers else 'no headers':13s} "
-                  f"{r['msgs_per_s']:9,d} msgs/s by store times, {r['wall_msgs_per_s']:9,d} "
-                  f"wall; nats-server {r['server_us_per_msg']:5.2f} us/msg "
-                  f"(window {r['window']}, depth {r['depth']}, {r['messages']:,d} messages)",
-                  flush=True)
-
+        for headers, client_us in modes:
+            r = ceiling(args.messages, headers=headers, window=args.window, depth=args.depth,
+                        client_us=client_us)
+            name = ("bridge frames" if headers else "no headers") + (
+                f", client {client_us:g} us/msg" if client_us else "")
+            print(f"{name:32s} {r['msgs_per_s']:9,d} msgs/s by store times, "
+                  f"{r['wall_msgs_per_s']:9,d} wall; nats-server {r['server_us_per_msg']:5.2f}"
+                  f" us/msg (window {r['window']}, depth {r['depth']}, {r['messages']:,d} "
+                  "messages)", flush=True)
 
 if __name__ == "__main__":
     main()
