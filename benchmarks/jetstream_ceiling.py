@@ -46,7 +46,9 @@ from .scenarios_bridge import LIVE_DEVICES, TOPIC, remote
 WINDOW = 256  # the forwarder's window (bridge/forward.py) ...
 DEPTH = 8  # ... and windows in flight: S14's
 PAYLOAD = b"x" * 100  # loadgen's default payload size
-INBOX = b"_INBOX.ceiling."
+# The shape of the sink's own inbox (nats-py's new_inbox: "_INBOX." and a 22-character
+# NUID), so that each reply subject has the uplink's length.
+INBOX = b"_INBOX.ceiling0123456789abcde."
 SEND_TIMEOUT_S = 300.0  # 200,000 messages take about 1 s
 _MSG = re.compile(rb"MSG \S+ \d+ (?:\S+ )?(\d+)\r\n")
 
