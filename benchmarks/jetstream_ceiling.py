@@ -31,6 +31,7 @@ import asyncio
 import re
 import socket
 import time
+import tomllib
 from typing import Any
 
 from edge_broker.bridge.base import BridgeMessage, new_store_id
@@ -41,7 +42,7 @@ from edge_broker.bridge.jetstream_frames import FrameBuilder
 
 from . import brokers
 from .bridge_count import stream_span
-from .scenarios_bridge import LIVE_DEVICES, TOPIC, remote
+from .scenarios_bridge import LIVE_DEVICES, TOPIC, bridge_toml, remote
 
 WINDOW = 256  # the forwarder's window (bridge/forward.py) ...
 DEPTH = 8  # ... and windows in flight: S14's
@@ -79,10 +80,8 @@ def _bare(batch: list[BridgeMessage], sink: JetStreamSink, reply: bytes) -> byte
 async def _frames(address: str, total: int, window: int, headers: bool) -> list[bytes]:
     """Create stream S14 through the real sink and build the windows' bytes."""
     gateway_id = socket.gethostname()  # S14's: the broker's default
-    (config,) = parse_bridges([{
-        "name": "s11", "kind": "jetstream", "servers": [address], "uplink": ["bench/#"],
-        "subject_prefix": "bench.gw", "jetstream_stream": "S14", "stream_storage": "file"}],
-        file="ceiling.toml", gateway_id=gateway_id)
+    (config,) = parse_bridges(tomllib.loads(bridge_toml("jetstream", address))["bridges"],
+                              file="ceiling.toml", gateway_id=gateway_id)
     sink = JetStreamSink(config, gateway_id=gateway_id, store_id=new_store_id())
     await sink.start()
     try:
