@@ -370,10 +370,9 @@ class BridgeManager:
     def backlogs_giving_way(self) -> list[tuple[str, int]]:
         """The readers of the running bridges whose oldest rows may give way to
         `max_store_bytes`, with their backlog bytes: every bridge with a backlog (a bridge's
-        policy is drop-oldest, as for `max_backlog_bytes`). The caller queues the step for
-        the store's thread next: the acknowledged cursors not stored yet are queued first
-        (`Bridge.store_acked`), so that the step skips no row the remote side has, and their
-        rows do not count as backlog here."""
+        policy is drop-oldest, as for `max_backlog_bytes`). Rows acknowledged whose cursor
+        is not stored yet do not count as backlog here; the caller has their writes queued
+        (`store_acked`) right before it queues the step, so the step skips none of them."""
         side = self.side
         out: list[tuple[str, int]] = []
         if side is None:
@@ -382,7 +381,6 @@ class BridgeManager:
             reader = side.reader(name) if bridge.forwarder is not None else None
             if reader is None:
                 continue
-            bridge.store_acked()
             backlog = reader.backlog_bytes - bridge.unstored()[1]
             if backlog > 0:
                 out.append((reader_name(name), backlog))

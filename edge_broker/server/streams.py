@@ -121,8 +121,8 @@ class StreamReplay:
     async def _give_way(self, readers: list[str], excess: int) -> None:
         app = self.app
         store: Any = app.store
-        # Bridges' acknowledged cursors stored first, again: acknowledgements may have come
-        # since `_room_wanted` (the step, queued next, then skips none of their rows).
+        # Bridges' acknowledged cursors stored first, here, right before the step is queued
+        # (acknowledgements may come after `_room_wanted`): it then skips none of their rows.
         app.bridges.store_acked()
         try:
             gave = await store.give_way_backlogs(readers, excess)
