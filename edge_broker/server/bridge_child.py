@@ -113,6 +113,8 @@ async def serve(fd: int) -> None:
                 lane[0].appended(int(message[1]), int(message[2]))
             elif kind == "appended":
                 log_reader.appended(int(message[1]))
+            elif kind == "log_dropped":
+                log_reader.dropped(int(message[1]), int(message[2]))
     finally:
         for task in tasks:
             task.cancel()

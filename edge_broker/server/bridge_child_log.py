@@ -6,6 +6,14 @@ process's event loop (see `ChildLogReader.read_after`), `wait_after` asks the br
 woken by its next group commit (no polling), and `commit_cursor` hands the acknowledged
 cursor, with the offsets and sizes of the rows it passes, to the broker, which stores it
 (server/bridge_proc.py).
+
+*Drops of rows in flight.* When a `max_backlog_bytes` drop or the store budget skipped rows
+(after, through], the broker says so ("log_dropped") and this reader answers how many of
+them it holds: read, not yet acknowledged ("log_held"). Those count as dropped only if they
+are given up (a failed window, a partial acknowledgement: they are not read again, the
+store's cursor is past them), which is told at once ("log_released"); acknowledged, they
+count as forwarded (the "ack" says how many of its rows were held). See
+server/bridge_proc.py `ProcessForwarder.skipped`.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class ChildLogReader:
         self.scanned = 0
         self.oldest_at: float | None = None
         self._rows: list[tuple[int, int]] = []  # (offset, size) read, not yet acknowledged
+        self._held: set[int] = set()  # offsets of those a drop skipped (module docstring)
         self._acked = cursor  # the last cursor handed to the broker
         self._asked = -1  # the offset of the last "wait" sent
         self._wakeup = asyncio.Event()
@@ -63,11 +72,10 @@ class ChildLogReader:
         longer, and then the forwarder has nothing to send anyway."""
         # Rows come as the bridge's messages straight from the raw rows (no LogRow).
         rows, end = self.file.page_of(raw_bridge_message, cursor, limit)
+        # Kept before the loop turn: a word of a drop handled then must see them.
+        self.rewind(cursor)  # read again from the cursor: replaces the rest
+        self._rows.extend([(m.offset, m.size) for m in rows])
         await asyncio.sleep(0)
-        kept = self._rows
-        if kept and kept[-1][0] > cursor:  # read again from the cursor: replaces the rest
-            kept[:] = [r for r in kept if r[0] <= cursor]
-        kept.extend([(m.offset, m.size) for m in rows])
         self.oldest_at = rows[0].publish_time if rows else None
         skip = self.skip_origin
         taken = rows
@@ -82,6 +90,29 @@ class ChildLogReader:
                 self._ack(end)
             self.scanned = max(self.scanned, end, cursor)
         return taken
+
+    def rewind(self, cursor: int) -> None:
+        """What was read after `cursor` is given up (the forwarder reads again from it): rows
+        of it a drop skipped will not be read again, so they are told dropped now."""
+        kept = self._rows
+        if not kept or kept[-1][0] <= cursor:
+            return
+        cut = bisect_right(kept, cursor, key=_offset)
+        held = self._held
+        if held:
+            released = [offset for offset, _ in kept[cut:] if offset in held]
+            if released:
+                held.difference_update(released)
+                self.send(("log_released", len(released)))
+        del kept[cut:]
+
+    def dropped(self, after: int, through: int) -> None:
+        """The broker skipped the rows (after, through]: answer how many of them are held
+        here (read, not acknowledged), and keep account of those (drops do not overlap:
+        each starts at the stored cursor, past the one before)."""
+        new = [offset for offset, _ in self._rows if after < offset <= through]
+        self._held.update(new)
+        self.send(("log_held", through, len(new)))
 
     async def wait_after(self, cursor: int) -> None:
         mark = max(cursor, self.scanned)
@@ -109,7 +140,13 @@ class ChildLogReader:
         # chain it cost a third more than pickling the tuples; so it costs the same).
         passed = list(chain.from_iterable(rows[:cut]))
         del rows[:cut]
-        self.send(("ack", cursor, cut, sum(passed[1::2]), array("q", passed)))
+        held = self._held
+        late = 0
+        if held:  # (rare: a drop skipped rows in flight)
+            before = len(held)
+            held.difference_update(passed[0::2])
+            late = before - len(held)
+        self.send(("ack", cursor, cut, sum(passed[1::2]), array("q", passed), late))
 
 
 def _offset(row: tuple[int, int]) -> int:

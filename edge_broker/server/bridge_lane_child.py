@@ -68,6 +68,8 @@ class _LogSide(LogReader, Protocol):
 
     last_committed: int
 
+    def rewind(self, cursor: int) -> None: ...
+
 
 class LaneReader:
     """`LogReader` over one bridge's lane file (see the module docstring)."""
@@ -292,3 +294,6 @@ class LogGate:
     async def commit_cursor(self, cursor: int) -> None:
         await self.reader.commit_cursor(cursor)
         self._done(cursor)
+
+    def rewind(self, cursor: int) -> None:
+        self.reader.rewind(cursor)

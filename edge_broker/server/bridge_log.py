@@ -9,12 +9,16 @@ after the remote side acknowledged. The store's reader may be ahead of the Forwa
 when `max_backlog_bytes` dropped the oldest rows: pages start after the later of the two.
 Messages the bridge's own downlink published (origin: its `downlink_identity`) are skipped,
 so a command is not sent back up the bridge it came from (as mosquitto's bridges do).
+
+A drop's rows that this reader holds (read, not yet passed by a stored cursor: in flight)
+count as dropped only if they are given up (`skipped`, `rewind`; server/bridge_drops.py
+explains why and what the uplink process does instead).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..bridge.base import BridgeMessage
@@ -69,15 +73,19 @@ class StoreLogReader:
     again from its cursor after a backoff delay); `flush()` waits for the last one.
     """
 
-    def __init__(self, side: BridgeStoreSide, name: str, skip_origin: str = "") -> None:
+    def __init__(self, side: BridgeStoreSide, name: str, skip_origin: str = "",
+                 dropped: Callable[[int], None] | None = None) -> None:
         self.side = side
         self.name = name
         self.skip_origin = skip_origin  # the bridge's downlink identity: not sent back up
+        self.dropped = dropped if dropped is not None else _ignore  # n more count dropped
         self.scanned = 0  # every row of this bridge up to here was handed out
         self.oldest_at: float | None = None  # publish time of the first row of the last page
         # Rows read and not yet passed by a stored cursor, in offset order: what a commit
         # passes (for the reader's backlog counts).
         self._rows: list[LogRow] = []
+        self._committing: list[LogRow] = []  # those of the write under way
+        self._held: set[int] = set()  # offsets of rows in _rows a drop skipped
         self._acked = -1  # the last cursor the forwarder gave (-1: none yet)
         self._target = 0  # the cursor to store
         self._stored = 0  # the cursor stored last (by this reader)
@@ -103,10 +111,8 @@ class StoreLogReader:
         self._raise_error()
         page = await self.side.page(self.name, cursor, limit)
         # A page read again (a resend from the cursor) replaces what was read after it.
-        rows = self._rows
-        if rows and rows[-1].offset > cursor:
-            rows[:] = [row for row in rows if row.offset <= cursor]
-        rows.extend(page.rows)
+        self.rewind(cursor)
+        self._rows.extend(page.rows)
         self.oldest_at = page.rows[0].at if page.rows else None
         # Loop prevention: what this bridge's downlink published locally is not sent back.
         taken = [row for row in page.rows if row.origin != self.skip_origin]
@@ -118,6 +124,32 @@ class StoreLogReader:
                 await self.flush()
             self.scanned = max(self.scanned, page.end, cursor)
         return [bridge_message(row) for row in taken]
+
+    def rewind(self, cursor: int) -> None:
+        """What was read after `cursor` is given up (the forwarder reads again from it):
+        rows of it a drop skipped will not be read again, so they count as dropped now."""
+        rows = self._rows
+        if not rows or rows[-1].offset <= cursor:
+            return
+        kept = [row for row in rows if row.offset <= cursor]
+        held = self._held
+        if held:
+            released = [row.offset for row in rows[len(kept):] if row.offset in held]
+            if released:
+                held.difference_update(released)
+                self.dropped(len(released))
+        rows[:] = kept
+
+    def skipped(self, after: int, through: int, count: int) -> None:
+        """A drop skipped `count` rows, this bridge's in (after, through]: those read here
+        and not yet passed by a stored cursor are held (acknowledged, they were forwarded;
+        the store takes them out of its count again, store/log/bridges.py `commit`), the
+        rest count as dropped now. Rows of the write under way were acknowledged. (Drops do
+        not overlap: each starts at the stored cursor, past the one before.)"""
+        new = [row.offset for row in self._rows if after < row.offset <= through]
+        self._held.update(new)
+        acked = sum(1 for row in self._committing if after < row.offset <= through)
+        self.dropped(count - len(new) - acked)
 
     async def wait_after(self, cursor: int) -> None:
         mark = max(cursor, self.scanned)
@@ -157,6 +189,9 @@ class StoreLogReader:
                     break
             consumed = rows[:cut]
             del rows[:cut]
+            if self._held:  # acknowledged: they were forwarded
+                self._held.difference_update(row.offset for row in consumed)
+            self._committing = consumed
             try:
                 await self.side.commit(self.name, target, consumed)
             except asyncio.CancelledError:
@@ -166,4 +201,10 @@ class StoreLogReader:
                 self._error = exc
                 self._target = self._stored
                 return
+            finally:
+                self._committing = []
             self._stored = target
+
+
+def _ignore(_count: int) -> None:
+    pass

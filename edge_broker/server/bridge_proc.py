@@ -29,7 +29,9 @@ coalesced), so the stored cursor lags the acknowledged one by at most that long 
 commit under way: that is all a crash adds to the resend (`flush`, at a graceful stop,
 commits at once). A `max_backlog_bytes` drop and the store budget's tier 2 call `store_acked`
 first, which queues the write of the acknowledged cursor for the store's thread at once, ahead
-of theirs: they skip (and count as dropped) no row whose acknowledgement the broker holds.
+of theirs: they skip no row whose acknowledgement the broker holds. Rows they skip that the
+process has in flight count as dropped only if it gives them up (`skipped`,
+server/bridge_drops.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.bridges import reader_name
 from ..store.log.cursors import Passed
 from ..store.log.lane_file import LaneFile
+from .bridge_drops import DropSettler
 from .bridge_lane import Lane, LaneHub
 from .bridge_wire import encode_config, frame, read_frame
 
@@ -97,7 +100,8 @@ class ProcessForwarder:
     """The uplink of one bridge, run by a process of its own (see the module docstring)."""
 
     def __init__(self, config: BridgeConfig, side: BridgeStoreSide, *, path: str,
-                 gateway_id: str, store_id: str, cursor: int) -> None:
+                 gateway_id: str, store_id: str, cursor: int,
+                 dropped: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.side = side
         self.path = path
@@ -108,6 +112,7 @@ class ProcessForwarder:
         self.pid: int | None = None
         self.starts = 0  # processes started (1 + restarts)
         self._writer: asyncio.StreamWriter | None = None
+        self._told = False  # the running process has its "init": it may be asked things
         self._waiting: int | None = None  # the process waits for a commit past this
         self._stopping = False
         self._base_forwarded = 0
@@ -137,6 +142,8 @@ class ProcessForwarder:
         self.lane: Lane | None = None
         self._lane_file: LaneFile | None = None  # opened when first needed, kept open
         self._lane_dropped_before = 0  # by the lanes of earlier runs of the process
+        # Drops of rows the process has in flight (`dropped(n)`: n more count as dropped).
+        self.drops = DropSettler(dropped if dropped is not None else _ignore)
         side.listen(self._committed)
 
     # -- running the process ------------------------------------------------------------
@@ -210,6 +217,7 @@ class ProcessForwarder:
                 # Every QoS 0 message of the bridge's in the log is at or below this offset
                 # (from now on they take the lane): the process sends those first.
                 "lane_mark": mark})))
+            self._told = True
             if self.lanes is not None and lane_file is not None:
                 self.lane = Lane(self.config.name, self.config.downlink_identity, lane_file,
                                  mark, self._send)
@@ -231,7 +239,9 @@ class ProcessForwarder:
         finally:
             self._close_lane()
             self._writer = None
+            self._told = False
             self._waiting = None
+            self.drops.ended()  # what it held is given up: the next run starts past it
             self.status.connected = False
             ours.close()
         try:
@@ -306,7 +316,10 @@ class ProcessForwarder:
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ack":
-            self._acked(int(message[1]), Passed(int(message[2]), int(message[3]), message[4]))
+            passed = Passed(int(message[2]), int(message[3]), message[4])
+            if message[5] or self.drops.busy:
+                self.drops.acked(passed, int(message[5]))
+            self._acked(int(message[1]), passed)
         elif kind == "wait":
             after = int(message[1])
             if self.side.last_committed > after:
@@ -326,8 +339,22 @@ class ProcessForwarder:
             lane = self.lane
             if lane is not None:
                 lane.wanted(int(message[1]))
+        elif kind == "log_held":
+            self.drops.answered(int(message[1]), int(message[2]))
+        elif kind == "log_released":
+            self.drops.released(int(message[1]))
         elif kind == "status":
             self._update(message[1])
+
+    def skipped(self, after: int, through: int, count: int) -> None:
+        """A drop skipped `count` rows, the bridge's in (after, through]: settled with the
+        process (bridge_drops.py)."""
+        unstored = [passed for _, passed in self._passed]
+        unstored += [passed for _, passed in self._writing]
+        writer = self._writer
+        running = self._told and writer is not None and not writer.is_closing()
+        if self.drops.skipped(after, through, count, unstored, running):
+            self._send(("log_dropped", after, through))
 
     def _lane_acked(self, cursor: int, delivered: int | None = None) -> None:
         """The remote side acknowledged the lane up to `cursor`: stored, rows deleted
@@ -497,3 +524,7 @@ class ProcessForwarder:
 def _wake(nap: asyncio.Future[None] | None) -> None:
     if nap is not None and not nap.done():
         nap.set_result(None)
+
+
+def _ignore(_count: int) -> None:
+    pass

@@ -10,6 +10,9 @@ broker -> process:
     ("appended", offset)      the log is committed up to `offset` (answers a "wait")
     ("lane", last, cursor)    the QoS 0 lane's file is committed up to offset `last`, its
                               rows up to `cursor` deleted (answers a "lane_wait")
+    ("log_dropped", after, through)
+                              a drop skipped the log's rows (after, through] (answer with
+                              "log_held")
     ("stop",)                 close the remote connection and exit
 
 process -> broker:
@@ -21,12 +24,17 @@ process -> broker:
     ("lane_held", floor, runs)
                               told of the lane's drops up to `floor`: the ((first, last),
                               ...) runs of them it had read and may still send
-    ("ack", cursor, count, size, rows)
+    ("ack", cursor, count, size, rows, held)
                               the remote side acknowledged everything up to `cursor`,
                               passing `count` of the bridge's rows (since the last "ack")
                               of `size` bytes; `rows` = their offsets and sizes,
                               interleaved in one array("q") (for the reader's backlog
-                              counts: copied whole, not a tuple per row pickled and rebuilt)
+                              counts: copied whole, not a tuple per row pickled and
+                              rebuilt); `held` of them a drop had skipped ("log_held")
+    ("log_held", through, count)
+                              told of a drop up to `through`: `count` of its rows were
+                              read here and not yet acknowledged (they may still be)
+    ("log_released", count)   `count` rows held so were given up (not sent again)
     ("status", fields)        connected, cursor, forwarded, failures, last error, oldest row
 """
 

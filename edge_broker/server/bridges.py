@@ -86,7 +86,11 @@ class Bridge(DownlinkSide):
         self._dropping = False
         self._drops_logged = 0
         self._drops_logged_at = -1e18
-        self.budget_dropped = 0  # of `dropped`: skipped for the store budget (gave_way)
+        self._bound_skipped = 0  # rows max_backlog_bytes skipped since start (the log line)
+        self.budget_dropped = 0  # rows skipped for the store budget since start (gave_way)
+        # What `dropped` shows: rows drops skipped that were not in flight, and those given
+        # up since (server/bridge_drops.py); from the store's count at start.
+        self.dropped = 0
 
     # -- start, stop ----------------------------------------------------------------------
 
@@ -94,20 +98,23 @@ class Bridge(DownlinkSide):
         config = self.config
         loop = asyncio.get_running_loop()
         forwarding = bool(config.uplink) or config.kind == "mqtt"
+        stored = side.reader(config.name)
+        self.dropped = stored.dropped if stored is not None else 0
         if forwarding and config.separate_process:
             # The uplink in a process of its own (server/bridge_proc.py); the downlink and
             # the backlog bound stay here.
             self.forwarder = ProcessForwarder(
                 config, side, path=str(getattr(self.manager.app.store, "path", "")),
                 gateway_id=self.manager.gateway_id, store_id=self.manager.store_id,
-                cursor=cursor)
+                cursor=cursor, dropped=self._count_dropped)
             self.forwarder.lanes = self.manager.lanes  # the QoS 0 lane (bridge_lane.py)
             self.tasks.append(loop.create_task(self.forwarder.run(),
                                                name=f"bridge {config.name} uplink process"))
             side.listen(self._check_backlog)
             self._check_backlog(0)
         elif forwarding:
-            self.reader = StoreLogReader(side, config.name, config.downlink_identity)
+            self.reader = StoreLogReader(side, config.name, config.downlink_identity,
+                                         dropped=self._count_dropped)
             backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
             self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
                                        window=config.window, backoff=backoff,
@@ -212,6 +219,9 @@ class Bridge(DownlinkSide):
                 # queued after that write, decides which rows to skip (and count as dropped).
                 self.store_acked()
                 skipped = await side.drop(self.config.name, limit)
+                if skipped.count:
+                    self._bound_skipped += skipped.count
+                    self._settle(skipped.after, skipped.through, skipped.count)
                 reader = side.reader(self.config.name)
                 if not skipped.count or reader is None or reader.backlog_bytes <= limit:
                     break
@@ -236,30 +246,45 @@ class Bridge(DownlinkSide):
         if isinstance(forwarder, ProcessForwarder):
             forwarder.store_acked()
 
+    def _count_dropped(self, count: int) -> None:
+        self.dropped += count
+
+    def _settle(self, after: int, through: int, count: int) -> None:
+        """A drop skipped `count` rows, this bridge's in (after, through]: those the uplink
+        holds (in flight) count as dropped only if it gives them up (bridge_drops.py)."""
+        forwarder = self.forwarder
+        if isinstance(forwarder, ProcessForwarder):
+            forwarder.skipped(after, through, count)
+        elif self.reader is not None:
+            self.reader.skipped(after, through, count)
+        else:
+            self.dropped += count
+
     def _log_drops(self) -> None:
-        reader = self.manager.side.reader(self.config.name) if self.manager.side else None
         # Drops for the store budget are logged by the store (keeper.py), not here.
-        dropped = reader.dropped - self.budget_dropped if reader is not None else 0
-        if reader is None or dropped <= self._drops_logged:
+        dropped = self._bound_skipped
+        if dropped <= self._drops_logged:
             return
         now = time.monotonic()
         if now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
             return
         log.warning("bridge %s: backlog over max_backlog_bytes (%d): %d oldest message(s) "
-                    "dropped (%d in all)", self.config.name, self.config.max_backlog_bytes,
+                    "dropped (%d since start)", self.config.name, self.config.max_backlog_bytes,
                     dropped - self._drops_logged, dropped)
         self._drops_logged = dropped
         self._drops_logged_at = now
 
-    def gave_way(self, offset: int, count: int) -> None:
+    def gave_way(self, offset: int, count: int, after: int) -> None:
         """The store budget (store/log/budget.py, tier 2) moved this bridge's reader past its
-        `count` oldest rows, up to `offset`, as a `max_backlog_bytes` drop does
-        (`drop_to_bound`: counted in `Reader.dropped`); the store logged it. The forwarder's
+        `count` oldest rows, from `after` up to `offset`, as a `max_backlog_bytes` drop does
+        (`drop_to_bound`: counted in `Reader.dropped`; those in flight only once given up,
+        `_settle`); the store logged it. The forwarder's
         pages already start after the reader's offset (bridges.py `page`): its cursor is
         moved there too, so that its status and its next wait start past the skipped rows.
         A window read before the skip and acknowledged after it does not move the store's
         cursor back (cursors.advance)."""
         self.budget_dropped += count
+        self._settle(after, offset, count)
         forwarder = self.forwarder
         if forwarder is not None and forwarder.status.cursor < offset:
             forwarder.status.cursor = offset
@@ -292,7 +317,7 @@ class Bridge(DownlinkSide):
             count, size = self.unstored()
             status.backlog_messages = max(0, reader.backlog_count - count)
             status.backlog_bytes = max(0, reader.backlog_bytes - size)
-            status.dropped = reader.dropped
+        status.dropped = self.dropped
         if reader is not None and isinstance(forwarder, ProcessForwarder):
             add_lane_figures(status, forwarder)
         oldest = (self.reader.oldest_at if self.reader is not None
@@ -392,19 +417,20 @@ class BridgeManager:
         for bridge in self.bridges.values():
             bridge.store_acked()
 
-    def backlog_gave_way(self, reader: str, offset: int, count: int) -> bool:
+    def backlog_gave_way(self, reader: str, offset: int, count: int, after: int) -> bool:
         """After the store moved `reader` past its oldest rows for the budget: False when it
         is not a bridge's (a session's: the core counts those)."""
         if not reader.startswith(READER_PREFIX):
             return False
         bridge = self.bridges.get(reader[len(READER_PREFIX):])
         if bridge is not None:
-            bridge.gave_way(offset, count)
+            bridge.gave_way(offset, count, after)
         return True
 
     @property
     def budget_dropped(self) -> int:
-        """Rows bridges skipped for the store budget since start (also in `dropped`)."""
+        """Rows bridges skipped for the store budget since start (in `dropped` too, but
+        those that were in flight and then acknowledged: bridge_drops.py)."""
         return sum(bridge.budget_dropped for bridge in self.bridges.values())
 
     # -- figures --------------------------------------------------------------------------

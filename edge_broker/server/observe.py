@@ -233,7 +233,8 @@ class Observer:
                 "edge_broker_store_budget_released_total", "counter",
                 "Stored rows given up early to keep the store under max_store_bytes, by "
                 "kind (stream: a stream's oldest rows no reader needed; bridge: a bridge's "
-                "oldest, also in edge_broker_bridge_dropped_total).").add(
+                "oldest, also in edge_broker_bridge_dropped_total unless in flight and "
+                "then acknowledged).").add(
                     counters["budget_stream_rows"], kind="stream")
             if app.bridges.bridges:
                 released.add(app.bridges.budget_dropped, kind="bridge")

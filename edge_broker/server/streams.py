@@ -132,8 +132,8 @@ class StreamReplay:
         finally:
             self._giving_way = False
         sessions = False
-        for name, offset, count, _ in gave:
-            if not app.bridges.backlog_gave_way(name, offset, count):
+        for name, offset, count, _, after in gave:
+            if not app.bridges.backlog_gave_way(name, offset, count, after):
                 app.core.backlog_gave_way(name, offset, count)
                 sessions = True
         if sessions:

@@ -235,6 +235,12 @@ class ThreadedProxy:
     def drop_to_target(self) -> None:
         self._call(self._now(self.proxy.drop_to_target))
 
+    def hold_replies(self) -> None:
+        self._call(self._now(self.proxy.hold_replies))
+
+    def release(self) -> None:
+        self._call(self._now(self.proxy.release))
+
     @staticmethod
     async def _now(action: Any) -> None:
         action()

@@ -12,6 +12,9 @@ Modes, switched at any time:
 - `drop_to_target()`: on the open connections, what the client sends is dropped silently
   while what the target sends still reaches the client (a client's acknowledgements lost on
   the way). A close by either side still closes both.
+- `hold_replies()`: on the open connections, what the target sends is kept in the proxy
+  (the client's sends still reach the target: a remote side that stored them, its
+  acknowledgements late); `release()` delivers it and forwards again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class _Pair:
         self.upstream = upstream
         self.blackholed = upstream is None
         self.drop_to_target = False
+        self.held: list[bytes] | None = None  # what the target sent, while held
         self.tasks: list[asyncio.Task[None]] = []
 
     def close(self) -> None:
@@ -69,6 +73,16 @@ class TcpProxy:
         for pair in self._pairs:
             pair.drop_to_target = True
 
+    def hold_replies(self) -> None:
+        for pair in self._pairs:
+            pair.held = []
+
+    def release(self) -> None:
+        for pair in self._pairs:
+            held, pair.held = pair.held, None
+            if held:
+                pair.client.write(b"".join(held))
+
     def cut(self) -> None:
         for pair in list(self._pairs):
             pair.close()
@@ -103,6 +117,9 @@ class TcpProxy:
                 if pair.blackholed or writer is None or (pair.drop_to_target
                                                          and writer is pair.upstream):
                     continue  # dropped silently
+                if pair.held is not None and writer is pair.client:
+                    pair.held.append(data)
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):

@@ -14,7 +14,7 @@ import pytest
 
 from edge_broker.server.bridge_child_log import ChildLogReader
 from edge_broker.server.bridge_wire import frame
-from edge_broker.store.log import Log, LogMessage, cursors, transaction
+from edge_broker.store.log import Log, LogMessage, bridges, cursors, transaction
 from edge_broker.store.log.cursors import Passed
 from edge_broker.store.log.log import LogRow
 
@@ -68,15 +68,16 @@ def test_rows_a_drop_skipped_meanwhile_are_not_counted_out_twice(
         dropped = cursors.drop_to_bound(log, db, "r", max_bytes=total - sum(
             row.size for row in rows[:3]))
     assert dropped.count == 3
-    # The remote side acknowledges the first five: two of them were still in the backlog.
+    # The remote side acknowledges the first five: two of them were still in the backlog;
+    # three were in flight when the drop skipped them (`advance` says so).
     with transaction(db):
-        cursors.advance(log, db, "r", [passed(rows[:5])], end=rows[4].offset)
+        assert cursors.advance(log, db, "r", [passed(rows[:5])], end=rows[4].offset) == 3
     backlog = cursors.backlog(log, "r")
     assert (backlog.count, backlog.bytes) == exact(log, db) == (
         3, sum(row.size for row in rows[5:]))
     # Then one acknowledgement wholly below the cursor moves nothing.
     with transaction(db):
-        cursors.advance(log, db, "r", [passed(rows[:2])], end=rows[1].offset)
+        assert cursors.advance(log, db, "r", [passed(rows[:2])], end=rows[1].offset) == 2
     assert cursors.backlog(log, "r") == cursors.Backlog(3, sum(row.size for row in rows[5:]))
 
 
@@ -98,9 +99,9 @@ async def test_the_ack_frame_carries_arrays_not_a_tuple_per_row() -> None:
     try:
         messages = await reader.read_after(0, 2000)
         await reader.commit_cursor(1500)
-        kind, cursor, count, size, rows = sent[-1]
+        kind, cursor, count, size, rows, held = sent[-1]
         sizes = [m.size for m in messages[:1500]]
-        assert (kind, cursor, count, size) == ("ack", 1500, 1500, sum(sizes))
+        assert (kind, cursor, count, size, held) == ("ack", 1500, 1500, sum(sizes), 0)
         assert list(rows[0::2]) == list(range(1, 1501)) and list(rows[1::2]) == sizes
         # One array: the frame is 16 bytes a row, whatever the row count.
         assert len(frame(sent[-1])) < 16 * 1500 + 200
@@ -110,3 +111,31 @@ async def test_the_ack_frame_carries_arrays_not_a_tuple_per_row() -> None:
         assert len(sent) == 2
     finally:
         reader.close()
+
+
+def test_a_commit_takes_rows_in_flight_at_a_drop_out_of_dropped(
+        db: sqlite3.Connection) -> None:
+    """store/log/bridges.py `commit`: rows a drop skipped while they were in flight, passed
+    by a cursor write afterwards, were forwarded: `Reader.dropped` (what a restart shows)
+    leaves them out again; a write passing none of them changes nothing."""
+    log = Log(())
+    with transaction(db):
+        log.load(db)
+        bridges.setup_reader(log, db, "b", ["s/#"])
+        log.append(db, [LogMessage(f"s/{i}", b"p" * 10) for i in range(8)], 1000.0)
+    rows = list(cursors.read(log, db, "bridge:b", 1000).rows)  # all read, all sent
+    with transaction(db):  # the bound skips the oldest five, three of them acknowledged later
+        skipped = bridges.drop(log, db, "b", max_bytes=3 * rows[0].size)
+    assert (skipped.count, skipped.after, skipped.through) == (5, 0, rows[4].offset)
+    assert log.readers["bridge:b"].dropped == 5
+    with transaction(db):
+        bridges.commit(log, db, "b", rows[2].offset, [passed(rows[:3])])
+    assert log.readers["bridge:b"].dropped == 2
+    with transaction(db):  # past the drop: none of them
+        bridges.commit(log, db, "b", rows[6].offset, [passed(rows[5:7])])
+    reader = log.readers["bridge:b"]
+    assert (reader.dropped, reader.offset, reader.backlog_count) == (2, rows[6].offset, 1)
+    reloaded = Log(())
+    with transaction(db):
+        reloaded.load(db)
+    assert reloaded.readers["bridge:b"].dropped == 2

@@ -52,7 +52,7 @@ async def forwarder(store: SqliteStore, commits: list[int]) -> ProcessForwarder:
 
 
 def ack(process: ProcessForwarder, cursor: int) -> None:
-    process._handle(("ack", cursor, 0, 0, array("q")))
+    process._handle(("ack", cursor, 0, 0, array("q"), 0))
 
 
 async def stored(store: SqliteStore) -> int:
@@ -146,7 +146,7 @@ async def test_a_failed_write_keeps_its_rows_for_the_next(
 
     side.commit_now = failing_once
     try:
-        process._handle(("ack", 10, 2, 100, array("q", [9, 60, 10, 40])))
+        process._handle(("ack", 10, 2, 100, array("q", [9, 60, 10, 40]), 0))
         while not process._commit_error:  # the first write failed
             await asyncio.sleep(0.01)  # polling, bounded by the test's timeout
         assert process.unstored == (2, 100)
@@ -172,7 +172,7 @@ def _ack_rows(process: ProcessForwarder, sizes: dict[int, int], first: int, last
     for offset in range(first, last + 1):
         rows.extend((offset, sizes[offset]))
     process._handle(("ack", last, last - first + 1,
-                     sum(sizes[o] for o in range(first, last + 1)), rows))
+                     sum(sizes[o] for o in range(first, last + 1)), rows, 0))
 
 
 @pytest.fixture

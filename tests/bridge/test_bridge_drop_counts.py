@@ -91,15 +91,21 @@ def _payload(n: int) -> bytes:
     return b"%06d" % n + b"x" * (SIZE - 6)
 
 
-def _stored_cursor(broker: BrokerThread) -> int:
-    def read() -> int:
+def _stored(broker: BrokerThread) -> tuple[int, int]:
+    """The store's reader of the bridge: its cursor and its count of drops (`Reader.dropped`,
+    what a restart shows)."""
+    def read() -> tuple[int, int]:
         assert broker.app is not None and broker.app.bridges.side is not None
         reader = broker.app.bridges.side.reader("central")
         assert reader is not None
-        return reader.offset
+        return reader.offset, reader.dropped
 
-    offset: int = broker.call(read)
-    return offset
+    stored: tuple[int, int] = broker.call(read)
+    return stored
+
+
+def _stored_cursor(broker: BrokerThread) -> int:
+    return _stored(broker)[0]
 
 
 def _settled(broker: BrokerThread, total: int) -> dict[str, Any]:

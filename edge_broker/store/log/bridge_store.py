@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ...errors import StoreError
 from . import bridges as ops
-from .cursors import Backlog, Passed
+from .cursors import Passed
 from .log import LogRow, Page, Reader
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class BridgeStoreSide:
         return self._result(self._submit(
             lambda conn: ops.commit(log, conn, bridge, offset, consumed), fsync=False))
 
-    async def drop(self, bridge: str, max_bytes: int) -> Backlog:
+    async def drop(self, bridge: str, max_bytes: int) -> ops.Skipped:
         log = self._store._log.log
         return await self._write(lambda conn: ops.drop(log, conn, bridge, max_bytes))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import cursors
@@ -83,13 +84,34 @@ def page(log: Log, conn: sqlite3.Connection, bridge: str, after: int, limit: int
 def commit(log: Log, conn: sqlite3.Connection, bridge: str, offset: int,
            consumed: Sequence[LogRow | cursors.Passed]) -> None:
     """Move the cursor to `offset`; `consumed` are the bridge's rows up to it (in a
-    transaction)."""
-    cursors.advance(log, conn, reader_name(bridge), consumed, end=offset)
+    transaction). Rows among them that a drop skipped meanwhile were in flight then (read,
+    sent, their acknowledgement not back yet): the remote side has them, so they are taken
+    out of `Reader.dropped` again (the broker did not show them as dropped: server/bridges.py
+    `Bridge.settle`)."""
+    name = reader_name(bridge)
+    late = cursors.advance(log, conn, name, consumed, end=offset)
+    if late:
+        reader = log.readers[name]
+        reader.dropped = max(0, reader.dropped - late)
+        log.save_reader(conn, reader)
 
 
-def drop(log: Log, conn: sqlite3.Connection, bridge: str, max_bytes: int) -> cursors.Backlog:
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """What `drop` skipped: `count` rows of `bytes`, those of the bridge in (after, through]."""
+
+    count: int
+    bytes: int
+    after: int
+    through: int
+
+
+def drop(log: Log, conn: sqlite3.Connection, bridge: str, max_bytes: int) -> Skipped:
     """Skip the oldest rows while the backlog is above `max_bytes` (in a transaction)."""
-    return cursors.drop_to_bound(log, conn, reader_name(bridge), max_bytes=max_bytes)
+    name = reader_name(bridge)
+    after = log.readers[name].offset
+    skipped = cursors.drop_to_bound(log, conn, name, max_bytes=max_bytes)
+    return Skipped(skipped.count, skipped.bytes, after, log.readers[name].offset)
 
 
 def forget_readers(log: Log, conn: sqlite3.Connection, keep: Iterable[str]) -> list[str]:

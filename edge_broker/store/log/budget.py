@@ -134,12 +134,12 @@ def _release(state: StreamState, row: LogRow) -> None:
 
 
 def backlogs_give_way(log: Log, conn: sqlite3.Connection, readers: Sequence[str], excess: int,
-                      now: float, *, budget: int = 2000) -> list[tuple[str, int, int, int]]:
+                      now: float, *, budget: int = 2000) -> list[tuple[str, int, int, int, int]]:
     """In the caller's transaction: move the cursors of `readers` (in that order: the largest
     backlog first) past their oldest rows until rows worth `excess` bytes were skipped (at
     most `budget` rows), then delete what nobody holds any more. Returns, per reader that
-    gave way, (name, its new offset, rows skipped, bytes skipped)."""
-    out: list[tuple[str, int, int, int]] = []
+    gave way, (name, its new offset, rows skipped, bytes skipped, its old offset)."""
+    out: list[tuple[str, int, int, int, int]] = []
     wanted, left = excess, budget
     for name in readers:
         if wanted <= 0 or left <= 0:
@@ -148,9 +148,10 @@ def backlogs_give_way(log: Log, conn: sqlite3.Connection, readers: Sequence[str]
         if reader is None or reader.backlog_bytes <= 0:
             continue
         bound = max(1, reader.backlog_bytes - wanted)  # 0 would mean "no bound"
+        after = reader.offset
         skipped = cursors.drop_to_bound(log, conn, name, max_bytes=bound, budget=left)
         if skipped.count:
-            out.append((name, reader.offset, skipped.count, skipped.bytes))
+            out.append((name, reader.offset, skipped.count, skipped.bytes, after))
             wanted -= skipped.bytes
             left -= skipped.count
     if out:

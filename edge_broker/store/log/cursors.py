@@ -59,6 +59,14 @@ class Passed:
         i = bisect_right(rows[0::2], offset)
         return self.count - i, sum(rows[2 * i + 1::2])
 
+    def between(self, after: int, through: int) -> int:
+        """How many have an offset in (after, through]."""
+        rows = self.rows
+        if not self.count or rows[-2] <= after or rows[0] > through:
+            return 0
+        offsets = rows[0::2]
+        return bisect_right(offsets, through) - bisect_right(offsets, after)
+
 
 def add_reader(log: Log, conn: sqlite3.Connection, name: str) -> Reader:
     """A new reader, positioned at the end of the log (it selects nothing until subscribed).
@@ -153,11 +161,13 @@ def read(log: Log, conn: sqlite3.Connection, name: str, limit: int,
 
 
 def advance(log: Log, conn: sqlite3.Connection, name: str,
-            consumed: Sequence[LogRow | Passed], end: int | None = None) -> None:
+            consumed: Sequence[LogRow | Passed], end: int | None = None) -> int:
     """Move the cursor to `end` (default: the last consumed row) past `consumed`, which must
     be every selected row between the old offset and `end` (as `read` returned them), each
     one a `LogRow` or many of them in a `Passed` (`end` is then needed). Rows at or below
-    the old offset (skipped meanwhile, e.g. by `drop_to_bound`) were counted out already."""
+    the old offset (skipped meanwhile, e.g. by `drop_to_bound`) were counted out already:
+    returns how many there were (the caller decides what they mean; a bridge's were in
+    flight when a drop skipped them, store/log/bridges.py `commit`)."""
     reader = log.readers[name]
     if end is not None:
         target = end
@@ -167,19 +177,23 @@ def advance(log: Log, conn: sqlite3.Connection, name: str,
         target = last.offset
     else:
         target = reader.offset
-    if target <= reader.offset:
-        return
     old = reader.offset
+    late = 0
     for row in consumed:
         if isinstance(row, Passed):
             count, size = row.after(old)
             reader.backlog_count -= count
             reader.backlog_bytes -= size
+            late += row.count - count
         elif row.offset > old:
             reader.backlog_count -= 1
             reader.backlog_bytes -= row.size
-    reader.offset = target
-    log.save_reader(conn, reader)
+        else:
+            late += 1
+    if target > old:
+        reader.offset = target
+        log.save_reader(conn, reader)
+    return late
 
 
 def set_inflight(log: Log, conn: sqlite3.Connection, name: str, packet_id: int, offset: int,

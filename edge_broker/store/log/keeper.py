@@ -100,11 +100,11 @@ class LogKeeper:
         return report
 
     def give_way_backlogs(self, conn: sqlite3.Connection, readers: Sequence[str],
-                          excess: int) -> list[tuple[str, int, int, int]]:
+                          excess: int) -> list[tuple[str, int, int, int, int]]:
         """Tier 2 of the store budget (budget.py), in a transaction of its own."""
         out = self._own_transaction(conn, lambda: backlogs_give_way(
             self.log, conn, readers, excess, self.clock.now(), budget=GIVE_WAY_BUDGET))
-        for name, _, count, size in out:
+        for name, _, count, size, _ in out:
             self.budget_backlog_rows += count
             log.warning("store budget: %s gave way: its %d oldest message(s) (%d bytes) "
                         "dropped (store_full)", name, count, size)

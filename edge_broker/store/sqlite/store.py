@@ -273,11 +273,12 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
             raise _store_error(self.path, "stream statistics", error) from None
 
     async def give_way_backlogs(self, readers: Sequence[str],
-                                excess: int) -> list[tuple[str, int, int, int]]:
+                                excess: int) -> list[tuple[str, int, int, int, int]]:
         """Tier 2 of the store budget: the readers the core named give way (budget.py);
-        (reader, new offset, rows, bytes) of each that did. Re-checks the pages in use."""
+        (reader, new offset, rows, bytes, old offset) of each that did. Re-checks the pages
+        in use."""
         try:
-            out: list[tuple[str, int, int, int]] = await self._call(
+            out: list[tuple[str, int, int, int, int]] = await self._call(
                 self._read_sync, self._log.give_way_backlogs, readers, excess)
             await self._call(self._check_size_sync)
         except sqlite3.Error as error:
