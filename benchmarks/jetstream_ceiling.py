@@ -13,10 +13,12 @@ is what the server itself can store with the documented headers, `Nats-Msg-Id`
 deduplication and batches on these cores - an upper bound for any uplink here, since the
 server's stream takes one message at a time. `--bare` also sends the same subjects without
 headers (no `Nats-Msg-Id`: no deduplication), to show what the headers cost the server;
-`--client-us US` also has the client burn US microseconds of CPU per message (after each
-window it writes), to show what an uplink's own work on the same cores costs the server.
+`--parts` also sends them with the `Nats-Msg-Id` header alone, and with the documented
+`mqtt-*` headers alone (no deduplication), to split that cost; `--client-us US` also has the
+client burn US microseconds of CPU per message (after each window it writes), to show what
+an uplink's own work on the same cores costs the server.
 
-    python -m benchmarks.jetstream_ceiling [MESSAGES] [--rounds 3] [--bare]
+    python -m benchmarks.jetstream_ceiling [MESSAGES] [--rounds 3] [--bare] [--parts]
         [--client-us US] [--window 256] [--depth 8]
 
 Printed per run: the store-time rate, the wall-clock rate, and nats-server's CPU time
@@ -34,7 +36,7 @@ import time
 import tomllib
 from typing import Any
 
-from edge_broker.bridge.base import BridgeMessage, new_store_id
+from edge_broker.bridge.base import NATS_MSG_ID, BridgeMessage, message_id, new_store_id
 from edge_broker.bridge.config import parse_bridges
 from edge_broker.bridge.jetstream import JetStreamSink
 from edge_broker.bridge.jetstream_batch import MAX_FLOW, BatchPublisher
@@ -66,18 +68,42 @@ def _messages(total: int) -> list[BridgeMessage]:
             for i in range(1, total + 1)]
 
 
-def _bare(batch: list[BridgeMessage], sink: JetStreamSink, reply: bytes) -> bytes:
-    """`batch` as one fast-ingest batch without headers (same subjects, reply subjects, EOB
-    as BatchPublisher.frames)."""
-    out = [b"PUB %s %s%d.%d.$FI %d\r\n%s\r\n" % (sink.subject(m).encode(), reply, seq,
-                                                 0 if seq == 1 else 1, len(m.payload),
-                                                 m.payload)
-           for seq, m in enumerate(batch, 1)]
+# What the messages carry: the bridge's own frames, or the same subjects and payloads with
+# no headers, with `Nats-Msg-Id` alone, or with the documented mqtt-* headers alone.
+SHAPES = {"bridge": "bridge frames", "none": "no headers", "id": "Nats-Msg-Id alone",
+          "mqtt": "mqtt-* headers alone"}
+
+
+def _header_block(message: BridgeMessage, mid: str, shape: str) -> bytes:
+    """The NATS header block of `shape` ("id", "mqtt"): nats-py's encoding of the documented
+    headers (bridge/base.py), all of them but the id, or the id alone."""
+    headers = message.headers(mid, NATS_MSG_ID)
+    kept = [(k, v) for k, v in headers.items() if (k == NATS_MSG_ID) == (shape == "id")]
+    return b"NATS/1.0\r\n" + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode())
+                                       for k, v in kept) + b"\r\n"
+
+
+def _plain(batch: list[BridgeMessage], sink: JetStreamSink, reply: bytes,
+           shape: str) -> bytes:
+    """`batch` as one fast-ingest batch with the headers of `shape` (same subjects, reply
+    subjects, EOB as BatchPublisher.frames)."""
+    out = []
+    for seq, m in enumerate(batch, 1):
+        subject = sink.subject(m).encode()
+        op = 0 if seq == 1 else 1
+        if shape == "none":
+            out.append(b"PUB %s %s%d.%d.$FI %d\r\n%s\r\n" % (subject, reply, seq, op,
+                                                             len(m.payload), m.payload))
+            continue
+        block = _header_block(m, message_id("bench", sink.store_id, m.offset), shape)
+        out.append(b"HPUB %s %s%d.%d.$FI %d %d\r\n%s%s\r\n" % (
+            subject, reply, seq, op, len(block), len(block) + len(m.payload), block,
+            m.payload))
     out.append(b"PUB bench.gw.eob %s%d.3.$FI 0\r\n\r\n" % (reply, len(batch) + 1))
     return b"".join(out)
 
 
-async def _frames(address: str, total: int, window: int, headers: bool) -> list[bytes]:
+async def _frames(address: str, total: int, window: int, shape: str) -> list[bytes]:
     """Create stream S14 through the real sink and build the windows' bytes."""
     gateway_id = socket.gethostname()  # S14's: the broker's default
     (config,) = parse_bridges(tomllib.loads(bridge_toml("jetstream", address))["bridges"],
@@ -94,11 +120,11 @@ async def _frames(address: str, total: int, window: int, headers: bool) -> list[
         windows = []
         for n, start in enumerate(range(0, total, window)):
             batch = messages[start:start + window]
-            if headers:
+            if shape == "bridge":
                 data, _ = publisher.frames(batch, builder, "bench.gw.eob", future)
             else:
                 reply = b"%sbare%d.%d.fail." % (INBOX, n, min(len(batch), MAX_FLOW))
-                data = _bare(batch, sink, reply)
+                data = _plain(batch, sink, reply, shape)
             windows.append(data)
         return windows
     finally:
@@ -152,12 +178,13 @@ async def _send(address: str, windows: list[bytes], depth: int, busy_s: float = 
         writer.close()
 
 
-def ceiling(total: int = 200_000, *, headers: bool = True, window: int = WINDOW,
+def ceiling(total: int = 200_000, *, shape: str = "bridge", window: int = WINDOW,
             depth: int = DEPTH, client_us: float = 0.0) -> dict[str, Any]:
     """Start a nats-server, store `total` messages as described in the module docstring,
-    stop it; the figures. `client_us`: CPU the client spends per message (0: none)."""
+    stop it; the figures. `shape`: a key of SHAPES; `client_us`: CPU the client spends per
+    message (0: none)."""
     with remote("jetstream") as server:
-        windows = asyncio.run(_frames(server.address, total, window, headers))
+        windows = asyncio.run(_frames(server.address, total, window, shape))
         assert server.proc is not None
         pid = server.proc.pid
         c0, t0 = brokers.cpu_ticks(pid), time.monotonic()
@@ -171,7 +198,7 @@ def ceiling(total: int = 200_000, *, headers: bool = True, window: int = WINDOW,
     return {"msgs_per_s": round((stored - 1) / (last_ts - first_ts)),
             "wall_msgs_per_s": round(total / (t1 - t0)),
             "server_us_per_msg": round((c1 - c0) / brokers.CLK_TCK / total * 1e6, 2),
-            "headers": headers, "window": window, "depth": depth, "messages": total,
+            "shape": shape, "window": window, "depth": depth, "messages": total,
             "client_us": client_us}
 
 
@@ -181,22 +208,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bare", action="store_true",
                         help="also without headers, alternating")
+    parser.add_argument("--parts", action="store_true",
+                        help="also with Nats-Msg-Id alone and with the mqtt-* headers alone "
+                        "(and without headers), alternating")
     parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument("--depth", type=int, default=DEPTH)
     parser.add_argument("--client-us", type=float, default=0.0,
                         help="also with the client spending this much CPU per message "
                         "(as the uplink process does), alternating")
     args = parser.parse_args(argv)
-    modes = [(True, 0.0)]
-    if args.bare:
-        modes.append((False, 0.0))
+    modes = [("bridge", 0.0)]
+    if args.bare or args.parts:
+        modes.append(("none", 0.0))
+    if args.parts:
+        modes += [("id", 0.0), ("mqtt", 0.0)]
     if args.client_us:
-        modes.append((True, args.client_us))
+        modes.append(("bridge", args.client_us))
     for _ in range(args.rounds):
-        for headers, client_us in modes:
-            r = ceiling(args.messages, headers=headers, window=args.window, depth=args.depth,
+        for shape, client_us in modes:
+            r = ceiling(args.messages, shape=shape, window=args.window, depth=args.depth,
                         client_us=client_us)
-            name = ("bridge frames" if headers else "no headers") + (
+            name = SHAPES[shape] + (
                 f", client {client_us:g} us/msg" if client_us else "")
             print(f"{name:32s} {r['msgs_per_s']:9,d} msgs/s by store times, "
                   f"{r['wall_msgs_per_s']:9,d} wall; nats-server {r['server_us_per_msg']:5.2f}"
