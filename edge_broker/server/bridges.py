@@ -278,16 +278,15 @@ class Bridge(DownlinkSide):
         """The store budget (store/log/budget.py, tier 2) moved this bridge's reader past its
         `count` oldest rows, from `after` up to `offset`, as a `max_backlog_bytes` drop does
         (`drop_to_bound`: counted in `Reader.dropped`; those in flight only once given up,
-        `_settle`); the store logged it. The forwarder's
-        pages already start after the reader's offset (bridges.py `page`): its cursor is
-        moved there too, so that its status and its next wait start past the skipped rows.
-        A window read before the skip and acknowledged after it does not move the store's
-        cursor back (cursors.advance)."""
+        `_settle`); the store logged it. The forwarder's pages start after the reader's
+        offset (store/log/bridges.py `page`), and its cursor stays what the remote side
+        acknowledged, as after a `max_backlog_bytes` drop: a window in flight with skipped
+        rows goes on (it used to be moved past them, and a window failing then was read again
+        from there, so its skipped rows were neither given up nor sent). A window read before
+        the skip and acknowledged after it does not move the store's cursor back
+        (cursors.advance); `bridges status` shows the later of the two cursors."""
         self.budget_dropped += count
         self._settle(after, offset, count)
-        forwarder = self.forwarder
-        if forwarder is not None and forwarder.status.cursor < offset:
-            forwarder.status.cursor = offset
 
     # -- figures --------------------------------------------------------------------------
 

@@ -165,9 +165,11 @@ def advance(log: Log, conn: sqlite3.Connection, name: str,
     """Move the cursor to `end` (default: the last consumed row) past `consumed`, which must
     be every selected row between the old offset and `end` (as `read` returned them), each
     one a `LogRow` or many of them in a `Passed` (`end` is then needed). Rows at or below
-    the old offset (skipped meanwhile, e.g. by `drop_to_bound`) were counted out already:
-    returns how many there were (the caller decides what they mean; a bridge's were in
-    flight when a drop skipped them, store/log/bridges.py `commit`)."""
+    the old offset (skipped meanwhile by `drop_to_bound`, or passed by an earlier advance
+    and handed again) were counted out already. Returns how many of them a drop skipped
+    and no advance passed before: a bridge's were in flight when the drop skipped them
+    (store/log/bridges.py `commit`). A row handed again (a bridge's writes carry those of
+    the writes not yet known stored) is not counted twice: `Reader.advanced`."""
     reader = log.readers[name]
     if end is not None:
         target = end
@@ -178,18 +180,23 @@ def advance(log: Log, conn: sqlite3.Connection, name: str,
     else:
         target = reader.offset
     old = reader.offset
+    if reader.advanced < 0:
+        reader.advanced = old
+    floor = reader.advanced  # rows in (floor, old] were skipped and not passed before
     late = 0
     for row in consumed:
         if isinstance(row, Passed):
             count, size = row.after(old)
             reader.backlog_count -= count
             reader.backlog_bytes -= size
-            late += row.count - count
+            if floor < old:
+                late += row.between(floor, old)
         elif row.offset > old:
             reader.backlog_count -= 1
             reader.backlog_bytes -= row.size
-        else:
+        elif row.offset > floor:
             late += 1
+    reader.advanced = max(floor, target)
     if target > old:
         reader.offset = target
         log.save_reader(conn, reader)
@@ -224,6 +231,8 @@ def drop_to_bound(log: Log, conn: sqlite3.Connection, name: str, *, max_count: i
     its oldest rows until it fits (at most `budget` rows per call); returns what was skipped,
     also added to `Reader.dropped`. The policy (when, and the log line) is the caller's."""
     reader = log.readers[name]
+    if reader.advanced < 0:
+        reader.advanced = reader.offset  # (see `advance`)
     count = size = 0
 
     def over() -> bool:

@@ -276,11 +276,16 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
                                 excess: int) -> list[tuple[str, int, int, int, int]]:
         """Tier 2 of the store budget: the readers the core named give way (budget.py);
         (reader, new offset, rows, bytes, old offset) of each that did. Re-checks the pages
-        in use."""
+        in use, in the same job on the store's thread: a bridge settles the step's rows
+        against what its uplink holds (server/bridges.py `gave_way`) before any write
+        queued after the step is done (one more job would let those be stored first)."""
+        def step() -> list[tuple[str, int, int, int, int]]:
+            out = self._read_sync(self._log.give_way_backlogs, readers, excess)
+            self._check_size_sync()
+            return out
+
         try:
-            out: list[tuple[str, int, int, int, int]] = await self._call(
-                self._read_sync, self._log.give_way_backlogs, readers, excess)
-            await self._call(self._check_size_sync)
+            out: list[tuple[str, int, int, int, int]] = await self._call(step)
         except sqlite3.Error as error:
             raise _store_error(self.path, "make backlogs give way", error) from None
         return out
