@@ -12,8 +12,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from edge_broker.bridge.base import BridgeMessage
-from edge_broker.bridge.forward import Forwarder
 from edge_broker.bridge.config import BridgeConfig, parse_bridges
+from edge_broker.bridge.forward import Forwarder
 from edge_broker.server.bridge_log import StoreLogReader
 from edge_broker.server.bridges import Bridge
 from edge_broker.store.sqlite import SqliteStore
