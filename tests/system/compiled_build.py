@@ -74,6 +74,8 @@ SUBSET = (
     # the uplink process's packed page read, and the Kafka sink's own record batches
     "tests/bridge/test_bridge_file_columns.py",
     "tests/bridge/test_kafka_records.py",
+    # A window failing after a first one: the forwarder stays Python (compile_plan.py).
+    "tests/bridge/test_bridge_inflight_drops.py",
 )
 IGNORED = shutil.ignore_patterns("__pycache__", "*.so", "build", "*.egg-info", "BUILD")
 # The longest any one step may take (the wheel build: ~5 min on an idle 2-core machine).
