@@ -7,6 +7,7 @@ gives its skipped rows up, counted as dropped then. Both found by the review of 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -134,3 +135,20 @@ async def _until(predicate: Any) -> None:
             return
         await asyncio.sleep(0)  # one loop turn (not a wait for time)
     raise AssertionError("not reached")
+
+
+async def test_a_failing_size_check_does_not_lose_the_committed_step(
+        store: SqliteStore, monkeypatch: Any) -> None:
+    """The step is committed before the size check runs: the check failing (a disk error)
+    is logged and the step's result still goes back, so the bridge settles what it skipped.
+    Before (review of round 11): give_way_backlogs raised, and the skipped rows were never
+    shown dropped nor asked about."""
+    sizes = await _logged(store, 10)
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_check_size_sync", broken)
+    assert await _step(store, sizes, 6) == (0, 6, 6)
+    stored: Any = store.bridges.reader("central")
+    assert (stored.offset, stored.dropped) == (6, 6)

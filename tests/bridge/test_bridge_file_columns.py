@@ -6,10 +6,12 @@ the bridge's filters and rows at or below a filter's `since` left out."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 from edge_broker.mqtt.properties import Properties
+from edge_broker.server.bridge_child_log import ChildLogReader
 from edge_broker.server.bridge_log import bridge_message, raw_bridge_message
 from edge_broker.store.log.bridge_file import LogFile
 from edge_broker.store.log.schema import encode_props, ensure_schema
@@ -67,3 +69,31 @@ def test_packed_columns_make_the_messages_of_the_full_rows(tmp_path: Path) -> No
                               for m in with_props)
     assert all(m.content_type is None and not m.user_properties
                for m in every if m.offset % 3 != 0)
+
+
+async def test_a_page_past_deleted_rows_ends_at_the_log_s_last_offset(tmp_path: Path) -> None:
+    """Rows 41-50 were deleted (retention; none of them the bridge's): a page read from the
+    end ends at 50, and the process's reader then waits for the log to go past 50. Before
+    (review of round 11): the page ended at 40, so the wait for "past 40" returned at once,
+    the log's last offset being 50, and the uplink process read empty pages for ever."""
+    make_store(tmp_path / "log.db")
+    conn = sqlite3.connect(tmp_path / "log.db", isolation_level=None)
+    conn.execute("UPDATE log_state SET last_offset = 50 WHERE id = 0")
+    conn.close()
+    file = LogFile(str(tmp_path / "log.db"), READER)
+    sent: list[tuple[object, ...]] = []
+    reader = ChildLogReader(file, "bridge-central", sent.append, 50, 0)
+    try:
+        assert file.page_of(raw_bridge_message, 40, 10) == ([], 50)
+        assert file.page_of(raw_bridge_message, 30, 100)[1] == 50
+        assert file.page_of(raw_bridge_message, 30, 2)[1] < 40  # a full page: where it stops
+        await reader.read_after(40, 10)
+        waiting = asyncio.ensure_future(reader.wait_after(40))
+        for _ in range(20):
+            await asyncio.sleep(0)  # loop turns (not a wait for time)
+        assert not waiting.done()  # it waits for an append past 50 ...
+        assert sent[-1] == ("wait", 50)  # ... and asked the broker to be woken then
+        reader.appended(51)
+        await asyncio.wait_for(waiting, 5)
+    finally:
+        reader.close()

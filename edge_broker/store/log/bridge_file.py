@@ -48,6 +48,7 @@ _SCAN_ROWS: Final = " FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
 _SCAN: Final = f"SELECT {LOG_COLUMNS}{_SCAN_ROWS}"
 _SCAN_BRIDGE: Final = f"SELECT {BRIDGE_COLUMNS}{_SCAN_ROWS}"
 _READER_OFFSET: Final = "SELECT offset FROM log_readers WHERE name = ?"
+_LAST_OFFSET: Final = "SELECT last_offset FROM log_state WHERE id = 0"
 _FILTERS: Final = "SELECT filter, since FROM log_reader_filters WHERE reader = ?"
 _TOPIC: Final = "SELECT name FROM log_topics WHERE id = ?"
 BUSY_TIMEOUT_MS: Final = 5000
@@ -117,9 +118,14 @@ class LogFile:
     def _scan(self, sql: str, make: Callable[[Sequence[Any], str, int], T], after: int,
               limit: int, shift: int) -> tuple[list[T], int]:
         """The scan of `page` and `page_of`: the third column is the topic id shifted left
-        by `shift` bits (with QoS and retain below it for `page_of`)."""
+        by `shift` bits (with QoS and retain below it for `page_of`). A scan that reaches the
+        end of the table ends at least at the log's last offset, read before it: offsets up
+        to there whose rows were deleted (retention) are passed, as the broker's own reader
+        does, else a reader waiting for the log to go past its end would be woken at once,
+        for ever (found by the review of round 11: 29,912 page reads in 0.3 s)."""
         conn = self._db()
         lo = max(after, self.reader_offset())
+        last = int(conn.execute(_LAST_OFFSET).fetchone()[0])
         out: list[T] = []
         batch = max(limit, 64)
         topics = self._topics
@@ -136,5 +142,5 @@ class LogFile:
                 if len(out) == limit:
                     return out, offset
             if len(raws) < batch:
-                return out, int(raws[-1][0]) if raws else lo
+                return out, max(int(raws[-1][0]) if raws else lo, last)
             lo = int(raws[-1][0])

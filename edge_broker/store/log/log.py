@@ -115,6 +115,9 @@ class Log(LogPages):
         configured is forgotten (its rows then go unless another holder keeps them). Those
         stream changes are the only writes: run it in a transaction (or autocommit)."""
         ensure_schema(conn)
+        # Readers' `advanced` is memory only: kept across a reload (after a failed
+        # transaction), never above the offset read back (cursors.py `advance`).
+        advanced = {name: reader.advanced for name, reader in self.readers.items()}
         self._reset()
         self.last_offset, self.last_at = conn.execute(
             "SELECT last_offset, last_at FROM log_state WHERE id = 0").fetchone()
@@ -128,6 +131,10 @@ class Log(LogPages):
                 "SELECT name, offset, backlog_count, backlog_bytes, dropped FROM log_readers"):
             self.readers[name] = Reader(name, offset, backlog_count=count,
                                         backlog_bytes=size, dropped=dropped)
+        for name, reader in self.readers.items():
+            before = advanced.get(name, -1)
+            if before >= 0:
+                reader.advanced = min(before, reader.offset)
         for name, topic_filter, since in conn.execute(
                 "SELECT reader, filter, since FROM log_reader_filters"):
             self.readers[name].filters[topic_filter] = since

@@ -128,9 +128,10 @@ class Reader:
     backlog_bytes: int = 0
     dropped: int = 0  # rows skipped by drop_to_bound since the reader was made
     topics: dict[int, int] = field(default_factory=dict)  # topic id -> since (min over filters)
-    # The highest offset `advance` moved past since the log was loaded (-1: none yet, then
-    # the offset at load). Rows above it and at or below `offset` were skipped by a drop
-    # and not passed by any advance yet (cursors.py `advance`: its `late` rows).
+    # The highest offset `advance` moved past since the store was opened (-1: none yet, then
+    # the offset at the first drop or advance; kept across a reload, log.py `load`). Rows
+    # above it and at or below `offset` were skipped by a drop and not passed by any advance
+    # yet (cursors.py `advance`: its `late` rows).
     advanced: int = -1
 
     @property

@@ -281,7 +281,11 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
         queued after the step is done (one more job would let those be stored first)."""
         def step() -> list[tuple[str, int, int, int, int]]:
             out = self._read_sync(self._log.give_way_backlogs, readers, excess)
-            self._check_size_sync()
+            try:  # the step is committed: its result goes back whatever the check does
+                self._check_size_sync()
+            except sqlite3.Error as error:
+                log.error("%s: the store's size could not be read after the budget's step: "
+                          "%s", self.path, error)
             return out
 
         try:
