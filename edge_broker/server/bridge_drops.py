@@ -38,6 +38,10 @@ from collections.abc import Callable, Iterable
 from ..store.log.cursors import Passed
 
 
+def count_none(_count: int) -> None:
+    """A `count` that keeps no account (readers and forwarders made without one)."""
+
+
 class DropSettler:
     """The broker's account of a separate uplink process's drops (see the module docstring).
     `count(n)`: n more rows count as dropped."""

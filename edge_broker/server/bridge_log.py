@@ -25,6 +25,7 @@ from ..bridge.base import BridgeMessage
 from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.log import LogRow
 from ..store.log.schema import decode_props
+from .bridge_drops import count_none
 
 
 def bridge_message(row: LogRow) -> BridgeMessage:
@@ -78,7 +79,7 @@ class StoreLogReader:
         self.side = side
         self.name = name
         self.skip_origin = skip_origin  # the bridge's downlink identity: not sent back up
-        self.dropped = dropped if dropped is not None else _ignore  # n more count dropped
+        self.dropped = dropped if dropped is not None else count_none  # n more count dropped
         self.scanned = 0  # every row of this bridge up to here was handed out
         self.oldest_at: float | None = None  # publish time of the first row of the last page
         # Rows read and not yet passed by a stored cursor, in offset order: what a commit
@@ -204,7 +205,3 @@ class StoreLogReader:
             finally:
                 self._committing = []
             self._stored = target
-
-
-def _ignore(_count: int) -> None:
-    pass

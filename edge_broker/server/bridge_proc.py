@@ -56,7 +56,7 @@ from ..store.log.bridge_store import BridgeStoreSide
 from ..store.log.bridges import reader_name
 from ..store.log.cursors import Passed
 from ..store.log.lane_file import LaneFile
-from .bridge_drops import DropSettler
+from .bridge_drops import DropSettler, count_none
 from .bridge_lane import Lane, LaneHub
 from .bridge_wire import encode_config, frame, read_frame
 
@@ -143,7 +143,7 @@ class ProcessForwarder:
         self._lane_file: LaneFile | None = None  # opened when first needed, kept open
         self._lane_dropped_before = 0  # by the lanes of earlier runs of the process
         # Drops of rows the process has in flight (`dropped(n)`: n more count as dropped).
-        self.drops = DropSettler(dropped if dropped is not None else _ignore)
+        self.drops = DropSettler(dropped if dropped is not None else count_none)
         side.listen(self._committed)
 
     # -- running the process ------------------------------------------------------------
@@ -524,7 +524,3 @@ class ProcessForwarder:
 def _wake(nap: asyncio.Future[None] | None) -> None:
     if nap is not None and not nap.done():
         nap.set_result(None)
-
-
-def _ignore(_count: int) -> None:
-    pass

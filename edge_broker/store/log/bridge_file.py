@@ -47,8 +47,9 @@ BRIDGE_COLUMNS: Final = (
 _SCAN_ROWS: Final = " FROM log WHERE offset > ? ORDER BY offset LIMIT ?"
 _SCAN: Final = f"SELECT {LOG_COLUMNS}{_SCAN_ROWS}"
 _SCAN_BRIDGE: Final = f"SELECT {BRIDGE_COLUMNS}{_SCAN_ROWS}"
-_READER_OFFSET: Final = "SELECT offset FROM log_readers WHERE name = ?"
-_LAST_OFFSET: Final = "SELECT last_offset FROM log_state WHERE id = 0"
+# The reader's stored offset and the log's last offset, in one statement (one snapshot).
+_OFFSETS: Final = ("SELECT (SELECT offset FROM log_readers WHERE name = ?),"
+                   " (SELECT last_offset FROM log_state WHERE id = 0)")
 _FILTERS: Final = "SELECT filter, since FROM log_reader_filters WHERE reader = ?"
 _TOPIC: Final = "SELECT name FROM log_topics WHERE id = ?"
 BUSY_TIMEOUT_MS: Final = 5000
@@ -85,9 +86,10 @@ class LogFile:
         assert self._conn is not None
         return self._conn
 
-    def reader_offset(self) -> int:
-        row = self._db().execute(_READER_OFFSET, (self.reader,)).fetchone()
-        return int(row[0]) if row is not None else 0
+    def offsets(self) -> tuple[int, int]:
+        """(the reader's stored offset (0: no such reader), the log's last offset)."""
+        reader, last = self._db().execute(_OFFSETS, (self.reader,)).fetchone()
+        return (int(reader) if reader is not None else 0), int(last)
 
     def _topic(self, tid: int) -> tuple[str, int, int]:
         known = self._topics.get(tid)
@@ -124,8 +126,8 @@ class LogFile:
         does, else a reader waiting for the log to go past its end would be woken at once,
         for ever (found by the review of round 11: 29,912 page reads in 0.3 s)."""
         conn = self._db()
-        lo = max(after, self.reader_offset())
-        last = int(conn.execute(_LAST_OFFSET).fetchone()[0])
+        stored, last = self.offsets()
+        lo = max(after, stored)
         out: list[T] = []
         batch = max(limit, 64)
         topics = self._topics

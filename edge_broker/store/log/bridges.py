@@ -87,7 +87,7 @@ def commit(log: Log, conn: sqlite3.Connection, bridge: str, offset: int,
     transaction). Rows among them that a drop skipped meanwhile were in flight then (read,
     sent, their acknowledgement not back yet): the remote side has them, so they are taken
     out of `Reader.dropped` again (the broker did not show them as dropped: server/bridges.py
-    `Bridge.settle`)."""
+    `Bridge._settle`)."""
     name = reader_name(bridge)
     late = cursors.advance(log, conn, name, consumed, end=offset)
     if late:
