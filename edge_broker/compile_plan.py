@@ -27,12 +27,6 @@ _ASYNC_GENERATOR = ("a bridge client of an external system (I/O bound, imported 
 _BRIDGES = ("starting, stopping and reporting bridges (bridges.py, bridge_status.py), and the "
             "downlink (bridge_downlink.py): not the uplink forwarding of issue 9, which is "
             "bridge/forward.py and server/bridge_log.py")
-_FORWARDER = (
-    "compiled (mypy 2.4.1), a window whose acknowledgements fail (a JetStream connection lost "
-    "with a window in flight: Resend) escaped its `except` in `_step_pipelined` after a first "
-    "one was handled, so the uplink failed as 'locally', and the broker then did not stop "
-    "within 30 s; pure Python it is handled (tests/bridge/test_bridge_inflight_drops.py in "
-    "the compiled subset, docs/compiled.md). Its work is per window, not per message")
 _PERIODIC = ("bounded maintenance steps between group commits or once per subscription, not "
              "per message: left out to keep the build short")
 _COLD = ("not on the per-message path (start-up, configuration, admin, TLS handshakes, "
@@ -63,7 +57,6 @@ NOT_COMPILED: Final[dict[str, str]] = {
         "its frozen slots dataclass DownlinkMessage with a field typed `object` compiles, but "
         "the compiled module fails at import (KeyError: 'object', mypyc's dataclass set-up); "
         "BridgeMessage, made per forwarded message, is in bridge/message.py, compiled"),
-    "edge_broker/bridge/forward.py": _FORWARDER,
     "edge_broker/server/bridges.py": _BRIDGES,
     # Split off server/bridges.py; DownlinkSide is the base of its Python class Bridge, which
     # a compiled class cannot be (without allow_interpreted_subclasses).

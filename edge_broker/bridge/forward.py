@@ -138,13 +138,16 @@ class Forwarder:
 
     async def run(self) -> None:
         """Forward until cancelled. Never raises for remote failures."""
+        # Not `finally: await ...` (nor a bare `raise` after an `await`): compiled, that
+        # raises whatever the thread's handled exception is by then (docs/compiled.md).
         try:
             while True:
                 await self.step()
-        finally:
+        except BaseException as exc:
             self._drop_prefetch()
             self._drop_inflight()
             await self._close_sink()
+            raise exc
 
     async def step(self) -> None:
         """One round: connect if needed, send one window (or wait for the log).

@@ -160,7 +160,9 @@ class BrokerApp:
             await self._admin.start()
             await self._listen()
             await self._start_http()
-        except BaseException:
+        except BaseException as exc:
+            # `raise exc`, not a bare `raise` after an `await`: compiled, that raises whatever
+            # the thread's handled exception is by then (docs/compiled.md).
             await self.bridges.close()
             await self._close_servers()
             if self.http is not None:
@@ -169,7 +171,7 @@ class BrokerApp:
             await self.store.close()
             self.gate.close()
             self._lock.release()
-            raise
+            raise exc
         self.observer.start()
         self._run_tick()
         if self.config.broker.sys_interval_s:

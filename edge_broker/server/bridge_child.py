@@ -103,6 +103,9 @@ async def serve(fd: int) -> None:
     if lane is not None:
         tasks.append(loop.create_task(_forward(lane[1], config)))
     tasks.append(loop.create_task(_report(forwarder, log_reader, lane, send)))
+    # Ended by "stop", the broker closing the socket, an error or a cancel: wound down the
+    # same way. Not `finally: await ...`: compiled, that raises whatever the thread's handled
+    # exception is by then (docs/compiled.md).
     try:
         while True:
             message = await read_frame(reader)
@@ -115,19 +118,29 @@ async def serve(fd: int) -> None:
                 log_reader.appended(int(message[1]))
             elif kind == "log_dropped":
                 log_reader.dropped(int(message[1]), int(message[2]))
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        send(("status", _status(forwarder, log_reader, lane)))
-        with contextlib.suppress(Exception):
-            await writer.drain()
-        writer.close()
-        log_reader.close()
-        if lane is not None:
-            lane[0].close()
+    except BaseException as exc:
+        await _wind_down(tasks, forwarder, log_reader, lane, send, writer)
+        raise exc
+    await _wind_down(tasks, forwarder, log_reader, lane, send, writer)
+
+
+async def _wind_down(tasks: list[asyncio.Task[None]], forwarder: Forwarder,
+                     log_reader: ChildLogReader, lane: Lane | None,
+                     send: Callable[[tuple[Any, ...]], None],
+                     writer: asyncio.StreamWriter) -> None:
+    """The forwarders stopped, the last status sent, the files closed."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    send(("status", _status(forwarder, log_reader, lane)))
+    with contextlib.suppress(Exception):
+        await writer.drain()
+    writer.close()
+    log_reader.close()
+    if lane is not None:
+        lane[0].close()
 
 
 async def _forward(forwarder: Forwarder, config: BridgeConfig) -> None:

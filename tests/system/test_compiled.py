@@ -48,7 +48,7 @@ HOT_MODULES = ("edge_broker.server.client", "edge_broker.server.gate",
                "edge_broker.server.client_guard", "edge_broker.server.drain",
                "edge_broker.server.app", "edge_broker.store.log.log",
                "edge_broker.store.log.backlogs", "edge_broker.store.log.keeper",
-               "edge_broker.store.sqlite.plan")
+               "edge_broker.store.sqlite.plan", "edge_broker.bridge.forward")
 
 
 @pytest.fixture(scope="module")
