@@ -40,11 +40,23 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol, TypeVar, cast
 
 from .base import Backoff, BridgeMessage, Resend, Sink
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def _outcome(awaitable: Awaitable[T]) -> T | Exception:
+    """What `awaitable` gives, or the exception it raised. The callers handle a failure
+    after the `except`, not in it: compiled, an `await` in an `except` handler leaves that
+    exception behind as the thread's "handled" one (docs/compiled.md)."""
+    try:
+        return await awaitable
+    except Exception as exc:
+        return exc
 
 
 def _retrieve(future: asyncio.Future[int]) -> None:
@@ -138,16 +150,20 @@ class Forwarder:
 
     async def run(self) -> None:
         """Forward until cancelled. Never raises for remote failures."""
-        # Not `finally: await ...` (nor a bare `raise` after an `await`): compiled, that
-        # raises whatever the thread's handled exception is by then (docs/compiled.md).
+        # Cleaned up after the `except`, not in it nor in a `finally`: compiled, either
+        # ends up raising a stale exception (docs/compiled.md).
         try:
             while True:
                 await self.step()
         except BaseException as exc:
-            self._drop_prefetch()
-            self._drop_inflight()
-            await self._close_sink()
-            raise exc
+            stopped = exc
+        self._drop_prefetch()
+        self._drop_inflight()
+        closing = await _outcome(self._close_sink())
+        if isinstance(closing, Exception):
+            closing.__context__ = stopped  # as a `finally` would have chained it
+            raise closing
+        raise stopped
 
     async def step(self) -> None:
         """One round: connect if needed, send one window (or wait for the log).
@@ -161,10 +177,9 @@ class Forwarder:
             self._drop_prefetch()
             self._drop_inflight()
             sink = self.make_sink()
-            try:
-                await sink.start()
-            except Exception as exc:
-                await self._failed(sink, exc)
+            started = await _outcome(sink.start())
+            if isinstance(started, Exception):
+                await self._failed(sink, started)
                 return
             self._sink = sink
             status.connected = True
@@ -180,11 +195,10 @@ class Forwarder:
         if len(batch) >= self.window:  # a backlog: there is probably more after it
             self._prefetch = (batch[-1].offset, asyncio.ensure_future(
                 self.reader.read_after(batch[-1].offset, self.window)))
-        try:
-            acknowledged = await self._sink.send(batch)
-        except Exception as exc:
+        acknowledged = await _outcome(self._sink.send(batch))
+        if isinstance(acknowledged, Exception):
             self._drop_prefetch()
-            await self._failed(self._sink, exc)
+            await self._failed(self._sink, acknowledged)
             return
         if acknowledged <= 0:
             self._drop_prefetch()
@@ -220,11 +234,10 @@ class Forwarder:
                 batch = await self.reader.read_after(after, self.window)
             if not batch:
                 break
-            try:
-                acks = await sink.submit(batch)
-            except Exception as exc:
+            acks = await _outcome(sink.submit(batch))
+            if isinstance(acks, Exception):
                 self._drop_inflight()
-                await self._failed(sink, exc)
+                await self._failed(sink, acks)
                 return
             inflight.append((batch, acks))
         if not inflight:
@@ -245,15 +258,14 @@ class Forwarder:
             if page:
                 self._ahead = (after, page)
         inflight.popleft()
-        try:
-            acknowledged = await acks
-        except Resend as exc:
+        acknowledged = await _outcome(acks)
+        if isinstance(acknowledged, Resend):
             self._drop_inflight()
-            await self._resend(exc)
+            await self._resend(acknowledged)
             return
-        except Exception as exc:
+        if isinstance(acknowledged, Exception):
             self._drop_inflight()
-            await self._failed(sink, exc)
+            await self._failed(sink, acknowledged)
             return
         if acknowledged <= 0:
             self._drop_inflight()

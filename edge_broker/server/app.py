@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..core.broker import BrokerCore, ConnectResult, CoreSettings
-from ..core.changes import Change, LogAppended
+from ..core.changes import Change, LogAppended, Snapshot
 from ..core.queues import DROP_LOG_INTERVAL_S
 from ..dist import installed_version
 from ..errors import EdgeBrokerError, StoreDamagedError, StoreError
@@ -153,6 +153,7 @@ class BrokerApp:
         self._loop = asyncio.get_running_loop()
         prepare_data_dir(self.config)
         self._lock.acquire()
+        failed: BaseException | None = None
         try:
             self.gate.load()
             await self._open_store()
@@ -161,8 +162,10 @@ class BrokerApp:
             await self._listen()
             await self._start_http()
         except BaseException as exc:
-            # `raise exc`, not a bare `raise` after an `await`: compiled, that raises whatever
-            # the thread's handled exception is by then (docs/compiled.md).
+            failed = exc
+        if failed is not None:
+            # Undone after the `except`, not in it: compiled, an `await` in a handler leaves
+            # the exception behind as the thread's "handled" one (docs/compiled.md).
             await self.bridges.close()
             await self._close_servers()
             if self.http is not None:
@@ -171,7 +174,7 @@ class BrokerApp:
             await self.store.close()
             self.gate.close()
             self._lock.release()
-            raise exc
+            raise failed
         self.observer.start()
         self._run_tick()
         if self.config.broker.sys_interval_s:
@@ -203,6 +206,7 @@ class BrokerApp:
 
     async def _open_store(self) -> None:
         started = time.monotonic()
+        snapshot: Snapshot | None = None
         try:
             snapshot = await self.store.open()
         except StoreError as error:
@@ -216,6 +220,7 @@ class BrokerApp:
             moved = SqliteStore.move_aside(path)
             log.warning("%s; moved it aside to %s and starting with an empty store (--recover)",
                         error, moved)
+        if snapshot is None:  # opened again after the `except`, not in it (see `start`)
             snapshot = await self.store.open()
         self.core.restore(snapshot, now=time.time())
         if snapshot.sessions or snapshot.retained:

@@ -104,8 +104,9 @@ async def serve(fd: int) -> None:
         tasks.append(loop.create_task(_forward(lane[1], config)))
     tasks.append(loop.create_task(_report(forwarder, log_reader, lane, send)))
     # Ended by "stop", the broker closing the socket, an error or a cancel: wound down the
-    # same way. Not `finally: await ...`: compiled, that raises whatever the thread's handled
-    # exception is by then (docs/compiled.md).
+    # same way, after the `except` (not in it, nor in a `finally`: compiled, either ends up
+    # raising a stale exception, docs/compiled.md).
+    stopped: BaseException | None = None
     try:
         while True:
             message = await read_frame(reader)
@@ -119,16 +120,7 @@ async def serve(fd: int) -> None:
             elif kind == "log_dropped":
                 log_reader.dropped(int(message[1]), int(message[2]))
     except BaseException as exc:
-        await _wind_down(tasks, forwarder, log_reader, lane, send, writer)
-        raise exc
-    await _wind_down(tasks, forwarder, log_reader, lane, send, writer)
-
-
-async def _wind_down(tasks: list[asyncio.Task[None]], forwarder: Forwarder,
-                     log_reader: ChildLogReader, lane: Lane | None,
-                     send: Callable[[tuple[Any, ...]], None],
-                     writer: asyncio.StreamWriter) -> None:
-    """The forwarders stopped, the last status sent, the files closed."""
+        stopped = exc
     for task in tasks:
         task.cancel()
     for task in tasks:
@@ -141,6 +133,8 @@ async def _wind_down(tasks: list[asyncio.Task[None]], forwarder: Forwarder,
     log_reader.close()
     if lane is not None:
         lane[0].close()
+    if stopped is not None:
+        raise stopped
 
 
 async def _forward(forwarder: Forwarder, config: BridgeConfig) -> None:

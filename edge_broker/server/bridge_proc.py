@@ -250,7 +250,7 @@ class ProcessForwarder:
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                return await proc.wait()
+            return await proc.wait()  # killed: reaped after the `except` (docs/compiled.md)
         finally:
             self.pid = None  # reaped (or being): never signal a pid that may be reused
 

@@ -398,3 +398,61 @@ async def test_cancelled_during_its_read_ahead_the_forwarder_leaves_no_future_un
         assert reported == []
     finally:
         loop.set_exception_handler(previous)
+
+
+async def test_stopped_after_handling_failed_windows_the_forwarder_raises_the_cancel_only(
+        ) -> None:
+    """Stopped (cancelled) after it handled failed windows, the forwarder raises the
+    cancel, and leaves no failure behind as an exception being handled. Compiled, an
+    `await` in an `except` or a `finally` got both wrong (docs/compiled.md): `run` raised
+    the old `Resend` instead (the broker took it for a local failure and did not stop), and
+    an exception raised later by the coroutine that ran it had that `Resend` as context.
+    Here a Python coroutine runs it, as server/bridges.py does; tests/system/
+    test_compiled.py runs this file against the compiled build."""
+    log = MemoryLog()
+    for i in range(8):
+        log.append("s/t", b"%d" % i)
+
+    class ClosingSink(PipelinedSink):
+        async def close(self) -> None:
+            await asyncio.sleep(0)  # as closing a connection does: the forwarder suspends
+
+    sink = ClosingSink()
+    failures: list[BaseException] = [Resend("no responders"), ConnectionResetError("reset")]
+
+    async def backoff(_: float) -> None:
+        await asyncio.sleep(0)  # no time, but the forwarder suspends, as for a real delay
+
+    forwarder = Forwarder(lambda: sink, log, cursor=0, window=4, depth=1,
+                          backoff=Backoff(1.0, 8.0, rand=lambda: 0.0), sleep=backoff)
+    outcome: dict[str, BaseException | None] = {}
+
+    async def bridge() -> None:
+        try:
+            await forwarder.run()
+        except BaseException as exc:
+            outcome["raised"] = exc
+        try:
+            raise KeyError("later")
+        except KeyError as later:
+            outcome["context"] = later.__context__
+
+    task = asyncio.ensure_future(bridge())
+    answered = 0
+    while True:
+        await _turns(lambda seen=answered: len(sink.windows) > seen or log.committed == 8)
+        if log.committed == 8:
+            break
+        assert len(sink.windows) > answered, "no window written"
+        # The forwarder is waiting on it already: a failure is thrown into it.
+        window, future = sink.windows[answered]
+        answered += 1
+        if failures:
+            future.set_exception(failures.pop(0))
+        else:
+            future.set_result(len(window))
+    assert forwarder.status.failures == 2
+    task.cancel()
+    await task
+    assert isinstance(outcome["raised"], asyncio.CancelledError), outcome
+    assert outcome["context"] is None

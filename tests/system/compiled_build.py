@@ -74,8 +74,10 @@ SUBSET = (
     # the uplink process's packed page read, and the Kafka sink's own record batches
     "tests/bridge/test_bridge_file_columns.py",
     "tests/bridge/test_kafka_records.py",
-    # A JetStream connection cut with a window in flight, then the broker stopped: compiled,
-    # the forwarder once raised an old Resend instead of stopping (test_compiled_shapes.py).
+    # The uplink forwarder, and a JetStream connection cut with a window in flight, then the
+    # broker stopped: compiled, the forwarder once raised an old Resend instead of stopping
+    # (test_compiled_shapes.py).
+    "tests/bridge/test_forward.py",
     "tests/bridge/test_bridge_inflight_drops.py",
     # the uplink process (server/bridge_child.py) forwarding, SIGKILLed, stopped gracefully
     "tests/bridge/test_bridge_process.py",

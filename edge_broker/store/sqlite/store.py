@@ -165,12 +165,12 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
                 await self._call(self._close_connection)
                 self._disk_full = True
                 snapshot = await self._call(self._open_sync)
-        except BaseException as exc:  # `raise exc` after an await (docs/compiled.md)
+        except BaseException:
             await self._call(self._close_connection)
             self._guard.close()
             self._executor.shutdown(wait=False)
             self._executor = None
-            raise exc
+            raise
         self._guard.watch()
         if self.ballast_bytes and not self.ballast_path.exists():
             await asyncio.to_thread(_make_ballast, self.ballast_path, self.ballast_bytes)
