@@ -157,10 +157,11 @@ class QueueBounds:
     def has_unlogged_drops(self) -> bool:
         return bool(self._drops_unlogged)
 
-    def take_drop_reports(self, now: float) -> list[tuple[str, int]]:
+    def take_drop_reports(self, now: float, *, every: bool = False) -> list[tuple[str, int]]:
         """(client id, deliveries dropped since its last report) for each session with drops
         not reported in the last DROP_LOG_INTERVAL_S seconds: the server logs them, so the
-        log gets at most one line per session per interval."""
+        log gets at most one line per session per interval. `every`: each session with drops
+        not reported yet, however recent its last report (the broker is stopping)."""
         if not self._drops_unlogged:
             return []
         reports = []
@@ -168,7 +169,7 @@ class QueueBounds:
             session = self.sessions.get(client_id)
             if session is None:
                 self._drops_unlogged.discard(client_id)
-            elif now - session.drop_logged_at >= DROP_LOG_INTERVAL_S:
+            elif every or now - session.drop_logged_at >= DROP_LOG_INTERVAL_S:
                 reports.append((client_id, session.drops_unlogged))
                 session.drops_unlogged = 0
                 session.drop_logged_at = now

@@ -323,6 +323,7 @@ class BrokerApp:
         for handler in list(self.connections):
             if handler.transport is not None:
                 handler.transport.abort()
+        self._log_drops(every=True)  # those still inside their interval: not left unlogged
         await self._close_servers()
         await self.observer.close()
         if self.http is not None:
@@ -510,13 +511,14 @@ class BrokerApp:
 
     # -- timers -----------------------------------------------------------------------------
 
-    def _log_drops(self) -> None:
+    def _log_drops(self, *, every: bool = False) -> None:
         """Log the queue drops (rate-limited per session by the core) whatever caused them: a
         client's PUBLISH, a will, $SYS, the memory bound. Drops still inside a session's
-        interval are logged by a timer at its end, so none waits for the next publish."""
+        interval are logged by a timer at its end, so none waits for the next publish, and
+        all of them when the broker stops (`every`)."""
         self._drop_timer = None
         core = self.core
-        for client_id, count in core.take_drop_reports(time.time()):
+        for client_id, count in core.take_drop_reports(time.time(), every=every):
             log.warning("queue of client %r full: %d message(s) dropped (queue_full_policy "
                         "%s)", client_id, count, core.settings.queue_full_policy)
         if core.has_unlogged_drops and self._drop_timer is None and not self._stopped:

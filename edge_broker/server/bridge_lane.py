@@ -236,14 +236,16 @@ class Lane:
 
     def close(self) -> None:
         """Queue what is gathered; no timer stays behind (the file's writer thread writes
-        it; the file outlives the lane)."""
+        it; the file outlives the lane). Drops not logged yet are logged now."""
         self.flush(force=True)
         self.file.on_written = None
+        if self._cut:
+            self._log_drops(every=True)
 
-    def _log_drops(self) -> None:
+    def _log_drops(self, *, every: bool = False) -> None:
         now = time.monotonic()
         file = self.file
-        if now - self._logged_at < DROP_LOG_INTERVAL_S:
+        if not every and now - self._logged_at < DROP_LOG_INTERVAL_S:
             return
         # (`file.dropped` only grows: the rows the process had read before they were dropped
         # join it once it says whether it sent them.)

@@ -151,6 +151,7 @@ class Bridge(DownlinkSide):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await process.flush()
             process.close()
+        self._log_drops(every=True)  # those still inside the interval: not left unlogged
 
     # -- uplink ---------------------------------------------------------------------------
 
@@ -260,13 +261,14 @@ class Bridge(DownlinkSide):
         else:
             self.dropped += count
 
-    def _log_drops(self) -> None:
-        # Drops for the store budget are logged by the store (keeper.py), not here.
+    def _log_drops(self, *, every: bool = False) -> None:
+        # Drops for the store budget are logged by the store (keeper.py), not here. At most
+        # one line per DROP_LOG_INTERVAL_S, but every drop at the end (`every`: closing).
         dropped = self._bound_skipped
         if dropped <= self._drops_logged:
             return
         now = time.monotonic()
-        if now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
+        if not every and now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
             return
         log.warning("bridge %s: backlog over max_backlog_bytes (%d): %d oldest message(s) "
                     "dropped (%d since start)", self.config.name, self.config.max_backlog_bytes,

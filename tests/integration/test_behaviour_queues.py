@@ -223,3 +223,24 @@ def test_a_drop_no_client_publish_caused_is_logged_too(make_broker: MakeBroker,
     while not any("queue of client 'keeper' full" in r.getMessage() for r in caplog.records):
         assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
         time.sleep(0.02)  # polling interval, bounded by the deadline
+
+
+def test_every_drop_is_in_the_log_when_the_broker_stops(make_broker: MakeBroker,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    """The log has at most one line per session per 10 s; the drops after that line are
+    logged when the broker stops at the latest, so its lines add up to every drop (a stop
+    inside the interval used to leave them out)."""
+    caplog.set_level(logging.WARNING)
+    broker = make_broker(max_queued_messages=1)  # queue_full_policy "drop-oldest"
+    subscriber(broker.port, "keeper", ("q/#", 1), version=4, clean=False).close()
+    publisher = connect(broker.port, unique_id("pub"), version=4)
+    for i in range(5):
+        assert publish_qos1(publisher, f"q/{i}", b"x") == 0
+    publisher.close()
+    dropped = broker.call(lambda: broker.app.core.stats.dropped_queue_full)
+    assert dropped == 4
+    broker.stop()
+    counts = [int(r.getMessage().split("full: ")[1].split()[0]) for r in caplog.records
+              if r.getMessage().startswith("queue of client 'keeper' full: ")]
+    assert sum(counts) == dropped, [r.getMessage() for r in caplog.records]
