@@ -190,6 +190,17 @@ def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet
     if decision.reason is not None:
         refuse_connect(handler, decision.reason)
         return
+    will = packet.will
+    if v5 and will is not None:
+        # [MQTT-3.2.2-12], [MQTT-3.2.2-13] (5.0): a will the server could not publish as
+        # asked is refused (0x9B, 0x9A), not changed behind the client's back. (3.1.1 has no
+        # such return code; a 3.1.1 will is accepted as before.)
+        if will.qos > settings.max_qos:
+            raise RemoteProtocolError(ReasonCode.QOS_NOT_SUPPORTED,
+                                      f"will QoS {will.qos} above max_qos {settings.max_qos}")
+        if will.retain and not settings.retain_available:
+            raise RemoteProtocolError(ReasonCode.RETAIN_NOT_SUPPORTED,
+                                      "will retain while retain_available is false")
     client_id = packet.client_id
     assigned = None
     if not client_id:

@@ -21,6 +21,7 @@ from tests.integration.rawclient import (
     PUBACK,
     PUBLISH,
     PUBREC,
+    RawWill,
     connect,
     props,
     sub_options,
@@ -248,6 +249,27 @@ def test_retain_not_available(make_broker: Callable[..., BrokerThread], version:
     if version == 5:
         assert client.expect(DISCONNECT).reason_code == 0x9A  # 3.2.2.3.5
     client.expect_closed()
+
+
+@pytest.mark.parametrize(("settings", "will", "code"), [
+    ({"max_qos": 1}, RawWill("w/t", b"gone", 2), 0x9B),
+    ({"retain_available": False}, RawWill("w/t", b"gone", 0, retain=True), 0x9A),
+], ids=["qos-above-max_qos", "retain-not-available"])
+def test_a_will_the_server_cannot_publish_as_asked_is_refused(
+        make_broker: Callable[..., BrokerThread], settings: dict[str, object], will: RawWill,
+        code: int) -> None:
+    """[MQTT-3.2.2-12], [MQTT-3.2.2-13]: CONNACK 0x9B / 0x9A and the connection closed, not
+    accepted with the will quietly published otherwise; the others go on."""
+    broker = make_broker(**settings)
+    bystander = connect(broker.port, unique_id(), version=5)
+    assert bystander.subscribe(("w/ok", 1)) == (1,)
+    refused = connect(broker.port, unique_id(), version=5, will=will, expect_success=False)
+    assert refused.connack is not None and refused.connack.reason_code == code
+    refused.expect_closed()
+    fitting = will._replace(qos=min(will.qos, 1), retain=False)
+    connect(broker.port, unique_id(), version=5, will=fitting).disconnect()
+    assert bystander.publish_acked("w/ok", b"still served", qos=1) == 0
+    assert bystander.expect_publish().payload == b"still served"
 
 
 def test_client_maximum_packet_size(broker: BrokerThread) -> None:
