@@ -120,6 +120,8 @@ class BrokerCore(Subscriptions):
         self.stats = BrokerStats()
         self.memory = QueueMemory()  # estimated bytes held by all queues
         self._drops_unlogged: set[str] = set()  # sessions with drops not yet reported
+        # client id -> (drops not yet reported, when its last line was) of ended sessions
+        self._drops_ended: dict[str, tuple[int, float]] = {}
         self._changes: list[Change] = []
         self._batch = 1  # number of the batch being filled
         self._committed = 0  # highest batch number the store has committed
@@ -450,6 +452,11 @@ class BrokerCore(Subscriptions):
         session.stream_history = ()
         self._backlog_end(session)
         del self.sessions[session.client_id]
+        if session.drops_unlogged:  # still reported (take_drop_reports)
+            count, at = self._drops_ended.get(session.client_id, (0, session.drop_logged_at))
+            self._drops_ended[session.client_id] = (count + session.drops_unlogged,
+                                                    max(at, session.drop_logged_at))
+            session.drops_unlogged = 0
         if session.stored:
             self._changes.append(SessionDeleted(session.client_id))
             session.stored = False

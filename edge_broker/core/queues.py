@@ -42,6 +42,7 @@ class QueueBounds:
     retained: RetainStore
     _changes: list[Change]
     _drops_unlogged: set[str]
+    _drops_ended: dict[str, tuple[int, float]]
     _batch: int
     _next_delivery_id: int
 
@@ -155,26 +156,31 @@ class QueueBounds:
 
     @property
     def has_unlogged_drops(self) -> bool:
-        return bool(self._drops_unlogged)
+        return bool(self._drops_unlogged or self._drops_ended)
 
     def take_drop_reports(self, now: float, *, every: bool = False) -> list[tuple[str, int]]:
         """(client id, deliveries dropped since its last report) for each session with drops
         not reported in the last DROP_LOG_INTERVAL_S seconds: the server logs them, so the
-        log gets at most one line per session per interval. `every`: each session with drops
-        not reported yet, however recent its last report (the broker is stopping)."""
-        if not self._drops_unlogged:
+        log gets at most one line per session per interval; a session that ended keeps its
+        count until its interval is over. `every`: each session with drops not reported yet,
+        however recent its last report (the broker is stopping)."""
+        if not self._drops_unlogged and not self._drops_ended:
             return []
-        reports = []
+        reports: dict[str, int] = {}
         for client_id in list(self._drops_unlogged):
             session = self.sessions.get(client_id)
-            if session is None:
+            if session is None or not session.drops_unlogged:  # ended: in _drops_ended
                 self._drops_unlogged.discard(client_id)
             elif every or now - session.drop_logged_at >= DROP_LOG_INTERVAL_S:
-                reports.append((client_id, session.drops_unlogged))
+                reports[client_id] = session.drops_unlogged
                 session.drops_unlogged = 0
                 session.drop_logged_at = now
                 self._drops_unlogged.discard(client_id)
-        return reports
+        for client_id, (count, logged_at) in list(self._drops_ended.items()):
+            if every or now - logged_at >= DROP_LOG_INTERVAL_S:
+                reports[client_id] = reports.get(client_id, 0) + count
+                del self._drops_ended[client_id]
+        return list(reports.items())
 
     def _next_retained(self, session: Session, entry: RetainedPending,
                        now: float) -> Delivery | None:

@@ -323,7 +323,6 @@ class BrokerApp:
         for handler in list(self.connections):
             if handler.transport is not None:
                 handler.transport.abort()
-        self._log_drops(every=True)  # those still inside their interval: not left unlogged
         await self._close_servers()
         await self.observer.close()
         if self.http is not None:
@@ -331,6 +330,9 @@ class BrokerApp:
         await self._admin.close()
         await self.streams.close()
         await self.bridges.close()
+        # Drops still inside their log interval (those of the wills of connections aborted
+        # above included: their connection_lost ran during the awaits): not left unlogged.
+        self._log_drops(every=True)
         await self.store.close()
         self.gate.close()
         self._lock.release()

@@ -259,11 +259,13 @@ def test_a_will_the_server_cannot_publish_as_asked_is_refused(
         make_broker: Callable[..., BrokerThread], settings: dict[str, object], will: RawWill,
         code: int) -> None:
     """[MQTT-3.2.2-12], [MQTT-3.2.2-13]: CONNACK 0x9B / 0x9A and the connection closed, not
-    accepted with the will quietly published otherwise; the others go on."""
+    accepted with the will quietly published otherwise; the connection already open under
+    the same client id is not taken over, and goes on."""
     broker = make_broker(**settings)
-    bystander = connect(broker.port, unique_id(), version=5)
+    client_id = unique_id()
+    bystander = connect(broker.port, client_id, version=5)
     assert bystander.subscribe(("w/ok", 1)) == (1,)
-    refused = connect(broker.port, unique_id(), version=5, will=will, expect_success=False)
+    refused = connect(broker.port, client_id, version=5, will=will, expect_success=False)
     assert refused.connack is not None and refused.connack.reason_code == code
     refused.expect_closed()
     fitting = will._replace(qos=min(will.qos, 1), retain=False)

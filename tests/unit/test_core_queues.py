@@ -130,6 +130,32 @@ def test_drops_are_reported_at_most_once_per_session_per_interval() -> None:
     assert core.sessions["s"].dropped == 5
 
 
+def test_the_drops_of_a_session_that_ends_are_still_reported_once() -> None:
+    """A session that ends (here: its client comes back with Clean Start) with drops not
+    reported yet: they are reported when its interval is over, or at once at a stop, and the
+    new session under the same client id adds no line of 0."""
+    core = BrokerCore(CoreSettings(max_queued_messages=1, queue_full_policy="drop-newest"))
+    offline(core, "s", "t")
+    connect(core, "p")
+    for _ in range(4):
+        pub(core, "p", "t", qos=1, now=0)
+    assert core.take_drop_reports(0.0) == [("s", 3)]
+    for _ in range(2):
+        pub(core, "p", "t", qos=1, now=1)
+    connect(core, "s", clean=True, now=2)  # the old session ends with 2 not reported
+    assert core.take_drop_reports(5.0) == []
+    assert core.has_unlogged_drops
+    assert core.take_drop_reports(10.0) == [("s", 2)]
+    assert core.take_drop_reports(30.0) == [] and not core.has_unlogged_drops
+    offline(core, "q", "t")
+    for _ in range(3):
+        pub(core, "p", "t", qos=1, now=40)
+    assert core.take_drop_reports(40.0) == [("q", 2)]
+    pub(core, "p", "t", qos=1, now=41)
+    connect(core, "q", clean=True, now=42)
+    assert core.take_drop_reports(43.0, every=True) == [("q", 1)]
+
+
 # -- retained messages on SUBSCRIBE ------------------------------------------------------
 
 
