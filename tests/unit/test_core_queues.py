@@ -115,13 +115,20 @@ def test_drop_oldest_deletes_the_stored_delivery_in_the_same_batch() -> None:
     assert payloads(core, "s") == [b"1", b"2"]
 
 
-def test_drops_are_reported_at_most_once_per_session_per_interval() -> None:
+def three_drops_reported() -> BrokerCore:
+    """Offline session "s" (a queue of one) dropped 3 of 4 messages from "p" at time 0, and
+    they were reported then."""
     core = BrokerCore(CoreSettings(max_queued_messages=1, queue_full_policy="drop-newest"))
     offline(core, "s", "t")
     connect(core, "p")
     for _ in range(4):
         pub(core, "p", "t", qos=1, now=0)
     assert core.take_drop_reports(0.0) == [("s", 3)]
+    return core
+
+
+def test_drops_are_reported_at_most_once_per_session_per_interval() -> None:
+    core = three_drops_reported()
     pub(core, "p", "t", qos=1)
     assert core.take_drop_reports(5.0) == []
     pub(core, "p", "t", qos=1)
@@ -134,12 +141,7 @@ def test_the_drops_of_a_session_that_ends_are_still_reported_once() -> None:
     """A session that ends (here: its client comes back with Clean Start) with drops not
     reported yet: they are reported when its interval is over, or at once at a stop, and the
     new session under the same client id adds no line of 0."""
-    core = BrokerCore(CoreSettings(max_queued_messages=1, queue_full_policy="drop-newest"))
-    offline(core, "s", "t")
-    connect(core, "p")
-    for _ in range(4):
-        pub(core, "p", "t", qos=1, now=0)
-    assert core.take_drop_reports(0.0) == [("s", 3)]
+    core = three_drops_reported()
     for _ in range(2):
         pub(core, "p", "t", qos=1, now=1)
     connect(core, "s", clean=True, now=2)  # the old session ends with 2 not reported
