@@ -215,6 +215,14 @@ class Acl:
         def unsafe(value: str) -> bool:
             return not value or any(ch in value for ch in _UNSAFE)
 
+        def wildcard(value: str | None) -> bool:
+            return value is not None and ("+" in value or "#" in value)
+
+        # A client id or username with a wildcard gets no pattern at all, whichever variable
+        # the patterns use (mosquitto: "dangerous client id"); `/` or an empty value only
+        # where a pattern substitutes it.
+        if wildcard(client_id) or wildcard(username):
+            return False
         if self._patterns_use_c and unsafe(client_id):
             return False
         return not (self._patterns_use_u and username is not None and unsafe(username))

@@ -57,7 +57,9 @@ def ref_decide(rules: list[Rule], topic: str, need: str, username: str | None,
     patterns = [r for r in rules if r.kind == "pattern"]
     uses_c = any("%c" in r.filter for r in patterns)
     uses_u = any("%u" in r.filter for r in patterns)
-    patterns_apply = not (uses_c and unsafe(client_id)) and not (
+    wildcard = any(value is not None and ("+" in value or "#" in value)
+                   for value in (client_id, username))
+    patterns_apply = not wildcard and not (uses_c and unsafe(client_id)) and not (
         uses_u and username is not None and unsafe(username))
     own = [(r.access, r.filter) for r in rules if r.kind == "topic" and r.section == username]
     shared = []

@@ -195,6 +195,27 @@ def test_unsafe_username_does_not_matter_when_no_pattern_uses_it() -> None:
     assert pub(acl, "devices/c1/x", username="a/b", client_id="c1")
 
 
+@pytest.mark.parametrize(("patterns", "username", "client_id"), [
+    ("pattern readwrite users/%u/#\n", "alice", "x+"),
+    ("pattern readwrite users/%u/#\n", "alice", "x#"),
+    ("pattern readwrite devices/%c/#\n", "u+x", "c1"),
+    ("pattern readwrite devices/%c/#\n", "u#", "c1")])
+def test_a_wildcard_in_the_client_id_or_username_gets_no_pattern_at_all(
+        patterns: str, username: str, client_id: str) -> None:
+    """As mosquitto ("dangerous client id"): whichever variable the patterns use, and a
+    pattern without any too; the client's own `topic` rules still apply. Before, a client id
+    `x+` was refused only by patterns using %c: with these it could publish and read
+    users/alice/... and public/...."""
+    acl = Acl.parse(f"{patterns}pattern readwrite public/#\n"
+                    f"user {username}\ntopic read own/#\n")
+    own = f"users/{username}/1" if "%u" in patterns else f"devices/{client_id}/1"
+    assert not pub(acl, own, username=username, client_id=client_id)
+    assert not read(acl, own, username=username, client_id=client_id)
+    assert not pub(acl, "public/1", username=username, client_id=client_id)
+    assert read(acl, "own/1", username=username, client_id=client_id)  # its own rules
+    assert pub(acl, "public/1", username="alice", client_id="c1")
+
+
 def test_dollar_topics_follow_the_wildcard_rules() -> None:
     acl = Acl.parse("topic readwrite #\ntopic read +/x\ntopic read $SYS/#\n")
     assert pub(acl, "a/b", username=None)
