@@ -26,7 +26,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from edge_broker import compile_plan
+from edge_broker import buildinfo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,10 +95,8 @@ def hazards(source: str, module: str) -> list[str]:
 
 
 def compiled_modules() -> list[str]:
-    return [path for package in compile_plan.COMPILED_PACKAGES
-            for path in (p.relative_to(REPO).as_posix()
-                         for p in sorted((REPO / package).rglob("*.py")))
-            if not path.endswith("/__init__.py") and path not in compile_plan.NOT_COMPILED]
+    """The source files of the modules the compiled build compiles (compile_plan.py)."""
+    return sorted(name.replace(".", "/") + ".py" for name in buildinfo.modules())
 
 
 def test_no_compiled_module_suspends_while_handling_an_exception() -> None:
