@@ -78,17 +78,24 @@ class StreamReplay:
         self._refill_soon = False
         self.fetch()
 
+    def _log_drops(self, *, every: bool = False) -> None:
+        """At most one line per DROP_LOG_INTERVAL_S, but every drop at the end (`every`:
+        closing), as the queues' and the bridges' drops."""
+        dropped = self.app.core.stats.stream_dropped
+        if dropped == self._dropped_logged:
+            return
+        now = time.monotonic()
+        if not every and now - self._dropped_logged_at < DROP_LOG_INTERVAL_S:
+            return
+        log.warning("the store is full: %d QoS 0 message(s) not recorded in streams "
+                    "(delivered to subscribers; %d since start)",
+                    dropped - self._dropped_logged, dropped)
+        self._dropped_logged = dropped
+        self._dropped_logged_at = now
+
     def fetch(self) -> None:
         core = self.app.core
-        dropped = core.stats.stream_dropped
-        if dropped != self._dropped_logged:
-            now = time.monotonic()
-            if now - self._dropped_logged_at >= DROP_LOG_INTERVAL_S:
-                log.warning("the store is full: %d QoS 0 message(s) not recorded in streams "
-                            "(delivered to subscribers; %d since start)",
-                            dropped - self._dropped_logged, dropped)
-                self._dropped_logged = dropped
-                self._dropped_logged_at = now
+        self._log_drops()
         fetches = core.take_stream_fetches()
         for fetch in fetches:
             task = asyncio.get_running_loop().create_task(self._page(fetch))
@@ -196,6 +203,7 @@ class StreamReplay:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self._log_drops(every=True)
 
 
 # -- the admin socket: `edge-broker streams ...` and `edge-broker replay` -----------------
