@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..auth.acl import Acl
 from ..auth.identity import common_name
-from ..auth.passwd import PasswordFile
+from ..auth.passwd import PasswordFile, PasswordHash
 from ..auth.verifier import PasswordVerifier, VerifierBusy
 from ..config import AuthConfig, ListenerConfig
 from ..core.streams import STREAM_PREFIX, parse_stream_filter
@@ -149,12 +149,14 @@ class Gate:
     def reload(self, auth: AuthConfig) -> bool:
         """SIGHUP: read both files again. A file that does not load keeps the old rules (and
         the old file's users) and is logged. Clients are checked again on their next
-        operation; a client whose user is gone from the password file is disconnected."""
+        operation; a client whose user is gone from the password file, or whose password
+        there changed, is disconnected (as mosquitto does)."""
         try:
             passwords, acl = self._read(auth)
         except ConfigError as error:
             log.error("reload (SIGHUP): %s; keeping the previous passwords and ACL", error)
             return False
+        before = self.verifier.passwords if self.verifier is not None else None
         if passwords is None:
             if self.verifier is not None:
                 self.verifier.close()
@@ -168,17 +170,27 @@ class Gate:
         log.info("reload (SIGHUP): %s, %s",
                  f"{len(passwords)} users" if passwords is not None else "no password file",
                  f"{acl.rule_count} ACL rules" if acl is not None else "no ACL")
-        self._drop_deleted_users(passwords)
+        self._drop_changed_users(before, passwords)
         return True
 
-    def _drop_deleted_users(self, passwords: PasswordFile | None) -> None:
+    def _drop_changed_users(self, before: PasswordFile | None,
+                            passwords: PasswordFile | None) -> None:
+        """Disconnect the clients that logged in with a password the new file no longer
+        holds: their user is gone, or has another hash (a new password; also the same one
+        hashed again, which this cannot tell apart: the client logs in again)."""
         for handler in list(self.app.connections):
             if handler.closed or handler.client_id is None or handler.auth_how != "password":
                 continue
-            if passwords is not None and handler.username in passwords:
+            user = handler.username or ""  # a password login always has one
+            now = passwords.hash_of(user) if passwords is not None else None
+            if now is None:
+                why = "is no longer in the password file"
+            elif before is not None and before.hash_of(user) != now:
+                why = "has a new password in the password file"
+            else:
                 continue
-            log.info("client %s (%s): user %r is no longer in the password file; "
-                     "disconnecting it", handler.client_id, handler.peer, handler.username)
+            log.info("client %s (%s): user %r %s; disconnecting it",
+                     handler.client_id, handler.peer, user, why)
             handler.kick(ReasonCode.NOT_AUTHORIZED)  # 0x87 (5.0); 3.1.1: a close
         self.app.finish_batch(None, [])
 
@@ -270,13 +282,17 @@ class Gate:
             password = None
         # VerifierBusy, when too many checks wait, is raised by the task (see _verified).
         future: asyncio.Future[Decision] = self.app.loop.create_future()
-        task = asyncio.ensure_future(verifier.verify(packet.username, password))
+        # A SIGHUP while the check runs must not let in a password it revoked: the check
+        # counts only if the user's line is still the one it started with.
+        username = packet.username
+        stored = verifier.passwords.hash_of(username)
+        task = asyncio.ensure_future(verifier.verify(username, password))
         task.add_done_callback(
-            lambda done: self._verified(handler, packet.username, done, future))
+            lambda done: self._verified(handler, username, done, future, stored))
         return future
 
-    def _verified(self, handler: ClientHandler, username: str | None,
-                  task: asyncio.Future[bool], future: asyncio.Future[Decision]) -> None:
+    def _verified(self, handler: ClientHandler, username: str, task: asyncio.Future[bool],
+                  future: asyncio.Future[Decision], stored: PasswordHash | None) -> None:
         if future.done():
             return
         try:
@@ -291,6 +307,12 @@ class Gate:
             log.exception("password check for %s failed", handler.peer)
             future.set_result(Decision(username, ReasonCode.SERVER_UNAVAILABLE))
             return
+        verifier = self.verifier
+        if ok and (verifier is None or verifier.passwords.hash_of(username) != stored):
+            log.info("user %r's password line changed (SIGHUP) while the CONNECT from %s "
+                     "was checked; refusing it (the client may try again)",
+                     username, handler.peer)
+            ok = False
         if ok:
             future.set_result(Decision(username, how="password"))
             return

@@ -1,14 +1,19 @@
 """server/gate.py without a network: the certificate identity (`use_identity_as_username`,
 whose listeners arrive with the TLS work, so the listener is a stand-in here), the failed-login
-back-off schedule, and the publish quota's token bucket."""
+back-off schedule, the publish quota's token bucket, and a password check that a SIGHUP
+overtakes."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from edge_broker.auth.passwd import PasswordFile
 from edge_broker.config import AuthConfig, Config
 from edge_broker.mqtt.packets import Connect
 from edge_broker.mqtt.types import ReasonCode
@@ -86,3 +91,57 @@ def test_the_bytes_bucket_goes_into_debt_by_one_packet() -> None:
     bucket = Throttle(0, 1000, now=0.0)
     bucket.charge(5000, now=0.0)  # a packet larger than the credit passes, then waits
     assert bucket.delay(0.0) == pytest.approx(4.9)
+
+
+def password_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  users: dict[str, str]) -> tuple[Gate, Path]:
+    """A gate checking `users` (cheap hashes) for a client on a listener with passwords."""
+    path = tmp_path / "passwd"
+    save_passwords(path, users)
+    app = SimpleNamespace(config=Config(auth=AuthConfig(allow_anonymous=False,
+                                                        password_file=str(path))),
+                          metrics=Metrics(), loop=asyncio.get_running_loop(), connections=[],
+                          finish_batch=lambda *args: None)
+    listener = SimpleNamespace(use_identity_as_username=False,
+                               anonymous_allowed=lambda auth: False)
+    monkeypatch.setattr(gate, "listener_of", lambda handler: listener)
+    gate_ = Gate(app)  # type: ignore[arg-type]
+    gate_.load()
+    return gate_, path
+
+
+def save_passwords(path: Path, users: dict[str, str]) -> None:
+    passwords = PasswordFile.load(path) if path.exists() else PasswordFile()
+    for name in passwords.usernames():
+        if name not in users:
+            passwords.delete(name)
+    for name, password in users.items():
+        if not passwords.verify(name, password):  # an unchanged user keeps its line
+            passwords.set(name, password, iterations=1000)
+    passwords.save(path)
+
+
+@pytest.mark.parametrize("change", ["new password", "user deleted", "nothing"])
+async def test_a_password_revoked_by_sighup_during_its_check_does_not_let_the_client_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    gate_, path = password_gate(tmp_path, monkeypatch, {"alice": "old-pw", "ops": "ops-pw"})
+    pending = gate_.start_authentication(handler(None),
+                                         Connect("c", username="alice", password=b"old-pw"))
+    assert isinstance(pending, asyncio.Future)  # the hash is computed on a worker thread
+    verifier = gate_.verifier
+    assert verifier is not None
+    deadline = time.monotonic() + 10
+    while verifier.pending == 0:  # until the check has taken the file it checks against
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0)
+    after = {"new password": {"alice": "new-pw", "ops": "ops-pw"},
+             "user deleted": {"ops": "ops-pw"},
+             "nothing": {"alice": "old-pw", "ops": "ops-pw"}}[change]
+    save_passwords(path, after)
+    assert gate_.reload(gate_.app.config.auth)  # SIGHUP, before the check is done
+    decision = await asyncio.wait_for(pending, 10)
+    if change == "nothing":
+        assert decision == Decision("alice", how="password")
+    else:
+        assert decision == Decision(None, ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+    gate_.close()
