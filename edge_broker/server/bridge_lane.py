@@ -46,8 +46,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from ..core.queues import DROP_LOG_INTERVAL_S
 from ..errors import StoreError
 from ..store.log.lane_codec import LaneBatch
+from .droplog import DropLog
 
 if TYPE_CHECKING:
     from ..core.broker import BrokerCore
@@ -58,7 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_broker.bridges")
 
-DROP_LOG_INTERVAL_S: Final = 10.0
 # A lane row is appended once it holds ROW_BYTES, or ROW_INTERVAL_S after the last append
 # (at once when the last append is older): at most ~200 INSERTs and commits a second.
 ROW_BYTES: Final = 256 * 1024
@@ -93,9 +94,9 @@ class Lane:
         # A new run of the process starts at the stored cursor: the rows the previous run
         # may have read before they were dropped are not sent now (they count as dropped).
         file.settle()
-        self._cut = 0  # messages max_backlog_bytes dropped since the last log line
+        self._cut = 0  # messages max_backlog_bytes dropped since this lane opened
+        self._drop_log = DropLog()  # of _cut
         self._told = -1  # the drop floor the process was told of last (-1: none)
-        self._logged_at = -1e18
         self._failed_at = -1e18
         # Writes run on the file's own thread (store/log/lane_file.py), which tells this
         # lane, on the loop, when each finished.
@@ -239,21 +240,17 @@ class Lane:
         it; the file outlives the lane). Drops not logged yet are logged now."""
         self.flush(force=True)
         self.file.on_written = None
-        if self._cut:
-            self._log_drops(every=True)
+        self._log_drops(every=True)
 
     def _log_drops(self, *, every: bool = False) -> None:
-        now = time.monotonic()
-        file = self.file
-        if not every and now - self._logged_at < DROP_LOG_INTERVAL_S:
+        new = self._drop_log.due(self._cut, every=every)  # `every`: closing
+        if not new:
             return
         # (`file.dropped` only grows: the rows the process had read before they were dropped
         # join it once it says whether it sent them.)
         log.warning("bridge %s: QoS 0 lane over max_backlog_bytes (%d): %d oldest message(s) "
-                    "dropped (%d counted in all)", self.name, file.max_backlog_bytes,
-                    self._cut, file.dropped)
-        self._cut = 0
-        self._logged_at = now
+                    "dropped (%d counted in all)", self.name, self.file.max_backlog_bytes,
+                    new, self.file.dropped)
 
 
 class LaneHub:

@@ -53,6 +53,7 @@ from .bridge_lane import LaneHub, add_lane_figures
 from .bridge_log import StoreLogReader
 from .bridge_proc import ProcessForwarder
 from .bridge_status import BridgeStatus, bridge_families, bridge_sys_topics
+from .droplog import DropLog
 from .prometheus import Family
 
 if TYPE_CHECKING:
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_broker.bridges")
 
-DROP_LOG_INTERVAL_S = 10.0
 NOT_STARTED_NO_SQLITE = ('not started: bridges need [storage] persistence = "sqlite" '
                          "(the uplink is a cursor over the store's log)")
 RATE_WINDOW_S = 5.0  # forwarded per second: averaged over at least this long
@@ -84,8 +84,7 @@ class Bridge(DownlinkSide):
         self._mqtt_downlink: asyncio.Task[None] | None = None
         self._rate_sample = (time.monotonic(), 0)
         self._dropping = False
-        self._drops_logged = 0
-        self._drops_logged_at = -1e18
+        self._drop_log = DropLog()
         self._bound_skipped = 0  # rows max_backlog_bytes skipped since start (the log line)
         self.budget_dropped = 0  # rows skipped for the store budget since start (gave_way)
         # What `dropped` shows: rows drops skipped that were not in flight, and those given
@@ -262,19 +261,13 @@ class Bridge(DownlinkSide):
             self.dropped += count
 
     def _log_drops(self, *, every: bool = False) -> None:
-        # Drops for the store budget are logged by the store (keeper.py), not here. At most
-        # one line per DROP_LOG_INTERVAL_S, but every drop at the end (`every`: closing).
+        # Drops for the store budget are logged by the store (keeper.py), not here.
         dropped = self._bound_skipped
-        if dropped <= self._drops_logged:
-            return
-        now = time.monotonic()
-        if not every and now - self._drops_logged_at < DROP_LOG_INTERVAL_S:
-            return
-        log.warning("bridge %s: backlog over max_backlog_bytes (%d): %d oldest message(s) "
-                    "dropped (%d since start)", self.config.name, self.config.max_backlog_bytes,
-                    dropped - self._drops_logged, dropped)
-        self._drops_logged = dropped
-        self._drops_logged_at = now
+        new = self._drop_log.due(dropped, every=every)  # `every`: closing
+        if new:
+            log.warning("bridge %s: backlog over max_backlog_bytes (%d): %d oldest message(s) "
+                        "dropped (%d since start)", self.config.name,
+                        self.config.max_backlog_bytes, new, dropped)
 
     def gave_way(self, offset: int, count: int, after: int) -> None:
         """The store budget (store/log/budget.py, tier 2) moved this bridge's reader past its

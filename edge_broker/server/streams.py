@@ -28,6 +28,7 @@ from ..mqtt.properties import Properties
 from ..mqtt.types import ReasonCode
 from ..store.log.log import LogRow
 from ..store.log.replay import StreamStats
+from .droplog import DropLog
 
 if TYPE_CHECKING:
     from .interface import AdminHost
@@ -35,15 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_broker")
 
 
-DROP_LOG_INTERVAL_S = 10.0
 
 
 class StreamReplay:
     def __init__(self, app: AdminHost) -> None:
         self.app = app
         self._tasks: set[asyncio.Task[None]] = set()
-        self._dropped_logged = 0  # core.stats.stream_dropped when last logged
-        self._dropped_logged_at = -1e18
+        self._drop_log = DropLog()  # of core.stats.stream_dropped
         self._giving_way = False  # a tier-2 step of the store budget is running
         self._refill_soon = False  # a fetch() is scheduled for the next loop turn
 
@@ -79,19 +78,12 @@ class StreamReplay:
         self.fetch()
 
     def _log_drops(self, *, every: bool = False) -> None:
-        """At most one line per DROP_LOG_INTERVAL_S, but every drop at the end (`every`:
-        closing), as the queues' and the bridges' drops."""
+        """`every`: closing (server/droplog.py)."""
         dropped = self.app.core.stats.stream_dropped
-        if dropped == self._dropped_logged:
-            return
-        now = time.monotonic()
-        if not every and now - self._dropped_logged_at < DROP_LOG_INTERVAL_S:
-            return
-        log.warning("the store is full: %d QoS 0 message(s) not recorded in streams "
-                    "(delivered to subscribers; %d since start)",
-                    dropped - self._dropped_logged, dropped)
-        self._dropped_logged = dropped
-        self._dropped_logged_at = now
+        new = self._drop_log.due(dropped, every=every)
+        if new:
+            log.warning("the store is full: %d QoS 0 message(s) not recorded in streams "
+                        "(delivered to subscribers; %d since start)", new, dropped)
 
     def fetch(self) -> None:
         core = self.app.core
