@@ -208,6 +208,20 @@ class Connection:
             packets.append(packet)
         return packets
 
+    def packet_buffered(self) -> bool:
+        """Whether a whole packet waits in the buffer, not taken by `next_event` yet: the
+        keep alive counts packets received, not bytes [MQTT-3.1.2-24] (3.1.1),
+        [MQTT-3.1.2-22] (5.0). A length that breaks the protocol counts too (the next
+        `next_event` raises)."""
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            return False
+        try:
+            return frame_bounds(buf, pos, self.maximum_packet_size)[1] != 0
+        except RemoteProtocolError:
+            return True
+
     def next_event(self) -> Packet | None:
         """The next received packet, or None if more data is needed.
 

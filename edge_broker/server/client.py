@@ -164,9 +164,11 @@ class ClientHandler(asyncio.Protocol):
             return  # closing or lingering after our DISCONNECT: input is discarded
         app = self.app
         app.metrics.bytes_received += len(data)
-        self._last_rx = app.loop.time()
-        self._conn.receive_data(data)
+        conn = self._conn
+        conn.receive_data(data)
         self.process_buffered()
+        if conn.packet_buffered():  # received, not handled yet (paused): it counts
+            self._last_rx = app.loop.time()
         self._account_buffered()
 
     def process_buffered(self) -> None:
@@ -230,6 +232,8 @@ class ClientHandler(asyncio.Protocol):
                           self.client_id or "?", self.peer)
             self._abort(replies)
         app.metrics.packets_received += handled
+        if handled:  # the keep alive counts packets, not bytes [MQTT-3.1.2-24]
+            self._last_rx = app.loop.time()
         if handled or replies or self._closed or self._close_after_write:
             # An idle turn submits nothing: an empty batch would wait for the store and call
             # this again when done, a chain that never ends while the store is busy.

@@ -22,6 +22,7 @@ from tests.integration.rawclient import (
     connect_packet,
     disconnect_packet,
     props,
+    publish_packet,
     subscriber,
     unique_id,
 )
@@ -143,6 +144,29 @@ def test_keepalive_timeout_closes_silent_client(broker: BrokerThread, version: i
     elapsed = time.monotonic() - started
     assert 1.2 <= elapsed <= 2.5, elapsed
     # Not a normal disconnect: the will goes [MQTT-3.1.2-8] (3.1.1).
+    assert watcher.expect_publish().payload == b"timed out"
+
+
+@both_versions
+def test_bytes_that_never_complete_a_packet_do_not_keep_the_connection_alive(
+        broker: BrokerThread, version: int) -> None:
+    # The keep alive counts control packets, not bytes [MQTT-3.1.2-24] (3.1.1) /
+    # [MQTT-3.1.2-22] (5.0): a client that trickles a PUBLISH it never completes is closed
+    # after 1.5 x keep alive, as a silent one is, and its will goes.
+    watcher = subscriber(broker.port, unique_id(), "ka/trickle", version=version)
+    client = RawClient(broker.port, version)
+    client.send(connect_packet(unique_id(), version=version, keepalive=1,
+                               will=RawWill("ka/trickle", b"timed out")))
+    client.expect(CONNACK)
+    started = time.monotonic()
+    unfinished = publish_packet("ka/t", b"x" * 100, version=version)
+    closed = False
+    for byte in unfinished[:-1]:  # one byte per 0.25 s: past 1.5 s long before the end
+        closed = client.is_closed(0.25)
+        if closed or time.monotonic() - started > 3.0:
+            break
+        client.send(bytes([byte]))
+    assert closed, "still connected after 3 s of bytes that make no packet"
     assert watcher.expect_publish().payload == b"timed out"
 
 
