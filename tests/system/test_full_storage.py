@@ -333,6 +333,26 @@ def test_a_full_disk_refuses_qos1_keeps_serving_and_loses_nothing(
             started.stop()  # before the tmpfs is unmounted
 
 
+def test_a_disk_filled_by_its_own_queue_accepts_again_once_the_queue_is_taken(
+        tmp_path: Path, small_disk: Path, make_broker: MakeBroker) -> None:
+    """Nothing else on the disk: the broker's queue fills it, then the subscriber takes the
+    queue. The log's rows are deleted by retention in steps of up to 2,000 rows: those
+    deletions must fit in the reserve (a build of SQLite that zeroes freed pages, as
+    Debian's does, wrote every deleted byte to the WAL first and never got out)."""
+    config = storage_config(tmp_path, data_dir=small_disk / "data")
+    broker = make_broker(config=config)
+    try:
+        traffic = Traffic(broker)
+        traffic.fill(8 * 1024)
+        traffic.assert_refusing_and_serving()
+        slow = connect(broker.port, traffic.slow_id, version=5, **persistent_v5())
+        assert receive(slow, len(traffic.acked)) == traffic.acked
+        slow.ping()
+        traffic.wait_accepting(broker, timeout=30.0)
+    finally:
+        broker.stop()  # before the tmpfs is unmounted
+
+
 def _queue_for_offline_subscriber(broker: BrokerThread, count: int) -> tuple[str, list[bytes]]:
     """A 3.1.1 persistent session with `count` acknowledged QoS 1 messages queued."""
     slow_id = unique_id("slow")

@@ -119,6 +119,7 @@ class LaneFile:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA secure_delete = OFF")  # as the store's (sqlite/opening.py)
             for statement in _SCHEMA:
                 conn.execute(statement)
             meta = dict(conn.execute("SELECT key, value FROM lane_meta").fetchall())

@@ -110,6 +110,12 @@ class Opening(StoreState):
                            f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}",
                            "PRAGMA cache_size = -8192",
                            "PRAGMA foreign_keys = OFF",
+                           # Builds of SQLite with SQLITE_SECURE_DELETE (Debian's, Raspberry
+                           # Pi OS's) zero every freed page through the WAL: a retention
+                           # step deleting N bytes then needs N bytes free on the disk, and
+                           # a disk filled by the log could never be emptied (nor an SD card
+                           # spared the writes).
+                           "PRAGMA secure_delete = OFF",
                            f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"):
                 conn.execute(pragma)
             if 0 < version < SCHEMA_VERSION:
