@@ -5,7 +5,9 @@ connections.
 `ServerTls(listener, label, file)` builds the context that `create_server` gets. TLS 1.2 is
 the minimum, always. `require_certificate` makes the client certificate mandatory
 (CERT_REQUIRED, chained to `cafile`); `crlfile` adds the CRL and VERIFY_CRL_CHECK_LEAF (the
-client certificate is checked, not the CAs above it).
+client certificate is checked, not the CAs above it). `crlfile` may hold several PEM CRLs (one
+per CA in `cafile`): OpenSSL loads them all, and so does `load_crl_revocations`, which keys each
+revoked serial by the issuer of its CRL (a serial is unique per CA only).
 
 Reload. A server's SSLContext is fixed when `create_server` returns, so the context given to
 it (`ServerTls.context`) only picks, for each new handshake, the newest context: its SNI
@@ -33,7 +35,12 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from ..config import ListenerConfig
+
+    # What a CRL file revokes: (issuer of the CRL, serial number) pairs.
+    Revocations = frozenset[tuple[x509.Name, int]]
 
 log = logging.getLogger("edge_broker")
 
@@ -56,8 +63,31 @@ def _reason(error: Exception) -> str:
     return str(error)
 
 
-def load_crl_serials(path: str, *, label: str, file: str | None) -> frozenset[int]:
-    """The serial numbers a CRL file (PEM or DER) revokes; warns when it is out of date."""
+_PEM_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+_PEM_CRL_END = b"-----END X509 CRL-----"
+
+
+def _crl_blocks(data: bytes) -> list[bytes] | None:
+    """The PEM CRL blocks of a file, in order (None: no PEM CRL, so DER). A BEGIN line
+    without its END line (a truncated file) is a ValueError."""
+    if _PEM_CRL_BEGIN not in data:
+        return None
+    blocks: list[bytes] = []
+    begin = data.find(_PEM_CRL_BEGIN)
+    while begin != -1:
+        end = data.find(_PEM_CRL_END, begin)
+        following = data.find(_PEM_CRL_BEGIN, begin + len(_PEM_CRL_BEGIN))
+        if end == -1 or (following != -1 and following < end):
+            raise ValueError(f"CRL {len(blocks) + 1} has no END X509 CRL line (truncated?)")
+        blocks.append(data[begin:end + len(_PEM_CRL_END)] + b"\n")
+        begin = following
+    return blocks
+
+
+def load_crl_revocations(path: str, *, label: str, file: str | None) -> Revocations:
+    """What a CRL file revokes, as (CRL issuer, serial number) pairs: every CRL of a PEM file
+    (one per CA, as OpenSSL loads them), or the one CRL of a DER file. Warns about each CRL
+    that is out of date. Raises ConfigError naming the file when one does not parse."""
     from cryptography import x509
 
     try:
@@ -65,26 +95,39 @@ def load_crl_serials(path: str, *, label: str, file: str | None) -> frozenset[in
     except OSError as error:
         raise _error(f"cannot read {path!r}: {_reason(error)}", label=label, key="crlfile",
                      file=file) from None
+    crls: list[x509.CertificateRevocationList] = []
     try:
-        if b"-----BEGIN X509 CRL-----" in data:
-            crl = x509.load_pem_x509_crl(data)
-        else:
-            crl = x509.load_der_x509_crl(data)
+        blocks = _crl_blocks(data)
+        if blocks is None:
+            crls.append(x509.load_der_x509_crl(data))
     except ValueError as error:
         raise _error(f"{path!r} is not a certificate revocation list (PEM or DER): {error}",
                      label=label, key="crlfile", file=file) from None
-    next_update = crl.next_update_utc
-    if next_update is not None and next_update < datetime.datetime.now(datetime.UTC):
-        log.warning("%s crlfile: the CRL %s expired on %s; OpenSSL refuses every client "
-                    "certificate until a fresh CRL is installed (edge-broker certs revoke "
-                    "writes one) and the broker reloads it (SIGHUP)", label, path,
-                    next_update.isoformat())
-    return frozenset(revoked.serial_number for revoked in crl)
+    pem = blocks or []
+    for number, block in enumerate(pem, 1):
+        try:
+            crls.append(x509.load_pem_x509_crl(block))
+        except ValueError as error:
+            raise _error(f"CRL {number} of {len(pem)} in {path!r} is not a valid "
+                         f"certificate revocation list: {error}", label=label, key="crlfile",
+                         file=file) from None
+    now = datetime.datetime.now(datetime.UTC)
+    revoked: set[tuple[x509.Name, int]] = set()
+    for crl in crls:
+        next_update = crl.next_update_utc
+        if next_update is not None and next_update < now:
+            log.warning("%s crlfile: the CRL of %s in %s expired on %s; OpenSSL refuses every "
+                        "client certificate of that CA until a fresh CRL is installed "
+                        "(edge-broker certs revoke writes one) and the broker reloads it "
+                        "(SIGHUP)", label, crl.issuer.rfc4514_string(), path,
+                        next_update.isoformat())
+        revoked.update((crl.issuer, entry.serial_number) for entry in crl)
+    return frozenset(revoked)
 
 
 def build_context(listener: ListenerConfig, *, label: str,
-                  file: str | None) -> tuple[ssl.SSLContext, frozenset[int] | None]:
-    """A server context from a TLS listener's settings, and the CRL's revoked serials.
+                  file: str | None) -> tuple[ssl.SSLContext, Revocations | None]:
+    """A server context from a TLS listener's settings, and what its CRLs revoke.
 
     Raises ConfigError naming the listener and the key whose file does not load.
     """
@@ -107,9 +150,9 @@ def build_context(listener: ListenerConfig, *, label: str,
             raise _error(f"cannot load CA certificates from {str(listener.cafile)!r}: "
                          f"{_reason(error)}", label=label, key="cafile", file=file) from None
     context.verify_mode = ssl.CERT_REQUIRED if listener.require_certificate else ssl.CERT_NONE
-    revoked: frozenset[int] | None = None
+    revoked: Revocations | None = None
     if listener.crlfile is not None:
-        revoked = load_crl_serials(str(listener.crlfile), label=label, file=file)
+        revoked = load_crl_revocations(str(listener.crlfile), label=label, file=file)
         try:
             context.load_verify_locations(cafile=str(listener.crlfile))
         except (ssl.SSLError, OSError) as error:
@@ -145,7 +188,8 @@ class ServerTls:
                                                    file=self.file)
 
     def is_revoked(self, transport: Any) -> bool:
-        """Whether the CRL loaded last lists this connection's client certificate."""
+        """Whether a CRL loaded last lists this connection's client certificate: a CRL of the
+        certificate's issuer lists its serial number."""
         if self.revoked is None:
             return False
         ssl_object = transport.get_extra_info("ssl_object")
@@ -156,7 +200,8 @@ class ServerTls:
             return False
         from cryptography import x509
 
-        return x509.load_der_x509_certificate(der).serial_number in self.revoked
+        certificate = x509.load_der_x509_certificate(der)
+        return (certificate.issuer, certificate.serial_number) in self.revoked
 
 
 def peer_common_name(transport: Any) -> str | None:

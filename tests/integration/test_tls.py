@@ -11,6 +11,8 @@ are picked up by `reload_tls()` for new connections while open ones stay.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import shutil
 import signal
@@ -23,6 +25,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_broker.config import ListenerConfig, load_config
 from edge_broker.errors import ConfigError
@@ -33,6 +38,7 @@ from tests.integration import wirebytes as wb
 from tests.integration.brokerprocess import BrokerProcess, needs_console_script
 from tests.integration.secure import (
     TIMEOUT,
+    Authority,
     PahoClient,
     Pki,
     UvloopBrokerThread,
@@ -556,3 +562,152 @@ def test_sighup_disconnects_a_client_whose_certificate_was_revoked(
         assert data[:1] == b"\xe0" and data[2:3] == b"\x87", data
     # Others are served: device-1 still connects.
     assert mqtt_over_tls(port, client_context(pki, "device-1"), "other")
+
+
+# --------------------------------------------------------------------------- several CAs
+
+
+def _crl_pem(authority: Authority, serials: list[int]) -> bytes:
+    """A CRL of `authority` listing `serials` (the session's CA objects are left as they are)."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(authority.certificate.subject)
+               .last_update(now - datetime.timedelta(minutes=5))
+               .next_update(now + datetime.timedelta(days=7)))
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial)
+            .revocation_date(now - datetime.timedelta(minutes=1)).build())
+    crl = builder.sign(authority.key, hashes.SHA256())
+    pem: bytes = crl.public_bytes(serialization.Encoding.PEM)
+    return pem
+
+
+def _device_context(pki: Pki, authority: Authority, directory: Path, stem: str,
+                    serial: int) -> ssl.SSLContext:
+    """A client context with a device certificate that `authority` signs with `serial`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, stem)]))
+        .issuer_name(authority.certificate.subject).public_key(key.public_key())
+        .serial_number(serial).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(authority.key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.create_default_context(cafile=str(pki.ca.ca_path))
+    context.load_cert_chain(str(cert_path), str(key_path))
+    return context
+
+
+def _two_ca_listener(pki: Pki, tmp_path: Path) -> tuple[ListenerConfig, Path]:
+    """A listener trusting both test CAs (one cafile) with both CRLs (one crlfile, the
+    first CA's CRL first), and that crlfile."""
+    cafile, crlfile = tmp_path / "cas.pem", tmp_path / "crls.pem"
+    cafile.write_bytes(pki.ca.ca_path.read_bytes() + pki.other_ca.ca_path.read_bytes())
+    crlfile.write_bytes(_crl_pem(pki.ca, []) + _crl_pem(pki.other_ca, []))
+    listener = dataclasses.replace(tls_listener(pki, crlfile=crlfile), cafile=cafile)
+    return listener, crlfile
+
+
+def _v5_over_tls(port: int, context: ssl.SSLContext, client_id: str) -> wb.RawClient:
+    """An MQTT 5 client over TLS, connected (CONNACK 0 read)."""
+    client = wb.RawClient(port, 5)
+    client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
+    client.handshake(client_id)
+    return client
+
+
+def _assert_disconnected_0x87(client: wb.RawClient) -> None:
+    frames = client.read_until_closed()
+    assert [(f.type, wb.reason(f, 5)) for f in frames] == [(wb.DISCONNECT, 0x87)], frames
+
+
+def _assert_still_connected(client: wb.RawClient) -> None:
+    client.send(b"\xc0\x00")  # PINGREQ
+    frame = client.read()
+    assert frame is not None and frame.type == wb.PINGRESP, frame
+
+
+def test_sighup_reads_every_crl_in_the_crlfile_and_disconnects_the_revoked_of_each_ca(
+        start: Callable[..., BrokerThread], pki: Pki, tmp_path: Path) -> None:
+    # Two CAs in cafile, their two CRLs in crlfile: a revocation in the second CRL ends the
+    # open connection of that CA's device, as OpenSSL refuses its new handshakes.
+    from edge_broker.server.reload import reload
+
+    listener, crlfile = _two_ca_listener(pki, tmp_path)
+    broker = start(listener)
+    port = port_of(broker, 0)
+    first_ca = _v5_over_tls(port, client_context(pki, "device-1"), "first-ca")
+    second_ca = _v5_over_tls(port, client_context(pki, "foreign"), "second-ca")
+    try:
+        crlfile.write_bytes(_crl_pem(pki.ca, []) +
+                            _crl_pem(pki.other_ca, [pki.serials["foreign"]]))
+        app = broker.app
+        assert app is not None
+        assert broker.call(lambda: reload(app, lambda: app.config)) is True
+        _assert_disconnected_0x87(second_ca)
+        _assert_still_connected(first_ca)
+        assert not mqtt_over_tls(port, client_context(pki, "foreign"), "second-ca-again")
+        assert mqtt_over_tls(port, client_context(pki, "device-2"), "first-ca-new")
+    finally:
+        first_ca.close()
+        second_ca.close()
+
+
+def test_sighup_matches_a_revoked_serial_with_the_issuer_of_its_crl(
+        start: Callable[..., BrokerThread], pki: Pki, tmp_path: Path) -> None:
+    # Serial numbers are unique per CA only: the first CA revoking serial S ends its own
+    # device with serial S, not the second CA's device with the same serial.
+    from edge_broker.server.reload import reload
+
+    serial = x509.random_serial_number()
+    revoked_context = _device_context(pki, pki.ca, tmp_path, "first-ca-s", serial)
+    same_serial_context = _device_context(pki, pki.other_ca, tmp_path, "second-ca-s", serial)
+    listener, crlfile = _two_ca_listener(pki, tmp_path)
+    broker = start(listener)
+    port = port_of(broker, 0)
+    revoked = _v5_over_tls(port, revoked_context, "first-ca-s")
+    same_serial = _v5_over_tls(port, same_serial_context, "second-ca-s")
+    try:
+        crlfile.write_bytes(_crl_pem(pki.ca, [serial]) + _crl_pem(pki.other_ca, []))
+        app = broker.app
+        assert app is not None
+        assert broker.call(lambda: reload(app, lambda: app.config)) is True
+        _assert_disconnected_0x87(revoked)
+        _assert_still_connected(same_serial)
+        # OpenSSL agrees for new handshakes.
+        assert not mqtt_over_tls(port, revoked_context, "first-ca-s-again")
+        assert mqtt_over_tls(port, same_serial_context, "second-ca-s-again")
+    finally:
+        revoked.close()
+        same_serial.close()
+
+
+def test_a_crlfile_with_a_broken_second_crl_is_refused_at_start_and_on_reload(
+        start: Callable[..., BrokerThread], pki: Pki, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    listener, crlfile = _two_ca_listener(pki, tmp_path)
+    good = crlfile.read_bytes()
+    second = good.rindex(b"-----BEGIN X509 CRL-----\n") + len(b"-----BEGIN X509 CRL-----\n")
+    broken = good[:second] + b"AAAA" + good[second + 4:]
+    crlfile.write_bytes(broken)
+    with pytest.raises(ConfigError) as info:
+        start(listener)
+    assert (info.value.table, info.value.key) == ("[[listeners]] #1", "crlfile")
+    assert f"CRL 2 of 2 in {str(crlfile)!r}" in str(info.value)
+    crlfile.write_bytes(good)
+    broker = start(listener)
+    crlfile.write_bytes(broken)
+    assert broker.call(lambda: broker.app.listeners.reload_tls()) is False  # type: ignore
+    assert any(f"CRL 2 of 2 in {str(crlfile)!r}" in r.getMessage() and
+               "keeps its previous certificates" in r.getMessage() for r in caplog.records)
+    assert mqtt_over_tls(port_of(broker, 0), client_context(pki, "foreign"))
