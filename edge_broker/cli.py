@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check-config", help="validate a configuration file and summarise it",
-        description="Validate FILE; print a summary and exit 0, or print the problem to "
-                    "stderr and exit 1.")
+        description="Validate FILE and read what the broker reads before it listens (the "
+                    "[auth] password and ACL files, TLS listeners' certificates, keys, CA "
+                    "and CRL), without starting it; print a summary and exit 0, or print "
+                    "the problem to stderr and exit 1.")
     check.add_argument("file", metavar="FILE")
 
     sessions = commands.add_parser(
@@ -347,11 +349,45 @@ def configure_logging(level: int, fmt: str = "text") -> None:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
+        users, rules = load_startup_files(config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(exc, file=sys.stderr)  # the text `run` logs for the same problem
         return EXIT_CHECK_FAILED
-    print(summary(config))
+    print(summary(config, users=users, rules=rules))
     return 0
+
+
+def load_startup_files(config: Config) -> tuple[int | None, int | None]:
+    """Read what `run` reads before it listens, with the loaders it uses and in its order,
+    without starting anything (no data directory, lock, store, socket or network):
+
+    - `[auth] password_file` and `acl_file` (server/gate.py `read_auth_files`);
+    - with a SQLite store (`run` starts bridges only then), the optional module of each
+      enabled bridge kind (bridge/config.py `require_extras`, from `BridgeManager.start`);
+    - each TLS listener's certificate, key, CA and CRL (server/tls.py `build_context`,
+      from `open_listeners`).
+
+    Returns the number of users in the password file and of rules in the ACL (None where
+    no such file is set). Raises the ConfigError `run` would stop on (file and line).
+    Bridges' credentials and TLS files are read only when a bridge connects, so not here.
+    """
+    # Imported here, as the server is by `run`.
+    from edge_broker.server.gate import read_auth_files
+
+    passwords, acl = read_auth_files(config.auth)
+    if config.bridges and config.storage.persistence != "memory":
+        from edge_broker.bridge.config import require_extras
+
+        require_extras(config.bridges, file=config.source)
+    if any(listener.tls for listener in config.listeners):
+        from edge_broker.server.listeners import listener_label
+        from edge_broker.server.tls import build_context
+
+        for index, listener in enumerate(config.listeners):
+            if listener.tls:
+                build_context(listener, label=listener_label(index), file=config.source)
+    return (None if passwords is None else len(passwords),
+            None if acl is None else acl.rule_count)
 
 
 def _address(listener: ListenerConfig) -> str:
@@ -368,8 +404,9 @@ def _limit(value: int, unit: str = "") -> str:
     return "unlimited" if value == 0 else f"{value}{unit}"
 
 
-def summary(config: Config) -> str:
-    """The short report check-config prints for a valid configuration."""
+def summary(config: Config, *, users: int | None = None, rules: int | None = None) -> str:
+    """The short report check-config prints for a valid configuration; `users` and `rules`
+    are the counts `load_startup_files` found in the password file and the ACL."""
     lines = [f"{config.source or 'built-in defaults'}: OK", "listeners:"]
     for index, listener in enumerate(config.listeners, start=1):
         notes = ["any free port"] if listener.port == 0 else []
@@ -378,6 +415,7 @@ def summary(config: Config) -> str:
         anonymous = "allowed" if listener.anonymous_allowed(config.auth) else "refused"
         lines.append(f"  #{index} {listener.protocol} {_address(listener)} "
                      f"({', '.join(notes)}), anonymous clients {anonymous}")
+    lines.append(f"auth: {_auth_summary(config, users, rules)}")
     data_dir = config.broker.data_dir
     relative = "" if data_dir.is_absolute() else " (relative to the working directory)"
     lines.append(f"data_dir: {data_dir}{relative}")
@@ -410,6 +448,21 @@ def summary(config: Config) -> str:
                  f"log level: {config.log.level}")
     lines += _bridge_lines(config)
     return "\n".join(lines)
+
+
+def _auth_summary(config: Config, users: int | None, rules: int | None) -> str:
+    auth = config.auth
+    if auth.password_file is None:
+        passwords = "no password file"
+    else:
+        count = "" if users is None else f" ({users} user{'' if users == 1 else 's'})"
+        passwords = f"password file {auth.password_file}{count}"
+    if auth.acl_file is None:
+        acl = "no ACL file (every client may use every topic)"
+    else:
+        count = "" if rules is None else f" ({rules} rule{'' if rules == 1 else 's'})"
+        acl = f"ACL file {auth.acl_file}{count}"
+    return f"{passwords}; {acl}"
 
 
 def _bridge_lines(config: Config) -> list[str]:

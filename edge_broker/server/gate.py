@@ -103,6 +103,15 @@ def source_address(handler: ClientHandler) -> str:
     return "?"
 
 
+def read_auth_files(auth: AuthConfig) -> tuple[PasswordFile | None, Acl | None]:
+    """The password file and the ACL `[auth]` names (None where unset); ConfigError naming
+    the file and line of one that does not load. (Also `check-config`'s check.)"""
+    passwords = (PasswordFile.load(auth.password_file)
+                 if auth.password_file is not None else None)
+    acl = Acl.load(auth.acl_file) if auth.acl_file is not None else None
+    return passwords, acl
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of authentication: `reason` None lets the client in as `username`."""
@@ -130,7 +139,7 @@ class Gate:
     def load(self) -> None:
         """Read the files named in [auth] (at start-up: a bad file stops the start)."""
         auth = self.app.config.auth
-        passwords, acl = self._read(auth)
+        passwords, acl = read_auth_files(auth)
         if passwords is not None:
             self.verifier = PasswordVerifier(passwords)
         self.acl = acl
@@ -139,20 +148,13 @@ class Gate:
         if acl is not None:
             log.info("ACL file %s: %d rules", auth.acl_file, acl.rule_count)
 
-    @staticmethod
-    def _read(auth: AuthConfig) -> tuple[PasswordFile | None, Acl | None]:
-        passwords = (PasswordFile.load(auth.password_file)
-                     if auth.password_file is not None else None)
-        acl = Acl.load(auth.acl_file) if auth.acl_file is not None else None
-        return passwords, acl
-
     def reload(self, auth: AuthConfig) -> bool:
         """SIGHUP: read both files again. A file that does not load keeps the old rules (and
         the old file's users) and is logged. Clients are checked again on their next
         operation; a client whose user is gone from the password file, or whose password
         there changed, is disconnected (as mosquitto does)."""
         try:
-            passwords, acl = self._read(auth)
+            passwords, acl = read_auth_files(auth)
         except ConfigError as error:
             log.error("reload (SIGHUP): %s; keeping the previous passwords and ACL", error)
             return False

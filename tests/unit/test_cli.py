@@ -1,5 +1,6 @@
-"""The edge-broker command: check-config output and exit codes, run with flags and a
-configuration file, start-up errors, logging set-up."""
+"""The edge-broker command: check-config output and exit codes (and the start-up files it
+reads as `run` does), run with flags and a configuration file, start-up errors, logging
+set-up."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_broker import cli
-from edge_broker.config import Config, ListenerConfig
+from edge_broker import certs, cli
+from edge_broker.auth.passwd import PasswordFile
+from edge_broker.config import Config, ListenerConfig, load_config
 from edge_broker.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,6 +121,158 @@ def test_check_config_rejects_run_flags(capsys: pytest.CaptureFixture[str]) -> N
         cli.main(["--port", "1884", "check-config", str(EXAMPLE)])
     assert info.value.code == 2
     assert "--port" in capsys.readouterr().err
+
+
+# check-config reads what `run` reads before it listens: the [auth] files and the TLS files.
+
+
+def passwd_file(tmp_path: Path, *users: str) -> Path:
+    passwords = PasswordFile()
+    for user in users:
+        passwords.set(user, f"{user}-secret")
+    path = tmp_path / "passwd"
+    path.write_text(passwords.dumps(), encoding="utf-8")
+    return path
+
+
+def auth_config(tmp_path: Path, *, password_file: Path | None = None,
+                acl_file: Path | None = None, extra: str = "") -> Path:
+    """A configuration a real start-up may be tried with: memory store, data_dir in tmp_path,
+    a loopback listener on any free port."""
+    auth = "".join(f'{key} = "{value}"\n' for key, value in
+                   (("password_file", password_file), ("acl_file", acl_file))
+                   if value is not None)
+    return write(tmp_path, f'[broker]\ndata_dir = "{tmp_path / "data"}"\n'
+                           f'[storage]\npersistence = "memory"\n[auth]\n{auth}'
+                           f'[[listeners]]\nport = 0\n{extra}')
+
+
+def bad_password_file_missing(tmp_path: Path) -> tuple[Path, str]:
+    missing = tmp_path / "absent-passwd"
+    return (auth_config(tmp_path, password_file=missing),
+            f"{missing}: cannot read the password file: No such file or directory")
+
+
+def bad_acl_line(tmp_path: Path) -> tuple[Path, str]:
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read\n", encoding="utf-8")
+    return (auth_config(tmp_path, acl_file=acl),
+            f"{acl}: line 2: topic needs a topic filter")
+
+
+def bad_password_hash(tmp_path: Path) -> tuple[Path, str]:
+    passwd = tmp_path / "passwd"
+    passwd.write_text("# users\nalice:$7$101$bad$bad\n", encoding="utf-8")
+    return (auth_config(tmp_path, password_file=passwd),
+            f"{passwd}: line 2 (user 'alice'): salt or hash is not valid base64")
+
+
+def bad_tls_key(tmp_path: Path) -> tuple[Path, str]:
+    certs.init_ca(tmp_path / "ca")
+    issued = certs.issue_server(tmp_path / "ca", ips=["127.0.0.1"])
+    wrong_key = tmp_path / "ca" / "ca.key"  # readable, but not server.crt's key
+    path = auth_config(tmp_path, extra=f'certfile = "{issued.cert}"\n'
+                                       f'keyfile = "{wrong_key}"\n')
+    return path, f"{path}: [[listeners]] #1 keyfile: cannot use {str(issued.cert)!r} with "
+
+
+BAD_STARTUP_FILES = [bad_password_file_missing, bad_acl_line, bad_password_hash, bad_tls_key]
+
+
+@pytest.mark.parametrize("make", BAD_STARTUP_FILES, ids=lambda make: make.__name__)
+def test_check_config_fails_on_a_file_run_would_stop_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], tuple[Path, str]]
+) -> None:
+    path, expected = make(tmp_path)
+    assert cli.main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "data").exists()  # nothing started
+
+
+@pytest.mark.parametrize("make", BAD_STARTUP_FILES, ids=lambda make: make.__name__)
+async def test_check_config_prints_what_the_broker_stops_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], tuple[Path, str]]
+) -> None:
+    from edge_broker.server.app import BrokerApp
+
+    path, _ = make(tmp_path)
+    assert cli.main(["check-config", str(path)]) == 1
+    printed = capsys.readouterr().err
+    app = BrokerApp(load_config(path))
+    with pytest.raises(ConfigError) as refused:  # what `run` logs, then exits 2
+        await app.start()
+    assert printed == f"{refused.value}\n"
+
+
+def test_check_config_summarises_the_password_file_and_the_acl(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    passwd = passwd_file(tmp_path, "alice", "bob", "carol")
+    acl = tmp_path / "acl"
+    acl.write_text("# sensors\ntopic read $SYS/#\nuser alice\ntopic sensors/#\n"
+                   "pattern write devices/%c/#\n", encoding="utf-8")
+    path = auth_config(tmp_path, password_file=passwd, acl_file=acl)
+    assert cli.main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert f"auth: password file {passwd} (3 users); ACL file {acl} (3 rules)" in out
+    assert "anonymous clients refused" in out
+
+
+def test_check_config_says_when_there_are_no_auth_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["check-config", str(auth_config(tmp_path))]) == 0
+    assert ("auth: no password file; no ACL file (every client may use every topic)"
+            in capsys.readouterr().out.splitlines())
+
+
+def test_check_config_loads_good_tls_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = certs.init_ca(tmp_path / "ca")
+    server = certs.issue_server(tmp_path / "ca", ips=["127.0.0.1"])
+    path = auth_config(tmp_path, extra=f'certfile = "{server.cert}"\n'
+                                       f'keyfile = "{server.key}"\ncafile = "{ca.cert}"\n'
+                                       f'crlfile = "{tmp_path / "ca" / "ca.crl"}"\n'
+                                       "require_certificate = true\n")
+    assert cli.main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines()[0] == f"{path}: OK"
+
+
+JETSTREAM_BRIDGE = """
+[[bridges]]
+name = "central"
+kind = "jetstream"
+servers = ["nats://10.0.0.5:4222"]
+uplink = ["sensors/#"]
+subject_prefix = "site1.gw7"
+jetstream_stream = "EDGE"
+"""
+
+
+@pytest.mark.parametrize("persistence", ["sqlite", "memory"])
+def test_check_config_needs_a_bridge_kinds_package_where_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    persistence: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "nats", None)  # `import nats` fails: not installed
+    path = write(tmp_path, f'[storage]\npersistence = "{persistence}"\n{JETSTREAM_BRIDGE}')
+    if persistence == "memory":  # run starts no bridge without the SQLite store: no error
+        assert cli.main(["check-config", str(path)]) == 0
+        return
+    assert cli.main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'{path}: [[bridges]] #1 "central" kind: the "jetstream" bridge '
+                          "needs the Python module 'nats'"), err
+    assert err.endswith("pip install nats-py\n"), err
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
