@@ -70,7 +70,7 @@ from edge_broker.config.model import (
     StreamConfig,
     UserQuota,
 )
-from edge_broker.config.schema import known_keys
+from edge_broker.config.schema import known_keys, toml_key
 from edge_broker.config.streams import parse_streams
 from edge_broker.config.values import Parser, default_gateway_id, is_loopback_host
 
@@ -111,4 +111,5 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_streams",
+    "toml_key",
 ]

@@ -123,6 +123,15 @@ _KEY_TO_FIELD: Final[dict[str, dict[str, str]]] = {
 }
 
 
+def toml_key(table: str, field: str) -> str:
+    """The TOML name of a configuration dataclass field (`sys_interval_s` is written
+    `sys_interval`); the field's own name where they agree or it has none."""
+    for key, spec in _SCHEMA.get(table, {}).items():
+        if spec.field == field:
+            return key
+    return field
+
+
 def known_keys() -> dict[str, tuple[str, ...]]:
     """Every table and its keys as written in TOML ("listeners" is the [[listeners]] array;
     the keys of the [[quotas.users]] entries are under "quotas" as "users")."""

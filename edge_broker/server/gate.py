@@ -152,7 +152,8 @@ class Gate:
         """SIGHUP: read both files again. A file that does not load keeps the old rules (and
         the old file's users) and is logged. Clients are checked again on their next
         operation; a client whose user is gone from the password file, or whose password
-        there changed, is disconnected (as mosquitto does)."""
+        there changed, or an anonymous one where anonymous clients are no longer allowed
+        (`allow_anonymous` reloaded), is disconnected (as mosquitto does)."""
         try:
             passwords, acl = read_auth_files(auth)
         except ConfigError as error:
@@ -172,27 +173,44 @@ class Gate:
         log.info("reload (SIGHUP): %s, %s",
                  f"{len(passwords)} users" if passwords is not None else "no password file",
                  f"{acl.rule_count} ACL rules" if acl is not None else "no ACL")
-        self._drop_changed_users(before, passwords)
+        self._drop_refused(before, passwords, auth)
         return True
 
-    def _drop_changed_users(self, before: PasswordFile | None,
-                            passwords: PasswordFile | None) -> None:
-        """Disconnect the clients that logged in with a password the new file no longer
-        holds: their user is gone, or has another hash (a new password; also the same one
-        hashed again, which this cannot tell apart: the client logs in again)."""
+    def _drop_refused(self, before: PasswordFile | None, passwords: PasswordFile | None,
+                      auth: AuthConfig) -> None:
+        """Disconnect the clients the new rules would not let in: logged in with a password
+        the new file no longer holds (their user is gone, or has another hash: a new
+        password; also the same one hashed again, which this cannot tell apart: the client
+        logs in again), or without one where that is no longer allowed."""
         for handler in list(self.app.connections):
-            if handler.closed or handler.client_id is None or handler.auth_how != "password":
+            if handler.closed or handler.client_id is None:
                 continue
-            user = handler.username or ""  # a password login always has one
-            now = passwords.hash_of(user) if passwords is not None else None
-            if now is None:
-                why = "is no longer in the password file"
-            elif before is not None and before.hash_of(user) != now:
-                why = "has a new password in the password file"
-            else:
+            how = handler.auth_how
+            if how == "password":
+                user = handler.username or ""  # a password login always has one
+                now = passwords.hash_of(user) if passwords is not None else None
+                if now is None:
+                    why = f"user {user!r} is no longer in the password file"
+                elif before is not None and before.hash_of(user) != now:
+                    why = f"user {user!r} has a new password in the password file"
+                else:
+                    continue
+            elif how in ("anonymous", "username"):
+                # As start_authentication decides: without credentials, or with a username
+                # only a name for the ACL (no password file then).
+                listener = listener_of(handler)
+                if how == "username" and passwords is not None:
+                    why = "a password file is now required"
+                elif listener.anonymous_allowed(auth) or (
+                        how == "username" and listener.certificate_authentication
+                        and peer_certificate(handler)):
+                    continue
+                else:
+                    why = "anonymous clients are no longer allowed"
+            else:  # "certificate": the TLS reload (server/reload.py) checks the CRL
                 continue
-            log.info("client %s (%s): user %r %s; disconnecting it",
-                     handler.client_id, handler.peer, user, why)
+            log.info("client %s (%s): %s; disconnecting it", handler.client_id, handler.peer,
+                     why)
             handler.kick(ReasonCode.NOT_AUTHORIZED)  # 0x87 (5.0); 3.1.1: a close
         self.app.finish_batch(None, [])
 

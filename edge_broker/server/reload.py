@@ -12,7 +12,8 @@ are bound at start-up.
 Besides the keys, every SIGHUP reads the password file and the ACL file again (`Gate.reload`,
 server/gate.py), whether or not their paths changed: a file that does not load keeps the old
 rules; a connected client is checked against the new rules at its next operation, and one
-whose user left the password file is disconnected.
+the new rules would not let in (its user left the password file or has a new password, or it
+is anonymous where `allow_anonymous` no longer allows it) is disconnected.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from ..config import Config
+from ..config import Config, toml_key
 from ..errors import ConfigError
 from . import systemd
 
@@ -34,9 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_broker")
 
 # (table, field) pairs whose new value the running broker adopts on SIGHUP. Field names are
-# the dataclasses' (durations carry their unit, e.g. sys_interval_s).
+# the dataclasses' (durations carry their unit, e.g. sys_interval_s); the log names keys as
+# written in the file (sys_interval).
 RELOADABLE: Final[frozenset[tuple[str, str]]] = frozenset({
     ("log", "level"),
+    ("auth", "allow_anonymous"),
     ("auth", "password_file"),
     ("auth", "acl_file"),
     ("quotas", "publish_msgs_per_s"),
@@ -77,7 +80,7 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             after = getattr(new_value, field.name)
             if before == after:
                 continue
-            key = f"{table}.{field.name}"
+            key = f"{table}.{toml_key(table, field.name)}"  # as written in the file
             if (table, field.name) in RELOADABLE:
                 changes[field.name] = after
                 applied.append(key)

@@ -101,3 +101,34 @@ def test_sighup_reloads_passwords_and_acl_with_clients_connected(tmp_path: Path)
     finally:
         code = broker.stop()
     assert code == 0, broker.stderr
+
+
+def test_sighup_applies_allow_anonymous_to_connected_and_new_clients(tmp_path: Path) -> None:
+    passwd = write_passwords(tmp_path / "passwd", {"ops": "ops-pw"})
+    config = tmp_path / "edge-broker.toml"
+    config.write_text(f'[auth]\npassword_file = "{passwd}"\nallow_anonymous = true\n')
+    broker = BrokerProcess(tmp_path / "data", "--config", str(config)).wait_listening()
+    try:
+        anonymous5 = connect(broker.port, "anon-5", version=5)
+        anonymous4 = connect(broker.port, "anon-4", version=4)
+        ops = connect(broker.port, "ops-1", version=5, username="ops", password=b"ops-pw")
+
+        config.write_text(f'[auth]\npassword_file = "{passwd}"\nallow_anonymous = false\n')
+        broker.process.send_signal(signal.SIGHUP)
+        wait_for_log(broker, "applied auth.allow_anonymous")
+        # As mosquitto: the anonymous clients are disconnected, v5 with DISCONNECT 0x87.
+        assert anonymous5.expect(14).reason_code == 0x87
+        anonymous5.expect_closed()
+        anonymous4.expect_closed()
+        refused = connect(broker.port, "anon-new", version=5, expect_success=False)
+        assert refused.connack.reason_code == 0x87
+        ops.ping()
+
+        config.write_text(f'[auth]\npassword_file = "{passwd}"\nallow_anonymous = true\n')
+        broker.process.send_signal(signal.SIGHUP)
+        wait_for_log(broker, "applied auth.allow_anonymous", count=2)
+        connect(broker.port, "anon-again", version=5).ping()
+        ops.ping()
+    finally:
+        code = broker.stop()
+    assert code == 0, broker.stderr

@@ -27,9 +27,11 @@ from tests.integration.rawclient import connect
 pytestmark = needs_console_script
 
 
-def wait_for_log(broker: BrokerProcess, text: str, timeout: float = 10.0) -> None:
+def wait_for_log(broker: BrokerProcess, text: str, timeout: float = 10.0, *,
+                 count: int = 1) -> None:
+    """Until `text` is in the broker's log `count` times."""
     deadline = time.monotonic() + timeout
-    while text not in broker.stderr:
+    while broker.stderr.count(text) < count:
         assert broker.process.poll() is None, f"broker exited:\n{broker.stderr}"
         assert time.monotonic() < deadline, f"{text!r} not logged:\n{broker.stderr}"
         time.sleep(0.02)  # polling interval, bounded by the deadline

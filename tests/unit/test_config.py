@@ -21,6 +21,7 @@ from edge_broker.config import (
     known_keys,
     load_config,
     parse_duration,
+    toml_key,
 )
 from edge_broker.errors import ConfigError
 
@@ -533,3 +534,26 @@ def test_the_reference_documents_every_key() -> None:
     for table, keys in known_keys().items():
         for key in keys:
             assert f"`{key}`" in text, f"{table}.{key}"
+
+
+def test_the_reload_table_lists_exactly_the_reloadable_keys() -> None:
+    # docs/configuration.md "What `SIGHUP` reloads": `[table] key` (or `[table]` then keys)
+    # per row, but the last ("every other key"); server/reload.py RELOADABLE, by TOML name.
+    from edge_broker.server.reload import RELOADABLE
+
+    text = DOCS.read_text(encoding="utf-8")
+    section = text.split("### What `SIGHUP` reloads", 1)[1].split("\n#", 1)[0]
+    documented: set[tuple[str, str]] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        table = ""
+        for name in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
+            parts = re.fullmatch(r"\[(\w+)\](?: (\w+))?", name)
+            if parts:
+                table = parts[1]
+                name = parts[2] or ""
+            if name:
+                documented.add((table, name))
+    toml_names = {(table, toml_key(table, field)) for table, field in RELOADABLE}
+    assert documented == toml_names

@@ -91,3 +91,16 @@ def test_auth_files_and_quotas_are_reloadable(write: Callable[[str], Path]) -> N
                                  "quotas.publish_msgs_per_s", "quotas.max_connections"}
     assert plan.config.auth.password_file == Path("/b")
     assert plan.config.quotas.publish_msgs_per_s == 2
+
+
+def test_keys_that_need_a_restart_are_named_as_in_the_file(
+        write: Callable[[str], Path]) -> None:
+    old = load_config(write('[broker]\nsys_interval = 10\n[auth]\npassword_file = "/p"\n'
+                            "allow_anonymous = true\n"))
+    new = load_config(write('[broker]\nsys_interval = 30\n[auth]\npassword_file = "/p"\n'
+                            "allow_anonymous = false\n"))
+    plan = plan_reload(old, new)
+    assert plan.needs_restart == ("broker.sys_interval",)  # the field is sys_interval_s
+    assert plan.applied == ("auth.allow_anonymous",)
+    assert plan.config.broker.sys_interval_s == 10
+    assert not plan.config.auth.allow_anonymous
