@@ -295,10 +295,11 @@ class Gate:
             return self._refusal(handler, ReasonCode.NOT_AUTHORIZED,
                                  "no password file to check the username against")
         password = packet.password
-        if password is not None and b"\0" in password:
+        if password is not None and (not password or b"\0" in password):
             # No password file line can hold a NUL, and PBKDF2 pads a short password with
             # NULs (HMAC keys), so "pw" + NUL would match "pw": such a password is wrong
-            # (checked against None: it still costs one hash).
+            # (checked against None: it still costs one hash). An empty one counts as none,
+            # as in mosquitto: a user whose line hashes "" never logs in.
             password = None
         # VerifierBusy, when too many checks wait, is raised by the task (see _verified).
         future: asyncio.Future[Decision] = self.app.loop.create_future()

@@ -155,6 +155,20 @@ def test_bad_credentials_are_refused_with_the_version_s_code(
 
 
 @VERSIONS
+def test_a_user_whose_password_is_empty_cannot_log_in(
+        make_auth_broker: Callable[..., BrokerThread], no_backoff: None, version: int) -> None:
+    # `mosquitto_passwd -b passwd blank ""` writes a line for an empty password; mosquitto
+    # takes an empty password in CONNECT for none, so that user never logs in. Here neither:
+    # otherwise anyone who knows the name would.
+    broker = make_auth_broker(users={**USERS, "blank": ""})
+    for password in (b"", None):
+        packet = raw_connect(unique_id().encode(), version=version, username=b"blank",
+                             password=password)
+        assert connack_code(broker.port, packet, version) == BAD_CREDENTIALS[version]
+    control(broker).ping()
+
+
+@VERSIONS
 def test_anonymous_clients_are_refused_as_not_authorized(
         make_auth_broker: Callable[..., BrokerThread], version: int) -> None:
     broker = make_auth_broker()
