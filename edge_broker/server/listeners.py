@@ -5,8 +5,8 @@ to `app.servers` and `app.addresses` as it goes (so a failure part way closes wh
 opened), and returns a `Listeners` registry. Each listener has its own settings:
 
 - TLS when `certfile`/`keyfile` are set (`tls.ServerTls`), with a handshake timeout.
-- `use_identity_as_username`: a connection whose verified client certificate has no subject
-  CN is closed (logged) before the MQTT protocol sees it (`_CertificateGate`).
+- `use_identity_as_username`: the gate (server/gate.py) takes the username from the client
+  certificate's CN, and answers a CONNECT whose certificate has none with CONNACK 0x87 / 5.
 - `protocol = "websockets"`: `websocket.py` (imported only then) wraps the MQTT protocol.
 
 Per connection, the auth code asks `Listeners.listener_of(transport)` which listener it came
@@ -128,38 +128,9 @@ class Listeners:
         return ok
 
 
-class _CertificateGate(asyncio.Protocol):
-    """With use_identity_as_username: let a connection through to MQTT only if its client
-    certificate has a subject CN to use as the username; close it (logged) otherwise."""
-
-    def __init__(self, factory: Callable[[], asyncio.Protocol], label: str) -> None:
-        self._factory = factory
-        self._label = label
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if peer_common_name(transport) is None:
-            log.info("%s: closing the connection from %s: its client certificate has no "
-                     "subject CN to use as the username (use_identity_as_username)",
-                     self._label, _peer(transport))
-            transport.close()
-            return
-        protocol = self._factory()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return "?"
-
-
 def _protocol_factory(app: BrokerApp, listener: ListenerConfig,
                       label: str) -> Callable[[], asyncio.Protocol]:
     factory: Callable[[], asyncio.Protocol] = partial(ClientHandler, app)
-    if listener.use_identity_as_username:
-        factory = partial(_CertificateGate, factory, label)
     if listener.protocol == "websockets":
         try:
             from .websocket import websocket_factory

@@ -248,14 +248,19 @@ LOOPS = pytest.mark.parametrize("uvloop", [False, True], ids=["asyncio", "uvloop
 
 
 @LOOPS
-def test_a_certificate_without_cn_is_closed_and_logged(start: Callable[..., BrokerThread],
-                                                       pki: Pki, uvloop: bool,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_a_certificate_without_cn_is_refused_with_a_connack_and_logged(
+        start: Callable[..., BrokerThread], pki: Pki, uvloop: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     broker = start(tls_listener(pki), uvloop=uvloop)
     port = port_of(broker, 0)
-    assert not mqtt_over_tls(port, client_context(pki, "no-cn"))
-    assert any("no subject CN" in r.getMessage() for r in caplog.records)
+    # use_identity_as_username with no CN to use: CONNACK 5 (Not authorized), then a close.
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
+            client_context(pki, "no-cn").wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(wb.connect(4, "no-cn"))
+        assert sock.recv(4) == b"\x20\x02\x00\x05"
+        assert sock.recv(1) == b""
+    assert any("no usable certificate common name" in r.getMessage() for r in caplog.records)
     ping_over_tls(port, pki)
     assert_clean_log(caplog)
 
