@@ -44,13 +44,14 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
     if "error" in reply:
         print(f"edge-broker: {reply['error']}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    missing = request["command"] == "sessions.delete" and not reply.get("deleted")
     if args.json:
         print(json.dumps(reply, indent=2, default=str))
+    elif missing:  # as `sessions show` of an unknown client id: an error
+        print(f"edge-broker: no session {request['client_id']!r}", file=sys.stderr)
     else:
         print(_render(request["command"], reply, source, request.get("client_id")))
-    if request["command"] == "sessions.delete" and not reply.get("deleted"):
-        return EXIT_NOT_FOUND
-    return 0
+    return EXIT_NOT_FOUND if missing else 0
 
 
 def _store_held(config: Config) -> bool:
@@ -181,8 +182,7 @@ def _render(command: str, reply: dict[str, Any], source: str, client_id: str | N
                              f"received {_when(q['received_at'])}")
         return "\n".join(lines)
     if command == "sessions.delete":
-        return (f"session {client_id} deleted" if reply["deleted"]
-                else f"no session {client_id!r}")
+        return f"session {client_id} deleted"
     st = reply["stats"]
     lines = [f"store stats ({source})",
              f"  persistence: {st['persistence']}",

@@ -96,7 +96,7 @@ def assert_not_found(data_dir: Path, *args: str, process: bool = False) -> None:
     result = admin(data_dir, *args, process=process)
     assert result.returncode == EXIT_NOT_FOUND, (args, result.returncode, result.stderr)
     client_id = args[-1]
-    assert f"no session {client_id!r}" in result.stderr + result.stdout
+    assert result.stderr == f"edge-broker: no session {client_id!r}\n"
 
 
 def publish_timed(port: int, messages: list[tuple[str, bytes]]) -> tuple[float, float]:
