@@ -75,6 +75,7 @@ class Router:
     def __init__(self) -> None:
         self._root = _Node()
         self.count = 0  # subscriptions held, shared members included
+        self.shared_count = 0  # ... of which shared ($share/...) members
         self._cache: dict[str, Matches] = {}
         # topic -> (the `match` list it was merged from, the merge or None): `merged`
         self._merged: dict[str, tuple[list[SubscriptionRecord], Merged | None]] = {}
@@ -104,6 +105,8 @@ class Router:
         holders[record.client_id] = record
         if not existed:
             self.count += 1
+            if group is not None:
+                self.shared_count += 1
         return existed
 
     def unsubscribe(self, client_id: str, topic_filter: str, group: str | None = None) -> bool:
@@ -128,6 +131,8 @@ class Router:
         if not removed:
             return False
         self.count -= 1
+        if group is not None:
+            self.shared_count -= 1
         for parent, level in reversed(path):
             if not node.is_empty():
                 break

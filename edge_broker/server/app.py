@@ -34,7 +34,7 @@ from .admin import AdminServer, DataDirLock
 from .client import ClientHandler
 from .gate import Gate
 from .http import HttpServer
-from .metrics import Metrics, sys_topics
+from .metrics import Metrics, SysLoad, heap_topics, load_counts, sys_topics
 from .observe import Observer, build_http_server, prepare_data_dir
 from .streams import StreamReplay
 
@@ -120,6 +120,7 @@ class BrokerApp:
         self._tick_at: float | None = None  # wall-clock time the tick handle fires
         self._sys_handle: asyncio.TimerHandle | None = None
         self._sys_last: dict[str, str] = {}
+        self._sys_load: SysLoad | None = None  # made at the first $SYS publication
         self._version = broker_version()
         self._stopped = False
         self._all_closed: asyncio.Event | None = None
@@ -554,6 +555,11 @@ class BrokerApp:
         now = time.time()
         values = sys_topics(self.core, self.metrics, version=self._version,
                             uptime_s=now - self.started_at)
+        counts = load_counts(self.core, self.metrics)
+        if self._sys_load is None:  # from the start: every count began at 0
+            self._sys_load = SysLoad((0,) * len(counts), self.started_at)
+        values.update(self._sys_load.topics(counts, now))
+        values.update(heap_topics())
         values.update(self.bridges.sys_topics())
         for topic, value in values.items():
             if self._sys_last.get(topic) != value:

@@ -156,6 +156,7 @@ class ClientHandler(asyncio.Protocol):
         self._last_rx = loop.time()
         self._connect_timer = loop.call_later(CONNECT_TIMEOUT_S, self._connect_timeout)
         self.app.connections.add(self)
+        self.app.metrics.sockets_opened += 1
         if not self.app.gate.admit(self):  # a connection limit ([quotas]): closed at once
             self._shut()
 

@@ -225,6 +225,7 @@ def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet
     handler.epoch = result.epoch
     handler.username = username
     handler.auth_how = decision.how
+    app.metrics.connects += 1
     rules_changed(handler)  # the ACL cache and the quota of this user
     properties = NO_PROPERTIES
     if v5:

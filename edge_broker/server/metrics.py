@@ -1,9 +1,15 @@
-"""Counters kept by the server, and the $SYS/broker topics built from them and the core."""
+"""Counters kept by the server, and the $SYS/broker topics built from them and the core:
+`sys_topics` (the counts), `SysLoad` (mosquitto's `load/...` moving averages) and
+`heap_topics` (the process's memory, where mosquitto reports its heap)."""
 
 from __future__ import annotations
 
+import math
+import os
+import resource
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Final
 
 from ..core.broker import BrokerCore
 
@@ -24,6 +30,8 @@ class Metrics:
     acl_denied: Counter[str] = field(default_factory=Counter)
     connections_refused: int = 0
     throttled_s: float = 0.0
+    sockets_opened: int = 0  # connections accepted (the socket, before any CONNECT)
+    connects: int = 0  # CONNECTs accepted (CONNACK 0)
 
 
 def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
@@ -73,4 +81,63 @@ def sys_topics(core: BrokerCore, metrics: Metrics, *, version: str,
         "$SYS/broker/bytes/sent": str(metrics.bytes_sent),
         "$SYS/broker/retained messages/count": str(len(core.retained)),
         "$SYS/broker/subscriptions/count": str(core.router.count),
+        "$SYS/broker/shared_subscriptions/count": str(core.router.shared_count),
     }
+
+
+# `$SYS/broker/load/<name>/<window>`: what each average is taken of.
+LOAD_SOURCES: Final = ("messages/received", "messages/sent", "bytes/received", "bytes/sent",
+                       "publish/received", "publish/sent", "publish/dropped", "connections",
+                       "sockets")
+LOAD_WINDOWS: Final = (("1min", 60.0), ("5min", 300.0), ("15min", 900.0))
+
+
+def load_counts(core: BrokerCore, metrics: Metrics) -> tuple[int, ...]:
+    """The counters behind LOAD_SOURCES, in its order."""
+    stats = core.stats
+    return (metrics.packets_received, metrics.packets_sent, metrics.bytes_received,
+            metrics.bytes_sent, stats.publish_received, stats.publish_sent,
+            stats.publish_dropped, metrics.connects, metrics.sockets_opened)
+
+
+class SysLoad:
+    """mosquitto's load figures: per source and window, an exponentially weighted moving
+    average of the rate per minute, updated at each $SYS publication from the counts' growth
+    since the last one (weight of the old value: e^(-elapsed / window))."""
+
+    def __init__(self, counts: tuple[int, ...], now: float) -> None:
+        self._counts = counts
+        self._at = now
+        self._values = {f"$SYS/broker/load/{source}/{name}": 0.0
+                        for source in LOAD_SOURCES for name, _ in LOAD_WINDOWS}
+
+    def topics(self, counts: tuple[int, ...], now: float) -> dict[str, str]:
+        elapsed = now - self._at
+        if elapsed > 0:
+            values = self._values
+            for source, count, before in zip(LOAD_SOURCES, counts, self._counts, strict=True):
+                per_minute = (count - before) * 60.0 / elapsed
+                for name, window in LOAD_WINDOWS:
+                    keep = math.exp(-elapsed / window)
+                    topic = f"$SYS/broker/load/{source}/{name}"
+                    values[topic] = keep * values[topic] + (1.0 - keep) * per_minute
+            self._counts, self._at = counts, now
+        return {topic: f"{value:.2f}" for topic, value in self._values.items()}
+
+
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def heap_topics() -> dict[str, str]:
+    """`$SYS/broker/heap/current` and `heap/maximum`, in bytes: the process's resident memory
+    now and at its highest (mosquitto counts its own heap; a Python process has no such
+    figure, and resident memory is what a gateway's RAM pays)."""
+    # ru_maxrss is in KiB on Linux.
+    values = {"$SYS/broker/heap/maximum": str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                              * 1024)}
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            values["$SYS/broker/heap/current"] = str(int(statm.read().split()[1]) * _PAGE_SIZE)
+    except (OSError, IndexError, ValueError):
+        pass  # not Linux: only the maximum
+    return values

@@ -332,6 +332,35 @@ def test_sys_topics(sys_broker: BrokerThread) -> None:
         assert int(values[key]) >= 0, key
 
 
+def test_sys_has_mosquitto_s_load_heap_and_shared_subscription_topics(
+        sys_broker: BrokerThread) -> None:
+    # What dashboards made for mosquitto read: load/<source>/<1min|5min|15min> (moving
+    # averages per minute), heap/current and heap/maximum, shared_subscriptions/count.
+    shared = subscriber(sys_broker.port, unique_id(), "$share/g/sys-test/#")
+    sub = subscriber(sys_broker.port, unique_id(), "$SYS/broker/#")
+    publisher = connect(sys_broker.port, unique_id(), version=5)
+    for _ in range(50):
+        publisher.publish_acked("sys-test/t", b"x", qos=1)
+    values: dict[str, str] = {}
+    deadline = time.monotonic() + 5.0
+    # Published again at the 1 s interval: wait for the load figures counting the publishes
+    # (sockets/15min comes last of them).
+    while (float(values.get("load/publish/received/1min", "0")) <= 0
+           or float(values.get("load/sockets/15min", "0")) <= 0):
+        message = sub.expect_publish(timeout=max(0.01, deadline - time.monotonic()))
+        values[message.topic.removeprefix("$SYS/broker/")] = message.payload.decode()
+    for source in ("messages/received", "messages/sent", "bytes/received", "bytes/sent",
+                   "publish/received", "publish/sent", "publish/dropped", "connections",
+                   "sockets"):
+        for window in ("1min", "5min", "15min"):
+            assert re.fullmatch(r"\d+\.\d\d", values[f"load/{source}/{window}"]), source
+    assert float(values["load/connections/1min"]) > 0
+    assert int(values["heap/current"]) > 1_000_000
+    assert int(values["heap/maximum"]) >= int(values["heap/current"]) // 2
+    assert values["shared_subscriptions/count"] == "1"
+    assert shared.expect_publish().topic == "sys-test/t"
+
+
 @both_versions
 def test_clients_cannot_publish_to_sys(sys_broker: BrokerThread, version: int) -> None:
     sub = subscriber(sys_broker.port, unique_id(), "$SYS/#")
