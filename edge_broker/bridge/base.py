@@ -59,6 +59,7 @@ from typing import Final, Protocol
 from urllib.parse import unquote
 
 from ..errors import BridgeError
+from ..mqtt.properties import Properties
 from .config import TlsOptions
 from .message import (
     H_CLIENT_ID,
@@ -143,6 +144,10 @@ class DownlinkMessage:
     user_properties: tuple[tuple[str, str], ...] = ()
     handle: object = field(default=None, compare=False, repr=False)
     """The client library's message, for `ack`."""
+    properties: Properties | None = None
+    """MQTT upstream (5.0): the PUBLISH's properties as received, published with the message
+    (the core keeps those a message carries to its subscribers, and its expiry); None:
+    `user_properties` only (JetStream, Kafka headers)."""
 
 
 class Resend(BridgeError):

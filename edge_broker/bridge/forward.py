@@ -59,6 +59,13 @@ async def _outcome(awaitable: Awaitable[T]) -> T | Exception:
         return exc
 
 
+def _take_expired(sink: Sink | None) -> int:
+    """How many of the messages the sink acknowledged since it was asked last it did not
+    send, expired (MqttUpstream `take_expired`; 0 for sinks without it)."""
+    take = getattr(sink, "take_expired", None)
+    return 0 if take is None else int(take())
+
+
 def _retrieve(future: asyncio.Future[int]) -> None:
     """Mark a dropped window's outcome retrieved, so asyncio does not log it."""
     if not future.cancelled():
@@ -100,6 +107,9 @@ class ForwarderStatus:
     cursor: int = 0
     forwarded: int = 0
     failures: int = 0
+    expired: int = 0
+    """Messages the cursor passed without sending them, their Message Expiry Interval over
+    (a sink with `take_expired`: the MQTT upstream); not in `forwarded`."""
     last_error: str | None = None
     last_error_at: float | None = None
 
@@ -208,7 +218,9 @@ class Forwarder:
             self._drop_prefetch()
         status.cursor = batch[acknowledged - 1].offset
         await self.reader.commit_cursor(status.cursor)
-        status.forwarded += acknowledged
+        expired = _take_expired(self._sink)
+        status.forwarded += acknowledged - expired
+        status.expired += expired
         self.backoff.reset()
 
     async def _step_pipelined(self, sink: PipelinedSink) -> None:

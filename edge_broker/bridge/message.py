@@ -65,15 +65,27 @@ def encode_user_properties(pairs: Sequence[tuple[str, str]]) -> str:
 class BridgeMessage:
     """One log entry handed to a sink: what the bridge's cursor reads from the log. Treat it
     as read-only. Equal when all fields but `size` are equal (`size`: the bytes the log
-    counts for it, topic + payload + properties)."""
+    counts for it, topic + payload + properties).
 
-    __slots__ = ("client_id", "content_type", "offset", "payload", "payload_utf8",
-                 "publish_time", "qos", "retain", "size", "topic", "user_properties")
+    The MQTT 5 properties the log keeps (store/log/schema.py `encode_props`: the ones a
+    message carries from its publisher to its subscribers) are fields of their own:
+    `content_type`, `payload_utf8` (Payload Format Indicator 1), `user_properties`,
+    `response_topic`, `correlation_data`; `expires_at` is the log's `expires_at` column (wall
+    clock, from the Message Expiry Interval; None: never). The headers of JetStream and Kafka
+    carry the first three only; the MQTT upstream sends them all (bridge/mqtt_upstream.py).
+    The uplink process's reader (server/bridge_log.py `raw_bridge_message`, JetStream and
+    Kafka only) does not read `expires_at`: it is None there."""
+
+    __slots__ = ("client_id", "content_type", "correlation_data", "expires_at", "offset",
+                 "payload", "payload_utf8", "publish_time", "qos", "response_topic", "retain",
+                 "size", "topic", "user_properties")
 
     def __init__(self, offset: int, topic: str, payload: bytes, qos: int = 0,
                  retain: bool = False, publish_time: float = 0.0, client_id: str = "",
                  content_type: str | None = None, payload_utf8: bool = False,
-                 user_properties: tuple[tuple[str, str], ...] = (), size: int = 0) -> None:
+                 user_properties: tuple[tuple[str, str], ...] = (), size: int = 0,
+                 response_topic: str | None = None, correlation_data: bytes | None = None,
+                 expires_at: float | None = None) -> None:
         self.offset = offset
         self.topic = topic
         self.payload = payload
@@ -85,11 +97,15 @@ class BridgeMessage:
         self.payload_utf8 = payload_utf8
         self.user_properties = user_properties
         self.size = size
+        self.response_topic = response_topic
+        self.correlation_data = correlation_data
+        self.expires_at = expires_at
 
     def _key(self) -> tuple[object, ...]:
         return (self.offset, self.topic, self.payload, self.qos, self.retain,
                 self.publish_time, self.client_id, self.content_type, self.payload_utf8,
-                self.user_properties)
+                self.user_properties, self.response_topic, self.correlation_data,
+                self.expires_at)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BridgeMessage):
@@ -101,7 +117,10 @@ class BridgeMessage:
                 f"payload={self.payload!r}, qos={self.qos!r}, retain={self.retain!r}, "
                 f"publish_time={self.publish_time!r}, client_id={self.client_id!r}, "
                 f"content_type={self.content_type!r}, payload_utf8={self.payload_utf8!r}, "
-                f"user_properties={self.user_properties!r}, size={self.size!r})")
+                f"user_properties={self.user_properties!r}, size={self.size!r}, "
+                f"response_topic={self.response_topic!r}, "
+                f"correlation_data={self.correlation_data!r}, "
+                f"expires_at={self.expires_at!r})")
 
     def headers(self, mid: str, id_name: str = H_MESSAGE_ID) -> dict[str, str]:
         """The documented headers, in the documented order; the message id first, named

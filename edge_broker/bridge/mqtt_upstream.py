@@ -14,19 +14,27 @@ back); if the remote refuses that, the next attempt goes without it. On MQTT 5 e
 downlink subscription sets No Local instead, for the same loop prevention.
 
 Uplink: `send(batch)` maps each message's local topic through the topic lines ("out" and
-"both") to a remote topic and publishes it at the lower of its own QoS and the line's. QoS 1/2
-publishes of a window go out at once, as many as the remote's Receive Maximum and the
-bridge's `window` allow, then their acks are awaited in order; the return value is how many
-from the start of the batch are done (QoS 0 ones are done when written; a message no line
-sends is done and counted in `unmapped`). Unacknowledged publishes are kept, by packet
-identifier, across reconnects: when the remote resumes the session they are resent with DUP
-set (a QoS 2 one that got its PUBREC gets its PUBREL again) [MQTT-4.4.0-1] (3.1.1/5.0), so a
-QoS 2 message is not duplicated by a reconnect. A `send` repeating a message already in
-flight waits for that exchange instead of publishing it again.
+"both") to a remote topic (the first line that sends it) and publishes it at the lower of its
+own QoS and the line's (the highest of the lines that send it: bridge/topic_map.py
+`map_topic_out`). On MQTT 5 the PUBLISH carries the properties the log kept for it (payload
+format, content type, response topic, correlation data, user properties), unaltered
+[MQTT-3.3.2-4] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-20] (5.0), and, for a message
+with a Message Expiry Interval, the interval left [MQTT-3.3.2-6] (5.0). A message whose
+expiry passed before it could be sent (an outage, a backlog) is not sent [MQTT-3.3.2-5]
+(5.0), on either version: done, and counted in `expired` (the bridge's `expired` figure,
+bridge/forward.py). QoS 1/2 publishes of a window go out at once, as many as the remote's
+Receive Maximum and the bridge's `window` allow, then their acks are awaited in order; the
+return value is how many from the start of the batch are done (QoS 0 ones are done when
+written; a message no line sends is done and counted in `unmapped`). Unacknowledged
+publishes are kept, by packet identifier, across reconnects: when the remote resumes the
+session they are resent with DUP set (a QoS 2 one that got its PUBREC gets its PUBREL again)
+[MQTT-4.4.0-1] (3.1.1/5.0), so a QoS 2 message is not duplicated by a reconnect. A `send`
+repeating a message already in flight waits for that exchange instead of publishing it again.
 
 Downlink: the remote filters of the "in" and "both" lines are subscribed at the lines' QoS
 (2 unless the line says otherwise: the only one that is exactly once). Each PUBLISH
-received is mapped to its local topic and yielded by `messages()`; `ack(message)` after the
+received is mapped to its local topic and yielded by `messages()`, with its properties (the
+local broker keeps those that go on to subscribers, and the expiry); `ack(message)` after the
 local commit sends PUBACK (QoS 1) or PUBREC (QoS 2).
 For QoS 2 the local side must keep the packet identifier (`position`, source
 "mqtt:<client id>") with the message until PUBREL releases it: a PUBLISH with an identifier
@@ -50,9 +58,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -93,6 +103,13 @@ class _InFlight:
     publish: Publish
     future: asyncio.Future[None]
     pubrec_received: bool = False
+    expires_at: float | None = None  # a resend carries the interval left then
+
+
+def _remaining(expires_at: float, now: float) -> int:
+    """The Message Expiry Interval to send on: the received one less the time waited here,
+    at least 1 (an interval of 0 is not sent: expired) [MQTT-3.3.2-6] (5.0)."""
+    return max(1, math.ceil(expires_at - now))
 
 
 @dataclass(slots=True)
@@ -133,6 +150,10 @@ class MqttUpstream:
         """Messages no "out"/"both" topic line sends (skipped, the cursor moves on)."""
         self.oversize = 0
         """Messages larger than the remote's Maximum Packet Size (not sent, counted)."""
+        self.expired = 0
+        """Messages whose Message Expiry Interval passed before they could be sent (not
+        sent; counted once the window's messages up to them are done)."""
+        self._expired_untold = 0  # of `expired`, not yet taken by `take_expired`
         self.last_error: str | None = None
         self.session_present = False
         self._link: _Link | None = None
@@ -255,9 +276,14 @@ class MqttUpstream:
             else:
                 entry.pubrec_received = False
                 publish = entry.publish
+                props = publish.properties
+                if entry.expires_at is not None and props.message_expiry_interval is not None:
+                    # Sent again, also once expired (the remote may hold its identifier).
+                    props = replace(props, message_expiry_interval=_remaining(
+                        entry.expires_at, time.time()))
                 resend = Publish(publish.topic, publish.payload, publish.qos, publish.retain,
                                  dup=link.session_present, packet_id=packet_id,
-                                 properties=publish.properties)
+                                 properties=props)
                 self._write(link, resend)
 
     async def _subscribe(self, link: _Link) -> None:
@@ -292,12 +318,21 @@ class MqttUpstream:
         if link is None:
             raise BridgeError("not connected")
         lines = self.options.topics
+        v5 = self.level == ProtocolLevel.MQTT_5
+        now = time.time()  # the log's expires_at is wall clock
         waits: list[asyncio.Future[None] | None] = []
+        expired: list[int] = []  # where in `waits` expired messages are
         budget = min(self.config.window, link.conn.send_quota)
         for message in batch:
             packet_id = self._by_offset.get(message.offset)
             if packet_id is not None and packet_id in self._inflight:
                 waits.append(self._inflight[packet_id].future)
+                continue
+            expires_at = message.expires_at
+            if expires_at is not None and expires_at <= now:
+                # [MQTT-3.3.2-5] (5.0): its expiry passed before it could be sent on.
+                expired.append(len(waits))
+                waits.append(None)
                 continue
             mapped = map_topic_out(lines, message.topic)
             if mapped is None:
@@ -312,11 +347,14 @@ class MqttUpstream:
             if qos and budget <= len([w for w in waits if w is not None]):
                 break
             props = Properties()
-            if self.level == ProtocolLevel.MQTT_5:
-                props = Properties(user_properties=message.user_properties,
-                                   content_type=message.content_type,
-                                   payload_format_indicator=1 if message.payload_utf8
-                                   else None)
+            if v5:  # [MQTT-3.3.2-4] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-20] (5.0)
+                props = Properties(
+                    payload_format_indicator=1 if message.payload_utf8 else None,
+                    message_expiry_interval=None if expires_at is None
+                    else _remaining(expires_at, now),
+                    content_type=message.content_type, response_topic=message.response_topic,
+                    correlation_data=message.correlation_data,
+                    user_properties=message.user_properties)
             publish = Publish(remote_topic, message.payload, qos, retain,
                               packet_id=self._allocate_id() if qos else None,
                               properties=props)
@@ -339,7 +377,8 @@ class MqttUpstream:
                 continue
             assert publish.packet_id is not None
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._inflight[publish.packet_id] = _InFlight(message.offset, publish, future)
+            self._inflight[publish.packet_id] = _InFlight(message.offset, publish, future,
+                                                          expires_at=expires_at)
             self._by_offset[message.offset] = publish.packet_id
             waits.append(future)
         with contextlib.suppress(ConnectionError):
@@ -360,11 +399,20 @@ class MqttUpstream:
             if wait is not None and not wait.done():
                 break
             done += 1
+        if expired:  # counted once: those after `done` are read and looked at again
+            passed = sum(1 for index in expired if index < done)
+            self.expired += passed
+            self._expired_untold += passed
         if done == 0 and waits:
             raise BridgeError("no acknowledgement from upstream"
                               + (": connection lost" if self._link is None else
                                  f" within {self.ack_timeout} s"))
         return done
+
+    def take_expired(self) -> int:
+        """Expired messages (see `expired`) since the last call: the forwarder's figure."""
+        count, self._expired_untold = self._expired_untold, 0
+        return count
 
     # ------------------------------------------------------------------ receiving
 
@@ -434,7 +482,8 @@ class MqttUpstream:
         message = DownlinkMessage(
             topic=local or "", payload=packet.payload, source=self.source,
             position=packet.packet_id or 0, qos=packet.qos, retain=packet.retain,
-            user_properties=packet.properties.user_properties, handle=packet)
+            user_properties=packet.properties.user_properties, handle=packet,
+            properties=packet.properties)
         if local is None:
             log.warning("bridge %s: no topic line takes %r from upstream", self.config.name,
                         packet.topic)

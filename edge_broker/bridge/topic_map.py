@@ -44,7 +44,9 @@ MQTT topic lines
 `parse_topic_line("sensors/# out 1 \\"\\" site1/gw7/")` reads mosquitto's bridge `topic`
 syntax: `pattern [direction [qos [local_prefix [remote_prefix]]]]`, whitespace-separated,
 `""` for an empty prefix. A local topic `<local_prefix><rest>` whose `<rest>` matches the
-pattern goes upstream as `<remote_prefix><rest>`; the reverse for "in".
+pattern goes upstream as `<remote_prefix><rest>`; the reverse for "in". When several lines
+send a local topic, the first one's prefixes apply and the highest of their QoS
+(`map_topic_out`).
 """
 
 from __future__ import annotations
@@ -264,12 +266,25 @@ def parse_topic_line(line: str) -> TopicLine:
 
 
 def map_topic_out(lines: Sequence[TopicLine], local_topic: str) -> tuple[str, int] | None:
-    """(remote topic, qos) of the first "out"/"both" line that sends `local_topic`."""
+    """(remote topic, qos) for `local_topic`, or None when no "out"/"both" line sends it.
+
+    The remote topic is the FIRST such line's (its prefixes); the QoS is the HIGHEST of all
+    the lines that send it, as overlapping subscriptions deliver a message at the highest
+    QoS of those it matches ([MQTT-3.3.4-2] (5.0), [MQTT-3.3.5-1] (3.1.1); mosquitto's
+    bridge does the same): `m/# out 0` then `m/x out 2` sends a QoS 2 message on m/x at 2."""
+    found: str | None = None
+    qos = 0
     for line in lines:
         remote = line.to_remote(local_topic)
-        if remote is not None and is_valid_topic_name(remote):
-            return remote, line.qos
-    return None
+        if remote is None or not is_valid_topic_name(remote):
+            continue
+        if found is None:
+            found = remote
+        if line.qos > qos:
+            qos = line.qos
+            if qos == 2:
+                break  # no higher; the topic is already the first line's
+    return None if found is None else (found, qos)
 
 
 def map_topic_in(lines: Sequence[TopicLine], remote_topic: str) -> str | None:

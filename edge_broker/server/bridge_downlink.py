@@ -115,9 +115,10 @@ class DownlinkSide:
                         "may write", name, topic, self.username)
             await source.ack(message)
             return
-        properties: Properties = NO_PROPERTIES
-        if message.user_properties:
-            properties = Properties(user_properties=tuple(message.user_properties))
+        properties = message.properties  # MQTT upstream: all of them (5.0)
+        if properties is None:
+            properties = (Properties(user_properties=tuple(message.user_properties))
+                          if message.user_properties else NO_PROPERTIES)
         publish_downlink(app.core, topic, message.payload, message.qos, message.retain,
                          properties, origin=identity, now=time.time(), bridge=name,
                          source=key_source, position=position)

@@ -34,7 +34,9 @@ def bridge_message(row: LogRow) -> BridgeMessage:
         offset=row.offset, topic=row.topic, payload=row.payload, qos=row.qos,
         retain=row.retain, publish_time=row.at, client_id=row.origin,
         content_type=props.content_type, payload_utf8=props.payload_format_indicator == 1,
-        user_properties=tuple(props.user_properties), size=row.size)
+        user_properties=tuple(props.user_properties), size=row.size,
+        response_topic=props.response_topic, correlation_data=props.correlation_data,
+        expires_at=row.expires_at)
 
 
 def raw_bridge_message(raw: Sequence[Any], name: str, name_size: int) -> BridgeMessage:
@@ -42,7 +44,8 @@ def raw_bridge_message(raw: Sequence[Any], name: str, name_size: int) -> BridgeM
     row factory for `LogFile.page_of`: the uplink process makes one per drained message).
     Columns: store/log/bridge_file.py `BRIDGE_COLUMNS` (offset, at, topic id * 8 + QoS * 2 +
     retain, payload, the origin or `<len(properties)>:<properties><origin>`); the size as
-    `log_row` counts it."""
+    `log_row` counts it. Not read: `expires_at` (left None; the sinks of the uplink process,
+    JetStream and Kafka, do not use it)."""
     payload = raw[3]
     packed = raw[2]
     last = raw[4]
@@ -60,7 +63,8 @@ def raw_bridge_message(raw: Sequence[Any], name: str, name_size: int) -> BridgeM
     props = decode_props(blob)
     return BridgeMessage(raw[0], name, payload, (packed >> 1) & 3, bool(packed & 1), raw[1],
                          origin, props.content_type, props.payload_format_indicator == 1,
-                         tuple(props.user_properties), size)
+                         tuple(props.user_properties), size, props.response_topic,
+                         props.correlation_data)
 
 
 class StoreLogReader:

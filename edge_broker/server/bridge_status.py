@@ -35,6 +35,7 @@ class BridgeStatus:
     last_error: str | None = None
     last_error_at: float | None = None
     dropped: int = 0
+    expired: int = 0  # MQTT upstream: not sent, their Message Expiry Interval over
     downlink_connected: bool = False
     downlink_published: int = 0
     downlink_duplicates: int = 0
@@ -68,6 +69,7 @@ def bridge_sys_topics(configs: Sequence[BridgeConfig],
             f"{base}/forwarded": str(status.forwarded),
             f"{base}/forwarded_per_second": f"{status.forwarded_per_s:.1f}",
             f"{base}/dropped": str(status.dropped),
+            f"{base}/expired": str(status.expired),
             # "none", not "": an empty retained payload would clear the topic.
             f"{base}/last_error": status.last_error or "none",
             f"{base}/downlink/published": str(status.downlink_published),
@@ -100,6 +102,9 @@ def bridge_families(statuses: Sequence[BridgeStatus]) -> list[Family]:
          "Oldest messages skipped because the backlog exceeded max_backlog_bytes or "
          "gave way to max_store_bytes.",
          "dropped"),
+        ("expired_total", "counter",
+         "Messages not sent because their Message Expiry Interval passed first (mqtt).",
+         "expired"),
         ("failures_total", "counter", "Connection or send failures.", "failures"),
         ("downlink_published_total", "counter", "Downlink messages published locally.",
          "downlink_published"),

@@ -294,6 +294,7 @@ class Bridge(DownlinkSide):
             status.connected = fs.connected
             status.cursor = fs.cursor
             status.forwarded = fs.forwarded
+            status.expired = fs.expired
             if fs.last_error_at is not None and (
                     status.last_error_at is None or fs.last_error_at >= status.last_error_at):
                 status.last_error = fs.last_error

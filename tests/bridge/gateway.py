@@ -232,6 +232,9 @@ class ThreadedProxy:
     def cut(self) -> None:
         self.loop.call_soon_threadsafe(self.proxy.cut)
 
+    def refuse(self) -> None:
+        self.loop.call_soon_threadsafe(self.proxy.refuse)
+
     def drop_to_target(self) -> None:
         self._call(self._now(self.proxy.drop_to_target))
 

@@ -9,6 +9,8 @@ Modes, switched at any time:
   peer closes it, so after `forward()` the client must reconnect (as it would in reality
   once its keep-alive or ack timeout fired).
 - `cut()`: close every open connection now (the peers see the close); the mode is kept.
+- `refuse()`: new connections are closed at once, as by a port nothing listens on (the open
+  ones are kept: `cut()` them too for a remote that is down).
 - `drop_to_target()`: on the open connections, what the client sends is dropped silently
   while what the target sends still reaches the client (a client's acknowledgements lost on
   the way). A close by either side still closes both.
@@ -64,6 +66,9 @@ class TcpProxy:
     def forward(self) -> None:
         self.mode = "forward"
 
+    def refuse(self) -> None:
+        self.mode = "refuse"
+
     def blackhole(self) -> None:
         self.mode = "blackhole"
         for pair in self._pairs:
@@ -96,6 +101,9 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections_accepted += 1
+        if self.mode == "refuse":
+            writer.transport.abort()
+            return
         upstream_reader: asyncio.StreamReader | None = None
         upstream_writer: asyncio.StreamWriter | None = None
         if self.mode == "forward":

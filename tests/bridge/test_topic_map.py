@@ -91,3 +91,14 @@ def test_topic_lines_map_both_ways_with_prefixes() -> None:
     assert map_topic_in(lines, "site/gw/cmd/x") == "dev/cmd/x"
     assert map_topic_in(lines, "site/gw/cfg/a/b") == "local/cfg/a/b"
     assert map_topic_in(lines, "site/gw/s/t") is None  # "out" only
+
+
+def test_overlapping_out_lines_take_the_first_lines_topic_and_the_highest_qos() -> None:
+    """As overlapping subscriptions deliver at the highest QoS they match ([MQTT-3.3.5-1]
+    (3.1.1)); the first line's prefixes decide the remote topic."""
+    lines = [parse_topic_line(text) for text in (
+        'm/# out 0 "" a/', 'm/x out 2 "" b/', 'm/+ both 1 "" c/', 'm/x in 2 "" d/')]
+    assert map_topic_out(lines, "m/x") == ("a/m/x", 2)
+    assert map_topic_out(lines, "m/y") == ("a/m/y", 1)  # lines 1 and 3
+    assert map_topic_out(lines, "m/y/z") == ("a/m/y/z", 0)  # line 1 only
+    assert map_topic_out(lines[1:], "m/x") == ("b/m/x", 2)  # the first that sends it
