@@ -164,6 +164,16 @@ class MqttUpstream:
         self._suback: asyncio.Future[SubAck] | None = None
         self._lost: asyncio.Event = asyncio.Event()
 
+    def resume_from(self, previous: MqttUpstream) -> None:
+        """Take over what `previous` (this bridge's last connection object, closed) left in
+        flight, before `start`: resent with their packet identifiers once connected (with DUP
+        when the remote resumed the session), so a new object per reconnect does not send a
+        QoS 2 message again as a new one. Its downlink queue is not taken: the remote sends
+        what was not acknowledged again."""
+        self._inflight, previous._inflight = previous._inflight, {}
+        self._by_offset, previous._by_offset = previous._by_offset, {}
+        self._next_id = previous._next_id
+
     @property
     def connected(self) -> bool:
         return self._link is not None

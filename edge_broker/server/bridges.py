@@ -57,6 +57,7 @@ from .droplog import DropLog
 from .prometheus import Family
 
 if TYPE_CHECKING:
+    from ..bridge.mqtt_upstream import MqttUpstream
     from ..store.log.bridge_store import BridgeStoreSide
     from .app import BrokerApp
 
@@ -82,6 +83,7 @@ class Bridge(DownlinkSide):
         self.tasks: list[asyncio.Task[None]] = []
         self.username = f"bridge:{config.name}"
         self._mqtt_downlink: asyncio.Task[None] | None = None
+        self._last_upstream: MqttUpstream | None = None  # the mqtt kind's last sink
         self._rate_sample = (time.monotonic(), 0)
         self._dropping = False
         self._drop_log = DropLog()
@@ -184,6 +186,9 @@ class Bridge(DownlinkSide):
         from ..bridge.mqtt_upstream import MqttUpstream
 
         upstream = MqttUpstream(config)
+        if self._last_upstream is not None:  # the forwarder's last one, closed: its in-flight
+            upstream.resume_from(self._last_upstream)
+        self._last_upstream = upstream
         upstream.on_release = lambda packet_id: self._mqtt_released(upstream, packet_id)
         # One connection carries both directions: its downlink is read while it is the
         # forwarder's sink (the next one replaces it after a reconnect).

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.bridge.gateway import Gateway
 from tests.bridge.servers import Mosquitto, NatsServer, Tansu
 
 
@@ -38,3 +40,16 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def started() -> Iterator[list[Any]]:
+    """What a test started (gateways, proxies, clients), stopped or closed at the end in
+    reverse order."""
+    made: list[Any] = []
+    yield made
+    for thing in reversed(made):
+        if isinstance(thing, Gateway):
+            thing.stop()
+        else:
+            thing.close()

@@ -20,12 +20,10 @@ Waiting is polling with a deadline (tests/bridge/gateway.py `wait_until`) or for
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -67,16 +65,6 @@ def present(message: mqtt.MQTTMessage) -> dict[str, Any]:
     return {name: getattr(props, name) for name in names if hasattr(props, name)}
 
 
-@pytest.fixture
-def started() -> Iterator[list[Any]]:
-    """What a test started, closed at the end in reverse order."""
-    made: list[Any] = []
-    yield made
-    for thing in reversed(made):
-        if isinstance(thing, Gateway):
-            thing.stop()
-        else:
-            thing.close()
 
 
 def test_properties_cross_the_bridge_both_ways_for_a_request_and_its_response(
