@@ -144,6 +144,8 @@ class Forwarder:
         self.sleep = sleep
         self.name = name
         self.status = ForwarderStatus(cursor=cursor)
+        self.on_connected: Callable[[bool], None] | None = None
+        """Told at once when `status.connected` changes (the bridge's local state topic)."""
         self._sink: Sink | None = None
         # (the offset it reads after, the read): the next page, read while a window is out
         self._prefetch: tuple[int, asyncio.Future[Sequence[BridgeMessage]]] | None = None
@@ -192,7 +194,7 @@ class Forwarder:
                 await self._failed(sink, started)
                 return
             self._sink = sink
-            status.connected = True
+            self._connected(True)
         if callable(getattr(self._sink, "submit", None)):
             await self._step_pipelined(cast(PipelinedSink, self._sink))
             return
@@ -366,7 +368,7 @@ class Forwarder:
         status = self.status
         self._probing = True
         self._rewind()
-        status.connected = False
+        self._connected(False)
         status.failed(f"{type(exc).__name__}: {exc}")
         log.warning("bridge %s: %s (cursor %d); retrying", self.name, status.last_error,
                     status.cursor)
@@ -380,5 +382,11 @@ class Forwarder:
     async def _close_sink(self) -> None:
         if self._sink is not None:
             sink, self._sink = self._sink, None
-            self.status.connected = False
+            self._connected(False)
             await sink.close()
+
+    def _connected(self, connected: bool) -> None:
+        if self.status.connected != connected:
+            self.status.connected = connected
+            if self.on_connected is not None:
+                self.on_connected(connected)

@@ -549,6 +549,14 @@ class BrokerApp:
                                                  self._run_tick)
         self._tick_at = deadline
 
+    def publish_state(self, topic: str, value: str) -> None:
+        """A retained state value (a bridge's local state topic) published now, not at the
+        next $SYS round; that round repeats it only if it changed again."""
+        self.core.publish_internal(topic, value.encode(), now=time.time(), retain=True)
+        if topic in self._sys_last:
+            self._sys_last[topic] = value
+        self.finish_batch(None, [])
+
     def _publish_sys(self) -> None:
         """Publish the $SYS/broker values that changed since last time (retained, QoS 0)."""
         self._sys_handle = None

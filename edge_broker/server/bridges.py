@@ -120,6 +120,8 @@ class Bridge(DownlinkSide):
             self.forwarder = Forwarder(self._make_sink, self.reader, cursor=cursor,
                                        window=config.window, backoff=backoff,
                                        name=config.name)
+            if config.mqtt is not None and config.mqtt.local_state_topic:
+                self.forwarder.on_connected = self._state_changed
             self.tasks.append(loop.create_task(self._run_forwarder(self.forwarder),
                                                name=f"bridge {config.name} uplink"))
             side.listen(self._check_backlog)
@@ -170,6 +172,14 @@ class Bridge(DownlinkSide):
                 log.exception("bridge %s: uplink failed locally", self.config.name)
                 self._error(exc, "uplink")
             await asyncio.sleep(backoff.next_delay())
+
+    def _state_changed(self, connected: bool) -> None:
+        """The local state topic, at once (as mosquitto's bridge does), not only with the
+        next $SYS values: a short outage between two of those would not show."""
+        assert self.config.mqtt is not None
+        self.status.connected = connected
+        self.manager.app.publish_state(self.config.mqtt.local_state_topic,
+                                       "1" if connected else "0")
 
     def _make_sink(self) -> Sink:
         config = self.config
