@@ -44,7 +44,9 @@ MQTT topic lines
 `parse_topic_line("sensors/# out 1 \\"\\" site1/gw7/")` reads mosquitto's bridge `topic`
 syntax: `pattern [direction [qos [local_prefix [remote_prefix]]]]`, whitespace-separated,
 `""` for an empty prefix. A local topic `<local_prefix><rest>` whose `<rest>` matches the
-pattern goes upstream as `<remote_prefix><rest>`; the reverse for "in". When several lines
+pattern goes upstream as `<remote_prefix><rest>`; the reverse for "in"; with the empty
+pattern `""`, the prefixes are the two topics, mapped one to the other (mosquitto's form for
+one fixed topic). When several lines
 send a local topic, the first one's prefixes apply and the highest of their QoS
 (`map_topic_out`).
 """
@@ -218,21 +220,30 @@ class TopicLine:
 
     def to_remote(self, local_topic: str) -> str | None:
         """The remote topic of a local one, or None when this line does not send it."""
-        if not self.uplink or not local_topic.startswith(self.local_prefix):
+        if not self.uplink:
             return None
-        rest = local_topic[len(self.local_prefix):]
-        if not rest or not topic_matches(self.pattern, rest):
-            return None
-        return self.remote_prefix + rest
+        return _swap(self.pattern, self.local_prefix, self.remote_prefix, local_topic)
 
     def to_local(self, remote_topic: str) -> str | None:
         """The local topic of a remote one, or None when this line does not take it."""
-        if not self.downlink or not remote_topic.startswith(self.remote_prefix):
+        if not self.downlink:
             return None
-        rest = remote_topic[len(self.remote_prefix):]
-        if not rest or not topic_matches(self.pattern, rest):
-            return None
-        return self.local_prefix + rest
+        return _swap(self.pattern, self.remote_prefix, self.local_prefix, remote_topic)
+
+
+def _swap(pattern: str, prefix: str, other: str, topic: str) -> str | None:
+    """`topic` with `prefix` replaced by `other` if the rest matches `pattern`; an empty
+    pattern (mosquitto's form for one fixed topic) takes `prefix` exactly."""
+    if not pattern:
+        return other if topic == prefix else None
+    if not topic.startswith(prefix):
+        return None
+    rest = topic[len(prefix):]
+    # An empty rest is the prefix's own empty last level ("LH/" under "LH/" with "#"): the
+    # pattern says whether it matches.
+    if (not rest and not prefix) or not topic_matches(pattern, rest):
+        return None
+    return other + rest
 
 
 def parse_topic_line(line: str) -> TopicLine:
@@ -245,7 +256,7 @@ def parse_topic_line(line: str) -> TopicLine:
         raise ValueError("expected \"pattern [direction [qos [local_prefix [remote_prefix]]]]\","
                          f" got {len(fields)} fields")
     pattern = fields[0]
-    if not is_valid_topic_filter(pattern) or pattern.startswith("$share/"):
+    if pattern and (not is_valid_topic_filter(pattern) or pattern.startswith("$share/")):
         raise ValueError(f"{pattern!r} is not a valid MQTT topic filter")
     direction = fields[1] if len(fields) > 1 else "out"
     if direction not in DIRECTIONS:
@@ -261,6 +272,9 @@ def parse_topic_line(line: str) -> TopicLine:
     for what, prefix in (("local_prefix", local_prefix), ("remote_prefix", remote_prefix)):
         if "+" in prefix or "#" in prefix or "\x00" in prefix:
             raise ValueError(f"{what} {prefix!r} may not contain wildcards")
+    if not pattern and not (local_prefix and remote_prefix):
+        raise ValueError('an empty pattern ("") needs both prefixes: they are the local and '
+                         "the remote topic")
     line_obj = TopicLine(pattern, direction, int(qos_text), local_prefix, remote_prefix)
     return line_obj
 

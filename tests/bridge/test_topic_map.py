@@ -102,3 +102,26 @@ def test_overlapping_out_lines_take_the_first_lines_topic_and_the_highest_qos() 
     assert map_topic_out(lines, "m/y") == ("a/m/y", 1)  # lines 1 and 3
     assert map_topic_out(lines, "m/y/z") == ("a/m/y/z", 0)  # line 1 only
     assert map_topic_out(lines[1:], "m/x") == ("b/m/x", 2)  # the first that sends it
+
+
+def test_an_empty_pattern_maps_one_topic_to_another_as_mosquitto_documents() -> None:
+    # mosquitto.conf(5): `topic "" out 1 single/local single/remote`: the prefixes are the
+    # whole topics.
+    line = parse_topic_line('"" both 1 single/local single/remote')
+    assert (line.local_filter, line.remote_filter) == ("single/local", "single/remote")
+    assert map_topic_out([line], "single/local") == ("single/remote", 1)
+    assert map_topic_out([line], "single/local/x") is None
+    assert map_topic_out([line], "single/loc") is None
+    assert map_topic_in([line], "single/remote") == "single/local"
+    assert map_topic_in([line], "single/remote/x") is None
+    for bad in ('"" out 1', '"" out 1 single/local', '"" out 1 "" single/remote'):
+        with pytest.raises(ValueError, match="both prefixes"):
+            parse_topic_line(bad)
+
+
+def test_a_topic_that_is_its_prefix_and_an_empty_level_is_mapped() -> None:
+    # `LH/#` matches `LH/` (an empty last level): it goes as `RH/`, as mosquitto sends it.
+    lines = [parse_topic_line("# both 1 LH/ RH/")]
+    assert map_topic_out(lines, "LH/") == ("RH/", 1)
+    assert map_topic_in(lines, "RH/") == "LH/"
+    assert map_topic_out(lines, "LH") is None  # not under the prefix
