@@ -25,6 +25,8 @@ LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
 PERSISTENCE_KINDS: Final[tuple[Persistence, ...]] = ("memory", "sqlite")
 DURABILITY_LEVELS: Final[tuple[Durability, ...]] = ("fsync", "os", "none")
 LISTENER_PROTOCOLS: Final[tuple[ListenerProtocol, ...]] = ("mqtt", "websockets")
+TlsVersion = Literal["tlsv1.2", "tlsv1.3"]
+TLS_VERSIONS: Final[tuple[TlsVersion, ...]] = ("tlsv1.2", "tlsv1.3")
 QUEUE_FULL_POLICIES: Final[tuple[QueueFullPolicy, ...]] = ("drop-oldest", "drop-newest", "refuse")
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -87,6 +89,10 @@ class ListenerConfig:
     require_certificate); the certificate is then this listener's authentication."""
     crlfile: Path | None = None
     """PEM certificate revocation list checked against client certificates (leaf only)."""
+    tls_version: TlsVersion = "tlsv1.2"
+    """The lowest TLS version accepted (mosquitto's `tls_version`); never below 1.2."""
+    ciphers: str | None = None
+    """OpenSSL cipher list for TLS 1.2 (mosquitto's `ciphers`); None: Python's default."""
 
     @property
     def tls(self) -> bool:

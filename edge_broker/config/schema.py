@@ -17,11 +17,13 @@ from edge_broker.config.model import (
     LOG_LEVELS,
     PERSISTENCE_KINDS,
     QUEUE_FULL_POLICIES,
+    TLS_VERSIONS,
 )
 from edge_broker.config.values import (
     Parser,
     _bool,
     _choice,
+    _cipher_list,
     _client_id_prefix,
     _data_dir,
     _file_path,
@@ -58,6 +60,8 @@ _SCHEMA: Final[dict[str, dict[str, _Key]]] = {
         "require_certificate": _Key("require_certificate", _bool),
         "use_identity_as_username": _Key("use_identity_as_username", _bool),
         "crlfile": _Key("crlfile", _readable_file),
+        "tls_version": _Key("tls_version", _choice(TLS_VERSIONS)),
+        "ciphers": _Key("ciphers", _cipher_list),
     },
     "auth": {
         "allow_anonymous": _Key("allow_anonymous", _bool),

@@ -69,10 +69,14 @@ def _check_tls_keys(listener: ListenerConfig, label: str, file: str | None) -> N
     if listener.keyfile is not None and listener.certfile is None:
         raise fail("keyfile", "needs certfile (the server certificate)")
     if listener.certfile is None:
-        for key in ("cafile", "crlfile", "require_certificate", "use_identity_as_username"):
+        for key in ("cafile", "crlfile", "require_certificate", "use_identity_as_username",
+                    "ciphers"):
             if getattr(listener, key) not in (None, False):
                 raise fail(key, "is a TLS setting: set certfile and keyfile too to make "
                                 "this a TLS listener")
+    if listener.certfile is None and listener.tls_version != "tlsv1.2":
+        raise fail("tls_version", "is a TLS setting: set certfile and keyfile too to make "
+                                  "this a TLS listener")
     if listener.require_certificate and listener.cafile is None:
         raise fail("require_certificate",
                    "needs cafile (the CA that client certificates must chain to)")

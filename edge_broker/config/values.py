@@ -74,6 +74,14 @@ def _choice(options: tuple[str, ...]) -> Parser:
     return parse
 
 
+def _cipher_list(value: object) -> str:
+    """An OpenSSL cipher list (checked against OpenSSL by the TLS listener's set-up)."""
+    if not isinstance(value, str) or not value.strip() or _CONTROL_RE.search(value):
+        raise _Invalid(f'expected an OpenSSL cipher list such as "ECDHE+AESGCM:ECDHE+AES", '
+                       f"got {_show(value)}")
+    return value
+
+
 def _rate(value: object) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not (
             0 <= value < math.inf):

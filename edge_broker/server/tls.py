@@ -56,7 +56,8 @@ def _error(message: str, *, label: str, key: str, file: str | None) -> ConfigErr
 
 
 def _reason(error: Exception) -> str:
-    if isinstance(error, ssl.SSLError) and error.reason:
+    if isinstance(error, ssl.SSLError) and getattr(error, "reason", None):
+        # (set_ciphers raises one without reason or library)
         return f"{error.reason} ({error.library or 'ssl'})"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
@@ -133,7 +134,14 @@ def build_context(listener: ListenerConfig, *, label: str,
     """
     assert listener.certfile is not None and listener.keyfile is not None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = MINIMUM_VERSION
+    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if listener.tls_version == "tlsv1.3"
+                               else MINIMUM_VERSION)
+    if listener.ciphers is not None:
+        try:
+            context.set_ciphers(listener.ciphers)  # TLS 1.2's; 1.3's are OpenSSL's own
+        except ssl.SSLError as error:
+            raise _error(f"OpenSSL takes no cipher from {listener.ciphers!r}: "
+                         f"{_reason(error)}", label=label, key="ciphers", file=file) from None
     context.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
     context.num_tickets = 0  # TLS 1.3: no resumption, so no handshake skips the CRL
     try:

@@ -33,6 +33,7 @@ from edge_broker.config import ListenerConfig, load_config
 from edge_broker.errors import ConfigError
 from edge_broker.server import listeners as listeners_module
 from edge_broker.server.listeners import identity_of
+from edge_broker.server.tls import build_context
 from tests.conftest import BrokerThread
 from tests.integration import wirebytes as wb
 from tests.integration.brokerprocess import BrokerProcess, needs_console_script
@@ -242,6 +243,32 @@ def test_tls_1_1_is_refused(start: Callable[..., BrokerThread], pki: Pki) -> Non
             pytest.raises(ssl.SSLError):
         context.wrap_socket(raw, server_hostname="localhost").close()
     assert mqtt_over_tls(port, client_context(pki))
+
+
+def test_tls_version_raises_the_minimum_to_1_3(start: Callable[..., BrokerThread],
+                                               pki: Pki) -> None:
+    listener = dataclasses.replace(tls_listener(pki), tls_version="tlsv1.3")
+    port = port_of(start(listener), 0)
+    assert not mqtt_over_tls(port, client_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2))
+    assert mqtt_over_tls(port, client_context(pki))
+
+
+@pytest.mark.parametrize("ciphers", [None, "DEFAULT:ECDHE-ECDSA-AES128-SHA"])
+def test_ciphers_admit_the_cbc_suite_an_older_device_offers(
+        start: Callable[..., BrokerThread], pki: Pki, ciphers: str | None) -> None:
+    # A TLS 1.2 client that offers only ECDHE-ECDSA-AES128-SHA (CBC, SHA-1 MAC: older
+    # embedded stacks): refused with the default list, accepted once `ciphers` names it.
+    old_device = client_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
+    old_device.minimum_version = ssl.TLSVersion.TLSv1_2
+    old_device.set_ciphers("ECDHE-ECDSA-AES128-SHA")
+    listener = dataclasses.replace(tls_listener(pki), ciphers=ciphers)
+    assert mqtt_over_tls(port_of(start(listener), 0), old_device) == (ciphers is not None)
+
+
+def test_a_cipher_list_openssl_selects_nothing_from_stops_the_start(pki: Pki) -> None:
+    listener = dataclasses.replace(tls_listener(pki), ciphers="NO-SUCH-CIPHER")
+    with pytest.raises(ConfigError, match="ciphers: OpenSSL takes no cipher from"):
+        build_context(listener, label="[[listeners]] #1", file=None)
 
 
 LOOPS = pytest.mark.parametrize("uvloop", [False, True], ids=["asyncio", "uvloop"])

@@ -506,8 +506,10 @@ def test_the_example_commented_defaults_are_the_real_defaults(tmp_path: Path) ->
     # Uncomment every "# key = value" and "# [table]" line: the result must be the defaults
     # (apart from data_dir, which the example sets for the systemd unit).
     text = EXAMPLE.read_text(encoding="utf-8")
-    # The TLS file keys have no default: their example paths need not exist here.
-    text = re.sub(r"^# (cafile|certfile|keyfile|crlfile) = .*$", "", text, flags=re.MULTILINE)
+    # The TLS file keys and ciphers have no default: their example paths need not exist
+    # here, and the cipher list is an example.
+    text = re.sub(r"^# (cafile|certfile|keyfile|crlfile|ciphers) = .*$", "", text,
+                  flags=re.MULTILINE)
     uncommented = re.sub(r"^# ((?:\[\[?\w+\]\]?)|(?:\w+ = .+))$", r"\1", text, flags=re.MULTILINE)
     path = tmp_path / "uncommented.toml"
     path.write_text(uncommented, encoding="utf-8")
