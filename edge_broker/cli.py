@@ -38,6 +38,7 @@ from typing import Any, Final
 from edge_broker.config import LOG_LEVELS, Config, ListenerConfig, apply_overrides, load_config
 from edge_broker.dist import installed_version
 from edge_broker.errors import ConfigError
+from edge_broker.logfilter import LibraryRepeats
 
 PROG: Final = "edge-broker"
 EXIT_CHECK_FAILED: Final = 1
@@ -339,6 +340,7 @@ def configure_logging(level: int, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_LOG_HANDLER_NAME)
     handler.setFormatter(_LogFormatter(fmt, journal=_stderr_is_journal()))
+    handler.addFilter(LibraryRepeats())  # aiokafka's reconnect errors, and the like
     root.addHandler(handler)
     root.setLevel(level)
 
