@@ -26,6 +26,7 @@ from typing import Any
 from ..bridge.base import Backoff, Sink
 from ..bridge.config import BridgeConfig
 from ..bridge.forward import Forwarder, LogReader
+from ..logfilter import LibraryRepeats
 from ..store.log.bridge_file import LogFile
 from ..store.log.bridges import reader_name
 from ..store.log.lane_view import LaneView
@@ -67,6 +68,8 @@ async def serve(fd: int) -> None:
     logging.basicConfig(
         level=int(settings.get("log_level", logging.INFO)), stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s bridge process {config.name}: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LibraryRepeats())  # aiokafka's reconnect errors (logfilter.py)
 
     def send(message: tuple[Any, ...]) -> None:
         if not writer.is_closing():
