@@ -2,8 +2,9 @@
 
 `bridges status` asks the running broker over its admin socket (command `bridges`) for each
 bridge's status and prints one block per bridge: connected or not and why, the cursor and the
-backlog behind it (messages, bytes, age of the oldest), forwarded per second, drops and the
-last error. `--json` prints the broker's answer as it is. With no broker running on the data
+backlog behind it (messages, bytes, age of the oldest), forwarded per second, drops, the
+messages skipped (refused by the remote side's limits, unrouted, expired) and the last
+error. `--json` prints the broker's answer as it is. With no broker running on the data
 directory it says so and exits 3 (the LSB code for "not running"), like `edge-broker status`.
 
 `replay --bridge NAME` reads the history a jetstream or kafka bridge wrote to its central log
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .config import Config
-from .errors import BridgeError, EdgeBrokerError
+from .errors import BridgeError, ConfigError, EdgeBrokerError
 from .server import admin
 
 EXIT_NOT_FOUND: Final = 1
@@ -120,7 +121,8 @@ _SHOWN: Final = {
     "name", "kind", "enabled", "connected", "cursor", "backlog_messages", "backlog_bytes",
     "backlog_oldest_age_s", "forwarded", "forwarded_per_s", "failures", "last_error",
     "last_error_at", "dropped", "downlink_connected", "downlink_published",
-    "downlink_duplicates", "downlink_denied", "max_backlog_bytes",
+    "downlink_duplicates", "downlink_denied", "max_backlog_bytes", "refused", "unrouted",
+    "expired",
 }
 
 
@@ -155,6 +157,11 @@ def render(status: dict[str, Any]) -> str:
         f"  forwarded   {_n(status.get('forwarded'))} total, "
         f"{'-' if rate is None else f'{rate:,.1f}'}/s",
         f"  dropped     {_n(status.get('dropped'))} messages (max_backlog_bytes)",
+    ]
+    skipped = _skipped(status)
+    if skipped:
+        lines.append(f"  skipped     {skipped}")
+    lines += [
         f"  failures    {_n(status.get('failures'))} connection or send attempts failed",
         f"  last error  {error + _ago(status.get('last_error_at')) if error else 'none'}",
     ]
@@ -168,6 +175,21 @@ def render(status: dict[str, Any]) -> str:
     for key in sorted(set(status) - _SHOWN):
         lines.append(f"  {key.replace('_', ' ')}: {status[key]}")
     return "\n".join(lines)
+
+
+def _skipped(status: dict[str, Any]) -> str:
+    """The messages the cursor passed without sending them, by reason (a broker before
+    these figures: "")."""
+    parts = []
+    if "refused" in status:
+        parts.append(f"{_n(status['refused'])} refused (the remote side can never take "
+                     "them: too large, topic too long; logged)")
+    if "unrouted" in status and (status.get("kind") != "jetstream" or status["unrouted"]):
+        parts.append(f"{_n(status['unrouted'])} unrouted (no topic line or topic_map entry "
+                     "sends them)")
+    if "expired" in status and (status.get("kind") == "mqtt" or status["expired"]):
+        parts.append(f"{_n(status['expired'])} expired (Message Expiry Interval)")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- replay
@@ -193,9 +215,13 @@ def run_replay(config: Config, args: argparse.Namespace, position: str | int | f
         bridge = _bridge(config, args.bridge)
         if bridge.kind not in ("jetstream", "kafka"):
             rows(bridge, position, args.topic, args.limit)  # raises the explanation
+        _require_extra(config, bridge)
     except BridgeError as error:
         print(f"edge-broker: {error}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    except ConfigError as error:  # the line `run` and `check-config` print
+        print(f"edge-broker: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     data_dir = Path(config.broker.data_dir)
     if args.republish is not None and not admin.broker_running(data_dir):
         print(f"edge-broker: --republish needs the broker running on {data_dir}",
@@ -241,6 +267,18 @@ def run_replay(config: Config, args: argparse.Namespace, position: str | int | f
 
 class _Refused(Exception):
     pass
+
+
+def _require_extra(config: Config, bridge: Any) -> None:
+    """nats-py / aiokafka for `bridge`, also when it is disabled (`enabled = false`: replay
+    reads it all the same): bridge/config.py `require_extras`, one line naming the `pip
+    install` when missing, as `run` and `check-config` say it."""
+    from dataclasses import replace
+
+    from .bridge.config import require_extras
+
+    require_extras(tuple(replace(b, enabled=b is bridge) for b in config.bridges),
+                   file=config.source)
 
 
 async def _publish(data_dir: Path, prefix: str, page: list[dict[str, Any]]) -> int:

@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -81,9 +83,11 @@ from .message import (
 __all__ = ["H_CLIENT_ID", "H_CONTENT_TYPE", "H_MESSAGE_ID", "H_PAYLOAD_FORMAT",
            "H_PUBLISH_TIME", "H_QOS", "H_RETAIN", "H_TOPIC", "H_USER_PROPERTIES",
            "NATS_MSG_ID", "REGISTRY", "Backoff", "BridgeMessage", "DownlinkMessage",
-           "DownlinkSource", "Resend", "Sink", "decode_text", "decode_user_properties",
+           "DownlinkSource", "OncePerKey", "Refused", "Resend", "Sink", "WarnEvery",
+           "decode_text", "decode_user_properties",
            "encode_text", "encode_user_properties", "format_time", "load_class",
-           "message_id", "new_store_id", "parse_message_id", "retry_forever", "ssl_context"]
+           "message_id", "new_store_id", "parse_message_id", "retry_forever", "shown_topic",
+           "ssl_context"]
 
 
 def message_id(gateway_id: str, store_id: str, offset: int) -> str:
@@ -155,6 +159,77 @@ class Resend(BridgeError):
     (the server answered "no responders", as JetStream does while a stream elects a leader;
     the client reconnected and what was in flight is lost): the forwarder sends again from
     its cursor after a backoff delay, on the same connection."""
+
+
+class Refused(BridgeError):
+    """Raised by a sink's `send` / `submit` (or by the future `submit` returns) when the
+    FIRST message of the window is one the remote side can never take: larger than the
+    server allows, a NATS control line too long for it, a per-message refusal in the
+    acknowledgement (JetStream API error 10054, "message size exceeds maximum allowed").
+    Nothing of the window was sent, or nothing after that message counts. The forwarder
+    moves its cursor past exactly that message (as after an acknowledgement), counts it in
+    `refused`, logs a warning and goes on at once: no failure, no backoff.
+
+    A sink that finds such a message further into a window sends only the messages before
+    it (`written`, bridge/forward.py), so that message starts the next window. `kind` names
+    the limit (the log's rate limit is per kind)."""
+
+    def __init__(self, reason: str, kind: str = "refused") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+class WarnEvery:
+    """Warnings of one kind at most once per `interval_s`; the lines held back meanwhile
+    are counted and told in the next line of that kind ("N more like it"). For a warning
+    that a stream of messages can repeat fast (in server/ there is droplog.py)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.clock = clock
+        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (last line at, held back)
+
+    def warn(self, kind: str, msg: str, *args: object) -> bool:
+        """Log `msg % args` unless a line of `kind` was logged less than `interval_s` ago
+        (then count it); True when logged."""
+        now = self.clock()
+        at, held = self._kinds.get(kind, (-self.interval_s - 1.0, 0))
+        if now - at < self.interval_s:
+            self._kinds[kind] = (at, held + 1)
+            return False
+        if held:
+            msg += " (and %d more like it in the %.0f s before, not logged)"
+            args = (*args, held, now - at)
+        self.logger.warning(msg, *args)
+        self._kinds[kind] = (now, 0)
+        return True
+
+
+class OncePerKey:
+    """Remembers up to `limit` keys: `first(key)` is True the first time a key is seen (log
+    it then), False after. The `limit`-th key sets `full` (say so in its line): no key is
+    new after it."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self.full = False
+
+    def first(self, key: str) -> bool:
+        if self.full or key in self._seen:
+            return False
+        self._seen.add(key)
+        self.full = len(self._seen) >= self.limit
+        return True
+
+
+def shown_topic(topic: str, limit: int = 200) -> str:
+    """A topic for a log line: repr, cut after `limit` characters (a topic may have 65,535)."""
+    if len(topic) <= limit:
+        return repr(topic)
+    return f"{topic[:limit]!r}... ({len(topic):,} characters)"
 
 
 class Sink(Protocol):

@@ -27,6 +27,19 @@ windows in flight together during a stream's leader election could otherwise be 
 and, the new leader up, the later ones stored before the earlier ones go again (out of log
 order; seen with an R3 stream whose leader was killed).
 
+*A message the remote side can never take* (bridge/base.py `Refused`: larger than the
+server allows, a NATS control line too long for it, JetStream's "message size exceeds
+maximum allowed"): the sink sends the messages before it and cuts the window there (a
+pipelined sink says how many it wrote, `written`: no window goes after a cut one until it is
+acknowledged, so nothing after that message is stored before the messages ahead of it).
+When it is the first of a window the sink raises `Refused`; once every window before it is
+acknowledged the cursor moves past exactly that message, as after an acknowledgement, and
+it is counted in `status.refused` and logged (at most one line per kind every 10 s), not
+in `forwarded`, not as a failure, with no backoff delay. Messages the sink passes without
+sending them inside a window it acknowledged (`take_passed`: MQTT messages whose expiry
+passed or larger than the remote's Maximum Packet Size, messages no topic line or
+`topic_map` entry sends) count in `expired`, `refused` and `unrouted`, not in `forwarded`.
+
 The log side is the `LogReader` protocol; the log of issue 8 implements it (a bridge is one
 more cursor over it). Its `read_after` returns entries in offset order; entries the store
 dropped for the bridge's `max_backlog_bytes` are simply absent (the store counts them).
@@ -42,7 +55,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
 
-from .base import Backoff, BridgeMessage, Resend, Sink
+from .base import Backoff, BridgeMessage, Refused, Resend, Sink, WarnEvery, shown_topic
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +72,26 @@ async def _outcome(awaitable: Awaitable[T]) -> T | Exception:
         return exc
 
 
-def _take_expired(sink: Sink | None) -> int:
-    """How many of the messages the sink acknowledged since it was asked last it did not
-    send, expired (MqttUpstream `take_expired`; 0 for sinks without it)."""
+def _take_passed(sink: Sink | None, batch: Sequence[BridgeMessage],
+                 acknowledged: int) -> tuple[int, int, int]:
+    """(expired, refused, unrouted): of the first `acknowledged` messages of `batch`, those
+    the sink passed without sending them (`take_passed`: MqttUpstream, KafkaSink; a sink
+    with only `take_expired` counts expired ones; (0, 0, 0) for others)."""
+    take = getattr(sink, "take_passed", None)
+    if take is not None:
+        expired, refused, unrouted = take(batch, acknowledged)
+        return int(expired), int(refused), int(unrouted)
     take = getattr(sink, "take_expired", None)
-    return 0 if take is None else int(take())
+    return (0 if take is None else int(take())), 0, 0
+
+
+def _written(sink: Sink, batch: Sequence[BridgeMessage]) -> Sequence[BridgeMessage]:
+    """What `submit` wrote of `batch`: all of it, or its start when the sink cut it before
+    a message it refuses (its `written`)."""
+    written = getattr(sink, "written", None)
+    if written is None or written >= len(batch):
+        return batch
+    return batch[:max(1, int(written))]
 
 
 def _retrieve(future: asyncio.Future[int]) -> None:
@@ -110,6 +138,12 @@ class ForwarderStatus:
     expired: int = 0
     """Messages the cursor passed without sending them, their Message Expiry Interval over
     (a sink with `take_expired`: the MQTT upstream); not in `forwarded`."""
+    refused: int = 0
+    """Messages the cursor passed because the remote side can never take them (`Refused`,
+    an MQTT remote's Maximum Packet Size); not in `forwarded`, not failures."""
+    unrouted: int = 0
+    """Messages the cursor passed because no topic line (mqtt) or `topic_map` entry
+    (kafka) sends them; not in `forwarded`."""
     last_error: str | None = None
     last_error_at: float | None = None
 
@@ -159,6 +193,7 @@ class Forwarder:
         # leader, windows in flight together could be refused and then, the leader elected,
         # the later ones stored before the earlier ones are sent again (out of log order).
         self._probing = False
+        self._warnings = WarnEvery(log)  # `Refused` messages: one line per kind per 10 s
 
     async def run(self) -> None:
         """Forward until cancelled. Never raises for remote failures."""
@@ -208,6 +243,10 @@ class Forwarder:
             self._prefetch = (batch[-1].offset, asyncio.ensure_future(
                 self.reader.read_after(batch[-1].offset, self.window)))
         acknowledged = await _outcome(self._sink.send(batch))
+        if isinstance(acknowledged, Refused):
+            self._drop_prefetch()
+            await self._skip(batch[0], acknowledged)
+            return
         if isinstance(acknowledged, Exception):
             self._drop_prefetch()
             await self._failed(self._sink, acknowledged)
@@ -220,9 +259,7 @@ class Forwarder:
             self._drop_prefetch()
         status.cursor = batch[acknowledged - 1].offset
         await self.reader.commit_cursor(status.cursor)
-        expired = _take_expired(self._sink)
-        status.forwarded += acknowledged - expired
-        status.expired += expired
+        self._count(self._sink, batch, acknowledged)
         self.backoff.reset()
 
     async def _step_pipelined(self, sink: PipelinedSink) -> None:
@@ -249,11 +286,20 @@ class Forwarder:
             if not batch:
                 break
             acks = await _outcome(sink.submit(batch))
+            if isinstance(acks, Refused):  # its first message: nothing of it was written
+                if inflight:  # skipped once the windows before it are acknowledged
+                    self._ahead = (after, batch)
+                    break
+                await self._skip(batch[0], acks)
+                return
             if isinstance(acks, Exception):
                 self._drop_inflight()
                 await self._failed(sink, acks)
                 return
-            inflight.append((batch, acks))
+            written = _written(sink, batch)
+            inflight.append((written, acks))
+            if len(written) < len(batch):
+                break  # cut before a refused message: nothing goes after it meanwhile
         if not inflight:
             await self._idle(sink)
             return
@@ -273,6 +319,10 @@ class Forwarder:
                 self._ahead = (after, page)
         inflight.popleft()
         acknowledged = await _outcome(acks)
+        if isinstance(acknowledged, Refused):  # its first message, refused in its ack
+            self._drop_inflight()  # sent again after it, from the cursor (same ids)
+            await self._skip(batch[0], acknowledged)
+            return
         if isinstance(acknowledged, Resend):
             self._drop_inflight()
             await self._resend(acknowledged)
@@ -291,9 +341,33 @@ class Forwarder:
             self._probing = False
         status.cursor = batch[acknowledged - 1].offset
         await self.reader.commit_cursor(status.cursor)
-        status.forwarded += acknowledged
+        self._count(sink, batch, acknowledged)
         self.backoff.reset()
         self.resend_backoff.reset()
+
+    def _count(self, sink: Sink | None, batch: Sequence[BridgeMessage],
+               acknowledged: int) -> None:
+        """The first `acknowledged` messages of `batch` are done: forwarded, but for those
+        the sink passed without sending them (`_take_passed`)."""
+        status = self.status
+        expired, refused, unrouted = _take_passed(sink, batch, acknowledged)
+        status.forwarded += acknowledged - expired - refused - unrouted
+        status.expired += expired
+        status.refused += refused
+        status.unrouted += unrouted
+
+    async def _skip(self, message: BridgeMessage, refused: Refused) -> None:
+        """`message`, the first after the cursor, is one the remote side can never take:
+        the cursor moves past it as after an acknowledgement, and it is counted and logged
+        (see the module docstring). No failure, no delay."""
+        status = self.status
+        status.cursor = message.offset
+        await self.reader.commit_cursor(message.offset)
+        status.refused += 1
+        self._warnings.warn(
+            refused.kind, "bridge %s: the remote side cannot take the message at log offset "
+            "%d, topic %s: %s; skipped (counted in refused)", self.name, message.offset,
+            shown_topic(message.topic), refused)
 
     def _drop_inflight(self) -> None:
         self._ahead = None  # it started after a window that is sent again

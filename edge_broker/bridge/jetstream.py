@@ -17,6 +17,14 @@ ids (a resend is dropped by `Nats-Msg-Id` inside a batch too). A stream this sin
 gets the flag; on an existing stream without it the sink keeps one PubAck per message and
 says so once in the log.
 
+A message the server or the stream can never take (bridge/jetstream_frames.py: control
+line, `max_payload`, in a batch the stream's `max_msg_size` as `start()` read it, headers
+over 64 KiB) is not sent: the window is cut before it (`written`); the window's first,
+`submit` raises `Refused` (bridge/base.py: the forwarder skips it, counts it). A PubAck
+refusing a window's first message for good (API error 10054 "message size exceeds maximum
+allowed", 10097) is `Refused` too: with one PubAck per message a message over
+`max_msg_size` is sent and refused so (the messages after it are stored).
+
 Stream: `start()` looks the stream up. Missing: it is created with the configured subjects,
 retention, storage, replicas, limits and duplicate window (and `allow_batched`). Present
 (typically shared by many gateways): it must capture `<prefix>.>`, else a BridgeError says
@@ -46,6 +54,7 @@ from edge_broker.errors import BridgeError
 from .base import (
     NATS_MSG_ID,
     BridgeMessage,
+    Refused,
     Resend,
     message_id,
     ssl_context,
@@ -53,7 +62,8 @@ from .base import (
 from .config import BridgeConfig, JetStreamOptions
 from .jetstream_acks import AckReader
 from .jetstream_batch import BatchPublisher, BatchWindow
-from .jetstream_frames import FrameBuilder
+from .jetstream_frames import FrameBuilder, publish_over_limits
+from .jetstream_frames import refusal_of as _refusal
 from .topic_map import topic_to_subject
 
 log = logging.getLogger(__name__)
@@ -212,6 +222,11 @@ class JetStreamSink:
         """Acks the server marked duplicate (resends it had stored already). One PubAck per
         message only: a batch's PubAck counts its duplicates as stored, without a mark."""
         self.created_stream = False
+        self.max_msg_size = -1
+        """The stream's max_msg_size as `ensure_stream` read it (-1: no limit)."""
+        self.written = 0
+        """How many of the last window `submit` wrote: fewer than the window when it cut it
+        before a message the server or the stream can never take (bridge/forward.py)."""
         self.batched = False
         """Windows go as fast-ingest batches (the stream allows them; see the docstring)."""
         self._nc: Any = None
@@ -243,7 +258,9 @@ class JetStreamSink:
         if all(callable(getattr(self._nc, name, None))
                for name in ("_send_command", "_flush_pending")):
             with contextlib.suppress(ValueError):  # an id nats-py would have to clean
-                self._frames = FrameBuilder(self.gateway_id, self.store_id, self.subject)
+                self._frames = FrameBuilder(self.gateway_id, self.store_id, self.subject,
+                                            max_payload=self._nc.max_payload,
+                                            max_msg_size=self.max_msg_size)
         self._batches = None
         if self._frames is not None and self.batched:
             self._batches = BatchPublisher(self._reply_prefix.encode(), _api_error)
@@ -351,6 +368,7 @@ class JetStreamSink:
                 config.allow_batched = True
             info = await self._js.add_stream(config)
             self.created_stream = True
+            self.max_msg_size = int(getattr(info.config, "max_msg_size", None) or -1)
             # A server before 2.14 does not know the flag and does not report it back.
             self.batched = bool(getattr(info.config, "allow_batched", False))
             return
@@ -360,6 +378,7 @@ class JetStreamSink:
                 f"bridge {self.config.name!r}: the existing stream {opts.stream!r} captures "
                 f"{subjects}, not {opts.subject_prefix}.>; the bridge never modifies an "
                 "existing stream: add the subject to it, or change subject_prefix")
+        self.max_msg_size = int(getattr(info.config, "max_msg_size", None) or -1)
         self.batched = bool(getattr(info.config, "allow_batched", False))
         if not self.batched and (self.config.name, opts.stream) not in _NOTED_UNBATCHED:
             _NOTED_UNBATCHED.add((self.config.name, opts.stream))
@@ -388,11 +407,23 @@ class JetStreamSink:
         """Publish the window now; a future of the number acknowledged from its start
         (`PipelinedSink`, bridge/forward.py). The future raises `Resend` when the server
         answered "no responders" (no stream leader) for its first message or the
-        connection was lost before it was acknowledged, BridgeError for anything else."""
+        connection was lost before it was acknowledged, `Refused` when the stream refused
+        its first message for good, BridgeError for anything else. Raises `Refused` (and
+        sends nothing) when the first message is one the server or the stream can never
+        take; cuts the window before such a message further on (`written`)."""
         if not batch:
             raise BridgeError("nothing to send")
         if self._js is None:
             raise BridgeError("send before start")
+        self.written = len(batch)
+        batched = self._batches is not None and not self._batches.disabled
+        # Over the stream's max_msg_size: in a batch it would end the batch, so the window
+        # is cut before it; with one PubAck per message it is sent, refused in its PubAck,
+        # and the messages after it are stored all the same.
+        max_msg_size = self.max_msg_size if batched else -1
+        if self._frames is not None:
+            self._frames.max_payload = self._nc.max_payload  # the server's (INFO) now
+            self._frames.max_msg_size = max_msg_size
         if self._batches is not None and not self._batches.disabled:
             return await self._submit_batch(batch, self._batches)
         loop = asyncio.get_running_loop()
@@ -406,21 +437,19 @@ class JetStreamSink:
             frames: list[bytes] = []
             add = self._frames.add
             reply_prefix = self._reply_prefix.encode()
-            max_payload = nc.max_payload
-            too_big: Exception | None = None
             token = self._token
             for index, message in enumerate(batch):
-                if len(message.payload) > max_payload:  # as nc.publish refuses it
-                    too_big = nats.errors.MaxPayloadError()
+                # reply: <reply prefix><token>; False: over a limit, cut here
+                if not add(frames, message, reply_prefix, token + 1):
+                    if not index:
+                        kind, why = self._frames.refusal
+                        raise Refused(why, kind)
                     break
                 token += 1
-                add(frames, message, reply_prefix, token)  # reply: <reply prefix><token>
                 acks[token] = (window, index)
-            window.sent = token - self._token
+            window.sent = self.written = token - self._token
             self._token = token
             try:
-                if not frames:
-                    raise too_big or BridgeError("nothing to send")
                 await self._write(b"".join(frames))
             except Exception:
                 self._forget(first, window.sent)
@@ -433,6 +462,13 @@ class JetStreamSink:
                 for index, message in enumerate(batch):
                     mid = message_id(self.gateway_id, self.store_id, message.offset)
                     headers = message.headers(mid, NATS_MSG_ID)
+                    refusal = publish_over_limits(
+                        self.subject(message), f"{self._reply_prefix}{self._token + 1}",
+                        headers, message.payload, self._nc.max_payload, max_msg_size)
+                    if refusal is not None:
+                        if not index:
+                            raise Refused(refusal[1], refusal[0])
+                        break
                     self._token += 1
                     acks[self._token] = (window, index)
                     await nc.publish(self.subject(message), message.payload,
@@ -443,7 +479,7 @@ class JetStreamSink:
                 self._forget(first + sent, self._token + 1 - first - sent)  # not sent
                 if not sent:
                     raise
-            window.sent = sent
+            window.sent = self.written = sent
         window.pending -= len(batch) - window.sent  # never sent: never acknowledged
         if window.pending <= 0:
             window.finish()
@@ -456,21 +492,16 @@ class JetStreamSink:
 
     async def _submit_batch(self, batch: Sequence[BridgeMessage],
                             batches: BatchPublisher) -> asyncio.Future[int]:
-        """`submit` of a window as one fast-ingest batch (bridge/jetstream_batch.py)."""
+        """`submit` of a window as one fast-ingest batch (bridge/jetstream_batch.py); cut
+        before a message over a limit (`Refused` when it is the first)."""
         assert self._frames is not None
-        max_payload = self._nc.max_payload
-        size = 0
-        for message in batch:
-            if len(message.payload) > max_payload:  # as nc.publish refuses it
-                break
-            size += 1
-        if not size:
-            raise nats.errors.MaxPayloadError
-        if size < len(batch):
-            batch = batch[:size]  # the rest is sent again from the cursor, and refused
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        data, window = batches.frames(batch, self._frames, self.subject(batch[-1]), done)
+        data, window = batches.frames(batch, self._frames, None, done)
+        if not window.size:
+            kind, why = self._frames.refusal
+            raise Refused(why, kind)
+        self.written = window.size
         try:
             await self._write(data)
         except Exception:
@@ -498,7 +529,9 @@ class JetStreamSink:
             return
         error = (window.error or window.lost
                  or TimeoutError(f"no ack within {self.ack_timeout} s"))
-        result.set_exception(error if isinstance(error, Resend) else _failed(error))
+        refused = _refusal(error) if window.error_at == 1 else None
+        result.set_exception(refused or (error if isinstance(error, Resend)
+                                         else _failed(error)))
 
     @staticmethod
     def _drop_batch(window: BatchWindow, batches: BatchPublisher, done: asyncio.Future[None],
@@ -537,6 +570,9 @@ class JetStreamSink:
         if acknowledged == 0:
             if isinstance(first_error, Resend):
                 raise first_error
+            refused = _refusal(first_error)  # the window's first message, for good
+            if refused is not None:
+                raise refused
             if first_error is None:
                 first_error = BridgeError("nothing sent")
             raise _failed(first_error)

@@ -37,6 +37,12 @@ of messages from its start known stored: the PubAck's count, else the highest fl
 never past a refused message. As with one PubAck per message, the forwarder moves its cursor
 past exactly those and sends the rest again with the same ids.
 
+A message over a limit of the server or the stream (bridge/jetstream_frames.py: the
+control line, `max_payload`, the stream's `max_msg_size`) ends the batch before it: `frames`
+builds the batch of the messages before it (none: the sink raises `Refused`). A PubAck error
+on message 1 that refuses that message for good (10054, "message size exceeds maximum
+allowed", when the stream changed under the sink) is the sink's `Refused` too.
+
 An error "too many batches in flight" (the server's limit per stream, 1000 by default, or in
 total) is a `Resend`. "Batch publish is disabled" (someone changed the stream) is a `Resend`
 too, and sets `disabled`: the sink goes back to one PubAck per message.
@@ -107,9 +113,13 @@ class BatchPublisher:
         self._windows: dict[bytes, BatchWindow] = {}
 
     def frames(self, batch: Sequence[BridgeMessage], builder: FrameBuilder,
-               eob_subject: str, done: asyncio.Future[None]) -> tuple[bytes, BatchWindow]:
+               eob_subject: str | None, done: asyncio.Future[None]
+               ) -> tuple[bytes, BatchWindow]:
         """The window's commands (its messages, then the EOB on `eob_subject`, a subject
-        the stream captures) and its `BatchWindow`, registered for the replies."""
+        the stream captures; None: the last message's) and its `BatchWindow`, registered
+        for the replies. The batch ends before a message the builder refuses (its
+        `refusal`): the window's `size` says how many it has; 0 (the first is refused):
+        no commands, nothing registered."""
         self._serial += 1
         key = b"%s%d" % (self._id, self._serial)
         size = len(batch)
@@ -118,9 +128,17 @@ class BatchPublisher:
         add = builder.add
         tail = _FIRST
         for seq, message in enumerate(batch, 1):
-            add(out, message, reply, seq, tail)
+            if not add(out, message, reply, seq, tail):
+                size = seq - 1
+                break
             tail = _NEXT
-        out.append(b"PUB %s %s%d%s 0\r\n\r\n" % (eob_subject.encode(), reply, size + 1, _EOB))
+        if not size:
+            return b"", BatchWindow(key, 0, done)
+        # (Cut short, the flow written in the reply subjects may exceed the batch's size:
+        # then no flow ack comes before its PubAck, which is all the window needs.)
+        subject = (eob_subject.encode() if eob_subject is not None
+                   else builder.subject_bytes(batch[size - 1]))
+        out.append(b"PUB %s %s%d%s 0\r\n\r\n" % (subject, reply, size + 1, _EOB))
         window = BatchWindow(key, size, done)
         self._windows[key] = window
         return b"".join(out), window

@@ -5,7 +5,16 @@ per partition), each record to the Kafka topic of the first matching `topic_map`
 key = the MQTT topic (default) or the publishing client id, value = the raw payload and the
 documented headers (`edge-message-id` among them), then waits for the acks in order
 (`acks=all`). It returns how many from the start of the window are stored; a message that
-matches no route is not sent, counted in `unrouted`, and counts as done so the cursor moves.
+matches no route is not sent, counted in `unrouted` (the forwarder's figure: `take_passed`)
+and logged once per topic, and counts as done so the cursor moves.
+
+Too large: a record larger than the producer's `max_request_size` (MAX_REQUEST_BYTES, 1 MiB:
+aiokafka's estimate of the record with its key and headers) is not sent: the window is cut
+before it (`written`), and when it is the window's first, `submit` raises `Refused`
+(bridge/base.py: the forwarder skips it and counts it in `refused`). When the broker refuses
+the batch of a window's first record as too large (MESSAGE_TOO_LARGE: over its
+`message.max.bytes` or the topic's `max.message.bytes`) the window goes again (`Resend`)
+with that record alone in a batch of its own; refused alone too, it is `Refused`.
 
 Idempotence: the idempotent producer is on by default (`idempotence = true`), so producer
 retries never duplicate. A resend after an outage or a crash (a new producer) can still
@@ -31,13 +40,16 @@ from aiokafka import (
     AIOKafkaProducer,
     TopicPartition,
 )
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 try:  # aiokafka's compiled CRC-32C: the sink encodes its own record batches with it
     from aiokafka.record._crecords import crc32c_cython as _CRC32C
 except ImportError:  # pragma: no cover - aiokafka without its extensions: its own batches
     _CRC32C = None
+
+import logging
 
 from edge_broker.errors import BridgeError
 from edge_broker.mqtt.topics import is_valid_topic_name
@@ -53,9 +65,13 @@ from .base import (
     H_USER_PROPERTIES,
     BridgeMessage,
     DownlinkMessage,
+    OncePerKey,
+    Refused,
+    Resend,
     decode_text,
     decode_user_properties,
     message_id,
+    shown_topic,
     ssl_context,
 )
 from .config import BridgeConfig, KafkaOptions
@@ -65,11 +81,25 @@ from .topic_map import route_kafka
 
 __all__ = ["KafkaDownlink", "KafkaSink", "_PartitionLane", "client_options"]
 
-MAX_BATCH_BYTES: Final = 512 * 1024  # aiokafka's max_request_size is 1 MiB
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES: Final = 1024 * 1024  # the producer's max_request_size (aiokafka's default)
+MAX_BATCH_BYTES: Final = 512 * 1024  # half of it
 LARGE_RECORD: Final = MAX_BATCH_BYTES // 2  # payloads above it go through producer.send
 PARTS_CACHE: Final = 4096  # (topic, qos, retain, client id) whose record parts are kept
 _OPTIONAL: Final = (H_CONTENT_TYPE, H_PAYLOAD_FORMAT, H_USER_PROPERTIES)
 _PARTITIONER: Final = DefaultPartitioner()  # what AIOKafkaProducer uses when not told otherwise
+_UNROUTED: dict[str, OncePerKey] = {}  # bridge -> the unrouted topics logged
+
+
+def _too_large(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> Refused | None:
+    """`Refused` for a record the producer would refuse (larger than its max_request_size,
+    as aiokafka estimates it in `send`), else None."""
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+    if size <= MAX_REQUEST_BYTES:
+        return None
+    return Refused(f"the Kafka record would be {size:,} bytes, over the producer's "
+                   f"max_request_size of {MAX_REQUEST_BYTES:,}", "max_request_size")
 
 
 def _kafka(config: BridgeConfig) -> KafkaOptions:
@@ -109,6 +139,12 @@ class KafkaSink:
         self.store_id = store_id
         self.ack_timeout = config.ack_timeout_s if ack_timeout is None else ack_timeout
         self.unrouted = 0
+        """Messages no `topic_map` entry sends (not sent; the cursor moves on)."""
+        self.written = 0
+        """How many of the last window `submit` handed over: fewer than the window when it
+        cut it before a record too large (bridge/forward.py)."""
+        self._passed: dict[int, int] = {}  # window's first offset -> its unrouted (acked)
+        self._alone = 0  # the offset of a record to send alone (its batch was too large)
         self._producer: AIOKafkaProducer | None = None
         message_id(gateway_id, store_id, 1)  # ValueError for ids that cannot be one
         self._mid_prefix = f"{gateway_id}-{store_id}-"
@@ -131,6 +167,7 @@ class KafkaSink:
             compression_type=None if self.options.compression == "none"
             else self.options.compression,
             request_timeout_ms=int(self.ack_timeout * 1000), linger_ms=5,
+            max_request_size=MAX_REQUEST_BYTES,
             # Bigger record batches than aiokafka's 16 KiB: it has one request in flight
             # per broker, each with at most one batch per partition, so the batch size
             # bounds what a round trip carries (a drain of small records was ~60 per trip).
@@ -246,6 +283,11 @@ class KafkaSink:
             raise BridgeError("send before start")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ack_timeout
+        self.written = len(batch)
+        if batch[0].offset == self._alone:  # its batch was too large: alone now
+            self.written = 1
+            owner = await self._submit_alone(batch[0])
+            return asyncio.ensure_future(self._collect([owner], deadline, batch[0].offset))
         # Per message the future of its batch (None: unrouted, done), in window order.
         owners: list[asyncio.Future[Any] | None] = []
         routes = self._routes
@@ -268,10 +310,15 @@ class KafkaSink:
                     else:
                         owners.append(self._append(route, message))
                     at += 1
+        except Refused:  # a record too large: the window ends before it
+            if not owners:
+                raise
+            self.written = len(owners)
         except (KafkaError, TimeoutError) as exc:
             if not any(f is not None for f in owners):
                 raise BridgeError(f"Kafka send failed: {exc!r}") from exc
-        return asyncio.ensure_future(self._collect(owners, deadline))
+            self.written = len(owners)
+        return asyncio.ensure_future(self._collect(owners, deadline, batch[0].offset))
 
     def _append(self, route: Route, message: BridgeMessage) -> asyncio.Future[Any]:
         """A message of a known route through its lane's `append`: the headers as a list
@@ -282,6 +329,11 @@ class KafkaSink:
                 or message.user_properties):
             full = message.headers("-")  # the optional ones, in the documented order
             headers += [(k, full[k].encode()) for k in _OPTIONAL if k in full]
+        # (Without user properties a record cannot exceed MAX_REQUEST_BYTES here: its
+        # payload is at most LARGE_RECORD and its topic and client id at most 64 KiB.)
+        if message.user_properties and (refused := _too_large(route.key, message.payload,
+                                                              headers)) is not None:
+            raise refused
         return route.lane.append(route.key, message.payload, headers)
 
     async def _submit_one(self, message: BridgeMessage) -> asyncio.Future[Any] | None:
@@ -291,7 +343,11 @@ class KafkaSink:
         assert producer is not None
         topic, key, headers = self._record_parts(message)
         if topic is None:
+            self._note_unrouted(message)
             return None
+        refused = _too_large(key, message.payload, headers)
+        if refused is not None:
+            raise refused
         partition = self._partition_of(topic, key)
         if partition is None:
             await producer.partitions_for(topic)  # waits for the metadata
@@ -303,8 +359,14 @@ class KafkaSink:
                 if lane_topic == topic and partition in (None, lane_partition):
                     await lane.hand_over_all()
                     broken = broken or lane.broken
-            return broken or await producer.send(topic, message.payload, key=key,
-                                                 partition=partition, headers=headers)
+            if broken is not None:
+                return broken
+            try:
+                sent: asyncio.Future[Any] = await producer.send(
+                    topic, message.payload, key=key, partition=partition, headers=headers)
+            except MessageSizeTooLargeError as exc:  # (estimated as _too_large does)
+                raise Refused(f"the producer refused it: {exc}", "max_request_size") from exc
+            return sent
         found = lanes.get((topic, partition))
         if found is None:
             found = lanes[(topic, partition)] = _PartitionLane(
@@ -320,9 +382,61 @@ class KafkaSink:
             found, key, fixed)
         return found.append(key, message.payload, headers)
 
+    def _note_unrouted(self, message: BridgeMessage) -> None:
+        """Log a topic no `topic_map` entry sends, once per topic (per bridge, for the
+        first 1,000 such topics)."""
+        noted = _UNROUTED.setdefault(self.config.name, OncePerKey())
+        if noted.first(message.topic):
+            log.warning("bridge %s: no topic_map entry sends topic %s (log offset %d): its "
+                        "messages are not sent, counted in unrouted (logged once per topic%s)",
+                        self.config.name, shown_topic(message.topic), message.offset,
+                        f"; the {noted.limit:,}th such topic: no more are logged"
+                        if noted.full else "")
+
+    async def _submit_alone(self, message: BridgeMessage) -> asyncio.Future[Any] | None:
+        """`message` in a record batch of its own (after its partition's records before
+        it): the broker refused the batch it was in as too large; now its answer is about
+        this record alone (`_collect`)."""
+        producer = self._producer
+        assert producer is not None
+        topic, key, headers = self._record_parts(message)
+        if topic is None:
+            return None
+        partition = self._partition_of(topic, key)
+        if partition is None:
+            await producer.partitions_for(topic)
+            partition = self._partition_of(topic, key)
+        for (lane_topic, lane_partition), lane in list(self._lanes.items()):
+            if lane_topic == topic and partition in (None, lane_partition):
+                await lane.hand_over_all()
+        if partition is None:
+            sent: asyncio.Future[Any] = await producer.send(topic, message.payload, key=key,
+                                                            headers=headers)
+            return sent
+        builder = producer.create_batch()
+        builder.append(key=key, value=message.payload, timestamp=None, headers=headers)
+        builder.close()
+        alone: asyncio.Future[Any] = await producer.send_batch(builder, topic,
+                                                               partition=partition)
+        return alone
+
+    def take_passed(self, batch: Sequence[BridgeMessage],
+                    acknowledged: int) -> tuple[int, int, int]:
+        """(expired, refused, unrouted) of the window `batch` just acknowledged (its first
+        `acknowledged`; bridge/forward.py): its unrouted messages, as `_collect` counted."""
+        passed = self._passed
+        if not passed:
+            return 0, 0, 0
+        first = batch[0].offset
+        unrouted = passed.pop(first, 0)
+        for stale in [offset for offset in passed if offset < first]:  # dropped windows
+            del passed[stale]
+        return 0, 0, unrouted
+
     async def _collect(self, owners: list[asyncio.Future[Any] | None],
-                       deadline: float) -> int:
-        """Wait for the window's acks until `deadline`; how many from its start."""
+                       deadline: float, first: int) -> int:
+        """Wait for the window's acks until `deadline`; how many from its start (the window
+        starts at log offset `first`)."""
         loop = asyncio.get_running_loop()
         futures = set(owners)
         futures.discard(None)
@@ -336,13 +450,19 @@ class KafkaSink:
                                        or future.exception() is not None):
                 failed = True
         if not failed:  # the usual case: every batch of the window was stored
-            self.unrouted += owners.count(None)
+            if first == self._alone:
+                self._alone = 0
+            unrouted = owners.count(None)
+            if unrouted:
+                self.unrouted += unrouted
+                self._passed[first] = unrouted
             return len(owners)
         acknowledged = 0
+        unrouted = 0
         first_error: BaseException | None = None
         for future in owners:
             if future is None:
-                self.unrouted += 1
+                unrouted += 1
                 acknowledged += 1
                 continue
             if not future.done() or future.cancelled():
@@ -352,6 +472,19 @@ class KafkaSink:
                 first_error = error
                 break
             acknowledged += 1
+        if unrouted:
+            self.unrouted += unrouted
+            self._passed[first] = unrouted
+        if acknowledged == 0 and isinstance(first_error, MessageSizeTooLargeError):
+            if first == self._alone:  # refused alone: this record, for good
+                self._alone = 0
+                raise Refused("the Kafka broker refused it as too large (MESSAGE_TOO_LARGE: "
+                              "over its message.max.bytes or the topic's max.message.bytes)",
+                              "broker_too_large") from first_error
+            self._alone = first
+            raise Resend("the Kafka broker refused a record batch as too large "
+                         "(MESSAGE_TOO_LARGE); its first record goes again alone"
+                         ) from first_error
         if acknowledged == 0 and first_error is not None:
             raise BridgeError(f"Kafka send failed: {first_error!r}") from first_error
         return acknowledged

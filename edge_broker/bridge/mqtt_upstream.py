@@ -22,10 +22,12 @@ format, content type, response topic, correlation data, user properties), unalte
 with a Message Expiry Interval, the interval left [MQTT-3.3.2-6] (5.0). A message whose
 expiry passed before it could be sent (an outage, a backlog) is not sent [MQTT-3.3.2-5]
 (5.0), on either version: done, and counted in `expired` (the bridge's `expired` figure,
-bridge/forward.py). QoS 1/2 publishes of a window go out at once, as many as the remote's
-Receive Maximum and the bridge's `window` allow, then their acks are awaited in order; the
-return value is how many from the start of the batch are done (QoS 0 ones are done when
-written; a message no line sends is done and counted in `unmapped`). Unacknowledged
+bridge/forward.py `take_passed`). QoS 1/2 publishes of a window go out at once, as many as
+the remote's Receive Maximum and the bridge's `window` allow, then their acks are awaited in
+order; the return value is how many from the start of the batch are done (QoS 0 ones are
+done when written; a message no line sends is done, counted in `unmapped`, the bridge's
+`unrouted`, and logged once per topic; one larger than the remote's Maximum Packet Size is
+done, not sent, counted in `oversize`, the bridge's `refused`, and logged). Unacknowledged
 publishes are kept, by packet identifier, across reconnects: when the remote resumes the
 session they are resent with DUP set (a QoS 2 one that got its PUBREC gets its PUBREL again)
 [MQTT-4.4.0-1] (3.1.1/5.0), so a QoS 2 message is not duplicated by a reconnect. A `send`
@@ -58,13 +60,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
-from urllib.parse import urlsplit
+from typing import Any
 
 from edge_broker.errors import BridgeError
 from edge_broker.mqtt.connection import Connection
@@ -88,13 +88,17 @@ from edge_broker.mqtt.packets import (
 from edge_broker.mqtt.properties import Properties
 from edge_broker.mqtt.types import ProtocolLevel, Role
 
-from .base import BridgeMessage, DownlinkMessage, ssl_context
+from .base import BridgeMessage, DownlinkMessage, OncePerKey, WarnEvery, shown_topic, ssl_context
 from .config import BridgeConfig, MqttOptions
+from .mqtt_upstream_wire import BRIDGE_LEVEL_BIT, address, mark_bridge, remaining
 from .topic_map import map_topic_in, map_topic_out
 
 log = logging.getLogger(__name__)
 
-BRIDGE_LEVEL_BIT: Final = 0x80  # mosquitto's try_private marker on the protocol level byte
+__all__ = ["BRIDGE_LEVEL_BIT", "MqttUpstream"]
+# Per bridge: the unmapped topics logged, and the oversize warnings' rate limit.
+_UNMAPPED: dict[str, OncePerKey] = {}
+_OVERSIZE: dict[str, WarnEvery] = {}
 
 
 @dataclass(slots=True)
@@ -106,12 +110,6 @@ class _InFlight:
     expires_at: float | None = None  # a resend carries the interval left then
 
 
-def _remaining(expires_at: float, now: float) -> int:
-    """The Message Expiry Interval to send on: the received one less the time waited here,
-    at least 1 (an interval of 0 is not sent: expired) [MQTT-3.3.2-6] (5.0)."""
-    return max(1, math.ceil(expires_at - now))
-
-
 @dataclass(slots=True)
 class _Link:
     reader: asyncio.StreamReader
@@ -120,13 +118,6 @@ class _Link:
     server: str
     session_present: bool
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-def _address(server: str, tls_forced: bool) -> tuple[str, int, bool]:
-    parts = urlsplit(server)
-    secure = parts.scheme == "mqtts" or tls_forced
-    host = parts.hostname or "127.0.0.1"
-    return host, parts.port or (8883 if secure else 1883), secure
 
 
 class MqttUpstream:
@@ -150,10 +141,11 @@ class MqttUpstream:
         """Messages no "out"/"both" topic line sends (skipped, the cursor moves on)."""
         self.oversize = 0
         """Messages larger than the remote's Maximum Packet Size (not sent, counted)."""
+        # Of those three, not yet taken by `take_passed` (the forwarder's figures).
+        self._untold = [0, 0, 0]
         self.expired = 0
         """Messages whose Message Expiry Interval passed before they could be sent (not
         sent; counted once the window's messages up to them are done)."""
-        self._expired_untold = 0  # of `expired`, not yet taken by `take_expired`
         self.last_error: str | None = None
         self.session_present = False
         self._link: _Link | None = None
@@ -210,7 +202,7 @@ class MqttUpstream:
                        else self.config.password.encode(), will=will, properties=props)
 
     async def _connect(self, server: str) -> None:
-        host, port, secure = _address(server, self.config.tls.enabled)
+        host, port, secure = address(server, self.config.tls.enabled)
         context: ssl.SSLContext | None = None
         if secure:
             context = ssl_context(self.config.tls) or ssl.create_default_context()
@@ -241,7 +233,7 @@ class MqttUpstream:
         try:
             data = bytearray(conn.send(self._connect_packet()))
             if private:
-                _mark_bridge(data)
+                mark_bridge(data)
             writer.write(data)
             await writer.drain()
             connack: ConnAck | None = None
@@ -289,7 +281,7 @@ class MqttUpstream:
                 props = publish.properties
                 if entry.expires_at is not None and props.message_expiry_interval is not None:
                     # Sent again, also once expired (the remote may hold its identifier).
-                    props = replace(props, message_expiry_interval=_remaining(
+                    props = replace(props, message_expiry_interval=remaining(
                         entry.expires_at, time.time()))
                 resend = Publish(publish.topic, publish.payload, publish.qos, publish.retain,
                                  dup=link.session_present, packet_id=packet_id,
@@ -331,7 +323,9 @@ class MqttUpstream:
         v5 = self.level == ProtocolLevel.MQTT_5
         now = time.time()  # the log's expires_at is wall clock
         waits: list[asyncio.Future[None] | None] = []
-        expired: list[int] = []  # where in `waits` expired messages are
+        # where in `waits` expired, oversize and unmapped messages are
+        passed: tuple[list[int], list[int], list[int]] = ([], [], [])
+        expired, oversize, unmapped = passed
         budget = min(self.config.window, link.conn.send_quota)
         for message in batch:
             packet_id = self._by_offset.get(message.offset)
@@ -346,7 +340,11 @@ class MqttUpstream:
                 continue
             mapped = map_topic_out(lines, message.topic)
             if mapped is None:
-                self.unmapped += 1
+                if _UNMAPPED.setdefault(self.config.name, OncePerKey()).first(message.topic):
+                    log.warning("bridge %s: no topic line sends %s (log offset %d): not sent, "
+                                "counted in unrouted (logged once per topic)",
+                                self.config.name, shown_topic(message.topic), message.offset)
+                unmapped.append(len(waits))
                 waits.append(None)
                 continue
             remote_topic, line_qos = mapped
@@ -361,7 +359,7 @@ class MqttUpstream:
                 props = Properties(
                     payload_format_indicator=1 if message.payload_utf8 else None,
                     message_expiry_interval=None if expires_at is None
-                    else _remaining(expires_at, now),
+                    else remaining(expires_at, now),
                     content_type=message.content_type, response_topic=message.response_topic,
                     correlation_data=message.correlation_data,
                     user_properties=message.user_properties)
@@ -375,10 +373,12 @@ class MqttUpstream:
             if not data:
                 # Larger than the remote's Maximum Packet Size: it would refuse it, so it is
                 # not sent, counted and logged ([MQTT-3.1.2-25] (5.0)).
-                self.oversize += 1
-                log.warning("bridge %s: %r (%d bytes) is larger than %s accepts; not sent",
-                            self.config.name, message.topic, len(message.payload),
-                            link.server)
+                _OVERSIZE.setdefault(self.config.name, WarnEvery(log)).warn(
+                    "oversize", "bridge %s: the message at log offset %d, topic %s (%d bytes) "
+                    "is larger than %s accepts (its Maximum Packet Size); not sent, counted "
+                    "in refused", self.config.name, message.offset, shown_topic(message.topic),
+                    len(message.payload), link.server)
+                oversize.append(len(waits))
                 waits.append(None)
                 continue
             link.writer.write(data)
@@ -409,20 +409,28 @@ class MqttUpstream:
             if wait is not None and not wait.done():
                 break
             done += 1
-        if expired:  # counted once: those after `done` are read and looked at again
-            passed = sum(1 for index in expired if index < done)
-            self.expired += passed
-            self._expired_untold += passed
+        # Counted once: those after `done` are read and looked at again.
+        expired_n, oversize_n, unmapped_n = (sum(1 for index in indexes if index < done)
+                                             for indexes in passed)
+        self.expired += expired_n
+        self.oversize += oversize_n
+        self.unmapped += unmapped_n
+        untold = self._untold
+        untold[0] += expired_n
+        untold[1] += oversize_n
+        untold[2] += unmapped_n
         if done == 0 and waits:
             raise BridgeError("no acknowledgement from upstream"
                               + (": connection lost" if self._link is None else
                                  f" within {self.ack_timeout} s"))
         return done
 
-    def take_expired(self) -> int:
-        """Expired messages (see `expired`) since the last call: the forwarder's figure."""
-        count, self._expired_untold = self._expired_untold, 0
-        return count
+    def take_passed(self, batch: Sequence[BridgeMessage],
+                    acknowledged: int) -> tuple[int, int, int]:
+        """(expired, oversize, unmapped) messages the sends done since the last call passed
+        without sending them: the forwarder's `expired`, `refused` and `unrouted`."""
+        untold, self._untold = self._untold, [0, 0, 0]
+        return untold[0], untold[1], untold[2]
 
     # ------------------------------------------------------------------ receiving
 
@@ -585,12 +593,3 @@ class MqttUpstream:
         """Drop the connection without DISCONNECT (as a crash or a cut link would)."""
         if self._link is not None:
             self._drop(self._link, "aborted")
-
-
-def _mark_bridge(data: bytearray) -> None:
-    """Set mosquitto's bridge bit on the protocol level byte of an encoded CONNECT."""
-    index = 1
-    while data[index] & 0x80:  # the remaining length varint
-        index += 1
-    index += 1 + 2 + 4  # after the varint: protocol name length (2) and "MQTT" (4)
-    data[index] |= BRIDGE_LEVEL_BIT

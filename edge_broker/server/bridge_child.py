@@ -159,13 +159,15 @@ def _status(forwarder: Forwarder, log_reader: ChildLogReader,
             lane: Lane | None) -> dict[str, Any]:
     s = forwarder.status
     fields: dict[str, Any] = {"connected": s.connected, "cursor": s.cursor,
-              "forwarded": s.forwarded,
+              "forwarded": s.forwarded, "refused": s.refused, "unrouted": s.unrouted,
               "failures": s.failures, "last_error": s.last_error,
               "last_error_at": s.last_error_at, "oldest_at": log_reader.oldest_at,
               "lane": None}
     if lane is not None:
         ls = lane[1].status
         fields["forwarded"] += ls.forwarded
+        fields["refused"] += ls.refused
+        fields["unrouted"] += ls.unrouted
         fields["failures"] += ls.failures
         if ls.last_error_at is not None and (s.last_error_at is None
                                              or ls.last_error_at > s.last_error_at):

@@ -13,6 +13,11 @@ so a command is not sent back up the bridge it came from (as mosquitto's bridges
 A drop's rows that this reader holds (read, not yet passed by a stored cursor: in flight)
 count as dropped only if they are given up (`skipped`, `rewind`; server/bridge_drops.py
 explains why and what the uplink process does instead).
+
+*The backlog's oldest message* (`backlog_oldest_age_s`): the first row this reader holds
+(read, not passed by a stored cursor) while the uplink reads pages; `OldestRow` reads it from
+the store when no page says it (the uplink down since boot or after an outage, a sink that
+never starts, the uplink process's page a later one).
 """
 
 from __future__ import annotations
@@ -85,7 +90,6 @@ class StoreLogReader:
         self.skip_origin = skip_origin  # the bridge's downlink identity: not sent back up
         self.dropped = dropped if dropped is not None else count_none  # n more count dropped
         self.scanned = 0  # every row of this bridge up to here was handed out
-        self.oldest_at: float | None = None  # publish time of the first row of the last page
         # Rows read and not yet passed by a stored cursor, in offset order: what a commit
         # passes (for the reader's backlog counts).
         self._rows: list[LogRow] = []
@@ -118,7 +122,6 @@ class StoreLogReader:
         # A page read again (a resend from the cursor) replaces what was read after it.
         self.rewind(cursor)
         self._rows.extend(page.rows)
-        self.oldest_at = page.rows[0].at if page.rows else None
         # Loop prevention: what this bridge's downlink published locally is not sent back.
         taken = [row for row in page.rows if row.origin != self.skip_origin]
         if not taken:
@@ -129,6 +132,16 @@ class StoreLogReader:
                 await self.flush()
             self.scanned = max(self.scanned, page.end, cursor)
         return [bridge_message(row) for row in taken]
+
+    @property
+    def oldest_at(self) -> float | None:
+        """The publish time of the first row read and not yet passed by a stored cursor
+        (those a drop skipped aside), or None when none is held."""
+        held = self._held
+        for row in self._rows:
+            if row.offset not in held:
+                return row.at
+        return None
 
     def rewind(self, cursor: int) -> None:
         """What was read after `cursor` is given up (the forwarder reads again from it):
@@ -209,3 +222,61 @@ class StoreLogReader:
             finally:
                 self._committing = []
             self._stored = target
+
+
+class OldestRow:
+    """The publish time of the bridge `name`'s first row after its stored cursor, read from
+    the store (a page of one row, on the store's thread: `BridgeStoreSide.page`) and kept
+    until the cursor moves. Read when `oldest_at` finds it missing or out of date, and after
+    each group commit while `reading()` is false (the uplink reads no pages: not connected),
+    so that the status asked for once has it."""
+
+    def __init__(self, side: BridgeStoreSide, name: str, reading: Callable[[], bool]) -> None:
+        self.side = side
+        self.name = name
+        self.reading = reading
+        # The store's page read, bound now: tests replace `side.page` afterwards to make the
+        # uplink's reads fail (test_broker_downlink.py), not these.
+        self._page = side.page
+        self._at: float | None = None
+        self._after = -1  # the stored cursor `_at` is the first row after (-1: none)
+        self._task: asyncio.Task[None] | None = None
+        side.listen(self._committed)
+        self._committed(0)  # a backlog left by the last run: read now if no page will say
+
+    def close(self) -> None:
+        self.side.unlisten(self._committed)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _committed(self, _last_offset: int) -> None:
+        if not self.reading():
+            self._current()
+
+    def oldest_at(self, held: float | None) -> float | None:
+        """The older of `held` (what the uplink's pages say, None: nothing) and the store's
+        first row after the stored cursor, if that was read for the cursor as it is now;
+        else `held`, and a read starts."""
+        at = self._current()
+        if at is None:
+            return held
+        return at if held is None else min(at, held)
+
+    def _current(self) -> float | None:
+        reader = self.side.reader(self.name)
+        if reader is None or reader.backlog_count <= 0:
+            return None
+        if self._after == reader.offset and self._at is not None:
+            return self._at  # rows after a cursor stay until it passes them
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._read(reader.offset), name=f"bridge {self.name} oldest row")
+        return None
+
+    async def _read(self, after: int) -> None:
+        try:
+            page = await self._page(self.name, after, 1)
+        except Exception:  # the store failing: no age shown (the uplink reports failures)
+            return
+        self._at = page.rows[0].at if page.rows else None
+        self._after = after

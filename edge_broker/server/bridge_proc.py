@@ -19,7 +19,8 @@ again after a backoff delay, from the stored cursor), and serves it over one soc
   same). The broker stays the only writer of the file, and the reader's backlog counts in
   its memory stay exact (rows a drop skipped meanwhile are not counted out twice);
 - *status*: the process sends its `ForwarderStatus` fields when they change (at most every
-  0.2 s); `status` here adds what the earlier runs of the process forwarded and failed.
+  0.2 s); `status` here adds what the earlier runs of the process forwarded, refused,
+  left unrouted and failed.
 
 Durability is the in-process one: the cursor moves only after the remote side acknowledged;
 a crash of either process loses nothing, and what was sent after the stored cursor is sent
@@ -116,6 +117,8 @@ class ProcessForwarder:
         self._waiting: int | None = None  # the process waits for a commit past this
         self._stopping = False
         self._base_forwarded = 0
+        self._base_refused = 0
+        self._base_unrouted = 0
         self._base_failures = 0
         self._ended = asyncio.Event()
         # Cursor commits, coalesced (as server/bridge_log.py): the rows of each
@@ -195,6 +198,8 @@ class ProcessForwarder:
             cursor = max(self.status.cursor, reader_state.offset if reader_state else 0)
             self.status.cursor = cursor
             self._base_forwarded = self.status.forwarded
+            self._base_refused = self.status.refused
+            self._base_unrouted = self.status.unrouted
             self._base_failures = self.status.failures
             lane_file = self.lane_file
             if lane_file is not None and not await lane_file.written():
@@ -387,6 +392,8 @@ class ProcessForwarder:
         status.connected = bool(fields["connected"])
         status.cursor = max(status.cursor, int(fields["cursor"]))
         status.forwarded = self._base_forwarded + int(fields["forwarded"])
+        status.refused = self._base_refused + int(fields.get("refused", 0))
+        status.unrouted = self._base_unrouted + int(fields.get("unrouted", 0))
         status.failures = self._base_failures + int(fields["failures"])
         at = fields["last_error_at"]
         if at is not None and (status.last_error_at is None or at >= status.last_error_at):

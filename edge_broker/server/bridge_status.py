@@ -36,6 +36,8 @@ class BridgeStatus:
     last_error_at: float | None = None
     dropped: int = 0
     expired: int = 0  # MQTT upstream: not sent, their Message Expiry Interval over
+    refused: int = 0  # passed: the remote side can never take them (too large, ...)
+    unrouted: int = 0  # passed: no topic line (mqtt) / topic_map entry (kafka) sends them
     downlink_connected: bool = False
     downlink_published: int = 0
     downlink_duplicates: int = 0
@@ -70,6 +72,8 @@ def bridge_sys_topics(configs: Sequence[BridgeConfig],
             f"{base}/forwarded_per_second": f"{status.forwarded_per_s:.1f}",
             f"{base}/dropped": str(status.dropped),
             f"{base}/expired": str(status.expired),
+            f"{base}/refused": str(status.refused),
+            f"{base}/unrouted": str(status.unrouted),
             # "none", not "": an empty retained payload would clear the topic.
             f"{base}/last_error": status.last_error or "none",
             f"{base}/downlink/published": str(status.downlink_published),
@@ -105,6 +109,13 @@ def bridge_families(statuses: Sequence[BridgeStatus]) -> list[Family]:
         ("expired_total", "counter",
          "Messages not sent because their Message Expiry Interval passed first (mqtt).",
          "expired"),
+        ("refused_total", "counter",
+         "Messages skipped because the remote side can never take them (larger than it "
+         "allows, a topic too long for a NATS subject, refused for good in the ack).",
+         "refused"),
+        ("unrouted_total", "counter",
+         "Messages skipped because no topic line (mqtt) or topic_map entry (kafka) sends "
+         "them.", "unrouted"),
         ("failures_total", "counter", "Connection or send failures.", "failures"),
         ("downlink_published_total", "counter", "Downlink messages published locally.",
          "downlink_published"),

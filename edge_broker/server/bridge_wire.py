@@ -35,7 +35,8 @@ process -> broker:
                               told of a drop up to `through`: `count` of its rows were
                               read here and not yet acknowledged (they may still be)
     ("log_released", count)   `count` rows held so were given up (not sent again)
-    ("status", fields)        connected, cursor, forwarded, failures, last error, oldest row
+    ("status", fields)        connected, cursor, forwarded, refused, unrouted, failures,
+                              last error, oldest row
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from ..errors import StoreError
 from ..store.log.bridges import READER_PREFIX, reader_name
 from .bridge_downlink import DownlinkSide
 from .bridge_lane import LaneHub, add_lane_figures
-from .bridge_log import StoreLogReader
+from .bridge_log import OldestRow, StoreLogReader
 from .bridge_proc import ProcessForwarder
 from .bridge_status import BridgeStatus, bridge_families, bridge_sys_topics
 from .droplog import DropLog
@@ -79,6 +79,7 @@ class Bridge(DownlinkSide):
         self.config = config
         self.status = BridgeStatus(config.name, config.kind, config.enabled)
         self.reader: StoreLogReader | None = None
+        self.oldest_row: OldestRow | None = None  # the backlog's oldest, from the store
         self.forwarder: Forwarder | ProcessForwarder | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.username = f"bridge:{config.name}"
@@ -126,6 +127,9 @@ class Bridge(DownlinkSide):
                                                name=f"bridge {config.name} uplink"))
             side.listen(self._check_backlog)
             self._check_backlog(0)
+        if self.forwarder is not None:  # for the status when no page of the uplink says it
+            uplink = self.forwarder
+            self.oldest_row = OldestRow(side, config.name, lambda: uplink.status.connected)
         if config.downlink and config.kind != "mqtt":
             self.tasks.append(loop.create_task(self._downlink_loop(),
                                                name=f"bridge {config.name} downlink"))
@@ -134,6 +138,8 @@ class Bridge(DownlinkSide):
         side = self.manager.side
         if side is not None:
             side.unlisten(self._check_backlog)
+        if self.oldest_row is not None:
+            self.oldest_row.close()
         process = self.forwarder if isinstance(self.forwarder, ProcessForwarder) else None
         if process is not None:  # first: it closes its remote connection, sends its last ack
             with contextlib.suppress(Exception):
@@ -310,6 +316,8 @@ class Bridge(DownlinkSide):
             status.cursor = fs.cursor
             status.forwarded = fs.forwarded
             status.expired = fs.expired
+            status.refused = fs.refused
+            status.unrouted = fs.unrouted
             if fs.last_error_at is not None and (
                     status.last_error_at is None or fs.last_error_at >= status.last_error_at):
                 status.last_error = fs.last_error
@@ -333,6 +341,8 @@ class Bridge(DownlinkSide):
         oldest = (self.reader.oldest_at if self.reader is not None
                   else forwarder.oldest_at if isinstance(forwarder, ProcessForwarder)
                   else None)
+        if self.oldest_row is not None:  # the store's first row after the cursor is older
+            oldest = self.oldest_row.oldest_at(oldest)
         status.backlog_oldest_age_s = (max(0.0, time.time() - oldest)
                                        if oldest is not None and status.backlog_messages
                                        else 0.0)
