@@ -54,7 +54,6 @@ __all__ = [
 
 BridgeKind = Literal["jetstream", "kafka", "mqtt"]
 BRIDGE_KINDS: Final[tuple[BridgeKind, ...]] = ("jetstream", "kafka", "mqtt")
-# kind -> (module imported, pyproject extra)
 # kind -> (module imported, PyPI package that provides it). The error names the package
 # itself: `pip install 'edge-broker[nats]'` only works for an install from PyPI.
 EXTRAS: Final[dict[str, tuple[str, str]]] = {"jetstream": ("nats", "nats-py"),
@@ -299,10 +298,6 @@ def _topic_line(value: object) -> TopicLine:
         raise _Invalid(str(exc)) from None
 
 
-def _sasl(value: object) -> str:
-    return _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")(value)
-
-
 def _keepalive(value: object) -> int:
     seconds = _duration(value)
     if seconds > 65535:
@@ -368,7 +363,7 @@ KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
         "ack_timeout": _positive_duration,
         "idempotence": _bool,
         "compression": _choice("none", "gzip"),
-        "sasl_mechanism": _sasl,
+        "sasl_mechanism": _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
         "downlink_local_prefix": _local_prefix,
         "downlink_group": _nonempty,
     },
@@ -583,8 +578,8 @@ def _unknown_key_hint(key: str, kind: str) -> str:
 
 
 def require_extras(bridges: tuple[BridgeConfig, ...], *, file: str | None) -> None:
-    """Import the optional package of every enabled bridge; ConfigError naming the
-    `pip install` when one is missing. Called at start-up, after parsing."""
+    """Import the optional package of every enabled bridge (a ConfigError naming the `pip
+    install` if missing), then check jetstream stream_subjects. Called after parsing."""
     for index, bridge in enumerate(bridges):
         if not bridge.enabled or bridge.kind not in EXTRAS:
             continue
@@ -597,3 +592,8 @@ def require_extras(bridges: tuple[BridgeConfig, ...], *, file: str | None) -> No
                 f"(package {package}), which cannot be imported ({exc}); install it with: "
                 f"pip install {package}",
                 file=file, table=_label(index, bridge.name), key="kind") from None
+        if (js := bridge.jetstream) is not None:  # nats-py is there: jetstream.py imports
+            from .jetstream import filter_covers
+            if not any(filter_covers(s, js.subject_prefix) for s in js.stream_subjects):
+                raise _error(f'none captures "{js.subject_prefix}.>", what the bridge sends',
+                             file=file, table=_label(index, bridge.name), key="stream_subjects")

@@ -4,15 +4,16 @@
 `JetStreamDownlink` binds a durable pull consumer (created when missing, with explicit acks
 and the configured filter subjects) and yields each message with its stream sequence as
 position; `ack(message)` acknowledges it after the local commit. Subjects map back to
-topics by the reverse of the uplink's table (bridge/topic_map.py); a subject that cannot be
-a local topic is terminated (never redelivered).
+topics by the reverse of the uplink's table (bridge/topic_map.py); a subject that does not
+map back to a topic (`cmd.bad~zz`: not an escape of the table) is told to `rejected` (the
+broker counts it in `downlink_denied` and logs it) and terminated (never redelivered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.errors
@@ -30,8 +31,12 @@ class JetStreamDownlink:
     """Durable pull consumer on the downlink subjects. See the module docstring."""
 
     def __init__(self, config: BridgeConfig, *, batch: int = 64, fetch_timeout: float = 1.0,
-                 ack_wait: float = 30.0) -> None:
+                 ack_wait: float = 30.0,
+                 rejected: Callable[[str, str], None] | None = None) -> None:
         self.config = config
+        self.rejected = rejected if rejected is not None else _ignore
+        """Told (which message, why) of each message terminated because its subject does not
+        map back to a topic (server/bridge_downlink.py `_reject`)."""
         self.ack_wait = ack_wait
         """Seconds before the server redelivers a message not acknowledged (set when the
         durable consumer is created; an existing one keeps its own)."""
@@ -66,8 +71,15 @@ class JetStreamDownlink:
                 headers = msg.headers or {}
                 try:
                     topic = subject_to_topic(prefix, msg.subject)
-                except ValueError:
-                    await msg.term()  # cannot be a local topic: never redeliver it
+                except ValueError as exc:
+                    reason = str(exc)
+                else:
+                    reason = ""
+                if reason:  # cannot be a local topic: told, and never redelivered
+                    self.rejected(f"{msg.subject!r} (stream {self.options.downlink_stream} "
+                                  f"sequence {msg.metadata.sequence.stream})",
+                                  f"the subject does not map back to an MQTT topic: {reason}")
+                    await msg.term()
                     continue
                 props: tuple[tuple[str, str], ...] = ()
                 if H_USER_PROPERTIES in headers:
@@ -91,3 +103,7 @@ class JetStreamDownlink:
             nc, self._nc, self._sub = self._nc, None, None
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await asyncio.wait_for(nc.close(), 5)
+
+
+def _ignore(what: str, why: str) -> None:
+    return None

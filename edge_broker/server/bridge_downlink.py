@@ -6,6 +6,12 @@ connection). Each message is published as the bridge's identity, if the ACL lets
 identity write the topic, and its remote position goes into the same batch (one
 transaction); the remote side is acknowledged only after that commit. See the theory of
 operation in server/bridges.py ("Downlink").
+
+A message that cannot be published locally, whatever the ACL, is acknowledged (JetStream:
+terminated) so that it is not redelivered, counted in `downlink_denied` like one the ACL
+refuses, and logged (`_reject`, at most one line per 10 s, telling those held back): a
+JetStream subject that does not map back to a topic (`cmd.bad~zz`), a topic that is not a
+valid MQTT topic name (a Kafka record's `mqtt-topic` header `cmd/+/x`), a `$` topic.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..bridge.base import Backoff, DownlinkMessage, DownlinkSource
+from ..bridge.base import H_TOPIC, Backoff, DownlinkMessage, DownlinkSource, decode_text
 from ..bridge.config import BridgeConfig
 from ..core.downlink import forget_downlink_position, publish_downlink
 from ..mqtt.properties import NO_PROPERTIES, Properties
 from ..mqtt.topics import is_valid_topic_name
 from .bridge_status import BridgeStatus
+from .droplog import DropLog
 
 if TYPE_CHECKING:
     from .bridges import BridgeManager
@@ -39,6 +46,8 @@ class DownlinkSide:
     config: BridgeConfig
     status: BridgeStatus
     username: str
+    _rejected = 0  # messages `_reject` was told of (class defaults: Bridge sets the rest)
+    _rejected_log: DropLog | None = None
 
     def _error(self, exc: BaseException, where: str) -> None:
         status = self.status
@@ -73,6 +82,7 @@ class DownlinkSide:
                 self._error(exc, "downlink")
             finally:
                 self.status.downlink_connected = False
+                self._log_rejected(every=True)
                 with contextlib.suppress(Exception):
                     await source.close()
             await asyncio.sleep(backoff.next_delay())
@@ -81,10 +91,8 @@ class DownlinkSide:
         if self.config.kind == "jetstream":
             from ..bridge.jetstream_downlink import JetStreamDownlink
 
-            return JetStreamDownlink(self.config)
-        from ..bridge.kafka import KafkaDownlink
-
-        return KafkaDownlink(self.config)
+            return JetStreamDownlink(self.config, rejected=self._reject)
+        return _kafka_downlink(self.config)
 
     async def _consume(self, source: DownlinkSource) -> None:
         async for message in source.messages():
@@ -104,12 +112,13 @@ class DownlinkSide:
         topic = message.topic
         identity = self.config.downlink_identity
         acl = app.gate.acl
-        if not is_valid_topic_name(topic) or topic.startswith("$"):
-            allowed = False
-        else:
-            allowed = acl is None or acl.can_publish(topic, username=self.username,
-                                                     client_id=identity)
-        if not allowed:
+        invalid = _invalid_topic(topic)
+        if invalid:
+            self._reject(f"{shown(topic)} ({_where(self.config.kind, message)})", invalid)
+            await source.ack(message)
+            return
+        if not (acl is None or acl.can_publish(topic, username=self.username,
+                                                client_id=identity)):
             status.downlink_denied += 1
             log.warning("bridge %s: downlink message on %r not published: not a topic %s "
                         "may write", name, topic, self.username)
@@ -143,6 +152,26 @@ class DownlinkSide:
         status.downlink_published += 1
         await source.ack(message)
 
+    def _reject(self, what: str, why: str) -> None:
+        """A downlink message that cannot be published locally (see the module docstring):
+        counted in `downlink_denied` and logged; the caller has it acknowledged remotely."""
+        self.status.downlink_denied += 1
+        self._rejected += 1
+        if self._rejected_log is None:
+            self._rejected_log = DropLog()
+        new = self._rejected_log.due(self._rejected)
+        if new:
+            log.warning("bridge %s: downlink message %s not published: %s; acknowledged, not "
+                        "redelivered (counted in downlink_denied)%s", self.config.name, what,
+                        why, f"; {new - 1} more since the last line" if new > 1 else "")
+
+    def _log_rejected(self, *, every: bool = False) -> None:
+        """The rejections `_reject` held back (the rate limit), told now with `every`."""
+        new = self._rejected_log.due(self._rejected, every=every) if self._rejected_log else 0
+        if new:
+            log.warning("bridge %s: %d more downlink message(s) not published (not valid "
+                        "topics; counted in downlink_denied)", self.config.name, new)
+
     def _position_key(self, message: DownlinkMessage) -> tuple[str, int]:
         """(source to store, position); ("", 0) when there is none (MQTT QoS 0/1)."""
         if self.config.kind != "mqtt":
@@ -169,3 +198,42 @@ class DownlinkSide:
 def _set_done(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _invalid_topic(topic: str) -> str:
+    """Why `topic` can be published by no one, or "" (the ACL decides then)."""
+    if not is_valid_topic_name(topic):
+        return ("not a valid MQTT topic name (empty, a wildcard + or #, a NUL character, or "
+                "over 65,535 bytes)")
+    if topic.startswith("$"):
+        return "a topic starting with $ is the broker's own"
+    return ""
+
+
+def _where(kind: str, message: DownlinkMessage) -> str:
+    if kind == "kafka":  # source: "<kafka topic>:<partition>"
+        return f"record {message.source} offset {message.position}"
+    if kind == "jetstream":
+        return f"stream {message.source} sequence {message.position}"
+    return f"from {message.source}"
+
+
+def shown(topic: str, limit: int = 200) -> str:
+    """A topic for a log line: repr, cut after `limit` characters."""
+    return repr(topic) if len(topic) <= limit else f"{topic[:limit]!r}... ({len(topic)} chars)"
+
+
+def _kafka_downlink(config: BridgeConfig) -> DownlinkSource:
+    """The Kafka downlink source, giving every record to `_take`: one whose topic is not
+    valid is counted, logged and acknowledged there (KafkaDownlink alone skips it)."""
+    from ..bridge.kafka import KafkaDownlink
+
+    class Downlink(KafkaDownlink):
+        def local_topic(self, kafka_topic: str, headers: dict[str, str]) -> str | None:
+            topic = super().local_topic(kafka_topic, headers)
+            if topic is not None:
+                return topic
+            return (decode_text(headers[H_TOPIC]) if H_TOPIC in headers
+                    else self.options.downlink_local_prefix + kafka_topic)
+
+    return Downlink(config)

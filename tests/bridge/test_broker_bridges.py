@@ -91,7 +91,7 @@ servers = ["{url}"]
 uplink = ["sensors/#"]
 subject_prefix = "site1.gw7"
 jetstream_stream = "EDGE"
-stream_subjects = ["site1.gw7.up.>", "site1.gw7.cmd.>"]
+stream_subjects = ["site1.gw7.>"]
 downlink = ["site1.gw7.cmd.>"]
 backoff_initial = 1
 backoff_max = 2
@@ -116,11 +116,10 @@ async def stored(url: str) -> list[Any]:
 
 
 def jetstream_config(tmp_path: Path, nats_server: NatsServer, extra: str = "") -> Path:
-    # Uplink subjects are <prefix>.<topic>: sensors/... -> site1.gw7.sensors...
-    table = JETSTREAM.format(url=nats_server.url).replace(
-        'stream_subjects = ["site1.gw7.up.>", "site1.gw7.cmd.>"]',
-        'stream_subjects = ["site1.gw7.>"]')
-    return write_config(tmp_path, table + extra)
+    # Uplink subjects are <prefix>.<topic> (sensors/... -> site1.gw7.sensors...), the downlink
+    # commands site1.gw7.cmd...: the stream captures both (the bridge refuses a stream that
+    # does not capture <prefix>.>).
+    return write_config(tmp_path, JETSTREAM.format(url=nats_server.url) + extra)
 
 
 async def test_jetstream_uplink_in_order_across_an_outage_and_a_kill_without_duplicates(
