@@ -171,8 +171,12 @@ def render(status: dict[str, Any]) -> str:
             f"  downlink    {'connected' if status['downlink_connected'] else 'NOT connected'}"
             f", {_n(status.get('downlink_published'))} published locally, "
             f"{_n(status.get('downlink_duplicates'))} duplicates skipped, "
-            f"{_n(status.get('downlink_denied'))} denied by the ACL")
+            f"{_n(status.get('downlink_denied'))} denied (by the ACL, or not a valid "
+            "local topic)")
+    in_process = status.get("uplink_process") is None
     for key in sorted(set(status) - _SHOWN):
+        if status[key] is None or (in_process and key.startswith("uplink_process")):
+            continue  # nothing to say (an uplink in the broker has no process)
         lines.append(f"  {key.replace('_', ' ')}: {status[key]}")
     return "\n".join(lines)
 

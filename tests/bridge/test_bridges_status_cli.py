@@ -38,7 +38,9 @@ def test_one_block_per_bridge_says_why_it_is_not_connected() -> None:
                    "forwarded": 1200, "forwarded_per_s": 0.0, "failures": 4,
                    "last_error": "BridgeError: cannot connect to nats://10.0.0.5:4222",
                    "last_error_at": None, "dropped": 7, "downlink_connected": False,
-                   "downlink_published": 0, "downlink_duplicates": 0, "downlink_denied": 0})
+                   "downlink_published": 0, "downlink_duplicates": 0, "downlink_denied": 0,
+                   # An uplink in the broker has no process: nothing said about one.
+                   "uplink_process": None, "uplink_process_starts": 0})
     assert text.splitlines() == [
         "bridge central (jetstream)",
         "  uplink      NOT connected: BridgeError: cannot connect to nats://10.0.0.5:4222",
