@@ -39,6 +39,7 @@ Every public name is re-exported here: import from `edge_broker.config`.
 
 from __future__ import annotations
 
+from edge_broker.config.checks import check_listeners
 from edge_broker.config.durations import MAX_DURATION_S, parse_duration
 from edge_broker.config.loader import apply_overrides, load_config
 from edge_broker.config.model import (
@@ -105,6 +106,7 @@ __all__ = [
     "StreamConfig",
     "UserQuota",
     "apply_overrides",
+    "check_listeners",
     "default_gateway_id",
     "is_loopback_host",
     "known_keys",

@@ -24,6 +24,12 @@ def _check_http(config: Config) -> None:
             file=config.source, table="http", key="host")
 
 
+def check_listeners(config: Config) -> None:
+    """`_check_listeners` of a configuration made by merging two (a SIGHUP's: the running
+    listeners with the file's new [auth]); ConfigError as at load time."""
+    _check_listeners(config, host_flag=None)
+
+
 def _check_listeners(config: Config, *, host_flag: str | None,
                      port_flag: int | None = None) -> None:
     """The listener rules that span keys: no duplicate address; anonymous access (see the

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from ..config import Config, toml_key
+from ..config import Config, check_listeners, toml_key
 from ..errors import ConfigError
 from . import systemd
 
@@ -48,6 +48,12 @@ RELOADABLE: Final[frozenset[tuple[str, str]]] = frozenset({
     ("quotas", "max_connections"),
     ("quotas", "max_connections_per_address"),
 })
+
+
+# Fields that are not keys of their own but say how another was written: they follow it.
+FOLLOWS: Final[dict[tuple[str, str], tuple[str, str]]] = {
+    ("auth", "allow_anonymous_explicit"): ("auth", "allow_anonymous"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,11 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             if before == after:
                 continue
             key = f"{table}.{toml_key(table, field.name)}"  # as written in the file
+            follows = FOLLOWS.get((table, field.name))
+            if follows is not None:  # taken with the key it follows; not named itself
+                if follows in RELOADABLE:
+                    changes[field.name] = after
+                continue
             if (table, field.name) in RELOADABLE:
                 changes[field.name] = after
                 applied.append(key)
@@ -94,22 +105,31 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
 
 def reload(app: BrokerApp, load: Callable[[], Config]) -> bool:
     """SIGHUP: read the configuration again and adopt its reloadable keys. A file that does
-    not load keeps everything as it was (logged as an error). Returns whether it loaded."""
+    not load keeps everything as it was (logged as an error), and so does one whose [auth]
+    would leave a running listener open to anonymous clients from the network; a password
+    or ACL file that does not load keeps the running [auth] as a whole. Returns whether the
+    configuration loaded and was adopted."""
     systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         try:
             new = load()
+            plan = plan_reload(app.config, new)
+            # The listeners that run (restart-only) with the new [auth]: the file was checked
+            # with its own listeners, which may not be these.
+            check_listeners(plan.config)
         except ConfigError as error:
             log.error("reload (SIGHUP): %s; keeping the running configuration", error)
             return False
-        plan = plan_reload(app.config, new)
-        app.config = plan.config
-        logging.getLogger().setLevel(plan.config.log.logging_level)
+        config, applied = plan.config, plan.applied
+        if not app.gate.reload(config.auth):  # logged there; the files' rules stay
+            config = dataclasses.replace(config, auth=app.config.auth)
+            applied = tuple(key for key in applied if not key.startswith("auth."))
+        app.config = config
+        logging.getLogger().setLevel(config.log.logging_level)
         for key in plan.needs_restart:
             log.warning("reload (SIGHUP): %s changed; it takes effect after a restart", key)
-        app.gate.reload(plan.config.auth)
         log.info("reload (SIGHUP): configuration read again; %s",
-                 "applied " + ", ".join(plan.applied) if plan.applied else "nothing to apply")
+                 "applied " + ", ".join(applied) if applied else "nothing to apply")
         listeners = getattr(app, "listeners", None)  # TLS files, for new connections
         if listeners is not None and listeners.reload_tls():
             _drop_revoked(app, listeners)
@@ -133,7 +153,7 @@ def _drop_revoked(app: BrokerApp, listeners: Any) -> None:
             continue
         log.info("client %s (%s): its certificate was revoked; disconnecting it",
                  handler.client_id or "?", handler.peer)
-        handler.kick(ReasonCode.NOT_AUTHORIZED)
+        handler.kick_when_answered(ReasonCode.NOT_AUTHORIZED)
         dropped += 1
     if dropped:
         app.finish_batch(None, [])

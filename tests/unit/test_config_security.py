@@ -3,14 +3,16 @@ and the listener-reachability rule once a password file is an authentication sou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from edge_broker.config import UserQuota, load_config
+from edge_broker.config import Config, UserQuota, load_config
 from edge_broker.errors import ConfigError
-from edge_broker.server.reload import plan_reload
+from edge_broker.server.reload import plan_reload, reload
 
 
 @pytest.fixture
@@ -104,3 +106,54 @@ def test_keys_that_need_a_restart_are_named_as_in_the_file(
     assert plan.applied == ("auth.allow_anonymous",)
     assert plan.config.broker.sys_interval_s == 10
     assert not plan.config.auth.allow_anonymous
+
+
+@pytest.fixture
+def root_level() -> Iterator[None]:
+    """`reload` sets the root logger's level from [log]: put it back after."""
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+class _App:
+    """What server/reload.py `reload` uses of the broker: its configuration and its gate
+    (whose password and ACL files load, or not)."""
+
+    def __init__(self, config: Config, files_load: bool) -> None:
+        self.config = config
+        self.gate = SimpleNamespace(reload=lambda auth: files_load)
+        self.listeners = None
+
+
+def test_a_reload_whose_password_file_does_not_load_keeps_the_running_auth(
+        write: Callable[[str], Path], root_level: None) -> None:
+    # Anonymous clients are let in; the new file adds a password file (so allow_anonymous
+    # defaults to false), but that file does not load: nothing of [auth] may change, or
+    # every client would be refused with no password file in force.
+    app = _App(load_config(write("[log]\nlevel = \"info\"\n")), files_load=False)
+    before = app.config.auth
+    assert reload(app, lambda: load_config(write('[auth]\npassword_file = "/p"\n')))
+    assert app.config.auth == before
+    assert app.config.listeners[0].anonymous_allowed(app.config.auth)
+
+
+def test_a_reload_that_would_open_a_running_network_listener_is_refused(
+        write: Callable[[str], Path], root_level: None) -> None:
+    # The running listener faces the network with a password file. The new file moves it to
+    # loopback (a restart applies that) and drops the password file: adopting its [auth]
+    # now would let anonymous clients in from the network.
+    app = _App(load_config(write('[auth]\npassword_file = "/p"\n'
+                                 '[[listeners]]\nhost = "0.0.0.0"\n')), files_load=True)
+    before = app.config
+    assert not reload(app, lambda: load_config(write("[[listeners]]\nhost = \"127.0.0.1\"\n")))
+    assert app.config is before
+
+
+def test_adding_an_explicit_allow_anonymous_is_not_a_restart_key(
+        write: Callable[[str], Path]) -> None:
+    old = load_config(write("[auth]\n"))
+    new = load_config(write("[auth]\nallow_anonymous = true\n"))
+    plan = plan_reload(old, new)
+    assert plan.needs_restart == ()
+    assert plan.config.auth == new.auth
