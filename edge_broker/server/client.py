@@ -435,6 +435,10 @@ class ClientHandler(asyncio.Protocol):
         here, and the connection closes (v5: DISCONNECT 0x8E) once they are out."""
         close.taken_over(self)
 
+    def kick_when_answered(self, reason: ReasonCode) -> None:
+        """`kick`, after the CONNACK a commit still holds (a reload's disconnects)."""
+        close.kick_when_answered(self, reason)
+
     def _shut(self, *, linger: bool = False) -> None:
         """Close the transport after what is buffered; detach from the session now
         (server/client_close.py)."""

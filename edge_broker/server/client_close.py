@@ -80,10 +80,19 @@ def taken_over(handler: ClientHandler) -> None:
         if handler._draining:  # the new connection wins: the old one's packets are dropped
             drain.stop_draining(handler)  # committed with the new connection's batch
         return
-    if not handler._pending_commits:
-        kick(handler, ReasonCode.SESSION_TAKEN_OVER)
+    kick_when_answered(handler, ReasonCode.SESSION_TAKEN_OVER)
+
+
+def kick_when_answered(handler: ClientHandler, reason: ReasonCode) -> None:
+    """`kick`, once the answers still waiting for the store are out: a client whose
+    CONNECT is being committed gets its CONNACK before the DISCONNECT [MQTT-3.2.0-1]
+    (5.0). Nothing more is read meanwhile."""
+    if handler._closed:
         return
-    handler._kick_after = ReasonCode.SESSION_TAKEN_OVER
+    if not handler._pending_commits:
+        kick(handler, reason)
+        return
+    handler._kick_after = reason
     handler._close_after_write = True  # read nothing more
     if handler._turn_handle is not None:
         handler._turn_handle.cancel()
@@ -141,7 +150,9 @@ def keepalive_check(handler: ClientHandler) -> None:
     if handler._closed:
         return
     loop = handler.app.loop
-    if handler._throttle_handle is not None:  # suspended while we hold the client back
+    if handler._throttle_handle is not None or handler._paused_reading:
+        # Suspended while we hold the client back (its quota, the store's commits): what it
+        # sends waits in the socket, unread, and proves nothing either way.
         handler._last_rx = max(handler._last_rx, loop.time())
     deadline = handler._last_rx + handler._keepalive_s
     if loop.time() < deadline:

@@ -51,7 +51,18 @@ def authenticated(handler: ClientHandler, future: asyncio.Future[Decision]) -> N
     handler._waiting = None
     if handler._closed or future.cancelled():
         return
-    handler._decision = future.result()
+    decision = future.result()
+    gate = handler.app.gate
+    packet = handler._held
+    if (decision.how == "password" and packet is not None
+            and handler._rules_generation != gate.generation):
+        # A SIGHUP re-read the files between the check and now (its disconnects skipped
+        # this connection, not yet a client): the CONNECT is checked again against them.
+        handler._rules_generation = gate.generation
+        if not authenticate(handler, packet):
+            return  # suspended again; this is called again with the new decision
+    else:
+        handler._decision = decision
     handler.process_buffered()
     handler._update_reading()
     handler._account_buffered()

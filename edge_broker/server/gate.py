@@ -182,6 +182,7 @@ class Gate:
         the new file no longer holds (their user is gone, or has another hash: a new
         password; also the same one hashed again, which this cannot tell apart: the client
         logs in again), or without one where that is no longer allowed."""
+        kicked = False
         for handler in list(self.app.connections):
             if handler.closed or handler.client_id is None:
                 continue
@@ -198,12 +199,9 @@ class Gate:
             elif how in ("anonymous", "username"):
                 # As start_authentication decides: without credentials, or with a username
                 # only a name for the ACL (no password file then).
-                listener = listener_of(handler)
                 if how == "username" and passwords is not None:
                     why = "a password file is now required"
-                elif listener.anonymous_allowed(auth) or (
-                        how == "username" and listener.certificate_authentication
-                        and peer_certificate(handler)):
+                elif listener_of(handler).anonymous_allowed(auth):
                     continue
                 else:
                     why = "anonymous clients are no longer allowed"
@@ -211,8 +209,11 @@ class Gate:
                 continue
             log.info("client %s (%s): %s; disconnecting it", handler.client_id, handler.peer,
                      why)
-            handler.kick(ReasonCode.NOT_AUTHORIZED)  # 0x87 (5.0); 3.1.1: a close
-        self.app.finish_batch(None, [])
+            # 0x87 (5.0; 3.1.1: a close), after a CONNACK still being committed
+            handler.kick_when_answered(ReasonCode.NOT_AUTHORIZED)
+            kicked = True
+        if kicked:
+            self.app.finish_batch(None, [])
 
     def close(self) -> None:
         if self.verifier is not None:

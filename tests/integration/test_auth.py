@@ -20,6 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge_broker.auth.passwd import PasswordFile
 from edge_broker.server import gate
 from tests.conftest import BrokerThread
 from tests.integration.authsetup import (
@@ -166,6 +167,31 @@ def test_a_user_whose_password_is_empty_cannot_log_in(
                              password=password)
         assert connack_code(broker.port, packet, version) == BAD_CREDENTIALS[version]
     control(broker).ping()
+
+
+def test_a_password_revoked_between_its_check_and_the_connack_is_checked_again(
+        make_auth_broker: Callable[..., BrokerThread], no_backoff: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A SIGHUP whose callback runs after the password check succeeded but before the
+    # connection takes the decision: the reload's disconnects cannot see this connection
+    # (not a client yet), so the CONNECT itself is checked again against the new file.
+    broker = make_auth_broker()
+    passwd = broker.config.auth.password_file
+    checked = gate.Gate._verified
+
+    def checked_then_sighup(self: gate.Gate, *args: Any) -> None:
+        checked(self, *args)
+        passwords = PasswordFile.load(passwd)
+        passwords.set("alice", "changed", iterations=1000)
+        passwords.save(passwd)
+        self.reload(self.app.config.auth)
+
+    monkeypatch.setattr(gate.Gate, "_verified", checked_then_sighup)
+    packet = raw_connect(b"c1", version=5, username=b"alice", password=b"alice-pw")
+    assert connack_code(broker.port, packet, 5) == BAD_CREDENTIALS[5]
+    monkeypatch.setattr(gate.Gate, "_verified", checked)
+    packet = raw_connect(b"c2", version=5, username=b"alice", password=b"changed")
+    assert connack_code(broker.port, packet, 5) == 0
 
 
 @VERSIONS
