@@ -30,8 +30,9 @@ class LibraryRepeats(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.name
-        if name == OWN_LOGGER or name.startswith(OWN_LOGGER + "."):
-            return True
+        if (name == OWN_LOGGER or name.startswith(OWN_LOGGER + ".")
+                or not isinstance(record.msg, str)):
+            return True  # (a message that is an object: not a template, and maybe unhashable)
         key = (name, record.msg, record.levelno)
         now = self.clock()
         seen = self._seen.get(key)

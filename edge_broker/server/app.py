@@ -114,6 +114,7 @@ class BrokerApp:
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # bound (host, port) per listener
         self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._drop_timer: asyncio.TimerHandle | None = None
@@ -564,9 +565,10 @@ class BrokerApp:
         values = sys_topics(self.core, self.metrics, version=self._version,
                             uptime_s=now - self.started_at)
         counts = load_counts(self.core, self.metrics)
+        elapsed = time.monotonic()  # not the wall clock: NTP may set it on a gateway's boot
         if self._sys_load is None:  # from the start: every count began at 0
-            self._sys_load = SysLoad((0,) * len(counts), self.started_at)
-        values.update(self._sys_load.topics(counts, now))
+            self._sys_load = SysLoad((0,) * len(counts), self._started_monotonic)
+        values.update(self._sys_load.topics(counts, elapsed))
         values.update(heap_topics())
         values.update(self.bridges.sys_topics())
         for topic, value in values.items():

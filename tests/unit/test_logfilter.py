@@ -44,3 +44,11 @@ def test_the_broker_s_handler_thins_them(capsys: pytest.CaptureFixture[str]) -> 
         root.handlers[:] = handlers
         root.setLevel(level)
     assert capsys.readouterr().err.count("Unable connect to node") == 1
+
+
+def test_a_message_that_is_not_a_template_passes_untouched() -> None:
+    # logging.getLogger("lib").error({"a": 1}): the filter must not raise (an unhashable
+    # key) into the library's call, nor keep the object.
+    thin = LibraryRepeats()
+    record = logging.LogRecord("lib", logging.ERROR, __file__, 1, {"a": 1}, None, None)
+    assert thin.filter(record) and thin.filter(record)
