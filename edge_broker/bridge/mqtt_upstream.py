@@ -326,6 +326,15 @@ class MqttUpstream:
         # where in `waits` expired, oversize and unmapped messages are
         passed: tuple[list[int], list[int], list[int]] = ([], [], [])
         expired, oversize, unmapped = passed
+        if (link.conn.send_quota < 1 and self._inflight and batch
+                and batch[0].offset not in self._by_offset):
+            # Receive Maximum taken by messages in flight before this window (a previous
+            # connection's, resent): wait for their acks, not drop the link before they come.
+            lost_wait: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
+            acks: set[asyncio.Future[Any]] = {e.future for e in self._inflight.values()}
+            await asyncio.wait({*acks, lost_wait}, timeout=self.ack_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            lost_wait.cancel()
         budget = min(self.config.window, link.conn.send_quota)
         for message in batch:
             packet_id = self._by_offset.get(message.offset)

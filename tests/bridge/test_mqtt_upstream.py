@@ -278,3 +278,33 @@ async def test_keep_alive_drops_a_silent_link(mosquitto: Mosquitto) -> None:
     finally:
         upstream.abort()
         await proxy.close()
+
+
+async def test_messages_in_flight_from_the_last_connection_do_not_block_the_next(
+        tmp_path: Any) -> None:
+    """The remote's Receive Maximum (2 here) is taken by the messages the previous connection
+    object left in flight (handed over, `resume_from`, and resent), whose rows the cursor
+    has passed since (a backlog bound dropped them): a window of new messages waits for
+    their acks instead of returning 0, which dropped the link before they came, again on
+    every reconnect."""
+    server = Mosquitto(tmp_path / "mosquitto", extra_config="max_inflight_messages 2\n")
+    server.start()
+    proxy = await TcpProxy("127.0.0.1", server.port).start()
+    config = bridge_config(f"mqtt://{proxy.address}", topics=['sensors/# out 1 "" site1/'])
+    first = MqttUpstream(config, ack_timeout=1.0)
+    second = MqttUpstream(config, ack_timeout=5.0)
+    try:
+        await first.start()
+        proxy.hold_replies()  # the remote takes them; its PUBACKs stay in the proxy
+        with pytest.raises(BridgeError, match="no acknowledgement"):
+            await first.send(messages(1, 2))
+        first.abort()
+        proxy.cut()
+        proxy.forward()
+        second.resume_from(first)
+        await second.start()  # resends 1 and 2
+        assert await second.send(messages(3, 2)) >= 1
+    finally:
+        await second.close()
+        await proxy.close()
+        server.stop()
