@@ -18,12 +18,11 @@ gets the flag; on an existing stream without it the sink keeps one PubAck per me
 says so once in the log.
 
 A message the server or the stream can never take (bridge/jetstream_frames.py: control
-line, `max_payload`, in a batch the stream's `max_msg_size` as `start()` read it, headers
-over 64 KiB) is not sent: the window is cut before it (`written`); the window's first,
-`submit` raises `Refused` (bridge/base.py: the forwarder skips it, counts it). A PubAck
-refusing a window's first message for good (API error 10054 "message size exceeds maximum
-allowed", 10097) is `Refused` too: with one PubAck per message a message over
-`max_msg_size` is sent and refused so (the messages after it are stored).
+line, `max_payload`, the stream's `max_msg_size` as `start()` read it, headers over 64 KiB)
+is not sent: the window is cut before it (`written`); the window's first, `submit` raises
+`Refused` (bridge/base.py: the forwarder skips it, counts it). A PubAck refusing a window's
+first message for good (API error 10054 "message size exceeds maximum allowed", 10097: a
+limit the sink did not know, the stream changed under it) is `Refused` too.
 
 Stream: `start()` looks the stream up. Missing: it is created with the configured subjects,
 retention, storage, replicas, limits and duplicate window (and `allow_batched`). Present
@@ -416,14 +415,11 @@ class JetStreamSink:
         if self._js is None:
             raise BridgeError("send before start")
         self.written = len(batch)
-        batched = self._batches is not None and not self._batches.disabled
-        # Over the stream's max_msg_size: in a batch it would end the batch, so the window
-        # is cut before it; with one PubAck per message it is sent, refused in its PubAck,
-        # and the messages after it are stored all the same.
-        max_msg_size = self.max_msg_size if batched else -1
+        # Over the stream's max_msg_size the window is cut before it: sent, it would end a
+        # batch, or be refused in its PubAck and have every window behind it sent again.
         if self._frames is not None:
             self._frames.max_payload = self._nc.max_payload  # the server's (INFO) now
-            self._frames.max_msg_size = max_msg_size
+            self._frames.max_msg_size = self.max_msg_size
         if self._batches is not None and not self._batches.disabled:
             return await self._submit_batch(batch, self._batches)
         loop = asyncio.get_running_loop()
@@ -464,7 +460,7 @@ class JetStreamSink:
                     headers = message.headers(mid, NATS_MSG_ID)
                     refusal = publish_over_limits(
                         self.subject(message), f"{self._reply_prefix}{self._token + 1}",
-                        headers, message.payload, self._nc.max_payload, max_msg_size)
+                        headers, message.payload, self._nc.max_payload, self.max_msg_size)
                     if refusal is not None:
                         if not index:
                             raise Refused(refusal[1], refusal[0])

@@ -183,8 +183,11 @@ async def test_an_existing_stream_without_batches_keeps_one_ack_per_message(
             assert await sink.send(messages(1, 300)) == 300
             assert await sink.send(messages(201, 200)) == 200
             assert sink.duplicates == duplicates
-            # A refused message ends the count when its error comes (not at ack_timeout).
+            # A message over the stream's max_msg_size ends the window before it: not sent
+            # (sent, its refusal would have every window behind it sent again).
+            assert sink.max_msg_size == 1024
             assert await asyncio.wait_for(sink.send(sized(401, 4, {403})), 60) == 2
+            assert sink.written == 2
         finally:
             await sink.close()
     notes = [r for r in caplog.records if "does not allow batches" in r.getMessage()]
@@ -195,7 +198,7 @@ async def test_an_existing_stream_without_batches_keeps_one_ack_per_message(
     finally:
         await nc.close()
     assert not info.config.allow_batched  # never modified
-    assert offsets(await stored(nats_server.url)) == [*range(1, 403), 404]
+    assert offsets(await stored(nats_server.url)) == [*range(1, 403)]
 
 
 async def test_batches_disabled_on_the_stream_later_fall_back_to_one_ack_each(
