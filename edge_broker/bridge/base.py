@@ -218,6 +218,7 @@ class OncePerKey:
         self.full = False
 
     def first(self, key: str) -> bool:
+        key = key[:256]  # a topic may have 65,535 characters: 1,000 of them kept in full
         if self.full or key in self._seen:
             return False
         self._seen.add(key)

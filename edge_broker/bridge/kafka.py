@@ -428,10 +428,18 @@ class KafkaSink:
         if not passed:
             return 0, 0, 0
         first = batch[0].offset
-        unrouted = passed.pop(first, 0)
+        unrouted = min(passed.pop(first, 0), acknowledged)
         for stale in [offset for offset in passed if offset < first]:  # dropped windows
             del passed[stale]
         return 0, 0, unrouted
+
+    def _note_passed(self, first: int, unrouted: int) -> None:
+        """The unrouted count of the window starting at `first`, as `_collect` found it this
+        time (none: an older count of a window that started there is forgotten)."""
+        if unrouted:
+            self._passed[first] = unrouted
+        else:
+            self._passed.pop(first, None)
 
     async def _collect(self, owners: list[asyncio.Future[Any] | None],
                        deadline: float, first: int) -> int:
@@ -453,9 +461,8 @@ class KafkaSink:
             if first == self._alone:
                 self._alone = 0
             unrouted = owners.count(None)
-            if unrouted:
-                self.unrouted += unrouted
-                self._passed[first] = unrouted
+            self.unrouted += unrouted
+            self._note_passed(first, unrouted)
             return len(owners)
         acknowledged = 0
         unrouted = 0
@@ -472,9 +479,8 @@ class KafkaSink:
                 first_error = error
                 break
             acknowledged += 1
-        if unrouted:
-            self.unrouted += unrouted
-            self._passed[first] = unrouted
+        self.unrouted += unrouted
+        self._note_passed(first, unrouted)
         if acknowledged == 0 and isinstance(first_error, MessageSizeTooLargeError):
             if first == self._alone:  # refused alone: this record, for good
                 self._alone = 0
