@@ -367,7 +367,7 @@ def load_startup_files(config: Config) -> tuple[int | None, int | None]:
     - with a SQLite store (`run` starts bridges only then), the optional module of each
       enabled bridge kind (bridge/config.py `require_extras`, from `BridgeManager.start`);
     - each TLS listener's certificate, key, CA and CRL (server/tls.py `build_context`,
-      from `open_listeners`).
+      from `open_listeners`), and the `websockets` package for a WebSocket listener.
 
     Returns the number of users in the password file and of rules in the ACL (None where
     no such file is set). Raises the ConfigError `run` would stop on (file and line).
@@ -381,11 +381,13 @@ def load_startup_files(config: Config) -> tuple[int | None, int | None]:
         from edge_broker.bridge.config import require_extras
 
         require_extras(config.bridges, file=config.source)
-    if any(listener.tls for listener in config.listeners):
-        from edge_broker.server.listeners import listener_label
+    if any(listener.tls or listener.protocol == "websockets" for listener in config.listeners):
+        from edge_broker.server.listeners import listener_label, websocket_module
         from edge_broker.server.tls import build_context
 
         for index, listener in enumerate(config.listeners):
+            if listener.protocol == "websockets":
+                websocket_module(listener_label(index), config.source)
             if listener.tls:
                 build_context(listener, label=listener_label(index), file=config.source)
     return (None if passwords is None else len(passwords),

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..config import ListenerConfig
@@ -128,18 +129,27 @@ class Listeners:
         return ok
 
 
+def websocket_module(label: str, file: str | None) -> ModuleType:
+    """server/websocket.py, which needs the `websockets` package; ConfigError naming the
+    listener and the pip install when it is missing (also `check-config`'s check)."""
+    try:
+        from . import websocket
+    except ImportError:
+        error = ConfigError(
+            f'{label} protocol: "websockets" needs the websockets package: '
+            "pip install 'edge-broker[websocket]'", file=file)
+        error.table, error.key = label, "protocol"
+        raise error from None
+    return websocket
+
+
 def _protocol_factory(app: BrokerApp, listener: ListenerConfig,
                       label: str) -> Callable[[], asyncio.Protocol]:
     factory: Callable[[], asyncio.Protocol] = partial(ClientHandler, app)
     if listener.protocol == "websockets":
-        try:
-            from .websocket import websocket_factory
-        except ImportError:
-            error = ConfigError(
-                f'{label} protocol: "websockets" needs the websockets package: '
-                "pip install 'edge-broker[websocket]'", file=app.config.source)
-            error.table, error.key = label, "protocol"
-            raise error from None
+        websocket_module(label, app.config.source)  # the package is there, or the error
+        from .websocket import websocket_factory
+
         # One message may hold a whole packet plus the start of the next.
         size = 2 * app.config.mqtt.max_packet_size + 16
         return websocket_factory(factory, max_message_size=size)

@@ -275,6 +275,22 @@ def test_check_config_needs_a_bridge_kinds_package_where_run_does(
     assert err.endswith("pip install nats-py\n"), err
 
 
+def test_check_config_needs_the_websockets_package_for_a_websocket_listener(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As `run`, which stops on it when it opens the listener.
+    import edge_broker.server as server_package
+
+    monkeypatch.setitem(sys.modules, "websockets", None)  # `import websockets` fails
+    monkeypatch.delitem(sys.modules, "edge_broker.server.websocket", raising=False)
+    monkeypatch.delattr(server_package, "websocket", raising=False)
+    path = auth_config(tmp_path, extra='protocol = "websockets"\n')
+    assert cli.main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f'{path}: [[listeners]] #1 protocol: "websockets" needs the websockets '
+                   "package: pip install 'edge-broker[websocket]'\n"), err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])
