@@ -281,7 +281,10 @@ def test_check_config_needs_the_websockets_package_for_a_websocket_listener(
     # As `run`, which stops on it when it opens the listener.
     import edge_broker.server as server_package
 
-    monkeypatch.setitem(sys.modules, "websockets", None)  # `import websockets` fails
+    # `import websockets` and its submodules fail (those imported already by other tests
+    # would be found in sys.modules without their package)
+    for name in ["websockets", *[n for n in sys.modules if n.startswith("websockets.")]]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "edge_broker.server.websocket", raising=False)
     monkeypatch.delattr(server_package, "websocket", raising=False)
     path = auth_config(tmp_path, extra='protocol = "websockets"\n')
