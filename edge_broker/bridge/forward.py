@@ -75,14 +75,13 @@ async def _outcome(awaitable: Awaitable[T]) -> T | Exception:
 def _take_passed(sink: Sink | None, batch: Sequence[BridgeMessage],
                  acknowledged: int) -> tuple[int, int, int]:
     """(expired, refused, unrouted): of the first `acknowledged` messages of `batch`, those
-    the sink passed without sending them (`take_passed`: MqttUpstream, KafkaSink; a sink
-    with only `take_expired` counts expired ones; (0, 0, 0) for others)."""
+    the sink passed without sending them (`take_passed`: MqttUpstream, KafkaSink; (0, 0, 0)
+    for others)."""
     take = getattr(sink, "take_passed", None)
-    if take is not None:
-        expired, refused, unrouted = take(batch, acknowledged)
-        return int(expired), int(refused), int(unrouted)
-    take = getattr(sink, "take_expired", None)
-    return (0 if take is None else int(take())), 0, 0
+    if take is None:
+        return 0, 0, 0
+    expired, refused, unrouted = take(batch, acknowledged)
+    return int(expired), int(refused), int(unrouted)
 
 
 def _written(sink: Sink, batch: Sequence[BridgeMessage]) -> Sequence[BridgeMessage]:
@@ -137,7 +136,7 @@ class ForwarderStatus:
     failures: int = 0
     expired: int = 0
     """Messages the cursor passed without sending them, their Message Expiry Interval over
-    (a sink with `take_expired`: the MQTT upstream); not in `forwarded`."""
+    (reported by the MQTT upstream's `take_passed`); not in `forwarded`."""
     refused: int = 0
     """Messages the cursor passed because the remote side can never take them (`Refused`,
     an MQTT remote's Maximum Packet Size); not in `forwarded`, not failures."""
