@@ -52,7 +52,6 @@ except ImportError:  # pragma: no cover - aiokafka without its extensions: its o
 import logging
 
 from edge_broker.errors import BridgeError
-from edge_broker.mqtt.topics import is_valid_topic_name
 
 from .base import (
     H_CONTENT_TYPE,
@@ -535,12 +534,13 @@ class KafkaDownlink:
             raise BridgeError(f"cannot connect to Kafka: {exc!r}") from exc
         self._consumer = consumer
 
-    def local_topic(self, kafka_topic: str, headers: dict[str, str]) -> str | None:
+    def local_topic(self, kafka_topic: str, headers: dict[str, str]) -> str:
+        """The record's `mqtt-topic` header, else `<downlink_local_prefix><kafka topic>`. Not
+        checked here: the broker counts, logs and acknowledges one that is not a valid topic
+        (server/bridge_downlink.py)."""
         if H_TOPIC in headers:
-            topic = decode_text(headers[H_TOPIC])
-        else:
-            topic = self.options.downlink_local_prefix + kafka_topic
-        return topic if is_valid_topic_name(topic) else None
+            return decode_text(headers[H_TOPIC])
+        return self.options.downlink_local_prefix + kafka_topic
 
     async def messages(self) -> AsyncIterator[DownlinkMessage]:
         if self._consumer is None:
@@ -557,14 +557,11 @@ class KafkaDownlink:
                             props = decode_user_properties(headers[H_USER_PROPERTIES])
                     qos = headers.get(H_QOS, "1")
                     message = DownlinkMessage(
-                        topic=topic or "", payload=record.value or b"",
+                        topic=topic, payload=record.value or b"",
                         source=f"{partition.topic}:{partition.partition}",
                         position=record.offset, qos=int(qos) if qos in ("0", "1", "2") else 1,
                         retain=headers.get(H_RETAIN) == "1", user_properties=props,
                         handle=partition)
-                    if topic is None:
-                        await self.ack(message)  # cannot be a local topic: skip it for good
-                        continue
                     yield message
 
     async def ack(self, message: DownlinkMessage) -> None:

@@ -23,7 +23,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..bridge.base import H_TOPIC, Backoff, DownlinkMessage, DownlinkSource, decode_text
+from ..bridge.base import Backoff, DownlinkMessage, DownlinkSource, shown_topic
 from ..bridge.config import BridgeConfig
 from ..core.downlink import forget_downlink_position, publish_downlink
 from ..mqtt.properties import NO_PROPERTIES, Properties
@@ -92,7 +92,9 @@ class DownlinkSide:
             from ..bridge.jetstream_downlink import JetStreamDownlink
 
             return JetStreamDownlink(self.config, rejected=self._reject)
-        return _kafka_downlink(self.config)
+        from ..bridge.kafka import KafkaDownlink
+
+        return KafkaDownlink(self.config)
 
     async def _consume(self, source: DownlinkSource) -> None:
         async for message in source.messages():
@@ -114,7 +116,7 @@ class DownlinkSide:
         acl = app.gate.acl
         invalid = _invalid_topic(topic)
         if invalid:
-            self._reject(f"{shown(topic)} ({_where(self.config.kind, message)})", invalid)
+            self._reject(f"{shown_topic(topic)} ({_where(self.config.kind, message)})", invalid)
             await source.ack(message)
             return
         if not (acl is None or acl.can_publish(topic, username=self.username,
@@ -216,24 +218,3 @@ def _where(kind: str, message: DownlinkMessage) -> str:
     if kind == "jetstream":
         return f"stream {message.source} sequence {message.position}"
     return f"from {message.source}"
-
-
-def shown(topic: str, limit: int = 200) -> str:
-    """A topic for a log line: repr, cut after `limit` characters."""
-    return repr(topic) if len(topic) <= limit else f"{topic[:limit]!r}... ({len(topic)} chars)"
-
-
-def _kafka_downlink(config: BridgeConfig) -> DownlinkSource:
-    """The Kafka downlink source, giving every record to `_take`: one whose topic is not
-    valid is counted, logged and acknowledged there (KafkaDownlink alone skips it)."""
-    from ..bridge.kafka import KafkaDownlink
-
-    class Downlink(KafkaDownlink):
-        def local_topic(self, kafka_topic: str, headers: dict[str, str]) -> str | None:
-            topic = super().local_topic(kafka_topic, headers)
-            if topic is not None:
-                return topic
-            return (decode_text(headers[H_TOPIC]) if H_TOPIC in headers
-                    else self.options.downlink_local_prefix + kafka_topic)
-
-    return Downlink(config)
