@@ -53,6 +53,10 @@ NOT_COMPILED: Final[dict[str, str]] = {
     "edge_broker/bridge/jetstream_downlink.py": _ASYNC_GENERATOR,
     "edge_broker/bridge/kafka.py": _ASYNC_GENERATOR,
     "edge_broker/bridge/mqtt_upstream.py": _ASYNC_GENERATOR,
+    "edge_broker/bridge/mqtt_upstream_wire.py": (
+        "pieces of mqtt_upstream.py (Python, above): its connection set-up, and what it "
+        "calls per message, which gains nothing compiled when its caller is not"),
+    "edge_broker/bridge/mqtt_servers.py": _COLD,
     "edge_broker/bridge/base.py": (
         "its frozen slots dataclass DownlinkMessage with a field typed `object` compiles, but "
         "the compiled module fails at import (KeyError: 'object', mypyc's dataclass set-up); "
@@ -67,6 +71,7 @@ NOT_COMPILED: Final[dict[str, str]] = {
     "edge_broker/store/log/replay.py": _PERIODIC,
     "edge_broker/store/sqlite/guard.py": _PERIODIC,
     "edge_broker/bridge/config.py": _COLD,
+    "edge_broker/bridge/config_values.py": _COLD,
     "edge_broker/server/admin.py": _COLD,
     "edge_broker/server/http.py": _COLD,
     "edge_broker/server/interface.py": _COLD,

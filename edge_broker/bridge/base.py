@@ -83,8 +83,8 @@ from .message import (
 __all__ = ["H_CLIENT_ID", "H_CONTENT_TYPE", "H_MESSAGE_ID", "H_PAYLOAD_FORMAT",
            "H_PUBLISH_TIME", "H_QOS", "H_RETAIN", "H_TOPIC", "H_USER_PROPERTIES",
            "NATS_MSG_ID", "REGISTRY", "Backoff", "BridgeMessage", "DownlinkMessage",
-           "DownlinkSource", "OncePerKey", "Refused", "Resend", "Sink", "WarnEvery",
-           "decode_text", "decode_user_properties",
+           "DownlinkSource", "OncePerKey", "Reconnect", "Refused", "Resend", "Sink",
+           "WarnEvery", "decode_text", "decode_user_properties",
            "encode_text", "encode_user_properties", "format_time", "load_class",
            "message_id", "new_store_id", "parse_message_id", "retry_forever", "shown_topic",
            "ssl_context"]
@@ -159,6 +159,14 @@ class Resend(BridgeError):
     (the server answered "no responders", as JetStream does while a stream elects a leader;
     the client reconnected and what was in flight is lost): the forwarder sends again from
     its cursor after a backoff delay, on the same connection."""
+
+
+class Reconnect(BridgeError):
+    """Raised by a sink's `send` before it writes anything, or by its `wait_lost`, when the
+    sink wants a new connection although this one works: an MQTT bridge connected to a
+    backup address whose first address answers again (bridge/mqtt_servers.py). The
+    forwarder closes the sink normally and starts the next one at once: no failure, no
+    backoff delay."""
 
 
 class Refused(BridgeError):

@@ -21,24 +21,15 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from edge_broker.config import parse_duration
 from edge_broker.errors import ConfigError
-from edge_broker.mqtt.topics import is_valid_topic_filter, is_valid_topic_name
 
-from .topic_map import (
-    KafkaRoute,
-    TopicLine,
-    is_valid_kafka_topic,
-    is_valid_subject,
-    is_valid_subject_filter,
-    parse_topic_line,
-)
+from . import config_values as v
+from .topic_map import KafkaRoute, TopicLine
 
 __all__ = [
     "BRIDGE_KINDS",
@@ -110,6 +101,9 @@ class MqttOptions:
     try_private: bool = True
     notification_topic: str = ""
     local_state_topic: str = ""
+    round_robin: bool = False
+    """False: the first server is the main one, returned to (bridge/mqtt_servers.py)."""
+    primary_retry_s: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,167 +138,6 @@ class BridgeConfig:
     process_nice: int = 0  # that process's niceness increment (0: the broker's priority)
 
 
-# --------------------------------------------------------------------------- value parsers
-
-
-class _Invalid(Exception):
-    """A value is wrong; the caller adds where it was."""
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, (str, int, float, list)):
-        text = json.dumps(value, ensure_ascii=False, default=str)
-        return text if len(text) <= 60 else text[:57] + "..."
-    return repr(value)
-
-
-def _expected(what: str, value: object) -> _Invalid:
-    return _Invalid(f"expected {what}, got {_show(value)}")
-
-
-def _text(what: str, check: Callable[[str], object] = bool) -> Callable[[object], str]:
-    """A parser for a string that `check` accepts (truthy), else "expected <what>, got ..."."""
-    def parse(value: object) -> str:
-        if not isinstance(value, str) or not check(value):
-            raise _expected(what, value)
-        return value
-    return parse
-
-
-_string = _text("a string", lambda value: True)
-_nonempty = _text("a non-empty string")
-
-
-def _bool(value: object) -> bool:
-    if type(value) is not bool:
-        raise _expected("true or false", value)
-    return value
-
-
-def _int_range(low: int, high: int) -> Callable[[object], int]:
-    def parse(value: object) -> int:
-        if type(value) is not int or not low <= value <= high:
-            raise _expected(f"an integer from {low} to {high}", value)
-        return value
-    return parse
-
-
-def _unlimited(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise _expected("a non-negative integer (0 = unlimited)", value)
-    return value
-
-
-def _duration(value: object) -> int:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-def _positive_duration(value: object) -> int:
-    seconds = _duration(value)
-    if seconds <= 0:
-        raise _expected("a duration of at least 1 second", value)
-    return seconds
-
-
-def _choice(*options: str) -> Callable[[object], str]:
-    listed = ", ".join(json.dumps(o) for o in options)
-
-    def parse(value: object) -> str:
-        if not isinstance(value, str) or value not in options:
-            raise _expected(f"one of {listed}", value)
-        return value
-    return parse
-
-
-def _list_of(item: Callable[[object], Any], what: str, *,
-             nonempty: bool = False) -> Callable[[object], tuple[Any, ...]]:
-    def parse(value: object) -> tuple[Any, ...]:
-        if not isinstance(value, list):
-            raise _expected(f"an array of {what}", value)
-        if nonempty and not value:
-            raise _Invalid(f"expected at least one of {what}")
-        out = []
-        for index, entry in enumerate(value):
-            try:
-                out.append(item(entry))
-            except _Invalid as exc:
-                raise _Invalid(f"entry {index + 1}: {exc}") from None
-        return tuple(out)
-    return parse
-
-
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_HOST_PORT_RE: Final = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
-_STREAM_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,255}")
-
-
-_name = _text('a name of 1 to 64 letters, digits, "_", "-" or "."', _NAME_RE.fullmatch)
-_subject = _text("a NATS subject without wildcards or empty tokens", is_valid_subject)
-_subject_filter = _text('a NATS subject ("*" and a final ">" allowed)', is_valid_subject_filter)
-_mqtt_filter = _text("an MQTT topic filter", lambda value: is_valid_topic_filter(value)
-                     and not value.startswith("$share/"))
-_stream_name = _text('a JetStream stream name (letters, digits, "_", "-")', _STREAM_RE.fullmatch)
-_kafka_topic = _text('a Kafka topic (letters, digits, ".", "_", "-")', is_valid_kafka_topic)
-_local_prefix = _text("a topic prefix without wildcards",
-                      lambda value: "+" not in value and "#" not in value and "\0" not in value)
-_state_topic = _text('an MQTT topic name, or "" to disable',
-                     lambda value: not value or is_valid_topic_name(value))
-
-
-def _host_port(value: object) -> str:
-    if not isinstance(value, str) or not (m := _HOST_PORT_RE.fullmatch(value)) or not (
-            1 <= int(m.group(2)) <= 65535):
-        raise _expected('"host:port"', value)
-    return value
-
-
-def _url(schemes: tuple[str, ...], bare_ok: bool) -> Callable[[object], str]:
-    listed = " or ".join(f"{s}://host:port" for s in schemes)
-
-    def parse(value: object) -> str:
-        if isinstance(value, str):
-            scheme, sep, rest = value.partition("://")
-            if sep and scheme in schemes:
-                rest = rest.rstrip("/")
-                if "@" not in rest and (_HOST_PORT_RE.fullmatch(rest)
-                                        or re.fullmatch(r"[A-Za-z0-9_.-]+", rest)):
-                    return value
-            elif not sep and bare_ok and _HOST_PORT_RE.fullmatch(value):
-                return value
-        what = listed + (' or "host:port"' if bare_ok else "")
-        raise _expected(f"{what} (credentials go in their own keys)", value)
-    return parse
-
-
-def _kafka_route(value: object) -> KafkaRoute:
-    if not isinstance(value, dict) or set(value) != {"filter", "topic"}:
-        raise _expected('a table { filter = "<MQTT filter>", topic = "<Kafka topic>" }', value)
-    return KafkaRoute(_mqtt_filter(value["filter"]), _kafka_topic(value["topic"]))
-
-
-def _topic_line(value: object) -> TopicLine:
-    if not isinstance(value, str):
-        raise _expected('a string "pattern direction qos local_prefix remote_prefix"', value)
-    try:
-        return parse_topic_line(value)
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-def _keepalive(value: object) -> int:
-    seconds = _duration(value)
-    if seconds > 65535:
-        raise _expected("a duration of at most 65535 seconds (0 disables keep alive)", value)
-    return seconds
-
-
 # --------------------------------------------------------------------------- schema
 
 # `separate_process` when not set (jetstream and kafka; an mqtt bridge's one connection
@@ -314,74 +147,76 @@ SEPARATE_PROCESS_DEFAULT: Final = False
 Parser = Callable[[object], Any]
 
 COMMON_KEYS: Final[dict[str, Parser]] = {
-    "name": _name,
-    "kind": _choice(*BRIDGE_KINDS),
-    "enabled": _bool,
-    "servers": _list_of(_string, "server addresses", nonempty=True),  # checked per kind
-    "downlink_identity": _nonempty,
-    "max_backlog_bytes": _unlimited,
-    "window": _int_range(1, 65535),
-    "backoff_initial": _positive_duration,
-    "backoff_max": _positive_duration,
-    "username": _string,
-    "password": _string,
-    "tls": _bool,
-    "tls_ca_file": _nonempty,
-    "tls_cert_file": _nonempty,
-    "tls_key_file": _nonempty,
-    "tls_server_name": _nonempty,
+    "name": v.name,
+    "kind": v.choice(*BRIDGE_KINDS),
+    "enabled": v.boolean,
+    "servers": v.list_of(v.string, "server addresses", nonempty=True),  # checked per kind
+    "downlink_identity": v.nonempty,
+    "max_backlog_bytes": v.unlimited,
+    "window": v.int_range(1, 65535),
+    "backoff_initial": v.positive_duration,
+    "backoff_max": v.positive_duration,
+    "username": v.string,
+    "password": v.string,
+    "tls": v.boolean,
+    "tls_ca_file": v.nonempty,
+    "tls_cert_file": v.nonempty,
+    "tls_key_file": v.nonempty,
+    "tls_server_name": v.nonempty,
 }
 KIND_KEYS: Final[dict[str, dict[str, Parser]]] = {
     "jetstream": {
-        "uplink": _list_of(_mqtt_filter, "MQTT topic filters"),
-        "separate_process": _bool,
-        "process_nice": _int_range(0, 19),
-        "downlink": _list_of(_subject_filter, "NATS subjects"),
-        "subject_prefix": _subject,
-        "jetstream_stream": _stream_name,
-        "stream_subjects": _list_of(_subject_filter, "NATS subjects", nonempty=True),
-        "stream_retention": _choice("limits", "interest", "workqueue"),
-        "stream_storage": _choice("file", "memory"),
-        "stream_replicas": _int_range(1, 5),
-        "stream_max_age": _duration,
-        "stream_max_bytes": _unlimited,
-        "duplicate_window": _positive_duration,
-        "ack_timeout": _positive_duration,
-        "creds_file": _nonempty,
-        "nkey_seed_file": _nonempty,
-        "token": _nonempty,
-        "downlink_stream": _stream_name,
-        "downlink_durable": _stream_name,
+        "uplink": v.list_of(v.mqtt_filter, "MQTT topic filters"),
+        "separate_process": v.boolean,
+        "process_nice": v.int_range(0, 19),
+        "downlink": v.list_of(v.subject_filter, "NATS subjects"),
+        "subject_prefix": v.subject,
+        "jetstream_stream": v.stream_name,
+        "stream_subjects": v.list_of(v.subject_filter, "NATS subjects", nonempty=True),
+        "stream_retention": v.choice("limits", "interest", "workqueue"),
+        "stream_storage": v.choice("file", "memory"),
+        "stream_replicas": v.int_range(1, 5),
+        "stream_max_age": v.duration,
+        "stream_max_bytes": v.unlimited,
+        "duplicate_window": v.positive_duration,
+        "ack_timeout": v.positive_duration,
+        "creds_file": v.nonempty,
+        "nkey_seed_file": v.nonempty,
+        "token": v.nonempty,
+        "downlink_stream": v.stream_name,
+        "downlink_durable": v.stream_name,
     },
     "kafka": {
-        "uplink": _list_of(_mqtt_filter, "MQTT topic filters"),
-        "separate_process": _bool,
-        "process_nice": _int_range(0, 19),
-        "downlink": _list_of(_kafka_topic, "Kafka topics"),
-        "topic_map": _list_of(_kafka_route, "routes", nonempty=True),
-        "key": _choice("topic", "client_id"),
-        "ack_timeout": _positive_duration,
-        "idempotence": _bool,
-        "compression": _choice("none", "gzip"),
-        "sasl_mechanism": _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
-        "downlink_local_prefix": _local_prefix,
-        "downlink_group": _nonempty,
+        "uplink": v.list_of(v.mqtt_filter, "MQTT topic filters"),
+        "separate_process": v.boolean,
+        "process_nice": v.int_range(0, 19),
+        "downlink": v.list_of(v.kafka_topic, "Kafka topics"),
+        "topic_map": v.list_of(v.kafka_route, "routes", nonempty=True),
+        "key": v.choice("topic", "client_id"),
+        "ack_timeout": v.positive_duration,
+        "idempotence": v.boolean,
+        "compression": v.choice("none", "gzip"),
+        "sasl_mechanism": v.choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+        "downlink_local_prefix": v.local_prefix,
+        "downlink_group": v.nonempty,
     },
     "mqtt": {
-        "topics": _list_of(_topic_line, "topic lines", nonempty=True),
-        "mqtt_version": _choice("5", "3.1.1"),
-        "client_id": _nonempty,
-        "keepalive": _keepalive,
-        "session_expiry": _duration,
-        "try_private": _bool,
-        "notification_topic": _state_topic,
-        "local_state_topic": _state_topic,
+        "topics": v.list_of(v.topic_line, "topic lines", nonempty=True),
+        "mqtt_version": v.choice("5", "3.1.1"),
+        "client_id": v.nonempty,
+        "keepalive": v.keepalive,
+        "session_expiry": v.duration,
+        "try_private": v.boolean,
+        "notification_topic": v.state_topic,
+        "local_state_topic": v.state_topic,
+        "round_robin": v.boolean,
+        "primary_retry": v.positive_duration,
     },
 }
 _SERVER_PARSERS: Final[dict[str, Parser]] = {
-    "jetstream": _url(("nats", "tls"), bare_ok=True),
-    "kafka": _host_port,
-    "mqtt": _url(("mqtt", "mqtts"), bare_ok=False),
+    "jetstream": v.url(("nats", "tls"), bare_ok=True),
+    "kafka": v.host_port,
+    "mqtt": v.url(("mqtt", "mqtts"), bare_ok=False),
 }
 _REQUIRED: Final[dict[str, tuple[str, ...]]] = {
     "jetstream": ("subject_prefix", "jetstream_stream"),
@@ -400,7 +235,7 @@ def known_keys() -> dict[str, tuple[str, ...]]:
 
 def _label(index: int, name: object = None) -> str:
     label = f"[[bridges]] #{index + 1}"
-    if isinstance(name, str) and _NAME_RE.fullmatch(name):
+    if isinstance(name, str) and v.NAME_RE.fullmatch(name):
         label += f' "{name}"'
     return label
 
@@ -421,13 +256,13 @@ def parse_bridges(value: object, *, file: str | None,
         raise _error("expected an array of tables, written [[bridges]] (two brackets), "
                      "got a table written [bridges]", file=file, table="[bridges]")
     if not isinstance(value, list):
-        raise _error(f"expected an array of tables, written [[bridges]], got {_show(value)}",
+        raise _error(f"expected an array of tables, written [[bridges]], got {v.show(value)}",
                      file=file, key="bridges")
     bridges: list[BridgeConfig] = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(value):
         if not isinstance(entry, dict):
-            raise _error(f"expected a table, got {_show(entry)}", file=file,
+            raise _error(f"expected a table, got {v.show(entry)}", file=file,
                          table=_label(index))
         bridge = _parse_one(entry, _label(index, entry.get("name")), file, gateway_id)
         if bridge.name in seen:
@@ -549,7 +384,9 @@ def _parse_one(entry: Mapping[str, object], label: str, file: str | None,
         try_private=values.get("try_private", True),
         notification_topic=values.get("notification_topic",
                                       f"edge-broker/{gateway_id}/bridges/{name}/state"),
-        local_state_topic=values.get("local_state_topic", f"$SYS/broker/bridges/{name}/state"))
+        local_state_topic=values.get("local_state_topic", f"$SYS/broker/bridges/{name}/state"),
+        round_robin=values.get("round_robin", False),
+        primary_retry_s=values.get("primary_retry", 5))
     return BridgeConfig(
         **common, uplink=tuple(line.local_filter for line in lines if line.uplink),
         downlink=tuple(line.remote_filter for line in lines if line.downlink), mqtt=mqtt)
@@ -559,7 +396,7 @@ def _value(entry: Mapping[str, object], key: str, parser: Parser,
            fail: Callable[[str, str | None], ConfigError]) -> Any:
     try:
         return parser(entry[key])
-    except _Invalid as exc:
+    except v.Invalid as exc:
         raise fail(str(exc), key) from None
 
 

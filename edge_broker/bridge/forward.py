@@ -40,6 +40,11 @@ sending them inside a window it acknowledged (`take_passed`: MQTT messages whose
 passed or larger than the remote's Maximum Packet Size, messages no topic line or
 `topic_map` entry sends) count in `expired`, `refused` and `unrouted`, not in `forwarded`.
 
+*A sink that wants another connection* although this one works (`Reconnect`, from `send`
+before it wrote anything or from `wait_lost` while idle: an MQTT bridge on a backup address
+whose first address answers again) is closed normally and the next started at once, with
+no backoff delay and nothing recorded as a failure.
+
 The log side is the `LogReader` protocol; the log of issue 8 implements it (a bridge is one
 more cursor over it). Its `read_after` returns entries in offset order; entries the store
 dropped for the bridge's `max_backlog_bytes` are simply absent (the store counts them).
@@ -55,7 +60,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
 
-from .base import Backoff, BridgeMessage, Refused, Resend, Sink, WarnEvery, shown_topic
+from .base import (
+    Backoff,
+    BridgeMessage,
+    Reconnect,
+    Refused,
+    Resend,
+    Sink,
+    WarnEvery,
+    shown_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +256,10 @@ class Forwarder:
             self._prefetch = (batch[-1].offset, asyncio.ensure_future(
                 self.reader.read_after(batch[-1].offset, self.window)))
         acknowledged = await _outcome(self._sink.send(batch))
+        if isinstance(acknowledged, Reconnect):
+            self._drop_prefetch()
+            await self._reconnect(self._sink, acknowledged)
+            return
         if isinstance(acknowledged, Refused):
             self._drop_prefetch()
             await self._skip(batch[0], acknowledged)
@@ -403,7 +421,12 @@ class Forwarder:
         finally:
             appended.cancel()
             lost.cancel()
-        if lost.done() and not lost.cancelled() and lost.exception() is None:
+        if not lost.done() or lost.cancelled():
+            return
+        error = lost.exception()
+        if isinstance(error, Reconnect):
+            await self._reconnect(sink, error)
+        elif error is None:
             await self._failed(sink, ConnectionError(f"connection lost: {lost.result()}"))
 
     async def _take_prefetch(self, cursor: int) -> Sequence[BridgeMessage]:
@@ -451,6 +474,18 @@ class Forwarder:
         except Exception:  # closing a broken sink may fail too; it is dropped either way
             log.debug("bridge %s: error closing the sink", self.name, exc_info=True)
         await self.sleep(self.backoff.next_delay())
+
+    async def _reconnect(self, sink: Sink, reason: Reconnect) -> None:
+        """The sink asked for a new connection (`Reconnect`): closed normally, the next one
+        started by the next step, at once. Not a failure: no backoff, no `last_error`."""
+        log.info("bridge %s: %s; reconnecting", self.name, reason)
+        self._rewind()
+        self._connected(False)
+        self._sink = None
+        try:
+            await sink.close()
+        except Exception:
+            log.debug("bridge %s: error closing the sink", self.name, exc_info=True)
 
     async def _close_sink(self) -> None:
         if self._sink is not None:

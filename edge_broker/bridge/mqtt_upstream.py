@@ -3,7 +3,10 @@
 Theory of operation
 -------------------
 `MqttUpstream.start()` tries the configured servers in turn (`mqtt://host:port`,
-`mqtts://host:port`) until one answers CONNECT with success. The CONNECT asks to resume the
+`mqtts://host:port`) until one answers CONNECT with success: from the first, or with
+`round_robin` from the one after the last connection's; connected to another than the
+first without `round_robin`, it watches for the first to come back and then asks the
+forwarder for a new connection (`Reconnect`; bridge/mqtt_servers.py). The CONNECT asks to resume the
 session (clean start false; on MQTT 5 with the configured Session Expiry Interval), so the
 remote broker keeps our subscriptions and queues downlink messages while the gateway is
 away. It carries a will: the notification topic with payload "0", retained, so the remote
@@ -70,8 +73,6 @@ from edge_broker.errors import BridgeError
 from edge_broker.mqtt.connection import Connection
 from edge_broker.mqtt.errors import LocalProtocolError, RemoteProtocolError
 from edge_broker.mqtt.packets import (
-    ConnAck,
-    Connect,
     Disconnect,
     Packet,
     PingReq,
@@ -83,14 +84,29 @@ from edge_broker.mqtt.packets import (
     SubAck,
     Subscribe,
     Subscription,
-    Will,
 )
 from edge_broker.mqtt.properties import Properties
-from edge_broker.mqtt.types import ProtocolLevel, Role
+from edge_broker.mqtt.types import ProtocolLevel
 
-from .base import BridgeMessage, DownlinkMessage, OncePerKey, WarnEvery, shown_topic, ssl_context
+from .base import (
+    BridgeMessage,
+    DownlinkMessage,
+    OncePerKey,
+    Reconnect,
+    WarnEvery,
+    shown_topic,
+    ssl_context,
+)
 from .config import BridgeConfig, MqttOptions
-from .mqtt_upstream_wire import BRIDGE_LEVEL_BIT, address, mark_bridge, remaining
+from .mqtt_servers import ServerChoice, answers
+from .mqtt_upstream_wire import (
+    BRIDGE_LEVEL_BIT,
+    address,
+    connect_packet,
+    handshake,
+    properties,
+    remaining,
+)
 from .topic_map import map_topic_in, map_topic_out
 
 log = logging.getLogger(__name__)
@@ -155,6 +171,9 @@ class MqttUpstream:
         self._downlink: asyncio.Queue[DownlinkMessage] = asyncio.Queue()
         self._suback: asyncio.Future[SubAck] | None = None
         self._lost: asyncio.Event = asyncio.Event()
+        self.choice = ServerChoice(config.servers, round_robin=self.options.round_robin,
+                                   primary_retry_s=self.options.primary_retry_s)
+        self._first_back: asyncio.Event = asyncio.Event()  # see `_watch_first`
 
     def resume_from(self, previous: MqttUpstream) -> None:
         """Take over what `previous` (this bridge's last connection object, closed) left in
@@ -165,6 +184,7 @@ class MqttUpstream:
         self._inflight, previous._inflight = previous._inflight, {}
         self._by_offset, previous._by_offset = previous._by_offset, {}
         self._next_id = previous._next_id
+        self.choice = previous.choice
 
     @property
     def connected(self) -> bool:
@@ -179,27 +199,24 @@ class MqttUpstream:
     async def start(self) -> None:
         """Connect to the first server that accepts; BridgeError when none does."""
         errors: list[str] = []
-        for server in self.config.servers:
+        choice = self.choice
+        for index in choice.order():
+            server = self.config.servers[index]
             try:
                 await self._connect(server)
-                return
             except (OSError, TimeoutError, BridgeError, RemoteProtocolError) as exc:
                 errors.append(f"{server}: {exc}")
+                continue
+            choice.connected(index)
+            if errors:
+                log.info("bridge %s: connected to %s (%s)", self.config.name, server,
+                         "; ".join(errors))
+            link = self._link
+            if choice.checks_first and link is not None:
+                link.tasks.append(asyncio.ensure_future(self._watch_first(link)))
+            return
         self.last_error = "; ".join(errors)
         raise BridgeError(f"no upstream accepted the connection: {self.last_error}")
-
-    def _connect_packet(self) -> Connect:
-        opts = self.options
-        v5 = self.level == ProtocolLevel.MQTT_5
-        will = None
-        if opts.notification_topic:
-            will = Will(opts.notification_topic, b"0", qos=1, retain=True)
-        props = Properties(session_expiry_interval=opts.session_expiry_s,
-                           receive_maximum=65535) if v5 else Properties()
-        return Connect(client_id=opts.client_id, protocol_level=self.level, clean_start=False,
-                       keep_alive=opts.keepalive_s, username=self.config.username,
-                       password=None if self.config.password is None
-                       else self.config.password.encode(), will=will, properties=props)
 
     async def _connect(self, server: str) -> None:
         host, port, secure = address(server, self.config.tls.enabled)
@@ -207,58 +224,24 @@ class MqttUpstream:
         if secure:
             context = ssl_context(self.config.tls) or ssl.create_default_context()
         server_hostname = self.config.tls.server_name or host if context else None
-        attempts = [True, False] if self.try_private else [False]
-        last: Exception | None = None
-        for private in attempts:
+        for private in [True, False] if self.try_private else [False]:
             try:
-                await asyncio.wait_for(
-                    self._handshake(server, host, port, context, server_hostname, private),
+                reader, writer, conn, connack, early = await asyncio.wait_for(
+                    handshake(server, host, port, context, server_hostname,
+                              connect_packet(self.config, self.level), private),
                     self.connect_timeout)
-                return
-            except BridgeError as exc:
-                last = exc
+                break
+            except BridgeError:
                 if not private:
                     raise
                 log.info("bridge %s: %s refused the bridge marker (try_private), retrying "
                          "without it", self.config.name, server)
-        assert last is not None
-        raise last
-
-    async def _handshake(self, server: str, host: str, port: int,
-                         context: ssl.SSLContext | None, server_hostname: str | None,
-                         private: bool) -> None:
-        reader, writer = await asyncio.open_connection(host, port, ssl=context,
-                                                       server_hostname=server_hostname)
-        conn = Connection(Role.CLIENT, protocol_level=self.level)
-        try:
-            data = bytearray(conn.send(self._connect_packet()))
-            if private:
-                mark_bridge(data)
-            writer.write(data)
-            await writer.drain()
-            connack: ConnAck | None = None
-            early: list[Packet] = []  # what the remote sent right behind the CONNACK
-            while connack is None:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    raise BridgeError(f"{server} closed the connection after CONNECT")
-                for packet in conn.receive_packets(chunk):
-                    if isinstance(packet, ConnAck):
-                        connack = packet
-                    elif connack is not None:
-                        early.append(packet)
-            if connack.reason_code >= 0x80:
-                raise BridgeError(f"{server} refused the connection: reason code "
-                                  f"0x{connack.reason_code:02X}")
-        except BaseException:
-            writer.transport.abort()
-            raise
         link = _Link(reader, writer, conn, server, connack.session_present)
         self._link = link
         self._lost = asyncio.Event()
         self.session_present = connack.session_present
         self.last_error = None
-        for packet in early:  # e.g. downlink messages queued in the session
+        for packet in early:
             self._handle(link, packet)
         link.tasks.append(asyncio.ensure_future(self._read_loop(link)))
         if self.options.keepalive_s:
@@ -319,6 +302,8 @@ class MqttUpstream:
         link = self._link
         if link is None:
             raise BridgeError("not connected")
+        if self._first_back.is_set():
+            raise self._moving_back()
         lines = self.options.topics
         v5 = self.level == ProtocolLevel.MQTT_5
         now = time.time()  # the log's expires_at is wall clock
@@ -363,18 +348,9 @@ class MqttUpstream:
             retain = message.retain and link.conn.peer_retain_available
             if qos and budget <= len([w for w in waits if w is not None]):
                 break
-            props = Properties()
-            if v5:  # [MQTT-3.3.2-4] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-20] (5.0)
-                props = Properties(
-                    payload_format_indicator=1 if message.payload_utf8 else None,
-                    message_expiry_interval=None if expires_at is None
-                    else remaining(expires_at, now),
-                    content_type=message.content_type, response_topic=message.response_topic,
-                    correlation_data=message.correlation_data,
-                    user_properties=message.user_properties)
             publish = Publish(remote_topic, message.payload, qos, retain,
                               packet_id=self._allocate_id() if qos else None,
-                              properties=props)
+                              properties=properties(message, now) if v5 else Properties())
             try:
                 data = link.conn.send(publish)
             except LocalProtocolError as exc:
@@ -521,9 +497,36 @@ class MqttUpstream:
     async def wait_lost(self) -> str:
         """Return (the reason) once the connection is lost: the forwarder, idle while the
         log has nothing to send, then replaces this connection, which also carries the
-        downlink."""
-        await self._lost.wait()
+        downlink. Raises `Reconnect` once the first address answers again (`_watch_first`)."""
+        lost = asyncio.ensure_future(self._lost.wait())
+        back = asyncio.ensure_future(self._first_back.wait())
+        try:
+            await asyncio.wait((lost, back), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            back.cancel()
+        if not self._lost.is_set():
+            raise self._moving_back()
         return self.last_error or "closed"
+
+    async def _watch_first(self, link: _Link) -> None:
+        """Connected to another address than the first (without `round_robin`): check the
+        first every `choice.interval` seconds; once it takes a TCP connection, the next
+        `send` or `wait_lost` raises `Reconnect`, and the forwarder connects again from it."""
+        host, port, _ = address(self.config.servers[0], self.config.tls.enabled)
+        try:
+            while self._link is link:
+                await asyncio.sleep(self.choice.interval)
+                if await answers(host, port, self.connect_timeout) and self._link is link:
+                    self._first_back.set()
+                    return
+        except asyncio.CancelledError:
+            pass
+
+    def _moving_back(self) -> Reconnect:
+        self.choice.moving_back = True
+        return Reconnect(f"{self.config.servers[0]} (the first address) answers again; "
+                         f"leaving {self._link.server if self._link else 'the backup'}")
 
     async def messages(self) -> AsyncIterator[DownlinkMessage]:
         while True:

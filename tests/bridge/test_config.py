@@ -67,6 +67,7 @@ def test_mqtt_topic_lines_give_uplink_and_downlink() -> None:
     assert bridge.uplink == ("s/#", "x")
     assert bridge.downlink == ("r/c/#", "x")
     assert bridge.mqtt.client_id == "gw7-up"
+    assert (bridge.mqtt.round_robin, bridge.mqtt.primary_retry_s) == (False, 5)  # mosquitto's
 
 
 @pytest.mark.parametrize(("table", "key", "words"), [
@@ -85,6 +86,10 @@ def test_mqtt_topic_lines_give_uplink_and_downlink() -> None:
      "topics", "direction"),
     ({"name": "m", "kind": "mqtt", "servers": ["mqtt://h:1"], "topics": ["a"],
       "uplink": ["a"]}, "uplink", "topic lines"),
+    ({"name": "m", "kind": "mqtt", "servers": ["mqtt://h:1"], "topics": ["a"],
+      "round_robin": "yes"}, "round_robin", "true or false"),
+    ({"name": "m", "kind": "mqtt", "servers": ["mqtt://h:1"], "topics": ["a"],
+      "primary_retry": "0s"}, "primary_retry", "at least 1 second"),
     ({"name": "k", "kind": "kafka", "servers": ["h:1"],
       "topic_map": [{"filter": "a/#", "topic": "bad topic"}]}, "topic_map", "Kafka topic"),
     ({"name": "k", "kind": "kafka", "servers": ["h:1"], "topic_map": [{"filter": "#",
