@@ -32,6 +32,7 @@ from ..store.base import DONE, SessionStore
 from ..store.memory import NullStore
 from .admin import AdminServer, DataDirLock
 from .client import ClientHandler
+from .client_close import how_it_ended
 from .gate import Gate
 from .http import HttpServer
 from .metrics import Metrics, SysLoad, heap_topics, load_counts, sys_topics
@@ -375,7 +376,10 @@ class BrokerApp:
             return
         if self.clients.get(client_id) is handler:
             del self.clients[client_id]
-            log.info("client %s disconnected", client_id)
+            session = self.core.sessions.get(client_id)
+            will = session.will if session is not None and session.epoch == handler.epoch \
+                else None
+            log.info("%s", how_it_ended(client_id, reason_code, will))
         self.core.disconnect(client_id, handler.epoch, now=time.time(), reason_code=reason_code,
                              session_expiry_interval=session_expiry_interval)
         self._reschedule_tick()

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..mqtt.errors import RemoteProtocolError
-from ..mqtt.packets import Disconnect, Packet
+from ..mqtt.packets import Disconnect, Packet, Will
 from ..mqtt.types import ProtocolLevel, ReasonCode
 from . import client_guard as guard
 from . import drain
@@ -179,3 +179,19 @@ def cancel_timers(handler: ClientHandler) -> None:
 
 def _no_op() -> None:
     return None
+
+
+def how_it_ended(client_id: str, reason_code: int | None, will: Will | None) -> str:
+    """The log line for the end of a connection (as mosquitto's log tells a DISCONNECT from
+    a connection closed without one): `reason_code` is its DISCONNECT's, None if none;
+    `will` the session's will then (published unless the DISCONNECT said 0x00)."""
+    if reason_code == ReasonCode.NORMAL_DISCONNECTION:
+        return f"client {client_id} disconnected"
+    how = (f"client {client_id}: connection closed without DISCONNECT" if reason_code is None
+           else f"client {client_id} disconnected with reason 0x{reason_code:02X}")
+    if will is None:
+        return how
+    delay = will.properties.will_delay_interval or 0
+    if delay:
+        return f"{how}; its will goes out within {delay} s unless it reconnects"
+    return f"{how}; its will is published"
