@@ -15,7 +15,9 @@ neither is refused with HTTP 400; a client offering none is accepted (lenient, a
 clients omit it). A text frame is a protocol violation: the connection closes
 [MQTT-6.0.0-1] (5.0). A malformed frame closes the connection with the WebSocket close code
 the library chooses (1002, 1009...), logged as one line. An upgrade not finished within
-HANDSHAKE_TIMEOUT_S is closed.
+HANDSHAKE_TIMEOUT_S is closed. A connection whose first byte cannot start an HTTP request (a
+method is letters: an MQTT client speaking plain MQTT to this port sends 0x10, a TLS client
+0x16) gets HTTP 400 and is closed at once, not after that timeout.
 
 This module is imported only when a websockets listener is configured.
 """
@@ -158,6 +160,7 @@ class WebSocketServer(asyncio.Protocol):
         self._writing_paused = False
         self._text_seen = False
         self._error_logged = False
+        self._started = False  # a first byte was received
 
     # -- the connection underneath --------------------------------------------------------
 
@@ -170,6 +173,11 @@ class WebSocketServer(asyncio.Protocol):
                                                             self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if not self._started and data:
+            self._started = True
+            if not data[:1].isalpha():
+                self._not_http(data[0])
+                return
         ws = self.ws
         ws.receive_data(data)
         for event in ws.events_received():
@@ -264,6 +272,21 @@ class WebSocketServer(asyncio.Protocol):
         raw = self.raw
         if raw is not None and not raw.is_closing():
             raw.close()  # after the buffered data, including the close frame
+
+    def _not_http(self, first: int) -> None:
+        log.info("closing %s: not an HTTP request on a WebSocket listener (first byte "
+                 "0x%02X%s)", self.peer, first,
+                 ": plain MQTT? use an mqtt listener" if first >> 4 == 1 else "")
+        raw = self.raw
+        if raw is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        body = b"This port takes MQTT over WebSocket: an HTTP upgrade request.\n"
+        raw.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        raw.close()
 
     def _handshake_timeout(self) -> None:
         self._timer = None

@@ -303,3 +303,22 @@ def test_garbage_instead_of_an_upgrade_is_answered_and_closed(
             assert _closed_by_server(sock)
     control_round_trip(broker)
     assert_clean_log(caplog)
+
+
+def test_plain_mqtt_on_a_websocket_port_gets_http_400_at_once(
+        start: Callable[..., BrokerThread], caplog: pytest.LogCaptureFixture) -> None:
+    # A device pointed at the WebSocket port with plain MQTT (or TLS) learns so at once, as
+    # mosquitto answers it, not after the upgrade timeout: the reads below give up sooner.
+    caplog.set_level(logging.INFO)
+    broker = start(ws_listener())
+    patience = websocket_module.HANDSHAKE_TIMEOUT_S / 3
+    for first in (b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x00\x00\x00", b"\x16\x03\x01\x02\x00"):
+        with socket.create_connection(("127.0.0.1", port_of(broker, 0)),
+                                      timeout=patience) as sock:
+            sock.sendall(first)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert any("plain MQTT? use an mqtt listener" in r.getMessage() for r in caplog.records)
+    control_round_trip(broker)
