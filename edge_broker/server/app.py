@@ -315,8 +315,18 @@ class BrokerApp:
                 handle.cancel()
         for server in self.servers:
             server.close()
-        handlers = list(self.connections)
-        for handler in handlers:
+        # Clients with a will first, and their wills delivered to the clients still
+        # connected before those are told (as mosquitto does); then the rest.
+        handlers = sorted(self.connections, key=self._has_no_will)
+        with_will = len(handlers) - sum(map(self._has_no_will, handlers))
+        for handler in handlers[:with_will]:
+            handler.kick(ReasonCode.SERVER_SHUTTING_DOWN, linger=False)
+        if with_will:
+            delivered = asyncio.Event()
+            if not self.commit_now_or_later(delivered.set):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(delivered.wait(), SHUTDOWN_GRACE_S)
+        for handler in handlers[with_will:]:
             handler.kick(ReasonCode.SERVER_SHUTTING_DOWN, linger=False)
         self.finish_batch(None, [])
         if self.connections:
@@ -340,6 +350,10 @@ class BrokerApp:
         self.gate.close()
         self._lock.release()
         log.info("edge-broker stopped")
+
+    def _has_no_will(self, handler: ClientHandler) -> bool:
+        session = self.core.sessions.get(handler.client_id or "")
+        return session is None or session.will is None or session.epoch != handler.epoch
 
     async def _close_servers(self) -> None:
         for server in self.servers:

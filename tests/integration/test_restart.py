@@ -510,3 +510,26 @@ def test_a_second_broker_on_the_same_data_dir_refuses_to_start(tmp_path: Path) -
     # Once the first has stopped, the directory is free again.
     third = BrokerProcess(data_dir).wait_listening()
     assert third.stop() == 0, third.stderr
+
+
+@both_versions
+def test_a_graceful_stop_delivers_wills_to_clients_still_connected(
+        make_broker: MakeBroker, version: int) -> None:
+    """A stop ends every connection without a DISCONNECT from the client, so each will is
+    published [MQTT-3.1.2-8] (5.0). A dashboard subscribed to the status topics with a clean
+    session gets them before its own DISCONNECT 0x8B, as mosquitto sends them. Before, the
+    wills were published after every connection was closed: only stored sessions got them."""
+    broker = make_broker()
+    dashboard = subscriber(broker.port, unique_id("dash"), ("status/#", 1), version=version)
+    devices = []
+    for name in ("a", "b"):
+        devices.append(connect(broker.port, unique_id(f"dev-{name}"), version=version,
+                               will=RawWill(f"status/{name}", b"offline", qos=1)))
+    dashboard.ping()  # connected, all of them
+
+    broker.stop()
+    wills = sorted((p.topic, p.payload) for p in (dashboard.expect_publish() for _ in devices))
+    assert wills == [("status/a", b"offline"), ("status/b", b"offline")]
+    if version == 5:
+        assert dashboard.expect(DISCONNECT).reason_code == SERVER_SHUTTING_DOWN
+    dashboard.expect_closed()
