@@ -139,11 +139,13 @@ class Routing(BacklogRouting):
     def publish_internal(self, topic: str, payload: bytes, *, now: float, retain: bool = False,
                          qos: int = 0, persist: bool = False) -> None:
         """A message from the broker itself ($SYS). `persist` keeps a retained copy in the
-        store; $SYS updates do not, to spare the flash."""
+        store; $SYS updates do not, to spare the flash. A stream or a bridge's uplink whose
+        filter names $SYS topics (`#` does not [MQTT-4.7.2-1]) records it, as any message."""
         message = self._new_message(topic, payload, qos, retain, NO_PROPERTIES, "", now)
         if retain:
             self._retain(message, persist=persist)
         self._route(message)
+        self._stream_append(message)
 
     def _new_message(self, topic: str, payload: bytes, qos: int, retain: bool,
                      properties: Properties, origin: str, now: float) -> Message:

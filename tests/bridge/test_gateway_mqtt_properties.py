@@ -169,3 +169,23 @@ def test_overlapping_out_lines_send_at_their_highest_qos_to_the_first_lines_topi
         (b"m/x at 1", "a/m/x", 1), (b"m/x at 2", "a/m/x", 2), (b"m/y at 2", "a/m/y", 0),
         (b"n/x at 2", "c/n/x", 2)]
     assert len(got) == 4
+
+
+def test_sys_values_go_up_on_a_sys_topic_line(tmp_path: Path, mosquitto: Mosquitto,
+                                              started: list[Any]) -> None:
+    # `topic $SYS/broker/# out` is how mosquitto users watch their gateways from the
+    # centre. Before, the line was accepted and nothing was ever sent ($SYS values did not
+    # reach the log a bridge reads).
+    gateway = Gateway(tmp_path, mqtt_bridge(f"{HOST}:{mosquitto.port}",
+                                            ['$SYS/broker/uptime out 0 "" site1/gw7/']))
+    text = gateway.config.read_text()
+    gateway.config.write_text(text.replace('gateway_id = "gw7"\n',
+                                           'gateway_id = "gw7"\nsys_interval = 1\n'))
+    cloud = Remote(mosquitto.port, "cloud")
+    started.append(cloud)
+    cloud.subscribe("site1/gw7/$SYS/#", 0)
+    gateway.start()
+    started.append(gateway)
+    (first, *_) = cloud.wait_for(1)
+    assert first.topic == "site1/gw7/$SYS/broker/uptime"
+    assert first.payload.endswith(b" seconds")

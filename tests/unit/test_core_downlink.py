@@ -42,6 +42,21 @@ def test_a_message_of_a_stream_and_a_bridge_is_appended_once() -> None:
     assert sorted(core.streams_of("sensors/a")) == ["bridge:central", "t"]
 
 
+def test_sys_values_are_recorded_only_by_filters_that_name_sys() -> None:
+    # mosquitto users bridge `$SYS/broker/# out` to watch their gateways centrally; `#` does
+    # not take $SYS topics [MQTT-4.7.2-1]. Before, no $SYS value reached the log at all.
+    core = BrokerCore(CoreSettings())
+    core.set_streams([("everything", "#")])
+    set_uplinks(core, [("bridge:cloud", ("$SYS/broker/clients/#",))])
+    core.restore(Snapshot([], [], {}, [], {}, [], log_last_offset=0), now=0.0)
+    core.publish_internal("$SYS/broker/clients/connected", b"3", now=1.0, retain=True)
+    core.publish_internal("$SYS/broker/uptime", b"9 seconds", now=1.0, retain=True)
+    appended = [c.message for c in core.drain().changes if isinstance(c, LogAppended)]
+    assert [(m.topic, m.payload, m.offset) for m in appended] == [
+        ("$SYS/broker/clients/connected", b"3", 1)]
+    assert core.streams_of("$SYS/broker/clients/connected") == ["bridge:cloud"]
+
+
 def test_store_full_refuses_qos1_for_a_bridge() -> None:
     core = core_with_bridge()
     connect(core, "pub")
