@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     """Replace `path` with `data` atomically; the new file has `mode` from its creation on
-    (never readable by others, not even briefly)."""
+    (never readable by others, not even briefly).
+
+    A file it replaces keeps who may read it: its group, the group's permission bits
+    (added to `mode`; never bits for others), and, when run as root, its owner. So a
+    password file or a server key an administrator made readable by the broker's group
+    (`chgrp edge-broker; chmod 0640`) stays readable after the next `passwd` or `certs`
+    run, as mosquitto_passwd, which rewrites the file in place, leaves it."""
     directory = path.parent if str(path.parent) else Path(".")
+    try:
+        old = os.stat(path)
+    except OSError:
+        old = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        if old is not None:
+            mode |= stat.S_IMODE(old.st_mode) & 0o070
+            with contextlib.suppress(PermissionError):  # a group we are not in
+                os.fchown(fd, old.st_uid if os.geteuid() == 0 else -1, old.st_gid)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -4,6 +4,7 @@ handshakes on a loopback socket with Python's ssl, the CRL checked on the leaf."
 from __future__ import annotations
 
 import datetime as dt
+import os
 import queue
 import shutil
 import socket
@@ -192,6 +193,23 @@ def test_keys_are_private_and_certificates_readable(pki: Path) -> None:
     for name in ("ca.crt", "server.crt", "dev1.crt", "ca.crl"):
         assert stat.S_IMODE((pki / name).stat().st_mode) == 0o644, name
     assert stat.S_IMODE(pki.stat().st_mode) == 0o700
+
+
+def test_a_renewed_server_key_stays_readable_by_the_brokers_group(tmp_path: Path) -> None:
+    # deploy/README.md gives the certificates to the broker's group (chgrp -R, g+rX). A new
+    # server certificate (a renewal: `certs server` again) must not take the key back from it:
+    # the broker's next reload would fail to read it. Before, the key came back 0600.
+    folder = tmp_path / "certs"
+    assert cli.main(["certs", "init-ca", str(folder)]) == 0
+    assert cli.main(["certs", "server", str(folder), "--host", "gw"]) == 0
+    group = 65534 if os.geteuid() == 0 else os.getgid()  # nogroup, as root (CI)
+    for name in ("server.key", "server.crt"):
+        os.chown(folder / name, -1, group)
+        (folder / name).chmod(0o640)
+    assert cli.main(["certs", "server", str(folder), "--host", "gw"]) == 0  # a renewal
+    for name, mode in (("server.key", 0o640), ("server.crt", 0o644)):
+        after = (folder / name).stat()
+        assert (stat.S_IMODE(after.st_mode), after.st_gid) == (mode, group), name
 
 
 def test_extensions(pki: Path) -> None:

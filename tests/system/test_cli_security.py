@@ -73,6 +73,28 @@ def test_password_from_stdin_adds_and_updates(tmp_path: Path,
     assert users.verify("a", b"\xffthree") and users.verify("b", b"two")
 
 
+def test_an_update_keeps_the_group_that_lets_the_broker_read_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # deploy/README.md: `chgrp edge-broker passwd; chmod 0640 passwd`, so that the service's
+    # user reads it. Adding a user later must not make it root's alone again (0600): the
+    # next reload would keep the old passwords and the next restart fail. Before, it did.
+    path = tmp_path / "passwd"
+    stdin(monkeypatch, b"one\n")
+    assert passwd("-c", "--password-stdin", str(path), "a") == 0
+    group = 65534 if os.geteuid() == 0 else os.getgid()  # nogroup, as root (CI)
+    os.chown(path, -1, group)
+    path.chmod(0o640)
+    stdin(monkeypatch, b"two\n")
+    assert passwd("--password-stdin", str(path), "b") == 0
+    after = path.stat()
+    assert (stat.S_IMODE(after.st_mode), after.st_gid) == (0o640, group)
+    assert PasswordFile.load(path).usernames() == ["a", "b"]
+    path.chmod(0o644)  # readable by everyone: the rewrite does not keep that
+    stdin(monkeypatch, b"three\n")
+    assert passwd("--password-stdin", str(path), "c") == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
 def test_scrypt_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "passwd"
     stdin(monkeypatch, b"pw\n")
