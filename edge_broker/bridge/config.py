@@ -416,7 +416,8 @@ def _unknown_key_hint(key: str, kind: str) -> str:
 
 def require_extras(bridges: tuple[BridgeConfig, ...], *, file: str | None) -> None:
     """Import the optional package of every enabled bridge (a ConfigError naming the `pip
-    install` if missing), then check jetstream stream_subjects. Called after parsing."""
+    install` if missing; for NATS creds_file/nkey_seed_file also `nkeys`), then check
+    jetstream stream_subjects. Called after parsing."""
     for index, bridge in enumerate(bridges):
         if not bridge.enabled or bridge.kind not in EXTRAS:
             continue
@@ -429,7 +430,17 @@ def require_extras(bridges: tuple[BridgeConfig, ...], *, file: str | None) -> No
                 f"(package {package}), which cannot be imported ({exc}); install it with: "
                 f"pip install {package}",
                 file=file, table=_label(index, bridge.name), key="kind") from None
-        if (js := bridge.jetstream) is not None:  # nats-py is there: jetstream.py imports
+        js = bridge.jetstream
+        key = None if js is None else "creds_file" if js.creds_file is not None else \
+            "nkey_seed_file" if js.nkey_seed_file is not None else None
+        if key is not None:
+            try:  # nats-py signs the server's nonce with it, imported only then
+                importlib.import_module("nkeys")
+            except ImportError as exc:
+                raise _error(f"needs the Python module 'nkeys' (package nkeys), which cannot "
+                             f"be imported ({exc}); install it with: pip install nkeys",
+                             file=file, table=_label(index, bridge.name), key=key) from None
+        if js is not None:  # nats-py is there: jetstream.py imports it
             from .jetstream import filter_covers
             if not any(filter_covers(s, js.subject_prefix) for s in js.stream_subjects):
                 raise _error(f'none captures "{js.subject_prefix}.>", what the bridge sends',

@@ -130,6 +130,20 @@ def test_missing_extra_names_the_pip_install(monkeypatch: pytest.MonkeyPatch) ->
         require_extras(bridges, file=FILE)
 
 
+@pytest.mark.parametrize("key", ["creds_file", "nkey_seed_file"])
+def test_nats_credentials_without_nkeys_name_the_package(
+        monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    # Before, check-config said OK and the bridge retried "No module named 'nkeys'" forever.
+    pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
+    bridges = parse({**JS, key: "/etc/edge-broker/nats/gw7"})
+    monkeypatch.setitem(sys.modules, "nkeys", None)
+    with pytest.raises(ConfigError) as info:
+        require_extras(bridges, file=FILE)
+    assert str(info.value).startswith(f'{FILE}: [[bridges]] #1 "central" {key}: ')
+    assert str(info.value).endswith("install it with: pip install nkeys")
+    require_extras(parse(JS), file=FILE)  # a password or no credentials: not needed
+
+
 def test_parsing_imports_no_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nats", None)
     monkeypatch.setitem(sys.modules, "aiokafka", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -47,6 +48,36 @@ async def test_jetstream_user_password_and_tls(tmp_path: Path) -> None:
                                            tls_ca_file=str(certs.ca))],
                                  file="t.toml", gateway_id="gw7")
         sink = JetStreamSink(wrong, gateway_id="gw7", store_id="5eed", ack_timeout=2.0)
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await sink.start()
+        await sink.close()
+    finally:
+        server.stop()
+
+
+async def test_jetstream_nkey_seed_file(tmp_path: Path) -> None:
+    # The documented nkey_seed_file against a server that knows only the public key.
+    pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
+    nkeys = pytest.importorskip("nkeys", reason="pip install 'nats-py[nkeys]'")
+    from edge_broker.bridge.jetstream import JetStreamSink
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "gw7.nk"
+    seed_file.write_bytes(seed + b"\n")
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    server = NatsServer(tmp_path / "nats", extra_args=("-c", str(conf)))
+    server.start()
+    try:
+        (bridge,) = parse_bridges([js_table(server.url, nkey_seed_file=str(seed_file))],
+                                  file="t.toml", gateway_id="gw7")
+        sink = JetStreamSink(bridge, gateway_id="gw7", store_id="5eed")
+        await sink.start()
+        assert await sink.send(MESSAGE) == 1
+        await sink.close()
+        (anonymous,) = parse_bridges([js_table(server.url)], file="t.toml", gateway_id="gw7")
+        sink = JetStreamSink(anonymous, gateway_id="gw7", store_id="5eed", ack_timeout=2.0)
         with pytest.raises(Exception, match=r"(?i)authorization"):
             await sink.start()
         await sink.close()
