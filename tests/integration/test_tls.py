@@ -552,12 +552,18 @@ def test_the_tls_example_config_is_valid(pki: Pki, tmp_path: Path) -> None:
              "ca.crt": pki.ca.ca_path, "ca.crl": pki.ca.crl_path}
     for name, path in files.items():
         text = text.replace(f"/etc/edge-broker/certs/{name}", str(path))
+    for name in ("passwd", "acl"):  # as `edge-broker passwd` and the ACL example make them
+        (tmp_path / name).write_text("")
+        text = text.replace(f'"/etc/edge-broker/{name}"', f'"{tmp_path / name}"')
     config = load_config(_write(tmp_path, text))
     tls = [listener for listener in config.listeners if listener.tls]
-    assert [listener.protocol for listener in tls] == ["mqtt", "websockets"]
-    # Reachable from other hosts without allow_anonymous: the certificates authenticate.
-    assert all(not x.is_loopback and x.certificate_authentication for x in tls)
-    assert not any(x.anonymous_allowed(config.auth) for x in tls)
+    # Passwords (the firmware examples), device certificates, secure WebSocket.
+    assert [(x.port, x.protocol) for x in tls] == [(8883, "mqtt"), (8884, "mqtt"),
+                                                   (8081, "websockets")]
+    assert [x.certificate_authentication for x in tls] == [False, True, False]
+    # Reachable from other hosts without allow_anonymous: passwords or certificates.
+    assert not any(x.is_loopback or x.anonymous_allowed(config.auth) for x in tls)
+    assert config.auth.password_file and config.auth.acl_file
 
 
 def test_sighup_disconnects_a_client_whose_certificate_was_revoked(
