@@ -45,6 +45,8 @@ class StreamReplay:
         self._drop_log = DropLog()  # of core.stats.stream_dropped
         self._giving_way = False  # a tier-2 step of the store budget is running
         self._refill_soon = False  # a fetch() is scheduled for the next loop turn
+        self._passed = 0  # log offsets that streams' retention removed before replays read them
+        self._passed_log = DropLog()
 
     def setup(self) -> None:
         """Tell the core the configured streams, when the store keeps a log; and that
@@ -172,8 +174,9 @@ class StreamReplay:
         app = self.app
         read = getattr(app.store, "read_stream")  # noqa: B009 - SqliteStore only
         try:
-            rows, topics, end = await read(fetch.stream, fetch.topic_filter, fetch.position,
-                                           fetch.after, fetch.until, fetch.limit)
+            rows, topics, end, passed = await read(fetch.stream, fetch.topic_filter,
+                                                   fetch.position, fetch.after, fetch.until,
+                                                   fetch.limit)
         except Exception as error:  # StoreError, or a bug: the replay cannot go on
             if isinstance(error, StoreError):
                 log.error("client %s: cannot read stream %r: %s", fetch.client_id,
@@ -186,11 +189,26 @@ class StreamReplay:
             if handler is not None:  # no gap: the client reconnects and replays again
                 handler.kick(ReasonCode.UNSPECIFIED_ERROR)
             return
+        if passed:
+            self._retention_passed(fetch, passed)
         app.core.stream_rows(fetch, rows, topics, end, now=time.time())
         self.fetch()  # the next page is read while this one is sent
         handler = app.clients.get(fetch.client_id)
         if handler is not None:
             handler.pump()
+
+    def _retention_passed(self, fetch: StreamFetch, passed: int) -> None:
+        """The stream's retention (max_bytes, max_age) removed rows this replay had not
+        read yet: it goes on after them. Logged, not silent: a line every 10 s at most,
+        naming the last such replay and counting the log offsets passed since start-up."""
+        self._passed += passed - fetch.after
+        if self._passed_log.due(self._passed):
+            log.warning("client %s: its replay of stream %r fell behind the stream's "
+                        "retention (max_bytes / max_age): the log offsets %d-%d were removed "
+                        "before it read them, so it may have missed messages there; it goes "
+                        "on from offset %d (%d offsets passed by replays since start-up)",
+                        fetch.client_id, fetch.stream, fetch.after + 1, passed, passed + 1,
+                        self._passed)
 
     async def close(self) -> None:
         for task in list(self._tasks):

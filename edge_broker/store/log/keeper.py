@@ -128,25 +128,30 @@ class LogKeeper:
 
     def page(self, conn: sqlite3.Connection, name: str, topic_filter: str | None,
              position: Position | None, after: int, until: int,
-             limit: int) -> tuple[list[RawRow], dict[int, str], int]:
+             limit: int) -> tuple[list[RawRow], dict[int, str], int, int]:
         """Rows of stream `name` with `after < offset <= until` (from `position` when given:
         the first page), at most `limit`, in order, as SQLite returns them (`Log.read_raw`),
-        with the names of their topic ids; and the offset up to which the range was looked
-        at (`until` when it is complete). An unknown stream (removed from the
-        configuration) gives ([], {}, until)."""
-        if name not in self.log.streams:
-            return [], {}, until
+        with the names of their topic ids; the offset up to which the range was looked at
+        (`until` when it is complete); and, when the stream's retention (max_bytes, max_age)
+        removed rows after `after` that this reader had not read yet, the last offset it
+        removed (the reader goes on after it), else 0. An unknown stream (removed from the
+        configuration) gives ([], {}, until, 0)."""
+        state = self.log.streams.get(name)
+        if state is None:
+            return [], {}, until, 0
         # Never past what the log holds: with durability "none" a batch counts as done
         # before the writer appended it; the caller asks again from `end`.
         asked = until
         until = min(until, self.log.last_offset)
         if position is not None:
             after = stream_start(self.log, conn, name, position) - 1
+        passed = state.first_offset - 1 if position is None and 0 < after < \
+            state.first_offset - 1 else 0
         if after >= until:
-            return [], {}, min(max(after, until), asked)
+            return [], {}, min(max(after, until), asked), passed
         rows, end = page_raw(self.log, conn, name, after, until, topic_filter, limit)
         by_id = self.log.by_id
-        return rows, {tid: by_id[tid].name for tid in {row[2] for row in rows}}, end
+        return rows, {tid: by_id[tid].name for tid in {row[2] for row in rows}}, end, passed
 
     def stats(self, conn: sqlite3.Connection) -> list[StreamStats]:
         return [stream_stats(self.log, conn, name) for name in sorted(self.log.streams)]

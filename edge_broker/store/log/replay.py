@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from ...errors import StoreError
 from ...mqtt.topics import topic_matches
-from .log import Log, LogRow, RawRow
+from .log import Log, LogRow, RawRow, StreamState
 from .schema import has_schema
 from .streams import StreamConfig
 
@@ -57,24 +57,54 @@ def parse_position(text: str) -> Position:
     return moment.timestamp()
 
 
+def _selection(log: Log, state: StreamState, topic_filter: str | None) -> dict[int, int]:
+    """The stream's topics (those `topic_filter` matches) -> the offset after which their
+    rows are the stream's: all of them, or for a last-value stream only each topic's newest
+    (older rows another stream or a reader still holds are not compaction's to show)."""
+    by_id = log.by_id
+    selection: dict[int, int] = {}
+    for tid in state.topics:
+        stats = by_id[tid]
+        if topic_filter is not None and not topic_matches(topic_filter, stats.name):
+            continue
+        if not state.config.last_value:
+            selection[tid] = 0
+        elif stats.last_offset is not None:
+            selection[tid] = stats.last_offset - 1
+    return selection
+
+
 def _first_row(log: Log, conn: sqlite3.Connection, name: str,
                after: int) -> tuple[int, float] | None:
     state = log.streams[name]
-    page = log.read_page(conn, max(after, state.first_offset - 1),
-                         log.stream_selection(state), 1)
+    page = log.read_page(conn, max(after, state.first_offset - 1), _selection(log, state, None),
+                         1)
     return (page.rows[0].offset, page.rows[0].at) if page.rows else None
 
 
 def stream_stats(log: Log, conn: sqlite3.Connection, name: str) -> StreamStats:
     """First and last offsets, rows, bytes and oldest time of a stream (KeyError if unknown).
-    Counters come from memory; the first row costs one index probe per topic at most."""
+    Counters come from memory; the first row costs one index probe per topic at most (a
+    last-value stream: its topics' newest rows are counted, one query)."""
     state = log.streams[name]
     first = _first_row(log, conn, name, 0) if state.count else None
     if first is None:
         return StreamStats(name, None, None, 0, 0, None, state.budget_dropped)
     last = max((log.by_id[t].last_offset or 0) for t in state.topics)
-    return StreamStats(name, first[0], last, state.count, state.bytes, first[1],
-                       state.budget_dropped)
+    count, size = state.count, state.bytes
+    if state.config.last_value:
+        newest = {tid: since + 1 for tid, since in _selection(log, state, None).items()
+                  if since + 1 >= first[0]}
+        count = len(newest)
+        size = sum(log.by_id[tid].name_size for tid in newest)
+        offsets = list(newest.values())
+        for chunk in range(0, len(offsets), 500):
+            part = offsets[chunk:chunk + 500]
+            size += conn.execute(
+                "SELECT coalesce(sum(length(payload) + coalesce(length(properties), 0)), 0)"
+                f" FROM log WHERE offset IN ({', '.join('?' * len(part))})", part
+            ).fetchone()[0]
+    return StreamStats(name, first[0], last, count, size, first[1], state.budget_dropped)
 
 
 def stream_start(log: Log, conn: sqlite3.Connection, name: str, position: Position) -> int:
@@ -101,8 +131,7 @@ def replay(log: Log, conn: sqlite3.Connection, name: str, start: int,
     """The rows of stream `name` from offset `start` (inclusive, see `stream_start`), in
     offset order, optionally only the topics `topic_filter` matches, at most `limit`."""
     state = log.streams[name]
-    selection = {t: 0 for t in state.topics
-                 if topic_filter is None or topic_matches(topic_filter, log.by_id[t].name)}
+    selection = _selection(log, state, topic_filter)
     after = max(start, state.first_offset) - 1
     left = limit
     while left is None or left > 0:
@@ -123,8 +152,7 @@ def page_raw(log: Log, conn: sqlite3.Connection, name: str, after: int, until: i
     them (`Log.read_raw`: no `LogRow`, the core encodes packets from the stored bytes); and
     the offset up to which the range was looked at (`until` when it is complete)."""
     state = log.streams[name]
-    selection = {t: 0 for t in state.topics
-                 if topic_filter is None or topic_matches(topic_filter, log.by_id[t].name)}
+    selection = _selection(log, state, topic_filter)
     rows, end = log.read_raw(conn, max(after, state.first_offset - 1), selection, limit)
     if end < until:
         return rows, end  # a full page

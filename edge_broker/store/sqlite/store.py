@@ -248,7 +248,7 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
 
     async def read_stream(self, name: str, topic_filter: str | None,
                           position: Position | None, after: int, until: int,
-                          limit: int) -> tuple[list[RawRow], dict[int, str], int]:
+                          limit: int) -> tuple[list[RawRow], dict[int, str], int, int]:
         """A page of a stream's history for replay, rows as stored (see LogKeeper.page)."""
         try:
             return await self._call(self._read_sync, self._log.page, name, topic_filter,
