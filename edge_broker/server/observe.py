@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config, is_loopback_host
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from . import systemd
 from .http import HttpServer, Response
 from .prometheus import CONTENT_TYPE, Family, Histogram, render
+from .streams import stats_json
 
 if TYPE_CHECKING:
     from .app import BrokerApp
@@ -327,8 +328,22 @@ class Observer:
                 flat[key] = value
         return flat
 
-    def status_json(self) -> bytes:
-        return json.dumps(self.status(), separators=(",", ":")).encode()
+    async def full_status(self) -> dict[str, Any]:
+        """`status()` with the streams (their figures read from the store) and the bridges:
+        what the status page shows (/status.json)."""
+        status = self.status()
+        app = self.app
+        read = getattr(app.store, "stream_stats", None)  # a store that keeps a log
+        if read is not None and app.config.streams:
+            try:
+                status["streams"] = [stats_json(s) for s in await read()]
+            except StoreError as error:
+                status["streams_error"] = str(error)
+        status["bridges"] = app.bridges.to_dict()["bridges"]
+        return status
+
+    async def status_json(self) -> bytes:
+        return json.dumps(await self.full_status(), separators=(",", ":")).encode()
 
 
 # -- HTTP routes ------------------------------------------------------------------------------
@@ -352,7 +367,7 @@ def build_http_server(observer: Observer) -> HttpServer:
         return Response(200, page, "text/html; charset=utf-8")
 
     async def status_json() -> Response:
-        return Response(200, observer.status_json(), "application/json")
+        return Response(200, await observer.status_json(), "application/json")
 
     routes = {"/metrics": metrics, "/healthz": healthz, "/": status_page,
               "/status.json": status_json}

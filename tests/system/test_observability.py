@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_broker.config import HttpConfig
+from edge_broker.bridge.config import parse_bridges
+from edge_broker.config import HttpConfig, StreamConfig
 from edge_broker.errors import ConfigError
 from edge_broker.server import observe
 from tests.conftest import BrokerThread, broker_config
@@ -44,11 +45,22 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture
 def http_broker(tmp_path: Path) -> Iterator[BrokerThread]:
-    config = broker_config(tmp_path)
-    config = dataclasses.replace(config, http=HttpConfig(host="127.0.0.1", port=0))
+    # A stream, and a bridge whose upstream does not answer: the page shows both.
+    bridges = parse_bridges([{"name": "cloud", "kind": "mqtt", "servers": [
+        f"mqtt://127.0.0.1:{closed_port()}"], "topics": ["nothing/# out 1"]}],
+        file="test", gateway_id="gw7")
+    config = dataclasses.replace(broker_config(tmp_path),
+                                 http=HttpConfig(host="127.0.0.1", port=0),
+                                 streams=(StreamConfig("telemetry", "s/#"),), bridges=bridges)
     broker = BrokerThread(config).start()
     yield broker
     broker.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def get(broker: BrokerThread, path: str) -> tuple[int, bytes]:
@@ -136,6 +148,9 @@ def test_status_page_in_a_real_browser(http_broker: BrokerThread) -> None:
             first_row = page.inner_text("#sessions-table tbody tr:first-child")
             assert "sensor-offline" in first_row and "offline" in first_row
             assert page.inner_text("#state") == "healthy"
+            # Before, the page always said "none configured" for both.
+            assert page.inner_text("#streams") == "telemetry: 3 messages"
+            assert page.inner_text("#bridges") == "cloud: down"
             page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
         finally:
             browser.close()
