@@ -15,6 +15,7 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
+from ..core.streams import STREAM_PREFIX
 from ..mqtt.errors import RemoteProtocolError
 from ..mqtt.packets import ConnAck, Connect, Packet, PubAck, Publish, PubRec, Subscribe
 from ..mqtt.properties import NO_PROPERTIES, Properties
@@ -163,15 +164,15 @@ def subscribe_checked(handler: ClientHandler, packet: Subscribe,
                        now: float) -> tuple[int, ...]:
     """SUBSCRIBE under an ACL: a filter no rule lets this client read any part of is
     refused (5.0: 0x87 Not authorized; 3.1.1: 0x80 Failure, [MQTT-3.9.3-1] (3.1.1));
-    the others go to the core, and each delivery is checked in pump()."""
+    the others go to the core, and each delivery is checked in pump(). So do filters the
+    core refuses whatever the ACL says, for their own code: an invalid filter, a shared
+    subscription to a stream (0x9E)."""
     gate = handler.app.gate
     client_id = handler.client_id
     assert client_id is not None
     refused = (ReasonCode.NOT_AUTHORIZED if handler._conn.protocol_level == ProtocolLevel.MQTT_5
                else ReasonCode.UNSPECIFIED_ERROR)
-    granted = [not is_valid_topic_filter(sub.topic_filter.split("/", 2)[-1]
-                                         if sub.topic_filter.startswith("$share/")
-                                         else sub.topic_filter)
+    granted = [_refused_by_the_core(sub.topic_filter)
                or gate.can_subscribe(handler, sub.topic_filter)
                for sub in packet.subscriptions]
     if all(granted):
@@ -181,6 +182,12 @@ def subscribe_checked(handler: ClientHandler, packet: Subscribe,
     codes = iter(handler.app.core.subscribe(client_id, replace(packet, subscriptions=allowed),
                                          now=now) if allowed else ())
     return tuple(next(codes) if ok else refused for ok in granted)
+
+
+def _refused_by_the_core(topic_filter: str) -> bool:
+    shared = topic_filter.startswith("$share/")
+    inner = topic_filter.split("/", 2)[-1] if shared else topic_filter
+    return not is_valid_topic_filter(inner) or (shared and inner.startswith(STREAM_PREFIX))
 
 
 def handle_connect(handler: ClientHandler, packet: Connect, replies: list[Packet | int],

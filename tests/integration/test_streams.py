@@ -171,9 +171,18 @@ def test_v5_latest_is_the_default_and_offsets_past_the_last_wait(
     assert [offset_of(m) for m in receive(future, 2)] == [5, 6]
 
 
+@pytest.mark.parametrize("acl", [False, True], ids=["open", "acl"])
 def test_unknown_stream_and_shared_subscriptions_are_refused(
-        make_broker: MakeBroker, tmp_path: Path, clients: Callable[..., Paho]) -> None:
-    broker = make_broker(config=stream_config(tmp_path))
+        make_broker: MakeBroker, tmp_path: Path, clients: Callable[..., Paho],
+        acl: bool) -> None:
+    # With an ACL file too: a shared subscription to a stream gets its own code, not 0x87
+    # (the ACL was asked first before, and it grants no $stream/ filter as such).
+    config = stream_config(tmp_path)
+    if acl:
+        (tmp_path / "acl").write_text("topic read sensors/#\n")
+        config = dataclasses.replace(config, auth=dataclasses.replace(
+            config.auth, acl_file=tmp_path / "acl"))
+    broker = make_broker(config=config)
     v5 = clients(broker, V5, "v5")
     v5.connect()
     assert subscribe_v5(v5, "$stream/nope", "earliest") == [0x8F]
