@@ -17,6 +17,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import math
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -228,16 +229,21 @@ def stats_json(stats: StreamStats) -> dict[str, Any]:
 
 
 def row_json(row: LogRow) -> dict[str, Any]:
-    """One stored message as `edge-broker replay` prints it (NDJSON)."""
+    """One stored message as `edge-broker replay` prints it (NDJSON). Its properties are
+    those it was published with, the Message Expiry Interval included (the log keeps it as
+    the time it expires)."""
     try:
         payload, encoding = row.payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         payload, encoding = base64.b64encode(row.payload).decode("ascii"), "base64"
     moment = datetime.fromtimestamp(row.at, UTC)
+    properties = properties_json(row.properties)
+    if row.expires_at is not None:
+        properties["message_expiry_interval"] = max(0, round(row.expires_at - row.at))
     return {"offset": row.offset,
             "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "topic": row.topic, "qos": row.qos, "retain": row.retain, "payload": payload,
-            "payload_encoding": encoding, "properties": properties_json(row.properties)}
+            "payload_encoding": encoding, "properties": properties}
 
 
 def properties_json(properties: Properties) -> dict[str, Any]:
@@ -282,10 +288,18 @@ async def stream_request(app: AdminHost, command: str, request: dict[str, Any]) 
         if not prefix or "+" in prefix or "#" in prefix or prefix.startswith("$"):
             return {"error": f"--republish: not a topic prefix: {prefix!r}"}
         now = time.time()
+        expired = 0
         for row in rows:
+            properties = row.properties
+            if row.expires_at is not None:
+                if row.expires_at <= now:  # [MQTT-3.3.2-5] (5.0): not published again
+                    expired += 1
+                    continue
+                properties = dataclasses.replace(  # the interval left [MQTT-3.3.2-6]
+                    properties, message_expiry_interval=math.ceil(row.expires_at - now))
             app.core.republish(f"{prefix.rstrip('/')}/{row.topic}", row.payload, row.qos,
-                               row.properties, now=now)
+                               properties, now=now)
         await app.commit()  # durable (and delivered) before the answer
-        return {"republished": len(rows),
+        return {"republished": len(rows) - expired, "expired": expired,
                 "last_offset": rows[-1].offset if rows else None}
     return {"error": f"unknown command {command!r}"}
