@@ -26,6 +26,9 @@
 #define STATUS "devices/%s/status"
 #define CMD "devices/%s/cmd"
 #define EXIT_REBOOT 3 /* the service manager restarts us: Restart=on-failure */
+#define MIN_INTERVAL_MS 10
+#define MAX_INTERVAL_MS 86400000 /* a day */
+#define ANSWERS 8                /* command answers waiting to be published */
 
 struct config {
     const char *host, *id, *password, *cafile;
@@ -63,7 +66,8 @@ static void ring_pop(void) {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static volatile int connected;
 static int interval_ms, stopping, rebooting;
-static char reply[256];
+static char answers[ANSWERS][128]; /* FIFO: the callback appends, the main loop publishes */
+static int answer_head, answer_len;
 static volatile sig_atomic_t signalled;
 
 static long now_ms(void) {
@@ -101,6 +105,27 @@ static int json_is(const char *value, const char *word) {
     return value && *value == '"' && !strncmp(value + 1, word, n) && value[n + 1] == '"';
 }
 
+/* 1 and the number in *out if `value` is a JSON number (not a string, true, null...) */
+static int json_number(const char *value, double *out) {
+    char *end;
+    if (!value || !(*value == '-' || (*value >= '0' && *value <= '9')))
+        return 0;
+    *out = strtod(value, &end);
+    while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n')
+        end++;
+    return end != value && (*end == ',' || *end == '}');
+}
+
+/* queue a command's answer; called with `lock` held */
+static void answer(const char *json) {
+    if (answer_len == ANSWERS) { /* the broker is not taking them: keep the older ones */
+        printf("ANSWER DROPPED %s\n", json);
+        return;
+    }
+    snprintf(answers[(answer_head + answer_len) % ANSWERS], sizeof answers[0], "%s", json);
+    answer_len++;
+}
+
 /* commands: {"cmd":"interval","ms":N} | {"cmd":"stop"} | {"cmd":"reboot"} */
 static int on_message(void *ctx, char *topic, int topic_len, MQTTClient_message *m) {
     (void)ctx;
@@ -109,12 +134,18 @@ static int on_message(void *ctx, char *topic, int topic_len, MQTTClient_message 
     int n = m->payloadlen < (int)sizeof text - 1 ? m->payloadlen : (int)sizeof text - 1;
     memcpy(text, m->payload, n);
     text[n] = 0;
+    char reply[128];
+    double ms;
     pthread_mutex_lock(&lock);
-    const char *cmd = json_value(text, "cmd"), *ms = json_value(text, "ms");
-    if (json_is(cmd, "interval") && ms) {
-        int value = atoi(ms);
-        interval_ms = value < 10 ? 10 : value;
+    const char *cmd = json_value(text, "cmd");
+    if (json_is(cmd, "interval") && json_number(json_value(text, "ms"), &ms)) {
+        interval_ms = ms < MIN_INTERVAL_MS   ? MIN_INTERVAL_MS
+                      : ms > MAX_INTERVAL_MS ? MAX_INTERVAL_MS
+                                             : (int)ms;
         snprintf(reply, sizeof reply, "{\"ack\":\"interval\",\"ms\":%d}", interval_ms);
+    } else if (json_is(cmd, "interval")) { /* no ms, or not a number: the interval stays */
+        snprintf(reply, sizeof reply,
+                 "{\"error\":\"interval: ms must be a number\",\"ms\":%d}", interval_ms);
     } else if (json_is(cmd, "stop")) {
         stopping = 1;
         snprintf(reply, sizeof reply, "{\"ack\":\"stop\"}");
@@ -124,6 +155,7 @@ static int on_message(void *ctx, char *topic, int topic_len, MQTTClient_message 
     } else {
         snprintf(reply, sizeof reply, "{\"error\":\"unknown command\"}");
     }
+    answer(reply);
     pthread_mutex_unlock(&lock);
     printf("CMD %s\n", text);
     MQTTClient_freeMessage(&m);
@@ -274,14 +306,14 @@ int main(int argc, char **argv) {
     for (;;) {
         pthread_mutex_lock(&lock);
         int stop_now = stopping || signalled, period = interval_ms;
-        char answer[256];
-        snprintf(answer, sizeof answer, "%s", reply);
-        reply[0] = 0;
+        char next_answer[sizeof answers[0]] = "";
+        if (answer_len) /* the oldest; it leaves the queue once the broker acknowledged it */
+            snprintf(next_answer, sizeof next_answer, "%s", answers[answer_head]);
         pthread_mutex_unlock(&lock);
         if (signalled) /* SIGTERM/SIGINT: stop now; unacknowledged readings are lost */
             break;
         int producing = !stop_now && !(c.max_readings && seq >= c.max_readings);
-        if (!producing && ring_len == 0)
+        if (!producing && ring_len == 0 && !next_answer[0]) /* "stop" is answered too */
             break;
         long now = now_ms();
         if (producing && now >= next_reading) {
@@ -316,8 +348,17 @@ int main(int argc, char **argv) {
             }
             continue;
         }
-        if (answer[0])
-            publish(client, &c, event, answer, 0);
+        if (next_answer[0]) {
+            if (publish(client, &c, event, next_answer, 0) == MQTTCLIENT_SUCCESS) {
+                pthread_mutex_lock(&lock);
+                answer_head = (answer_head + 1) % ANSWERS;
+                answer_len--;
+                pthread_mutex_unlock(&lock);
+            } else if (!MQTTClient_isConnected(client)) {
+                connected = 0;
+                continue;
+            }
+        }
         if (ring_len) {
             if (ring_sent[ring_head]) {
                 printf("RESEND %s\n", ring[ring_head]);

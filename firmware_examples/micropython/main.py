@@ -20,6 +20,8 @@ TELEMETRY = "devices/%s/telemetry"
 EVENT = "devices/%s/event"
 STATUS = "devices/%s/status"
 CMD = "devices/%s/cmd"
+MIN_INTERVAL_MS = 10
+MAX_INTERVAL_MS = 86400000  # a day: also within time.ticks_add's range on every port
 
 DEFAULTS = {
     "host": "192.168.1.10",   # the gateway
@@ -49,6 +51,14 @@ def load_config(path="config.json"):
 
 def log(*words):
     print(*words)
+
+
+def printable(payload, limit=64):
+    """A command's payload for an error answer: its first bytes, escaped if not UTF-8."""
+    try:
+        return payload[:limit].decode()
+    except UnicodeError:
+        return repr(payload[:limit])
 
 
 def tls_context(ca_file):
@@ -87,7 +97,8 @@ class Device:
     # --- the broker connection --------------------------------------------------------------
 
     def try_connect(self):
-        self.client.host, self.client.port = board.broker_address(self.config)
+        host, self.client.port = board.broker_address(self.config)
+        self.client.host = self.client.server_hostname = host  # TLS checks the name asked for
         try:
             present = self.client.connect()
             for pid in self.client.inflight_order:
@@ -95,7 +106,10 @@ class Device:
                     log("RESEND", self.pending[pid])
             self.client.subscribe(CMD % self.id, 1)
             self.client.publish(STATUS % self.id, b"online", qos=1, retain=True)
-        except (OSError, MQTTException) as e:
+        except Exception as e:
+            # back off and try again whatever failed: the network, the broker, or TLS (on
+            # MicroPython a certificate that does not verify - wrong name, not yet valid on a
+            # board whose clock is not set - raises ValueError); giving up would need a reset
             self.client.close()
             self.backoff("connect failed: %r" % (e,))
             return
@@ -117,15 +131,23 @@ class Device:
             self.acked += 1
 
     def on_command(self, topic, payload, retained):
+        # Answer whatever arrives and return: an exception here would escape before the PUBACK,
+        # and the persistent session would deliver the same command again after every boot.
         try:
             cmd = json.loads(payload)
             name = cmd["cmd"]
-        except (ValueError, KeyError, TypeError):
-            self.reply({"error": "bad command", "payload": payload.decode()})
+        except (ValueError, KeyError, TypeError):  # UnicodeError is a ValueError
+            log("CMD ERROR bad command")
+            self.reply({"error": "bad command", "payload": printable(payload)})
             return
         log("CMD", name)
         if name == "interval":
-            self.interval_ms = max(10, int(cmd["ms"]))
+            ms = cmd.get("ms")
+            if type(ms) not in (int, float) or ms != ms:  # not a number (bool, str, NaN...)
+                log("CMD ERROR bad interval")
+                self.reply({"error": "interval: ms must be a number", "ms": self.interval_ms})
+                return
+            self.interval_ms = int(min(MAX_INTERVAL_MS, max(MIN_INTERVAL_MS, ms)))
             self.reply({"ack": "interval", "ms": self.interval_ms})
         elif name == "stop":
             self.stopping = True
@@ -136,6 +158,7 @@ class Device:
             self.reboot_requested = True
             self.reply({"ack": "reboot"})
         else:
+            log("CMD ERROR unknown command")
             self.reply({"error": "unknown command", "cmd": name})
 
     def reply(self, obj):

@@ -54,7 +54,7 @@ class Central:
             self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
             self.cond.notify_all()
 
-    def publish(self, topic: str, payload: str, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
         assert self.client is not None
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
 

@@ -5,14 +5,19 @@ acknowledged reaches the central subscriber. The 1,000-device soak is a benchmar
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.integration.brokerprocess import BrokerProcess, needs_console_script
 
 SIMULATE = (Path(__file__).resolve().parents[2] / "firmware_examples" / "fleet-simulator"
             / "simulate.py")
+README = SIMULATE.with_name("README.md")
 
 
 @needs_console_script
@@ -41,3 +46,23 @@ def test_fleet_loses_no_acknowledged_reading(tmp_path: Path) -> None:
     assert report["gaps"] <= (report["lost_on_reboot"] + report["dropped_buffer_full"]
                               + report["unacked_at_end"])
     assert report["rss_kib_start"] and report["rss_kib_end"]
+
+
+@needs_console_script
+def test_readme_broker_pid_command_finds_a_running_broker(tmp_path: Path) -> None:
+    """The README's `--broker-pid "$(...)"` names an edge-broker process (the broker is a Python
+    script: a lookup by executable name finds nothing, and the simulator rejects "")."""
+    lookup = re.search(r'--broker-pid "\$\((.*?)\)"', README.read_text())
+    assert lookup, "the README's soak command has no --broker-pid \"$(...)\""
+    if not shutil.which(lookup.group(1).split()[0]):
+        pytest.skip(f"{lookup.group(1).split()[0]} not installed")
+    broker = BrokerProcess(tmp_path / "data").wait_listening()
+    try:
+        result = subprocess.run(["sh", "-c", lookup.group(1)], capture_output=True, text=True,
+                                timeout=30)
+        pid = result.stdout.strip()
+        assert pid.isdigit(), f"{lookup.group(1)!r} printed {pid!r}"
+        # another test's broker may be the one found: any edge-broker process will do
+        assert b"edge-broker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        assert broker.stop() == 0

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def device_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("linux-c")
+    # as in the README (`make BUILD=/tmp/out`): the Makefile creates the directory
+    out = tmp_path_factory.mktemp("linux-c") / "out"
     result = subprocess.run(["make", "-C", str(EXAMPLE), f"BUILD={out}"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -72,6 +73,42 @@ def test_c_device_publishes_every_reading_and_obeys_commands(
         if process.poll() is None:
             process.kill()
             process.wait()
+        central.stop()
+
+
+def test_c_device_answers_every_command_including_stop_and_reboot(
+        device_binary: Path, broker: BrokerThread) -> None:
+    """Each command gets its answer on devices/<id>/event - an error for an interval that is
+    not a number (the interval stays), an acknowledgement for stop and reboot before the exit."""
+    central = Central("central-answers").connect(broker.port)
+
+    def run_device(*commands: dict[str, object]) -> int:
+        process = subprocess.Popen(
+            [str(device_binary), "--id", "c-cmd", "--port", str(broker.port), "--mqtt", "311",
+             "--interval-ms", "20"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            seen = len(central.telemetry["c-cmd"])
+            central.wait(lambda: len(central.telemetry["c-cmd"]) > seen, 20, "a reading")
+            for command in commands:
+                central.publish("devices/c-cmd/cmd", json.dumps(command))
+            return process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    try:
+        assert run_device({"cmd": "interval"}, {"cmd": "interval", "ms": "abc"},
+                          {"cmd": "interval", "ms": 15}, {"cmd": "stop"}) == 0
+        bad_interval = {"error": "interval: ms must be a number", "ms": 20}
+        central.wait(lambda: len(central.events("c-cmd")) >= 4, 20, "four answers")
+        assert central.events("c-cmd") == [bad_interval, bad_interval,
+                                           {"ack": "interval", "ms": 15}, {"ack": "stop"}]
+        assert run_device({"cmd": "reboot"}) == 3
+        central.wait(lambda: len(central.events("c-cmd")) >= 5, 20, "the reboot's answer")
+        assert central.events("c-cmd")[4:] == [{"ack": "reboot"}]
+    finally:
         central.stop()
 
 

@@ -17,9 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.firmware.central import Central
-from tests.integration.brokerprocess import BrokerProcess, needs_console_script
+from tests.integration.brokerprocess import BrokerProcess, needs_console_script, run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "firmware_examples" / "micropython"
 MICROPYTHON = shutil.which("micropython") or str(Path(sys.executable).parent / "micropython")
@@ -42,8 +44,9 @@ class Device:
         self.workdir = workdir
         self.lines: list[str] = []
         self.cond = threading.Condition()
-        env = dict(os.environ, MICROPYPATH=f"{workdir}:{EXAMPLE}")
-        # run.py's directory comes first on sys.path, so the fake board.py wins over the real one
+        # run.py's directory comes first on sys.path, so the fake board.py wins over the real one;
+        # ".frozen" (the modules built into the executable) holds `ssl` on the unix port
+        env = dict(os.environ, MICROPYPATH=f"{workdir}:{EXAMPLE}:.frozen")
         self.process = subprocess.Popen([MICROPYTHON, "run.py"], cwd=workdir, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, text=True)
@@ -165,4 +168,76 @@ def test_reboot_command_is_obeyed_once(tmp_path: Path) -> None:
     finally:
         device.kill()
         central.stop()
+        broker.stop()
+
+
+def test_malformed_commands_are_answered_and_not_delivered_again(tmp_path: Path) -> None:
+    """A command the device cannot parse or obey gets an error answer and is acknowledged like
+    any other: were it to crash the device before the PUBACK, the persistent session would
+    deliver it again at every boot (a boot loop)."""
+    broker = BrokerProcess(tmp_path / "data").wait_listening()
+    workdir = tmp_path / "device"
+    workdir.mkdir()
+    write_address(workdir / "broker.addr", broker.port)
+    config = {"device_id": "mp-3", "interval_ms": 50, "backoff_min_ms": 50,
+              "backoff_max_ms": 400}
+    central = Central("central-bad-cmd").connect(broker.port)
+    device = Device(workdir, config)
+    try:
+        device.wait_for(lambda lines: "CONNECTED session_present=0" in lines, 20, "connection")
+        for payload in (b'{"cmd": "interval"}', b'{"cmd": "interval", "ms": "abc"}',
+                        b'{"cmd": "interval", "ms": true}', b"\xff\xfe not UTF-8", b"[1]",
+                        b'{"cmd": "interval", "ms": 20}', b'{"cmd": "stop"}'):
+            central.publish("devices/mp-3/cmd", payload)
+        assert device.process.wait(30) == 0, device.lines
+        central.wait(lambda: len(central.events("mp-3")) >= 7, 20, "an answer to each command")
+        events = central.events("mp-3")
+        bad_interval = {"error": "interval: ms must be a number", "ms": 50}  # ms unchanged
+        assert events[:3] == [bad_interval] * 3
+        assert [e.get("error") for e in events[3:5]] == ["bad command"] * 2
+        assert events[5:] == [{"ack": "interval", "ms": 20}, {"ack": "stop"}]
+
+        device = Device(workdir, config)  # the next boot: nothing is delivered again
+        device.wait_for(lambda lines: "CONNECTED session_present=1" in lines, 20, "reconnection")
+        central.publish("devices/mp-3/cmd", json.dumps({"cmd": "stop"}))
+        assert device.process.wait(20) == 0, device.lines
+        assert [x for x in device.lines if x.startswith("CMD")] == ["CMD stop"]
+    finally:
+        device.kill()
+        central.stop()
+        broker.stop()
+
+
+def test_device_backs_off_while_the_gateway_certificate_does_not_verify(tmp_path: Path) -> None:
+    """TLS: a gateway certificate that does not verify (here: not for the name the device
+    connects to) is a failed attempt like any other - the device backs off and retries, and
+    connects once the name matches."""
+    pki = tmp_path / "pki"
+    for args in (("init-ca", str(pki)), ("server", str(pki), "--host", "localhost")):
+        result = run_cli("certs", *args)
+        assert result.returncode == 0, result.stderr
+    config_file = tmp_path / "tls.toml"
+    config_file.write_text(
+        "[[listeners]]\nhost = \"127.0.0.1\"\nport = 0\n"
+        f"certfile = \"{pki / 'server.crt'}\"\nkeyfile = \"{pki / 'server.key'}\"\n")
+    broker = BrokerProcess(tmp_path / "data", "--config", str(config_file)).wait_listening()
+    workdir = tmp_path / "device"
+    workdir.mkdir()
+    # the unix port's TLS has no PEM parser: the CA in DER (a board's build reads PEM as well)
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    (workdir / "gateway-ca.der").write_bytes(ca.public_bytes(Encoding.DER))
+    write_address(workdir / "broker.addr", broker.port)  # 127.0.0.1: not in the certificate
+    device = Device(workdir, {"device_id": "mp-tls", "ca_file": "gateway-ca.der",
+                              "interval_ms": 30, "max_readings": 3, "backoff_min_ms": 50,
+                              "backoff_max_ms": 200})
+    try:
+        device.wait_for(lambda lines: sum(x.startswith("OFFLINE") and "certificate" in x
+                                          for x in lines) >= 2, 20, "retries after TLS errors")
+        assert device.process.poll() is None
+        (workdir / "broker.addr").with_suffix(".tmp").write_text(f"localhost {broker.port}\n")
+        (workdir / "broker.addr").with_suffix(".tmp").replace(workdir / "broker.addr")
+        assert device.process.wait(30) == 0, device.lines
+        assert "STOPPED readings=3 acked=3 dropped=0 resent=0" in device.lines, device.lines
+    finally:
+        device.kill()
         broker.stop()

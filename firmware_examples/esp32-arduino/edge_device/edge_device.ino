@@ -19,7 +19,13 @@
                      // GATEWAY_CA_PEM: copy config.example.h to config.h and fill it in
 
 static const int BUFFER_SIZE = 200;      // readings kept while offline; oldest dropped
+static const int ANSWERS = 4;            // command answers waiting to be published
 static const uint32_t BACKOFF_MIN_MS = 1000, BACKOFF_MAX_MS = 60000;
+// How long publish() at QoS 1 (and connect, subscribe) waits for the gateway's answer before
+// arduino-mqtt gives up and closes the connection (its default: 1 s). edge-broker sends the
+// PUBACK once the reading is committed to its store (an fsync), which can take longer on a slow
+// SD card; 1 s would then mean a reconnect and the reading sent again, over and over.
+static const int MQTT_TIMEOUT_MS = 10000;
 
 WiFiClientSecure net;
 MQTTClient mqtt(512);
@@ -31,6 +37,8 @@ uint32_t attempt = 0, seq = 0, dropped = 0;
 bool rebootRequested = false;
 char ring[BUFFER_SIZE][96];
 int ringHead = 0, ringLen = 0;
+char answers[ANSWERS][96];  // published from loop(), not from the message callback
+int answerHead = 0, answerLen = 0;
 
 void ringPush(const char *reading) {
   if (ringLen == BUFFER_SIZE) {  // full: drop the oldest, count it
@@ -42,19 +50,33 @@ void ringPush(const char *reading) {
   ringLen++;
 }
 
-void reply(const char *json) { mqtt.publish(topicEvent, json, false, 1); }
+// The callback runs inside mqtt.loop() - or inside the telemetry publish() while it waits for
+// its PUBACK: a QoS 1 publish from here would nest in that wait (arduino-mqtt's README advises
+// against it). So answers are queued here and published by loop().
+void reply(const char *json) {
+  if (answerLen == ANSWERS) return;  // not being published (offline): keep the older ones
+  strlcpy(answers[(answerHead + answerLen) % ANSWERS], json, sizeof answers[0]);
+  answerLen++;
+}
 
 // {"cmd":"interval","ms":N} | {"cmd":"reboot"}
 void onCommand(String &topic, String &payload) {
   if (payload.indexOf("\"interval\"") >= 0) {
     int at = payload.indexOf("\"ms\"");
-    if (at >= 0) {
-      intervalMs = max(10L, payload.substring(payload.indexOf(':', at) + 1).toInt());
-      char answer[64];
+    String ms = at >= 0 ? payload.substring(payload.indexOf(':', at) + 1) : String();
+    ms.trim();
+    char answer[96];
+    if (ms.length() && isDigit(ms[0])) {  // a number: 10 ms to a day
+      long value = ms.toInt();
+      intervalMs = value < 10 ? 10 : value > 86400000L ? 86400000L : value;
       snprintf(answer, sizeof answer, "{\"ack\":\"interval\",\"ms\":%lu}",
                (unsigned long)intervalMs);
-      reply(answer);
+    } else {  // no ms, or not a number: the interval stays
+      snprintf(answer, sizeof answer,
+               "{\"error\":\"interval: ms must be a number\",\"ms\":%lu}",
+               (unsigned long)intervalMs);
     }
+    reply(answer);
   } else if (payload.indexOf("\"reboot\"") >= 0) {
     // not from inside this callback: the command's PUBACK goes out when it returns, and a
     // restart before that would have the broker deliver "reboot" again after the boot
@@ -107,6 +129,7 @@ void setup() {
   WiFi.begin(WIFI_SSID, WIFI_PASSWORD);
   net.setCACert(GATEWAY_CA_PEM);  // TLS: only a certificate signed by the gateway's CA
   mqtt.begin(GATEWAY_HOST, GATEWAY_PORT, net);
+  mqtt.setTimeout(MQTT_TIMEOUT_MS);
   mqtt.onMessage(onCommand);
   randomSeed(esp_random());
 }
@@ -125,6 +148,12 @@ void loop() {
     return;
   }
   mqtt.loop();
+  // answers first (a failed publish closes the connection: they wait for the next one)
+  while (answerLen && mqtt.publish(topicEvent, answers[answerHead], false, 1)) {
+    answerHead = (answerHead + 1) % ANSWERS;
+    answerLen--;
+  }
+  if (!mqtt.connected()) return;
   if (rebootRequested) {
     mqtt.publish(topicStatus, "offline", true, 1);  // a clean disconnect does not fire the will
     mqtt.disconnect();
