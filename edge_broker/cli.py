@@ -156,16 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_admin_flags(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+def _add_admin_flags(parser: argparse.ArgumentParser, *, suppress: bool = False,
+                     with_json: bool = True) -> None:
     # Accepted before and after the action (`store --json stats`, `store stats --json`); on
     # the action's parser the defaults are SUPPRESS so a flag given before it is kept.
+    # `with_json=False`: a command whose output is JSON anyway (`replay`) has no --json.
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config", dest="admin_config", metavar="FILE", default=default,
                         help="the broker's configuration file (to find its data directory)")
     parser.add_argument("--data-dir", dest="admin_data_dir", metavar="DIR", default=default,
                         help="the broker's data directory (replaces the file's)")
-    parser.add_argument("--json", action="store_true",
-                        default=argparse.SUPPRESS if suppress else False, help="print JSON")
+    if with_json:
+        parser.add_argument("--json", action="store_true",
+                            default=argparse.SUPPRESS if suppress else False, help="print JSON")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,9 @@ While a broker holds the data directory, every request goes to it over its admin
 store file read-only (`store/log/replay.py`: a consistent WAL view) or, for `delete`, open
 the store. `replay` prints NDJSON to stdout, one object per message: `offset`, `time`
 (ISO-8601 UTC with milliseconds), `topic`, `qos`, `retain`, `payload`, `payload_encoding`
-(`"utf-8"` or `"base64"`), `properties`.
+(`"utf-8"` or `"base64"`), `properties`. A replay or republish ends at the stream's last
+offset when it starts: what is appended meanwhile (its own republished messages included, when
+PREFIX/<topic> matches the stream's filter) is not read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Final
 
 from .config import Config, parse_duration
 from .errors import EdgeBrokerError
+from .mqtt.topics import is_valid_topic_filter, is_valid_topic_name
 from .server import admin
 from .server.app import store_path
 from .server.streams import REPLAY_PAGE_MAX, row_json, stats_json
@@ -50,8 +53,9 @@ def add_subcommands(commands: Any, add_admin_flags: Any) -> None:
     replay = commands.add_parser(
         "replay", help="print a stream's messages as NDJSON (safe while the broker runs)",
         description="Print the messages of a stream (or of what a bridge sent to its "
-                    "central log), one JSON object per line.")
-    add_admin_flags(replay)
+                    "central log), one JSON object per line. A stream's replay ends at its "
+                    "last message when the command starts.")
+    add_admin_flags(replay, with_json=False)  # its output is JSON (NDJSON) already
     source = replay.add_mutually_exclusive_group(required=True)
     source.add_argument("--stream", metavar="NAME", help="a stream of this broker's log")
     source.add_argument("--bridge", metavar="NAME",
@@ -61,16 +65,18 @@ def add_subcommands(commands: Any, add_admin_flags: Any) -> None:
     start.add_argument("--from", dest="from_offset", metavar="OFFSET",
                        help="an offset (inclusive), earliest or latest")
     start.add_argument("--since", metavar="DURATION",
-                       help='messages published in the last DURATION ("2h", "30min", "1d")')
+                       help='messages published in the last DURATION (seconds, or "2h", '
+                            '"30min", "1d")')
     start.add_argument("--at", metavar="TIME",
                        help="messages published at or after TIME (ISO-8601 UTC, e.g. "
                             "2026-12-01T08:00:00Z)")
-    replay.add_argument("--topic", metavar="FILTER", help="only topics this filter matches")
+    replay.add_argument("--topic", metavar="FILTER",
+                        help="only topics this MQTT filter matches (not a $share/ filter)")
     replay.add_argument("--limit", metavar="N", type=int, help="at most N messages")
     replay.add_argument("--republish", metavar="PREFIX",
                         help="publish the messages again into the running broker under "
                              "PREFIX/<original topic> (through its admin socket) instead of "
-                             "printing them")
+                             "printing them; prints how many")
 
 
 def _position(args: argparse.Namespace) -> str | int | float:
@@ -82,8 +88,9 @@ def _position(args: argparse.Namespace) -> str | int | float:
             raise ValueError(f"--from: expected an offset, earliest or latest, got {text!r}")
         return int(text)
     if args.since is not None:
-        try:
-            return time.time() - parse_duration(args.since)
+        text = args.since.strip()
+        try:  # whole seconds are digits on a command line (an integer in TOML)
+            return time.time() - parse_duration(int(text) if text.isdigit() else text)
         except ValueError as error:
             raise ValueError(f"--since: {error}") from None
     try:
@@ -96,12 +103,30 @@ def _position(args: argparse.Namespace) -> str | int | float:
     return moment.timestamp()
 
 
+def _check_replay(args: argparse.Namespace) -> None:
+    """The options of `replay` (ValueError: a usage error) other than the start."""
+    topic = args.topic
+    if topic is not None and (topic.startswith("$share/") or not is_valid_topic_filter(topic)):
+        # 4.7.1 (5.0), as a [[streams]] filter: '#' alone and last, '+' alone in its level.
+        raise ValueError(f"--topic: expected an MQTT topic filter such as \"sensors/#\" or "
+                         f"\"+/temp\" (not a $share/ filter), got {topic!r}")
+    if args.limit is not None and args.limit < 0:
+        raise ValueError("--limit: expected 0 or more")
+    prefix = args.republish
+    if prefix is not None and (not prefix or prefix.startswith("$")
+                               or not is_valid_topic_name(prefix)):
+        # As the broker checks it (server/streams.py, admin.publish_request).
+        raise ValueError(f"--republish: expected a topic prefix such as \"replayed\" (no "
+                         f"wildcards, not starting with $), got {prefix!r}")
+
+
 def run_command(config: Config, args: argparse.Namespace) -> int:
     if args.command == "replay" and getattr(args, "bridge", None) is not None:
         from .cli_bridges import run_replay
 
         try:
             position = _position(args)
+            _check_replay(args)
         except ValueError as error:
             print(f"edge-broker: error: {error}", file=sys.stderr)
             return EXIT_USAGE
@@ -115,8 +140,7 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
         if command == "streams.replay":
             request["position"] = _position(args)
             request["topic"] = args.topic
-            if args.limit is not None and args.limit < 0:
-                raise ValueError("--limit: expected 0 or more")
+            _check_replay(args)
     except ValueError as error:
         print(f"edge-broker: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -169,9 +193,9 @@ async def _from_file(config: Config, request: dict[str, Any]) -> dict[str, Any]:
 
     path = store_path(config)
     command = request["command"]
-    if config.storage.persistence != "sqlite" or not path.exists():
-        return {"streams": []} if command == "streams.list" else {
-            "error": f"no stream {request.get('stream')!r} ({path} does not exist)"}
+    missing = _no_store(config)
+    if missing is not None:
+        return {"error": missing}
     if command == "streams.delete":
         from .store.sqlite import SqliteStore
 
@@ -200,6 +224,18 @@ async def _from_file(config: Config, request: dict[str, Any]) -> dict[str, Any]:
         conn.close()
 
 
+def _no_store(config: Config) -> str | None:
+    """Why no broker running means nothing to read, as `sessions` and `store stats` say
+    (cli_admin): not "no streams", which a mistyped --data-dir would look like."""
+    if config.storage.persistence != "sqlite":
+        return 'streams need [storage] persistence = "sqlite"'
+    path = store_path(config)
+    if not path.exists():
+        return (f"no store at {path}: no broker has run with this data directory "
+                "(check --data-dir or --config)")
+    return None
+
+
 def _replay(config: Config, request: dict[str, Any], limit: int | None,
             running: bool) -> int:
     rows = _rows_from_broker(config, request, limit) if running else _rows_from_file(
@@ -223,55 +259,72 @@ class _Refused(Exception):
 
 
 def _republish(config: Config, request: dict[str, Any], limit: int | None) -> int:
-    """Page by page through the broker: each page is published and committed before the
-    next is asked for."""
-    total = 0
-    left = limit
-    while left is None or left > 0:
-        page = dict(request, limit=REPLAY_PAGE_MAX if left is None
-                    else min(left, REPLAY_PAGE_MAX))
-        reply = asyncio.run(_ask(config, page))
-        if "error" in reply:
-            print(f"edge-broker: {reply['error']}", file=sys.stderr)
-            return EXIT_NOT_FOUND
-        count = int(reply["republished"])
-        total += count
-        if count < page["limit"]:
-            break
-        if left is not None:
-            left -= count
-        request = dict(request, position=int(reply["last_offset"]) + 1)
+    """Page by page through the broker, up to the stream's last offset when it starts: each
+    page is published and committed before the next is asked for."""
+    total = expired = 0
+    try:
+        for reply in _pages(config, request, limit):
+            total += int(reply["republished"])
+            expired += int(reply.get("expired", 0))
+    except _Refused as error:
+        print(f"edge-broker: {error}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     prefix = str(request["prefix"]).rstrip("/")
-    print(f"republished {total} message(s) of stream {request['stream']} under {prefix}/")
+    gone = f" ({expired} expired, not published)" if expired else ""
+    print(f"republished {total} message(s) of stream {request['stream']} under {prefix}/{gone}")
     return 0
 
 
 def _rows_from_broker(config: Config, request: dict[str, Any],
                       limit: int | None) -> Iterator[dict[str, Any]]:
+    for reply in _pages(config, request, limit):
+        yield from reply["rows"]
+
+
+def _pages(config: Config, request: dict[str, Any],
+           limit: int | None) -> Iterator[dict[str, Any]]:
+    """The broker's answers to `request` (`streams.replay` or `streams.republish`) page by
+    page, at most `limit` messages in all, up to the stream's last offset when the first is
+    asked for (`until`). The broker bounds a page by rows and by bytes (server/streams.py
+    `REPLAY_PAGE_MAX`, `REPLAY_PAGE_BYTES`)."""
+    shown = asyncio.run(_ask(config, {"command": "streams.show", "stream": request["stream"]}))
+    if "error" in shown:
+        raise _Refused(shown["error"])
+    end = shown["stream"]["last_offset"]
+    if end is None:
+        return  # an empty stream
     left = limit
     while left is None or left > 0:
-        page = dict(request, limit=REPLAY_PAGE_MAX if left is None
+        page = dict(request, until=end, limit=REPLAY_PAGE_MAX if left is None
                     else min(left, REPLAY_PAGE_MAX))
         reply = asyncio.run(_ask(config, page))
         if "error" in reply:
             raise _Refused(reply["error"])
-        rows: list[dict[str, Any]] = reply["rows"]
-        yield from rows
-        if len(rows) < page["limit"]:
-            return
+        last = (reply["rows"][-1]["offset"] if reply.get("rows")
+                else reply.get("last_offset"))
+        if last is None:
+            return  # nothing more up to `end`
+        if "rows" in reply:  # (a broker older than `until` goes on past it)
+            reply = dict(reply, rows=[row for row in reply["rows"] if row["offset"] <= end])
+            if not reply["rows"]:
+                return
+        yield reply
         if left is not None:
-            left -= len(rows)
-        request = dict(request, position=rows[-1]["offset"] + 1)
+            left -= len(reply["rows"]) if "rows" in reply else (
+                int(reply["republished"]) + int(reply.get("expired", 0)))
+        if last >= end:
+            return
+        request = dict(request, position=int(last) + 1)
 
 
 def _rows_from_file(config: Config, request: dict[str, Any],
                     limit: int | None) -> Iterator[dict[str, Any]]:
     from .store.log.replay import open_read_only, replay, stream_start
 
-    path = store_path(config)
-    if config.storage.persistence != "sqlite" or not path.exists():
-        raise _Refused(f"no stream {request['stream']!r} ({path} does not exist)")
-    opened = open_read_only(path)
+    missing = _no_store(config)
+    if missing is not None:
+        raise _Refused(missing)
+    opened = open_read_only(store_path(config))
     if opened is None:
         raise _Refused(f"no stream {request['stream']!r}")
     log, conn = opened

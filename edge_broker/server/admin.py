@@ -254,10 +254,27 @@ async def admin_request(data_dir: Path, request: dict[str, Any],
     try:
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        line = await asyncio.wait_for(_read_reply(reader), timeout_s)
     finally:
         writer.close()
-    if not line:
-        raise EdgeBrokerError(f"the broker closed {path} without answering")
+    if not line.endswith(b"\n"):
+        raise EdgeBrokerError(f"the broker closed {path} without answering" if not line else
+                              f"the broker closed {path} in the middle of its answer")
     reply: dict[str, Any] = json.loads(line)
     return reply
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> bytes:
+    """One reply line, however long: `readline` stops at the reader's limit (64 KiB), and a
+    page of `replay` or `sessions list` may be more (one message may be `max_packet_size`,
+    its JSON several times that). Without the newline if the broker closed the socket first."""
+    parts: list[bytes] = []
+    while True:
+        try:
+            parts.append(await reader.readuntil(b"\n"))
+            return b"".join(parts)
+        except asyncio.LimitOverrunError as error:  # what is buffered is part of the line
+            parts.append(await reader.readexactly(error.consumed))
+        except asyncio.IncompleteReadError as error:
+            parts.append(error.partial)
+            return b"".join(parts)

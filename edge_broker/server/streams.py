@@ -220,6 +220,7 @@ class StreamReplay:
 # -- the admin socket: `edge-broker streams ...` and `edge-broker replay` -----------------
 
 REPLAY_PAGE_MAX = 1000  # rows per `streams.replay` answer (the CLI asks page after page)
+REPLAY_PAGE_BYTES = 4 << 20  # and messages' bytes per answer (at least one message)
 
 
 def stats_json(stats: StreamStats) -> dict[str, Any]:
@@ -280,8 +281,11 @@ async def stream_request(app: AdminHost, command: str, request: dict[str, Any]) 
             return {"error": f"not a replay position: {position!r}"}
         limit = min(int(request.get("limit") or REPLAY_PAGE_MAX), REPLAY_PAGE_MAX)
         topic = request.get("topic")
+        until = request.get("until")  # inclusive: the stream's last offset when a CLI began
+        if until is not None and (not isinstance(until, int) or isinstance(until, bool)):
+            return {"error": f"not an offset: {until!r}"}
         rows = await sqlite_store.replay_stream(name, position, topic if topic else None,
-                                                limit)
+                                                limit, until, REPLAY_PAGE_BYTES)
         if command == "streams.replay":
             return {"rows": [row_json(r) for r in rows]}
         prefix = str(request.get("prefix") or "")

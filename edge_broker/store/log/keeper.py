@@ -173,11 +173,23 @@ class LogKeeper:
         return True
 
     def replay_rows(self, conn: sqlite3.Connection, name: str, position: Position,
-                    topic_filter: str | None, limit: int | None) -> list[LogRow]:
+                    topic_filter: str | None, limit: int | None, until: int | None = None,
+                    max_bytes: int | None = None) -> list[LogRow]:
         """For `edge-broker replay` through the admin socket: at most `limit` rows (the
-        caller bounds it), from `position`."""
+        caller bounds it), from `position`, none after offset `until`, and no more once
+        they hold `max_bytes` (at least one row)."""
         start = stream_start(self.log, conn, name, position)
-        return list(replay(self.log, conn, name, start, topic_filter, limit))
+        rows: list[LogRow] = []
+        size = 0
+        page_size = min(256, limit) if limit else 256
+        for row in replay(self.log, conn, name, start, topic_filter, limit, page_size):
+            if until is not None and row.offset > until:
+                break
+            rows.append(row)
+            size += row.size
+            if max_bytes is not None and size >= max_bytes:
+                break
+        return rows
 
     def _own_transaction(self, conn: sqlite3.Connection, work: Callable[[], _T]) -> _T:
         """`work()` in a write transaction of its own; if it fails, the transaction is rolled

@@ -301,10 +301,11 @@ class SqliteStore(Opening, Writer, Maintenance, Space):
             raise _store_error(self.path, "delete a stream", error) from None
 
     async def replay_stream(self, name: str, position: Position, topic_filter: str | None,
-                            limit: int | None) -> list[LogRow]:
+                            limit: int | None, until: int | None = None,
+                            max_bytes: int | None = None) -> list[LogRow]:
         try:
             return await self._call(self._read_sync, self._log.replay_rows, name, position,
-                                    topic_filter, limit)
+                                    topic_filter, limit, until, max_bytes)
         except sqlite3.Error as error:
             raise _store_error(self.path, "replay a stream", error) from None
 
