@@ -77,8 +77,9 @@ def render(status: dict[str, Any], metrics: dict[str, float]) -> str:
     health = "healthy" if status["healthy"] else "UNHEALTHY (the store does not answer)"
     if status["health"].get("store_full"):
         health += ", store FULL: new QoS 1/2 messages refused"
-    dropped = {reason: m(f"edge_broker_dropped_messages_total{{reason={reason}}}")
-               for reason in ("queue_full", "memory_full", "expired")}
+    family = "edge_broker_dropped_messages_total{reason="
+    dropped = {key[len(family):-1]: value for key, value in sorted(metrics.items())
+               if key.startswith(family)}  # every reason the broker counts
     refused = sum(value for key, value in metrics.items()
                   if key.startswith("edge_broker_publish_refused_total"))
     lines = [

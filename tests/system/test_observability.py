@@ -333,6 +333,9 @@ def test_status_command_shows_the_live_figures_on_one_screen(tmp_path: Path) -> 
         assert "clients connected 1" in screen
         assert "messages received 4" in screen
         assert "meter-7 (offline): 4 queued" in screen
+        # Every reason the broker counts drops by (before: three of its five).
+        assert all(f"{reason} 0" in screen for reason in (
+            "queue_full", "memory_full", "expired", "stream_store_full", "store_full"))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert cli.main(["--data-dir", data_dir, "status", "--json"]) == 0
