@@ -108,6 +108,14 @@ def render(status: dict[str, Any], metrics: dict[str, float]) -> str:
             f"{_n(m('edge_broker_store_fsyncs_total'))}, mean commit {mean * 1000:.1f} ms")
     lines.append(f"process: RSS {_bytes(m('process_resident_memory_bytes'))}, CPU "
                  f"{m('process_cpu_seconds_total'):,.1f} s")
+    if status.get("streams"):
+        lines.append("streams: " + ", ".join(
+            f"{s['name']} {_n(s['messages'])} messages, {_bytes(s['bytes'])}"
+            for s in status["streams"]))
+    if status.get("bridges"):
+        lines.append("bridges: " + ", ".join(
+            f"{b['name']} {'connected' if b['connected'] else 'down'}, backlog "
+            f"{_n(b['backlog_messages'])}" for b in status["bridges"]))
     backlogs = [s for s in status["sessions"] if s["queued"]][:TOP_BACKLOGS]
     if backlogs:
         lines.append("largest backlogs:")

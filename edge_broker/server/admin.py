@@ -204,7 +204,7 @@ class AdminServer:
             return {"stats": await app.store_stats()}
         if command == "status.show":
             observer = app.observer
-            return {"status": observer.status(), "metrics": observer.flat_metrics()}
+            return {"status": await observer.full_status(), "metrics": observer.flat_metrics()}
         if command == "bridges":
             return app.bridges.to_dict()
         if isinstance(command, str) and command.startswith("streams."):

@@ -391,3 +391,18 @@ def test_exposed_http_asks_for_a_user_of_the_password_file(tmp_path: Path) -> No
     file.write_text('[http]\nhost = "0.0.0.0"\nport = 9883\n')
     with pytest.raises(ConfigError, match="password_file"):
         load_config(file)
+
+
+def test_status_command_shows_the_streams_and_the_bridges(http_broker: BrokerThread) -> None:
+    from edge_broker import cli
+
+    publisher = connect(http_broker.port, "sensor-pub", version=4)
+    publisher.publish("s/temp", b"21.5", qos=1, packet_id=1)
+    publisher.expect(4)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli.main(["status", "--data-dir", str(http_broker.config.broker.data_dir)]) == 0
+    screen = out.getvalue()
+    assert "streams: telemetry 1 messages" in screen, screen
+    assert "bridges: cloud down, backlog 0" in screen, screen
+    publisher.close()
