@@ -533,3 +533,47 @@ def test_a_graceful_stop_delivers_wills_to_clients_still_connected(
     if version == 5:
         assert dashboard.expect(DISCONNECT).reason_code == SERVER_SHUTTING_DOWN
     dashboard.expect_closed()
+
+
+@needs_console_script
+@pytest.mark.parametrize("qos", [1, 2])
+def test_retained_messages_due_on_subscribe_survive_a_crash(tmp_path: Path, qos: int) -> None:
+    """A persistent session subscribes where 40 retained messages wait; it takes two at a
+    time (Receive Maximum 2), and the broker is killed after the first two went out. The
+    session comes back (Session Present 1), so every one of the 40 must still come
+    [MQTT-3.3.1-9]: its SUBACK acknowledged that subscription. Before, the list of those
+    still to send lived in memory only; after the crash none of the 38 came (nor the two
+    QoS 1 ones in flight)."""
+    data_dir = tmp_path / "data"
+    broker = BrokerProcess(data_dir).wait_listening()
+    try:
+        publisher = connect(broker.port, "pub", version=5)
+        for i in range(40):
+            assert publisher.publish_acked(f"r/{i:02d}", b"%d" % i, qos=qos,
+                                           retain=True) == 0x10  # no subscriber yet
+        publisher.close()
+        reader = connect(broker.port, "dash", version=5, clean=False, properties=props(
+            session_expiry_interval=600, receive_maximum=2))
+        reader.subscribe(("r/#", qos))
+        first = [reader.expect_publish() for _ in range(2)]
+        assert {p.topic for p in first} <= {f"r/{i:02d}" for i in range(40)}
+    finally:
+        broker.kill()
+    broker = BrokerProcess(data_dir).wait_listening()
+    try:
+        reader = connect(broker.port, "dash", version=5, clean=False, properties=props(
+            session_expiry_interval=600, receive_maximum=2))
+        assert reader.connack.session_present
+        topics: set[str] = set()
+        while len(topics) < 40:
+            packet = reader.read()
+            assert packet is not None, f"got {len(topics)} of the 40 retained messages"
+            if isinstance(packet, PubRel):
+                reader.ack(PUBCOMP, packet.packet_id)
+                continue
+            assert isinstance(packet, Publish), packet
+            topics.add(packet.topic)
+            reader.ack(PUBACK if packet.qos == 1 else PUBREC, packet.packet_id or 0)
+        assert topics == {f"r/{i:02d}" for i in range(40)}
+    finally:
+        assert broker.stop() == 0, broker.stderr
