@@ -64,6 +64,9 @@ class _Node:
 
 
 MATCH_CACHE_SIZE = 4096  # topics whose match results are kept between subscription changes
+# ... and the subscriptions those results hold in all: a topic that thousands of filters match
+# (one client can hold them) would otherwise keep thousands of references per cached topic.
+MATCH_CACHE_RECORDS = 1 << 18
 
 Matches = tuple[list[SubscriptionRecord], list[SharedGroup]]
 # A topic's non-shared subscriptions merged per client (`Router.merged`): client id, highest
@@ -77,6 +80,8 @@ class Router:
         self.count = 0  # subscriptions held, shared members included
         self.shared_count = 0  # ... of which shared ($share/...) members
         self._cache: dict[str, Matches] = {}
+        self._cached_records = 0  # subscriptions and groups the cached results hold
+        self.last_match_size = 0  # of the last `match`: what a publish to it costs (fairness)
         # topic -> (the `match` list it was merged from, the merge or None): `merged`
         self._merged: dict[str, tuple[list[SubscriptionRecord], Merged | None]] = {}
 
@@ -87,6 +92,7 @@ class Router:
         Returns True when the client already had this subscription (it is replaced).
         """
         self._cache.clear()
+        self._cached_records = 0
         self._merged.clear()
         node = self._root
         for level in topic_filter.split("/"):
@@ -112,6 +118,7 @@ class Router:
     def unsubscribe(self, client_id: str, topic_filter: str, group: str | None = None) -> bool:
         """Remove a subscription; returns whether it existed. Empty nodes are pruned."""
         self._cache.clear()
+        self._cached_records = 0
         self._merged.clear()
         path: list[tuple[_Node, str]] = []
         node = self._root
@@ -146,11 +153,17 @@ class Router:
         The lists are shared with the cache: do not modify them."""
         cached = self._cache.get(topic)
         if cached is not None:
+            self.last_match_size = len(cached[0]) + len(cached[1])
             return cached
         result = self._match(topic)
-        if len(self._cache) >= MATCH_CACHE_SIZE:
+        size = self.last_match_size = len(result[0]) + len(result[1])
+        if (len(self._cache) >= MATCH_CACHE_SIZE
+                or self._cached_records + size > MATCH_CACHE_RECORDS):
             self._cache.clear()
+            self._merged.clear()  # (it holds the same lists)
+            self._cached_records = 0
         self._cache[topic] = result
+        self._cached_records += size
         return result
 
     def merged(self, topic: str, normal: list[SubscriptionRecord]) -> Merged | None:

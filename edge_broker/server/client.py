@@ -9,8 +9,11 @@ Packets are handled in order and a client's batches complete in order; a batch t
 storage is answered at once unless this client's own earlier batch still waits (it never waits
 for other clients' commits). A client's batches that wait for the store are pipelined, so the
 store can commit them in one transaction, up to MAX_PENDING_COMMITS; beyond that reading
-pauses, and a fast publisher is paced by the store. One turn of a connection handles at most
-BATCH_PACKETS packets; the next turn is scheduled behind everyone else's (`process_buffered`).
+pauses, and a fast publisher is paced by the store. A connection's turns in one event-loop
+iteration (uvloop may deliver several reads of one socket in one iteration) handle at most
+BATCH_PACKETS units of work: a packet is one, a SUBSCRIBE or UNSUBSCRIBE one per filter, a
+PUBLISH one more per 8 user properties and per 64 subscriptions its topic matched (`_cost`);
+the next turn is scheduled behind everyone else's (`process_buffered`).
 
 Deliveries leave through `pump()`: it pulls what the session may send now (inflight window,
 commit watermark) while the socket's write buffer is below its high-water mark, and resumes
@@ -86,7 +89,28 @@ WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 PULL_LIMIT: Final = 256
 BATCH_PACKETS: Final = 64  # packets handled per commit, and per connection per event-loop turn
+# A packet's share of that budget beyond 1: a SUBSCRIBE/UNSUBSCRIBE per filter, a PUBLISH per
+# this many user properties and per this many subscriptions matched (each about what one
+# small packet costs).
+USER_PROPERTIES_PER_UNIT: Final = 8
+MATCHES_PER_UNIT: Final = 64
 MAX_PENDING_COMMITS: Final = 16  # batches of one client awaiting the store before reading pauses
+
+
+def _cost(packet: Packet, matched: int) -> int:
+    """A packet's share of the per-turn budget (BATCH_PACKETS): 1, and more for those whose
+    work grows with their content, so that one connection's turn stays short whatever it
+    sends: a SUBSCRIBE or UNSUBSCRIBE counts its filters (each matched against the retained
+    messages, the trie, the ACL), a PUBLISH its user properties and the subscriptions its
+    topic matched (`matched`, the router's last match: one unit per MATCHES_PER_UNIT)."""
+    if isinstance(packet, Publish):
+        return (1 + len(packet.properties.user_properties) // USER_PROPERTIES_PER_UNIT
+                + matched // MATCHES_PER_UNIT)
+    if isinstance(packet, Subscribe):
+        return max(1, len(packet.subscriptions))
+    if isinstance(packet, Unsubscribe):
+        return max(1, len(packet.topic_filters))
+    return 1
 
 
 class ClientHandler(asyncio.Protocol):
@@ -95,7 +119,7 @@ class ClientHandler(asyncio.Protocol):
                  "_disconnect_reason", "_held", "_keepalive_handle", "_keepalive_s",
                  "_kick_after", "_last_commit", "_last_rx", "_linger_handle",
                  "_paused_reading", "_pending_commits", "_rules_generation",
-                 "_session_expiry_on_disconnect", "_throttle", "_throttle_handle",
+                 "_session_expiry_on_disconnect", "_spent", "_throttle", "_throttle_handle",
                  "_throttled_since", "_turn_handle", "_waiting", "_writing_paused",
                  "admitted", "app", "auth_how", "client_id", "epoch", "peer", "throttled_s",
                  "transport", "username")
@@ -116,6 +140,9 @@ class ClientHandler(asyncio.Protocol):
         self._pending_commits = 0  # this connection's batches waiting for the store
         self._last_commit: asyncio.Future[None] | None = None  # the latest of them
         self._turn_handle: asyncio.Handle | None = None  # the next turn, when work remains
+        # Budget used in this event-loop iteration: uvloop may hand one connection several
+        # reads in one iteration, each a turn; they share one budget (`_iteration_over`).
+        self._spent = 0
         self._linger_handle: asyncio.TimerHandle | None = None
         self._kick_after: ReasonCode | None = None  # taken over: close once answers are out
         self._connack_pending = False  # our CONNACK waits for its commit: no PUBLISH first
@@ -194,13 +221,14 @@ class ClientHandler(asyncio.Protocol):
         replies: list[Packet | int] = []
         now = time.time()
         handled = 0
+        spent = self._spent  # the budget's share already used in this loop iteration
         throttle = self._throttle
         in_debt = False
         if self._rules_generation != app.gate.generation:
             guard.rules_changed(self)
             throttle = self._throttle
         try:
-            while handled < BATCH_PACKETS:
+            while spent < BATCH_PACKETS:
                 packet: Packet | None = self._held
                 if packet is not None:
                     self._held = None
@@ -210,6 +238,7 @@ class ClientHandler(asyncio.Protocol):
                         break
                     if isinstance(event, int):  # a subscriber's plain PUBACK: QoS 1 hot path
                         handled += 1
+                        spent += 1
                         client_id = self.client_id
                         assert client_id is not None
                         core.puback(client_id, event, now=now)
@@ -219,6 +248,7 @@ class ClientHandler(asyncio.Protocol):
                         break  # suspended until the gate decides (_authenticated)
                 handled += 1
                 self._handle(packet, replies, now)
+                spent += _cost(packet, core.router.last_match_size)
                 if self._closed or self._close_after_write:
                     break
                 if throttle is not None and isinstance(packet, Publish):
@@ -243,11 +273,19 @@ class ClientHandler(asyncio.Protocol):
             pass
         elif in_debt and throttle is not None:
             guard.throttle_for(self, throttle.delay(app.loop.time()))
-        elif handled == BATCH_PACKETS:
+        elif spent >= BATCH_PACKETS:
             self._turn_handle = app.loop.call_soon(self._next_turn)
+        if spent and not self._spent:  # the first turn of this iteration: reset after it
+            app.loop.call_soon(self._iteration_over)
+        self._spent = spent
         self._update_reading()
 
-    def _next_turn(self) -> None:
+    def _iteration_over(self) -> None:
+        """Scheduled by the first turn of an event-loop iteration, before any next turn: the
+        budget is whole again for the next iteration."""
+        self._spent = 0
+
+    def _next_turn(self) -> None:  # (after _iteration_over: its budget is whole)
         self._turn_handle = None
         self.process_buffered()
         self._account_buffered()
