@@ -115,12 +115,11 @@ class Load:
             thread.join(30)
 
 
-def test_qos0_flood_does_not_starve_a_control_client(broker_process: BrokerProcess) -> None:
-    port = broker_process.port
-    block = publish_packet("flood/x", b"x" * 16) * 4096  # about 90 KB of QoS 0 PUBLISH
-
+def flooding(port: int, client_id: str, block: bytes,
+             version: int = 4) -> Callable[[Load], None]:
+    """A `Load` work: one client sending `block` again and again, as fast as it is read."""
     def flood(load: Load) -> None:
-        client = connect(port, "flooder")
+        client = connect(port, client_id, version=version)
         try:
             while not load.stop.is_set():
                 client.sock.settimeout(1.0)
@@ -129,8 +128,13 @@ def test_qos0_flood_does_not_starve_a_control_client(broker_process: BrokerProce
                     load.count()
         finally:
             client.close()
+    return flood
 
-    with Load(flood, threads=1) as load:
+
+def test_qos0_flood_does_not_starve_a_control_client(broker_process: BrokerProcess) -> None:
+    port = broker_process.port
+    block = publish_packet("flood/x", b"x" * 16) * 4096  # about 90 KB of QoS 0 PUBLISH
+    with Load(flooding(port, "flooder", block), threads=1) as load:
         load.wait_started(at_least=20)
         control_round_trips(port)
         assert load.progress > 20  # the flood ran all along

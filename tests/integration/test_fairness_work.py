@@ -27,24 +27,15 @@ from tests.integration.rawclient import (
     subscribe_packet,
     unsubscribe_packet,
 )
-from tests.integration.test_fairness import Load, control_round_trips, needs_console_script
+from tests.integration.test_fairness import (
+    Load,
+    control_round_trips,
+    flooding,
+    needs_console_script,
+)
 from tests.integration.test_fairness import broker_process as broker_process  # a fixture
 
 pytestmark = needs_console_script
-
-
-def _flood(port: int, client_id: str, block: bytes, version: int = 4):  # type: ignore[no-untyped-def]
-    def run(load: Load) -> None:
-        client = connect(port, client_id, version=version)
-        try:
-            while not load.stop.is_set():
-                client.sock.settimeout(1.0)
-                with contextlib.suppress(TimeoutError):
-                    client.sock.sendall(block)
-                    load.count()
-        finally:
-            client.close()
-    return run
 
 
 def test_subscribes_of_many_wildcard_filters_with_many_retained_messages(
@@ -60,7 +51,7 @@ def test_subscribes_of_many_wildcard_filters_with_many_retained_messages(
     ids = itertools.count(1)
     block = b"".join(subscribe_packet(next(ids), filters) + unsubscribe_packet(
         next(ids), [f for f, _ in filters]) for _ in range(4))
-    with Load(_flood(port, "subscriber", block), threads=1) as load:
+    with Load(flooding(port, "subscriber", block), threads=1) as load:
         load.wait_started(at_least=5)
         control_round_trips(port)
         assert load.progress > 5
@@ -71,7 +62,7 @@ def test_publishes_with_thousands_of_user_properties(broker_process: BrokerProce
     port = broker_process.port
     heavy = props(user_properties=[(f"k{i}", "v") for i in range(2_000)])
     block = publish_packet("up/t", b"p", version=5, properties=heavy) * 8
-    with Load(_flood(port, "propertied", block, version=5), threads=1) as load:
+    with Load(flooding(port, "propertied", block, version=5), threads=1) as load:
         load.wait_started(at_least=5)
         control_round_trips(port)
         assert load.progress > 5
