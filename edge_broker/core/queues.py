@@ -227,29 +227,6 @@ class QueueBounds:
                     self._save_delivery(session, delivery)
 
 
-    def _queue_retained_now(self, session: Session, entry: RetainedPending,
-                            now: float) -> None:
-        """A stored session's SUBSCRIBE: the retained messages it is to get at QoS 1/2 become
-        queued deliveries, written with the SUBACK's batch, so a crash before they are sent
-        loses none (the session comes back, Session Present 1, and would otherwise never get
-        them). Those at QoS 0 stay in `entry`, sent while the connection lasts."""
-        left: list[str] = []
-        while entry.topics:
-            delivery = self._next_retained(session, entry, now)
-            if delivery is None:
-                break
-            topic = entry.topics.popleft()
-            if delivery.qos == 0:
-                left.append(topic)
-                continue
-            self._next_delivery_id += 1
-            delivery.batch = self._batch
-            session.append(delivery)
-            self._save_message(delivery.message)
-            self._save_delivery(session, delivery)
-        entry.topics.extend(left)
-
-
 def forget_retained_pending(session: Session, topic_filter: str) -> None:
     """Stop sending the retained messages a subscription still had to get."""
     for entry in session.retained_pending:

@@ -17,9 +17,7 @@ counts this session's drops.
 
 Retained messages sent on SUBSCRIBE are not queued as deliveries: `retained_pending` holds, per
 subscription, the list of matching retained topics still to send; `BrokerCore.pull` turns them
-into deliveries one by one, under flow control, looking up the current retained message. (A
-stored session's QoS 1/2 ones are queued and stored at SUBSCRIBE instead: core/queues.py
-`_queue_retained_now`.)
+into deliveries one by one, under flow control, looking up the current retained message.
 
 The fast lane. A QoS 0 message for an online session in live mode whose queue is empty (no
 retained topics or stream history waiting either) does not become a `Delivery`: the packet it

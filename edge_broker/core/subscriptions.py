@@ -82,12 +82,6 @@ class Subscriptions(Outbound):
             pending = RetainedPending(topic_filter, topics, qos,
                                       (subscription_id,) if subscription_id else (),
                                       self._batch, self._next_delivery_id)
-            if session.stored and qos:
-                self._queue_retained_now(session, pending, now)
-                if session.online:
-                    self._wake[client_id] = self._batch
-                if not pending.topics:
-                    continue
             if not isinstance(session.retained_pending, deque):
                 session.retained_pending = deque()
             session.retained_pending.append(pending)

@@ -404,16 +404,17 @@ def test_qos0_fan_out_shares_one_packet_between_subscribers() -> None:
 
 def test_a_body_is_saved_again_in_any_later_batch_that_refers_to_it() -> None:
     # A store may drop a body at the end of a batch once nothing refers to it; a later batch
-    # that refers to it again (here: a retained message due on a persistent session's
-    # SUBSCRIBE, queued and stored with it) must carry it.
+    # that refers to it again (here: a retained message still to be sent on SUBSCRIBE when
+    # its persistent session disconnects, so it is queued then) must carry it.
     core = BrokerCore()
     connect(core, "p")
     pub(core, "p", "t", qos=1, retain=True)
     first = core.drain().changes
     assert sum(isinstance(c, MessageSaved) for c in first) == 1
-    connect(core, "d", clean=False, expiry=60)
-    commit(core)
+    epoch = connect(core, "d", clean=False, expiry=60)
     sub(core, "d", "t")
+    commit(core)
+    core.disconnect("d", epoch, now=1)
     later = core.drain().changes
     saved = [c for c in later if isinstance(c, MessageSaved)]
     deliveries = [c for c in later if isinstance(c, DeliverySaved)]
