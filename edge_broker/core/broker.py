@@ -127,6 +127,7 @@ class BrokerCore(Subscriptions):
         self._committed = 0  # highest batch number the store has committed
         self._free: set[int] = set()  # drained batches above it with no changes to commit
         self._wake: dict[str, int] = {}  # online client id -> its oldest held batch
+        self.retained_listed = 0
         self._next_message_id = 1
         self._next_delivery_id = 1
         self._last_saved_message = 0

@@ -33,6 +33,8 @@ from .streams import (
 class Subscriptions(Outbound):
     """Mixin of BrokerCore (which provides the state declared in the bases)."""
 
+    retained_listed: int  # retained topics the last SUBSCRIBE listed to send (fairness)
+
     # -- subscriptions --------------------------------------------------------------------
 
     def subscribe(self, client_id: str, packet: Subscribe, *, now: float) -> tuple[int, ...]:
@@ -43,6 +45,7 @@ class Subscriptions(Outbound):
         codes: list[int] = []
         v5 = session.protocol_level == ProtocolLevel.MQTT_5
         offset_text = stream_offset_property(packet.properties) if v5 else None
+        self.retained_listed = 0
         for sub in packet.subscriptions:
             topic_filter = sub.topic_filter
             if topic_filter.startswith(STREAM_PREFIX) or (
@@ -79,6 +82,7 @@ class Subscriptions(Outbound):
             topics = [message.topic for message in self.retained.matching(topic_filter)]
             if not topics:
                 continue
+            self.retained_listed += len(topics)
             pending = RetainedPending(topic_filter, topics, qos,
                                       (subscription_id,) if subscription_id else (),
                                       self._batch, self._next_delivery_id)

@@ -11,9 +11,11 @@ for other clients' commits). A client's batches that wait for the store are pipe
 store can commit them in one transaction, up to MAX_PENDING_COMMITS; beyond that reading
 pauses, and a fast publisher is paced by the store. A connection's turns in one event-loop
 iteration (uvloop may deliver several reads of one socket in one iteration) handle at most
-BATCH_PACKETS units of work: a packet is one, a SUBSCRIBE or UNSUBSCRIBE one per filter, a
-PUBLISH one more per 8 user properties and per 64 subscriptions its topic matched (`_cost`);
-the next turn is scheduled behind everyone else's (`process_buffered`).
+BATCH_PACKETS units of work (`packet_cost`): a packet is one, a SUBSCRIBE or UNSUBSCRIBE one
+per filter (a SUBSCRIBE one more per 64 retained messages it lists to send), a PUBLISH one
+more per 8 user properties and per 64 subscriptions its topic matched; the next turn is
+scheduled behind everyone else's (`process_buffered`). A closed connection's last packets
+are handled on the same budget (server/drain.py).
 
 Deliveries leave through `pump()`: it pulls what the session may send now (inflight window,
 commit watermark) while the socket's write buffer is below its high-water mark, and resumes
@@ -97,17 +99,18 @@ MATCHES_PER_UNIT: Final = 64
 MAX_PENDING_COMMITS: Final = 16  # batches of one client awaiting the store before reading pauses
 
 
-def _cost(packet: Packet, matched: int) -> int:
+def packet_cost(packet: Packet, matched: int) -> int:
     """A packet's share of the per-turn budget (BATCH_PACKETS): 1, and more for those whose
     work grows with their content, so that one connection's turn stays short whatever it
     sends: a SUBSCRIBE or UNSUBSCRIBE counts its filters (each matched against the retained
-    messages, the trie, the ACL), a PUBLISH its user properties and the subscriptions its
-    topic matched (`matched`, the router's last match: one unit per MATCHES_PER_UNIT)."""
+    messages, the trie, the ACL), a PUBLISH its user properties; both also what handling them
+    matched (`matched`: a PUBLISH's subscriptions, a SUBSCRIBE's retained messages listed to
+    send), one unit per MATCHES_PER_UNIT."""
     if isinstance(packet, Publish):
         return (1 + len(packet.properties.user_properties) // USER_PROPERTIES_PER_UNIT
                 + matched // MATCHES_PER_UNIT)
     if isinstance(packet, Subscribe):
-        return max(1, len(packet.subscriptions))
+        return max(1, len(packet.subscriptions)) + matched // MATCHES_PER_UNIT
     if isinstance(packet, Unsubscribe):
         return max(1, len(packet.topic_filters))
     return 1
@@ -247,8 +250,9 @@ class ClientHandler(asyncio.Protocol):
                     if isinstance(packet, Connect) and not guard.authenticate(self, packet):
                         break  # suspended until the gate decides (_authenticated)
                 handled += 1
+                core.router.last_match_size = core.retained_listed = 0
                 self._handle(packet, replies, now)
-                spent += _cost(packet, core.router.last_match_size)
+                spent += packet_cost(packet, core.router.last_match_size + core.retained_listed)
                 if self._closed or self._close_after_write:
                     break
                 if throttle is not None and isinstance(packet, Publish):
@@ -269,15 +273,15 @@ class ClientHandler(asyncio.Protocol):
             # An idle turn submits nothing: an empty batch would wait for the store and call
             # this again when done, a chain that never ends while the store is busy.
             app.finish_batch(self, replies, close=self._close_after_write)
+        if spent and not self._spent:  # the first turn of this iteration: the budget is
+            app.loop.call_soon(self._iteration_over)  # whole again before a next turn runs
+        self._spent = spent
         if self._closed or self._close_after_write:
             pass
         elif in_debt and throttle is not None:
             guard.throttle_for(self, throttle.delay(app.loop.time()))
         elif spent >= BATCH_PACKETS:
             self._turn_handle = app.loop.call_soon(self._next_turn)
-        if spent and not self._spent:  # the first turn of this iteration: reset after it
-            app.loop.call_soon(self._iteration_over)
-        self._spent = spent
         self._update_reading()
 
     def _iteration_over(self) -> None:

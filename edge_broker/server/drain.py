@@ -33,7 +33,7 @@ log = logging.getLogger("edge_broker.client")
 def drain_turn(handler: ClientHandler) -> None:
     """One turn of the packets a closed connection had sent; the next is scheduled (right
     after the others' turns, or when its quota allows) or the draining ends."""
-    from .client import BATCH_PACKETS
+    from .client import BATCH_PACKETS, packet_cost
 
     handler._turn_handle = None
     app = handler.app
@@ -42,21 +42,24 @@ def drain_turn(handler: ClientHandler) -> None:
     throttle = handler._throttle
     replies: list[Packet | int] = []  # nobody to send them to
     now = time.time()
-    handled = 0
+    handled = spent = 0  # packets, and their work (`packet_cost`: the budget of open ones)
+    core = app.core
     delay = -1.0  # >= 0: packets remain, the next turn is in `delay` s
     try:
         while not handler._close_after_write:  # set by a DISCONNECT: nothing after it
             if throttle is not None and throttle.delay(loop.time()) > 0:
                 delay = min(throttle.delay(loop.time()), MAX_THROTTLE_S)
                 break
-            if handled == BATCH_PACKETS:
+            if spent >= BATCH_PACKETS:
                 delay = 0.0
                 break
             packet = conn.next_event()
             if packet is None:
                 break
             handled += 1
+            core.router.last_match_size = core.retained_listed = 0
             handler._handle(packet, replies, now)
+            spent += packet_cost(packet, core.router.last_match_size + core.retained_listed)
             replies.clear()
             if throttle is not None and isinstance(packet, Publish):
                 throttle.charge(len(packet.payload) + len(packet.topic), loop.time())
