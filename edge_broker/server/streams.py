@@ -199,15 +199,16 @@ class StreamReplay:
             handler.pump()
 
     def _retention_passed(self, fetch: StreamFetch, passed: int) -> None:
-        """The stream's retention (max_bytes, max_age) removed rows this replay had not
-        read yet: it goes on after them. Logged, not silent: a line every 10 s at most,
+        """The stream's retention (max_bytes, max_age) or the store budget removed rows this
+        replay had not read yet: it goes on after them. Logged, not silent: a line every 10 s at most,
         naming the last such replay and counting the log offsets passed since start-up."""
         self._passed += passed - fetch.after
         if self._passed_log.due(self._passed):
-            log.warning("client %s: its replay of stream %r fell behind the stream's "
-                        "retention (max_bytes / max_age): the log offsets %d-%d were removed "
-                        "before it read them, so it may have missed messages there; it goes "
-                        "on from offset %d (%d offsets passed by replays since start-up)",
+            log.warning("client %s: its replay of stream %r fell behind what the stream "
+                        "keeps (its max_bytes / max_age, or the store budget's early release): "
+                        "the log offsets %d-%d were removed before it read them, so it may have "
+                        "missed messages there; it goes on from offset %d (%d offsets passed "
+                        "by replays since start-up)",
                         fetch.client_id, fetch.stream, fetch.after + 1, passed, passed + 1,
                         self._passed)
 
