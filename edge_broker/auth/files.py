@@ -26,9 +26,10 @@ def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         if old is not None:
-            mode |= stat.S_IMODE(old.st_mode) & 0o070
             with contextlib.suppress(PermissionError):  # a group we are not in
                 os.fchown(fd, old.st_uid if os.geteuid() == 0 else -1, old.st_gid)
+            if os.fstat(fd).st_gid == old.st_gid:  # never to another group than it had
+                mode |= stat.S_IMODE(old.st_mode) & 0o070
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +269,30 @@ def test_mosquitto_accepts_a_file_written_by_edge_broker(mosquitto: tuple[int, P
     assert refused.returncode != 0 and "not authori" in refused.stderr.lower()
     assert mosquitto_pub(port, "-u", "nobody", "-P", "pw-1").returncode != 0
     assert mosquitto_pub(port).returncode != 0  # anonymous
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv (util-linux) to act as another user")
+def test_a_rewrite_never_gives_the_group_bits_to_another_group() -> None:
+    # Run by a user who is not in the file's group, the rewrite cannot keep that group; the
+    # new file is then in the user's own group, which must not get the group's read bit (the
+    # hashes would become readable by that group). Before, it did.
+    directory = Path(tempfile.mkdtemp(prefix="edge-passwd-"))  # reachable by that user
+    directory.chmod(0o777)
+    try:
+        check_rewrite_as_another_user(directory / "passwd")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def check_rewrite_as_another_user(path: Path) -> None:
+    path.write_text("a:x\n")
+    os.chown(path, 65534, 42)  # nobody, group shadow
+    path.chmod(0o640)
+    script = ("import sys; from pathlib import Path; from edge_broker.auth.files import "
+              "write_atomic; write_atomic(Path(sys.argv[1]), b'a:y\\n', mode=0o600)")
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=100", "--clear-groups",
+                    sys.executable, "-c", script, str(path)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    after = path.stat()
+    assert after.st_gid == 100 and stat.S_IMODE(after.st_mode) == 0o600
