@@ -200,8 +200,9 @@ class StreamReplay:
 
     def _retention_passed(self, fetch: StreamFetch, passed: int) -> None:
         """The stream's retention (max_bytes, max_age) or the store budget removed rows this
-        replay had not read yet: it goes on after them. Logged, not silent: a line every 10 s at most,
-        naming the last such replay and counting the log offsets passed since start-up."""
+        replay had not read yet: it goes on after them. Logged, not silent: a line every 10 s
+        at most, naming the last such replay and counting the log offsets passed since
+        start-up."""
         self._passed += passed - fetch.after
         if self._passed_log.due(self._passed):
             log.warning("client %s: its replay of stream %r fell behind what the stream "
