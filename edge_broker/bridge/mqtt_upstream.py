@@ -85,7 +85,7 @@ from edge_broker.mqtt.packets import (
     Subscribe,
     Subscription,
 )
-from edge_broker.mqtt.properties import Properties
+from edge_broker.mqtt.properties import Properties, expiry_left
 from edge_broker.mqtt.types import ProtocolLevel
 
 from .base import (
@@ -105,7 +105,6 @@ from .mqtt_upstream_wire import (
     connect_packet,
     handshake,
     properties,
-    remaining,
 )
 from .topic_map import map_topic_in, map_topic_out
 
@@ -264,7 +263,7 @@ class MqttUpstream:
                 props = publish.properties
                 if entry.expires_at is not None and props.message_expiry_interval is not None:
                     # Sent again, also once expired (the remote may hold its identifier).
-                    props = replace(props, message_expiry_interval=remaining(
+                    props = replace(props, message_expiry_interval=expiry_left(
                         entry.expires_at, time.time()))
                 resend = Publish(publish.topic, publish.payload, publish.qos, publish.retain,
                                  dup=link.session_present, packet_id=packet_id,

@@ -1,12 +1,11 @@
 """Pieces of the MQTT upstream bridge (bridge/mqtt_upstream.py) that hold no connection
 state: where a server URL points, the bridge's CONNECT and its handshake (with mosquitto's
-bridge marker), and the properties and expiry interval a log message is published with.
+bridge marker), and the properties a log message is published with.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import ssl
 from typing import Final
 from urllib.parse import urlsplit
@@ -14,19 +13,13 @@ from urllib.parse import urlsplit
 from edge_broker.errors import BridgeError
 from edge_broker.mqtt.connection import Connection
 from edge_broker.mqtt.packets import ConnAck, Connect, Packet, Will
-from edge_broker.mqtt.properties import Properties
+from edge_broker.mqtt.properties import Properties, expiry_left
 from edge_broker.mqtt.types import ProtocolLevel, Role
 
 from .base import BridgeMessage
 from .config import BridgeConfig
 
 BRIDGE_LEVEL_BIT: Final = 0x80  # mosquitto's try_private marker on the protocol level byte
-
-
-def remaining(expires_at: float, now: float) -> int:
-    """The Message Expiry Interval to send on: the received one less the time waited here,
-    at least 1 (an interval of 0 is not sent: expired) [MQTT-3.3.2-6] (5.0)."""
-    return max(1, math.ceil(expires_at - now))
 
 
 def properties(message: BridgeMessage, now: float) -> Properties:
@@ -36,7 +29,7 @@ def properties(message: BridgeMessage, now: float) -> Properties:
     expires_at = message.expires_at
     return Properties(
         payload_format_indicator=1 if message.payload_utf8 else None,
-        message_expiry_interval=None if expires_at is None else remaining(expires_at, now),
+        message_expiry_interval=None if expires_at is None else expiry_left(expires_at, now),
         content_type=message.content_type, response_topic=message.response_topic,
         correlation_data=message.correlation_data, user_properties=message.user_properties)
 

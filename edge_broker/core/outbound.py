@@ -9,13 +9,12 @@ watermark").
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import replace
 from typing import Final, cast
 
 from ..mqtt.packets import Publish, PubRel
-from ..mqtt.properties import NO_PROPERTIES, Properties
+from ..mqtt.properties import NO_PROPERTIES, Properties, expiry_left
 from ..mqtt.types import ProtocolLevel, ReasonCode
 from .changes import (
     AWAIT_ACK,
@@ -248,7 +247,7 @@ class Outbound(Routing):
             remaining = None
             if message.expires_at is not None:
                 # [MQTT-3.3.2-6] (5.0): the interval minus the time spent waiting here.
-                remaining = max(1, math.ceil(message.expires_at - now))
+                remaining = expiry_left(message.expires_at, now)
             if delivery.stream is not None and message.offset is not None:
                 # Each replayed or live stream message names its offset, so a device can
                 # resume from the last one it processed, plus one. Built in one call: a

@@ -11,6 +11,7 @@ The table says, for each property, its wire type and the packets it may appear i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -198,6 +199,12 @@ _NON_ZERO: Final = frozenset({
     PropertyId.MAXIMUM_PACKET_SIZE,  # 3.1.2.11.4 / 3.2.2.3.6 (5.0)
     # Topic Alias 0 is also invalid, but its reason code (0x94) is the connection's to give.
 })
+
+
+def expiry_left(expires_at: float, now: float) -> int:
+    """The Message Expiry Interval to send a message on with: the received one less the
+    time it waited, at least 1 (0 is not sent: the message expired) [MQTT-3.3.2-6] (5.0)."""
+    return max(1, math.ceil(expires_at - now))
 
 
 def _value_problem(pid: PropertyId, value: int) -> str | None:

@@ -17,7 +17,6 @@ import asyncio
 import base64
 import dataclasses
 import logging
-import math
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.backlog import BacklogFetch
 from ..core.streams import StreamFetch
 from ..errors import StoreError
-from ..mqtt.properties import Properties
+from ..mqtt.properties import Properties, expiry_left
 from ..mqtt.types import ReasonCode
 from ..store.log.log import LogRow
 from ..store.log.replay import StreamStats
@@ -302,7 +301,7 @@ async def stream_request(app: AdminHost, command: str, request: dict[str, Any]) 
                     expired += 1
                     continue
                 properties = dataclasses.replace(  # the interval left [MQTT-3.3.2-6]
-                    properties, message_expiry_interval=math.ceil(row.expires_at - now))
+                    properties, message_expiry_interval=expiry_left(row.expires_at, now))
             app.core.republish(f"{prefix.rstrip('/')}/{row.topic}", row.payload, row.qos,
                                properties, now=now)
         await app.commit()  # durable (and delivered) before the answer
