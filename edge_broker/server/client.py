@@ -250,9 +250,7 @@ class ClientHandler(asyncio.Protocol):
                     if isinstance(packet, Connect) and not guard.authenticate(self, packet):
                         break  # suspended until the gate decides (_authenticated)
                 handled += 1
-                core.router.last_match_size = core.retained_listed = 0
-                self._handle(packet, replies, now)
-                spent += packet_cost(packet, core.router.last_match_size + core.retained_listed)
+                spent += self._handle_costed(packet, replies, now)
                 if self._closed or self._close_after_write:
                     break
                 if throttle is not None and isinstance(packet, Publish):
@@ -352,6 +350,15 @@ class ClientHandler(asyncio.Protocol):
         self.pump()
 
     # -- packets ------------------------------------------------------------------------
+
+    def _handle_costed(self, packet: Packet, replies: list[Packet | int], now: float) -> int:
+        """`_handle`, and the packet's share of the turn's budget (`packet_cost`, with what
+        the core matched while handling it; also for a closed connection's last packets,
+        server/drain.py)."""
+        core = self.app.core
+        core.router.last_match_size = core.retained_listed = 0
+        self._handle(packet, replies, now)
+        return packet_cost(packet, core.router.last_match_size + core.retained_listed)
 
     def _handle(self, packet: Packet, replies: list[Packet | int], now: float) -> None:
         app = self.app

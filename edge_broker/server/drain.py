@@ -33,7 +33,7 @@ log = logging.getLogger("edge_broker.client")
 def drain_turn(handler: ClientHandler) -> None:
     """One turn of the packets a closed connection had sent; the next is scheduled (right
     after the others' turns, or when its quota allows) or the draining ends."""
-    from .client import BATCH_PACKETS, packet_cost
+    from .client import BATCH_PACKETS
 
     handler._turn_handle = None
     app = handler.app
@@ -42,8 +42,7 @@ def drain_turn(handler: ClientHandler) -> None:
     throttle = handler._throttle
     replies: list[Packet | int] = []  # nobody to send them to
     now = time.time()
-    handled = spent = 0  # packets, and their work (`packet_cost`: the budget of open ones)
-    core = app.core
+    handled = spent = 0  # packets, and their work (the budget of open connections)
     delay = -1.0  # >= 0: packets remain, the next turn is in `delay` s
     try:
         while not handler._close_after_write:  # set by a DISCONNECT: nothing after it
@@ -57,9 +56,7 @@ def drain_turn(handler: ClientHandler) -> None:
             if packet is None:
                 break
             handled += 1
-            core.router.last_match_size = core.retained_listed = 0
-            handler._handle(packet, replies, now)
-            spent += packet_cost(packet, core.router.last_match_size + core.retained_listed)
+            spent += handler._handle_costed(packet, replies, now)
             replies.clear()
             if throttle is not None and isinstance(packet, Publish):
                 throttle.charge(len(packet.payload) + len(packet.topic), loop.time())
