@@ -83,11 +83,9 @@ async def _from_store(config: Config, request: dict[str, Any]) -> dict[str, Any]
         return {"error": "no broker runs with this data directory and its configuration keeps "
                          "sessions in memory (persistence = \"memory\"): there is nothing "
                          "stored to read"}
-    if not path.exists():
-        # Not "0 sessions": that would read as "every session is lost" when the path is
-        # simply not where a broker ever kept its store.
-        return {"error": f"no store at {path}: no broker has run with this data directory "
-                         "(check --data-dir or --config)"}
+    missing = admin.missing_store_file(path)
+    if missing is not None:  # not "0 sessions": that would read as "every session is lost"
+        return {"error": missing}
     from .store import sqlite
 
     if command == "sessions.list":

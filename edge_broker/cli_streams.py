@@ -229,11 +229,7 @@ def _no_store(config: Config) -> str | None:
     (cli_admin): not "no streams", which a mistyped --data-dir would look like."""
     if config.storage.persistence != "sqlite":
         return 'streams need [storage] persistence = "sqlite"'
-    path = store_path(config)
-    if not path.exists():
-        return (f"no store at {path}: no broker has run with this data directory "
-                "(check --data-dir or --config)")
-    return None
+    return admin.missing_store_file(store_path(config))
 
 
 def _replay(config: Config, request: dict[str, Any], limit: int | None,

@@ -264,6 +264,16 @@ async def admin_request(data_dir: Path, request: dict[str, Any],
     return reply
 
 
+def missing_store_file(path: Path) -> str | None:
+    """Why a command that reads the store file with no broker running (`sessions`, `store
+    stats`, `streams`, `replay`) has nothing to read, if the file is not there: a mistyped
+    --data-dir, not an empty store. Else None."""
+    if path.exists():
+        return None
+    return (f"no store at {path}: no broker has run with this data directory "
+            "(check --data-dir or --config)")
+
+
 async def _read_reply(reader: asyncio.StreamReader) -> bytes:
     """One reply line, however long: `readline` stops at the reader's limit (64 KiB), and a
     page of `replay` or `sessions list` may be more (one message may be `max_packet_size`,

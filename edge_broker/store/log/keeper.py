@@ -133,9 +133,9 @@ class LogKeeper:
         the first page), at most `limit`, in order, as SQLite returns them (`Log.read_raw`),
         with the names of their topic ids; the offset up to which the range was looked at
         (`until` when it is complete); and, when the stream's retention (max_bytes, max_age)
-        removed rows after `after` that this reader had not read yet, the last offset it
-        removed (the reader goes on after it), else 0. An unknown stream (removed from the
-        configuration) gives ([], {}, until, 0)."""
+        or the store budget removed rows after `after` that this reader had not read yet,
+        the last offset removed (the reader goes on after it), else 0. An unknown stream
+        (removed from the configuration) gives ([], {}, until, 0)."""
         state = self.log.streams.get(name)
         if state is None:
             return [], {}, until, 0
