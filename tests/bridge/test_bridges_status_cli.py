@@ -3,26 +3,17 @@ the running broker over its admin socket."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
-from edge_broker import cli
 from edge_broker.cli_bridges import render
 from tests.bridge.gateway import Device, Gateway, jetstream_bridge, wait_until
 from tests.bridge.servers import NatsServer
-from tests.integration.brokerprocess import needs_console_script
+from tests.integration.brokerprocess import needs_console_script, run_in_process
 
 
 def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
+    return run_in_process(*argv)
 
 
 def test_no_broker_running_exits_3_saying_so(tmp_path: Path) -> None:

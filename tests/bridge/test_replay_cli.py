@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import io
 import json
 import time
 from datetime import UTC, datetime
@@ -24,24 +22,17 @@ import pytest
 pytest.importorskip("nats", reason="pip install 'edge-broker[nats]'")
 pytest.importorskip("aiokafka", reason="pip install 'edge-broker[kafka]'")
 
-from edge_broker import cli
 from edge_broker.bridge.base import BridgeMessage
 from edge_broker.config import load_config
 from tests.bridge.servers import NatsServer, Tansu
-from tests.integration.brokerprocess import BrokerProcess, needs_console_script
+from tests.integration.brokerprocess import BrokerProcess, needs_console_script, run_in_process
 
 STORE_ID = "5eed0000000000c3"
 T0 = 1_765_000_000.0
 
 
 def run(config: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([*argv, "--config", str(config)])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
+    return run_in_process(*argv, "--config", str(config))
 
 
 def ndjson(text: str) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@ port is read from its log line "listening on 127.0.0.1:PORT". Waiting is deadlin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import signal
@@ -36,6 +38,20 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[st
     """Run `edge-broker ARGS` to completion (admin commands, a start that must fail)."""
     return subprocess.run([str(EDGE_BROKER), *args], capture_output=True, text=True,
                           env=clean_env(), stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def run_in_process(*argv: str) -> tuple[int, str, str]:
+    """`edge-broker ARGV` in this process (`cli.main`): exit code, stdout, stderr (a usage
+    error's SystemExit included)."""
+    from edge_broker import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return code, out.getvalue(), err.getvalue()
 
 
 class BrokerProcess:

@@ -5,17 +5,16 @@ broker's admin socket is replaced by a fake where one is needed).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edge_broker import cli, cli_streams
+from edge_broker import cli_streams
 from edge_broker.config import Config, load_config
 from edge_broker.server.streams import REPLAY_PAGE_MAX
+from tests.integration.brokerprocess import run_in_process
 
 CONFIG = """
 [[streams]]
@@ -35,13 +34,7 @@ enabled = false
 
 
 def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
+    return run_in_process(*argv)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ messages are published with paho-mqtt v5. The commands run in this process (`cli
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import json
 import threading
 from datetime import UTC, datetime
@@ -21,8 +19,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_broker import cli
-from tests.integration.brokerprocess import BrokerProcess, needs_console_script
+from tests.integration.brokerprocess import BrokerProcess, needs_console_script, run_in_process
 
 pytestmark = needs_console_script
 
@@ -37,13 +34,7 @@ filter = "sensors/#"
 
 
 def run(config: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([*argv, "--config", str(config)])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
+    return run_in_process(*argv, "--config", str(config))
 
 
 def ndjson(text: str) -> list[dict[str, Any]]:
