@@ -26,7 +26,7 @@ from ..core.changes import Change, LogAppended, Snapshot
 from ..core.queues import DROP_LOG_INTERVAL_S
 from ..dist import installed_version
 from ..errors import EdgeBrokerError, StoreDamagedError, StoreError
-from ..mqtt.packets import Connect, Packet, Publish
+from ..mqtt.packets import Connect, Packet, Publish, Will
 from ..mqtt.types import ReasonCode
 from ..store.base import DONE, SessionStore
 from ..store.memory import NullStore
@@ -317,16 +317,18 @@ class BrokerApp:
             server.close()
         # Clients with a will first, and their wills delivered to the clients still
         # connected before those are told (as mosquitto does); then the rest.
-        handlers = sorted(self.connections, key=self._has_no_will)
-        with_will = len(handlers) - sum(map(self._has_no_will, handlers))
-        for handler in handlers[:with_will]:
+        with_will: list[ClientHandler] = []
+        others: list[ClientHandler] = []
+        for handler in self.connections:
+            (others if self._will_of(handler) is None else with_will).append(handler)
+        for handler in with_will:
             handler.kick(ReasonCode.SERVER_SHUTTING_DOWN, linger=False)
         if with_will:
             delivered = asyncio.Event()
             if not self.commit_now_or_later(delivered.set):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(delivered.wait(), SHUTDOWN_GRACE_S)
-        for handler in handlers[with_will:]:
+        for handler in others:
             handler.kick(ReasonCode.SERVER_SHUTTING_DOWN, linger=False)
         self.finish_batch(None, [])
         if self.connections:
@@ -351,9 +353,11 @@ class BrokerApp:
         self._lock.release()
         log.info("edge-broker stopped")
 
-    def _has_no_will(self, handler: ClientHandler) -> bool:
+    def _will_of(self, handler: ClientHandler) -> Will | None:
+        """The will of this connection's session (None: none, or no session of its own)."""
         session = self.core.sessions.get(handler.client_id or "")
-        return session is None or session.will is None or session.epoch != handler.epoch
+        return session.will if session is not None and session.epoch == handler.epoch \
+            else None
 
     async def _close_servers(self) -> None:
         for server in self.servers:
@@ -390,10 +394,7 @@ class BrokerApp:
             return
         if self.clients.get(client_id) is handler:
             del self.clients[client_id]
-            session = self.core.sessions.get(client_id)
-            will = session.will if session is not None and session.epoch == handler.epoch \
-                else None
-            log.info("%s", how_it_ended(client_id, reason_code, will))
+            log.info("%s", how_it_ended(client_id, reason_code, self._will_of(handler)))
         self.core.disconnect(client_id, handler.epoch, now=time.time(), reason_code=reason_code,
                              session_expiry_interval=session_expiry_interval)
         self._reschedule_tick()
